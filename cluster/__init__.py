@@ -1,0 +1,1 @@
+"""Consensus engines behind ``coordinator.ports.ConsensusEngine``."""

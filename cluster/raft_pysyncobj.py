@@ -1,0 +1,501 @@
+"""The ``raft`` ConsensusEngine, on pysyncobj. The only module importing it.
+
+pysyncobj replicates opaque byte strings for us through one replicated
+method, ``_ReplicatedLog._apply``; its log index is the entry's index. The
+domain never reaches this module: the FSM (``coordinator.ports.ReplicatedFSM``)
+is driven on the event loop, in log order, through ``_Bridge``.
+
+Where pysyncobj 0.3.17 would lose data or answer slowly, this adapter changes it:
+
+* Durability. pysyncobj's FileJournal keeps entries in an mmap it never
+  syncs and its metadata in a pickle. We swap in ``cluster.journal.DurableJournal``
+  (through pysyncobj's module-level ``createJournal`` factory) and a transport
+  that syncs the journal before any message leaves the node. currentTerm and
+  votedFor are fsynced before the vote is sent (``setCurrentTerm``).
+* Snapshots (log compaction) go through our msgpack codec
+  (``SyncObjConf.serializer``); the FSM state is taken on the loop at exactly
+  the index pysyncobj is compacting to. When a node restarts between writing a
+  snapshot and trimming its journal, pysyncobj would clear the whole journal
+  and lose its tail; ``_deserialize`` trims the journal first so the tail stays.
+* Latency. pysyncobj either batches (commands wait up to ``appendEntriesPeriod``,
+  ~100 ms) or sends per command. We keep batching but wake the tick thread when
+  a command is submitted and flush appends and commit-index changes at the end
+  of every tick: a lone command goes out at once, a burst goes out as one batch.
+* Liveness of the apply loop. If pysyncobj's applied index stops while its
+  commit index moves (seen: IndexError inside pysyncobj under ~20k queued
+  commands) or its tick thread dies, the node reports itself unhealthy and
+  rebuilds the SyncObj from its journal and snapshot.
+* Security. The port refuses to start without the cluster secret: pysyncobj
+  unpickles what arrives on it, so only peers knowing the secret may talk.
+
+Threads: pysyncobj runs its own tick thread. Everything public here is called
+on the event loop; everything the tick thread produces reaches the loop via
+``loop.call_soon_threadsafe``. Nothing here calls pysyncobj with ``sync=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import syncobj as _pysyncobj
+from pysyncobj.node import TCPNode
+from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.transport import TCPTransport
+from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
+
+from cluster.errors import EngineError, MissingSecret
+from cluster.journal import DurableJournal, write_file_durably
+from coordinator.codec import decode_record, encode_record
+from coordinator.errors import Unavailable
+from coordinator.ports import Done, EngineStatus, Failure, ReplicatedFSM
+
+PINNED_PYSYNCOBJ = "0.3.17"
+if PYSYNCOBJ_VERSION != PINNED_PYSYNCOBJ:  # we reach into its internals below
+    raise ImportError(f"cluster.raft_pysyncobj needs pysyncobj=={PINNED_PYSYNCOBJ}, found {PYSYNCOBJ_VERSION}")
+
+log = logging.getLogger(__name__)
+
+_ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+_FAILURES = {
+    FAIL_REASON.QUEUE_FULL: Failure.QUEUE_FULL,
+    FAIL_REASON.MISSING_LEADER: Failure.NO_LEADER,
+    FAIL_REASON.DISCARDED: Failure.DISCARDED,
+    FAIL_REASON.NOT_LEADER: Failure.NOT_LEADER,
+    FAIL_REASON.LEADER_CHANGED: Failure.LEADER_CHANGED,
+    FAIL_REASON.REQUEST_DENIED: Failure.DENIED,
+    FAIL_REASON.UNKNOWN_OUTCOME: Failure.UNKNOWN,
+}
+
+
+# -- journal and transport injection ------------------------------------------------
+
+class _JournalPath(str):
+    """A journal path that asks ``_create_journal`` for our durable journal.
+    The journal it creates is left on ``.journal`` for the engine to hold."""
+
+    durability: str
+    journal: DurableJournal | None
+
+
+_pysyncobj_create_journal = _pysyncobj.createJournal
+
+
+def _create_journal(path: Any) -> Any:
+    if isinstance(path, _JournalPath):
+        path.journal = DurableJournal(str(path), path.durability)
+        return path.journal
+    return _pysyncobj_create_journal(path)
+
+
+_pysyncobj.createJournal = _create_journal
+
+
+class _SyncingTransport(TCPTransport):
+    """pysyncobj's TCP transport, but no message leaves before the journal is
+    durable: an append or vote response can only reflect synced state."""
+
+    def __init__(self, sync_obj: Any, self_node: Any, other_nodes: Any, journal: DurableJournal) -> None:
+        self._journal = journal
+        super().__init__(sync_obj, self_node, other_nodes)
+
+    def send(self, node: Any, message: Any) -> bool:
+        if self._journal.dirty:
+            self._journal.sync()
+        return super().send(node, message)
+
+
+# -- failpoints (tests only) ---------------------------------------------------------------
+
+def _failpoints() -> dict[str, int]:
+    """``COORD_FAILPOINTS="apply_stall_at=12"``: inject pysyncobj's apply stall
+    (an exception inside its apply loop at that index) into the first
+    incarnation of the SyncObj, to prove that the node notices and recovers."""
+    out: dict[str, int] = {}
+    for part in os.environ.get("COORD_FAILPOINTS", "").split(","):
+        name, _, value = part.partition("=")
+        if name.strip() and value.strip().isdigit():
+            out[name.strip()] = int(value)
+    return out
+
+
+# -- the SyncObj ---------------------------------------------------------------------
+
+class _ReplicatedLog(SyncObj):
+    def __init__(self, bridge: _Bridge, self_address: str, partners: list[str], conf: SyncObjConf,
+                 transport_class: Callable[..., Any], stall_at: int | None) -> None:
+        self._bridge = bridge
+        self._stall_at = stall_at
+        super().__init__(self_address, partners, conf=conf, transportClass=transport_class)
+
+    @replicated
+    def _apply(self, blob: bytes) -> None:
+        index = self.raftLastApplied + 1
+        if self._stall_at is not None and index >= self._stall_at:
+            raise IndexError(f"failpoint apply_stall_at={self._stall_at}")
+        self._bridge.post(("apply", index, blob))
+
+
+class _Bridge:
+    """Carries everything the tick thread produces to the loop, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fsm: ReplicatedFSM,
+                 on_role: Callable[[str], None]) -> None:
+        self._loop = loop
+        self._fsm = fsm
+        self._on_role = on_role
+        self._items: deque[tuple[Any, ...]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self.applied_index = 0  # last index handed to the FSM
+        self.closed = False
+
+    def post(self, item: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._scheduled or self.closed:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    def _drain(self, budget: int = 2000) -> None:
+        for _ in range(budget):
+            with self._lock:
+                if not self._items:
+                    self._scheduled = False
+                    return
+                item = self._items.popleft()
+            self._dispatch(item)
+        self._loop.call_soon(self._drain)  # yield to other tasks, then go on
+
+    def _dispatch(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        try:
+            if kind == "apply":
+                self._fsm.apply(item[1], item[2])
+                self.applied_index = item[1]
+            elif kind == "done":
+                item[1](item[2])
+            elif kind == "snapshot":
+                future: concurrent.futures.Future[bytes] = item[1]
+                if not future.done():
+                    future.set_result(self._fsm.snapshot())
+            elif kind == "restore":
+                self._fsm.restore(item[1])
+                self.applied_index = item[2]
+            elif kind == "reset":
+                self._fsm.reset()
+                self.applied_index = 0
+            elif kind == "role":
+                self._on_role(item[1])
+        except Exception:
+            log.exception("engine bridge: %s failed", kind)
+            if kind == "snapshot" and not item[1].done():
+                item[1].set_exception(EngineError("snapshot failed"))
+
+
+class PySyncObjEngine:
+    """A ``ConsensusEngine`` over pysyncobj. Construct on the event loop thread.
+
+    ``address`` is this node's Raft address (``host:port``), ``peers`` the
+    others'. ``data_dir`` holds the journal (``raft.journal``, ``.meta``) and
+    the snapshot (``raft.snapshot``).
+    """
+
+    def __init__(self, *, node_id: str, address: str, peers: list[str], data_dir: str, secret: str,
+                 fsm: ReplicatedFSM, durability: str = "fsync", election_timeout_s: tuple[float, float] = (0.5, 1.0),
+                 heartbeat_s: float = 0.1, leader_fallback_s: float = 2.0, queue_max: int = 4096,
+                 compaction_entries: int = 20_000, stall_timeout_s: float = 5.0,
+                 max_entry_bytes: int = 1 << 20) -> None:
+        if not secret or len(secret) < 16:
+            raise MissingSecret("the Raft port needs a cluster secret of at least 16 characters")
+        if durability not in ("fsync", "none"):
+            raise EngineError("durability must be 'fsync' or 'none'")
+        self.node_id = node_id
+        self.address = address
+        self.peers = [p for p in peers if p != address]
+        self.data_dir = data_dir
+        self.durability = durability
+        self.stall_timeout_s = stall_timeout_s
+        self._secret = secret
+        self._fsm = fsm
+        self._tuning = dict(election_timeout_s=election_timeout_s, heartbeat_s=heartbeat_s,
+                            leader_fallback_s=leader_fallback_s, queue_max=queue_max,
+                            compaction_entries=compaction_entries, max_entry_bytes=max_entry_bytes)
+        self._role_listeners: list[Callable[[str], None]] = []
+        self._sync: _ReplicatedLog | None = None
+        self._journal: DurableJournal | None = None
+        self._bridge: _Bridge | None = None
+        self._notifier: PipeNotifier | None = None
+        self._last_flush: tuple[int, int] = (0, 0)
+        self._monitor: asyncio.Task[None] | None = None
+        self._healthy = True
+        self._problem: str | None = None
+        self.generation = 0
+        self.recoveries = 0
+        self._failpoints = _failpoints()
+        os.makedirs(data_dir, exist_ok=True)
+
+    @classmethod
+    def from_config(cls, config: Any, fsm: ReplicatedFSM) -> PySyncObjEngine:
+        """Build the engine from a ``coordinator.config.NodeConfig``."""
+        return cls(node_id=config.node_id, address=config.raft, peers=[p.raft for p in config.peers],
+                   data_dir=config.data_dir, secret=config.secret, fsm=fsm, durability=config.durability,
+                   election_timeout_s=(config.election_timeout_min_s, config.election_timeout_max_s),
+                   heartbeat_s=config.heartbeat_s, leader_fallback_s=config.leader_fallback_s,
+                   compaction_entries=config.compaction_entries, stall_timeout_s=config.stall_timeout_s)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._bridge = _Bridge(loop, self._fsm, self._notify_role)
+        self._sync = self._make_sync()
+        await asyncio.to_thread(self._sync.waitBinded)
+        self._monitor = asyncio.create_task(self._watch_apply_loop(), name="raft-apply-watch")
+
+    async def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+        if self._sync is not None:
+            await asyncio.to_thread(self._destroy, self._sync)
+            self._sync = None
+        if self._bridge is not None:
+            self._bridge.closed = True
+
+    def _make_sync(self) -> _ReplicatedLog:
+        t = self._tuning
+        journal_path = _JournalPath(os.path.join(self.data_dir, "raft.journal"))
+        journal_path.durability = self.durability
+        journal_path.journal = None
+        low, high = t["election_timeout_s"]
+        conf = SyncObjConf(
+            password=self._secret,
+            journalFile=journal_path,
+            fullDumpFile=os.path.join(self.data_dir, "raft.snapshot"),
+            serializer=self._serialize,
+            deserializer=self._deserialize,
+            dynamicMembershipChange=True,
+            appendEntriesUseBatch=True,
+            appendEntriesPeriod=t["heartbeat_s"],
+            appendEntriesBatchSizeBytes=max(4 * t["max_entry_bytes"], 1 << 20),
+            raftMinTimeout=low,
+            raftMaxTimeout=high,
+            leaderFallbackTimeout=t["leader_fallback_s"],
+            connectionTimeout=max(3.0, high * 2),
+            connectionRetryTime=0.5,
+            commandsWaitLeader=False,
+            commandsQueueSize=t["queue_max"],
+            logCompactionMinEntries=t["compaction_entries"],
+            logCompactionMinTime=3600,
+            autoTickPeriod=0.05,
+            bindRetryTime=0.5,
+            maxBindRetries=20,
+            onStateChanged=self._on_state_changed,
+        )
+
+        def transport_class(sync_obj: Any, self_node: Any, other_nodes: Any) -> _SyncingTransport:
+            if journal_path.journal is None:
+                raise EngineError("journal was not created before the transport")
+            self._journal = journal_path.journal  # before the tick thread can need it
+            return _SyncingTransport(sync_obj, self_node, other_nodes, journal_path.journal)
+
+        stall_at = self._failpoints.get("apply_stall_at") if self.generation == 0 else None
+        self._notifier = None
+        self._last_flush = (0, 0)
+        sync = _ReplicatedLog(self._bridge, self.address, self.peers, conf, transport_class, stall_at)
+        sync.addOnTickCallback(self._on_tick)
+        return sync
+
+    @staticmethod
+    def _destroy(sync: _ReplicatedLog) -> None:
+        if sync.tick_thread_alive():
+            sync.destroy_synchronous()
+        else:
+            sync._doDestroy()
+
+    # -- tick thread ----------------------------------------------------------------------
+
+    def _on_tick(self) -> None:
+        """End of every pysyncobj tick (its thread): sync what was appended, then
+        flush new entries and commit-index changes to followers at once."""
+        sync = self._sync
+        journal = self._journal
+        if sync is None or journal is None:
+            return
+        if self._notifier is None:
+            self._notifier = PipeNotifier(sync._poller)
+        if journal.dirty:
+            journal.sync()
+        if sync._isLeader():
+            marker = (journal[-1][1], sync.raftCommitIndex)
+            if marker != self._last_flush:
+                self._last_flush = marker
+                sync._SyncObj__sendAppendEntries()
+
+    def _on_state_changed(self, old: int, new: int) -> None:
+        if self._bridge is not None:
+            self._bridge.post(("role", _ROLES.get(new, "follower")))
+
+    def _serialize(self, path: str, data: Any) -> None:
+        """pysyncobj's snapshot hook (tick thread): FSM state at the compaction
+        point, taken on the loop, written with our codec and fsynced."""
+        last, prev, cluster = data
+        future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        self._bridge.post(("snapshot", future))
+        fsm_blob = future.result(timeout=20)
+        record = {
+            "v": 1,
+            "last": [bytes(last[0]), last[1], last[2]],
+            "prev": [bytes(prev[0]), prev[1], prev[2]],
+            "cluster": sorted(node.id for node in cluster),
+            "fsm": fsm_blob,
+            "applied_index": last[1],
+        }
+        write_file_durably(path, encode_record(record))
+
+    def _deserialize(self, path: str) -> tuple[Any, Any, Any]:
+        """pysyncobj's snapshot loader (tick thread)."""
+        with open(path, "rb") as f:
+            record = decode_record(f.read())
+        last = (bytes(record["last"][0]), record["last"][1], record["last"][2])
+        prev = (bytes(record["prev"][0]), record["prev"][1], record["prev"][2])
+        self._keep_journal_tail(prev)
+        self._bridge.post(("restore", record["fsm"], record["applied_index"]))
+        return last, prev, {TCPNode(address) for address in record["cluster"]}
+
+    def _keep_journal_tail(self, prev: tuple[bytes, int, int]) -> None:
+        """pysyncobj clears the journal unless it starts with the snapshot's two
+        entries; a crash between snapshot and compaction would lose the tail.
+        Trim the head ourselves so the journal starts where the snapshot ends."""
+        journal = self._journal
+        if journal is None or len(journal) < 2:
+            return
+        first = journal[0][1]
+        position = prev[1] - first
+        if 0 < position < len(journal) - 1 and tuple(journal[position]) == prev:
+            journal.deleteEntriesTo(position)
+
+    # -- loop side ---------------------------------------------------------------------------
+
+    def submit(self, blob: bytes, done: Done) -> None:
+        sync = self._sync
+        if sync is None or not self._healthy:
+            done(Failure.NO_LEADER)
+            return
+        bridge = self._bridge
+
+        def callback(result: Any, error: int) -> None:
+            reason = None if error == FAIL_REASON.SUCCESS else _FAILURES.get(error, Failure.UNKNOWN)
+            bridge.post(("done", done, reason))
+
+        sync._apply(blob, callback=callback)
+        notifier = self._notifier
+        if notifier is not None:
+            notifier.notify()
+
+    def status(self) -> EngineStatus:
+        sync = self._sync
+        if sync is None:
+            return EngineStatus(node=self.address, role="stopped", leader=None, term=0, commit_index=0,
+                                applied_index=0, members=(self.address,), healthy=False, problem="stopped")
+        leader = sync._getLeader()
+        others = sorted(node.id for node in sync.otherNodes)
+        connected = tuple(n for n in others if sync.isNodeConnected(TCPNode(n)))
+        return EngineStatus(
+            node=self.address,
+            role=_ROLES.get(sync._SyncObj__raftState, "follower"),
+            leader=leader.id if leader is not None else None,
+            term=sync.raftCurrentTerm,
+            commit_index=sync.raftCommitIndex,
+            applied_index=self._bridge.applied_index if self._bridge else 0,
+            members=tuple(sorted([self.address, *others])),
+            healthy=self._healthy,
+            problem=self._problem,
+            connected=connected,
+        )
+
+    def on_role_change(self, listener: Callable[[str], None]) -> None:
+        self._role_listeners.append(listener)
+
+    def _notify_role(self, role: str) -> None:
+        for listener in self._role_listeners:
+            listener(role)
+
+    async def add_member(self, address: str) -> None:
+        await self._change_membership("addNodeToCluster", address)
+
+    async def remove_member(self, address: str) -> None:
+        await self._change_membership("removeNodeFromCluster", address)
+
+    async def _change_membership(self, method: str, address: str) -> None:
+        sync = self._sync
+        if sync is None:
+            raise Unavailable("engine is stopped")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str | None] = loop.create_future()
+
+        def callback(result: Any, error: int) -> None:
+            reason = None if error == FAIL_REASON.SUCCESS else _FAILURES.get(error, Failure.UNKNOWN)
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(reason))
+
+        getattr(sync, method)(address, callback=callback)
+        if self._notifier is not None:
+            self._notifier.notify()
+        async with asyncio.timeout(10):
+            reason = await future
+        if reason is not None:
+            raise Unavailable(f"membership change refused: {reason}")
+
+    # -- health of the apply loop -------------------------------------------------------------
+
+    async def _watch_apply_loop(self) -> None:
+        seen_applied = -1
+        changed_at = time.monotonic()
+        while True:
+            await asyncio.sleep(0.25)
+            sync = self._sync
+            if sync is None:
+                continue
+            applied, commit = sync.raftLastApplied, sync.raftCommitIndex
+            now = time.monotonic()
+            if applied != seen_applied:
+                seen_applied, changed_at = applied, now
+            problem = None
+            if not sync.tick_thread_alive():
+                problem = "raft tick thread died"
+            elif commit > applied and now - changed_at > self.stall_timeout_s:
+                problem = f"apply stalled at index {applied} while the commit index is {commit}"
+            if problem is not None:
+                await self._recover(problem)
+                seen_applied, changed_at = -1, time.monotonic()
+            elif not self._healthy and commit - applied <= 1:
+                log.warning("raft engine recovered (generation %d)", self.generation)
+                self._healthy, self._problem = True, None
+
+    async def _recover(self, problem: str) -> None:
+        """Rebuild the SyncObj from journal and snapshot; the FSM replays."""
+        log.error("raft engine unhealthy: %s; rebuilding from the journal", problem)
+        self._healthy, self._problem = False, problem
+        old = self._sync
+        self._sync = None
+        if old is not None:
+            await asyncio.to_thread(self._destroy, old)
+        self.generation += 1
+        self.recoveries += 1
+        self._bridge.post(("reset",))
+        self._sync = self._make_sync()
+        await asyncio.to_thread(self._sync.waitBinded)
+

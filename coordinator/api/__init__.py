@@ -1,0 +1,1 @@
+"""The HTTP API (aiohttp): parse → service → render. No logic of its own."""

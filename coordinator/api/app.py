@@ -1,0 +1,74 @@
+"""``make_app(node)``: the aiohttp application of one node."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from coordinator.api.errors import error_response, render_error
+from coordinator.api.keys import METRICS, NODE
+from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
+from coordinator.api.routes import routes
+from coordinator.errors import CoordinatorError
+from coordinator.services.node import CoordinatorNode
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes the JSON error body of DESIGN.md; nothing escapes."""
+    try:
+        return await handler(request)
+    except CoordinatorError as exc:
+        return render_error(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "too_large", f"body: larger than {MAX_BODY_BYTES} bytes", field="body")
+    except web.HTTPMethodNotAllowed as exc:
+        response = error_response(405, "method_not_allowed", f"{request.method} is not allowed here")
+        response.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
+        return response
+    except web.HTTPNotFound:
+        return error_response(404, "not_found", f"no route for {request.method} {request.path}")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, "http", exc.reason)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics = request.app[METRICS]
+    metrics.latency.labels(request.method, route, str(response.status)).observe(time.perf_counter() - started)
+    if response.status >= 400:
+        metrics.errors.labels(str(response.status)).inc()
+    return response
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def make_app(node: CoordinatorNode) -> web.Application:
+    """The application for ``node``; the caller starts and stops the node."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[metrics_middleware, errors_middleware])
+    app[NODE] = node
+    app[METRICS] = HttpMetrics(node)
+    app.router.add_routes(routes)
+    app.router.add_get("/metrics", metrics_handler)
+    return app

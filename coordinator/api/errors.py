@@ -1,0 +1,53 @@
+"""The one place where errors become HTTP status codes.
+
+Every error body is ``{"error": {"code", "message"}}`` (plus ``field`` for
+bad input and ``leader`` when a 503 knows where the leader is).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from aiohttp import web
+
+from coordinator.errors import CoordinatorError, InvalidInput, Unavailable
+
+STATUS_BY_CODE = {
+    "invalid": 400,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "compacted": 410,
+    "too_large": 413,
+    "unavailable": 503,
+    "not_leader": 503,
+    "outcome_unknown": 504,
+}
+
+
+def error_response(status: int, code: str, message: str, **extra: object) -> web.Response:
+    body = {"error": {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}}
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+
+
+def render_error(exc: CoordinatorError) -> web.Response:
+    status = STATUS_BY_CODE.get(exc.code, 500)
+    extra: dict[str, object] = {}
+    if isinstance(exc, InvalidInput):
+        extra["field"] = exc.field
+    for key in ("compact_revision", "first_seq"):
+        if key in exc.details:
+            extra[key] = exc.details[key]
+    headers = {}
+    if status == 503:
+        retry_after = exc.retry_after_s if isinstance(exc, Unavailable) else 1.0
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        leader = exc.leader if isinstance(exc, Unavailable) else None
+        if leader:
+            extra["leader"] = leader
+            headers["X-Coord-Leader"] = leader
+    response = error_response(status, exc.code if status != 500 else "internal",
+                              exc.message if status != 500 else "internal error", **extra)
+    response.headers.update(headers)
+    return response

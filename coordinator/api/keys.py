@@ -1,0 +1,14 @@
+"""Typed keys of the aiohttp application."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from coordinator.api.metrics import HttpMetrics
+    from coordinator.services.node import CoordinatorNode
+
+NODE: web.AppKey[CoordinatorNode] = web.AppKey("node")
+METRICS: web.AppKey[HttpMetrics] = web.AppKey("metrics")

@@ -1,0 +1,73 @@
+"""Prometheus metrics of one node, in a registry of its own (no globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from coordinator.services.node import CoordinatorNode
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _NodeCollector(Collector):
+    """Reads the node's numbers at scrape time."""
+
+    def __init__(self, node: CoordinatorNode) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Any]:
+        node = self.node
+        st = node.engine.status()
+        applied = node.applier.applied_index
+        gauges = {
+            "coord_raft_term": ("Current Raft term", st.term),
+            "coord_raft_commit_index": ("Raft commit index", st.commit_index),
+            "coord_raft_applied_index": ("Index applied to the state machine", applied),
+            "coord_raft_apply_lag": ("Committed entries not yet applied", max(0, st.commit_index - applied)),
+            "coord_raft_is_leader": ("1 when this node is the leader", int(st.role == "leader")),
+            "coord_node_healthy": ("1 when the consensus engine is healthy", int(st.healthy)),
+            "coord_proposals_inflight": ("Proposals waiting for their outcome", node.proposer.inflight),
+            "coord_agents": ("Registered agents", len(node.applier.machine.registry.agents)),
+            "coord_locks_held": ("Locks currently held", len(node.applier.machine.locks.locks)),
+            "coord_kv_keys": ("Keys in the key/value store", len(node.applier.machine.kv)),
+            "coord_kv_revision": ("Store revision", node.applier.machine.kv.revision),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        proposals = CounterMetricFamily("coord_proposals", "Proposals by outcome", labels=["outcome"])
+        for outcome, count in sorted(node.proposer.outcomes.items()):
+            proposals.add_metric([outcome], count)
+        yield proposals
+        yield CounterMetricFamily("coord_read_barriers", "Read barriers committed", value=node.reads.barriers)
+        yield _expired(node)
+        yield CounterMetricFamily("coord_leader_changes", "Role changes seen by this node",
+                                  value=node.leader_changes)
+        recoveries = getattr(node.engine, "recoveries", 0)
+        yield CounterMetricFamily("coord_engine_recoveries", "Rebuilds of a stalled engine", value=recoveries)
+
+
+def _expired(node: CoordinatorNode) -> CounterMetricFamily:
+    family = CounterMetricFamily("coord_leases_expired", "Leases expired by this node as leader", labels=["kind"])
+    family.add_metric(["agent"], node.leases.expired_agents)
+    family.add_metric(["lock"], node.leases.expired_locks)
+    return family
+
+
+class HttpMetrics:
+    def __init__(self, node: CoordinatorNode) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_NodeCollector(node))
+        self.latency = Histogram(
+            "coord_http_request_seconds", "HTTP request latency", ["method", "route", "status"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.errors = Counter("coord_http_errors", "HTTP error responses", ["code"], registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,394 @@
+"""HTTP routes of v1: parse → one call on ``CoordinatorNode`` → render."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from coordinator.api import schemas as s
+from coordinator.api.keys import NODE
+from coordinator.errors import Compacted, CoordinatorError, InvalidInput, NotFound
+from coordinator.services import watch
+from coordinator.services.node import ELECTION_PREFIX, FORWARD_HEADER, CoordinatorNode, ttl_ms_from
+
+routes = web.RouteTableDef()
+
+DEFAULT_AGENT_TTL_S = 10.0
+DEFAULT_LOCK_TTL_S = 15.0
+LIST_LIMIT_MAX = 10_000
+SSE_KEEPALIVE_S = 15.0
+
+
+def node_of(request: web.Request) -> CoordinatorNode:
+    return request.app[NODE]
+
+
+def ok(body: Any, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+# -- cluster ---------------------------------------------------------------------
+
+@routes.get("/v1/status")
+async def status(request: web.Request) -> web.Response:
+    return ok(node_of(request).status())
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return ok({"status": "alive", "node": node_of(request).identity.node_id})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    ready, reason = node_of(request).readiness()
+    if ready:
+        return ok({"status": "ready"})
+    response = ok({"status": "not ready", "reason": reason}, status=503)
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+@routes.get("/v1/members")
+async def members_list(request: web.Request) -> web.Response:
+    return ok({"members": node_of(request).status()["members"]})
+
+
+@routes.post("/v1/members")
+async def members_add(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"id", "raft", "http"})
+    node = node_of(request)
+    member = await node.add_member(s.name(body.get("id"), "id", 64), _address(body.get("raft"), "raft"),
+                                   _address(body.get("http"), "http"))
+    return ok(member, status=201)
+
+
+@routes.delete("/v1/members/{id}")
+async def members_remove(request: web.Request) -> web.Response:
+    return ok(await node_of(request).remove_member(s.name(request.match_info["id"], "id", 64)))
+
+
+def _address(value: Any, field: str) -> str:
+    address = s.name(value, field, 256)
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"{field}: must be host:port", field=field)
+    return address
+
+
+# -- key/value ---------------------------------------------------------------------
+
+def _kv_item(key: str, entry: Any) -> dict[str, Any]:
+    return {"key": key, "value": entry.value, "revision": entry.mod_revision,
+            "create_revision": entry.create_revision, "version": entry.version}
+
+
+@routes.get("/v1/kv")
+async def kv_list(request: web.Request) -> web.Response:
+    node = node_of(request)
+    prefix = request.query.get("prefix", "")
+    if len(prefix) > s.MAX_KEY_LEN:
+        raise InvalidInput("prefix: too long", field="prefix")
+    limit = s.query_int(request, "limit", 1000, 1, LIST_LIMIT_MAX)
+    start_after = request.query.get("start_after") or None
+    await node.read_barrier(s.consistency(request))
+    kv = node.applier.machine.kv
+    items = kv.range(prefix, limit + 1, start_after)
+    return ok({"items": [_kv_item(k, e) for k, e in items[:limit]], "more": len(items) > limit,
+               "revision": kv.revision})
+
+
+@routes.get("/v1/kv/{key:.+}")
+async def kv_get(request: web.Request) -> web.Response:
+    node = node_of(request)
+    key = s.key(request)
+    await node.read_barrier(s.consistency(request))
+    entry = node.applier.machine.kv.get(key)
+    if entry is None:
+        raise NotFound(f"key {key!r} does not exist")
+    return ok(_kv_item(key, entry))
+
+
+@routes.put("/v1/kv/{key:.+}")
+async def kv_put(request: web.Request) -> web.Response:
+    key = s.key(request)
+    body = await s.json_body(request, {"value", "fence", "request_id"})
+    if "value" not in body:
+        raise InvalidInput("value: is required", field="value")
+    args = {"key": key, "value": body["value"]}
+    fence = s.fence(body)
+    if fence:
+        args["fence"] = fence
+    return ok(await node_of(request).write("kv.put", args, s.request_id(request, body)))
+
+
+@routes.post("/v1/kv/{key:.+}/cas")
+async def kv_cas(request: web.Request) -> web.Response:
+    key = s.key(request)
+    body = await s.json_body(request, {"expected", "expected_revision", "value", "fence", "request_id"})
+    if "value" not in body:
+        raise InvalidInput("value: is required", field="value")
+    args: dict[str, Any] = {"key": key, "value": body["value"]}
+    if "expected_revision" in body:
+        args["expected_revision"] = s.integer(body["expected_revision"], "expected_revision", 0, 2**63 - 1)
+    if "expected" in body:
+        args["expected"] = body["expected"]
+    if ("expected" in args) == ("expected_revision" in args):
+        raise InvalidInput("expected: give exactly one of expected and expected_revision", field="expected")
+    fence = s.fence(body)
+    if fence:
+        args["fence"] = fence
+    return ok(await node_of(request).write("kv.cas", args, s.request_id(request, body)))
+
+
+@routes.delete("/v1/kv/{key:.+}")
+async def kv_delete(request: web.Request) -> web.Response:
+    key = s.key(request)
+    body = await s.json_body(request, {"fence", "request_id"}, required=False)
+    args: dict[str, Any] = {"key": key}
+    fence = s.fence(body)
+    if fence:
+        args["fence"] = fence
+    return ok(await node_of(request).write("kv.delete", args, s.request_id(request, body)))
+
+
+# -- agents -----------------------------------------------------------------------------
+
+@routes.post("/v1/agents")
+async def agents_register(request: web.Request) -> web.Response:
+    node = node_of(request)
+    body = await s.json_body(request, {"id", "type", "metadata", "ttl_s", "endpoint", "weight", "request_id"})
+    agent_id = s.optional_name(body, "id") or f"agent-{node.rng.token_hex(8)}"
+    args: dict[str, Any] = {
+        "id": agent_id,
+        "type": s.name(body.get("type"), "type"),
+        "metadata": s.obj(body.get("metadata", {}), "metadata"),
+        "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_AGENT_TTL_S),
+    }
+    if body.get("endpoint") is not None:
+        args["endpoint"] = s.name(body["endpoint"], "endpoint", 2048)
+    if body.get("weight") is not None:
+        args["weight"] = s.integer(body["weight"], "weight", 1, 1_000_000)
+    result = await node.write("agent.register", args, s.request_id(request, body))
+    return ok(result, status=201)
+
+
+@routes.get("/v1/agents")
+async def agents_list(request: web.Request) -> web.Response:
+    node = node_of(request)
+    agent_type = request.query.get("type") or None
+    await node.read_barrier(s.consistency(request))
+    agents = node.applier.machine.registry.by_type(agent_type)
+    return ok({"agents": [_agent(node, a) for a in agents]})
+
+
+@routes.get("/v1/agents/{id}")
+async def agents_get(request: web.Request) -> web.Response:
+    node = node_of(request)
+    agent_id = s.name(request.match_info["id"], "id")
+    await node.read_barrier(s.consistency(request))
+    agent = node.applier.machine.registry.agents.get(agent_id)
+    if agent is None:
+        raise NotFound(f"agent {agent_id!r} is not registered")
+    return ok(_agent(node, agent))
+
+
+def _agent(node: CoordinatorNode, agent: Any) -> dict[str, Any]:
+    out = agent.describe()
+    out["lease_remaining_s"] = node.leases.remaining_s("agent", agent.id)
+    return out
+
+
+@routes.post("/v1/agents/{id}/heartbeat")
+async def agents_heartbeat(request: web.Request) -> web.Response:
+    node = node_of(request)
+    agent_id = s.name(request.match_info["id"], "id")
+    body = await s.json_body(request, {"health"}, required=False)
+    health = body.get("health")
+    if health is not None and health not in ("healthy", "unhealthy", "unknown"):
+        raise InvalidInput("health: must be healthy, unhealthy or unknown", field="health")
+    forwarded = request.headers.get(FORWARD_HEADER) == "1"
+    return ok(await node.heartbeat(agent_id, health, forwarded))
+
+
+@routes.delete("/v1/agents/{id}")
+async def agents_deregister(request: web.Request) -> web.Response:
+    agent_id = s.name(request.match_info["id"], "id")
+    body = await s.json_body(request, {"request_id"}, required=False)
+    return ok(await node_of(request).write("agent.deregister", {"id": agent_id}, s.request_id(request, body)))
+
+
+# -- locks and elections ----------------------------------------------------------------------
+
+@routes.post("/v1/locks/{name}")
+async def locks_acquire(request: web.Request) -> web.Response:
+    name = s.name(request.match_info["name"], "name")
+    body = await s.json_body(request, {"holder", "ttl_s", "request_id"})
+    args = {"name": name, "holder": s.name(body.get("holder"), "holder"),
+            "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
+    return ok(await node_of(request).write("lock.acquire", args, s.request_id(request, body)))
+
+
+@routes.delete("/v1/locks/{name}")
+async def locks_release(request: web.Request) -> web.Response:
+    name = s.name(request.match_info["name"], "name")
+    body = await s.json_body(request, {"holder", "request_id"})
+    args = {"name": name, "holder": s.name(body.get("holder"), "holder")}
+    return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
+
+
+@routes.get("/v1/locks/{name}")
+async def locks_get(request: web.Request) -> web.Response:
+    node = node_of(request)
+    name = s.name(request.match_info["name"], "name")
+    await node.read_barrier(s.consistency(request))
+    lock = node.applier.machine.locks.locks.get(name)
+    if lock is None:
+        raise NotFound(f"lock {name!r} is not held")
+    out = lock.describe()
+    out["lease_remaining_s"] = node.leases.remaining_s("lock", name)
+    return ok(out)
+
+
+@routes.post("/v1/elections/{name}/campaign")
+async def elections_campaign(request: web.Request) -> web.Response:
+    name = s.name(request.match_info["name"], "name", 200)
+    body = await s.json_body(request, {"candidate", "ttl_s", "request_id"})
+    candidate = s.name(body.get("candidate"), "candidate")
+    args = {"name": ELECTION_PREFIX + name, "holder": candidate,
+            "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
+    result = await node_of(request).write("lock.acquire", args, s.request_id(request, body))
+    return ok({"elected": True, "leader": candidate, "fencing_token": result["fencing_token"]})
+
+
+@routes.post("/v1/elections/{name}/resign")
+async def elections_resign(request: web.Request) -> web.Response:
+    name = s.name(request.match_info["name"], "name", 200)
+    body = await s.json_body(request, {"candidate", "request_id"})
+    args = {"name": ELECTION_PREFIX + name, "holder": s.name(body.get("candidate"), "candidate")}
+    return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
+
+
+@routes.get("/v1/elections/{name}")
+async def elections_leader(request: web.Request) -> web.Response:
+    node = node_of(request)
+    name = s.name(request.match_info["name"], "name", 200)
+    await node.read_barrier(s.consistency(request))
+    lock = node.applier.machine.locks.locks.get(ELECTION_PREFIX + name)
+    if lock is None:
+        raise NotFound(f"election {name!r} has no leader")
+    return ok({"leader": lock.holder, "fencing_token": lock.token, "since_ms": lock.acquired_ms})
+
+
+# -- events and watches ---------------------------------------------------------------------------
+
+def _event(e: Any) -> dict[str, Any]:
+    return {"seq": e.seq, "type": e.type, "data": e.data, "time_ms": e.time_ms, "index": e.index}
+
+
+def _change(c: Any) -> dict[str, Any]:
+    return {"revision": c.revision, "key": c.key, "type": c.kind, "value": c.value, "index": c.index}
+
+
+def _types(request: web.Request) -> tuple[str, ...]:
+    raw = request.query.get("types", "")
+    types = tuple(t for t in raw.split(",") if t)
+    for t in types:
+        s.name(t, "types", 128)
+    return types
+
+
+@routes.get("/v1/events")
+async def events_list(request: web.Request) -> web.Response:
+    node = node_of(request)
+    from_seq = s.query_int(request, "from_seq", 1, 1, 2**63 - 1)
+    limit = s.query_int(request, "limit", 1000, 1, LIST_LIMIT_MAX)
+    types = _types(request)
+    await node.read_barrier(s.consistency(request))
+    events = node.applier.machine.events
+    if from_seq < events.first_seq and from_seq <= events.last_seq:
+        raise Compacted(f"event {from_seq} is compacted; the oldest retained is {events.first_seq}",
+                        first_seq=events.first_seq)
+    selected = [e for e in events.since(from_seq, limit) if watch.event_matches(e.type, types)]
+    return ok({"events": [_event(e) for e in selected], "last_seq": events.last_seq})
+
+
+@routes.get("/v1/watch/events")
+async def events_watch(request: web.Request) -> web.StreamResponse:
+    node = node_of(request)
+    from_seq = _resume(request, "from_seq")
+    types = _types(request)
+    stream = watch.watch_events(node.applier, from_seq, types)
+    return await _sse(request, stream, lambda e: (e.seq, e.type, _event(e)))
+
+
+@routes.get("/v1/watch")
+async def kv_watch(request: web.Request) -> web.StreamResponse:
+    node = node_of(request)
+    prefix = request.query.get("prefix", "")
+    if len(prefix) > s.MAX_KEY_LEN:
+        raise InvalidInput("prefix: too long", field="prefix")
+    from_revision = _resume(request, "from_revision")
+    stream = watch.watch_kv(node.applier, prefix, from_revision)
+    return await _sse(request, stream, lambda c: (c.revision, c.kind, _change(c)))
+
+
+def _resume(request: web.Request, field: str) -> int | None:
+    """The cursor: ``Last-Event-ID`` + 1 when a client reconnects, else the query."""
+    last = request.headers.get("Last-Event-ID")
+    if last is not None:
+        try:
+            return s.integer(int(last), "Last-Event-ID", 0, 2**63 - 2) + 1
+        except ValueError:
+            raise InvalidInput("Last-Event-ID: must be an integer", field="Last-Event-ID") from None
+    return s.query_int(request, field, None, 1, 2**63 - 1)
+
+
+async def _sse(request: web.Request, stream: AsyncIterator[list[Any]], render: Any) -> web.StreamResponse:
+    """Serve ``stream`` as Server-Sent Events. Errors before the first byte
+    are normal JSON errors; a compaction later is an ``error`` event."""
+    iterator = stream.__aiter__()
+    first: asyncio.Task[list[Any]] = asyncio.ensure_future(iterator.__anext__())
+    done, _ = await asyncio.wait({first}, timeout=0.01)
+    if first in done and first.exception() is not None:
+        raise first.exception()  # type: ignore[misc]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    await response.write(b": connected\n\n")
+    pending: asyncio.Task[list[Any]] | None = first
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=SSE_KEEPALIVE_S)
+            if not done:
+                await response.write(b": keepalive\n\n")
+                continue
+            batch_task, pending = pending, None
+            try:
+                batch = batch_task.result()
+            except CoordinatorError as exc:
+                payload = json.dumps({"code": exc.code, "message": exc.message, **exc.details})
+                await response.write(f"event: error\ndata: {payload}\n\n".encode())
+                break
+            chunks = []
+            for item in batch:
+                event_id, event_type, data = render(item)
+                chunks.append(f"id: {event_id}\nevent: {event_type}\ndata: {_dumps(data)}\n\n")
+            await response.write("".join(chunks).encode())
+    except ConnectionResetError:
+        pass  # the client went away
+    finally:
+        if pending is not None:
+            pending.cancel()
+        await iterator.aclose()  # type: ignore[attr-defined]
+    return response

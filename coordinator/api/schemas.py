@@ -1,0 +1,130 @@
+"""Parsing of request bodies and query strings into plain, checked values.
+
+Every failure is an ``InvalidInput`` naming the field, raised before
+anything is proposed, so bad input never reaches the log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from aiohttp import web
+
+from coordinator.errors import InvalidInput
+
+MAX_KEY_LEN = 1024
+MAX_NAME_LEN = 256
+MAX_REQUEST_ID_LEN = 128
+
+
+async def json_body(request: web.Request, allowed: set[str], *, required: bool = True) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        if required:
+            raise InvalidInput("body: a JSON object is required", field="body")
+        return {}
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"body: not valid JSON ({exc.__class__.__name__})", field="body") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("body: must be a JSON object", field="body")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidInput(f"{unknown[0]}: unknown field", field=unknown[0])
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def name(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field}: must be a string", field=field)
+    if not value or len(value) > max_len:
+        raise InvalidInput(f"{field}: must have 1 to {max_len} characters", field=field)
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise InvalidInput(f"{field}: must not contain control characters", field=field)
+    return value
+
+
+def optional_name(body: dict[str, Any], field: str, max_len: int = MAX_NAME_LEN) -> str | None:
+    value = body.get(field)
+    return None if value is None else name(value, field, max_len)
+
+
+def integer(value: Any, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{field}: must be an integer", field=field)
+    if not low <= value <= high:
+        raise InvalidInput(f"{field}: must be between {low} and {high}", field=field)
+    return value
+
+
+def number(value: Any, field: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(f"{field}: must be a number", field=field)
+    if not low <= value <= high:
+        raise InvalidInput(f"{field}: must be between {low} and {high}", field=field)
+    return value
+
+
+def obj(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{field}: must be an object", field=field)
+    return value
+
+
+def query_int(request: web.Request, field: str, default: int | None, low: int, high: int) -> int | None:
+    raw = request.query.get(field)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(f"{field}: must be an integer", field=field) from None
+    return integer(value, field, low, high)
+
+
+def query_float(request: web.Request, field: str, default: float, low: float, high: float) -> float:
+    raw = request.query.get(field)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput(f"{field}: must be a number", field=field) from None
+    return number(value, field, low, high)
+
+
+def consistency(request: web.Request) -> str:
+    value = request.query.get("consistency", "linearizable")
+    if value not in ("linearizable", "stale"):
+        raise InvalidInput("consistency: must be linearizable or stale", field="consistency")
+    return value
+
+
+def request_id(request: web.Request, body: dict[str, Any]) -> str | None:
+    value = body.get("request_id", request.headers.get("Idempotency-Key"))
+    if value is None:
+        return None
+    return name(value, "request_id", MAX_REQUEST_ID_LEN)
+
+
+def fence(body: dict[str, Any]) -> dict[str, Any] | None:
+    value = body.get("fence")
+    if value is None:
+        return None
+    value = obj(value, "fence")
+    unknown = sorted(set(value) - {"lock", "token"})
+    if unknown:
+        raise InvalidInput(f"fence.{unknown[0]}: unknown field", field=f"fence.{unknown[0]}")
+    return {"lock": name(value.get("lock"), "fence.lock"),
+            "token": integer(value.get("token"), "fence.token", 0, 2**63 - 1)}
+
+
+def key(request: web.Request) -> str:
+    return name(request.match_info["key"], "key", MAX_KEY_LEN)

@@ -1,0 +1,121 @@
+"""The ``coordinator`` command: ``serve``, ``status``, ``members add|remove``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from coordinator import config as config_module
+from coordinator.client import CoordinatorClient
+from coordinator.errors import CoordinatorError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coordinator", description="Raft-replicated coordination service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one node")
+    serve.add_argument("--config", help="TOML file with the settings below (flags win)")
+    serve.add_argument("--node-id", dest="node_id")
+    serve.add_argument("--http", help="HTTP listen address host:port")
+    serve.add_argument("--raft", help="Raft listen address host:port")
+    serve.add_argument("--data-dir", dest="data_dir")
+    serve.add_argument("--peer", dest="peers", action="append",
+                       help="another member: ID=RAFT_HOST:PORT,HTTP_HOST:PORT (repeat)")
+    serve.add_argument("--secret-file", dest="secret_file",
+                       help="file holding the cluster secret (else COORD_CLUSTER_SECRET)")
+    serve.add_argument("--engine", help="consensus engine (default raft)")
+    serve.add_argument("--durability", choices=config_module.DURABILITY,
+                       help="fsync (default) or none (benchmarks only: loses data on power loss)")
+    serve.add_argument("--log-level", dest="log_level")
+
+    status = sub.add_parser("status", help="role, term and commit index of every member")
+    status.add_argument("--endpoint", required=True, help="HTTP address of any member")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    members = sub.add_parser("members", help="change the membership")
+    members_sub = members.add_subparsers(dest="action", required=True)
+    add = members_sub.add_parser("add", help="add a voting member (start it first with --peer of all members)")
+    add.add_argument("--endpoint", required=True)
+    add.add_argument("--id", required=True)
+    add.add_argument("--raft", required=True)
+    add.add_argument("--http", required=True)
+    remove = members_sub.add_parser("remove", help="remove a member")
+    remove.add_argument("--endpoint", required=True)
+    remove.add_argument("--id", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "status":
+            return asyncio.run(_status(args))
+        return asyncio.run(_members(args))
+    except CoordinatorError as exc:
+        print(f"coordinator: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {name: getattr(args, name) for name in
+                                 ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
+                                  "secret_file")}
+    if args.peers:
+        overrides["peers"] = args.peers
+    cfg = config_module.load(args.config, overrides)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pysyncobj").setLevel(logging.WARNING)
+    from coordinator.main import serve  # the composition root, only when serving
+
+    asyncio.run(serve(cfg))
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with CoordinatorClient(args.endpoint, timeout_s=3) as client:
+        first = await client.status()
+        rows = []
+        for member in first["members"]:
+            row: dict[str, Any] = {"id": member["id"], "http": member["http"], "raft": member["raft"]}
+            try:
+                if not member["http"]:
+                    raise CoordinatorError("unknown HTTP address")
+                async with CoordinatorClient(member["http"], timeout_s=2) as one:
+                    st = await one.status()
+                row.update(role=st["role"], term=st["term"], commit_index=st["commit_index"],
+                           applied_index=st["applied_index"], healthy=st["healthy"])
+            except CoordinatorError as exc:
+                row.update(role="unreachable", error=exc.message)
+            rows.append(row)
+    if args.json:
+        print(json.dumps({"leader": first["leader"], "members": rows}, indent=2))
+        return 0
+    columns = ("id", "http", "raft", "role", "term", "commit_index", "applied_index", "healthy")
+    table = [columns] + [tuple(str(r.get(c, "-")) for c in columns) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0 if all(r["role"] != "unreachable" for r in rows) else 1
+
+
+async def _members(args: argparse.Namespace) -> int:
+    async with CoordinatorClient(args.endpoint) as client:
+        if args.action == "add":
+            result = await client.add_member(args.id, args.raft, args.http)
+        else:
+            result = await client.remove_member(args.id)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""msgpack <-> core types. The only module that imports msgpack.
+
+Every record starts with a one-byte record kind and carries a version, so a
+reader can refuse what it does not understand instead of misreading it.
+Decoding is bounded (``max_*_len``) and never constructs anything but plain
+data: there is no pickle anywhere on our wire or in our files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from coordinator.errors import InvalidInput, TooLarge
+from coordinator.types import COMMAND_VERSION, Command
+
+KIND_COMMAND = b"C"
+KIND_SNAPSHOT = b"S"
+KIND_RECORD = b"R"
+
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=MAX_RECORD_BYTES)
+
+
+def encode_command(command: Command) -> bytes:
+    return KIND_COMMAND + _pack([command.version, command.op, command.args, command.now_ms,
+                                 command.request_id, command.proposal_id])
+
+
+def decode_command(blob: bytes) -> Command:
+    """Decode a log entry. Raises ``InvalidInput`` for anything malformed."""
+    if blob[:1] != KIND_COMMAND:
+        raise InvalidInput("not a command record", field="command")
+    try:
+        row = _unpack(blob[1:])
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise InvalidInput(f"undecodable command: {type(exc).__name__}", field="command") from exc
+    if not isinstance(row, list) or len(row) != 6:
+        raise InvalidInput("command must be a list of 6 fields", field="command")
+    version, op, args, now_ms, request_id, proposal_id = row
+    if not isinstance(version, int) or not isinstance(op, str) or not isinstance(now_ms, int):
+        raise InvalidInput("command header has wrong types", field="command")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("request_id must be a string", field="request_id")
+    if proposal_id is not None and not isinstance(proposal_id, str):
+        raise InvalidInput("proposal_id must be a string", field="proposal_id")
+    return Command(op=op, args=args, now_ms=now_ms, request_id=request_id, proposal_id=proposal_id,
+                   version=version)
+
+
+def check_command_size(blob: bytes, max_bytes: int) -> None:
+    if len(blob) > max_bytes:
+        raise TooLarge(f"command is {len(blob)} bytes, the limit is {max_bytes}")
+
+
+def encode_snapshot(data: dict[str, Any]) -> bytes:
+    return KIND_SNAPSHOT + _pack(data)
+
+
+def decode_snapshot(blob: bytes) -> dict[str, Any]:
+    if blob[:1] != KIND_SNAPSHOT:
+        raise InvalidInput("not a snapshot record", field="snapshot")
+    data = _unpack(blob[1:])
+    if not isinstance(data, dict):
+        raise InvalidInput("snapshot must be a map", field="snapshot")
+    return data
+
+
+def encode_record(obj: Any) -> bytes:
+    """Any plain-data record we store or send (journal metadata, peer RPC)."""
+    return KIND_RECORD + _pack(obj)
+
+
+def decode_record(blob: bytes) -> Any:
+    if blob[:1] != KIND_RECORD:
+        raise InvalidInput("not a data record", field="record")
+    return _unpack(blob[1:])
+
+
+__all__ = [
+    "COMMAND_VERSION",
+    "check_command_size",
+    "decode_command",
+    "decode_record",
+    "decode_snapshot",
+    "encode_command",
+    "encode_record",
+    "encode_snapshot",
+]

@@ -1,0 +1,125 @@
+"""Node configuration: a TOML file and/or flags, validated before anything starts.
+
+The cluster secret is read from ``secret_file`` or ``COORD_CLUSTER_SECRET``;
+it is never printed (``repr`` hides it) and never leaves the node but as
+pysyncobj's key on the Raft port.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from coordinator.errors import InvalidInput
+
+DURABILITY = ("fsync", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    id: str
+    raft: str
+    http: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: str
+    http: str
+    raft: str
+    data_dir: str
+    peers: tuple[PeerConfig, ...] = ()
+    secret: str = field(default="", repr=False)
+    engine: str = "raft"
+    durability: str = "fsync"
+    proposal_timeout_s: float = 5.0
+    inflight_max: int = 1024
+    election_timeout_min_s: float = 0.5
+    election_timeout_max_s: float = 1.0
+    heartbeat_s: float = 0.1
+    leader_fallback_s: float = 2.0
+    compaction_entries: int = 20_000
+    stall_timeout_s: float = 5.0
+    log_level: str = "info"
+
+    def validate(self) -> NodeConfig:
+        for name in ("node_id", "http", "raft", "data_dir"):
+            if not getattr(self, name):
+                raise InvalidInput(f"{name}: is required", field=name)
+        for name in ("http", "raft"):
+            _check_address(getattr(self, name), name)
+        ids = {self.node_id}
+        addresses = {self.raft, self.http}
+        for peer in self.peers:
+            _check_address(peer.raft, f"peer {peer.id} raft")
+            _check_address(peer.http, f"peer {peer.id} http")
+            if peer.id in ids or peer.raft in addresses or peer.http in addresses:
+                raise InvalidInput(f"peers: {peer.id} repeats an id or address", field="peers")
+            ids.add(peer.id)
+            addresses |= {peer.raft, peer.http}
+        if len(self.secret) < 16:
+            raise InvalidInput("secret: the cluster secret must have at least 16 characters "
+                               "(secret_file or COORD_CLUSTER_SECRET)", field="secret")
+        if self.durability not in DURABILITY:
+            raise InvalidInput("durability: must be fsync or none", field="durability")
+        if not 0.05 <= self.heartbeat_s < self.election_timeout_min_s / 3:
+            raise InvalidInput("heartbeat_s: must be at least 0.05 and under a third of the election timeout",
+                               field="heartbeat_s")
+        if not self.election_timeout_min_s < self.election_timeout_max_s <= 30:
+            raise InvalidInput("election_timeout_max_s: must exceed election_timeout_min_s",
+                               field="election_timeout_max_s")
+        if not self.heartbeat_s < self.leader_fallback_s <= 60:
+            raise InvalidInput("leader_fallback_s: must be between heartbeat_s and 60", field="leader_fallback_s")
+        if not 0.1 <= self.proposal_timeout_s <= 120:
+            raise InvalidInput("proposal_timeout_s: must be between 0.1 and 120", field="proposal_timeout_s")
+        if not 1 <= self.inflight_max <= 100_000:
+            raise InvalidInput("inflight_max: must be between 1 and 100000", field="inflight_max")
+        return self
+
+
+def _check_address(value: str, name: str) -> None:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"{name}: must be host:port, got {value!r}", field=name)
+
+
+def parse_peer(text: str) -> PeerConfig:
+    """``ID=RAFT_HOST:PORT,HTTP_HOST:PORT``."""
+    node_id, sep, rest = text.partition("=")
+    raft, comma, http = rest.partition(",")
+    if not sep or not comma or not node_id:
+        raise InvalidInput(f"peer: expected ID=RAFT_ADDR,HTTP_ADDR, got {text!r}", field="peer")
+    return PeerConfig(node_id.strip(), raft.strip(), http.strip())
+
+
+def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
+    """Read ``path`` (TOML) if given, apply non-None ``overrides``, find the secret, validate."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidInput(f"config: cannot read {path}: {exc}", field="config") from None
+    secret_file = overrides.pop("secret_file", None) or values.pop("secret_file", None)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    peers = values.pop("peers", ())
+    values["peers"] = tuple(p if isinstance(p, PeerConfig) else
+                            parse_peer(p) if isinstance(p, str) else PeerConfig(**p) for p in peers)
+    known = {f.name for f in fields(NodeConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InvalidInput(f"{unknown[0]}: unknown setting", field=unknown[0])
+    secret = values.get("secret") or os.environ.get("COORD_CLUSTER_SECRET", "")
+    if secret_file:
+        try:
+            with open(secret_file, encoding="utf-8") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise InvalidInput(f"secret_file: cannot read it ({exc.strerror})", field="secret_file") from None
+    values["secret"] = secret
+    for name in ("node_id", "http", "raft", "data_dir"):
+        values.setdefault(name, "")
+    return replace(NodeConfig(**values)).validate()

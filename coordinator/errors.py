@@ -1,0 +1,77 @@
+"""Errors of the coordinator core.
+
+Every error carries a stable machine-readable ``code``. Only
+``coordinator.api.errors`` maps them to HTTP status codes.
+"""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Base class of every error the core raises on purpose."""
+
+    code = "internal"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidInput(CoordinatorError):
+    """The request is malformed; ``field`` names the offending field."""
+
+    code = "invalid"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.field = field
+
+
+class TooLarge(CoordinatorError):
+    code = "too_large"
+
+
+class NotFound(CoordinatorError):
+    code = "not_found"
+
+
+class Conflict(CoordinatorError):
+    """The command was valid but lost against the current state (CAS, lock, fence)."""
+
+    code = "conflict"
+
+
+class Compacted(CoordinatorError):
+    """A watch asked for history that is no longer retained."""
+
+    code = "compacted"
+
+
+class Unavailable(CoordinatorError):
+    """The command certainly did not take effect; retrying later may succeed.
+
+    ``leader`` is the HTTP address of the leader when known.
+    """
+
+    code = "unavailable"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, leader: str | None = None) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, leader=leader)
+        self.retry_after_s = retry_after_s
+        self.leader = leader
+
+
+class OutcomeUnknown(CoordinatorError):
+    """The command was handed to consensus but no outcome came back in time.
+
+    It may or may not take effect; a retry with the same ``request_id`` is safe.
+    """
+
+    code = "outcome_unknown"
+
+
+class InvariantError(CoordinatorError):
+    """A broken internal invariant: a bug, never the caller's fault."""
+
+    code = "invariant"

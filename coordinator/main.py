@@ -1,0 +1,66 @@
+"""The composition root: configuration in, a running node out.
+
+The only module that resolves plugins (``coordinator.engines`` entry points),
+so the core never imports ``cluster`` or ``transports``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from importlib.metadata import entry_points
+from typing import Any
+
+from aiohttp import web
+
+from coordinator.api.app import make_app
+from coordinator.clock import SystemClock, SystemRng
+from coordinator.config import NodeConfig
+from coordinator.errors import InvalidInput
+from coordinator.services.applier import Applier
+from coordinator.services.node import CoordinatorNode, Identity, Peer
+
+log = logging.getLogger("coordinator")
+
+
+def load_engine_class(name: str) -> Any:
+    found = [ep for ep in entry_points(group="coordinator.engines") if ep.name == name]
+    if not found:
+        known = sorted(ep.name for ep in entry_points(group="coordinator.engines"))
+        raise InvalidInput(f"engine: unknown engine {name!r} (installed: {', '.join(known) or 'none'})",
+                           field="engine")
+    return found[0].load()
+
+
+def make_node(config: NodeConfig) -> CoordinatorNode:
+    applier = Applier()
+    engine = load_engine_class(config.engine).from_config(config, applier)
+    identity = Identity(config.node_id, config.raft, config.http,
+                        tuple(Peer(p.id, p.raft, p.http) for p in config.peers))
+    return CoordinatorNode(identity, engine, applier, SystemClock(), SystemRng(),
+                           proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max)
+
+
+async def serve(config: NodeConfig) -> None:
+    """Run one node until SIGTERM or SIGINT."""
+    node = make_node(config)
+    await node.start()
+    app = make_app(node)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, _, port = config.http.rpartition(":")
+    site = web.TCPSite(runner, host, int(port), reuse_address=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await site.start()
+        log.info("node %s serving HTTP on %s, Raft on %s (engine %s, durability %s)",
+                 config.node_id, config.http, config.raft, config.engine, config.durability)
+        await stop.wait()
+        log.info("node %s stopping", config.node_id)
+    finally:
+        await runner.cleanup()
+        await node.stop()

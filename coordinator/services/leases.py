@@ -1,0 +1,192 @@
+"""Leases of agents and locks, kept by the leader in memory (DESIGN rule 5).
+
+Heartbeats never enter the log. The leader remembers, per lease, a deadline
+on its own monotonic clock; a heartbeat (or a lock refresh) moves it. When a
+deadline passes, the leader proposes ``agent.expire`` / ``lock.expire``
+naming the lease, so an expiry decided before a re-registration cannot touch
+the new lease. Only the expiry is committed.
+
+A new leader first commits a barrier (so its replica holds every committed
+registration), then gives every lease a fresh TTL before expiring anything:
+no agent is expired for heartbeats the old leader received.
+
+Loop thread only. ``tick`` is driven by ``run`` every ``tick_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.errors import CoordinatorError, NotFound
+from coordinator.ports import Clock
+from coordinator.services.applier import Applier
+from coordinator.services.proposals import Proposer
+from coordinator.services.reads import Reads
+from coordinator.types import Command, Result
+
+log = logging.getLogger(__name__)
+
+
+class NotLeader(CoordinatorError):
+    """Heartbeats go to the leader; the caller forwards them."""
+
+    code = "not_leader"
+
+
+@dataclass(slots=True)
+class _Lease:
+    lease_id: int
+    ttl_s: float
+    deadline: float
+
+
+class LeaseKeeper:
+    def __init__(self, applier: Applier, proposer: Proposer, reads: Reads, clock: Clock, *,
+                 tick_s: float = 0.1) -> None:
+        self.applier = applier
+        self.proposer = proposer
+        self.reads = reads
+        self.clock = clock
+        self.tick_s = tick_s
+        self.active = False  # leader, caught up, leases refreshed
+        self.expired_agents = 0
+        self.expired_locks = 0
+        self._agents: dict[str, _Lease] = {}
+        self._locks: dict[str, _Lease] = {}
+        self._expiring: set[tuple[str, str]] = set()
+        self._term_task: asyncio.Task[None] | None = None
+        applier.on_apply(self._on_apply)
+        applier.on_reset(self._on_reset)
+
+    # -- leadership -----------------------------------------------------------------
+
+    def on_role(self, role: str) -> None:
+        if role == "leader":
+            if self._term_task is None or self._term_task.done():
+                self._term_task = asyncio.get_running_loop().create_task(self._take_over())
+        else:
+            self._step_down()
+
+    async def _take_over(self) -> None:
+        for attempt in range(50):
+            try:
+                await self.reads.barrier()
+                break
+            except CoordinatorError as exc:
+                log.info("leases: barrier after election failed (%s), retrying", exc.message)
+                await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
+        else:
+            return
+        self._refresh_all()
+        self.active = True
+        log.info("leases: active with %d agent and %d lock leases", len(self._agents), len(self._locks))
+
+    def _step_down(self) -> None:
+        if self._term_task is not None:
+            self._term_task.cancel()
+        self.active = False
+        self._agents.clear()
+        self._locks.clear()
+
+    def _refresh_all(self) -> None:
+        now = self.clock.monotonic()
+        machine = self.applier.machine
+        self._agents = {a.id: _Lease(a.lease_id, a.ttl_ms / 1000, now + a.ttl_ms / 1000)
+                        for a in machine.registry.agents.values()}
+        self._locks = {lk.name: _Lease(lk.token, lk.ttl_ms / 1000, now + lk.ttl_ms / 1000)
+                       for lk in machine.locks.locks.values()}
+
+    # -- what the log applied ------------------------------------------------------------
+
+    def _on_apply(self, command: Command, result: Result) -> None:
+        if not self.active:
+            return
+        now = self.clock.monotonic()
+        machine = self.applier.machine
+        if result.ok and command.op == "agent.register":
+            agent = machine.registry.agents.get(result.value["id"])
+            if agent is not None:
+                self._agents[agent.id] = _Lease(agent.lease_id, agent.ttl_ms / 1000, now + agent.ttl_ms / 1000)
+        if result.ok and command.op == "lock.acquire":
+            lock = machine.locks.locks.get(command.args["name"])
+            if lock is not None:
+                self._locks[lock.name] = _Lease(lock.token, lock.ttl_ms / 1000, now + lock.ttl_ms / 1000)
+        for event in result.events:
+            if event.type == "agent.terminated":
+                self._agents.pop(event.data["agentId"], None)
+            elif event.type == "lock.released":
+                self._locks.pop(event.data["name"], None)
+
+    def _on_reset(self) -> None:
+        if self.active:
+            self._refresh_all()
+
+    # -- heartbeats ------------------------------------------------------------------------
+
+    def heartbeat(self, agent_id: str) -> dict[str, Any]:
+        """Renew an agent's lease and the leases of the locks it holds.
+        Raises ``NotLeader`` on a follower, ``NotFound`` for an unknown agent."""
+        if not self.active:
+            raise NotLeader("heartbeats are kept by the leader")
+        agent = self.applier.machine.registry.agents.get(agent_id)
+        if agent is None:
+            raise NotFound(f"agent {agent_id!r} is not registered")
+        now = self.clock.monotonic()
+        ttl_s = agent.ttl_ms / 1000
+        self._agents[agent_id] = _Lease(agent.lease_id, ttl_s, now + ttl_s)
+        for lock in self.applier.machine.locks.held_by(agent_id):
+            lease = self._locks.get(lock.name)
+            if lease is not None:
+                lease.deadline = max(lease.deadline, now + lease.ttl_s)
+        return {"id": agent_id, "lease_id": agent.lease_id, "ttl_s": ttl_s, "health": agent.health}
+
+    def remaining_s(self, kind: str, name: str) -> float | None:
+        lease = (self._agents if kind == "agent" else self._locks).get(name)
+        if lease is None:
+            return None
+        return max(0.0, lease.deadline - self.clock.monotonic())
+
+    # -- expiry ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            if self.active:
+                self.tick()
+
+    def tick(self) -> None:
+        now = self.clock.monotonic()
+        for agent_id, lease in list(self._agents.items()):
+            if lease.deadline <= now and ("agent", agent_id) not in self._expiring:
+                self._spawn_expiry("agent", agent_id, "agent.expire", {"id": agent_id, "lease_id": lease.lease_id})
+        for name, lease in list(self._locks.items()):
+            if lease.deadline <= now and ("lock", name) not in self._expiring:
+                self._spawn_expiry("lock", name, "lock.expire", {"name": name, "token": lease.lease_id})
+
+    def _spawn_expiry(self, kind: str, name: str, op: str, args: dict[str, Any]) -> None:
+        self._expiring.add((kind, name))
+        asyncio.get_running_loop().create_task(self._expire(kind, name, op, args))
+
+    async def _expire(self, kind: str, name: str, op: str, args: dict[str, Any]) -> None:
+        try:
+            result = await self.proposer.propose(op, args)
+            if result.ok and result.value.get("expired"):
+                if kind == "agent":
+                    self.expired_agents += 1
+                else:
+                    self.expired_locks += 1
+            elif result.ok:
+                # The lease it named is gone (renewed by re-registration): forget it
+                # unless a newer lease replaced it meanwhile.
+                table = self._agents if kind == "agent" else self._locks
+                lease = table.get(name)
+                key = "lease_id" if kind == "agent" else "token"
+                if lease is not None and lease.lease_id == args[key]:
+                    table.pop(name, None)
+        except CoordinatorError as exc:
+            log.info("leases: expiring %s %s failed (%s); will retry", kind, name, exc.message)
+        finally:
+            self._expiring.discard((kind, name))

@@ -1,0 +1,250 @@
+"""One node's services behind one facade: what the HTTP layer and the
+composition root talk to. Handlers call one method here and render the result.
+
+Loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from coordinator.errors import InvalidInput, NotFound, Unavailable
+from coordinator.ports import Clock, ConsensusEngine, Rng
+from coordinator.services.applier import Applier
+from coordinator.services.leases import LeaseKeeper, NotLeader
+from coordinator.services.proposals import Proposer, raise_for
+from coordinator.services.reads import Reads
+from coordinator.state.machine import MAX_TTL_MS, MIN_TTL_MS
+
+log = logging.getLogger(__name__)
+
+ELECTION_PREFIX = "election/"
+FORWARD_HEADER = "X-Coord-Forwarded"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    id: str
+    raft: str
+    http: str
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    node_id: str
+    raft: str
+    http: str
+    peers: tuple[Peer, ...] = ()
+
+
+def ttl_ms_from(body: dict[str, Any], field: str, default_s: float) -> int:
+    value = body.get(field, default_s)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"{field}: must be a number of seconds", field=field)
+    ttl_ms = int(value * 1000)
+    if not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS:
+        raise InvalidInput(f"{field}: must be between {MIN_TTL_MS / 1000} and {MAX_TTL_MS / 1000} seconds",
+                           field=field)
+    return ttl_ms
+
+
+class CoordinatorNode:
+    def __init__(self, identity: Identity, engine: ConsensusEngine, applier: Applier, clock: Clock, rng: Rng, *,
+                 proposal_timeout_s: float = 5.0, inflight_max: int = 1024, command_max_bytes: int = 1 << 20,
+                 forward_timeout_s: float = 3.0) -> None:
+        self.identity = identity
+        self.engine = engine
+        self.applier = applier
+        self.clock = clock
+        self.rng = rng
+        self.proposer = Proposer(engine, applier, clock, rng, inflight_max=inflight_max,
+                                 timeout_s=proposal_timeout_s, command_max_bytes=command_max_bytes,
+                                 leader_hint=self.leader_http)
+        self.reads = Reads(self.proposer, applier)
+        self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock)
+        self.forward_timeout_s = forward_timeout_s
+        self.leader_changes = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        engine.on_role_change(self._on_role)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.forward_timeout_s))
+        await self.engine.start()
+        self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
+        self._tasks.append(asyncio.create_task(self._register_self(), name="register-self"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.engine.stop()
+        if self._session is not None:
+            await self._session.close()
+
+    def _on_role(self, role: str) -> None:
+        self.leader_changes += 1
+        self.leases.on_role(role)
+
+    async def _register_self(self) -> None:
+        """Make sure the member table maps this node's Raft address to its HTTP
+        address (followers use it to find the leader's HTTP endpoint)."""
+        me = self.identity
+        delay = 0.2
+        while True:
+            member = self.applier.machine.members.members.get(me.node_id)
+            if member is not None and member.raft == me.raft and member.http == me.http:
+                return
+            try:
+                await self.proposer.propose("member.register", {"id": me.node_id, "raft": me.raft, "http": me.http},
+                                            request_id=f"member-register-{me.node_id}-{me.raft}-{me.http}")
+            except Exception as exc:  # no leader yet, a timeout: try again
+                log.debug("registering this member failed: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    # -- cluster -----------------------------------------------------------------------
+
+    def http_of(self, raft: str | None) -> str | None:
+        if raft is None:
+            return None
+        member = self.applier.machine.members.by_raft(raft)
+        if member is not None:
+            return member.http
+        if raft == self.identity.raft:
+            return self.identity.http
+        for peer in self.identity.peers:
+            if peer.raft == raft:
+                return peer.http
+        return None
+
+    def leader_http(self) -> str | None:
+        return self.http_of(self.engine.status().leader)
+
+    def status(self) -> dict[str, Any]:
+        st = self.engine.status()
+        machine = self.applier.machine
+        members = []
+        for raft in st.members:
+            member = machine.members.by_raft(raft)
+            members.append({
+                "id": member.id if member else self._peer_id(raft),
+                "raft": raft,
+                "http": self.http_of(raft),
+                "leader": raft == st.leader,
+                "connected": raft == st.node or raft in st.connected,
+            })
+        return {
+            "node": self.identity.node_id,
+            "role": st.role,
+            "leader": self.http_of(st.leader),
+            "leader_id": self._peer_id(st.leader) if st.leader else None,
+            "term": st.term,
+            "commit_index": st.commit_index,
+            "applied_index": machine.applied_index,
+            "apply_lag": max(0, st.commit_index - machine.applied_index),
+            "healthy": st.healthy,
+            "problem": st.problem,
+            "leases_active": self.leases.active,
+            "members": members,
+            "http": self.identity.http,
+            "raft": self.identity.raft,
+        }
+
+    def _peer_id(self, raft: str | None) -> str | None:
+        if raft is None:
+            return None
+        member = self.applier.machine.members.by_raft(raft)
+        if member is not None:
+            return member.id
+        if raft == self.identity.raft:
+            return self.identity.node_id
+        return next((p.id for p in self.identity.peers if p.raft == raft), None)
+
+    def readiness(self) -> tuple[bool, str]:
+        st = self.engine.status()
+        if not st.healthy:
+            return False, st.problem or "engine unhealthy"
+        if st.leader is None:
+            return False, "no leader known"
+        lag = st.commit_index - self.applier.applied_index
+        if lag > 1000:
+            return False, f"applying: {lag} entries behind the commit index"
+        return True, "ready"
+
+    async def add_member(self, node_id: str, raft: str, http: str) -> dict[str, Any]:
+        self._require_leader()
+        if raft not in self.engine.status().members:
+            await self.engine.add_member(raft)
+        result = await self.proposer.propose("member.register", {"id": node_id, "raft": raft, "http": http})
+        return raise_for(result)
+
+    async def remove_member(self, node_id: str) -> dict[str, Any]:
+        self._require_leader()
+        member = self.applier.machine.members.members.get(node_id)
+        if member is None:
+            raise NotFound(f"member {node_id!r} is not known")
+        if member.raft == self.identity.raft:
+            raise InvalidInput("id: the leader cannot remove itself; ask another member", field="id")
+        if member.raft in self.engine.status().members:
+            await self.engine.remove_member(member.raft)
+        return raise_for(await self.proposer.propose("member.remove", {"id": node_id}))
+
+    def _require_leader(self) -> None:
+        st = self.engine.status()
+        if st.role != "leader":
+            raise Unavailable("membership changes go to the leader", retry_after_s=0.5, leader=self.http_of(st.leader))
+
+    # -- generic -----------------------------------------------------------------------------
+
+    async def write(self, op: str, args: dict[str, Any], request_id: str | None = None) -> Any:
+        return raise_for(await self.proposer.propose(op, args, request_id))
+
+    async def read_barrier(self, consistency: str) -> None:
+        if consistency == "linearizable":
+            await self.reads.barrier()
+        elif consistency != "stale":
+            raise InvalidInput("consistency: must be linearizable or stale", field="consistency")
+
+    # -- agents --------------------------------------------------------------------------------
+
+    async def heartbeat(self, agent_id: str, health: str | None, headers_forwarded: bool) -> dict[str, Any]:
+        st = self.engine.status()
+        if st.role == "leader":
+            try:
+                answer = self.leases.heartbeat(agent_id)
+            except NotLeader:
+                raise Unavailable("the new leader is taking over the leases", retry_after_s=0.2) from None
+        else:
+            if headers_forwarded:
+                raise Unavailable("forwarded heartbeat reached a follower", retry_after_s=0.3,
+                                  leader=self.http_of(st.leader))
+            answer = await self._forward_heartbeat(agent_id, st.leader)
+        if health is not None and health != answer.get("health"):
+            await self.write("agent.health", {"id": agent_id, "health": health, "reason": "reported by the agent"})
+            answer["health"] = health
+        return answer
+
+    async def _forward_heartbeat(self, agent_id: str, leader_raft: str | None) -> dict[str, Any]:
+        leader = self.http_of(leader_raft)
+        if leader is None or self._session is None:
+            raise Unavailable("no leader known", retry_after_s=0.5)
+        url = f"http://{leader}/v1/agents/{agent_id}/heartbeat"
+        try:
+            async with self._session.post(url, json={}, headers={FORWARD_HEADER: "1"}) as response:
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise Unavailable(f"forwarding to the leader failed: {type(exc).__name__}", retry_after_s=0.5,
+                              leader=leader) from None
+        if response.status == 404:
+            raise NotFound(body.get("error", {}).get("message", f"agent {agent_id!r} is not registered"))
+        if response.status != 200:
+            raise Unavailable(f"leader answered {response.status}", retry_after_s=0.5, leader=leader)
+        return body

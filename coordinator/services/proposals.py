@@ -1,0 +1,106 @@
+"""Propose a command and wait for its result: encode → engine.submit → the
+local replica applies it → the caller gets the ``Result``.
+
+The outcome is one of: a ``Result`` (possibly with a state error such as a
+CAS conflict), ``Unavailable`` (certainly not applied: retry later),
+``OutcomeUnknown`` (handed to consensus, no answer in time: retry with the
+same ``request_id``), ``TooLarge``.
+
+Loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from coordinator.codec import check_command_size, encode_command
+from coordinator.errors import (
+    Conflict,
+    CoordinatorError,
+    InvalidInput,
+    NotFound,
+    OutcomeUnknown,
+    Unavailable,
+)
+from coordinator.ports import Clock, ConsensusEngine, Failure, Rng
+from coordinator.services.applier import Applier
+from coordinator.types import Command, Result
+
+_STATE_ERRORS: dict[str, type[CoordinatorError]] = {
+    "conflict": Conflict,
+    "not_found": NotFound,
+    "unavailable": Unavailable,
+}
+
+
+def raise_for(result: Result) -> Any:
+    """The result's value, or the error the state machine decided, raised."""
+    if result.error is None:
+        return result.value
+    code, message = result.error
+    if code == "invalid":
+        field, _, _ = message.partition(":")
+        raise InvalidInput(message, field=field or None)
+    raise _STATE_ERRORS.get(code, CoordinatorError)(message)
+
+
+class Proposer:
+    def __init__(self, engine: ConsensusEngine, applier: Applier, clock: Clock, rng: Rng, *,
+                 inflight_max: int = 1024, timeout_s: float = 5.0, command_max_bytes: int = 1 << 20,
+                 leader_hint: Any = None) -> None:
+        self.engine = engine
+        self.applier = applier
+        self.clock = clock
+        self.inflight_max = inflight_max
+        self.timeout_s = timeout_s
+        self.command_max_bytes = command_max_bytes
+        self.inflight = 0
+        self.outcomes: dict[str, int] = {}
+        self._leader_hint = leader_hint or (lambda: None)
+        self._prefix = rng.token_hex(6)
+        self._counter = itertools.count(1)
+
+    async def propose(self, op: str, args: dict[str, Any], request_id: str | None = None) -> Result:
+        if self.inflight >= self.inflight_max:
+            self._count("overloaded")
+            raise Unavailable(f"{self.inflight} proposals in flight on this node", retry_after_s=0.2,
+                              leader=self._leader_hint())
+        proposal_id = f"{self._prefix}-{next(self._counter)}"
+        command = Command(op=op, args=args, now_ms=self.clock.now_ms(), request_id=request_id,
+                          proposal_id=proposal_id)
+        blob = encode_command(command)
+        check_command_size(blob, self.command_max_bytes)
+        future = self.applier.expect(proposal_id)
+        self.inflight += 1
+
+        def done(reason: str | None) -> None:
+            if reason is None or future.done():
+                return  # committed: the result arrives when the local replica applies it
+            if reason in Failure.DEFINITE:
+                future.set_exception(Unavailable(f"not committed: {reason}", retry_after_s=0.5,
+                                                 leader=self._leader_hint()))
+            else:
+                future.set_exception(OutcomeUnknown(f"outcome unknown: {reason}"))
+
+        try:
+            self.engine.submit(blob, done)
+            async with asyncio.timeout(self.timeout_s):
+                result = await future
+        except TimeoutError:
+            self._count("timeout")
+            raise OutcomeUnknown(f"no outcome within {self.timeout_s}s") from None
+        except CoordinatorError as exc:
+            self._count(exc.code)
+            raise
+        finally:
+            self.inflight -= 1
+            self.applier.forget(proposal_id)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: no "never retrieved" noise
+        self._count("committed")
+        return result
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1

@@ -1,0 +1,103 @@
+"""What every domain of the state machine shares: the apply context,
+deterministic rejections and argument validation.
+
+A handler validates all of its arguments before it mutates anything, so a
+rejected command leaves the state exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.types import Event, KvChange
+
+
+class Rejected(Exception):
+    """A command that is valid to log but refused by the current state.
+
+    It becomes ``Result.error``; it never escapes ``StateMachine.apply``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(field_name: str, message: str) -> Rejected:
+    return Rejected("invalid", f"{field_name}: {message}")
+
+
+@dataclass(slots=True)
+class ApplyContext:
+    """Carries one command's index and time, and collects what it emits."""
+
+    index: int
+    now_ms: int
+    events: list[Event] = field(default_factory=list)
+    changes: list[KvChange] = field(default_factory=list)
+
+
+MAX_NAME_LEN = 256
+MAX_KEY_LEN = 1024
+
+
+def require_str(args: dict[str, Any], name: str, max_len: int = MAX_NAME_LEN, *, optional: bool = False) -> Any:
+    value = args.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise invalid(name, "must be a string")
+    if not value or len(value) > max_len:
+        raise invalid(name, f"must have 1 to {max_len} characters")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise invalid(name, "must not contain control characters")
+    return value
+
+
+def require_int(args: dict[str, Any], name: str, low: int, high: int, *, optional: bool = False) -> Any:
+    value = args.get(name)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, "must be an integer")
+    if not low <= value <= high:
+        raise invalid(name, f"must be between {low} and {high}")
+    return value
+
+
+def require_number(args: dict[str, Any], name: str, low: float, high: float, *, optional: bool = False) -> Any:
+    value = args.get(name)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(name, "must be a finite number")
+    if not low <= value <= high:
+        raise invalid(name, f"must be between {low} and {high}")
+    return value
+
+
+def require_dict(args: dict[str, Any], name: str, *, optional: bool = False) -> Any:
+    value = args.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise invalid(name, "must be an object with string keys")
+    return value
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Equality of JSON values that, unlike ``==``, tells ``true`` from ``1``."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    return a == b

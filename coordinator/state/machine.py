@@ -1,0 +1,365 @@
+"""The replicated state machine: ``apply(index, command) -> Result``.
+
+Deterministic: the same commands in the same order give the same state and
+the same snapshot data on every replica. Commands that the state refuses
+(a CAS that does not match, a lock held by another) are still log entries;
+they produce ``Result.error`` and change nothing.
+
+Ownership: one instance per node, touched only by the event loop thread
+(``services.applier`` feeds it in log order).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.errors import InvariantError
+from coordinator.state.base import (
+    MAX_KEY_LEN,
+    ApplyContext,
+    Rejected,
+    invalid,
+    json_equal,
+    require_dict,
+    require_int,
+    require_str,
+)
+from coordinator.state.events import EventLog
+from coordinator.state.kv import KvStore
+from coordinator.state.locks import Lock, Locks
+from coordinator.state.registry import HEALTH_STATES, Agent, Member, Members, Registry
+from coordinator.types import COMMAND_VERSION, Command, Result
+
+SNAPSHOT_VERSION = 1
+MIN_TTL_MS = 1_000
+MAX_TTL_MS = 86_400_000
+MAX_WEIGHT = 1_000_000
+MAX_ENDPOINT_LEN = 2048
+MAX_TOKEN = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    events_retained: int = 10_000
+    kv_history: int = 10_000
+    dedupe_entries: int = 20_000
+    agents_max: int = 100_000
+    locks_max: int = 100_000
+
+
+Handler = Callable[["StateMachine", ApplyContext, dict[str, Any]], Any]
+_HANDLERS: dict[str, Handler] = {}
+
+
+def _op(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+class StateMachine:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.applied_index = 0
+        self.kv = KvStore(self.limits.kv_history)
+        self.registry = Registry()
+        self.locks = Locks()
+        self.members = Members()
+        self.events = EventLog(self.limits.events_retained)
+        self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None]] = OrderedDict()
+
+    # -- applying ---------------------------------------------------------
+
+    def apply(self, index: int, command: Command) -> Result:
+        """Apply one committed command at log ``index``.
+
+        Indexes must grow; an index at or below ``applied_index`` is a bug of
+        the caller (``InvariantError``). Never raises for a bad command.
+        """
+        if index <= self.applied_index:
+            raise InvariantError(f"apply index {index} after {self.applied_index}")
+        self.applied_index = index
+        if command.request_id is not None and command.request_id in self._dedupe:
+            value, error = self._dedupe[command.request_id]
+            return Result(index=index, value=value, error=error)
+        ctx = ApplyContext(index=index, now_ms=command.now_ms)
+        value: Any = None
+        error: tuple[str, str] | None = None
+        handler = _HANDLERS.get(command.op)
+        try:
+            if command.version != COMMAND_VERSION:
+                raise invalid("version", f"unsupported command version {command.version}")
+            if handler is None:
+                raise invalid("op", f"unknown operation {command.op!r}")
+            if not isinstance(command.args, dict):
+                raise invalid("args", "must be an object")
+            value = handler(self, ctx, command.args)
+        except Rejected as rejected:
+            error = (rejected.code, rejected.message)
+            if ctx.events or ctx.changes:
+                raise InvariantError(f"{command.op} changed state and then rejected") from rejected
+        if command.request_id is not None:
+            self._dedupe[command.request_id] = (value, error)
+            while len(self._dedupe) > self.limits.dedupe_entries:
+                self._dedupe.popitem(last=False)
+        return Result(index=index, value=value, error=error, events=tuple(ctx.events), changes=tuple(ctx.changes))
+
+    # -- snapshots ----------------------------------------------------------
+
+    def snapshot_data(self) -> dict[str, Any]:
+        """The whole state as plain data (the codec turns it into bytes)."""
+        return {
+            "v": SNAPSHOT_VERSION,
+            "applied_index": self.applied_index,
+            "kv": self.kv.to_data(),
+            "agents": self.registry.to_data(),
+            "locks": self.locks.to_data(),
+            "members": self.members.to_data(),
+            "events": self.events.to_data(),
+            "dedupe": [[k, v, list(e) if e else None] for k, (v, e) in self._dedupe.items()],
+        }
+
+    @classmethod
+    def from_snapshot_data(cls, data: dict[str, Any], limits: Limits | None = None) -> StateMachine:
+        if data.get("v") != SNAPSHOT_VERSION:
+            raise InvariantError(f"unsupported snapshot version {data.get('v')!r}")
+        machine = cls(limits)
+        machine.applied_index = data["applied_index"]
+        machine.kv = KvStore.from_data(data["kv"], machine.limits.kv_history)
+        machine.registry = Registry.from_data(data["agents"])
+        machine.locks = Locks.from_data(data["locks"])
+        machine.members = Members.from_data(data["members"])
+        machine.events = EventLog.from_data(data["events"], machine.limits.events_retained)
+        machine._dedupe = OrderedDict((k, (v, tuple(e) if e else None)) for k, v, e in data["dedupe"])
+        return machine
+
+    # -- shared checks -------------------------------------------------------
+
+    def check_fence(self, args: dict[str, Any]) -> None:
+        """Refuse a write whose fence is not the current grant of its lock."""
+        fence = require_dict(args, "fence", optional=True)
+        if fence is None:
+            return
+        name = require_str(fence, "lock")
+        token = require_int(fence, "token", 0, MAX_TOKEN)
+        lock = self.locks.locks.get(name)
+        if lock is None:
+            raise Rejected("conflict", f"fence: lock {name!r} is not held")
+        if token != lock.token:
+            raise Rejected("conflict", f"fence: token {token} is not the current grant {lock.token} of lock {name!r}")
+
+    def release_locks_of(self, ctx: ApplyContext, holder: str, reason: str) -> None:
+        for lock in self.locks.held_by(holder):
+            del self.locks.locks[lock.name]
+            self.events.emit(ctx, "lock.released", {"name": lock.name, "holder": holder,
+                                                    "fencing_token": lock.token, "reason": reason})
+
+
+# -- cluster -------------------------------------------------------------------
+
+@_op("noop")
+def _noop(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return None
+
+
+@_op("barrier")
+def _barrier(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return {"index": ctx.index}
+
+
+@_op("member.register")
+def _member_register(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    node_id = require_str(args, "id", 64)
+    raft = require_str(args, "raft", 256)
+    http = require_str(args, "http", 256)
+    old = sm.members.members.get(node_id)
+    if old is not None and old.raft == raft and old.http == http:
+        return old.describe()
+    member = Member(node_id, raft, http)
+    sm.members.members[node_id] = member
+    sm.events.emit(ctx, "system.member.joined" if old is None else "system.member.updated", member.describe())
+    return member.describe()
+
+
+@_op("member.remove")
+def _member_remove(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    node_id = require_str(args, "id", 64)
+    member = sm.members.members.pop(node_id, None)
+    if member is None:
+        raise Rejected("not_found", f"member {node_id!r} is not known")
+    sm.events.emit(ctx, "system.member.left", member.describe())
+    return member.describe()
+
+
+# -- key/value -------------------------------------------------------------------
+
+@_op("kv.put")
+def _kv_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    key = require_str(args, "key", MAX_KEY_LEN)
+    if "value" not in args:
+        raise invalid("value", "is required")
+    sm.check_fence(args)
+    return {"revision": sm.kv.put(ctx, key, args["value"])}
+
+
+@_op("kv.cas")
+def _kv_cas(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """Compare-and-set on the value (``expected``; a missing key compares as
+    null) or on the revision (``expected_revision``; 0 means absent)."""
+    key = require_str(args, "key", MAX_KEY_LEN)
+    if "value" not in args:
+        raise invalid("value", "is required")
+    has_value = "expected" in args
+    expected_revision = require_int(args, "expected_revision", 0, MAX_TOKEN, optional=True)
+    if has_value == (expected_revision is not None):
+        raise invalid("expected", "give exactly one of expected and expected_revision")
+    sm.check_fence(args)
+    entry = sm.kv.get(key)
+    if has_value:
+        current = entry.value if entry is not None else None
+        if not json_equal(current, args["expected"]):
+            raise Rejected("conflict", f"key {key!r}: current value is not the expected value")
+    else:
+        current_revision = entry.mod_revision if entry is not None else 0
+        if current_revision != expected_revision:
+            raise Rejected("conflict", f"key {key!r}: revision is {current_revision}, not {expected_revision}")
+    return {"revision": sm.kv.put(ctx, key, args["value"])}
+
+
+@_op("kv.delete")
+def _kv_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    key = require_str(args, "key", MAX_KEY_LEN)
+    sm.check_fence(args)
+    if sm.kv.get(key) is None:
+        raise Rejected("not_found", f"key {key!r} does not exist")
+    return {"revision": sm.kv.delete(ctx, key)}
+
+
+# -- agents --------------------------------------------------------------------------
+
+@_op("agent.register")
+def _agent_register(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    agent_id = require_str(args, "id")
+    agent_type = require_str(args, "type")
+    metadata = require_dict(args, "metadata", optional=True) or {}
+    ttl_ms = require_int(args, "ttl_ms", MIN_TTL_MS, MAX_TTL_MS)
+    endpoint = require_str(args, "endpoint", MAX_ENDPOINT_LEN, optional=True)
+    weight = require_int(args, "weight", 1, MAX_WEIGHT, optional=True) or 1
+    old = sm.registry.agents.get(agent_id)
+    if old is None and len(sm.registry.agents) >= sm.limits.agents_max:
+        raise Rejected("unavailable", f"the registry is full ({sm.limits.agents_max} agents)")
+    agent = Agent(agent_id, agent_type, metadata, ttl_ms, endpoint, weight,
+                  lease_id=ctx.index, health="unknown" if old is None else old.health,
+                  registered_ms=ctx.now_ms if old is None else old.registered_ms)
+    sm.registry.agents[agent_id] = agent
+    event = "agent.spawned" if old is None else "agent.updated"
+    sm.events.emit(ctx, event, {"agentId": agent_id, "agentType": agent_type, "metadata": metadata,
+                                "lease_id": agent.lease_id})
+    return {"id": agent_id, "lease_id": agent.lease_id, "ttl_s": ttl_ms / 1000}
+
+
+def _remove_agent(sm: StateMachine, ctx: ApplyContext, agent: Agent, reason: str) -> None:
+    del sm.registry.agents[agent.id]
+    sm.events.emit(ctx, "agent.terminated", {"agentId": agent.id, "agentType": agent.type,
+                                             "metadata": agent.metadata, "reason": reason,
+                                             "lease_id": agent.lease_id})
+    sm.release_locks_of(ctx, agent.id, f"agent {reason}")
+
+
+@_op("agent.deregister")
+def _agent_deregister(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    agent_id = require_str(args, "id")
+    agent = sm.registry.agents.get(agent_id)
+    if agent is None:
+        raise Rejected("not_found", f"agent {agent_id!r} is not registered")
+    _remove_agent(sm, ctx, agent, "left")
+    return {"id": agent_id}
+
+
+@_op("agent.expire")
+def _agent_expire(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """Proposed by the leader when a lease ran out. Names the lease, so an
+    expiry decided before a re-registration cannot remove the new lease."""
+    agent_id = require_str(args, "id")
+    lease_id = require_int(args, "lease_id", 0, MAX_TOKEN)
+    agent = sm.registry.agents.get(agent_id)
+    if agent is None or agent.lease_id != lease_id:
+        return {"expired": False}
+    _remove_agent(sm, ctx, agent, "expired")
+    return {"expired": True}
+
+
+@_op("agent.health")
+def _agent_health(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    agent_id = require_str(args, "id")
+    health = require_str(args, "health", 16)
+    if health not in HEALTH_STATES:
+        raise invalid("health", f"must be one of {', '.join(HEALTH_STATES)}")
+    reason = require_str(args, "reason", 512, optional=True)
+    agent = sm.registry.agents.get(agent_id)
+    if agent is None:
+        raise Rejected("not_found", f"agent {agent_id!r} is not registered")
+    if agent.health == health:
+        return {"changed": False, "health": health}
+    previous, agent.health = agent.health, health
+    sm.events.emit(ctx, "agent.health.changed", {"agentId": agent_id, "agentType": agent.type,
+                                                 "from": previous, "to": health, "reason": reason})
+    return {"changed": True, "health": health}
+
+
+# -- locks -----------------------------------------------------------------------------
+
+@_op("lock.acquire")
+def _lock_acquire(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """Grant a free lock, or refresh it for its holder (same token)."""
+    name = require_str(args, "name")
+    holder = require_str(args, "holder")
+    ttl_ms = require_int(args, "ttl_ms", MIN_TTL_MS, MAX_TTL_MS)
+    lock = sm.locks.locks.get(name)
+    if lock is not None:
+        if lock.holder != holder:
+            raise Rejected("conflict", f"lock {name!r} is held by {lock.holder!r}")
+        lock.ttl_ms = ttl_ms
+        return {"fencing_token": lock.token, "refreshed": True}
+    if len(sm.locks.locks) >= sm.limits.locks_max:
+        raise Rejected("unavailable", f"too many locks ({sm.limits.locks_max})")
+    lock = Lock(name, holder, ctx.index, ttl_ms, ctx.now_ms)
+    sm.locks.locks[name] = lock
+    sm.events.emit(ctx, "lock.acquired", {"name": name, "holder": holder, "fencing_token": lock.token})
+    return {"fencing_token": lock.token, "refreshed": False}
+
+
+@_op("lock.release")
+def _lock_release(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    name = require_str(args, "name")
+    holder = require_str(args, "holder")
+    lock = sm.locks.locks.get(name)
+    if lock is None:
+        raise Rejected("not_found", f"lock {name!r} is not held")
+    if lock.holder != holder:
+        raise Rejected("conflict", f"lock {name!r} is held by {lock.holder!r}")
+    del sm.locks.locks[name]
+    sm.events.emit(ctx, "lock.released", {"name": name, "holder": holder, "fencing_token": lock.token,
+                                          "reason": "released"})
+    return {"released": True}
+
+
+@_op("lock.expire")
+def _lock_expire(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    name = require_str(args, "name")
+    token = require_int(args, "token", 0, MAX_TOKEN)
+    lock = sm.locks.locks.get(name)
+    if lock is None or lock.token != token:
+        return {"expired": False}
+    del sm.locks.locks[name]
+    sm.events.emit(ctx, "lock.released", {"name": name, "holder": lock.holder, "fencing_token": token,
+                                          "reason": "expired"})
+    return {"expired": True}
+
+
+OPERATIONS = frozenset(_HANDLERS)

@@ -1,0 +1,97 @@
+"""The agent registry and the cluster's member table.
+
+An agent's liveness is not stored here: heartbeats never enter the log
+(DESIGN rule 5). Only registration, expiry and health changes do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+HEALTH_STATES = ("healthy", "unhealthy", "unknown")
+
+
+@dataclass(slots=True)
+class Agent:
+    id: str
+    type: str
+    metadata: dict[str, Any]
+    ttl_ms: int
+    endpoint: str | None
+    weight: int
+    lease_id: int
+    health: str
+    registered_ms: int
+
+    def to_data(self) -> list[Any]:
+        return [self.id, self.type, self.metadata, self.ttl_ms, self.endpoint, self.weight,
+                self.lease_id, self.health, self.registered_ms]
+
+    @classmethod
+    def from_data(cls, row: list[Any]) -> Agent:
+        return cls(*row)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "metadata": self.metadata,
+            "ttl_s": self.ttl_ms / 1000,
+            "endpoint": self.endpoint,
+            "weight": self.weight,
+            "lease_id": self.lease_id,
+            "health": self.health,
+            "registered_ms": self.registered_ms,
+        }
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.agents: dict[str, Agent] = {}
+
+    def by_type(self, agent_type: str | None) -> list[Agent]:
+        agents = (a for a in self.agents.values() if agent_type is None or a.type == agent_type)
+        return sorted(agents, key=lambda a: a.id)
+
+    def to_data(self) -> list[Any]:
+        return [a.to_data() for a in self.agents.values()]
+
+    @classmethod
+    def from_data(cls, rows: list[Any]) -> Registry:
+        registry = cls()
+        for row in rows:
+            agent = Agent.from_data(row)
+            registry.agents[agent.id] = agent
+        return registry
+
+
+@dataclass(slots=True)
+class Member:
+    id: str
+    raft: str
+    http: str
+
+    def describe(self) -> dict[str, str]:
+        return {"id": self.id, "raft": self.raft, "http": self.http}
+
+
+class Members:
+    def __init__(self) -> None:
+        self.members: dict[str, Member] = {}
+
+    def by_raft(self, raft: str) -> Member | None:
+        for member in self.members.values():
+            if member.raft == raft:
+                return member
+        return None
+
+    def to_data(self) -> list[Any]:
+        return [[m.id, m.raft, m.http] for m in self.members.values()]
+
+    @classmethod
+    def from_data(cls, rows: list[Any]) -> Members:
+        members = cls()
+        for node_id, raft, http in rows:
+            members.members[node_id] = Member(node_id, raft, http)
+        return members

@@ -1,0 +1,76 @@
+"""Plain data of the core: commands, results and effects.
+
+Everything here is immutable and made only of msgpack-friendly values
+(None, bool, int, float, str, bytes, list, dict), so the codec can turn it
+into bytes and back without any custom hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+COMMAND_VERSION = 1
+
+JSON = Any  # a value that json and msgpack both carry
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One entry of the replicated log.
+
+    ``now_ms`` is the proposer's wall clock (the only time the state machine
+    ever sees). ``request_id`` makes retries idempotent: the state machine
+    answers a repeated id with the first result. ``proposal_id`` lets the
+    proposing node match the applied entry with its waiting caller.
+    """
+
+    op: str
+    args: dict[str, Any]
+    now_ms: int
+    request_id: str | None = None
+    proposal_id: str | None = None
+    version: int = COMMAND_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An entry of the replicated event sequence (agent.*, lock.*, system.*)."""
+
+    seq: int
+    type: str
+    data: dict[str, Any]
+    time_ms: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvChange:
+    """One change of the key/value store, kept for watches."""
+
+    revision: int
+    key: str
+    kind: str  # "put" | "delete"
+    value: JSON
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What applying one command produced.
+
+    ``error`` is ``None`` on success, else ``(code, message)`` with a code of
+    ``coordinator.errors`` (``invalid``, ``conflict``, ``not_found``, ...).
+    Errors are results, not exceptions: a rejected command is still a log
+    entry and must leave every replica in the same state (unchanged).
+    """
+
+    index: int
+    value: Any = None
+    error: tuple[str, str] | None = None
+    events: tuple[Event, ...] = field(default=())
+    changes: tuple[KvChange, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

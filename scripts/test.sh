@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: bootstraps .venv with the test extras, lints, runs pytest.
+# Extra arguments go to pytest (for example: ./scripts/test.sh -k kv -x).
+set -euo pipefail
+source "$(dirname "$0")/_venv.sh"
+coord_venv test
+cd "$ROOT"
+"$VENV/bin/ruff" check coordinator cluster transports chaos tests
+"$VENV/bin/lint-imports"
+exec "$VENV/bin/python" -m pytest "$@"
