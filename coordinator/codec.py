@@ -19,7 +19,6 @@ KIND_COMMAND = b"C"
 KIND_SNAPSHOT = b"S"
 KIND_RECORD = b"R"
 
-MAX_RECORD_BYTES = 64 * 1024 * 1024
 
 
 def _pack(obj: Any) -> bytes:
@@ -27,7 +26,7 @@ def _pack(obj: Any) -> bytes:
 
 
 def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=MAX_RECORD_BYTES)
+    return msgpack.unpackb(data, raw=False, strict_map_key=True)
 
 
 def encode_command(command: Command) -> bytes:

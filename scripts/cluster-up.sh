@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Start a local cluster (three nodes n1 n2 n3 on 127.0.0.1 by default) and wait for a leader.
+# HTTP 7001-7003, Raft 7101-7103, data under .cluster/. COORD_BASE_PORT shifts the ports.
+# Options: --nodes 3|5, --durability fsync|none, --dir DIR. Running it again reuses the data.
+set -euo pipefail
+source "$(dirname "$0")/_venv.sh"
+coord_venv ""
+exec "$VENV/bin/python" "$ROOT/scripts/local_cluster.py" up "$@"
