@@ -1,0 +1,206 @@
+"""Run a cluster of local node processes on 127.0.0.1: for cluster-up.sh,
+the tests and chaos runs. Standard library only; talks to nodes over HTTP.
+
+Layout under ``directory``: ``secret`` (generated once, mode 600), ``<id>/``
+data directories, ``<id>.log`` and ``<id>.pid``. Ports: HTTP ``base+i``,
+Raft ``base+100+i`` for node ``n<i>``. A process is signalled only by the PID
+recorded when it was started, after checking it still runs that node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    id: str
+    http: str
+    raft: str
+
+    def peer_arg(self) -> str:
+        return f"{self.id}={self.raft},{self.http}"
+
+
+def fetch_json(url: str, timeout: float = 1.0) -> Any:
+    """GET ``url`` as JSON; None when unreachable or not JSON (any status)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.loads(exc.read())
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+
+
+class LocalCluster:
+    def __init__(self, directory: str | Path, *, base_port: int = 7000, nodes: int = 3, engine: str = "raft",
+                 durability: str = "fsync", python: str | None = None, env: dict[str, str] | None = None) -> None:
+        self.dir = Path(directory)
+        self.base_port = base_port
+        self.engine = engine
+        self.durability = durability
+        self.python = python or sys.executable
+        self.env = dict(env or {})
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self.specs: dict[str, NodeSpec] = {}
+        for i in range(1, nodes + 1):
+            self.add_spec(i)
+        self.members = list(self.specs)  # the ids the cluster was bootstrapped or joined with
+
+    def add_spec(self, i: int) -> NodeSpec:
+        spec = NodeSpec(f"n{i}", f"127.0.0.1:{self.base_port + i}", f"127.0.0.1:{self.base_port + 100 + i}")
+        self.specs[spec.id] = spec
+        return spec
+
+    # -- processes -------------------------------------------------------------------
+
+    @property
+    def secret_file(self) -> Path:
+        return self.dir / "secret"
+
+    def ensure_secret(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.secret_file.exists():
+            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+
+    def command(self, node_id: str, peers: list[str] | None = None) -> list[str]:
+        spec = self.specs[node_id]
+        peer_ids = peers if peers is not None else [m for m in self.members if m != node_id]
+        return [self.python, "-m", "coordinator.cli", "serve", "--node-id", spec.id, "--http", spec.http,
+                "--raft", spec.raft, "--data-dir", str(self.dir / spec.id), "--secret-file", str(self.secret_file),
+                "--engine", self.engine, "--durability", self.durability,
+                *[f"--peer={self.specs[p].peer_arg()}" for p in peer_ids]]
+
+    def start(self, node_id: str, *, peers: list[str] | None = None, env: dict[str, str] | None = None) -> int:
+        """Start ``node_id`` unless it runs already; returns its PID."""
+        running = self.pid(node_id)
+        if running is not None:
+            return running
+        self.ensure_secret()
+        child_env = {k: v for k, v in os.environ.items() if k != "COORD_CLUSTER_SECRET"}
+        child_env.update(self.env)
+        child_env.update(env or {})
+        with open(self.dir / f"{node_id}.log", "ab") as log:
+            proc = subprocess.Popen(self.command(node_id, peers), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, env=child_env)
+        (self.dir / f"{node_id}.pid").write_text(f"{proc.pid}\n")
+        self._children[node_id] = proc
+        return proc.pid
+
+    def start_all(self) -> None:
+        for node_id in self.members:
+            self.start(node_id)
+
+    def pid(self, node_id: str) -> int | None:
+        """The recorded PID of ``node_id`` if that process still runs this node."""
+        child = self._children.get(node_id)
+        if child is not None:  # our own child: its exit status is the truth
+            return child.pid if child.poll() is None else None
+        try:
+            pid = int((self.dir / f"{node_id}.pid").read_text().strip())
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        if b"serve" in args and node_id.encode() in args and str(self.dir / node_id).encode() in args:
+            return pid
+        return None
+
+    def signal(self, node_id: str, sig: int) -> bool:
+        pid = self.pid(node_id)
+        if pid is None:
+            return False
+        os.kill(pid, sig)
+        return True
+
+    def kill(self, node_id: str) -> None:
+        """SIGKILL: the node gets no chance to flush anything."""
+        if self.signal(node_id, signal.SIGKILL):
+            self._wait_gone(node_id, 10)
+
+    def stop(self, node_id: str, timeout_s: float = 10) -> None:
+        if self.signal(node_id, signal.SIGTERM) and not self._wait_gone(node_id, timeout_s):
+            self.signal(node_id, signal.SIGKILL)
+            self._wait_gone(node_id, 5)
+        (self.dir / f"{node_id}.pid").unlink(missing_ok=True)
+
+    def stop_all(self) -> list[str]:
+        stopped = [n for n in self.specs if self.pid(n) is not None]
+        for node_id in stopped:
+            self.signal(node_id, signal.SIGTERM)
+        for node_id in stopped:
+            self.stop(node_id)
+        return stopped
+
+    def _wait_gone(self, node_id: str, timeout_s: float) -> bool:
+        child = self._children.get(node_id)
+        if child is not None:
+            try:
+                child.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.pid(node_id) is None:
+                return True
+            time.sleep(0.02)
+        return False
+
+    # -- observation -------------------------------------------------------------------
+
+    def url(self, node_id: str) -> str:
+        return f"http://{self.specs[node_id].http}"
+
+    def status(self, node_id: str, timeout: float = 1.0) -> dict[str, Any] | None:
+        status = fetch_json(self.url(node_id) + "/v1/status", timeout)
+        return status if isinstance(status, dict) and "role" in status else None
+
+    def wait_leader(self, timeout_s: float = 30.0, among: list[str] | None = None) -> str:
+        """The id of the leader that every running node in ``among`` agrees on."""
+        among = among or [n for n in self.members if self.pid(n) is not None]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            statuses = [self.status(n) for n in among]
+            leaders = {s["leader_id"] for s in statuses if s}
+            if all(statuses) and len(leaders) == 1 and None not in leaders:
+                leader = leaders.pop()
+                leader_status = self.status(leader) if leader in self.specs else None
+                if leader_status and leader_status["role"] == "leader":
+                    return leader
+            exited = [n for n in among if self.pid(n) is None]
+            if exited:
+                raise RuntimeError(f"node(s) {exited} exited; see {self.dir}/<node>.log")
+            time.sleep(0.05)
+        raise TimeoutError(f"no agreed leader among {among} within {timeout_s}s")
+
+    def wait_caught_up(self, node_id: str, index: int, timeout_s: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.status(node_id)
+            if status and status["applied_index"] >= index and status["healthy"]:
+                return status
+            time.sleep(0.05)
+        raise TimeoutError(f"{node_id} did not apply index {index} within {timeout_s}s")
+
+    def log_tail(self, node_id: str, lines: int = 30) -> str:
+        try:
+            return "\n".join((self.dir / f"{node_id}.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""

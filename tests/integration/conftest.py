@@ -1,0 +1,57 @@
+"""Real node processes on loopback for cluster tests."""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from coordinator.devcluster import LocalCluster
+
+
+def free_base_port(nodes: int = 5) -> int:
+    """A base port whose HTTP (base+i) and Raft (base+100+i) ports are all free."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 45_000, 200)
+        ports = [base + i for i in range(1, nodes + 1)] + [base + 100 + i for i in range(1, nodes + 1)]
+        try:
+            for port in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range on 127.0.0.1")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def make_cluster(tmp_path, request) -> Iterator:
+    """``make_cluster(nodes=3, env=None, start=True)``: a LocalCluster in tmp_path,
+    stopped (by PID) at the end; its logs are printed when the test failed."""
+    made: list[LocalCluster] = []
+
+    def make(nodes: int = 3, env: dict[str, str] | None = None, start: bool = True) -> LocalCluster:
+        cluster = LocalCluster(tmp_path / f"cluster{len(made)}", base_port=free_base_port(), nodes=nodes, env=env)
+        made.append(cluster)
+        if start:
+            cluster.start_all()
+            cluster.wait_leader(30)
+        return cluster
+
+    yield make
+    report = getattr(request.node, "rep_call", None)
+    for cluster in made:
+        cluster.stop_all()
+        if report is not None and report.failed:
+            for node_id in cluster.specs:
+                print(f"--- {node_id} log ---\n{cluster.log_tail(node_id, 60)}")
