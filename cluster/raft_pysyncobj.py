@@ -410,7 +410,8 @@ class PySyncObjEngine:
         sync = self._sync
         if sync is None:
             return EngineStatus(node=self.address, role="stopped", leader=None, term=0, commit_index=0,
-                                applied_index=0, members=(self.address,), healthy=False, problem="stopped")
+                                applied_index=0, members=(self.address,), healthy=False,
+                                problem=self._problem or "stopped")
         leader = sync._getLeader()
         others = sorted(node.id for node in sync.otherNodes)
         connected = tuple(n for n in others if sync.isNodeConnected(TCPNode(n)))

@@ -228,7 +228,7 @@ async def agents_deregister(request: web.Request) -> web.Response:
 
 # -- locks and elections ----------------------------------------------------------------------
 
-@routes.post("/v1/locks/{name}")
+@routes.post("/v1/locks/{name:.+}")
 async def locks_acquire(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name")
     body = await s.json_body(request, {"holder", "ttl_s", "request_id"})
@@ -237,7 +237,7 @@ async def locks_acquire(request: web.Request) -> web.Response:
     return ok(await node_of(request).write("lock.acquire", args, s.request_id(request, body)))
 
 
-@routes.delete("/v1/locks/{name}")
+@routes.delete("/v1/locks/{name:.+}")
 async def locks_release(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name")
     body = await s.json_body(request, {"holder", "request_id"})
@@ -245,7 +245,7 @@ async def locks_release(request: web.Request) -> web.Response:
     return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
 
 
-@routes.get("/v1/locks/{name}")
+@routes.get("/v1/locks/{name:.+}")
 async def locks_get(request: web.Request) -> web.Response:
     node = node_of(request)
     name = s.name(request.match_info["name"], "name")
@@ -258,7 +258,7 @@ async def locks_get(request: web.Request) -> web.Response:
     return ok(out)
 
 
-@routes.post("/v1/elections/{name}/campaign")
+@routes.post("/v1/elections/{name:.+}/campaign")
 async def elections_campaign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "ttl_s", "request_id"})
@@ -269,7 +269,7 @@ async def elections_campaign(request: web.Request) -> web.Response:
     return ok({"elected": True, "leader": candidate, "fencing_token": result["fencing_token"]})
 
 
-@routes.post("/v1/elections/{name}/resign")
+@routes.post("/v1/elections/{name:.+}/resign")
 async def elections_resign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "request_id"})
@@ -277,7 +277,7 @@ async def elections_resign(request: web.Request) -> web.Response:
     return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
 
 
-@routes.get("/v1/elections/{name}")
+@routes.get("/v1/elections/{name:.+}")
 async def elections_leader(request: web.Request) -> web.Response:
     node = node_of(request)
     name = s.name(request.match_info["name"], "name", 200)

@@ -1,0 +1,81 @@
+"""Agents, leases and locks on a real three-node cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from coordinator.client import CoordinatorClient
+
+pytestmark = pytest.mark.cluster
+
+
+async def _events_of(client: CoordinatorClient, agent_id: str, kind: str) -> list[dict]:
+    events = await client.events(1, limit=10_000)
+    return [e for e in events if e["type"] == kind and e["data"].get("agentId") == agent_id]
+
+
+async def _eventually(check, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = await check()
+        if result:
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s: {what}")
+
+
+async def test_expiry_after_ttl_emits_terminated_once_and_frees_its_lock(make_cluster) -> None:
+    cluster = make_cluster()
+    endpoints = [cluster.url(n) for n in cluster.members]
+    async with CoordinatorClient(endpoints) as client:
+        agent = await client.register("worker", agent_id="w-1", ttl_s=1.0)
+        token = await client.acquire("jobs/leader", "w-1", ttl_s=60)
+        assert token is not None
+        assert await client.acquire("jobs/leader", "someone-else") is None  # held
+
+        async def terminated():
+            return await _events_of(client, "w-1", "agent.terminated")
+
+        events = await _eventually(terminated, 10, "agent.terminated for w-1")
+        assert events[0]["data"]["reason"] == "expired"
+        assert events[0]["data"]["lease_id"] == agent.lease_id
+        assert await client.agents("worker") == []
+        released = [e for e in await client.events(1, limit=10_000)
+                    if e["type"] == "lock.released" and e["data"]["name"] == "jobs/leader"]
+        assert released and released[0]["data"]["holder"] == "w-1"
+
+        next_token = await client.acquire("jobs/leader", "w-2")
+        assert next_token is not None and next_token > token
+        # the stale holder's fenced write is refused and changes nothing
+        assert await client.put("jobs/state", "by-w-2", fence={"lock": "jobs/leader", "token": next_token})
+        with pytest.raises(Exception) as refused:
+            await client.put("jobs/state", "by-w-1", fence={"lock": "jobs/leader", "token": token})
+        assert getattr(refused.value, "code", "") == "conflict"
+        assert (await client.get("jobs/state"))["value"] == "by-w-2"
+        await asyncio.sleep(0)
+        # still exactly once, on every node
+    for node_id in cluster.members:
+        async with CoordinatorClient(cluster.url(node_id)) as one:
+            assert len(await _events_of(one, "w-1", "agent.terminated")) == 1
+
+
+async def test_heartbeats_keep_an_agent_alive_across_a_leader_failover(make_cluster) -> None:
+    cluster = make_cluster()
+    leader = cluster.wait_leader()
+    followers = [n for n in cluster.members if n != leader]
+    async with CoordinatorClient([cluster.url(n) for n in followers]) as client:
+        async with client.agent("worker", agent_id="steady", ttl_s=2.0) as registration:
+            started = time.monotonic()
+            cluster.kill(leader)
+            await asyncio.to_thread(cluster.wait_leader, 30, followers)
+            # live through several TTLs after the failover
+            while time.monotonic() - started < 3 * registration.ttl_s:
+                await asyncio.sleep(0.2)
+            assert [a["id"] for a in await client.agents("worker")] == ["steady"]
+            assert await _events_of(client, "steady", "agent.terminated") == []
+        # leaving is a deregistration, reason "left"
+        events = await _events_of(client, "steady", "agent.terminated")
+        assert [e["data"]["reason"] for e in events] == ["left"]

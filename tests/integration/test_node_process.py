@@ -1,0 +1,107 @@
+"""The node process: refusing to start unsafely, recovering a stalled apply
+loop, keeping its secret, and the cluster scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from coordinator.client import CoordinatorClient
+from coordinator.devcluster import fetch_json
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_serve_refuses_to_start_without_a_cluster_secret(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "COORD_CLUSTER_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "serve", "--node-id", "n1", "--http", "127.0.0.1:1",
+         "--raft", "127.0.0.1:2", "--data-dir", str(tmp_path / "n1")],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert "secret" in result.stderr
+    assert not (tmp_path / "n1").exists()  # refused before touching anything
+
+
+def test_a_stalled_apply_loop_is_reported_and_rebuilt_from_the_journal(make_cluster) -> None:
+    cluster = make_cluster(start=False)
+    cluster.start("n1")
+    cluster.start("n2")
+    cluster.start("n3", env={"COORD_FAILPOINTS": "apply_stall_at=25"})
+    cluster.wait_leader(30)
+    leader = cluster.wait_leader(30)
+
+    async def write_all() -> None:
+        async with CoordinatorClient(cluster.url(leader)) as client:
+            for i in range(60):
+                await client.put(f"stall/{i:02d}", i)
+
+    import asyncio
+
+    if leader == "n3":  # the failpoint node must be a follower for this test
+        pytest.skip("the failpoint node won the election")
+    asyncio.run(write_all())
+    commit = cluster.status(leader)["commit_index"]
+
+    deadline = time.monotonic() + 20
+    seen_unhealthy = None
+    while time.monotonic() < deadline:
+        status = cluster.status("n3")
+        if status and not status["healthy"]:
+            seen_unhealthy = status
+            break
+        time.sleep(0.05)
+    assert seen_unhealthy is not None, "the stalled node never reported itself unhealthy"
+    assert "stalled" in seen_unhealthy["problem"]
+    ready = fetch_json(cluster.url("n3") + "/readyz")
+    assert ready is not None and ready["status"] in ("not ready", "ready")
+
+    recovered = cluster.wait_caught_up("n3", commit, 30)
+    assert recovered["healthy"] and recovered["problem"] is None
+    stale = fetch_json(cluster.url("n3") + "/v1/kv?prefix=stall/&consistency=stale&limit=100")
+    assert [item["value"] for item in stale["items"]] == list(range(60))
+    with urllib.request.urlopen(cluster.url("n3") + "/metrics", timeout=2) as response:
+        assert "coord_engine_recoveries_total 1.0" in response.read().decode()
+
+
+def test_the_secret_stays_out_of_logs_status_and_metrics(make_cluster) -> None:
+    cluster = make_cluster()
+    secret = cluster.secret_file.read_text().strip()
+    for node_id in cluster.members:
+        with urllib.request.urlopen(cluster.url(node_id) + "/v1/status", timeout=2) as response:
+            assert secret not in response.read().decode()
+        with urllib.request.urlopen(cluster.url(node_id) + "/metrics", timeout=2) as response:
+            assert secret not in response.read().decode()
+    cluster.stop_all()
+    for node_id in cluster.members:
+        assert secret not in (cluster.dir / f"{node_id}.log").read_text()
+    assert oct(cluster.secret_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_cluster_up_twice_reuses_the_running_cluster(tmp_path) -> None:
+    from tests.integration.conftest import free_base_port
+
+    env = dict(os.environ, COORD_BASE_PORT=str(free_base_port()))
+    directory = tmp_path / "dot-cluster"
+    up = [str(ROOT / "scripts" / "cluster-up.sh"), "--dir", str(directory)]
+    down = [str(ROOT / "scripts" / "cluster-down.sh"), "--dir", str(directory)]
+    try:
+        first = subprocess.run(up, capture_output=True, text=True, timeout=120, env=env)
+        assert first.returncode == 0, first.stderr
+        assert "leader:" in first.stdout and first.stdout.count("started") == 3
+        pids = {p.name: p.read_text() for p in directory.glob("n*.pid")}
+        second = subprocess.run(up, capture_output=True, text=True, timeout=120, env=env)
+        assert second.returncode == 0, second.stderr
+        assert "already running" in second.stdout and "started" not in second.stdout
+        assert {p.name: p.read_text() for p in directory.glob("n*.pid")} == pids
+    finally:
+        stopped = subprocess.run(down, capture_output=True, text=True, timeout=120, env=env)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert list(directory.glob("n*.pid")) == []
