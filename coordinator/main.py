@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -44,6 +45,10 @@ def make_node(config: NodeConfig) -> CoordinatorNode:
 
 async def serve(config: NodeConfig) -> None:
     """Run one node until SIGTERM or SIGINT."""
+    # The engine's tick thread and the event loop hand every command to each
+    # other; with CPython's default 5 ms GIL switch interval a busy loop can
+    # hold a waiting tick thread back for that long. 1 ms keeps handoffs short.
+    sys.setswitchinterval(0.001)
     node = make_node(config)
     await node.start()
     app = make_app(node)
