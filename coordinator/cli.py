@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", help="consensus engine (default raft)")
     serve.add_argument("--durability", choices=config_module.DURABILITY,
                        help="fsync (default) or none (benchmarks only: loses data on power loss)")
+    serve.add_argument("--compaction-entries", dest="compaction_entries", type=int,
+                       help="snapshot and compact the log beyond this many entries (default 20000)")
     serve.add_argument("--log-level", dest="log_level")
 
     status = sub.add_parser("status", help="role, term and commit index of every member")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
-                                  "secret_file")}
+                                  "secret_file", "compaction_entries")}
     if args.peers:
         overrides["peers"] = args.peers
     cfg = config_module.load(args.config, overrides)

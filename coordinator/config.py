@@ -74,6 +74,8 @@ class NodeConfig:
             raise InvalidInput("leader_fallback_s: must be between heartbeat_s and 60", field="leader_fallback_s")
         if not 0.1 <= self.proposal_timeout_s <= 120:
             raise InvalidInput("proposal_timeout_s: must be between 0.1 and 120", field="proposal_timeout_s")
+        if not 2 <= self.compaction_entries <= 10_000_000:
+            raise InvalidInput("compaction_entries: must be between 2 and 10000000", field="compaction_entries")
         if not 1 <= self.inflight_max <= 100_000:
             raise InvalidInput("inflight_max: must be between 1 and 100000", field="inflight_max")
         return self

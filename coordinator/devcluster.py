@@ -49,13 +49,15 @@ def fetch_json(url: str, timeout: float = 1.0) -> Any:
 
 class LocalCluster:
     def __init__(self, directory: str | Path, *, base_port: int = 7000, nodes: int = 3, engine: str = "raft",
-                 durability: str = "fsync", python: str | None = None, env: dict[str, str] | None = None) -> None:
+                 durability: str = "fsync", python: str | None = None, env: dict[str, str] | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.dir = Path(directory)
         self.base_port = base_port
         self.engine = engine
         self.durability = durability
         self.python = python or sys.executable
         self.env = dict(env or {})
+        self.extra_args = tuple(extra_args)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self.specs: dict[str, NodeSpec] = {}
         for i in range(1, nodes + 1):
@@ -86,7 +88,7 @@ class LocalCluster:
         return [self.python, "-m", "coordinator.cli", "serve", "--node-id", spec.id, "--http", spec.http,
                 "--raft", spec.raft, "--data-dir", str(self.dir / spec.id), "--secret-file", str(self.secret_file),
                 "--engine", self.engine, "--durability", self.durability,
-                *[f"--peer={self.specs[p].peer_arg()}" for p in peer_ids]]
+                *[f"--peer={self.specs[p].peer_arg()}" for p in peer_ids], *self.extra_args]
 
     def start(self, node_id: str, *, peers: list[str] | None = None, env: dict[str, str] | None = None) -> int:
         """Start ``node_id`` unless it runs already; returns its PID."""

@@ -40,8 +40,10 @@ def make_cluster(tmp_path, request) -> Iterator:
     stopped (by PID) at the end; its logs are printed when the test failed."""
     made: list[LocalCluster] = []
 
-    def make(nodes: int = 3, env: dict[str, str] | None = None, start: bool = True) -> LocalCluster:
-        cluster = LocalCluster(tmp_path / f"cluster{len(made)}", base_port=free_base_port(), nodes=nodes, env=env)
+    def make(nodes: int = 3, env: dict[str, str] | None = None, start: bool = True,
+             extra_args: tuple[str, ...] = ()) -> LocalCluster:
+        cluster = LocalCluster(tmp_path / f"cluster{len(made)}", base_port=free_base_port(), nodes=nodes, env=env,
+                               extra_args=extra_args)
         made.append(cluster)
         if start:
             cluster.start_all()
