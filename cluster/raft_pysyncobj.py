@@ -100,15 +100,21 @@ _pysyncobj.createJournal = _create_journal
 
 
 class _SyncingTransport(TCPTransport):
-    """pysyncobj's TCP transport, but no message leaves before the journal is
-    durable: an append or vote response can only reflect synced state."""
+    """pysyncobj's TCP transport, but no acknowledgement leaves before the
+    journal is durable: an append or vote response only reflects synced state.
+
+    The leader's own ``append_entries`` may go out first, so followers write
+    while the leader syncs (Raft thesis §10.2.1); the leader still counts its
+    own entries only once they are synced, because ``_on_tick`` syncs right
+    after sending and before the tick thread polls for the acknowledgements
+    that let the commit index move."""
 
     def __init__(self, sync_obj: Any, self_node: Any, other_nodes: Any, journal: DurableJournal) -> None:
         self._journal = journal
         super().__init__(sync_obj, self_node, other_nodes)
 
     def send(self, node: Any, message: Any) -> bool:
-        if self._journal.dirty:
+        if self._journal.dirty and message.get("type") != "append_entries":
             self._journal.sync()
         return super().send(node, message)
 
@@ -329,21 +335,21 @@ class PySyncObjEngine:
     # -- tick thread ----------------------------------------------------------------------
 
     def _on_tick(self) -> None:
-        """End of every pysyncobj tick (its thread): sync what was appended, then
-        flush new entries and commit-index changes to followers at once."""
+        """End of every pysyncobj tick (its thread): send new entries and
+        commit-index changes to followers at once, then sync what was appended."""
         sync = self._sync
         journal = self._journal
         if sync is None or journal is None:
             return
         if self._notifier is None:
             self._notifier = PipeNotifier(sync._poller)
-        if journal.dirty:
-            journal.sync()
         if sync._isLeader():
             marker = (journal[-1][1], sync.raftCommitIndex)
             if marker != self._last_flush:
                 self._last_flush = marker
                 sync._SyncObj__sendAppendEntries()
+        if journal.dirty:  # before polling: no acknowledgement is processed before this
+            journal.sync()
 
     def _on_state_changed(self, old: int, new: int) -> None:
         if self._bridge is not None:

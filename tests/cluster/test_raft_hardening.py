@@ -89,9 +89,13 @@ def test_no_message_leaves_before_the_journal_is_synced(tmp_path, monkeypatch) -
     transport = object.__new__(raft._SyncingTransport)
     transport._journal = journal
     transport.send(_tcp_node(B), {"type": "next_node_idx"})
+    journal.add(b"entry-2", 2, 1)
+    transport.send(_tcp_node(B), {"type": "response_vote"})
+    journal.add(b"entry-3", 3, 1)
+    transport.send(_tcp_node(B), {"type": "append_entries"})  # the leader's own appends may go first
     journal._destroy()
-    assert seen == [False]
-    assert journal.syncs == 1 and journal.synced_len == 1
+    assert seen == [False, False, True]
+    assert journal.syncs == 3 and journal.synced_len == 3
 
 
 def test_snapshot_load_keeps_the_journal_tail(tmp_path) -> None:
