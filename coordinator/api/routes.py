@@ -106,7 +106,9 @@ async def kv_list(request: web.Request) -> web.Response:
                "revision": kv.revision})
 
 
-@routes.get("/v1/kv/{key:.+}")
+# Path patterns use (?s:.+): "." alone stops at a newline, and a key or name with
+# one must be answered as bad input (400) by the schema, not as an unknown route.
+@routes.get("/v1/kv/{key:(?s:.+)}")
 async def kv_get(request: web.Request) -> web.Response:
     node = node_of(request)
     key = s.key(request)
@@ -117,7 +119,7 @@ async def kv_get(request: web.Request) -> web.Response:
     return ok(_kv_item(key, entry))
 
 
-@routes.put("/v1/kv/{key:.+}")
+@routes.put("/v1/kv/{key:(?s:.+)}")
 async def kv_put(request: web.Request) -> web.Response:
     key = s.key(request)
     body = await s.json_body(request, {"value", "fence", "request_id"})
@@ -130,7 +132,7 @@ async def kv_put(request: web.Request) -> web.Response:
     return ok(await node_of(request).write("kv.put", args, s.request_id(request, body)))
 
 
-@routes.post("/v1/kv/{key:.+}/cas")
+@routes.post("/v1/kv/{key:(?s:.+)}/cas")
 async def kv_cas(request: web.Request) -> web.Response:
     key = s.key(request)
     body = await s.json_body(request, {"expected", "expected_revision", "value", "fence", "request_id"})
@@ -149,7 +151,7 @@ async def kv_cas(request: web.Request) -> web.Response:
     return ok(await node_of(request).write("kv.cas", args, s.request_id(request, body)))
 
 
-@routes.delete("/v1/kv/{key:.+}")
+@routes.delete("/v1/kv/{key:(?s:.+)}")
 async def kv_delete(request: web.Request) -> web.Response:
     key = s.key(request)
     body = await s.json_body(request, {"fence", "request_id"}, required=False)
@@ -228,7 +230,7 @@ async def agents_deregister(request: web.Request) -> web.Response:
 
 # -- locks and elections ----------------------------------------------------------------------
 
-@routes.post("/v1/locks/{name:.+}")
+@routes.post("/v1/locks/{name:(?s:.+)}")
 async def locks_acquire(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name")
     body = await s.json_body(request, {"holder", "ttl_s", "request_id"})
@@ -237,7 +239,7 @@ async def locks_acquire(request: web.Request) -> web.Response:
     return ok(await node_of(request).write("lock.acquire", args, s.request_id(request, body)))
 
 
-@routes.delete("/v1/locks/{name:.+}")
+@routes.delete("/v1/locks/{name:(?s:.+)}")
 async def locks_release(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name")
     body = await s.json_body(request, {"holder", "request_id"})
@@ -245,7 +247,7 @@ async def locks_release(request: web.Request) -> web.Response:
     return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
 
 
-@routes.get("/v1/locks/{name:.+}")
+@routes.get("/v1/locks/{name:(?s:.+)}")
 async def locks_get(request: web.Request) -> web.Response:
     node = node_of(request)
     name = s.name(request.match_info["name"], "name")
@@ -258,7 +260,7 @@ async def locks_get(request: web.Request) -> web.Response:
     return ok(out)
 
 
-@routes.post("/v1/elections/{name:.+}/campaign")
+@routes.post("/v1/elections/{name:(?s:.+)}/campaign")
 async def elections_campaign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "ttl_s", "request_id"})
@@ -269,7 +271,7 @@ async def elections_campaign(request: web.Request) -> web.Response:
     return ok({"elected": True, "leader": candidate, "fencing_token": result["fencing_token"]})
 
 
-@routes.post("/v1/elections/{name:.+}/resign")
+@routes.post("/v1/elections/{name:(?s:.+)}/resign")
 async def elections_resign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "request_id"})
@@ -277,7 +279,7 @@ async def elections_resign(request: web.Request) -> web.Response:
     return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
 
 
-@routes.get("/v1/elections/{name:.+}")
+@routes.get("/v1/elections/{name:(?s:.+)}")
 async def elections_leader(request: web.Request) -> web.Response:
     node = node_of(request)
     name = s.name(request.match_info["name"], "name", 200)
@@ -389,6 +391,9 @@ async def _sse(request: web.Request, stream: AsyncIterator[list[Any]], render: A
         pass  # the client went away
     finally:
         if pending is not None:
+            # The generator is still running inside ``pending``: it must finish
+            # (cancelled) before it can be closed, else aclose() raises RuntimeError.
             pending.cancel()
+            await asyncio.wait({pending})
         await iterator.aclose()  # type: ignore[attr-defined]
     return response

@@ -17,6 +17,7 @@ from coordinator.errors import InvalidInput
 MAX_KEY_LEN = 1024
 MAX_NAME_LEN = 256
 MAX_REQUEST_ID_LEN = 128
+MAX_DEPTH = 100  # JSON nesting; msgpack refuses ~500, json.loads ~1000
 
 
 async def json_body(request: web.Request, allowed: set[str], *, required: bool = True) -> dict[str, Any]:
@@ -26,19 +27,58 @@ async def json_body(request: web.Request, allowed: set[str], *, required: bool =
             raise InvalidInput("body: a JSON object is required", field="body")
         return {}
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"body: not valid JSON ({exc.__class__.__name__})", field="body") from None
+    except RecursionError:
+        raise InvalidInput(f"body: nested deeper than {MAX_DEPTH} levels", field="body") from None
     if not isinstance(body, dict):
         raise InvalidInput("body: must be a JSON object", field="body")
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise InvalidInput(f"{unknown[0]}: unknown field", field=unknown[0])
+    for field, value in body.items():
+        _check_loggable(value, field)
     return body
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf, which JSON cannot carry back
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _check_loggable(value: Any, field: str) -> None:
+    """Refuse what JSON carries but the log (msgpack) cannot: integers beyond
+    64 bits, strings that are not UTF-8 (lone surrogates), deep nesting."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidInput(f"{field}: nested deeper than {MAX_DEPTH} levels", field=field)
+        if isinstance(item, str):
+            _check_utf8(item, field)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -(2**63) <= item < 2**64:
+                raise InvalidInput(f"{field}: integers must fit in 64 bits", field=field)
+        elif isinstance(item, list):
+            stack.extend((x, depth + 1) for x in item)
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                _check_utf8(k, field)
+                stack.append((v, depth + 1))
+
+
+def _check_utf8(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{field}: must be valid Unicode (no lone surrogates)", field=field) from None
 
 
 def name(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
@@ -48,6 +88,7 @@ def name(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
         raise InvalidInput(f"{field}: must have 1 to {max_len} characters", field=field)
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         raise InvalidInput(f"{field}: must not contain control characters", field=field)
+    _check_utf8(value, field)  # headers and paths may carry undecodable bytes as surrogates
     return value
 
 

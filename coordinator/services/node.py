@@ -46,7 +46,10 @@ def ttl_ms_from(body: dict[str, Any], field: str, default_s: float) -> int:
     value = body.get(field, default_s)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput(f"{field}: must be a number of seconds", field=field)
-    ttl_ms = int(value * 1000)
+    try:
+        ttl_ms = int(value * 1000)
+    except (OverflowError, ValueError):  # inf or nan: seconds too large to count in milliseconds
+        ttl_ms = -1
     if not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS:
         raise InvalidInput(f"{field}: must be between {MIN_TTL_MS / 1000} and {MAX_TTL_MS / 1000} seconds",
                            field=field)

@@ -1,0 +1,181 @@
+"""The Python client (coordinator/client.py) against the test server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import pytest
+
+from coordinator.client import CoordinatorClient
+from coordinator.errors import Compacted, InvalidInput, Unavailable
+from coordinator.state import Limits
+from tests.coordinator.api.conftest import Harness, HarnessFactory, eventually
+
+
+@pytest.fixture
+async def client(h: Harness) -> AsyncIterator[CoordinatorClient]:
+    async with CoordinatorClient([str(h.http.make_url(""))], timeout_s=3) as c:
+        yield c
+
+
+async def test_kv_roundtrip(h: Harness, client: CoordinatorClient) -> None:
+    revision = await client.put("cfg/a", {"n": 1})
+    got = await client.get("cfg/a")
+    assert got is not None and got["value"] == {"n": 1} and got["revision"] == revision
+    assert await client.get("cfg/missing") is None
+    assert (await client.get("cfg/a", consistency="stale"))["value"] == {"n": 1}
+
+    assert await client.cas("cfg/a", {"n": 2}, {"n": 3}) is None  # not the current value
+    new_revision = await client.cas("cfg/a", {"n": 1}, {"n": 2})
+    assert new_revision is not None and new_revision > revision
+    assert (await client.get("cfg/a"))["value"] == {"n": 2}
+
+    await client.put("cfg/b", "b")
+    await client.put("other", "o")
+    assert [i["key"] for i in await client.list("cfg/")] == ["cfg/a", "cfg/b"]
+    assert [i["key"] for i in await client.list("cfg/", limit=1)] == ["cfg/a"]
+
+    assert await client.delete("cfg/a") is True
+    assert await client.delete("cfg/a") is False
+    assert await client.get("cfg/a") is None
+
+
+async def test_client_writes_carry_request_ids(h: Harness, client: CoordinatorClient) -> None:
+    await client.put("k", 1)
+    await client.put("k", 1)  # two separate writes: two revisions, not deduped
+    assert (await client.get("k"))["version"] == 2
+
+
+async def test_bad_input_raises_invalid_input_at_once(h: Harness, client: CoordinatorClient) -> None:
+    with pytest.raises(InvalidInput) as invalid:
+        await client.register("")
+    assert invalid.value.field == "type"
+
+
+async def test_register_heartbeat_deregister(h: Harness, client: CoordinatorClient) -> None:
+    registration = await client.register("worker", agent_id="w1", ttl_s=2, metadata={"gpu": True}, weight=2)
+    assert registration.id == "w1" and registration.ttl_s == 2 and registration.lease_id > 0
+    generated = await client.register("worker")
+    assert generated.id.startswith("agent-")
+
+    h.clock.advance(1.5)
+    beat = await client.heartbeat("w1", health="healthy")
+    assert beat["health"] == "healthy"
+    await h.advance_and_tick(1.5)
+    agents = await client.agents("worker")
+    assert {a["id"] for a in agents} == {"w1", generated.id}
+    assert next(a for a in agents if a["id"] == "w1")["metadata"] == {"gpu": True}
+    assert await client.agents("nobody") == []
+
+    await client.deregister("w1")
+    await client.deregister("w1")  # already gone: not an error
+    assert {a["id"] for a in await client.agents()} == {generated.id}
+
+
+async def test_locks_and_elections(h: Harness, client: CoordinatorClient) -> None:
+    token = await client.acquire("db", "w1", ttl_s=5)
+    assert token is not None
+    assert await client.acquire("db", "w2") is None
+    assert await client.acquire("db", "w1", ttl_s=5) == token  # refresh
+    assert await client.release("db", "w2") is False
+    assert await client.release("db", "w1") is True
+    assert await client.release("db", "w1") is False
+    assert (await client.acquire("db", "w2")) > token
+
+    term = await client.campaign("sched", "a")
+    assert term is not None
+    assert await client.campaign("sched", "b") is None
+    assert (await client.leader("sched"))["leader"] == "a"
+    assert await client.resign("sched", "b") is False
+    assert await client.resign("sched", "a") is True
+    assert await client.leader("sched") is None
+
+
+async def test_watch_yields_changes(h: Harness, client: CoordinatorClient) -> None:
+    r1 = await client.put("w/1", "one")
+    await client.put("x/1", "elsewhere")
+    r2 = await client.put("w/2", "two")
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(5), aclosing(client.watch("w/", from_revision=r1)) as stream:
+        async for change in stream:
+            seen.append(change)
+            if len(seen) == 2:
+                break
+    assert [(c["key"], c["revision"], c["type"]) for c in seen] == [("w/1", r1, "put"), ("w/2", r2, "put")]
+
+
+async def test_watch_sees_live_changes(h: Harness, client: CoordinatorClient) -> None:
+    async def writer() -> None:
+        await eventually(lambda: h.applier._change_waiters, "the watcher to wait")
+        await client.put("live/1", 1)
+        await client.delete("live/1")
+
+    task = asyncio.create_task(writer())
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(5), aclosing(client.watch("live/")) as stream:
+        async for change in stream:
+            seen.append(change)
+            if len(seen) == 2:
+                break
+    await task
+    assert [c["type"] for c in seen] == ["put", "delete"]
+
+
+async def test_watch_events(h: Harness, client: CoordinatorClient) -> None:
+    await client.register("worker", agent_id="w1")
+    await client.acquire("l", "w1")
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(5), aclosing(client.watch_events(from_seq=1, types=("agent.*", "lock.*"))) as stream:
+        async for event in stream:
+            seen.append(event)
+            if len(seen) == 2:
+                break
+    assert [e["type"] for e in seen] == ["agent.spawned", "lock.acquired"]
+    listed = await client.events(from_seq=1)
+    assert [e["type"] for e in listed if not e["type"].startswith("system.")] == ["agent.spawned", "lock.acquired"]
+
+
+async def test_watch_from_compacted_revision_raises(make_harness: HarnessFactory) -> None:
+    h = await make_harness(limits=Limits(kv_history=2))
+    async with CoordinatorClient([str(h.http.make_url(""))], timeout_s=3) as client:
+        for i in range(4):
+            await client.put(f"k{i}", i)
+        with pytest.raises(Compacted):
+            async with asyncio.timeout(5), aclosing(client.watch("", from_revision=1)) as stream:
+                async for _ in stream:
+                    pass
+
+
+async def test_no_quorum_raises_unavailable_after_the_deadline(h: Harness) -> None:
+    h.engine.no_leader = True
+    async with CoordinatorClient([str(h.http.make_url(""))], timeout_s=0.5) as client:
+        with pytest.raises(Unavailable):
+            await client.put("k", 1)
+        assert (await client.get("k", consistency="stale")) is None
+    assert h.applier.machine.kv.get("k") is None
+
+
+async def test_status(h: Harness, client: CoordinatorClient) -> None:
+    status = await client.status()
+    assert status["node"] == "n1" and status["role"] == "leader"
+
+
+@pytest.mark.xfail(strict=True, reason="coordinator/client.py builds paths with f-strings and never "
+                   "percent-encodes keys: '?' starts a query, '#' a fragment and '%2F' is decoded by the "
+                   "server, so put('q?x') writes the key 'q' (client.py get/put/cas/delete, ~line 190)")
+@pytest.mark.parametrize("key", ["q?x", "q#x", "q%2Fx"])
+async def test_keys_with_url_special_characters_roundtrip(h: Harness, client: CoordinatorClient, key: str) -> None:
+    await client.put(key, "value")
+    assert [i["key"] for i in await client.list("q")] == [key]
+
+
+@pytest.mark.xfail(strict=True, reason="coordinator/client.py heartbeat/deregister put the agent id into the "
+                   "path unencoded; the server accepts ids with '/' at registration, so such an agent can "
+                   "never heartbeat through the client (404 no route) and expires")
+async def test_agent_ids_with_a_slash_can_heartbeat(h: Harness, client: CoordinatorClient) -> None:
+    await client.register("worker", agent_id="team/a")
+    beat = await client.heartbeat("team/a")
+    assert beat["id"] == "team/a"
