@@ -16,6 +16,7 @@ import contextlib
 import json
 import secrets
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,11 @@ class ApiError(CoordinatorError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message, status=status)
         self.status = status
+
+
+def _seg(value: str) -> str:
+    """One path segment, percent-encoded ('/', '?', '#' and '%' included)."""
+    return urllib.parse.quote(value, safe="")
 
 
 def _base(endpoint: str) -> str:
@@ -156,13 +162,13 @@ class CoordinatorClient:
         return await self.request("POST", "/v1/members", {"id": node_id, "raft": raft, "http": http})
 
     async def remove_member(self, node_id: str) -> dict[str, Any]:
-        return await self.request("DELETE", f"/v1/members/{node_id}")
+        return await self.request("DELETE", f"/v1/members/{_seg(node_id)}")
 
     # -- key/value -------------------------------------------------------------------------
 
     async def get(self, key: str, *, consistency: str = "linearizable") -> dict[str, Any] | None:
         try:
-            return await self.request("GET", f"/v1/kv/{key}", params={"consistency": consistency})
+            return await self.request("GET", f"/v1/kv/{_seg(key)}", params={"consistency": consistency})
         except NotFound:
             return None
 
@@ -170,12 +176,12 @@ class CoordinatorClient:
         body: dict[str, Any] = {"value": value, "request_id": self._request_id()}
         if fence:
             body["fence"] = fence
-        return (await self.request("PUT", f"/v1/kv/{key}", body))["revision"]
+        return (await self.request("PUT", f"/v1/kv/{_seg(key)}", body))["revision"]
 
     async def cas(self, key: str, expected: Any, value: Any) -> int | None:
         """The new revision, or None when the current value was not ``expected``."""
         try:
-            answer = await self.request("POST", f"/v1/kv/{key}/cas",
+            answer = await self.request("POST", f"/v1/kv/{_seg(key)}/cas",
                                         {"expected": expected, "value": value, "request_id": self._request_id()})
         except Conflict:
             return None
@@ -183,7 +189,7 @@ class CoordinatorClient:
 
     async def delete(self, key: str) -> bool:
         try:
-            await self.request("DELETE", f"/v1/kv/{key}", {"request_id": self._request_id()})
+            await self.request("DELETE", f"/v1/kv/{_seg(key)}", {"request_id": self._request_id()})
         except NotFound:
             return False
         return True
@@ -207,11 +213,12 @@ class CoordinatorClient:
         return Registration(answer["id"], answer["lease_id"], answer["ttl_s"])
 
     async def heartbeat(self, agent_id: str, *, health: str | None = None) -> dict[str, Any]:
-        return await self.request("POST", f"/v1/agents/{agent_id}/heartbeat", {"health": health} if health else {})
+        body = {"health": health} if health else {}
+        return await self.request("POST", f"/v1/agents/{_seg(agent_id)}/heartbeat", body)
 
     async def deregister(self, agent_id: str) -> None:
         with contextlib.suppress(NotFound):
-            await self.request("DELETE", f"/v1/agents/{agent_id}", {"request_id": self._request_id()})
+            await self.request("DELETE", f"/v1/agents/{_seg(agent_id)}", {"request_id": self._request_id()})
 
     async def agents(self, agent_type: str | None = None) -> list[dict[str, Any]]:
         params = {"type": agent_type} if agent_type else None
@@ -240,7 +247,7 @@ class CoordinatorClient:
     async def acquire(self, name: str, holder: str, *, ttl_s: float = 15.0) -> int | None:
         """The fencing token, or None when another holder has the lock."""
         try:
-            answer = await self.request("POST", f"/v1/locks/{name}",
+            answer = await self.request("POST", f"/v1/locks/{_seg(name)}",
                                         {"holder": holder, "ttl_s": ttl_s, "request_id": self._request_id()})
         except Conflict:
             return None
@@ -248,14 +255,15 @@ class CoordinatorClient:
 
     async def release(self, name: str, holder: str) -> bool:
         try:
-            await self.request("DELETE", f"/v1/locks/{name}", {"holder": holder, "request_id": self._request_id()})
+            await self.request("DELETE", f"/v1/locks/{_seg(name)}",
+                               {"holder": holder, "request_id": self._request_id()})
         except (NotFound, Conflict):
             return False
         return True
 
     async def campaign(self, election: str, candidate: str, *, ttl_s: float = 15.0) -> int | None:
         try:
-            answer = await self.request("POST", f"/v1/elections/{election}/campaign",
+            answer = await self.request("POST", f"/v1/elections/{_seg(election)}/campaign",
                                         {"candidate": candidate, "ttl_s": ttl_s, "request_id": self._request_id()})
         except Conflict:
             return None
@@ -263,13 +271,13 @@ class CoordinatorClient:
 
     async def leader(self, election: str) -> dict[str, Any] | None:
         try:
-            return await self.request("GET", f"/v1/elections/{election}")
+            return await self.request("GET", f"/v1/elections/{_seg(election)}")
         except NotFound:
             return None
 
     async def resign(self, election: str, candidate: str) -> bool:
         try:
-            await self.request("POST", f"/v1/elections/{election}/resign",
+            await self.request("POST", f"/v1/elections/{_seg(election)}/resign",
                                {"candidate": candidate, "request_id": self._request_id()})
         except (NotFound, Conflict):
             return False

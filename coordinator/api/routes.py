@@ -230,9 +230,17 @@ async def agents_deregister(request: web.Request) -> web.Response:
 
 # -- locks and elections ----------------------------------------------------------------------
 
+def _lock_name(request: web.Request) -> str:
+    """Lock names; the election namespace is reachable only through /v1/elections."""
+    name = s.name(request.match_info["name"], "name")
+    if name.startswith(ELECTION_PREFIX):
+        raise InvalidInput(f"name: {ELECTION_PREFIX!r} is reserved for /v1/elections", field="name")
+    return name
+
+
 @routes.post("/v1/locks/{name:(?s:.+)}")
 async def locks_acquire(request: web.Request) -> web.Response:
-    name = s.name(request.match_info["name"], "name")
+    name = _lock_name(request)
     body = await s.json_body(request, {"holder", "ttl_s", "request_id"})
     args = {"name": name, "holder": s.name(body.get("holder"), "holder"),
             "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
@@ -241,7 +249,7 @@ async def locks_acquire(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/locks/{name:(?s:.+)}")
 async def locks_release(request: web.Request) -> web.Response:
-    name = s.name(request.match_info["name"], "name")
+    name = _lock_name(request)
     body = await s.json_body(request, {"holder", "request_id"})
     args = {"name": name, "holder": s.name(body.get("holder"), "holder")}
     return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
@@ -250,7 +258,7 @@ async def locks_release(request: web.Request) -> web.Response:
 @routes.get("/v1/locks/{name:(?s:.+)}")
 async def locks_get(request: web.Request) -> web.Response:
     node = node_of(request)
-    name = s.name(request.match_info["name"], "name")
+    name = _lock_name(request)
     await node.read_barrier(s.consistency(request))
     lock = node.applier.machine.locks.locks.get(name)
     if lock is None:

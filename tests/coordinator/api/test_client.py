@@ -163,18 +163,12 @@ async def test_status(h: Harness, client: CoordinatorClient) -> None:
     assert status["node"] == "n1" and status["role"] == "leader"
 
 
-@pytest.mark.xfail(strict=True, reason="coordinator/client.py builds paths with f-strings and never "
-                   "percent-encodes keys: '?' starts a query, '#' a fragment and '%2F' is decoded by the "
-                   "server, so put('q?x') writes the key 'q' (client.py get/put/cas/delete, ~line 190)")
 @pytest.mark.parametrize("key", ["q?x", "q#x", "q%2Fx"])
 async def test_keys_with_url_special_characters_roundtrip(h: Harness, client: CoordinatorClient, key: str) -> None:
     await client.put(key, "value")
     assert [i["key"] for i in await client.list("q")] == [key]
 
 
-@pytest.mark.xfail(strict=True, reason="coordinator/client.py heartbeat/deregister put the agent id into the "
-                   "path unencoded; the server accepts ids with '/' at registration, so such an agent can "
-                   "never heartbeat through the client (404 no route) and expires")
 async def test_agent_ids_with_a_slash_can_heartbeat(h: Harness, client: CoordinatorClient) -> None:
     await client.register("worker", agent_id="team/a")
     beat = await client.heartbeat("team/a")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.coordinator.api.conftest import Harness, eventually
 
 
@@ -143,3 +145,15 @@ async def test_elections_do_not_collide_with_same_named_locks(h: Harness) -> Non
     await h.call("POST", "/v1/locks/scheduler", {"holder": "x"}, expect=200)
     _, won = await h.call("POST", "/v1/elections/scheduler/campaign", {"candidate": "a"}, expect=200)
     assert won["leader"] == "a"
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE", "GET"])
+async def test_the_election_namespace_is_not_reachable_through_locks(h: Harness, method: str) -> None:
+    await h.call("POST", "/v1/elections/leader/campaign", {"candidate": "a", "ttl_s": 5}, expect=200)
+    before = h.fingerprint()
+    body = {"holder": "intruder", "ttl_s": 5} if method != "GET" else None
+    status, answer = await h.call(method, "/v1/locks/election/leader", body)
+    assert status == 400 and answer["error"]["field"] == "name"
+    assert h.fingerprint() == before
+    _, leader = await h.call("GET", "/v1/elections/leader", expect=200)
+    assert leader["leader"] == "a"
