@@ -20,7 +20,7 @@ from coordinator.clock import SystemClock, SystemRng
 from coordinator.config import NodeConfig
 from coordinator.errors import InvalidInput
 from coordinator.services.applier import Applier
-from coordinator.services.node import CoordinatorNode, Identity, Peer
+from coordinator.services.node import CoordinatorNode, Identity
 
 log = logging.getLogger("coordinator")
 
@@ -37,8 +37,7 @@ def load_engine_class(name: str) -> Any:
 def make_node(config: NodeConfig) -> CoordinatorNode:
     applier = Applier()
     engine = load_engine_class(config.engine).from_config(config, applier)
-    identity = Identity(config.node_id, config.raft, config.http,
-                        tuple(Peer(p.id, p.raft, p.http) for p in config.peers))
+    identity = Identity(config.node_id, config.raft, config.http, config.peers)
     return CoordinatorNode(identity, engine, applier, SystemClock(), SystemRng(),
                            proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max)
 

@@ -119,47 +119,41 @@ async def kv_get(request: web.Request) -> web.Response:
     return ok(_kv_item(key, entry))
 
 
-@routes.put("/v1/kv/{key:(?s:.+)}")
-async def kv_put(request: web.Request) -> web.Response:
+async def _kv_write(request: web.Request, op: str, fields: set[str], body_required: bool = True) -> web.Response:
+    """The shared shape of kv writes: key from the path, ``value`` when the
+    operation takes one, an optional fence and request id."""
     key = s.key(request)
-    body = await s.json_body(request, {"value", "fence", "request_id"})
-    if "value" not in body:
-        raise InvalidInput("value: is required", field="value")
-    args = {"key": key, "value": body["value"]}
-    fence = s.fence(body)
-    if fence:
-        args["fence"] = fence
-    return ok(await node_of(request).write("kv.put", args, s.request_id(request, body)))
-
-
-@routes.post("/v1/kv/{key:(?s:.+)}/cas")
-async def kv_cas(request: web.Request) -> web.Response:
-    key = s.key(request)
-    body = await s.json_body(request, {"expected", "expected_revision", "value", "fence", "request_id"})
-    if "value" not in body:
-        raise InvalidInput("value: is required", field="value")
-    args: dict[str, Any] = {"key": key, "value": body["value"]}
+    body = await s.json_body(request, fields | {"fence", "request_id"}, required=body_required)
+    args: dict[str, Any] = {"key": key}
+    if "value" in fields:
+        if "value" not in body:
+            raise InvalidInput("value: is required", field="value")
+        args["value"] = body["value"]
     if "expected_revision" in body:
         args["expected_revision"] = s.integer(body["expected_revision"], "expected_revision", 0, 2**63 - 1)
     if "expected" in body:
         args["expected"] = body["expected"]
-    if ("expected" in args) == ("expected_revision" in args):
+    if op == "kv.cas" and ("expected" in args) == ("expected_revision" in args):
         raise InvalidInput("expected: give exactly one of expected and expected_revision", field="expected")
     fence = s.fence(body)
     if fence:
         args["fence"] = fence
-    return ok(await node_of(request).write("kv.cas", args, s.request_id(request, body)))
+    return ok(await node_of(request).write(op, args, s.request_id(request, body)))
+
+
+@routes.put("/v1/kv/{key:(?s:.+)}")
+async def kv_put(request: web.Request) -> web.Response:
+    return await _kv_write(request, "kv.put", {"value"})
+
+
+@routes.post("/v1/kv/{key:(?s:.+)}/cas")
+async def kv_cas(request: web.Request) -> web.Response:
+    return await _kv_write(request, "kv.cas", {"value", "expected", "expected_revision"})
 
 
 @routes.delete("/v1/kv/{key:(?s:.+)}")
 async def kv_delete(request: web.Request) -> web.Response:
-    key = s.key(request)
-    body = await s.json_body(request, {"fence", "request_id"}, required=False)
-    args: dict[str, Any] = {"key": key}
-    fence = s.fence(body)
-    if fence:
-        args["fence"] = fence
-    return ok(await node_of(request).write("kv.delete", args, s.request_id(request, body)))
+    return await _kv_write(request, "kv.delete", set(), body_required=False)
 
 
 # -- agents -----------------------------------------------------------------------------

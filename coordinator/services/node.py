@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, Unavailable
 from coordinator.ports import Clock, ConsensusEngine, Rng
 from coordinator.services.applier import Applier
@@ -28,18 +29,11 @@ FORWARD_HEADER = "X-Coord-Forwarded"
 
 
 @dataclass(frozen=True, slots=True)
-class Peer:
-    id: str
-    raft: str
-    http: str
-
-
-@dataclass(frozen=True, slots=True)
 class Identity:
     node_id: str
     raft: str
     http: str
-    peers: tuple[Peer, ...] = ()
+    peers: tuple[PeerConfig, ...] = ()
 
 
 def ttl_ms_from(body: dict[str, Any], field: str, default_s: float) -> int:
@@ -115,18 +109,22 @@ class CoordinatorNode:
 
     # -- cluster -----------------------------------------------------------------------
 
-    def http_of(self, raft: str | None) -> str | None:
+    def member_of(self, raft: str | None) -> PeerConfig | None:
+        """Who has Raft address ``raft``: the member table, else our own
+        configuration (before the table knows everybody)."""
         if raft is None:
             return None
         member = self.applier.machine.members.by_raft(raft)
         if member is not None:
-            return member.http
-        if raft == self.identity.raft:
-            return self.identity.http
-        for peer in self.identity.peers:
-            if peer.raft == raft:
-                return peer.http
-        return None
+            return PeerConfig(member.id, member.raft, member.http)
+        me = self.identity
+        if raft == me.raft:
+            return PeerConfig(me.node_id, me.raft, me.http)
+        return next((p for p in me.peers if p.raft == raft), None)
+
+    def http_of(self, raft: str | None) -> str | None:
+        member = self.member_of(raft)
+        return member.http if member else None
 
     def leader_http(self) -> str | None:
         return self.http_of(self.engine.status().leader)
@@ -136,9 +134,8 @@ class CoordinatorNode:
         machine = self.applier.machine
         members = []
         for raft in st.members:
-            member = machine.members.by_raft(raft)
             members.append({
-                "id": member.id if member else self._peer_id(raft),
+                "id": self._peer_id(raft),
                 "raft": raft,
                 "http": self.http_of(raft),
                 "leader": raft == st.leader,
@@ -162,14 +159,8 @@ class CoordinatorNode:
         }
 
     def _peer_id(self, raft: str | None) -> str | None:
-        if raft is None:
-            return None
-        member = self.applier.machine.members.by_raft(raft)
-        if member is not None:
-            return member.id
-        if raft == self.identity.raft:
-            return self.identity.node_id
-        return next((p.id for p in self.identity.peers if p.raft == raft), None)
+        member = self.member_of(raft)
+        return member.id if member else None
 
     def readiness(self) -> tuple[bool, str]:
         st = self.engine.status()

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from coordinator.client import CoordinatorClient
+from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -15,16 +16,6 @@ pytestmark = pytest.mark.cluster
 async def _events_of(client: CoordinatorClient, agent_id: str, kind: str) -> list[dict]:
     events = await client.events(1, limit=10_000)
     return [e for e in events if e["type"] == kind and e["data"].get("agentId") == agent_id]
-
-
-async def _eventually(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = await check()
-        if result:
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s: {what}")
 
 
 async def test_expiry_after_ttl_emits_terminated_once_and_frees_its_lock(make_cluster) -> None:
@@ -39,7 +30,7 @@ async def test_expiry_after_ttl_emits_terminated_once_and_frees_its_lock(make_cl
         async def terminated():
             return await _events_of(client, "w-1", "agent.terminated")
 
-        events = await _eventually(terminated, 10, "agent.terminated for w-1")
+        events = await eventually(terminated, 10, "agent.terminated for w-1")
         assert events[0]["data"]["reason"] == "expired"
         assert events[0]["data"]["lease_id"] == agent.lease_id
         assert await client.agents("worker") == []

@@ -10,18 +10,9 @@ import pytest
 
 from coordinator.client import CoordinatorClient
 from coordinator.errors import CoordinatorError
+from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.cluster
-
-
-async def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 async def test_election_and_writes_through_any_node(make_cluster) -> None:
@@ -64,11 +55,11 @@ async def test_leader_sigkill_under_load_loses_no_acknowledged_write(make_cluste
     acked: list[str] = []
     stop = asyncio.Event()
     writers = [asyncio.create_task(_writer(endpoints[w % 3:] + endpoints[:w % 3], w, acked, stop)) for w in range(6)]
-    await _wait_for(lambda: _true(len(acked) >= 200), 30, "200 acknowledged writes before the kill")
+    await eventually(lambda: _true(len(acked) >= 200), 30, "200 acknowledged writes before the kill")
     before_kill = len(acked)
     killed_at = time.monotonic()
     cluster.kill(old)
-    await _wait_for(lambda: _true(len(acked) >= before_kill + 200), 60, "writes to resume after the kill")
+    await eventually(lambda: _true(len(acked) >= before_kill + 200), 60, "writes to resume after the kill")
     recovered_s = time.monotonic() - killed_at
     stop.set()
     await asyncio.gather(*writers)

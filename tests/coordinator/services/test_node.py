@@ -9,10 +9,11 @@ import pytest
 
 from coordinator.api.app import make_app
 from coordinator.clock import ManualClock, SeededRng
+from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, Unavailable
 from coordinator.ports import EngineStatus
 from coordinator.services.applier import Applier
-from coordinator.services.node import CoordinatorNode, Identity, Peer, ttl_ms_from
+from coordinator.services.node import CoordinatorNode, Identity, ttl_ms_from
 from tests.coordinator.services.conftest import Sim
 from tests.fakes import SimEngine
 
@@ -56,7 +57,7 @@ async def test_follower_forwards_heartbeats_to_the_leader(sim: Sim, aiohttp_clie
     applier = Applier()
     engine = FollowerEngine(applier, "127.0.0.1:17102", leader=sim.engine.address)
     follower = CoordinatorNode(Identity("n2", engine.address, "127.0.0.1:17002",
-                                        peers=(Peer("n1", sim.engine.address, leader_address),)),
+                                        peers=(PeerConfig("n1", sim.engine.address, leader_address),)),
                                engine, applier, ManualClock(), SeededRng(2))
     await follower.start()
     try:
