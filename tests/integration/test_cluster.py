@@ -4,6 +4,8 @@ through any node, leader SIGKILL under load, restarts, membership."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
@@ -105,25 +107,43 @@ async def test_all_nodes_killed_at_once_keep_every_acknowledged_write(make_clust
     assert {item["key"]: item["revision"] for item in items} == acked
 
 
-async def test_a_fourth_member_joins_and_leaves(make_cluster) -> None:
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+async def test_a_fourth_member_joins_and_leaves_through_the_cli(make_cluster) -> None:
     cluster = make_cluster()
     leader = cluster.wait_leader()
     spec = cluster.add_spec(4)
     async with CoordinatorClient(cluster.url(leader)) as client:
         await client.put("before/join", 1)
-        cluster.start("n4", peers=list(cluster.members))
-        await client.add_member("n4", spec.raft, spec.http)
+    cluster.start("n4", peers=list(cluster.members))
+    added = await asyncio.to_thread(_cli, "members", "add", "--endpoint", cluster.specs[leader].http, "--id", "n4",
+                                    "--raft", spec.raft, "--http", spec.http)
+    assert added.returncode == 0, added.stderr
+    async with CoordinatorClient(cluster.url(leader)) as client:
         status = await client.status()
-        assert spec.raft in {m["raft"] for m in status["members"]}
-        target = status["commit_index"]
-    await asyncio.to_thread(cluster.wait_caught_up, "n4", target, 30)
+    assert spec.raft in {m["raft"] for m in status["members"]}
+    await asyncio.to_thread(cluster.wait_caught_up, "n4", status["commit_index"], 30)
+
+    table = await asyncio.to_thread(_cli, "status", "--endpoint", spec.http)
+    assert table.returncode == 0, table.stdout + table.stderr
+    lines = table.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["id", "http", "raft", "role"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {"n1", "n2", "n3", "n4"}
+    assert [row[3] for row in rows.values()].count("leader") == 1 and rows[leader][3] == "leader"
+
     async with CoordinatorClient(cluster.url("n4")) as client:
         assert (await client.get("before/join"))["value"] == 1
         await client.put("via/n4", 4)  # a write through the new member
         assert (await client.get("via/n4"))["value"] == 4
 
+    removed = await asyncio.to_thread(_cli, "members", "remove", "--endpoint", cluster.specs[leader].http,
+                                      "--id", "n4")
+    assert removed.returncode == 0, removed.stderr
     async with CoordinatorClient(cluster.url(leader)) as client:
-        await client.remove_member("n4")
         status = await client.status()
         assert spec.raft not in {m["raft"] for m in status["members"]}
         await client.put("after/leave", 3)
