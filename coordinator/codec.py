@@ -25,28 +25,60 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=True)
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"extension type {code} is not plain data")
+
+
+def _unpack(data: bytes, field: str) -> Any:
+    """Plain data only: extension types (and msgpack's Timestamp, which never reaches
+    ``ext_hook`` but always has data, hence ``max_ext_len=0``) are refused."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise InvalidInput(f"undecodable {field}: {type(exc).__name__}", field=field) from exc
+
+
+# Values nested deeper cannot be committed: msgpack refuses ~1024 levels when
+# a snapshot wraps them, and a command that applies but cannot be snapshotted
+# would stop log compaction on every replica. The HTTP layer stops at 100.
+MAX_ARGS_DEPTH = 128
+
+
+def _check_depth(value: Any, field: str) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_ARGS_DEPTH:
+            raise InvalidInput(f"{field}: nested deeper than {MAX_ARGS_DEPTH} levels", field=field)
+        if isinstance(item, list):
+            stack.extend((x, depth + 1) for x in item)
+        elif isinstance(item, dict):
+            stack.extend((x, depth + 1) for x in item.values())
 
 
 def encode_command(command: Command) -> bytes:
-    return KIND_COMMAND + _pack([command.version, command.op, command.args, command.now_ms,
-                                 command.request_id, command.proposal_id])
+    """Raises ``InvalidInput`` for arguments the log cannot carry."""
+    _check_depth(command.args, "args")
+    try:
+        return KIND_COMMAND + _pack([command.version, command.op, command.args, command.now_ms,
+                                     command.request_id, command.proposal_id])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInput(f"args: not representable in the log ({type(exc).__name__})", field="args") from None
 
 
 def decode_command(blob: bytes) -> Command:
     """Decode a log entry. Raises ``InvalidInput`` for anything malformed."""
     if blob[:1] != KIND_COMMAND:
         raise InvalidInput("not a command record", field="command")
-    try:
-        row = _unpack(blob[1:])
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise InvalidInput(f"undecodable command: {type(exc).__name__}", field="command") from exc
+    row = _unpack(blob[1:], "command")
     if not isinstance(row, list) or len(row) != 6:
         raise InvalidInput("command must be a list of 6 fields", field="command")
     version, op, args, now_ms, request_id, proposal_id = row
-    if not isinstance(version, int) or not isinstance(op, str) or not isinstance(now_ms, int):
+    if type(version) is not int or not isinstance(op, str) or type(now_ms) is not int:
         raise InvalidInput("command header has wrong types", field="command")
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise InvalidInput("args must be a map with string keys", field="args")
+    _check_depth(args, "args")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("request_id must be a string", field="request_id")
     if proposal_id is not None and not isinstance(proposal_id, str):
@@ -67,7 +99,7 @@ def encode_snapshot(data: dict[str, Any]) -> bytes:
 def decode_snapshot(blob: bytes) -> dict[str, Any]:
     if blob[:1] != KIND_SNAPSHOT:
         raise InvalidInput("not a snapshot record", field="snapshot")
-    data = _unpack(blob[1:])
+    data = _unpack(blob[1:], "snapshot")
     if not isinstance(data, dict):
         raise InvalidInput("snapshot must be a map", field="snapshot")
     return data
@@ -81,7 +113,7 @@ def encode_record(obj: Any) -> bytes:
 def decode_record(blob: bytes) -> Any:
     if blob[:1] != KIND_RECORD:
         raise InvalidInput("not a data record", field="record")
-    return _unpack(blob[1:])
+    return _unpack(blob[1:], "record")
 
 
 __all__ = [

@@ -89,15 +89,30 @@ def require_dict(args: dict[str, Any], name: str, *, optional: bool = False) -> 
 
 
 def json_equal(a: Any, b: Any) -> bool:
-    """Equality of JSON values that, unlike ``==``, tells ``true`` from ``1``."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, list):
-        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
-    return a == b
+    """Equality of JSON values that, unlike ``==``, tells ``true`` from ``1``.
+
+    Iterative, not recursive: a value nested as deep as the codec carries must
+    not raise ``RecursionError`` out of ``apply``.
+    """
+    pending = [(a, b)]
+    while pending:
+        a, b = pending.pop()
+        if isinstance(a, bool) or isinstance(b, bool):
+            if not (isinstance(a, bool) and isinstance(b, bool) and a is b):
+                return False
+        elif isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            if a != b:
+                return False
+        elif type(a) is not type(b):
+            return False
+        elif isinstance(a, list):
+            if len(a) != len(b):
+                return False
+            pending.extend(zip(a, b, strict=True))
+        elif isinstance(a, dict):
+            if a.keys() != b.keys():
+                return False
+            pending.extend((a[k], b[k]) for k in a)
+        elif a != b:
+            return False
+    return True
