@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from pysyncobj import SyncObj, SyncObjConf
-from pysyncobj.transport import Transport, TCPTransport
+from pysyncobj.transport import TCPTransport, Transport
 
 from cluster import raft_pysyncobj as raft
 from cluster.errors import MissingSecret
