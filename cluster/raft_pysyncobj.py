@@ -217,13 +217,18 @@ class PySyncObjEngine:
     ``address`` is this node's Raft address (``host:port``), ``peers`` the
     others'. ``data_dir`` holds the journal (``raft.journal``, ``.meta``) and
     the snapshot (``raft.snapshot``).
+
+    ``dial`` maps a peer's address (its identity) to the address this node
+    connects to, when they differ (a fault-injection proxy in between).
+    pysyncobj knows peers only by the address it dials, so the engine
+    translates: everything it reports and every snapshot speaks identities.
     """
 
     def __init__(self, *, node_id: str, address: str, peers: list[str], data_dir: str, secret: str,
                  fsm: ReplicatedFSM, durability: str = "fsync", election_timeout_s: tuple[float, float] = (0.5, 1.0),
                  heartbeat_s: float = 0.1, leader_fallback_s: float = 2.0, queue_max: int = 4096,
                  compaction_entries: int = 20_000, stall_timeout_s: float = 5.0,
-                 max_entry_bytes: int = 1 << 20) -> None:
+                 max_entry_bytes: int = 1 << 20, dial: dict[str, str] | None = None) -> None:
         if not secret or len(secret) < 16:
             raise MissingSecret("the Raft port needs a cluster secret of at least 16 characters")
         if durability not in ("fsync", "none"):
@@ -231,6 +236,8 @@ class PySyncObjEngine:
         self.node_id = node_id
         self.address = address
         self.peers = [p for p in peers if p != address]
+        self._dial = {identity: via for identity, via in (dial or {}).items() if identity != via}
+        self._identity = {via: identity for identity, via in self._dial.items()}
         self.data_dir = data_dir
         self.durability = durability
         self.stall_timeout_s = stall_timeout_s
@@ -257,6 +264,7 @@ class PySyncObjEngine:
     def from_config(cls, config: Any, fsm: ReplicatedFSM) -> PySyncObjEngine:
         """Build the engine from a ``coordinator.config.NodeConfig``."""
         return cls(node_id=config.node_id, address=config.raft, peers=[p.raft for p in config.peers],
+                   dial={p.raft: p.dial for p in config.peers if p.dial},
                    data_dir=config.data_dir, secret=config.secret, fsm=fsm, durability=config.durability,
                    election_timeout_s=(config.election_timeout_min_s, config.election_timeout_max_s),
                    heartbeat_s=config.heartbeat_s, leader_fallback_s=config.leader_fallback_s,
@@ -321,7 +329,8 @@ class PySyncObjEngine:
         stall_at = self._failpoints.get("apply_stall_at") if self.generation == 0 else None
         self._notifier = None
         self._last_flush = (0, 0)
-        sync = _ReplicatedLog(self._bridge, self.address, self.peers, conf, transport_class, stall_at)
+        sync = _ReplicatedLog(self._bridge, self.address, [self._dial_of(p) for p in self.peers], conf,
+                              transport_class, stall_at)
         sync.addOnTickCallback(self._on_tick)
         return sync
 
@@ -366,7 +375,7 @@ class PySyncObjEngine:
             "v": 1,
             "last": [bytes(last[0]), last[1], last[2]],
             "prev": [bytes(prev[0]), prev[1], prev[2]],
-            "cluster": sorted(node.id for node in cluster),
+            "cluster": sorted(self._identity_of(node.id) for node in cluster),
             "fsm": fsm_blob,
             "applied_index": last[1],
         }
@@ -380,7 +389,7 @@ class PySyncObjEngine:
         prev = (bytes(record["prev"][0]), record["prev"][1], record["prev"][2])
         self._keep_journal_tail(prev)
         self._bridge.post(("restore", record["fsm"], record["applied_index"]))
-        return last, prev, {TCPNode(address) for address in record["cluster"]}
+        return last, prev, {TCPNode(self._dial_of(address)) for address in record["cluster"]}
 
     def _keep_journal_tail(self, prev: tuple[bytes, int, int]) -> None:
         """pysyncobj clears the journal unless it starts with the snapshot's two
@@ -419,12 +428,13 @@ class PySyncObjEngine:
                                 applied_index=0, members=(self.address,), healthy=False,
                                 problem=self._problem or "stopped")
         leader = sync._getLeader()
-        others = sorted(node.id for node in sync.otherNodes)
-        connected = tuple(n for n in others if sync.isNodeConnected(TCPNode(n)))
+        dialed = sorted(node.id for node in sync.otherNodes)
+        others = [self._identity_of(n) for n in dialed]
+        connected = tuple(self._identity_of(n) for n in dialed if sync.isNodeConnected(TCPNode(n)))
         return EngineStatus(
             node=self.address,
             role=_ROLES.get(sync._SyncObj__raftState, "follower"),
-            leader=leader.id if leader is not None else None,
+            leader=self._identity_of(leader.id) if leader is not None else None,
             term=sync.raftCurrentTerm,
             commit_index=sync.raftCommitIndex,
             applied_index=self._bridge.applied_index if self._bridge else 0,
@@ -436,6 +446,12 @@ class PySyncObjEngine:
 
     def on_role_change(self, listener: Callable[[str], None]) -> None:
         self._role_listeners.append(listener)
+
+    def _dial_of(self, identity: str) -> str:
+        return self._dial.get(identity, identity)
+
+    def _identity_of(self, dialed: str) -> str:
+        return self._identity.get(dialed, dialed)
 
     def _notify_role(self, role: str) -> None:
         for listener in self._role_listeners:
@@ -458,7 +474,7 @@ class PySyncObjEngine:
             reason = None if error == FAIL_REASON.SUCCESS else _FAILURES.get(error, Failure.UNKNOWN)
             loop.call_soon_threadsafe(lambda: future.done() or future.set_result(reason))
 
-        getattr(sync, method)(address, callback=callback)
+        getattr(sync, method)(self._dial_of(address), callback=callback)
         if self._notifier is not None:
             self._notifier.notify()
         async with asyncio.timeout(10):

@@ -19,9 +19,13 @@ DURABILITY = ("fsync", "none")
 
 @dataclass(frozen=True, slots=True)
 class PeerConfig:
+    """Another member. ``raft`` is its Raft address (its identity); ``dial``,
+    when set, is where this node connects to reach it (a chaos proxy)."""
+
     id: str
     raft: str
     http: str
+    dial: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,8 @@ class NodeConfig:
         for peer in self.peers:
             _check_address(peer.raft, f"peer {peer.id} raft")
             _check_address(peer.http, f"peer {peer.id} http")
+            if peer.dial is not None:
+                _check_address(peer.dial, f"peer {peer.id} dial")
             if peer.id in ids or peer.raft in addresses or peer.http in addresses:
                 raise InvalidInput(f"peers: {peer.id} repeats an id or address", field="peers")
             ids.add(peer.id)
@@ -88,12 +94,14 @@ def _check_address(value: str, name: str) -> None:
 
 
 def parse_peer(text: str) -> PeerConfig:
-    """``ID=RAFT_HOST:PORT,HTTP_HOST:PORT``."""
+    """``ID=RAFT_HOST:PORT,HTTP_HOST:PORT``, or ``ID=RAFT@DIAL,HTTP`` to reach
+    the peer's Raft port through another address (a proxy)."""
     node_id, sep, rest = text.partition("=")
     raft, comma, http = rest.partition(",")
-    if not sep or not comma or not node_id:
-        raise InvalidInput(f"peer: expected ID=RAFT_ADDR,HTTP_ADDR, got {text!r}", field="peer")
-    return PeerConfig(node_id.strip(), raft.strip(), http.strip())
+    raft, at, dial = raft.partition("@")
+    if not sep or not comma or not node_id or (at and not dial):
+        raise InvalidInput(f"peer: expected ID=RAFT_ADDR[@DIAL_ADDR],HTTP_ADDR, got {text!r}", field="peer")
+    return PeerConfig(node_id.strip(), raft.strip(), http.strip(), dial.strip() or None)
 
 
 def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:

@@ -29,8 +29,21 @@ class NodeSpec:
     http: str
     raft: str
 
-    def peer_arg(self) -> str:
-        return f"{self.id}={self.raft},{self.http}"
+    def peer_arg(self, dial: str | None = None) -> str:
+        raft = f"{self.raft}@{dial}" if dial else self.raft
+        return f"{self.id}={raft},{self.http}"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpec:
+    """The one TCP connection between two nodes, through a proxy port.
+    ``dialer`` opens it (pysyncobj: the node whose address sorts higher)."""
+
+    name: str
+    dialer: str
+    target: str
+    listen_port: int
+    target_port: int
 
 
 def fetch_json(url: str, timeout: float = 1.0) -> Any:
@@ -50,7 +63,7 @@ def fetch_json(url: str, timeout: float = 1.0) -> Any:
 class LocalCluster:
     def __init__(self, directory: str | Path, *, base_port: int = 7000, nodes: int = 3, engine: str = "raft",
                  durability: str = "fsync", python: str | None = None, env: dict[str, str] | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), proxied: bool = False) -> None:
         self.dir = Path(directory)
         self.base_port = base_port
         self.engine = engine
@@ -63,7 +76,30 @@ class LocalCluster:
         for i in range(1, nodes + 1):
             self.add_spec(i)
         self.members = list(self.specs)  # the ids the cluster was bootstrapped or joined with
+        self.links: dict[str, LinkSpec] = self._plan_links() if proxied else {}
 
+    def _plan_links(self) -> dict[str, LinkSpec]:
+        """A proxy port per pair of nodes, dialed by the node pysyncobj makes dial.
+
+        pysyncobj connects from the node whose address string sorts higher
+        to the other; the dialer reaches its peer through the proxy, which
+        works only if the dialer's own address still sorts above the proxy's."""
+        links: dict[str, LinkSpec] = {}
+        ids = sorted(self.specs, key=lambda n: self.specs[n].raft, reverse=True)
+        port = self.base_port + 50
+        for i, dialer in enumerate(ids):
+            for target in ids[i + 1:]:
+                listen = f"127.0.0.1:{port}"
+                if not self.specs[dialer].raft > listen:
+                    raise ValueError(f"proxy address {listen} must sort below {self.specs[dialer].raft}; "
+                                     "choose another base port")
+                name = f"{dialer}-{target}"
+                links[name] = LinkSpec(name, dialer, target, port, int(self.specs[target].raft.rpartition(":")[2]))
+                port += 1
+        return links
+
+    def link_between(self, a: str, b: str) -> LinkSpec | None:
+        return self.links.get(f"{a}-{b}") or self.links.get(f"{b}-{a}")
     def add_spec(self, i: int) -> NodeSpec:
         spec = NodeSpec(f"n{i}", f"127.0.0.1:{self.base_port + i}", f"127.0.0.1:{self.base_port + 100 + i}")
         self.specs[spec.id] = spec
@@ -88,7 +124,11 @@ class LocalCluster:
         return [self.python, "-m", "coordinator.cli", "serve", "--node-id", spec.id, "--http", spec.http,
                 "--raft", spec.raft, "--data-dir", str(self.dir / spec.id), "--secret-file", str(self.secret_file),
                 "--engine", self.engine, "--durability", self.durability,
-                *[f"--peer={self.specs[p].peer_arg()}" for p in peer_ids], *self.extra_args]
+                *[f"--peer={self.specs[p].peer_arg(self._dial(node_id, p))}" for p in peer_ids], *self.extra_args]
+
+    def _dial(self, node_id: str, peer: str) -> str | None:
+        link = self.links.get(f"{node_id}-{peer}")
+        return f"127.0.0.1:{link.listen_port}" if link else None
 
     def start(self, node_id: str, *, peers: list[str] | None = None, env: dict[str, str] | None = None) -> int:
         """Start ``node_id`` unless it runs already; returns its PID."""
@@ -175,13 +215,14 @@ class LocalCluster:
         return status if isinstance(status, dict) and "role" in status else None
 
     def wait_leader(self, timeout_s: float = 30.0, among: list[str] | None = None) -> str:
-        """The id of the leader that every running node in ``among`` agrees on."""
+        """The id of the leader that every running node in ``among`` agrees on,
+        itself one of ``among``."""
         among = among or [n for n in self.members if self.pid(n) is not None]
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             statuses = [self.status(n) for n in among]
             leaders = {s["leader_id"] for s in statuses if s}
-            if all(statuses) and len(leaders) == 1 and None not in leaders:
+            if all(statuses) and len(leaders) == 1 and leaders <= set(among):
                 leader = leaders.pop()
                 leader_status = self.status(leader) if leader in self.specs else None
                 if leader_status and leader_status["role"] == "leader":

@@ -15,11 +15,12 @@ from coordinator.devcluster import LocalCluster
 
 
 def free_base_port(nodes: int = 5) -> int:
-    """A base port whose HTTP (base+i) and Raft (base+100+i) ports are all free."""
+    """A base port whose HTTP (base+i), proxy (base+50..60) and Raft (base+100+i) ports are all free."""
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(20_000, 45_000, 200)
         ports = [base + i for i in range(1, nodes + 1)] + [base + 100 + i for i in range(1, nodes + 1)]
+        ports += [base + 50 + i for i in range(11)]
         try:
             for port in ports:
                 with socket.socket() as s:
@@ -44,9 +45,9 @@ def make_cluster(tmp_path, request) -> Iterator:
     made: list[LocalCluster] = []
 
     def make(nodes: int = 3, env: dict[str, str] | None = None, start: bool = True,
-             extra_args: tuple[str, ...] = ()) -> LocalCluster:
+             extra_args: tuple[str, ...] = (), proxied: bool = False) -> LocalCluster:
         cluster = LocalCluster(tmp_path / f"cluster{len(made)}", base_port=free_base_port(), nodes=nodes, env=env,
-                               extra_args=extra_args)
+                               extra_args=extra_args, proxied=proxied)
         made.append(cluster)
         if start:
             cluster.start_all()
