@@ -118,6 +118,44 @@ class _SyncingTransport(TCPTransport):
             self._journal.sync()
         return super().send(node, message)
 
+    def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802 - pysyncobj's name
+        message = trim_append_entries(message, self._journal)
+        if message is not None:
+            super()._onMessageReceived(node, message)
+
+
+def trim_append_entries(message: Any, journal: Any) -> Any:
+    """Keep pysyncobj from truncating log entries that match the leader's.
+
+    pysyncobj deletes everything after ``prevLogIdx`` whenever it holds more,
+    even entries identical to the ones re-sent (Raft deletes only from the
+    first conflicting entry). After such a truncation the leader's matchIndex
+    for this node can exceed what the node still holds. So: skip the leading
+    entries we already hold with the same term (move ``prevLogIdx`` past
+    them); if every entry matched and we hold more after them, the message
+    says nothing new and is dropped (Raft tolerates lost messages; the next
+    append continues from the leader's nextIndex). Returns the message to
+    deliver, possibly rewritten, or None."""
+    if not isinstance(message, dict) or message.get("type") != "append_entries" or "transmission" in message:
+        return message
+    entries = message.get("entries")
+    if not entries or "prevLogIdx" not in message or len(journal) == 0:
+        return message
+    first, last = journal[0][1], journal[-1][1]
+    matched = 0
+    for _command, index, term in entries:
+        if not first <= index <= last or journal[index - first][2] != term:
+            break
+        matched += 1
+    if matched == 0:
+        return message
+    if matched == len(entries) and last > entries[-1][1]:
+        return None
+    trimmed = dict(message)
+    trimmed["prevLogIdx"], trimmed["prevLogTerm"] = entries[matched - 1][1], entries[matched - 1][2]
+    trimmed["entries"] = entries[matched:]
+    return trimmed
+
 
 # -- failpoints (tests only) ---------------------------------------------------------------
 

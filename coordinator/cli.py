@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--compaction-entries", dest="compaction_entries", type=int,
                        help="snapshot and compact the log beyond this many entries (default 20000)")
     serve.add_argument("--log-level", dest="log_level")
+    serve.add_argument("--unsafe-stale-reads", dest="unsafe_stale_reads", action="store_true", default=None,
+                       help="UNSAFE, for chaos demonstrations: serve default reads from local state "
+                            "without a barrier (stale, not linearizable)")
 
     status = sub.add_parser("status", help="role, term and commit index of every member")
     status.add_argument("--endpoint", required=True, help="HTTP address of any member")
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
-                                  "secret_file", "compaction_entries")}
+                                  "secret_file", "compaction_entries", "unsafe_stale_reads")}
     if args.peers:
         overrides["peers"] = args.peers
     cfg = config_module.load(args.config, overrides)

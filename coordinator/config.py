@@ -47,6 +47,7 @@ class NodeConfig:
     compaction_entries: int = 20_000
     stall_timeout_s: float = 5.0
     log_level: str = "info"
+    unsafe_stale_reads: bool = False  # chaos demonstrations only: reads skip the barrier
 
     def validate(self) -> NodeConfig:
         for name in ("node_id", "http", "raft", "data_dir"):

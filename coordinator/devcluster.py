@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +46,24 @@ class LinkSpec:
     target: str
     listen_port: int
     target_port: int
+
+
+def free_base_port(nodes: int = 5, low: int = 20_000, high: int = 45_000) -> int:
+    """A base port whose HTTP (base+1..), proxy (base+50..60) and Raft
+    (base+101..) ports on 127.0.0.1 are all free right now."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(low, high, 200)
+        ports = [base + i for i in range(1, nodes + 1)] + [base + 100 + i for i in range(1, nodes + 1)]
+        ports += [base + 40] + [base + 50 + i for i in range(11)]
+        try:
+            for port in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range on 127.0.0.1")
 
 
 def fetch_json(url: str, timeout: float = 1.0) -> Any:

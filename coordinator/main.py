@@ -39,7 +39,8 @@ def make_node(config: NodeConfig) -> CoordinatorNode:
     engine = load_engine_class(config.engine).from_config(config, applier)
     identity = Identity(config.node_id, config.raft, config.http, config.peers)
     return CoordinatorNode(identity, engine, applier, SystemClock(), SystemRng(),
-                           proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max)
+                           proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max,
+                           unsafe_stale_reads=config.unsafe_stale_reads)
 
 
 async def serve(config: NodeConfig) -> None:

@@ -53,7 +53,7 @@ def ttl_ms_from(body: dict[str, Any], field: str, default_s: float) -> int:
 class CoordinatorNode:
     def __init__(self, identity: Identity, engine: ConsensusEngine, applier: Applier, clock: Clock, rng: Rng, *,
                  proposal_timeout_s: float = 5.0, inflight_max: int = 1024, command_max_bytes: int = 1 << 20,
-                 forward_timeout_s: float = 3.0) -> None:
+                 forward_timeout_s: float = 3.0, unsafe_stale_reads: bool = False) -> None:
         self.identity = identity
         self.engine = engine
         self.applier = applier
@@ -65,6 +65,12 @@ class CoordinatorNode:
         self.reads = Reads(self.proposer, applier)
         self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock)
         self.forward_timeout_s = forward_timeout_s
+        # Serve default reads from local state without a barrier. Wrong on purpose:
+        # it exists so the chaos checker can show it catches stale reads.
+        self.unsafe_stale_reads = unsafe_stale_reads
+        if unsafe_stale_reads:
+            log.warning("UNSAFE: default reads are served from local state without a barrier; "
+                        "they can be stale and are not linearizable")
         self.leader_changes = 0
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -153,6 +159,7 @@ class CoordinatorNode:
             "healthy": st.healthy,
             "problem": st.problem,
             "leases_active": self.leases.active,
+            "unsafe_stale_reads": self.unsafe_stale_reads,
             "members": members,
             "http": self.identity.http,
             "raft": self.identity.raft,
@@ -202,7 +209,7 @@ class CoordinatorNode:
         return raise_for(await self.proposer.propose(op, args, request_id))
 
     async def read_barrier(self, consistency: str) -> None:
-        if consistency == "linearizable":
+        if consistency == "linearizable" and not self.unsafe_stale_reads:
             await self.reads.barrier()
         elif consistency != "stale":
             raise InvalidInput("consistency: must be linearizable or stale", field="consistency")

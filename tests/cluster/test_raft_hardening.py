@@ -119,3 +119,46 @@ def test_the_raft_port_needs_a_secret(tmp_path, secret) -> None:
     with pytest.raises(MissingSecret):
         raft.PySyncObjEngine(node_id="n1", address=ME, peers=[B, C], data_dir=str(tmp_path), secret=secret,
                              fsm=Applier())
+
+
+def _append(prev: tuple[int, int], entries: list[tuple[bytes, int, int]], commit: int = 0) -> dict:
+    return {"type": "append_entries", "term": 2, "commit_index": commit, "prevLogIdx": prev[0],
+            "prevLogTerm": prev[1], "entries": entries}
+
+
+def _log(n: int, term: int = 1) -> list[tuple[bytes, int, int]]:
+    return [(f"c{i}".encode(), i, term) for i in range(1, n + 1)]
+
+
+def test_re_sent_entries_do_not_truncate_a_matching_log() -> None:
+    journal = _log(10)
+    # entries 4..6 again, as after a nextIndex reset: all match and we hold more: nothing to do
+    assert raft.trim_append_entries(_append((3, 1), journal[3:6]), journal) is None
+    # 4..12 with 11, 12 new: deliver only the new part, after entry 10
+    new = [(b"c11", 11, 2), (b"c12", 12, 2)]
+    trimmed = raft.trim_append_entries(_append((3, 1), journal[3:10] + new), journal)
+    assert (trimmed["prevLogIdx"], trimmed["prevLogTerm"], trimmed["entries"]) == (10, 1, new)
+    # a conflict at 6 (another term): deliver from the conflict, so pysyncobj truncates from 6 as Raft does
+    conflicting = [(b"c4", 4, 1), (b"c5", 5, 1), (b"x6", 6, 2)]
+    trimmed = raft.trim_append_entries(_append((3, 1), conflicting), journal)
+    assert (trimmed["prevLogIdx"], trimmed["entries"]) == (5, [(b"x6", 6, 2)])
+    # nothing known yet, heartbeats, snapshot transmissions: unchanged
+    beyond = _append((10, 1), [(b"c11", 11, 2)])
+    assert raft.trim_append_entries(beyond, journal) is beyond
+    heartbeat = _append((10, 1), [])
+    assert raft.trim_append_entries(heartbeat, journal) is heartbeat
+
+
+def test_pysyncobj_keeps_the_matching_log_behind_the_guard(tmp_path) -> None:
+    """Without the guard, pysyncobj drops entries 7..10 when 4..6 are re-sent."""
+    path = _durable_path(tmp_path)
+    node, _ = _node(path)
+    leader = _tcp_node(B)
+    node._SyncObj__onMessageReceived(leader, _append((1, 0), [(f"c{i}".encode(), i, 1) for i in range(2, 11)]))
+    assert len(path.journal) == 10
+    resent = _append((3, 1), [(f"c{i}".encode(), i, 1) for i in range(4, 7)])
+    guarded = raft.trim_append_entries(resent, path.journal)
+    assert guarded is None and len(path.journal) == 10
+    node._SyncObj__onMessageReceived(leader, resent)  # what pysyncobj alone does with it
+    assert len(path.journal) == 6
+    path.journal._destroy()

@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import random
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
-from coordinator.devcluster import LocalCluster
-
-
-def free_base_port(nodes: int = 5) -> int:
-    """A base port whose HTTP (base+i), proxy (base+50..60) and Raft (base+100+i) ports are all free."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20_000, 45_000, 200)
-        ports = [base + i for i in range(1, nodes + 1)] + [base + 100 + i for i in range(1, nodes + 1)]
-        ports += [base + 50 + i for i in range(11)]
-        try:
-            for port in ports:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range on 127.0.0.1")
+from coordinator.devcluster import LocalCluster, free_base_port
 
 
 @pytest.hookimpl(hookwrapper=True)

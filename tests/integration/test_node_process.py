@@ -83,7 +83,7 @@ def test_the_secret_stays_out_of_logs_status_and_metrics(make_cluster) -> None:
 
 
 def test_cluster_up_twice_reuses_the_running_cluster(tmp_path) -> None:
-    from tests.integration.conftest import free_base_port
+    from coordinator.devcluster import free_base_port
 
     env = dict(os.environ, COORD_BASE_PORT=str(free_base_port()))
     directory = tmp_path / "dot-cluster"

@@ -1,0 +1,161 @@
+"""Nemeses: faults injected into a running local cluster, Jepsen's menu.
+
+Each fault is a start/end pair recorded in the history (``type: nemesis``)
+with monotonic and wall-clock times. Faults act only from outside the
+service: proxy links (partitions), signals to node processes by their PID
+(kill, pause), restarts through the ``coordinator`` command line.
+
+  partition-halves         one side of a random split cannot reach the other
+  partition-majority-ring  every node sees a majority, no two the same one
+  isolate-leader           the current leader alone on its side
+  bridge                   two halves joined only through one node (5 nodes)
+  kill                     SIGKILL a random node, restart it at the heal
+  kill-all                 SIGKILL every node, restart them at the heal
+  pause                    SIGSTOP a random node, SIGCONT at the heal
+  mix                      a random one of the above at each round
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections.abc import Iterable
+
+from chaos.proxy import Faults, Proxy
+from chaos.workload import History
+from coordinator.devcluster import LocalCluster
+
+KINDS = ("partition-halves", "partition-majority-ring", "isolate-leader", "bridge", "kill", "kill-all", "pause")
+CHOICES = (*KINDS, "mix")
+
+
+class Nemesis:
+    def __init__(self, cluster: LocalCluster, proxy: Proxy | None, history: History, rng: random.Random) -> None:
+        self.cluster = cluster
+        self.proxy = proxy
+        self.history = history
+        self.rng = rng
+        self.active: str | None = None
+        self._killed: list[str] = []
+        self._paused: list[str] = []
+
+    async def run(self, kind: str, duration_s: float, *, fault_s: float = 6.0, quiet_s: float = 4.0) -> None:
+        """Alternate faults and quiet periods until ``duration_s`` is spent; heals at the end."""
+        if kind not in CHOICES:
+            raise ValueError(f"unknown nemesis {kind!r}; choose from {', '.join(CHOICES)}")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + duration_s
+        try:
+            await asyncio.sleep(min(quiet_s, duration_s / 4))
+            while loop.time() + 1 < end:
+                chosen = self.rng.choice(self._usable()) if kind == "mix" else kind
+                await self.start(chosen)
+                await asyncio.sleep(max(0.0, min(fault_s, end - loop.time())))
+                await self.heal()
+                await asyncio.sleep(max(0.0, min(quiet_s, end - loop.time())))
+        finally:
+            await self.heal()
+
+    def _usable(self) -> list[str]:
+        kinds = [k for k in KINDS if k != "bridge" or len(self.cluster.members) >= 5]
+        return kinds if self.proxy is not None else [k for k in kinds if not k.startswith(("partition", "isolate",
+                                                                                           "bridge"))]
+
+    # -- faults ---------------------------------------------------------------------------
+
+    async def start(self, kind: str) -> None:
+        nodes = list(self.cluster.members)
+        detail: dict[str, object] = {}
+        if kind in ("partition-halves", "isolate-leader", "partition-majority-ring", "bridge"):
+            self._require_proxy(kind)
+            if kind == "partition-halves":
+                shuffled = self.rng.sample(nodes, len(nodes))
+                small = shuffled[: len(nodes) // 2]
+                cut = self._cut_between(small, [n for n in nodes if n not in small])
+                detail = {"minority": sorted(small)}
+            elif kind == "isolate-leader":
+                leader = await asyncio.to_thread(self._leader_or_random)
+                cut = self._cut_between([leader], [n for n in nodes if n != leader])
+                detail = {"isolated": leader}
+            elif kind == "partition-majority-ring":
+                cut = self._ring_cut(nodes)
+            else:
+                cut = self._bridge_cut(nodes)
+            for link in cut:
+                self.proxy.set(link, Faults(drop_a_to_b=True, drop_b_to_a=True))
+            detail["links"] = sorted(cut)
+        elif kind == "kill":
+            victim = self.rng.choice(nodes)
+            self._killed = [victim]
+            await asyncio.to_thread(self.cluster.kill, victim)
+            detail = {"nodes": [victim]}
+        elif kind == "kill-all":
+            self._killed = list(nodes)
+            for node in nodes:
+                self.cluster.signal(node, signal.SIGKILL)
+            await asyncio.to_thread(lambda: [self.cluster._wait_gone(n, 10) for n in nodes])
+            detail = {"nodes": nodes}
+        elif kind == "pause":
+            victim = self.rng.choice(nodes)
+            self._paused = [victim]
+            self.cluster.signal(victim, signal.SIGSTOP)
+            detail = {"nodes": [victim]}
+        else:
+            raise ValueError(f"unknown nemesis {kind!r}")
+        self.active = kind
+        self.history.nemesis(kind, "start", **detail)
+
+    async def heal(self) -> None:
+        if self.active is None and not self._killed and not self._paused:
+            return
+        if self.proxy is not None:
+            self.proxy.heal()
+        for node in self._paused:
+            self.cluster.signal(node, signal.SIGCONT)
+        for node in self._killed:
+            self.cluster.start(node)
+        kind, self.active = self.active, None
+        self._paused, self._killed = [], []
+        self.history.nemesis(kind or "heal", "end")
+
+    # -- topology helpers -----------------------------------------------------------------------
+
+    def _require_proxy(self, kind: str) -> None:
+        if self.proxy is None or not self.cluster.links:
+            raise ValueError(f"{kind} needs a cluster wired through the chaos proxy")
+
+    def _leader_or_random(self) -> str:
+        try:
+            return self.cluster.wait_leader(3)
+        except (TimeoutError, RuntimeError):
+            return self.rng.choice(self.cluster.members)
+
+    def _cut_between(self, side: Iterable[str], other: Iterable[str]) -> set[str]:
+        cut = set()
+        for a in side:
+            for b in other:
+                link = self.cluster.link_between(a, b)
+                if link is not None:
+                    cut.add(link.name)
+        return cut
+
+    def _ring_cut(self, nodes: list[str]) -> set[str]:
+        """Keep only the links between ring neighbours (each node plus its two
+        neighbours is a majority for 3 and 5 nodes); with 3 nodes the ring is
+        complete, so cut one random link: each node still sees a majority,
+        and the two ends of the cut link see different majorities."""
+        order = self.rng.sample(nodes, len(nodes))
+        if len(nodes) <= 3:
+            a, b = order[0], order[1]
+            return {self.cluster.link_between(a, b).name}
+        keep = {frozenset((order[i], order[(i + 1) % len(order)])) for i in range(len(order))}
+        return {link.name for link in self.cluster.links.values()
+                if frozenset((link.dialer, link.target)) not in keep}
+
+    def _bridge_cut(self, nodes: list[str]) -> set[str]:
+        """Two halves that talk only through one bridge node."""
+        order = self.rng.sample(nodes, len(nodes))
+        bridge, rest = order[0], order[1:]
+        left, right = rest[: len(rest) // 2], rest[len(rest) // 2:]
+        return self._cut_between(left, right) - self._cut_between([bridge], nodes)

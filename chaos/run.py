@@ -1,0 +1,152 @@
+"""Break a local cluster on purpose and get a verdict.
+
+    python -m chaos.run --duration 60 --nemesis partition-halves [--unsafe-stale-reads]
+
+Starts a three-node cluster whose Raft links run through an in-process
+fault proxy, runs the register workload over HTTP while the nemesis acts,
+heals, waits for recovery, checks the history with ``python -m chaos.check``
+and writes ``history.jsonl``, ``report.txt`` and ``latency.png`` to the run
+directory. Exit status: 0 linearizable, 1 an anomaly, 2 the run failed.
+Every process it started is stopped by PID at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from chaos.nemesis import CHOICES, Nemesis
+from chaos.proxy import Proxy
+from chaos.report import plot, text_report
+from chaos.workload import History, run_register
+from coordinator.devcluster import LocalCluster, free_base_port
+
+
+def check_history(path: Path, timeout_s: float) -> dict[str, Any]:
+    """Run the checker as a user would; its last line is a JSON verdict."""
+    result = subprocess.run([sys.executable, "-m", "chaos.check", "--model", "cas-register", "--timeout",
+                             str(timeout_s), str(path)], capture_output=True, text=True, timeout=timeout_s + 60)
+    lines = result.stdout.strip().splitlines()
+    try:
+        verdict = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {"verdict": "error", "valid": None, "error": (result.stderr or result.stdout)[-2000:]}
+    verdict["exit_code"] = result.returncode
+    return verdict
+
+
+async def _progress(history: History, nemesis: Nemesis, started: float, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        c = history.counts
+        print(f"  {time.monotonic() - started:5.0f}s  ok {c['ok']:6d}  fail {c['fail']:5d}  unknown {c['info']:4d}"
+              f"  nemesis: {nemesis.active or '-'}", flush=True)
+
+
+async def _recover(cluster: LocalCluster, timeout_s: float) -> float:
+    started = time.monotonic()
+    leader = await asyncio.to_thread(cluster.wait_leader, timeout_s)
+    target = (await asyncio.to_thread(cluster.status, leader))["commit_index"]
+    for node in cluster.members:
+        left = max(1.0, timeout_s - (time.monotonic() - started))
+        await asyncio.to_thread(cluster.wait_caught_up, node, target, left)
+    return time.monotonic() - started
+
+
+async def run(args: argparse.Namespace) -> int:
+    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    base = args.base_port or free_base_port(args.nodes)
+    extra = ("--unsafe-stale-reads",) if args.unsafe_stale_reads else ()
+    cluster = LocalCluster(out / "cluster", base_port=base, nodes=args.nodes, proxied=True, extra_args=extra)
+    proxy = Proxy([(link.name, link.listen_port, link.target_port) for link in cluster.links.values()],
+                  seed=args.seed)
+    history = History()
+    rng = random.Random(args.seed)
+    nemesis = Nemesis(cluster, proxy, history, rng)
+    title = (f"{args.nemesis}, {args.duration:.0f}s, {args.clients} clients, seed {args.seed}"
+             + (", UNSAFE stale reads" if args.unsafe_stale_reads else ""))
+    print(f"chaos run: {title}\n  output in {out}", flush=True)
+    recovery_s = None
+    await proxy.start()
+    try:
+        cluster.start_all()
+        leader = await asyncio.to_thread(cluster.wait_leader, 60)
+        print(f"  cluster up, leader {leader}; running the workload", flush=True)
+        started = time.monotonic()
+        progress = asyncio.create_task(_progress(history, nemesis, started, args.progress_s))
+        try:
+            endpoints = [cluster.url(n) for n in cluster.members]
+            await asyncio.gather(
+                run_register(endpoints, history, clients=args.clients, keys=args.keys, duration_s=args.duration,
+                             seed=args.seed, op_timeout_s=args.op_timeout),
+                nemesis.run(args.nemesis, args.duration, fault_s=args.fault_s, quiet_s=args.quiet_s))
+        finally:
+            progress.cancel()
+        await nemesis.heal()
+        try:
+            recovery_s = await _recover(cluster, 60)
+            print(f"  healed; cluster recovered in {recovery_s:.1f}s", flush=True)
+        except (TimeoutError, RuntimeError) as exc:
+            print(f"  the cluster did not recover after the heal: {exc}", flush=True)
+            history.nemesis("recovery-failed", "start", error=str(exc))
+    finally:
+        await asyncio.to_thread(cluster.stop_all)
+        await proxy.stop()
+    history_path = out / "history.jsonl"
+    history.write_jsonl(str(history_path))
+    print("  checking the history", flush=True)
+    verdict = check_history(history_path, args.check_timeout)
+    report = text_report(history.events, history.started_ns, verdict, title=f"chaos run: {title}",
+                         recovery_s=recovery_s)
+    (out / "report.txt").write_text(report + "\n")
+    plot(history.events, history.started_ns, str(out / "latency.png"), title=title)
+    (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
+    print()
+    print(report)
+    print(f"\nhistory {history_path}\nplot    {out / 'latency.png'}")
+    if verdict.get("valid") is True and recovery_s is not None:
+        return 0
+    if verdict.get("valid") is False or recovery_s is None:
+        return 1
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chaos.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of workload (default 60)")
+    parser.add_argument("--nemesis", choices=CHOICES, default="partition-halves")
+    parser.add_argument("--nodes", type=int, choices=(3, 5), default=3)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--keys", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED", "0")) or None)
+    parser.add_argument("--fault-s", type=float, default=6.0, help="length of each fault")
+    parser.add_argument("--quiet-s", type=float, default=4.0, help="healthy time between faults")
+    parser.add_argument("--op-timeout", type=float, default=2.0, help="client timeout per operation")
+    parser.add_argument("--check-timeout", type=float, default=120.0)
+    parser.add_argument("--progress-s", type=float, default=5.0)
+    parser.add_argument("--base-port", type=int, default=int(os.environ.get("COORD_BASE_PORT", "0")) or None)
+    parser.add_argument("--out", default=".chaos", help="directory for the run's files (default .chaos/)")
+    parser.add_argument("--unsafe-stale-reads", action="store_true",
+                        help="start the nodes with reads that skip the barrier: the checker must catch them")
+    args = parser.parse_args(argv)
+    if args.seed is None:
+        args.seed = random.randrange(1, 2**31)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        print("interrupted; every process this run started was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
