@@ -30,6 +30,14 @@ KINDS = ("partition-halves", "partition-majority-ring", "isolate-leader", "bridg
 CHOICES = (*KINDS, "mix")
 
 
+def parse_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in CHOICES]
+    if not kinds or unknown:
+        raise ValueError(f"unknown nemesis {text!r}; choose from {', '.join(CHOICES)} (or a comma-separated list)")
+    return kinds
+
+
 class Nemesis:
     def __init__(self, cluster: LocalCluster, proxy: Proxy | None, history: History, rng: random.Random) -> None:
         self.cluster = cluster
@@ -41,15 +49,20 @@ class Nemesis:
         self._paused: list[str] = []
 
     async def run(self, kind: str, duration_s: float, *, fault_s: float = 6.0, quiet_s: float = 4.0) -> None:
-        """Alternate faults and quiet periods until ``duration_s`` is spent; heals at the end."""
-        if kind not in CHOICES:
-            raise ValueError(f"unknown nemesis {kind!r}; choose from {', '.join(CHOICES)}")
+        """Alternate faults and quiet periods until ``duration_s`` is spent; heals at the end.
+
+        ``kind`` is one nemesis, ``mix`` (a random one each round) or a comma-separated
+        list taken in turn (``partition-halves,kill``)."""
+        kinds = parse_kinds(kind)
         loop = asyncio.get_running_loop()
         end = loop.time() + duration_s
+        rounds = 0
         try:
             await asyncio.sleep(min(quiet_s, duration_s / 4))
-            while loop.time() + 1 < end:
-                chosen = self.rng.choice(self._usable()) if kind == "mix" else kind
+            while loop.time() + fault_s / 2 < end:
+                turn = kinds[rounds % len(kinds)]
+                rounds += 1
+                chosen = self.rng.choice(self._usable()) if turn == "mix" else turn
                 await self.start(chosen)
                 await asyncio.sleep(max(0.0, min(fault_s, end - loop.time())))
                 await self.heal()
@@ -57,7 +70,7 @@ class Nemesis:
         finally:
             await self.heal()
 
-    def _usable(self) -> list[str]:
+    def _usable(self) -> list[str]:  # what mix may pick
         kinds = [k for k in KINDS if k != "bridge" or len(self.cluster.members) >= 5]
         return kinds if self.proxy is not None else [k for k in kinds if not k.startswith(("partition", "isolate",
                                                                                            "bridge"))]

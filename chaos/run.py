@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chaos.nemesis import CHOICES, Nemesis
+from chaos.nemesis import CHOICES, Nemesis, parse_kinds
 from chaos.proxy import Proxy
 from chaos.report import plot, text_report
 from chaos.workload import History, run_register
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chaos.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of workload (default 60)")
-    parser.add_argument("--nemesis", choices=CHOICES, default="partition-halves")
+    parser.add_argument("--nemesis", default="partition-halves",
+                        help=f"one of {', '.join(CHOICES)}, or a comma-separated list taken in turn")
     parser.add_argument("--nodes", type=int, choices=(3, 5), default=3)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--keys", type=int, default=3)
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unsafe-stale-reads", action="store_true",
                         help="start the nodes with reads that skip the barrier: the checker must catch them")
     args = parser.parse_args(argv)
+    try:
+        parse_kinds(args.nemesis)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.seed is None:
         args.seed = random.randrange(1, 2**31)
     try:

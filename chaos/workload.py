@@ -24,7 +24,8 @@ from typing import Any
 
 import aiohttp
 
-VALUES = range(5)  # a small value space makes cas meaningful (Jepsen's cas-register)
+VALUES = range(5)
+FAIL_PAUSE_S = 0.05  # a small value space makes cas meaningful (Jepsen's cas-register)
 
 
 class History:
@@ -88,6 +89,8 @@ class RegisterClient:
         self.history.add(completion)
         if completion["type"] == "info":
             self.process = self.next_process()
+        if completion["type"] != "ok":
+            await asyncio.sleep(FAIL_PAUSE_S)  # a down node refuses at once: do not spin
 
     async def _perform(self, f: str, key: str, value: Any) -> dict[str, Any]:
         url = f"{self.endpoint}/v1/kv/{urllib.parse.quote(key, safe='')}"
