@@ -26,7 +26,7 @@ from typing import Any
 from chaos.nemesis import CHOICES, Nemesis, parse_kinds
 from chaos.proxy import Proxy
 from chaos.report import plot, text_report
-from chaos.workload import History, run_register
+from chaos.workload import History, check_locks, run_locks, run_register
 from coordinator.devcluster import LocalCluster, free_base_port
 
 
@@ -70,6 +70,8 @@ async def run(args: argparse.Namespace) -> int:
     proxy = Proxy([(link.name, link.listen_port, link.target_port) for link in cluster.links.values()],
                   seed=args.seed)
     history = History()
+    locks = History()
+    locks.started_ns = history.started_ns
     rng = random.Random(args.seed)
     nemesis = Nemesis(cluster, proxy, history, rng)
     title = (f"{args.nemesis}, {args.duration:.0f}s, {args.clients} clients, seed {args.seed}"
@@ -88,6 +90,8 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.gather(
                 run_register(endpoints, history, clients=args.clients, keys=args.keys, duration_s=args.duration,
                              seed=args.seed, op_timeout_s=args.op_timeout),
+                run_locks(endpoints, locks, clients=args.lock_clients, duration_s=args.duration, seed=args.seed,
+                          op_timeout_s=args.op_timeout),
                 nemesis.run(args.nemesis, args.duration, fault_s=args.fault_s, quiet_s=args.quiet_s))
         finally:
             progress.cancel()
@@ -103,19 +107,25 @@ async def run(args: argparse.Namespace) -> int:
         await proxy.stop()
     history_path = out / "history.jsonl"
     history.write_jsonl(str(history_path))
+    locks.write_jsonl(str(out / "locks.jsonl"))
     print("  checking the history", flush=True)
     verdict = check_history(history_path, args.check_timeout)
+    lock_verdict = check_locks(locks.events)
     report = text_report(history.events, history.started_ns, verdict, title=f"chaos run: {title}",
                          recovery_s=recovery_s)
+    report += (f"\nlocks: {lock_verdict['grants']} grants, {lock_verdict['fenced_writes']} fenced writes accepted; "
+               f"fencing {'holds' if lock_verdict['valid'] else 'VIOLATED'}")
+    for problem in lock_verdict["problems"]:
+        report += f"\n  {problem}"
     (out / "report.txt").write_text(report + "\n")
     plot(history.events, history.started_ns, str(out / "latency.png"), title=title)
-    (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
+    (out / "verdict.json").write_text(json.dumps({"register": verdict, "locks": lock_verdict}, indent=2) + "\n")
     print()
     print(report)
     print(f"\nhistory {history_path}\nplot    {out / 'latency.png'}")
-    if verdict.get("valid") is True and recovery_s is not None:
+    if verdict.get("valid") is True and lock_verdict["valid"] and recovery_s is not None:
         return 0
-    if verdict.get("valid") is False or recovery_s is None:
+    if verdict.get("valid") is False or not lock_verdict["valid"] or recovery_s is None:
         return 1
     return 2
 
@@ -129,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, choices=(3, 5), default=3)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--keys", type=int, default=3)
+    parser.add_argument("--lock-clients", type=int, default=3, help="clients of the lock workload")
     parser.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED", "0")) or None)
     parser.add_argument("--fault-s", type=float, default=6.0, help="length of each fault")
     parser.add_argument("--quiet-s", type=float, default=4.0, help="healthy time between faults")

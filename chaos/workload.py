@@ -141,3 +141,110 @@ async def run_register(endpoints: list[str], history: History, *, clients: int =
                                   random.Random(rng.random()), op_timeout_s, lambda: next(counter))
                    for i in range(clients)]
         await asyncio.gather(*(w.run(stop_at, max_ops_per_client) for w in workers))
+
+
+class LockClient:
+    """Takes a lock, makes a fenced write with the token it got, releases.
+
+    Records ``acquire`` (value: the token, or null when refused), ``fenced-write``
+    (value: the token used; ok means the cluster accepted it) and ``release``.
+    A paused or slow holder may lose its lease while it still believes it
+    holds the lock; its fenced write must then be refused."""
+
+    def __init__(self, process: int, endpoint: str, history: History, session: aiohttp.ClientSession,
+                 rng: random.Random, op_timeout_s: float, lock: str, ttl_s: float) -> None:
+        self.process = process
+        self.endpoint = endpoint.rstrip("/")
+        self.history = history
+        self.session = session
+        self.rng = rng
+        self.timeout = aiohttp.ClientTimeout(total=op_timeout_s)
+        self.lock = lock
+        self.ttl_s = ttl_s
+        self.holder = f"client-{process}"
+
+    async def _call(self, f: str, method: str, path: str, body: dict[str, Any], value: Any,
+                    ok_statuses: tuple[int, ...]) -> tuple[str, int | None, Any]:
+        self.history.add({"process": self.process, "type": "invoke", "f": f, "key": self.lock, "value": value})
+        status, answer, kind = None, None, "info"
+        try:
+            async with self.session.request(method, self.endpoint + path, json=body,
+                                            timeout=self.timeout) as response:
+                status = response.status
+                answer = await response.json(content_type=None)
+            kind = "ok" if status in ok_statuses else ("fail" if status in (409, 503, 404) else "info")
+        except aiohttp.ClientConnectorError:
+            kind = "fail"
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            kind = "info"
+        done = {"process": self.process, "type": kind, "f": f, "key": self.lock, "value": value,
+                "status": status}
+        if kind == "ok" and f == "acquire":
+            done["value"] = answer["fencing_token"]
+        self.history.add(done)
+        return kind, status, answer
+
+    async def run(self, stop_at: float, max_rounds: int) -> None:
+        lock_path = f"/v1/locks/{urllib.parse.quote(self.lock, safe='')}"
+        for _ in range(max_rounds):
+            if time.monotonic() >= stop_at:
+                return
+            kind, _, answer = await self._call("acquire", "POST", lock_path,
+                                               {"holder": self.holder, "ttl_s": self.ttl_s}, None, (200,))
+            if kind != "ok":
+                await asyncio.sleep(0.05 + self.rng.random() * 0.1)
+                continue
+            token = answer["fencing_token"]
+            await asyncio.sleep(self.rng.random() * 0.2)  # work while holding it
+            await self._call("fenced-write", "PUT", "/v1/kv/" + urllib.parse.quote(self.lock + "/owner", safe=""),
+                             {"value": {"holder": self.holder, "token": token},
+                              "fence": {"lock": self.lock, "token": token}}, token, (200,))
+            await self._call("release", "DELETE", lock_path, {"holder": self.holder}, token, (200,))
+
+
+async def run_locks(endpoints: list[str], history: History, *, clients: int = 4, duration_s: float = 30.0,
+                    seed: int = 0, op_timeout_s: float = 2.0, ttl_s: float = 2.0, max_rounds: int = 100_000) -> None:
+    rng = random.Random(seed)
+    stop_at = time.monotonic() + duration_s
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        workers = [LockClient(10_000 + i, endpoints[i % len(endpoints)], history, session,
+                              random.Random(rng.random()), op_timeout_s, "chaos/lock", ttl_s)
+                   for i in range(clients)]
+        await asyncio.gather(*(w.run(stop_at, max_rounds) for w in workers))
+
+
+def check_locks(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fencing holds: tokens granted only grow, and no fenced write with a
+    token succeeds after a write with a larger token completed (a stale
+    holder's write is refused once a newer holder has written)."""
+    invokes: dict[int, dict[str, Any]] = {}
+    grants: list[int] = []
+    writes: list[tuple[int, int, int]] = []  # (invoke time, complete time, token) of ok fenced writes
+    for event in events:
+        process = event.get("process")
+        if process is None or event.get("f") not in ("acquire", "fenced-write", "release"):
+            continue
+        if event["type"] == "invoke":
+            invokes[process] = event
+            continue
+        invoke = invokes.pop(process, None)
+        if invoke is None or event["type"] != "ok":
+            continue
+        if event["f"] == "acquire":
+            grants.append(event["value"])
+        elif event["f"] == "fenced-write":
+            writes.append((invoke["time"], event["time"], event["value"]))
+    problems = []
+    ordered = sorted(set(grants))
+    if len(ordered) != len(grants):
+        problems.append({"kind": "token granted twice", "tokens": sorted(t for t in set(grants)
+                                                                         if grants.count(t) > 1)})
+    by_completion = sorted(writes, key=lambda w: w[1])
+    done_max, pointer = -1, 0  # the largest token among writes completed before the current invoke
+    for invoked, _completed, token in sorted(writes, key=lambda w: w[0]):
+        while pointer < len(by_completion) and by_completion[pointer][1] < invoked:
+            done_max = max(done_max, by_completion[pointer][2])
+            pointer += 1
+        if token < done_max:
+            problems.append({"kind": "stale fenced write accepted", "token": token, "after_token": done_max})
+    return {"valid": not problems, "grants": len(grants), "fenced_writes": len(writes), "problems": problems[:10]}
