@@ -178,7 +178,7 @@ class LockClient:
         except (TimeoutError, aiohttp.ClientError, ValueError):
             kind = "info"
         done = {"process": self.process, "type": kind, "f": f, "key": self.lock, "value": value,
-                "status": status}
+                "status": status, "holder": self.holder}
         if kind == "ok" and f == "acquire":
             done["value"] = answer["fencing_token"]
         self.history.add(done)
@@ -214,11 +214,12 @@ async def run_locks(endpoints: list[str], history: History, *, clients: int = 4,
 
 
 def check_locks(events: list[dict[str, Any]]) -> dict[str, Any]:
-    """Fencing holds: tokens granted only grow, and no fenced write with a
-    token succeeds after a write with a larger token completed (a stale
-    holder's write is refused once a newer holder has written)."""
+    """Fencing holds: no token is granted to two holders, and no fenced write
+    with a token succeeds after a write with a larger token completed (a
+    stale holder's write is refused once a newer holder has written)."""
     invokes: dict[int, dict[str, Any]] = {}
     grants: list[int] = []
+    holders: dict[int, set[str]] = {}
     writes: list[tuple[int, int, int]] = []  # (invoke time, complete time, token) of ok fenced writes
     for event in events:
         process = event.get("process")
@@ -232,13 +233,13 @@ def check_locks(events: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         if event["f"] == "acquire":
             grants.append(event["value"])
+            holders.setdefault(event["value"], set()).add(event.get("holder", str(process)))
         elif event["f"] == "fenced-write":
             writes.append((invoke["time"], event["time"], event["value"]))
     problems = []
-    ordered = sorted(set(grants))
-    if len(ordered) != len(grants):
-        problems.append({"kind": "token granted twice", "tokens": sorted(t for t in set(grants)
-                                                                         if grants.count(t) > 1)})
+    shared = sorted(token for token, who in holders.items() if len(who) > 1)
+    if shared:  # the same holder re-acquiring gets its own token back (a refresh); others never may
+        problems.append({"kind": "token granted to two holders", "tokens": shared[:10]})
     by_completion = sorted(writes, key=lambda w: w[1])
     done_max, pointer = -1, 0  # the largest token among writes completed before the current invoke
     for invoked, _completed, token in sorted(writes, key=lambda w: w[0]):

@@ -8,7 +8,8 @@ from chaos.workload import check_locks
 
 def _op(process: int, f: str, kind: str, value, start: int, end: int) -> list[dict]:
     return [{"process": process, "type": "invoke", "f": f, "key": "l", "value": None, "time": start},
-            {"process": process, "type": kind, "f": f, "key": "l", "value": value, "time": end}]
+            {"process": process, "type": kind, "f": f, "key": "l", "value": value, "time": end,
+             "holder": f"client-{process}"}]
 
 
 def test_a_clean_lock_history_passes() -> None:
@@ -32,6 +33,11 @@ def test_overlapping_writes_are_not_ordered() -> None:
     assert check_locks(events)["valid"]
 
 
-def test_a_token_granted_twice_is_caught() -> None:
+def test_a_token_granted_to_two_holders_is_caught() -> None:
     events = _op(1, "acquire", "ok", 5, 0, 1) + _op(2, "acquire", "ok", 5, 2, 3)
-    assert check_locks(events)["problems"][0]["kind"] == "token granted twice"
+    assert check_locks(events)["problems"][0] == {"kind": "token granted to two holders", "tokens": [5]}
+
+
+def test_a_holder_refreshing_its_own_lock_gets_its_token_again() -> None:
+    events = _op(1, "acquire", "ok", 5, 0, 1) + _op(1, "acquire", "ok", 5, 2, 3)
+    assert check_locks(events)["valid"]
