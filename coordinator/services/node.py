@@ -209,10 +209,10 @@ class CoordinatorNode:
         return raise_for(await self.proposer.propose(op, args, request_id))
 
     async def read_barrier(self, consistency: str) -> None:
+        if consistency not in ("linearizable", "stale"):
+            raise InvalidInput("consistency: must be linearizable or stale", field="consistency")
         if consistency == "linearizable" and not self.unsafe_stale_reads:
             await self.reads.barrier()
-        elif consistency != "stale":
-            raise InvalidInput("consistency: must be linearizable or stale", field="consistency")
 
     # -- agents --------------------------------------------------------------------------------
 

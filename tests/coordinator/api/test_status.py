@@ -111,3 +111,13 @@ async def test_metrics_count_expired_leases(h: Harness) -> None:
         text = await response.text()
     assert _sample(text, "coord_leases_expired_total", '{kind="agent"}') == 1
     assert _sample(text, "coord_agents") == 0
+
+
+async def test_unsafe_stale_reads_skip_the_barrier_and_say_so(make_harness) -> None:
+    h = await make_harness(unsafe_stale_reads=True)
+    await h.put("k", 1)
+    barriers = h.node.reads.barriers
+    assert (await h.get("k"))["value"] == 1
+    assert h.node.reads.barriers == barriers  # no barrier: local state, possibly stale
+    _, status = await h.call("GET", "/v1/status", expect=200)
+    assert status["unsafe_stale_reads"] is True
