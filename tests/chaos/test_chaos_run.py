@@ -1,0 +1,45 @@
+"""Short chaos runs against real node processes, as a user runs them:
+the default cluster must be judged linearizable under partitions and kills,
+and the deliberately unsafe read mode must be caught."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict, Path]:
+    result = subprocess.run([sys.executable, "-m", "chaos.run", "--out", str(tmp_path), "--progress-s", "5", *args],
+                            capture_output=True, text=True, timeout=240)
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert runs, result.stdout + result.stderr
+    verdict = json.loads((runs[-1] / "verdict.json").read_text())
+    return result, verdict, runs[-1]
+
+
+def test_partitions_and_kills_stay_linearizable(tmp_path) -> None:
+    result, verdict, run = _run(tmp_path, "--duration", "24", "--nemesis", "partition-halves,kill",
+                                "--fault-s", "6", "--quiet-s", "3", "--seed", "101")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert verdict["register"]["verdict"] == "linearizable"
+    assert verdict["locks"]["valid"]
+    report = (run / "report.txt").read_text()
+    assert "partition-halves" in report and "kill" in report
+    counts = verdict["register"]["operations"]
+    assert counts["ok"] > 500  # the workload really ran through the faults
+    assert (run / "latency.png").stat().st_size > 10_000
+
+
+def test_unsafe_stale_reads_are_caught(tmp_path) -> None:
+    result, verdict, run = _run(tmp_path, "--duration", "14", "--nemesis", "partition-halves",
+                                "--fault-s", "5", "--quiet-s", "2", "--seed", "202", "--unsafe-stale-reads")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-2000:]
+    assert verdict["register"]["verdict"] == "not linearizable"
+    assert verdict["register"]["anomaly"]
+    assert "not linearizable" in (run / "report.txt").read_text()
