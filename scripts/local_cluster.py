@@ -4,12 +4,55 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from coordinator.devcluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def proxy_pid(cluster: LocalCluster) -> int | None:
+    """The recorded PID of the proxy daemon if it still runs ``chaos.proxy``."""
+    try:
+        pid = int((cluster.dir / "proxy.pid").read_text())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if b"chaos.proxy" in args and b"serve" in args else None
+
+
+def start_proxy(cluster: LocalCluster) -> None:
+    """Run the links of a proxied cluster in a ``python -m chaos.proxy serve`` daemon."""
+    if proxy_pid(cluster) is not None:
+        return
+    control = cluster.base_port + 40
+    cmd = [sys.executable, "-m", "chaos.proxy", "serve", "--control", str(control),
+           *[f"--link={link.name}={link.listen_port}:{link.target_port}" for link in cluster.links.values()]]
+    cluster.dir.mkdir(parents=True, exist_ok=True)
+    with open(cluster.dir / "proxy.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=ROOT)
+    (cluster.dir / "proxy.pid").write_text(f"{proc.pid}\n")
+    print(f"started the fault proxy (pid {proc.pid}); control it with: "
+          f"python -m chaos.proxy status|set|reset|heal --control {control}")
+
+
+def stop_proxy(cluster: LocalCluster) -> None:
+    pid = proxy_pid(cluster)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while proxy_pid(cluster) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proxy_pid(cluster) is not None:
+        os.kill(pid, signal.SIGKILL)
+    (cluster.dir / "proxy.pid").unlink(missing_ok=True)
+    print(f"stopped the fault proxy (pid {pid})")
 
 
 def main() -> int:
@@ -21,13 +64,19 @@ def main() -> int:
     parser.add_argument("--engine", default="raft")
     parser.add_argument("--durability", default="fsync", choices=("fsync", "none"))
     parser.add_argument("--wait-s", type=float, default=30.0)
+    parser.add_argument("--proxy", action="store_true",
+                        help="wire the nodes' Raft links through a chaos fault proxy (python -m chaos.proxy)")
     args = parser.parse_args()
+    proxied = args.proxy or (Path(args.dir) / "proxy.pid").exists()
     cluster = LocalCluster(args.dir, base_port=args.base_port, nodes=args.nodes, engine=args.engine,
-                           durability=args.durability)
+                           durability=args.durability, proxied=proxied)
     if args.action == "down":
         stopped = cluster.stop_all()
         print(f"stopped {', '.join(stopped)}" if stopped else "no running nodes found")
+        stop_proxy(cluster)
         return 0
+    if proxied:
+        start_proxy(cluster)
     running = [n for n in cluster.members if cluster.pid(n) is not None]
     if running:
         print(f"already running: {', '.join(running)} (data in {cluster.dir}); starting only the others")
