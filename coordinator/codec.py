@@ -44,21 +44,39 @@ def _unpack(data: bytes, field: str) -> Any:
 MAX_ARGS_DEPTH = 128
 
 
-def _check_depth(value: Any, field: str) -> None:
+def check_value(value: Any, field: str, max_depth: int = MAX_ARGS_DEPTH) -> None:
+    """Refuse, naming ``field``, what JSON carries but the log cannot: nesting
+    past ``max_depth``, integers beyond 64 bits, strings that are not UTF-8
+    (lone surrogates). Iterative: any depth is safe to check."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if depth > MAX_ARGS_DEPTH:
-            raise InvalidInput(f"{field}: nested deeper than {MAX_ARGS_DEPTH} levels", field=field)
-        if isinstance(item, list):
+        if depth > max_depth:
+            raise InvalidInput(f"{field}: nested deeper than {max_depth} levels", field=field)
+        if isinstance(item, str):
+            _check_utf8(item, field)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not -(2**63) <= item < 2**64:
+                raise InvalidInput(f"{field}: integers must fit in 64 bits", field=field)
+        elif isinstance(item, list):
             stack.extend((x, depth + 1) for x in item)
         elif isinstance(item, dict):
-            stack.extend((x, depth + 1) for x in item.values())
+            for key, x in item.items():
+                if isinstance(key, str):
+                    _check_utf8(key, field)
+                stack.append((x, depth + 1))
+
+
+def _check_utf8(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{field}: must be valid Unicode (no lone surrogates)", field=field) from None
 
 
 def encode_command(command: Command) -> bytes:
     """Raises ``InvalidInput`` for arguments the log cannot carry."""
-    _check_depth(command.args, "args")
+    check_value(command.args, "args")
     try:
         return KIND_COMMAND + _pack([command.version, command.op, command.args, command.now_ms,
                                      command.request_id, command.proposal_id])
@@ -78,7 +96,7 @@ def decode_command(blob: bytes) -> Command:
         raise InvalidInput("command header has wrong types", field="command")
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise InvalidInput("args must be a map with string keys", field="args")
-    _check_depth(args, "args")
+    check_value(args, "args")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("request_id must be a string", field="request_id")
     if proposal_id is not None and not isinstance(proposal_id, str):
@@ -119,6 +137,7 @@ def decode_record(blob: bytes) -> Any:
 __all__ = [
     "COMMAND_VERSION",
     "check_command_size",
+    "check_value",
     "decode_command",
     "decode_record",
     "decode_snapshot",

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from coordinator.codec import check_value
 from coordinator.errors import InvalidInput
 
 MAX_KEY_LEN = 1024
@@ -38,7 +39,7 @@ async def json_body(request: web.Request, allowed: set[str], *, required: bool =
     if unknown:
         raise InvalidInput(f"{unknown[0]}: unknown field", field=unknown[0])
     for field, value in body.items():
-        _check_loggable(value, field)
+        check_value(value, field, MAX_DEPTH)
     return body
 
 
@@ -53,34 +54,6 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _check_loggable(value: Any, field: str) -> None:
-    """Refuse what JSON carries but the log (msgpack) cannot: integers beyond
-    64 bits, strings that are not UTF-8 (lone surrogates), deep nesting."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise InvalidInput(f"{field}: nested deeper than {MAX_DEPTH} levels", field=field)
-        if isinstance(item, str):
-            _check_utf8(item, field)
-        elif isinstance(item, int) and not isinstance(item, bool):
-            if not -(2**63) <= item < 2**64:
-                raise InvalidInput(f"{field}: integers must fit in 64 bits", field=field)
-        elif isinstance(item, list):
-            stack.extend((x, depth + 1) for x in item)
-        elif isinstance(item, dict):
-            for k, v in item.items():
-                _check_utf8(k, field)
-                stack.append((v, depth + 1))
-
-
-def _check_utf8(text: str, field: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput(f"{field}: must be valid Unicode (no lone surrogates)", field=field) from None
-
-
 def name(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"{field}: must be a string", field=field)
@@ -88,7 +61,7 @@ def name(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
         raise InvalidInput(f"{field}: must have 1 to {max_len} characters", field=field)
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         raise InvalidInput(f"{field}: must not contain control characters", field=field)
-    _check_utf8(value, field)  # headers and paths may carry undecodable bytes as surrogates
+    check_value(value, field)  # headers and paths may carry undecodable bytes as surrogates
     return value
 
 
