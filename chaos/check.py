@@ -9,13 +9,13 @@ followed, as its LAST line, by one JSON object::
      "operations": {"ok": n, "fail": n, "info": n} | null,
      "keys": n | null,
      "anomaly": {...} | null,
-     "reason": str | null,       # unknown: "timeout"; error: what went wrong
+     "reason": str | null,       # unknown: "timeout" or "memory limit"; error: what went wrong
      "elapsed_s": float,
      "per_key": [{"key", "verdict", "operations", ...}]}
 
 Exit status: 0 linearizable, 1 not linearizable, 2 error (unreadable file,
 malformed history, unknown model, bad arguments) or unknown (the search ran
-out of time); ``verdict`` and ``reason`` tell which. ``operations`` and
+out of time or memory); ``verdict`` and ``reason`` tell which. ``operations`` and
 ``keys`` are null only when the file could not be read at all.
 """
 
@@ -126,6 +126,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     print(f"history {args.history}: {len(operations)} operations (ok {tally['ok']}, fail {tally['fail']}, "
           f"unknown {tally['info']}) on {keys} key(s), {starts} nemesis fault(s)")
     for key in result.keys:
+        if key.reason == "skipped":
+            print(f"key {key.key}: not checked, the verdict is already decided")
+            continue
         label = {"ok": "linearizable", "illegal": "NOT LINEARIZABLE", "unknown": "unknown"}[key.verdict]
         why = f" ({key.reason})" if key.reason else ""
         print(f"key {key.key}: {label}{why}: {key.operations} operations checked "

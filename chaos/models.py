@@ -40,6 +40,11 @@ class Model(Protocol):
     ``effect(op)`` is a hashable summary of an operation's input: two
     ``info`` operations with equal effects are interchangeable once both are
     invoked, so the checker tries only the earliest of them.
+
+    ``blind(op)`` is true only if ``step(state, op)`` gives the same
+    ``(legal, new_state)`` whatever the state (a register write): the checker
+    then knows that applying it right after another unknown operation is
+    never needed. Returning false is always safe.
     """
 
     name: str
@@ -51,6 +56,8 @@ class Model(Protocol):
     def partition(self, ops: Sequence[Operation]) -> list[list[Operation]]: ...
 
     def effect(self, op: Operation) -> Hashable: ...
+
+    def blind(self, op: Operation) -> bool: ...
 
     def describe(self, op: Operation) -> str: ...
 
@@ -133,6 +140,9 @@ class CasRegister:
             old, new = op.value
             return ("cas", canonical(old), canonical(new), op.matched)
         return (op.f, canonical(op.value))
+
+    def blind(self, op: Operation) -> bool:
+        return op.f == "write"
 
     def describe(self, op: Operation) -> str:
         value = json.dumps(op.value)
