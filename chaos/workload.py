@@ -24,8 +24,7 @@ from typing import Any
 
 import aiohttp
 
-VALUES = range(5)
-FAIL_PAUSE_S = 0.05  # a small value space makes cas meaningful (Jepsen's cas-register)
+FAIL_PAUSE_S = 0.05
 
 
 class History:
@@ -66,6 +65,14 @@ class RegisterClient:
         self.rng = rng
         self.op_timeout_s = op_timeout_s
         self.next_process = next_process
+        self.seen: dict[str, Any] = {}  # the last value this client read or wrote, per key
+        self.written = 0
+
+    def _unique(self) -> int:
+        """Every written value is new: an unknown write can then match only the
+        reads that really saw it, which keeps the checker sharp and fast."""
+        self.written += 1
+        return self.process * 1_000_000 + self.written
 
     async def run(self, stop_at: float, max_ops: int) -> None:
         for _ in range(max_ops):
@@ -79,14 +86,19 @@ class RegisterClient:
         if roll < 0.5:
             f, value = "read", None
         elif roll < 0.75:
-            f, value = "write", self.rng.choice(VALUES)
-        else:
-            f, value = "cas", [self.rng.choice(VALUES), self.rng.choice(VALUES)]
+            f, value = "write", self._unique()
+        else:  # expect what this client last saw: right when nobody wrote since
+            f, value = "cas", [self.seen.get(key), self._unique()]
         invoke = {"process": self.process, "type": "invoke", "f": f, "key": key, "value": value}
         self.history.add(invoke)
         completion = await self._perform(f, key, value)
         completion.update(process=self.process, f=f, key=key)
         self.history.add(completion)
+        if completion["type"] == "ok":
+            if f == "read":
+                self.seen[key] = completion["value"]
+            elif f == "write" or completion.get("matched"):
+                self.seen[key] = value if f == "write" else value[1]
         if completion["type"] == "info":
             self.process = self.next_process()
         if completion["type"] != "ok":
@@ -109,7 +121,10 @@ class RegisterClient:
                 status = response.status
                 body = await response.json(content_type=None)
         except aiohttp.ClientConnectorError:
-            return {"type": "fail", "value": value, "error": "connection refused"}
+            # Refused, but perhaps on aiohttp's own second try: it silently re-sends an
+            # idempotent request (our PUT write) when a pooled connection dies, so the
+            # first copy may have reached a node that applied it and then crashed.
+            return {"type": "fail" if f == "read" else "info", "value": value, "error": "connection refused"}
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             # sent (or maybe sent) and no answer: a read changed nothing, a write may have happened
             kind = "fail" if f == "read" else "info"
@@ -174,7 +189,7 @@ class LockClient:
                 answer = await response.json(content_type=None)
             kind = "ok" if status in ok_statuses else ("fail" if status in (409, 503, 404) else "info")
         except aiohttp.ClientConnectorError:
-            kind = "fail"
+            kind = "fail" if method == "POST" else "info"  # aiohttp re-sends PUT and DELETE (see above)
         except (TimeoutError, aiohttp.ClientError, ValueError):
             kind = "info"
         done = {"process": self.process, "type": kind, "f": f, "key": self.lock, "value": value,
