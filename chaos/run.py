@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +63,10 @@ async def _recover(cluster: LocalCluster, timeout_s: float) -> float:
 
 
 async def run(args: argparse.Namespace) -> int:
+    # SIGTERM stops a run like Ctrl-C does: the main task is cancelled and every
+    # finally below stops what this run started.
+    main_task = asyncio.current_task()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     base = args.base_port or free_base_port(args.nodes)
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = random.randrange(1, 2**31)
     try:
         return asyncio.run(run(args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; every process this run started was stopped", file=sys.stderr)
         return 130
 

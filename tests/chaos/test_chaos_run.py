@@ -5,6 +5,7 @@ and the deliberately unsafe read mode must be caught."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,30 @@ def test_unsafe_stale_reads_are_caught(tmp_path) -> None:
     assert verdict["register"]["verdict"] == "not linearizable"
     assert verdict["register"]["anomaly"]
     assert "not linearizable" in (run / "report.txt").read_text()
+
+
+def test_ctrl_c_stops_every_process_the_run_started(tmp_path) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "chaos.run", "--out", str(tmp_path), "--duration", "60",
+                             "--nemesis", "pause", "--fault-s", "3", "--quiet-s", "1", "--seed", "303"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 90
+        for line in proc.stdout:  # wait until the nodes run and the nemesis may have paused one
+            if "running the workload" in line or time.monotonic() > deadline:
+                break
+        run = next(p for p in tmp_path.iterdir() if p.is_dir())
+        pids = [int(p.read_text()) for p in (run / "cluster").glob("n*.pid")]
+        assert len(pids) == 3
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, rest[-2000:]
+    alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]  # the runner reaped its children
+    assert alive == [], f"node processes left behind: {alive}"
