@@ -75,7 +75,7 @@ EXACT_BUDGET_NODES_PER_OP = 20
 RELAXED_SHARE = 0.5  # of the time left, for the relaxed search
 # A search keeps every node it visited (a bitset of the sub-history's ok
 # operations each): past this estimate of their size it gives up (unknown).
-CACHE_BYTES_MAX = 512 * 1024 * 1024
+CACHE_BYTES_MAX = 4 * 1024 * 1024 * 1024  # long per-key histories with many unknown ops need it
 NODE_BYTES_FIXED = 200  # the cache's tuple, list and dict slot per node, roughly
 
 
