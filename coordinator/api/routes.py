@@ -94,9 +94,7 @@ def _kv_item(key: str, entry: Any) -> dict[str, Any]:
 @routes.get("/v1/kv")
 async def kv_list(request: web.Request) -> web.Response:
     node = node_of(request)
-    prefix = request.query.get("prefix", "")
-    if len(prefix) > s.MAX_KEY_LEN:
-        raise InvalidInput("prefix: too long", field="prefix")
+    prefix = s.prefix(request)
     limit = s.query_int(request, "limit", 1000, 1, LIST_LIMIT_MAX)
     start_after = request.query.get("start_after") or None
     await node.read_barrier(s.consistency(request))
@@ -337,9 +335,7 @@ async def events_watch(request: web.Request) -> web.StreamResponse:
 @routes.get("/v1/watch")
 async def kv_watch(request: web.Request) -> web.StreamResponse:
     node = node_of(request)
-    prefix = request.query.get("prefix", "")
-    if len(prefix) > s.MAX_KEY_LEN:
-        raise InvalidInput("prefix: too long", field="prefix")
+    prefix = s.prefix(request)
     from_revision = _resume(request, "from_revision")
     stream = watch.watch_kv(node.applier, prefix, from_revision)
     return await _sse(request, stream, lambda c: (c.revision, c.kind, _change(c)))

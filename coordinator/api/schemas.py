@@ -140,5 +140,13 @@ def fence(body: dict[str, Any]) -> dict[str, Any] | None:
             "token": integer(value.get("token"), "fence.token", 0, 2**63 - 1)}
 
 
+def prefix(request: web.Request) -> str:
+    """``?prefix=`` of list and watch: empty means everything."""
+    value = request.query.get("prefix", "")
+    if len(value) > MAX_KEY_LEN:
+        raise InvalidInput(f"prefix: longer than {MAX_KEY_LEN} characters", field="prefix")
+    return value
+
+
 def key(request: web.Request) -> str:
     return name(request.match_info["key"], "key", MAX_KEY_LEN)
