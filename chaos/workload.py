@@ -27,6 +27,22 @@ import aiohttp
 FAIL_PAUSE_S = 0.05
 
 
+async def _mark_sent(session: aiohttp.ClientSession, ctx: Any, params: Any) -> None:
+    if isinstance(ctx.trace_request_ctx, dict):
+        ctx.trace_request_ctx["sent"] = True
+
+
+def make_session() -> aiohttp.ClientSession:
+    """A session that records, per request, whether any attempt reached the
+    wire. aiohttp silently re-sends an idempotent request (PUT, DELETE) when a
+    pooled connection dies mid-request; if that second try is refused, the
+    first may still have been applied by a node that crashed right after. A
+    refused request is therefore certainly not applied only if nothing was sent."""
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_headers_sent.append(_mark_sent)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trace_configs=[tracing])
+
+
 class History:
     """Operation and nemesis events in invocation order (one event loop)."""
 
@@ -107,24 +123,24 @@ class RegisterClient:
     async def _perform(self, f: str, key: str, value: Any) -> dict[str, Any]:
         url = f"{self.endpoint}/v1/kv/{urllib.parse.quote(key, safe='')}"
         timeout = aiohttp.ClientTimeout(total=self.op_timeout_s)
+        trace: dict[str, bool] = {}
         try:
             if f == "read":
-                request = self.session.get(url, timeout=timeout)
+                request = self.session.get(url, timeout=timeout, trace_request_ctx=trace)
             elif f == "write":
                 request = self.session.put(url, json={"value": value, "request_id": secrets.token_hex(8)},
-                                           timeout=timeout)
+                                           timeout=timeout, trace_request_ctx=trace)
             else:
                 request = self.session.post(url + "/cas", json={"expected": value[0], "value": value[1],
                                                                 "request_id": secrets.token_hex(8)},
-                                            timeout=timeout)
+                                            timeout=timeout, trace_request_ctx=trace)
             async with request as response:
                 status = response.status
                 body = await response.json(content_type=None)
         except aiohttp.ClientConnectorError:
-            # Refused, but perhaps on aiohttp's own second try: it silently re-sends an
-            # idempotent request (our PUT write) when a pooled connection dies, so the
-            # first copy may have reached a node that applied it and then crashed.
-            return {"type": "fail" if f == "read" else "info", "value": value, "error": "connection refused"}
+            # refused: certain only if no earlier attempt was sent (see make_session)
+            unknown = f != "read" and trace.get("sent", False)
+            return {"type": "info" if unknown else "fail", "value": value, "error": "connection refused"}
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             # sent (or maybe sent) and no answer: a read changed nothing, a write may have happened
             kind = "fail" if f == "read" else "info"
@@ -150,8 +166,7 @@ async def run_register(endpoints: list[str], history: History, *, clients: int =
     key_names = [f"chaos/r{i}" for i in range(keys)]
     counter = iter(range(clients, 10**9))
     stop_at = time.monotonic() + duration_s
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with make_session() as session:
         workers = [RegisterClient(i, endpoints[i % len(endpoints)], key_names, history, session,
                                   random.Random(rng.random()), op_timeout_s, lambda: next(counter))
                    for i in range(clients)]
@@ -182,14 +197,15 @@ class LockClient:
                     ok_statuses: tuple[int, ...]) -> tuple[str, int | None, Any]:
         self.history.add({"process": self.process, "type": "invoke", "f": f, "key": self.lock, "value": value})
         status, answer, kind = None, None, "info"
+        trace: dict[str, bool] = {}
         try:
-            async with self.session.request(method, self.endpoint + path, json=body,
-                                            timeout=self.timeout) as response:
+            async with self.session.request(method, self.endpoint + path, json=body, timeout=self.timeout,
+                                            trace_request_ctx=trace) as response:
                 status = response.status
                 answer = await response.json(content_type=None)
             kind = "ok" if status in ok_statuses else ("fail" if status in (409, 503, 404) else "info")
         except aiohttp.ClientConnectorError:
-            kind = "fail" if method == "POST" else "info"  # aiohttp re-sends PUT and DELETE (see above)
+            kind = "info" if trace.get("sent", False) else "fail"  # see make_session
         except (TimeoutError, aiohttp.ClientError, ValueError):
             kind = "info"
         done = {"process": self.process, "type": kind, "f": f, "key": self.lock, "value": value,
@@ -221,7 +237,7 @@ async def run_locks(endpoints: list[str], history: History, *, clients: int = 4,
                     seed: int = 0, op_timeout_s: float = 2.0, ttl_s: float = 2.0, max_rounds: int = 100_000) -> None:
     rng = random.Random(seed)
     stop_at = time.monotonic() + duration_s
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with make_session() as session:
         workers = [LockClient(10_000 + i, endpoints[i % len(endpoints)], history, session,
                               random.Random(rng.random()), op_timeout_s, "chaos/lock", ttl_s)
                    for i in range(clients)]

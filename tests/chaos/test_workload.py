@@ -41,3 +41,31 @@ def test_a_token_granted_to_two_holders_is_caught() -> None:
 def test_a_holder_refreshing_its_own_lock_gets_its_token_again() -> None:
     events = _op(1, "acquire", "ok", 5, 0, 1) + _op(1, "acquire", "ok", 5, 2, 3)
     assert check_locks(events)["valid"]
+
+
+async def test_a_refused_request_is_known_unsent_only_when_no_attempt_went_out() -> None:
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from chaos.workload import make_session
+    from coordinator.devcluster import free_base_port
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_put("/x", ok)
+    async with TestServer(app, host="127.0.0.1") as server, make_session() as session:
+        sent: dict[str, bool] = {}
+        async with session.put(server.make_url("/x"), json={}, trace_request_ctx=sent) as response:
+            assert response.status == 200
+        assert sent == {"sent": True}
+        refused: dict[str, bool] = {}
+        closed_port = free_base_port() + 1
+        try:
+            async with session.put(f"http://127.0.0.1:{closed_port}/x", json={}, trace_request_ctx=refused):
+                pass
+        except aiohttp.ClientConnectorError:
+            pass
+        assert refused == {}
