@@ -71,15 +71,16 @@ class LeaseKeeper:
             self._step_down()
 
     async def _take_over(self) -> None:
-        for attempt in range(50):
+        """Until it succeeds or this node steps down (which cancels it)."""
+        attempt = 0
+        while True:
             try:
                 await self.reads.barrier()
                 break
             except CoordinatorError as exc:
+                attempt += 1
                 log.info("leases: barrier after election failed (%s), retrying", exc.message)
-                await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
-        else:
-            return
+                await asyncio.sleep(min(0.05 * attempt, 0.5))
         self._refresh_all()
         self.active = True
         log.info("leases: active with %d agent and %d lock leases", len(self._agents), len(self._locks))
