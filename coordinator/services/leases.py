@@ -58,6 +58,7 @@ class LeaseKeeper:
         self._locks: dict[str, _Lease] = {}
         self._expiring: set[tuple[str, str]] = set()
         self._term_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # expiry proposals under way
         applier.on_apply(self._on_apply)
         applier.on_reset(self._on_reset)
 
@@ -169,7 +170,17 @@ class LeaseKeeper:
 
     def _spawn_expiry(self, kind: str, name: str, op: str, args: dict[str, Any]) -> None:
         self._expiring.add((kind, name))
-        asyncio.get_running_loop().create_task(self._expire(kind, name, op, args))
+        task = asyncio.get_running_loop().create_task(self._expire(kind, name, op, args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        """Cancel the takeover and every expiry under way (node shutdown)."""
+        self._step_down()
+        tasks = [t for t in (self._term_task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _expire(self, kind: str, name: str, op: str, args: dict[str, Any]) -> None:
         try:

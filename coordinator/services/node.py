@@ -88,6 +88,7 @@ class CoordinatorNode:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.leases.stop()
         await self.engine.stop()
         if self._session is not None:
             await self._session.close()
