@@ -66,6 +66,17 @@ def free_base_port(nodes: int = 5, low: int = 20_000, high: int = 45_000) -> int
     raise RuntimeError("no free port range on 127.0.0.1")
 
 
+def recorded_pid(pid_file: Path, *markers: str) -> int | None:
+    """The PID in ``pid_file`` if that process still runs and its command line
+    holds every marker (a recycled PID belongs to someone else)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if all(marker.encode() in args for marker in markers) else None
+
+
 def fetch_json(url: str, timeout: float = 1.0) -> Any:
     """GET ``url`` as JSON; None when unreachable or not JSON (any status)."""
     try:
@@ -175,14 +186,7 @@ class LocalCluster:
         child = self._children.get(node_id)
         if child is not None:  # our own child: its exit status is the truth
             return child.pid if child.poll() is None else None
-        try:
-            pid = int((self.dir / f"{node_id}.pid").read_text().strip())
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return None
-        if b"serve" in args and node_id.encode() in args and str(self.dir / node_id).encode() in args:
-            return pid
-        return None
+        return recorded_pid(self.dir / f"{node_id}.pid", "serve", node_id, str(self.dir / node_id))
 
     def signal(self, node_id: str, sig: int) -> bool:
         pid = self.pid(node_id)

@@ -10,19 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from coordinator.devcluster import LocalCluster
+from coordinator.devcluster import LocalCluster, recorded_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def proxy_pid(cluster: LocalCluster) -> int | None:
     """The recorded PID of the proxy daemon if it still runs ``chaos.proxy``."""
-    try:
-        pid = int((cluster.dir / "proxy.pid").read_text())
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return None
-    return pid if b"chaos.proxy" in args and b"serve" in args else None
+    return recorded_pid(cluster.dir / "proxy.pid", "chaos.proxy", "serve")
 
 
 def start_proxy(cluster: LocalCluster) -> None:

@@ -44,39 +44,45 @@ MAX_NAME_LEN = 256
 MAX_KEY_LEN = 1024
 
 
+def check_str(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
+    if not isinstance(value, str):
+        raise invalid(field, "must be a string")
+    if not value or len(value) > max_len:
+        raise invalid(field, f"must have 1 to {max_len} characters")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise invalid(field, "must not contain control characters")
+    return value
+
+
+def check_int(value: Any, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(field, "must be an integer")
+    if not low <= value <= high:
+        raise invalid(field, f"must be between {low} and {high}")
+    return value
+
+
+def check_number(value: Any, field: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(field, "must be a finite number")
+    if not low <= value <= high:
+        raise invalid(field, f"must be between {low} and {high}")
+    return value
+
+
 def require_str(args: dict[str, Any], name: str, max_len: int = MAX_NAME_LEN, *, optional: bool = False) -> Any:
     value = args.get(name)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise invalid(name, "must be a string")
-    if not value or len(value) > max_len:
-        raise invalid(name, f"must have 1 to {max_len} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise invalid(name, "must not contain control characters")
-    return value
+    return None if value is None and optional else check_str(value, name, max_len)
 
 
 def require_int(args: dict[str, Any], name: str, low: int, high: int, *, optional: bool = False) -> Any:
     value = args.get(name)
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(name, "must be an integer")
-    if not low <= value <= high:
-        raise invalid(name, f"must be between {low} and {high}")
-    return value
+    return None if value is None and optional else check_int(value, name, low, high)
 
 
 def require_number(args: dict[str, Any], name: str, low: float, high: float, *, optional: bool = False) -> Any:
     value = args.get(name)
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise invalid(name, "must be a finite number")
-    if not low <= value <= high:
-        raise invalid(name, f"must be between {low} and {high}")
-    return value
+    return None if value is None and optional else check_number(value, name, low, high)
 
 
 def require_dict(args: dict[str, Any], name: str, *, optional: bool = False) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.state.base import Rejected, invalid
+from coordinator.state.base import Rejected, check_int, check_number, check_str, invalid
 from coordinator.state.topics import check_topic
 
 TYPES = ("command", "event", "request", "response", "notification")
@@ -34,32 +34,6 @@ DELIVERY_FIELDS = {"guarantee", "retry", "timeout", "persistent"}
 RETRY_FIELDS = {"max_attempts", "backoff_ms", "backoff_multiplier", "max_backoff_ms"}
 
 
-def _string(value: Any, field: str, max_len: int = MAX_ID_LEN) -> str:
-    if not isinstance(value, str):
-        raise invalid(field, "must be a string")
-    if not value or len(value) > max_len:
-        raise invalid(field, f"must have 1 to {max_len} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise invalid(field, "must not contain control characters")
-    return value
-
-
-def _int(value: Any, field: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(field, "must be an integer")
-    if not low <= value <= high:
-        raise invalid(field, f"must be between {low} and {high}")
-    return value
-
-
-def _number(value: Any, field: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise invalid(field, "must be a number")
-    if not low <= value <= high:
-        raise invalid(field, f"must be between {low} and {high}")
-    return value
-
-
 def _object(value: Any, field: str, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise invalid(field, "must be an object")
@@ -74,7 +48,7 @@ def _priority(value: Any) -> int:
         if value not in PRIORITY_NAMES:
             raise invalid("priority", f"must be 0-9 or one of {', '.join(PRIORITY_NAMES)}")
         return PRIORITY_NAMES[value]
-    return _int(value, "priority", 0, 9)
+    return check_int(value, "priority", 0, 9)
 
 
 def _delivery(value: Any) -> dict[str, Any]:
@@ -83,12 +57,13 @@ def _delivery(value: Any) -> dict[str, Any]:
     if guarantee not in GUARANTEES:
         raise invalid("deliveryOptions.guarantee", f"must be one of {', '.join(GUARANTEES)}")
     retry = _object(options.get("retry") or {}, "deliveryOptions.retry", RETRY_FIELDS)
-    max_attempts = _int(retry.get("max_attempts", 5), "deliveryOptions.retry.max_attempts", 1, 100)
-    backoff_ms = _int(retry.get("backoff_ms", 1000), "deliveryOptions.retry.backoff_ms", 0, MAX_TIMEOUT_MS)
-    multiplier = _number(retry.get("backoff_multiplier", 2.0), "deliveryOptions.retry.backoff_multiplier", 1.0, 10.0)
-    max_backoff = _int(retry.get("max_backoff_ms", 60_000), "deliveryOptions.retry.max_backoff_ms", backoff_ms,
-                       MAX_TIMEOUT_MS)
-    timeout = _int(options.get("timeout", 30_000), "deliveryOptions.timeout", 100, MAX_TIMEOUT_MS)
+    max_attempts = check_int(retry.get("max_attempts", 5), "deliveryOptions.retry.max_attempts", 1, 100)
+    backoff_ms = check_int(retry.get("backoff_ms", 1000), "deliveryOptions.retry.backoff_ms", 0, MAX_TIMEOUT_MS)
+    multiplier = check_number(retry.get("backoff_multiplier", 2.0), "deliveryOptions.retry.backoff_multiplier",
+                              1.0, 10.0)
+    max_backoff = check_int(retry.get("max_backoff_ms", 60_000), "deliveryOptions.retry.max_backoff_ms", backoff_ms,
+                            MAX_TIMEOUT_MS)
+    timeout = check_int(options.get("timeout", 30_000), "deliveryOptions.timeout", 100, MAX_TIMEOUT_MS)
     persistent = options.get("persistent", guarantee != "at-most-once")
     if not isinstance(persistent, bool):
         raise invalid("deliveryOptions.persistent", "must be true or false")
@@ -112,22 +87,22 @@ def normalize(raw: Any, now_ms: int) -> dict[str, Any]:
     if not isinstance(headers, dict) or len(headers) > MAX_HEADERS:
         raise invalid("headers", f"must be an object of at most {MAX_HEADERS} string values")
     for key, value in headers.items():
-        _string(key, "headers", MAX_HEADER_KEY)
+        check_str(key, "headers", MAX_HEADER_KEY)
         if not isinstance(value, str) or len(value) > MAX_HEADER_VALUE:
             raise invalid(f"headers.{key}", f"must be a string of at most {MAX_HEADER_VALUE} characters")
     if message.get("type") not in TYPES:
         raise invalid("type", f"must be one of {', '.join(TYPES)}")
     out = {
-        "id": _string(message["id"], "id"),
+        "id": check_str(message["id"], "id", MAX_ID_LEN),
         "type": message["type"],
-        "source": _string(message.get("source"), "source"),
-        "destination": [_string(d, f"destination[{i}]") for i, d in enumerate(destination)],
-        "timestamp": _int(message.get("timestamp", now_ms), "timestamp", 0, 2**53),
+        "source": check_str(message.get("source"), "source", MAX_ID_LEN),
+        "destination": [check_str(d, f"destination[{i}]", MAX_ID_LEN) for i, d in enumerate(destination)],
+        "timestamp": check_int(message.get("timestamp", now_ms), "timestamp", 0, 2**53),
         "correlationId": None if message.get("correlationId") is None
-        else _string(message["correlationId"], "correlationId"),
+        else check_str(message["correlationId"], "correlationId", MAX_ID_LEN),
         "replyTo": None if message.get("replyTo") is None else check_topic(message["replyTo"], "replyTo"),
         "priority": _priority(message.get("priority", 5)),
-        "ttl": None if message.get("ttl") is None else _int(message["ttl"], "ttl", 1, MAX_TTL_MS),
+        "ttl": None if message.get("ttl") is None else check_int(message["ttl"], "ttl", 1, MAX_TTL_MS),
         "headers": dict(headers),
         "payload": message.get("payload"),
         "deliveryOptions": _delivery(message.get("deliveryOptions")),
