@@ -17,6 +17,7 @@ from typing import Any
 
 from coordinator.codec import check_command_size, encode_command
 from coordinator.errors import (
+    Compacted,
     Conflict,
     CoordinatorError,
     InvalidInput,
@@ -29,6 +30,7 @@ from coordinator.services.applier import Applier
 from coordinator.types import Command, Result
 
 _STATE_ERRORS: dict[str, type[CoordinatorError]] = {
+    "compacted": Compacted,
     "conflict": Conflict,
     "not_found": NotFound,
     "unavailable": Unavailable,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import InvariantError
@@ -27,6 +27,7 @@ from coordinator.state.base import (
     require_int,
     require_str,
 )
+from coordinator.state.bus import MAX_FETCH, Bus, BusLimits
 from coordinator.state.events import EventLog
 from coordinator.state.kv import KvStore
 from coordinator.state.locks import Lock, Locks
@@ -48,6 +49,7 @@ class Limits:
     dedupe_entries: int = 20_000
     agents_max: int = 100_000
     locks_max: int = 100_000
+    bus: BusLimits = field(default_factory=BusLimits)
 
 
 Handler = Callable[["StateMachine", ApplyContext, dict[str, Any]], Any]
@@ -71,6 +73,7 @@ class StateMachine:
         self.locks = Locks()
         self.members = Members()
         self.events = EventLog(self.limits.events_retained)
+        self.bus = Bus(self.limits.bus)
         self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None]] = OrderedDict()
 
     # -- applying ---------------------------------------------------------
@@ -99,6 +102,8 @@ class StateMachine:
             if not isinstance(command.args, dict):
                 raise invalid("args", "must be an object")
             value = handler(self, ctx, command.args)
+            if ctx.events:
+                self.bus.publish_events(ctx, ctx.events)
         except Rejected as rejected:
             error = (rejected.code, rejected.message)
             if ctx.events or ctx.changes:
@@ -121,6 +126,7 @@ class StateMachine:
             "locks": self.locks.to_data(),
             "members": self.members.to_data(),
             "events": self.events.to_data(),
+            "bus": self.bus.to_data(),
             "dedupe": [[k, v, list(e) if e else None] for k, (v, e) in self._dedupe.items()],
         }
 
@@ -135,6 +141,7 @@ class StateMachine:
         machine.locks = Locks.from_data(data["locks"])
         machine.members = Members.from_data(data["members"])
         machine.events = EventLog.from_data(data["events"], machine.limits.events_retained)
+        machine.bus = Bus.from_data(data["bus"], machine.limits.bus)
         machine._dedupe = OrderedDict((k, (v, tuple(e) if e else None)) for k, v, e in data["dedupe"])
         return machine
 
@@ -269,6 +276,7 @@ def _remove_agent(sm: StateMachine, ctx: ApplyContext, agent: Agent, reason: str
                                              "metadata": agent.metadata, "reason": reason,
                                              "lease_id": agent.lease_id})
     sm.release_locks_of(ctx, agent.id, f"agent {reason}")
+    sm.bus.drop_agent(agent.id)
 
 
 @_op("agent.deregister")
@@ -360,6 +368,89 @@ def _lock_expire(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> A
     sm.events.emit(ctx, "lock.released", {"name": name, "holder": lock.holder, "fencing_token": token,
                                           "reason": "expired"})
     return {"expired": True}
+
+
+# -- system events ----------------------------------------------------------------------
+
+SYSTEM_EVENTS = ("system.failure", "system.recovered", "system.leader.elected")
+
+
+@_op("system.report")
+def _system_report(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """What the leader observed about the cluster (a member unreachable or back,
+    its own election), committed so every node and the bus see it."""
+    type_ = require_str(args, "type", 64)
+    if type_ not in SYSTEM_EVENTS:
+        raise invalid("type", f"must be one of {', '.join(SYSTEM_EVENTS)}")
+    data = require_dict(args, "data")
+    event = sm.events.emit(ctx, type_, data)
+    return {"seq": event.seq}
+
+
+# -- bus -----------------------------------------------------------------------------------
+
+def _agent_exists(sm: StateMachine) -> Callable[[str], bool]:
+    return lambda agent_id: agent_id in sm.registry.agents
+
+
+@_op("bus.publish")
+def _bus_publish(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    topic, messages = sm.bus.check_publish(ctx, args, _agent_exists(sm))
+    return sm.bus.publish(ctx, topic, messages)
+
+
+@_op("bus.topic.configure")
+def _bus_topic_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.configure_topic(ctx, args)
+
+
+@_op("bus.subscribe")
+def _bus_subscribe(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.subscribe(ctx, args, _agent_exists(sm))
+
+
+@_op("bus.unsubscribe")
+def _bus_unsubscribe(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.unsubscribe(ctx, require_str(args, "sub"))
+
+
+@_op("bus.group.delete")
+def _bus_group_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.delete_group(ctx, require_str(args, "group"))
+
+
+@_op("bus.deliver")
+def _bus_deliver(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """Proposed by the leader only (it serves fetches), so its time stamps due times."""
+    consumer = sm.bus.consumer_of(args)
+    max_n = require_int(args, "max", 1, MAX_FETCH)
+    return sm.bus.deliver(ctx, consumer, args.get("sub"), max_n)
+
+
+@_op("bus.ack")
+def _bus_ack(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.ack(ctx, sm.bus.consumer_of(args), args.get("delivery_ids"))
+
+
+@_op("bus.nack")
+def _bus_nack(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.nack(ctx, sm.bus.consumer_of(args), args)
+
+
+@_op("bus.dlq.redrive")
+def _bus_redrive(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.redrive(ctx, sm.bus.consumer_of(args), args.get("delivery_ids"))
+
+
+@_op("bus.dlq.purge")
+def _bus_purge(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.purge(ctx, sm.bus.consumer_of(args), args.get("delivery_ids"))
+
+
+@_op("bus.tick")
+def _bus_tick(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """Proposed by the leader when a bus timer is due by its clock."""
+    return sm.bus.tick(ctx)
 
 
 OPERATIONS = frozenset(_HANDLERS)

@@ -1,0 +1,945 @@
+"""The message bus inside the replicated state: pure and deterministic.
+
+Shapes (see ``design.md`` next to this file for the state diagram):
+
+- A **topic** keeps a log of retained offsets for replay (by count and age).
+- A **body** is one stored message, shared by every consumer that holds it;
+  it lives while its topic retains it or while any consumer holds it.
+- A **consumer** is what messages are routed into: one subscription, one
+  consumer group (its members compete for its messages) or one agent's inbox.
+  Its entries are ``ready`` (a heap, higher priority first, then publish
+  order), ``pending`` (delivered, waiting for an ack until a due time) or
+  ``delayed`` (nacked, waiting for a backoff). Dead letters keep their reason.
+- **Timers** (redelivery, message TTL, retention by age) sit in one heap of
+  due times. Only ``bus.tick`` fires them, and only the leader proposes it
+  (DESIGN rule 1): one clock decides every timeout. ``bus.deliver`` is also
+  proposed by the leader alone (fetches are served there), so a delivery's
+  due time is stamped by the same clock.
+
+Determinism: iteration is over insertion-ordered dicts, never sets of
+strings (their order depends on the process's hash seed). Heaps are keyed by
+unique tuples, so their pop order is fixed by their contents; that is why
+heaps are rebuilt from entries on restore instead of being stored.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.errors import InvariantError
+from coordinator.state import filters
+from coordinator.state.base import ApplyContext, Rejected, check_int, check_number, check_str, invalid
+from coordinator.state.messages import GUARANTEES, MAX_ID_LEN, normalize
+from coordinator.state.topics import check_pattern, check_topic, is_pattern, matches
+from coordinator.types import Event
+
+RESERVED_PREFIXES = ("agent.", "lock.", "system.")
+TASK_STATUSES = ("started", "progress", "completed", "failed", "cancelled")
+START_KINDS = ("new", "beginning", "offset", "time")
+MAX_BATCH = 1000
+MAX_FETCH = 1000
+MAX_ACK_IDS = 10_000
+MAX_DELAY_MS = 3_600_000
+MAX_OFFSET = 2**63 - 1
+_RANK = {g: i for i, g in enumerate(GUARANTEES)}
+
+
+@dataclass(frozen=True, slots=True)
+class BusLimits:
+    messages_max: int = 200_000         # bodies held in all (retained or held by a consumer)
+    topics_max: int = 100_000
+    consumers_max: int = 10_000         # subscriptions without group + groups + inboxes
+    subscriptions_max: int = 50_000
+    queue_max: int = 100_000            # entries of one consumer (ready + pending + delayed)
+    dlq_max: int = 10_000               # dead letters of one consumer; the oldest go first
+    retention_messages: int = 10_000    # default per topic
+    retention_age_ms: int = 86_400_000  # default per topic
+    dedupe_window_ms: int = 120_000     # exactly-once publisher dedupe by message id
+    dedupe_max: int = 100_000
+    timers_per_tick: int = 10_000
+
+
+# -- records -------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Body:
+    topic: str
+    offset: int
+    index: int                 # log index of the publish
+    publish_ms: int
+    message: dict[str, Any]
+    expires_ms: int | None
+    retained: bool
+    ttl_armed: bool = False    # its TTL timer is in the heap (one per body)
+    holders: dict[str, int] = field(default_factory=dict)  # consumer key -> entry seq
+
+    def to_data(self) -> list[Any]:
+        return [self.topic, self.offset, self.index, self.publish_ms, self.message, self.expires_ms, self.retained,
+                self.ttl_armed, list(self.holders.items())]
+
+    @classmethod
+    def from_data(cls, row: list[Any]) -> Body:
+        *head, holders = row
+        return cls(*head, holders=dict((k, s) for k, s in holders))
+
+
+@dataclass(slots=True)
+class Topic:
+    name: str
+    next_offset: int = 1
+    log: dict[int, None] = field(default_factory=dict)  # retained offsets, oldest first
+    max_messages: int | None = None
+    max_age_ms: int | None = None
+    published: int = 0
+    age_timer_ms: int | None = None  # due time of the pending retention timer
+
+    def to_data(self) -> list[Any]:
+        return [self.name, self.next_offset, list(self.log), self.max_messages, self.max_age_ms, self.published,
+                self.age_timer_ms]
+
+    @classmethod
+    def from_data(cls, row: list[Any]) -> Topic:
+        name, next_offset, log, max_messages, max_age_ms, published, age_timer_ms = row
+        return cls(name, next_offset, dict.fromkeys(log), max_messages, max_age_ms, published, age_timer_ms)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One message in one consumer."""
+
+    seq: int
+    topic: str
+    offset: int
+    priority: int
+    attempts: int = 0
+    state: str = "ready"  # ready | pending | delayed | dead
+    member: str | None = None
+    due_ms: int = 0
+    reason: str | None = None  # why it is dead
+    dead_ms: int = 0
+
+    def to_data(self) -> list[Any]:
+        return [self.seq, self.topic, self.offset, self.priority, self.attempts, self.state, self.member,
+                self.due_ms, self.reason, self.dead_ms]
+
+    @classmethod
+    def from_data(cls, row: list[Any]) -> Entry:
+        return cls(*row)
+
+
+COUNTERS = ("enqueued", "delivered", "redelivered", "acked", "nacked", "dead_lettered", "dlq_dropped",
+            "overflowed", "redriven")
+
+
+@dataclass(slots=True)
+class Consumer:
+    key: str                 # "s:<subscription>" | "g:<group>" | "a:<agent>"
+    pattern: str | None      # None for an inbox
+    filter_text: str | None
+    guarantee: str
+    ack_timeout_ms: int | None   # None: each message's deliveryOptions.timeout
+    max_attempts: int | None     # None: each message's deliveryOptions.retry.max_attempts
+    created_index: int
+    next_seq: int = 1
+    entries: dict[int, Entry] = field(default_factory=dict)  # ready, pending and delayed
+    dlq: dict[int, Entry] = field(default_factory=dict)      # oldest first
+    members: dict[str, None] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    ready: list[tuple[int, int]] = field(default_factory=list)  # heap of (-priority, seq); stale keys skipped
+    ready_count: int = 0
+    pending_count: int = 0
+    filter_tree: Any = None
+
+    @property
+    def kind(self) -> str:
+        return {"s": "subscription", "g": "group", "a": "inbox"}[self.key[0]]
+
+    @property
+    def name(self) -> str:
+        return self.key[2:]
+
+    def delivery_id(self, seq: int) -> str:
+        return f"{self.created_index}.{seq}"
+
+    def seq_of(self, delivery_id: Any) -> int | None:
+        if not isinstance(delivery_id, str):
+            return None
+        created, _, seq = delivery_id.partition(".")
+        if created != str(self.created_index) or not seq.isdigit() or len(seq) > 19:
+            return None
+        return int(seq)
+
+    def push_ready(self, entry: Entry) -> None:
+        entry.state = "ready"
+        entry.member = None
+        self.ready_count += 1
+        heapq.heappush(self.ready, (-entry.priority, entry.seq))
+        if len(self.ready) > 2 * self.ready_count + 64:
+            self.rebuild_ready()
+
+    def rebuild_ready(self) -> None:
+        self.ready = sorted((-e.priority, e.seq) for e in self.entries.values() if e.state == "ready")
+        self.ready_count = len(self.ready)
+
+    def pop_ready(self) -> Entry | None:
+        while self.ready:
+            _, seq = heapq.heappop(self.ready)
+            entry = self.entries.get(seq)
+            if entry is not None and entry.state == "ready":
+                self.ready_count -= 1
+                return entry
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        states = {"pending": self.pending_count,
+                  "delayed": len(self.entries) - self.ready_count - self.pending_count}
+        return {"kind": self.kind, "name": self.name, "topic": self.pattern, "filter": self.filter_text,
+                "guarantee": self.guarantee, "ack_timeout_ms": self.ack_timeout_ms,
+                "max_attempts": self.max_attempts, "backlog": self.ready_count, **states, "dlq": len(self.dlq),
+                "members": list(self.members), **self.counters}
+
+    def to_data(self) -> dict[str, Any]:
+        return {"key": self.key, "pattern": self.pattern, "filter": self.filter_text, "guarantee": self.guarantee,
+                "ack_timeout_ms": self.ack_timeout_ms, "max_attempts": self.max_attempts,
+                "created_index": self.created_index, "next_seq": self.next_seq,
+                "entries": [e.to_data() for e in self.entries.values()],
+                "dlq": [e.to_data() for e in self.dlq.values()], "members": list(self.members),
+                "counters": self.counters}
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Consumer:
+        consumer = cls(data["key"], data["pattern"], data["filter"], data["guarantee"], data["ack_timeout_ms"],
+                       data["max_attempts"], data["created_index"], data["next_seq"])
+        consumer.entries = {row[0]: Entry.from_data(row) for row in data["entries"]}
+        consumer.dlq = {row[0]: Entry.from_data(row) for row in data["dlq"]}
+        consumer.members = dict.fromkeys(data["members"])
+        consumer.counters = dict(data["counters"])
+        consumer.pending_count = sum(1 for e in consumer.entries.values() if e.state == "pending")
+        consumer.filter_tree = filters.parse(consumer.filter_text) if consumer.filter_text else None
+        consumer.rebuild_ready()
+        return consumer
+
+
+@dataclass(slots=True)
+class Subscription:
+    id: str
+    consumer: str  # consumer key
+    agent: str | None
+    created_ms: int
+
+    def to_data(self) -> list[Any]:
+        return [self.id, self.consumer, self.agent, self.created_ms]
+
+
+# -- the bus ----------------------------------------------------------------------------
+
+def _backoff_ms(retry: dict[str, Any], attempts: int) -> int:
+    delay = retry["backoff_ms"] * retry["backoff_multiplier"] ** max(0, attempts - 1)
+    return int(min(delay, retry["max_backoff_ms"]))
+
+
+def effective_guarantee(subscription: str, message: str) -> str:
+    return subscription if _RANK[subscription] < _RANK[message] else message
+
+
+class Bus:
+    def __init__(self, limits: BusLimits | None = None) -> None:
+        self.limits = limits or BusLimits()
+        self.topics: dict[str, Topic] = {}
+        self.bodies: dict[tuple[str, int], Body] = {}
+        self.consumers: dict[str, Consumer] = {}
+        self.subscriptions: dict[str, Subscription] = {}
+        self.exact: dict[str, dict[str, None]] = {}   # topic -> consumer keys subscribed to exactly it
+        self.wildcard: dict[str, None] = {}           # consumer keys with a wildcard pattern
+        self.timers: list[tuple[int, int, str, str, int, int, int]] = []  # (due, n, kind, key, a, b, c)
+        self.timer_seq = 0
+        self.dedupe: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()  # (topic,id)->(offset,ms)
+        self.counters = {"published": 0, "duplicates": 0, "expired": 0, "evicted": 0, "events_dropped": 0}
+        self._evictable: list[tuple[int, str, int]] = []  # heap of (index, topic, offset); stale keys skipped
+        self.evictable_count = 0
+
+    # -- bodies and their lifetime -----------------------------------------------------
+
+    def _is_evictable(self, body: Body) -> bool:
+        return body.retained and not body.holders
+
+    def _hold(self, body: Body, consumer_key: str, seq: int) -> None:
+        if self._is_evictable(body):
+            self.evictable_count -= 1
+        body.holders[consumer_key] = seq
+
+    def _release(self, body: Body, consumer_key: str) -> None:
+        body.holders.pop(consumer_key, None)
+        if body.holders:
+            return
+        if body.retained:
+            self.evictable_count += 1
+            heapq.heappush(self._evictable, (body.index, body.topic, body.offset))
+        else:
+            del self.bodies[(body.topic, body.offset)]
+
+    def _unretain(self, body: Body) -> None:
+        """The topic no longer retains ``body`` (count, age, eviction)."""
+        if not body.retained:
+            return
+        topic = self.topics[body.topic]
+        topic.log.pop(body.offset, None)
+        if self._is_evictable(body):
+            self.evictable_count -= 1
+        body.retained = False
+        if not body.holders:
+            del self.bodies[(body.topic, body.offset)]
+
+    def _evict_one(self) -> bool:
+        while self._evictable:
+            _, topic, offset = heapq.heappop(self._evictable)
+            body = self.bodies.get((topic, offset))
+            if body is not None and self._is_evictable(body):
+                self._unretain(body)
+                self.counters["evicted"] += 1
+                return True
+        return False
+
+    def room_for(self, count: int) -> bool:
+        return len(self.bodies) - self.evictable_count + count <= self.limits.messages_max
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def _timer(self, due_ms: int, kind: str, key: str, a: int, b: int = 0, c: int = 0) -> None:
+        self.timer_seq += 1
+        heapq.heappush(self.timers, (due_ms, self.timer_seq, kind, key, a, b, c))
+
+    def _arm_ttl(self, body: Body) -> None:
+        if body.expires_ms is not None and body.holders and not body.ttl_armed:
+            body.ttl_armed = True
+            self._timer(body.expires_ms, "ttl", body.topic, body.offset)
+
+    def next_due_ms(self) -> int | None:
+        """When the leader should next propose ``bus.tick`` (None: nothing waits)."""
+        return self.timers[0][0] if self.timers else None
+
+    def tick(self, ctx: ApplyContext) -> dict[str, Any]:
+        fired = 0
+        while self.timers and self.timers[0][0] <= ctx.now_ms and fired < self.limits.timers_per_tick:
+            due, _, kind, key, a, b, c = heapq.heappop(self.timers)
+            fired += 1
+            if kind == "redeliver":
+                self._on_redeliver(ctx, key, c, a, b, due)
+            elif kind == "ttl":
+                self._on_ttl(ctx, key, a)
+            elif kind == "age":
+                self._on_age(ctx, key, due)
+            else:
+                raise InvariantError(f"unknown bus timer {kind!r}")
+        return {"fired": fired, "next_due_ms": self.next_due_ms()}
+
+    def _on_redeliver(self, ctx: ApplyContext, consumer_key: str, created_index: int, seq: int, attempts: int,
+                      due: int) -> None:
+        consumer = self.consumers.get(consumer_key)
+        if consumer is None or consumer.created_index != created_index:
+            return  # the consumer was dropped (and perhaps made again under the same name)
+        entry = consumer.entries.get(seq)
+        if entry is None or entry.state not in ("pending", "delayed") \
+                or entry.attempts != attempts or entry.due_ms != due:
+            return  # acked, nacked again, or dead since
+        if entry.state == "pending":
+            consumer.pending_count -= 1
+        body = self.bodies[(entry.topic, entry.offset)]
+        if body.expires_ms is not None and body.expires_ms <= ctx.now_ms:
+            self._dead_letter(ctx, consumer, entry, "ttl")
+        elif entry.attempts >= self._max_attempts(consumer, body):
+            self._dead_letter(ctx, consumer, entry, "max_attempts")
+        else:
+            consumer.push_ready(entry)
+
+    def _on_ttl(self, ctx: ApplyContext, topic: str, offset: int) -> None:
+        body = self.bodies.get((topic, offset))
+        if body is None:
+            return
+        body.ttl_armed = False
+        self.counters["expired"] += 1
+        for consumer_key, seq in list(body.holders.items()):
+            consumer = self.consumers[consumer_key]
+            entry = consumer.entries.get(seq)
+            # A pending entry was delivered in time; its redelivery timer checks the TTL.
+            if entry is not None and entry.state in ("ready", "delayed"):
+                if entry.state == "ready":
+                    consumer.ready_count -= 1  # its heap key goes stale
+                self._dead_letter(ctx, consumer, entry, "ttl")
+
+    def _on_age(self, ctx: ApplyContext, name: str, due: int) -> None:
+        topic = self.topics.get(name)
+        if topic is None or topic.age_timer_ms != due:
+            return
+        topic.age_timer_ms = None
+        self._trim_age(ctx, topic)
+
+    def _trim_age(self, ctx: ApplyContext, topic: Topic) -> None:
+        max_age = self._max_age(topic)
+        while topic.log:
+            body = self.bodies[(topic.name, next(iter(topic.log)))]
+            if body.publish_ms + max_age > ctx.now_ms:
+                if topic.age_timer_ms is None:
+                    topic.age_timer_ms = body.publish_ms + max_age
+                    self._timer(topic.age_timer_ms, "age", topic.name, 0)
+                return
+            self._unretain(body)
+
+    def _max_age(self, topic: Topic) -> int:
+        return topic.max_age_ms if topic.max_age_ms is not None else self.limits.retention_age_ms
+
+    def _max_messages(self, topic: Topic) -> int:
+        return topic.max_messages if topic.max_messages is not None else self.limits.retention_messages
+
+    # -- topics ---------------------------------------------------------------------------
+
+    def configure_topic(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+        name = check_topic(args.get("topic"))
+        max_messages = args.get("max_messages")
+        max_age_ms = args.get("max_age_ms")
+        if max_messages is not None:
+            check_int(max_messages, "max_messages", 0, 10_000_000)
+        if max_age_ms is not None:
+            check_int(max_age_ms, "max_age_ms", 1000, 365 * 86_400_000)
+        topic = self.topics.get(name)
+        if topic is None:
+            if len(self.topics) >= self.limits.topics_max:
+                raise Rejected("unavailable", f"too many topics ({self.limits.topics_max})")
+            topic = self.topics[name] = Topic(name)
+        topic.max_messages = max_messages
+        topic.max_age_ms = max_age_ms
+        self._trim_count(topic)
+        self._trim_age(ctx, topic)
+        return self.describe_topic(topic)
+
+    def describe_topic(self, topic: Topic) -> dict[str, Any]:
+        first = next(iter(topic.log), None)
+        return {"topic": topic.name, "next_offset": topic.next_offset, "first_offset": first,
+                "retained": len(topic.log), "published": topic.published,
+                "max_messages": self._max_messages(topic), "max_age_ms": self._max_age(topic)}
+
+    def _trim_count(self, topic: Topic) -> None:
+        limit = self._max_messages(topic)
+        while len(topic.log) > limit:
+            self._unretain(self.bodies[(topic.name, next(iter(topic.log)))])
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def check_publish(self, ctx: ApplyContext, args: dict[str, Any],
+                      agent_exists: Any) -> tuple[str, list[dict[str, Any]]]:
+        """Validate a publish completely before anything changes."""
+        topic = check_topic(args.get("topic"))
+        raw = args.get("messages")
+        if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_BATCH:
+            raise invalid("messages", f"must be a list of 1 to {MAX_BATCH} messages")
+        if topic.startswith(RESERVED_PREFIXES):
+            raise invalid("topic", f"{topic!r} is reserved for the cluster's own events")
+        messages = []
+        for i, item in enumerate(raw):
+            try:
+                message = normalize(item, ctx.now_ms)
+                if not message["deliveryOptions"]["persistent"]:
+                    raise invalid("deliveryOptions.persistent",
+                                  "a message that is not persistent is routed by the leader, not logged")
+                if topic.startswith("task."):
+                    _check_task_event(topic, message)
+                for j, agent in enumerate(message["destination"]):
+                    if not agent_exists(agent):
+                        raise Rejected("not_found", f"destination[{j}]: agent {agent!r} is not registered")
+            except Rejected as exc:
+                if len(raw) == 1:
+                    raise
+                raise Rejected(exc.code, f"messages[{i}].{exc.message}") from None
+            messages.append(message)
+        if topic not in self.topics and len(self.topics) >= self.limits.topics_max:
+            raise Rejected("unavailable", f"too many topics ({self.limits.topics_max})")
+        if not self.room_for(len(messages)):
+            raise Rejected("unavailable", f"the bus holds {self.limits.messages_max} messages; "
+                                          "consumers must ack (or topics retain less) before more are accepted")
+        return topic, messages
+
+    def publish(self, ctx: ApplyContext, topic_name: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        topic = self.topics.get(topic_name)
+        if topic is None:
+            topic = self.topics[topic_name] = Topic(topic_name)
+        self._prune_dedupe(ctx.now_ms)
+        out = []
+        for message in messages:
+            exactly_once = message["deliveryOptions"]["guarantee"] == "exactly-once"
+            if exactly_once and (topic_name, message["id"]) in self.dedupe:
+                offset, _ = self.dedupe[(topic_name, message["id"])]
+                self.counters["duplicates"] += 1
+                out.append({"id": message["id"], "offset": offset, "duplicate": True})
+                continue
+            offset = self._store(ctx, topic, message, retain=not message["destination"])
+            if exactly_once:
+                self.dedupe[(topic_name, message["id"])] = (offset, ctx.now_ms)
+                if len(self.dedupe) > self.limits.dedupe_max:
+                    self.dedupe.popitem(last=False)
+            out.append({"id": message["id"], "offset": offset})
+        return {"topic": topic_name, "index": ctx.index, "messages": out}
+
+    def _prune_dedupe(self, now_ms: int) -> None:
+        horizon = now_ms - self.limits.dedupe_window_ms
+        while self.dedupe and next(iter(self.dedupe.values()))[1] < horizon:
+            self.dedupe.popitem(last=False)
+
+    def _store(self, ctx: ApplyContext, topic: Topic, message: dict[str, Any], *, retain: bool) -> int:
+        offset = topic.next_offset
+        topic.next_offset += 1
+        topic.published += 1
+        self.counters["published"] += 1
+        ttl = message["ttl"]
+        while len(self.bodies) >= self.limits.messages_max and self._evict_one():
+            pass
+        body = Body(topic.name, offset, ctx.index, ctx.now_ms, message,
+                    None if ttl is None else ctx.now_ms + ttl, retained=False)
+        self.bodies[(topic.name, offset)] = body
+        if message["destination"]:
+            for agent in message["destination"]:
+                self._enqueue(ctx, self._inbox(ctx, agent), body)
+        else:
+            for consumer in self._routes(topic.name):
+                if consumer.filter_tree is None or filters.evaluate(consumer.filter_tree, message):
+                    self._enqueue(ctx, consumer, body)
+        self._arm_ttl(body)
+        if retain and self._max_messages(topic) > 0:
+            body.retained = True
+            topic.log[offset] = None
+            if not body.holders:
+                self.evictable_count += 1
+                heapq.heappush(self._evictable, (body.index, body.topic, body.offset))
+            self._trim_count(topic)
+            if topic.age_timer_ms is None and topic.log:
+                self._trim_age(ctx, topic)
+        elif not body.holders:
+            del self.bodies[(topic.name, offset)]
+        return offset
+
+    def _routes(self, topic: str) -> list[Consumer]:
+        keys = list(self.exact.get(topic, ()))
+        keys.extend(k for k in self.wildcard if matches(self.consumers[k].pattern or "", topic))
+        return [self.consumers[k] for k in keys]
+
+    def _inbox(self, ctx: ApplyContext, agent: str) -> Consumer:
+        key = "a:" + agent
+        consumer = self.consumers.get(key)
+        if consumer is None:
+            consumer = self.consumers[key] = Consumer(key, None, None, "exactly-once", None, None, ctx.index)
+        return consumer
+
+    def _enqueue(self, ctx: ApplyContext, consumer: Consumer, body: Body) -> None:
+        if body.expires_ms is not None and body.expires_ms <= ctx.now_ms:
+            return
+        seq = consumer.next_seq
+        consumer.next_seq += 1
+        consumer.counters["enqueued"] += 1
+        entry = Entry(seq, body.topic, body.offset, body.message["priority"])
+        self._hold(body, consumer.key, seq)
+        if len(consumer.entries) >= self.limits.queue_max:
+            consumer.counters["overflowed"] += 1
+            self._dead_letter(ctx, consumer, entry, "overflow", in_entries=False)
+            return
+        consumer.entries[seq] = entry
+        consumer.push_ready(entry)
+
+    def publish_events(self, ctx: ApplyContext, events: list[Event]) -> None:
+        """The cluster's own events (agent.*, lock.*, system.*) as bus messages on
+        topics named by their type. Delivered to live subscriptions only: they
+        are not retained for replay (``/v1/events`` keeps their history)."""
+        for event in events:
+            message = _event_message(event)
+            topic = self.topics.get(event.type)
+            routed = any(c.filter_tree is None or filters.evaluate(c.filter_tree, message)
+                         for c in self._routes(event.type))
+            if not routed and (topic is None or self._max_messages(topic) == 0):
+                continue
+            if not self.room_for(1):
+                self.counters["events_dropped"] += 1
+                continue
+            if topic is None:
+                topic = self.topics[event.type] = Topic(event.type, max_messages=0)
+            self._store(ctx, topic, message, retain=True)
+
+    # -- consumers and subscriptions --------------------------------------------------------
+
+    def subscribe(self, ctx: ApplyContext, args: dict[str, Any], agent_exists: Any) -> dict[str, Any]:
+        pattern = check_pattern(args.get("topic"))
+        group = args.get("group")
+        if group is not None:
+            check_str(group, "group", MAX_ID_LEN)
+        filter_text = args.get("filter")
+        tree = filters.parse(filter_text) if filter_text is not None else None
+        guarantee = args.get("guarantee", "at-least-once")
+        if guarantee not in GUARANTEES:
+            raise invalid("guarantee", f"must be one of {', '.join(GUARANTEES)}")
+        ack_timeout_ms = args.get("ack_timeout_ms")
+        if ack_timeout_ms is not None:
+            check_int(ack_timeout_ms, "ack_timeout_ms", 100, MAX_DELAY_MS)
+        max_attempts = args.get("max_attempts")
+        if max_attempts is not None:
+            check_int(max_attempts, "max_attempts", 1, 100)
+        agent = args.get("agent")
+        if agent is not None:
+            check_str(agent, "agent", MAX_ID_LEN)
+            if not agent_exists(agent):
+                raise Rejected("not_found", f"agent: {agent!r} is not registered")
+        start, start_value = self._check_start(args, pattern)
+        if len(self.subscriptions) >= self.limits.subscriptions_max:
+            raise Rejected("unavailable", f"too many subscriptions ({self.limits.subscriptions_max})")
+        sub_id = f"sub-{ctx.index}"
+        key = "g:" + group if group is not None else "s:" + sub_id
+        consumer = self.consumers.get(key)
+        if consumer is not None:
+            settings = (consumer.pattern, consumer.filter_text, consumer.guarantee, consumer.ack_timeout_ms,
+                        consumer.max_attempts)
+            if settings != (pattern, filter_text, guarantee, ack_timeout_ms, max_attempts):
+                raise Rejected("conflict", f"group {group!r} exists with another topic, filter, guarantee, "
+                                           "ack timeout or max attempts")
+            replayed = 0
+        else:
+            if len(self.consumers) >= self.limits.consumers_max:
+                raise Rejected("unavailable", f"too many consumers ({self.limits.consumers_max})")
+            consumer = Consumer(key, pattern, filter_text, guarantee, ack_timeout_ms, max_attempts, ctx.index,
+                                filter_tree=tree)
+            self.consumers[key] = consumer
+            if is_pattern(pattern):
+                self.wildcard[key] = None
+            else:
+                self.exact.setdefault(pattern, {})[key] = None
+            replayed = self._replay(ctx, consumer, start, start_value)
+        consumer.members[sub_id] = None
+        self.subscriptions[sub_id] = Subscription(sub_id, key, agent, ctx.now_ms)
+        return {"id": sub_id, "group": group, "replayed": replayed, "consumer": consumer.describe()}
+
+    def _check_start(self, args: dict[str, Any], pattern: str) -> tuple[str, int]:
+        start = args.get("start", "new")
+        if start not in START_KINDS:
+            raise invalid("start", f"must be one of {', '.join(START_KINDS)}")
+        value = args.get("start_value", 0)
+        check_int(value, "start_value", 0, MAX_OFFSET)
+        if start == "offset" and is_pattern(pattern):
+            raise invalid("start_offset", "an offset names a position in one topic; use a topic without wildcards")
+        if start == "offset":
+            topic = self.topics.get(pattern)
+            first = next(iter(topic.log), None) if topic else None
+            if topic is not None and value < topic.next_offset and (first is None or value < first):
+                raise Rejected("compacted", f"start_offset: offset {value} of {pattern!r} is no longer retained; "
+                                            f"the oldest retained is {first if first is not None else 'none'}")
+        return start, value
+
+    def _replay(self, ctx: ApplyContext, consumer: Consumer, start: str, value: int) -> int:
+        if start == "new":
+            return 0
+        found: list[Body] = []
+        for name, topic in self.topics.items():
+            if not matches(consumer.pattern or "", name):
+                continue
+            for offset in topic.log:
+                body = self.bodies[(name, offset)]
+                if start == "offset" and offset < value:
+                    continue
+                if start == "time" and body.publish_ms < value:
+                    continue
+                if consumer.filter_tree is None or filters.evaluate(consumer.filter_tree, body.message):
+                    found.append(body)
+        found.sort(key=lambda b: (b.index, b.topic, b.offset))
+        replayed = 0
+        for body in found:
+            if len(consumer.entries) >= self.limits.queue_max:
+                break
+            before = consumer.next_seq
+            self._enqueue(ctx, consumer, body)
+            replayed += consumer.next_seq - before
+        for body in found:
+            self._arm_ttl(body)
+        return replayed
+
+    def unsubscribe(self, ctx: ApplyContext, sub_id: str) -> dict[str, Any]:
+        sub = self.subscriptions.pop(sub_id, None)
+        if sub is None:
+            raise Rejected("not_found", f"subscription {sub_id!r} does not exist")
+        consumer = self.consumers[sub.consumer]
+        consumer.members.pop(sub_id, None)
+        dropped = 0
+        if consumer.kind == "subscription":
+            dropped = self._drop_consumer(consumer)
+        return {"id": sub_id, "dropped": dropped}
+
+    def delete_group(self, ctx: ApplyContext, group: str) -> dict[str, Any]:
+        consumer = self.consumers.get("g:" + group)
+        if consumer is None:
+            raise Rejected("not_found", f"group {group!r} does not exist")
+        for sub_id in consumer.members:
+            self.subscriptions.pop(sub_id, None)
+        return {"group": group, "dropped": self._drop_consumer(consumer)}
+
+    def drop_agent(self, agent: str) -> None:
+        """An agent left: its inbox and the subscriptions it owned go with it."""
+        for sub in [s for s in self.subscriptions.values() if s.agent == agent]:
+            del self.subscriptions[sub.id]
+            consumer = self.consumers[sub.consumer]
+            consumer.members.pop(sub.id, None)
+            if consumer.kind == "subscription":
+                self._drop_consumer(consumer)
+        inbox = self.consumers.get("a:" + agent)
+        if inbox is not None:
+            self._drop_consumer(inbox)
+
+    def _drop_consumer(self, consumer: Consumer) -> int:
+        del self.consumers[consumer.key]
+        self.wildcard.pop(consumer.key, None)
+        if consumer.pattern is not None and consumer.pattern in self.exact:
+            self.exact[consumer.pattern].pop(consumer.key, None)
+            if not self.exact[consumer.pattern]:
+                del self.exact[consumer.pattern]
+        dropped = 0
+        for entry in (*consumer.entries.values(), *consumer.dlq.values()):
+            self._release(self.bodies[(entry.topic, entry.offset)], consumer.key)
+            dropped += 1
+        return dropped
+
+    def consumer_of(self, args: dict[str, Any]) -> Consumer:
+        """The consumer a command names: ``sub`` (a subscription id) or ``agent`` (its inbox)."""
+        if args.get("agent") is not None:
+            agent = check_str(args["agent"], "agent", MAX_ID_LEN)
+            consumer = self.consumers.get("a:" + agent)
+            if consumer is None:
+                raise Rejected("not_found", f"agent {agent!r} has no inbox (nothing was sent to it)")
+            return consumer
+        sub_id = check_str(args.get("sub"), "sub", MAX_ID_LEN)
+        sub = self.subscriptions.get(sub_id)
+        if sub is None:
+            raise Rejected("not_found", f"subscription {sub_id!r} does not exist")
+        return self.consumers[sub.consumer]
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    def _max_attempts(self, consumer: Consumer, body: Body) -> int:
+        if consumer.max_attempts is not None:
+            return consumer.max_attempts
+        return body.message["deliveryOptions"]["retry"]["max_attempts"]
+
+    def deliver(self, ctx: ApplyContext, consumer: Consumer, member: str | None, max_n: int) -> dict[str, Any]:
+        """Hand out up to ``max_n`` ready messages, highest priority first."""
+        out = []
+        while len(out) < max_n:
+            entry = consumer.pop_ready()
+            if entry is None:
+                break
+            body = self.bodies[(entry.topic, entry.offset)]
+            if body.expires_ms is not None and body.expires_ms <= ctx.now_ms:
+                self._dead_letter(ctx, consumer, entry, "ttl")
+                continue
+            entry.attempts += 1
+            consumer.counters["delivered"] += 1
+            if entry.attempts > 1:
+                consumer.counters["redelivered"] += 1
+            options = body.message["deliveryOptions"]
+            guarantee = effective_guarantee(consumer.guarantee, options["guarantee"])
+            out.append({"delivery_id": consumer.delivery_id(entry.seq), "attempt": entry.attempts,
+                        "topic": entry.topic, "offset": entry.offset, "guarantee": guarantee,
+                        "message": body.message})
+            if guarantee == "at-most-once":
+                del consumer.entries[entry.seq]
+                self._release(body, consumer.key)
+                continue
+            timeout = consumer.ack_timeout_ms if consumer.ack_timeout_ms is not None else options["timeout"]
+            entry.state = "pending"
+            entry.member = member
+            entry.due_ms = ctx.now_ms + timeout + _backoff_ms(options["retry"], entry.attempts)
+            consumer.pending_count += 1
+            self._timer(entry.due_ms, "redeliver", consumer.key, entry.seq, entry.attempts, consumer.created_index)
+        return {"deliveries": out, "backlog": consumer.ready_count}
+
+    def ack(self, ctx: ApplyContext, consumer: Consumer, delivery_ids: list[Any]) -> dict[str, Any]:
+        seqs = self._seqs(consumer, delivery_ids)
+        acked, unknown = [], []
+        for delivery_id, seq in seqs:
+            entry = consumer.entries.pop(seq, None) if seq is not None else None
+            if entry is None and seq is not None:
+                entry = consumer.dlq.pop(seq, None)  # processed after all: it leaves the DLQ
+            if entry is None:
+                unknown.append(delivery_id)
+                continue
+            if entry.state == "ready":
+                consumer.ready_count -= 1
+            elif entry.state == "pending":
+                consumer.pending_count -= 1
+            consumer.counters["acked"] += 1
+            self._release(self.bodies[(entry.topic, entry.offset)], consumer.key)
+            acked.append(delivery_id)
+        return {"acked": acked, "unknown": unknown}
+
+    def nack(self, ctx: ApplyContext, consumer: Consumer, args: dict[str, Any]) -> dict[str, Any]:
+        seqs = self._seqs(consumer, args.get("delivery_ids"))
+        delay_ms = args.get("delay_ms")
+        if delay_ms is not None:
+            check_int(delay_ms, "delay_ms", 0, MAX_DELAY_MS)
+        dead = args.get("dead_letter", False)
+        if not isinstance(dead, bool):
+            raise invalid("dead_letter", "must be true or false")
+        nacked, unknown = [], []
+        for delivery_id, seq in seqs:
+            entry = consumer.entries.get(seq) if seq is not None else None
+            if entry is None or entry.state != "pending":
+                unknown.append(delivery_id)
+                continue
+            consumer.pending_count -= 1
+            consumer.counters["nacked"] += 1
+            nacked.append(delivery_id)
+            body = self.bodies[(entry.topic, entry.offset)]
+            if dead:
+                self._dead_letter(ctx, consumer, entry, "rejected")
+            elif entry.attempts >= self._max_attempts(consumer, body):
+                self._dead_letter(ctx, consumer, entry, "max_attempts")
+            else:
+                delay = delay_ms if delay_ms is not None else \
+                    _backoff_ms(body.message["deliveryOptions"]["retry"], entry.attempts)
+                if delay == 0:
+                    consumer.push_ready(entry)
+                else:
+                    entry.state = "delayed"
+                    entry.member = None
+                    entry.due_ms = ctx.now_ms + delay
+                    self._timer(entry.due_ms, "redeliver", consumer.key, entry.seq, entry.attempts,
+                                consumer.created_index)
+        return {"nacked": nacked, "unknown": unknown}
+
+    def _seqs(self, consumer: Consumer, delivery_ids: Any) -> list[tuple[Any, int | None]]:
+        if not isinstance(delivery_ids, list) or not 1 <= len(delivery_ids) <= MAX_ACK_IDS:
+            raise invalid("delivery_ids", f"must be a list of 1 to {MAX_ACK_IDS} delivery ids")
+        for i, delivery_id in enumerate(delivery_ids):
+            if not isinstance(delivery_id, str) or not 1 <= len(delivery_id) <= 64:
+                raise invalid(f"delivery_ids[{i}]", "must be a delivery id string")
+        return [(d, consumer.seq_of(d)) for d in dict.fromkeys(delivery_ids)]
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    def _dead_letter(self, ctx: ApplyContext, consumer: Consumer, entry: Entry, reason: str, *,
+                     in_entries: bool = True) -> None:
+        if in_entries:
+            consumer.entries.pop(entry.seq, None)
+        entry.state = "dead"
+        entry.member = None
+        entry.reason = reason
+        entry.dead_ms = ctx.now_ms
+        consumer.dlq[entry.seq] = entry
+        consumer.counters["dead_lettered"] += 1
+        while len(consumer.dlq) > self.limits.dlq_max:
+            oldest = consumer.dlq.pop(next(iter(consumer.dlq)))
+            consumer.counters["dlq_dropped"] += 1
+            self._release(self.bodies[(oldest.topic, oldest.offset)], consumer.key)
+
+    def dead_letters(self, consumer: Consumer, limit: int) -> list[dict[str, Any]]:
+        out = []
+        for entry in consumer.dlq.values():
+            if len(out) >= limit:
+                break
+            out.append({"delivery_id": consumer.delivery_id(entry.seq), "reason": entry.reason,
+                        "attempts": entry.attempts, "dead_ms": entry.dead_ms, "topic": entry.topic,
+                        "offset": entry.offset, "message": self.bodies[(entry.topic, entry.offset)].message})
+        return out
+
+    def redrive(self, ctx: ApplyContext, consumer: Consumer, delivery_ids: Any) -> dict[str, Any]:
+        """Dead letters back to the ready queue with fresh attempts (all when
+        ``delivery_ids`` is None). They keep their delivery ids."""
+        chosen = self._dead(consumer, delivery_ids)
+        room = self.limits.queue_max - len(consumer.entries)
+        if len(chosen) > room:
+            raise Rejected("unavailable", f"the queue has room for {max(room, 0)} more messages")
+        for entry in chosen:
+            del consumer.dlq[entry.seq]
+            entry.attempts = 0
+            entry.reason = None
+            consumer.entries[entry.seq] = entry
+            consumer.push_ready(entry)
+            consumer.counters["redriven"] += 1
+        return {"redriven": [consumer.delivery_id(e.seq) for e in chosen]}
+
+    def purge(self, ctx: ApplyContext, consumer: Consumer, delivery_ids: Any) -> dict[str, Any]:
+        chosen = self._dead(consumer, delivery_ids)
+        for entry in chosen:
+            del consumer.dlq[entry.seq]
+            self._release(self.bodies[(entry.topic, entry.offset)], consumer.key)
+        return {"purged": len(chosen)}
+
+    def _dead(self, consumer: Consumer, delivery_ids: Any) -> list[Entry]:
+        if delivery_ids is None:
+            return list(consumer.dlq.values())
+        chosen = []
+        for delivery_id, seq in self._seqs(consumer, delivery_ids):
+            entry = consumer.dlq.get(seq) if seq is not None else None
+            if entry is None:
+                raise Rejected("not_found", f"delivery {delivery_id!r} is not a dead letter of this consumer")
+            chosen.append(entry)
+        return chosen
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "topics": [t.to_data() for t in self.topics.values()],
+            "bodies": [b.to_data() for b in self.bodies.values()],
+            "consumers": [c.to_data() for c in self.consumers.values()],
+            "subscriptions": [s.to_data() for s in self.subscriptions.values()],
+            "timers": [list(t) for t in sorted(self.timers)],
+            "timer_seq": self.timer_seq,
+            "dedupe": [[t, i, o, ms] for (t, i), (o, ms) in self.dedupe.items()],
+            "counters": self.counters,
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], limits: BusLimits | None = None) -> Bus:
+        bus = cls(limits)
+        bus.topics = {row[0]: Topic.from_data(row) for row in data["topics"]}
+        bus.bodies = {(row[0], row[1]): Body.from_data(row) for row in data["bodies"]}
+        for row in data["consumers"]:
+            consumer = Consumer.from_data(row)
+            bus.consumers[consumer.key] = consumer
+            if consumer.pattern is None:
+                continue
+            if is_pattern(consumer.pattern):
+                bus.wildcard[consumer.key] = None
+            else:
+                bus.exact.setdefault(consumer.pattern, {})[consumer.key] = None
+        bus.subscriptions = {row[0]: Subscription(*row) for row in data["subscriptions"]}
+        bus.timers = [tuple(t) for t in data["timers"]]  # type: ignore[misc]
+        bus.timer_seq = data["timer_seq"]
+        bus.dedupe = OrderedDict(((t, i), (o, ms)) for t, i, o, ms in data["dedupe"])
+        bus.counters = dict(data["counters"])
+        bus._evictable = sorted((b.index, b.topic, b.offset) for b in bus.bodies.values() if bus._is_evictable(b))
+        bus.evictable_count = len(bus._evictable)
+        return bus
+
+
+_EVENT_OPTIONS = normalize({"id": "x", "type": "event", "source": "x"}, 0)["deliveryOptions"]
+
+
+def _event_message(event: Event) -> dict[str, Any]:
+    return {"id": f"event-{event.seq}", "type": "event", "source": "coordinator", "destination": [],
+            "timestamp": event.time_ms, "correlationId": None, "replyTo": None, "priority": 5, "ttl": None,
+            "headers": {"seq": str(event.seq), "index": str(event.index)}, "payload": event.data,
+            "deliveryOptions": _EVENT_OPTIONS}
+
+
+def _check_task_event(topic: str, message: dict[str, Any]) -> None:
+    """``task.<status>`` topics carry typed task events."""
+    status = topic[len("task."):]
+    if status not in TASK_STATUSES:
+        raise invalid("topic", f"task events go to task.<status>, status one of {', '.join(TASK_STATUSES)}")
+    if message["type"] != "event":
+        raise invalid("type", "task events have type event")
+    payload = message["payload"]
+    if not isinstance(payload, dict):
+        raise invalid("payload", "a task event's payload is an object with taskId")
+    check_str(payload.get("taskId"), "payload.taskId", MAX_ID_LEN)
+    if payload.get("agentId") is not None:
+        check_str(payload["agentId"], "payload.agentId", MAX_ID_LEN)
+    if payload.get("progress") is not None:
+        check_number(payload["progress"], "payload.progress", 0, 100)
+    if payload.get("error") is not None:
+        check_str(payload["error"], "payload.error", 4096)
