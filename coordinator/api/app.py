@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from coordinator.api.bus import bus_routes
 from coordinator.api.errors import error_response, render_error
 from coordinator.api.keys import METRICS, NODE
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
@@ -70,5 +71,6 @@ def make_app(node: CoordinatorNode) -> web.Application:
     app[NODE] = node
     app[METRICS] = HttpMetrics(node)
     app.router.add_routes(routes)
+    app.router.add_routes(bus_routes)
     app.router.add_get("/metrics", metrics_handler)
     return app

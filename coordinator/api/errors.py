@@ -23,6 +23,7 @@ STATUS_BY_CODE = {
     "unavailable": 503,
     "not_leader": 503,
     "outcome_unknown": 504,
+    "timeout": 504,
 }
 
 

@@ -7,7 +7,9 @@ Loop thread only.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,7 @@ from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, Unavailable
 from coordinator.ports import Clock, ConsensusEngine, Rng
 from coordinator.services.applier import Applier
+from coordinator.services.bus import BusService
 from coordinator.services.leases import LeaseKeeper, NotLeader
 from coordinator.services.proposals import Proposer, raise_for
 from coordinator.services.reads import Reads
@@ -64,6 +67,7 @@ class CoordinatorNode:
                                  leader_hint=self.leader_http)
         self.reads = Reads(self.proposer, applier)
         self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock)
+        self.bus = BusService(applier, self.proposer, self.reads, engine, clock, rng, node_id=identity.node_id)
         self.forward_timeout_s = forward_timeout_s
         # Serve default reads from local state without a barrier. Wrong on purpose:
         # it exists so the chaos checker can show it catches stale reads.
@@ -82,6 +86,7 @@ class CoordinatorNode:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.forward_timeout_s))
         await self.engine.start()
         self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
+        self._tasks.append(asyncio.create_task(self.bus.run(), name="bus"))
         self._tasks.append(asyncio.create_task(self._register_self(), name="register-self"))
 
     async def stop(self) -> None:
@@ -89,6 +94,7 @@ class CoordinatorNode:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.leases.stop()
+        await self.bus.stop()
         await self.engine.stop()
         if self._session is not None:
             await self._session.close()
@@ -96,6 +102,7 @@ class CoordinatorNode:
     def _on_role(self, role: str) -> None:
         self.leader_changes += 1
         self.leases.on_role(role)
+        self.bus.on_role(role)
 
     async def _register_self(self) -> None:
         """Make sure the member table maps this node's Raft address to its HTTP
@@ -160,6 +167,7 @@ class CoordinatorNode:
             "healthy": st.healthy,
             "problem": st.problem,
             "leases_active": self.leases.active,
+            "bus": self.bus.status(),
             "unsafe_stale_reads": self.unsafe_stale_reads,
             "members": members,
             "http": self.identity.http,
@@ -236,17 +244,34 @@ class CoordinatorNode:
 
     async def _forward_heartbeat(self, agent_id: str, leader_raft: str | None) -> dict[str, Any]:
         leader = self.http_of(leader_raft)
-        if leader is None or self._session is None:
-            raise Unavailable("no leader known", retry_after_s=0.5)
-        url = f"http://{leader}/v1/agents/{agent_id}/heartbeat"
+        status, raw, _ = await self.forward("POST", f"/v1/agents/{urllib.parse.quote(agent_id, safe='')}/heartbeat",
+                                            b"{}", self.forward_timeout_s)
         try:
-            async with self._session.post(url, json={}, headers={FORWARD_HEADER: "1"}) as response:
-                body = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            body = json.loads(raw)
+        except ValueError:
+            body = {}
+        if status == 404:
+            raise NotFound(body.get("error", {}).get("message", f"agent {agent_id!r} is not registered"))
+        if status != 200:
+            raise Unavailable(f"leader answered {status}", retry_after_s=0.5, leader=leader)
+        return body
+
+    async def forward(self, method: str, path_qs: str, body: bytes | None, timeout_s: float
+                      ) -> tuple[int, bytes, dict[str, str]]:
+        """Send one HTTP request to the leader, marked as forwarded (the leader
+        never forwards it again). Returns status, body and the headers worth
+        passing on. ``Unavailable`` when no leader is known or it cannot be reached."""
+        st = self.engine.status()
+        leader = self.http_of(st.leader)
+        if leader is None or self._session is None or st.leader == st.node:
+            raise Unavailable("no leader known", retry_after_s=0.5)
+        headers = {FORWARD_HEADER: "1", "Content-Type": "application/json"}
+        try:
+            async with self._session.request(method, f"http://{leader}{path_qs}", data=body, headers=headers,
+                                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                raw = await response.read()
+                passed = {k: v for k, v in response.headers.items() if k in ("Retry-After", "Content-Type")}
+                return response.status, raw, passed
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unavailable(f"forwarding to the leader failed: {type(exc).__name__}", retry_after_s=0.5,
                               leader=leader) from None
-        if response.status == 404:
-            raise NotFound(body.get("error", {}).get("message", f"agent {agent_id!r} is not registered"))
-        if response.status != 200:
-            raise Unavailable(f"leader answered {response.status}", retry_after_s=0.5, leader=leader)
-        return body

@@ -37,6 +37,7 @@ from coordinator.state.topics import check_pattern, check_topic, is_pattern, mat
 from coordinator.types import Event
 
 RESERVED_PREFIXES = ("agent.", "lock.", "system.")
+REPLY_PREFIX = "_reply."  # topics of replies to requests: not retained unless configured
 TASK_STATUSES = ("started", "progress", "completed", "failed", "cancelled")
 START_KINDS = ("new", "beginning", "offset", "time")
 MAX_BATCH = 1000
@@ -392,7 +393,9 @@ class Bus:
         return topic.max_age_ms if topic.max_age_ms is not None else self.limits.retention_age_ms
 
     def _max_messages(self, topic: Topic) -> int:
-        return topic.max_messages if topic.max_messages is not None else self.limits.retention_messages
+        if topic.max_messages is not None:
+            return topic.max_messages
+        return 0 if topic.name.startswith(REPLY_PREFIX) else self.limits.retention_messages
 
     # -- topics ---------------------------------------------------------------------------
 
@@ -474,12 +477,12 @@ class Bus:
                 self.counters["duplicates"] += 1
                 out.append({"id": message["id"], "offset": offset, "duplicate": True})
                 continue
-            offset = self._store(ctx, topic, message, retain=not message["destination"])
+            offset, routed = self._store(ctx, topic, message, retain=not message["destination"])
             if exactly_once:
                 self.dedupe[(topic_name, message["id"])] = (offset, ctx.now_ms)
                 if len(self.dedupe) > self.limits.dedupe_max:
                     self.dedupe.popitem(last=False)
-            out.append({"id": message["id"], "offset": offset})
+            out.append({"id": message["id"], "offset": offset, "routed": routed})
         return {"topic": topic_name, "index": ctx.index, "messages": out}
 
     def _prune_dedupe(self, now_ms: int) -> None:
@@ -487,7 +490,8 @@ class Bus:
         while self.dedupe and next(iter(self.dedupe.values()))[1] < horizon:
             self.dedupe.popitem(last=False)
 
-    def _store(self, ctx: ApplyContext, topic: Topic, message: dict[str, Any], *, retain: bool) -> int:
+    def _store(self, ctx: ApplyContext, topic: Topic, message: dict[str, Any], *, retain: bool) -> tuple[int, int]:
+        """Store and route one message: its offset and how many consumers took it."""
         offset = topic.next_offset
         topic.next_offset += 1
         topic.published += 1
@@ -502,9 +506,9 @@ class Bus:
             for agent in message["destination"]:
                 self._enqueue(ctx, self._inbox(ctx, agent), body)
         else:
-            for consumer in self._routes(topic.name):
-                if consumer.filter_tree is None or filters.evaluate(consumer.filter_tree, message):
-                    self._enqueue(ctx, consumer, body)
+            for consumer in self.matching(topic.name, message):
+                self._enqueue(ctx, consumer, body)
+        routed = len(body.holders)
         self._arm_ttl(body)
         if retain and self._max_messages(topic) > 0:
             body.retained = True
@@ -517,12 +521,15 @@ class Bus:
                 self._trim_age(ctx, topic)
         elif not body.holders:
             del self.bodies[(topic.name, offset)]
-        return offset
+        return offset, routed
 
-    def _routes(self, topic: str) -> list[Consumer]:
+    def matching(self, topic: str, message: dict[str, Any]) -> list[Consumer]:
+        """The subscriptions and groups that take ``message`` on ``topic``
+        (pattern and filter), in a deterministic order."""
         keys = list(self.exact.get(topic, ()))
         keys.extend(k for k in self.wildcard if matches(self.consumers[k].pattern or "", topic))
-        return [self.consumers[k] for k in keys]
+        consumers = [self.consumers[k] for k in keys]
+        return [c for c in consumers if c.filter_tree is None or filters.evaluate(c.filter_tree, message)]
 
     def _inbox(self, ctx: ApplyContext, agent: str) -> Consumer:
         key = "a:" + agent
@@ -553,9 +560,7 @@ class Bus:
         for event in events:
             message = _event_message(event)
             topic = self.topics.get(event.type)
-            routed = any(c.filter_tree is None or filters.evaluate(c.filter_tree, message)
-                         for c in self._routes(event.type))
-            if not routed and (topic is None or self._max_messages(topic) == 0):
+            if not self.matching(event.type, message) and (topic is None or self._max_messages(topic) == 0):
                 continue
             if not self.room_for(1):
                 self.counters["events_dropped"] += 1

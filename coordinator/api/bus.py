@@ -1,0 +1,385 @@
+"""HTTP routes of the bus: topics, subscriptions, deliveries, acks, dead
+letters, agents' inboxes and request/reply. Parse → one service call → render.
+
+Fetches, streams, requests and at-most-once publishes are served by the
+leader; on a follower they are forwarded to it (``_here_or_leader``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+from coordinator.api import schemas as s
+from coordinator.api.keys import NODE
+from coordinator.errors import CoordinatorError, InvalidInput, NotFound, Unavailable
+from coordinator.services.bus import NotLeader
+from coordinator.services.node import FORWARD_HEADER, CoordinatorNode
+from coordinator.state.bus import MAX_FETCH, START_KINDS
+from coordinator.state.messages import FIELDS as MESSAGE_FIELDS
+from coordinator.state.messages import GUARANTEES
+
+bus_routes = web.RouteTableDef()
+
+WAIT_MAX_S = 60.0
+FORWARD_MARGIN_S = 5.0
+DLQ_LIMIT_MAX = 10_000
+STREAM_WAIT_S = 10.0
+
+
+def _node(request: web.Request) -> CoordinatorNode:
+    return request.app[NODE]
+
+
+def _ok(body: Any, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+
+
+async def _here_or_leader(request: web.Request, call: Any, timeout_s: float) -> web.Response:
+    """Serve ``call()`` on this node, or forward the request to the leader
+    when the service says only the leader can serve it."""
+    node = _node(request)
+    try:
+        return _ok(await call())
+    except NotLeader:
+        if request.headers.get(FORWARD_HEADER) == "1":
+            raise Unavailable("this node is not the leader", retry_after_s=0.3, leader=node.leader_http()) from None
+    body = await request.read() if request.can_read_body else None
+    status, raw, headers = await node.forward(request.method, request.raw_path, body, timeout_s)
+    return web.Response(status=status, body=raw, headers=headers)
+
+
+def _topic(request: web.Request) -> str:
+    return s.name(request.match_info["topic"], "topic", 256)
+
+
+def _selector(request: web.Request) -> dict[str, str]:
+    """Which consumer a route names: a subscription, or an agent's inbox."""
+    if "sub" in request.match_info:
+        return {"sub": s.name(request.match_info["sub"], "id", 128)}
+    return {"agent": s.name(request.match_info["agent"], "id", 128)}
+
+
+def _delivery_ids(body: dict[str, Any], required: bool = True) -> list[str] | None:
+    ids = body.get("delivery_ids")
+    if ids is None and not required:
+        return None
+    if not isinstance(ids, list) or not ids:
+        raise InvalidInput("delivery_ids: must be a non-empty list of delivery ids", field="delivery_ids")
+    return ids
+
+
+# -- topics ------------------------------------------------------------------------------
+
+@bus_routes.get("/v1/topics")
+async def topics_list(request: web.Request) -> web.Response:
+    node = _node(request)
+    await node.read_barrier(s.consistency(request))
+    bus = node.applier.machine.bus
+    prefix = s.prefix(request)
+    return _ok({"topics": [bus.describe_topic(t) for name, t in bus.topics.items() if name.startswith(prefix)]})
+
+
+@bus_routes.get("/v1/topics/{topic}")
+async def topics_get(request: web.Request) -> web.Response:
+    node = _node(request)
+    name = _topic(request)
+    await node.read_barrier(s.consistency(request))
+    topic = node.applier.machine.bus.topics.get(name)
+    if topic is None:
+        raise NotFound(f"topic {name!r} has no messages and no settings")
+    return _ok(node.applier.machine.bus.describe_topic(topic))
+
+
+@bus_routes.put("/v1/topics/{topic}")
+async def topics_configure(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"max_messages", "max_age_s", "request_id"})
+    args: dict[str, Any] = {"topic": _topic(request)}
+    if body.get("max_messages") is not None:
+        args["max_messages"] = s.integer(body["max_messages"], "max_messages", 0, 10_000_000)
+    if body.get("max_age_s") is not None:
+        args["max_age_ms"] = int(s.number(body["max_age_s"], "max_age_s", 1, 365 * 86_400) * 1000)
+    return _ok(await _node(request).write("bus.topic.configure", args, s.request_id(request, body)))
+
+
+@bus_routes.get("/v1/topics/{topic}/messages")
+async def topics_read(request: web.Request) -> web.Response:
+    """Read retained messages directly, from an offset (no subscription, no acks)."""
+    node = _node(request)
+    name = _topic(request)
+    from_offset = s.query_int(request, "from_offset", 1, 0, 2**63 - 1)
+    limit = s.query_int(request, "limit", 100, 1, 10_000)
+    await node.read_barrier(s.consistency(request))
+    bus = node.applier.machine.bus
+    topic = bus.topics.get(name)
+    if topic is None:
+        return _ok({"topic": name, "messages": [], "next_offset": 1, "first_offset": None})
+    first = next(iter(topic.log), None)
+    out = []
+    for offset in topic.log:
+        if offset >= from_offset:
+            body = bus.bodies[(name, offset)]
+            out.append({"offset": offset, "index": body.index, "publish_ms": body.publish_ms,
+                        "message": body.message})
+            if len(out) >= limit:
+                break
+    return _ok({"topic": name, "messages": out, "first_offset": first, "next_offset": topic.next_offset})
+
+
+@bus_routes.post("/v1/topics/{topic}/messages")
+async def topics_publish(request: web.Request) -> web.Response:
+    node = _node(request)
+    topic = _topic(request)
+    body = await s.json_body(request, MESSAGE_FIELDS | {"messages", "request_id"})
+    request_id = s.request_id(request, body)
+    body.pop("request_id", None)
+    if "messages" in body:
+        if set(body) != {"messages"}:
+            extra = sorted(set(body) - {"messages"})[0]
+            raise InvalidInput(f"{extra}: a batch carries only messages (and request_id)", field=extra)
+        if not isinstance(body["messages"], list):
+            raise InvalidInput("messages: must be a list of messages", field="messages")
+        raw, single = body["messages"], False
+    else:
+        raw, single = [body], True
+    messages = node.bus.normalize_all(raw)
+
+    async def publish() -> dict[str, Any]:
+        result = await node.bus.publish(topic, messages, request_id)
+        return {**result["messages"][0], "topic": topic} if single else result
+
+    timeout = node.proposer.timeout_s + FORWARD_MARGIN_S
+    if node.bus.needs_leader(messages):
+        return await _here_or_leader(request, publish, timeout)
+    return _ok(await publish())
+
+
+@bus_routes.post("/v1/topics/{topic}/request")
+async def topics_request(request: web.Request) -> web.Response:
+    """Publish a request and answer with the response (504 when none comes in time)."""
+    node = _node(request)
+    topic = _topic(request)
+    body = await s.json_body(request, MESSAGE_FIELDS | {"timeout_s"})
+    timeout_s = s.number(body.pop("timeout_s", 30.0), "timeout_s", 0.1, 300.0)
+    body["type"] = body.get("type", "request")
+    if body["type"] != "request":
+        raise InvalidInput("type: a request has type request", field="type")
+    body.setdefault("replyTo", node.bus.reply_topic())
+    message = node.bus.normalize_all([body])[0]
+    return await _here_or_leader(request, lambda: node.bus.request(topic, message, timeout_s),
+                                 timeout_s + FORWARD_MARGIN_S)
+
+
+# -- subscriptions -------------------------------------------------------------------------
+
+@bus_routes.post("/v1/subscriptions")
+async def subscriptions_create(request: web.Request) -> web.Response:
+    node = _node(request)
+    body = await s.json_body(request, {"topic", "group", "filter", "guarantee", "ack_timeout_s", "max_attempts",
+                                       "start", "start_offset", "start_time_ms", "agent", "request_id"})
+    args: dict[str, Any] = {"topic": s.name(body.get("topic"), "topic", 256)}
+    if body.get("group") is not None:
+        args["group"] = s.name(body["group"], "group", 128)
+    if body.get("filter") is not None:
+        args["filter"] = body["filter"]
+    guarantee = body.get("guarantee", "at-least-once")
+    if guarantee not in GUARANTEES:
+        raise InvalidInput(f"guarantee: must be one of {', '.join(GUARANTEES)}", field="guarantee")
+    args["guarantee"] = guarantee
+    if body.get("ack_timeout_s") is not None:
+        args["ack_timeout_ms"] = int(s.number(body["ack_timeout_s"], "ack_timeout_s", 0.1, 3600) * 1000)
+    if body.get("max_attempts") is not None:
+        args["max_attempts"] = s.integer(body["max_attempts"], "max_attempts", 1, 100)
+    if body.get("agent") is not None:
+        args["agent"] = s.name(body["agent"], "agent", 128)
+    args.update(_start(body))
+    node.bus.check_subscription(args)
+    result = await node.write("bus.subscribe", args, s.request_id(request, body))
+    return _ok(result, status=201)
+
+
+def _start(body: dict[str, Any]) -> dict[str, Any]:
+    given = [f for f in ("start", "start_offset", "start_time_ms") if body.get(f) is not None]
+    if len(given) > 1:
+        raise InvalidInput(f"{given[1]}: give only one of start, start_offset and start_time_ms", field=given[1])
+    if body.get("start_offset") is not None:
+        return {"start": "offset", "start_value": s.integer(body["start_offset"], "start_offset", 0, 2**63 - 1)}
+    if body.get("start_time_ms") is not None:
+        return {"start": "time", "start_value": s.integer(body["start_time_ms"], "start_time_ms", 0, 2**63 - 1)}
+    start = body.get("start", "new")
+    if start not in ("new", "beginning"):
+        kinds = ", ".join(k for k in START_KINDS if k in ("new", "beginning"))
+        raise InvalidInput(f"start: must be {kinds} (or give start_offset or start_time_ms)", field="start")
+    return {"start": start}
+
+
+@bus_routes.get("/v1/subscriptions")
+async def subscriptions_list(request: web.Request) -> web.Response:
+    node = _node(request)
+    await node.read_barrier(s.consistency(request))
+    bus = node.applier.machine.bus
+    return _ok({"subscriptions": [_subscription(bus, sub) for sub in bus.subscriptions.values()]})
+
+
+def _subscription(bus: Any, sub: Any) -> dict[str, Any]:
+    return {"id": sub.id, "agent": sub.agent, "created_ms": sub.created_ms, **bus.consumers[sub.consumer].describe()}
+
+
+@bus_routes.get("/v1/subscriptions/{sub}")
+async def subscriptions_get(request: web.Request) -> web.Response:
+    node = _node(request)
+    sub_id = _selector(request)["sub"]
+    await node.read_barrier(s.consistency(request))
+    bus = node.applier.machine.bus
+    sub = bus.subscriptions.get(sub_id)
+    if sub is None:
+        raise NotFound(f"subscription {sub_id!r} does not exist")
+    return _ok(_subscription(bus, sub))
+
+
+@bus_routes.delete("/v1/subscriptions/{sub}")
+async def subscriptions_delete(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"request_id"}, required=False)
+    sub = _selector(request)["sub"]
+    return _ok(await _node(request).write("bus.unsubscribe", {"sub": sub}, s.request_id(request, body)))
+
+
+@bus_routes.delete("/v1/groups/{group}")
+async def groups_delete(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"request_id"}, required=False)
+    group = s.name(request.match_info["group"], "group", 128)
+    return _ok(await _node(request).write("bus.group.delete", {"group": group}, s.request_id(request, body)))
+
+
+# -- deliveries (a subscription's, or an agent's inbox) ------------------------------------------
+
+async def fetch(request: web.Request) -> web.Response:
+    node = _node(request)
+    selector = _selector(request)
+    max_n = s.query_int(request, "max", 10, 1, MAX_FETCH)
+    wait_s = s.query_float(request, "wait_s", 0.0, 0.0, WAIT_MAX_S)
+    return await _here_or_leader(request, lambda: node.bus.fetch(selector, max_n, wait_s), wait_s + FORWARD_MARGIN_S)
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: one ``message`` event per delivery (its id is the
+    delivery id). ``auto_ack=true`` acks each batch once written."""
+    node = _node(request)
+    selector = _selector(request)
+    max_n = s.query_int(request, "max", 100, 1, MAX_FETCH)
+    auto_ack = request.query.get("auto_ack", "false")
+    if auto_ack not in ("true", "false"):
+        raise InvalidInput("auto_ack: must be true or false", field="auto_ack")
+    base = request.raw_path.split("?")[0].rsplit("/", 1)[0]
+    first = await _fetch_anywhere(node, selector, base, max_n, 0.0)  # errors before the stream starts are JSON
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    await response.write(b": connected\n\n")
+    batch = first
+    try:
+        while True:
+            if batch:
+                chunks = [f"id: {d['delivery_id']}\nevent: message\ndata: {json.dumps(d, separators=(',', ':'))}\n\n"
+                          for d in batch]
+                await response.write("".join(chunks).encode())
+                acks = [d["delivery_id"] for d in batch if d["guarantee"] != "at-most-once"]
+                if auto_ack == "true" and acks:
+                    await node.write("bus.ack", {**selector, "delivery_ids": acks})
+            else:
+                await response.write(b": keepalive\n\n")
+            try:
+                batch = await _fetch_anywhere(node, selector, base, max_n, STREAM_WAIT_S)
+            except CoordinatorError as exc:
+                if exc.code in ("unavailable", "not_leader", "outcome_unknown"):
+                    await asyncio.sleep(0.3)  # an election: try again
+                    batch = []
+                    continue
+                payload = json.dumps({"code": exc.code, "message": exc.message})
+                await response.write(f"event: error\ndata: {payload}\n\n".encode())
+                break
+    except ConnectionResetError:
+        pass  # the client went away; what it did not ack comes back after the ack timeout
+    return response
+
+
+async def _fetch_anywhere(node: CoordinatorNode, selector: dict[str, str], base: str, max_n: int,
+                          wait_s: float) -> list[dict[str, Any]]:
+    """A fetch served here when this node is the leader, else by the leader."""
+    try:
+        return (await node.bus.fetch(selector, max_n, wait_s))["messages"]
+    except NotLeader:
+        pass
+    status, raw, _ = await node.forward("GET", f"{base}/messages?max={max_n}&wait_s={wait_s}", None,
+                                        wait_s + FORWARD_MARGIN_S)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {}
+    if status == 200 and isinstance(body, dict) and isinstance(body.get("messages"), list):
+        return body["messages"]
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    message = str(error.get("message", f"the leader answered {status}"))
+    if status == 404:
+        raise NotFound(message)
+    raise Unavailable(message, retry_after_s=0.5) if status >= 500 else CoordinatorError(message)
+
+
+async def ack(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"delivery_ids", "request_id"})
+    args = {**_selector(request), "delivery_ids": _delivery_ids(body)}
+    return _ok(await _node(request).write("bus.ack", args, s.request_id(request, body)))
+
+
+async def nack(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"delivery_ids", "delay_s", "dead_letter", "request_id"})
+    args: dict[str, Any] = {**_selector(request), "delivery_ids": _delivery_ids(body)}
+    if body.get("delay_s") is not None:
+        args["delay_ms"] = int(s.number(body["delay_s"], "delay_s", 0, 3600) * 1000)
+    if body.get("dead_letter") is not None:
+        if not isinstance(body["dead_letter"], bool):
+            raise InvalidInput("dead_letter: must be true or false", field="dead_letter")
+        args["dead_letter"] = body["dead_letter"]
+    return _ok(await _node(request).write("bus.nack", args, s.request_id(request, body)))
+
+
+async def dlq_list(request: web.Request) -> web.Response:
+    node = _node(request)
+    selector = _selector(request)
+    limit = s.query_int(request, "limit", 100, 1, DLQ_LIMIT_MAX)
+    await node.read_barrier(s.consistency(request))
+    bus = node.applier.machine.bus
+    consumer = bus.consumers.get(node.bus.consumer_key(selector))
+    letters = bus.dead_letters(consumer, limit) if consumer else []
+    return _ok({"dead_letters": letters, "count": len(consumer.dlq) if consumer else 0})
+
+
+async def dlq_redrive(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"delivery_ids", "request_id"}, required=False)
+    args: dict[str, Any] = dict(_selector(request))
+    ids = _delivery_ids(body, required=False)
+    if ids is not None:
+        args["delivery_ids"] = ids
+    return _ok(await _node(request).write("bus.dlq.redrive", args, s.request_id(request, body)))
+
+
+async def dlq_purge(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"delivery_ids", "request_id"}, required=False)
+    args: dict[str, Any] = dict(_selector(request))
+    ids = _delivery_ids(body, required=False)
+    if ids is not None:
+        args["delivery_ids"] = ids
+    return _ok(await _node(request).write("bus.dlq.purge", args, s.request_id(request, body)))
+
+
+for _prefix in ("/v1/subscriptions/{sub}", "/v1/agents/{agent}"):
+    bus_routes.get(_prefix + "/messages")(fetch)
+    bus_routes.get(_prefix + "/stream")(stream)
+    bus_routes.post(_prefix + "/ack")(ack)
+    bus_routes.post(_prefix + "/nack")(nack)
+    bus_routes.get(_prefix + "/dlq")(dlq_list)
+    bus_routes.post(_prefix + "/dlq/redrive")(dlq_redrive)
+    bus_routes.post(_prefix + "/dlq/purge")(dlq_purge)

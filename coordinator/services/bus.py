@@ -1,0 +1,433 @@
+"""The bus as a service: publish, subscribe, fetch (long-poll), ack, request/reply,
+and the leader's duties (firing bus timers, routing at-most-once messages).
+
+Who does what:
+
+- Persistent messages, subscriptions, acks, nacks and dead-letter actions are
+  commands; any node proposes them.
+- Fetches are served by the leader: it proposes ``bus.deliver`` (so one clock
+  stamps delivery due times) and holds long-polls in memory. A follower's HTTP
+  layer forwards fetches, streams and requests to the leader.
+- Messages that are not persistent (at-most-once) never enter the log: the
+  leader routes them into in-memory queues and hands each out once. A leader
+  change loses them, as at-most-once allows.
+- The leader proposes ``bus.tick`` whenever the replicated timer heap says a
+  redelivery, a TTL or a retention age is due by its clock.
+
+Loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+from coordinator.errors import CoordinatorError, InvalidInput, NotFound, Unavailable
+from coordinator.ports import Clock, ConsensusEngine, Rng
+from coordinator.services.applier import Applier
+from coordinator.services.proposals import Proposer, raise_for
+from coordinator.services.reads import Reads
+from coordinator.state import filters
+from coordinator.state.base import Rejected
+from coordinator.state.bus import MAX_BATCH, MAX_FETCH, REPLY_PREFIX
+from coordinator.state.messages import normalize
+from coordinator.state.topics import check_pattern, check_topic
+from coordinator.types import Command, Result
+
+log = logging.getLogger(__name__)
+
+VOLATILE_QUEUE_MAX = 10_000
+WAKE_OPS = frozenset({"bus.publish", "bus.tick", "bus.nack", "bus.dlq.redrive", "bus.subscribe"})
+
+
+class RequestTimeout(CoordinatorError):
+    """Nobody answered a request in time (HTTP 504)."""
+
+    code = "timeout"
+
+
+class NotLeader(CoordinatorError):
+    """This node cannot serve the call; the HTTP layer forwards it to the leader."""
+
+    code = "not_leader"
+
+
+def invalid_input(exc: Rejected) -> InvalidInput:
+    field, _, _ = exc.message.partition(":")
+    return InvalidInput(exc.message, field=field or None)
+
+
+class _Volatile:
+    """The leader's in-memory queues of at-most-once messages, per consumer."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, deque[dict[str, Any]]] = {}
+        self.dropped = 0
+        self.routed = 0
+        self._seq = 0
+
+    def put(self, consumer_key: str, delivery: dict[str, Any]) -> None:
+        queue = self.queues.setdefault(consumer_key, deque())
+        if len(queue) >= VOLATILE_QUEUE_MAX:
+            queue.popleft()
+            self.dropped += 1
+        self._seq += 1
+        queue.append({**delivery, "delivery_id": f"v.{self._seq}"})
+        self.routed += 1
+
+    def take(self, consumer_key: str, max_n: int) -> list[dict[str, Any]]:
+        queue = self.queues.get(consumer_key)
+        if not queue:
+            return []
+        ordered = sorted(queue, key=lambda d: -d["message"]["priority"])  # stable: publish order within a priority
+        out, rest = ordered[:max_n], ordered[max_n:]
+        self.queues[consumer_key] = deque(rest)
+        return out
+
+    def clear(self) -> None:
+        self.dropped += sum(len(q) for q in self.queues.values())
+        self.queues.clear()
+
+
+class BusService:
+    def __init__(self, applier: Applier, proposer: Proposer, reads: Reads, engine: ConsensusEngine, clock: Clock,
+                 rng: Rng, *, node_id: str, tick_s: float = 0.05, failure_after_s: float = 3.0) -> None:
+        self.applier = applier
+        self.proposer = proposer
+        self.reads = reads
+        self.engine = engine
+        self.clock = clock
+        self.rng = rng
+        self.node_id = node_id
+        self.tick_s = tick_s
+        self.failure_after_s = failure_after_s
+        self.active = False  # leader, caught up
+        self.volatile = _Volatile()
+        self.ticks = 0
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._replies: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        self._term_task: asyncio.Task[None] | None = None
+        self._tick_task: asyncio.Task[None] | None = None
+        self._unreachable: dict[str, float] = {}  # raft address -> since (monotonic)
+        self._reported: dict[str, None] = {}      # raft addresses reported failed
+        applier.on_apply(self._on_apply)
+        applier.on_reset(self._wake_all)
+
+    # -- leadership ---------------------------------------------------------------------
+
+    def on_role(self, role: str) -> None:
+        if role == "leader":
+            if self._term_task is None or self._term_task.done():
+                self._term_task = asyncio.get_running_loop().create_task(self._take_over())
+        else:
+            self._step_down()
+
+    async def _take_over(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.reads.barrier()
+                break
+            except CoordinatorError:
+                attempt += 1
+                await asyncio.sleep(min(0.05 * attempt, 0.5))
+        self.active = True
+        self._unreachable.clear()
+        self._reported.clear()
+        self._wake_all()
+        st = self.engine.status()
+        await self._report("system.leader.elected", {"node": self.node_id, "term": st.term})
+
+    def _step_down(self) -> None:
+        if self._term_task is not None:
+            self._term_task.cancel()
+        self.active = False
+        self.volatile.clear()
+        self._wake_all()
+
+    async def stop(self) -> None:
+        self._step_down()
+        tasks = [t for t in (self._term_task, self._tick_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for future in self._replies.values():
+            future.cancel()
+
+    async def run(self) -> None:
+        """The leader's duties, every ``tick_s``: fire due bus timers, watch members."""
+        while True:
+            await asyncio.sleep(self.tick_s)
+            if not self.active:
+                continue
+            due = self.applier.machine.bus.next_due_ms()
+            if due is not None and due <= self.clock.now_ms() and (self._tick_task is None or self._tick_task.done()):
+                self._tick_task = asyncio.get_running_loop().create_task(self._tick())
+            self._watch_members()
+
+    async def _tick(self) -> None:
+        try:
+            raise_for(await self.proposer.propose("bus.tick", {}))
+            self.ticks += 1
+        except CoordinatorError as exc:
+            log.info("bus: tick failed (%s); will retry", exc.message)
+
+    def _watch_members(self) -> None:
+        """Failure detection: a member the leader cannot reach for
+        ``failure_after_s`` becomes a committed ``system.failure`` event, and
+        ``system.recovered`` when it is back."""
+        st = self.engine.status()
+        now = self.clock.monotonic()
+        for raft in st.members:
+            if raft == st.node:
+                continue
+            if raft in st.connected:
+                self._unreachable.pop(raft, None)
+                if raft in self._reported:
+                    del self._reported[raft]
+                    self._spawn_report("system.recovered", {"member": self._member_id(raft), "raft": raft})
+                continue
+            since = self._unreachable.setdefault(raft, now)
+            if now - since >= self.failure_after_s and raft not in self._reported:
+                self._reported[raft] = None
+                self._spawn_report("system.failure", {"member": self._member_id(raft), "raft": raft,
+                                                      "reason": "unreachable from the leader",
+                                                      "for_s": round(now - since, 1)})
+
+    def _member_id(self, raft: str) -> str | None:
+        member = self.applier.machine.members.by_raft(raft)
+        return member.id if member else None
+
+    def _spawn_report(self, type_: str, data: dict[str, Any]) -> None:
+        asyncio.get_running_loop().create_task(self._report(type_, data))
+
+    async def _report(self, type_: str, data: dict[str, Any]) -> None:
+        try:
+            raise_for(await self.proposer.propose("system.report", {"type": type_, "data": data}))
+        except CoordinatorError as exc:
+            log.info("bus: reporting %s failed (%s)", type_, exc.message)
+
+    # -- what the log applied -------------------------------------------------------------
+
+    def _on_apply(self, command: Command, result: Result) -> None:
+        if not result.ok:
+            return
+        if command.op == "bus.publish":
+            self._match_replies(command.args.get("topic"), command.args.get("messages") or [])
+        if command.op in WAKE_OPS or result.events:
+            self._wake_ready()
+
+    def _wake_ready(self) -> None:
+        consumers = self.applier.machine.bus.consumers
+        for key in [k for k in self._waiters if (c := consumers.get(k)) is None or c.ready_count > 0]:
+            for future in self._waiters.pop(key):
+                if not future.done():
+                    future.set_result(None)
+
+    def _wake_all(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for futures in waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
+    def _match_replies(self, topic: Any, messages: list[Any]) -> None:
+        if not self._replies:
+            return
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            future = self._replies.get((topic, message.get("correlationId")))
+            if future is not None and not future.done():
+                future.set_result(message)
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def normalize_all(self, raw: list[Any]) -> list[dict[str, Any]]:
+        if not 1 <= len(raw) <= MAX_BATCH:
+            raise InvalidInput(f"messages: must be a list of 1 to {MAX_BATCH} messages", field="messages")
+        now = self.clock.now_ms()
+        out = []
+        for i, item in enumerate(raw):
+            if isinstance(item, dict):
+                item = {"type": "event", "source": "anonymous", **item}
+                if "id" not in item:
+                    options = item.get("deliveryOptions")
+                    if isinstance(options, dict) and options.get("guarantee") == "exactly-once":
+                        raise InvalidInput(_at(i, len(raw), "id: exactly-once messages need an id of the "
+                                                            "publisher's choosing (it is the dedupe key)"),
+                                           field=_at(i, len(raw), "id"))
+                    item["id"] = f"msg-{self.rng.token_hex(8)}"
+            try:
+                out.append(normalize(item, now))
+            except Rejected as exc:
+                raise invalid_input(Rejected(exc.code, _at(i, len(raw), exc.message))) from None
+        return out
+
+    def needs_leader(self, messages: list[dict[str, Any]]) -> bool:
+        return any(not m["deliveryOptions"]["persistent"] for m in messages)
+
+    async def publish(self, topic: str, messages: list[dict[str, Any]], request_id: str | None = None
+                      ) -> dict[str, Any]:
+        """Publish normalised messages. Persistent ones are one command; the
+        others are routed by this node, which must be the leader (else
+        ``NotLeader``: the HTTP layer forwards)."""
+        try:
+            check_topic(topic)
+        except Rejected as exc:
+            raise invalid_input(exc) from None
+        volatile = [m for m in messages if not m["deliveryOptions"]["persistent"]]
+        persistent = [m for m in messages if m["deliveryOptions"]["persistent"]]
+        if volatile and not self.active:
+            raise NotLeader("at-most-once messages are routed by the leader")
+        answers: dict[int, dict[str, Any]] = {}
+        if volatile:
+            self._check_volatile(topic, volatile)
+        if persistent:
+            result = raise_for(await self.proposer.propose("bus.publish", {"topic": topic, "messages": persistent},
+                                                           request_id))
+            for message, answer in zip(persistent, result["messages"], strict=True):
+                answers[id(message)] = answer
+        for message in volatile:
+            answers[id(message)] = {"id": message["id"], "offset": None, "routed": self._route_volatile(topic,
+                                                                                                       message)}
+        return {"topic": topic, "messages": [answers[id(m)] for m in messages]}
+
+    def _check_volatile(self, topic: str, messages: list[dict[str, Any]]) -> None:
+        if topic.startswith(("agent.", "lock.", "system.", "task.")):
+            raise InvalidInput(f"topic: {topic!r} carries the cluster's typed events; publish them persistent",
+                               field="topic")
+        agents = self.applier.machine.registry.agents
+        for message in messages:
+            for j, agent in enumerate(message["destination"]):
+                if agent not in agents:
+                    raise NotFound(f"destination[{j}]: agent {agent!r} is not registered")
+
+    def _route_volatile(self, topic: str, message: dict[str, Any]) -> int:
+        bus = self.applier.machine.bus
+        if message["destination"]:
+            keys = ["a:" + agent for agent in message["destination"]]
+        else:
+            keys = [c.key for c in bus.matching(topic, message)]
+        delivery = {"attempt": 1, "topic": topic, "offset": None, "guarantee": "at-most-once", "message": message}
+        for key in keys:
+            self.volatile.put(key, delivery)
+        self._match_replies(topic, [message])
+        for key in keys:
+            for future in self._waiters.pop(key, []):
+                if not future.done():
+                    future.set_result(None)
+        return len(keys)
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    def check_subscription(self, args: dict[str, Any]) -> None:
+        """Refuse a bad pattern or filter before it costs a log entry."""
+        try:
+            check_pattern(args.get("topic"))
+            if args.get("filter") is not None:
+                filters.parse(args["filter"])
+        except Rejected as exc:
+            raise invalid_input(exc) from None
+
+    # -- fetching -------------------------------------------------------------------------------
+
+    def consumer_key(self, selector: dict[str, str]) -> str:
+        bus = self.applier.machine.bus
+        if "agent" in selector:
+            return "a:" + selector["agent"]
+        sub = bus.subscriptions.get(selector["sub"])
+        if sub is None:
+            raise NotFound(f"subscription {selector['sub']!r} does not exist")
+        return sub.consumer
+
+    async def fetch(self, selector: dict[str, str], max_n: int, wait_s: float) -> dict[str, Any]:
+        """Up to ``max_n`` deliveries, waiting up to ``wait_s`` for the first.
+        Leader only (``NotLeader`` otherwise)."""
+        if not 1 <= max_n <= MAX_FETCH:
+            raise InvalidInput(f"max: must be between 1 and {MAX_FETCH}", field="max")
+        deadline = self.clock.monotonic() + wait_s
+        while True:
+            if not self.active:
+                raise NotLeader("fetches are served by the leader")
+            key = self.consumer_key(selector)
+            bus = self.applier.machine.bus
+            consumer = bus.consumers.get(key)
+            agents = self.applier.machine.registry.agents
+            if consumer is None and "agent" in selector and selector["agent"] not in agents:
+                raise NotFound(f"agent {selector['agent']!r} is not registered")
+            deliveries = self.volatile.take(key, max_n)
+            if consumer is not None and consumer.ready_count > 0 and len(deliveries) < max_n:
+                result = raise_for(await self.proposer.propose("bus.deliver", {**selector,
+                                                                               "max": max_n - len(deliveries)}))
+                deliveries.extend(result["deliveries"])
+            remaining = deadline - self.clock.monotonic()
+            if deliveries or remaining <= 0:
+                current = self.applier.machine.bus.consumers.get(key)
+                return {"messages": [_render(d) for d in deliveries],
+                        "backlog": current.ready_count if current else 0}
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(key, []).append(future)
+            try:
+                async with asyncio.timeout(remaining):
+                    await future
+            except TimeoutError:
+                pass
+            finally:
+                waiting = self._waiters.get(key)
+                if waiting and future in waiting:
+                    waiting.remove(future)
+                    if not waiting:
+                        del self._waiters[key]
+
+    # -- request / reply --------------------------------------------------------------------------
+
+    async def request(self, topic: str, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Publish a request and wait for the response whose ``correlationId``
+        is the request's id on its ``replyTo`` topic. Leader only."""
+        if not self.active:
+            raise NotLeader("requests are served by the leader")
+        key = (message["replyTo"], message["id"])
+        if key in self._replies:
+            raise InvalidInput(f"id: a request with id {message['id']!r} is already waiting", field="id")
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[key] = future
+        try:
+            published = await self.publish(topic, [message])
+            if published["messages"][0].get("routed") == 0:
+                raise Unavailable(f"no responders: no subscription on {topic!r} took the request",
+                                  retry_after_s=1.0)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    response = await future
+            except TimeoutError:
+                raise RequestTimeout(f"no response to request {message['id']!r} on {topic!r} within "
+                                     f"{timeout_s:g} s (replies are expected on {message['replyTo']!r})") from None
+        finally:
+            self._replies.pop(key, None)
+        return {"request": {"id": message["id"], "topic": topic, "offset": published["messages"][0]["offset"]},
+                "response": response}
+
+    def reply_topic(self) -> str:
+        return f"{REPLY_PREFIX}{self.node_id}"
+
+    # -- status ---------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        bus = self.applier.machine.bus
+        return {"topics": len(bus.topics), "consumers": len(bus.consumers), "subscriptions": len(bus.subscriptions),
+                "messages_held": len(bus.bodies), "timers": len(bus.timers), "active": self.active,
+                "volatile_routed": self.volatile.routed, "volatile_dropped": self.volatile.dropped,
+                **bus.counters}
+
+
+def _render(delivery: dict[str, Any]) -> dict[str, Any]:
+    return {"delivery_id": delivery["delivery_id"], "attempt": delivery["attempt"],
+            "redelivered": delivery["attempt"] > 1, "topic": delivery["topic"], "offset": delivery["offset"],
+            "guarantee": delivery["guarantee"], "message": delivery["message"]}
+
+
+def _at(i: int, n: int, message: str) -> str:
+    return message if n == 1 else f"messages[{i}].{message}"
