@@ -174,8 +174,10 @@ async def test_events_list_filters_by_type_and_seq(h: Harness) -> None:
 
     _, everything = await h.call("GET", "/v1/events", expect=200)
     types = [e["type"] for e in everything["events"]]
-    assert types == ["system.member.joined", "agent.spawned", "lock.acquired", "agent.health.changed",
-                     "agent.terminated", "lock.released"]
+    # The node's own registration and the leader's election come first, in either order.
+    assert sorted(types[:2]) == ["system.leader.elected", "system.member.joined"]
+    assert types[2:] == ["agent.spawned", "lock.acquired", "agent.health.changed", "agent.terminated",
+                         "lock.released"]
     assert everything["last_seq"] == len(types)
     assert [e["seq"] for e in everything["events"]] == list(range(1, len(types) + 1))
 
@@ -183,8 +185,8 @@ async def test_events_list_filters_by_type_and_seq(h: Harness) -> None:
     assert [e["type"] for e in agents["events"]] == ["agent.spawned", "agent.health.changed", "agent.terminated"]
     _, exact = await h.call("GET", "/v1/events?types=lock.acquired,agent.spawned", expect=200)
     assert [e["type"] for e in exact["events"]] == ["agent.spawned", "lock.acquired"]
-    _, later = await h.call("GET", "/v1/events?from_seq=4&types=agent.*", expect=200)
-    assert [e["seq"] for e in later["events"]] == [4, 5]
+    _, later = await h.call("GET", "/v1/events?from_seq=5&types=agent.*", expect=200)
+    assert [e["seq"] for e in later["events"]] == [5, 6]
     _, limited = await h.call("GET", "/v1/events?limit=2", expect=200)
     assert [e["seq"] for e in limited["events"]] == [1, 2]
     _, future = await h.call("GET", "/v1/events?from_seq=100", expect=200)
