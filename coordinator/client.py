@@ -30,6 +30,7 @@ from coordinator.errors import (
     InvalidInput,
     NotFound,
     OutcomeUnknown,
+    RequestTimeout,
     TooLarge,
     Unavailable,
 )
@@ -106,13 +107,17 @@ class CoordinatorClient:
     # -- transport -----------------------------------------------------------------
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                      params: dict[str, Any] | None = None, *, timeout_s: float | None = None) -> Any:
+                      params: dict[str, Any] | None = None, *, timeout_s: float | None = None,
+                      attempt_timeout_s: float | None = None) -> Any:
         """One API call with retries across nodes until the deadline.
 
         Raises the mapped error for 4xx answers at once; ``Unavailable`` or
         ``OutcomeUnknown`` when the deadline passes without an answer.
+        ``attempt_timeout_s`` bounds one attempt (long-polls need more than
+        the default ``request_timeout_s``).
         """
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        per_attempt = {"timeout": aiohttp.ClientTimeout(total=attempt_timeout_s)} if attempt_timeout_s else {}
         last: CoordinatorError = Unavailable("no attempt made")
         attempt = 0
         while True:
@@ -120,7 +125,8 @@ class CoordinatorClient:
             hint = None
             retry_after = min(0.05 * 2 ** min(attempt, 5), 1.0)
             try:
-                async with self._http().request(method, self.endpoint + path, json=body, params=params) as response:
+                async with self._http().request(method, self.endpoint + path, json=body, params=params,
+                                                **per_attempt) as response:
                     text = await response.text()
                     status = response.status
                     data = json.loads(text) if text else None
@@ -133,6 +139,8 @@ class CoordinatorClient:
                         last = Unavailable(message, leader=hint)
                         with contextlib.suppress(ValueError):
                             retry_after = min(float(response.headers.get("Retry-After", retry_after)), 1.0)
+                    elif status == 504 and error.get("code") == "timeout":
+                        raise RequestTimeout(message)
                     elif status == 504:
                         last = OutcomeUnknown(message)
                     elif status == 400:
@@ -283,6 +291,195 @@ class CoordinatorClient:
             return False
         return True
 
+    # -- bus ---------------------------------------------------------------------------------------
+
+    async def publish(self, topic: str, message: dict[str, Any] | None = None, *,
+                      messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Publish one message (answer: its id, offset, routed) or a batch in one
+        log entry (``messages=``; answer: ``{"topic", "messages": [...]}``).
+        Retries reuse one request id, so a retried publish is stored once."""
+        if (message is None) == (messages is None):
+            raise InvalidInput("give message or messages", field="message")
+        body: dict[str, Any] = dict(message) if message is not None else {"messages": messages}
+        body["request_id"] = self._request_id()
+        return await self.request("POST", f"/v1/topics/{_seg(topic)}/messages", body)
+
+    def publisher(self, topic: str, *, max_batch: int = 100, linger_s: float = 0.002) -> Publisher:
+        """Client-side batching: ``await pub.publish(msg)`` returns when the
+        batch holding ``msg`` committed; see ``Publisher``."""
+        return Publisher(self, topic, max_batch=max_batch, linger_s=linger_s)
+
+    async def subscribe(self, topic: str, *, group: str | None = None, filter: str | None = None,
+                        guarantee: str = "at-least-once", ack_timeout_s: float | None = None,
+                        max_attempts: int | None = None, start: str | None = None, start_offset: int | None = None,
+                        start_time_ms: int | None = None, agent: str | None = None) -> str:
+        """A subscription id. ``group`` joins (or creates) a consumer group."""
+        body: dict[str, Any] = {"topic": topic, "guarantee": guarantee, "request_id": self._request_id()}
+        optional = {"group": group, "filter": filter, "ack_timeout_s": ack_timeout_s, "max_attempts": max_attempts,
+                    "start": start, "start_offset": start_offset, "start_time_ms": start_time_ms, "agent": agent}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return (await self.request("POST", "/v1/subscriptions", body))["id"]
+
+    async def unsubscribe(self, subscription: str) -> bool:
+        try:
+            await self.request("DELETE", f"/v1/subscriptions/{_seg(subscription)}",
+                               {"request_id": self._request_id()})
+        except NotFound:
+            return False
+        return True
+
+    async def subscription(self, subscription: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/subscriptions/{_seg(subscription)}")
+
+    @staticmethod
+    def _consumer(subscription: str | None, agent: str | None) -> str:
+        if (subscription is None) == (agent is None):
+            raise InvalidInput("give a subscription or an agent (its inbox)", field="subscription")
+        return f"/v1/subscriptions/{_seg(subscription)}" if subscription else f"/v1/agents/{_seg(agent or '')}"
+
+    async def fetch(self, subscription: str | None = None, *, agent: str | None = None, max: int = 10,
+                    wait_s: float = 0.0) -> list[dict[str, Any]]:
+        """Deliveries (``delivery_id``, ``attempt``, ``message``...), waiting up
+        to ``wait_s`` for the first. Ack what you processed; the rest comes
+        back after the ack timeout."""
+        path = self._consumer(subscription, agent) + "/messages"
+        answer = await self.request("GET", path, params={"max": max, "wait_s": wait_s},
+                                    timeout_s=self.timeout_s + wait_s,
+                                    attempt_timeout_s=wait_s + self.request_timeout_s)
+        return answer["messages"]
+
+    async def ack(self, subscription: str | None, delivery_ids: list[str], *,
+                  agent: str | None = None) -> dict[str, Any]:
+        path = self._consumer(subscription, agent) + "/ack"
+        return await self.request("POST", path, {"delivery_ids": delivery_ids, "request_id": self._request_id()})
+
+    async def nack(self, subscription: str | None, delivery_ids: list[str], *, agent: str | None = None,
+                   delay_s: float | None = None, dead_letter: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"delivery_ids": delivery_ids, "dead_letter": dead_letter,
+                                "request_id": self._request_id()}
+        if delay_s is not None:
+            body["delay_s"] = delay_s
+        return await self.request("POST", self._consumer(subscription, agent) + "/nack", body)
+
+    async def dead_letters(self, subscription: str | None, *, agent: str | None = None,
+                           limit: int = 100) -> list[dict[str, Any]]:
+        path = self._consumer(subscription, agent) + "/dlq"
+        return (await self.request("GET", path, params={"limit": limit}))["dead_letters"]
+
+    async def redrive(self, subscription: str | None, delivery_ids: list[str] | None = None, *,
+                      agent: str | None = None) -> list[str]:
+        body: dict[str, Any] = {"request_id": self._request_id()}
+        if delivery_ids is not None:
+            body["delivery_ids"] = delivery_ids
+        path = self._consumer(subscription, agent) + "/dlq/redrive"
+        return (await self.request("POST", path, body))["redriven"]
+
+    async def purge(self, subscription: str | None, delivery_ids: list[str] | None = None, *,
+                    agent: str | None = None) -> int:
+        body: dict[str, Any] = {"request_id": self._request_id()}
+        if delivery_ids is not None:
+            body["delivery_ids"] = delivery_ids
+        return (await self.request("POST", self._consumer(subscription, agent) + "/dlq/purge", body))["purged"]
+
+    async def configure_topic(self, topic: str, *, max_messages: int | None = None,
+                              max_age_s: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"request_id": self._request_id()}
+        if max_messages is not None:
+            body["max_messages"] = max_messages
+        if max_age_s is not None:
+            body["max_age_s"] = max_age_s
+        return await self.request("PUT", f"/v1/topics/{_seg(topic)}", body)
+
+    async def topic_messages(self, topic: str, *, from_offset: int = 1, limit: int = 100) -> list[dict[str, Any]]:
+        """Retained messages of ``topic`` from an offset (no subscription needed)."""
+        answer = await self.request("GET", f"/v1/topics/{_seg(topic)}/messages",
+                                    params={"from_offset": from_offset, "limit": limit})
+        return answer["messages"]
+
+    async def call(self, topic: str, payload: Any, *, timeout_s: float = 30.0,
+                   headers: dict[str, str] | None = None, message_id: str | None = None) -> dict[str, Any]:
+        """Request/reply: the response message. ``RequestTimeout`` when no one
+        answers within ``timeout_s``; ``Unavailable`` when no one subscribes."""
+        body: dict[str, Any] = {"type": "request", "payload": payload, "timeout_s": timeout_s,
+                                "id": message_id or f"req-{self._request_id()}"}
+        if headers:
+            body["headers"] = headers
+        answer = await self.request("POST", f"/v1/topics/{_seg(topic)}/request", body,
+                                    timeout_s=timeout_s + self.timeout_s, attempt_timeout_s=timeout_s + 5)
+        return answer["response"]
+
+    async def reply(self, request_message: dict[str, Any], payload: Any, *,
+                    headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """Answer a request message received from ``fetch``."""
+        message: dict[str, Any] = {"type": "response", "correlationId": request_message["id"], "payload": payload}
+        if headers:
+            message["headers"] = headers
+        return await self.publish(request_message["replyTo"], message)
+
+    async def stream(self, subscription: str | None = None, *, agent: str | None = None, max: int = 100,
+                     auto_ack: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Deliveries as Server-Sent Events; reconnects to any node. Without
+        ``auto_ack``, ack what you processed (what you do not comes back)."""
+        path = self._consumer(subscription, agent) + "/stream"
+        params = {"max": str(max), "auto_ack": "true" if auto_ack else "false"}
+        failures = 0
+        while True:
+            try:
+                timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+                async with self._http().get(self.endpoint + path, params=params, timeout=timeout) as response:
+                    if response.status == 404:
+                        raise NotFound((await response.json()).get("error", {}).get("message", "not found"))
+                    if response.status != 200:
+                        raise Unavailable(f"stream answered {response.status}")
+                    failures = 0
+                    async for event_type, _, data in _sse_events(response):
+                        if event_type == "error":
+                            raise ApiError(500, data.get("message", "stream error"))
+                        yield data
+            except (aiohttp.ClientError, TimeoutError, Unavailable):
+                failures += 1
+                if failures > 20:
+                    raise
+                self._move(None)
+                await asyncio.sleep(min(0.1 * failures, 1.0))
+
+    async def consume(self, subscription: str | None, handler: Any, *, agent: str | None = None, max: int = 100,
+                      wait_s: float = 5.0, stop: asyncio.Event | None = None, remember: int = 100_000) -> None:
+        """Fetch, call ``await handler(delivery)`` for each, ack in batches,
+        until ``stop`` is set. A handler that raises gets its delivery nacked.
+
+        Deliveries whose handler already succeeded are remembered (the last
+        ``remember`` delivery ids), so a redelivery after a lost ack is acked
+        again without calling the handler twice: with exactly-once messages
+        this is the consumer's half of exactly-once processing (within one
+        process; across restarts, keep the ids with your side effects).
+        """
+        done: dict[str, None] = {}
+        while stop is None or not stop.is_set():
+            try:
+                deliveries = await self.fetch(subscription, agent=agent, max=max, wait_s=wait_s)
+            except (Unavailable, OutcomeUnknown):
+                continue
+            acks, nacks = [], []
+            for delivery in deliveries:
+                delivery_id = delivery["delivery_id"]
+                if delivery_id not in done:
+                    try:
+                        await handler(delivery)
+                    except Exception:
+                        nacks.append(delivery_id)
+                        continue
+                    done[delivery_id] = None
+                    while len(done) > remember:
+                        done.pop(next(iter(done)))
+                if delivery["guarantee"] != "at-most-once":
+                    acks.append(delivery_id)
+            with contextlib.suppress(Unavailable, OutcomeUnknown):
+                if acks:
+                    await self.ack(subscription, acks, agent=agent)
+                if nacks:
+                    await self.nack(subscription, [n for n in nacks if not n.startswith("v.")], agent=agent)
+
     # -- events and watches ----------------------------------------------------------------------
 
     async def events(self, from_seq: int = 1, *, limit: int = 1000) -> list[dict[str, Any]]:
@@ -350,3 +547,75 @@ async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[s
                 event_id = int(value) if value.isdigit() else None
             elif name == "data":
                 data_lines.append(value)
+
+
+class Publisher:
+    """Client-side batching for one topic: messages published within
+    ``linger_s`` of each other (up to ``max_batch``) travel as one request
+    and one log entry. ``publish`` returns the message's own answer (id,
+    offset) once its batch committed, or raises the batch's error.
+
+    Use from one event loop; ``async with client.publisher(topic) as pub``.
+    """
+
+    def __init__(self, client: CoordinatorClient, topic: str, *, max_batch: int = 100,
+                 linger_s: float = 0.002) -> None:
+        if not 1 <= max_batch <= 1000:
+            raise InvalidInput("max_batch: must be between 1 and 1000", field="max_batch")
+        self.client = client
+        self.topic = topic
+        self.max_batch = max_batch
+        self.linger_s = linger_s
+        self.batches = 0
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.flush()
+
+    async def publish(self, message: dict[str, Any]) -> dict[str, Any]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((message, future))
+        if len(self._pending) >= self.max_batch:
+            self._send()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._send)
+        return await future
+
+    def _send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+        task = asyncio.get_running_loop().create_task(self._deliver(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        if self._pending:
+            self._send()
+
+    async def _deliver(self, batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]) -> None:
+        try:
+            answer = await self.client.publish(self.topic, messages=[m for m, _ in batch])
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else Unavailable("cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.batches += 1
+        for (_, future), result in zip(batch, answer["messages"], strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def flush(self) -> None:
+        """Send what waits and return when every batch sent so far is answered."""
+        self._send()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)

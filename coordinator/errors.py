@@ -71,6 +71,12 @@ class OutcomeUnknown(CoordinatorError):
     code = "outcome_unknown"
 
 
+class RequestTimeout(CoordinatorError):
+    """A request on the bus got no response in time (HTTP 504)."""
+
+    code = "timeout"
+
+
 class InvariantError(CoordinatorError):
     """A broken internal invariant: a bug, never the caller's fault."""
 

@@ -24,7 +24,7 @@ import logging
 from collections import deque
 from typing import Any
 
-from coordinator.errors import CoordinatorError, InvalidInput, NotFound, Unavailable
+from coordinator.errors import CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
 from coordinator.ports import Clock, ConsensusEngine, Rng
 from coordinator.services.applier import Applier
 from coordinator.services.proposals import Proposer, raise_for
@@ -40,12 +40,6 @@ log = logging.getLogger(__name__)
 
 VOLATILE_QUEUE_MAX = 10_000
 WAKE_OPS = frozenset({"bus.publish", "bus.tick", "bus.nack", "bus.dlq.redrive", "bus.subscribe"})
-
-
-class RequestTimeout(CoordinatorError):
-    """Nobody answered a request in time (HTTP 504)."""
-
-    code = "timeout"
 
 
 class NotLeader(CoordinatorError):
