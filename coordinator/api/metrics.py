@@ -47,8 +47,42 @@ class _NodeCollector(Collector):
         yield _expired(node)
         yield CounterMetricFamily("coord_leader_changes", "Role changes seen by this node",
                                   value=node.leader_changes)
+        yield from _bus(node)
         recoveries = getattr(node.engine, "recoveries", 0)
         yield CounterMetricFamily("coord_engine_recoveries", "Rebuilds of a stalled engine", value=recoveries)
+
+
+def _bus(node: CoordinatorNode) -> Iterator[Any]:
+    bus = node.applier.machine.bus
+    yield GaugeMetricFamily("coord_bus_topics", "Topics known to the bus", value=len(bus.topics))
+    yield GaugeMetricFamily("coord_bus_messages_held", "Message bodies held (retained or queued)",
+                            value=len(bus.bodies))
+    yield GaugeMetricFamily("coord_bus_subscriptions", "Subscriptions", value=len(bus.subscriptions))
+    states = GaugeMetricFamily("coord_bus_queue_messages", "Messages in consumers' queues by state",
+                               labels=["state"])
+    totals = {"ready": 0, "pending": 0, "delayed": 0, "dead": 0}
+    flows = dict.fromkeys(("enqueued", "delivered", "redelivered", "acked", "nacked", "dead_lettered"), 0)
+    for consumer in bus.consumers.values():
+        totals["ready"] += consumer.ready_count
+        totals["pending"] += consumer.pending_count
+        totals["delayed"] += len(consumer.entries) - consumer.ready_count - consumer.pending_count
+        totals["dead"] += len(consumer.dlq)
+        for name in flows:
+            flows[name] += consumer.counters[name]
+    for state, value in totals.items():
+        states.add_metric([state], value)
+    yield states
+    deliveries = CounterMetricFamily("coord_bus_deliveries", "Deliveries of live consumers by outcome",
+                                     labels=["outcome"])
+    for name, value in flows.items():
+        deliveries.add_metric([name], value)
+    yield deliveries
+    published = CounterMetricFamily("coord_bus_messages", "Messages by what happened to them", labels=["kind"])
+    for name, value in bus.counters.items():
+        published.add_metric([name], value)
+    published.add_metric(["volatile_routed"], node.bus.volatile.routed)
+    published.add_metric(["volatile_dropped"], node.bus.volatile.dropped)
+    yield published
 
 
 def _expired(node: CoordinatorNode) -> CounterMetricFamily:
