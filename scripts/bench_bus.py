@@ -1,0 +1,197 @@
+"""Benchmark the bus on a local three-node cluster (fsync on): publish → deliver
+throughput and latency of 256-byte at-least-once messages, unbatched (one
+message per request) and batched (``{"messages": [...]}`` per request),
+interleaved A, B, A, B... so the ratio is measured side by side.
+
+    .venv/bin/python scripts/bench_bus.py [--seconds 8] [--rounds 3] [--out docs/benchmarks.md]
+
+Publishers and consumers run in this process (asyncio + aiohttp) against the
+leader. Consumers are a group of four subscriptions fetching up to 200 with a
+1 s long-poll and acking each batch in one request. Latency is from the
+publisher's send to the consumer's receipt (one process, one clock). Every
+loop is bounded by a count and a time; the generator's CPU is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from coordinator.devcluster import LocalCluster  # noqa: E402
+
+MAX_REQUESTS_PER_PUBLISHER = 100_000
+DRAIN_S = 15.0
+CONSUMERS = 4
+FETCH_MAX = 200
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def _message(n: int) -> dict:
+    message = {"id": f"m{n}", "payload": {"t": time.perf_counter(), "pad": ""}}
+    size = len(json.dumps(message["payload"]))
+    message["payload"]["pad"] = "x" * max(0, 256 - size)
+    return message
+
+
+async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int, publishers: int,
+                 seconds: float) -> dict:
+    topic = f"bench.{tag}"
+    subs = []
+    for _ in range(CONSUMERS):
+        async with session.post(f"{url}/v1/subscriptions", json={"topic": topic, "group": f"g-{tag}"}) as r:
+            subs.append((await r.json())["id"])
+    published = 0
+    publish_latency: list[float] = []
+    delivered: dict[str, float] = {}
+    errors = 0
+    stop_at = time.monotonic() + seconds
+    publishing_done = asyncio.Event()
+
+    async def publisher(p: int) -> None:
+        nonlocal published, errors
+        for i in range(MAX_REQUESTS_PER_PUBLISHER):
+            if time.monotonic() >= stop_at:
+                return
+            base = (p * MAX_REQUESTS_PER_PUBLISHER + i) * batch
+            body = _message(base) if batch == 1 else {"messages": [_message(base + k) for k in range(batch)]}
+            started = time.perf_counter()
+            async with session.post(f"{url}/v1/topics/{topic}/messages", json=body) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+                    continue
+            publish_latency.append(time.perf_counter() - started)
+            published += batch
+
+    async def consumer(sub: str) -> None:
+        nonlocal errors
+        deadline = stop_at + DRAIN_S
+        while time.monotonic() < deadline:
+            if publishing_done.is_set() and len(delivered) >= published:
+                return
+            async with session.get(f"{url}/v1/subscriptions/{sub}/messages",
+                                   params={"max": FETCH_MAX, "wait_s": 1}) as r:
+                body = await r.json()
+                if r.status != 200:
+                    errors += 1
+                    continue
+            now = time.perf_counter()
+            ids = []
+            for d in body["messages"]:
+                delivered.setdefault(d["message"]["id"], now - d["message"]["payload"]["t"])
+                ids.append(d["delivery_id"])
+            if ids:
+                async with session.post(f"{url}/v1/subscriptions/{sub}/ack", json={"delivery_ids": ids}) as r:
+                    await r.read()
+                    errors += r.status != 200
+
+    cpu = _cpu_s()
+    started = time.monotonic()
+    consumers = [asyncio.create_task(consumer(s)) for s in subs]
+    await asyncio.gather(*(publisher(p) for p in range(publishers)))
+    publishing_done.set()
+    await asyncio.gather(*consumers)
+    elapsed = time.monotonic() - started
+    for sub in subs:
+        async with session.delete(f"{url}/v1/subscriptions/{sub}") as r:
+            await r.read()
+    latencies = list(delivered.values())
+    return {"tag": tag, "batch": batch, "publishers": publishers, "published": published,
+            "delivered": len(delivered), "msgs_s": len(delivered) / elapsed,
+            "publish_p50_ms": _pct(publish_latency, 0.5), "p50_ms": _pct(latencies, 0.5),
+            "p99_ms": _pct(latencies, 0.99), "errors": errors, "gen_cpu": (_cpu_s() - cpu) / elapsed}
+
+
+def _row(label: str, mode: str, row: dict) -> str:
+    return (f"| {label} | {mode} | {row['publishers']} x {row['batch']} | {row['msgs_s']:.0f} "
+            f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['publish_p50_ms']:.2f} "
+            f"| {row['published'] - row['delivered']} | {row['errors']} | {row['gen_cpu'] * 100:.0f}% of a core |")
+
+
+async def run(args: argparse.Namespace) -> str:
+    with tempfile.TemporaryDirectory(prefix="coord-bench-bus-") as directory:
+        cluster = LocalCluster(directory, base_port=args.base_port, durability="fsync")
+        cluster.start_all()
+        try:
+            leader = cluster.wait_leader(30)
+            url = cluster.url(leader)
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                await _round(session, url, "warmup", 10, 4, 2.0)
+                light = await _round(session, url, "light", 1, 1, args.seconds)
+                pairs = []
+                for r in range(args.rounds):
+                    unbatched = await _round(session, url, f"u{r}", 1, args.publishers, args.seconds)
+                    batched = await _round(session, url, f"b{r}", args.batch, args.publishers, args.seconds)
+                    pairs.append((unbatched, batched))
+        finally:
+            cluster.stop_all()
+    lines = [
+        "| round | mode | publishers x batch | delivered msgs/s | publish→deliver p50 ms | p99 ms "
+        "| publish request p50 ms | lost | errors | generator CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    lines.append(_row("light", "unbatched", light))
+    for r, (unbatched, batched) in enumerate(pairs):
+        ratios.append(batched["msgs_s"] / unbatched["msgs_s"])
+        lines.append(_row(str(r + 1), "unbatched", unbatched))
+        lines.append(_row(str(r + 1), "batched", batched))
+    lines.append("")
+    lines.append(f"Batched / unbatched delivered throughput, per round: "
+                 f"{', '.join(f'{x:.1f}x' for x in ratios)} (median {statistics.median(ratios):.1f}x).")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--publishers", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--base-port", type=int, default=int(os.environ.get("COORD_BENCH_BASE_PORT", "27200")))
+    parser.add_argument("--out", help="append (or replace) the bus section of this markdown file")
+    args = parser.parse_args()
+    table = asyncio.run(run(args))
+    header = (f"Three nodes and the load generator on one machine ({os.cpu_count()} cores, "
+              f"{platform.python_implementation()} {platform.python_version()}), durability fsync, "
+              f"{args.seconds:.0f} s per row, 256-byte payloads, at-least-once, a group of {CONSUMERS} "
+              f"consumers fetching ≤ {FETCH_MAX} with 1 s long-polls and acking per fetch, "
+              f"`scripts/bench_bus.py`, {time.strftime('%Y-%m-%d')}.\n\n")
+    print(header + table)
+    if args.out:
+        path = Path(args.out)
+        text = path.read_text() if path.exists() else "# Benchmarks\n"
+        marker = "\n## Bus: publish → deliver\n"
+        before, _, after = text.partition(marker)
+        rest = after[after.find("\n## "):] if "\n## " in after else ""
+        path.write_text(before.rstrip("\n") + "\n" + marker + "\n" + header + table + "\n" + rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
