@@ -45,6 +45,7 @@ MAX_FETCH = 1000
 MAX_ACK_IDS = 10_000
 MAX_DELAY_MS = 3_600_000
 MAX_OFFSET = 2**63 - 1
+TIMER_COMPACT_EVERY = 4096
 _RANK = {g: i for i, g in enumerate(GUARANTEES)}
 
 
@@ -312,6 +313,30 @@ class Bus:
     def _timer(self, due_ms: int, kind: str, key: str, a: int, b: int = 0, c: int = 0) -> None:
         self.timer_seq += 1
         heapq.heappush(self.timers, (due_ms, self.timer_seq, kind, key, a, b, c))
+        if self.timer_seq % TIMER_COMPACT_EVERY == 0:
+            self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Drop timers that can no longer do anything (their delivery was acked,
+        their body is gone). Triggered by ``timer_seq``, which every replica
+        shares, so every replica compacts at the same point."""
+        live = [t for t in self.timers if self._timer_live(t)]
+        if len(live) < len(self.timers):
+            heapq.heapify(live)
+            self.timers = live
+
+    def _timer_live(self, timer: tuple[int, int, str, str, int, int, int]) -> bool:
+        due, _, kind, key, a, b, c = timer
+        if kind == "redeliver":
+            consumer = self.consumers.get(key)
+            entry = consumer.entries.get(a) if consumer is not None and consumer.created_index == c else None
+            return entry is not None and entry.state in ("pending", "delayed") and entry.attempts == b \
+                and entry.due_ms == due
+        if kind == "ttl":
+            body = self.bodies.get((key, a))
+            return body is not None and body.ttl_armed
+        topic = self.topics.get(key)
+        return topic is not None and topic.age_timer_ms == due
 
     def _arm_ttl(self, body: Body) -> None:
         if body.expires_ms is not None and body.holders and not body.ttl_armed:
