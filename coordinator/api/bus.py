@@ -353,6 +353,8 @@ async def dlq_list(request: web.Request) -> web.Response:
     await node.read_barrier(s.consistency(request))
     bus = node.applier.machine.bus
     consumer = bus.consumers.get(node.bus.consumer_key(selector))
+    if consumer is None and selector.get("agent") not in node.applier.machine.registry.agents:
+        raise NotFound(f"agent {selector['agent']!r} is not registered")
     letters = bus.dead_letters(consumer, limit) if consumer else []
     return _ok({"dead_letters": letters, "count": len(consumer.dlq) if consumer else 0})
 

@@ -27,19 +27,20 @@ from typing import Any
 from coordinator.errors import CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
 from coordinator.ports import Clock, ConsensusEngine, Rng
 from coordinator.services.applier import Applier
-from coordinator.services.proposals import Proposer, raise_for
+from coordinator.services.proposals import Proposer, raise_for, state_error
 from coordinator.services.reads import Reads
 from coordinator.state import filters
 from coordinator.state.base import Rejected
-from coordinator.state.bus import MAX_BATCH, MAX_FETCH, REPLY_PREFIX
-from coordinator.state.messages import normalize
-from coordinator.state.topics import check_pattern, check_topic
+from coordinator.state.bus import MAX_BATCH, MAX_FETCH, REPLY_PREFIX, check_publishable, check_publishable_topic
+from coordinator.state.messages import in_batch, normalize
+from coordinator.state.topics import check_pattern, check_topic, is_pattern
 from coordinator.types import Command, Result
 
 log = logging.getLogger(__name__)
 
 VOLATILE_QUEUE_MAX = 10_000
-WAKE_OPS = frozenset({"bus.publish", "bus.tick", "bus.nack", "bus.dlq.redrive", "bus.subscribe"})
+WAKE_OPS = frozenset({"bus.publish", "bus.tick", "bus.nack", "bus.dlq.redrive", "bus.subscribe",
+                      "bus.unsubscribe", "bus.group.delete"})
 
 
 class NotLeader(CoordinatorError):
@@ -48,17 +49,13 @@ class NotLeader(CoordinatorError):
     code = "not_leader"
 
 
-def invalid_input(exc: Rejected) -> InvalidInput:
-    field, _, _ = exc.message.partition(":")
-    return InvalidInput(exc.message, field=field or None)
-
-
 class _Volatile:
     """The leader's in-memory queues of at-most-once messages, per consumer."""
 
     def __init__(self) -> None:
         self.queues: dict[str, deque[dict[str, Any]]] = {}
         self.dropped = 0
+        self.expired = 0
         self.routed = 0
         self._seq = 0
 
@@ -71,11 +68,14 @@ class _Volatile:
         queue.append({**delivery, "delivery_id": f"v.{self._seq}"})
         self.routed += 1
 
-    def take(self, consumer_key: str, max_n: int) -> list[dict[str, Any]]:
+    def take(self, consumer_key: str, max_n: int, now_ms: int) -> list[dict[str, Any]]:
+        """Up to ``max_n``, highest priority first; expired ones (TTL) are dropped."""
         queue = self.queues.get(consumer_key)
         if not queue:
             return []
-        ordered = sorted(queue, key=lambda d: -d["message"]["priority"])  # stable: publish order within a priority
+        live = [d for d in queue if d["expires_ms"] is None or d["expires_ms"] > now_ms]
+        self.expired += len(queue) - len(live)
+        ordered = sorted(live, key=lambda d: -d["message"]["priority"])  # stable: publish order within a priority
         out, rest = ordered[:max_n], ordered[max_n:]
         self.queues[consumer_key] = deque(rest)
         return out
@@ -250,14 +250,13 @@ class BusService:
                 if "id" not in item:
                     options = item.get("deliveryOptions")
                     if isinstance(options, dict) and options.get("guarantee") == "exactly-once":
-                        raise InvalidInput(_at(i, len(raw), "id: exactly-once messages need an id of the "
-                                                            "publisher's choosing (it is the dedupe key)"),
-                                           field=_at(i, len(raw), "id"))
+                        raise state_error("invalid", in_batch(i, len(raw), "id: exactly-once messages need an id "
+                                                              "of the publisher's choosing (it is the dedupe key)"))
                     item["id"] = f"msg-{self.rng.token_hex(8)}"
             try:
                 out.append(normalize(item, now))
             except Rejected as exc:
-                raise invalid_input(Rejected(exc.code, _at(i, len(raw), exc.message))) from None
+                raise state_error(exc.code, in_batch(i, len(raw), exc.message)) from None
         return out
 
     def needs_leader(self, messages: list[dict[str, Any]]) -> bool:
@@ -268,17 +267,22 @@ class BusService:
         """Publish normalised messages. Persistent ones are one command; the
         others are routed by this node, which must be the leader (else
         ``NotLeader``: the HTTP layer forwards)."""
+        agents = self.applier.machine.registry.agents
         try:
             check_topic(topic)
+            check_publishable_topic(topic)
+            for i, message in enumerate(messages):
+                try:
+                    check_publishable(topic, message, agents.__contains__)
+                except Rejected as exc:
+                    raise Rejected(exc.code, in_batch(i, len(messages), exc.message)) from None
         except Rejected as exc:
-            raise invalid_input(exc) from None
+            raise state_error(exc.code, exc.message) from None
         volatile = [m for m in messages if not m["deliveryOptions"]["persistent"]]
         persistent = [m for m in messages if m["deliveryOptions"]["persistent"]]
         if volatile and not self.active:
             raise NotLeader("at-most-once messages are routed by the leader")
         answers: dict[int, dict[str, Any]] = {}
-        if volatile:
-            self._check_volatile(topic, volatile)
         if persistent:
             result = raise_for(await self.proposer.propose("bus.publish", {"topic": topic, "messages": persistent},
                                                            request_id))
@@ -289,23 +293,15 @@ class BusService:
                                                                                                        message)}
         return {"topic": topic, "messages": [answers[id(m)] for m in messages]}
 
-    def _check_volatile(self, topic: str, messages: list[dict[str, Any]]) -> None:
-        if topic.startswith(("agent.", "lock.", "system.", "task.")):
-            raise InvalidInput(f"topic: {topic!r} carries the cluster's typed events; publish them persistent",
-                               field="topic")
-        agents = self.applier.machine.registry.agents
-        for message in messages:
-            for j, agent in enumerate(message["destination"]):
-                if agent not in agents:
-                    raise NotFound(f"destination[{j}]: agent {agent!r} is not registered")
-
     def _route_volatile(self, topic: str, message: dict[str, Any]) -> int:
         bus = self.applier.machine.bus
         if message["destination"]:
             keys = ["a:" + agent for agent in message["destination"]]
         else:
             keys = [c.key for c in bus.matching(topic, message)]
-        delivery = {"attempt": 1, "topic": topic, "offset": None, "guarantee": "at-most-once", "message": message}
+        ttl = message["ttl"]
+        delivery = {"attempt": 1, "topic": topic, "offset": None, "guarantee": "at-most-once", "message": message,
+                    "expires_ms": None if ttl is None else self.clock.now_ms() + ttl}
         for key in keys:
             self.volatile.put(key, delivery)
         self._match_replies(topic, [message])
@@ -324,7 +320,10 @@ class BusService:
             if args.get("filter") is not None:
                 filters.parse(args["filter"])
         except Rejected as exc:
-            raise invalid_input(exc) from None
+            raise state_error(exc.code, exc.message) from None
+        if args.get("start") == "offset" and is_pattern(args["topic"]):
+            raise InvalidInput("start_offset: an offset names a position in one topic; use a topic without "
+                               "wildcards", field="start_offset")
 
     # -- fetching -------------------------------------------------------------------------------
 
@@ -353,7 +352,7 @@ class BusService:
             agents = self.applier.machine.registry.agents
             if consumer is None and "agent" in selector and selector["agent"] not in agents:
                 raise NotFound(f"agent {selector['agent']!r} is not registered")
-            deliveries = self.volatile.take(key, max_n)
+            deliveries = self.volatile.take(key, max_n, self.clock.now_ms())
             if consumer is not None and consumer.ready_count > 0 and len(deliveries) < max_n:
                 result = raise_for(await self.proposer.propose("bus.deliver", {**selector,
                                                                                "max": max_n - len(deliveries)}))
@@ -415,6 +414,7 @@ class BusService:
         return {"topics": len(bus.topics), "consumers": len(bus.consumers), "subscriptions": len(bus.subscriptions),
                 "messages_held": len(bus.bodies), "timers": len(bus.timers), "active": self.active,
                 "volatile_routed": self.volatile.routed, "volatile_dropped": self.volatile.dropped,
+                "volatile_expired": self.volatile.expired,
                 **bus.counters}
 
 
@@ -424,5 +424,3 @@ def _render(delivery: dict[str, Any]) -> dict[str, Any]:
             "guarantee": delivery["guarantee"], "message": delivery["message"]}
 
 
-def _at(i: int, n: int, message: str) -> str:
-    return message if n == 1 else f"messages[{i}].{message}"

@@ -41,11 +41,16 @@ def raise_for(result: Result) -> Any:
     """The result's value, or the error the state machine decided, raised."""
     if result.error is None:
         return result.value
-    code, message = result.error
+    raise state_error(*result.error)
+
+
+def state_error(code: str, message: str) -> CoordinatorError:
+    """The error for a state machine's refusal (``Result.error`` or a
+    ``Rejected`` raised by a check run before proposing)."""
     if code == "invalid":
         field, _, _ = message.partition(":")
-        raise InvalidInput(message, field=field or None)
-    raise _STATE_ERRORS.get(code, CoordinatorError)(message)
+        return InvalidInput(message, field=field or None)
+    return _STATE_ERRORS.get(code, CoordinatorError)(message)
 
 
 class Proposer:

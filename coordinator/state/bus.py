@@ -32,7 +32,7 @@ from typing import Any
 from coordinator.errors import InvariantError
 from coordinator.state import filters
 from coordinator.state.base import ApplyContext, Rejected, check_int, check_number, check_str, invalid
-from coordinator.state.messages import GUARANTEES, MAX_ID_LEN, normalize
+from coordinator.state.messages import GUARANTEES, MAX_ID_LEN, in_batch, normalize
 from coordinator.state.topics import check_pattern, check_topic, is_pattern, matches
 from coordinator.types import Event
 
@@ -463,8 +463,7 @@ class Bus:
         raw = args.get("messages")
         if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_BATCH:
             raise invalid("messages", f"must be a list of 1 to {MAX_BATCH} messages")
-        if topic.startswith(RESERVED_PREFIXES):
-            raise invalid("topic", f"{topic!r} is reserved for the cluster's own events")
+        check_publishable_topic(topic)
         messages = []
         for i, item in enumerate(raw):
             try:
@@ -472,15 +471,9 @@ class Bus:
                 if not message["deliveryOptions"]["persistent"]:
                     raise invalid("deliveryOptions.persistent",
                                   "a message that is not persistent is routed by the leader, not logged")
-                if topic.startswith("task."):
-                    _check_task_event(topic, message)
-                for j, agent in enumerate(message["destination"]):
-                    if not agent_exists(agent):
-                        raise Rejected("not_found", f"destination[{j}]: agent {agent!r} is not registered")
+                check_publishable(topic, message, agent_exists)
             except Rejected as exc:
-                if len(raw) == 1:
-                    raise
-                raise Rejected(exc.code, f"messages[{i}].{exc.message}") from None
+                raise Rejected(exc.code, in_batch(i, len(raw), exc.message)) from None
             messages.append(message)
         if topic not in self.topics and len(self.topics) >= self.limits.topics_max:
             raise Rejected("unavailable", f"too many topics ({self.limits.topics_max})")
@@ -954,6 +947,22 @@ def _event_message(event: Event) -> dict[str, Any]:
             "timestamp": event.time_ms, "correlationId": None, "replyTo": None, "priority": 5, "ttl": None,
             "headers": {"seq": str(event.seq), "index": str(event.index)}, "payload": event.data,
             "deliveryOptions": _EVENT_OPTIONS}
+
+
+def check_publishable_topic(topic: str) -> None:
+    if topic.startswith(RESERVED_PREFIXES):
+        raise invalid("topic", f"{topic!r} is reserved for the cluster's own events")
+
+
+def check_publishable(topic: str, message: dict[str, Any], agent_exists: Any) -> None:
+    """What a normalised message must also satisfy on ``topic``: typed task
+    events, registered destinations. Shared by the state and the service
+    (which refuses before proposing)."""
+    if topic.startswith("task."):
+        _check_task_event(topic, message)
+    for j, agent in enumerate(message["destination"]):
+        if not agent_exists(agent):
+            raise Rejected("not_found", f"destination[{j}]: agent {agent!r} is not registered")
 
 
 def _check_task_event(topic: str, message: dict[str, Any]) -> None:

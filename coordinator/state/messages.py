@@ -35,12 +35,24 @@ RETRY_FIELDS = {"max_attempts", "backoff_ms", "backoff_multiplier", "max_backoff
 
 
 def _object(value: Any, field: str, allowed: set[str]) -> dict[str, Any]:
+    """``field`` is the dotted path of the object; "message" is the top level,
+    whose own fields are named bare (``bogus``, not ``message.bogus``)."""
     if not isinstance(value, dict):
         raise invalid(field, "must be an object")
     unknown = sorted(k for k in value if k not in allowed)
     if unknown:
-        raise invalid(f"{field}.{unknown[0]}", "unknown field")
+        raise invalid(unknown[0] if field == "message" else f"{field}.{unknown[0]}", "unknown field")
     return value
+
+
+def in_batch(i: int, n: int, message: str) -> str:
+    """An error about message ``i`` of a batch of ``n``: ``messages[i].field: why``
+    (``messages[i]: why`` when it is about the whole message)."""
+    if n == 1:
+        return message
+    if message.startswith("message:"):
+        return f"messages[{i}]" + message[len("message"):]
+    return f"messages[{i}].{message}"
 
 
 def _priority(value: Any) -> int:
@@ -114,4 +126,4 @@ def normalize(raw: Any, now_ms: int) -> dict[str, Any]:
     return out
 
 
-__all__ = ["GUARANTEES", "TYPES", "Rejected", "normalize"]
+__all__ = ["GUARANTEES", "TYPES", "Rejected", "in_batch", "normalize"]

@@ -65,7 +65,7 @@ def _with(path: str, value: object) -> dict:
     (_with("type", "request"), "replyTo"),
     (_with("type", "response"), "correlationId"),
     (_with("timestamp", -1), "timestamp"),
-    (_with("surprise", 1), "message.surprise"),
+    (_with("surprise", 1), "surprise"),
     (_with("deliveryOptions.guarantee", "twice"), "deliveryOptions.guarantee"),
     (_with("deliveryOptions.timeout", 5), "deliveryOptions.timeout"),
     (_with("deliveryOptions.persistent", "yes"), "deliveryOptions.persistent"),
