@@ -52,7 +52,10 @@ async def serve(config: NodeConfig) -> None:
     node = make_node(config)
     await node.start()
     app = make_app(node)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # handler_cancellation: a long-poll or stream whose client went away must stop
+    # taking messages for it. shutdown_timeout: in-flight requests get a second.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
+                           shutdown_timeout=1.0)
     await runner.setup()
     host, _, port = config.http.rpartition(":")
     site = web.TCPSite(runner, host, int(port), reuse_address=True)
@@ -67,5 +70,6 @@ async def serve(config: NodeConfig) -> None:
         await stop.wait()
         log.info("node %s stopping", config.node_id)
     finally:
+        node.bus.close()  # long-polls and streams answer now instead of holding the shutdown
         await runner.cleanup()
         await node.stop()

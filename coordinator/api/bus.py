@@ -47,7 +47,7 @@ async def _here_or_leader(request: web.Request, call: Any, timeout_s: float) -> 
     except NotLeader:
         if request.headers.get(FORWARD_HEADER) == "1":
             raise Unavailable("this node is not the leader", retry_after_s=0.3, leader=node.leader_http()) from None
-    body = await request.read() if request.can_read_body else None
+    body = await request.read() if request.body_exists else None  # read() returns the bytes json_body read
     status, raw, headers = await node.forward(request.method, request.raw_path, body, timeout_s)
     return web.Response(status=status, body=raw, headers=headers)
 
@@ -281,7 +281,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await response.write(b": connected\n\n")
     batch = first
     try:
-        while True:
+        while not node.bus.closing:
             if batch:
                 chunks = [f"id: {d['delivery_id']}\nevent: message\ndata: {json.dumps(d, separators=(',', ':'))}\n\n"
                           for d in batch]

@@ -98,6 +98,7 @@ class BusService:
         self.tick_s = tick_s
         self.failure_after_s = failure_after_s
         self.active = False  # leader, caught up
+        self.closing = False  # the node is shutting down: waits end at once
         self.volatile = _Volatile()
         self.ticks = 0
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -141,7 +142,13 @@ class BusService:
         self.volatile.clear()
         self._wake_all()
 
+    def close(self) -> None:
+        """Shutting down: every waiting fetch answers now (with what it has)."""
+        self.closing = True
+        self._wake_all()
+
     async def stop(self) -> None:
+        self.close()
         self._step_down()
         tasks = [t for t in (self._term_task, self._tick_task) if t is not None]
         for task in tasks:
@@ -358,7 +365,7 @@ class BusService:
                                                                                "max": max_n - len(deliveries)}))
                 deliveries.extend(result["deliveries"])
             remaining = deadline - loop.time()
-            if deliveries or remaining <= 0:
+            if deliveries or remaining <= 0 or self.closing:
                 current = self.applier.machine.bus.consumers.get(key)
                 return {"messages": [_render(d) for d in deliveries],
                         "backlog": current.ready_count if current else 0}
