@@ -280,6 +280,9 @@ class Bus:
         if body.retained:
             self.evictable_count += 1
             heapq.heappush(self._evictable, (body.index, body.topic, body.offset))
+            if len(self._evictable) > 2 * self.evictable_count + 1024:
+                self._evictable = sorted((b.index, b.topic, b.offset) for b in self.bodies.values()
+                                         if self._is_evictable(b))
         else:
             del self.bodies[(body.topic, body.offset)]
 
@@ -437,6 +440,8 @@ class Bus:
             if len(self.topics) >= self.limits.topics_max:
                 raise Rejected("unavailable", f"too many topics ({self.limits.topics_max})")
             topic = self.topics[name] = Topic(name)
+        if max_age_ms != topic.max_age_ms:
+            topic.age_timer_ms = None  # the armed timer was for the old age; _on_age ignores it from now on
         topic.max_messages = max_messages
         topic.max_age_ms = max_age_ms
         self._trim_count(topic)
@@ -521,12 +526,14 @@ class Bus:
                     None if ttl is None else ctx.now_ms + ttl, retained=False)
         self.bodies[(topic.name, offset)] = body
         if message["destination"]:
-            for agent in message["destination"]:
+            for agent in dict.fromkeys(message["destination"]):
                 self._enqueue(ctx, self._inbox(ctx, agent), body)
         else:
             for consumer in self.matching(topic.name, message):
                 self._enqueue(ctx, consumer, body)
         routed = len(body.holders)
+        # A DLQ that keeps nothing (dlq_max=0) may have released the body while it was routed.
+        self.bodies[(topic.name, offset)] = body
         self._arm_ttl(body)
         if retain and self._max_messages(topic) > 0:
             body.retained = True
@@ -559,6 +566,8 @@ class Bus:
     def _enqueue(self, ctx: ApplyContext, consumer: Consumer, body: Body) -> None:
         if body.expires_ms is not None and body.expires_ms <= ctx.now_ms:
             return
+        if consumer.key in body.holders:
+            return  # at most one entry per message in a consumer
         seq = consumer.next_seq
         consumer.next_seq += 1
         consumer.counters["enqueued"] += 1
@@ -647,6 +656,7 @@ class Bus:
         if start == "offset" and is_pattern(pattern):
             raise invalid("start_offset", "an offset names a position in one topic; use a topic without wildcards")
         if start == "offset":
+            value = max(value, 1)  # offsets start at 1
             topic = self.topics.get(pattern)
             first = next(iter(topic.log), None) if topic else None
             if topic is not None and value < topic.next_offset and (first is None or value < first):
