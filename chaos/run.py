@@ -1,6 +1,7 @@
 """Break a local cluster on purpose and get a verdict.
 
     python -m chaos.run --duration 60 --nemesis partition-halves [--unsafe-stale-reads]
+    python -m chaos.run --workload bus --duration 30 --nemesis isolate-leader,kill
 
 Starts a three-node cluster whose Raft links run through an in-process
 fault proxy, runs the register workload over HTTP while the nemesis acts,
@@ -8,6 +9,13 @@ heals, waits for recovery, checks the history with ``python -m chaos.check``
 and writes ``history.jsonl``, ``report.txt`` and ``latency.png`` to the run
 directory. Exit status: 0 linearizable, 1 an anomaly, 2 the run failed.
 Every process it started is stopped by PID at the end, also on Ctrl-C.
+
+``--workload bus`` runs ``chaos.bus_workload`` instead: numbered messages
+published at-least-once and exactly-once, consumed by competing consumers,
+drained after the heal and judged by ``check_bus`` (exit 0: nothing
+acknowledged was lost and no exactly-once message was duplicated; 1: a loss,
+a duplicate or any other problem, or the cluster did not recover; 2: the
+run itself failed).
 """
 
 from __future__ import annotations
@@ -24,9 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chaos.bus_workload import BusRunError, BusTracker, BusWorkload, check_bus
 from chaos.nemesis import CHOICES, Nemesis, parse_kinds
 from chaos.proxy import Proxy
-from chaos.report import plot, text_report
+from chaos.report import bus_report, plot, text_report
 from chaos.workload import History, check_locks, run_locks, run_register
 from coordinator.devcluster import LocalCluster, free_base_port
 
@@ -74,6 +83,12 @@ async def run(args: argparse.Namespace) -> int:
     cluster = LocalCluster(out / "cluster", base_port=base, nodes=args.nodes, proxied=True, extra_args=extra)
     proxy = Proxy([(link.name, link.listen_port, link.target_port) for link in cluster.links.values()],
                   seed=args.seed)
+    if args.workload == "bus":
+        return await run_bus(args, out, cluster, proxy)
+    return await run_register_and_locks(args, out, cluster, proxy)
+
+
+async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: LocalCluster, proxy: Proxy) -> int:
     history = History()
     locks = History()
     locks.started_ns = history.started_ns
@@ -135,9 +150,88 @@ async def run(args: argparse.Namespace) -> int:
     return 2
 
 
+async def _bus_progress(tracker: BusTracker, nemesis: Nemesis, started: float, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        c = tracker.counts
+        print(f"  {time.monotonic() - started:5.0f}s  published {c['published']:6d}  received {c['received']:6d}"
+              f"  redelivered {c['redelivered']:5d}  nemesis: {nemesis.active or '-'}", flush=True)
+
+
+async def run_bus(args: argparse.Namespace, out: Path, cluster: LocalCluster, proxy: Proxy) -> int:
+    """The bus workload under the nemesis, then heal, recover, drain and check."""
+    history = History()
+    nemesis = Nemesis(cluster, proxy, history, random.Random(args.seed))
+    title = (f"bus: {args.nemesis}, {args.duration:.0f}s, {args.publishers} publishers and {args.consumers} "
+             f"consumers per topic, seed {args.seed}")
+    print(f"chaos run: {title}\n  output in {out}", flush=True)
+    recovery_s = drain = stats = failure = None
+    await proxy.start()
+    workload = BusWorkload([cluster.url(n) for n in cluster.members], history, seed=args.seed,
+                           publishers=args.publishers, consumers=args.consumers, ack_timeout_s=args.ack_timeout,
+                           op_timeout_s=args.op_timeout, skip_ack=args.skip_ack, interval_s=args.publish_interval)
+    try:
+        cluster.start_all()
+        try:
+            try:
+                leader = await asyncio.to_thread(cluster.wait_leader, 60)
+            except (TimeoutError, RuntimeError) as exc:
+                raise BusRunError(f"the cluster did not start: {exc}") from exc
+            await workload.setup()
+            workload.start_consumers()
+            print(f"  cluster up, leader {leader}; running the workload", flush=True)
+            started = time.monotonic()
+            progress = asyncio.create_task(_bus_progress(workload.tracker, nemesis, started, args.progress_s))
+            try:
+                await asyncio.gather(workload.publish(args.duration),
+                                     nemesis.run(args.nemesis, args.duration, fault_s=args.fault_s,
+                                                 quiet_s=args.quiet_s))
+            finally:
+                progress.cancel()
+            await nemesis.heal()
+            try:
+                recovery_s = await _recover(cluster, 60)
+                print(f"  healed; cluster recovered in {recovery_s:.1f}s; draining", flush=True)
+            except (TimeoutError, RuntimeError) as exc:
+                print(f"  the cluster did not recover after the heal: {exc}", flush=True)
+                history.nemesis("recovery-failed", "start", error=str(exc))
+            drain = await workload.drain(args.drain_s)
+            stats = await workload.stats()
+        except BusRunError as exc:
+            failure = str(exc)
+            print(f"  the run failed: {failure}", flush=True)
+        finally:
+            await workload.close()
+            if failure is None and workload.crashed():
+                failure = f"consumers crashed: {workload.crashed()}"
+    finally:
+        await asyncio.to_thread(cluster.stop_all)
+        await proxy.stop()
+    history_path = out / "history.jsonl"
+    history.write_jsonl(str(history_path))
+    verdict = check_bus(history.events)
+    if failure is not None:
+        verdict = {**verdict, "valid": None, "error": failure}
+    report = bus_report(history.events, history.started_ns, verdict, title=f"chaos run: {title}",
+                        recovery_s=recovery_s, drain=drain, stats=stats)
+    (out / "report.txt").write_text(report + "\n")
+    plot(history.events, history.started_ns, str(out / "latency.png"), title=title)
+    (out / "verdict.json").write_text(json.dumps({"bus": verdict, "drain": drain, "stats": stats,
+                                                  "recovery_s": recovery_s}, indent=2, default=str) + "\n")
+    print()
+    print(report)
+    print(f"\nhistory {history_path}\nplot    {out / 'latency.png'}")
+    if failure is not None:
+        return 2
+    return 0 if verdict["valid"] and recovery_s is not None else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chaos.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=("register", "bus"), default="register",
+                        help="register: kv register + locks, linearizability (default); bus: message loss and "
+                             "duplication at-least-once and exactly-once")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of workload (default 60)")
     parser.add_argument("--nemesis", default="partition-halves",
                         help=f"one of {', '.join(CHOICES)}, or a comma-separated list taken in turn")
@@ -145,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--keys", type=int, default=3)
     parser.add_argument("--lock-clients", type=int, default=3, help="clients of the lock workload")
+    parser.add_argument("--publishers", type=int, default=3, help="bus: publishers per topic")
+    parser.add_argument("--consumers", type=int, default=2, help="bus: competing consumers per topic")
+    parser.add_argument("--ack-timeout", type=float, default=2.0, help="bus: the subscriptions' ack timeout (s)")
+    parser.add_argument("--skip-ack", type=float, default=0.05,
+                        help="bus: fraction of deliveries processed but not acked while faults run")
+    parser.add_argument("--publish-interval", type=float, default=0.0, help="bus: pause between publishes (s)")
+    parser.add_argument("--drain-s", type=float, default=30.0,
+                        help="bus: at most this long after recovery to consume what is left")
     parser.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED", "0")) or None)
     parser.add_argument("--fault-s", type=float, default=6.0, help="length of each fault")
     parser.add_argument("--quiet-s", type=float, default=4.0, help="healthy time between faults")
@@ -160,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         parse_kinds(args.nemesis)
     except ValueError as exc:
         parser.error(str(exc))
+    if not (1 <= args.publishers <= 50 and 1 <= args.consumers <= 20 and 0 <= args.skip_ack < 1
+            and args.ack_timeout >= 0.1 and args.drain_s >= 0):
+        parser.error("bus: 1-50 publishers, 1-20 consumers, --skip-ack in [0, 1), --ack-timeout >= 0.1, "
+                     "--drain-s >= 0")
     if args.seed is None:
         args.seed = random.randrange(1, 2**31)
     try:
