@@ -152,9 +152,11 @@ class CoordinatorClient:
                         raise ApiError(status, message)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 last = OutcomeUnknown(f"{type(exc).__name__} talking to {self.endpoint}")
+            # Move on after any failure, also the last one: the next call must not
+            # go back to a node that just hung or refused.
+            self._move(hint)
             if time.monotonic() + retry_after > deadline:
                 raise last
-            self._move(hint)
             await asyncio.sleep(retry_after)
 
     @staticmethod

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from coordinator.client import CoordinatorClient
-from coordinator.errors import Compacted, InvalidInput, Unavailable
+from coordinator.errors import Compacted, InvalidInput, OutcomeUnknown, Unavailable
 from coordinator.state import Limits
 from tests.coordinator.api.conftest import Harness, HarnessFactory, eventually
 
@@ -173,3 +173,27 @@ async def test_agent_ids_with_a_slash_can_heartbeat(h: Harness, client: Coordina
     await client.register("worker", agent_id="team/a")
     beat = await client.heartbeat("team/a")
     assert beat["id"] == "team/a"
+
+
+async def test_a_call_that_timed_out_on_a_hung_node_moves_the_next_call_elsewhere(h: Harness) -> None:
+    """A node that accepts connections and never answers (a partitioned old
+    leader, a paused process) costs one call, not every call after it."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    hung = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with CoordinatorClient([hung, str(h.http.make_url(""))], timeout_s=0.3,
+                                     request_timeout_s=0.3) as client:
+            with pytest.raises(OutcomeUnknown):
+                await client.get("k")
+            assert client.endpoint != f"http://{hung}"
+            assert await client.put("k", 1) > 0
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
