@@ -116,6 +116,9 @@ class _SyncingTransport(TCPTransport):
     def send(self, node: Any, message: Any) -> bool:
         if self._journal.dirty and message.get("type") != "append_entries":
             self._journal.sync()
+        if message.get("type") == "next_node_idx" and message.get("reset") and not message.get("success"):
+            commit = self._syncObj._SyncObj__raftCommitIndex
+            message = back_up_over_term(message, self._journal, commit)
         return super().send(node, message)
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802 - pysyncobj's name
@@ -155,6 +158,34 @@ def trim_append_entries(message: Any, journal: Any) -> Any:
     trimmed["prevLogIdx"], trimmed["prevLogTerm"] = entries[matched - 1][1], entries[matched - 1][2]
     trimmed["entries"] = entries[matched:]
     return trimmed
+
+
+def back_up_over_term(message: dict[str, Any], journal: Any, commit_index: int) -> dict[str, Any]:
+    """Answer a conflicting append with the first index of the conflicting term.
+
+    pysyncobj's follower, when its entry at ``prevLogIdx`` has another term
+    than the leader's, answers ``next_node_idx = prevLogIdx``: the leader
+    backs up one entry per heartbeat, so a deposed leader holding hundreds of
+    entries it appended alone takes that many heartbeats to rejoin. Raft's
+    usual optimisation (Raft paper §5.3): skip back over every entry of the
+    conflicting term, never below ``commit_index + 1`` (committed entries
+    match the leader's by Log Matching). Backing up further than needed is
+    always safe; matching entries re-sent are skipped by
+    ``trim_append_entries``. Other answers (the follower's log is shorter)
+    pass unchanged."""
+    index = message.get("next_node_idx")
+    if not isinstance(index, int) or len(journal) == 0:
+        return message
+    first, last = journal[0][1], journal[-1][1]
+    if not first <= index <= last or index <= commit_index + 1:
+        return message
+    term = journal[index - first][2]
+    start = index
+    while start - 1 > commit_index and start - 1 >= first and journal[start - 1 - first][2] == term:
+        start -= 1
+    if start == index:
+        return message
+    return {**message, "next_node_idx": start}
 
 
 # -- failpoints (tests only) ---------------------------------------------------------------

@@ -130,6 +130,28 @@ def _log(n: int, term: int = 1) -> list[tuple[bytes, int, int]]:
     return [(f"c{i}".encode(), i, term) for i in range(1, n + 1)]
 
 
+def _reject(index: int) -> dict:
+    return {"type": "next_node_idx", "next_node_idx": index, "reset": True, "success": False}
+
+
+def test_a_conflict_backs_the_leader_up_over_the_whole_conflicting_term() -> None:
+    # 1..5 committed in term 1; 6..20 appended alone by a deposed leader in term 3
+    journal = _log(5) + [(f"x{i}".encode(), i, 3) for i in range(6, 21)]
+    assert raft.back_up_over_term(_reject(20), journal, commit_index=5)["next_node_idx"] == 6
+    # never below the follower's commit index + 1 (committed entries match the leader's)
+    assert raft.back_up_over_term(_reject(20), journal, commit_index=9)["next_node_idx"] == 10
+    # two terms of divergence: one term per answer
+    mixed = _log(5) + [(b"y", i, 2) for i in range(6, 9)] + [(b"z", i, 3) for i in range(9, 12)]
+    assert raft.back_up_over_term(_reject(11), mixed, commit_index=5)["next_node_idx"] == 9
+    assert raft.back_up_over_term(_reject(8), mixed, commit_index=5)["next_node_idx"] == 6
+    # a shorter log (next = its end + 1) or nothing to skip: unchanged
+    short = _reject(21)
+    assert raft.back_up_over_term(short, journal, commit_index=5) is short
+    at_commit = _reject(6)
+    assert raft.back_up_over_term(at_commit, journal, commit_index=5) is at_commit
+    assert raft.back_up_over_term(_reject(3), [], commit_index=0)["next_node_idx"] == 3
+
+
 def test_re_sent_entries_do_not_truncate_a_matching_log() -> None:
     journal = _log(10)
     # entries 4..6 again, as after a nextIndex reset: all match and we hold more: nothing to do
