@@ -300,3 +300,26 @@ async def test_a_node_stops_promptly_on_sigterm_with_a_stream_open(make_cluster)
             await eventually(gone, 5, f"{leader} to exit after SIGTERM")
         finally:
             await asyncio.to_thread(cluster.kill, leader)
+
+
+async def test_a_member_down_and_back_is_published_as_system_events(make_cluster) -> None:
+    """The leader's failure detector: a follower unreachable for 3 s becomes a
+    committed system.failure on the bus, and system.recovered when it is back."""
+    cluster = make_cluster()
+    leader, followers = _roles(cluster)
+    victim = followers[0]
+    async with CoordinatorClient([cluster.url(leader), cluster.url(followers[1])], timeout_s=20) as client:
+        sub = await client.subscribe("system.>")
+        cluster.kill(victim)
+        received: list[dict[str, Any]] = []
+
+        async def seen(kind: str) -> bool:
+            received.extend(await client.fetch(sub, max=50, wait_s=1))
+            return any(d["topic"] == kind and d["message"]["payload"]["member"] == victim for d in received)
+
+        await eventually(lambda: seen("system.failure"), 20, f"system.failure of {victim}")
+        failure = next(d for d in received if d["topic"] == "system.failure")
+        assert failure["message"]["type"] == "event" and failure["message"]["source"] == "coordinator"
+        cluster.start(victim)
+        await eventually(lambda: seen("system.recovered"), 30, f"system.recovered of {victim}")
+        await client.ack(sub, [d["delivery_id"] for d in received])
