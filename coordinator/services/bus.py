@@ -87,7 +87,8 @@ class _Volatile:
 
 class BusService:
     def __init__(self, applier: Applier, proposer: Proposer, reads: Reads, engine: ConsensusEngine, clock: Clock,
-                 rng: Rng, *, node_id: str, tick_s: float = 0.05, failure_after_s: float = 3.0) -> None:
+                 rng: Rng, *, node_id: str, member_id: Any = None, tick_s: float = 0.05,
+                 failure_after_s: float = 3.0) -> None:
         self.applier = applier
         self.proposer = proposer
         self.reads = reads
@@ -95,6 +96,7 @@ class BusService:
         self.clock = clock
         self.rng = rng
         self.node_id = node_id
+        self._member_id_of = member_id  # raft address -> member id, when the member table does not know it yet
         self.tick_s = tick_s
         self.failure_after_s = failure_after_s
         self.active = False  # leader, caught up
@@ -199,7 +201,9 @@ class BusService:
 
     def _member_id(self, raft: str) -> str | None:
         member = self.applier.machine.members.by_raft(raft)
-        return member.id if member else None
+        if member is not None:
+            return member.id
+        return self._member_id_of(raft) if self._member_id_of is not None else None
 
     def _spawn_report(self, type_: str, data: dict[str, Any]) -> None:
         asyncio.get_running_loop().create_task(self._report(type_, data))

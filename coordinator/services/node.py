@@ -67,7 +67,8 @@ class CoordinatorNode:
                                  leader_hint=self.leader_http)
         self.reads = Reads(self.proposer, applier)
         self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock)
-        self.bus = BusService(applier, self.proposer, self.reads, engine, clock, rng, node_id=identity.node_id)
+        self.bus = BusService(applier, self.proposer, self.reads, engine, clock, rng, node_id=identity.node_id,
+                              member_id=lambda raft: self._peer_id(raft))
         self.forward_timeout_s = forward_timeout_s
         # Serve default reads from local state without a barrier. Wrong on purpose:
         # it exists so the chaos checker can show it catches stale reads.
