@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from coordinator.types import TransportDelivery, TransportEntry, TransportHealth
+
 
 class Clock(Protocol):
     def now_ms(self) -> int:
@@ -100,3 +102,56 @@ class ConsensusEngine(Protocol):
         """Add a voting member; raises ``Unavailable`` when refused."""
 
     async def remove_member(self, address: str) -> None: ...
+
+
+@runtime_checkable
+class BusTransport(Protocol):
+    """A broker that carries a bound topic's committed messages.
+
+    One instance per node, used from the event loop only. The leader calls
+    ``publish`` with entries in offset order from the topic's committed
+    cursor; it may call it again with entries already published (after a
+    leader change or a lost confirmation): a transport must not duplicate
+    them where its broker can prevent it, and must say in ``guarantee``
+    what it promises. Every call is bounded in time (``timeout_s`` of the
+    transport) and raises ``coordinator.errors.Unavailable`` when the broker
+    cannot be reached; nothing is lost then: the cursor does not move.
+    """
+
+    name: str
+    guarantee: str  # "exactly-once" (the broker dedupes) or "at-least-once"
+
+    async def start(self) -> None:
+        """Connect. ``Unavailable`` when the broker cannot be reached."""
+
+    async def close(self) -> None: ...
+
+    async def bind(self, topic: str) -> None:
+        """Create what the broker needs for ``topic`` (idempotent)."""
+
+    async def unbind(self, topic: str) -> None:
+        """Remove the topic's broker resources and their messages (idempotent)."""
+
+    async def publish(self, entries: list[TransportEntry]) -> int:
+        """Publish entries of one topic, in offset order; return once the
+        broker holds them durably. Returns how many were new at the broker
+        (re-sent ones it recognised are not counted)."""
+
+    async def subscribe(self, topic: str, group: str) -> None:
+        """Create a consumer group reading ``topic`` from its first message (idempotent)."""
+
+    async def fetch(self, topic: str, group: str, consumer: str, max_n: int,
+                    wait_s: float) -> list[TransportDelivery]:
+        """Up to ``max_n`` deliveries for ``consumer`` of ``group``, waiting up
+        to ``wait_s`` for the first. Unacked deliveries come back later
+        (after the transport's ack timeout or the consumer's reconnection)."""
+
+    async def ack(self, topic: str, group: str, delivery_ids: list[str]) -> None: ...
+
+    async def nack(self, topic: str, group: str, delivery_ids: list[str]) -> None:
+        """Give deliveries back for redelivery."""
+
+    async def health(self) -> TransportHealth: ...
+
+    async def lag(self, topic: str, group: str) -> int:
+        """Messages of ``topic`` the group has not acked yet (best effort)."""

@@ -74,3 +74,46 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class TransportEntry:
+    """One committed message handed to a broker transport.
+
+    ``offset`` is the message's offset in its topic (it grows by one per
+    message) and ``index`` the log index of its publish; together with
+    ``message["id"]`` they make republishing idempotent. ``key`` is
+    ``"{topic}:{offset}"``, the id a broker deduplicates on.
+    """
+
+    topic: str
+    offset: int
+    index: int
+    message: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.topic}:{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class TransportDelivery:
+    """A message a transport's consumer group received from its broker.
+
+    ``delivery_id`` is the broker's handle for ack and nack; ``key`` is the
+    entry's ``TransportEntry.key`` (the service deduplicates on it where the
+    broker cannot); ``redelivered`` when the broker says so.
+    """
+
+    delivery_id: str
+    topic: str
+    offset: int
+    key: str
+    message: dict[str, Any]
+    redelivered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TransportHealth:
+    ok: bool
+    detail: str

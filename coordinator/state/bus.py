@@ -37,6 +37,8 @@ from coordinator.state.topics import check_pattern, check_topic, is_pattern, mat
 from coordinator.types import Event
 
 RESERVED_PREFIXES = ("agent.", "lock.", "system.")
+BINDING_PREFIX = "b:"  # holder key of a transport binding (consumer keys are s:, g:, a:)
+MAX_BACKLOG = 1_000_000
 REPLY_PREFIX = "_reply."  # topics of replies to requests: not retained unless configured
 TASK_STATUSES = ("started", "progress", "completed", "failed", "cancelled")
 START_KINDS = ("new", "beginning", "offset", "time")
@@ -226,6 +228,28 @@ class Consumer:
 
 
 @dataclass(slots=True)
+class Binding:
+    """A topic whose messages a broker transport carries (issue 5). The leader
+    publishes offsets after ``cursor`` to the broker and commits ``bus.cursor``
+    once the broker holds them; until then each body is held by the binding
+    (holder key ``b:<topic>``, never a consumer's)."""
+
+    topic: str
+    transport: str
+    cursor: int            # the last offset the broker confirmed
+    created_index: int
+    backlog_max: int
+
+    def to_data(self) -> list[Any]:
+        return [self.topic, self.transport, self.cursor, self.created_index, self.backlog_max]
+
+    def describe(self, next_offset: int) -> dict[str, Any]:
+        return {"topic": self.topic, "transport": self.transport, "cursor": self.cursor,
+                "backlog": next_offset - 1 - self.cursor, "backlog_max": self.backlog_max,
+                "created_index": self.created_index}
+
+
+@dataclass(slots=True)
 class Subscription:
     id: str
     consumer: str  # consumer key
@@ -254,6 +278,7 @@ class Bus:
         self.bodies: dict[tuple[str, int], Body] = {}
         self.consumers: dict[str, Consumer] = {}
         self.subscriptions: dict[str, Subscription] = {}
+        self.bindings: dict[str, Binding] = {}
         self.exact: dict[str, dict[str, None]] = {}   # topic -> consumer keys subscribed to exactly it
         self.wildcard: dict[str, None] = {}           # consumer keys with a wildcard pattern
         self.timers: list[tuple[int, int, str, str, int, int, int]] = []  # (due, n, kind, key, a, b, c)
@@ -391,6 +416,8 @@ class Bus:
         body.ttl_armed = False
         self.counters["expired"] += 1
         for consumer_key, seq in list(body.holders.items()):
+            if consumer_key.startswith(BINDING_PREFIX):
+                continue  # the broker got (or gets) the message with its ttl; it expires there
             consumer = self.consumers[consumer_key]
             entry = consumer.entries.get(seq)
             # A pending entry was delivered in time; its redelivery timer checks the TTL.
@@ -482,6 +509,12 @@ class Bus:
             messages.append(message)
         if topic not in self.topics and len(self.topics) >= self.limits.topics_max:
             raise Rejected("unavailable", f"too many topics ({self.limits.topics_max})")
+        binding = self.bindings.get(topic)
+        if binding is not None:
+            waiting = self.topics[topic].next_offset - 1 - binding.cursor
+            if waiting + len(messages) > binding.backlog_max:
+                raise Rejected("unavailable", f"{waiting} messages of {topic!r} wait for the {binding.transport} "
+                                              f"transport (at most {binding.backlog_max}); retry when it drains")
         if not self.room_for(len(messages)):
             raise Rejected("unavailable", f"the bus holds {self.limits.messages_max} messages; "
                                           "consumers must ack (or topics retain less) before more are accepted")
@@ -525,13 +558,16 @@ class Bus:
         body = Body(topic.name, offset, ctx.index, ctx.now_ms, message,
                     None if ttl is None else ctx.now_ms + ttl, retained=False)
         self.bodies[(topic.name, offset)] = body
+        binding = self.bindings.get(topic.name)
         if message["destination"]:
             for agent in dict.fromkeys(message["destination"]):
                 self._enqueue(ctx, self._inbox(ctx, agent), body)
-        else:
+        elif binding is None:
             for consumer in self.matching(topic.name, message):
                 self._enqueue(ctx, consumer, body)
         routed = len(body.holders)
+        if binding is not None and not message["destination"]:
+            self._hold(body, BINDING_PREFIX + topic.name, offset)  # until the broker confirms it
         # A DLQ that keeps nothing (dlq_max=0) may have released the body while it was routed.
         self.bodies[(topic.name, offset)] = body
         self._arm_ttl(body)
@@ -595,6 +631,90 @@ class Bus:
             if topic is None:
                 topic = self.topics[event.type] = Topic(event.type, max_messages=0)
             self._store(ctx, topic, message, retain=True)
+
+    # -- transport bindings (issue 5) ---------------------------------------------------------
+
+    def bind(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+        """Messages published on ``topic`` from now on go to a broker transport
+        (the ones before stay where they are). Idempotent for the same transport."""
+        name = check_topic(args.get("topic"))
+        check_publishable_topic(name)
+        transport = check_str(args.get("transport"), "transport", 64)
+        backlog_max = args.get("backlog_max", 100_000)
+        check_int(backlog_max, "backlog_max", 1, MAX_BACKLOG)
+        binding = self.bindings.get(name)
+        if binding is not None:
+            if binding.transport != transport:
+                raise Rejected("conflict", f"topic {name!r} is bound to {binding.transport!r}; unbind it first")
+            binding.backlog_max = backlog_max
+            return binding.describe(self.topics[name].next_offset)
+        topic = self.topics.get(name)
+        if topic is None:
+            if len(self.topics) >= self.limits.topics_max:
+                raise Rejected("unavailable", f"too many topics ({self.limits.topics_max})")
+            topic = self.topics[name] = Topic(name)
+        binding = self.bindings[name] = Binding(name, transport, topic.next_offset - 1, ctx.index, backlog_max)
+        return binding.describe(topic.next_offset)
+
+    def unbind(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+        """Stop sending ``topic`` to its broker. Refused while messages still wait
+        for the broker, unless ``drop_backlog`` (they are then dropped)."""
+        name = check_topic(args.get("topic"))
+        drop = args.get("drop_backlog", False)
+        if not isinstance(drop, bool):
+            raise invalid("drop_backlog", "must be true or false")
+        binding = self.bindings.get(name)
+        if binding is None:
+            raise Rejected("not_found", f"topic {name!r} is not bound to a transport")
+        topic = self.topics[name]
+        waiting = topic.next_offset - 1 - binding.cursor
+        if waiting and not drop:
+            raise Rejected("conflict", f"{waiting} messages of {name!r} still wait for {binding.transport!r}; "
+                                       "wait for it to drain or unbind with drop_backlog")
+        self._advance(binding, topic.next_offset - 1)
+        del self.bindings[name]
+        return {"topic": name, "transport": binding.transport, "dropped": waiting}
+
+    def advance_cursor(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+        """The broker holds the topic's messages up to ``offset`` (proposed by the
+        leader after the broker confirmed). Idempotent; never moves back."""
+        name = check_topic(args.get("topic"))
+        offset = args.get("offset")
+        check_int(offset, "offset", 0, MAX_OFFSET)
+        binding = self.bindings.get(name)
+        if binding is None:
+            raise Rejected("not_found", f"topic {name!r} is not bound to a transport")
+        if args.get("created_index", binding.created_index) != binding.created_index:
+            raise Rejected("conflict", f"the binding of {name!r} was made again since")
+        last = self.topics[name].next_offset - 1
+        if offset > last:
+            raise invalid("offset", f"{name!r} has no offset {offset} yet (last {last})")
+        moved = self._advance(binding, offset)
+        return {**binding.describe(last + 1), "moved": moved}
+
+    def _advance(self, binding: Binding, offset: int) -> int:
+        moved = 0
+        key = BINDING_PREFIX + binding.topic
+        for o in range(binding.cursor + 1, offset + 1):
+            body = self.bodies.get((binding.topic, o))
+            if body is not None and key in body.holders:
+                self._release(body, key)
+            moved += 1
+        binding.cursor = max(binding.cursor, offset)
+        return moved
+
+    def unsent(self, topic: str, limit: int) -> list[Body]:
+        """Bodies of a bound topic after its cursor, in offset order (for the leader's driver)."""
+        binding = self.bindings.get(topic)
+        if binding is None:
+            return []
+        out = []
+        last = self.topics[topic].next_offset - 1
+        for o in range(binding.cursor + 1, min(last, binding.cursor + limit) + 1):
+            body = self.bodies.get((topic, o))
+            if body is not None and BINDING_PREFIX + topic in body.holders:
+                out.append(body)
+        return out
 
     # -- consumers and subscriptions --------------------------------------------------------
 
@@ -919,6 +1039,7 @@ class Bus:
             "bodies": [b.to_data() for b in self.bodies.values()],
             "consumers": [c.to_data() for c in self.consumers.values()],
             "subscriptions": [s.to_data() for s in self.subscriptions.values()],
+            "bindings": [b.to_data() for b in self.bindings.values()],
             "timers": [list(t) for t in sorted(self.timers)],
             "timer_seq": self.timer_seq,
             "dedupe": [[t, i, o, ms] for (t, i), (o, ms) in self.dedupe.items()],
@@ -940,6 +1061,7 @@ class Bus:
             else:
                 bus.exact.setdefault(consumer.pattern, {})[consumer.key] = None
         bus.subscriptions = {row[0]: Subscription(*row) for row in data["subscriptions"]}
+        bus.bindings = {row[0]: Binding(*row) for row in data.get("bindings", [])}
         bus.timers = [tuple(t) for t in data["timers"]]  # type: ignore[misc]
         bus.timer_seq = data["timer_seq"]
         bus.dedupe = OrderedDict(((t, i), (o, ms)) for t, i, o, ms in data["dedupe"])

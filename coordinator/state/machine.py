@@ -447,6 +447,22 @@ def _bus_purge(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any
     return sm.bus.purge(ctx, sm.bus.consumer_of(args), args.get("delivery_ids"))
 
 
+@_op("bus.bind")
+def _bus_bind(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.bind(ctx, args)
+
+
+@_op("bus.unbind")
+def _bus_unbind(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.unbind(ctx, args)
+
+
+@_op("bus.cursor")
+def _bus_cursor(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """Proposed by the leader once the broker confirmed the messages up to ``offset``."""
+    return sm.bus.advance_cursor(ctx, args)
+
+
 @_op("bus.tick")
 def _bus_tick(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     """Proposed by the leader when a bus timer is due by its clock."""

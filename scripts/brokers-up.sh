@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Make sure the brokers the transport tests use answer on 127.0.0.1:
+# Redis 6379, RabbitMQ 5672 (guest/guest), NATS with JetStream 4222.
+# A broker already answering is left alone. A missing one is installed from
+# Debian's packages (redis-server, rabbitmq-server, nats-server) when it is not
+# installed yet, then started in the background; its PID is recorded under
+# .brokers/ so scripts/brokers-down.sh stops only what this script started.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="$ROOT/.brokers"
+mkdir -p "$STATE"
+
+up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {  # port, name, seconds
+    local deadline=$((SECONDS + $3))
+    until up "$1"; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "brokers-up: $2 did not open 127.0.0.1:$1 within $3 s" >&2
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+ensure_package() {  # command, package
+    command -v "$1" >/dev/null 2>&1 && return 0
+    [ -x "/usr/sbin/$1" ] && return 0
+    echo "brokers-up: installing $2 from Debian's packages" >&2
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$2" >&2
+}
+
+if ! up 6379; then
+    ensure_package redis-server redis-server
+    redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --daemonize yes \
+        --pidfile "$STATE/redis.pid" --logfile "$STATE/redis.log"
+    wait_port 6379 redis 30
+fi
+
+if ! up 4222; then
+    ensure_package nats-server nats-server
+    mkdir -p "$STATE/nats"
+    PATH="$PATH:/usr/sbin" nohup nats-server -a 127.0.0.1 -p 4222 -js -sd "$STATE/nats" \
+        >"$STATE/nats.log" 2>&1 &
+    echo $! > "$STATE/nats.pid"
+    wait_port 4222 nats-server 30
+fi
+
+if ! up 5672; then
+    ensure_package rabbitmq-server rabbitmq-server
+    # The Debian package starts its own service on install; start it only if it did not.
+    if ! up 5672; then
+        PATH="$PATH:/usr/sbin" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 nohup rabbitmq-server \
+            >"$STATE/rabbitmq.log" 2>&1 &
+        echo $! > "$STATE/rabbitmq.pid"
+    fi
+    wait_port 5672 rabbitmq-server 120
+fi
+echo "brokers: redis 127.0.0.1:6379, rabbitmq 127.0.0.1:5672, nats 127.0.0.1:4222" >&2
