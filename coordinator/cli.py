@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="fsync (default) or none (benchmarks only: loses data on power loss)")
     serve.add_argument("--compaction-entries", dest="compaction_entries", type=int,
                        help="snapshot and compact the log beyond this many entries (default 20000)")
+    serve.add_argument("--transport", dest="transports", action="append", metavar="NAME=URL",
+                       help="a broker transport, e.g. redis=redis://127.0.0.1:6379/0 (repeatable)")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--unsafe-stale-reads", dest="unsafe_stale_reads", action="store_true", default=None,
                        help="UNSAFE, for chaos demonstrations: serve default reads from local state "
@@ -76,6 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
                                   "secret_file", "compaction_entries", "unsafe_stale_reads")}
     if args.peers:
         overrides["peers"] = args.peers
+    if args.transports:
+        overrides["transports"] = args.transports
     cfg = config_module.load(args.config, overrides)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pysyncobj").setLevel(logging.WARNING)

@@ -48,6 +48,9 @@ class NodeConfig:
     stall_timeout_s: float = 5.0
     log_level: str = "info"
     unsafe_stale_reads: bool = False  # chaos demonstrations only: reads skip the barrier
+    # broker transports: plugin name -> URL (may hold credentials: never printed)
+    transports: dict[str, str] = field(default_factory=dict, repr=False)
+    transport_namespace: str = "coord"  # prefix of every broker resource; the same on every node
 
     def validate(self) -> NodeConfig:
         for name in ("node_id", "http", "raft", "data_dir"):
@@ -83,6 +86,12 @@ class NodeConfig:
             raise InvalidInput("proposal_timeout_s: must be between 0.1 and 120", field="proposal_timeout_s")
         if not 2 <= self.compaction_entries <= 10_000_000:
             raise InvalidInput("compaction_entries: must be between 2 and 10000000", field="compaction_entries")
+        for name, url in self.transports.items():
+            if not isinstance(url, str) or "://" not in url:
+                raise InvalidInput(f"transports.{name}: must be a URL such as redis://127.0.0.1:6379/0",
+                                   field=f"transports.{name}")
+        if not self.transport_namespace.replace("-", "").replace("_", "").isalnum():
+            raise InvalidInput("transport_namespace: letters, digits, - and _ only", field="transport_namespace")
         if not 1 <= self.inflight_max <= 100_000:
             raise InvalidInput("inflight_max: must be between 1 and 100000", field="inflight_max")
         return self
@@ -105,6 +114,14 @@ def parse_peer(text: str) -> PeerConfig:
     return PeerConfig(node_id.strip(), raft.strip(), http.strip(), dial.strip() or None)
 
 
+def parse_transport(text: str) -> tuple[str, str]:
+    """``NAME=URL`` (the error never repeats the URL: it may hold a password)."""
+    name, sep, url = text.partition("=")
+    if not sep or not name.strip() or not url.strip():
+        raise InvalidInput("transport: expected NAME=URL", field="transport")
+    return name.strip(), url.strip()
+
+
 def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
     """Read ``path`` (TOML) if given, apply non-None ``overrides``, find the secret, validate."""
     values: dict[str, Any] = {}
@@ -116,6 +133,10 @@ def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
             raise InvalidInput(f"config: cannot read {path}: {exc}", field="config") from None
     secret_file = overrides.pop("secret_file", None) or values.pop("secret_file", None)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    transports = values.pop("transports", {})
+    if isinstance(transports, (list, tuple)):  # --transport NAME=URL flags
+        transports = dict(parse_transport(t) for t in transports)
+    values["transports"] = dict(transports)
     peers = values.pop("peers", ())
     values["peers"] = tuple(p if isinstance(p, PeerConfig) else
                             parse_peer(p) if isinstance(p, str) else PeerConfig(**p) for p in peers)

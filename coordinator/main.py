@@ -34,13 +34,25 @@ def load_engine_class(name: str) -> Any:
     return found[0].load()
 
 
+def load_transports(config: NodeConfig) -> dict[str, Any]:
+    """The broker transports this node's configuration names (``coordinator.transports`` entry points)."""
+    plugins = {ep.name: ep for ep in entry_points(group="coordinator.transports")}
+    transports = {}
+    for name, url in config.transports.items():
+        if name not in plugins:
+            raise InvalidInput(f"transports.{name}: unknown transport (installed: {', '.join(sorted(plugins))})",
+                               field=f"transports.{name}")
+        transports[name] = plugins[name].load()(url, namespace=config.transport_namespace)
+    return transports
+
+
 def make_node(config: NodeConfig) -> CoordinatorNode:
     applier = Applier()
     engine = load_engine_class(config.engine).from_config(config, applier)
     identity = Identity(config.node_id, config.raft, config.http, config.peers)
     return CoordinatorNode(identity, engine, applier, SystemClock(), SystemRng(),
                            proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max,
-                           unsafe_stale_reads=config.unsafe_stale_reads)
+                           unsafe_stale_reads=config.unsafe_stale_reads, transports=load_transports(config))
 
 
 async def serve(config: NodeConfig) -> None:

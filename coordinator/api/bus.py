@@ -173,6 +173,44 @@ async def topics_request(request: web.Request) -> web.Response:
                                  timeout_s + FORWARD_MARGIN_S)
 
 
+# -- transport bindings ---------------------------------------------------------------------
+
+@bus_routes.put("/v1/topics/{topic}/binding")
+async def bindings_bind(request: web.Request) -> web.Response:
+    """Carry the topic's messages from now on through a broker transport."""
+    node = _node(request)
+    body = await s.json_body(request, {"transport", "backlog_max", "request_id"})
+    transport = s.name(body.get("transport"), "transport", 64)
+    configured = sorted(node.transports.transports)
+    if transport not in configured:
+        raise InvalidInput(f"transport: {transport!r} is not configured on this node (configured: "
+                           f"{', '.join(configured) or 'none'})", field="transport")
+    args: dict[str, Any] = {"topic": _topic(request), "transport": transport}
+    if body.get("backlog_max") is not None:
+        args["backlog_max"] = s.integer(body["backlog_max"], "backlog_max", 1, 1_000_000)
+    return _ok(await node.write("bus.bind", args, s.request_id(request, body)))
+
+
+@bus_routes.delete("/v1/topics/{topic}/binding")
+async def bindings_unbind(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"drop_backlog", "request_id"}, required=False)
+    args: dict[str, Any] = {"topic": _topic(request)}
+    if body.get("drop_backlog") is not None:
+        if not isinstance(body["drop_backlog"], bool):
+            raise InvalidInput("drop_backlog: must be true or false", field="drop_backlog")
+        args["drop_backlog"] = body["drop_backlog"]
+    return _ok(await _node(request).write("bus.unbind", args, s.request_id(request, body)))
+
+
+@bus_routes.get("/v1/bindings")
+async def bindings_list(request: web.Request) -> web.Response:
+    """Bindings with their backlog (messages the broker has not confirmed) and
+    this node's view of each transport's health (the leader's is the one that drives)."""
+    node = _node(request)
+    await node.read_barrier(s.consistency(request))
+    return _ok({"bindings": node.transports.bindings(), "transports": await node.transports.health()})
+
+
 # -- subscriptions -------------------------------------------------------------------------
 
 @bus_routes.post("/v1/subscriptions")

@@ -83,6 +83,18 @@ def _bus(node: CoordinatorNode) -> Iterator[Any]:
     published.add_metric(["volatile_routed"], node.bus.volatile.routed)
     published.add_metric(["volatile_dropped"], node.bus.volatile.dropped)
     yield published
+    backlog = GaugeMetricFamily("coord_transport_backlog", "Messages of a bound topic the broker has not confirmed",
+                                labels=["topic", "transport"])
+    for topic, binding in bus.bindings.items():
+        backlog.add_metric([topic, binding.transport], bus.topics[topic].next_offset - 1 - binding.cursor)
+    yield backlog
+    healthy = GaugeMetricFamily("coord_transport_healthy", "1 unless the last use of the transport failed",
+                                labels=["transport"])
+    for name in node.transports.transports:
+        healthy.add_metric([name], int(name not in node.transports.errors))
+    yield healthy
+    yield CounterMetricFamily("coord_transport_sent", "Messages brokers confirmed while this node led",
+                              value=node.transports.sent)
 
 
 def _expired(node: CoordinatorNode) -> CounterMetricFamily:

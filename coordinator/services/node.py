@@ -17,12 +17,13 @@ import aiohttp
 
 from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, Unavailable
-from coordinator.ports import Clock, ConsensusEngine, Rng
+from coordinator.ports import BusTransport, Clock, ConsensusEngine, Rng
 from coordinator.services.applier import Applier
 from coordinator.services.bus import BusService
 from coordinator.services.leases import LeaseKeeper, NotLeader
 from coordinator.services.proposals import Proposer, raise_for
 from coordinator.services.reads import Reads
+from coordinator.services.transports import TransportDriver
 from coordinator.state.machine import MAX_TTL_MS, MIN_TTL_MS
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def ttl_ms_from(body: dict[str, Any], field: str, default_s: float) -> int:
 class CoordinatorNode:
     def __init__(self, identity: Identity, engine: ConsensusEngine, applier: Applier, clock: Clock, rng: Rng, *,
                  proposal_timeout_s: float = 5.0, inflight_max: int = 1024, command_max_bytes: int = 1 << 20,
-                 forward_timeout_s: float = 3.0, unsafe_stale_reads: bool = False) -> None:
+                 forward_timeout_s: float = 3.0, unsafe_stale_reads: bool = False,
+                 transports: dict[str, BusTransport] | None = None) -> None:
         self.identity = identity
         self.engine = engine
         self.applier = applier
@@ -69,6 +71,8 @@ class CoordinatorNode:
         self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock)
         self.bus = BusService(applier, self.proposer, self.reads, engine, clock, rng, node_id=identity.node_id,
                               member_id=lambda raft: self._peer_id(raft))
+        self.transports = TransportDriver(applier, self.proposer, dict(transports or {}), clock,
+                                          lambda: self.bus.active)
         self.forward_timeout_s = forward_timeout_s
         # Serve default reads from local state without a barrier. Wrong on purpose:
         # it exists so the chaos checker can show it catches stale reads.
@@ -88,6 +92,8 @@ class CoordinatorNode:
         await self.engine.start()
         self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
         self._tasks.append(asyncio.create_task(self.bus.run(), name="bus"))
+        await self.transports.start()
+        self._tasks.append(asyncio.create_task(self.transports.run(), name="transports"))
         self._tasks.append(asyncio.create_task(self._register_self(), name="register-self"))
 
     async def stop(self) -> None:
@@ -96,6 +102,7 @@ class CoordinatorNode:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.leases.stop()
         await self.bus.stop()
+        await self.transports.stop()
         await self.engine.stop()
         if self._session is not None:
             await self._session.close()
@@ -169,6 +176,8 @@ class CoordinatorNode:
             "problem": st.problem,
             "leases_active": self.leases.active,
             "bus": self.bus.status(),
+            "transports": {name: {"configured": True, "error": self.transports.errors.get(name)}
+                           for name in self.transports.transports},
             "unsafe_stale_reads": self.unsafe_stale_reads,
             "members": members,
             "http": self.identity.http,

@@ -1,0 +1,82 @@
+"""Topics bound to a broker transport, over HTTP, with the in-process
+reference transport: the leader publishes committed messages to it and
+commits the cursor; an outage holds them (bounded) and they drain after."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.coordinator.api.conftest import Harness, HarnessFactory, eventually
+from transports.memory import InMemoryTransport
+
+
+@pytest.fixture
+async def bound(make_harness: HarnessFactory) -> tuple[Harness, InMemoryTransport]:
+    transport = InMemoryTransport(namespace="t", ack_timeout_s=30)
+    h = await make_harness(transports={"memory": transport})
+    await h.call("PUT", "/v1/topics/orders/binding", {"transport": "memory", "backlog_max": 5}, expect=200)
+    return h, transport
+
+
+async def _binding(h: Harness) -> dict[str, Any]:
+    _, body = await h.call("GET", "/v1/bindings", expect=200)
+    return body
+
+
+async def _broker_has(transport: InMemoryTransport, topic: str) -> list[int]:
+    return [e.offset for e in transport._topics.get(topic, [])]
+
+
+async def test_committed_messages_reach_the_broker_and_the_cursor_follows(bound: Any) -> None:
+    h, transport = bound
+    for i in range(3):
+        await h.call("POST", "/v1/topics/orders/messages", {"payload": {"i": i}}, expect=200)
+    await eventually(lambda: h.applier.machine.bus.bindings["orders"].cursor == 3, "the cursor to reach 3")
+    assert await _broker_has(transport, "orders") == [1, 2, 3]
+    await transport.subscribe("orders", "g")
+    got = await transport.fetch("orders", "g", "c", 10, 0)
+    assert [d.message["payload"] for d in got] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    listing = await _binding(h)
+    assert listing["bindings"][0] | {"backlog": 0, "cursor": 3, "transport": "memory"} == listing["bindings"][0]
+    assert listing["transports"]["memory"]["ok"] is True
+
+
+async def test_a_broker_outage_holds_a_bounded_backlog_that_drains_after(bound: Any) -> None:
+    h, transport = bound
+    transport.down = True
+    for i in range(5):
+        await h.call("POST", "/v1/topics/orders/messages", {"payload": {"i": i}}, expect=200)
+    status, body = await h.call("POST", "/v1/topics/orders/messages", {"payload": {"i": 5}})
+    assert status == 503 and "wait for the memory transport" in body["error"]["message"]
+    await eventually(lambda: "memory" in h.node.transports.errors, "the transport to be reported unhealthy")
+    listing = await _binding(h)
+    assert listing["bindings"][0]["backlog"] == 5 and listing["transports"]["memory"]["ok"] is False
+    _, st = await h.call("GET", "/v1/status", expect=200)
+    assert st["transports"]["memory"]["error"]
+    async with h.http.get("/metrics") as response:
+        text = await response.text()
+    assert 'coord_transport_backlog{topic="orders",transport="memory"} 5.0' in text
+    assert 'coord_transport_healthy{transport="memory"} 0.0' in text
+    transport.down = False
+    await eventually(lambda: h.applier.machine.bus.bindings["orders"].cursor == 5, "the backlog to drain")
+    assert await _broker_has(transport, "orders") == [1, 2, 3, 4, 5]
+    await eventually(lambda: "memory" not in h.node.transports.errors, "health to recover")
+
+
+async def test_bind_refuses_an_unconfigured_transport_and_unbind_waits_for_the_backlog(bound: Any) -> None:
+    h, transport = bound
+    before = h.fingerprint()
+    status, body = await h.call("PUT", "/v1/topics/other/binding", {"transport": "kafka"})
+    assert status == 400 and body["error"]["field"] == "transport"
+    assert h.fingerprint() == before
+    status, _ = await h.call("PUT", "/v1/topics/orders/binding", {"transport": "memory", "backlog_max": 0})
+    assert status == 400
+    transport.down = True
+    await h.call("POST", "/v1/topics/orders/messages", {"payload": 1}, expect=200)
+    status, _ = await h.call("DELETE", "/v1/topics/orders/binding")
+    assert status == 409
+    _, dropped = await h.call("DELETE", "/v1/topics/orders/binding", {"drop_backlog": True}, expect=200)
+    assert dropped["dropped"] == 1
+    assert (await _binding(h))["bindings"] == []
