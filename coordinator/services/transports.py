@@ -121,6 +121,9 @@ class TransportDriver:
             raise_for(await self.proposer.propose("bus.cursor", {"topic": topic, "offset": last,
                                                                  "created_index": created}))
         except CoordinatorError as exc:
+            # Bind again before the next try: a broker that restarted without
+            # persistence lost the topic's resources (and what it held: its durability).
+            self._bound.pop((topic, created), None)
             self.errors[binding.transport] = exc.message
             log.info("transport %s: publishing %s failed (%s); will retry", binding.transport, topic, exc.message)
             self._back_off(topic)
