@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="snapshot and compact the log beyond this many entries (default 20000)")
     serve.add_argument("--transport", dest="transports", action="append", metavar="NAME=URL",
                        help="a broker transport, e.g. redis=redis://127.0.0.1:6379/0 (repeatable)")
+    serve.add_argument("--transport-namespace", dest="transport_namespace",
+                       help="prefix of every broker resource (the same on every node; default coord)")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--unsafe-stale-reads", dest="unsafe_stale_reads", action="store_true", default=None,
                        help="UNSAFE, for chaos demonstrations: serve default reads from local state "
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
-                                  "secret_file", "compaction_entries", "unsafe_stale_reads")}
+                                  "secret_file", "compaction_entries", "unsafe_stale_reads", "transport_namespace")}
     if args.peers:
         overrides["peers"] = args.peers
     if args.transports:

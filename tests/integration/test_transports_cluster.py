@@ -1,0 +1,175 @@
+"""Topics bound to real brokers on a real three-node cluster: the leader
+drives the broker from committed entries, a leader SIGKILL mid-stream loses
+nothing (and duplicates nothing where the broker dedupes), and a broker
+stopped by its PID holds a bounded backlog that drains when it is back.
+
+The outage test starts its own broker process on a free port (the machine's
+shared brokers stay up for everything else) and restarts it with the same
+command line, the way the machine starts its own."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.client import CoordinatorClient
+from coordinator.errors import Unavailable
+from tests.integration.conftest import eventually
+from tests.transports.conftest import PLUGINS, transport_class
+
+pytestmark = [pytest.mark.cluster, pytest.mark.integration]
+
+
+def _cluster(make_cluster: Any, plugin: str, url: str, namespace: str) -> Any:
+    return make_cluster(extra_args=("--transport", f"{plugin}={url}", "--transport-namespace", namespace))
+
+
+async def _drain_broker(plugin: str, url: str, namespace: str, topic: str, want: int) -> list[Any]:
+    """Every message the broker holds for ``topic``, through a fresh group."""
+    transport = transport_class(plugin)(url, namespace=namespace, timeout_s=5.0, ack_timeout_s=30.0)
+    await transport.start()
+    try:
+        await transport.subscribe(topic, "verify")
+        got: list[Any] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            batch = await transport.fetch(topic, "verify", "v", 500, 0.5)
+            if batch:
+                await transport.ack(topic, "verify", [d.delivery_id for d in batch])
+            got.extend(batch)
+            if len({d.key for d in got}) >= want and not batch:
+                break
+        await transport.unbind(topic)
+        return got
+    finally:
+        await transport.close()
+
+
+async def _backlog(client: CoordinatorClient, topic: str) -> int | None:
+    listing = await client.request("GET", "/v1/bindings")
+    rows = [b for b in listing["bindings"] if b["topic"] == topic]
+    return rows[0]["backlog"] if rows else None
+
+
+@pytest.mark.parametrize("plugin", ["redis", "nats", "rabbitmq"])
+async def test_a_leader_kill_mid_stream_loses_nothing_at_the_broker(make_cluster: Any, plugin: str) -> None:
+    url = PLUGINS[plugin][1]
+    namespace = f"coordit{secrets.token_hex(3)}"
+    cluster = _cluster(make_cluster, plugin, url, namespace)
+    leader = cluster.wait_leader()
+    followers = [n for n in cluster.members if n != leader]
+    topic = "orders.eu"
+    acknowledged: dict[str, int] = {}
+    async with CoordinatorClient([cluster.url(n) for n in followers], timeout_s=20) as client:
+        await client.request("PUT", f"/v1/topics/{topic}/binding", {"transport": plugin})
+
+        async def publish(first: int, last: int) -> None:
+            for start in range(first, last + 1, 20):
+                batch = [{"id": f"m{i}", "payload": {"i": i}, "deliveryOptions": {"guarantee": "exactly-once"}}
+                         for i in range(start, min(start + 20, last + 1))]
+                answer = await client.publish(topic, messages=batch)
+                for message in answer["messages"]:
+                    acknowledged[message["id"]] = message["offset"]
+
+        await publish(1, 100)
+        cluster.kill(leader)
+        await publish(101, 200)  # through the survivors while they elect
+        new_leader = await asyncio.to_thread(cluster.wait_leader, 30, followers)
+        async with CoordinatorClient(cluster.url(new_leader), timeout_s=20) as direct:
+            await eventually(lambda: _zero(direct, topic), 30, "the binding's backlog to drain")
+            listing = await direct.request("GET", "/v1/bindings")
+            assert listing["transports"][plugin]["ok"] is True
+    assert len(acknowledged) == 200
+    got = await _drain_broker(plugin, url, namespace, topic, len(set(acknowledged.values())))
+    keys = [d.key for d in got]
+    offsets = set(acknowledged.values())
+    assert {f"{topic}:{o}" for o in offsets} <= set(keys)  # nothing acknowledged is missing at the broker
+    assert {d.message["id"] for d in got} >= set(acknowledged)
+    if transport_class(plugin).guarantee == "exactly-once":
+        assert len(keys) == len(set(keys))  # the broker recognised what the new leader re-sent
+
+
+async def _zero(client: CoordinatorClient, topic: str) -> bool:
+    try:
+        return await _backlog(client, topic) == 0
+    except Unavailable:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _broker_command(plugin: str, port: int, data: Path) -> list[str]:
+    if plugin == "redis":
+        return [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data)]
+    nats = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    return [nats, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(data)]
+
+
+def _wait_port(port: int, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"broker did not open port {port}")
+
+
+@pytest.mark.parametrize("plugin", ["redis", "nats"])
+async def test_a_stopped_broker_holds_a_bounded_backlog_that_drains_when_it_returns(
+        make_cluster: Any, plugin: str, tmp_path: Path) -> None:
+    port = _free_port()
+    data = tmp_path / "broker"
+    data.mkdir()
+    command = _broker_command(plugin, port, data)
+    broker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        url = f"redis://127.0.0.1:{port}/0" if plugin == "redis" else f"nats://127.0.0.1:{port}"
+        namespace = f"coordit{secrets.token_hex(3)}"
+        cluster = _cluster(make_cluster, plugin, url, namespace)
+        leader = cluster.wait_leader()
+        topic = "jobs"
+        async with CoordinatorClient(cluster.url(leader), timeout_s=20) as client:
+            await client.request("PUT", f"/v1/topics/{topic}/binding", {"transport": plugin, "backlog_max": 30})
+            await client.publish(topic, messages=[{"payload": i} for i in range(10)])
+            await eventually(lambda: _zero(client, topic), 20, "the first messages to reach the broker")
+
+            broker.send_signal(signal.SIGKILL)  # stopped by its PID
+            broker.wait(10)
+            await client.publish(topic, messages=[{"payload": i} for i in range(10, 40)])
+            async with CoordinatorClient(cluster.url(leader), timeout_s=1) as impatient:
+                with pytest.raises(Unavailable, match="wait for"):
+                    await impatient.publish(topic, {"payload": "over"})
+
+            async def red() -> bool:
+                listing = await client.request("GET", "/v1/bindings")
+                return listing["transports"][plugin]["ok"] is False and await _backlog(client, topic) == 30
+
+            await eventually(red, 20, "health red and the backlog held")
+            broker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # same way
+            _wait_port(port)
+            await eventually(lambda: _zero(client, topic), 30, "the backlog to drain")
+        got = await _drain_broker(plugin, url, namespace, topic, 40)
+        assert sorted({d.offset for d in got}) == list(range(1, 41))
+    finally:
+        if broker.poll() is None:
+            broker.send_signal(signal.SIGTERM)
+            try:
+                broker.wait(10)
+            except subprocess.TimeoutExpired:
+                broker.kill()
