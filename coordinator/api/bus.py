@@ -326,7 +326,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 await response.write("".join(chunks).encode())
                 acks = [d["delivery_id"] for d in batch if d["guarantee"] != "at-most-once"]
                 if auto_ack == "true" and acks:
-                    await node.write("bus.ack", {**selector, "delivery_ids": acks})
+                    await _ack_anywhere(node, base, selector, acks)
             else:
                 await response.write(b": keepalive\n\n")
             try:
@@ -366,10 +366,22 @@ async def _fetch_anywhere(node: CoordinatorNode, selector: dict[str, str], base:
     raise Unavailable(message, retry_after_s=0.5) if status >= 500 else CoordinatorError(message)
 
 
+async def _ack_anywhere(node: CoordinatorNode, base: str, selector: dict[str, str], ids: list[str]) -> None:
+    try:
+        await node.bus.ack(selector, ids)
+    except NotLeader:
+        status, _raw, _ = await node.forward("POST", f"{base}/ack", json.dumps({"delivery_ids": ids}).encode(),
+                                            node.proposer.timeout_s + FORWARD_MARGIN_S)
+        if status != 200:
+            raise Unavailable(f"the leader answered {status} to an ack", retry_after_s=0.5) from None
+
+
 async def ack(request: web.Request) -> web.Response:
+    node = _node(request)
     body = await s.json_body(request, {"delivery_ids", "request_id"})
-    args = {**_selector(request), "delivery_ids": _delivery_ids(body)}
-    return _ok(await _node(request).write("bus.ack", args, s.request_id(request, body)))
+    selector, ids, request_id = _selector(request), _delivery_ids(body), s.request_id(request, body)
+    return await _here_or_leader(request, lambda: node.bus.ack(selector, ids or [], request_id),
+                                 node.proposer.timeout_s + FORWARD_MARGIN_S)
 
 
 async def nack(request: web.Request) -> web.Response:
@@ -381,7 +393,12 @@ async def nack(request: web.Request) -> web.Response:
         if not isinstance(body["dead_letter"], bool):
             raise InvalidInput("dead_letter: must be true or false", field="dead_letter")
         args["dead_letter"] = body["dead_letter"]
-    return _ok(await _node(request).write("bus.nack", args, s.request_id(request, body)))
+    node = _node(request)
+    selector = _selector(request)
+    del args["sub" if "sub" in selector else "agent"]
+    request_id = s.request_id(request, body)
+    return await _here_or_leader(request, lambda: node.bus.nack(selector, args, request_id),
+                                 node.proposer.timeout_s + FORWARD_MARGIN_S)
 
 
 async def dlq_list(request: web.Request) -> web.Response:

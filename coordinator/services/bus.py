@@ -25,13 +25,20 @@ from collections import deque
 from typing import Any
 
 from coordinator.errors import CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
-from coordinator.ports import Clock, ConsensusEngine, Rng
+from coordinator.ports import BusTransport, Clock, ConsensusEngine, Rng
 from coordinator.services.applier import Applier
 from coordinator.services.proposals import Proposer, raise_for, state_error
 from coordinator.services.reads import Reads
 from coordinator.state import filters
 from coordinator.state.base import Rejected
-from coordinator.state.bus import MAX_BATCH, MAX_FETCH, REPLY_PREFIX, check_publishable, check_publishable_topic
+from coordinator.state.bus import (
+    MAX_BATCH,
+    MAX_FETCH,
+    REPLY_PREFIX,
+    check_publishable,
+    check_publishable_topic,
+    effective_guarantee,
+)
 from coordinator.state.messages import in_batch, normalize
 from coordinator.state.topics import check_pattern, check_topic, is_pattern
 from coordinator.types import Command, Result
@@ -39,6 +46,7 @@ from coordinator.types import Command, Result
 log = logging.getLogger(__name__)
 
 VOLATILE_QUEUE_MAX = 10_000
+TRANSPORT_KEYS_MAX = 100_000
 WAKE_OPS = frozenset({"bus.publish", "bus.tick", "bus.nack", "bus.dlq.redrive", "bus.subscribe",
                       "bus.unsubscribe", "bus.group.delete"})
 
@@ -105,6 +113,9 @@ class BusService:
         self.ticks = 0
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._replies: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        self.transports: dict[str, BusTransport] = {}  # set by the node: the transports configured here
+        self._transport_groups: dict[tuple[str, str, int], None] = {}  # groups made at the broker this term
+        self._transport_keys: dict[str, tuple[str, str]] = {}  # broker delivery id -> (consumer key, message key)
         self._term_task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._unreachable: dict[str, float] = {}  # raft address -> since (monotonic)
@@ -141,6 +152,8 @@ class BusService:
         if self._term_task is not None:
             self._term_task.cancel()
         self.active = False
+        self._transport_groups.clear()
+        self._transport_keys.clear()  # unacked broker deliveries come back after their ack timeout
         self.volatile.clear()
         self._wake_all()
 
@@ -363,6 +376,8 @@ class BusService:
             agents = self.applier.machine.registry.agents
             if consumer is None and "agent" in selector and selector["agent"] not in agents:
                 raise NotFound(f"agent {selector['agent']!r} is not registered")
+            if consumer is not None and consumer.transport is not None:
+                return await self._fetch_transport(consumer, selector.get("sub", ""), max_n, deadline)
             deliveries = self.volatile.take(key, max_n, self.clock.now_ms())
             if consumer is not None and consumer.ready_count > 0 and len(deliveries) < max_n:
                 result = raise_for(await self.proposer.propose("bus.deliver", {**selector,
@@ -386,6 +401,86 @@ class BusService:
                     waiting.remove(future)
                     if not waiting:
                         del self._waiters[key]
+
+    # -- subscriptions served by a broker transport ------------------------------------------------
+
+    def _transport_of(self, consumer: Any) -> BusTransport:
+        transport = self.transports.get(consumer.transport)
+        if transport is None:
+            raise Unavailable(f"transport {consumer.transport!r} is not configured on the leader", retry_after_s=1.0)
+        return transport
+
+    async def _fetch_transport(self, consumer: Any, sub_id: str, max_n: int, deadline: float) -> dict[str, Any]:
+        """Deliveries from the broker; a message whose key this consumer already
+        acked (a re-send RabbitMQ cannot recognise, a redelivery after a lost
+        broker ack) is acked at the broker and not handed out again."""
+        transport = self._transport_of(consumer)
+        topic, group = consumer.pattern, consumer.name
+        loop = asyncio.get_running_loop()
+        if (topic, group, consumer.created_index) not in self._transport_groups:
+            await transport.bind(topic)  # idempotent; the driver may not have published anything yet
+            await transport.subscribe(topic, group)
+            self._transport_groups[(topic, group, consumer.created_index)] = None
+        while True:
+            remaining = max(0.0, deadline - loop.time())
+            got = await transport.fetch(topic, group, sub_id or group, max_n, 0.0 if self.closing else remaining)
+            seen = [d for d in got if d.key in consumer.acked_keys]
+            if seen:
+                await transport.ack(topic, group, [d.delivery_id for d in seen])
+            fresh = [d for d in got if d.key not in consumer.acked_keys]
+            at_most_once = consumer.guarantee == "at-most-once"
+            if at_most_once and fresh:
+                await transport.ack(topic, group, [d.delivery_id for d in fresh])
+            for d in fresh:
+                if not at_most_once:
+                    self._transport_keys[d.delivery_id] = (consumer.key, d.key)
+            while len(self._transport_keys) > TRANSPORT_KEYS_MAX:
+                self._transport_keys.pop(next(iter(self._transport_keys)))
+            if fresh or deadline - loop.time() <= 0 or self.closing:
+                return {"messages": [_render({"delivery_id": d.delivery_id, "attempt": 2 if d.redelivered else 1,
+                                              "topic": d.topic, "offset": d.offset,
+                                              "guarantee": effective_guarantee(
+                                                  consumer.guarantee, d.message.get("deliveryOptions", {}).get(
+                                                      "guarantee", "at-least-once")),
+                                              "message": d.message}) for d in fresh],
+                        "backlog": None}
+
+    async def ack(self, selector: dict[str, str], delivery_ids: list[Any], request_id: str | None = None
+                  ) -> dict[str, Any]:
+        """Ack deliveries. A transport consumer's acks are served by the leader
+        (it knows which message each broker delivery id carries): the keys are
+        committed first, then acked at the broker."""
+        consumer = self.applier.machine.bus.consumers.get(self.consumer_key(selector))
+        if consumer is None or consumer.transport is None:
+            return raise_for(await self.proposer.propose("bus.ack", {**selector, "delivery_ids": delivery_ids},
+                                                         request_id))
+        if not self.active:
+            raise NotLeader("acks of a transport subscription are served by the leader")
+        known = [d for d in delivery_ids if isinstance(d, str) and self._transport_keys.get(d, ("",))[0]
+                 == consumer.key]
+        unknown = [d for d in delivery_ids if d not in known]
+        if known:
+            keys = [self._transport_keys[d][1] for d in known]
+            raise_for(await self.proposer.propose("bus.transport.ack", {**selector, "keys": keys}, request_id))
+            await self._transport_of(consumer).ack(consumer.pattern, consumer.name, known)
+            for d in known:
+                self._transport_keys.pop(d, None)
+        return {"acked": known, "unknown": unknown}
+
+    async def nack(self, selector: dict[str, str], args: dict[str, Any], request_id: str | None = None
+                   ) -> dict[str, Any]:
+        consumer = self.applier.machine.bus.consumers.get(self.consumer_key(selector))
+        if consumer is None or consumer.transport is None:
+            return raise_for(await self.proposer.propose("bus.nack", {**selector, **args}, request_id))
+        if not self.active:
+            raise NotLeader("nacks of a transport subscription are served by the leader")
+        ids = args.get("delivery_ids") or []
+        known = [d for d in ids if isinstance(d, str) and self._transport_keys.get(d, ("",))[0] == consumer.key]
+        if known:
+            await self._transport_of(consumer).nack(consumer.pattern, consumer.name, known)
+            for d in known:
+                self._transport_keys.pop(d, None)
+        return {"nacked": known, "unknown": [d for d in ids if d not in known]}
 
     # -- request / reply --------------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ class CoordinatorNode:
                               member_id=lambda raft: self._peer_id(raft))
         self.transports = TransportDriver(applier, self.proposer, dict(transports or {}), clock,
                                           lambda: self.bus.active)
+        self.bus.transports = self.transports.transports
         self.forward_timeout_s = forward_timeout_s
         # Serve default reads from local state without a barrier. Wrong on purpose:
         # it exists so the chaos checker can show it catches stale reads.

@@ -64,6 +64,7 @@ class BusLimits:
     dedupe_window_ms: int = 120_000     # exactly-once publisher dedupe by message id
     dedupe_max: int = 100_000
     timers_per_tick: int = 10_000
+    acked_keys_max: int = 100_000       # per transport consumer: the dedupe window of processed keys
 
 
 # -- records -------------------------------------------------------------------------
@@ -156,6 +157,8 @@ class Consumer:
     ready_count: int = 0
     pending_count: int = 0
     filter_tree: Any = None
+    transport: str | None = None  # a bound topic's subscription: served by that broker, not by entries here
+    acked_keys: dict[str, None] = field(default_factory=dict)  # transport consumers: keys acked, oldest first
 
     @property
     def kind(self) -> str:
@@ -201,6 +204,7 @@ class Consumer:
         states = {"pending": self.pending_count,
                   "delayed": len(self.entries) - self.ready_count - self.pending_count}
         return {"kind": self.kind, "name": self.name, "topic": self.pattern, "filter": self.filter_text,
+                "transport": self.transport,
                 "guarantee": self.guarantee, "ack_timeout_ms": self.ack_timeout_ms,
                 "max_attempts": self.max_attempts, "backlog": self.ready_count, **states, "dlq": len(self.dlq),
                 "members": list(self.members), **self.counters}
@@ -211,7 +215,7 @@ class Consumer:
                 "created_index": self.created_index, "next_seq": self.next_seq,
                 "entries": [e.to_data() for e in self.entries.values()],
                 "dlq": [e.to_data() for e in self.dlq.values()], "members": list(self.members),
-                "counters": self.counters}
+                "counters": self.counters, "transport": self.transport, "acked_keys": list(self.acked_keys)}
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Consumer:
@@ -221,6 +225,8 @@ class Consumer:
         consumer.dlq = {row[0]: Entry.from_data(row) for row in data["dlq"]}
         consumer.members = dict.fromkeys(data["members"])
         consumer.counters = dict(data["counters"])
+        consumer.transport = data.get("transport")
+        consumer.acked_keys = dict.fromkeys(data.get("acked_keys", ()))
         consumer.pending_count = sum(1 for e in consumer.entries.values() if e.state == "pending")
         consumer.filter_tree = filters.parse(consumer.filter_text) if consumer.filter_text else None
         consumer.rebuild_ready()
@@ -703,6 +709,22 @@ class Bus:
         binding.cursor = max(binding.cursor, offset)
         return moved
 
+    def transport_acked(self, ctx: ApplyContext, consumer: Consumer, keys: Any) -> dict[str, Any]:
+        """Keys a transport consumer processed (committed before the broker ack,
+        so a message the broker hands out again is recognised and not delivered)."""
+        if consumer.transport is None:
+            raise invalid("sub", "this subscription is not served by a transport")
+        if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_ACK_IDS \
+                or not all(isinstance(k, str) and 0 < len(k) <= 512 for k in keys):
+            raise invalid("keys", f"must be a list of 1 to {MAX_ACK_IDS} message keys")
+        new = [k for k in dict.fromkeys(keys) if k not in consumer.acked_keys]
+        for key in new:
+            consumer.acked_keys[key] = None
+        while len(consumer.acked_keys) > self.limits.acked_keys_max:
+            consumer.acked_keys.pop(next(iter(consumer.acked_keys)))
+        consumer.counters["acked"] += len(new)
+        return {"new": len(new)}
+
     def unsent(self, topic: str, limit: int) -> list[Body]:
         """Bodies of a bound topic after its cursor, in offset order (for the leader's driver)."""
         binding = self.bindings.get(topic)
@@ -742,13 +764,18 @@ class Bus:
         start, start_value = self._check_start(args, pattern)
         if len(self.subscriptions) >= self.limits.subscriptions_max:
             raise Rejected("unavailable", f"too many subscriptions ({self.limits.subscriptions_max})")
+        binding = self.bindings.get(pattern)
+        if binding is not None and filter_text is not None:
+            raise invalid("filter", f"{pattern!r} is carried by the {binding.transport} transport, which does not "
+                                    "filter; subscribe without a filter")
         sub_id = f"sub-{ctx.index}"
         key = "g:" + group if group is not None else "s:" + sub_id
         consumer = self.consumers.get(key)
         if consumer is not None:
             settings = (consumer.pattern, consumer.filter_text, consumer.guarantee, consumer.ack_timeout_ms,
                         consumer.max_attempts)
-            if settings != (pattern, filter_text, guarantee, ack_timeout_ms, max_attempts):
+            if settings != (pattern, filter_text, guarantee, ack_timeout_ms, max_attempts) \
+                    or consumer.transport != (binding.transport if binding else None):
                 raise Rejected("conflict", f"group {group!r} exists with another topic, filter, guarantee, "
                                            "ack timeout or max attempts")
             replayed = 0
@@ -756,13 +783,14 @@ class Bus:
             if len(self.consumers) >= self.limits.consumers_max:
                 raise Rejected("unavailable", f"too many consumers ({self.limits.consumers_max})")
             consumer = Consumer(key, pattern, filter_text, guarantee, ack_timeout_ms, max_attempts, ctx.index,
-                                filter_tree=tree)
+                                filter_tree=tree, transport=binding.transport if binding else None)
             self.consumers[key] = consumer
             if is_pattern(pattern):
                 self.wildcard[key] = None
             else:
                 self.exact.setdefault(pattern, {})[key] = None
-            replayed = self._replay(ctx, consumer, start, start_value)
+            # A broker's group reads the bound topic from its first message itself.
+            replayed = 0 if binding else self._replay(ctx, consumer, start, start_value)
         consumer.members[sub_id] = None
         self.subscriptions[sub_id] = Subscription(sub_id, key, agent, ctx.now_ms)
         return {"id": sub_id, "group": group, "replayed": replayed, "consumer": consumer.describe()}

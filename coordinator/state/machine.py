@@ -463,6 +463,11 @@ def _bus_cursor(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> An
     return sm.bus.advance_cursor(ctx, args)
 
 
+@_op("bus.transport.ack")
+def _bus_transport_ack(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.transport_acked(ctx, sm.bus.consumer_of(args), args.get("keys"))
+
+
 @_op("bus.tick")
 def _bus_tick(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     """Proposed by the leader when a bus timer is due by its clock."""

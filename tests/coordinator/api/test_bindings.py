@@ -80,3 +80,40 @@ async def test_bind_refuses_an_unconfigured_transport_and_unbind_waits_for_the_b
     _, dropped = await h.call("DELETE", "/v1/topics/orders/binding", {"drop_backlog": True}, expect=200)
     assert dropped["dropped"] == 1
     assert (await _binding(h))["bindings"] == []
+
+
+async def test_a_subscription_on_a_bound_topic_is_served_by_the_broker(bound: Any) -> None:
+    h, _transport = bound
+    _, sub = await h.call("POST", "/v1/subscriptions", {"topic": "orders", "group": "billing"}, expect=201)
+    assert sub["consumer"]["transport"] == "memory"
+    status, body = await h.call("POST", "/v1/subscriptions", {"topic": "orders", "filter": "payload.i > 1"})
+    assert status == 400 and body["error"]["field"] == "filter"
+    for i in range(3):
+        await h.call("POST", "/v1/topics/orders/messages", {"payload": {"i": i}}, expect=200)
+    _, got = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?max=10&wait_s=2", expect=200)
+    assert [d["message"]["payload"] for d in got["messages"]] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    ids = [d["delivery_id"] for d in got["messages"]]
+    _, acked = await h.call("POST", f"/v1/subscriptions/{sub['id']}/ack", {"delivery_ids": [*ids[:2], "nope"]},
+                            expect=200)
+    assert acked == {"acked": ids[:2], "unknown": ["nope"]}
+    consumer = h.applier.machine.bus.consumers["g:billing"]
+    assert list(consumer.acked_keys) == ["orders:1", "orders:2"]
+    _, nacked = await h.call("POST", f"/v1/subscriptions/{sub['id']}/nack", {"delivery_ids": [ids[2]]}, expect=200)
+    assert nacked["nacked"] == [ids[2]]
+    _, again = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?wait_s=2", expect=200)
+    assert [(d["offset"], d["redelivered"]) for d in again["messages"]] == [(3, True)]
+
+
+async def test_a_message_the_broker_hands_out_again_after_its_ack_committed_is_not_delivered(bound: Any) -> None:
+    """The broker ack was lost (or the broker cannot dedupe a re-send): the
+    committed key makes the service ack it at the broker and skip it."""
+    h, transport = bound
+    _, sub = await h.call("POST", "/v1/subscriptions", {"topic": "orders"}, expect=201)
+    await h.call("POST", "/v1/topics/orders/messages", {"payload": "once"}, expect=200)
+    _, got = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?wait_s=2", expect=200)
+    delivery = got["messages"][0]
+    await h.node.write("bus.transport.ack", {"sub": sub["id"], "keys": ["orders:1"]})  # committed, broker ack lost
+    await transport.nack("orders", sub["id"], [delivery["delivery_id"]])
+    _, again = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?wait_s=0.3", expect=200)
+    assert again["messages"] == []
+    assert await transport.lag("orders", sub["id"]) == 0  # acked at the broker this time
