@@ -46,7 +46,7 @@ class TransportDriver:
         self.active = False
         self.sent = 0          # entries the brokers confirmed, led by this node
         self.errors: dict[str, str] = {}  # transport name -> last error (cleared by a success)
-        self._bound: dict[tuple[str, int], None] = {}  # (topic, binding index) created at the broker this term
+        self._bound: dict[tuple[str, int], str | None] = {}  # (topic, binding index) made at the broker -> transport
         self._tasks: dict[str, asyncio.Task[None]] = {}  # topic -> its publish in flight
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
@@ -90,7 +90,11 @@ class TransportDriver:
     def step(self) -> None:
         """Start a publish for every bound topic with unsent messages and none in flight."""
         now = asyncio.get_running_loop().time()  # retry pacing is real time, not the injected clock
+        self._tasks = {name: task for name, task in self._tasks.items() if not task.done()}
         bus = self.applier.machine.bus
+        for topic, created in [k for k in self._bound if k[0] not in bus.bindings
+                               or bus.bindings[k[0]].created_index != k[1]]:
+            self._spawn_unbind(topic, created)
         for topic, binding in list(bus.bindings.items()):
             task = self._tasks.get(topic)
             if (task is not None and not task.done()) or self._retry_at.get(topic, 0.0) > now:
@@ -98,6 +102,23 @@ class TransportDriver:
             if binding.cursor >= bus.topics[topic].next_offset - 1:
                 continue
             self._tasks[topic] = asyncio.get_running_loop().create_task(self._publish(topic))
+
+    def _spawn_unbind(self, topic: str, created: int) -> None:
+        """The binding was removed (committed): remove the topic's broker resources.
+        Best effort: a leader change in between leaves them to the operator."""
+        transport_name = self._bound.pop((topic, created))
+        transport = self.transports.get(transport_name) if transport_name else None
+        if transport is None:
+            return
+
+        async def unbind() -> None:
+            try:
+                await transport.unbind(topic)
+            except CoordinatorError as exc:
+                log.warning("transport %s: removing %s at the broker failed (%s)", transport.name, topic,
+                            exc.message)
+
+        self._tasks[f"unbind {topic} {created}"] = asyncio.get_running_loop().create_task(unbind())
 
     async def _publish(self, topic: str) -> None:
         bus = self.applier.machine.bus
@@ -115,7 +136,7 @@ class TransportDriver:
         try:
             if (topic, created) not in self._bound:
                 await transport.bind(topic)
-                self._bound[(topic, created)] = None
+                self._bound[(topic, created)] = binding.transport
             if bodies:
                 await transport.publish([TransportEntry(topic, b.offset, b.index, b.message) for b in bodies])
             raise_for(await self.proposer.propose("bus.cursor", {"topic": topic, "offset": last,

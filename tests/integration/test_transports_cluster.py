@@ -211,3 +211,9 @@ async def test_a_bound_topic_is_consumed_through_the_cluster_across_a_leader_kil
         assert sorted(set(acked) | set(rest)) == list(range(40))  # nothing lost
         assert not set(acked) & set(rest)  # nothing acked came back
         assert len(acked) == len(set(acked))
+    cleaner = transport_class(plugin)(url, namespace=namespace, timeout_s=5.0)
+    await cleaner.start()
+    try:
+        await cleaner.unbind(topic)
+    finally:
+        await cleaner.close()

@@ -82,6 +82,14 @@ async def test_bind_refuses_an_unconfigured_transport_and_unbind_waits_for_the_b
     assert (await _binding(h))["bindings"] == []
 
 
+async def test_unbinding_removes_the_topic_at_the_broker(bound: Any) -> None:
+    h, transport = bound
+    await h.call("POST", "/v1/topics/orders/messages", {"payload": 1}, expect=200)
+    await eventually(lambda: "orders" in transport._topics and transport._topics["orders"], "the message at the broker")
+    await h.call("DELETE", "/v1/topics/orders/binding", expect=200)
+    await eventually(lambda: "orders" not in transport._topics, "the broker's topic to be removed")
+
+
 async def test_a_subscription_on_a_bound_topic_is_served_by_the_broker(bound: Any) -> None:
     h, _transport = bound
     _, sub = await h.call("POST", "/v1/subscriptions", {"topic": "orders", "group": "billing"}, expect=201)
