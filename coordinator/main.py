@@ -34,16 +34,23 @@ def load_engine_class(name: str) -> Any:
     return found[0].load()
 
 
-def load_transports(config: NodeConfig) -> dict[str, Any]:
-    """The broker transports this node's configuration names (``coordinator.transports`` entry points)."""
+def transport_factory(config: NodeConfig) -> Any:
+    """``make(name, url)``: a broker transport from the ``coordinator.transports`` entry points."""
     plugins = {ep.name: ep for ep in entry_points(group="coordinator.transports")}
-    transports = {}
-    for name, url in config.transports.items():
+
+    def make(name: str, url: str) -> Any:
         if name not in plugins:
             raise InvalidInput(f"transports.{name}: unknown transport (installed: {', '.join(sorted(plugins))})",
                                field=f"transports.{name}")
-        transports[name] = plugins[name].load()(url, namespace=config.transport_namespace)
-    return transports
+        return plugins[name].load()(url, namespace=config.transport_namespace)
+
+    return make
+
+
+def load_transports(config: NodeConfig) -> dict[str, Any]:
+    """The broker transports this node's configuration names."""
+    make = transport_factory(config)
+    return {name: make(name, url) for name, url in config.transports.items()}
 
 
 def make_node(config: NodeConfig) -> CoordinatorNode:
@@ -52,7 +59,8 @@ def make_node(config: NodeConfig) -> CoordinatorNode:
     identity = Identity(config.node_id, config.raft, config.http, config.peers)
     return CoordinatorNode(identity, engine, applier, SystemClock(), SystemRng(),
                            proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max,
-                           unsafe_stale_reads=config.unsafe_stale_reads, transports=load_transports(config))
+                           unsafe_stale_reads=config.unsafe_stale_reads, transports=load_transports(config),
+                           transport_factory=transport_factory(config))
 
 
 async def serve(config: NodeConfig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from typing import Any
 
 from aiohttp import web
@@ -209,6 +210,55 @@ async def bindings_list(request: web.Request) -> web.Response:
     node = _node(request)
     await node.read_barrier(s.consistency(request))
     return _ok({"bindings": node.transports.bindings(), "transports": await node.transports.health()})
+
+
+@bus_routes.put("/v1/transports/{name}")
+async def transports_configure(request: web.Request) -> web.Response:
+    """A broker URL for the whole cluster (committed); a node's own config wins."""
+    body = await s.json_body(request, {"url", "request_id"})
+    name = s.name(request.match_info["name"], "name", 64)
+    url = body.get("url")
+    if not isinstance(url, str) or "://" not in url or len(url) > 2048:
+        raise InvalidInput("url: must be a URL such as redis://127.0.0.1:6379/0", field="url")
+    return _ok(await _node(request).write("bus.transport.configure", {"name": name, "url": url},
+                                          s.request_id(request, body)))
+
+
+@bus_routes.delete("/v1/transports/{name}")
+async def transports_remove(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"request_id"}, required=False)
+    name = s.name(request.match_info["name"], "name", 64)
+    return _ok(await _node(request).write("bus.transport.configure", {"name": name, "url": None},
+                                          s.request_id(request, body)))
+
+
+@bus_routes.get("/v1/transports")
+async def transports_list(request: web.Request) -> web.Response:
+    """Transports this node has, where their URL comes from (passwords hidden), and their health."""
+    node = _node(request)
+    await node.read_barrier(s.consistency(request))
+    driver = node.transports
+    cluster_urls = node.applier.machine.bus.transport_urls
+    health = await driver.health()
+    out = []
+    for name in sorted(set(driver.transports) | set(cluster_urls) | set(driver.config_errors)):
+        source = "node" if name in driver.local else "cluster"
+        url = cluster_urls.get(name) if source == "cluster" else None
+        out.append({"name": name, "source": source, "url": redact_url(url) if url else None,
+                    "error": driver.config_errors.get(name), **health.get(name, {"ok": False})})
+    return _ok({"transports": out})
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (``user:***@host``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None and not parts.username:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.password is not None else "***@"
+    return urllib.parse.urlunsplit((parts.scheme, user + host, parts.path, "", ""))
 
 
 # -- subscriptions -------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class CoordinatorNode:
     def __init__(self, identity: Identity, engine: ConsensusEngine, applier: Applier, clock: Clock, rng: Rng, *,
                  proposal_timeout_s: float = 5.0, inflight_max: int = 1024, command_max_bytes: int = 1 << 20,
                  forward_timeout_s: float = 3.0, unsafe_stale_reads: bool = False,
-                 transports: dict[str, BusTransport] | None = None) -> None:
+                 transports: dict[str, BusTransport] | None = None, transport_factory: Any = None) -> None:
         self.identity = identity
         self.engine = engine
         self.applier = applier
@@ -72,7 +72,7 @@ class CoordinatorNode:
         self.bus = BusService(applier, self.proposer, self.reads, engine, clock, rng, node_id=identity.node_id,
                               member_id=lambda raft: self._peer_id(raft))
         self.transports = TransportDriver(applier, self.proposer, dict(transports or {}), clock,
-                                          lambda: self.bus.active)
+                                          lambda: self.bus.active, factory=transport_factory)
         self.bus.transports = self.transports.transports
         self.forward_timeout_s = forward_timeout_s
         # Serve default reads from local state without a barrier. Wrong on purpose:

@@ -19,6 +19,7 @@ Loop thread only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -36,10 +37,14 @@ RETRY_MAX_S = 2.0
 
 class TransportDriver:
     def __init__(self, applier: Applier, proposer: Proposer, transports: dict[str, BusTransport], clock: Clock,
-                 is_active: Any, *, tick_s: float = 0.02) -> None:
+                 is_active: Any, *, factory: Any = None, tick_s: float = 0.02) -> None:
         self.applier = applier
         self.proposer = proposer
         self.transports = transports
+        self.local = frozenset(transports)  # named in this node's config: they win over cluster-wide URLs
+        self.factory = factory  # (name, url) -> BusTransport, from the composition root; None: no cluster URLs
+        self._urls: dict[str, str] = {}  # cluster-wide URLs the transports below were made from
+        self.config_errors: dict[str, str] = {}
         self.clock = clock
         self.tick_s = tick_s
         self.is_active = is_active  # the leader's bus is active (its barrier committed)
@@ -78,9 +83,41 @@ class TransportDriver:
             for task in self._tasks.values():
                 task.cancel()
 
+    async def sync_cluster_urls(self) -> None:
+        """Make, replace or drop transports to follow the committed cluster-wide
+        URLs (``bus.transport.configure``); this node's own config wins."""
+        wanted = {n: u for n, u in self.applier.machine.bus.transport_urls.items() if n not in self.local}
+        for name in [n for n in self._urls if wanted.get(n) != self._urls[n]]:
+            old = self.transports.pop(name, None)
+            del self._urls[name]
+            self.errors.pop(name, None)
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.close()
+        if self.factory is None:
+            return
+        for name, url in wanted.items():
+            if name in self._urls:
+                continue
+            try:
+                transport = self.factory(name, url)
+            except CoordinatorError as exc:
+                self.config_errors[name] = exc.message
+                continue
+            self.config_errors.pop(name, None)
+            self._urls[name] = url
+            self.transports[name] = transport
+            try:
+                await transport.start()
+            except CoordinatorError as exc:
+                self.errors[name] = exc.message
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
+            if self._urls != {n: u for n, u in self.applier.machine.bus.transport_urls.items()
+                              if n not in self.local}:
+                await self.sync_cluster_urls()
             active = bool(self.is_active())
             if active != self.active:
                 self.set_active(active)

@@ -285,6 +285,7 @@ class Bus:
         self.consumers: dict[str, Consumer] = {}
         self.subscriptions: dict[str, Subscription] = {}
         self.bindings: dict[str, Binding] = {}
+        self.transport_urls: dict[str, str] = {}  # cluster-wide broker URLs (may hold credentials: never shown)
         self.exact: dict[str, dict[str, None]] = {}   # topic -> consumer keys subscribed to exactly it
         self.wildcard: dict[str, None] = {}           # consumer keys with a wildcard pattern
         self.timers: list[tuple[int, int, str, str, int, int, int]] = []  # (due, n, kind, key, a, b, c)
@@ -725,6 +726,24 @@ class Bus:
         consumer.counters["acked"] += len(new)
         return {"new": len(new)}
 
+    def configure_transport(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+        """Set (``url``) or remove (``url`` null) the cluster-wide URL of a broker
+        transport. Answers without the URL: it may hold a password."""
+        name = check_str(args.get("name"), "name", 64)
+        url = args.get("url")
+        if url is None:
+            if name not in self.transport_urls:
+                raise Rejected("not_found", f"transport {name!r} has no cluster-wide URL")
+            del self.transport_urls[name]
+            return {"name": name, "configured": False}
+        check_str(url, "url", 2048)
+        if "://" not in url:
+            raise invalid("url", "must be a URL such as redis://127.0.0.1:6379/0")
+        if name not in self.transport_urls and len(self.transport_urls) >= 64:
+            raise Rejected("unavailable", "at most 64 transports")
+        self.transport_urls[name] = url
+        return {"name": name, "configured": True}
+
     def unsent(self, topic: str, limit: int) -> list[Body]:
         """Bodies of a bound topic after its cursor, in offset order (for the leader's driver)."""
         binding = self.bindings.get(topic)
@@ -1068,6 +1087,7 @@ class Bus:
             "consumers": [c.to_data() for c in self.consumers.values()],
             "subscriptions": [s.to_data() for s in self.subscriptions.values()],
             "bindings": [b.to_data() for b in self.bindings.values()],
+            "transport_urls": self.transport_urls,
             "timers": [list(t) for t in sorted(self.timers)],
             "timer_seq": self.timer_seq,
             "dedupe": [[t, i, o, ms] for (t, i), (o, ms) in self.dedupe.items()],
@@ -1090,6 +1110,7 @@ class Bus:
                 bus.exact.setdefault(consumer.pattern, {})[consumer.key] = None
         bus.subscriptions = {row[0]: Subscription(*row) for row in data["subscriptions"]}
         bus.bindings = {row[0]: Binding(*row) for row in data.get("bindings", [])}
+        bus.transport_urls = dict(data.get("transport_urls", {}))
         bus.timers = [tuple(t) for t in data["timers"]]  # type: ignore[misc]
         bus.timer_seq = data["timer_seq"]
         bus.dedupe = OrderedDict(((t, i), (o, ms)) for t, i, o, ms in data["dedupe"])

@@ -468,6 +468,11 @@ def _bus_transport_ack(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]
     return sm.bus.transport_acked(ctx, sm.bus.consumer_of(args), args.get("keys"))
 
 
+@_op("bus.transport.configure")
+def _bus_transport_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.bus.configure_transport(ctx, args)
+
+
 @_op("bus.tick")
 def _bus_tick(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     """Proposed by the leader when a bus timer is due by its clock."""

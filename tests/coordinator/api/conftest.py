@@ -144,13 +144,14 @@ async def make_harness(aiohttp_client: Any) -> AsyncIterator[HarnessFactory]:
 
     async def make(*, limits: Limits | None = None, inflight_max: int = 1024,
                    proposal_timeout_s: float = 0.5, unsafe_stale_reads: bool = False,
-                   transports: dict[str, Any] | None = None) -> Harness:
+                   transports: dict[str, Any] | None = None, transport_factory: Any = None) -> Harness:
         applier = Applier(limits)
         engine = SimEngine(applier, RAFT)
         clock = ManualClock()
         node = CoordinatorNode(Identity(NODE_ID, RAFT, HTTP), engine, applier, clock, SeededRng(1),
                                proposal_timeout_s=proposal_timeout_s, inflight_max=inflight_max,
-                               unsafe_stale_reads=unsafe_stale_reads, transports=transports)
+                               unsafe_stale_reads=unsafe_stale_reads, transports=transports,
+                               transport_factory=transport_factory)
         await node.start()
         nodes.append(node)
         http = await aiohttp_client(make_app(node))

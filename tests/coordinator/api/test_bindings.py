@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.errors import InvalidInput
 from tests.coordinator.api.conftest import Harness, HarnessFactory, eventually
 from transports.memory import InMemoryTransport
 
@@ -125,3 +126,37 @@ async def test_a_message_the_broker_hands_out_again_after_its_ack_committed_is_n
     _, again = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?wait_s=0.3", expect=200)
     assert again["messages"] == []
     assert await transport.lag("orders", sub["id"]) == 0  # acked at the broker this time
+
+
+async def test_a_cluster_wide_transport_url_is_committed_used_and_never_shown(make_harness: HarnessFactory) -> None:
+    made: dict[str, InMemoryTransport] = {}
+
+    def factory(name: str, url: str) -> InMemoryTransport:
+        if name != "mem":
+            raise InvalidInput(f"transports.{name}: unknown transport", field="name")
+        made[url] = InMemoryTransport(url, namespace="t")
+        return made[url]
+
+    h = await make_harness(transport_factory=factory)
+    secret_url = "memory://user:s3cret@broker:1"
+    await h.call("PUT", "/v1/transports/mem", {"url": secret_url}, expect=200)
+    await eventually(lambda: "mem" in h.node.transports.transports, "the node to make the transport")
+    await h.call("PUT", "/v1/topics/jobs/binding", {"transport": "mem"}, expect=200)
+    await h.call("POST", "/v1/topics/jobs/messages", {"payload": 1}, expect=200)
+    await eventually(lambda: made[secret_url]._topics.get("jobs"), "the message at the cluster-wide transport")
+    _, listing = await h.call("GET", "/v1/transports", expect=200)
+    assert listing["transports"] == [{"name": "mem", "source": "cluster", "url": "memory://user:***@broker:1",
+                                      "error": None, "ok": True, "detail": "in process",
+                                      "guarantee": "exactly-once"}]
+    for path in ("/v1/transports", "/v1/status", "/v1/bindings", "/metrics"):
+        async with h.http.get(path) as response:
+            assert "s3cret" not in await response.text(), path
+    await h.call("PUT", "/v1/transports/kafka", {"url": "kafka://127.0.0.1:9092"}, expect=200)
+    await eventually(lambda: "kafka" in h.node.transports.config_errors, "the unknown plugin to be reported")
+    status, _ = await h.call("PUT", "/v1/transports/x", {"url": "no-scheme"})
+    assert status == 400
+    await h.call("DELETE", "/v1/topics/jobs/binding", expect=200)
+    await h.call("DELETE", "/v1/transports/mem", expect=200)
+    await eventually(lambda: "mem" not in h.node.transports.transports, "the transport to be dropped")
+    status, _ = await h.call("DELETE", "/v1/transports/mem")
+    assert status == 404
