@@ -50,7 +50,10 @@ class LinkSpec:
 
 def free_base_port(nodes: int = 5, low: int = 20_000, high: int = 45_000) -> int:
     """A base port whose HTTP (base+1..), proxy (base+50..60) and Raft
-    (base+101..) ports on 127.0.0.1 are all free right now."""
+    (base+101..) ports on 127.0.0.1 are all free right now. Kept below the
+    kernel's ephemeral range, where outgoing connections could take them
+    between this check and the node's bind."""
+    high = min(high, _ephemeral_low() - 200)
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(low, high, 200)
@@ -64,6 +67,14 @@ def free_base_port(nodes: int = 5, low: int = 20_000, high: int = 45_000) -> int
             continue
         return base
     raise RuntimeError("no free port range on 127.0.0.1")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 def recorded_pid(pid_file: Path, *markers: str) -> int | None:
