@@ -4,7 +4,11 @@ confirmation (``bus.cursor``), bounds that backlog, and survives snapshots."""
 
 from __future__ import annotations
 
-from tests.coordinator.state.test_bus import Driver, msg
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from tests.coordinator.state.test_bus import Driver, msg, restored_copy
 
 
 def _bound(bus: Driver, topic: str = "orders", **args: object) -> dict:
@@ -84,3 +88,49 @@ def test_bindings_survive_a_snapshot_and_replicas_stay_identical() -> None:
     bus.same_everywhere()
     for machine in bus.machines:
         assert [b.message["id"] for b in machine.bus.unsent("orders", 10)] == ["b", "c"]
+
+
+@settings(max_examples=60, stateful_step_count=30, deadline=None)
+class BindingMachine(RuleBasedStateMachine):
+    """Random publishes, broker confirmations, restores and rebinds on one bound
+    topic, against a model: the offsets still waiting for the broker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bus = Driver()
+        self.bus.ok("bus.topic.configure", topic="t", max_messages=2)
+        _bound(self.bus, "t", backlog_max=6)
+        self.cursor = 0
+        self.last = 0
+
+    @rule(n=st.integers(1, 4))
+    def publish(self, n: int) -> None:
+        result = self.bus("bus.publish", topic="t", messages=[msg(f"m{self.last + i}") for i in range(n)])
+        if self.last - self.cursor + n > 6:
+            assert result.error is not None and result.error[0] == "unavailable"
+        else:
+            assert result.error is None
+            self.last += n
+
+    @rule(data=st.data())
+    def confirm(self, data: st.DataObject) -> None:
+        offset = data.draw(st.integers(0, self.last))
+        self.bus.ok("bus.cursor", topic="t", offset=offset)
+        self.cursor = max(self.cursor, offset)
+
+    @rule()
+    def restore(self) -> None:
+        self.bus.machines = [restored_copy(self.bus.sm)]
+
+    @invariant()
+    def waiting_messages_are_held_and_nothing_else_is(self) -> None:
+        bus = self.bus.sm.bus
+        assert [b.offset for b in bus.unsent("t", 100)] == list(range(self.cursor + 1, self.last + 1))
+        assert bus.bindings["t"].cursor == self.cursor
+        retained = set(bus.topics["t"].log)
+        for topic, offset in bus.bodies:
+            assert topic == "t" and (offset > self.cursor or offset in retained), offset
+        assert len(retained) <= 2
+
+
+TestBindingMachine = BindingMachine.TestCase
