@@ -133,14 +133,7 @@ class BusService:
             self._step_down()
 
     async def _take_over(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                await self.reads.barrier()
-                break
-            except CoordinatorError:
-                attempt += 1
-                await asyncio.sleep(min(0.05 * attempt, 0.5))
+        await self.reads.barrier_until_done("bus")
         self.active = True
         self._unreachable.clear()
         self._reported.clear()

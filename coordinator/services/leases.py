@@ -73,15 +73,7 @@ class LeaseKeeper:
 
     async def _take_over(self) -> None:
         """Until it succeeds or this node steps down (which cancels it)."""
-        attempt = 0
-        while True:
-            try:
-                await self.reads.barrier()
-                break
-            except CoordinatorError as exc:
-                attempt += 1
-                log.info("leases: barrier after election failed (%s), retrying", exc.message)
-                await asyncio.sleep(min(0.05 * attempt, 0.5))
+        await self.reads.barrier_until_done("leases")
         self._refresh_all()
         self.active = True
         log.info("leases: active with %d agent and %d lock leases", len(self._agents), len(self._locks))

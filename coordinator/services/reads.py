@@ -14,9 +14,13 @@ ordered before the read began). Under load one barrier serves many reads.
 from __future__ import annotations
 
 import asyncio
+import logging
 
+from coordinator.errors import CoordinatorError
 from coordinator.services.applier import Applier
 from coordinator.services.proposals import Proposer, raise_for
+
+log = logging.getLogger(__name__)
 
 
 class Reads:
@@ -35,6 +39,19 @@ class Reads:
             self._next.add_done_callback(_retrieve)
             asyncio.get_running_loop().create_task(self._run(self._next))
         return await asyncio.shield(self._next)
+
+    async def barrier_until_done(self, who: str) -> None:
+        """A new leader's first barrier (its replica then holds every committed
+        entry), retried until it succeeds; the caller cancels it on step-down."""
+        attempt = 0
+        while True:
+            try:
+                await self.barrier()
+                return
+            except CoordinatorError as exc:
+                attempt += 1
+                log.info("%s: barrier after election failed (%s), retrying", who, exc.message)
+                await asyncio.sleep(min(0.05 * attempt, 0.5))
 
     async def _run(self, future: asyncio.Future[int]) -> None:
         async with self._lock:
