@@ -370,18 +370,19 @@ class CoordinatorClient:
 
     async def redrive(self, subscription: str | None, delivery_ids: list[str] | None = None, *,
                       agent: str | None = None) -> list[str]:
-        body: dict[str, Any] = {"request_id": self._request_id()}
-        if delivery_ids is not None:
-            body["delivery_ids"] = delivery_ids
-        path = self._consumer(subscription, agent) + "/dlq/redrive"
-        return (await self.request("POST", path, body))["redriven"]
+        """Dead letters back to the queue (the chosen ones, or all); their delivery ids."""
+        return (await self._dlq(subscription, agent, "redrive", delivery_ids))["redriven"]
 
     async def purge(self, subscription: str | None, delivery_ids: list[str] | None = None, *,
                     agent: str | None = None) -> int:
+        return (await self._dlq(subscription, agent, "purge", delivery_ids))["purged"]
+
+    async def _dlq(self, subscription: str | None, agent: str | None, action: str,
+                   delivery_ids: list[str] | None) -> dict[str, Any]:
         body: dict[str, Any] = {"request_id": self._request_id()}
         if delivery_ids is not None:
             body["delivery_ids"] = delivery_ids
-        return (await self.request("POST", self._consumer(subscription, agent) + "/dlq/purge", body))["purged"]
+        return await self.request("POST", self._consumer(subscription, agent) + f"/dlq/{action}", body)
 
     async def configure_topic(self, topic: str, *, max_messages: int | None = None,
                               max_age_s: float | None = None) -> dict[str, Any]:
@@ -424,26 +425,8 @@ class CoordinatorClient:
         ``auto_ack``, ack what you processed (what you do not comes back)."""
         path = self._consumer(subscription, agent) + "/stream"
         params = {"max": str(max), "auto_ack": "true" if auto_ack else "false"}
-        failures = 0
-        while True:
-            try:
-                timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-                async with self._http().get(self.endpoint + path, params=params, timeout=timeout) as response:
-                    if response.status == 404:
-                        raise NotFound((await response.json()).get("error", {}).get("message", "not found"))
-                    if response.status != 200:
-                        raise Unavailable(f"stream answered {response.status}")
-                    failures = 0
-                    async for event_type, _, data in _sse_events(response):
-                        if event_type == "error":
-                            raise ApiError(500, data.get("message", "stream error"))
-                        yield data
-            except (aiohttp.ClientError, TimeoutError, Unavailable):
-                failures += 1
-                if failures > 20:
-                    raise
-                self._move(None)
-                await asyncio.sleep(min(0.1 * failures, 1.0))
+        async for delivery in self._sse(path, params):
+            yield delivery
 
     async def consume(self, subscription: str | None, handler: Any, *, agent: str | None = None, max: int = 100,
                       wait_s: float = 5.0, stop: asyncio.Event | None = None, remember: int = 100_000) -> None:
@@ -500,25 +483,31 @@ class CoordinatorClient:
         async for event in self._sse("/v1/watch/events", params, "from_seq", from_seq):
             yield event
 
-    async def _sse(self, path: str, params: dict[str, str], cursor_name: str,
-                   cursor: int | None) -> AsyncIterator[dict[str, Any]]:
+    async def _sse(self, path: str, params: dict[str, str], cursor_name: str | None = None,
+                   cursor: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """A Server-Sent Events stream that reconnects to any node (resuming
+        after the last ``id:`` when ``cursor_name`` is given). 404 is
+        ``NotFound``, 410 and a compaction event ``Compacted``."""
         last_id: int | None = None if cursor is None else cursor - 1
         failures = 0
         while True:
             query = dict(params)
-            if last_id is not None:
+            if cursor_name is not None and last_id is not None:
                 query[cursor_name] = str(last_id + 1)
             try:
                 timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
                 async with self._http().get(self.endpoint + path, params=query, timeout=timeout) as response:
-                    if response.status == 410:
-                        raise Compacted((await response.json()).get("error", {}).get("message", "compacted"))
+                    if response.status in (404, 410):
+                        message = (await response.json()).get("error", {}).get("message", "")
+                        raise (NotFound if response.status == 404 else Compacted)(message)
                     if response.status != 200:
-                        raise Unavailable(f"watch answered {response.status}")
+                        raise Unavailable(f"{path} answered {response.status}")
                     failures = 0
                     async for event_type, event_id, data in _sse_events(response):
-                        if event_type == "error":
+                        if event_type == "error" and data.get("code") == "compacted":
                             raise Compacted(data.get("message", "compacted"))
+                        if event_type == "error":
+                            raise ApiError(500, data.get("message", "stream error"))
                         if event_id is not None:
                             last_id = event_id
                         yield data

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import schemas as s
-from coordinator.api.keys import NODE
+from coordinator.api.routes import node_of, ok
 from coordinator.errors import CoordinatorError, InvalidInput, NotFound, Unavailable
 from coordinator.services.bus import NotLeader
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode
@@ -31,20 +31,12 @@ DLQ_LIMIT_MAX = 10_000
 STREAM_WAIT_S = 10.0
 
 
-def _node(request: web.Request) -> CoordinatorNode:
-    return request.app[NODE]
-
-
-def _ok(body: Any, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
-
-
 async def _here_or_leader(request: web.Request, call: Any, timeout_s: float) -> web.Response:
     """Serve ``call()`` on this node, or forward the request to the leader
     when the service says only the leader can serve it."""
-    node = _node(request)
+    node = node_of(request)
     try:
-        return _ok(await call())
+        return ok(await call())
     except NotLeader:
         if request.headers.get(FORWARD_HEADER) == "1":
             raise Unavailable("this node is not the leader", retry_after_s=0.3, leader=node.leader_http()) from None
@@ -77,22 +69,22 @@ def _delivery_ids(body: dict[str, Any], required: bool = True) -> list[str] | No
 
 @bus_routes.get("/v1/topics")
 async def topics_list(request: web.Request) -> web.Response:
-    node = _node(request)
+    node = node_of(request)
     await node.read_barrier(s.consistency(request))
     bus = node.applier.machine.bus
     prefix = s.prefix(request)
-    return _ok({"topics": [bus.describe_topic(t) for name, t in bus.topics.items() if name.startswith(prefix)]})
+    return ok({"topics": [bus.describe_topic(t) for name, t in bus.topics.items() if name.startswith(prefix)]})
 
 
 @bus_routes.get("/v1/topics/{topic}")
 async def topics_get(request: web.Request) -> web.Response:
-    node = _node(request)
+    node = node_of(request)
     name = _topic(request)
     await node.read_barrier(s.consistency(request))
     topic = node.applier.machine.bus.topics.get(name)
     if topic is None:
         raise NotFound(f"topic {name!r} has no messages and no settings")
-    return _ok(node.applier.machine.bus.describe_topic(topic))
+    return ok(node.applier.machine.bus.describe_topic(topic))
 
 
 @bus_routes.put("/v1/topics/{topic}")
@@ -103,13 +95,13 @@ async def topics_configure(request: web.Request) -> web.Response:
         args["max_messages"] = s.integer(body["max_messages"], "max_messages", 0, 10_000_000)
     if body.get("max_age_s") is not None:
         args["max_age_ms"] = int(s.number(body["max_age_s"], "max_age_s", 1, 365 * 86_400) * 1000)
-    return _ok(await _node(request).write("bus.topic.configure", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("bus.topic.configure", args, s.request_id(request, body)))
 
 
 @bus_routes.get("/v1/topics/{topic}/messages")
 async def topics_read(request: web.Request) -> web.Response:
     """Read retained messages directly, from an offset (no subscription, no acks)."""
-    node = _node(request)
+    node = node_of(request)
     name = _topic(request)
     from_offset = s.query_int(request, "from_offset", 1, 0, 2**63 - 1)
     limit = s.query_int(request, "limit", 100, 1, 10_000)
@@ -117,7 +109,7 @@ async def topics_read(request: web.Request) -> web.Response:
     bus = node.applier.machine.bus
     topic = bus.topics.get(name)
     if topic is None:
-        return _ok({"topic": name, "messages": [], "next_offset": 1, "first_offset": None})
+        return ok({"topic": name, "messages": [], "next_offset": 1, "first_offset": None})
     first = next(iter(topic.log), None)
     out = []
     for offset in topic.log:
@@ -127,12 +119,12 @@ async def topics_read(request: web.Request) -> web.Response:
                         "message": body.message})
             if len(out) >= limit:
                 break
-    return _ok({"topic": name, "messages": out, "first_offset": first, "next_offset": topic.next_offset})
+    return ok({"topic": name, "messages": out, "first_offset": first, "next_offset": topic.next_offset})
 
 
 @bus_routes.post("/v1/topics/{topic}/messages")
 async def topics_publish(request: web.Request) -> web.Response:
-    node = _node(request)
+    node = node_of(request)
     topic = _topic(request)
     body = await s.json_body(request, MESSAGE_FIELDS | {"messages", "request_id"})
     request_id = s.request_id(request, body)
@@ -155,13 +147,13 @@ async def topics_publish(request: web.Request) -> web.Response:
     timeout = node.proposer.timeout_s + FORWARD_MARGIN_S
     if node.bus.needs_leader(messages):
         return await _here_or_leader(request, publish, timeout)
-    return _ok(await publish())
+    return ok(await publish())
 
 
 @bus_routes.post("/v1/topics/{topic}/request")
 async def topics_request(request: web.Request) -> web.Response:
     """Publish a request and answer with the response (504 when none comes in time)."""
-    node = _node(request)
+    node = node_of(request)
     topic = _topic(request)
     body = await s.json_body(request, MESSAGE_FIELDS | {"timeout_s"})
     timeout_s = s.number(body.pop("timeout_s", 30.0), "timeout_s", 0.1, 300.0)
@@ -179,7 +171,7 @@ async def topics_request(request: web.Request) -> web.Response:
 @bus_routes.put("/v1/topics/{topic}/binding")
 async def bindings_bind(request: web.Request) -> web.Response:
     """Carry the topic's messages from now on through a broker transport."""
-    node = _node(request)
+    node = node_of(request)
     body = await s.json_body(request, {"transport", "backlog_max", "request_id"})
     transport = s.name(body.get("transport"), "transport", 64)
     configured = sorted(node.transports.transports)
@@ -189,7 +181,7 @@ async def bindings_bind(request: web.Request) -> web.Response:
     args: dict[str, Any] = {"topic": _topic(request), "transport": transport}
     if body.get("backlog_max") is not None:
         args["backlog_max"] = s.integer(body["backlog_max"], "backlog_max", 1, 1_000_000)
-    return _ok(await node.write("bus.bind", args, s.request_id(request, body)))
+    return ok(await node.write("bus.bind", args, s.request_id(request, body)))
 
 
 @bus_routes.delete("/v1/topics/{topic}/binding")
@@ -200,16 +192,16 @@ async def bindings_unbind(request: web.Request) -> web.Response:
         if not isinstance(body["drop_backlog"], bool):
             raise InvalidInput("drop_backlog: must be true or false", field="drop_backlog")
         args["drop_backlog"] = body["drop_backlog"]
-    return _ok(await _node(request).write("bus.unbind", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("bus.unbind", args, s.request_id(request, body)))
 
 
 @bus_routes.get("/v1/bindings")
 async def bindings_list(request: web.Request) -> web.Response:
     """Bindings with their backlog (messages the broker has not confirmed) and
     this node's view of each transport's health (the leader's is the one that drives)."""
-    node = _node(request)
+    node = node_of(request)
     await node.read_barrier(s.consistency(request))
-    return _ok({"bindings": node.transports.bindings(), "transports": await node.transports.health()})
+    return ok({"bindings": node.transports.bindings(), "transports": await node.transports.health()})
 
 
 @bus_routes.put("/v1/transports/{name}")
@@ -220,7 +212,7 @@ async def transports_configure(request: web.Request) -> web.Response:
     url = body.get("url")
     if not isinstance(url, str) or "://" not in url or len(url) > 2048:
         raise InvalidInput("url: must be a URL such as redis://127.0.0.1:6379/0", field="url")
-    return _ok(await _node(request).write("bus.transport.configure", {"name": name, "url": url},
+    return ok(await node_of(request).write("bus.transport.configure", {"name": name, "url": url},
                                           s.request_id(request, body)))
 
 
@@ -228,14 +220,14 @@ async def transports_configure(request: web.Request) -> web.Response:
 async def transports_remove(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"request_id"}, required=False)
     name = s.name(request.match_info["name"], "name", 64)
-    return _ok(await _node(request).write("bus.transport.configure", {"name": name, "url": None},
+    return ok(await node_of(request).write("bus.transport.configure", {"name": name, "url": None},
                                           s.request_id(request, body)))
 
 
 @bus_routes.get("/v1/transports")
 async def transports_list(request: web.Request) -> web.Response:
     """Transports this node has, where their URL comes from (passwords hidden), and their health."""
-    node = _node(request)
+    node = node_of(request)
     await node.read_barrier(s.consistency(request))
     driver = node.transports
     cluster_urls = node.applier.machine.bus.transport_urls
@@ -246,7 +238,7 @@ async def transports_list(request: web.Request) -> web.Response:
         url = cluster_urls.get(name) if source == "cluster" else None
         out.append({"name": name, "source": source, "url": redact_url(url) if url else None,
                     "error": driver.config_errors.get(name), **health.get(name, {"ok": False})})
-    return _ok({"transports": out})
+    return ok({"transports": out})
 
 
 def redact_url(url: str) -> str:
@@ -265,7 +257,7 @@ def redact_url(url: str) -> str:
 
 @bus_routes.post("/v1/subscriptions")
 async def subscriptions_create(request: web.Request) -> web.Response:
-    node = _node(request)
+    node = node_of(request)
     body = await s.json_body(request, {"topic", "group", "filter", "guarantee", "ack_timeout_s", "max_attempts",
                                        "start", "start_offset", "start_time_ms", "agent", "request_id"})
     args: dict[str, Any] = {"topic": s.name(body.get("topic"), "topic", 256)}
@@ -286,7 +278,7 @@ async def subscriptions_create(request: web.Request) -> web.Response:
     args.update(_start(body))
     node.bus.check_subscription(args)
     result = await node.write("bus.subscribe", args, s.request_id(request, body))
-    return _ok(result, status=201)
+    return ok(result, status=201)
 
 
 def _start(body: dict[str, Any]) -> dict[str, Any]:
@@ -306,10 +298,10 @@ def _start(body: dict[str, Any]) -> dict[str, Any]:
 
 @bus_routes.get("/v1/subscriptions")
 async def subscriptions_list(request: web.Request) -> web.Response:
-    node = _node(request)
+    node = node_of(request)
     await node.read_barrier(s.consistency(request))
     bus = node.applier.machine.bus
-    return _ok({"subscriptions": [_subscription(bus, sub) for sub in bus.subscriptions.values()]})
+    return ok({"subscriptions": [_subscription(bus, sub) for sub in bus.subscriptions.values()]})
 
 
 def _subscription(bus: Any, sub: Any) -> dict[str, Any]:
@@ -318,34 +310,34 @@ def _subscription(bus: Any, sub: Any) -> dict[str, Any]:
 
 @bus_routes.get("/v1/subscriptions/{sub}")
 async def subscriptions_get(request: web.Request) -> web.Response:
-    node = _node(request)
+    node = node_of(request)
     sub_id = _selector(request)["sub"]
     await node.read_barrier(s.consistency(request))
     bus = node.applier.machine.bus
     sub = bus.subscriptions.get(sub_id)
     if sub is None:
         raise NotFound(f"subscription {sub_id!r} does not exist")
-    return _ok(_subscription(bus, sub))
+    return ok(_subscription(bus, sub))
 
 
 @bus_routes.delete("/v1/subscriptions/{sub}")
 async def subscriptions_delete(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"request_id"}, required=False)
     sub = _selector(request)["sub"]
-    return _ok(await _node(request).write("bus.unsubscribe", {"sub": sub}, s.request_id(request, body)))
+    return ok(await node_of(request).write("bus.unsubscribe", {"sub": sub}, s.request_id(request, body)))
 
 
 @bus_routes.delete("/v1/groups/{group}")
 async def groups_delete(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"request_id"}, required=False)
     group = s.name(request.match_info["group"], "group", 128)
-    return _ok(await _node(request).write("bus.group.delete", {"group": group}, s.request_id(request, body)))
+    return ok(await node_of(request).write("bus.group.delete", {"group": group}, s.request_id(request, body)))
 
 
 # -- deliveries (a subscription's, or an agent's inbox) ------------------------------------------
 
 async def fetch(request: web.Request) -> web.Response:
-    node = _node(request)
+    node = node_of(request)
     selector = _selector(request)
     max_n = s.query_int(request, "max", 10, 1, MAX_FETCH)
     wait_s = s.query_float(request, "wait_s", 0.0, 0.0, WAIT_MAX_S)
@@ -355,7 +347,7 @@ async def fetch(request: web.Request) -> web.Response:
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: one ``message`` event per delivery (its id is the
     delivery id). ``auto_ack=true`` acks each batch once written."""
-    node = _node(request)
+    node = node_of(request)
     selector = _selector(request)
     max_n = s.query_int(request, "max", 100, 1, MAX_FETCH)
     auto_ack = request.query.get("auto_ack", "false")
@@ -427,7 +419,7 @@ async def _ack_anywhere(node: CoordinatorNode, base: str, selector: dict[str, st
 
 
 async def ack(request: web.Request) -> web.Response:
-    node = _node(request)
+    node = node_of(request)
     body = await s.json_body(request, {"delivery_ids", "request_id"})
     selector, ids, request_id = _selector(request), _delivery_ids(body), s.request_id(request, body)
     return await _here_or_leader(request, lambda: node.bus.ack(selector, ids or [], request_id),
@@ -443,7 +435,7 @@ async def nack(request: web.Request) -> web.Response:
         if not isinstance(body["dead_letter"], bool):
             raise InvalidInput("dead_letter: must be true or false", field="dead_letter")
         args["dead_letter"] = body["dead_letter"]
-    node = _node(request)
+    node = node_of(request)
     selector = _selector(request)
     del args["sub" if "sub" in selector else "agent"]
     request_id = s.request_id(request, body)
@@ -452,7 +444,7 @@ async def nack(request: web.Request) -> web.Response:
 
 
 async def dlq_list(request: web.Request) -> web.Response:
-    node = _node(request)
+    node = node_of(request)
     selector = _selector(request)
     limit = s.query_int(request, "limit", 100, 1, DLQ_LIMIT_MAX)
     await node.read_barrier(s.consistency(request))
@@ -461,25 +453,25 @@ async def dlq_list(request: web.Request) -> web.Response:
     if consumer is None and selector.get("agent") not in node.applier.machine.registry.agents:
         raise NotFound(f"agent {selector['agent']!r} is not registered")
     letters = bus.dead_letters(consumer, limit) if consumer else []
-    return _ok({"dead_letters": letters, "count": len(consumer.dlq) if consumer else 0})
+    return ok({"dead_letters": letters, "count": len(consumer.dlq) if consumer else 0})
+
+
+async def _dlq_write(request: web.Request, op: str) -> web.Response:
+    """Redrive or purge dead letters: the chosen ``delivery_ids``, or all."""
+    body = await s.json_body(request, {"delivery_ids", "request_id"}, required=False)
+    args: dict[str, Any] = dict(_selector(request))
+    ids = _delivery_ids(body, required=False)
+    if ids is not None:
+        args["delivery_ids"] = ids
+    return ok(await node_of(request).write(op, args, s.request_id(request, body)))
 
 
 async def dlq_redrive(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {"delivery_ids", "request_id"}, required=False)
-    args: dict[str, Any] = dict(_selector(request))
-    ids = _delivery_ids(body, required=False)
-    if ids is not None:
-        args["delivery_ids"] = ids
-    return _ok(await _node(request).write("bus.dlq.redrive", args, s.request_id(request, body)))
+    return await _dlq_write(request, "bus.dlq.redrive")
 
 
 async def dlq_purge(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {"delivery_ids", "request_id"}, required=False)
-    args: dict[str, Any] = dict(_selector(request))
-    ids = _delivery_ids(body, required=False)
-    if ids is not None:
-        args["delivery_ids"] = ids
-    return _ok(await _node(request).write("bus.dlq.purge", args, s.request_id(request, body)))
+    return await _dlq_write(request, "bus.dlq.purge")
 
 
 for _prefix in ("/v1/subscriptions/{sub}", "/v1/agents/{agent}"):
