@@ -71,6 +71,20 @@ async def _recover(cluster: LocalCluster, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
+async def _heal(nemesis: Nemesis, cluster: LocalCluster, history: History, then: str = "") -> float | None:
+    """Heal every fault and wait for the cluster: the seconds it took, or None
+    (recorded in the history) when it did not recover; the run then fails."""
+    await nemesis.heal()
+    try:
+        recovery_s = await _recover(cluster, 60)
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"  the cluster did not recover after the heal: {exc}", flush=True)
+        history.nemesis("recovery-failed", "start", error=str(exc))
+        return None
+    print(f"  healed; cluster recovered in {recovery_s:.1f}s{then}", flush=True)
+    return recovery_s
+
+
 async def run(args: argparse.Namespace) -> int:
     # SIGTERM stops a run like Ctrl-C does: the main task is cancelled and every
     # finally below stops what this run started.
@@ -115,13 +129,7 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
                 nemesis.run(args.nemesis, args.duration, fault_s=args.fault_s, quiet_s=args.quiet_s))
         finally:
             progress.cancel()
-        await nemesis.heal()
-        try:
-            recovery_s = await _recover(cluster, 60)
-            print(f"  healed; cluster recovered in {recovery_s:.1f}s", flush=True)
-        except (TimeoutError, RuntimeError) as exc:
-            print(f"  the cluster did not recover after the heal: {exc}", flush=True)
-            history.nemesis("recovery-failed", "start", error=str(exc))
+        recovery_s = await _heal(nemesis, cluster, history)
     finally:
         await asyncio.to_thread(cluster.stop_all)
         await proxy.stop()
@@ -188,13 +196,7 @@ async def run_bus(args: argparse.Namespace, out: Path, cluster: LocalCluster, pr
                                                  quiet_s=args.quiet_s))
             finally:
                 progress.cancel()
-            await nemesis.heal()
-            try:
-                recovery_s = await _recover(cluster, 60)
-                print(f"  healed; cluster recovered in {recovery_s:.1f}s; draining", flush=True)
-            except (TimeoutError, RuntimeError) as exc:
-                print(f"  the cluster did not recover after the heal: {exc}", flush=True)
-                history.nemesis("recovery-failed", "start", error=str(exc))
+            recovery_s = await _heal(nemesis, cluster, history, then="; draining")
             drain = await workload.drain(args.drain_s)
             stats = await workload.stats()
         except BusRunError as exc:

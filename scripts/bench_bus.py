@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -31,24 +30,14 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_cluster import cpu_s, pct  # noqa: E402 - scripts/ is on sys.path when run as a script
+
 from coordinator.devcluster import LocalCluster  # noqa: E402
 
 MAX_REQUESTS_PER_PUBLISHER = 100_000
 DRAIN_S = 15.0
 CONSUMERS = 4
 FETCH_MAX = 200
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
 def _message(n: int) -> dict:
@@ -115,7 +104,7 @@ async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int,
                     await r.read()
                     errors += r.status != 200
 
-    cpu = _cpu_s()
+    cpu = cpu_s()
     started = time.monotonic()
     consumers = [asyncio.create_task(consumer(s)) for s in subs]
     await asyncio.gather(*(publisher(p) for p in range(publishers)))
@@ -131,8 +120,8 @@ async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int,
     latencies = list(delivered.values())
     return {"tag": tag, "batch": batch, "publishers": publishers, "published": published,
             "delivered": len(delivered), "msgs_s": len(delivered) / elapsed,
-            "publish_p50_ms": _pct(publish_latency, 0.5), "p50_ms": _pct(latencies, 0.5),
-            "p99_ms": _pct(latencies, 0.99), "errors": errors, "gen_cpu": (_cpu_s() - cpu) / elapsed}
+            "publish_p50_ms": pct(publish_latency, 0.5), "p50_ms": pct(latencies, 0.5),
+            "p99_ms": pct(latencies, 0.99), "errors": errors, "gen_cpu": (cpu_s() - cpu) / elapsed}
 
 
 TRANSPORT_URLS = {"redis": "redis://127.0.0.1:6379/0", "nats": "nats://127.0.0.1:4222",

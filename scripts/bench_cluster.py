@@ -32,12 +32,16 @@ VALUE = "v" * 64
 MAX_OPS_PER_CLIENT = 200_000
 
 
-def _cpu_s() -> float:
+def cpu_s() -> float:
+    """This process's CPU time (the load generator's own cost)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def _pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile of seconds, in milliseconds (nan when empty)."""
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
@@ -64,13 +68,13 @@ async def _load(session: aiohttp.ClientSession, url: str, clients: int, seconds:
                     continue
             latencies.append(time.perf_counter() - started)
 
-    cpu = _cpu_s()
+    cpu = cpu_s()
     started = time.monotonic()
     await asyncio.gather(*(client(c) for c in range(clients)))
     elapsed = time.monotonic() - started
     return {"kind": kind, "clients": clients, "ops": len(latencies), "ops_s": len(latencies) / elapsed,
-            "p50_ms": _pct(latencies, 0.5), "p99_ms": _pct(latencies, 0.99), "errors": errors,
-            "gen_cpu": (_cpu_s() - cpu) / elapsed}
+            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "errors": errors,
+            "gen_cpu": (cpu_s() - cpu) / elapsed}
 
 
 async def _failover(cluster: LocalCluster, session: aiohttp.ClientSession) -> float:
