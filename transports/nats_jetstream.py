@@ -12,7 +12,8 @@ never meet:
   the escaped group, with explicit acks.
 
 A message is stored as its JSON body with the headers ``Nats-Msg-Id`` (the
-entry's key), ``Coord-Offset`` and ``Coord-Index``.
+entry's key), ``Coord-Offset`` and ``Coord-Index``; it is published with
+``Nats-Expected-Last-Msg-Id`` (its predecessor's key) when it has one.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ _NAME_MAX = 120  # stream and consumer names become file names on the server
 _OFFSET = "Coord-Offset"
 _INDEX = "Coord-Index"
 _MSG_ID = "Nats-Msg-Id"
+_EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 # JetStream API error codes (nats-server's errors.json).
 _STREAM_NOT_FOUND = 10059
 _CONSUMER_NOT_FOUND = 10014
@@ -117,9 +119,11 @@ class NatsJetStreamTransport:
     already stored and answers ``duplicate``. Beyond the window the broker
     alone would store a re-published entry again, so ``publish`` first reads
     the stream's last message and skips every entry whose offset is not past
-    the stored one; entries come in offset order and are published one by
-    one, each confirmed before the next, so the stream always holds a gap-free
-    prefix of the topic and that comparison is exact at any age. What is left
+    the stored one. Entries come in offset order and go out pipelined, each
+    carrying ``Nats-Expected-Last-Msg-Id`` = its predecessor's key, so
+    JetStream stores one only right after the one before it: the stream always
+    holds a gap-free prefix of the topic and that comparison is exact at any
+    age. What is left
     is two publishers racing on the same offsets (a deposed and a new leader)
     and that is what the window removes; only a publisher stalled longer than
     the window between reading the last offset and publishing could store a
@@ -359,50 +363,65 @@ class NatsJetStreamTransport:
                 pass
 
     async def publish(self, entries: list[TransportEntry]) -> int:
-        """Store the entries in offset order, one confirmed publish after the
-        other; return how many JetStream had not stored yet. Entries at or
-        below the stream's last stored offset are skipped, later ones the
-        duplicate window recognises are not counted. ``Unavailable`` when the
-        topic is not bound or the broker fails; what was stored stays."""
+        """Store the entries in offset order; return how many JetStream had not
+        stored yet. Entries at or below the stream's last stored offset are
+        skipped. The rest go out pipelined (all written, then all acks
+        awaited), each chained to its predecessor by
+        ``Nats-Expected-Last-Msg-Id``: JetStream refuses a message whose
+        predecessor is not the stream's last one, so a failed publish can never
+        leave a gap that a later one would paper over (the next round skips what
+        was stored and resends from the first refused). ``Unavailable`` when
+        the topic is not bound or the broker fails; what was stored stays."""
         if not entries:
             return 0
         for entry in entries:
             self._check_topic(entry.topic)
         _, js = await self._connection()
-        new = 0
-        last_offset: dict[str, int] = {}
+        acks: list[asyncio.Future[Any]] = []
         async with self._guard(f"publish to {entries[0].topic!r}"):
-            for entry in entries:
-                stream = self._stream(entry.topic)
-                if entry.topic not in last_offset:
-                    last_offset[entry.topic] = await self._last_offset(js, entry.topic, stream)
-                if entry.offset <= last_offset[entry.topic]:
-                    continue
-                payload = json.dumps(entry.message, separators=(",", ":"), ensure_ascii=False).encode()
-                headers = {_MSG_ID: entry.key, _OFFSET: str(entry.offset), _INDEX: str(entry.index)}
-                try:
-                    ack = await js.publish(self._subject(entry.topic), payload, stream=stream, headers=headers)
-                except nats.js.errors.NoStreamResponseError:
-                    raise Unavailable(f"nats: topic {entry.topic!r} is not bound", retry_after_s=1.0) from None
-                if not ack.duplicate:
-                    new += 1
-                last_offset[entry.topic] = entry.offset
-        return new
+            last: dict[str, tuple[int, str | None]] = {}
+            try:
+                for entry in entries:
+                    if entry.topic not in last:
+                        last[entry.topic] = await self._last_stored(js, entry.topic, self._stream(entry.topic))
+                    last_offset, last_key = last[entry.topic]
+                    if entry.offset <= last_offset:
+                        continue
+                    headers = {_MSG_ID: entry.key, _OFFSET: str(entry.offset), _INDEX: str(entry.index)}
+                    if last_key is not None:
+                        headers[_EXPECTED_LAST_MSG_ID] = last_key
+                    payload = json.dumps(entry.message, separators=(",", ":"), ensure_ascii=False).encode()
+                    acks.append(await js.publish_async(self._subject(entry.topic), payload,
+                                                       stream=self._stream(entry.topic), headers=headers))
+                    last[entry.topic] = (entry.offset, entry.key)
+                results = await asyncio.gather(*acks, return_exceptions=True)
+            finally:
+                for ack in acks:
+                    ack.cancel()  # on a timeout: stop waiting, free the client's in-flight slots
+            for result in results:
+                if isinstance(result, nats.js.errors.NoStreamResponseError):
+                    raise Unavailable(f"nats: topic {entries[0].topic!r} is not bound", retry_after_s=1.0)
+                if isinstance(result, BaseException):
+                    raise result
+            return sum(1 for ack in results if not ack.duplicate)
 
-    async def _last_offset(self, js: JetStreamContext, topic: str, stream: str) -> int:
-        """The offset of the stream's last message, 0 when it is empty."""
+    async def _last_stored(self, js: JetStreamContext, topic: str, stream: str) -> tuple[int, str | None]:
+        """The offset and message id of the stream's last message: (0, None)
+        when it is empty, (0, its id or None) when it is not ours (someone
+        published by hand; the duplicate window still recognises re-sends)."""
         try:
             last = await js.get_last_msg(stream, self._subject(topic))
         except nats.js.errors.NotFoundError as exc:
             if exc.err_code == _STREAM_NOT_FOUND:
                 raise Unavailable(f"nats: topic {topic!r} is not bound", retry_after_s=1.0) from None
             if exc.err_code == _NO_MESSAGE_FOUND:
-                return 0  # nothing stored yet
+                return 0, None  # nothing stored yet
             raise
+        headers = last.headers or {}
         try:
-            return int((last.headers or {})[_OFFSET])
+            return int(headers[_OFFSET]), headers.get(_MSG_ID)
         except (KeyError, ValueError):
-            return 0  # not ours (someone published by hand): rely on the duplicate window
+            return 0, headers.get(_MSG_ID)
 
     async def subscribe(self, topic: str, group: str) -> None:
         """Create the group's durable consumer from the topic's first message
