@@ -465,6 +465,61 @@ class CoordinatorClient:
                 if nacks:
                     await self.nack(subscription, [n for n in nacks if not n.startswith("v.")], agent=agent)
 
+    # -- sagas ---------------------------------------------------------------------------------------
+
+    async def start_saga(self, steps: list[dict[str, Any]], *, saga_id: str | None = None, name: str | None = None,
+                         input: Any = None, compensation_retry: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start a saga (``steps`` as in ``POST /v1/sagas``); ``{"id", "state"}``.
+        Retried across nodes under one request id, so it starts once."""
+        body: dict[str, Any] = {"steps": steps, "request_id": self._request_id()}
+        for field, value in (("id", saga_id), ("name", name), ("input", input),
+                             ("compensation_retry", compensation_retry)):
+            if value is not None:
+                body[field] = value
+        return await self.request("POST", "/v1/sagas", body)
+
+    async def saga(self, saga_id: str, *, consistency: str = "linearizable") -> dict[str, Any] | None:
+        """The saga with its steps and committed history; None when unknown."""
+        try:
+            return await self.request("GET", f"/v1/sagas/{_seg(saga_id)}", params={"consistency": consistency})
+        except NotFound:
+            return None
+
+    async def sagas(self, state: str | None = None, *, limit: int = 1000) -> list[dict[str, Any]]:
+        """Sagas (without their history) in creation order, optionally in one state."""
+        out: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": min(limit, 1000)}
+        if state is not None:
+            params["state"] = state
+        while len(out) < limit:
+            page = await self.request("GET", "/v1/sagas", params=params)
+            out.extend(page["sagas"])
+            if page["next"] is None:
+                break
+            params["after"] = page["next"]
+        return out[:limit]
+
+    async def cancel_saga(self, saga_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Stop a running saga and compensate what it did; 409 (Conflict) when it already ended."""
+        body: dict[str, Any] = {"request_id": self._request_id()}
+        if reason is not None:
+            body["reason"] = reason
+        return await self.request("POST", f"/v1/sagas/{_seg(saga_id)}/cancel", body)
+
+    async def wait_saga(self, saga_id: str, *, timeout_s: float = 60.0, poll_s: float = 0.1) -> dict[str, Any]:
+        """The saga once it is completed, compensated or failed-stuck;
+        ``RequestTimeout`` if it is still going after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            saga = await self.saga(saga_id)
+            if saga is None:
+                raise NotFound(f"saga {saga_id!r} does not exist")
+            if saga["state"] in ("completed", "compensated", "failed-stuck"):
+                return saga
+            if time.monotonic() + poll_s > deadline:
+                raise RequestTimeout(f"saga {saga_id!r} is still {saga['state']} after {timeout_s:g} s")
+            await asyncio.sleep(poll_s)
+
     # -- events and watches ----------------------------------------------------------------------
 
     async def events(self, from_seq: int = 1, *, limit: int = 1000) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -53,7 +54,16 @@ _BROKER_ERRORS = (*CONNECTION_EXCEPTIONS, TimeoutError)
 _NAME_MAX_BYTES = 255  # AMQP short string: queue and exchange names
 _PUBLISH_WINDOW = 256  # publishes awaiting their confirms at once on one channel
 _BACKFILL_PREFETCH = 512  # stream credit of a backfill; >= _PUBLISH_WINDOW, or it would stall
-_POLL_MIN_S = 0.01  # an idle fetch polls the group queue with backoff between these
+# Messages the broker pushes to a group's consumer ahead of fetches (unacked:
+# the buffered and the handed-out ones together). Enough for a few full fetches
+# in flight, few enough that an instance holds little away from the others.
+_PREFETCH = 256
+# A group with no fetch for this long gives its prefetched messages back, so a
+# deposed leader or an idle instance does not sit on them. Longer than the
+# pause of a consumer between two fetches, short against a leader change.
+_IDLE_S = 2.0
+_GIVEN_BACK_MAX = 4 * _PREFETCH  # message ids remembered as given back unseen, per group
+_POLL_MIN_S = 0.01  # a waiting fetch rechecks its group (closed channel, lost consumer) with backoff
 _POLL_MAX_S = 0.2
 _MARKER = "x-coord-marker"
 _TOPIC = "coord-topic"
@@ -82,13 +92,22 @@ class _Pending:
 @dataclass
 class _Group:
     """This instance's consumer of one group: a channel of its own, since
-    delivery tags (our delivery ids' handles) are valid on their channel only."""
+    delivery tags (our delivery ids' handles) are valid on their channel only.
+
+    A message is in ``buffer`` (pushed, not handed out) or in ``pending``
+    (handed out, unacked), never both; the broker counts both as unacked on
+    ``channel``, and requeues both if the channel dies."""
 
     queue_name: str
     channel: AbstractChannel
     queue: AbstractQueue
     pending: dict[str, _Pending] = field(default_factory=dict)  # delivery id -> unacked delivery
-    wake: asyncio.Event = field(default_factory=asyncio.Event)  # set on publish and give-back
+    buffer: deque[AbstractIncomingMessage] = field(default_factory=deque)  # bounded by _PREFETCH
+    consumer_tag: str | None = None  # None: not consuming (not fetched yet, or given back)
+    busy_until: float = 0.0  # loop time of the end of the latest fetch's wait
+    given_back: dict[str, None] = field(default_factory=dict)  # ids given back unseen, oldest first
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # starting vs cancelling the consumer
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # set on push, publish and give-back
 
 
 class RabbitMQTransport:
@@ -105,9 +124,18 @@ class RabbitMQTransport:
 
     Groups. Each consumer group is a durable queue bound to the topic, so
     every group gets every message, and the consumers of one group compete
-    for its queue: ``fetch`` takes messages with ``basic.get``, so no message
-    is handed to two consumers while it is unacked, and nothing is prefetched
-    and held away from consumers on other nodes. A queue only receives what
+    for its queue. The first ``fetch`` of a group on an instance starts a
+    push consumer (``basic.consume``) on the group's channel, with a prefetch
+    of ``_PREFETCH``: the broker pushes up to that many unacked messages into
+    a local buffer, and ``fetch`` hands them out from there without a round
+    trip. No message is handed to two consumers while it is unacked. So that
+    an idle instance (a deposed leader, say) does not hold its buffer away
+    from the others, a group with no fetch for ``_IDLE_S`` cancels its
+    consumer and gives the buffered messages back to the queue; the next
+    ``fetch`` starts a new consumer. RabbitMQ flags those given-back messages
+    redelivered; this instance remembers which ones it gave back unseen and
+    reports them not redelivered when it hands them out (another instance
+    cannot know, and reports the broker's flag). A queue only receives what
     is routed after it exists, so a new group is backfilled from the topic's
     stream, which keeps every message: ``subscribe`` binds the group queue,
     writes a marker into the stream, and copies the stream from its first
@@ -122,18 +150,20 @@ class RabbitMQTransport:
     delivery's time is kept, and a sweeper (and every ``fetch``) rejects with
     requeue those unacked for ``ack_timeout_s``. Delivery ids are valid for
     ``ack``/``nack`` on the instance that fetched them, until it loses its
-    connection (then the broker requeues everything unacked; acking an
-    unknown id is a no-op, and the message comes back).
+    connection (then the broker requeues everything unacked, buffered or
+    handed out; acking an unknown id is a no-op, and the message comes back).
 
-    Lag is the group queue's ready messages plus this instance's unacked
-    deliveries: exact when one instance consumes the group, and missing the
-    deliveries other instances hold unacked otherwise. Unsubscribed groups
-    report 0: AMQP cannot count a stream's messages.
+    Lag is the group queue's ready messages plus this instance's buffered and
+    unacked deliveries: exact when one instance consumes the group, and
+    missing what other instances hold otherwise. Unsubscribed groups report
+    0: AMQP cannot count a stream's messages.
 
     Costs. Backfilling a new group copies the whole topic, and the stream
     grows until ``unbind``: topics are meant to be bounded by the service's
     own retention. Every bound topic costs a stream, a registry queue and a
-    queue per group.
+    queue per group. An instance holds up to ``_PREFETCH`` messages of each
+    group it fetches from (buffered or handed out and unacked); with that
+    many handed out and unacked, its fetches wait for acks or ack timeouts.
 
     Loop: every method is a coroutine of the event loop that called
     ``start``. Every broker await is bounded by ``timeout_s``, and failures
@@ -314,7 +344,7 @@ class RabbitMQTransport:
             await self._connected()
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(),
-                                                                   name="rabbitmq-ack-timeouts")
+                                                                   name="rabbitmq-sweeper")
 
     async def close(self) -> None:
         """Stop the sweeper and close the connection (idempotent); the broker
@@ -554,36 +584,91 @@ class RabbitMQTransport:
             state.wake.set()
 
     async def _sweep_forever(self) -> None:
-        """Enforce ack timeouts even for groups nobody fetches from here any more."""
+        """Enforce ack timeouts, and give back the prefetched messages of
+        groups nobody fetched from here for ``_IDLE_S``."""
         interval_s = max(0.05, min(1.0, self.ack_timeout_s / 4))
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval_s)
             for state in list(self._groups.values()):
-                if not state.pending:
+                idle = self._idle(state, loop.time()) and (state.consumer_tag is not None or bool(state.buffer))
+                if not state.pending and not idle:
                     continue
                 try:
-                    async with self._guard("ack timeout"):
+                    async with self._guard("sweep"):
                         await self._expire(state, loop.time())
+                        if idle:
+                            await self._give_back(state)
                 except Unavailable as exc:
-                    log.debug("ack timeout sweep: %s", exc)
+                    log.debug("sweep: %s", exc)
                 except Exception:  # a bug must not stop ack timeouts for good
-                    log.exception("ack timeout sweep failed")
+                    log.exception("sweep failed")
+
+    @staticmethod
+    def _idle(state: _Group, now: float) -> bool:
+        return now - state.busy_until >= _IDLE_S
+
+    async def _consume(self, state: _Group) -> None:
+        """Start the group's push consumer, unless it is running."""
+        underlay = await state.channel.get_underlay_channel()
+        # aiormq forgets a tag on cancel-ok and on the broker's own basic.cancel
+        # (the queue was deleted), so a consumer lost either way is restarted
+        # here, and a deleted queue fails the consume as a basic.get did.
+        if state.consumer_tag in underlay.consumers:
+            return
+        async with state.lock:
+            if state.consumer_tag in underlay.consumers:
+                return
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                state.buffer.append(message)  # the prefetch bounds the buffer
+                state.wake.set()
+
+            await self._io(state.channel.set_qos(prefetch_count=_PREFETCH))
+            state.consumer_tag = await self._io(state.queue.consume(on_message, no_ack=False))
+
+    async def _give_back(self, state: _Group) -> None:
+        """Cancel the group's consumer, then reject with requeue what it
+        pushed that no fetch took. A message that arrives after the cancel
+        (its callback was already scheduled) goes back on the next sweep."""
+        loop = asyncio.get_running_loop()
+        async with state.lock:
+            if state.consumer_tag is not None:
+                await self._io(state.queue.cancel(state.consumer_tag))  # waits for cancel-ok
+                state.consumer_tag = None
+            # A fetch that came meanwhile takes the buffer, and restarts the consumer.
+            while state.buffer and self._idle(state, loop.time()):
+                message = state.buffer.popleft()
+                if message.message_id and self._first_delivery(state, message):
+                    state.given_back.pop(message.message_id, None)
+                    state.given_back[message.message_id] = None
+                    while len(state.given_back) > _GIVEN_BACK_MAX:
+                        del state.given_back[next(iter(state.given_back))]
+                await self._io(message.reject(requeue=True))
+        state.wake.set()
+
+    @staticmethod
+    def _first_delivery(state: _Group, message: AbstractIncomingMessage) -> bool:
+        """Whether no caller saw ``message`` before: it is not flagged
+        redelivered, or this instance only ever buffered it and gave it back."""
+        return not message.redelivered or (message.message_id or "") in state.given_back
 
     async def fetch(self, topic: str, group: str, consumer: str, max_n: int,
                     wait_s: float) -> list[TransportDelivery]:
         """Up to ``max_n`` deliveries, waiting up to ``wait_s`` for the first.
 
-        All consumers of the group on this instance share its channel; each
-        ``basic.get`` hands a message to one of them only. ``consumer`` is
-        not needed by the broker."""
+        All consumers of the group on this instance share its channel and
+        its buffer; each buffered message is handed to one of them only.
+        ``consumer`` is not needed by the broker."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, wait_s)
         delay_s = _POLL_MIN_S
         while True:
             async with self._guard(f"fetch {group!r} of {topic!r}"):
                 state = await self._existing_group(topic, group)
+                state.busy_until = max(state.busy_until, deadline)
                 await self._expire(state, loop.time())
+                await self._consume(state)
                 state.wake.clear()
                 out = await self._take(state, topic, max_n)
             remaining = deadline - loop.time()
@@ -596,10 +681,8 @@ class RabbitMQTransport:
 
     async def _take(self, state: _Group, topic: str, max_n: int) -> list[TransportDelivery]:
         out: list[TransportDelivery] = []
-        while len(out) < max_n:
-            message = await self._io(state.queue.get(no_ack=False, fail=False, timeout=self.timeout_s))
-            if message is None:
-                break
+        while len(out) < max_n and state.buffer:
+            message = state.buffer.popleft()
             # Tracked before any other await, so a cancelled fetch still times out its deliveries.
             self._seq += 1
             delivery_id = str(self._seq)
@@ -614,7 +697,10 @@ class RabbitMQTransport:
                 del state.pending[delivery_id]
                 await self._io(message.reject(requeue=False))
                 continue
-            out.append(TransportDelivery(delivery_id, topic, offset, key, payload, bool(message.redelivered)))
+            redelivered = not self._first_delivery(state, message)
+            if message.redelivered:  # seen now: if it comes back again, that is a redelivery
+                state.given_back.pop(message.message_id or "", None)
+            out.append(TransportDelivery(delivery_id, topic, offset, key, payload, redelivered))
         return out
 
     async def ack(self, topic: str, group: str, delivery_ids: list[str]) -> None:
@@ -641,8 +727,8 @@ class RabbitMQTransport:
         state.wake.set()
 
     async def lag(self, topic: str, group: str) -> int:
-        """The group queue's ready messages plus this instance's unacked ones;
-        0 for a group that does not exist."""
+        """The group queue's ready messages plus this instance's buffered and
+        unacked ones; 0 for a group that does not exist."""
         async with self._guard(f"lag of {group!r} of {topic!r}"):
             state = await self._group(topic, group)
             if state is None:
@@ -652,4 +738,5 @@ class RabbitMQTransport:
             except aio_pika.exceptions.ChannelNotFoundEntity:  # unbound meanwhile
                 await self._prune_groups()
                 return 0
-            return int(declared.declaration_result.message_count or 0) + len(state.pending)
+            ready = int(declared.declaration_result.message_count or 0)
+            return ready + len(state.buffer) + len(state.pending)

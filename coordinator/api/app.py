@@ -13,6 +13,7 @@ from coordinator.api.errors import error_response, render_error
 from coordinator.api.keys import METRICS, NODE
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.routes import routes
+from coordinator.api.sagas import saga_routes
 from coordinator.errors import CoordinatorError
 from coordinator.services.node import CoordinatorNode
 
@@ -72,5 +73,6 @@ def make_app(node: CoordinatorNode) -> web.Application:
     app[METRICS] = HttpMetrics(node)
     app.router.add_routes(routes)
     app.router.add_routes(bus_routes)
+    app.router.add_routes(saga_routes)
     app.router.add_get("/metrics", metrics_handler)
     return app

@@ -108,6 +108,7 @@ class BusService:
         self.tick_s = tick_s
         self.failure_after_s = failure_after_s
         self.active = False  # leader, caught up
+        self.active_since_index = 0  # the barrier that made it active: later entries are this leader's
         self.closing = False  # the node is shutting down: waits end at once
         self.volatile = _Volatile()
         self.ticks = 0
@@ -133,7 +134,7 @@ class BusService:
             self._step_down()
 
     async def _take_over(self) -> None:
-        await self.reads.barrier_until_done("bus")
+        self.active_since_index = await self.reads.barrier_until_done("bus")
         self.active = True
         self._unreachable.clear()
         self._reported.clear()

@@ -23,6 +23,7 @@ from coordinator.services.bus import BusService
 from coordinator.services.leases import LeaseKeeper, NotLeader
 from coordinator.services.proposals import Proposer, raise_for
 from coordinator.services.reads import Reads
+from coordinator.services.sagas import SagaOrchestrator
 from coordinator.services.transports import TransportDriver
 from coordinator.state.machine import MAX_TTL_MS, MIN_TTL_MS
 
@@ -74,6 +75,8 @@ class CoordinatorNode:
         self.transports = TransportDriver(applier, self.proposer, dict(transports or {}), clock,
                                           lambda: self.bus.active, factory=transport_factory)
         self.bus.transports = self.transports.transports
+        self.sagas = SagaOrchestrator(applier, self.proposer, self.bus, clock, lambda: self.bus.active,
+                                      node_id=identity.node_id)
         self.forward_timeout_s = forward_timeout_s
         # Serve default reads from local state without a barrier. Wrong on purpose:
         # it exists so the chaos checker can show it catches stale reads.
@@ -95,6 +98,7 @@ class CoordinatorNode:
         self._tasks.append(asyncio.create_task(self.bus.run(), name="bus"))
         await self.transports.start()
         self._tasks.append(asyncio.create_task(self.transports.run(), name="transports"))
+        self._tasks.append(asyncio.create_task(self.sagas.run(), name="sagas"))
         self._tasks.append(asyncio.create_task(self._register_self(), name="register-self"))
 
     async def stop(self) -> None:
@@ -102,6 +106,7 @@ class CoordinatorNode:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.leases.stop()
+        await self.sagas.stop()
         await self.bus.stop()
         await self.transports.stop()
         await self.engine.stop()
@@ -177,6 +182,7 @@ class CoordinatorNode:
             "problem": st.problem,
             "leases_active": self.leases.active,
             "bus": self.bus.status(),
+            "sagas": self.sagas.status(),
             "transports": {name: {"configured": True, "error": self.transports.errors.get(name)}
                            for name in self.transports.transports},
             "unsafe_stale_reads": self.unsafe_stale_reads,

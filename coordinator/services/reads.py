@@ -40,14 +40,14 @@ class Reads:
             asyncio.get_running_loop().create_task(self._run(self._next))
         return await asyncio.shield(self._next)
 
-    async def barrier_until_done(self, who: str) -> None:
+    async def barrier_until_done(self, who: str) -> int:
         """A new leader's first barrier (its replica then holds every committed
-        entry), retried until it succeeds; the caller cancels it on step-down."""
+        entry), retried until it succeeds; the caller cancels it on step-down.
+        Returns the barrier's index: every later entry was appended by this leader."""
         attempt = 0
         while True:
             try:
-                await self.barrier()
-                return
+                return await self.barrier()
             except CoordinatorError as exc:
                 attempt += 1
                 log.info("%s: barrier after election failed (%s), retrying", who, exc.message)

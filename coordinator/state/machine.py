@@ -32,6 +32,7 @@ from coordinator.state.events import EventLog
 from coordinator.state.kv import KvStore
 from coordinator.state.locks import Lock, Locks
 from coordinator.state.registry import HEALTH_STATES, Agent, Member, Members, Registry
+from coordinator.state.sagas import SagaLimits, Sagas
 from coordinator.types import COMMAND_VERSION, Command, Result
 
 SNAPSHOT_VERSION = 1
@@ -50,6 +51,7 @@ class Limits:
     agents_max: int = 100_000
     locks_max: int = 100_000
     bus: BusLimits = field(default_factory=BusLimits)
+    sagas: SagaLimits = field(default_factory=SagaLimits)
 
 
 Handler = Callable[["StateMachine", ApplyContext, dict[str, Any]], Any]
@@ -74,6 +76,7 @@ class StateMachine:
         self.members = Members()
         self.events = EventLog(self.limits.events_retained)
         self.bus = Bus(self.limits.bus)
+        self.sagas = Sagas(self.limits.sagas)
         self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None]] = OrderedDict()
 
     # -- applying ---------------------------------------------------------
@@ -127,6 +130,7 @@ class StateMachine:
             "members": self.members.to_data(),
             "events": self.events.to_data(),
             "bus": self.bus.to_data(),
+            "sagas": self.sagas.to_data(),
             "dedupe": [[k, v, list(e) if e else None] for k, (v, e) in self._dedupe.items()],
         }
 
@@ -142,6 +146,8 @@ class StateMachine:
         machine.members = Members.from_data(data["members"])
         machine.events = EventLog.from_data(data["events"], machine.limits.events_retained)
         machine.bus = Bus.from_data(data["bus"], machine.limits.bus)
+        if "sagas" in data:  # snapshots written before sagas existed have none
+            machine.sagas = Sagas.from_data(data["sagas"], machine.limits.sagas)
         machine._dedupe = OrderedDict((k, (v, tuple(e) if e else None)) for k, v, e in data["dedupe"])
         return machine
 
@@ -471,6 +477,35 @@ def _bus_transport_ack(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]
 @_op("bus.transport.configure")
 def _bus_transport_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     return sm.bus.configure_transport(ctx, args)
+
+
+# -- sagas -------------------------------------------------------------------------------
+
+@_op("saga.start")
+def _saga_start(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.sagas.start(ctx, sm.events, args)
+
+
+@_op("saga.outcome")
+def _saga_outcome(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """Proposed by the leader's orchestrator when an attempt finished."""
+    return sm.sagas.outcome(ctx, sm.events, args)
+
+
+@_op("saga.retry")
+def _saga_retry(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """Proposed by the leader's orchestrator when a waiting attempt is due by its clock."""
+    return sm.sagas.retry(ctx, sm.events, args)
+
+
+@_op("saga.resumed")
+def _saga_resumed(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.sagas.resumed(ctx, sm.events, args)
+
+
+@_op("saga.cancel")
+def _saga_cancel(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.sagas.cancel(ctx, sm.events, args)
 
 
 @_op("bus.tick")

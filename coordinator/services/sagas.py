@@ -1,0 +1,297 @@
+"""The leader orchestrates sagas (DESIGN rule 4): it performs what the
+replicated saga state says is in flight and proposes the outcomes.
+
+The state machine (``coordinator.state.sagas``) decides every transition;
+this service only acts:
+
+- An attempt in flight (started by a committed command) that this leader has
+  not invoked yet is invoked once, and its outcome proposed as
+  ``saga.outcome``. The set of attempts invoked is kept for the whole
+  leadership, so one leader never runs an attempt twice.
+- Attempts already in flight when this node became the leader belong to a
+  leader that may have died mid-call: their outcome was never committed, so
+  they are re-driven with the same attempt number (and so the same
+  idempotency key), after committing ``saga.resumed``. Steps are therefore
+  at-least-once; an agent that honours the idempotency key makes them
+  effectively once.
+- A waiting attempt whose retry time passed by this leader's clock gets
+  ``saga.retry`` proposed; the state starts it, and the rule above invokes it.
+
+Actions: an agent (a named one, or one of a type from the registry) gets an
+HTTP POST at its endpoint; a topic gets a bus message (with ``reply``, a
+request whose response decides). Loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from coordinator.errors import CoordinatorError
+from coordinator.ports import Clock
+from coordinator.services.applier import Applier
+from coordinator.services.bus import BusService
+from coordinator.services.proposals import Proposer, raise_for
+from coordinator.state.base import Rejected
+from coordinator.state.messages import normalize
+from coordinator.state.sagas import Saga, idempotency_key
+
+log = logging.getLogger(__name__)
+
+RESULT_MAX_BYTES = 64 * 1024
+ERROR_BODY_CHARS = 300
+PROPOSE_RETRY_MAX_S = 2.0
+# 4xx answers that say "try again" rather than "no": everything else in 4xx fails the step for good.
+TRANSIENT_4XX = frozenset({408, 409, 425, 429})
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+Key = tuple[str, str, str, int]  # saga, step, phase, attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    permanent: bool = False
+
+    def args(self, key: Key) -> dict[str, Any]:
+        saga, step, phase, attempt = key
+        out: dict[str, Any] = {"saga": saga, "step": step, "phase": phase, "attempt": attempt, "ok": self.ok}
+        if self.ok:
+            out["result"] = self.result
+        else:
+            out["error"] = self.error
+            out["permanent"] = self.permanent
+        return out
+
+
+def _bounded_result(value: Any) -> Any:
+    size = len(json.dumps(value, separators=(",", ":")).encode())
+    return value if size <= RESULT_MAX_BYTES else {"truncated": True, "bytes": size}
+
+
+def agent_url(endpoint: str, path: str) -> str:
+    base = endpoint if endpoint.startswith(("http://", "https://")) else f"http://{endpoint}"
+    return base.rstrip("/") + path
+
+
+class SagaOrchestrator:
+    def __init__(self, applier: Applier, proposer: Proposer, bus: BusService, clock: Clock, is_active: Any, *,
+                 node_id: str, tick_s: float = 0.02, connections_per_agent: int = 32) -> None:
+        self.applier = applier
+        self.proposer = proposer
+        self.bus = bus
+        self.clock = clock
+        self.is_active = is_active  # the leader's bus is active (its barrier committed)
+        self.node_id = node_id
+        self.tick_s = tick_s
+        self.connections_per_agent = connections_per_agent
+        self.active = False
+        self.invoked = 0  # attempts this node invoked, over all its leaderships
+        self.resumed = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._done: set[Key] = set()  # attempts invoked in this leadership
+        self._tasks: dict[Key, asyncio.Task[None]] = {}
+        self._retries: dict[Key, asyncio.Task[None]] = {}
+        self._round_robin: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        self._set_active(False)
+        await asyncio.gather(*self._tasks.values(), *self._retries.values(), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _set_active(self, active: bool) -> None:
+        self.active = active
+        self._done.clear()
+        for task in [*self._tasks.values(), *self._retries.values()]:
+            task.cancel()
+        self._tasks.clear()
+        self._retries.clear()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            active = bool(self.is_active())
+            if active != self.active:
+                self._set_active(active)
+            if active:
+                self.step()
+
+    def step(self) -> None:
+        """Invoke every attempt in flight not yet invoked here; propose every due retry."""
+        sagas = self.applier.machine.sagas
+        now_ms = self.clock.now_ms()
+        loop = asyncio.get_running_loop()
+        for saga_id in list(sagas.live):
+            saga = sagas.sagas[saga_id]
+            for flight in saga.in_flight():
+                key = (saga.id, *flight)
+                if key not in self._done:
+                    self._done.add(key)
+                    self._tasks[key] = loop.create_task(self._drive(key), name=f"saga {key}")
+            for step, phase, attempt, due_ms in saga.waiting():
+                key = (saga.id, step, phase, attempt)
+                if due_ms <= now_ms and key not in self._retries:
+                    self._retries[key] = loop.create_task(self._retry(key), name=f"saga retry {key}")
+        for key in [k for k, t in self._retries.items() if t.done()]:
+            del self._retries[key]
+        for key in [k for k, t in self._tasks.items() if t.done()]:
+            del self._tasks[key]
+            saga = sagas.sagas.get(key[0])
+            if saga is None or key[1:] not in saga.in_flight():
+                self._done.discard(key)  # its outcome is committed: it can never be in flight again
+
+    # -- attempts --------------------------------------------------------------------------
+
+    async def _drive(self, key: Key) -> None:
+        saga = self.applier.machine.sagas.sagas.get(key[0])
+        if saga is None:
+            return
+        if saga.steps[key[1]].started_index <= self.bus.active_since_index:  # started under an earlier leader
+            result = await self._propose("saga.resumed", {"saga": key[0], "step": key[1], "phase": key[2],
+                                                           "attempt": key[3], "node": self.node_id})
+            if result is None or not result.get("applied"):
+                return  # the attempt finished meanwhile (a late outcome of the old leader)
+            self.resumed += 1
+        self.invoked += 1
+        try:
+            outcome = await self._perform(saga, key)
+        except Exception as exc:  # a bug must fail the attempt, not wedge the saga
+            log.exception("saga %s: invoking %s failed", key[0], key[1:])
+            outcome = Outcome(False, error=f"internal error: {type(exc).__name__}")
+        await self._propose("saga.outcome", outcome.args(key))
+
+    async def _retry(self, key: Key) -> None:
+        await self._propose("saga.retry", {"saga": key[0], "step": key[1], "phase": key[2], "attempt": key[3]})
+
+    async def _propose(self, op: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        """Propose until committed, or until this node stops leading (then the
+        next leader re-drives). Outcomes and retries are idempotent in the state."""
+        delay = 0.05
+        while self.active:
+            try:
+                return raise_for(await self.proposer.propose(op, args))
+            except CoordinatorError as exc:
+                if exc.code in ("invalid", "not_found"):
+                    log.warning("saga %s: %s refused: %s", args.get("saga"), op, exc.message)
+                    return None
+                log.info("saga %s: %s not committed yet (%s); retrying", args.get("saga"), op, exc.message)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PROPOSE_RETRY_MAX_S)
+        return None
+
+    async def _perform(self, saga: Saga, key: Key) -> Outcome:
+        _, step_id, phase, attempt = key
+        step = saga.step_def(step_id)
+        action = step["action"] if phase == "action" else step["compensation"]
+        request = {
+            "saga_id": saga.id,
+            "saga_name": saga.definition["name"],
+            "step": step_id,
+            "phase": phase,
+            "attempt": attempt,
+            "idempotency_key": idempotency_key(*key),
+            "input": saga.definition["input"],
+            "payload": action["payload"],
+            "results": {k: r.result for k, r in saga.steps.items() if r.succeeded_seq},
+        }
+        if phase == "compensation":
+            request["result"] = saga.steps[step_id].result  # what the action answered, to undo it
+        if action["kind"] == "agent":
+            return await self._call_agent(action, request, step["timeout_s"])
+        return await self._send_topic(action, request, step["timeout_s"])
+
+    async def _call_agent(self, action: dict[str, Any], request: dict[str, Any], timeout_s: float) -> Outcome:
+        endpoint, who = self._pick_agent(action)
+        if endpoint is None:
+            return Outcome(False, error=who)
+        url = agent_url(endpoint, action["path"])
+        headers = {IDEMPOTENCY_HEADER: request["idempotency_key"], "Content-Type": "application/json"}
+        try:
+            async with self._client().post(url, data=json.dumps(request), headers=headers,
+                                           timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                raw = await response.read()
+        except TimeoutError:
+            return Outcome(False, error=f"{who} did not answer within {timeout_s:g} s")
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return Outcome(False, error=f"{who} unreachable: {type(exc).__name__}: {exc}"[:ERROR_BODY_CHARS])
+        text = raw.decode(errors="replace")
+        if 200 <= response.status < 300:
+            try:
+                result = json.loads(raw) if raw.strip() else None
+            except ValueError:
+                result = text[:ERROR_BODY_CHARS]
+            return Outcome(True, result=_bounded_result(result))
+        permanent = 400 <= response.status < 500 and response.status not in TRANSIENT_4XX
+        return Outcome(False, error=f"{who} answered {response.status}: {text[:ERROR_BODY_CHARS]}",
+                       permanent=permanent)
+
+    def _pick_agent(self, action: dict[str, Any]) -> tuple[str | None, str]:
+        """(endpoint, who) of the agent to call, or (None, why there is none).
+        Of a type: the agents with an endpoint that are not unhealthy, in turn."""
+        agents = self.applier.machine.registry.agents
+        if "agent_id" in action:
+            agent = agents.get(action["agent_id"])
+            if agent is None:
+                return None, f"agent {action['agent_id']!r} is not registered"
+            if not agent.endpoint:
+                return None, f"agent {agent.id!r} has no endpoint"
+            return agent.endpoint, f"agent {agent.id!r}"
+        agent_type = action["agent_type"]
+        candidates = sorted((a for a in agents.values()
+                             if a.type == agent_type and a.endpoint and a.health != "unhealthy"), key=lambda a: a.id)
+        if not candidates:
+            return None, f"no agent of type {agent_type!r} with an endpoint is available"
+        turn = self._round_robin.get(agent_type, 0)
+        self._round_robin[agent_type] = turn + 1
+        agent = candidates[turn % len(candidates)]
+        return agent.endpoint, f"agent {agent.id!r}"
+
+    async def _send_topic(self, action: dict[str, Any], request: dict[str, Any], timeout_s: float) -> Outcome:
+        """A message on the topic, exactly-once by the attempt's idempotency key
+        (a re-driven attempt is recognised by the bus). With ``reply``, a
+        request: the response's payload is the result, unless it says
+        ``{"ok": false, "error"?, "permanent"?}``."""
+        raw = {"id": request["idempotency_key"], "type": "request" if action["reply"] else "command",
+               "source": f"saga:{request['saga_id']}", "payload": request,
+               "deliveryOptions": {"guarantee": "exactly-once"}}
+        if action["reply"]:
+            raw["replyTo"] = self.bus.reply_topic()
+        try:
+            message = normalize(raw, self.clock.now_ms())
+            if not action["reply"]:
+                await self.bus.publish(action["topic"], [message])
+                return Outcome(True, result=None)
+            answer = await self.bus.request(action["topic"], message, timeout_s)
+        except Rejected as exc:
+            return Outcome(False, error=exc.message, permanent=True)
+        except CoordinatorError as exc:
+            return Outcome(False, error=exc.message)
+        payload = answer["response"].get("payload")
+        if isinstance(payload, dict) and payload.get("ok") is False:
+            return Outcome(False, error=str(payload.get("error") or "the responder said no")[:ERROR_BODY_CHARS],
+                           permanent=payload.get("permanent") is True)
+        return Outcome(True, result=_bounded_result(payload))
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit_per_host=self.connections_per_agent))
+        return self._session
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        sagas = self.applier.machine.sagas
+        return {"active": self.active, "live": len(sagas.live), "invoking": len(self._tasks),
+                "invoked": self.invoked, "resumed": self.resumed, **sagas.counts()}

@@ -1,0 +1,587 @@
+"""Sagas: multi-step work across agents with compensations, every
+transition a committed command (pure).
+
+A saga is a set of steps with dependencies (by default each step depends on
+the one before it, so a plain list runs in order; ``depends_on`` makes
+parallel branches). Each step has an action and may have a compensation.
+The leader's orchestrator (``coordinator.services.sagas``) invokes what this
+module says is in flight and proposes the outcomes; this module alone
+decides what happens next, so every replica computes the same saga.
+
+Life of a step::
+
+    pending ─► running(a) ─ok─► succeeded ─(saga compensating)─► compensating(c) ─ok─► compensated
+                  │  ▲                                                │  ▲
+                  │  └─ retry due ── waiting                         │  └─ retry due ── waiting
+                  └─ failed, attempts left ─┘                        └─ failed, attempts left ─┘
+                  └─ failed for good ─► failed                       └─ failed for good ─► stuck
+
+``running`` and ``compensating`` are an attempt in flight: started by a
+committed command, finished by the first committed outcome that names the
+same attempt (later ones, say from a deposed leader, change nothing).
+
+A saga runs until every step succeeded (``completed``) or one failed for
+good or it was cancelled. Then it stops starting steps, waits for the
+attempts in flight, and compensates the steps that succeeded, one at a
+time in the reverse order of their success (a step finishing late is the
+first compensated). It ends ``compensated``, or ``failed-stuck`` when a
+compensation failed for good (an alert event names it; the others are
+still compensated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.state.base import (
+    ApplyContext,
+    Rejected,
+    check_int,
+    check_number,
+    check_str,
+    invalid,
+)
+from coordinator.state.events import EventLog
+from coordinator.state.topics import check_topic
+
+SAGA_STATES = ("running", "compensating", "completed", "compensated", "failed-stuck")
+FINAL_STATES = frozenset({"completed", "compensated", "failed-stuck"})
+ACTION_KINDS = ("agent", "topic")
+PHASES = ("action", "compensation")
+
+MAX_STEPS = 100
+MAX_STEP_ID_LEN = 128
+MAX_PATH_LEN = 512
+MAX_ATTEMPTS = 100
+MAX_COMPENSATION_ATTEMPTS = 1000
+MIN_TIMEOUT_S = 0.01
+MAX_TIMEOUT_S = 3600.0
+MAX_BACKOFF_S = 3600.0
+MAX_ERROR_LEN = 1024
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_AGENT_PATH = "/saga"
+
+
+@dataclass(frozen=True, slots=True)
+class SagaLimits:
+    live_max: int = 10_000       # sagas not yet final
+    finished_retained: int = 10_000  # final sagas kept for GET, oldest dropped first
+
+
+# -- definitions ----------------------------------------------------------------------------
+
+
+def _check_keys(value: dict[str, Any], field_name: str, allowed: tuple[str, ...]) -> None:
+    for key in value:
+        if key not in allowed:
+            raise invalid(f"{field_name}.{key}", f"unknown field (allowed: {', '.join(allowed)})")
+
+
+def _dict(value: Any, field_name: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise invalid(field_name, "must be an object with string keys")
+    return value
+
+
+def normalize_action(value: Any, field_name: str) -> dict[str, Any]:
+    """``{"kind": "agent", "agent_type" | "agent_id", "path"?, "payload"?}`` or
+    ``{"kind": "topic", "topic", "reply"?, "payload"?}``, with defaults filled."""
+    action = _dict(value, field_name)
+    kind = action.get("kind")
+    if kind not in ACTION_KINDS:
+        raise invalid(f"{field_name}.kind", f"must be one of {', '.join(ACTION_KINDS)}")
+    if kind == "agent":
+        _check_keys(action, field_name, ("kind", "agent_type", "agent_id", "path", "payload"))
+        if ("agent_type" in action) == ("agent_id" in action):
+            raise invalid(field_name, "an agent action names exactly one of agent_type and agent_id")
+        target = "agent_type" if "agent_type" in action else "agent_id"
+        path = action.get("path", DEFAULT_AGENT_PATH)
+        check_str(path, f"{field_name}.path", MAX_PATH_LEN)
+        if not path.startswith("/"):
+            raise invalid(f"{field_name}.path", "must start with /")
+        return {"kind": "agent", target: check_str(action[target], f"{field_name}.{target}"), "path": path,
+                "payload": action.get("payload")}
+    _check_keys(action, field_name, ("kind", "topic", "reply", "payload"))
+    reply = action.get("reply", False)
+    if not isinstance(reply, bool):
+        raise invalid(f"{field_name}.reply", "must be true or false")
+    return {"kind": "topic", "topic": check_topic(action.get("topic"), f"{field_name}.topic"), "reply": reply,
+            "payload": action.get("payload")}
+
+
+def _retry(value: Any, field_name: str, max_attempts: int, default_attempts: int) -> dict[str, Any]:
+    retry = _dict({} if value is None else value, field_name)
+    _check_keys(retry, field_name, ("max_attempts", "backoff_s", "backoff_max_s", "multiplier"))
+    out = {
+        "max_attempts": check_int(retry.get("max_attempts", default_attempts), f"{field_name}.max_attempts",
+                                  1, max_attempts),
+        "backoff_s": check_number(retry.get("backoff_s", 1.0), f"{field_name}.backoff_s", 0.0, MAX_BACKOFF_S),
+        "backoff_max_s": check_number(retry.get("backoff_max_s", 60.0), f"{field_name}.backoff_max_s",
+                                      0.0, MAX_BACKOFF_S),
+        "multiplier": check_number(retry.get("multiplier", 2.0), f"{field_name}.multiplier", 1.0, 10.0),
+    }
+    if out["backoff_max_s"] < out["backoff_s"]:
+        raise invalid(f"{field_name}.backoff_max_s", "must not be below backoff_s")
+    return out
+
+
+def normalize_definition(value: Any) -> dict[str, Any]:
+    """Validate a saga definition and fill its defaults; ``Rejected`` (400)
+    naming the field otherwise. Pure, so the API can check a definition
+    before proposing it and the state machine checks it again when applying."""
+    definition = _dict(value, "definition")
+    _check_keys(definition, "definition", ("id", "name", "steps", "input", "compensation_retry"))
+    saga_id = definition.get("id")
+    if saga_id is not None:
+        check_str(saga_id, "id", MAX_STEP_ID_LEN)
+    name = check_str(definition.get("name", "saga"), "name")
+    raw_steps = definition.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise invalid("steps", "must be a non-empty list")
+    if len(raw_steps) > MAX_STEPS:
+        raise invalid("steps", f"must have at most {MAX_STEPS} steps")
+    steps: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_steps):
+        where = f"steps[{i}]"
+        step = _dict(raw, where)
+        _check_keys(step, where, ("id", "action", "compensation", "timeout_s", "retry", "depends_on"))
+        step_id = check_str(step.get("id"), f"{where}.id", MAX_STEP_ID_LEN)
+        if step_id in seen:
+            raise invalid(f"{where}.id", f"step {step_id!r} is defined twice")
+        seen.add(step_id)
+        if "action" not in step:
+            raise invalid(f"{where}.action", "is required")
+        depends = step.get("depends_on")
+        if depends is None:
+            depends = [steps[-1]["id"]] if steps else []
+        elif not isinstance(depends, list) or not all(isinstance(d, str) for d in depends):
+            raise invalid(f"{where}.depends_on", "must be a list of step ids")
+        steps.append({
+            "id": step_id,
+            "action": normalize_action(step["action"], f"{where}.action"),
+            "compensation": (None if step.get("compensation") is None
+                             else normalize_action(step["compensation"], f"{where}.compensation")),
+            "timeout_s": check_number(step.get("timeout_s", DEFAULT_TIMEOUT_S), f"{where}.timeout_s",
+                                      MIN_TIMEOUT_S, MAX_TIMEOUT_S),
+            "retry": _retry(step.get("retry"), f"{where}.retry", MAX_ATTEMPTS, 1),
+            "depends_on": sorted(set(depends)),
+        })
+    ids = {s["id"] for s in steps}
+    for i, step in enumerate(steps):
+        for dep in step["depends_on"]:
+            if dep not in ids:
+                raise invalid(f"steps[{i}].depends_on", f"unknown step {dep!r}")
+    cycle = _find_cycle({s["id"]: s["depends_on"] for s in steps})
+    if cycle:
+        raise invalid("steps", f"dependency cycle: {' -> '.join(cycle)}")
+    return {
+        "id": saga_id,
+        "name": name,
+        "steps": steps,
+        "input": definition.get("input"),
+        "compensation_retry": _retry(definition.get("compensation_retry"), "compensation_retry",
+                                     MAX_COMPENSATION_ATTEMPTS, 10),
+    }
+
+
+def _find_cycle(depends: dict[str, list[str]]) -> list[str] | None:
+    """A dependency cycle as a path that ends where it starts, or None (iterative DFS)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in depends:
+        if state.get(root):
+            continue
+        path: list[str] = [root]
+        iters = [iter(depends[root])]
+        state[root] = 1
+        while iters:
+            nxt = next(iters[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                iters.pop()
+            elif state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                iters.append(iter(depends[nxt]))
+    return None
+
+
+def backoff_ms(retry: dict[str, Any], key: str, attempt: int) -> int:
+    """The wait before attempt ``attempt + 1``: exponential, capped, with a
+    jitter in [50%, 100%] drawn from the attempt's key, so every replica
+    computes the same wait without any randomness in the state machine."""
+    base = min(retry["backoff_s"] * retry["multiplier"] ** (attempt - 1), retry["backoff_max_s"])
+    draw = int.from_bytes(hashlib.sha256(f"{key}/{attempt}".encode()).digest()[:4], "big") / 2**32
+    return int(base * 1000 * (0.5 + draw / 2))
+
+
+# -- runtime -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StepRun:
+    """One step's progress. ``attempt`` counts action attempts,
+    ``comp_attempt`` compensation attempts; ``retry_at_ms`` is set while
+    waiting for the next attempt of the current phase."""
+
+    status: str = "pending"  # pending running waiting succeeded failed abandoned compensating compensated stuck
+    attempt: int = 0
+    comp_attempt: int = 0
+    retry_at_ms: int | None = None
+    result: Any = None
+    error: str | None = None
+    succeeded_seq: int = 0  # order of success among the saga's steps (compensation goes backwards)
+    started_index: int = 0  # log index that started the current attempt
+
+    @property
+    def phase(self) -> str | None:
+        """The phase of the attempt in flight or waiting, if any."""
+        if self.status in ("running", "waiting") and self.comp_attempt == 0:
+            return "action"
+        if self.status in ("compensating", "waiting") and self.comp_attempt > 0:
+            return "compensation"
+        return None
+
+    @property
+    def in_flight(self) -> tuple[str, int] | None:
+        if self.status == "running":
+            return "action", self.attempt
+        if self.status == "compensating":
+            return "compensation", self.comp_attempt
+        return None
+
+    def to_data(self) -> list[Any]:
+        return [self.status, self.attempt, self.comp_attempt, self.retry_at_ms, self.result, self.error,
+                self.succeeded_seq, self.started_index]
+
+    @classmethod
+    def from_data(cls, data: list[Any]) -> StepRun:
+        return cls(*data)
+
+
+@dataclass(slots=True)
+class Saga:
+    id: str
+    definition: dict[str, Any]
+    created_ms: int
+    created_index: int
+    state: str = "running"
+    steps: dict[str, StepRun] = field(default_factory=dict)
+    history: list[list[Any]] = field(default_factory=list)  # [index, time_ms, event, step, phase, attempt, detail]
+    successes: int = 0
+    reason: str | None = None  # why it compensates: the failed step or the cancellation
+    updated_ms: int = 0
+    finished_ms: int | None = None
+
+    def step_def(self, step_id: str) -> dict[str, Any]:
+        return next(s for s in self.definition["steps"] if s["id"] == step_id)
+
+    def in_flight(self) -> list[tuple[str, str, int]]:
+        """Every attempt started and without an outcome: (step, phase, attempt);
+        ``steps[step].started_index`` is the entry that started it."""
+        out = []
+        for step_id, run in self.steps.items():
+            flight = run.in_flight
+            if flight is not None:
+                out.append((step_id, *flight))
+        return out
+
+    def waiting(self) -> list[tuple[str, str, int, int]]:
+        """Every retry that waits: (step, phase, next attempt, due ms)."""
+        out = []
+        for step_id, run in self.steps.items():
+            if run.status == "waiting" and run.retry_at_ms is not None:
+                phase = run.phase or "action"
+                attempt = (run.comp_attempt if phase == "compensation" else run.attempt) + 1
+                out.append((step_id, phase, attempt, run.retry_at_ms))
+        return out
+
+    def describe(self, *, history: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "name": self.definition["name"],
+            "state": self.state,
+            "reason": self.reason,
+            "created_ms": self.created_ms,
+            "updated_ms": self.updated_ms,
+            "finished_ms": self.finished_ms,
+            "created_index": self.created_index,
+            "steps": [
+                {"id": s["id"], "status": self.steps[s["id"]].status, "attempts": self.steps[s["id"]].attempt,
+                 "compensation_attempts": self.steps[s["id"]].comp_attempt,
+                 "retry_at_ms": self.steps[s["id"]].retry_at_ms, "result": self.steps[s["id"]].result,
+                 "error": self.steps[s["id"]].error, "depends_on": s["depends_on"],
+                 "has_compensation": s["compensation"] is not None}
+                for s in self.definition["steps"]
+            ],
+        }
+        if history:
+            out["definition"] = self.definition
+            out["history"] = [
+                {"index": h[0], "time_ms": h[1], "event": h[2], "step": h[3], "phase": h[4], "attempt": h[5],
+                 "detail": h[6]}
+                for h in self.history
+            ]
+        return out
+
+    def to_data(self) -> list[Any]:
+        return [self.id, self.definition, self.created_ms, self.created_index, self.state,
+                {k: v.to_data() for k, v in self.steps.items()}, self.history, self.successes, self.reason,
+                self.updated_ms, self.finished_ms]
+
+    @classmethod
+    def from_data(cls, data: list[Any]) -> Saga:
+        (saga_id, definition, created_ms, created_index, state, steps, history, successes, reason, updated_ms,
+         finished_ms) = data
+        return cls(saga_id, definition, created_ms, created_index, state,
+                   {k: StepRun.from_data(v) for k, v in steps.items()}, history, successes, reason, updated_ms,
+                   finished_ms)
+
+
+def idempotency_key(saga_id: str, step_id: str, phase: str, attempt: int) -> str:
+    """What an agent may use to recognise a repeated invocation of one attempt."""
+    return f"{saga_id}/{step_id}/{phase}/{attempt}"
+
+
+class Sagas:
+    """Every saga of the cluster; transitions take the apply context."""
+
+    def __init__(self, limits: SagaLimits | None = None) -> None:
+        self.limits = limits or SagaLimits()
+        self.sagas: dict[str, Saga] = {}
+        self.live: dict[str, None] = {}  # ids not final, in creation order (the orchestrator's work list)
+        self.finished: OrderedDict[str, None] = OrderedDict()  # final ids, oldest first (for eviction)
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def start(self, ctx: ApplyContext, events: EventLog, args: dict[str, Any]) -> dict[str, Any]:
+        definition = normalize_definition(args.get("definition"))
+        saga_id = definition["id"] or f"saga-{ctx.index}"
+        if saga_id in self.sagas:
+            raise Rejected("conflict", f"saga {saga_id!r} already exists")
+        if len(self.live) >= self.limits.live_max:
+            raise Rejected("unavailable", f"too many sagas in progress ({self.limits.live_max})")
+        definition["id"] = saga_id
+        saga = Saga(saga_id, definition, ctx.now_ms, ctx.index,
+                    steps={s["id"]: StepRun() for s in definition["steps"]}, updated_ms=ctx.now_ms)
+        self.sagas[saga_id] = saga
+        self.live[saga_id] = None
+        self._record(ctx, events, saga, "saga.started", detail={"name": definition["name"]})
+        self._advance(ctx, events, saga)
+        return {"id": saga_id, "state": saga.state}
+
+    def outcome(self, ctx: ApplyContext, events: EventLog, args: dict[str, Any]) -> dict[str, Any]:
+        """The outcome of one attempt. Applied only if that attempt is the one
+        in flight; a late or repeated outcome changes nothing."""
+        saga, step_id, phase, attempt = self._attempt_args(args)
+        ok = args.get("ok")
+        if not isinstance(ok, bool):
+            raise invalid("ok", "must be true or false")
+        permanent = args.get("permanent", False)
+        if not isinstance(permanent, bool):
+            raise invalid("permanent", "must be true or false")
+        error = args.get("error")
+        if error is not None:
+            error = str(error)[:MAX_ERROR_LEN]
+        run = saga.steps[step_id]
+        if run.in_flight != (phase, attempt):
+            return {"applied": False, "state": saga.state}
+        step = saga.step_def(step_id)
+        if phase == "action":
+            if ok:
+                saga.successes += 1
+                run.status, run.result, run.error, run.succeeded_seq = "succeeded", args.get("result"), None, \
+                    saga.successes
+                self._record(ctx, events, saga, "saga.step.succeeded", step_id, phase, attempt)
+            else:
+                self._failed(ctx, events, saga, step_id, run, phase, attempt, step["retry"], permanent, error)
+        elif ok:
+            run.status, run.retry_at_ms = "compensated", None
+            self._record(ctx, events, saga, "saga.step.compensated", step_id, phase, attempt)
+        else:
+            self._failed(ctx, events, saga, step_id, run, phase, attempt, saga.definition["compensation_retry"],
+                         False, error)
+        self._advance(ctx, events, saga)
+        return {"applied": True, "state": saga.state}
+
+    def retry(self, ctx: ApplyContext, events: EventLog, args: dict[str, Any]) -> dict[str, Any]:
+        """Start the next attempt of a waiting step, once its time came (by
+        the proposer's clock, which is in the command)."""
+        saga, step_id, phase, attempt = self._attempt_args(args)
+        run = saga.steps[step_id]
+        due = [w for w in saga.waiting() if w[0] == step_id]
+        if not due or due[0][1] != phase or due[0][2] != attempt or saga.state in FINAL_STATES:
+            return {"applied": False, "state": saga.state}
+        if ctx.now_ms < due[0][3]:
+            return {"applied": False, "state": saga.state, "due_ms": due[0][3]}
+        run.retry_at_ms, run.started_index = None, ctx.index
+        if phase == "action":
+            run.status, run.attempt = "running", attempt
+        else:
+            run.status, run.comp_attempt = "compensating", attempt
+        self._record(ctx, events, saga, "saga.step.started", step_id, phase, attempt)
+        return {"applied": True, "state": saga.state}
+
+    def resumed(self, ctx: ApplyContext, events: EventLog, args: dict[str, Any]) -> dict[str, Any]:
+        """A new leader re-drives an attempt in flight whose outcome was never
+        committed (same attempt, same idempotency key): history only."""
+        saga, step_id, phase, attempt = self._attempt_args(args)
+        node = check_str(args.get("node"), "node")
+        if saga.steps[step_id].in_flight != (phase, attempt):
+            return {"applied": False, "state": saga.state}
+        self._record(ctx, events, saga, "saga.step.resumed", step_id, phase, attempt, {"node": node})
+        return {"applied": True, "state": saga.state}
+
+    def cancel(self, ctx: ApplyContext, events: EventLog, args: dict[str, Any]) -> dict[str, Any]:
+        saga = self._saga(args)
+        reason = check_str(args.get("reason", "cancelled"), "reason", MAX_ERROR_LEN)
+        if saga.state in FINAL_STATES:
+            raise Rejected("conflict", f"saga {saga.id!r} is already {saga.state}")
+        if saga.state == "running":
+            self._record(ctx, events, saga, "saga.cancelled", detail={"reason": reason})
+            self._compensate(ctx, events, saga, f"cancelled: {reason}")
+            self._advance(ctx, events, saga)
+        return {"id": saga.id, "state": saga.state}
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def list(self, state: str | None, limit: int, after: str | None = None) -> list[Saga]:
+        out = []
+        started = after is None
+        for saga_id, saga in self.sagas.items():
+            if not started:
+                started = saga_id == after
+                continue
+            if state is None or saga.state == state:
+                out.append(saga)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(SAGA_STATES, 0)
+        for saga in self.sagas.values():
+            out[saga.state] += 1
+        return out
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def to_data(self) -> dict[str, Any]:
+        return {"sagas": [s.to_data() for s in self.sagas.values()], "finished": list(self.finished)}
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], limits: SagaLimits | None = None) -> Sagas:
+        sagas = cls(limits)
+        for row in data["sagas"]:
+            saga = Saga.from_data(row)
+            sagas.sagas[saga.id] = saga
+            if saga.state not in FINAL_STATES:
+                sagas.live[saga.id] = None
+        sagas.finished = OrderedDict.fromkeys(data["finished"])
+        return sagas
+
+    # -- inside ---------------------------------------------------------------------------------
+
+    def _saga(self, args: dict[str, Any]) -> Saga:
+        saga_id = check_str(args.get("saga"), "saga", MAX_STEP_ID_LEN)
+        saga = self.sagas.get(saga_id)
+        if saga is None:
+            raise Rejected("not_found", f"saga {saga_id!r} does not exist")
+        return saga
+
+    def _attempt_args(self, args: dict[str, Any]) -> tuple[Saga, str, str, int]:
+        saga = self._saga(args)
+        step_id = check_str(args.get("step"), "step", MAX_STEP_ID_LEN)
+        if step_id not in saga.steps:
+            raise invalid("step", f"saga {saga.id!r} has no step {step_id!r}")
+        phase = args.get("phase")
+        if phase not in PHASES:
+            raise invalid("phase", f"must be one of {', '.join(PHASES)}")
+        attempt = check_int(args.get("attempt"), "attempt", 1, MAX_COMPENSATION_ATTEMPTS)
+        return saga, step_id, phase, attempt
+
+    def _record(self, ctx: ApplyContext, events: EventLog, saga: Saga, event: str, step: str | None = None,
+                phase: str | None = None, attempt: int | None = None, detail: dict[str, Any] | None = None) -> None:
+        saga.history.append([ctx.index, ctx.now_ms, event, step, phase, attempt, detail])
+        saga.updated_ms = ctx.now_ms
+        data: dict[str, Any] = {"sagaId": saga.id, "name": saga.definition["name"]}
+        if step is not None:
+            data.update(step=step, phase=phase, attempt=attempt)
+        if detail:
+            data.update(detail)
+        events.emit(ctx, event, data)
+
+    def _failed(self, ctx: ApplyContext, events: EventLog, saga: Saga, step_id: str, run: StepRun, phase: str,
+                attempt: int, retry: dict[str, Any], permanent: bool, error: str | None) -> None:
+        run.error = error
+        retries = phase == "compensation" or saga.state == "running"  # a stopping saga starts no new action
+        if retries and not permanent and attempt < retry["max_attempts"]:
+            run.status = "waiting"
+            run.retry_at_ms = ctx.now_ms + backoff_ms(retry, idempotency_key(saga.id, step_id, phase, attempt),
+                                                      attempt)
+            self._record(ctx, events, saga, "saga.step.failed", step_id, phase, attempt,
+                         {"error": error, "retry_at_ms": run.retry_at_ms})
+            return
+        run.retry_at_ms = None
+        if phase == "action":
+            run.status = "failed"
+            self._record(ctx, events, saga, "saga.step.failed", step_id, phase, attempt,
+                         {"error": error, "retry_at_ms": None, "permanent": permanent})
+            if saga.state == "running":
+                self._compensate(ctx, events, saga, f"step {step_id!r} failed: {error}")
+        else:
+            run.status = "stuck"
+            self._record(ctx, events, saga, "saga.step.stuck", step_id, phase, attempt, {"error": error})
+
+    def _compensate(self, ctx: ApplyContext, events: EventLog, saga: Saga, reason: str) -> None:
+        """Stop the saga: nothing new starts; steps not started or waiting for
+        a retry are abandoned (they did not succeed, so nothing to undo)."""
+        saga.state, saga.reason = "compensating", reason
+        for step_id, run in saga.steps.items():
+            if run.status == "pending" or (run.status == "waiting" and run.phase == "action"):
+                run.status, run.retry_at_ms = "abandoned", None
+                self._record(ctx, events, saga, "saga.step.abandoned", step_id)
+        self._record(ctx, events, saga, "saga.compensating", detail={"reason": reason})
+
+    def _advance(self, ctx: ApplyContext, events: EventLog, saga: Saga) -> None:
+        """Start what can start now; finish the saga when nothing is left."""
+        if saga.state == "running":
+            done = {k for k, r in saga.steps.items() if r.status == "succeeded"}
+            if len(done) == len(saga.steps):
+                self._finish(ctx, events, saga, "completed")
+                return
+            for step in saga.definition["steps"]:
+                run = saga.steps[step["id"]]
+                if run.status == "pending" and all(d in done for d in step["depends_on"]):
+                    run.status, run.attempt, run.started_index = "running", 1, ctx.index
+                    self._record(ctx, events, saga, "saga.step.started", step["id"], "action", 1)
+            return
+        if saga.state != "compensating":
+            return
+        if any(r.status in ("running", "compensating", "waiting") for r in saga.steps.values()):
+            return  # an attempt in flight or a compensation waiting: its outcome comes first
+        to_undo = [(r.succeeded_seq, k) for k, r in saga.steps.items()
+                   if r.status == "succeeded" and saga.step_def(k)["compensation"] is not None]
+        if to_undo:
+            _, step_id = max(to_undo)
+            run = saga.steps[step_id]
+            run.status, run.comp_attempt, run.started_index = "compensating", 1, ctx.index
+            self._record(ctx, events, saga, "saga.step.started", step_id, "compensation", 1)
+            return
+        stuck = any(r.status == "stuck" for r in saga.steps.values())
+        self._finish(ctx, events, saga, "failed-stuck" if stuck else "compensated")
+
+    def _finish(self, ctx: ApplyContext, events: EventLog, saga: Saga, state: str) -> None:
+        saga.state, saga.finished_ms = state, ctx.now_ms
+        self.live.pop(saga.id, None)
+        self.finished[saga.id] = None
+        name = {"completed": "saga.completed", "compensated": "saga.compensated", "failed-stuck": "saga.failed"}
+        self._record(ctx, events, saga, name[state], detail={"state": state, "reason": saga.reason})
+        while len(self.finished) > self.limits.finished_retained:
+            old, _ = self.finished.popitem(last=False)
+            self.sagas.pop(old, None)
