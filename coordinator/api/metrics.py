@@ -48,6 +48,7 @@ class _NodeCollector(Collector):
         yield CounterMetricFamily("coord_leader_changes", "Role changes seen by this node",
                                   value=node.leader_changes)
         yield from _bus(node)
+        yield from _sagas(node)
         recoveries = getattr(node.engine, "recoveries", 0)
         yield CounterMetricFamily("coord_engine_recoveries", "Rebuilds of a stalled engine", value=recoveries)
 
@@ -95,6 +96,22 @@ def _bus(node: CoordinatorNode) -> Iterator[Any]:
     yield healthy
     yield CounterMetricFamily("coord_transport_sent", "Messages brokers confirmed while this node led",
                               value=node.transports.sent)
+
+
+def _sagas(node: CoordinatorNode) -> Iterator[Any]:
+    states = GaugeMetricFamily("coord_sagas", "Sagas by state (final ones as long as they are retained)",
+                               labels=["state"])
+    for state, count in node.applier.machine.sagas.counts().items():
+        states.add_metric([state], count)
+    yield states
+    status = node.sagas.status()
+    yield GaugeMetricFamily("coord_saga_attempts_running", "Saga attempts this node is performing as leader",
+                            value=status["invoking"])
+    attempts = CounterMetricFamily("coord_saga_attempts", "Saga attempts this node performed as leader",
+                                   labels=["kind"])
+    attempts.add_metric(["invoked"], status["invoked"])
+    attempts.add_metric(["resumed"], status["resumed"])
+    yield attempts
 
 
 def _expired(node: CoordinatorNode) -> CounterMetricFamily:
