@@ -49,6 +49,7 @@ PROPOSE_RETRY_MAX_S = 2.0
 # 4xx answers that say "try again" rather than "no": everything else in 4xx fails the step for good.
 TRANSIENT_4XX = frozenset({408, 409, 425, 429})
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+NEVER = 2**63
 
 Key = tuple[str, str, str, int]  # saga, step, phase, attempt
 
@@ -100,6 +101,8 @@ class SagaOrchestrator:
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self._retries: dict[Key, asyncio.Task[None]] = {}
         self._round_robin: dict[str, int] = {}
+        self._scanned_index = -1  # applied index at the last scan of the live sagas
+        self._next_due_ms = NEVER  # the earliest retry not yet due at that scan
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -117,6 +120,7 @@ class SagaOrchestrator:
             task.cancel()
         self._tasks.clear()
         self._retries.clear()
+        self._scanned_index = -1
 
     async def run(self) -> None:
         while True:
@@ -128,9 +132,17 @@ class SagaOrchestrator:
                 self.step()
 
     def step(self) -> None:
-        """Invoke every attempt in flight not yet invoked here; propose every due retry."""
+        """Invoke every attempt in flight not yet invoked here; propose every due retry.
+        Scans the live sagas only when something was applied, a retry is due
+        or a task finished, not on every tick."""
         sagas = self.applier.machine.sagas
         now_ms = self.clock.now_ms()
+        finished = any(t.done() for t in self._tasks.values()) or any(t.done() for t in self._retries.values())
+        if (self.applier.machine.applied_index == self._scanned_index and now_ms < self._next_due_ms
+                and not finished):
+            return
+        self._scanned_index = self.applier.machine.applied_index
+        self._next_due_ms = NEVER
         loop = asyncio.get_running_loop()
         for saga_id in list(sagas.live):
             saga = sagas.sagas[saga_id]
@@ -143,6 +155,8 @@ class SagaOrchestrator:
                 key = (saga.id, step, phase, attempt)
                 if due_ms <= now_ms and key not in self._retries:
                     self._retries[key] = loop.create_task(self._retry(key), name=f"saga retry {key}")
+                elif due_ms > now_ms:
+                    self._next_due_ms = min(self._next_due_ms, due_ms)
         for key in [k for k, t in self._retries.items() if t.done()]:
             del self._retries[key]
         for key in [k for k, t in self._tasks.items() if t.done()]:
