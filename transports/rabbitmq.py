@@ -104,7 +104,7 @@ class _Group:
     pending: dict[str, _Pending] = field(default_factory=dict)  # delivery id -> unacked delivery
     buffer: deque[AbstractIncomingMessage] = field(default_factory=deque)  # bounded by _PREFETCH
     consumer_tag: str | None = None  # None: not consuming (not fetched yet, or given back)
-    busy_until: float = 0.0  # loop time of the end of the latest fetch's wait
+    busy_until: float = 0.0  # loop time of the latest fetch's last check (or its next one, while it waits)
     given_back: dict[str, None] = field(default_factory=dict)  # ids given back unseen, oldest first
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # starting vs cancelling the consumer
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set on push, publish and give-back
@@ -666,7 +666,9 @@ class RabbitMQTransport:
         while True:
             async with self._guard(f"fetch {group!r} of {topic!r}"):
                 state = await self._existing_group(topic, group)
-                state.busy_until = max(state.busy_until, deadline)
+                # Busy until this fetch's next check at the latest, so a long wait
+                # keeps the group busy and a fetch that returned does not.
+                state.busy_until = max(state.busy_until, min(deadline, loop.time() + delay_s))
                 await self._expire(state, loop.time())
                 await self._consume(state)
                 state.wake.clear()
