@@ -54,15 +54,13 @@ async def list_sagas(request: web.Request) -> web.Response:
     if state is not None and state not in SAGA_STATES:
         raise InvalidInput(f"state: must be one of {', '.join(SAGA_STATES)}", field="state")
     limit = s.query_int(request, "limit", 100, 1, LIST_LIMIT_MAX) or 100
-    after = request.query.get("after")
-    if after is not None:
-        s.name(after, "after", MAX_STEP_ID_LEN)
+    after = s.query_int(request, "after", 0, 0, 2**63 - 1) or 0
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
     sagas = node.applier.machine.sagas
     page = sagas.list(state, limit, after)
     body: dict[str, Any] = {"sagas": [saga.describe(history=False) for saga in page], "counts": sagas.counts()}
-    body["next"] = page[-1].id if len(page) == limit else None
+    body["next"] = page[-1].created_index if len(page) == limit else None
     return ok(body)
 
 

@@ -43,7 +43,8 @@ from coordinator.state.sagas import Saga, idempotency_key
 
 log = logging.getLogger(__name__)
 
-RESULT_MAX_BYTES = 64 * 1024
+RESULT_MAX_BYTES = 64 * 1024  # a step's result kept in the replicated state
+ANSWER_MAX_BYTES = 1 << 20  # read from an agent at most
 ERROR_BODY_CHARS = 300
 PROPOSE_RETRY_MAX_S = 2.0
 # 4xx answers that say "try again" rather than "no": everything else in 4xx fails the step for good.
@@ -75,6 +76,18 @@ class Outcome:
 def _bounded_result(value: Any) -> Any:
     size = len(json.dumps(value, separators=(",", ":")).encode())
     return value if size <= RESULT_MAX_BYTES else {"truncated": True, "bytes": size}
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None when it is longer than ``limit`` (reading stops there)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def agent_url(endpoint: str, path: str) -> str:
@@ -234,11 +247,15 @@ class SagaOrchestrator:
         try:
             async with self._client().post(url, data=json.dumps(request), headers=headers,
                                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                raw = await response.read()
+                raw = await _read_capped(response, ANSWER_MAX_BYTES)
         except TimeoutError:
             return Outcome(False, error=f"{who} did not answer within {timeout_s:g} s")
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return Outcome(False, error=f"{who} unreachable: {type(exc).__name__}: {exc}"[:ERROR_BODY_CHARS])
+        if raw is None:  # more than we read: the step's answer, but too large to keep
+            if 200 <= response.status < 300:
+                return Outcome(True, result={"truncated": True, "bytes": f">{ANSWER_MAX_BYTES}"})
+            raw = b"(an answer over 1 MiB)"
         text = raw.decode(errors="replace")
         if 200 <= response.status < 300:
             try:

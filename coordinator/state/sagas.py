@@ -32,6 +32,7 @@ still compensated).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,7 @@ MAX_BACKOFF_S = 3600.0
 MAX_ERROR_LEN = 1024
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_AGENT_PATH = "/saga"
+_GENERATED_ID = re.compile(r"saga-[0-9]+")  # saga-<log index>, given to sagas started without an id
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,8 @@ def normalize_definition(value: Any) -> dict[str, Any]:
     saga_id = definition.get("id")
     if saga_id is not None:
         check_str(saga_id, "id", MAX_STEP_ID_LEN)
+        if _GENERATED_ID.fullmatch(saga_id):
+            raise invalid("id", "names of the form saga-<number> are reserved for generated ids")
     name = check_str(definition.get("name", "saga"), "name")
     raw_steps = definition.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
@@ -215,7 +219,15 @@ def backoff_ms(retry: dict[str, Any], key: str, attempt: int) -> int:
     """The wait before attempt ``attempt + 1``: exponential, capped, with a
     jitter in [50%, 100%] drawn from the attempt's key, so every replica
     computes the same wait without any randomness in the state machine."""
-    base = min(retry["backoff_s"] * retry["multiplier"] ** (attempt - 1), retry["backoff_max_s"])
+    # Grown by multiplication, not ``multiplier ** (attempt - 1)``: that leaves the
+    # float range (10.0 ** 309, and compensations retry up to 1000 times), and
+    # libm's pow() need not round alike on every replica where ``*`` does.
+    grown_s = retry["backoff_s"]
+    for _ in range(attempt - 1):
+        if grown_s >= retry["backoff_max_s"]:
+            break
+        grown_s *= retry["multiplier"]
+    base = min(grown_s, retry["backoff_max_s"])
     draw = int.from_bytes(hashlib.sha256(f"{key}/{attempt}".encode()).digest()[:4], "big") / 2**32
     return int(base * 1000 * (0.5 + draw / 2))
 
@@ -450,14 +462,12 @@ class Sagas:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def list(self, state: str | None, limit: int, after: str | None = None) -> list[Saga]:
+    def list(self, state: str | None, limit: int, after: int = 0) -> list[Saga]:
+        """Up to ``limit`` sagas created after log index ``after``, oldest
+        first (a cursor that stays valid when sagas are dropped meanwhile)."""
         out = []
-        started = after is None
-        for saga_id, saga in self.sagas.items():
-            if not started:
-                started = saga_id == after
-                continue
-            if state is None or saga.state == state:
+        for saga in self.sagas.values():  # in creation order
+            if saga.created_index > after and (state is None or saga.state == state):
                 out.append(saga)
                 if len(out) >= limit:
                     break
