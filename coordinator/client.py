@@ -24,18 +24,21 @@ from typing import Any
 import aiohttp
 
 from coordinator.errors import (
+    BadGateway,
     Compacted,
     Conflict,
     CoordinatorError,
     InvalidInput,
     NotFound,
     OutcomeUnknown,
+    RateLimited,
     RequestTimeout,
     TooLarge,
     Unavailable,
 )
 
-_ERRORS: dict[int, type[CoordinatorError]] = {404: NotFound, 409: Conflict, 410: Compacted, 413: TooLarge}
+_ERRORS: dict[int, type[CoordinatorError]] = {404: NotFound, 409: Conflict, 410: Compacted, 413: TooLarge,
+                                              502: BadGateway}
 
 
 class ApiError(CoordinatorError):
@@ -63,6 +66,40 @@ class Registration:
     id: str
     lease_id: int
     ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class InvokeAnswer:
+    """An agent's answer to ``invoke``: its status, body and headers, and who answered."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    agent: str
+    attempts: int
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+def _node_error(status: int, body: bytes) -> CoordinatorError:
+    """The error a node answered with (not an agent's answer)."""
+    try:
+        error = json.loads(body).get("error", {})
+    except (ValueError, AttributeError):
+        error = {}
+    message = error.get("message", f"HTTP {status}")
+    if status == 400:
+        return InvalidInput(message, field=error.get("field"))
+    if status == 429:
+        return RateLimited(message, retry_after_s=float(error.get("retry_after_s", 1.0)))
+    if status == 503:
+        return Unavailable(message, leader=error.get("leader"))
+    if status == 504:
+        return RequestTimeout(message)
+    if status in _ERRORS:
+        return _ERRORS[status](message)
+    return ApiError(status, message)
 
 
 class CoordinatorClient:
@@ -145,6 +182,8 @@ class CoordinatorClient:
                         last = OutcomeUnknown(message)
                     elif status == 400:
                         raise InvalidInput(message, field=error.get("field"))
+                    elif status == 429:
+                        raise RateLimited(message, retry_after_s=float(error.get("retry_after_s", 1.0)))
                     elif status in _ERRORS:
                         raise _ERRORS[status](message, **{k: v for k, v in error.items()
                                                           if k not in ("code", "message")})
@@ -464,6 +503,50 @@ class CoordinatorClient:
                     await self.ack(subscription, acks, agent=agent)
                 if nacks:
                     await self.nack(subscription, [n for n in nacks if not n.startswith("v.")], agent=agent)
+
+    # -- load-balanced invocation ---------------------------------------------------------------
+
+    async def invoke(self, agent_type: str, payload: Any = None, *, data: bytes | None = None,
+                     content_type: str | None = None, key: str | None = None, timeout_s: float | None = None,
+                     idempotency_key: str | None = None, idempotent: bool = False, caller: str | None = None,
+                     request_id: str | None = None) -> InvokeAnswer:
+        """Call one agent of ``agent_type`` through the cluster: ``payload`` as
+        JSON (or raw ``data``). Returns the agent's answer whatever its status;
+        raises the node's own refusals: ``InvalidInput``, ``RateLimited``,
+        ``Unavailable`` (no agent, every circuit open), ``BadGateway``,
+        ``RequestTimeout``. Goes to another node only when one could not be
+        reached (the request never left). ``key`` feeds consistent hashing;
+        ``idempotent``/``idempotency_key`` allow the node to retry elsewhere."""
+        if data is None:
+            data = json.dumps(payload).encode()
+            content_type = content_type or "application/json"
+        headers = {"X-Request-Id": request_id or self._request_id()}
+        for name, value in (("Content-Type", content_type), ("X-Coord-Key", key), ("Idempotency-Key", idempotency_key),
+                            ("X-Coord-Caller", caller)):
+            if value is not None:
+                headers[name] = value
+        if timeout_s is not None:
+            headers["X-Coord-Timeout"] = str(timeout_s)
+        if idempotent:
+            headers["X-Coord-Idempotent"] = "1"
+        limit = aiohttp.ClientTimeout(total=(timeout_s or 30.0) + 5.0)
+        last: CoordinatorError = Unavailable("no node reachable")
+        for _ in range(len(self.endpoints)):
+            url = f"{self.endpoint}/v1/services/{_seg(agent_type)}/invoke"
+            try:
+                async with self._http().post(url, data=data, headers=headers, timeout=limit) as response:
+                    body = await response.read()
+                    if "X-Coord-Agent" in response.headers:
+                        return InvokeAnswer(response.status, body, dict(response.headers),
+                                            response.headers["X-Coord-Agent"],
+                                            int(response.headers.get("X-Coord-Attempts", "1")))
+                    raise _node_error(response.status, body)
+            except aiohttp.ClientConnectorError:
+                last = Unavailable(f"node {self.endpoint} is unreachable")
+                self._move(None)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise OutcomeUnknown(f"{type(exc).__name__} invoking {agent_type!r} through {self.endpoint}") from None
+        raise last
 
     # -- sagas ---------------------------------------------------------------------------------------
 

@@ -77,6 +77,23 @@ class RequestTimeout(CoordinatorError):
     code = "timeout"
 
 
+class RateLimited(CoordinatorError):
+    """A rate limit refused the request (HTTP 429); ``retry_after_s`` says when to try again."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.retry_after_s = retry_after_s
+
+
+class BadGateway(CoordinatorError):
+    """The agent a request was forwarded to could not be reached or broke the
+    exchange (HTTP 502)."""
+
+    code = "bad_gateway"
+
+
 class InvariantError(CoordinatorError):
     """A broken internal invariant: a bug, never the caller's fault."""
 

@@ -14,6 +14,7 @@ from coordinator.api.keys import METRICS, NODE
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes
+from coordinator.api.services import service_routes
 from coordinator.errors import CoordinatorError
 from coordinator.services.node import CoordinatorNode
 
@@ -74,5 +75,6 @@ def make_app(node: CoordinatorNode) -> web.Application:
     app.router.add_routes(routes)
     app.router.add_routes(bus_routes)
     app.router.add_routes(saga_routes)
+    app.router.add_routes(service_routes)
     app.router.add_get("/metrics", metrics_handler)
     return app

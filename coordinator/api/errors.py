@@ -11,7 +11,7 @@ import math
 
 from aiohttp import web
 
-from coordinator.errors import CoordinatorError, InvalidInput, Unavailable
+from coordinator.errors import CoordinatorError, InvalidInput, RateLimited, Unavailable
 
 STATUS_BY_CODE = {
     "invalid": 400,
@@ -20,6 +20,8 @@ STATUS_BY_CODE = {
     "conflict": 409,
     "compacted": 410,
     "too_large": 413,
+    "rate_limited": 429,
+    "bad_gateway": 502,
     "unavailable": 503,
     "not_leader": 503,
     "outcome_unknown": 504,
@@ -41,6 +43,9 @@ def render_error(exc: CoordinatorError) -> web.Response:
         if key in exc.details:
             extra[key] = exc.details[key]
     headers = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        extra["retry_after_s"] = round(exc.retry_after_s, 3)
     if status == 503:
         retry_after = exc.retry_after_s if isinstance(exc, Unavailable) else 1.0
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))

@@ -49,6 +49,7 @@ class _NodeCollector(Collector):
                                   value=node.leader_changes)
         yield from _bus(node)
         yield from _sagas(node)
+        yield from _balancer(node)
         recoveries = getattr(node.engine, "recoveries", 0)
         yield CounterMetricFamily("coord_engine_recoveries", "Rebuilds of a stalled engine", value=recoveries)
 
@@ -112,6 +113,25 @@ def _sagas(node: CoordinatorNode) -> Iterator[Any]:
     attempts.add_metric(["invoked"], status["invoked"])
     attempts.add_metric(["resumed"], status["resumed"])
     yield attempts
+
+
+BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def _balancer(node: CoordinatorNode) -> Iterator[Any]:
+    status = node.balancer.status()
+    invocations = CounterMetricFamily("coord_invocations", "Requests to agents through this node by outcome",
+                                      labels=["outcome"])
+    for outcome in ("invoked", "succeeded", "failed", "retried", "rate_limited", "unavailable"):
+        invocations.add_metric([outcome], status[outcome])
+    yield invocations
+    breakers = GaugeMetricFamily("coord_breaker_state", "This node's circuit breaker per agent: "
+                                 "0 closed, 1 half-open, 2 open", labels=["agent"])
+    for agent_id, row in status["agents"].items():
+        breakers.add_metric([agent_id], BREAKER_LEVEL.get(row["breaker"]["state"], 0))
+    yield breakers
+    yield CounterMetricFamily("coord_health_checks", "Health checks run by this node as leader",
+                              value=node.health.checks)
 
 
 def _expired(node: CoordinatorNode) -> CounterMetricFamily:

@@ -201,6 +201,23 @@ def _agent(node: CoordinatorNode, agent: Any) -> dict[str, Any]:
     return out
 
 
+@routes.patch("/v1/agents/{id}")
+async def agents_update(request: web.Request) -> web.Response:
+    """Change an agent's weight, endpoint or metadata without a new lease."""
+    agent_id = s.name(request.match_info["id"], "id")
+    body = await s.json_body(request, {"weight", "endpoint", "metadata", "request_id"})
+    args: dict[str, Any] = {"id": agent_id}
+    if body.get("weight") is not None:
+        args["weight"] = s.integer(body["weight"], "weight", 1, 1_000_000)
+    if body.get("endpoint") is not None:
+        args["endpoint"] = s.name(body["endpoint"], "endpoint", 2048)
+    if body.get("metadata") is not None:
+        args["metadata"] = s.obj(body["metadata"], "metadata")
+    if len(args) == 1:
+        raise InvalidInput("body: give at least one of weight, endpoint and metadata", field="body")
+    return ok(await node_of(request).write("agent.update", args, s.request_id(request, body)))
+
+
 @routes.post("/v1/agents/{id}/heartbeat")
 async def agents_heartbeat(request: web.Request) -> web.Response:
     node = node_of(request)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, Unavailable
 from coordinator.ports import BusTransport, Clock, ConsensusEngine, Rng
 from coordinator.services.applier import Applier
+from coordinator.services.balancer.health import HealthChecker
+from coordinator.services.balancer.service import Balancer
 from coordinator.services.bus import BusService
 from coordinator.services.leases import LeaseKeeper, NotLeader
 from coordinator.services.proposals import Proposer, raise_for
@@ -75,7 +78,9 @@ class CoordinatorNode:
         self.transports = TransportDriver(applier, self.proposer, dict(transports or {}), clock,
                                           lambda: self.bus.active, factory=transport_factory)
         self.bus.transports = self.transports.transports
-        self.sagas = SagaOrchestrator(applier, self.proposer, self.bus, clock, lambda: self.bus.active,
+        self.balancer = Balancer(applier, random.Random(int(rng.token_hex(8), 16)), monotonic=clock.monotonic)
+        self.health = HealthChecker(applier, self.proposer, lambda: self.bus.active, monotonic=clock.monotonic)
+        self.sagas = SagaOrchestrator(applier, self.proposer, self.bus, self.balancer, clock, lambda: self.bus.active,
                                       node_id=identity.node_id)
         self.forward_timeout_s = forward_timeout_s
         # Serve default reads from local state without a barrier. Wrong on purpose:
@@ -99,6 +104,8 @@ class CoordinatorNode:
         await self.transports.start()
         self._tasks.append(asyncio.create_task(self.transports.run(), name="transports"))
         self._tasks.append(asyncio.create_task(self.sagas.run(), name="sagas"))
+        self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
+        self._tasks.append(asyncio.create_task(self.balancer.run(), name="balancer"))
         self._tasks.append(asyncio.create_task(self._register_self(), name="register-self"))
 
     async def stop(self) -> None:
@@ -107,6 +114,8 @@ class CoordinatorNode:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.leases.stop()
         await self.sagas.stop()
+        await self.health.stop()
+        await self.balancer.close()
         await self.bus.stop()
         await self.transports.stop()
         await self.engine.stop()
@@ -183,6 +192,8 @@ class CoordinatorNode:
             "leases_active": self.leases.active,
             "bus": self.bus.status(),
             "sagas": self.sagas.status(),
+            "balancer": {**self.balancer.status(), "health_checks": self.health.checks,
+                         "health_changes": self.health.changes},
             "transports": {name: {"configured": True, "error": self.transports.errors.get(name)}
                            for name in self.transports.transports},
             "unsafe_stale_reads": self.unsafe_stale_reads,

@@ -17,9 +17,11 @@ this service only acts:
 - A waiting attempt whose retry time passed by this leader's clock gets
   ``saga.retry`` proposed; the state starts it, and the rule above invokes it.
 
-Actions: an agent (a named one, or one of a type from the registry) gets an
-HTTP POST at its endpoint; a topic gets a bus message (with ``reply``, a
-request whose response decides). Loop thread only.
+Actions: an agent gets an HTTP POST at its endpoint (one of a type is
+chosen by the load balancer, with the type's strategy, health, breakers and
+retries, keyed by the saga id; a named one is called directly); a topic gets
+a bus message (with ``reply``, a request whose response decides). Loop
+thread only.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import aiohttp
 
 from coordinator.errors import CoordinatorError
 from coordinator.ports import Clock
+from coordinator.services.agent_http import agent_url, read_capped
 from coordinator.services.applier import Applier
+from coordinator.services.balancer.service import Balancer, Invocation
 from coordinator.services.bus import BusService
 from coordinator.services.proposals import Proposer, raise_for
 from coordinator.state.base import Rejected
@@ -73,34 +77,32 @@ class Outcome:
         return out
 
 
+def _judge(who: str, status: int, raw: bytes) -> Outcome:
+    """An agent's answer as an attempt's outcome: 2xx success (the JSON body
+    is the result); 4xx other than TRANSIENT_4XX fails for good; else retry."""
+    text = raw.decode(errors="replace")
+    if 200 <= status < 300:
+        try:
+            result = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            result = text[:ERROR_BODY_CHARS]
+        return Outcome(True, result=_bounded_result(result))
+    permanent = 400 <= status < 500 and status not in TRANSIENT_4XX
+    return Outcome(False, error=f"{who} answered {status}: {text[:ERROR_BODY_CHARS]}", permanent=permanent)
+
+
 def _bounded_result(value: Any) -> Any:
     size = len(json.dumps(value, separators=(",", ":")).encode())
     return value if size <= RESULT_MAX_BYTES else {"truncated": True, "bytes": size}
 
 
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The body, or None when it is longer than ``limit`` (reading stops there)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def agent_url(endpoint: str, path: str) -> str:
-    base = endpoint if endpoint.startswith(("http://", "https://")) else f"http://{endpoint}"
-    return base.rstrip("/") + path
-
-
 class SagaOrchestrator:
-    def __init__(self, applier: Applier, proposer: Proposer, bus: BusService, clock: Clock, is_active: Any, *,
-                 node_id: str, tick_s: float = 0.02, connections_per_agent: int = 32) -> None:
+    def __init__(self, applier: Applier, proposer: Proposer, bus: BusService, balancer: Balancer, clock: Clock,
+                 is_active: Any, *, node_id: str, tick_s: float = 0.02, connections_per_agent: int = 32) -> None:
         self.applier = applier
         self.proposer = proposer
         self.bus = bus
+        self.balancer = balancer
         self.clock = clock
         self.is_active = is_active  # the leader's bus is active (its barrier committed)
         self.node_id = node_id
@@ -113,7 +115,6 @@ class SagaOrchestrator:
         self._done: set[Key] = set()  # attempts invoked in this leadership
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self._retries: dict[Key, asyncio.Task[None]] = {}
-        self._round_robin: dict[str, int] = {}
         self._scanned_index = -1  # applied index at the last scan of the live sagas
         self._next_due_ms = NEVER  # the earliest retry not yet due at that scan
 
@@ -239,15 +240,29 @@ class SagaOrchestrator:
         return await self._send_topic(action, request, step["timeout_s"])
 
     async def _call_agent(self, action: dict[str, Any], request: dict[str, Any], timeout_s: float) -> Outcome:
-        endpoint, who = self._pick_agent(action)
-        if endpoint is None:
-            return Outcome(False, error=who)
-        url = agent_url(endpoint, action["path"])
-        headers = {IDEMPOTENCY_HEADER: request["idempotency_key"], "Content-Type": "application/json"}
+        """An agent of a type through the balancer (its strategy, health,
+        breakers and retries; the saga id is the consistent-hash key), or a
+        named agent directly."""
+        body = json.dumps(request).encode()
+        key = request["idempotency_key"]
+        if "agent_type" in action:
+            try:
+                answer = await self.balancer.invoke(Invocation(
+                    action["agent_type"], body, "application/json", key, timeout_s=timeout_s,
+                    key=request["saga_id"], idempotency_key=key, path=action["path"]))
+            except CoordinatorError as exc:
+                return Outcome(False, error=exc.message[:ERROR_BODY_CHARS])
+            return _judge(f"agent {answer.agent_id!r}", answer.status, answer.body)
+        agent = self.applier.machine.registry.agents.get(action["agent_id"])
+        if agent is None or not agent.endpoint:
+            what = "is not registered" if agent is None else "has no endpoint"
+            return Outcome(False, error=f"agent {action['agent_id']!r} {what}")
+        who = f"agent {agent.id!r}"
+        headers = {IDEMPOTENCY_HEADER: key, "Content-Type": "application/json"}
         try:
-            async with self._client().post(url, data=json.dumps(request), headers=headers,
+            async with self._client().post(agent_url(agent.endpoint, action["path"]), data=body, headers=headers,
                                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                raw = await _read_capped(response, ANSWER_MAX_BYTES)
+                raw = await read_capped(response, ANSWER_MAX_BYTES)
         except TimeoutError:
             return Outcome(False, error=f"{who} did not answer within {timeout_s:g} s")
         except (aiohttp.ClientError, OSError, ValueError) as exc:
@@ -256,37 +271,7 @@ class SagaOrchestrator:
             if 200 <= response.status < 300:
                 return Outcome(True, result={"truncated": True, "bytes": f">{ANSWER_MAX_BYTES}"})
             raw = b"(an answer over 1 MiB)"
-        text = raw.decode(errors="replace")
-        if 200 <= response.status < 300:
-            try:
-                result = json.loads(raw) if raw.strip() else None
-            except ValueError:
-                result = text[:ERROR_BODY_CHARS]
-            return Outcome(True, result=_bounded_result(result))
-        permanent = 400 <= response.status < 500 and response.status not in TRANSIENT_4XX
-        return Outcome(False, error=f"{who} answered {response.status}: {text[:ERROR_BODY_CHARS]}",
-                       permanent=permanent)
-
-    def _pick_agent(self, action: dict[str, Any]) -> tuple[str | None, str]:
-        """(endpoint, who) of the agent to call, or (None, why there is none).
-        Of a type: the agents with an endpoint that are not unhealthy, in turn."""
-        agents = self.applier.machine.registry.agents
-        if "agent_id" in action:
-            agent = agents.get(action["agent_id"])
-            if agent is None:
-                return None, f"agent {action['agent_id']!r} is not registered"
-            if not agent.endpoint:
-                return None, f"agent {agent.id!r} has no endpoint"
-            return agent.endpoint, f"agent {agent.id!r}"
-        agent_type = action["agent_type"]
-        candidates = sorted((a for a in agents.values()
-                             if a.type == agent_type and a.endpoint and a.health != "unhealthy"), key=lambda a: a.id)
-        if not candidates:
-            return None, f"no agent of type {agent_type!r} with an endpoint is available"
-        turn = self._round_robin.get(agent_type, 0)
-        self._round_robin[agent_type] = turn + 1
-        agent = candidates[turn % len(candidates)]
-        return agent.endpoint, f"agent {agent.id!r}"
+        return _judge(who, response.status, raw)
 
     async def _send_topic(self, action: dict[str, Any], request: dict[str, Any], timeout_s: float) -> Outcome:
         """A message on the topic, exactly-once by the attempt's idempotency key

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import InvariantError
+from coordinator.state.balancing import Policies
 from coordinator.state.base import (
     MAX_KEY_LEN,
     ApplyContext,
@@ -77,6 +78,7 @@ class StateMachine:
         self.events = EventLog(self.limits.events_retained)
         self.bus = Bus(self.limits.bus)
         self.sagas = Sagas(self.limits.sagas)
+        self.policies = Policies()
         self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None]] = OrderedDict()
 
     # -- applying ---------------------------------------------------------
@@ -131,6 +133,7 @@ class StateMachine:
             "events": self.events.to_data(),
             "bus": self.bus.to_data(),
             "sagas": self.sagas.to_data(),
+            "policies": self.policies.to_data(),
             "dedupe": [[k, v, list(e) if e else None] for k, (v, e) in self._dedupe.items()],
         }
 
@@ -148,6 +151,8 @@ class StateMachine:
         machine.bus = Bus.from_data(data["bus"], machine.limits.bus)
         if "sagas" in data:  # snapshots written before sagas existed have none
             machine.sagas = Sagas.from_data(data["sagas"], machine.limits.sagas)
+        if "policies" in data:  # nor before balancing policies
+            machine.policies = Policies.from_data(data["policies"])
         machine._dedupe = OrderedDict((k, (v, tuple(e) if e else None)) for k, v, e in data["dedupe"])
         return machine
 
@@ -293,6 +298,29 @@ def _agent_deregister(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any])
         raise Rejected("not_found", f"agent {agent_id!r} is not registered")
     _remove_agent(sm, ctx, agent, "left")
     return {"id": agent_id}
+
+
+@_op("agent.update")
+def _agent_update(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """Change an agent's weight, endpoint or metadata, keeping its lease."""
+    agent_id = require_str(args, "id")
+    weight = require_int(args, "weight", 1, MAX_WEIGHT, optional=True)
+    endpoint = require_str(args, "endpoint", MAX_ENDPOINT_LEN, optional=True)
+    metadata = require_dict(args, "metadata", optional=True)
+    if weight is None and endpoint is None and metadata is None:
+        raise invalid("weight", "give at least one of weight, endpoint and metadata")
+    agent = sm.registry.agents.get(agent_id)
+    if agent is None:
+        raise Rejected("not_found", f"agent {agent_id!r} is not registered")
+    if weight is not None:
+        agent.weight = weight
+    if endpoint is not None:
+        agent.endpoint = endpoint
+    if metadata is not None:
+        agent.metadata = metadata
+    sm.events.emit(ctx, "agent.updated", {"agentId": agent_id, "agentType": agent.type, "metadata": agent.metadata,
+                                          "lease_id": agent.lease_id, "weight": agent.weight})
+    return agent.describe()
 
 
 @_op("agent.expire")
@@ -477,6 +505,18 @@ def _bus_transport_ack(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]
 @_op("bus.transport.configure")
 def _bus_transport_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     return sm.bus.configure_transport(ctx, args)
+
+
+# -- balancing ---------------------------------------------------------------------------
+
+@_op("service.configure")
+def _service_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.policies.configure(args)
+
+
+@_op("service.remove")
+def _service_remove(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.policies.remove(args)
 
 
 # -- sagas -------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""HTTP routes of load-balanced invocation: ``POST /v1/services/{type}/invoke``
+forwards the body to one agent of the type and passes its answer back; the
+type's policy (strategy, health checks, breaker, limits, retries) is
+committed with ``PUT /v1/services/{type}``.
+
+An answer that came from an agent carries ``X-Coord-Agent`` (its id); an
+answer without it is the node's own (a JSON error: 400, 429, 502, 503, 504).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from aiohttp import web
+
+from coordinator.api import schemas as s
+from coordinator.api.routes import node_of, ok
+from coordinator.errors import InvalidInput
+from coordinator.services.balancer.service import Invocation
+from coordinator.services.proposals import state_error
+from coordinator.state.balancing import MAX_TIMEOUT_S, normalize_policy
+from coordinator.state.base import Rejected
+
+service_routes = web.RouteTableDef()
+
+POLICY_FIELDS = {"strategy", "path", "timeout_s", "health_check", "breaker", "rate_limit", "retry"}
+KEY_MAX = 1024
+TRUE = ("1", "true", "yes")
+
+
+def _type(request: web.Request) -> str:
+    return s.name(request.match_info["type"], "type")
+
+
+@service_routes.post("/v1/services/{type}/invoke")
+async def invoke(request: web.Request) -> web.Response:
+    node = node_of(request)
+    agent_type = _type(request)
+    body = await request.read()
+    key = request.query.get("key", request.headers.get("X-Coord-Key"))
+    if key is not None:
+        s.name(key, "key", KEY_MAX)
+    timeout_s = _timeout(request.query.get("timeout_s", request.headers.get("X-Coord-Timeout")))
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key is not None:
+        s.name(idempotency_key, "Idempotency-Key", 256)
+    idempotent = (request.query.get("idempotent", request.headers.get("X-Coord-Idempotent", "")).lower() in TRUE)
+    caller = request.headers.get("X-Coord-Caller")
+    if caller is not None:
+        s.name(caller, "X-Coord-Caller", 256)
+    request_id = request.headers.get("X-Request-Id") or f"req-{node.rng.token_hex(8)}"
+    s.name(request_id, "X-Request-Id", 128)
+    answer = await node.balancer.invoke(Invocation(
+        agent_type, body, request.headers.get("Content-Type"), request_id, timeout_s=timeout_s, key=key,
+        idempotent=idempotent, idempotency_key=idempotency_key, caller=caller))
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+
+def _timeout(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput("timeout_s: must be a number of seconds", field="timeout_s") from None
+    if not math.isfinite(value) or not 0.01 <= value <= MAX_TIMEOUT_S:
+        raise InvalidInput(f"timeout_s: must be between 0.01 and {MAX_TIMEOUT_S:g} seconds", field="timeout_s")
+    return value
+
+
+@service_routes.put("/v1/services/{type}")
+async def configure(request: web.Request) -> web.Response:
+    agent_type = _type(request)
+    body = await s.json_body(request, POLICY_FIELDS | {"request_id"}, required=False)
+    policy = {k: v for k, v in body.items() if k in POLICY_FIELDS}
+    try:
+        normalize_policy(policy)
+    except Rejected as exc:
+        raise state_error(exc.code, exc.message) from None
+    return ok(await node_of(request).write("service.configure", {"type": agent_type, "policy": policy},
+                                           s.request_id(request, body)))
+
+
+@service_routes.delete("/v1/services/{type}")
+async def remove(request: web.Request) -> web.Response:
+    agent_type = _type(request)
+    body = await s.json_body(request, {"request_id"}, required=False)
+    return ok(await node_of(request).write("service.remove", {"type": agent_type}, s.request_id(request, body)))
+
+
+@service_routes.get("/v1/services/{type}")
+async def describe(request: web.Request) -> web.Response:
+    agent_type = _type(request)
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    return ok(_describe(node, agent_type))
+
+
+@service_routes.get("/v1/services")
+async def listing(request: web.Request) -> web.Response:
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    machine = node.applier.machine
+    types = sorted({a.type for a in machine.registry.agents.values()} | set(machine.policies.policies))
+    return ok({"services": [_describe(node, t) for t in types]})
+
+
+def _describe(node: Any, agent_type: str) -> dict[str, Any]:
+    machine = node.applier.machine
+    local = node.balancer.status()["agents"]
+    agents = []
+    for agent in machine.registry.by_type(agent_type):
+        row = {"id": agent.id, "endpoint": agent.endpoint, "weight": agent.weight, "health": agent.health}
+        row.update(local.get(agent.id, {"breaker": {"state": "closed"}, "inflight": 0, "latency_ms": None,
+                                        "requests": 0}))
+        agents.append(row)
+    return {"type": agent_type, "policy": machine.policies.of(agent_type),
+            "configured": agent_type in machine.policies.policies, "agents": agents}

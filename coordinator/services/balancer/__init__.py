@@ -1,0 +1,1 @@
+"""The load balancer: which instance of an agent type serves a request."""
