@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from coordinator.types import TransportDelivery, TransportEntry, TransportHealth
+from coordinator.types import Candidate, TransportDelivery, TransportEntry, TransportHealth
 
 
 class Clock(Protocol):
@@ -155,3 +155,24 @@ class BusTransport(Protocol):
 
     async def lag(self, topic: str, group: str) -> int:
         """Messages of ``topic`` the group has not acked yet (best effort)."""
+
+
+class LoadView(Protocol):
+    """What a balancing strategy may know of the load a node observes."""
+
+    def inflight(self, agent_id: str) -> int: ...
+
+    def latency(self, agent_id: str) -> float | None:
+        """The (decayed) latency estimate in seconds; None before the first sample."""
+
+
+class Strategy(Protocol):
+    """Picks one of ``candidates`` (non-empty, any order) for a request.
+
+    ``key`` matters only to ``consistent_hash``. A strategy may keep state
+    between picks; the caller keeps one instance per agent type.
+    """
+
+    name: str
+
+    def pick(self, candidates: Sequence[Candidate], stats: LoadView, key: str | None) -> Candidate: ...

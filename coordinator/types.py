@@ -117,3 +117,12 @@ class TransportDelivery:
 class TransportHealth:
     ok: bool
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An agent that may serve a load-balanced request: its id and the weight
+    from its registration (an integer >= 1)."""
+
+    id: str
+    weight: int

@@ -30,12 +30,14 @@ from typing import Any
 import aiohttp
 
 from coordinator.errors import BadGateway, InvalidInput, RateLimited, RequestTimeout, Unavailable
+from coordinator.ports import Strategy
 from coordinator.services.agent_http import agent_url, read_capped
 from coordinator.services.applier import Applier
 from coordinator.services.balancer.breaker import BreakerConfig, CircuitBreaker
 from coordinator.services.balancer.limits import KeyedBuckets, RetryBudget, TokenBucket, backoff_s
-from coordinator.services.balancer.strategies import Candidate, LoadStats, NeedsKey, Strategy, make_strategy
+from coordinator.services.balancer.strategies import LoadStats, NeedsKey, make_strategy
 from coordinator.state.registry import Agent
+from coordinator.types import Candidate
 
 ANSWER_MAX_BYTES = 16 << 20
 PASSED_HEADERS = ("Content-Type", "Cache-Control", "ETag", "Retry-After")

@@ -27,9 +27,10 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Protocol
 
 from coordinator.errors import InvalidInput, InvariantError
+from coordinator.ports import LoadView, Strategy
+from coordinator.types import Candidate
 
 # Ring points per unit of weight (consistent_hash). With 100 points an agent's
 # share of the keys is within about 10% (relative) of its fair share.
@@ -38,19 +39,6 @@ VNODES_PER_WEIGHT = 100
 # go up to 1_000_000, and a rebuild runs on the event loop (measured for 8 000
 # points: ~11 ms the first time, ~4 ms when only the sort is redone).
 RING_POINTS_MAX = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """An instance that may serve the request: the agent's id and the weight
-    from its registration (an integer >= 1)."""
-
-    id: str
-    weight: int
-
-    def __post_init__(self) -> None:
-        if isinstance(self.weight, bool) or not isinstance(self.weight, int) or self.weight < 1:
-            raise InvariantError(f"candidate {self.id!r}: weight must be an integer >= 1, not {self.weight!r}")
 
 
 class NeedsKey(InvalidInput, ValueError):
@@ -148,18 +136,6 @@ class LoadStats:
 # -- strategies ----------------------------------------------------------------------------------
 
 
-class Strategy(Protocol):
-    """Picks one of ``candidates`` (non-empty, any order) for a request.
-
-    ``key`` matters only to ``consistent_hash``. A strategy may keep state
-    between picks; the caller keeps one instance per agent type.
-    """
-
-    name: str
-
-    def pick(self, candidates: Sequence[Candidate], stats: LoadStats, key: str | None) -> Candidate: ...
-
-
 def _by_id(candidates: Sequence[Candidate]) -> list[Candidate]:
     ordered = sorted(candidates, key=lambda c: c.id)
     if not ordered:
@@ -167,6 +143,10 @@ def _by_id(candidates: Sequence[Candidate]) -> list[Candidate]:
     for before, after in pairwise(ordered):
         if before.id == after.id:
             raise InvariantError(f"agent {after.id!r} is a candidate twice")
+    for candidate in ordered:
+        weight = candidate.weight
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+            raise InvariantError(f"candidate {candidate.id!r}: weight must be an integer >= 1, not {weight!r}")
     return ordered
 
 
@@ -185,7 +165,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._last: str | None = None
 
-    def pick(self, candidates: Sequence[Candidate], stats: LoadStats, key: str | None) -> Candidate:
+    def pick(self, candidates: Sequence[Candidate], stats: LoadView, key: str | None) -> Candidate:
         ordered = _by_id(candidates)
         if self._last is None:
             chosen = ordered[0]
@@ -212,7 +192,7 @@ class WeightedRoundRobin:
     def __init__(self) -> None:
         self._current: dict[str, int] = {}
 
-    def pick(self, candidates: Sequence[Candidate], stats: LoadStats, key: str | None) -> Candidate:
+    def pick(self, candidates: Sequence[Candidate], stats: LoadView, key: str | None) -> Candidate:
         ordered = _by_id(candidates)
         current = {c.id: self._current.get(c.id, 0) + c.weight for c in ordered}
         chosen = ordered[0]
@@ -233,7 +213,7 @@ class LeastConnections:
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def pick(self, candidates: Sequence[Candidate], stats: LoadStats, key: str | None) -> Candidate:
+    def pick(self, candidates: Sequence[Candidate], stats: LoadView, key: str | None) -> Candidate:
         ordered = _by_id(candidates)
         best = [ordered[0]]
         best_inflight, best_weight = stats.inflight(ordered[0].id), ordered[0].weight
@@ -265,7 +245,7 @@ class ResponseTime:
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def pick(self, candidates: Sequence[Candidate], stats: LoadStats, key: str | None) -> Candidate:
+    def pick(self, candidates: Sequence[Candidate], stats: LoadView, key: str | None) -> Candidate:
         ordered = _by_id(candidates)
         if len(ordered) == 1:
             return ordered[0]
@@ -273,7 +253,7 @@ class ResponseTime:
         return second if _score(second, stats) < _score(first, stats) else first
 
 
-def _score(candidate: Candidate, stats: LoadStats) -> tuple[float, int]:
+def _score(candidate: Candidate, stats: LoadView) -> tuple[float, int]:
     inflight = stats.inflight(candidate.id)
     latency_s = stats.latency(candidate.id)
     if latency_s is None:
@@ -314,7 +294,7 @@ class ConsistentHash:
         self._owners: list[Candidate] = []
         self._hashes: dict[str, list[int]] = {}  # each member's point hashes, by index
 
-    def pick(self, candidates: Sequence[Candidate], stats: LoadStats, key: str | None) -> Candidate:
+    def pick(self, candidates: Sequence[Candidate], stats: LoadView, key: str | None) -> Candidate:
         if key is None:
             raise NeedsKey()
         members = frozenset(candidates)

@@ -68,10 +68,12 @@ def test_no_candidates_or_a_duplicate_id_is_a_bug(name: str) -> None:
         strategy.pick([Candidate("a", 1), Candidate("b", 1), Candidate("a", 2)], LoadStats(), "k")
 
 
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
 @pytest.mark.parametrize("weight", [0, -1, True, 1.5, "1"])
-def test_a_weight_is_an_integer_of_at_least_one(weight: object) -> None:
+def test_a_weight_is_an_integer_of_at_least_one(name: str, weight: object) -> None:
+    strategy = make_strategy(name, random.Random(1))
     with pytest.raises(InvariantError):
-        Candidate("a", weight)  # type: ignore[arg-type]
+        strategy.pick([Candidate("a", weight)], LoadStats(), "k")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
