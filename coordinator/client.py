@@ -17,7 +17,7 @@ import json
 import secrets
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,11 +70,12 @@ class Registration:
 
 @dataclass(frozen=True, slots=True)
 class InvokeAnswer:
-    """An agent's answer to ``invoke``: its status, body and headers, and who answered."""
+    """An agent's answer to ``invoke``: its status, body and headers (read-only,
+    names case-insensitive), and who answered."""
 
     status: int
     body: bytes
-    headers: dict[str, str]
+    headers: Mapping[str, str]
     agent: str
     attempts: int
 
@@ -100,6 +101,9 @@ def _node_error(status: int, body: bytes) -> CoordinatorError:
     if status in _ERRORS:
         return _ERRORS[status](message)
     return ApiError(status, message)
+
+
+MAX_INVOKE_TIMEOUT_S = 300.0  # the longest timeout a balancing policy may set
 
 
 class CoordinatorClient:
@@ -529,7 +533,7 @@ class CoordinatorClient:
             headers["X-Coord-Timeout"] = str(timeout_s)
         if idempotent:
             headers["X-Coord-Idempotent"] = "1"
-        limit = aiohttp.ClientTimeout(total=(timeout_s or 30.0) + 5.0)
+        limit = aiohttp.ClientTimeout(total=(timeout_s or MAX_INVOKE_TIMEOUT_S) + 5.0)  # the node's own limit first
         last: CoordinatorError = Unavailable("no node reachable")
         for _ in range(len(self.endpoints)):
             url = f"{self.endpoint}/v1/services/{_seg(agent_type)}/invoke"
@@ -537,7 +541,10 @@ class CoordinatorClient:
                 async with self._http().post(url, data=data, headers=headers, timeout=limit) as response:
                     body = await response.read()
                     if "X-Coord-Agent" in response.headers:
-                        return InvokeAnswer(response.status, body, dict(response.headers),
+                        # The parsed headers as they are: a plain dict would make
+                        # names case-sensitive, and aiohttp spells some its own way
+                        # ("X-Request-ID").
+                        return InvokeAnswer(response.status, body, response.headers,
                                             response.headers["X-Coord-Agent"],
                                             int(response.headers.get("X-Coord-Attempts", "1")))
                     raise _node_error(response.status, body)

@@ -11,8 +11,10 @@ maybe retry on another agent.
 Retries: a request that never reached an agent (connection refused) is
 always safe to send elsewhere; one that may have reached it (a timeout, a
 5xx, a broken exchange) is retried only when the caller said it is
-idempotent or gave an idempotency key. Every retry needs the type's retry
-budget (a share of recent requests), so retries cannot amplify an outage.
+idempotent or gave an idempotency key; such a request's time is split
+evenly over the attempts still allowed, so a timeout leaves time for the
+next. Every retry needs the type's retry budget (a share of recent
+requests), so retries cannot amplify an outage.
 
 What a node measures stays on the node: breakers, load, latency and rate
 buckets are per node. Policies (strategy, limits, thresholds) are committed
@@ -143,26 +145,47 @@ class Balancer:
         tried: set[str] = set()
         retry = policy["retry"]
         attempt = 0
+        failure: _Failure | None = None
         while True:
             attempt += 1
-            agent = self._pick(call, state, policy, tried)
+            try:
+                agent = self._pick(call, state, policy, tried)
+            except Unavailable:
+                if failure is None:
+                    self.counters.unavailable += 1
+                    raise
+                # Nowhere left to retry (the other circuits are open, or the one
+                # agent's opened on this failure): the caller gets what the last
+                # attempt got, not a 503 that says the request had no effect.
+                return self._give_up(failure)
+            if failure is not None:
+                self.counters.retried += 1
             tried.add(agent.id)
-            outcome = await self._send(agent, call, policy, max(0.001, deadline - self.monotonic()), attempt)
+            left_s = max(0.001, deadline - self.monotonic())
+            if call.idempotent or call.idempotency_key is not None:
+                # Leave the attempts still allowed their share of the time, or a
+                # timeout would use it all and never be retried.
+                left_s /= max(1, retry["max_attempts"] - attempt + 1)
+            outcome = await self._send(agent, call, policy, left_s, attempt)
             if isinstance(outcome, Answer):
                 self.counters.succeeded += 1
                 return outcome
+            failure = outcome
             now = self.monotonic()
             may_retry = (not outcome.sent or call.idempotent or call.idempotency_key is not None)
             if (not may_retry or attempt >= retry["max_attempts"] or now >= deadline
                     or not state.budget.try_retry(now)):
-                self.counters.failed += 1
-                if outcome.answer is not None:
-                    return outcome.answer
-                raise outcome.error
-            self.counters.retried += 1
+                return self._give_up(outcome)
             pause = min(backoff_s(attempt, retry["backoff_s"], retry["backoff_max_s"], self.rng),
                         max(0.0, deadline - now))
             await asyncio.sleep(pause)
+
+    def _give_up(self, failure: _Failure) -> Answer:
+        """The last attempt's outcome for the caller: an agent's 5xx passed through, else the error."""
+        self.counters.failed += 1
+        if failure.answer is not None:
+            return failure.answer
+        raise failure.error
 
     def _rate_limit(self, state: _Type, policy: dict[str, Any], call: Invocation) -> None:
         now = self.monotonic()
@@ -189,7 +212,6 @@ class Balancer:
         usable = {a.id: a for a in agents.values()
                   if a.type == call.agent_type and a.endpoint and a.health != "unhealthy"}
         if not usable:
-            self.counters.unavailable += 1
             raise Unavailable(f"no agent of type {call.agent_type!r} with an endpoint is available",
                               retry_after_s=1.0)
         now = self.monotonic()
@@ -213,7 +235,6 @@ class Balancer:
                 return usable[chosen.id]
             candidates = [c for c in candidates if c.id != chosen.id]  # half-open, its probes are out
             open_for.append(0.1)
-        self.counters.unavailable += 1
         raise Unavailable(f"every agent of type {call.agent_type!r} has its circuit open",
                           retry_after_s=max(0.1, min(open_for, default=1.0)))
 
@@ -238,7 +259,10 @@ class Balancer:
                 body = await read_capped(response, ANSWER_MAX_BYTES)
                 if body is None:
                     raise ValueError(f"answer over {ANSWER_MAX_BYTES} bytes")
-                passed = {k: v for k, v in response.headers.items() if k in PASSED_HEADERS}
+                # By name, case-insensitively: agents (and aiohttp's own parser,
+                # which gives "Etag") do not all spell header names alike.
+                passed = {name: ", ".join(response.headers.getall(name))
+                          for name in PASSED_HEADERS if name in response.headers}
                 passed.update({AGENT_HEADER: agent.id, REQUEST_ID_HEADER: call.request_id,
                                ATTEMPTS_HEADER: str(attempt)})
                 answer = Answer(response.status, body, passed, agent.id, attempt)
@@ -272,6 +296,10 @@ class Balancer:
             state = _Type(policy["strategy"], make_strategy(policy["strategy"], self.rng),
                           RetryBudget(ratio=retry["budget_ratio"]))
             self._types[agent_type] = state
+        elif state.budget.ratio != retry["budget_ratio"]:
+            # A new ratio starts a new budget; without this the first policy's
+            # ratio would hold until the strategy changed.
+            state.budget = RetryBudget(ratio=retry["budget_ratio"])
         return state
 
     def _breaker(self, agent_id: str, policy: dict[str, Any]) -> CircuitBreaker:
