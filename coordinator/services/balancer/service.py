@@ -42,6 +42,7 @@ from coordinator.state.registry import Agent
 from coordinator.types import Candidate
 
 ANSWER_MAX_BYTES = 16 << 20
+BREAKER_CONFIGS_MAX = 1000
 PASSED_HEADERS = ("Content-Type", "Cache-Control", "ETag", "Retry-After")
 REQUEST_ID_HEADER = "X-Request-Id"
 AGENT_HEADER = "X-Coord-Agent"
@@ -120,6 +121,7 @@ class Balancer:
         self.counters = BalancerCounters()
         self._types: dict[str, _Type] = {}
         self._breakers: dict[str, _Breaker] = {}
+        self._breaker_configs: dict[int, tuple[dict[str, Any], BreakerConfig]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     async def run(self, every_s: float = 5.0) -> None:
@@ -303,7 +305,14 @@ class Balancer:
         return state
 
     def _breaker(self, agent_id: str, policy: dict[str, Any]) -> CircuitBreaker:
-        config = BreakerConfig(**policy["breaker"])
+        source = policy["breaker"]  # a committed policy's dict: the same object until it is configured again
+        cached = self._breaker_configs.get(id(source))
+        if cached is None or cached[0] is not source:
+            if len(self._breaker_configs) > BREAKER_CONFIGS_MAX:
+                self._breaker_configs.clear()
+            cached = (source, BreakerConfig(**source))
+            self._breaker_configs[id(source)] = cached
+        config = cached[1]
         held = self._breakers.get(agent_id)
         if held is None or held.config != config:
             held = _Breaker(config, CircuitBreaker(config))
