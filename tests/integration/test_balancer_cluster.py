@@ -14,36 +14,25 @@ from aiohttp import web
 
 from coordinator.client import CoordinatorClient
 from tests.integration.conftest import eventually
+from tests.integration.http_agent import HttpAgent
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 
-class EchoAgent:
-    """One agent's HTTP side: /invoke echoes (or answers 500 once told to
-    fail), /health answers 200 or 503; it counts what it served."""
+class EchoAgent(HttpAgent):
+    """/invoke echoes (or answers 500 once told to fail), /health answers
+    200 or 503; it counts what it served."""
 
     def __init__(self, name: str) -> None:
+        super().__init__()
         self.name = name
         self.failing = False
         self.sick = False
         self.served: collections.Counter[str] = collections.Counter()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
-    async def __aenter__(self) -> EchoAgent:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/invoke", self._invoke)
         app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _invoke(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -56,9 +45,6 @@ class EchoAgent:
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": not self.sick}, status=503 if self.sick else 200)
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 async def _agents(client: CoordinatorClient, agents: list[EchoAgent]) -> None:

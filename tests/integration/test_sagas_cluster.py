@@ -15,41 +15,23 @@ from aiohttp import web
 
 from coordinator.client import CoordinatorClient
 from tests.integration.conftest import eventually
+from tests.integration.http_agent import HttpAgent
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 Behaviour = Callable[[dict[str, Any]], Awaitable[web.Response]]
 
 
-class TestAgent:
-    """An agent process's HTTP side, in the test: answers saga calls at
-    /saga with whatever ``behaviour`` says, and records every call."""
-
-    __test__ = False
+class TestAgent(HttpAgent):
+    """Answers saga calls at /saga with whatever ``behaviour`` says, and records every call."""
 
     def __init__(self, behaviour: Behaviour) -> None:
+        super().__init__()
         self.behaviour = behaviour
         self.calls: list[dict[str, Any]] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
-    async def __aenter__(self) -> TestAgent:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/saga", self._handle)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.json()

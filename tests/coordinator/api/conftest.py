@@ -20,6 +20,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from coordinator.api.app import make_app
+from coordinator.client import CoordinatorClient
 from coordinator.clock import ManualClock, SeededRng
 from coordinator.services.applier import Applier
 from coordinator.services.node import CoordinatorNode, Identity
@@ -171,6 +172,13 @@ async def make_harness(aiohttp_client: Any) -> AsyncIterator[HarnessFactory]:
 @pytest.fixture
 async def h(make_harness: HarnessFactory) -> Harness:
     return await make_harness()
+
+
+@pytest.fixture
+async def client(h: Harness) -> AsyncIterator[CoordinatorClient]:
+    """The Python client talking to the harness's node."""
+    async with CoordinatorClient([str(h.http.make_url(""))], timeout_s=3) as c:
+        yield c
 
 
 # -- Server-Sent Events ---------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -13,12 +12,6 @@ from coordinator.client import CoordinatorClient
 from coordinator.errors import Compacted, InvalidInput, OutcomeUnknown, Unavailable
 from coordinator.state import Limits
 from tests.coordinator.api.conftest import Harness, HarnessFactory, eventually
-
-
-@pytest.fixture
-async def client(h: Harness) -> AsyncIterator[CoordinatorClient]:
-    async with CoordinatorClient([str(h.http.make_url(""))], timeout_s=3) as c:
-        yield c
 
 
 async def test_kv_roundtrip(h: Harness, client: CoordinatorClient) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -12,12 +11,6 @@ import pytest
 from coordinator.client import CoordinatorClient
 from coordinator.errors import InvalidInput, NotFound, RequestTimeout, Unavailable
 from tests.coordinator.api.conftest import Harness, eventually
-
-
-@pytest.fixture
-async def client(h: Harness) -> AsyncIterator[CoordinatorClient]:
-    async with CoordinatorClient([str(h.http.make_url(""))], timeout_s=3) as c:
-        yield c
 
 
 async def test_publisher_batches_concurrent_messages_into_few_requests(h: Harness, client: CoordinatorClient) -> None:

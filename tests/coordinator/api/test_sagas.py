@@ -117,12 +117,6 @@ async def start_agent() -> AsyncIterator[StartAgent]:
         await agent.server.close()
 
 
-@pytest.fixture
-async def client(h: Harness) -> AsyncIterator[CoordinatorClient]:
-    async with CoordinatorClient([str(h.http.make_url(""))], timeout_s=3) as c:
-        yield c
-
-
 # -- helpers -------------------------------------------------------------------------------
 
 
