@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.state.base import Rejected, check_int, check_number, check_str, invalid
+from coordinator.state.base import Rejected, check_int, check_known, check_number, check_object, check_str, invalid
 
 STRATEGY_NAMES = ("round_robin", "weighted_round_robin", "least_connections", "response_time", "consistent_hash")
 HEALTH_CHECK_KINDS = ("none", "http", "tcp")
@@ -53,23 +53,13 @@ _SECTIONS: dict[str, dict[str, tuple[str, float, float, Any]]] = {
 }
 
 
-def _dict(value: Any, field: str) -> dict[str, Any]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise invalid(field, "must be an object with string keys")
-    return value
-
-
-def _unknown(value: dict[str, Any], field: str, allowed: Any) -> None:
-    for key in value:
-        if key not in allowed:
-            raise invalid(f"{field}.{key}" if field else key, f"unknown field (allowed: {', '.join(allowed)})")
 
 
 def _section(value: Any, name: str) -> dict[str, Any]:
-    raw = _dict({} if value is None else value, name)
+    raw = check_object({} if value is None else value, name)
     spec = _SECTIONS[name]
     extra = ("kind", "path") if name == "health_check" else ()
-    _unknown(raw, name, (*extra, *spec))
+    check_known(raw, name, (*extra, *spec))
     out: dict[str, Any] = {}
     for field, (kind, low, high, default) in spec.items():
         given = raw.get(field, default)
@@ -89,8 +79,8 @@ def _path(value: Any, field: str) -> str:
 def _bucket(value: Any, field: str) -> dict[str, float] | None:
     if value is None:
         return None
-    bucket = _dict(value, field)
-    _unknown(bucket, field, ("rate", "burst"))
+    bucket = check_object(value, field)
+    check_known(bucket, field, ("rate", "burst"))
     rate = check_number(bucket.get("rate"), f"{field}.rate", 0.001, MAX_RATE)
     burst = check_number(bucket.get("burst", max(1.0, rate)), f"{field}.burst", 1.0, MAX_RATE)
     return {"rate": rate, "burst": burst}
@@ -98,8 +88,8 @@ def _bucket(value: Any, field: str) -> dict[str, float] | None:
 
 def normalize_policy(value: Any) -> dict[str, Any]:
     """A checked policy with every default filled; ``Rejected`` naming the field."""
-    policy = _dict({} if value is None else value, "policy")
-    _unknown(policy, "", ("strategy", "path", "timeout_s", "health_check", "breaker", "rate_limit", "retry"))
+    policy = check_object({} if value is None else value, "policy")
+    check_known(policy, "", ("strategy", "path", "timeout_s", "health_check", "breaker", "rate_limit", "retry"))
     strategy = policy.get("strategy", "round_robin")
     if strategy not in STRATEGY_NAMES:
         raise invalid("strategy", f"must be one of {', '.join(STRATEGY_NAMES)}")
@@ -116,8 +106,8 @@ def normalize_policy(value: Any) -> dict[str, Any]:
     if retry["backoff_max_s"] < retry["backoff_s"]:
         raise invalid("retry.backoff_max_s", "must not be below backoff_s")
     breaker = _section(policy.get("breaker"), "breaker")
-    limits = _dict({} if policy.get("rate_limit") is None else policy["rate_limit"], "rate_limit")
-    _unknown(limits, "rate_limit", ("per_caller", "per_type"))
+    limits = check_object({} if policy.get("rate_limit") is None else policy["rate_limit"], "rate_limit")
+    check_known(limits, "rate_limit", ("per_caller", "per_type"))
     return {
         "strategy": strategy,
         "path": _path(policy.get("path", "/invoke"), "path"),

@@ -85,6 +85,19 @@ def require_number(args: dict[str, Any], name: str, low: float, high: float, *, 
     return None if value is None and optional else check_number(value, name, low, high)
 
 
+def check_object(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise invalid(field, "must be an object with string keys")
+    return value
+
+
+def check_known(value: dict[str, Any], field: str, allowed: Any) -> None:
+    """Refuse a field outside ``allowed`` (a typo must not pass as a default)."""
+    for key in value:
+        if key not in allowed:
+            raise invalid(f"{field}.{key}" if field else key, f"unknown field (allowed: {', '.join(allowed)})")
+
+
 def require_dict(args: dict[str, Any], name: str, *, optional: bool = False) -> Any:
     value = args.get(name)
     if value is None and optional:

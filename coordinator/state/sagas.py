@@ -41,7 +41,9 @@ from coordinator.state.base import (
     ApplyContext,
     Rejected,
     check_int,
+    check_known,
     check_number,
+    check_object,
     check_str,
     invalid,
 )
@@ -76,27 +78,17 @@ class SagaLimits:
 # -- definitions ----------------------------------------------------------------------------
 
 
-def _check_keys(value: dict[str, Any], field_name: str, allowed: tuple[str, ...]) -> None:
-    for key in value:
-        if key not in allowed:
-            raise invalid(f"{field_name}.{key}", f"unknown field (allowed: {', '.join(allowed)})")
-
-
-def _dict(value: Any, field_name: str) -> dict[str, Any]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise invalid(field_name, "must be an object with string keys")
-    return value
 
 
 def normalize_action(value: Any, field_name: str) -> dict[str, Any]:
     """``{"kind": "agent", "agent_type" | "agent_id", "path"?, "payload"?}`` or
     ``{"kind": "topic", "topic", "reply"?, "payload"?}``, with defaults filled."""
-    action = _dict(value, field_name)
+    action = check_object(value, field_name)
     kind = action.get("kind")
     if kind not in ACTION_KINDS:
         raise invalid(f"{field_name}.kind", f"must be one of {', '.join(ACTION_KINDS)}")
     if kind == "agent":
-        _check_keys(action, field_name, ("kind", "agent_type", "agent_id", "path", "payload"))
+        check_known(action, field_name, ("kind", "agent_type", "agent_id", "path", "payload"))
         if ("agent_type" in action) == ("agent_id" in action):
             raise invalid(field_name, "an agent action names exactly one of agent_type and agent_id")
         target = "agent_type" if "agent_type" in action else "agent_id"
@@ -106,7 +98,7 @@ def normalize_action(value: Any, field_name: str) -> dict[str, Any]:
             raise invalid(f"{field_name}.path", "must start with /")
         return {"kind": "agent", target: check_str(action[target], f"{field_name}.{target}"), "path": path,
                 "payload": action.get("payload")}
-    _check_keys(action, field_name, ("kind", "topic", "reply", "payload"))
+    check_known(action, field_name, ("kind", "topic", "reply", "payload"))
     reply = action.get("reply", False)
     if not isinstance(reply, bool):
         raise invalid(f"{field_name}.reply", "must be true or false")
@@ -115,8 +107,8 @@ def normalize_action(value: Any, field_name: str) -> dict[str, Any]:
 
 
 def _retry(value: Any, field_name: str, max_attempts: int, default_attempts: int) -> dict[str, Any]:
-    retry = _dict({} if value is None else value, field_name)
-    _check_keys(retry, field_name, ("max_attempts", "backoff_s", "backoff_max_s", "multiplier"))
+    retry = check_object({} if value is None else value, field_name)
+    check_known(retry, field_name, ("max_attempts", "backoff_s", "backoff_max_s", "multiplier"))
     out = {
         "max_attempts": check_int(retry.get("max_attempts", default_attempts), f"{field_name}.max_attempts",
                                   1, max_attempts),
@@ -134,8 +126,8 @@ def normalize_definition(value: Any) -> dict[str, Any]:
     """Validate a saga definition and fill its defaults; ``Rejected`` (400)
     naming the field otherwise. Pure, so the API can check a definition
     before proposing it and the state machine checks it again when applying."""
-    definition = _dict(value, "definition")
-    _check_keys(definition, "definition", ("id", "name", "steps", "input", "compensation_retry"))
+    definition = check_object(value, "definition")
+    check_known(definition, "definition", ("id", "name", "steps", "input", "compensation_retry"))
     saga_id = definition.get("id")
     if saga_id is not None:
         check_str(saga_id, "id", MAX_STEP_ID_LEN)
@@ -151,8 +143,8 @@ def normalize_definition(value: Any) -> dict[str, Any]:
     seen: set[str] = set()
     for i, raw in enumerate(raw_steps):
         where = f"steps[{i}]"
-        step = _dict(raw, where)
-        _check_keys(step, where, ("id", "action", "compensation", "timeout_s", "retry", "depends_on"))
+        step = check_object(raw, where)
+        check_known(step, where, ("id", "action", "compensation", "timeout_s", "retry", "depends_on"))
         step_id = check_str(step.get("id"), f"{where}.id", MAX_STEP_ID_LEN)
         if step_id in seen:
             raise invalid(f"{where}.id", f"step {step_id!r} is defined twice")
