@@ -41,12 +41,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--unsafe-stale-reads", dest="unsafe_stale_reads", action="store_true", default=None,
                        help="UNSAFE, for chaos demonstrations: serve default reads from local state "
                             "without a barrier (stale, not linearizable)")
+    serve.add_argument("--tls-cert", dest="tls_cert", metavar="PATH",
+                       help="serve HTTPS with this certificate (PEM; needs --tls-key)")
+    serve.add_argument("--tls-key", dest="tls_key", metavar="PATH", help="the private key of --tls-cert (PEM)")
+    serve.add_argument("--tls-ca", dest="tls_ca", metavar="PATH",
+                       help="CA certificate (PEM) the other nodes' certificates chain to, for forwarding to "
+                            "the leader over HTTPS (default: the system CAs)")
 
     status = sub.add_parser("status", help="role, term and commit index of every member")
     status.add_argument("--endpoint", required=True, help="HTTP address of any member")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--tls-ca", dest="tls_ca", metavar="PATH", help="CA certificate of an HTTPS cluster")
 
     members = sub.add_parser("members", help="change the membership")
+    members.add_argument("--tls-ca", dest="tls_ca", metavar="PATH", help="CA certificate of an HTTPS cluster")
     members_sub = members.add_subparsers(dest="action", required=True)
     add = members_sub.add_parser("add", help="add a voting member (start it first with --peer of all members)")
     add.add_argument("--endpoint", required=True)
@@ -77,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
-                                  "secret_file", "compaction_entries", "unsafe_stale_reads", "transport_namespace")}
+                                  "secret_file", "compaction_entries", "unsafe_stale_reads", "transport_namespace",
+                                  "tls_cert", "tls_key", "tls_ca")}
     if args.peers:
         overrides["peers"] = args.peers
     if args.transports:
@@ -92,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    async with CoordinatorClient(args.endpoint, timeout_s=3) as client:
+    async with CoordinatorClient(args.endpoint, timeout_s=3, ca_file=args.tls_ca) as client:
         first = await client.status()
         rows = []
         for member in first["members"]:
@@ -100,7 +109,8 @@ async def _status(args: argparse.Namespace) -> int:
             try:
                 if not member["http"]:
                     raise CoordinatorError("unknown HTTP address")
-                async with CoordinatorClient(member["http"], timeout_s=2) as one:
+                scheme = client.endpoint.partition("://")[0]  # members serve what this one serves
+                async with CoordinatorClient(f"{scheme}://{member['http']}", timeout_s=2, ca_file=args.tls_ca) as one:
                     st = await one.status()
                 row.update(role=st["role"], term=st["term"], commit_index=st["commit_index"],
                            applied_index=st["applied_index"], healthy=st["healthy"])
@@ -119,7 +129,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _members(args: argparse.Namespace) -> int:
-    async with CoordinatorClient(args.endpoint) as client:
+    async with CoordinatorClient(args.endpoint, ca_file=args.tls_ca) as client:
         if args.action == "add":
             result = await client.add_member(args.id, args.raft, args.http)
         else:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import ssl as ssl_module
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
@@ -36,6 +37,7 @@ from coordinator.errors import (
     TooLarge,
     Unavailable,
 )
+from coordinator.tls import client_context
 
 _ERRORS: dict[int, type[CoordinatorError]] = {404: NotFound, 409: Conflict, 410: Compacted, 413: TooLarge,
                                               502: BadGateway}
@@ -56,9 +58,9 @@ def _seg(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
-def _base(endpoint: str) -> str:
+def _base(endpoint: str, scheme: str = "http") -> str:
     endpoint = endpoint.rstrip("/")
-    return endpoint if endpoint.startswith(("http://", "https://")) else f"http://{endpoint}"
+    return endpoint if endpoint.startswith(("http://", "https://")) else f"{scheme}://{endpoint}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +109,20 @@ MAX_INVOKE_TIMEOUT_S = 300.0  # the longest timeout a balancing policy may set
 
 
 class CoordinatorClient:
-    def __init__(self, endpoints: list[str] | str, *, timeout_s: float = 10.0, request_timeout_s: float = 6.0) -> None:
-        self.endpoints = [_base(e) for e in ([endpoints] if isinstance(endpoints, str) else endpoints)]
+    """``endpoints``: ``host:port`` or URLs. For an HTTPS cluster give ``https://``
+    URLs or ``ca_file`` (the CA that signed the nodes' certificates; the system
+    CAs otherwise) or ``ssl`` (your own ``SSLContext``); with either, bare
+    ``host:port`` endpoints and the nodes' leader hints mean HTTPS."""
+
+    def __init__(self, endpoints: list[str] | str, *, timeout_s: float = 10.0, request_timeout_s: float = 6.0,
+                 ca_file: str | None = None, ssl: ssl_module.SSLContext | None = None) -> None:
+        raw = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if ca_file is not None and ssl is not None:
+            raise InvalidInput("ca_file: give ca_file or ssl, not both", field="ca_file")
+        self._ssl = ssl if ssl is not None else client_context(ca_file) if ca_file is not None else None
+        tls = self._ssl is not None or any(e.startswith("https://") for e in raw)
+        self._scheme = "https" if tls else "http"
+        self.endpoints = [_base(e, self._scheme) for e in raw]
         if not self.endpoints:
             raise InvalidInput("endpoints: give at least one", field="endpoints")
         self.timeout_s = timeout_s
@@ -129,7 +143,9 @@ class CoordinatorClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.request_timeout_s))
+            connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.request_timeout_s),
+                                                  connector=connector)
         return self._session
 
     @property
@@ -138,7 +154,7 @@ class CoordinatorClient:
 
     def _move(self, hint: str | None) -> None:
         if hint:
-            hinted = _base(hint)
+            hinted = _base(hint, self._scheme)
             if hinted not in self.endpoints:
                 self.endpoints.append(hinted)
             self._current = self.endpoints.index(hinted)
@@ -193,6 +209,8 @@ class CoordinatorClient:
                                                           if k not in ("code", "message")})
                     else:
                         raise ApiError(status, message)
+            except aiohttp.ClientConnectorCertificateError as exc:  # the request never left
+                last = Unavailable(f"{self.endpoint}: {exc.certificate_error} (pass ca_file= with the cluster's CA?)")
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 last = OutcomeUnknown(f"{type(exc).__name__} talking to {self.endpoint}")
             # Move on after any failure, also the last one: the next call must not

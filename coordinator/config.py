@@ -51,6 +51,11 @@ class NodeConfig:
     # broker transports: plugin name -> URL (may hold credentials: never printed)
     transports: dict[str, str] = field(default_factory=dict, repr=False)
     transport_namespace: str = "coord"  # prefix of every broker resource; the same on every node
+    # HTTPS: this node's certificate and key (both or neither), and the CA its
+    # peers' certificates chain to (for forwarding to the leader; else the system CAs)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def validate(self) -> NodeConfig:
         for name in ("node_id", "http", "raft", "data_dir"):
@@ -94,7 +99,24 @@ class NodeConfig:
             raise InvalidInput("transport_namespace: letters, digits, - and _ only", field="transport_namespace")
         if not 1 <= self.inflight_max <= 100_000:
             raise InvalidInput("inflight_max: must be between 1 and 100000", field="inflight_max")
+        self._validate_tls()
         return self
+
+    def _validate_tls(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            missing = "tls_key" if self.tls_cert else "tls_cert"
+            raise InvalidInput(f"{missing}: tls_cert and tls_key go together (give both or neither)", field=missing)
+        if self.tls_ca and not self.tls_cert:
+            # Peers are reached over HTTPS only when this node serves HTTPS itself.
+            raise InvalidInput("tls_ca: needs tls_cert and tls_key", field="tls_ca")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise InvalidInput(f"{name}: cannot read {path} ({exc.strerror})", field=name) from None
 
 
 def _check_address(value: str, name: str) -> None:

@@ -1,20 +1,26 @@
 """Run a cluster of local node processes on 127.0.0.1: for cluster-up.sh,
-the tests and chaos runs. Standard library only; talks to nodes over HTTP.
+the tests and chaos runs. Standard library only (``cryptography`` too with
+``tls=True``); talks to nodes over HTTP, or HTTPS with ``tls=True``.
 
 Layout under ``directory``: ``secret`` (generated once, mode 600), ``<id>/``
-data directories, ``<id>.log`` and ``<id>.pid``. Ports: HTTP ``base+i``,
+data directories, ``<id>.log`` and ``<id>.pid``; with ``tls=True`` also
+``tls/``: a local CA (``ca.pem``, ``ca.key``) and ``<id>.pem``/``<id>.key``
+per node for 127.0.0.1 and localhost (keys mode 600). Ports: HTTP ``base+i``,
 Raft ``base+100+i`` for node ``n<i>``. A process is signalled only by the PID
 recorded when it was started, after checking it still runs that node.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import random
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -88,10 +94,11 @@ def recorded_pid(pid_file: Path, *markers: str) -> int | None:
     return pid if all(marker.encode() in args for marker in markers) else None
 
 
-def fetch_json(url: str, timeout: float = 1.0) -> Any:
-    """GET ``url`` as JSON; None when unreachable or not JSON (any status)."""
+def fetch_json(url: str, timeout: float = 1.0, context: ssl.SSLContext | None = None) -> Any:
+    """GET ``url`` as JSON; None when unreachable or not JSON (any status).
+    ``context`` verifies an https:// node (else the system CAs)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:
@@ -105,8 +112,10 @@ def fetch_json(url: str, timeout: float = 1.0) -> Any:
 class LocalCluster:
     def __init__(self, directory: str | Path, *, base_port: int = 7000, nodes: int = 3, engine: str = "raft",
                  durability: str = "fsync", python: str | None = None, env: dict[str, str] | None = None,
-                 extra_args: tuple[str, ...] = (), proxied: bool = False) -> None:
+                 extra_args: tuple[str, ...] = (), proxied: bool = False, tls: bool = False) -> None:
         self.dir = Path(directory)
+        self.tls = tls
+        self._ssl: ssl.SSLContext | None = None
         self.base_port = base_port
         self.engine = engine
         self.durability = durability
@@ -160,12 +169,31 @@ class LocalCluster:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(32) + "\n")
 
+    @property
+    def tls_dir(self) -> Path:
+        return self.dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The local CA's certificate (``tls=True``): what clients verify the nodes with."""
+        return self.tls_dir / "ca.pem"
+
+    def ensure_certs(self, node_id: str) -> None:
+        """Create the local CA once, and ``node_id``'s certificate and key if missing.
+        A new CA reissues every node's certificate (the old ones chain to nothing)."""
+        if not (self.ca_file.exists() and (self.tls_dir / "ca.key").exists()):
+            write_dev_ca(self.tls_dir)
+        if not ((self.tls_dir / f"{node_id}.pem").exists() and (self.tls_dir / f"{node_id}.key").exists()):
+            write_dev_node_cert(self.tls_dir, node_id)
+
     def command(self, node_id: str, peers: list[str] | None = None) -> list[str]:
         spec = self.specs[node_id]
         peer_ids = peers if peers is not None else [m for m in self.members if m != node_id]
+        tls = ["--tls-cert", str(self.tls_dir / f"{node_id}.pem"), "--tls-key", str(self.tls_dir / f"{node_id}.key"),
+               "--tls-ca", str(self.ca_file)] if self.tls else []
         return [self.python, "-m", "coordinator.cli", "serve", "--node-id", spec.id, "--http", spec.http,
                 "--raft", spec.raft, "--data-dir", str(self.dir / spec.id), "--secret-file", str(self.secret_file),
-                "--engine", self.engine, "--durability", self.durability,
+                "--engine", self.engine, "--durability", self.durability, *tls,
                 *[f"--peer={self.specs[p].peer_arg(self._dial(node_id, p))}" for p in peer_ids], *self.extra_args]
 
     def _dial(self, node_id: str, peer: str) -> str | None:
@@ -178,6 +206,8 @@ class LocalCluster:
         if running is not None:
             return running
         self.ensure_secret()
+        if self.tls:
+            self.ensure_certs(node_id)
         child_env = {k: v for k, v in os.environ.items() if k != "COORD_CLUSTER_SECRET"}
         child_env.update(self.env)
         child_env.update(env or {})
@@ -243,10 +273,17 @@ class LocalCluster:
     # -- observation -------------------------------------------------------------------
 
     def url(self, node_id: str) -> str:
-        return f"http://{self.specs[node_id].http}"
+        return f"{'https' if self.tls else 'http'}://{self.specs[node_id].http}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A client context trusting the local CA (``tls=True``), else None."""
+        if self.tls and self._ssl is None:
+            self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
+        return self._ssl
 
     def status(self, node_id: str, timeout: float = 1.0) -> dict[str, Any] | None:
-        status = fetch_json(self.url(node_id) + "/v1/status", timeout)
+        context = self.ssl_context() if self.tls and self.ca_file.exists() else None
+        status = fetch_json(self.url(node_id) + "/v1/status", timeout, context)
         return status if isinstance(status, dict) and "role" in status else None
 
     def wait_leader(self, timeout_s: float = 30.0, among: list[str] | None = None) -> str:
@@ -282,3 +319,87 @@ class LocalCluster:
             return "\n".join((self.dir / f"{node_id}.log").read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+# -- a local CA for tls=True ---------------------------------------------------------------
+
+CA_VALID_DAYS = 3650
+NODE_CERT_VALID_DAYS = 825
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` with mode 600 from the start, atomically (a crash leaves the old file or none)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_dev_ca(directory: Path) -> None:
+    """A fresh self-signed CA in ``directory`` (``ca.pem``, ``ca.key``); removes
+    node certificates signed by an earlier one. For a dev cluster only: the
+    key sits unencrypted next to the data."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for old in directory.glob("*.pem"):
+        old.unlink()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "coordinator local dev CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=CA_VALID_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    _write_private(directory / "ca.key", key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def write_dev_node_cert(directory: Path, node_id: str) -> None:
+    """``<node_id>.pem`` and ``<node_id>.key`` in ``directory``, signed by its CA,
+    for 127.0.0.1 and localhost (server and client use)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{directory / 'ca.key'}: expected the EC key write_dev_ca makes")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=NODE_CERT_VALID_DAYS))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _write_private(directory / f"{node_id}.key", key.private_bytes(serialization.Encoding.PEM,
+                                                                   serialization.PrivateFormat.PKCS8,
+                                                                   serialization.NoEncryption()))
+    (directory / f"{node_id}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))

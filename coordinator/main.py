@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from importlib.metadata import entry_points
 from typing import Any
@@ -21,6 +22,7 @@ from coordinator.config import NodeConfig
 from coordinator.errors import InvalidInput
 from coordinator.services.applier import Applier
 from coordinator.services.node import CoordinatorNode, Identity
+from coordinator.tls import client_context, server_context
 
 log = logging.getLogger("coordinator")
 
@@ -53,14 +55,14 @@ def load_transports(config: NodeConfig) -> dict[str, Any]:
     return {name: make(name, url) for name, url in config.transports.items()}
 
 
-def make_node(config: NodeConfig) -> CoordinatorNode:
+def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> CoordinatorNode:
     applier = Applier()
     engine = load_engine_class(config.engine).from_config(config, applier)
     identity = Identity(config.node_id, config.raft, config.http, config.peers)
     return CoordinatorNode(identity, engine, applier, SystemClock(), SystemRng(),
                            proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max,
                            unsafe_stale_reads=config.unsafe_stale_reads, transports=load_transports(config),
-                           transport_factory=transport_factory(config))
+                           transport_factory=transport_factory(config), peer_ssl=peer_ssl)
 
 
 async def serve(config: NodeConfig) -> None:
@@ -69,7 +71,10 @@ async def serve(config: NodeConfig) -> None:
     # other; with CPython's default 5 ms GIL switch interval a busy loop can
     # hold a waiting tick thread back for that long. 1 ms keeps handoffs short.
     sys.setswitchinterval(0.001)
-    node = make_node(config)
+    # Loaded before anything starts, so a bad certificate stops the node at once.
+    server_ssl = server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+    peer_ssl = client_context(config.tls_ca or None) if config.tls_cert else None
+    node = make_node(config, peer_ssl)
     await node.start()
     app = make_app(node)
     # handler_cancellation: a long-poll or stream whose client went away must stop
@@ -78,15 +83,15 @@ async def serve(config: NodeConfig) -> None:
                            shutdown_timeout=1.0)
     await runner.setup()
     host, _, port = config.http.rpartition(":")
-    site = web.TCPSite(runner, host, int(port), reuse_address=True)
+    site = web.TCPSite(runner, host, int(port), reuse_address=True, ssl_context=server_ssl)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await site.start()
-        log.info("node %s serving HTTP on %s, Raft on %s (engine %s, durability %s)",
-                 config.node_id, config.http, config.raft, config.engine, config.durability)
+        log.info("node %s serving %s on %s, Raft on %s (engine %s, durability %s)", config.node_id,
+                 "HTTPS" if server_ssl else "HTTP", config.http, config.raft, config.engine, config.durability)
         await stop.wait()
         log.info("node %s stopping", config.node_id)
     finally:

@@ -2,7 +2,8 @@
 # Start a local cluster (three nodes n1 n2 n3 on 127.0.0.1 by default) and wait for a leader.
 # HTTP 7001-7003, Raft 7101-7103, data under .cluster/. COORD_BASE_PORT shifts the ports.
 # Options: --nodes 3|5, --durability fsync|none, --dir DIR, --proxy (Raft links through the
-# chaos fault proxy). Running it again reuses the data and the running nodes.
+# chaos fault proxy), --tls (HTTPS with a local CA under DIR/tls; prints its path).
+# Running it again reuses the data and the running nodes.
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
 coord_venv ""

@@ -50,6 +50,14 @@ def stop_proxy(cluster: LocalCluster) -> None:
     print(f"stopped the fault proxy (pid {pid})")
 
 
+def tls_running(directory: Path) -> bool | None:
+    """Whether the nodes running from ``directory`` serve HTTPS (None: none runs).
+    Nodes started with --tls keep it when cluster-up runs again without the flag."""
+    modes = {recorded_pid(pid_file, "--tls-cert") is not None
+             for pid_file in directory.glob("n*.pid") if recorded_pid(pid_file, "serve") is not None}
+    return None if not modes else True in modes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("action", choices=("up", "down"))
@@ -61,10 +69,17 @@ def main() -> int:
     parser.add_argument("--wait-s", type=float, default=30.0)
     parser.add_argument("--proxy", action="store_true",
                         help="wire the nodes' Raft links through a chaos fault proxy (python -m chaos.proxy)")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve HTTPS with certificates from a local CA generated under DIR/tls")
     args = parser.parse_args()
     proxied = args.proxy or (Path(args.dir) / "proxy.pid").exists()
+    running_tls = tls_running(Path(args.dir))
+    if args.action == "up" and args.tls and running_tls is False:
+        print("cluster-up: nodes already run without TLS; stop them first (cluster-down.sh)", file=sys.stderr)
+        return 1
+    tls = args.tls or bool(running_tls)
     cluster = LocalCluster(args.dir, base_port=args.base_port, nodes=args.nodes, engine=args.engine,
-                           durability=args.durability, proxied=proxied)
+                           durability=args.durability, proxied=proxied, tls=tls)
     if args.action == "down":
         stopped = cluster.stop_all()
         print(f"stopped {', '.join(stopped)}" if stopped else "no running nodes found")
@@ -87,6 +102,9 @@ def main() -> int:
     for node_id in cluster.members:
         spec = cluster.specs[node_id]
         print(f"{node_id}: {cluster.url(node_id)}  (raft {spec.raft})")
+    if tls:
+        print(f"CA certificate: {cluster.ca_file}")
+        print(f"try: curl --cacert {cluster.ca_file} {cluster.url(leader)}/v1/status")
     return 0
 
 

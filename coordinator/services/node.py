@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +63,10 @@ class CoordinatorNode:
     def __init__(self, identity: Identity, engine: ConsensusEngine, applier: Applier, clock: Clock, rng: Rng, *,
                  proposal_timeout_s: float = 5.0, inflight_max: int = 1024, command_max_bytes: int = 1 << 20,
                  forward_timeout_s: float = 3.0, unsafe_stale_reads: bool = False,
-                 transports: dict[str, BusTransport] | None = None, transport_factory: Any = None) -> None:
+                 transports: dict[str, BusTransport] | None = None, transport_factory: Any = None,
+                 peer_ssl: ssl.SSLContext | None = None) -> None:
+        """``peer_ssl``: set when the nodes serve HTTPS; forwarding to the leader
+        then uses ``https://`` and verifies the leader's certificate with it."""
         self.identity = identity
         self.engine = engine
         self.applier = applier
@@ -83,6 +87,7 @@ class CoordinatorNode:
         self.sagas = SagaOrchestrator(applier, self.proposer, self.bus, self.balancer, clock, lambda: self.bus.active,
                                       node_id=identity.node_id)
         self.forward_timeout_s = forward_timeout_s
+        self.peer_ssl = peer_ssl
         # Serve default reads from local state without a barrier. Wrong on purpose:
         # it exists so the chaos checker can show it catches stale reads.
         self.unsafe_stale_reads = unsafe_stale_reads
@@ -97,7 +102,9 @@ class CoordinatorNode:
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.forward_timeout_s))
+        connector = aiohttp.TCPConnector(ssl=self.peer_ssl) if self.peer_ssl is not None else None
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.forward_timeout_s),
+                                              connector=connector)
         await self.engine.start()
         self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
         self._tasks.append(asyncio.create_task(self.bus.run(), name="bus"))
@@ -295,7 +302,8 @@ class CoordinatorNode:
             raise Unavailable("no leader known", retry_after_s=0.5)
         headers = {FORWARD_HEADER: "1", "Content-Type": "application/json"}
         try:
-            async with self._session.request(method, f"http://{leader}{path_qs}", data=body, headers=headers,
+            scheme = "https" if self.peer_ssl is not None else "http"
+            async with self._session.request(method, f"{scheme}://{leader}{path_qs}", data=body, headers=headers,
                                              timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 raw = await response.read()
                 passed = {k: v for k, v in response.headers.items() if k in ("Retry-After", "Content-Type")}
