@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--unsafe-stale-reads", dest="unsafe_stale_reads", action="store_true", default=None,
                        help="UNSAFE, for chaos demonstrations: serve default reads from local state "
                             "without a barrier (stale, not linearizable)")
+    serve.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
+                       help="let requests without credentials do anything (development only; default: "
+                            "every request needs the admin token or an agent's signature)")
+    serve.add_argument("--admin-token-file", dest="admin_token_file", metavar="PATH",
+                       help="file holding the admin credential (or COORD_ADMIN_TOKEN)")
     serve.add_argument("--tls-cert", dest="tls_cert", metavar="PATH",
                        help="serve HTTPS with this certificate (PEM; needs --tls-key)")
     serve.add_argument("--tls-key", dest="tls_key", metavar="PATH", help="the private key of --tls-cert (PEM)")
@@ -86,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
                                   "secret_file", "compaction_entries", "unsafe_stale_reads", "transport_namespace",
-                                  "tls_cert", "tls_key", "tls_ca")}
+                                  "tls_cert", "tls_key", "tls_ca", "allow_anonymous", "admin_token_file")}
     if args.peers:
         overrides["peers"] = args.peers
     if args.transports:

@@ -56,6 +56,10 @@ class NodeConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    # Authentication: requests need the admin token or an agent's signature,
+    # unless anonymous access is allowed explicitly (a development mode).
+    allow_anonymous: bool = False
+    admin_token: str = field(default="", repr=False)  # read from admin_token_file or COORD_ADMIN_TOKEN
 
     def validate(self) -> NodeConfig:
         for name in ("node_id", "http", "raft", "data_dir"):
@@ -74,6 +78,11 @@ class NodeConfig:
                 raise InvalidInput(f"peers: {peer.id} repeats an id or address", field="peers")
             ids.add(peer.id)
             addresses |= {peer.raft, peer.http}
+        if self.admin_token and len(self.admin_token) < 16:
+            raise InvalidInput("admin_token: must have at least 16 characters", field="admin_token")
+        if not self.allow_anonymous and not self.admin_token:
+            raise InvalidInput("admin_token: required unless allow_anonymous is set (admin_token_file or "
+                               "COORD_ADMIN_TOKEN); without it nobody could manage roles", field="admin_token")
         if len(self.secret) < 16:
             raise InvalidInput("secret: the cluster secret must have at least 16 characters "
                                "(secret_file or COORD_CLUSTER_SECRET)", field="secret")
@@ -162,7 +171,7 @@ def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
     peers = values.pop("peers", ())
     values["peers"] = tuple(p if isinstance(p, PeerConfig) else
                             parse_peer(p) if isinstance(p, str) else PeerConfig(**p) for p in peers)
-    known = {f.name for f in fields(NodeConfig)}
+    known = {f.name for f in fields(NodeConfig)} | {"admin_token_file"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise InvalidInput(f"{unknown[0]}: unknown setting", field=unknown[0])
@@ -174,6 +183,16 @@ def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
         except OSError as exc:
             raise InvalidInput(f"secret_file: cannot read it ({exc.strerror})", field="secret_file") from None
     values["secret"] = secret
+    admin_token_file = values.pop("admin_token_file", None)
+    token = values.get("admin_token") or os.environ.get("COORD_ADMIN_TOKEN", "")
+    if admin_token_file:
+        try:
+            with open(admin_token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise InvalidInput(f"admin_token_file: cannot read it ({exc.strerror})",
+                               field="admin_token_file") from None
+    values["admin_token"] = token
     for name in ("node_id", "http", "raft", "data_dir"):
         values.setdefault(name, "")
     return replace(NodeConfig(**values)).validate()

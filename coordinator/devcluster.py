@@ -112,9 +112,11 @@ def fetch_json(url: str, timeout: float = 1.0, context: ssl.SSLContext | None = 
 class LocalCluster:
     def __init__(self, directory: str | Path, *, base_port: int = 7000, nodes: int = 3, engine: str = "raft",
                  durability: str = "fsync", python: str | None = None, env: dict[str, str] | None = None,
-                 extra_args: tuple[str, ...] = (), proxied: bool = False, tls: bool = False) -> None:
+                 extra_args: tuple[str, ...] = (), proxied: bool = False, tls: bool = False,
+                 secure: bool = False) -> None:
         self.dir = Path(directory)
         self.tls = tls
+        self.secure = secure  # auth required (an admin token file); else anonymous access is allowed
         self._ssl: ssl.SSLContext | None = None
         self.base_port = base_port
         self.engine = engine
@@ -162,12 +164,26 @@ class LocalCluster:
     def secret_file(self) -> Path:
         return self.dir / "secret"
 
+    @property
+    def admin_token_file(self) -> Path:
+        return self.dir / "admin.token"
+
+    @property
+    def admin_token(self) -> str | None:
+        """The admin credential of a secure cluster (made at its first start)."""
+        if not self.secure:
+            return None
+        self.ensure_secret()
+        return self.admin_token_file.read_text().strip()
+
     def ensure_secret(self) -> None:
+        """The cluster secret, and for a secure cluster the admin token: made once, mode 600."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if not self.secret_file.exists():
-            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
+        for path, wanted in ((self.secret_file, True), (self.admin_token_file, self.secure)):
+            if wanted and not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(32) + "\n")
 
     @property
     def tls_dir(self) -> Path:
@@ -191,9 +207,10 @@ class LocalCluster:
         peer_ids = peers if peers is not None else [m for m in self.members if m != node_id]
         tls = ["--tls-cert", str(self.tls_dir / f"{node_id}.pem"), "--tls-key", str(self.tls_dir / f"{node_id}.key"),
                "--tls-ca", str(self.ca_file)] if self.tls else []
+        auth = ["--admin-token-file", str(self.admin_token_file)] if self.secure else ["--allow-anonymous"]
         return [self.python, "-m", "coordinator.cli", "serve", "--node-id", spec.id, "--http", spec.http,
                 "--raft", spec.raft, "--data-dir", str(self.dir / spec.id), "--secret-file", str(self.secret_file),
-                "--engine", self.engine, "--durability", self.durability, *tls,
+                "--engine", self.engine, "--durability", self.durability, *tls, *auth,
                 *[f"--peer={self.specs[p].peer_arg(self._dial(node_id, p))}" for p in peer_ids], *self.extra_args]
 
     def _dial(self, node_id: str, peer: str) -> str | None:

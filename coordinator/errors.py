@@ -77,6 +77,24 @@ class RequestTimeout(CoordinatorError):
     code = "timeout"
 
 
+class Unauthenticated(CoordinatorError):
+    """The request carries no credential where one is needed, or a bad one (HTTP 401)."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(CoordinatorError):
+    """The caller is known but lacks a permission (HTTP 403); ``permission`` and
+    ``resource`` say which."""
+
+    code = "forbidden"
+
+    def __init__(self, message: str, permission: str | None = None, resource: str | None = None) -> None:
+        super().__init__(message, permission=permission, resource=resource)
+        self.permission = permission
+        self.resource = resource
+
+
 class RateLimited(CoordinatorError):
     """A rate limit refused the request (HTTP 429); ``retry_after_s`` says when to try again."""
 

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api.app import make_app
+from coordinator.api.auth import AuthSettings
 from coordinator.clock import SystemClock, SystemRng
 from coordinator.config import NodeConfig
 from coordinator.errors import InvalidInput
@@ -76,7 +77,10 @@ async def serve(config: NodeConfig) -> None:
     peer_ssl = client_context(config.tls_ca or None) if config.tls_cert else None
     node = make_node(config, peer_ssl)
     await node.start()
-    app = make_app(node)
+    app = make_app(node, AuthSettings(allow_anonymous=config.allow_anonymous, admin_token=config.admin_token or None,
+                                      cluster_secret=config.secret))
+    if config.allow_anonymous:
+        log.warning("anonymous access is allowed: requests without credentials may do anything")
     # handler_cancellation: a long-poll or stream whose client went away must stop
     # taking messages for it. shutdown_timeout: in-flight requests get a second.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,

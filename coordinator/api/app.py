@@ -8,9 +8,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from coordinator.api.access import access_routes
+from coordinator.api.auth import AuthSettings, AuthState, auth_middleware
 from coordinator.api.bus import bus_routes
 from coordinator.api.errors import error_response, render_error
-from coordinator.api.keys import METRICS, NODE
+from coordinator.api.keys import AUTH, METRICS, NODE
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes
@@ -67,14 +69,18 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def make_app(node: CoordinatorNode) -> web.Application:
-    """The application for ``node``; the caller starts and stops the node."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[metrics_middleware, errors_middleware])
+def make_app(node: CoordinatorNode, auth: AuthSettings | None = None) -> web.Application:
+    """The application for ``node``; the caller starts and stops the node.
+    Without ``auth``, nothing but the public routes answers (secure by default)."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES,
+                          middlewares=[metrics_middleware, errors_middleware, auth_middleware])
     app[NODE] = node
-    app[METRICS] = HttpMetrics(node)
+    app[AUTH] = AuthState(auth or AuthSettings())
+    app[METRICS] = HttpMetrics(node, app[AUTH])
     app.router.add_routes(routes)
     app.router.add_routes(bus_routes)
     app.router.add_routes(saga_routes)
     app.router.add_routes(service_routes)
+    app.router.add_routes(access_routes)
     app.router.add_get("/metrics", metrics_handler)
     return app

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import schemas as s
+from coordinator.api.auth import forward_signer
 from coordinator.api.routes import node_of, ok
 from coordinator.errors import CoordinatorError, InvalidInput, NotFound, Unavailable
 from coordinator.services.bus import NotLeader
@@ -41,7 +42,8 @@ async def _here_or_leader(request: web.Request, call: Any, timeout_s: float) -> 
         if request.headers.get(FORWARD_HEADER) == "1":
             raise Unavailable("this node is not the leader", retry_after_s=0.3, leader=node.leader_http()) from None
     body = await request.read() if request.body_exists else None  # read() returns the bytes json_body read
-    status, raw, headers = await node.forward(request.method, request.raw_path, body, timeout_s)
+    status, raw, headers = await node.forward(request.method, request.raw_path, body, timeout_s,
+                                              forward_signer(request))
     return web.Response(status=status, body=raw, headers=headers)
 
 
@@ -354,7 +356,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if auto_ack not in ("true", "false"):
         raise InvalidInput("auto_ack: must be true or false", field="auto_ack")
     base = request.raw_path.split("?")[0].rsplit("/", 1)[0]
-    first = await _fetch_anywhere(node, selector, base, max_n, 0.0)  # errors before the stream starts are JSON
+    sign = forward_signer(request)
+    first = await _fetch_anywhere(node, selector, base, max_n, 0.0, sign)  # errors before the stream starts are JSON
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -368,11 +371,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 await response.write("".join(chunks).encode())
                 acks = [d["delivery_id"] for d in batch if d["guarantee"] != "at-most-once"]
                 if auto_ack == "true" and acks:
-                    await _ack_anywhere(node, base, selector, acks)
+                    await _ack_anywhere(node, base, selector, acks, sign)
             else:
                 await response.write(b": keepalive\n\n")
             try:
-                batch = await _fetch_anywhere(node, selector, base, max_n, STREAM_WAIT_S)
+                batch = await _fetch_anywhere(node, selector, base, max_n, STREAM_WAIT_S, sign)
             except CoordinatorError as exc:
                 if exc.code in ("unavailable", "not_leader", "outcome_unknown"):
                     await asyncio.sleep(0.3)  # an election: try again
@@ -387,14 +390,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _fetch_anywhere(node: CoordinatorNode, selector: dict[str, str], base: str, max_n: int,
-                          wait_s: float) -> list[dict[str, Any]]:
+                          wait_s: float, sign: Any) -> list[dict[str, Any]]:
     """A fetch served here when this node is the leader, else by the leader."""
     try:
         return (await node.bus.fetch(selector, max_n, wait_s))["messages"]
     except NotLeader:
         pass
     status, raw, _ = await node.forward("GET", f"{base}/messages?max={max_n}&wait_s={wait_s}", None,
-                                        wait_s + FORWARD_MARGIN_S)
+                                        wait_s + FORWARD_MARGIN_S, sign)
     try:
         body = json.loads(raw)
     except ValueError:
@@ -408,12 +411,13 @@ async def _fetch_anywhere(node: CoordinatorNode, selector: dict[str, str], base:
     raise Unavailable(message, retry_after_s=0.5) if status >= 500 else CoordinatorError(message)
 
 
-async def _ack_anywhere(node: CoordinatorNode, base: str, selector: dict[str, str], ids: list[str]) -> None:
+async def _ack_anywhere(node: CoordinatorNode, base: str, selector: dict[str, str], ids: list[str],
+                        sign: Any) -> None:
     try:
         await node.bus.ack(selector, ids)
     except NotLeader:
         status, _raw, _ = await node.forward("POST", f"{base}/ack", json.dumps({"delivery_ids": ids}).encode(),
-                                            node.proposer.timeout_s + FORWARD_MARGIN_S)
+                                            node.proposer.timeout_s + FORWARD_MARGIN_S, sign)
         if status != 200:
             raise Unavailable(f"the leader answered {status} to an ack", retry_after_s=0.5) from None
 

@@ -11,10 +11,12 @@ import math
 
 from aiohttp import web
 
-from coordinator.errors import CoordinatorError, InvalidInput, RateLimited, Unavailable
+from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, RateLimited, Unauthenticated, Unavailable
 
 STATUS_BY_CODE = {
     "invalid": 400,
+    "unauthenticated": 401,
+    "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
     "conflict": 409,
@@ -43,6 +45,11 @@ def render_error(exc: CoordinatorError) -> web.Response:
         if key in exc.details:
             extra[key] = exc.details[key]
     headers = {}
+    if isinstance(exc, Forbidden):
+        extra["permission"] = exc.permission
+        extra["resource"] = exc.resource
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer, Coord-Ed25519'
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
         extra["retry_after_s"] = round(exc.retry_after_s, 3)

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from coordinator.api.auth import AuthState
 from coordinator.services.node import CoordinatorNode
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -141,10 +142,27 @@ def _expired(node: CoordinatorNode) -> CounterMetricFamily:
     return family
 
 
+class _AuthCollector(Collector):
+    def __init__(self, auth: AuthState) -> None:
+        self.auth = auth
+
+    def collect(self) -> Iterator[Any]:
+        denied = CounterMetricFamily("coord_auth_denied", "Requests refused with 403, by missing permission",
+                                     labels=["permission"])
+        for permission, count in sorted(self.auth.denied.items()):
+            denied.add_metric([permission], count)
+        yield denied
+        refused = CounterMetricFamily("coord_auth_refused", "Requests refused with 401", value=sum(
+            self.auth.refused.values()))
+        yield refused
+
+
 class HttpMetrics:
-    def __init__(self, node: CoordinatorNode) -> None:
+    def __init__(self, node: CoordinatorNode, auth: AuthState | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_NodeCollector(node))
+        if auth is not None:
+            self.registry.register(_AuthCollector(auth))
         self.latency = Histogram(
             "coord_http_request_seconds", "HTTP request latency", ["method", "route", "status"],
             registry=self.registry,

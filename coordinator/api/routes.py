@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import schemas as s
+from coordinator.api.auth import forward_signer
 from coordinator.api.keys import NODE
 from coordinator.errors import Compacted, CoordinatorError, InvalidInput, NotFound
 from coordinator.services import watch
@@ -227,7 +228,7 @@ async def agents_heartbeat(request: web.Request) -> web.Response:
     if health is not None and health not in ("healthy", "unhealthy", "unknown"):
         raise InvalidInput("health: must be healthy, unhealthy or unknown", field="health")
     forwarded = request.headers.get(FORWARD_HEADER) == "1"
-    return ok(await node.heartbeat(agent_id, health, forwarded))
+    return ok(await node.heartbeat(agent_id, health, forwarded, forward_signer(request)))
 
 
 @routes.delete("/v1/agents/{id}")

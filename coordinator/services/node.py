@@ -12,6 +12,7 @@ import logging
 import random
 import ssl
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ELECTION_PREFIX = "election/"
 FORWARD_HEADER = "X-Coord-Forwarded"
+Signer = Callable[[str, str, bytes], dict[str, str]]  # (method, path with query, body) -> headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +262,8 @@ class CoordinatorNode:
 
     # -- agents --------------------------------------------------------------------------------
 
-    async def heartbeat(self, agent_id: str, health: str | None, headers_forwarded: bool) -> dict[str, Any]:
+    async def heartbeat(self, agent_id: str, health: str | None, headers_forwarded: bool,
+                        sign: Signer | None = None) -> dict[str, Any]:
         st = self.engine.status()
         if st.role == "leader":
             try:
@@ -271,16 +274,17 @@ class CoordinatorNode:
             if headers_forwarded:
                 raise Unavailable("forwarded heartbeat reached a follower", retry_after_s=0.3,
                                   leader=self.http_of(st.leader))
-            answer = await self._forward_heartbeat(agent_id, st.leader)
+            answer = await self._forward_heartbeat(agent_id, st.leader, sign)
         if health is not None and health != answer.get("health"):
             await self.write("agent.health", {"id": agent_id, "health": health, "reason": "reported by the agent"})
             answer["health"] = health
         return answer
 
-    async def _forward_heartbeat(self, agent_id: str, leader_raft: str | None) -> dict[str, Any]:
+    async def _forward_heartbeat(self, agent_id: str, leader_raft: str | None, sign: Signer | None
+                                 ) -> dict[str, Any]:
         leader = self.http_of(leader_raft)
         status, raw, _ = await self.forward("POST", f"/v1/agents/{urllib.parse.quote(agent_id, safe='')}/heartbeat",
-                                            b"{}", self.forward_timeout_s)
+                                            b"{}", self.forward_timeout_s, sign)
         try:
             body = json.loads(raw)
         except ValueError:
@@ -291,16 +295,20 @@ class CoordinatorNode:
             raise Unavailable(f"leader answered {status}", retry_after_s=0.5, leader=leader)
         return body
 
-    async def forward(self, method: str, path_qs: str, body: bytes | None, timeout_s: float
-                      ) -> tuple[int, bytes, dict[str, str]]:
+    async def forward(self, method: str, path_qs: str, body: bytes | None, timeout_s: float,
+                      sign: Signer | None = None) -> tuple[int, bytes, dict[str, str]]:
         """Send one HTTP request to the leader, marked as forwarded (the leader
-        never forwards it again). Returns status, body and the headers worth
-        passing on. ``Unavailable`` when no leader is known or it cannot be reached."""
+        never forwards it again). ``sign`` gives the headers that carry the
+        caller's identity for exactly this method, path and body. Returns
+        status, body and the headers worth passing on. ``Unavailable`` when no
+        leader is known or it cannot be reached."""
         st = self.engine.status()
         leader = self.http_of(st.leader)
         if leader is None or self._session is None or st.leader == st.node:
             raise Unavailable("no leader known", retry_after_s=0.5)
         headers = {FORWARD_HEADER: "1", "Content-Type": "application/json"}
+        if sign is not None:
+            headers.update(sign(method, path_qs, body or b""))
         try:
             scheme = "https" if self.peer_ssl is not None else "http"
             async with self._session.request(method, f"{scheme}://{leader}{path_qs}", data=body, headers=headers,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import InvariantError
+from coordinator.state.access import Access, check_public_key
 from coordinator.state.balancing import Policies
 from coordinator.state.base import (
     MAX_KEY_LEN,
@@ -79,6 +80,7 @@ class StateMachine:
         self.bus = Bus(self.limits.bus)
         self.sagas = Sagas(self.limits.sagas)
         self.policies = Policies()
+        self.access = Access()
         self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None]] = OrderedDict()
 
     # -- applying ---------------------------------------------------------
@@ -134,6 +136,7 @@ class StateMachine:
             "bus": self.bus.to_data(),
             "sagas": self.sagas.to_data(),
             "policies": self.policies.to_data(),
+            "access": self.access.to_data(),
             "dedupe": [[k, v, list(e) if e else None] for k, (v, e) in self._dedupe.items()],
         }
 
@@ -153,6 +156,8 @@ class StateMachine:
             machine.sagas = Sagas.from_data(data["sagas"], machine.limits.sagas)
         if "policies" in data:  # nor before balancing policies
             machine.policies = Policies.from_data(data["policies"])
+        if "access" in data:  # nor before access control
+            machine.access = Access.from_data(data["access"])
         machine._dedupe = OrderedDict((k, (v, tuple(e) if e else None)) for k, v, e in data["dedupe"])
         return machine
 
@@ -268,12 +273,16 @@ def _agent_register(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -
     ttl_ms = require_int(args, "ttl_ms", MIN_TTL_MS, MAX_TTL_MS)
     endpoint = require_str(args, "endpoint", MAX_ENDPOINT_LEN, optional=True)
     weight = require_int(args, "weight", 1, MAX_WEIGHT, optional=True) or 1
+    public_key = require_str(args, "public_key", 64, optional=True)
+    if public_key is not None:
+        check_public_key(public_key)
     old = sm.registry.agents.get(agent_id)
     if old is None and len(sm.registry.agents) >= sm.limits.agents_max:
         raise Rejected("unavailable", f"the registry is full ({sm.limits.agents_max} agents)")
     agent = Agent(agent_id, agent_type, metadata, ttl_ms, endpoint, weight,
                   lease_id=ctx.index, health="unknown" if old is None else old.health,
-                  registered_ms=ctx.now_ms if old is None else old.registered_ms)
+                  registered_ms=ctx.now_ms if old is None else old.registered_ms,
+                  public_key=public_key if public_key is not None else (old.public_key if old else None))
     sm.registry.agents[agent_id] = agent
     event = "agent.spawned" if old is None else "agent.updated"
     sm.events.emit(ctx, event, {"agentId": agent_id, "agentType": agent_type, "metadata": metadata,
@@ -505,6 +514,23 @@ def _bus_transport_ack(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]
 @_op("bus.transport.configure")
 def _bus_transport_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     return sm.bus.configure_transport(ctx, args)
+
+
+# -- access control --------------------------------------------------------------------------
+
+@_op("role.put")
+def _role_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.access.put_role(args)
+
+
+@_op("role.delete")
+def _role_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.access.delete_role(args)
+
+
+@_op("role.grant")
+def _role_grant(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.access.grant(args)
 
 
 # -- balancing ---------------------------------------------------------------------------

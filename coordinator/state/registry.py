@@ -23,10 +23,11 @@ class Agent:
     lease_id: int
     health: str
     registered_ms: int
+    public_key: str | None = None  # Ed25519, base64: the agent signs its requests with it
 
     def to_data(self) -> list[Any]:
         return [self.id, self.type, self.metadata, self.ttl_ms, self.endpoint, self.weight,
-                self.lease_id, self.health, self.registered_ms]
+                self.lease_id, self.health, self.registered_ms, self.public_key]
 
     @classmethod
     def from_data(cls, row: list[Any]) -> Agent:
@@ -43,6 +44,7 @@ class Agent:
             "lease_id": self.lease_id,
             "health": self.health,
             "registered_ms": self.registered_ms,
+            "public_key": self.public_key,
         }
 
 

@@ -10,11 +10,12 @@ from coordinator import config
 from coordinator.errors import InvalidInput
 
 SECRET = "s" * 32
+TOKEN = "t" * 32
 
 
 def _load(tmp_path: Path, **overrides: object) -> config.NodeConfig:
     base = {"node_id": "n1", "http": "127.0.0.1:7001", "raft": "127.0.0.1:7101", "data_dir": str(tmp_path / "n1"),
-            "secret": SECRET}
+            "secret": SECRET, "admin_token": TOKEN}
     return config.load(None, {**base, **overrides})
 
 
@@ -39,7 +40,7 @@ def test_cert_key_and_ca_are_read_from_flags_and_toml(tmp_path: Path, pem: tuple
     toml = tmp_path / "n1.toml"
     toml.write_text(f'tls_cert = "{cert}"\ntls_key = "{key}"\n')
     cfg = config.load(str(toml), {"node_id": "n1", "http": "127.0.0.1:7001", "raft": "127.0.0.1:7101",
-                                  "data_dir": str(tmp_path / "n1"), "secret": SECRET})
+                                  "data_dir": str(tmp_path / "n1"), "secret": SECRET, "allow_anonymous": True})
     assert (cfg.tls_cert, cfg.tls_key, cfg.tls_ca) == (cert, key, "")
 
 
@@ -67,3 +68,30 @@ def test_a_missing_file_is_refused_with_its_path(tmp_path: Path, pem: tuple[str,
     with pytest.raises(InvalidInput) as refused:
         _load(tmp_path, tls_cert=cert, tls_key=key, tls_ca=str(tmp_path))
     assert refused.value.field == "tls_ca" and "Is a directory" in refused.value.message
+
+
+# -- authentication settings -----------------------------------------------------------------
+
+
+def test_a_node_needs_an_admin_token_unless_anonymous_access_is_allowed(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COORD_ADMIN_TOKEN", raising=False)
+    with pytest.raises(InvalidInput, match="admin_token: required unless allow_anonymous"):
+        _load(tmp_path, admin_token=None)
+    cfg = _load(tmp_path, admin_token=None, allow_anonymous=True)
+    assert cfg.allow_anonymous is True and cfg.admin_token == ""
+    with pytest.raises(InvalidInput, match="at least 16"):
+        _load(tmp_path, admin_token="short")
+
+
+def test_the_admin_token_comes_from_a_file_or_the_environment_and_is_never_shown(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("f" * 40 + "\n")
+    cfg = _load(tmp_path, admin_token=None, admin_token_file=str(token_file))
+    assert cfg.admin_token == "f" * 40
+    assert "f" * 40 not in repr(cfg)
+    monkeypatch.setenv("COORD_ADMIN_TOKEN", "e" * 40)
+    assert _load(tmp_path, admin_token=None).admin_token == "e" * 40
+    with pytest.raises(InvalidInput, match="admin_token_file: cannot read it"):
+        _load(tmp_path, admin_token=None, admin_token_file=str(tmp_path / "missing"))

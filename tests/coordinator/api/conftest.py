@@ -20,6 +20,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from coordinator.api.app import make_app
+from coordinator.api.auth import AuthSettings
 from coordinator.client import CoordinatorClient
 from coordinator.clock import ManualClock, SeededRng
 from coordinator.services.applier import Applier
@@ -145,7 +146,8 @@ async def make_harness(aiohttp_client: Any) -> AsyncIterator[HarnessFactory]:
 
     async def make(*, limits: Limits | None = None, inflight_max: int = 1024,
                    proposal_timeout_s: float = 0.5, unsafe_stale_reads: bool = False,
-                   transports: dict[str, Any] | None = None, transport_factory: Any = None) -> Harness:
+                   transports: dict[str, Any] | None = None, transport_factory: Any = None,
+                   auth: AuthSettings | None = None) -> Harness:
         applier = Applier(limits)
         engine = SimEngine(applier, RAFT)
         clock = ManualClock()
@@ -155,7 +157,7 @@ async def make_harness(aiohttp_client: Any) -> AsyncIterator[HarnessFactory]:
                                transport_factory=transport_factory)
         await node.start()
         nodes.append(node)
-        http = await aiohttp_client(make_app(node))
+        http = await aiohttp_client(make_app(node, auth or AuthSettings(allow_anonymous=True)))
         # Ready: the lease keeper committed its barrier and this node registered itself.
         await eventually(lambda: node.leases.active, "the lease keeper to become active")
         await eventually(lambda: NODE_ID in applier.machine.members.members, "the node to register itself")

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from coordinator.api.app import make_app
+from coordinator.api.auth import AuthSettings
 from coordinator.clock import ManualClock, SeededRng
 from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, Unavailable
@@ -50,7 +51,7 @@ class FollowerEngine(SimEngine):
 
 
 async def test_follower_forwards_heartbeats_to_the_leader(sim: Sim, aiohttp_client: Any) -> None:
-    leader_http = await aiohttp_client(make_app(sim.node))
+    leader_http = await aiohttp_client(make_app(sim.node, AuthSettings(allow_anonymous=True)))
     await sim.node.proposer.propose("agent.register", {"id": "w1", "type": "t", "ttl_ms": 2000})
     leader_address = f"{leader_http.host}:{leader_http.port}"
 

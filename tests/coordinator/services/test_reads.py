@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from coordinator.api.app import make_app
+from coordinator.api.auth import AuthSettings
 from coordinator.errors import Unavailable
 from tests.coordinator.services.conftest import Sim, eventually
 
@@ -21,7 +22,7 @@ async def test_concurrent_reads_share_one_barrier(sim: Sim) -> None:
 
 
 async def test_concurrent_http_gets_cause_far_fewer_barriers(sim: Sim, aiohttp_client: Any) -> None:
-    http = await aiohttp_client(make_app(sim.node))
+    http = await aiohttp_client(make_app(sim.node, AuthSettings(allow_anonymous=True)))
     async with http.put("/v1/kv/k", json={"value": "v"}) as response:
         assert response.status == 200
 
@@ -60,7 +61,7 @@ async def test_a_read_never_joins_a_barrier_already_proposed(sim: Sim) -> None:
 
 
 async def test_a_read_after_a_write_sees_it(sim: Sim, aiohttp_client: Any) -> None:
-    http = await aiohttp_client(make_app(sim.node))
+    http = await aiohttp_client(make_app(sim.node, AuthSettings(allow_anonymous=True)))
     for i in range(10):
         async with http.put("/v1/kv/counter", json={"value": i}) as response:
             assert response.status == 200

@@ -1,0 +1,466 @@
+"""Who is calling, and may they: authentication and access checks of the
+HTTP API, in one place.
+
+Credentials (the ``Authorization`` header):
+
+- ``Bearer <admin token>``: the admin credential made at cluster bootstrap;
+  it may do everything.
+- ``Coord-Ed25519 agent="<id>", ts="<unix ms>", nonce="<16-64 of A-Za-z0-9_->",
+  sig="<base64>"``: an agent's signed request. The signature (Ed25519, by the
+  key the agent registered) covers ``COORD-ED25519-V1``, the method, the
+  Host header, the path with its query, ts, nonce and the SHA-256 of the
+  body, one per line. A timestamp more than ``clock_skew_s`` away from this
+  node's clock, or a nonce this node has seen within that window, is refused
+  (so a replay to this node fails, and a replay to another node fails its
+  Host).
+- Nothing: anonymous. Allowed only when the node was started with
+  ``--allow-anonymous`` (then nobody is checked: a development mode); else
+  only the public routes answer (health, status, metrics, joining).
+
+A request a follower forwards to the leader carries the principal the
+follower established, with an HMAC of the cluster secret over it, the
+method, the path and the body: the leader trusts that, and nothing else.
+
+Authorization: ``RULES`` names, for every route, what it needs: ``public``,
+``any`` (authenticated), ``admin``, ``self`` (the agent in the path, or the
+admin), or an action on a resource taken from the request (``send`` on the
+topic, ``invoke`` on the agent type ...), checked against the replicated
+roles (``coordinator.state.access``). A route without a rule needs the
+admin. A denial is a 403 naming the missing permission, counted in
+``/metrics``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from coordinator import crypto
+from coordinator.api.keys import AUTH, NODE
+from coordinator.errors import Forbidden, InvalidInput, Unauthenticated
+
+SCHEME_AGENT = "Coord-Ed25519"
+SIGNED_PREFIX = "COORD-ED25519-V1"
+PRINCIPAL_HEADER = "X-Coord-Principal"
+FORWARD_SIG_HEADER = "X-Coord-Forward-Sig"
+NONCE_RE = re.compile(r"[A-Za-z0-9_\-]{16,64}\Z")
+AUTH_HEADER_MAX = 1024
+NONCES_MAX = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: str  # "admin" | "agent" | "anonymous"
+    agent_id: str | None = None
+
+    def __str__(self) -> str:
+        return f"agent {self.agent_id!r}" if self.kind == "agent" else self.kind
+
+    def header(self) -> str:
+        return f"agent:{self.agent_id}" if self.kind == "agent" else self.kind
+
+
+@dataclass
+class AuthSettings:
+    """How a node authenticates. Secure by default: no anonymous access."""
+
+    allow_anonymous: bool = False
+    admin_token: str | None = field(default=None, repr=False)
+    cluster_secret: str | None = field(default=None, repr=False)  # signs forwarded principals
+    clock_skew_s: float = 30.0
+
+
+class AuthState:
+    """One node's authentication state: settings, seen nonces, denial counts."""
+
+    def __init__(self, settings: AuthSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.denied: Counter[str] = Counter()  # permission -> 403s
+        self.refused: Counter[str] = Counter()  # reason -> 401s
+        self._nonces: OrderedDict[str, float] = OrderedDict()  # nonce -> expiry (seconds)
+
+    def remember_nonce(self, key: str, now: float) -> bool:
+        """False when ``key`` was seen within the window (a replay)."""
+        while self._nonces:
+            oldest, expiry = next(iter(self._nonces.items()))
+            if expiry > now and len(self._nonces) < NONCES_MAX:
+                break
+            del self._nonces[oldest]
+        if key in self._nonces:
+            return False
+        self._nonces[key] = now + 2 * self.settings.clock_skew_s
+        return True
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AgentCredential:
+    agent_id: str
+    ts_ms: int
+    nonce: str
+    signature: bytes
+
+
+_PARAM = re.compile(r'\s*([a-z]+)="([^"\\]*)"\s*(?:,|\Z)')
+
+
+def parse_authorization(value: str) -> tuple[str, Any]:
+    """("bearer", token) or ("agent", AgentCredential); ``Unauthenticated``
+    naming what is wrong otherwise. Never anything else, whatever the input."""
+    if len(value) > AUTH_HEADER_MAX:
+        raise Unauthenticated("Authorization: too long")
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        token = rest.strip()
+        if not token:
+            raise Unauthenticated("Authorization: Bearer needs a token")
+        return "bearer", token
+    if scheme != SCHEME_AGENT:
+        raise Unauthenticated(f"Authorization: unknown scheme (use Bearer or {SCHEME_AGENT})")
+    params: dict[str, str] = {}
+    position = 0
+    rest = rest.strip()
+    while position < len(rest):
+        match = _PARAM.match(rest, position)
+        if match is None or match.end() == position:
+            raise Unauthenticated(f"Authorization: cannot parse the {SCHEME_AGENT} parameters")
+        name, raw = match.group(1), match.group(2)
+        if name in params:
+            raise Unauthenticated(f"Authorization: {name} is given twice")
+        params[name] = raw
+        position = match.end()
+    missing = [k for k in ("agent", "ts", "nonce", "sig") if k not in params]
+    if missing:
+        raise Unauthenticated(f"Authorization: {missing[0]} is missing")
+    unknown = sorted(set(params) - {"agent", "ts", "nonce", "sig"})
+    if unknown:
+        raise Unauthenticated(f"Authorization: unknown parameter {unknown[0]}")
+    agent_id = params["agent"]
+    if not agent_id or len(agent_id) > 256 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in agent_id):
+        raise Unauthenticated("Authorization: agent is not a valid agent id")
+    if not params["ts"].isdigit() or len(params["ts"]) > 16:
+        raise Unauthenticated("Authorization: ts must be unix milliseconds")
+    if not NONCE_RE.match(params["nonce"]):
+        raise Unauthenticated("Authorization: nonce must be 16 to 64 of A-Z a-z 0-9 _ -")
+    try:
+        signature = base64.b64decode(params["sig"], validate=True)
+    except (ValueError, binascii.Error):
+        raise Unauthenticated("Authorization: sig is not base64") from None
+    if len(signature) != 64:
+        raise Unauthenticated("Authorization: sig is not an Ed25519 signature")
+    return "agent", AgentCredential(agent_id, int(params["ts"]), params["nonce"], signature)
+
+
+def signed_text(method: str, host: str, path_qs: str, ts_ms: int, nonce: str, body: bytes) -> bytes:
+    """What an agent signs for one request."""
+    digest = hashlib.sha256(body).hexdigest()
+    return "\n".join((SIGNED_PREFIX, method.upper(), host, path_qs, str(ts_ms), nonce, digest)).encode()
+
+
+def authorization_header(agent_id: str, sign: Callable[[bytes], str], method: str, host: str, path_qs: str,
+                         body: bytes, ts_ms: int, nonce: str) -> str:
+    """The header an agent sends (used by the Python client)."""
+    signature = sign(signed_text(method, host, path_qs, ts_ms, nonce, body))
+    return f'{SCHEME_AGENT} agent="{agent_id}", ts="{ts_ms}", nonce="{nonce}", sig="{signature}"'
+
+
+def forward_signature(secret: str, principal: str, method: str, path_qs: str, body: bytes) -> str:
+    text = "\n".join((principal, method.upper(), path_qs, hashlib.sha256(body).hexdigest())).encode()
+    return hmac.new(secret.encode(), text, hashlib.sha256).hexdigest()
+
+
+# -- authenticating --------------------------------------------------------------------------
+
+
+async def authenticate(request: web.Request, state: AuthState, public_key_of: Callable[[str], str | None]
+                       ) -> Principal | None:
+    """The request's principal; None when it carries no credential."""
+    settings = state.settings
+    forwarded = request.headers.get(PRINCIPAL_HEADER)
+    if forwarded is not None:
+        return await _forwarded_principal(request, state, forwarded)
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    kind, credential = parse_authorization(header)
+    if kind == "bearer":
+        if settings.admin_token is None or not hmac.compare_digest(credential.encode(),
+                                                                   settings.admin_token.encode()):
+            raise Unauthenticated("the admin token is not valid")
+        return Principal("admin")
+    now = state.clock()
+    if abs(now - credential.ts_ms / 1000) > settings.clock_skew_s:
+        raise Unauthenticated(f"the request's timestamp is more than {settings.clock_skew_s:g} s away from "
+                              "this node's clock (stale or replayed)")
+    body = await request.read()
+    key = public_key_of(credential.agent_id) or await _joining_key(request, credential.agent_id)
+    if key is None:
+        raise Unauthenticated(f"agent {credential.agent_id!r} has no registered public key")
+    text = signed_text(request.method, request.host, request.path_qs, credential.ts_ms, credential.nonce, body)
+    if not crypto.verify(key, text, base64.b64encode(credential.signature).decode()):
+        raise Unauthenticated(f"the signature of agent {credential.agent_id!r} does not verify")
+    if not state.remember_nonce(f"{credential.agent_id}/{credential.nonce}", now):
+        raise Unauthenticated("the nonce was already used (a replayed request)")
+    return Principal("agent", credential.agent_id)
+
+
+async def _joining_key(request: web.Request, agent_id: str) -> str | None:
+    """A new agent joining proves it holds the key it registers: its first
+    request is signed by the ``public_key`` in its own registration body."""
+    if request.method != "POST" or _route_of(request) != "/v1/agents":
+        return None
+    body = await _json(request)
+    if not isinstance(body, dict) or body.get("id") != agent_id or not isinstance(body.get("public_key"), str):
+        return None
+    return body["public_key"]
+
+
+async def _forwarded_principal(request: web.Request, state: AuthState, forwarded: str) -> Principal:
+    secret = state.settings.cluster_secret
+    given = request.headers.get(FORWARD_SIG_HEADER, "")
+    body = await request.read()
+    if secret is None or not hmac.compare_digest(
+            given, forward_signature(secret, forwarded, request.method, request.raw_path, body)):
+        raise Unauthenticated("a forwarded principal without a valid cluster signature")
+    if forwarded.startswith("agent:"):
+        return Principal("agent", forwarded[len("agent:"):])
+    if forwarded in ("admin", "anonymous"):
+        return Principal(forwarded)
+    raise Unauthenticated("a forwarded principal of an unknown kind")
+
+
+# -- authorizing -----------------------------------------------------------------------------
+
+Resource = Callable[[web.Request], Awaitable[list[tuple[str, str]]]]
+Rule = str | Resource  # "public" | "any" | "admin" | "self" | (request) -> [(action, resource)]
+
+
+def _param(name: str, action: str, prefix: str = "") -> Resource:
+    async def resource(request: web.Request) -> list[tuple[str, str]]:
+        return [(action, prefix + request.match_info[name])]
+    return resource
+
+
+def _query_prefix(action: str) -> Resource:
+    async def resource(request: web.Request) -> list[tuple[str, str]]:
+        return [(action, request.query.get("prefix", "") + "*")]
+    return resource
+
+
+async def _subscription_topic(request: web.Request) -> list[tuple[str, str]]:
+    body = await _json(request)
+    topic = body.get("topic") if isinstance(body, dict) else None
+    if not isinstance(topic, str):
+        raise InvalidInput("topic: is required", field="topic")
+    return [("subscribe", topic)]
+
+
+def _of_subscription(action: str) -> Resource:
+    async def resource(request: web.Request) -> list[tuple[str, str]]:
+        bus = request.app[NODE].applier.machine.bus
+        sub = bus.subscriptions.get(request.match_info["sub"])
+        consumer = bus.consumers.get(sub.consumer) if sub is not None else None
+        if consumer is None or consumer.pattern is None:
+            return []  # unknown: the handler answers 404
+        return [(action, consumer.pattern)]
+    return resource
+
+
+async def _saga_start(request: web.Request) -> list[tuple[str, str]]:
+    body = await _json(request)
+    if not isinstance(body, dict):
+        return []  # the handler refuses it
+    needs = [("saga", str(body.get("name") or "saga"))]
+    for step in body.get("steps") or []:
+        for part in ("action", "compensation"):
+            action = step.get(part) if isinstance(step, dict) else None
+            if not isinstance(action, dict):
+                continue
+            if action.get("kind") == "topic" and isinstance(action.get("topic"), str):
+                needs.append(("send", action["topic"]))
+            elif action.get("kind") == "agent" and isinstance(action.get("agent_type"), str):
+                needs.append(("invoke", action["agent_type"]))
+    return needs
+
+
+async def _saga_cancel(request: web.Request) -> list[tuple[str, str]]:
+    saga = request.app[NODE].applier.machine.sagas.sagas.get(request.match_info["saga"])
+    return [("saga", saga.definition["name"])] if saga is not None else []
+
+
+async def _json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw) if raw else {}
+    except (ValueError, RecursionError):
+        return None  # the handler answers the 400
+
+
+RULES: dict[tuple[str, str], Rule] = {
+    ("GET", "/healthz"): "public",
+    ("GET", "/readyz"): "public",
+    ("GET", "/metrics"): "public",
+    ("GET", "/v1/status"): "public",
+    ("POST", "/v1/agents"): "public",  # joining: the handler checks the self-signature
+    ("GET", "/v1/agents"): "any",
+    ("GET", "/v1/agents/{id}"): "any",
+    ("PATCH", "/v1/agents/{id}"): "self",
+    ("DELETE", "/v1/agents/{id}"): "self",
+    ("POST", "/v1/agents/{id}/heartbeat"): "self",
+    ("GET", "/v1/agents/{agent}/messages"): "self",
+    ("GET", "/v1/agents/{agent}/stream"): "self",
+    ("POST", "/v1/agents/{agent}/ack"): "self",
+    ("POST", "/v1/agents/{agent}/nack"): "self",
+    ("GET", "/v1/agents/{agent}/dlq"): "self",
+    ("POST", "/v1/agents/{agent}/dlq/redrive"): "self",
+    ("POST", "/v1/agents/{agent}/dlq/purge"): "self",
+    ("GET", "/v1/events"): "any",
+    ("GET", "/v1/watch/events"): "any",
+    ("GET", "/v1/members"): "any",
+    ("GET", "/v1/kv"): _query_prefix("kv"),
+    ("GET", "/v1/watch"): _query_prefix("kv"),
+    ("GET", "/v1/kv/{key}"): _param("key", "kv"),
+    ("PUT", "/v1/kv/{key}"): _param("key", "kv"),
+    ("DELETE", "/v1/kv/{key}"): _param("key", "kv"),
+    ("POST", "/v1/kv/{key}/cas"): _param("key", "kv"),
+    ("GET", "/v1/locks/{name}"): "any",
+    ("POST", "/v1/locks/{name}"): _param("name", "lock"),
+    ("DELETE", "/v1/locks/{name}"): _param("name", "lock"),
+    ("GET", "/v1/elections/{name}"): "any",
+    ("POST", "/v1/elections/{name}/campaign"): _param("name", "lock", "election/"),
+    ("POST", "/v1/elections/{name}/resign"): _param("name", "lock", "election/"),
+    ("GET", "/v1/topics"): "any",
+    ("GET", "/v1/topics/{topic}"): "any",
+    ("GET", "/v1/topics/{topic}/messages"): _param("topic", "receive"),
+    ("POST", "/v1/topics/{topic}/messages"): _param("topic", "send"),
+    ("POST", "/v1/topics/{topic}/request"): _param("topic", "send"),
+    ("GET", "/v1/bindings"): "any",
+    ("GET", "/v1/transports"): "any",
+    ("POST", "/v1/subscriptions"): _subscription_topic,
+    ("GET", "/v1/subscriptions"): "any",
+    ("GET", "/v1/subscriptions/{sub}"): "any",
+    ("DELETE", "/v1/subscriptions/{sub}"): _of_subscription("subscribe"),
+    ("GET", "/v1/subscriptions/{sub}/messages"): _of_subscription("receive"),
+    ("GET", "/v1/subscriptions/{sub}/stream"): _of_subscription("receive"),
+    ("POST", "/v1/subscriptions/{sub}/ack"): _of_subscription("receive"),
+    ("POST", "/v1/subscriptions/{sub}/nack"): _of_subscription("receive"),
+    ("GET", "/v1/subscriptions/{sub}/dlq"): _of_subscription("receive"),
+    ("POST", "/v1/subscriptions/{sub}/dlq/redrive"): _of_subscription("receive"),
+    ("POST", "/v1/subscriptions/{sub}/dlq/purge"): _of_subscription("receive"),
+    ("GET", "/v1/sagas"): "any",
+    ("GET", "/v1/sagas/{saga}"): "any",
+    ("POST", "/v1/sagas"): _saga_start,
+    ("POST", "/v1/sagas/{saga}/cancel"): _saga_cancel,
+    ("GET", "/v1/services"): "any",
+    ("GET", "/v1/services/{type}"): "any",
+    ("POST", "/v1/services/{type}/invoke"): _param("type", "invoke"),
+    ("GET", "/v1/roles"): "any",
+    # everything else (members, topic settings, bindings, transports, groups,
+    # service policies, roles and grants) needs the admin
+}
+
+
+def _route_of(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    if resource is None:
+        return ""
+    return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", resource.canonical)
+
+
+async def authorize(request: web.Request, principal: Principal | None, state: AuthState) -> None:
+    """Raise ``Unauthenticated`` (401) or ``Forbidden`` (403) unless ``principal`` may make this request."""
+    rule = RULES.get((request.method if request.method != "HEAD" else "GET", _route_of(request)), "admin")
+    if rule == "public":
+        return
+    if principal is None:
+        if state.settings.allow_anonymous:
+            return
+        state.refused["no credentials"] += 1
+        raise Unauthenticated("this request needs credentials: an agent's signature or the admin token")
+    if principal.kind == "admin" or (principal.kind == "anonymous" and state.settings.allow_anonymous):
+        return
+    if state.settings.allow_anonymous:
+        return  # development mode: signatures are checked, permissions are not
+    if rule == "any":
+        return
+    if rule == "admin":
+        _deny(state, "admin", f"{principal} is not the admin", "admin", request.path)
+    if rule == "self":
+        target = request.match_info.get("id") or request.match_info.get("agent")
+        if principal.agent_id == target:
+            return
+        _deny(state, "self", f"{principal} may act only for itself, not for agent {target!r}", "self",
+              target or "")
+    assert callable(rule)
+    access = request.app[NODE].applier.machine.access
+    for action, resource in await rule(request):
+        if not access.can(principal.agent_id or "", action, resource):
+            _deny(state, action, f"{principal} lacks the permission {action} on {resource!r}", action, resource)
+
+
+def _deny(state: AuthState, permission: str, message: str, action: str, resource: str) -> None:
+    state.denied[permission] += 1
+    raise Forbidden(message, permission=action, resource=resource)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state: AuthState = request.app[AUTH]
+    node = request.app[NODE]
+    try:
+        principal = await authenticate(request, state, _public_key_of(node))
+    except Unauthenticated as exc:
+        state.refused[exc.message.split(" ")[0]] += 1
+        raise
+    await authorize(request, principal, state)
+    request[PRINCIPAL_KEY] = principal
+    return await handler(request)
+
+
+def _public_key_of(node: Any) -> Callable[[str], str | None]:
+    def lookup(agent_id: str) -> str | None:
+        agent = node.applier.machine.registry.agents.get(agent_id)
+        return agent.public_key if agent is not None else None
+    return lookup
+
+
+PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+
+
+def principal_of(request: web.Request) -> Principal | None:
+    return request.get(PRINCIPAL_KEY)
+
+
+def forward_signer(request: web.Request) -> Callable[[str, str, bytes], dict[str, str]]:
+    """Headers that carry this request's principal to the leader for one
+    forwarded request, signed with the cluster secret (none when there is no
+    principal or no secret)."""
+    state: AuthState = request.app[AUTH]
+    principal = principal_of(request)
+
+    def sign(method: str, path_qs: str, body: bytes) -> dict[str, str]:
+        if principal is None or state.settings.cluster_secret is None:
+            return {}
+        name = principal.header()
+        return {PRINCIPAL_HEADER: name,
+                FORWARD_SIG_HEADER: forward_signature(state.settings.cluster_secret, name, method, path_qs, body)}
+    return sign
+
+

@@ -1,0 +1,157 @@
+"""Role-based access control, replicated (pure): roles are lists of
+permissions, agents hold roles. The API asks ``can`` at every entry point.
+
+A permission is ``{"action", "pattern"}``:
+
+- ``send`` / ``receive`` / ``subscribe`` on topics, with NATS-style patterns
+  (``orders.*``, ``orders.>``, ``>``). Subscribing to a pattern needs a
+  permission pattern that covers every topic it can match.
+- ``invoke`` on agent types, and ``saga`` (start sagas) on saga names, with the
+  same token patterns (``>`` is every one).
+- ``kv`` and ``lock`` on keys and lock names: exact, or a prefix ending in ``*``
+  (``jobs/*``), or ``*`` for all.
+
+Grants are kept by agent id, apart from registrations, so an agent that
+re-registers keeps its roles; removing a role removes it from every grant.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from coordinator.state.base import Rejected, check_object, check_str, invalid
+from coordinator.state.topics import check_pattern
+
+TOPIC_ACTIONS = ("send", "receive", "subscribe")
+TOKEN_ACTIONS = (*TOPIC_ACTIONS, "invoke", "saga")
+PREFIX_ACTIONS = ("kv", "lock")
+ACTIONS = (*TOKEN_ACTIONS, *PREFIX_ACTIONS)
+MAX_PERMISSIONS = 256
+MAX_ROLES_PER_AGENT = 64
+MAX_ROLES = 10_000
+
+
+def check_public_key(value: str, field: str = "public_key") -> str:
+    """An Ed25519 public key: 32 bytes, standard base64."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        raise invalid(field, "must be base64") from None
+    if len(raw) != 32:
+        raise invalid(field, "must be an Ed25519 public key (32 bytes)")
+    return value
+
+
+def covers(grant: str, wanted: str) -> bool:
+    """Does the token pattern ``grant`` match every name ``wanted`` (a name or
+    a pattern) can match? ``*`` is one token, ``>`` one or more at the end."""
+    g, w = grant.split("."), wanted.split(".")
+    for i, token in enumerate(g):
+        if token == ">":
+            return len(w) > i  # one or more tokens left, whatever they are (also ">")
+        if i >= len(w):
+            return False
+        if token == "*":
+            if w[i] == ">":
+                return False
+            continue
+        if w[i] != token:
+            return False
+    return len(w) == len(g)
+
+
+def _prefix_covers(grant: str, wanted: str) -> bool:
+    if grant.endswith("*"):
+        return wanted.startswith(grant[:-1])
+    return wanted == grant
+
+
+def normalize_permission(value: Any, field: str) -> dict[str, str]:
+    permission = check_object(value, field)
+    for key in permission:
+        if key not in ("action", "pattern"):
+            raise invalid(f"{field}.{key}", "unknown field (allowed: action, pattern)")
+    action = permission.get("action")
+    if action not in ACTIONS:
+        raise invalid(f"{field}.action", f"must be one of {', '.join(ACTIONS)}")
+    if action in PREFIX_ACTIONS:
+        pattern = check_str(permission.get("pattern"), f"{field}.pattern", 1024)
+    else:
+        pattern = check_pattern(permission.get("pattern"), f"{field}.pattern")
+    return {"action": action, "pattern": pattern}
+
+
+class Access:
+    def __init__(self) -> None:
+        self.roles: dict[str, list[dict[str, str]]] = {}
+        self.grants: dict[str, list[str]] = {}  # agent id -> role names
+
+    # -- commands --------------------------------------------------------------------------
+
+    def put_role(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = check_str(args.get("name"), "name")
+        raw = args.get("permissions")
+        if not isinstance(raw, list) or len(raw) > MAX_PERMISSIONS:
+            raise invalid("permissions", f"must be a list of at most {MAX_PERMISSIONS} permissions")
+        permissions = [normalize_permission(p, f"permissions[{i}]") for i, p in enumerate(raw)]
+        if name not in self.roles and len(self.roles) >= MAX_ROLES:
+            raise Rejected("unavailable", f"too many roles ({MAX_ROLES})")
+        self.roles[name] = permissions
+        return {"name": name, "permissions": permissions}
+
+    def delete_role(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = check_str(args.get("name"), "name")
+        if self.roles.pop(name, None) is None:
+            raise Rejected("not_found", f"role {name!r} does not exist")
+        for agent_id in list(self.grants):
+            self.grants[agent_id] = [r for r in self.grants[agent_id] if r != name]
+            if not self.grants[agent_id]:
+                del self.grants[agent_id]
+        return {"name": name}
+
+    def grant(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Set an agent's roles (the whole list; empty removes them all)."""
+        agent_id = check_str(args.get("agent"), "agent")
+        roles = args.get("roles")
+        if not isinstance(roles, list) or len(roles) > MAX_ROLES_PER_AGENT:
+            raise invalid("roles", f"must be a list of at most {MAX_ROLES_PER_AGENT} role names")
+        names = [check_str(r, f"roles[{i}]") for i, r in enumerate(roles)]
+        for i, name in enumerate(names):
+            if name not in self.roles:
+                raise invalid(f"roles[{i}]", f"role {name!r} does not exist")
+        if names:
+            self.grants[agent_id] = sorted(set(names))
+        else:
+            self.grants.pop(agent_id, None)
+        return {"agent": agent_id, "roles": self.grants.get(agent_id, [])}
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def can(self, agent_id: str, action: str, resource: str) -> bool:
+        prefix = action in PREFIX_ACTIONS
+        for role in self.grants.get(agent_id, ()):
+            for permission in self.roles.get(role, ()):
+                if permission["action"] != action:
+                    continue
+                if _prefix_covers(permission["pattern"], resource) if prefix else \
+                        covers(permission["pattern"], resource):
+                    return True
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        return {"roles": [{"name": n, "permissions": p} for n, p in sorted(self.roles.items())],
+                "grants": [{"agent": a, "roles": r} for a, r in sorted(self.grants.items())]}
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def to_data(self) -> dict[str, Any]:
+        return {"roles": self.roles, "grants": self.grants}
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Access:
+        access = cls()
+        access.roles = {k: list(v) for k, v in data["roles"].items()}
+        access.grants = {k: list(v) for k, v in data["grants"].items()}
+        return access
