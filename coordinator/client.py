@@ -23,24 +23,29 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import yarl
 
+from coordinator import crypto
+from coordinator.crypto import AgentKeys, authorization_header
 from coordinator.errors import (
     BadGateway,
     Compacted,
     Conflict,
     CoordinatorError,
+    Forbidden,
     InvalidInput,
     NotFound,
     OutcomeUnknown,
     RateLimited,
     RequestTimeout,
     TooLarge,
+    Unauthenticated,
     Unavailable,
 )
 from coordinator.tls import client_context
 
-_ERRORS: dict[int, type[CoordinatorError]] = {404: NotFound, 409: Conflict, 410: Compacted, 413: TooLarge,
-                                              502: BadGateway}
+_ERRORS: dict[int, type[CoordinatorError]] = {401: Unauthenticated, 403: Forbidden, 404: NotFound, 409: Conflict,
+                                              410: Compacted, 413: TooLarge, 502: BadGateway}
 
 
 class ApiError(CoordinatorError):
@@ -115,8 +120,18 @@ class CoordinatorClient:
     ``host:port`` endpoints and the nodes' leader hints mean HTTPS."""
 
     def __init__(self, endpoints: list[str] | str, *, timeout_s: float = 10.0, request_timeout_s: float = 6.0,
-                 ca_file: str | None = None, ssl: ssl_module.SSLContext | None = None) -> None:
+                 ca_file: str | None = None, ssl: ssl_module.SSLContext | None = None,
+                 token: str | None = None, agent_id: str | None = None, keys: AgentKeys | None = None) -> None:
+        """``token``: the admin credential. ``agent_id`` with ``keys``: sign every
+        request as that agent (its registered Ed25519 key). Neither: anonymous."""
         raw = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if (agent_id is None) != (keys is None):
+            raise InvalidInput("keys: an agent signs with agent_id and keys together", field="keys")
+        if token is not None and keys is not None:
+            raise InvalidInput("token: give the admin token or an agent's keys, not both", field="token")
+        self._token = token
+        self.agent_id = agent_id
+        self.keys = keys
         if ca_file is not None and ssl is not None:
             raise InvalidInput("ca_file: give ca_file or ssl, not both", field="ca_file")
         self._ssl = ssl if ssl is not None else client_context(ca_file) if ca_file is not None else None
@@ -152,6 +167,20 @@ class CoordinatorClient:
     def endpoint(self) -> str:
         return self.endpoints[self._current]
 
+    def _prepare(self, method: str, path: str, params: dict[str, Any] | None, body: bytes,
+                 headers: dict[str, str] | None = None) -> tuple[yarl.URL, dict[str, str]]:
+        """The URL (sent exactly as signed) and the headers with the credential."""
+        path_qs = path + ("?" + urllib.parse.urlencode({k: str(v) for k, v in params.items()}) if params else "")
+        url = yarl.URL(self.endpoint + path_qs, encoded=True)
+        out = dict(headers or {})
+        if self._token is not None:
+            out["Authorization"] = f"Bearer {self._token}"
+        elif self.keys is not None and self.agent_id is not None:
+            host = url.raw_authority
+            out["Authorization"] = authorization_header(self.agent_id, self.keys.sign, method, host, path_qs, body,
+                                                        int(time.time() * 1000), secrets.token_urlsafe(18))
+        return url, out
+
     def _move(self, hint: str | None) -> None:
         if hint:
             hinted = _base(hint, self._scheme)
@@ -182,8 +211,11 @@ class CoordinatorClient:
             hint = None
             retry_after = min(0.05 * 2 ** min(attempt, 5), 1.0)
             try:
-                async with self._http().request(method, self.endpoint + path, json=body, params=params,
-                                                **per_attempt) as response:
+                data = json.dumps(body).encode() if body is not None else b""
+                url, headers = self._prepare(method, path, params, data,
+                                             {"Content-Type": "application/json"} if body is not None else None)
+                async with self._http().request(method, url, data=data if body is not None else None,
+                                                headers=headers, **per_attempt) as response:
                     text = await response.text()
                     status = response.status
                     data = json.loads(text) if text else None
@@ -357,15 +389,58 @@ class CoordinatorClient:
     # -- bus ---------------------------------------------------------------------------------------
 
     async def publish(self, topic: str, message: dict[str, Any] | None = None, *,
-                      messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                      messages: list[dict[str, Any]] | None = None,
+                      seal_to: list[str] | None = None) -> dict[str, Any]:
         """Publish one message (answer: its id, offset, routed) or a batch in one
         log entry (``messages=``; answer: ``{"topic", "messages": [...]}``).
-        Retries reuse one request id, so a retried publish is stored once."""
+        Retries reuse one request id, so a retried publish is stored once.
+        ``seal_to``: encrypt each payload for these agents and sign it as this
+        client's agent (see ``seal``); the cluster cannot read it."""
         if (message is None) == (messages is None):
             raise InvalidInput("give message or messages", field="message")
+        if seal_to is not None:
+            if message is not None:
+                message = {**message, "payload": await self.seal(message.get("payload"), seal_to)}
+            else:
+                messages = [{**m, "payload": await self.seal(m.get("payload"), seal_to)} for m in messages or []]
         body: dict[str, Any] = dict(message) if message is not None else {"messages": messages}
         body["request_id"] = self._request_id()
         return await self.request("POST", f"/v1/topics/{_seg(topic)}/messages", body)
+
+    async def seal(self, payload: Any, recipients: list[str]) -> dict[str, Any]:
+        """``payload`` encrypted for ``recipients`` (their public keys come from
+        the registry) and signed by this client's agent."""
+        if self.keys is None or self.agent_id is None:
+            raise InvalidInput("keys: sealing needs the client's agent_id and keys", field="keys")
+        keys = {}
+        for recipient in recipients:
+            agent = await self.request("GET", f"/v1/agents/{_seg(recipient)}")
+            if not agent.get("public_key"):
+                raise InvalidInput(f"seal_to: agent {recipient!r} registered no public key", field="seal_to")
+            keys[recipient] = agent["public_key"]
+        return crypto.seal(payload, sender_id=self.agent_id, sender=self.keys, recipients=keys)
+
+    async def open(self, message: dict[str, Any]) -> Any:
+        """A delivered message's payload, opened if it is sealed: the sender's
+        signature is checked with the key the registry holds for it, and the
+        message must come from that sender. ``SealError`` when it was tampered
+        with, signed by someone else, or not sealed for this agent."""
+        payload = message.get("payload")
+        if not crypto.is_sealed(payload):
+            return payload
+        if self.keys is None or self.agent_id is None:
+            raise crypto.SealError("not a recipient: this client has no agent keys")
+        sender = payload.get("sender")
+        if not isinstance(sender, str):
+            raise crypto.SealError("malformed sender", "sender")
+        if message.get("source") not in (None, sender):
+            raise crypto.SealError(f"tampered: sealed by {sender!r} but sent by {message.get('source')!r}", "sender")
+        try:
+            agent = await self.request("GET", f"/v1/agents/{_seg(sender)}")
+        except NotFound:
+            raise crypto.SealError(f"bad signature by {sender!r}: the sender is not registered", "sender") from None
+        return crypto.open_sealed(payload, recipient_id=self.agent_id, recipient=self.keys,
+                                  sender_public_key=agent.get("public_key") or "")
 
     def publisher(self, topic: str, *, max_batch: int = 100, linger_s: float = 0.002) -> Publisher:
         """Client-side batching: ``await pub.publish(msg)`` returns when the
@@ -554,9 +629,9 @@ class CoordinatorClient:
         limit = aiohttp.ClientTimeout(total=(timeout_s or MAX_INVOKE_TIMEOUT_S) + 5.0)  # the node's own limit first
         last: CoordinatorError = Unavailable("no node reachable")
         for _ in range(len(self.endpoints)):
-            url = f"{self.endpoint}/v1/services/{_seg(agent_type)}/invoke"
+            url, signed = self._prepare("POST", f"/v1/services/{_seg(agent_type)}/invoke", None, data, headers)
             try:
-                async with self._http().post(url, data=data, headers=headers, timeout=limit) as response:
+                async with self._http().post(url, data=data, headers=signed, timeout=limit) as response:
                     body = await response.read()
                     if "X-Coord-Agent" in response.headers:
                         # The parsed headers as they are: a plain dict would make
@@ -659,7 +734,8 @@ class CoordinatorClient:
                 query[cursor_name] = str(last_id + 1)
             try:
                 timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-                async with self._http().get(self.endpoint + path, params=query, timeout=timeout) as response:
+                url, headers = self._prepare("GET", path, query, b"")
+                async with self._http().get(url, headers=headers, timeout=timeout) as response:
                     if response.status in (404, 410):
                         message = (await response.json()).get("error", {}).get("message", "")
                         raise (NotFound if response.status == 404 else Compacted)(message)

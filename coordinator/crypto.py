@@ -57,11 +57,12 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import os
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import nacl.bindings
@@ -479,3 +480,22 @@ def open_sealed(envelope: Any, *, recipient_id: str, recipient: AgentKeys, sende
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# -- signed requests ----------------------------------------------------------------------------
+
+SCHEME_AGENT = "Coord-Ed25519"
+SIGNED_PREFIX = "COORD-ED25519-V1"
+
+
+def signed_text(method: str, host: str, path_qs: str, ts_ms: int, nonce: str, body: bytes) -> bytes:
+    """What an agent signs for one request."""
+    digest = hashlib.sha256(body).hexdigest()
+    return "\n".join((SIGNED_PREFIX, method.upper(), host, path_qs, str(ts_ms), nonce, digest)).encode()
+
+
+def authorization_header(agent_id: str, sign: Callable[[bytes], str], method: str, host: str, path_qs: str,
+                         body: bytes, ts_ms: int, nonce: str) -> str:
+    """The header an agent sends (used by the Python client)."""
+    signature = sign(signed_text(method, host, path_qs, ts_ms, nonce, body))
+    return f'{SCHEME_AGENT} agent="{agent_id}", ts="{ts_ms}", nonce="{nonce}", sig="{signature}"'

@@ -8,8 +8,8 @@ Credentials (the ``Authorization`` header):
 - ``Coord-Ed25519 agent="<id>", ts="<unix ms>", nonce="<16-64 of A-Za-z0-9_->",
   sig="<base64>"``: an agent's signed request. The signature (Ed25519, by the
   key the agent registered) covers ``COORD-ED25519-V1``, the method, the
-  Host header, the path with its query, ts, nonce and the SHA-256 of the
-  body, one per line. A timestamp more than ``clock_skew_s`` away from this
+  Host header, the path with its query exactly as sent, ts, nonce and the
+  SHA-256 of the body, one per line. A timestamp more than ``clock_skew_s`` away from this
   node's clock, or a nonce this node has seen within that window, is refused
   (so a replay to this node fails, and a replay to another node fails its
   Host).
@@ -48,10 +48,9 @@ from aiohttp import web
 
 from coordinator import crypto
 from coordinator.api.keys import AUTH, NODE
+from coordinator.crypto import SCHEME_AGENT, signed_text
 from coordinator.errors import Forbidden, InvalidInput, Unauthenticated
 
-SCHEME_AGENT = "Coord-Ed25519"
-SIGNED_PREFIX = "COORD-ED25519-V1"
 PRINCIPAL_HEADER = "X-Coord-Principal"
 FORWARD_SIG_HEADER = "X-Coord-Forward-Sig"
 NONCE_RE = re.compile(r"[A-Za-z0-9_\-]{16,64}\Z")
@@ -165,19 +164,6 @@ def parse_authorization(value: str) -> tuple[str, Any]:
     return "agent", AgentCredential(agent_id, int(params["ts"]), params["nonce"], signature)
 
 
-def signed_text(method: str, host: str, path_qs: str, ts_ms: int, nonce: str, body: bytes) -> bytes:
-    """What an agent signs for one request."""
-    digest = hashlib.sha256(body).hexdigest()
-    return "\n".join((SIGNED_PREFIX, method.upper(), host, path_qs, str(ts_ms), nonce, digest)).encode()
-
-
-def authorization_header(agent_id: str, sign: Callable[[bytes], str], method: str, host: str, path_qs: str,
-                         body: bytes, ts_ms: int, nonce: str) -> str:
-    """The header an agent sends (used by the Python client)."""
-    signature = sign(signed_text(method, host, path_qs, ts_ms, nonce, body))
-    return f'{SCHEME_AGENT} agent="{agent_id}", ts="{ts_ms}", nonce="{nonce}", sig="{signature}"'
-
-
 def forward_signature(secret: str, principal: str, method: str, path_qs: str, body: bytes) -> str:
     text = "\n".join((principal, method.upper(), path_qs, hashlib.sha256(body).hexdigest())).encode()
     return hmac.new(secret.encode(), text, hashlib.sha256).hexdigest()
@@ -210,7 +196,7 @@ async def authenticate(request: web.Request, state: AuthState, public_key_of: Ca
     key = public_key_of(credential.agent_id) or await _joining_key(request, credential.agent_id)
     if key is None:
         raise Unauthenticated(f"agent {credential.agent_id!r} has no registered public key")
-    text = signed_text(request.method, request.host, request.path_qs, credential.ts_ms, credential.nonce, body)
+    text = signed_text(request.method, request.host, request.raw_path, credential.ts_ms, credential.nonce, body)
     if not crypto.verify(key, text, base64.b64encode(credential.signature).decode()):
         raise Unauthenticated(f"the signature of agent {credential.agent_id!r} does not verify")
     if not state.remember_nonce(f"{credential.agent_id}/{credential.nonce}", now):

@@ -10,9 +10,10 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import schemas as s
-from coordinator.api.auth import forward_signer
-from coordinator.api.keys import NODE
-from coordinator.errors import Compacted, CoordinatorError, InvalidInput, NotFound
+from coordinator.api.auth import forward_signer, principal_of
+from coordinator.api.keys import AUTH, NODE
+from coordinator.crypto import SCHEME_AGENT
+from coordinator.errors import Compacted, CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
 from coordinator.services import watch
 from coordinator.services.node import ELECTION_PREFIX, FORWARD_HEADER, CoordinatorNode, ttl_ms_from
 
@@ -160,8 +161,10 @@ async def kv_delete(request: web.Request) -> web.Response:
 @routes.post("/v1/agents")
 async def agents_register(request: web.Request) -> web.Response:
     node = node_of(request)
-    body = await s.json_body(request, {"id", "type", "metadata", "ttl_s", "endpoint", "weight", "request_id"})
+    body = await s.json_body(request, {"id", "type", "metadata", "ttl_s", "endpoint", "weight", "public_key",
+                                       "request_id"})
     agent_id = s.optional_name(body, "id") or f"agent-{node.rng.token_hex(8)}"
+    _may_join(request, agent_id, body)
     args: dict[str, Any] = {
         "id": agent_id,
         "type": s.name(body.get("type"), "type"),
@@ -172,8 +175,25 @@ async def agents_register(request: web.Request) -> web.Response:
         args["endpoint"] = s.name(body["endpoint"], "endpoint", 2048)
     if body.get("weight") is not None:
         args["weight"] = s.integer(body["weight"], "weight", 1, 1_000_000)
+    if body.get("public_key") is not None:
+        args["public_key"] = s.public_key(body["public_key"], "public_key")
     result = await node.write("agent.register", args, s.request_id(request, body))
     return ok(result, status=201)
+
+
+def _may_join(request: web.Request, agent_id: str, body: dict[str, Any]) -> None:
+    """Who may register ``agent_id``: anyone when anonymous access is allowed;
+    else the admin, or the agent itself, signing with the key it registers
+    (a new agent) or with the key it registered before (an existing one)."""
+    if request.app[AUTH].settings.allow_anonymous:
+        return
+    principal = principal_of(request)
+    if principal is None:
+        raise Unauthenticated("joining needs the admin token or a request signed with the key being registered "
+                              f"({SCHEME_AGENT}, with public_key in the body)")
+    if principal.kind == "agent" and principal.agent_id != agent_id:
+        raise Forbidden(f"{principal} may register only itself, not {agent_id!r}", permission="self",
+                        resource=agent_id)
 
 
 @routes.get("/v1/agents")

@@ -6,6 +6,8 @@ anything is proposed, so bad input never reaches the log.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from typing import Any
@@ -150,3 +152,15 @@ def prefix(request: web.Request) -> str:
 
 def key(request: web.Request) -> str:
     return name(request.match_info["key"], "key", MAX_KEY_LEN)
+
+
+def public_key(value: Any, field: str) -> str:
+    """An Ed25519 public key in standard base64 (32 bytes)."""
+    text = name(value, field, 64)
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error):
+        raise InvalidInput(f"{field}: must be base64", field=field) from None
+    if len(raw) != 32:
+        raise InvalidInput(f"{field}: must be an Ed25519 public key (32 bytes)", field=field)
+    return text
