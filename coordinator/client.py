@@ -315,6 +315,27 @@ class CoordinatorClient:
         answer = await self.request("POST", "/v1/agents", body)
         return Registration(answer["id"], answer["lease_id"], answer["ttl_s"])
 
+    async def join(self, agent_type: str, *, metadata: dict[str, Any] | None = None, ttl_s: float = 10.0,
+                   endpoint: str | None = None, weight: int | None = None) -> Registration:
+        """Register this client's own agent (``agent_id`` and ``keys``) with
+        its public key, the request signed by that key; solves the cluster's
+        join proof of work first when the admin asks for one."""
+        if self.keys is None or self.agent_id is None:
+            raise InvalidInput("keys: joining needs the client's agent_id and keys", field="keys")
+        body: dict[str, Any] = {"id": self.agent_id, "type": agent_type, "ttl_s": ttl_s, "metadata": metadata or {},
+                                "public_key": self.keys.public_key, "request_id": self._request_id()}
+        if endpoint:
+            body["endpoint"] = endpoint
+        if weight is not None:
+            body["weight"] = weight
+        puzzle = await self.request("GET", "/v1/join/challenge")
+        if puzzle["difficulty"]:
+            nonce = await asyncio.to_thread(crypto.solve_pow, puzzle["challenge"], self.agent_id,
+                                            self.keys.public_key, puzzle["difficulty"])
+            body["proof"] = {"challenge": puzzle["challenge"], "nonce": nonce}
+        answer = await self.request("POST", "/v1/agents", body)
+        return Registration(answer["id"], answer["lease_id"], answer["ttl_s"])
+
     async def heartbeat(self, agent_id: str, *, health: str | None = None) -> dict[str, Any]:
         body = {"health": health} if health else {}
         return await self.request("POST", f"/v1/agents/{_seg(agent_id)}/heartbeat", body)

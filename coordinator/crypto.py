@@ -499,3 +499,27 @@ def authorization_header(agent_id: str, sign: Callable[[bytes], str], method: st
     """The header an agent sends (used by the Python client)."""
     signature = sign(signed_text(method, host, path_qs, ts_ms, nonce, body))
     return f'{SCHEME_AGENT} agent="{agent_id}", ts="{ts_ms}", nonce="{nonce}", sig="{signature}"'
+
+
+# -- admission proof of work --------------------------------------------------------------------
+
+POW_MAX_DIFFICULTY = 32
+
+
+def pow_digest(challenge: str, agent_id: str, public_key: str, nonce: str) -> bytes:
+    return hashlib.sha256(f"{challenge}:{agent_id}:{public_key}:{nonce}".encode()).digest()
+
+
+def leading_zero_bits(digest: bytes) -> int:
+    value = int.from_bytes(digest, "big")
+    return len(digest) * 8 - value.bit_length()
+
+
+def solve_pow(challenge: str, agent_id: str, public_key: str, difficulty: int, max_tries: int = 1 << 34) -> str:
+    """A nonce whose digest has ``difficulty`` leading zero bits (hashcash).
+    CPU-bound: about 2**difficulty hashes; run it in a thread."""
+    for i in range(max_tries):
+        nonce = format(i, "x")
+        if leading_zero_bits(pow_digest(challenge, agent_id, public_key, nonce)) >= difficulty:
+            return nonce
+    raise ValueError(f"no proof found in {max_tries} tries")

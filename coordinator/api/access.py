@@ -6,6 +6,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from coordinator.api import schemas as s
+from coordinator.api.auth import CHALLENGE_TTL_S, issue_challenge
+from coordinator.api.keys import AUTH
 from coordinator.api.routes import node_of, ok
 
 access_routes = web.RouteTableDef()
@@ -39,3 +41,25 @@ async def grant_roles(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"roles", "request_id"})
     return ok(await node_of(request).write("role.grant", {"agent": agent_id, "roles": body.get("roles")},
                                            s.request_id(request, body)))
+
+
+@access_routes.get("/v1/join/challenge")
+async def join_challenge(request: web.Request) -> web.Response:
+    """A proof-of-work challenge for joining, and the difficulty the cluster asks."""
+    node = node_of(request)
+    return ok({"challenge": issue_challenge(request.app[AUTH]),
+               "difficulty": node.applier.machine.access.pow_difficulty, "expires_in_s": CHALLENGE_TTL_S})
+
+
+@access_routes.get("/v1/security")
+async def get_security(request: web.Request) -> web.Response:
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    return ok({"pow_difficulty": node.applier.machine.access.pow_difficulty})
+
+
+@access_routes.put("/v1/security")
+async def put_security(request: web.Request) -> web.Response:
+    body = await s.json_body(request, {"pow_difficulty", "request_id"})
+    args = {k: v for k, v in body.items() if k != "request_id"}
+    return ok(await node_of(request).write("security.configure", args, s.request_id(request, body)))

@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
@@ -89,6 +90,8 @@ class AuthState:
         self.denied: Counter[str] = Counter()  # permission -> 403s
         self.refused: Counter[str] = Counter()  # reason -> 401s
         self._nonces: OrderedDict[str, float] = OrderedDict()  # nonce -> expiry (seconds)
+        # Join challenges are signed with the cluster secret, so any node checks them.
+        self.challenge_secret = settings.cluster_secret or secrets.token_hex(32)
 
     def remember_nonce(self, key: str, now: float) -> bool:
         """False when ``key`` was seen within the window (a replay)."""
@@ -195,6 +198,8 @@ async def authenticate(request: web.Request, state: AuthState, public_key_of: Ca
     body = await request.read()
     key = public_key_of(credential.agent_id) or await _joining_key(request, credential.agent_id)
     if key is None:
+        if _rule_of(request) == "public":
+            return None  # an agent not registered yet may read what anyone may (a join challenge)
         raise Unauthenticated(f"agent {credential.agent_id!r} has no registered public key")
     text = signed_text(request.method, request.host, request.raw_path, credential.ts_ms, credential.nonce, body)
     if not crypto.verify(key, text, base64.b64encode(credential.signature).decode()):
@@ -227,6 +232,46 @@ async def _forwarded_principal(request: web.Request, state: AuthState, forwarded
     if forwarded in ("admin", "anonymous"):
         return Principal(forwarded)
     raise Unauthenticated("a forwarded principal of an unknown kind")
+
+
+# -- admission proof of work ----------------------------------------------------------------
+
+CHALLENGE_TTL_S = 300.0
+
+
+def issue_challenge(state: AuthState) -> str:
+    """A join challenge any node of the cluster can check (an HMAC of the
+    cluster secret over its expiry and a random part): no state is kept."""
+    expires_ms = int((state.clock() + CHALLENGE_TTL_S) * 1000)
+    head = f"{expires_ms}.{secrets.token_hex(8)}"
+    return f"{head}.{_challenge_mac(state, head)}"
+
+
+def _challenge_mac(state: AuthState, head: str) -> str:
+    return hmac.new(state.challenge_secret.encode(), head.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def check_proof(state: AuthState, proof: Any, agent_id: str, public_key: str, difficulty: int) -> None:
+    """A join's proof of work: a challenge from this cluster, not expired, and
+    a nonce whose digest over the challenge, the agent id and its public key
+    has ``difficulty`` leading zero bits. ``Forbidden`` (403) otherwise."""
+    def refuse(why: str) -> None:
+        state.denied["proof_of_work"] += 1
+        raise Forbidden(f"proof of work: {why} (GET /v1/join/challenge, then solve it; difficulty {difficulty})",
+                        permission="proof_of_work", resource=agent_id)
+
+    if not isinstance(proof, dict) or not isinstance(proof.get("challenge"), str) \
+            or not isinstance(proof.get("nonce"), str) or len(proof["nonce"]) > 64:
+        refuse("this cluster asks for a proof {\"challenge\", \"nonce\"} with the join")
+    challenge, nonce = proof["challenge"], proof["nonce"]
+    head, _, mac = challenge.rpartition(".")
+    expires, _, _ = head.partition(".")
+    if not expires.isdigit() or not hmac.compare_digest(mac.encode(), _challenge_mac(state, head).encode()):
+        refuse("the challenge was not issued by this cluster")
+    if int(expires) / 1000 < state.clock():
+        refuse("the challenge expired")
+    if crypto.leading_zero_bits(crypto.pow_digest(challenge, agent_id, public_key, nonce)) < difficulty:
+        refuse("the nonce does not solve the challenge")
 
 
 # -- authorizing -----------------------------------------------------------------------------
@@ -301,7 +346,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/readyz"): "public",
     ("GET", "/metrics"): "public",
     ("GET", "/v1/status"): "public",
-    ("POST", "/v1/agents"): "public",  # joining: the handler checks the self-signature
+    ("POST", "/v1/agents"): "public",  # joining: the handler checks the self-signature and the proof
+    ("GET", "/v1/join/challenge"): "public",
+    ("GET", "/v1/security"): "any",
     ("GET", "/v1/agents"): "any",
     ("GET", "/v1/agents/{id}"): "any",
     ("PATCH", "/v1/agents/{id}"): "self",
@@ -367,9 +414,13 @@ def _route_of(request: web.Request) -> str:
     return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", resource.canonical)
 
 
+def _rule_of(request: web.Request) -> Rule:
+    return RULES.get((request.method if request.method != "HEAD" else "GET", _route_of(request)), "admin")
+
+
 async def authorize(request: web.Request, principal: Principal | None, state: AuthState) -> None:
     """Raise ``Unauthenticated`` (401) or ``Forbidden`` (403) unless ``principal`` may make this request."""
-    rule = RULES.get((request.method if request.method != "HEAD" else "GET", _route_of(request)), "admin")
+    rule = _rule_of(request)
     if rule == "public":
         return
     if principal is None:

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import schemas as s
-from coordinator.api.auth import forward_signer, principal_of
+from coordinator.api.auth import check_proof, forward_signer, principal_of
 from coordinator.api.keys import AUTH, NODE
 from coordinator.crypto import SCHEME_AGENT
 from coordinator.errors import Compacted, CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
@@ -162,7 +162,7 @@ async def kv_delete(request: web.Request) -> web.Response:
 async def agents_register(request: web.Request) -> web.Response:
     node = node_of(request)
     body = await s.json_body(request, {"id", "type", "metadata", "ttl_s", "endpoint", "weight", "public_key",
-                                       "request_id"})
+                                       "proof", "request_id"})
     agent_id = s.optional_name(body, "id") or f"agent-{node.rng.token_hex(8)}"
     _may_join(request, agent_id, body)
     args: dict[str, Any] = {
@@ -184,10 +184,15 @@ async def agents_register(request: web.Request) -> web.Response:
 def _may_join(request: web.Request, agent_id: str, body: dict[str, Any]) -> None:
     """Who may register ``agent_id``: anyone when anonymous access is allowed;
     else the admin, or the agent itself, signing with the key it registers
-    (a new agent) or with the key it registered before (an existing one)."""
+    (a new agent) or with the key it registered before (an existing one).
+    When the admin set a proof-of-work difficulty, everyone but the admin
+    brings a solved challenge."""
+    principal = principal_of(request)
+    difficulty = node_of(request).applier.machine.access.pow_difficulty
+    if difficulty and (principal is None or principal.kind != "admin"):
+        check_proof(request.app[AUTH], body.get("proof"), agent_id, str(body.get("public_key") or ""), difficulty)
     if request.app[AUTH].settings.allow_anonymous:
         return
-    principal = principal_of(request)
     if principal is None:
         raise Unauthenticated("joining needs the admin token or a request signed with the key being registered "
                               f"({SCHEME_AGENT}, with public_key in the body)")

@@ -21,7 +21,7 @@ import base64
 import binascii
 from typing import Any
 
-from coordinator.state.base import Rejected, check_object, check_str, invalid
+from coordinator.state.base import Rejected, check_int, check_object, check_str, invalid
 from coordinator.state.topics import check_pattern
 
 TOPIC_ACTIONS = ("send", "receive", "subscribe")
@@ -87,6 +87,7 @@ class Access:
     def __init__(self) -> None:
         self.roles: dict[str, list[dict[str, str]]] = {}
         self.grants: dict[str, list[str]] = {}  # agent id -> role names
+        self.pow_difficulty = 0  # leading zero bits a join's proof of work needs (0: none)
 
     # -- commands --------------------------------------------------------------------------
 
@@ -127,6 +128,15 @@ class Access:
             self.grants.pop(agent_id, None)
         return {"agent": agent_id, "roles": self.grants.get(agent_id, [])}
 
+    def configure(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Security settings the admin sets: ``pow_difficulty`` (0-32 bits)."""
+        for key in args:
+            if key != "pow_difficulty":
+                raise invalid(key, "unknown setting (allowed: pow_difficulty)")
+        if "pow_difficulty" in args:
+            self.pow_difficulty = check_int(args["pow_difficulty"], "pow_difficulty", 0, 32)
+        return {"pow_difficulty": self.pow_difficulty}
+
     # -- checks ------------------------------------------------------------------------------
 
     def can(self, agent_id: str, action: str, resource: str) -> bool:
@@ -147,11 +157,12 @@ class Access:
     # -- snapshots -----------------------------------------------------------------------------
 
     def to_data(self) -> dict[str, Any]:
-        return {"roles": self.roles, "grants": self.grants}
+        return {"roles": self.roles, "grants": self.grants, "pow_difficulty": self.pow_difficulty}
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Access:
         access = cls()
         access.roles = {k: list(v) for k, v in data["roles"].items()}
         access.grants = {k: list(v) for k, v in data["grants"].items()}
+        access.pow_difficulty = data.get("pow_difficulty", 0)
         return access

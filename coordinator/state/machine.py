@@ -528,6 +528,11 @@ def _role_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> A
     return sm.access.delete_role(args)
 
 
+@_op("security.configure")
+def _security_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.access.configure(args)
+
+
 @_op("role.grant")
 def _role_grant(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     return sm.access.grant(args)
