@@ -78,14 +78,14 @@ class NodeConfig:
                 raise InvalidInput(f"peers: {peer.id} repeats an id or address", field="peers")
             ids.add(peer.id)
             addresses |= {peer.raft, peer.http}
+        if len(self.secret) < 16:
+            raise InvalidInput("secret: the cluster secret must have at least 16 characters "
+                               "(secret_file or COORD_CLUSTER_SECRET)", field="secret")
         if self.admin_token and len(self.admin_token) < 16:
             raise InvalidInput("admin_token: must have at least 16 characters", field="admin_token")
         if not self.allow_anonymous and not self.admin_token:
             raise InvalidInput("admin_token: required unless allow_anonymous is set (admin_token_file or "
                                "COORD_ADMIN_TOKEN); without it nobody could manage roles", field="admin_token")
-        if len(self.secret) < 16:
-            raise InvalidInput("secret: the cluster secret must have at least 16 characters "
-                               "(secret_file or COORD_CLUSTER_SECRET)", field="secret")
         if self.durability not in DURABILITY:
             raise InvalidInput("durability: must be fsync or none", field="durability")
         if not 0.05 <= self.heartbeat_s < self.election_timeout_min_s / 3:

@@ -83,8 +83,10 @@ async def serve(config: NodeConfig) -> None:
         log.warning("anonymous access is allowed: requests without credentials may do anything")
     # handler_cancellation: a long-poll or stream whose client went away must stop
     # taking messages for it. shutdown_timeout: in-flight requests get a second.
+    # Header limits are explicit (bodies are capped by make_app at 1 MiB): a request
+    # line or header over 8 KiB, or more than 64 headers, is refused before any handler.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
-                           shutdown_timeout=1.0)
+                           shutdown_timeout=1.0, max_line_size=8190, max_field_size=8190, max_headers=64)
     await runner.setup()
     host, _, port = config.http.rpartition(":")
     site = web.TCPSite(runner, host, int(port), reuse_address=True, ssl_context=server_ssl)
