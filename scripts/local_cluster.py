@@ -58,6 +58,13 @@ def tls_running(directory: Path) -> bool | None:
     return None if not modes else True in modes
 
 
+def secure_running(directory: Path) -> bool | None:
+    """Whether the nodes running from ``directory`` require credentials (None: none runs)."""
+    modes = {recorded_pid(pid_file, "--admin-token-file") is not None
+             for pid_file in directory.glob("n*.pid") if recorded_pid(pid_file, "serve") is not None}
+    return None if not modes else True in modes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("action", choices=("up", "down"))
@@ -71,6 +78,9 @@ def main() -> int:
                         help="wire the nodes' Raft links through a chaos fault proxy (python -m chaos.proxy)")
     parser.add_argument("--tls", action="store_true",
                         help="serve HTTPS with certificates from a local CA generated under DIR/tls")
+    parser.add_argument("--secure", action="store_true",
+                        help="require credentials (an admin token generated in DIR/admin.token, agents' "
+                             "signatures); without it the cluster allows anonymous access (development)")
     args = parser.parse_args()
     proxied = args.proxy or (Path(args.dir) / "proxy.pid").exists()
     running_tls = tls_running(Path(args.dir))
@@ -78,8 +88,14 @@ def main() -> int:
         print("cluster-up: nodes already run without TLS; stop them first (cluster-down.sh)", file=sys.stderr)
         return 1
     tls = args.tls or bool(running_tls)
+    running_secure = secure_running(Path(args.dir))
+    if args.action == "up" and args.secure and running_secure is False:
+        print("cluster-up: nodes already run with anonymous access; stop them first (cluster-down.sh)",
+              file=sys.stderr)
+        return 1
+    secure = args.secure or bool(running_secure)
     cluster = LocalCluster(args.dir, base_port=args.base_port, nodes=args.nodes, engine=args.engine,
-                           durability=args.durability, proxied=proxied, tls=tls)
+                           durability=args.durability, proxied=proxied, tls=tls, secure=secure)
     if args.action == "down":
         stopped = cluster.stop_all()
         print(f"stopped {', '.join(stopped)}" if stopped else "no running nodes found")
@@ -102,6 +118,11 @@ def main() -> int:
     for node_id in cluster.members:
         spec = cluster.specs[node_id]
         print(f"{node_id}: {cluster.url(node_id)}  (raft {spec.raft})")
+    if secure:
+        print(f"credentials required: the admin token is in {cluster.admin_token_file} "
+              "(Authorization: Bearer <token>)")
+    else:
+        print("anonymous access allowed (development mode; --secure requires credentials)")
     if tls:
         print(f"CA certificate: {cluster.ca_file}")
         print(f"try: curl --cacert {cluster.ca_file} {cluster.url(leader)}/v1/status")
