@@ -6,8 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from coordinator.api import schemas as s
-from coordinator.api.auth import CHALLENGE_TTL_S, issue_challenge
-from coordinator.api.keys import AUTH
+from coordinator.api.auth import AUTH, CHALLENGE_TTL_S, issue_challenge
 from coordinator.api.routes import node_of, ok
 
 access_routes = web.RouteTableDef()

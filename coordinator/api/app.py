@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from coordinator.api.access import access_routes
-from coordinator.api.auth import AuthSettings, AuthState, auth_middleware
+from coordinator.api.auth import AUTH, AuthSettings, AuthState, auth_middleware
 from coordinator.api.bus import bus_routes
 from coordinator.api.errors import error_response, render_error
-from coordinator.api.keys import AUTH, METRICS, NODE
+from coordinator.api.keys import METRICS, NODE
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes

@@ -48,7 +48,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator import crypto
-from coordinator.api.keys import AUTH, NODE
+from coordinator.api.keys import NODE
 from coordinator.crypto import SCHEME_AGENT, signed_text
 from coordinator.errors import Forbidden, InvalidInput, Unauthenticated
 
@@ -82,7 +82,8 @@ class AuthSettings:
 
 
 class AuthState:
-    """One node's authentication state: settings, seen nonces, denial counts."""
+    """One node's authentication state: settings, seen nonces, denial counts.
+    The app holds it under ``AUTH``."""
 
     def __init__(self, settings: AuthSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -104,6 +105,9 @@ class AuthState:
             return False
         self._nonces[key] = now + 2 * self.settings.clock_skew_s
         return True
+
+
+AUTH: web.AppKey[AuthState] = web.AppKey("auth", AuthState)
 
 
 # -- parsing ---------------------------------------------------------------------------------

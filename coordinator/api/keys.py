@@ -7,10 +7,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from coordinator.api.auth import AuthState
     from coordinator.api.metrics import HttpMetrics
     from coordinator.services.node import CoordinatorNode
 
 NODE: web.AppKey[CoordinatorNode] = web.AppKey("node")
 METRICS: web.AppKey[HttpMetrics] = web.AppKey("metrics")
-AUTH: web.AppKey[AuthState] = web.AppKey("auth")

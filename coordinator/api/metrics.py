@@ -9,7 +9,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from coordinator.api.auth import AuthState
 from coordinator.services.node import CoordinatorNode
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -143,7 +142,11 @@ def _expired(node: CoordinatorNode) -> CounterMetricFamily:
 
 
 class _AuthCollector(Collector):
-    def __init__(self, auth: AuthState) -> None:
+    """Counts of refused requests; ``auth`` is the app's ``AuthState`` (its
+    ``denied`` and ``refused`` counters), not imported here to keep the
+    metrics below the auth module."""
+
+    def __init__(self, auth: Any) -> None:
         self.auth = auth
 
     def collect(self) -> Iterator[Any]:
@@ -158,7 +161,7 @@ class _AuthCollector(Collector):
 
 
 class HttpMetrics:
-    def __init__(self, node: CoordinatorNode, auth: AuthState | None = None) -> None:
+    def __init__(self, node: CoordinatorNode, auth: Any = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_NodeCollector(node))
         if auth is not None:

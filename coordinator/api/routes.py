@@ -10,8 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import schemas as s
-from coordinator.api.auth import check_proof, forward_signer, principal_of
-from coordinator.api.keys import AUTH, NODE
+from coordinator.api.auth import AUTH, check_proof, forward_signer, principal_of
+from coordinator.api.keys import NODE
 from coordinator.crypto import SCHEME_AGENT
 from coordinator.errors import Compacted, CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
 from coordinator.services import watch
