@@ -420,10 +420,14 @@ class CoordinatorClient:
         if (message is None) == (messages is None):
             raise InvalidInput("give message or messages", field="message")
         if seal_to is not None:
+            # The source names the sealing agent: ``open`` refuses an envelope whose
+            # message says it came from someone else (the node's default is "anonymous").
             if message is not None:
-                message = {**message, "payload": await self.seal(message.get("payload"), seal_to)}
+                message = {"source": self.agent_id, **message,
+                           "payload": await self.seal(message.get("payload"), seal_to)}
             else:
-                messages = [{**m, "payload": await self.seal(m.get("payload"), seal_to)} for m in messages or []]
+                messages = [{"source": self.agent_id, **m, "payload": await self.seal(m.get("payload"), seal_to)}
+                            for m in messages or []]
         body: dict[str, Any] = dict(message) if message is not None else {"messages": messages}
         body["request_id"] = self._request_id()
         return await self.request("POST", f"/v1/topics/{_seg(topic)}/messages", body)

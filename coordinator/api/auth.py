@@ -55,6 +55,7 @@ from coordinator.errors import Forbidden, InvalidInput, Unauthenticated
 PRINCIPAL_HEADER = "X-Coord-Principal"
 FORWARD_SIG_HEADER = "X-Coord-Forward-Sig"
 NONCE_RE = re.compile(r"[A-Za-z0-9_\-]{16,64}\Z")
+TS_RE = re.compile(r"[0-9]{1,16}\Z")  # ASCII digits: str.isdigit() also takes "²", which int() refuses
 AUTH_HEADER_MAX = 1024
 NONCES_MAX = 1_000_000
 
@@ -158,7 +159,7 @@ def parse_authorization(value: str) -> tuple[str, Any]:
     agent_id = params["agent"]
     if not agent_id or len(agent_id) > 256 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in agent_id):
         raise Unauthenticated("Authorization: agent is not a valid agent id")
-    if not params["ts"].isdigit() or len(params["ts"]) > 16:
+    if not TS_RE.match(params["ts"]):
         raise Unauthenticated("Authorization: ts must be unix milliseconds")
     if not NONCE_RE.match(params["nonce"]):
         raise Unauthenticated("Authorization: nonce must be 16 to 64 of A-Z a-z 0-9 _ -")
@@ -172,8 +173,14 @@ def parse_authorization(value: str) -> tuple[str, Any]:
 
 
 def forward_signature(secret: str, principal: str, method: str, path_qs: str, body: bytes) -> str:
-    text = "\n".join((principal, method.upper(), path_qs, hashlib.sha256(body).hexdigest())).encode()
+    text = _utf8("\n".join((principal, method.upper(), path_qs, hashlib.sha256(body).hexdigest())))
     return hmac.new(secret.encode(), text, hashlib.sha256).hexdigest()
+
+
+def _utf8(text: str) -> bytes:
+    """Header values and paths carry undecodable bytes as lone surrogates:
+    encode those too (never raise), for comparing and signing."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 # -- authenticating --------------------------------------------------------------------------
@@ -191,7 +198,7 @@ async def authenticate(request: web.Request, state: AuthState, public_key_of: Ca
         return None
     kind, credential = parse_authorization(header)
     if kind == "bearer":
-        if settings.admin_token is None or not hmac.compare_digest(credential.encode(),
+        if settings.admin_token is None or not hmac.compare_digest(_utf8(credential),
                                                                    settings.admin_token.encode()):
             raise Unauthenticated("the admin token is not valid")
         return Principal("admin")
@@ -205,7 +212,10 @@ async def authenticate(request: web.Request, state: AuthState, public_key_of: Ca
         if _rule_of(request) == "public":
             return None  # an agent not registered yet may read what anyone may (a join challenge)
         raise Unauthenticated(f"agent {credential.agent_id!r} has no registered public key")
-    text = signed_text(request.method, request.host, request.raw_path, credential.ts_ms, credential.nonce, body)
+    try:
+        text = signed_text(request.method, request.host, request.raw_path, credential.ts_ms, credential.nonce, body)
+    except UnicodeEncodeError:  # undecodable bytes in the Host or the path: no client signed that
+        raise Unauthenticated("the request's Host or path is not UTF-8, so it cannot carry a signature") from None
     if not crypto.verify(key, text, base64.b64encode(credential.signature).decode()):
         raise Unauthenticated(f"the signature of agent {credential.agent_id!r} does not verify")
     if not state.remember_nonce(f"{credential.agent_id}/{credential.nonce}", now):
@@ -215,8 +225,12 @@ async def authenticate(request: web.Request, state: AuthState, public_key_of: Ca
 
 async def _joining_key(request: web.Request, agent_id: str) -> str | None:
     """A new agent joining proves it holds the key it registers: its first
-    request is signed by the ``public_key`` in its own registration body."""
+    request is signed by the ``public_key`` in its own registration body.
+    Not for an agent registered without a key (by the admin): that id is
+    taken, and only the admin may give it a key."""
     if request.method != "POST" or _route_of(request) != "/v1/agents":
+        return None
+    if agent_id in request.app[NODE].applier.machine.registry.agents:
         return None
     body = await _json(request)
     if not isinstance(body, dict) or body.get("id") != agent_id or not isinstance(body.get("public_key"), str):
@@ -229,7 +243,7 @@ async def _forwarded_principal(request: web.Request, state: AuthState, forwarded
     given = request.headers.get(FORWARD_SIG_HEADER, "")
     body = await request.read()
     if secret is None or not hmac.compare_digest(
-            given, forward_signature(secret, forwarded, request.method, request.raw_path, body)):
+            _utf8(given), forward_signature(secret, forwarded, request.method, request.raw_path, body).encode()):
         raise Unauthenticated("a forwarded principal without a valid cluster signature")
     if forwarded.startswith("agent:"):
         return Principal("agent", forwarded[len("agent:"):])
@@ -290,9 +304,21 @@ def _param(name: str, action: str, prefix: str = "") -> Resource:
     return resource
 
 
+class Listing(str):
+    """The resource of a listing or watch of every key under ``prefix``, named
+    ``<prefix>*`` in a 403 but checked as what it is (a key may end in ``*``)."""
+
+    prefix: str
+
+    def __new__(cls, prefix: str) -> Listing:
+        listing = super().__new__(cls, prefix + "*")
+        listing.prefix = prefix
+        return listing
+
+
 def _query_prefix(action: str) -> Resource:
     async def resource(request: web.Request) -> list[tuple[str, str]]:
-        return [(action, request.query.get("prefix", "") + "*")]
+        return [(action, Listing(request.query.get("prefix", "")))]
     return resource
 
 
@@ -320,7 +346,9 @@ async def _saga_start(request: web.Request) -> list[tuple[str, str]]:
     if not isinstance(body, dict):
         return []  # the handler refuses it
     needs = [("saga", str(body.get("name") or "saga"))]
-    for step in body.get("steps") or []:
+    steps = body.get("steps")
+    agents = request.app[NODE].applier.machine.registry.agents
+    for step in steps if isinstance(steps, list) else []:  # anything else: the handler refuses it
         for part in ("action", "compensation"):
             action = step.get(part) if isinstance(step, dict) else None
             if not isinstance(action, dict):
@@ -329,6 +357,11 @@ async def _saga_start(request: web.Request) -> list[tuple[str, str]]:
                 needs.append(("send", action["topic"]))
             elif action.get("kind") == "agent" and isinstance(action.get("agent_type"), str):
                 needs.append(("invoke", action["agent_type"]))
+            elif action.get("kind") == "agent" and isinstance(action.get("agent_id"), str):
+                # A named agent is called directly: that needs invoke on its type. One not
+                # registered yet may register under any type, so it needs every type (">").
+                agent = agents.get(action["agent_id"])
+                needs.append(("invoke", agent.type if agent is not None else ">"))
     return needs
 
 
@@ -449,7 +482,9 @@ async def authorize(request: web.Request, principal: Principal | None, state: Au
     assert callable(rule)
     access = request.app[NODE].applier.machine.access
     for action, resource in await rule(request):
-        if not access.can(principal.agent_id or "", action, resource):
+        allowed = access.can(principal.agent_id or "", action, resource.prefix, listing=True) \
+            if isinstance(resource, Listing) else access.can(principal.agent_id or "", action, resource)
+        if not allowed:
             _deny(state, action, f"{principal} lacks the permission {action} on {resource!r}", action, resource)
 
 

@@ -62,10 +62,15 @@ def covers(grant: str, wanted: str) -> bool:
     return len(w) == len(g)
 
 
-def _prefix_covers(grant: str, wanted: str) -> bool:
+def _prefix_covers(grant: str, wanted: str, listing: bool = False) -> bool:
+    """Does the kv/lock ``grant`` cover the name ``wanted``, or with ``listing``
+    every key that starts with ``wanted``? Keys may hold ``*`` themselves, so a
+    listing is checked by its prefix and the flag, never as the name ``<prefix>*``:
+    the grant ``a**`` (keys starting with ``a*``) covers the key ``a*`` but not
+    the listing of ``a``."""
     if grant.endswith("*"):
         return wanted.startswith(grant[:-1])
-    return wanted == grant
+    return wanted == grant and not listing
 
 
 def normalize_permission(value: Any, field: str) -> dict[str, str]:
@@ -139,13 +144,16 @@ class Access:
 
     # -- checks ------------------------------------------------------------------------------
 
-    def can(self, agent_id: str, action: str, resource: str) -> bool:
+    def can(self, agent_id: str, action: str, resource: str, *, listing: bool = False) -> bool:
+        """Whether ``agent_id`` holds ``action`` on ``resource`` (a topic or
+        pattern, a type, a saga name, a key or lock name); with ``listing``
+        (kv only), on every key that starts with ``resource``."""
         prefix = action in PREFIX_ACTIONS
         for role in self.grants.get(agent_id, ()):
             for permission in self.roles.get(role, ()):
                 if permission["action"] != action:
                     continue
-                if _prefix_covers(permission["pattern"], resource) if prefix else \
+                if _prefix_covers(permission["pattern"], resource, listing) if prefix else \
                         covers(permission["pattern"], resource):
                     return True
         return False

@@ -1,0 +1,912 @@
+"""Authentication and access control over HTTP (coordinator/api/auth.py, the
+role routes of coordinator/api/access.py, the join rule ``_may_join`` of
+routes.py) on a secure harness node.
+
+Every denial is checked for its status, for what its error body names and
+for leaving the state untouched (``Harness.fingerprint`` before and after):
+a 401 for a missing, malformed, forged, stale or replayed credential, a 403
+naming the permission and resource for a known caller without the right.
+Anonymous (development) mode checks signatures but nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from coordinator.api.auth import FORWARD_SIG_HEADER, PRINCIPAL_HEADER, AuthSettings, AuthState, forward_signature
+from coordinator.client import CoordinatorClient
+from coordinator.crypto import AgentKeys, SealError, authorization_header, is_sealed
+from coordinator.errors import Forbidden, Unauthenticated
+from tests.coordinator.api.conftest import Harness, HarnessFactory
+
+ADMIN_TOKEN = "admin-token-" + "t" * 32
+CLUSTER_SECRET = "cluster-secret-" + "s" * 32
+SKEW_S = 30.0  # AuthSettings' default clock_skew_s
+
+
+@dataclass(frozen=True)
+class Agent:
+    id: str
+    keys: AgentKeys
+
+
+def _agent(agent_id: str, seed: int) -> Agent:
+    return Agent(agent_id, AgentKeys.from_seed(bytes([seed]) * 32))
+
+
+ALICE = _agent("alice", 1)
+BOB = _agent("bob", 2)
+MALLORY = _agent("mallory", 3)  # registered, holds no role
+GHOST = _agent("ghost", 4)  # never registered
+CAROL = _agent("carol", 5)  # joins during a test
+
+ROLES: dict[str, list[dict[str, str]]] = {
+    "orders-clerk": [{"action": "send", "pattern": "orders.>"},
+                     {"action": "subscribe", "pattern": "orders.*"},
+                     {"action": "receive", "pattern": "orders.*"}],
+    "alice-worker": [{"action": "invoke", "pattern": "billing"},
+                     {"action": "saga", "pattern": "checkout"},
+                     {"action": "kv", "pattern": "alice/*"},
+                     {"action": "lock", "pattern": "alice-*"},
+                     {"action": "lock", "pattern": "election/alice-*"}],
+}
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    text: str
+    headers: Mapping[str, str]
+
+    @property
+    def error(self) -> dict[str, Any]:
+        return self.body["error"]
+
+
+def host_of(h: Harness) -> str:
+    """The Host header aiohttp's test client sends (and an agent signs)."""
+    return f"{h.http.host}:{h.http.port}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def authorization(h: Harness, who: Agent, method: str, path: str, raw: bytes, *, ts_ms: int | None = None,
+                  nonce: str | None = None, host: str | None = None, keys: AgentKeys | None = None) -> str:
+    """``who``'s Authorization header for one request (signed by ``keys``, default its own)."""
+    return authorization_header(who.id, (keys or who.keys).sign, method, host or host_of(h), path, raw,
+                                now_ms() if ts_ms is None else ts_ms, nonce or secrets.token_urlsafe(18))
+
+
+def encode(body: Any) -> bytes:
+    return json.dumps(body).encode() if body is not None else b""
+
+
+async def send(h: Harness, method: str, path: str, raw: bytes = b"", headers: dict[str, str] | None = None,
+               *, expect: int | None = None) -> Reply:
+    async with h.http.request(method, path, data=raw or None, headers=headers) as response:
+        text = await response.text()
+        body = json.loads(text) if text and response.content_type == "application/json" else None
+        reply = Reply(response.status, body, text, response.headers)
+    if expect is not None:
+        assert reply.status == expect, f"{method} {path}: {reply.status} {text}"
+    return reply
+
+
+async def as_admin(h: Harness, method: str, path: str, body: Any = None, *, expect: int | None = None) -> Reply:
+    return await send(h, method, path, encode(body), {"Authorization": f"Bearer {ADMIN_TOKEN}"}, expect=expect)
+
+
+async def as_agent(h: Harness, who: Agent, method: str, path: str, body: Any = None, *, expect: int | None = None,
+                   **signing: Any) -> Reply:
+    raw = encode(body)
+    return await send(h, method, path, raw, {"Authorization": authorization(h, who, method, path, raw, **signing)},
+                      expect=expect)
+
+
+async def join(h: Harness, who: Agent, *, agent_id: str | None = None, key: AgentKeys | None = None,
+               signer: Agent | None = None, expect: int | None = 201) -> Reply:
+    """``signer`` (default ``who``) registers ``agent_id`` (default ``who.id``) with ``key``'s public key."""
+    body = {"id": agent_id or who.id, "type": "worker", "public_key": (key or who.keys).public_key}
+    return await as_agent(h, signer or who, "POST", "/v1/agents", body, expect=expect)
+
+
+async def refused(h: Harness, status: int, method: str, path: str, body: Any = None, *, who: Agent | None = None,
+                  headers: dict[str, str] | None = None, raw: bytes | None = None, **signing: Any
+                  ) -> dict[str, Any]:
+    """Make the request (signed by ``who``, or with ``headers`` as given); check
+    it answered ``status`` with the matching error and changed nothing."""
+    before = h.fingerprint()
+    if who is not None:
+        reply = await as_agent(h, who, method, path, body, **signing)
+    else:
+        reply = await send(h, method, path, raw if raw is not None else encode(body), headers)
+    assert reply.status == status, f"{method} {path}: {reply.status} {reply.text}"
+    assert h.fingerprint() == before, f"{method} {path} changed the state"
+    if status == 401:
+        assert reply.error["code"] == "unauthenticated"
+        assert "Coord-Ed25519" in reply.headers["WWW-Authenticate"]
+    if status == 403:
+        assert reply.error["code"] == "forbidden"
+    return reply.error
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def sh(make_harness: HarnessFactory) -> Harness:
+    """A secure node: the admin token, signed agents, no anonymous access."""
+    return await make_harness(auth=AuthSettings(admin_token=ADMIN_TOKEN, cluster_secret=CLUSTER_SECRET))
+
+
+@dataclass
+class World:
+    h: Harness
+    sub: str  # the admin's subscription on orders.eu, holding one message
+
+
+@pytest.fixture
+async def world(sh: Harness) -> World:
+    """Roles, alice (orders-clerk and alice-worker), bob (orders-clerk) and mallory
+    (nothing), all joined by themselves; a subscription and a message on orders.eu."""
+    for name, permissions in ROLES.items():
+        await as_admin(sh, "PUT", f"/v1/roles/{name}", {"permissions": permissions}, expect=200)
+    for who in (ALICE, BOB, MALLORY):
+        await join(sh, who)
+    await as_admin(sh, "PUT", "/v1/agents/alice/roles", {"roles": sorted(ROLES)}, expect=200)
+    await as_admin(sh, "PUT", "/v1/agents/bob/roles", {"roles": ["orders-clerk"]}, expect=200)
+    sub = await as_admin(sh, "POST", "/v1/subscriptions", {"topic": "orders.eu", "start": "beginning"}, expect=201)
+    await as_admin(sh, "POST", "/v1/topics/orders.eu/messages", {"payload": {"n": 1}}, expect=200)
+    return World(sh, sub.body["id"])
+
+
+# -- 401: who is calling? -----------------------------------------------------------------------------
+
+async def test_no_credentials_is_401_naming_both_schemes(world: World) -> None:
+    error = await refused(world.h, 401, "PUT", "/v1/kv/alice/x", {"value": 1})
+    assert "credentials" in error["message"]
+    error = await refused(world.h, 401, "GET", "/v1/agents")
+    assert "admin token" in error["message"]
+
+
+async def test_a_signature_by_another_key_is_401(world: World) -> None:
+    error = await refused(world.h, 401, "PUT", "/v1/kv/alice/x", {"value": 1}, who=ALICE, keys=MALLORY.keys)
+    assert "does not verify" in error["message"] and "alice" in error["message"]
+
+
+async def test_random_signature_bytes_are_401(world: World) -> None:
+    h = world.h
+    sig = base64.b64encode(secrets.token_bytes(64)).decode()
+    header = f'Coord-Ed25519 agent="alice", ts="{now_ms()}", nonce="{"n" * 20}", sig="{sig}"'
+    await refused(h, 401, "PUT", "/v1/kv/alice/x", {"value": 1}, headers={"Authorization": header})
+
+
+async def test_a_signature_over_another_body_is_401(world: World) -> None:
+    h = world.h
+    signed = encode({"value": 1})
+    header = authorization(h, ALICE, "PUT", "/v1/kv/alice/x", signed)
+    await refused(h, 401, "PUT", "/v1/kv/alice/x", raw=encode({"value": 2}), headers={"Authorization": header})
+    # also an empty body against a signed one, and the reverse
+    await refused(h, 401, "PUT", "/v1/kv/alice/x", raw=b"", headers={"Authorization": header})
+    header = authorization(h, ALICE, "DELETE", "/v1/kv/alice/x", b"")
+    await refused(h, 401, "DELETE", "/v1/kv/alice/x", raw=encode({}), headers={"Authorization": header})
+
+
+async def test_a_signature_over_another_path_or_query_is_401(world: World) -> None:
+    h = world.h
+    raw = encode({"value": 1})
+    header = authorization(h, ALICE, "PUT", "/v1/kv/alice/x", raw)
+    await refused(h, 401, "PUT", "/v1/kv/alice/y", raw=raw, headers={"Authorization": header})
+    header = authorization(h, ALICE, "GET", "/v1/kv?prefix=alice/", b"")
+    await refused(h, 401, "GET", "/v1/kv?prefix=alice/a", headers={"Authorization": header})
+    await refused(h, 401, "GET", "/v1/kv?prefix=alice/&limit=1", headers={"Authorization": header})
+
+
+async def test_a_signature_for_another_host_is_401(world: World) -> None:
+    h = world.h
+    raw = encode({"value": 1})
+    header = authorization(h, ALICE, "PUT", "/v1/kv/alice/x", raw, host="other-node:7001")
+    await refused(h, 401, "PUT", "/v1/kv/alice/x", raw=raw, headers={"Authorization": header})
+    # the same request with the Host it was signed for is fine: the Host header is what counts
+    reply = await send(h, "PUT", "/v1/kv/alice/x", raw, {"Authorization": header, "Host": "other-node:7001"})
+    assert reply.status == 200, reply.text
+
+
+async def test_a_signature_for_another_method_is_401(world: World) -> None:
+    h = world.h
+    header = authorization(h, ALICE, "GET", "/v1/kv/alice/x", b"")
+    await refused(h, 401, "DELETE", "/v1/kv/alice/x", headers={"Authorization": header})
+    raw = encode({"value": 1})
+    header = authorization(h, ALICE, "POST", "/v1/kv/alice/x", raw)
+    await refused(h, 401, "PUT", "/v1/kv/alice/x", raw=raw, headers={"Authorization": header})
+
+
+async def test_a_replayed_nonce_is_401_the_second_time(world: World) -> None:
+    h = world.h
+    raw = encode({"value": 1})
+    header = authorization(h, ALICE, "PUT", "/v1/kv/alice/x", raw, nonce="replay-me-0123456789")
+    await send(h, "PUT", "/v1/kv/alice/x", raw, {"Authorization": header}, expect=200)
+    error = await refused(h, 401, "PUT", "/v1/kv/alice/x", raw=raw, headers={"Authorization": header})
+    assert "nonce was already used" in error["message"]
+    # the same nonce under a fresh timestamp (a new signature) is still a replay
+    error = await refused(h, 401, "PUT", "/v1/kv/alice/x", {"value": 1}, who=ALICE, nonce="replay-me-0123456789")
+    assert "nonce" in error["message"]
+
+
+async def test_a_request_that_failed_does_not_use_up_its_nonce(world: World) -> None:
+    """Only a verified request remembers its nonce: a forgery cannot block the real one."""
+    h = world.h
+    raw = encode({"value": 1})
+    nonce = "not-burnt-0123456789"
+    forged = authorization(h, ALICE, "PUT", "/v1/kv/alice/x", raw, nonce=nonce, keys=MALLORY.keys)
+    await refused(h, 401, "PUT", "/v1/kv/alice/x", raw=raw, headers={"Authorization": forged})
+    await as_agent(h, ALICE, "PUT", "/v1/kv/alice/x", {"value": 1}, nonce=nonce, expect=200)
+
+
+@pytest.mark.parametrize("offset_s", [-(SKEW_S + 2), SKEW_S + 2, -3600, 10**9])
+async def test_timestamps_beyond_the_skew_are_401(world: World, offset_s: float) -> None:
+    error = await refused(world.h, 401, "PUT", "/v1/kv/alice/x", {"value": 1}, who=ALICE,
+                          ts_ms=now_ms() + int(offset_s * 1000))
+    assert "timestamp" in error["message"]
+
+
+@pytest.mark.parametrize("offset_s", [-(SKEW_S - 2), SKEW_S - 2])
+async def test_timestamps_within_the_skew_are_accepted(world: World, offset_s: float) -> None:
+    await as_agent(world.h, ALICE, "PUT", "/v1/kv/alice/x", {"value": 1}, ts_ms=now_ms() + int(offset_s * 1000),
+                   expect=200)
+
+
+async def test_an_unknown_agent_is_401(world: World) -> None:
+    error = await refused(world.h, 401, "PUT", "/v1/kv/alice/x", {"value": 1}, who=GHOST)
+    assert "ghost" in error["message"] and "no registered public key" in error["message"]
+
+
+async def test_a_wrong_admin_token_is_401(world: World) -> None:
+    h = world.h
+    for token in ("wrong", ADMIN_TOKEN + "x", ADMIN_TOKEN[:-1], ADMIN_TOKEN.upper()):
+        error = await refused(h, 401, "PUT", "/v1/roles/r", {"permissions": []},
+                              headers={"Authorization": f"Bearer {token}"})
+        assert error["message"] == "the admin token is not valid"
+    await as_admin(h, "PUT", "/v1/roles/r", {"permissions": []}, expect=200)
+    # the scheme is case-insensitive, the token is not
+    await send(h, "GET", "/v1/roles", headers={"Authorization": f"bearer {ADMIN_TOKEN}"}, expect=200)
+
+
+def _sig(size: int = 64) -> str:
+    return base64.b64encode(b"\x01" * size).decode()
+
+
+NONCE = "n" * 20
+MALFORMED = [
+    ("Basic YWxpY2U6cHc=", "unknown scheme"),
+    ("Bearer", "Bearer needs a token"),
+    ("Coord-Ed25519", "agent is missing"),
+    (f'Coord-Ed25519 agent="alice", nonce="{NONCE}", sig="{_sig()}"', "ts is missing"),
+    (f'Coord-Ed25519 agent="alice", ts="1", sig="{_sig()}"', "nonce is missing"),
+    (f'Coord-Ed25519 agent="alice", ts="1", nonce="{NONCE}"', "sig is missing"),
+    (f'Coord-Ed25519 ts="1", nonce="{NONCE}", sig="{_sig()}"', "agent is missing"),
+    (f'Coord-Ed25519 agent="alice", agent="bob", ts="1", nonce="{NONCE}", sig="{_sig()}"', "agent is given twice"),
+    (f'Coord-Ed25519 agent="alice", ts="1", nonce="{NONCE}", sig="{_sig()}", extra="1"', "unknown parameter extra"),
+    (f'Coord-Ed25519 agent=alice, ts="1", nonce="{NONCE}", sig="{_sig()}"', "cannot parse"),
+    (f'Coord-Ed25519 agent="alice" ts="1" nonce="{NONCE}" sig="{_sig()}"', "cannot parse"),
+    (f'Coord-Ed25519 Agent="alice", ts="1", nonce="{NONCE}", sig="{_sig()}"', "cannot parse"),
+    (f'Coord-Ed25519 agent="", ts="1", nonce="{NONCE}", sig="{_sig()}"', "agent is not a valid agent id"),
+    (f'Coord-Ed25519 agent="{"a" * 300}", ts="1", nonce="{NONCE}", sig="{_sig()}"', "agent is not a valid"),
+    (f'Coord-Ed25519 agent="alice", ts="soon", nonce="{NONCE}", sig="{_sig()}"', "ts must be unix milliseconds"),
+    (f'Coord-Ed25519 agent="alice", ts="-1", nonce="{NONCE}", sig="{_sig()}"', "ts must be unix milliseconds"),
+    (f'Coord-Ed25519 agent="alice", ts="{"9" * 17}", nonce="{NONCE}", sig="{_sig()}"', "ts must be unix"),
+    (f'Coord-Ed25519 agent="alice", ts="1", nonce="short", sig="{_sig()}"', "nonce must be 16 to 64"),
+    (f'Coord-Ed25519 agent="alice", ts="1", nonce="{"n" * 65}", sig="{_sig()}"', "nonce must be 16 to 64"),
+    (f'Coord-Ed25519 agent="alice", ts="1", nonce="{"n" * 15}.", sig="{_sig()}"', "nonce must be 16 to 64"),
+    (f'Coord-Ed25519 agent="alice", ts="1", nonce="{NONCE}", sig="not base64!"', "sig is not base64"),
+    (f'Coord-Ed25519 agent="alice", ts="1", nonce="{NONCE}", sig="{_sig(32)}"', "sig is not an Ed25519 signature"),
+    ("Coord-Ed25519 " + "x" * 1100, "too long"),
+]
+
+
+@pytest.mark.parametrize(("header", "problem"), MALFORMED, ids=[p for _, p in MALFORMED])
+async def test_a_malformed_authorization_header_is_401_naming_the_problem(world: World, header: str,
+                                                                         problem: str) -> None:
+    error = await refused(world.h, 401, "PUT", "/v1/kv/alice/x", {"value": 1}, headers={"Authorization": header})
+    assert error["message"].startswith("Authorization:")
+    assert problem in error["message"]
+
+
+async def test_a_forged_forwarded_principal_is_401(world: World) -> None:
+    """Only a node holding the cluster secret can say whom it forwards for."""
+    h = world.h
+    path, raw = "/v1/roles/r", encode({"permissions": []})
+    for headers in ({PRINCIPAL_HEADER: "admin"},
+                    {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: "0" * 64},
+                    {PRINCIPAL_HEADER: "admin",
+                     FORWARD_SIG_HEADER: forward_signature("not-the-secret", "admin", "PUT", path, raw)},
+                    # signed for another body, path or principal
+                    {PRINCIPAL_HEADER: "admin",
+                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "admin", "PUT", path, b"{}")},
+                    {PRINCIPAL_HEADER: "admin",
+                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "admin", "PUT", "/v1/roles/s", raw)},
+                    {PRINCIPAL_HEADER: "admin",
+                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "agent:alice", "PUT", path, raw)},
+                    # and a principal header next to a valid admin token still needs its signature
+                    {PRINCIPAL_HEADER: "admin", "Authorization": f"Bearer {ADMIN_TOKEN}"}):
+        error = await refused(h, 401, "PUT", path, raw=raw, headers=headers)
+        assert "forwarded principal" in error["message"]
+    good = forward_signature(CLUSTER_SECRET, "admin", "PUT", path, raw)
+    await send(h, "PUT", path, raw, {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: good}, expect=200)
+
+
+async def test_a_forwarded_principal_of_an_unknown_kind_is_401(world: World) -> None:
+    path = "/v1/agents"
+    signature = forward_signature(CLUSTER_SECRET, "root", "GET", path, b"")
+    error = await refused(world.h, 401, "GET", path, headers={PRINCIPAL_HEADER: "root", FORWARD_SIG_HEADER: signature})
+    assert "unknown kind" in error["message"]
+
+
+async def test_a_properly_forwarded_agent_is_held_to_its_roles(world: World) -> None:
+    h = world.h
+    path, raw = "/v1/topics/payments.eu/messages", encode({"payload": 1})
+    signature = forward_signature(CLUSTER_SECRET, "agent:alice", "POST", path, raw)
+    reply = await send(h, "POST", path, raw, {PRINCIPAL_HEADER: "agent:alice", FORWARD_SIG_HEADER: signature},
+                       expect=403)
+    assert (reply.error["permission"], reply.error["resource"]) == ("send", "payments.eu")
+
+
+async def _raw_request(h: Harness, head: bytes) -> tuple[int, bytes]:
+    """Send ``head`` (request line and headers, exactly these bytes) and read the answer."""
+    reader, writer = await asyncio.open_connection(h.http.host, h.http.port)
+    try:
+        writer.write(head + b"Connection: close\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+@pytest.mark.parametrize("header", [
+    'Authorization: Coord-Ed25519 agent="alice", ts="\xc2\xb2", nonce="nnnnnnnnnnnnnnnnnnnn", sig="{sig}"',
+    'Authorization: Coord-Ed25519 agent="alice", ts="\xb2", nonce="nnnnnnnnnnnnnnnnnnnn", sig="{sig}"',
+    'Authorization: Coord-Ed25519 agent="al\xffice", ts="{ts}", nonce="nnnnnnnnnnnnnnnnnnnn", sig="{sig}"',
+    'Authorization: Bearer t\xc3\xa9st',
+    'Authorization: Bearer t\xffst',
+    f'{PRINCIPAL_HEADER}: admin\r\n{FORWARD_SIG_HEADER}: \xc3\xa9',
+    f'{PRINCIPAL_HEADER}: admin\r\n{FORWARD_SIG_HEADER}: \xff',
+    f'{PRINCIPAL_HEADER}: agent:\xff\r\n{FORWARD_SIG_HEADER}: 00',
+    'Authorization: Coord-Ed25519 agent="alice", ts="{ts}", nonce="nnnnnnnnnnnnnnnnnnnn", sig="{sig}"\r\n'
+    'Host: h\xffst',
+], ids=["superscript-ts", "latin1-ts", "byte-in-agent", "utf8-bearer", "byte-in-bearer", "utf8-forward-sig",
+        "byte-in-forward-sig", "byte-in-principal", "byte-in-host"])
+async def test_non_ascii_credentials_are_401_not_500(world: World, header: str) -> None:
+    """Header values are bytes: whatever they hold is a bad credential, never a crash."""
+    h = world.h
+    text = header.replace("{sig}", _sig()).replace("{ts}", str(now_ms()))
+    before = h.fingerprint()
+    head = b"GET /v1/agents HTTP/1.1\r\n" + text.encode("latin-1") + b"\r\n"
+    if b"Host:" not in head:
+        head += f"Host: {host_of(h)}\r\n".encode()
+    status, answer = await _raw_request(h, head)
+    assert status == 401, answer
+    assert h.fingerprint() == before
+
+
+# -- 403: may they? -----------------------------------------------------------------------------------
+
+def _saga(name: str, *steps: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "steps": list(steps) or [{"id": "s1", "action": {"kind": "topic", "topic": "orders.eu"}}]}
+
+
+def _topic_step(step_id: str, topic: str, undo_topic: str | None = None) -> dict[str, Any]:
+    step: dict[str, Any] = {"id": step_id, "action": {"kind": "topic", "topic": topic}}
+    if undo_topic is not None:
+        step["compensation"] = {"kind": "topic", "topic": undo_topic}
+    return step
+
+
+def _agent_step(step_id: str, agent_type: str) -> dict[str, Any]:
+    return {"id": step_id, "action": {"kind": "agent", "agent_type": agent_type}}
+
+
+SUB = "{sub}"  # replaced by the world's subscription id
+DENIED: list[tuple[Agent, str, str, Any, str, str]] = [
+    # publish and request: send on the topic
+    (MALLORY, "POST", "/v1/topics/orders.eu/messages", {"payload": 1}, "send", "orders.eu"),
+    (ALICE, "POST", "/v1/topics/payments.eu/messages", {"payload": 1}, "send", "payments.eu"),
+    (ALICE, "POST", "/v1/topics/orders/messages", {"payload": 1}, "send", "orders"),  # orders.> needs a token more
+    (MALLORY, "POST", "/v1/topics/orders.eu/request", {"payload": 1, "timeout_s": 1}, "send", "orders.eu"),
+    # subscribe: the grant must cover every topic the pattern can match
+    (MALLORY, "POST", "/v1/subscriptions", {"topic": "orders.eu"}, "subscribe", "orders.eu"),
+    (ALICE, "POST", "/v1/subscriptions", {"topic": "orders.>"}, "subscribe", "orders.>"),
+    (ALICE, "POST", "/v1/subscriptions", {"topic": ">"}, "subscribe", ">"),
+    (ALICE, "POST", "/v1/subscriptions", {"topic": "*.eu"}, "subscribe", "*.eu"),
+    (ALICE, "POST", "/v1/subscriptions", {"topic": "orders.eu.late"}, "subscribe", "orders.eu.late"),
+    (MALLORY, "DELETE", f"/v1/subscriptions/{SUB}", None, "subscribe", "orders.eu"),
+    # a subscription's deliveries: receive on its pattern
+    (MALLORY, "GET", f"/v1/subscriptions/{SUB}/messages", None, "receive", "orders.eu"),
+    (MALLORY, "GET", f"/v1/subscriptions/{SUB}/stream", None, "receive", "orders.eu"),
+    (MALLORY, "POST", f"/v1/subscriptions/{SUB}/ack", {"delivery_ids": ["d-1"]}, "receive", "orders.eu"),
+    (MALLORY, "POST", f"/v1/subscriptions/{SUB}/nack", {"delivery_ids": ["d-1"]}, "receive", "orders.eu"),
+    (MALLORY, "GET", f"/v1/subscriptions/{SUB}/dlq", None, "receive", "orders.eu"),
+    (MALLORY, "POST", f"/v1/subscriptions/{SUB}/dlq/redrive", None, "receive", "orders.eu"),
+    (MALLORY, "POST", f"/v1/subscriptions/{SUB}/dlq/purge", None, "receive", "orders.eu"),
+    # replay of a topic: receive on it
+    (MALLORY, "GET", "/v1/topics/orders.eu/messages", None, "receive", "orders.eu"),
+    (ALICE, "GET", "/v1/topics/payments.eu/messages?from_offset=1", None, "receive", "payments.eu"),
+    # invoke on the agent type
+    (MALLORY, "POST", "/v1/services/billing/invoke", {"x": 1}, "invoke", "billing"),
+    (ALICE, "POST", "/v1/services/shipping/invoke", {"x": 1}, "invoke", "shipping"),
+    # saga start: saga on the name, and what its steps (and compensations) need
+    (MALLORY, "POST", "/v1/sagas", _saga("checkout"), "saga", "checkout"),
+    (ALICE, "POST", "/v1/sagas", _saga("refund"), "saga", "refund"),
+    (ALICE, "POST", "/v1/sagas", {"steps": _saga("x")["steps"]}, "saga", "saga"),  # the default name
+    (ALICE, "POST", "/v1/sagas", _saga("checkout", _agent_step("s1", "shipping")), "invoke", "shipping"),
+    (ALICE, "POST", "/v1/sagas", _saga("checkout", _topic_step("s1", "payments.eu")), "send", "payments.eu"),
+    (ALICE, "POST", "/v1/sagas", _saga("checkout", _agent_step("s1", "billing"),
+                                        _topic_step("s2", "orders.eu", undo_topic="payments.undo")),
+     "send", "payments.undo"),
+    # kv: the key, or the listed prefix
+    (ALICE, "GET", "/v1/kv/bob/x", None, "kv", "bob/x"),
+    (ALICE, "PUT", "/v1/kv/bob/x", {"value": 1}, "kv", "bob/x"),
+    (ALICE, "POST", "/v1/kv/bob/x/cas", {"expected": None, "value": 1}, "kv", "bob/x"),
+    (ALICE, "DELETE", "/v1/kv/bob/x", None, "kv", "bob/x"),
+    (ALICE, "PUT", "/v1/kv/alice", {"value": 1}, "kv", "alice"),  # alice/* is a prefix with the slash
+    (ALICE, "GET", "/v1/kv?prefix=bob/", None, "kv", "bob/*"),
+    (ALICE, "GET", "/v1/kv?prefix=alice", None, "kv", "alice*"),
+    (ALICE, "GET", "/v1/kv", None, "kv", "*"),
+    (ALICE, "GET", "/v1/watch?prefix=bob/", None, "kv", "bob/*"),
+    (MALLORY, "PUT", "/v1/kv/alice/x", {"value": 1}, "kv", "alice/x"),
+    # locks and elections: lock on the name (elections under election/)
+    (ALICE, "POST", "/v1/locks/bob-1", {"holder": "alice"}, "lock", "bob-1"),
+    (ALICE, "DELETE", "/v1/locks/bob-1", {"holder": "alice"}, "lock", "bob-1"),
+    (ALICE, "POST", "/v1/elections/bob-e/campaign", {"candidate": "alice"}, "lock", "election/bob-e"),
+    (ALICE, "POST", "/v1/elections/bob-e/resign", {"candidate": "alice"}, "lock", "election/bob-e"),
+    (MALLORY, "POST", "/v1/locks/alice-1", {"holder": "mallory"}, "lock", "alice-1"),
+    # the admin's routes
+    (ALICE, "PUT", "/v1/roles/mine", {"permissions": [{"action": "kv", "pattern": "*"}]}, "admin", "/v1/roles/mine"),
+    (ALICE, "DELETE", "/v1/roles/orders-clerk", None, "admin", "/v1/roles/orders-clerk"),
+    (ALICE, "PUT", "/v1/agents/alice/roles", {"roles": ["orders-clerk", "alice-worker"]}, "admin",
+     "/v1/agents/alice/roles"),
+    (MALLORY, "PUT", "/v1/agents/mallory/roles", {"roles": ["alice-worker"]}, "admin", "/v1/agents/mallory/roles"),
+    (ALICE, "PUT", "/v1/services/billing", {"strategy": "random"}, "admin", "/v1/services/billing"),
+    (ALICE, "DELETE", "/v1/services/billing", None, "admin", "/v1/services/billing"),
+    (ALICE, "POST", "/v1/members", {"id": "n9", "raft": "127.0.0.1:9", "http": "127.0.0.1:10"}, "admin",
+     "/v1/members"),
+    (ALICE, "DELETE", "/v1/members/n1", None, "admin", "/v1/members/n1"),
+    (ALICE, "PUT", "/v1/topics/orders.eu", {"max_messages": 1}, "admin", "/v1/topics/orders.eu"),
+    (ALICE, "PUT", "/v1/topics/orders.eu/binding", {"transport": "redis"}, "admin", "/v1/topics/orders.eu/binding"),
+    (ALICE, "DELETE", "/v1/topics/orders.eu/binding", None, "admin", "/v1/topics/orders.eu/binding"),
+    (ALICE, "PUT", "/v1/transports/redis", {"url": "redis://127.0.0.1:1/0"}, "admin", "/v1/transports/redis"),
+    (ALICE, "DELETE", "/v1/transports/redis", None, "admin", "/v1/transports/redis"),
+    (ALICE, "DELETE", "/v1/groups/g1", None, "admin", "/v1/groups/g1"),
+    (ALICE, "GET", "/v1/no-such-route", None, "admin", "/v1/no-such-route"),  # no rule: the admin's
+    # self: an agent acts for itself only
+    (ALICE, "POST", "/v1/agents/bob/heartbeat", None, "self", "bob"),
+    (ALICE, "DELETE", "/v1/agents/bob", None, "self", "bob"),
+    (ALICE, "PATCH", "/v1/agents/bob", {"weight": 5}, "self", "bob"),
+    (ALICE, "GET", "/v1/agents/bob/messages", None, "self", "bob"),
+    (ALICE, "GET", "/v1/agents/bob/stream", None, "self", "bob"),
+    (ALICE, "POST", "/v1/agents/bob/ack", {"delivery_ids": ["d-1"]}, "self", "bob"),
+    (ALICE, "POST", "/v1/agents/bob/nack", {"delivery_ids": ["d-1"]}, "self", "bob"),
+    (ALICE, "GET", "/v1/agents/bob/dlq", None, "self", "bob"),
+    (ALICE, "POST", "/v1/agents/bob/dlq/redrive", None, "self", "bob"),
+    (ALICE, "POST", "/v1/agents/bob/dlq/purge", None, "self", "bob"),
+    (MALLORY, "POST", "/v1/agents/ghost/heartbeat", None, "self", "ghost"),
+]
+
+
+def _denied_id(case: tuple[Agent, str, str, Any, str, str]) -> str:
+    who, method, path, _, permission, _ = case
+    return f"{who.id}-{method}-{path}-{permission}"
+
+
+@pytest.mark.parametrize("case", DENIED, ids=[_denied_id(c) for c in DENIED])
+async def test_a_missing_permission_is_403_naming_it(world: World, case: tuple[Agent, str, str, Any, str, str]
+                                                     ) -> None:
+    who, method, path, body, permission, resource = case
+    error = await refused(world.h, 403, method, path.replace(SUB, world.sub), body, who=who)
+    assert (error["permission"], error["resource"]) == (permission, resource)
+    assert who.id in error["message"]
+    metrics = (await send(world.h, "GET", "/metrics", expect=200)).text
+    assert metric(metrics, "coord_auth_denied_total", f'{{permission="{permission}"}}') == 1
+
+
+ALLOWED: list[tuple[Agent, str, str, Any, int]] = [
+    (ALICE, "POST", "/v1/topics/orders.eu/messages", {"payload": 1}, 200),
+    (ALICE, "POST", "/v1/topics/orders.us.west/messages", {"payload": 1}, 200),
+    (BOB, "POST", "/v1/topics/orders.eu/messages", {"payload": 1}, 200),
+    (ALICE, "POST", "/v1/subscriptions", {"topic": "orders.*"}, 201),  # as wide as the grant
+    (ALICE, "POST", "/v1/subscriptions", {"topic": "orders.eu"}, 201),  # narrower
+    (ALICE, "GET", f"/v1/subscriptions/{SUB}/messages", None, 200),
+    (ALICE, "GET", f"/v1/subscriptions/{SUB}/dlq", None, 200),
+    (BOB, "DELETE", f"/v1/subscriptions/{SUB}", None, 200),
+    (ALICE, "GET", "/v1/topics/orders.eu/messages", None, 200),
+    (ALICE, "POST", "/v1/sagas", _saga("checkout", _topic_step("s1", "orders.eu", undo_topic="orders.undo")), 201),
+    (ALICE, "PUT", "/v1/kv/alice/x", {"value": 1}, 200),
+    (ALICE, "GET", "/v1/kv/alice/missing", None, 404),
+    (ALICE, "POST", "/v1/kv/alice/y/cas", {"expected": None, "value": 1}, 200),
+    (ALICE, "GET", "/v1/kv?prefix=alice/", None, 200),
+    (ALICE, "GET", "/v1/kv?prefix=alice/deeper/", None, 200),
+    (ALICE, "POST", "/v1/locks/alice-1", {"holder": "alice"}, 200),
+    (ALICE, "POST", "/v1/elections/alice-e/campaign", {"candidate": "alice"}, 200),
+    (ALICE, "POST", "/v1/agents/alice/heartbeat", None, 200),
+    (ALICE, "PATCH", "/v1/agents/alice", {"weight": 5}, 200),
+    (ALICE, "GET", "/v1/agents/alice/messages", None, 200),
+    (ALICE, "GET", "/v1/agents/alice/dlq", None, 200),
+    # any authenticated caller may read these
+    (MALLORY, "GET", "/v1/agents", None, 200),
+    (MALLORY, "GET", "/v1/agents/alice", None, 200),
+    (MALLORY, "GET", "/v1/roles", None, 200),
+    (MALLORY, "GET", "/v1/members", None, 200),
+    (MALLORY, "GET", "/v1/topics", None, 200),
+    (MALLORY, "GET", "/v1/subscriptions", None, 200),
+    (MALLORY, "GET", "/v1/events", None, 200),
+    (MALLORY, "GET", "/v1/sagas", None, 200),
+    (MALLORY, "GET", "/v1/services", None, 200),
+    (MALLORY, "GET", "/v1/locks/alice-1", None, 404),
+    (MALLORY, "DELETE", "/v1/agents/mallory", None, 200),
+]
+
+
+@pytest.mark.parametrize("case", ALLOWED, ids=[f"{c[0].id}-{c[1]}-{c[2]}" for c in ALLOWED])
+async def test_a_granted_request_is_served(world: World, case: tuple[Agent, str, str, Any, int]) -> None:
+    who, method, path, body, status = case
+    await as_agent(world.h, who, method, path.replace(SUB, world.sub), body, expect=status)
+
+
+async def test_invoke_with_the_permission_passes_the_check(world: World) -> None:
+    """No agent of the type is registered: the balancer's 503, not a 403."""
+    reply = await as_agent(world.h, ALICE, "POST", "/v1/services/billing/invoke", {"x": 1})
+    assert reply.status not in (401, 403), reply.text
+
+
+async def test_a_saga_step_naming_an_agent_needs_invoke_on_its_type(world: World) -> None:
+    """An ``agent_id`` step calls that agent directly: the same right as invoking its type."""
+    h = world.h
+    await as_admin(h, "POST", "/v1/agents", {"id": "ship-1", "type": "shipping", "endpoint": "127.0.0.1:9"},
+                   expect=201)
+    await as_admin(h, "POST", "/v1/agents", {"id": "bill-1", "type": "billing", "endpoint": "127.0.0.1:9"},
+                   expect=201)
+    step = {"id": "s1", "action": {"kind": "agent", "agent_id": "ship-1"}}
+    error = await refused(h, 403, "POST", "/v1/sagas", _saga("checkout", step), who=ALICE)
+    assert (error["permission"], error["resource"]) == ("invoke", "shipping")
+    # an agent that is not registered could register later under any type
+    step = {"id": "s1", "action": {"kind": "agent", "agent_id": "not-yet"}}
+    error = await refused(h, 403, "POST", "/v1/sagas", _saga("checkout", step), who=ALICE)
+    assert (error["permission"], error["resource"]) == ("invoke", ">")
+    step = {"id": "s1", "action": {"kind": "agent", "agent_id": "bill-1"}, "compensation": {
+        "kind": "agent", "agent_id": "ship-1"}}
+    error = await refused(h, 403, "POST", "/v1/sagas", _saga("checkout", step), who=ALICE)
+    assert (error["permission"], error["resource"]) == ("invoke", "shipping")
+    step = {"id": "s1", "action": {"kind": "agent", "agent_id": "bill-1"}}
+    await as_agent(h, ALICE, "POST", "/v1/sagas", _saga("checkout", step), expect=201)
+
+
+@pytest.mark.parametrize("body", [
+    {"name": "checkout", "steps": 5},
+    {"name": "checkout", "steps": True},
+    {"name": "checkout", "steps": {"id": "s1"}},
+    {"name": "checkout", "steps": [5, None, "x", {"action": 5}, {"action": {"kind": 5}}]},
+    {"name": "checkout", "steps": [{"id": "s1", "action": {"kind": "agent", "agent_id": ["x"]}}]},
+    {"name": ["checkout"], "steps": []},
+    [1, 2],
+    "not an object",
+])
+async def test_a_malformed_saga_is_400_not_a_crash_for_an_agent(world: World, body: Any) -> None:
+    h = world.h
+    before = h.fingerprint()
+    reply = await as_agent(h, ALICE, "POST", "/v1/sagas", body)
+    assert reply.status in (400, 403), reply.text
+    assert h.fingerprint() == before
+
+
+async def test_a_grant_on_keys_starting_with_a_star_does_not_list_the_parent(world: World) -> None:
+    """kv "alice/x**" covers the keys that start with "alice/x*", not the listing
+    of "alice/x" (whose resource is named "alice/x*" too)."""
+    h = world.h
+    await as_admin(h, "PUT", "/v1/kv/alice/xyz", {"value": "not mallory's"}, expect=200)
+    await as_admin(h, "PUT", "/v1/roles/starry", {"permissions": [{"action": "kv", "pattern": "alice/x**"}]},
+                   expect=200)
+    await as_admin(h, "PUT", "/v1/agents/mallory/roles", {"roles": ["starry"]}, expect=200)
+    error = await refused(h, 403, "GET", "/v1/kv?prefix=alice/x", who=MALLORY)
+    assert (error["permission"], error["resource"]) == ("kv", "alice/x*")
+    await refused(h, 403, "GET", "/v1/watch?prefix=alice/x", who=MALLORY)
+    await refused(h, 403, "GET", "/v1/kv/alice/xyz", who=MALLORY)
+    await as_agent(h, MALLORY, "PUT", "/v1/kv/alice/x*", {"value": 1}, expect=200)
+    listed = await as_agent(h, MALLORY, "GET", "/v1/kv?prefix=alice/x*", expect=200)
+    assert [item["key"] for item in listed.body["items"]] == ["alice/x*"]
+
+
+async def test_grants_change_what_an_agent_may_do_at_once(world: World) -> None:
+    h = world.h
+    await as_agent(h, MALLORY, "PUT", "/v1/kv/alice/m", {"value": 1}, expect=403)
+    await as_admin(h, "PUT", "/v1/agents/mallory/roles", {"roles": ["alice-worker"]}, expect=200)
+    await as_agent(h, MALLORY, "PUT", "/v1/kv/alice/m", {"value": 1}, expect=200)
+    # taking the role away (an empty list) takes the permission away
+    await as_admin(h, "PUT", "/v1/agents/mallory/roles", {"roles": []}, expect=200)
+    await as_agent(h, MALLORY, "PUT", "/v1/kv/alice/m", {"value": 1}, expect=403)
+    # deleting a role removes it from alice
+    await as_admin(h, "DELETE", "/v1/roles/alice-worker", expect=200)
+    await as_agent(h, ALICE, "PUT", "/v1/kv/alice/m", {"value": 1}, expect=403)
+    roles = (await as_agent(h, ALICE, "GET", "/v1/roles", expect=200)).body
+    assert {"agent": "alice", "roles": ["orders-clerk"]} in roles["grants"]
+
+
+async def test_role_routes_validate_and_name_the_field(world: World) -> None:
+    h = world.h
+    before = h.fingerprint()
+    reply = await as_admin(h, "PUT", "/v1/roles/r", {"permissions": [{"action": "fly", "pattern": "x"}]},
+                           expect=400)
+    assert reply.error["field"] == "permissions[0].action"
+    reply = await as_admin(h, "PUT", "/v1/roles/r", {"permissions": [{"action": "send", "pattern": "a.>.b"}]},
+                           expect=400)
+    assert reply.error["field"] == "permissions[0].pattern"
+    reply = await as_admin(h, "PUT", "/v1/agents/alice/roles", {"roles": ["no-such-role"]}, expect=400)
+    assert reply.error["field"] == "roles[0]"
+    reply = await as_admin(h, "PUT", "/v1/roles/r", {"permissions": [], "extra": 1}, expect=400)
+    assert reply.error["field"] == "extra"
+    await as_admin(h, "DELETE", "/v1/roles/no-such-role", expect=404)
+    assert h.fingerprint()[2:] == before[2:]  # rejected commands may enter the log, but change nothing
+
+
+# -- self: heartbeats, leaving ---------------------------------------------------------------------------
+
+async def test_an_agent_heartbeats_and_deregisters_only_itself(world: World) -> None:
+    h = world.h
+    await as_agent(h, ALICE, "POST", "/v1/agents/alice/heartbeat", expect=200)
+    error = await refused(h, 403, "POST", "/v1/agents/bob/heartbeat", who=ALICE)
+    assert (error["permission"], error["resource"]) == ("self", "bob")
+    error = await refused(h, 403, "DELETE", "/v1/agents/alice", who=BOB)
+    assert (error["permission"], error["resource"]) == ("self", "alice")
+    await as_agent(h, BOB, "DELETE", "/v1/agents/bob", expect=200)
+    assert "bob" not in h.applier.machine.registry.agents
+    # the admin acts for anyone
+    await as_admin(h, "POST", "/v1/agents/alice/heartbeat", expect=200)
+    await as_admin(h, "DELETE", "/v1/agents/alice", expect=200)
+    assert "alice" not in h.applier.machine.registry.agents
+
+
+# -- joining ---------------------------------------------------------------------------------------------
+
+async def test_an_unauthenticated_join_is_401(sh: Harness) -> None:
+    body = {"id": "carol", "type": "worker", "public_key": CAROL.keys.public_key}
+    error = await refused(sh, 401, "POST", "/v1/agents", body)
+    assert "joining needs" in error["message"]
+    assert "carol" not in sh.applier.machine.registry.agents
+
+
+async def test_a_self_signed_join_is_accepted_and_pins_the_key(sh: Harness) -> None:
+    reply = await join(sh, CAROL)
+    assert reply.body["id"] == "carol"
+    assert sh.applier.machine.registry.agents["carol"].public_key == CAROL.keys.public_key
+    await as_agent(sh, CAROL, "POST", "/v1/agents/carol/heartbeat", expect=200)
+
+
+async def test_a_join_signed_by_another_key_than_the_body_names_is_401(sh: Harness) -> None:
+    error = await refused(sh, 401, "POST", "/v1/agents", {"id": "carol", "type": "worker",
+                                                           "public_key": CAROL.keys.public_key},
+                          who=CAROL, keys=MALLORY.keys)
+    assert "does not verify" in error["message"]
+    # a body without a public key gives nothing to check the signature with
+    error = await refused(sh, 401, "POST", "/v1/agents", {"id": "carol", "type": "worker"}, who=CAROL)
+    assert "joining needs" in error["message"]
+
+
+async def test_joining_as_another_id_is_refused(world: World) -> None:
+    h = world.h
+    # a newcomer signs as carol but registers dave: its key is not dave's
+    await refused(h, 401, "POST", "/v1/agents", {"id": "dave", "type": "worker",
+                                                  "public_key": CAROL.keys.public_key}, who=CAROL)
+    # a registered agent registers someone else
+    error = await refused(h, 403, "POST", "/v1/agents", {"id": "dave", "type": "worker",
+                                                          "public_key": MALLORY.keys.public_key}, who=MALLORY)
+    assert (error["permission"], error["resource"]) == ("self", "dave")
+    # or takes over a registered id with its own key
+    error = await refused(h, 403, "POST", "/v1/agents", {"id": "alice", "type": "worker",
+                                                          "public_key": MALLORY.keys.public_key}, who=MALLORY)
+    assert (error["permission"], error["resource"]) == ("self", "alice")
+    # without an id the node would pick one: not the signer's either
+    await refused(h, 403, "POST", "/v1/agents", {"type": "worker", "public_key": MALLORY.keys.public_key},
+                  who=MALLORY)
+    assert set(h.applier.machine.registry.agents) == {"alice", "bob", "mallory"}
+    assert h.applier.machine.registry.agents["alice"].public_key == ALICE.keys.public_key
+
+
+async def test_re_registering_with_a_new_key_needs_the_old_one(world: World) -> None:
+    h = world.h
+    new = AgentKeys.from_seed(b"\x09" * 32)
+    # signed by the new key alone (whoever holds it is a stranger to alice): refused
+    error = await refused(h, 401, "POST", "/v1/agents", {"id": "alice", "type": "worker",
+                                                          "public_key": new.public_key}, who=ALICE, keys=new)
+    assert "does not verify" in error["message"]
+    assert h.applier.machine.registry.agents["alice"].public_key == ALICE.keys.public_key
+    # signed by the registered key: the key rotates
+    await join(h, ALICE, key=new)
+    assert h.applier.machine.registry.agents["alice"].public_key == new.public_key
+    await refused(h, 401, "PUT", "/v1/kv/alice/x", {"value": 1}, who=ALICE)
+    await as_agent(h, ALICE, "PUT", "/v1/kv/alice/x", {"value": 1}, keys=new, expect=200)  # roles kept
+    # re-registering without a key keeps the one registered
+    await as_agent(h, ALICE, "POST", "/v1/agents", {"id": "alice", "type": "worker"}, keys=new, expect=201)
+    assert h.applier.machine.registry.agents["alice"].public_key == new.public_key
+
+
+async def test_the_admin_registers_anyone(world: World) -> None:
+    h = world.h
+    await as_admin(h, "POST", "/v1/agents", {"id": "carol", "type": "worker", "public_key": CAROL.keys.public_key},
+                   expect=201)
+    await as_agent(h, CAROL, "POST", "/v1/agents/carol/heartbeat", expect=200)
+    # also an existing agent, with a new key (the admin's key recovery)
+    await as_admin(h, "POST", "/v1/agents", {"id": "bob", "type": "worker", "public_key": CAROL.keys.public_key},
+                   expect=201)
+    assert h.applier.machine.registry.agents["bob"].public_key == CAROL.keys.public_key
+    await refused(h, 401, "POST", "/v1/agents/bob/heartbeat", who=BOB)
+    # and an agent without a key (it cannot sign; the admin acts for it)
+    reply = await as_admin(h, "POST", "/v1/agents", {"type": "worker"}, expect=201)
+    assert h.applier.machine.registry.agents[reply.body["id"]].public_key is None
+
+
+async def test_a_malformed_public_key_is_400(sh: Harness) -> None:
+    before = sh.fingerprint()
+    for key in ("not base64!", base64.b64encode(b"x" * 31).decode(), 42):
+        reply = await as_admin(sh, "POST", "/v1/agents", {"id": "carol", "type": "worker", "public_key": key},
+                               expect=400)
+        assert reply.error["field"] == "public_key"
+    assert sh.fingerprint() == before
+
+
+# -- public routes, metrics, secrets ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/status", "/metrics"])
+async def test_public_routes_answer_without_credentials(sh: Harness, path: str) -> None:
+    await send(sh, "GET", path, expect=200)
+
+
+async def test_denials_and_refusals_are_counted_in_metrics(world: World) -> None:
+    h = world.h
+    before = (await send(h, "GET", "/metrics", expect=200)).text
+    assert metric(before, "coord_auth_denied_total", '{permission="send"}') == 0
+    await refused(h, 403, "POST", "/v1/topics/orders.eu/messages", {"payload": 1}, who=MALLORY)
+    await refused(h, 403, "POST", "/v1/topics/orders.us/messages", {"payload": 1}, who=MALLORY)
+    await refused(h, 403, "PUT", "/v1/kv/bob/x", {"value": 1}, who=ALICE)
+    await refused(h, 403, "PUT", "/v1/roles/x", {"permissions": []}, who=ALICE)
+    await refused(h, 403, "POST", "/v1/agents/bob/heartbeat", who=ALICE)
+    await refused(h, 401, "GET", "/v1/agents")
+    await refused(h, 401, "GET", "/v1/agents", headers={"Authorization": "Bearer nope"})
+    await refused(h, 401, "GET", "/v1/agents", who=GHOST)
+    after = (await send(h, "GET", "/metrics", expect=200)).text
+    assert metric(after, "coord_auth_denied_total", '{permission="send"}') == 2
+    assert metric(after, "coord_auth_denied_total", '{permission="kv"}') == 1
+    assert metric(after, "coord_auth_denied_total", '{permission="admin"}') == 1
+    assert metric(after, "coord_auth_denied_total", '{permission="self"}') == 1
+    assert metric(after, "coord_auth_refused_total") - metric(before, "coord_auth_refused_total") == 3
+
+
+async def test_no_secret_appears_in_errors_status_or_metrics(world: World) -> None:
+    h = world.h
+    texts = []
+    raw = encode({"value": 1})
+    forged = authorization(h, ALICE, "PUT", "/v1/kv/alice/x", raw, keys=MALLORY.keys)
+    sent_sig = forged.rsplit('sig="', 1)[1].rstrip('"')
+    texts.append((await send(h, "PUT", "/v1/kv/alice/x", raw, {"Authorization": forged}, expect=401)).text)
+    signed = authorization(h, ALICE, "PUT", "/v1/kv/bob/x", raw)
+    texts.append((await send(h, "PUT", "/v1/kv/bob/x", raw, {"Authorization": signed}, expect=403)).text)
+    texts.append((await send(h, "PUT", "/v1/kv/bob/x", raw, {"Authorization": signed}, expect=401)).text)  # replay
+    near = ADMIN_TOKEN[:-1] + "X"
+    texts.append((await send(h, "GET", "/v1/agents", headers={"Authorization": f"Bearer {near}"}, expect=401)).text)
+    texts.append((await send(h, "GET", "/v1/agents", headers={PRINCIPAL_HEADER: "admin"}, expect=401)).text)
+    texts.append((await send(h, "GET", "/v1/status", expect=200)).text)
+    texts.append((await send(h, "GET", "/metrics", expect=200)).text)
+    texts.append((await as_agent(h, ALICE, "GET", "/v1/agents", expect=200)).text)
+    for text in texts:
+        for secret in (ADMIN_TOKEN, near, CLUSTER_SECRET, sent_sig, signed.rsplit('sig="', 1)[1].rstrip('"')):
+            assert secret not in text
+
+
+# -- anonymous (development) mode ------------------------------------------------------------------------
+
+async def test_anonymous_mode_serves_unsigned_requests(h: Harness) -> None:
+    await send(h, "PUT", "/v1/kv/anything", encode({"value": 1}), expect=200)
+    await send(h, "PUT", "/v1/roles/r", encode({"permissions": []}), expect=200)
+    await send(h, "POST", "/v1/agents", encode({"id": "carol", "type": "worker"}), expect=201)
+    await send(h, "POST", "/v1/agents/carol/heartbeat", expect=200)
+
+
+async def test_anonymous_mode_still_refuses_a_bad_signature(h: Harness) -> None:
+    await send(h, "POST", "/v1/agents", encode({"id": "carol", "type": "worker",
+                                                "public_key": CAROL.keys.public_key}), expect=201)
+    await refused(h, 401, "PUT", "/v1/kv/x", {"value": 1}, who=CAROL, keys=MALLORY.keys)
+    await refused(h, 401, "PUT", "/v1/kv/x", {"value": 1}, who=GHOST)
+    await refused(h, 401, "PUT", "/v1/kv/x", {"value": 1}, headers={"Authorization": "Bearer anything"})
+    await refused(h, 401, "PUT", "/v1/kv/x", {"value": 1}, headers={"Authorization": "Coord-Ed25519 junk"})
+    # a good signature is fine, and permissions are not checked
+    await as_agent(h, CAROL, "PUT", "/v1/kv/x", {"value": 1}, expect=200)
+    await as_agent(h, CAROL, "PUT", "/v1/roles/mine", {"permissions": []}, expect=200)
+
+
+# -- the Python client as an agent ---------------------------------------------------------------------
+
+async def test_the_client_signs_as_an_agent_and_seals_to_another(world: World) -> None:
+    """CoordinatorClient(agent_id=, keys=) signs every request; publish(seal_to=)
+    names the sealing agent as the source, so the recipient's open() accepts it."""
+    h = world.h
+    url = str(h.http.make_url(""))
+    async with CoordinatorClient(url, agent_id="alice", keys=ALICE.keys, timeout_s=3) as alice, \
+            CoordinatorClient(url, agent_id="bob", keys=BOB.keys, timeout_s=3) as bob, \
+            CoordinatorClient(url, token=ADMIN_TOKEN, timeout_s=3) as admin:
+        sub = await bob.subscribe("orders.sealed")
+        await alice.publish("orders.sealed", {"id": "s1", "payload": {"secret": 42}}, seal_to=["bob"])
+        await alice.publish("orders.sealed", messages=[{"id": "s2", "payload": [1]}], seal_to=["bob", "alice"])
+        deliveries = await bob.fetch(sub, max=10)
+        assert [d["message"]["source"] for d in deliveries] == ["alice", "alice"]
+        assert [await bob.open(d["message"]) for d in deliveries] == [{"secret": 42}, [1]]
+        assert await alice.open(deliveries[1]["message"]) == [1]  # she sealed that one to herself too
+        stored = await admin.topic_messages("orders.sealed")
+        assert is_sealed(stored[0]["message"]["payload"]) and "secret" not in json.dumps(stored[0]["message"])
+        with pytest.raises(SealError, match="not a recipient"):
+            await alice.open(deliveries[0]["message"])
+        with pytest.raises(Forbidden) as denied:
+            await alice.publish("payments.eu", {"payload": 1})
+        assert (denied.value.permission, denied.value.resource) == ("send", "payments.eu")
+    async with CoordinatorClient(url, agent_id="carol", keys=CAROL.keys, timeout_s=3) as carol:
+        with pytest.raises(Unauthenticated):
+            await carol.agents()
+        registration = await carol.join("worker", ttl_s=30)  # signed by the key it registers
+        assert registration.id == "carol"
+        assert (await carol.heartbeat("carol"))["id"] == "carol"
+        with pytest.raises(Forbidden):
+            await carol.heartbeat("alice")
+
+
+async def test_an_agent_registered_without_a_key_cannot_be_claimed_by_a_self_signed_join(world: World) -> None:
+    """The admin registered svc without a key (it acts for it): the id is taken.
+    A newcomer signing with its own key must not become svc (and get its roles)."""
+    h = world.h
+    await as_admin(h, "POST", "/v1/agents", {"id": "svc", "type": "worker"}, expect=201)
+    await as_admin(h, "PUT", "/v1/agents/svc/roles", {"roles": ["alice-worker"]}, expect=200)
+    error = await refused(h, 401, "POST", "/v1/agents", {"id": "svc", "type": "worker",
+                                                          "public_key": MALLORY.keys.public_key},
+                          who=Agent("svc", MALLORY.keys))
+    assert "joining needs" in error["message"]
+    assert h.applier.machine.registry.agents["svc"].public_key is None
+    # the admin gives it a key; from then on svc signs for itself
+    await as_admin(h, "POST", "/v1/agents", {"id": "svc", "type": "worker", "public_key": CAROL.keys.public_key},
+                   expect=201)
+    await as_agent(h, Agent("svc", CAROL.keys), "PUT", "/v1/kv/alice/svc", {"value": 1}, expect=200)
+
+
+async def test_an_unknown_subscription_is_404_not_a_permission_question(world: World) -> None:
+    for method, suffix in (("GET", "/messages"), ("POST", "/ack"), ("GET", "/dlq")):
+        body = {"delivery_ids": ["d-1"]} if method == "POST" else None
+        reply = await as_agent(world.h, MALLORY, method, f"/v1/subscriptions/sub-999999{suffix}", body)
+        assert reply.status == 404, reply.text
+
+
+def test_the_nonce_cache_forgets_after_twice_the_skew() -> None:
+    """A nonce is kept as long as a request carrying it can pass the timestamp
+    check (its ts may lie clock_skew_s ahead): 2 * clock_skew_s."""
+    state = AuthState(AuthSettings(clock_skew_s=1.0), clock=lambda: 0.0)
+    assert state.remember_nonce("alice/n1", 0.0)
+    assert not state.remember_nonce("alice/n1", 1.9)
+    assert state.remember_nonce("bob/n1", 1.9)  # per agent
+    assert state.remember_nonce("alice/n2", 2.5)  # evicts alice/n1, which expired at 2.0
+    assert state.remember_nonce("alice/n1", 2.5)
+    assert not state.remember_nonce("bob/n1", 2.5)  # kept until 3.9

@@ -1,0 +1,168 @@
+"""A secure three-node cluster (``LocalCluster(secure=True)``: an admin token,
+no anonymous access), end to end:
+
+- the admin makes roles and grants; alice and bob join themselves (signed
+  by the key they register) through different followers;
+- what a follower forwards to the leader over HTTP (heartbeats, fetches)
+  carries the principal with an HMAC of the cluster secret; a request that
+  forges the principal header without it is refused;
+- alice publishes a payload sealed to bob through a follower; bob fetches it
+  through another node and opens it; neither the stored message nor any file
+  of any node holds the plaintext; a tampered copy does not open;
+- mallory, joined but holding no role, may not publish to the topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from coordinator.api.auth import FORWARD_SIG_HEADER, PRINCIPAL_HEADER
+from coordinator.client import CoordinatorClient
+from coordinator.crypto import AgentKeys, SealError, is_sealed
+from coordinator.devcluster import LocalCluster
+from coordinator.errors import Forbidden, Unauthenticated
+from coordinator.services.node import FORWARD_HEADER
+from tests.integration.conftest import eventually
+
+pytestmark = pytest.mark.cluster
+
+TOPIC = "chat.alice-bob"
+CHAT = [{"action": "send", "pattern": "chat.>"}, {"action": "subscribe", "pattern": "chat.>"},
+        {"action": "receive", "pattern": "chat.>"}]
+
+
+def _files_holding(directory: Path, needle: bytes) -> list[Path]:
+    """Every file under ``directory`` whose bytes contain ``needle``."""
+    return [path for path in sorted(directory.rglob("*")) if path.is_file() and needle in path.read_bytes()]
+
+
+async def _caught_up(cluster: LocalCluster, index: int) -> None:
+    """Every node applied ``index`` (so its log and state hold what came before)."""
+    for node_id in cluster.members:
+        await asyncio.to_thread(cluster.wait_caught_up, node_id, index, 30)
+
+
+def _tampered(envelope: dict[str, Any]) -> dict[str, Any]:
+    """The envelope with one byte of its ciphertext flipped (still canonical base64)."""
+    raw = bytearray(base64.b64decode(envelope["ciphertext"]))
+    raw[-1] ^= 0x01
+    return {**envelope, "ciphertext": base64.b64encode(bytes(raw)).decode()}
+
+
+async def _raw(method: str, url: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, Any]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
+            session.request(method, url, data=body or None, headers=headers) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def test_sealed_messages_between_self_joined_agents_in_a_secure_cluster(make_cluster) -> None:
+    cluster = make_cluster(secure=True)
+    leader = cluster.wait_leader()
+    follower_a, follower_b = [n for n in cluster.members if n != leader]
+    urls = [cluster.url(n) for n in cluster.members]
+    marker = f"plaintext-marker-{secrets.token_hex(8)}"
+    control = f"control-marker-{secrets.token_hex(8)}"  # published unsealed: the grep must find it
+
+    async with CoordinatorClient(urls, token=cluster.admin_token) as admin, \
+            CoordinatorClient(cluster.url(follower_a), agent_id="alice", keys=AgentKeys.generate()) as alice, \
+            CoordinatorClient(cluster.url(follower_b), agent_id="bob", keys=AgentKeys.generate()) as bob, \
+            CoordinatorClient(cluster.url(leader), agent_id="mallory", keys=AgentKeys.generate()) as mallory:
+        # Nothing without credentials, not even reading.
+        async with CoordinatorClient(urls, timeout_s=2) as anonymous:
+            with pytest.raises(Unauthenticated):
+                await anonymous.agents()
+
+        # The admin's roles and grants (before the agents join: grants are kept by id).
+        await admin.request("PUT", "/v1/roles/chat", {"permissions": CHAT})
+        for agent_id in ("alice", "bob"):
+            await admin.request("PUT", f"/v1/agents/{agent_id}/roles", {"roles": ["chat"]})
+
+        # Each agent joins itself through its own node, signing with the key it registers.
+        await alice.join("chatter", ttl_s=60)
+        await bob.join("chatter", ttl_s=60)
+        await mallory.join("chatter", ttl_s=60)
+        registered = {a["id"]: a["public_key"] for a in await admin.agents()}
+        assert registered == {"alice": alice.keys.public_key, "bob": bob.keys.public_key,
+                              "mallory": mallory.keys.public_key}
+
+        # A heartbeat to a follower is forwarded to the leader (which keeps the
+        # leases) with alice's principal and the cluster's HMAC; the follower
+        # would answer 503 if the leader had refused the forward.
+        assert (await alice.heartbeat("alice"))["id"] == "alice"
+        assert alice.endpoints == [cluster.url(follower_a)]
+        with pytest.raises(Forbidden) as not_self:
+            await alice.heartbeat("bob")
+        assert (not_self.value.permission, not_self.value.resource) == ("self", "bob")
+
+        # Forging the forwarded principal without the HMAC gets nowhere, on any node.
+        path = "/v1/agents/bob/heartbeat"
+        for node_id in (leader, follower_a):
+            for headers in ({PRINCIPAL_HEADER: "agent:bob", FORWARD_HEADER: "1"},
+                            {PRINCIPAL_HEADER: "admin", FORWARD_HEADER: "1", FORWARD_SIG_HEADER: "0" * 64}):
+                status, body = await _raw("POST", cluster.url(node_id) + path, headers, b"{}")
+                assert status == 401, body
+                assert "forwarded principal" in body["error"]["message"]
+            status, body = await _raw("GET", cluster.url(node_id) + f"/v1/topics/{TOPIC}/messages",
+                                      {PRINCIPAL_HEADER: "admin"})
+            assert status == 401, body
+
+        # bob subscribes through his follower; alice publishes sealed to bob through hers.
+        sub = await bob.subscribe(TOPIC, start="beginning")
+        await alice.publish(TOPIC, {"id": "m1", "payload": {"text": marker}}, seal_to=["bob"])
+        await alice.publish(TOPIC, {"id": "m2", "payload": {"text": control}})
+
+        # bob fetches through his follower (forwarded to the leader, which serves fetches).
+        deliveries = await eventually(lambda: bob.fetch(sub, max=10, wait_s=2), 30, "bob's deliveries")
+        assert bob.endpoints == [cluster.url(follower_b)]
+        by_id = {d["message"]["id"]: d for d in deliveries}
+        assert set(by_id) == {"m1", "m2"}
+        sealed = by_id["m1"]["message"]
+        assert is_sealed(sealed["payload"]) and list(sealed["payload"]["keys"]) == ["bob"]
+        assert await bob.open(sealed) == {"text": marker}
+        assert await bob.open(by_id["m2"]["message"]) == {"text": control}
+        await bob.ack(sub, [d["delivery_id"] for d in deliveries])
+
+        # alice sealed it for bob only: she cannot open her own message, and mallory
+        # (not a recipient, not allowed to read the topic either) cannot.
+        with pytest.raises(SealError, match="not a recipient"):
+            await alice.open(sealed)
+        with pytest.raises(SealError, match="not a recipient"):
+            await mallory.open(sealed)
+
+        # What the cluster stores is the envelope: no plaintext, in the API or on disk.
+        stored = await admin.topic_messages(TOPIC)
+        assert [m["message"]["id"] for m in stored] == ["m1", "m2"]
+        assert stored[0]["message"]["payload"] == sealed["payload"]
+        assert marker not in repr(stored[0])
+        applied = max(cluster.status(n)["applied_index"] for n in cluster.members)
+        await _caught_up(cluster, applied)
+        assert await asyncio.to_thread(_files_holding, cluster.dir, control.encode()), \
+            "the unsealed control message is on disk nowhere: the grep proves nothing"
+        assert await asyncio.to_thread(_files_holding, cluster.dir, marker.encode()) == []
+
+        # A tampered copy, re-published by alice herself, does not open for bob.
+        await alice.publish(TOPIC, {"id": "m3", "source": "alice", "payload": _tampered(sealed["payload"])})
+        tampered = await eventually(lambda: bob.fetch(sub, max=10, wait_s=2), 30, "the tampered copy")
+        assert [d["message"]["id"] for d in tampered] == ["m3"]
+        with pytest.raises(SealError, match="bad signature by 'alice'"):
+            await bob.open(tampered[0]["message"])
+        # nor does an envelope that someone else claims to have sent
+        with pytest.raises(SealError, match="tampered"):
+            await bob.open({**sealed, "source": "mallory"})
+
+        # mallory holds no role: publishing to the topic is refused, and nothing is stored.
+        with pytest.raises(Forbidden) as refused:
+            await mallory.publish(TOPIC, {"id": "m4", "payload": {"text": "spam"}})
+        assert (refused.value.permission, refused.value.resource) == ("send", TOPIC)
+        with pytest.raises(Forbidden):
+            await mallory.subscribe(TOPIC)
+        with pytest.raises(Forbidden):
+            await mallory.fetch(sub)
+        assert [m["message"]["id"] for m in await admin.topic_messages(TOPIC)] == ["m1", "m2", "m3"]
