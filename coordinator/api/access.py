@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.auth import AUTH, CHALLENGE_TTL_S, issue_challenge
 from coordinator.api.routes import node_of, ok
+from coordinator.services.proposals import state_error
+from coordinator.state.access import Access
+from coordinator.state.base import Rejected
 
 access_routes = web.RouteTableDef()
 
@@ -16,8 +21,17 @@ access_routes = web.RouteTableDef()
 async def put_role(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name")
     body = await s.json_body(request, {"permissions", "request_id"})
-    return ok(await node_of(request).write("role.put", {"name": name, "permissions": body.get("permissions")},
-                                           s.request_id(request, body)))
+    args = {"name": name, "permissions": body.get("permissions")}
+    _check(lambda: Access().put_role(args))
+    return ok(await node_of(request).write("role.put", args, s.request_id(request, body)))
+
+
+def _check(attempt: Any) -> None:
+    """Refuse bad input before it is proposed (it would be a log entry that changes nothing)."""
+    try:
+        attempt()
+    except Rejected as exc:
+        raise state_error(exc.code, exc.message) from None
 
 
 @access_routes.delete("/v1/roles/{name}")
@@ -38,8 +52,11 @@ async def list_roles(request: web.Request) -> web.Response:
 async def grant_roles(request: web.Request) -> web.Response:
     agent_id = s.name(request.match_info["id"], "id")
     body = await s.json_body(request, {"roles", "request_id"})
-    return ok(await node_of(request).write("role.grant", {"agent": agent_id, "roles": body.get("roles")},
-                                           s.request_id(request, body)))
+    args = {"agent": agent_id, "roles": body.get("roles")}
+    scratch = Access()
+    scratch.roles = dict(node_of(request).applier.machine.access.roles)
+    _check(lambda: scratch.grant(args))  # a role deleted meanwhile is still refused when applied
+    return ok(await node_of(request).write("role.grant", args, s.request_id(request, body)))
 
 
 @access_routes.get("/v1/join/challenge")
@@ -62,3 +79,11 @@ async def put_security(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"pow_difficulty", "request_id"})
     args = {k: v for k, v in body.items() if k != "request_id"}
     return ok(await node_of(request).write("security.configure", args, s.request_id(request, body)))
+
+
+@access_routes.delete("/v1/keys/{id}")
+async def unpin_key(request: web.Request) -> web.Response:
+    """Forget the key kept for an agent id that left, so another key may join as it (admin)."""
+    agent_id = s.name(request.match_info["id"], "id")
+    body = await s.json_body(request, {"request_id"}, required=False)
+    return ok(await node_of(request).write("access.unpin", {"agent": agent_id}, s.request_id(request, body)))

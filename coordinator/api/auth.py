@@ -172,9 +172,11 @@ def parse_authorization(value: str) -> tuple[str, Any]:
     return "agent", AgentCredential(agent_id, int(params["ts"]), params["nonce"], signature)
 
 
-def forward_signature(secret: str, principal: str, method: str, path_qs: str, body: bytes) -> str:
-    text = _utf8("\n".join((principal, method.upper(), path_qs, hashlib.sha256(body).hexdigest())))
-    return hmac.new(secret.encode(), text, hashlib.sha256).hexdigest()
+def forward_signature(secret: str, principal: str, method: str, path_qs: str, body: bytes, ts_ms: int) -> str:
+    """``<ts_ms>.<hmac>``: the forwarding node's word for who is asking, valid
+    for ``clock_skew_s`` around ``ts_ms`` (so a captured one cannot be replayed later)."""
+    text = _utf8("\n".join((principal, method.upper(), path_qs, hashlib.sha256(body).hexdigest(), str(ts_ms))))
+    return f"{ts_ms}.{hmac.new(secret.encode(), text, hashlib.sha256).hexdigest()}"
 
 
 def _utf8(text: str) -> bytes:
@@ -242,9 +244,13 @@ async def _forwarded_principal(request: web.Request, state: AuthState, forwarded
     secret = state.settings.cluster_secret
     given = request.headers.get(FORWARD_SIG_HEADER, "")
     body = await request.read()
-    if secret is None or not hmac.compare_digest(
-            _utf8(given), forward_signature(secret, forwarded, request.method, request.raw_path, body).encode()):
+    ts_text = given.partition(".")[0]
+    if secret is None or not TS_RE.match(ts_text) or not hmac.compare_digest(
+            _utf8(given),
+            forward_signature(secret, forwarded, request.method, request.raw_path, body, int(ts_text)).encode()):
         raise Unauthenticated("a forwarded principal without a valid cluster signature")
+    if abs(state.clock() - int(ts_text) / 1000) > state.settings.clock_skew_s:
+        raise Unauthenticated("a forwarded principal signed too long ago (stale or replayed)")
     if forwarded.startswith("agent:"):
         return Principal("agent", forwarded[len("agent:"):])
     if forwarded in ("admin", "anonymous"):
@@ -511,9 +517,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _public_key_of(node: Any) -> Callable[[str], str | None]:
+    """The key an agent id signs with: its registration's, else the one kept
+    after it left (so its id cannot be claimed by another key)."""
     def lookup(agent_id: str) -> str | None:
-        agent = node.applier.machine.registry.agents.get(agent_id)
-        return agent.public_key if agent is not None else None
+        machine = node.applier.machine
+        agent = machine.registry.agents.get(agent_id)
+        if agent is not None and agent.public_key is not None:
+            return agent.public_key
+        return machine.access.keys.get(agent_id)
     return lookup
 
 
@@ -536,7 +547,8 @@ def forward_signer(request: web.Request) -> Callable[[str, str, bytes], dict[str
             return {}
         name = principal.header()
         return {PRINCIPAL_HEADER: name,
-                FORWARD_SIG_HEADER: forward_signature(state.settings.cluster_secret, name, method, path_qs, body)}
+                FORWARD_SIG_HEADER: forward_signature(state.settings.cluster_secret, name, method, path_qs, body,
+                                                      int(state.clock() * 1000))}
     return sign
 
 

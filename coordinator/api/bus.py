@@ -15,9 +15,9 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import schemas as s
-from coordinator.api.auth import forward_signer
+from coordinator.api.auth import forward_signer, principal_of
 from coordinator.api.routes import node_of, ok
-from coordinator.errors import CoordinatorError, InvalidInput, NotFound, Unavailable
+from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, Unavailable
 from coordinator.services.bus import NotLeader
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode
 from coordinator.state.bus import MAX_FETCH, START_KINDS
@@ -124,6 +124,24 @@ async def topics_read(request: web.Request) -> web.Response:
     return ok({"topic": name, "messages": out, "first_offset": first, "next_offset": topic.next_offset})
 
 
+def _sourced(request: web.Request, raw: list[Any]) -> list[Any]:
+    """An agent's messages carry its own id as ``source``: the node fills it
+    in, and refuses (403) a message that claims another sender."""
+    principal = principal_of(request)
+    if principal is None or principal.kind != "agent":
+        return raw
+    out = []
+    for message in raw:
+        if isinstance(message, dict):
+            source = message.get("source", principal.agent_id)
+            if source != principal.agent_id:
+                raise Forbidden(f"{principal} may not send as {source!r}", permission="source",
+                                resource=str(source))
+            message = {**message, "source": principal.agent_id}
+        out.append(message)
+    return out
+
+
 @bus_routes.post("/v1/topics/{topic}/messages")
 async def topics_publish(request: web.Request) -> web.Response:
     node = node_of(request)
@@ -140,7 +158,7 @@ async def topics_publish(request: web.Request) -> web.Response:
         raw, single = body["messages"], False
     else:
         raw, single = [body], True
-    messages = node.bus.normalize_all(raw)
+    messages = node.bus.normalize_all(_sourced(request, raw))
 
     async def publish() -> dict[str, Any]:
         result = await node.bus.publish(topic, messages, request_id)
@@ -163,7 +181,7 @@ async def topics_request(request: web.Request) -> web.Response:
     if body["type"] != "request":
         raise InvalidInput("type: a request has type request", field="type")
     body.setdefault("replyTo", node.bus.reply_topic())
-    message = node.bus.normalize_all([body])[0]
+    message = node.bus.normalize_all(_sourced(request, [body]))[0]
     return await _here_or_leader(request, lambda: node.bus.request(topic, message, timeout_s),
                                  timeout_s + FORWARD_MARGIN_S)
 

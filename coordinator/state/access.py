@@ -31,6 +31,7 @@ ACTIONS = (*TOKEN_ACTIONS, *PREFIX_ACTIONS)
 MAX_PERMISSIONS = 256
 MAX_ROLES_PER_AGENT = 64
 MAX_ROLES = 10_000
+MAX_PINNED = 100_000
 
 
 def check_public_key(value: str, field: str = "public_key") -> str:
@@ -93,6 +94,9 @@ class Access:
         self.roles: dict[str, list[dict[str, str]]] = {}
         self.grants: dict[str, list[str]] = {}  # agent id -> role names
         self.pow_difficulty = 0  # leading zero bits a join's proof of work needs (0: none)
+        # agent id -> the public key it last registered: kept after the agent
+        # leaves or expires, so nobody else can join under its id (and roles)
+        self.keys: dict[str, str] = {}
 
     # -- commands --------------------------------------------------------------------------
 
@@ -142,6 +146,23 @@ class Access:
             self.pow_difficulty = check_int(args["pow_difficulty"], "pow_difficulty", 0, 32)
         return {"pow_difficulty": self.pow_difficulty}
 
+    def pin(self, agent_id: str, public_key: str, registered: Any) -> None:
+        """Remember ``agent_id``'s key. Beyond ``MAX_PINNED`` keys, the oldest
+        of agents that are gone and hold no roles are forgotten first."""
+        self.keys.pop(agent_id, None)
+        self.keys[agent_id] = public_key
+        if len(self.keys) > MAX_PINNED:
+            for old in [a for a in self.keys if a not in registered and a not in self.grants][:len(self.keys)
+                                                                                             - MAX_PINNED]:
+                del self.keys[old]
+
+    def unpin(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Forget an agent id's key (the admin's), so another key may join under it."""
+        agent_id = check_str(args.get("agent"), "agent")
+        if self.keys.pop(agent_id, None) is None:
+            raise Rejected("not_found", f"no key is kept for agent {agent_id!r}")
+        return {"agent": agent_id}
+
     # -- checks ------------------------------------------------------------------------------
 
     def can(self, agent_id: str, action: str, resource: str, *, listing: bool = False) -> bool:
@@ -165,7 +186,7 @@ class Access:
     # -- snapshots -----------------------------------------------------------------------------
 
     def to_data(self) -> dict[str, Any]:
-        return {"roles": self.roles, "grants": self.grants, "pow_difficulty": self.pow_difficulty}
+        return {"roles": self.roles, "grants": self.grants, "pow_difficulty": self.pow_difficulty, "keys": self.keys}
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Access:
@@ -173,4 +194,5 @@ class Access:
         access.roles = {k: list(v) for k, v in data["roles"].items()}
         access.grants = {k: list(v) for k, v in data["grants"].items()}
         access.pow_difficulty = data.get("pow_difficulty", 0)
+        access.keys = dict(data.get("keys", {}))
         return access

@@ -284,6 +284,8 @@ def _agent_register(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -
                   registered_ms=ctx.now_ms if old is None else old.registered_ms,
                   public_key=public_key if public_key is not None else (old.public_key if old else None))
     sm.registry.agents[agent_id] = agent
+    if agent.public_key is not None:
+        sm.access.pin(agent_id, agent.public_key, sm.registry.agents)
     event = "agent.spawned" if old is None else "agent.updated"
     sm.events.emit(ctx, event, {"agentId": agent_id, "agentType": agent_type, "metadata": metadata,
                                 "lease_id": agent.lease_id})
@@ -531,6 +533,11 @@ def _role_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> A
 @_op("security.configure")
 def _security_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     return sm.access.configure(args)
+
+
+@_op("access.unpin")
+def _access_unpin(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.access.unpin(args)
 
 
 @_op("role.grant")

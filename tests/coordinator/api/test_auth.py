@@ -338,25 +338,29 @@ async def test_a_forged_forwarded_principal_is_401(world: World) -> None:
     for headers in ({PRINCIPAL_HEADER: "admin"},
                     {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: "0" * 64},
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature("not-the-secret", "admin", "PUT", path, raw)},
+                     FORWARD_SIG_HEADER: forward_signature("not-the-secret", "admin", "PUT", path, raw, now_ms())},
                     # signed for another body, path or principal
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "admin", "PUT", path, b"{}")},
+                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "admin", "PUT", path, b"{}", now_ms())},
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "admin", "PUT", "/v1/roles/s", raw)},
+                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "admin", "PUT", "/v1/roles/s", raw,
+                                                           now_ms())},
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "agent:alice", "PUT", path, raw)},
+                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "agent:alice", "PUT", path, raw, now_ms())},
                     # and a principal header next to a valid admin token still needs its signature
                     {PRINCIPAL_HEADER: "admin", "Authorization": f"Bearer {ADMIN_TOKEN}"}):
         error = await refused(h, 401, "PUT", path, raw=raw, headers=headers)
         assert "forwarded principal" in error["message"]
-    good = forward_signature(CLUSTER_SECRET, "admin", "PUT", path, raw)
+    stale = forward_signature(CLUSTER_SECRET, "admin", "PUT", path, raw, now_ms() - 120_000)  # captured earlier
+    error = await refused(h, 401, "PUT", path, raw=raw, headers={PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: stale})
+    assert "too long ago" in error["message"]
+    good = forward_signature(CLUSTER_SECRET, "admin", "PUT", path, raw, now_ms())
     await send(h, "PUT", path, raw, {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: good}, expect=200)
 
 
 async def test_a_forwarded_principal_of_an_unknown_kind_is_401(world: World) -> None:
     path = "/v1/agents"
-    signature = forward_signature(CLUSTER_SECRET, "root", "GET", path, b"")
+    signature = forward_signature(CLUSTER_SECRET, "root", "GET", path, b"", now_ms())
     error = await refused(world.h, 401, "GET", path, headers={PRINCIPAL_HEADER: "root", FORWARD_SIG_HEADER: signature})
     assert "unknown kind" in error["message"]
 
@@ -364,7 +368,7 @@ async def test_a_forwarded_principal_of_an_unknown_kind_is_401(world: World) -> 
 async def test_a_properly_forwarded_agent_is_held_to_its_roles(world: World) -> None:
     h = world.h
     path, raw = "/v1/topics/payments.eu/messages", encode({"payload": 1})
-    signature = forward_signature(CLUSTER_SECRET, "agent:alice", "POST", path, raw)
+    signature = forward_signature(CLUSTER_SECRET, "agent:alice", "POST", path, raw, now_ms())
     reply = await send(h, "POST", path, raw, {PRINCIPAL_HEADER: "agent:alice", FORWARD_SIG_HEADER: signature},
                        expect=403)
     assert (reply.error["permission"], reply.error["resource"]) == ("send", "payments.eu")
@@ -910,3 +914,38 @@ def test_the_nonce_cache_forgets_after_twice_the_skew() -> None:
     assert state.remember_nonce("alice/n2", 2.5)  # evicts alice/n1, which expired at 2.0
     assert state.remember_nonce("alice/n1", 2.5)
     assert not state.remember_nonce("bob/n1", 2.5)  # kept until 3.9
+
+
+# -- a message's sender --------------------------------------------------------------------------
+
+
+async def test_an_agents_messages_carry_its_id_as_source_and_it_cannot_claim_another(world: World) -> None:
+    h = world.h
+    error = await refused(h, 403, "POST", "/v1/topics/orders.eu/messages", {"source": "bob", "payload": 1},
+                          who=ALICE)
+    assert (error["permission"], error["resource"]) == ("source", "bob")
+    await refused(h, 403, "POST", "/v1/topics/orders.eu/messages",
+                  {"messages": [{"payload": 1}, {"source": "bob", "payload": 2}]}, who=ALICE)
+    await as_agent(h, ALICE, "POST", "/v1/topics/orders.eu/messages", {"payload": 3}, expect=200)
+    await as_agent(h, ALICE, "POST", "/v1/topics/orders.eu/messages", {"source": "alice", "payload": 4},
+                   expect=200)
+    got = await as_admin(h, "GET", f"/v1/subscriptions/{world.sub}/messages?max=10", expect=200)
+    sources = {str(d["message"]["payload"]): d["message"]["source"] for d in got.body["messages"]}
+    assert sources["3"] == sources["4"] == "alice"
+
+
+async def test_an_agent_that_left_keeps_its_id_until_the_admin_releases_it(world: World) -> None:
+    """Roles are granted by agent id: when bob leaves, his key stays bound to
+    his id, so mallory cannot join as bob (and inherit his roles); bob can
+    come back with his key; the admin can release the id."""
+    h = world.h
+    await as_agent(h, BOB, "DELETE", "/v1/agents/bob", expect=200)
+    impostor = Agent("bob", MALLORY.keys)
+    await refused(h, 401, "POST", "/v1/agents", {"id": "bob", "type": "worker", "public_key": MALLORY.keys.public_key},
+                  who=impostor)
+    await join(h, BOB)  # the real bob, with his own key
+    await as_agent(h, BOB, "DELETE", "/v1/agents/bob", expect=200)
+    await refused(h, 403, "DELETE", "/v1/keys/bob", who=ALICE)
+    await as_admin(h, "DELETE", "/v1/keys/bob", expect=200)
+    await join(h, BOB, key=MALLORY.keys, signer=impostor)  # released: a new key may take the id
+    await as_admin(h, "DELETE", "/v1/keys/nobody", expect=404)
