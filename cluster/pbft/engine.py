@@ -1,0 +1,326 @@
+"""The ``pbft`` ConsensusEngine: ``coordinator.ports.ConsensusEngine`` over a ``PbftNode``.
+
+Contract
+--------
+Construct, start, stop and call everything on one event loop. The replica
+calls the engine's ``PbftApp`` adapter synchronously while the node handles
+a message, so every ``ReplicatedFSM`` call (``apply``, ``snapshot``,
+``restore``) arrives on the loop thread, in execution order, one at a time.
+``done`` callbacks and role listeners also run on the loop thread.
+
+Entries: each executed client request is one entry. The adapter numbers
+them 1, 2, 3, ... across batches (a batch of k requests uses k indexes; a
+null request of a view change uses none; a duplicate the replica suppresses
+uses none) and calls ``fsm.apply(index, operation)``. Every correct replica
+executes the same requests in the same order, so it computes the same
+indexes. The result signed into the PBFT reply is
+``sha256(index as 8 bytes BE || operation)``: identical on every correct
+replica, so f+1 matching replies prove the entry was ordered at that index.
+``ReplicatedFSM.apply`` returns nothing today, so the reply carries no domain
+result (see design.md for the proposed port change).
+
+Roles: PBFT has one primary per view. This node reports ``"leader"`` while it
+is active in a view whose primary it is, ``"follower"`` otherwise (also while
+a view change is in progress: then ``leader`` is None), ``"stopped"`` when
+not running. The coordinator's leader-only duties (leases, timers) thus run
+on the primary. ``term`` is the view. Listeners added with
+``on_role_change`` are called after every change of that role (observed by
+polling the replica every ``role_poll_ms``: the node has no effect hook).
+``status().role`` is the role last announced to the listeners, so the two
+never disagree; ``leader`` and ``term`` are read from the replica directly.
+
+Submissions: ``submit`` never blocks. The engine hosts ``sessions`` PBFT
+client ids (``pbft-engine-<id>-<k>``, all signed with this engine's client
+key); PBFT allows one outstanding request per client, so at most
+``sessions`` submissions are in flight and up to ``queue_max`` more wait for
+a free session. Outcomes:
+
+- ``done(None)``: f+1 replicas sent matching signed replies (the entry is
+  ordered; the local FSM may apply it before or after ``done``);
+- definite (the request was never signed nor sent): ``Failure.NO_LEADER``
+  when the engine is not running or stops before a session frees up, or no
+  session freed up within ``queue_timeout_ms``; ``Failure.QUEUE_FULL`` when
+  ``queue_max`` submissions are already waiting; ``Failure.DENIED`` for a
+  blob above ``MAX_OPERATION_BYTES``;
+- ``Failure.UNKNOWN`` once the request may have left this node: no f+1
+  matching replies within ``request_timeout_ms`` (``SubmitTimeout``), the
+  engine stopped while it was in flight, or any other node error.
+
+Membership is static: the n = 3f+1 replicas and their keys are configured;
+``add_member``/``remove_member`` raise ``Unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cluster.pbft.messages import MAX_OPERATION_BYTES, Request
+from cluster.pbft.node import NodeError, NodeStopped, PbftNode, SubmitTimeout
+from cluster.pbft.replica import Replica
+from coordinator.codec import decode_record, encode_record
+from coordinator.crypto import AgentKeys
+from coordinator.errors import InvalidInput, InvariantError, Unavailable
+from coordinator.ports import Done, EngineStatus, Failure, ReplicatedFSM
+
+log = logging.getLogger(__name__)
+
+_SNAPSHOT_TAG = "pbft-engine"
+_SNAPSHOT_VERSION = 1
+
+
+def session_client_id(replica_id: int, session: int) -> str:
+    """The PBFT client id of one of replica ``replica_id``'s submission sessions."""
+    return f"pbft-engine-{replica_id}-{session}"
+
+
+def entry_digest(index: int, blob: bytes) -> bytes:
+    """What every correct replica replies for the entry ``blob`` executed at ``index``."""
+    return hashlib.sha256(index.to_bytes(8, "big") + blob).digest()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:7001"`` -> ``("127.0.0.1", 7001)``. Raises ``InvalidInput``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"not a host:port address: {address!r}", field="address")
+    return host, int(port)
+
+
+class FsmApp:
+    """The ``PbftApp`` the replica drives: numbers executed requests and hands
+    them to the ``ReplicatedFSM``. Called on the loop thread only (from inside
+    the node's calls into the replica)."""
+
+    def __init__(self, fsm: ReplicatedFSM) -> None:
+        self.fsm = fsm
+        self.index = 0  # the last index handed to fsm.apply (or restored)
+        self.last_seq = 0  # the PBFT sequence number of that entry
+
+    def execute(self, seq: int, request: Request) -> bytes:
+        self.index += 1
+        self.last_seq = seq
+        self.fsm.apply(self.index, request.operation)
+        return entry_digest(self.index, request.operation)
+
+    def snapshot(self) -> bytes:
+        return encode_record([_SNAPSHOT_VERSION, _SNAPSHOT_TAG, self.index, self.last_seq, self.fsm.snapshot()])
+
+    def restore(self, blob: bytes) -> None:
+        # The replica installs only a state whose digest a quorum certified, so
+        # a record we cannot read means a bug or 2f+1 faulty replicas.
+        try:
+            version, tag, index, last_seq, state = decode_record(blob)
+        except (InvalidInput, ValueError, TypeError) as exc:
+            raise InvariantError(f"certified PBFT state is not an engine snapshot: {exc}") from None
+        if (version != _SNAPSHOT_VERSION or tag != _SNAPSHOT_TAG or type(index) is not int or index < 0
+                or type(last_seq) is not int or not isinstance(state, bytes)):
+            raise InvariantError("certified PBFT state is not an engine snapshot")
+        self.fsm.restore(state)
+        self.index = index
+        self.last_seq = last_seq
+
+
+class PbftEngine:
+    """A ``ConsensusEngine`` over one ``PbftNode``. See the module docstring.
+
+    ``addresses[i]`` is replica i's ``"127.0.0.1:port"`` (its engine address
+    and identity), ``public_keys[i]`` its Ed25519 key, ``keys`` this replica's
+    pair. ``client_public_keys[i]`` is the key replica i's engine signs its
+    submissions with, ``client_keys`` this engine's own (its public key must
+    be ``client_public_keys[replica_id]``). Raises ``PbftConfigError`` /
+    ``NodeError`` / ``InvalidInput`` for inconsistent configuration.
+    """
+
+    def __init__(self, *, replica_id: int, addresses: Sequence[str], keys: AgentKeys, public_keys: Sequence[str],
+                 client_keys: AgentKeys, client_public_keys: Sequence[str], fsm: ReplicatedFSM,
+                 sessions: int = 4, queue_max: int = 1024, queue_timeout_ms: int = 10_000,
+                 request_timeout_ms: int = 10_000, retry_ms: int = 500, role_poll_ms: int = 20,
+                 checkpoint_interval: int = 16, batch_max: int = 16, view_change_timeout_ms: int = 1000,
+                 status_interval_ms: int = 250, fetch_timeout_ms: int = 500, tick_interval_ms: int = 10,
+                 send_queue_max: int = 1024) -> None:
+        n = len(addresses)
+        if len(client_public_keys) != n or not 0 <= replica_id < n:
+            raise InvalidInput("client_public_keys must list one key per replica", field="client_public_keys")
+        if client_keys.public_key != client_public_keys[replica_id]:
+            raise InvalidInput("client_keys must be this replica's client key", field="client_keys")
+        if min(sessions, queue_max, queue_timeout_ms, role_poll_ms) < 1:
+            raise InvalidInput("sessions, queue_max and timeouts must be positive")
+        self.replica_id = replica_id
+        self.addresses = tuple(addresses)
+        self.address = self.addresses[replica_id]
+        self.queue_max = queue_max
+        self.queue_timeout_s = queue_timeout_ms / 1000
+        self.role_poll_s = role_poll_ms / 1000
+        self.app = FsmApp(fsm)
+        pbft_clients = {session_client_id(r, k): client_public_keys[r] for r in range(n) for k in range(sessions)}
+        replica = Replica(replica_id, n, keys, public_keys, app=self.app, client_keys=pbft_clients,
+                          checkpoint_interval=checkpoint_interval, batch_max=batch_max,
+                          view_change_timeout_ms=view_change_timeout_ms, status_interval_ms=status_interval_ms,
+                          fetch_timeout_ms=fetch_timeout_ms)
+        self._sessions = [session_client_id(replica_id, k) for k in range(sessions)]
+        homes = {session_client_id(r, k): r for r in range(n) for k in range(sessions)}
+        self.node = PbftNode(replica, [parse_address(a) for a in self.addresses], public_keys,
+                             client_keys={c: client_keys for c in self._sessions}, client_homes=homes,
+                             request_timeout_ms=request_timeout_ms, retry_ms=retry_ms,
+                             tick_interval_ms=tick_interval_ms, send_queue_max=send_queue_max)
+        self._free: asyncio.Queue[str] | None = None
+        self._waiting = 0  # submissions holding or waiting for a session
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watch: asyncio.Task[None] | None = None
+        self._role_listeners: list[Callable[[str], None]] = []
+        self._role = "stopped"
+        self._running = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the node (listen, connect, tick) and the role watcher. Idempotent."""
+        if self._running:
+            return
+        self._free = asyncio.Queue()
+        for client in self._sessions:
+            self._free.put_nowait(client)
+        await self.node.start()
+        self._running = True
+        self._watch = asyncio.get_running_loop().create_task(self._watch_role(), name="pbft-role-watch")
+        self._check_role()
+
+    async def stop(self) -> None:
+        """Stop the node; in-flight submissions end with ``UNKNOWN``, waiting
+        ones with ``NO_LEADER``. Idempotent."""
+        if not self._running:
+            return
+        self._running = False
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
+        await self.node.stop()  # in-flight node.submit calls raise NodeStopped
+        if self._tasks:
+            # Waiting submissions get a session as in-flight ones end, see _running False, and finish.
+            _, late = await asyncio.wait(list(self._tasks), timeout=self.node.stop_timeout_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        self._check_role()
+
+    # -- submissions ---------------------------------------------------------------------------------
+
+    def submit(self, blob: bytes, done: Done) -> None:
+        if not self._running:
+            done(Failure.NO_LEADER)
+            return
+        if len(blob) > MAX_OPERATION_BYTES:
+            done(Failure.DENIED)
+            return
+        if self._waiting >= self.queue_max + len(self._sessions):
+            done(Failure.QUEUE_FULL)
+            return
+        self._waiting += 1
+        task = asyncio.get_running_loop().create_task(self._run_submit(blob, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_submit(self, blob: bytes, done: Done) -> None:
+        reason: str | None = Failure.NO_LEADER  # until the request may have left this node
+        free = self._free
+        client: str | None = None
+        try:
+            if free is None:
+                return
+            try:
+                async with asyncio.timeout(self.queue_timeout_s):
+                    client = await free.get()
+            except TimeoutError:
+                return
+            if not self._running:
+                return
+            reason = Failure.UNKNOWN
+            try:
+                await self.node.submit(blob, client)
+                reason = None
+            except SubmitTimeout:
+                pass
+            except NodeStopped:
+                pass  # stopped while in flight: it may still be ordered by the others
+            except NodeError:
+                log.exception("pbft engine: submit failed")
+        finally:
+            if client is not None and free is not None:
+                free.put_nowait(client)
+            self._waiting -= 1
+            done(reason)
+
+    # -- status ---------------------------------------------------------------------------------------
+
+    def _current_role(self) -> str:
+        replica = self.node.replica
+        if not self._running:
+            return "stopped"
+        return "leader" if replica.active and replica.is_primary else "follower"
+
+    def connected_peers(self) -> tuple[str, ...]:
+        """Peers whose outbound link is up (the node sends only on links it opened)."""
+        links = self.node._links  # PbftNode has no public accessor yet (design.md)
+        return tuple(self.addresses[p] for p, link in sorted(links.items()) if link.connected)
+
+    def status(self) -> EngineStatus:
+        replica = self.node.replica
+        members = tuple(self.addresses)
+        if not self._running:
+            return EngineStatus(node=self.address, role="stopped", leader=None, term=replica.view,
+                                commit_index=self.app.index, applied_index=self.app.index, members=members,
+                                healthy=False, problem="stopped")
+        connected = self.connected_peers()
+        problem = None
+        if self.node.failure is not None:
+            problem = f"node task failed: {self.node.failure!r}"
+        elif len(connected) < 2 * replica.f:
+            problem = f"connected to {len(connected)} peers, need {2 * replica.f}"
+        return EngineStatus(
+            node=self.address,
+            role=self._role,  # as announced to the listeners (lags the replica by <= role_poll_ms)
+            leader=self.addresses[replica.primary] if replica.active else None,
+            term=replica.view,
+            commit_index=self.app.index,
+            applied_index=self.app.index,
+            members=members,
+            healthy=problem is None,
+            problem=problem,
+            connected=connected,
+        )
+
+    def on_role_change(self, listener: Callable[[str], None]) -> None:
+        self._role_listeners.append(listener)
+
+    async def _watch_role(self) -> None:
+        while True:
+            await asyncio.sleep(self.role_poll_s)
+            self._check_role()
+
+    def _check_role(self) -> None:
+        role = self._current_role()
+        if role == self._role:
+            return
+        self._role = role
+        for listener in list(self._role_listeners):
+            try:
+                listener(role)
+            except Exception:
+                log.exception("pbft engine: role listener failed")
+
+    # -- membership ------------------------------------------------------------------------------------
+
+    async def add_member(self, address: str) -> None:
+        raise Unavailable("PBFT membership is static: the 3f+1 replicas and their keys are configured")
+
+    async def remove_member(self, address: str) -> None:
+        raise Unavailable("PBFT membership is static: the 3f+1 replicas and their keys are configured")
+
+
+__all__ = ["FsmApp", "PbftEngine", "entry_digest", "parse_address", "session_client_id"]

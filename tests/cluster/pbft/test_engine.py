@@ -1,0 +1,175 @@
+"""Four ``PbftEngine``s on loopback TCP in one process (cluster/pbft/engine.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from cluster.pbft.engine import FsmApp, PbftEngine, entry_digest, parse_address
+from cluster.pbft.messages import Request
+from cluster.pbft.sim import client_keys, replica_keys
+from coordinator.codec import decode_record, encode_record
+from coordinator.errors import InvalidInput, InvariantError, Unavailable
+from coordinator.ports import ConsensusEngine, Failure
+
+N = 4
+KEYS = [replica_keys(i) for i in range(N)]
+PUBLIC = [k.public_key for k in KEYS]
+CLIENT_KEYS = [client_keys(f"engine-{i}") for i in range(N)]
+CLIENT_PUBLIC = [k.public_key for k in CLIENT_KEYS]
+
+
+class RecordingFSM:
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, bytes]] = []
+
+    def apply(self, index: int, blob: bytes) -> None:
+        self.entries.append((index, blob))
+
+    def snapshot(self) -> bytes:
+        return encode_record([[i, b] for i, b in self.entries])
+
+    def restore(self, blob: bytes) -> None:
+        self.entries = [(i, b) for i, b in decode_record(blob)]
+
+    def reset(self) -> None:
+        self.entries = []
+
+
+def _free_ports(count: int) -> list[int]:
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Cluster:
+    def __init__(self, request_timeout_ms: int = 8000) -> None:
+        self.addresses = [f"127.0.0.1:{p}" for p in _free_ports(N)]
+        self.fsms = [RecordingFSM() for _ in range(N)]
+        self.roles: list[list[str]] = [[] for _ in range(N)]
+        self.engines = [
+            PbftEngine(replica_id=i, addresses=self.addresses, keys=KEYS[i], public_keys=PUBLIC,
+                       client_keys=CLIENT_KEYS[i], client_public_keys=CLIENT_PUBLIC, fsm=self.fsms[i],
+                       request_timeout_ms=request_timeout_ms, retry_ms=300, queue_timeout_ms=request_timeout_ms,
+                       checkpoint_interval=4, view_change_timeout_ms=400, status_interval_ms=50,
+                       fetch_timeout_ms=100, send_queue_max=64)
+            for i in range(N)
+        ]
+        for i, engine in enumerate(self.engines):
+            engine.on_role_change(self.roles[i].append)
+
+    async def submit(self, i: int, blob: bytes) -> str | None:
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.engines[i].submit(blob, future.set_result)
+        return await future
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    c = Cluster()
+    for engine in c.engines:
+        await engine.start()
+    try:
+        yield c
+        assert [e.node.failure for e in c.engines] == [None] * N
+    finally:
+        for engine in c.engines:
+            await engine.stop()
+
+
+async def _eventually(check: Callable[[], bool], timeout_s: float = 8.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+def test_app_numbers_requests_and_round_trips() -> None:
+    fsm = RecordingFSM()
+    app = FsmApp(fsm)
+    r1 = app.execute(1, Request("c", 1, b"a", "sig"))
+    r2 = app.execute(1, Request("c", 2, b"b", "sig"))  # same batch: next index
+    assert (r1, r2) == (entry_digest(1, b"a"), entry_digest(2, b"b"))
+    other = FsmApp(RecordingFSM())
+    other.restore(app.snapshot())
+    assert other.index == 2 and other.fsm.entries == fsm.entries  # type: ignore[attr-defined]
+    assert other.execute(2, Request("c", 3, b"c", "sig")) == entry_digest(3, b"c")
+    with pytest.raises(InvariantError):
+        other.restore(b"garbage")
+
+
+def test_parse_address() -> None:
+    assert parse_address("127.0.0.1:7001") == ("127.0.0.1", 7001)
+    for bad in ("127.0.0.1", ":1", "h:0", "h:x"):
+        with pytest.raises(InvalidInput):
+            parse_address(bad)
+
+
+async def test_submits_through_any_engine_agree(cluster: Cluster) -> None:
+    assert isinstance(cluster.engines[0], ConsensusEngine)
+    blobs = [b"op-%d-%d" % (i, k) for k in range(3) for i in range(N)]
+    results = await asyncio.gather(*(cluster.submit(int(b.split(b"-")[1]), b) for b in blobs))
+    assert results == [None] * len(blobs)
+    await _eventually(lambda: all(len(f.entries) == len(blobs) for f in cluster.fsms))
+    first = cluster.fsms[0].entries
+    assert [i for i, _ in first] == list(range(1, len(blobs) + 1))
+    assert sorted(b for _, b in first) == sorted(blobs)
+    assert all(f.entries == first for f in cluster.fsms)
+    assert all(e.status().commit_index == len(blobs) for e in cluster.engines)
+
+
+async def test_status_has_one_leader_the_primary(cluster: Cluster) -> None:
+    assert await cluster.submit(1, b"x") is None
+    await _eventually(lambda: all(e.status().healthy for e in cluster.engines))
+    statuses = [e.status() for e in cluster.engines]
+    assert [s.role for s in statuses] == ["leader", "follower", "follower", "follower"]
+    assert {s.leader for s in statuses} == {cluster.addresses[0]}
+    assert {s.term for s in statuses} == {0}
+    assert all(s.members == tuple(cluster.addresses) for s in statuses)
+    assert cluster.roles[0] == ["leader"] and cluster.roles[1] == ["follower"]
+    with pytest.raises(Unavailable):
+        await cluster.engines[0].add_member("127.0.0.1:1")
+    with pytest.raises(Unavailable):
+        await cluster.engines[0].remove_member(cluster.addresses[3])
+
+
+async def test_stopping_the_primary_elects_a_new_one(cluster: Cluster) -> None:
+    assert await cluster.submit(2, b"before") is None
+    await cluster.engines[0].stop()
+    assert cluster.roles[0] == ["leader", "stopped"]
+    assert cluster.engines[0].status().role == "stopped"
+    results = await asyncio.gather(*(cluster.submit(i, b"after-%d" % i) for i in (1, 2, 3)))
+    assert results == [None, None, None]
+    await _eventually(lambda: any(e.status().role == "leader" for e in cluster.engines[1:]))
+    statuses = [e.status() for e in cluster.engines[1:]]
+    leaders = [s for s in statuses if s.role == "leader"]
+    assert len(leaders) == 1 and leaders[0].term >= 1
+    assert leaders[0].node == leaders[0].leader == cluster.addresses[leaders[0].term % N]
+    assert "leader" in cluster.roles[leaders[0].term % N]
+    assert await cluster.submit(3, b"more") is None
+    await _eventually(lambda: all(len(f.entries) == 5 for f in cluster.fsms[1:]))
+    assert cluster.fsms[1].entries == cluster.fsms[2].entries == cluster.fsms[3].entries
+
+
+async def test_submit_alone_is_unknown_and_stopped_is_definite() -> None:
+    c = Cluster(request_timeout_ms=1500)
+    engine = c.engines[1]
+    await engine.start()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await c.submit(1, b"lonely") == Failure.UNKNOWN
+        assert loop.time() - started < 3
+        assert not engine.status().healthy
+    finally:
+        await engine.stop()
+    assert await c.submit(1, b"late") == Failure.NO_LEADER
+    assert Failure.NO_LEADER in Failure.DEFINITE
