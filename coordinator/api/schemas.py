@@ -6,8 +6,6 @@ anything is proposed, so bad input never reaches the log.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 from typing import Any
@@ -16,6 +14,8 @@ from aiohttp import web
 
 from coordinator.codec import check_value
 from coordinator.errors import InvalidInput
+from coordinator.state.access import check_public_key
+from coordinator.state.base import Rejected
 
 MAX_KEY_LEN = 1024
 MAX_NAME_LEN = 256
@@ -155,12 +155,10 @@ def key(request: web.Request) -> str:
 
 
 def public_key(value: Any, field: str) -> str:
-    """An Ed25519 public key in standard base64 (32 bytes)."""
+    """An Ed25519 public key in standard base64 (32 bytes): the state machine's
+    own check, run before proposing."""
     text = name(value, field, 64)
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (ValueError, binascii.Error):
-        raise InvalidInput(f"{field}: must be base64", field=field) from None
-    if len(raw) != 32:
-        raise InvalidInput(f"{field}: must be an Ed25519 public key (32 bytes)", field=field)
-    return text
+        return check_public_key(text, field)
+    except Rejected as exc:
+        raise InvalidInput(exc.message, field=field) from None

@@ -4,6 +4,7 @@ purpose. The seeded, delayed network lives in ``cluster.pbft.sim``."""
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Callable
 
@@ -110,3 +111,16 @@ class Harness:
 
 def kind(env: Envelope) -> str:
     return type(decode_message(env.body)).__name__
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports free at the time of the call."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

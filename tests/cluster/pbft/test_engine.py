@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -14,6 +13,7 @@ from cluster.pbft.sim import client_keys, replica_keys
 from coordinator.codec import decode_record, encode_record
 from coordinator.errors import InvalidInput, InvariantError, Unavailable
 from coordinator.ports import ConsensusEngine, Failure
+from tests.cluster.pbft.harness import free_ports
 
 N = 4
 KEYS = [replica_keys(i) for i in range(N)]
@@ -39,21 +39,9 @@ class RecordingFSM:
         self.entries = []
 
 
-def _free_ports(count: int) -> list[int]:
-    socks = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class Cluster:
     def __init__(self, request_timeout_ms: int = 8000) -> None:
-        self.addresses = [f"127.0.0.1:{p}" for p in _free_ports(N)]
+        self.addresses = [f"127.0.0.1:{p}" for p in free_ports(N)]
         self.fsms = [RecordingFSM() for _ in range(N)]
         self.roles: list[list[str]] = [[] for _ in range(N)]
         self.engines = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -21,6 +20,7 @@ from cluster.pbft.node import (
 )
 from cluster.pbft.replica import Replica
 from cluster.pbft.sim import CounterApp, client_keys, replica_keys
+from tests.cluster.pbft.harness import free_ports
 
 N = 4
 CLIENTS = {f"c{i}": i for i in range(N)}  # client c<i> is hosted by node i
@@ -29,21 +29,9 @@ PUBLIC = [k.public_key for k in KEYS]
 CLIENT_KEYS = {name: client_keys(name) for name in CLIENTS}
 
 
-def _free_ports(count: int) -> list[int]:
-    socks = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class Cluster:
     def __init__(self) -> None:
-        self.addresses = [("127.0.0.1", p) for p in _free_ports(N)]
+        self.addresses = [("127.0.0.1", p) for p in free_ports(N)]
         self.apps: list[CounterApp] = [CounterApp() for _ in range(N)]
         self.nodes: list[PbftNode] = [self.make(i) for i in range(N)]
 
@@ -164,7 +152,7 @@ async def test_a_peer_sending_a_bad_frame_is_disconnected(cluster: Cluster, fram
 async def test_a_lone_node_bounds_its_queues_and_its_waits() -> None:
     """No peer is listening: the send queues fill and drop their oldest
     frames, reconnects back off, and a submit times out instead of hanging."""
-    addresses = [("127.0.0.1", p) for p in _free_ports(N)]
+    addresses = [("127.0.0.1", p) for p in free_ports(N)]
     replica = Replica(0, N, KEYS[0], PUBLIC, app=CounterApp(),
                       client_keys={c: k.public_key for c, k in CLIENT_KEYS.items()}, status_interval_ms=10)
     node = PbftNode(replica, addresses, PUBLIC, client_keys={"c0": CLIENT_KEYS["c0"]}, client_homes=CLIENTS,
