@@ -13,11 +13,12 @@ from typing import Any
 import msgpack
 
 from coordinator.errors import InvalidInput, TooLarge
-from coordinator.types import COMMAND_VERSION, Command
+from coordinator.types import COMMAND_VERSION, Command, Result
 
 KIND_COMMAND = b"C"
 KIND_SNAPSHOT = b"S"
 KIND_RECORD = b"R"
+KIND_RESULT = b"Q"
 
 
 
@@ -128,6 +129,17 @@ def encode_record(obj: Any) -> bytes:
     return KIND_RECORD + _pack(obj)
 
 
+def encode_result(result: Result) -> bytes:
+    """The bytes of what applying an entry produced (index, value, error):
+    the same on every replica that applied the same history, so engines
+    can compare replicas' results (``ReplicatedFSM.apply`` returns them).
+    Events and changes are left out: they follow from the entry and the
+    state, which the value and the index already pin down. Raises
+    ``TypeError`` for a value that is not plain data (a bug in a domain)."""
+    return KIND_RESULT + _pack([COMMAND_VERSION, result.index, result.value,
+                                list(result.error) if result.error is not None else None])
+
+
 def decode_record(blob: bytes) -> Any:
     if blob[:1] != KIND_RECORD:
         raise InvalidInput("not a data record", field="record")
@@ -143,5 +155,6 @@ __all__ = [
     "decode_snapshot",
     "encode_command",
     "encode_record",
+    "encode_result",
     "encode_snapshot",
 ]

@@ -27,8 +27,13 @@ class ReplicatedFSM(Protocol):
     """What an engine drives. Every method is called on the event loop thread,
     in log order; the engine never calls two of them at once."""
 
-    def apply(self, index: int, blob: bytes) -> None:
-        """Apply the committed entry at ``index``. Must not raise for bad bytes."""
+    def apply(self, index: int, blob: bytes) -> bytes:
+        """Apply the committed entry at ``index``. Must not raise for bad bytes.
+
+        Returns the entry's result as bytes: a function of the history alone,
+        so every correct replica returns the same bytes for the same entry.
+        Engines that compare results across replicas (PBFT signs them into
+        its replies) use it; the others ignore it."""
 
     def snapshot(self) -> bytes:
         """The state after every entry applied so far, as bytes."""
@@ -73,6 +78,21 @@ class EngineStatus:
 
 
 Done = Callable[[str | None], None]
+
+
+@runtime_checkable
+class ConfirmsResults(Protocol):
+    """An optional engine feature: ``done(None)`` means more than "committed".
+
+    When ``confirms_results`` is true the engine calls ``done(None)`` only
+    once enough replicas computed the same result as this node's replica
+    (PBFT: f+1 matching signed replies, so at least one correct replica
+    vouches for it), and ``done(Failure.UNKNOWN)`` when they disagree. A
+    proposer on such an engine answers only after both ``done(None)`` and
+    the local result, so a lying replica cannot make a caller accept a
+    result the others did not compute."""
+
+    confirms_results: bool
 
 
 @runtime_checkable

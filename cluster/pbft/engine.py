@@ -11,13 +11,21 @@ a message, so every ``ReplicatedFSM`` call (``apply``, ``snapshot``,
 Entries: each executed client request is one entry. The adapter numbers
 them 1, 2, 3, ... across batches (a batch of k requests uses k indexes; a
 null request of a view change uses none; a duplicate the replica suppresses
-uses none) and calls ``fsm.apply(index, operation)``. Every correct replica
-executes the same requests in the same order, so it computes the same
-indexes. The result signed into the PBFT reply is
-``sha256(index as 8 bytes BE || operation)``: identical on every correct
-replica, so f+1 matching replies prove the entry was ordered at that index.
-``ReplicatedFSM.apply`` returns nothing today, so the reply carries no domain
-result (see design.md for the proposed port change).
+uses none) and calls ``fsm.apply(index, operation)``, which returns the
+entry's result bytes. Every correct replica executes the same requests in
+the same order, so it computes the same indexes and results. The result
+signed into the PBFT reply is ``entry_reply(index, operation, result)``:
+the index (8 bytes, big-endian) and ``sha256(index || operation || result)``.
+f+1 matching replies thus prove that at least one correct replica ordered
+the entry at that index and computed that result.
+
+Confirmed results (``coordinator.ports.ConfirmsResults``): ``done(None)``
+is called only once f+1 replicas agreed *and* this node's replica computed
+the same reply for the same entry. A proposer on this engine answers only
+then, so a lying replica (this one or another) cannot make a caller accept
+a result the correct replicas did not compute. If this replica disagrees
+with the f+1, its state has diverged: the engine reports it unhealthy and
+``done(Failure.UNKNOWN)``.
 
 Roles: PBFT has one primary per view. This node reports ``"leader"`` while it
 is active in a view whose primary it is, ``"follower"`` otherwise (also while
@@ -35,8 +43,9 @@ key); PBFT allows one outstanding request per client, so at most
 ``sessions`` submissions are in flight and up to ``queue_max`` more wait for
 a free session. Outcomes:
 
-- ``done(None)``: f+1 replicas sent matching signed replies (the entry is
-  ordered; the local FSM may apply it before or after ``done``);
+- ``done(None)``: f+1 replicas sent matching signed replies and the local
+  FSM applied the entry with the same result (or installed a certified
+  state that includes it);
 - definite (the request was never signed nor sent): ``Failure.NO_LEADER``
   when the engine is not running or stops before a session frees up, or no
   session freed up within ``queue_timeout_ms``; ``Failure.QUEUE_FULL`` when
@@ -44,7 +53,9 @@ a free session. Outcomes:
   blob above ``MAX_OPERATION_BYTES``;
 - ``Failure.UNKNOWN`` once the request may have left this node: no f+1
   matching replies within ``request_timeout_ms`` (``SubmitTimeout``), the
-  engine stopped while it was in flight, or any other node error.
+  local replica did not execute the entry within that time after the f+1
+  replies, its result differs from theirs, the engine stopped while it was
+  in flight, or any other node error.
 
 Membership is static: the n = 3f+1 replicas and their keys are configured;
 ``add_member``/``remove_member`` raise ``Unavailable``.
@@ -55,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,9 +89,18 @@ def session_client_id(replica_id: int, session: int) -> str:
     return f"pbft-engine-{replica_id}-{session}"
 
 
-def entry_digest(index: int, blob: bytes) -> bytes:
-    """What every correct replica replies for the entry ``blob`` executed at ``index``."""
-    return hashlib.sha256(index.to_bytes(8, "big") + blob).digest()
+def entry_reply(index: int, blob: bytes, result: bytes) -> bytes:
+    """What every correct replica replies for the entry ``blob`` executed at
+    ``index`` with ``result``: the index, then a digest binding all three."""
+    position = index.to_bytes(8, "big")
+    return position + hashlib.sha256(position + hashlib.sha256(blob).digest() + result).digest()
+
+
+def reply_index(reply: bytes) -> int | None:
+    """The index an ``entry_reply`` names, or None for bytes of another shape."""
+    if len(reply) != 8 + 32:
+        return None
+    return int.from_bytes(reply[:8], "big")
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -93,18 +114,45 @@ def parse_address(address: str) -> tuple[str, int]:
 class FsmApp:
     """The ``PbftApp`` the replica drives: numbers executed requests and hands
     them to the ``ReplicatedFSM``. Called on the loop thread only (from inside
-    the node's calls into the replica)."""
+    the node's calls into the replica).
+
+    Remembers, per PBFT client, the index and reply of its last executed
+    request (one entry per client: the engine's sessions and the other
+    replicas' ones, a fixed set), so the engine can compare its own result
+    with the f+1 replies it received."""
 
     def __init__(self, fsm: ReplicatedFSM) -> None:
         self.fsm = fsm
         self.index = 0  # the last index handed to fsm.apply (or restored)
         self.last_seq = 0  # the PBFT sequence number of that entry
+        self.replies: dict[str, tuple[int, bytes]] = {}
+        self.restored_index = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def execute(self, seq: int, request: Request) -> bytes:
         self.index += 1
         self.last_seq = seq
-        self.fsm.apply(self.index, request.operation)
-        return entry_digest(self.index, request.operation)
+        result = self.fsm.apply(self.index, request.operation)
+        reply = entry_reply(self.index, request.operation, result if isinstance(result, bytes) else b"")
+        self.replies[request.client] = (self.index, reply)
+        self._wake()
+        return reply
+
+    async def wait_index(self, index: int) -> None:
+        """Return once an entry at ``index`` or later was executed or restored."""
+        if self.index >= index:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((index, future))
+        try:
+            await future
+        finally:
+            self._waiters = [(i, f) for i, f in self._waiters if f is not future]
+
+    def _wake(self) -> None:
+        for index, future in self._waiters:
+            if index <= self.index and not future.done():
+                future.set_result(None)
 
     def snapshot(self) -> bytes:
         return encode_record([_SNAPSHOT_VERSION, _SNAPSHOT_TAG, self.index, self.last_seq, self.fsm.snapshot()])
@@ -122,6 +170,9 @@ class FsmApp:
         self.fsm.restore(state)
         self.index = index
         self.last_seq = last_seq
+        self.replies.clear()
+        self.restored_index = index  # entries up to here are vouched for by 2f+1 checkpoint messages
+        self._wake()
 
 
 class PbftEngine:
@@ -149,6 +200,7 @@ class PbftEngine:
             raise InvalidInput("client_keys must be this replica's client key", field="client_keys")
         if min(sessions, queue_max, queue_timeout_ms, role_poll_ms) < 1:
             raise InvalidInput("sessions, queue_max and timeouts must be positive")
+        self.confirms_results = True  # coordinator.ports.ConfirmsResults
         self.replica_id = replica_id
         self.addresses = tuple(addresses)
         self.address = self.addresses[replica_id]
@@ -174,6 +226,8 @@ class PbftEngine:
         self._role_listeners: list[Callable[[str], None]] = []
         self._role = "stopped"
         self._running = False
+        self.counters: Counter[str] = Counter()
+        self.divergence: str | None = None  # set once this replica's results differed from f+1 others'
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -242,8 +296,9 @@ class PbftEngine:
                 return
             reason = Failure.UNKNOWN
             try:
-                await self.node.submit(blob, client)
-                reason = None
+                agreed = await self.node.submit(blob, client)
+                if await self._confirm(client, agreed):
+                    reason = None
             except SubmitTimeout:
                 pass
             except NodeStopped:
@@ -256,6 +311,37 @@ class PbftEngine:
             self._waiting -= 1
             done(reason)
 
+    async def _confirm(self, client: str, agreed: bytes) -> bool:
+        """Whether this replica computed ``agreed`` (the f+1 replicas' reply)
+        for ``client``'s request: waits up to ``request_timeout_ms`` for the
+        local replica to execute it. A different reply means this replica's
+        state diverged from the correct ones: reported, never answered."""
+        index = reply_index(agreed)
+        if index is None:
+            # f+1 replicas signed something no correct engine replies: beyond the fault bound.
+            self._diverged(f"f+1 replicas agreed on a reply of {len(agreed)} bytes, not an entry reply")
+            return False
+        try:
+            async with asyncio.timeout(self.node.request_timeout_s):
+                await self.app.wait_index(index)
+        except TimeoutError:
+            self.counters["confirm_timeout"] += 1
+            return False
+        local = self.app.replies.get(client)
+        if local is not None and local[0] == index:
+            if local[1] == agreed:
+                return True
+        elif index <= self.app.restored_index:
+            return True  # inside a state certified by 2f+1 checkpoints: nothing local to compare
+        self._diverged(f"this replica's result at index {index} differs from f+1 replicas'")
+        return False
+
+    def _diverged(self, problem: str) -> None:
+        self.counters["result_mismatch"] += 1
+        if self.divergence is None:
+            self.divergence = problem
+        log.error("pbft engine: %s", problem)
+
     # -- status ---------------------------------------------------------------------------------------
 
     def _current_role(self) -> str:
@@ -266,8 +352,7 @@ class PbftEngine:
 
     def connected_peers(self) -> tuple[str, ...]:
         """Peers whose outbound link is up (the node sends only on links it opened)."""
-        links = self.node._links  # PbftNode has no public accessor yet (design.md)
-        return tuple(self.addresses[p] for p, link in sorted(links.items()) if link.connected)
+        return tuple(self.addresses[p] for p in self.node.connected_peers())
 
     def status(self) -> EngineStatus:
         replica = self.node.replica
@@ -278,7 +363,9 @@ class PbftEngine:
                                 healthy=False, problem="stopped")
         connected = self.connected_peers()
         problem = None
-        if self.node.failure is not None:
+        if self.divergence is not None:
+            problem = f"diverged: {self.divergence}"
+        elif self.node.failure is not None:
             problem = f"node task failed: {self.node.failure!r}"
         elif len(connected) < 2 * replica.f:
             problem = f"connected to {len(connected)} peers, need {2 * replica.f}"
@@ -323,4 +410,4 @@ class PbftEngine:
         raise Unavailable("PBFT membership is static: the 3f+1 replicas and their keys are configured")
 
 
-__all__ = ["FsmApp", "PbftEngine", "entry_digest", "parse_address", "session_client_id"]
+__all__ = ["FsmApp", "PbftEngine", "entry_reply", "parse_address", "reply_index", "session_client_id"]

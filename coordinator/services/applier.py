@@ -14,7 +14,7 @@ import heapq
 import logging
 from collections.abc import Callable
 
-from coordinator.codec import decode_command, decode_snapshot, encode_snapshot
+from coordinator.codec import decode_command, decode_snapshot, encode_result, encode_snapshot
 from coordinator.errors import CoordinatorError
 from coordinator.state import Limits, StateMachine
 from coordinator.types import Command, Result
@@ -29,6 +29,7 @@ class Applier:
         self.limits = limits or Limits()
         self.machine = StateMachine(self.limits)
         self.undecodable = 0
+        self.unencodable_results = 0
         self._waiters: dict[str, asyncio.Future[Result]] = {}
         self._index_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = 0
@@ -39,7 +40,7 @@ class Applier:
 
     # -- ReplicatedFSM ---------------------------------------------------------
 
-    def apply(self, index: int, blob: bytes) -> None:
+    def apply(self, index: int, blob: bytes) -> bytes:
         try:
             command = decode_command(blob)
         except CoordinatorError as exc:
@@ -58,6 +59,17 @@ class Applier:
             except Exception:
                 log.exception("apply listener failed at index %d", index)
         self._wake(index)
+        return self._result_bytes(result)
+
+    def _result_bytes(self, result: Result) -> bytes:
+        try:
+            return encode_result(result)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A domain returned something that is not plain data: a bug, but the
+            # same on every replica, so a fixed marker keeps them comparable.
+            self.unencodable_results += 1
+            log.error("result at index %d is not plain data (%s)", result.index, type(exc).__name__)
+            return encode_result(Result(result.index, value="<not plain data>", error=result.error))
 
     def snapshot(self) -> bytes:
         return encode_snapshot(self.machine.snapshot_data())

@@ -4,7 +4,9 @@ local replica applies it → the caller gets the ``Result``.
 The outcome is one of: a ``Result`` (possibly with a state error such as a
 CAS conflict), ``Unavailable`` (certainly not applied: retry later),
 ``OutcomeUnknown`` (handed to consensus, no answer in time: retry with the
-same ``request_id``), ``TooLarge``.
+same ``request_id``), ``TooLarge``. On an engine that confirms results
+(``coordinator.ports.ConfirmsResults``, PBFT) the ``Result`` is returned
+only once the engine confirmed it too; a disagreement is ``OutcomeUnknown``.
 
 Loop thread only.
 """
@@ -25,7 +27,7 @@ from coordinator.errors import (
     OutcomeUnknown,
     Unavailable,
 )
-from coordinator.ports import Clock, ConsensusEngine, Failure, Rng
+from coordinator.ports import Clock, ConfirmsResults, ConsensusEngine, Failure, Rng
 from coordinator.services.applier import Applier
 from coordinator.types import Command, Result
 
@@ -66,6 +68,7 @@ class Proposer:
         self.inflight = 0
         self.outcomes: dict[str, int] = {}
         self._leader_hint = leader_hint or (lambda: None)
+        self.confirms_results = isinstance(engine, ConfirmsResults) and bool(engine.confirms_results)
         self._prefix = rng.token_hex(6)
         self._counter = itertools.count(1)
 
@@ -80,21 +83,35 @@ class Proposer:
         blob = encode_command(command)
         check_command_size(blob, self.command_max_bytes)
         future = self.applier.expect(proposal_id)
+        # On an engine that confirms results (PBFT) the answer also waits for
+        # done(None): replicas other than this one computed the same result.
+        confirmed: asyncio.Future[None] | None = None
+        if self.confirms_results:
+            confirmed = asyncio.get_running_loop().create_future()
         self.inflight += 1
 
         def done(reason: str | None) -> None:
-            if reason is None or future.done():
+            if reason is None:
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
                 return  # committed: the result arrives when the local replica applies it
+            if future.done() and (confirmed is None or confirmed.done()):
+                return
             if reason in Failure.DEFINITE:
-                future.set_exception(Unavailable(f"not committed: {reason}", retry_after_s=0.5,
-                                                 leader=self._leader_hint()))
+                error: CoordinatorError = Unavailable(f"not committed: {reason}", retry_after_s=0.5,
+                                                      leader=self._leader_hint())
             else:
-                future.set_exception(OutcomeUnknown(f"outcome unknown: {reason}"))
+                error = OutcomeUnknown(f"outcome unknown: {reason}")
+            for waiting in (future, confirmed):
+                if waiting is not None and not waiting.done():
+                    waiting.set_exception(error)
 
         try:
             self.engine.submit(blob, done)
             async with asyncio.timeout(self.timeout_s):
                 result = await future
+                if confirmed is not None:
+                    await confirmed
         except TimeoutError:
             self._count("timeout")
             raise OutcomeUnknown(f"no outcome within {self.timeout_s}s") from None
@@ -104,8 +121,9 @@ class Proposer:
         finally:
             self.inflight -= 1
             self.applier.forget(proposal_id)
-            if future.done() and not future.cancelled():
-                future.exception()  # retrieved: no "never retrieved" noise
+            for waited in (future, confirmed):
+                if waited is not None and waited.done() and not waited.cancelled():
+                    waited.exception()  # retrieved: no "never retrieved" noise
         self._count("committed")
         return result
 

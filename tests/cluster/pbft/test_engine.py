@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from cluster.pbft.engine import FsmApp, PbftEngine, entry_digest, parse_address
+from cluster.pbft.engine import FsmApp, PbftEngine, entry_reply, parse_address, reply_index
 from cluster.pbft.messages import Request
 from cluster.pbft.sim import client_keys, replica_keys
 from coordinator.codec import decode_record, encode_record
@@ -23,11 +23,17 @@ CLIENT_PUBLIC = [k.public_key for k in CLIENT_KEYS]
 
 
 class RecordingFSM:
-    def __init__(self) -> None:
-        self.entries: list[tuple[int, bytes]] = []
+    """Records entries; the result of an entry is the number of entries so far."""
 
-    def apply(self, index: int, blob: bytes) -> None:
+    def __init__(self, lie_from: int | None = None) -> None:
+        self.entries: list[tuple[int, bytes]] = []
+        self.lie_from = lie_from  # from this index on, results are wrong (a diverged replica)
+
+    def apply(self, index: int, blob: bytes) -> bytes:
         self.entries.append((index, blob))
+        if self.lie_from is not None and index >= self.lie_from:
+            return b"wrong"
+        return b"%d" % len(self.entries)
 
     def snapshot(self) -> bytes:
         return encode_record([[i, b] for i, b in self.entries])
@@ -40,9 +46,9 @@ class RecordingFSM:
 
 
 class Cluster:
-    def __init__(self, request_timeout_ms: int = 8000) -> None:
+    def __init__(self, request_timeout_ms: int = 8000, fsms: list[RecordingFSM] | None = None) -> None:
         self.addresses = [f"127.0.0.1:{p}" for p in free_ports(N)]
-        self.fsms = [RecordingFSM() for _ in range(N)]
+        self.fsms = fsms or [RecordingFSM() for _ in range(N)]
         self.roles: list[list[str]] = [[] for _ in range(N)]
         self.engines = [
             PbftEngine(replica_id=i, addresses=self.addresses, keys=KEYS[i], public_keys=PUBLIC,
@@ -85,13 +91,24 @@ def test_app_numbers_requests_and_round_trips() -> None:
     app = FsmApp(fsm)
     r1 = app.execute(1, Request("c", 1, b"a", "sig"))
     r2 = app.execute(1, Request("c", 2, b"b", "sig"))  # same batch: next index
-    assert (r1, r2) == (entry_digest(1, b"a"), entry_digest(2, b"b"))
+    assert (r1, r2) == (entry_reply(1, b"a", b"1"), entry_reply(2, b"b", b"2"))
+    assert app.replies == {"c": (2, r2)}
+    assert reply_index(r2) == 2 and reply_index(b"short") is None
     other = FsmApp(RecordingFSM())
     other.restore(app.snapshot())
     assert other.index == 2 and other.fsm.entries == fsm.entries  # type: ignore[attr-defined]
-    assert other.execute(2, Request("c", 3, b"c", "sig")) == entry_digest(3, b"c")
+    assert other.restored_index == 2 and other.replies == {}
+    assert other.execute(2, Request("c", 3, b"c", "sig")) == entry_reply(3, b"c", b"3")
     with pytest.raises(InvariantError):
         other.restore(b"garbage")
+
+
+def test_replies_bind_index_operation_and_result() -> None:
+    base = entry_reply(5, b"op", b"result")
+    assert len({base, entry_reply(6, b"op", b"result"), entry_reply(5, b"op2", b"result"),
+                entry_reply(5, b"op", b"other")}) == 4
+    # the operation is hashed before the result is appended: no ambiguity at the seam
+    assert entry_reply(5, b"ab", b"c") != entry_reply(5, b"a", b"bc")
 
 
 def test_parse_address() -> None:
@@ -161,3 +178,24 @@ async def test_submit_alone_is_unknown_and_stopped_is_definite() -> None:
         await engine.stop()
     assert await c.submit(1, b"late") == Failure.NO_LEADER
     assert Failure.NO_LEADER in Failure.DEFINITE
+
+
+async def test_a_replica_whose_results_differ_never_confirms_them() -> None:
+    """Engine 2's state machine returns wrong results from index 3 on: the
+    f+1 correct replies disagree with it, so its own submissions end with
+    UNKNOWN and it reports itself unhealthy; the others are not affected."""
+    c = Cluster(fsms=[RecordingFSM(), RecordingFSM(), RecordingFSM(lie_from=3), RecordingFSM()])
+    for engine in c.engines:
+        await engine.start()
+    try:
+        assert await c.submit(2, b"one") is None  # index 1: still honest
+        assert await c.submit(0, b"two") is None
+        assert await c.submit(2, b"three") == Failure.UNKNOWN  # index 3: engine 2 lies
+        assert await c.submit(1, b"four") is None  # the correct replicas go on
+        status = c.engines[2].status()
+        assert not status.healthy and status.problem is not None and "diverged" in status.problem
+        assert c.engines[2].counters["result_mismatch"] == 1
+        assert [c.engines[i].divergence for i in (0, 1, 3)] == [None] * 3
+    finally:
+        for engine in c.engines:
+            await engine.stop()

@@ -97,6 +97,48 @@ async def test_done_before_apply_still_waits_for_the_result(sim: Sim, monkeypatc
     assert result.ok and sim.applier.machine.kv.get("k").value == "v"
 
 
+@pytest.mark.parametrize("confirmation", [None, Failure.UNKNOWN])
+async def test_an_engine_that_confirms_results_is_awaited_after_the_apply(
+        sim: Sim, monkeypatch: pytest.MonkeyPatch, confirmation: str | None) -> None:
+    """PBFT: the local replica applies first, f+1 replies arrive later. The
+    answer waits for them; a disagreement (UNKNOWN after the apply) is not
+    answered with the local result."""
+    index = len(sim.engine.log)
+    seen: dict[str, float] = {}
+
+    def apply_then_confirm(blob: bytes, done: Done) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(sim.applier.apply, index + 1, blob)
+
+        def confirm() -> None:
+            seen["confirmed"] = loop.time()
+            done(confirmation)
+
+        loop.call_later(0.1, confirm)
+
+    monkeypatch.setattr(sim.engine, "submit", apply_then_confirm)
+    proposer = Proposer(sim.engine, sim.applier, sim.clock, sim.node.rng, timeout_s=2.0)
+    assert not proposer.confirms_results  # the plain SimEngine does not confirm
+    monkeypatch.setattr(proposer, "confirms_results", True)
+    if confirmation is None:
+        result = await proposer.propose("kv.put", {"key": "k", "value": "v"})
+        assert result.ok and "confirmed" in seen
+    else:
+        with pytest.raises(OutcomeUnknown):
+            await proposer.propose("kv.put", {"key": "k", "value": "v"})
+        assert sim.applier.machine.kv.get("k").value == "v"  # applied locally, yet not answered
+    assert proposer.inflight == 0
+
+
+def test_confirming_engines_are_recognised() -> None:
+    class Confirming:
+        confirms_results = True
+
+    from coordinator.ports import ConfirmsResults
+
+    assert isinstance(Confirming(), ConfirmsResults) and not isinstance(object(), ConfirmsResults)
+
+
 async def test_inflight_bound(sim: Sim) -> None:
     proposer = Proposer(sim.engine, sim.applier, sim.clock, sim.node.rng, inflight_max=2, timeout_s=5)
     sim.engine.hold = True
