@@ -12,7 +12,10 @@ service: proxy links (partitions), signals to node processes by their PID
   kill                     SIGKILL a random node, restart it at the heal
   kill-all                 SIGKILL every node, restart them at the heal
   pause                    SIGSTOP a random node, SIGCONT at the heal
+  kill-leader              SIGKILL the current leader (PBFT: the primary), restart it at the heal
+  pause-leader             SIGSTOP the current leader (PBFT: a primary that stops), SIGCONT at the heal
   mix                      a random one of the above at each round
+  none                     no faults (when the fault is elsewhere: a Byzantine PBFT replica)
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from chaos.proxy import Faults, Proxy
 from chaos.workload import History
 from coordinator.devcluster import LocalCluster
 
-KINDS = ("partition-halves", "partition-majority-ring", "isolate-leader", "bridge", "kill", "kill-all", "pause")
-CHOICES = (*KINDS, "mix")
+KINDS = ("partition-halves", "partition-majority-ring", "isolate-leader", "bridge", "kill", "kill-all", "pause",
+         "kill-leader", "pause-leader")
+CHOICES = (*KINDS, "mix", "none")
 
 
 def parse_kinds(text: str) -> list[str]:
@@ -35,6 +39,8 @@ def parse_kinds(text: str) -> list[str]:
     unknown = [k for k in kinds if k not in CHOICES]
     if not kinds or unknown:
         raise ValueError(f"unknown nemesis {text!r}; choose from {', '.join(CHOICES)} (or a comma-separated list)")
+    if "none" in kinds and len(kinds) > 1:
+        raise ValueError("nemesis none cannot be combined with others")
     return kinds
 
 
@@ -54,6 +60,9 @@ class Nemesis:
         ``kind`` is one nemesis, ``mix`` (a random one each round) or a comma-separated
         list taken in turn (``partition-halves,kill``)."""
         kinds = parse_kinds(kind)
+        if kinds == ["none"]:
+            await asyncio.sleep(duration_s)
+            return
         loop = asyncio.get_running_loop()
         end = loop.time() + duration_s
         rounds = 0
@@ -98,8 +107,8 @@ class Nemesis:
             for link in cut:
                 self.proxy.set(link, Faults(drop_a_to_b=True, drop_b_to_a=True))
             detail["links"] = sorted(cut)
-        elif kind == "kill":
-            victim = self.rng.choice(nodes)
+        elif kind in ("kill", "kill-leader"):
+            victim = self.rng.choice(nodes) if kind == "kill" else await asyncio.to_thread(self._leader_or_random)
             self._killed = [victim]
             await asyncio.to_thread(self.cluster.kill, victim)
             detail = {"nodes": [victim]}
@@ -109,8 +118,8 @@ class Nemesis:
                 self.cluster.signal(node, signal.SIGKILL)
             await asyncio.to_thread(lambda: [self.cluster._wait_gone(n, 10) for n in nodes])
             detail = {"nodes": nodes}
-        elif kind == "pause":
-            victim = self.rng.choice(nodes)
+        elif kind in ("pause", "pause-leader"):
+            victim = self.rng.choice(nodes) if kind == "pause" else await asyncio.to_thread(self._leader_or_random)
             self._paused = [victim]
             self.cluster.signal(victim, signal.SIGSTOP)
             detail = {"nodes": [victim]}

@@ -2,6 +2,7 @@
 
     python -m chaos.run --duration 60 --nemesis partition-halves [--unsafe-stale-reads]
     python -m chaos.run --workload bus --duration 30 --nemesis isolate-leader,kill
+    python -m chaos.run --engine pbft --byzantine equivocate --nemesis none --duration 20
 
 Starts a three-node cluster whose Raft links run through an in-process
 fault proxy, runs the register workload over HTTP while the nemesis acts,
@@ -9,6 +10,15 @@ heals, waits for recovery, checks the history with ``python -m chaos.check``
 and writes ``history.jsonl``, ``report.txt`` and ``latency.png`` to the run
 directory. Exit status: 0 linearizable, 1 an anomaly, 2 the run failed.
 Every process it started is stopped by PID at the end, also on Ctrl-C.
+
+``--engine pbft`` runs four PBFT nodes (no fault proxy: the partition
+nemeses are not available, kill and pause are). ``--byzantine KIND`` makes
+one replica misbehave on purpose (``silent``: receives, never sends;
+``equivocate``: as the primary of view 0, sends every backup a different
+pre-prepare; ``forge``: sends forged, unsigned, re-signed corrupted and
+malformed messages and false replies instead of its real ones). The clients
+then talk to the correct nodes only: PBFT keeps the replicated state safe
+from a faulty replica, it cannot make that node's own HTTP answers honest.
 
 ``--workload bus`` runs ``chaos.bus_workload`` instead: numbered messages
 published at-least-once and exactly-once, consumed by competing consumers,
@@ -63,9 +73,10 @@ async def _progress(history: History, nemesis: Nemesis, started: float, every_s:
 
 async def _recover(cluster: LocalCluster, timeout_s: float) -> float:
     started = time.monotonic()
-    leader = await asyncio.to_thread(cluster.wait_leader, timeout_s)
+    correct = client_nodes(cluster)  # a Byzantine replica need not agree nor catch up
+    leader = await asyncio.to_thread(cluster.wait_leader, timeout_s, correct)
     target = (await asyncio.to_thread(cluster.status, leader))["commit_index"]
-    for node in cluster.members:
+    for node in correct:
         left = max(1.0, timeout_s - (time.monotonic() - started))
         await asyncio.to_thread(cluster.wait_caught_up, node, target, left)
     return time.monotonic() - started
@@ -94,25 +105,54 @@ async def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = args.base_port or free_base_port(args.nodes)
     extra = ("--unsafe-stale-reads",) if args.unsafe_stale_reads else ()
-    cluster = LocalCluster(out / "cluster", base_port=base, nodes=args.nodes, proxied=True, extra_args=extra)
-    proxy = Proxy([(link.name, link.listen_port, link.target_port) for link in cluster.links.values()],
-                  seed=args.seed)
+    pbft = args.engine == "pbft"
+    faults = {byzantine_node(args.byzantine, args.nodes): args.byzantine} if args.byzantine else {}
+    cluster = LocalCluster(out / "cluster", base_port=base, nodes=args.nodes, proxied=not pbft, extra_args=extra,
+                           engine=args.engine, pbft_fault=faults or None)
+    proxy = (Proxy([(link.name, link.listen_port, link.target_port) for link in cluster.links.values()],
+                   seed=args.seed) if not pbft else None)
     if args.workload == "bus":
         return await run_bus(args, out, cluster, proxy)
     return await run_register_and_locks(args, out, cluster, proxy)
 
 
-async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: LocalCluster, proxy: Proxy) -> int:
+def byzantine_node(kind: str, nodes: int) -> str:
+    """Which node misbehaves: the equivocator must be the primary of view 0
+    (replica 0, the first node id in order); the others a backup."""
+    return "n1" if kind == "equivocate" else f"n{nodes}"
+
+
+def final_statuses(cluster: LocalCluster) -> dict[str, Any]:
+    """Each node's role, term (PBFT: view), applied index and health after the run."""
+    out: dict[str, Any] = {}
+    for node in cluster.members:
+        status = cluster.status(node, timeout=3.0)
+        out[node] = status and {k: status.get(k) for k in ("role", "term", "leader_id", "applied_index", "healthy",
+                                                          "problem")}
+    return out
+
+
+def client_nodes(cluster: LocalCluster) -> list[str]:
+    """The nodes the workload's clients talk to: all but a Byzantine one."""
+    return [n for n in cluster.members if n not in cluster.pbft_fault]
+
+
+async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: LocalCluster,
+                                 proxy: Proxy | None) -> int:
     history = History()
     locks = History()
     locks.started_ns = history.started_ns
     rng = random.Random(args.seed)
     nemesis = Nemesis(cluster, proxy, history, rng)
     title = (f"{args.nemesis}, {args.duration:.0f}s, {args.clients} clients, seed {args.seed}"
+             + (f", {args.engine} on {args.nodes} nodes" if args.engine != "raft" else "")
+             + (f", one {args.byzantine} replica" if args.byzantine else "")
              + (", UNSAFE stale reads" if args.unsafe_stale_reads else ""))
     print(f"chaos run: {title}\n  output in {out}", flush=True)
     recovery_s = None
-    await proxy.start()
+    final: dict[str, Any] = {}
+    if proxy is not None:
+        await proxy.start()
     try:
         cluster.start_all()
         leader = await asyncio.to_thread(cluster.wait_leader, 60)
@@ -120,7 +160,7 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
         started = time.monotonic()
         progress = asyncio.create_task(_progress(history, nemesis, started, args.progress_s))
         try:
-            endpoints = [cluster.url(n) for n in cluster.members]
+            endpoints = [cluster.url(n) for n in client_nodes(cluster)]
             await asyncio.gather(
                 run_register(endpoints, history, clients=args.clients, keys=args.keys, duration_s=args.duration,
                              seed=args.seed, op_timeout_s=args.op_timeout),
@@ -130,9 +170,11 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
         finally:
             progress.cancel()
         recovery_s = await _heal(nemesis, cluster, history)
+        final = await asyncio.to_thread(final_statuses, cluster)
     finally:
         await asyncio.to_thread(cluster.stop_all)
-        await proxy.stop()
+        if proxy is not None:
+            await proxy.stop()
     history_path = out / "history.jsonl"
     history.write_jsonl(str(history_path))
     locks.write_jsonl(str(out / "locks.jsonl"))
@@ -145,9 +187,14 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
                f"fencing {'holds' if lock_verdict['valid'] else 'VIOLATED'}")
     for problem in lock_verdict["problems"]:
         report += f"\n  {problem}"
+    report += "\nfinal terms (PBFT: views): " + ", ".join(
+        f"{node} {status['term'] if status else '-'}" + (f" ({cluster.pbft_fault[node]})"
+                                                         if node in cluster.pbft_fault else "")
+        for node, status in final.items())
     (out / "report.txt").write_text(report + "\n")
     plot(history.events, history.started_ns, str(out / "latency.png"), title=title)
-    (out / "verdict.json").write_text(json.dumps({"register": verdict, "locks": lock_verdict}, indent=2) + "\n")
+    (out / "verdict.json").write_text(json.dumps({"register": verdict, "locks": lock_verdict, "final_status": final,
+                                                  "byzantine": cluster.pbft_fault}, indent=2) + "\n")
     print()
     print(report)
     print(f"\nhistory {history_path}\nplot    {out / 'latency.png'}")
@@ -237,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of workload (default 60)")
     parser.add_argument("--nemesis", default="partition-halves",
                         help=f"one of {', '.join(CHOICES)}, or a comma-separated list taken in turn")
-    parser.add_argument("--nodes", type=int, choices=(3, 5), default=3)
+    parser.add_argument("--engine", choices=("raft", "pbft"), default="raft")
+    parser.add_argument("--nodes", type=int, choices=(3, 4, 5, 7), default=None,
+                        help="3 or 5 for raft (default 3), 4 or 7 for pbft (default 4)")
+    parser.add_argument("--byzantine", choices=("silent", "equivocate", "forge"), default=None,
+                        help="pbft: one replica misbehaves this way (clients then use the correct nodes)")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--keys", type=int, default=3)
     parser.add_argument("--lock-clients", type=int, default=3, help="clients of the lock workload")
@@ -268,6 +319,18 @@ def main(argv: list[str] | None = None) -> int:
             and args.ack_timeout >= 0.1 and args.drain_s >= 0):
         parser.error("bus: 1-50 publishers, 1-20 consumers, --skip-ack in [0, 1), --ack-timeout >= 0.1, "
                      "--drain-s >= 0")
+    if args.nodes is None:
+        args.nodes = 4 if args.engine == "pbft" else 3
+    if (args.engine == "pbft") != (args.nodes in (4, 7)):
+        parser.error("--nodes: raft runs 3 or 5 nodes, pbft 4 or 7 (3f+1)")
+    if args.byzantine and args.engine != "pbft":
+        parser.error("--byzantine needs --engine pbft")
+    if args.engine == "pbft" and args.workload == "bus":
+        parser.error("--workload bus runs on raft only for now")
+    if args.engine == "pbft" and any(k.startswith(("partition", "isolate", "bridge")) or k == "mix"
+                                     for k in parse_kinds(args.nemesis)):
+        parser.error("--engine pbft: the partition nemeses need the fault proxy, which PBFT links do not use yet; "
+                     "use kill, kill-leader, pause, pause-leader or none")
     if args.seed is None:
         args.seed = random.randrange(1, 2**31)
     try:

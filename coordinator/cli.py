@@ -28,7 +28,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="another member: ID=RAFT_HOST:PORT,HTTP_HOST:PORT (repeat)")
     serve.add_argument("--secret-file", dest="secret_file",
                        help="file holding the cluster secret (else COORD_CLUSTER_SECRET)")
-    serve.add_argument("--engine", help="consensus engine (default raft)")
+    serve.add_argument("--engine", help="consensus engine: raft (default) or pbft (3f+1 nodes, "
+                                        "needs --pbft-key-file and --pbft-keyring)")
+    serve.add_argument("--pbft-key-file", dest="pbft_key_file", metavar="PATH",
+                       help="engine pbft: this node's Ed25519 key file (mode 600)")
+    serve.add_argument("--pbft-keyring", dest="pbft_keyring", metavar="PATH",
+                       help='engine pbft: JSON file {"NODE_ID": "PUBLIC_KEY", ...} with every member\'s public key')
+    serve.add_argument("--unsafe-pbft-fault", dest="unsafe_pbft_fault", metavar="KIND",
+                       choices=config_module.PBFT_FAULTS,
+                       help="UNSAFE, for chaos demonstrations only: this PBFT node turns Byzantine "
+                            f"({', '.join(config_module.PBFT_FAULTS)})")
     serve.add_argument("--durability", choices=config_module.DURABILITY,
                        help="fsync (default) or none (benchmarks only: loses data on power loss)")
     serve.add_argument("--compaction-entries", dest="compaction_entries", type=int,
@@ -91,7 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
                                   "secret_file", "compaction_entries", "unsafe_stale_reads", "transport_namespace",
-                                  "tls_cert", "tls_key", "tls_ca", "allow_anonymous", "admin_token_file")}
+                                  "tls_cert", "tls_key", "tls_ca", "allow_anonymous", "admin_token_file",
+                                  "pbft_key_file", "pbft_keyring", "unsafe_pbft_fault")}
     if args.peers:
         overrides["peers"] = args.peers
     if args.transports:

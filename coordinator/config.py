@@ -15,6 +15,10 @@ from typing import Any
 from coordinator.errors import InvalidInput
 
 DURABILITY = ("fsync", "none")
+# The Byzantine behaviours a PBFT node can be told to show (chaos demonstrations
+# only). The names are cluster.pbft's; spelled out here because the core never
+# imports cluster.
+PBFT_FAULTS = ("silent", "equivocate", "forge")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,11 @@ class NodeConfig:
     # unless anonymous access is allowed explicitly (a development mode).
     allow_anonymous: bool = False
     admin_token: str = field(default="", repr=False)  # read from admin_token_file or COORD_ADMIN_TOKEN
+    # engine "pbft": this node's Ed25519 key file (coordinator.crypto.AgentKeys) and
+    # a JSON file {"<node id>": "<public key>", ...} of every member's key
+    pbft_key_file: str = ""
+    pbft_keyring: str = ""
+    unsafe_pbft_fault: str = ""  # chaos demonstrations only: this PBFT node misbehaves (PBFT_FAULTS)
 
     def validate(self) -> NodeConfig:
         for name in ("node_id", "http", "raft", "data_dir"):
@@ -109,6 +118,7 @@ class NodeConfig:
         if not 1 <= self.inflight_max <= 100_000:
             raise InvalidInput("inflight_max: must be between 1 and 100000", field="inflight_max")
         self._validate_tls()
+        self._validate_pbft()
         return self
 
     def _validate_tls(self) -> None:
@@ -126,6 +136,29 @@ class NodeConfig:
                         pass
                 except OSError as exc:
                     raise InvalidInput(f"{name}: cannot read {path} ({exc.strerror})", field=name) from None
+
+    def _validate_pbft(self) -> None:
+        # Only that the files are readable: their content is the engine's to check
+        # (cluster.pbft.wiring), and the core does not import cluster.
+        fault = self.unsafe_pbft_fault
+        if fault and fault not in PBFT_FAULTS:
+            raise InvalidInput(f"unsafe_pbft_fault: must be one of {', '.join(PBFT_FAULTS)}",
+                               field="unsafe_pbft_fault")
+        if self.engine != "pbft":
+            if fault:
+                raise InvalidInput("unsafe_pbft_fault: needs engine pbft", field="unsafe_pbft_fault")
+            return
+        for name in ("pbft_key_file", "pbft_keyring"):
+            path = getattr(self, name)
+            if not isinstance(path, str):
+                raise InvalidInput(f"{name}: must be a file path", field=name)
+            if not path:
+                raise InvalidInput(f"{name}: is required with engine pbft", field=name)
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise InvalidInput(f"{name}: cannot read {path} ({exc.strerror})", field=name) from None
 
 
 def _check_address(value: str, name: str) -> None:

@@ -5,7 +5,11 @@ the tests and chaos runs. Standard library only (``cryptography`` too with
 Layout under ``directory``: ``secret`` (generated once, mode 600), ``<id>/``
 data directories, ``<id>.log`` and ``<id>.pid``; with ``tls=True`` also
 ``tls/``: a local CA (``ca.pem``, ``ca.key``) and ``<id>.pem``/``<id>.key``
-per node for 127.0.0.1 and localhost (keys mode 600). Ports: HTTP ``base+i``,
+per node for 127.0.0.1 and localhost (keys mode 600); with ``engine="pbft"``
+also ``pbft/``: ``<id>.key`` per node (mode 600) and ``keyring.json``, made
+by ``python -m cluster.pbft.wiring dev-keys`` (the core may not import
+``cluster``, not even lazily: import-linter sees every import statement).
+Ports: HTTP ``base+i``,
 Raft ``base+100+i`` for node ``n<i>``. A process is signalled only by the PID
 recorded when it was started, after checking it still runs that node.
 """
@@ -113,7 +117,15 @@ class LocalCluster:
     def __init__(self, directory: str | Path, *, base_port: int = 7000, nodes: int = 3, engine: str = "raft",
                  durability: str = "fsync", python: str | None = None, env: dict[str, str] | None = None,
                  extra_args: tuple[str, ...] = (), proxied: bool = False, tls: bool = False,
-                 secure: bool = False) -> None:
+                 secure: bool = False, pbft_fault: dict[str, str] | None = None) -> None:
+        """``pbft_fault`` maps node ids to a Byzantine behaviour
+        (``--unsafe-pbft-fault``) for chaos demonstrations; ``engine="pbft"`` only.
+        Raises ``ValueError`` for a combination that cannot run."""
+        if engine == "pbft" and proxied:
+            raise ValueError("a proxied cluster with engine pbft is not supported: PBFT links cannot go "
+                             "through the chaos proxy yet")
+        if pbft_fault and engine != "pbft":
+            raise ValueError("pbft_fault needs engine pbft")
         self.dir = Path(directory)
         self.tls = tls
         self.secure = secure  # auth required (an admin token file); else anonymous access is allowed
@@ -128,6 +140,10 @@ class LocalCluster:
         self.specs: dict[str, NodeSpec] = {}
         for i in range(1, nodes + 1):
             self.add_spec(i)
+        self.pbft_fault = dict(pbft_fault or {})
+        unknown = sorted(set(self.pbft_fault) - set(self.specs))
+        if unknown:
+            raise ValueError(f"pbft_fault names unknown node(s) {unknown}")
         self.members = list(self.specs)  # the ids the cluster was bootstrapped or joined with
         self.links: dict[str, LinkSpec] = self._plan_links() if proxied else {}
 
@@ -202,15 +218,46 @@ class LocalCluster:
         if not ((self.tls_dir / f"{node_id}.pem").exists() and (self.tls_dir / f"{node_id}.key").exists()):
             write_dev_node_cert(self.tls_dir, node_id)
 
+    @property
+    def pbft_dir(self) -> Path:
+        return self.dir / "pbft"
+
+    @property
+    def pbft_keyring(self) -> Path:
+        return self.pbft_dir / "keyring.json"
+
+    def ensure_pbft_keys(self) -> None:
+        """Every member's PBFT key (made once, mode 600) and a keyring listing
+        exactly the members: ``python -m cluster.pbft.wiring dev-keys``, run
+        only when a key is missing or the keyring lists other ids."""
+        ids = list(self.members)
+        try:
+            listed = json.loads(self.pbft_keyring.read_text())
+        except (OSError, ValueError):
+            listed = None
+        if (isinstance(listed, dict) and set(listed) == set(ids)
+                and all((self.pbft_dir / f"{n}.key").exists() for n in ids)):
+            return
+        done = subprocess.run([self.python, "-m", "cluster.pbft.wiring", "dev-keys", str(self.pbft_dir), *ids],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False,
+                              env={**os.environ, **self.env})
+        if done.returncode != 0:
+            raise RuntimeError(f"making the PBFT dev keys failed: {done.stderr.strip() or done.returncode}")
+
     def command(self, node_id: str, peers: list[str] | None = None) -> list[str]:
         spec = self.specs[node_id]
         peer_ids = peers if peers is not None else [m for m in self.members if m != node_id]
         tls = ["--tls-cert", str(self.tls_dir / f"{node_id}.pem"), "--tls-key", str(self.tls_dir / f"{node_id}.key"),
                "--tls-ca", str(self.ca_file)] if self.tls else []
         auth = ["--admin-token-file", str(self.admin_token_file)] if self.secure else ["--allow-anonymous"]
+        pbft: list[str] = []
+        if self.engine == "pbft":
+            pbft = ["--pbft-key-file", str(self.pbft_dir / f"{node_id}.key"), "--pbft-keyring", str(self.pbft_keyring)]
+            if node_id in self.pbft_fault:
+                pbft += ["--unsafe-pbft-fault", self.pbft_fault[node_id]]
         return [self.python, "-m", "coordinator.cli", "serve", "--node-id", spec.id, "--http", spec.http,
                 "--raft", spec.raft, "--data-dir", str(self.dir / spec.id), "--secret-file", str(self.secret_file),
-                "--engine", self.engine, "--durability", self.durability, *tls, *auth,
+                "--engine", self.engine, "--durability", self.durability, *tls, *auth, *pbft,
                 *[f"--peer={self.specs[p].peer_arg(self._dial(node_id, p))}" for p in peer_ids], *self.extra_args]
 
     def _dial(self, node_id: str, peer: str) -> str | None:
@@ -225,6 +272,8 @@ class LocalCluster:
         self.ensure_secret()
         if self.tls:
             self.ensure_certs(node_id)
+        if self.engine == "pbft":
+            self.ensure_pbft_keys()
         child_env = {k: v for k, v in os.environ.items() if k != "COORD_CLUSTER_SECRET"}
         child_env.update(self.env)
         child_env.update(env or {})

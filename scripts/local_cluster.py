@@ -65,13 +65,28 @@ def secure_running(directory: Path) -> bool | None:
     return None if not modes else True in modes
 
 
+def engine_running(directory: Path) -> str | None:
+    """The engine of the nodes running from ``directory`` (None: none runs)."""
+    modes = {"pbft" if recorded_pid(pid_file, "--pbft-keyring") is not None else "raft"
+             for pid_file in directory.glob("n*.pid") if recorded_pid(pid_file, "serve") is not None}
+    return None if not modes else "pbft" if "pbft" in modes else "raft"
+
+
+def recorded_nodes(directory: Path) -> int:
+    """The highest i of the ``n<i>.pid`` files in ``directory`` (0 if none)."""
+    found = [int(p.stem[1:]) for p in directory.glob("n*.pid") if p.stem[1:].isdigit()]
+    return max(found, default=0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("action", choices=("up", "down"))
     parser.add_argument("--dir", default=str(ROOT / ".cluster"))
-    parser.add_argument("--nodes", type=int, default=3, choices=(1, 3, 5))
+    parser.add_argument("--nodes", type=int, choices=(1, 3, 4, 5, 7),
+                        help="how many nodes (default 3 for raft, 4 for pbft, which needs 3f+1: 4 or 7)")
     parser.add_argument("--base-port", type=int, default=int(os.environ.get("COORD_BASE_PORT", "7000")))
-    parser.add_argument("--engine", default="raft")
+    parser.add_argument("--engine", choices=("raft", "pbft"),
+                        help="consensus engine (default raft; pbft: Byzantine fault tolerant, 3f+1 nodes)")
     parser.add_argument("--durability", default="fsync", choices=("fsync", "none"))
     parser.add_argument("--wait-s", type=float, default=30.0)
     parser.add_argument("--proxy", action="store_true",
@@ -94,8 +109,24 @@ def main() -> int:
               file=sys.stderr)
         return 1
     secure = args.secure or bool(running_secure)
-    cluster = LocalCluster(args.dir, base_port=args.base_port, nodes=args.nodes, engine=args.engine,
-                           durability=args.durability, proxied=proxied, tls=tls, secure=secure)
+    running_engine = engine_running(Path(args.dir))
+    if args.action == "up" and args.engine and running_engine and args.engine != running_engine:
+        print(f"cluster-up: nodes already run with engine {running_engine}; stop them first (cluster-down.sh)",
+              file=sys.stderr)
+        return 1
+    engine = args.engine or running_engine or "raft"
+    nodes = args.nodes or (4 if engine == "pbft" else 3)
+    if args.action == "down":
+        nodes = max(nodes, recorded_nodes(Path(args.dir)))  # stop every node started, whatever its count
+    elif engine == "pbft" and nodes not in (4, 7):
+        print(f"cluster-up: PBFT needs 3f+1 nodes (4 or 7), not {nodes}", file=sys.stderr)
+        return 1
+    if args.action == "up" and engine == "pbft" and proxied:
+        print("cluster-up: the fault proxy (--proxy, or a proxy started earlier from this directory) is not "
+              "supported with engine pbft yet", file=sys.stderr)
+        return 1
+    cluster = LocalCluster(args.dir, base_port=args.base_port, nodes=nodes, engine=engine,
+                           durability=args.durability, proxied=proxied and engine != "pbft", tls=tls, secure=secure)
     if args.action == "down":
         stopped = cluster.stop_all()
         print(f"stopped {', '.join(stopped)}" if stopped else "no running nodes found")

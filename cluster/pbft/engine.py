@@ -70,9 +70,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cluster.pbft.faults import make_behaviour
 from cluster.pbft.messages import MAX_OPERATION_BYTES, Request
 from cluster.pbft.node import NodeError, NodeStopped, PbftNode, SubmitTimeout
 from cluster.pbft.replica import Replica
+from cluster.pbft.wiring import engine_kwargs
 from coordinator.codec import decode_record, encode_record
 from coordinator.crypto import AgentKeys
 from coordinator.errors import InvalidInput, InvariantError, Unavailable
@@ -188,11 +190,11 @@ class PbftEngine:
 
     def __init__(self, *, replica_id: int, addresses: Sequence[str], keys: AgentKeys, public_keys: Sequence[str],
                  client_keys: AgentKeys, client_public_keys: Sequence[str], fsm: ReplicatedFSM,
-                 sessions: int = 4, queue_max: int = 1024, queue_timeout_ms: int = 10_000,
+                 sessions: int = 16, queue_max: int = 1024, queue_timeout_ms: int = 10_000,
                  request_timeout_ms: int = 10_000, retry_ms: int = 500, role_poll_ms: int = 20,
                  checkpoint_interval: int = 16, batch_max: int = 16, view_change_timeout_ms: int = 1000,
                  status_interval_ms: int = 250, fetch_timeout_ms: int = 500, tick_interval_ms: int = 10,
-                 send_queue_max: int = 1024) -> None:
+                 send_queue_max: int = 1024, fault: str | None = None) -> None:
         n = len(addresses)
         if len(client_public_keys) != n or not 0 <= replica_id < n:
             raise InvalidInput("client_public_keys must list one key per replica", field="client_public_keys")
@@ -215,7 +217,13 @@ class PbftEngine:
                           fetch_timeout_ms=fetch_timeout_ms)
         self._sessions = [session_client_id(replica_id, k) for k in range(sessions)]
         homes = {session_client_id(r, k): r for r in range(n) for k in range(sessions)}
+        self.fault = fault
+        if fault is not None:
+            log.warning("pbft engine: replica %d MISBEHAVES on purpose (%s): chaos demonstrations only",
+                        replica_id, fault)
+        behaviour = make_behaviour(fault, replica, keys) if fault is not None else None
         self.node = PbftNode(replica, [parse_address(a) for a in self.addresses], public_keys,
+                             behaviour=behaviour,
                              client_keys={c: client_keys for c in self._sessions}, client_homes=homes,
                              request_timeout_ms=request_timeout_ms, retry_ms=retry_ms,
                              tick_interval_ms=tick_interval_ms, send_queue_max=send_queue_max)
@@ -228,6 +236,12 @@ class PbftEngine:
         self._running = False
         self.counters: Counter[str] = Counter()
         self.divergence: str | None = None  # set once this replica's results differed from f+1 others'
+
+    @classmethod
+    def from_config(cls, config: Any, fsm: ReplicatedFSM) -> PbftEngine:
+        """Build the engine from a ``coordinator.config.NodeConfig`` (see
+        ``cluster.pbft.wiring``). Raises ``InvalidInput`` naming the setting."""
+        return cls(fsm=fsm, **engine_kwargs(config))
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -395,6 +409,9 @@ class PbftEngine:
         if role == self._role:
             return
         self._role = role
+        replica = self.node.replica
+        log.info("pbft engine: replica %d is %s in view %d (primary %d)", self.replica_id, role, replica.view,
+                 replica.primary)
         for listener in list(self._role_listeners):
             try:
                 listener(role)

@@ -19,13 +19,15 @@ Framing: a frame is a 4-byte big-endian length and a payload of at most
 see design.md). A payload is a ``coordinator.codec`` record of one of:
 
 - ``encode_envelope(env)`` (``[1, "env", sender, body, signature]``): the
-  replica's own wire format, unchanged, fed to ``replica.receive``;
+  replica's own wire format, unchanged, fed to the behaviour's
+  ``on_message`` (with ``src`` the envelope's claimed sender);
 - ``[1, "creply", sender, body, signature]``: a signed ``Reply`` envelope
   for a client this node hosts (the replica's ``ClientReply`` effect, routed
   to the client's home node);
 - ``[1, "creq", client, timestamp, operation, signature]``: a client's
   signed request relayed on retry (a PBFT client multicasts its request when
-  the first attempt times out, OSDI 4.1), fed to ``replica.submit``.
+  the first attempt times out, OSDI 4.1), fed to the behaviour's
+  ``on_request``.
 
 A frame whose length is over the bound, or whose payload is none of these,
 makes the receiver drop the connection and count it in ``counters``.
@@ -36,6 +38,17 @@ messages by its status retransmission, and newer messages (status, the
 latest view) are the more useful ones. A queue outlives its connection:
 what piled up while a peer was away is sent when it is back (harmless, the
 replica drops what is stale; bounded by the queue).
+
+Behaviour: every message, request and tick reaches the replica through a
+``cluster.pbft.faults.Node`` (default ``CorrectNode``, which passes them
+through unchanged); a Byzantine behaviour (``make_behaviour``) makes this
+node a silent, equivocating or forging replica for chaos tests. The node
+sends whatever effects the behaviour returns, including ``RawSend``: an
+``Envelope`` payload as an ``env`` frame, a ``bytes`` payload as a frame of
+exactly those bytes (receivers drop the connection if it is none of the
+frames above), anything else is dropped (``counters["raw_unsendable"]``).
+The client side (``submit``, checking replies) stays honest whatever the
+behaviour: a forger's lies to its own clients are outvoted there too.
 
 Clients: ``client_keys`` holds the signing keys of the clients this node
 submits for; ``client_homes`` maps every client id to the node that hosts it,
@@ -53,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.pbft.errors import MalformedMessage, PbftError
+from cluster.pbft.faults import CorrectNode, Node, NodeEffect, RawSend
 from cluster.pbft.messages import (
     MAX_CLIENT_ID_LEN,
     MAX_OPERATION_BYTES,
@@ -69,7 +83,6 @@ from cluster.pbft.messages import (
 from cluster.pbft.replica import (
     Broadcast,
     ClientReply,
-    Effect,
     Execute,
     FetchingState,
     Replica,
@@ -208,19 +221,27 @@ class PbftNode:
         retry_ms: int = 500,
         stop_timeout_ms: int = 2000,
         inbound_max: int | None = None,
+        behaviour: Node | None = None,
     ) -> None:
         """``addresses[i]`` is replica i's (host, port), ``public_keys[i]`` its
         key (to check replies). ``clock`` returns monotonic seconds (default
-        ``loop.time``). Raises ``NodeError`` for a non-loopback address or
-        sizes that do not match the replica."""
+        ``loop.time``). ``behaviour`` drives ``replica`` (default
+        ``CorrectNode(replica)``; it must be built around this replica, e.g.
+        by ``cluster.pbft.faults.make_behaviour``). Raises ``NodeError`` for a
+        non-loopback address, sizes that do not match the replica, or a
+        behaviour for another replica."""
         if len(addresses) != replica.n or len(public_keys) != replica.n:
             raise NodeError("addresses and public_keys must have one entry per replica")
+        if behaviour is not None and (behaviour.id != replica.id
+                                      or getattr(behaviour, "replica", replica) is not replica):
+            raise NodeError("the behaviour must drive this node's replica")
         if any(host != LOOPBACK for host, _ in addresses):
             raise NodeError("only 127.0.0.1 is supported")
         if min(tick_interval_ms, send_queue_max, max_frame_bytes, connect_timeout_ms, write_timeout_ms,
                idle_timeout_ms, reconnect_min_ms, request_timeout_ms, retry_ms, stop_timeout_ms) < 1:
             raise NodeError("timeouts and limits must be positive")
-        self.replica = replica
+        self.replica = replica  # always the real replica, whatever the behaviour does with it
+        self.behaviour: Node = CorrectNode(replica) if behaviour is None else behaviour
         self.id = replica.id
         self.n = replica.n
         self.f = replica.f
@@ -260,6 +281,11 @@ class PbftNode:
     @property
     def running(self) -> bool:
         return self._running
+
+    def connected_peers(self) -> tuple[int, ...]:
+        """Ids of the peers whose outbound link is connected now, ascending
+        (this node sends only on the links it opened)."""
+        return tuple(peer for peer, link in sorted(self._links.items()) if link.connected)
 
     def now_ms(self) -> int:
         seconds = self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -352,7 +378,7 @@ class PbftNode:
         key = (client_id, timestamp)
         self._waiters[key] = waiter
         try:
-            self._apply(self.replica.submit(request, self.now_ms()))
+            self._apply(self.behaviour.on_request(request, self.now_ms()))
             while True:
                 done, _ = await asyncio.wait([waiter.future], timeout=self.retry_s)
                 if done:
@@ -363,7 +389,7 @@ class PbftNode:
                 # starts its timer and a faulty primary is replaced.
                 self.counters["request_retry"] += 1
                 self._broadcast_frame(encode_frame(request))
-                self._apply(self.replica.submit(request, self.now_ms()))
+                self._apply(self.behaviour.on_request(request, self.now_ms()))
         finally:
             self._waiters.pop(key, None)
 
@@ -392,7 +418,7 @@ class PbftNode:
 
     # -- effects --------------------------------------------------------------------------------
 
-    def _apply(self, effects: list[Effect]) -> None:
+    def _apply(self, effects: list[NodeEffect]) -> None:
         for effect in effects:
             if isinstance(effect, Send):
                 self._enqueue(effect.to, encode_frame(effect.envelope))
@@ -417,6 +443,20 @@ class PbftNode:
                 del self.view_changes[:-64]
             elif isinstance(effect, FetchingState):
                 self.counters["fetching_state"] += 1
+            elif isinstance(effect, RawSend):
+                self._send_raw(effect)
+
+    def _send_raw(self, effect: RawSend) -> None:
+        payload = effect.payload
+        if isinstance(payload, Envelope):
+            frame = encode_frame(payload)
+        elif isinstance(payload, bytes):
+            frame = len(payload).to_bytes(HEADER_BYTES, "big") + payload
+        else:
+            self.counters["raw_unsendable"] += 1
+            return
+        self.counters["raw_sent"] += 1
+        self._enqueue(effect.to, frame)
 
     def _broadcast_frame(self, frame: bytes) -> None:
         for peer in self._links:
@@ -437,7 +477,7 @@ class PbftNode:
     async def _run_ticks(self) -> None:
         interval = self.tick_interval_ms / 1000
         while self._running:
-            self._apply(self.replica.tick(self.now_ms()))
+            self._apply(self.behaviour.on_tick(self.now_ms()))
             await asyncio.sleep(interval)
 
     # -- outbound links -------------------------------------------------------------------------
@@ -504,6 +544,11 @@ class PbftNode:
             await self._read_frames(reader)
         except (asyncio.IncompleteReadError, OSError, TimeoutError):
             self.counters["inbound_closed"] += 1
+        except asyncio.CancelledError:
+            # stop() cancels this connection's task. asyncio's stream protocol calls
+            # exception() on a finished handler task and logs an error for a
+            # cancelled one, so end normally: stop() only waits for it to finish.
+            pass
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -531,11 +576,11 @@ class PbftNode:
     def _handle(self, item: Frame) -> None:
         now = self.now_ms()
         if isinstance(item, Envelope):
-            self._apply(self.replica.receive(item, now))
+            self._apply(self.behaviour.on_message(item.sender, item, now))
         elif isinstance(item, ReplyFrame):
             self._on_reply(item.envelope)
         else:
-            self._apply(self.replica.submit(item, now))
+            self._apply(self.behaviour.on_request(item, now))
 
 
 __all__ = [

@@ -326,6 +326,7 @@ class Replica:
         self._verified: dict[tuple[object, ...], bool] = {}
         self._verify_cache_max = verify_cache_max
         self.dropped: Counter[str] = Counter()
+        self.view_changes_deferred = 0  # request timers that fired while we were catching up
 
     # -- read-only views ------------------------------------------------------------------------
 
@@ -394,11 +395,25 @@ class Replica:
         self._learn_request(request, now_ms, out, from_client=True)
         return out
 
+    @property
+    def catching_up(self) -> bool:
+        """Whether 2f+1 replicas certified a checkpoint past our execution
+        (we wait for it or fetch its state). Only a quorum can make it true,
+        so a faulty replica cannot use it to keep us from a view change."""
+        return self._behind is not None or self._fetch is not None
+
     def tick(self, now_ms: int) -> list[Effect]:
         """Time passed: fire the view-change, state-fetch and status timers."""
         out: list[Effect] = []
         if self._next_status_ms is None:
             self._next_status_ms = now_ms + self.status_interval_ms
+        if self._timer_ms is not None and now_ms >= self._timer_ms and self.active and self.catching_up:
+            # A quorum's stable checkpoint is past what we executed: we are the
+            # slow one, not the primary. Accusing it would take us alone into a
+            # view the others never enter (a restarted replica did exactly that),
+            # so catch up first and keep the timer running.
+            self._timer_ms = now_ms + self.view_change_timeout_ms
+            self.view_changes_deferred += 1
         if self._timer_ms is not None and now_ms >= self._timer_ms:
             self._timer_ms = None
             if not self.active:  # the new primary did not deliver in time: try the next one, waiting longer
@@ -889,6 +904,8 @@ class Replica:
         self._advance_stable(sr.seq, sr.digest, sr.proof, now, out)
         for client in list(self._pending_per_client):
             self._forget_pending(client)
+        if self.active and not self._pending:
+            self._timer_ms = None  # what we waited for came with the state: nothing to accuse the primary of
         out.append(StateTransferred(sr.seq, sr.digest))
         self._execute(now, out)
         self._try_propose(now, out)

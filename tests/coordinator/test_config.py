@@ -1,4 +1,4 @@
-"""NodeConfig (coordinator/config.py): the TLS settings."""
+"""NodeConfig (coordinator/config.py): the TLS, authentication and PBFT settings."""
 
 from __future__ import annotations
 
@@ -95,3 +95,85 @@ def test_the_admin_token_comes_from_a_file_or_the_environment_and_is_never_shown
     assert _load(tmp_path, admin_token=None).admin_token == "e" * 40
     with pytest.raises(InvalidInput, match="admin_token_file: cannot read it"):
         _load(tmp_path, admin_token=None, admin_token_file=str(tmp_path / "missing"))
+
+
+# -- PBFT settings -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pbft_files(tmp_path: Path) -> tuple[str, str]:
+    """Placeholders: config only checks that they are readable (cluster.pbft.wiring reads them)."""
+    (tmp_path / "n1.key").write_text("{}\n")
+    (tmp_path / "keyring.json").write_text("{}\n")
+    return str(tmp_path / "n1.key"), str(tmp_path / "keyring.json")
+
+
+def test_pbft_settings_are_off_by_default_and_unused_by_raft(tmp_path: Path) -> None:
+    cfg = _load(tmp_path)
+    assert (cfg.pbft_key_file, cfg.pbft_keyring, cfg.unsafe_pbft_fault) == ("", "", "")
+    # raft does not look at them (nor need them)
+    assert _load(tmp_path, pbft_key_file=str(tmp_path / "nowhere")).engine == "raft"
+
+
+def test_pbft_needs_its_key_file_and_keyring(tmp_path: Path, pbft_files: tuple[str, str]) -> None:
+    key_file, keyring = pbft_files
+    cfg = _load(tmp_path, engine="pbft", pbft_key_file=key_file, pbft_keyring=keyring)
+    assert (cfg.engine, cfg.pbft_key_file, cfg.pbft_keyring) == ("pbft", key_file, keyring)
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, engine="pbft", pbft_keyring=keyring)
+    assert refused.value.field == "pbft_key_file"
+    assert refused.value.message == "pbft_key_file: is required with engine pbft"
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, engine="pbft", pbft_key_file=key_file)
+    assert refused.value.field == "pbft_keyring"
+
+
+def test_unreadable_pbft_files_are_refused_with_their_path(tmp_path: Path, pbft_files: tuple[str, str]) -> None:
+    key_file, keyring = pbft_files
+    missing = str(tmp_path / "nowhere.json")
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, engine="pbft", pbft_key_file=key_file, pbft_keyring=missing)
+    assert refused.value.field == "pbft_keyring"
+    assert refused.value.message == f"pbft_keyring: cannot read {missing} (No such file or directory)"
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, engine="pbft", pbft_key_file=str(tmp_path), pbft_keyring=keyring)
+    assert refused.value.field == "pbft_key_file" and "Is a directory" in refused.value.message
+
+
+def test_pbft_settings_are_read_from_toml(tmp_path: Path, pbft_files: tuple[str, str]) -> None:
+    key_file, keyring = pbft_files
+    toml = tmp_path / "n1.toml"
+    toml.write_text(f'engine = "pbft"\npbft_key_file = "{key_file}"\npbft_keyring = "{keyring}"\n'
+                    'unsafe_pbft_fault = "forge"\n')
+    cfg = config.load(str(toml), {"node_id": "n1", "http": "127.0.0.1:7001", "raft": "127.0.0.1:7101",
+                                  "data_dir": str(tmp_path / "n1"), "secret": SECRET, "allow_anonymous": True})
+    assert (cfg.pbft_key_file, cfg.pbft_keyring, cfg.unsafe_pbft_fault) == (key_file, keyring, "forge")
+    toml.write_text(f'engine = "pbft"\npbft_key_file = 3\npbft_keyring = "{keyring}"\n')
+    with pytest.raises(InvalidInput) as refused:
+        config.load(str(toml), {"node_id": "n1", "http": "127.0.0.1:7001", "raft": "127.0.0.1:7101",
+                                "data_dir": str(tmp_path / "n1"), "secret": SECRET, "allow_anonymous": True})
+    assert refused.value.field == "pbft_key_file" and "must be a file path" in refused.value.message
+
+
+@pytest.mark.parametrize("kind", ["silent", "equivocate", "forge"])
+def test_a_pbft_node_may_be_told_to_misbehave(tmp_path: Path, pbft_files: tuple[str, str], kind: str) -> None:
+    key_file, keyring = pbft_files
+    cfg = _load(tmp_path, engine="pbft", pbft_key_file=key_file, pbft_keyring=keyring, unsafe_pbft_fault=kind)
+    assert cfg.unsafe_pbft_fault == kind
+    assert kind in config.PBFT_FAULTS
+
+
+def test_an_unknown_pbft_fault_is_refused(tmp_path: Path, pbft_files: tuple[str, str]) -> None:
+    key_file, keyring = pbft_files
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, engine="pbft", pbft_key_file=key_file, pbft_keyring=keyring, unsafe_pbft_fault="crash")
+    assert refused.value.field == "unsafe_pbft_fault"
+    assert refused.value.message == "unsafe_pbft_fault: must be one of silent, equivocate, forge"
+
+
+def test_a_pbft_fault_needs_engine_pbft(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, unsafe_pbft_fault="silent")
+    assert refused.value.field == "unsafe_pbft_fault"
+    assert refused.value.message == "unsafe_pbft_fault: needs engine pbft"
+

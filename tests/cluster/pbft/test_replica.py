@@ -372,3 +372,33 @@ def test_state_that_does_not_match_the_certified_digest_is_refused() -> None:
     h.advance(400)
     assert h.replicas[3].dropped["bad_digest"] == 1
     assert h.history(3) == h.history(1)  # fetched again from another replica
+
+
+def test_a_replica_catching_up_does_not_accuse_the_primary() -> None:
+    """A quorum certified a checkpoint past what replica 3 executed (it was
+    down or restarted): its request timer expiring means it is slow, not that
+    the primary is faulty. It keeps its view (a view change alone would take
+    it where the others never go) until it has caught up."""
+    h = Harness(4, checkpoint_interval=2, status_interval_ms=50, fetch_timeout_ms=50, view_change_timeout_ms=100)
+    h.down = {3}
+    for k in range(1, 4):
+        h.submit(0, h.request(b"add:%d" % k))
+        h.run()
+    assert h.replicas[0].stable_seq == 2
+    behind = h.replicas[3]
+    # Back up: the others' status answers bring it the stable checkpoint's
+    # proof, but no state reply reaches it.
+    h.down = set()
+    h.deliver = lambda src, dst, env: not (dst == 3 and kind(env) == "StateReply")
+    h.advance(200)
+    assert behind.catching_up
+    h.submit(3, h.request(b"add:9"))
+    h.advance(1000)
+    assert behind.catching_up and behind.view == 0 and behind.active
+    assert behind.view_changes_deferred >= 5
+    assert not [e for _, e in h.views[3] if e.view > 0]
+    # Once the state arrives it catches up and nothing was needed from a view change.
+    h.deliver = lambda src, dst, env: True
+    h.advance(500)
+    assert not behind.catching_up and h.history(3) == h.history(0)
+    assert all(r.view == 0 for r in h.replicas)
