@@ -54,6 +54,34 @@ def write_file_durably(path: str, data: bytes) -> None:
     _fsync_dir(path)
 
 
+def frame(payload: bytes) -> bytes:
+    """One journal record: length, CRC32, payload."""
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def read_frames(data: bytes, offset: int, path: str) -> tuple[list[tuple[int, bytes]], int]:
+    """The records ``frame`` wrote from ``offset`` on, as (start, payload), and
+    where the valid ones end. A torn record at the tail (a crash in the middle
+    of a write) ends the list; a damaged record with valid-looking data after
+    it raises ``JournalCorrupt``."""
+    payloads: list[tuple[int, bytes]] = []
+    while offset < len(data):
+        if offset + _HEADER.size > len(data):
+            break  # torn header at the tail
+        length, crc = _HEADER.unpack_from(data, offset)
+        end = offset + _HEADER.size + length
+        if end > len(data):
+            break  # torn payload at the tail
+        payload = data[offset + _HEADER.size:end]
+        if zlib.crc32(payload) != crc:
+            if end >= len(data) or not any(data[end:]):  # nothing valid-looking follows: a torn tail
+                break
+            raise JournalCorrupt(f"{path}: damaged record at byte {offset}")
+        payloads.append((offset, payload))
+        offset = end
+    return payloads, offset
+
+
 class DurableJournal:
     def __init__(self, path: str, durability: str = "fsync") -> None:
         if durability not in ("fsync", "none"):
@@ -97,24 +125,18 @@ class DurableJournal:
         if not data.startswith(_MAGIC):
             f.close()
             raise JournalCorrupt(f"{self.path} is not a coordinator journal")
-        offset = len(_MAGIC)
-        while offset < len(data):
-            if offset + _HEADER.size > len(data):
-                break  # torn header at the tail
-            length, crc = _HEADER.unpack_from(data, offset)
-            end = offset + _HEADER.size + length
-            if end > len(data):
-                break  # torn payload at the tail
-            payload = data[offset + _HEADER.size:end]
-            if zlib.crc32(payload) != crc or length < _ENTRY.size:
-                if self._looks_like_tail(data, end):
-                    break
+        try:
+            payloads, offset = read_frames(data, len(_MAGIC), self.path)
+        except JournalCorrupt:
+            f.close()
+            raise
+        for start, payload in payloads:
+            if len(payload) < _ENTRY.size:
                 f.close()
-                raise JournalCorrupt(f"{self.path}: damaged record at byte {offset}")
+                raise JournalCorrupt(f"{self.path}: damaged record at byte {start}")
             index, term = _ENTRY.unpack_from(payload)
             self._entries.append((payload[_ENTRY.size:], index, term))
-            self._offsets.append(offset)
-            offset = end
+            self._offsets.append(start)
         if offset != len(data):
             f.truncate(offset)
             f.flush()
@@ -122,17 +144,12 @@ class DurableJournal:
         f.seek(offset)
         return f
 
-    @staticmethod
-    def _looks_like_tail(data: bytes, end: int) -> bool:
-        """A bad record is a torn tail when nothing valid-looking follows it."""
-        return end >= len(data) or not any(data[end:])
-
     # -- pysyncobj's journal interface --------------------------------------------
 
     def add(self, command: bytes, idx: int, term: int) -> None:
         payload = _ENTRY.pack(idx, term) + bytes(command)
         offset = self._file.tell()
-        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        self._file.write(frame(payload))
         self._entries.append((bytes(command), idx, term))
         self._offsets.append(offset)
         self._dirty = True
@@ -153,7 +170,7 @@ class DurableJournal:
             for command, idx, term in keep:
                 offsets.append(f.tell())
                 payload = _ENTRY.pack(idx, term) + command
-                f.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+                f.write(frame(payload))
             f.flush()
             os.fsync(f.fileno())
         self._file.close()

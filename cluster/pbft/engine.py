@@ -57,6 +57,14 @@ a free session. Outcomes:
   replies, its result differs from theirs, the engine stopped while it was
   in flight, or any other node error.
 
+Durability: with ``data_dir`` the node persists the replica's view,
+prepared certificates and stable checkpoint (with the state) under
+``data_dir/pbft`` before it sends anything that reflects them
+(``durability`` ``"fsync"`` or ``"none"``), and a restarted engine recovers
+from them: the FSM is restored to the checkpoint and the entries after it
+are executed again as the protocol re-orders them. Without ``data_dir`` the
+state lives in memory only.
+
 Membership is static: the n = 3f+1 replicas and their keys are configured;
 ``add_member``/``remove_member`` raise ``Unavailable``.
 """
@@ -66,6 +74,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,6 +83,7 @@ from cluster.pbft.faults import make_behaviour
 from cluster.pbft.messages import MAX_OPERATION_BYTES, Request
 from cluster.pbft.node import NodeError, NodeStopped, PbftNode, SubmitTimeout
 from cluster.pbft.replica import Replica
+from cluster.pbft.storage import PbftStorage
 from cluster.pbft.wiring import engine_kwargs
 from coordinator.codec import decode_record, encode_record
 from coordinator.crypto import AgentKeys
@@ -194,7 +204,8 @@ class PbftEngine:
                  request_timeout_ms: int = 10_000, retry_ms: int = 500, role_poll_ms: int = 20,
                  checkpoint_interval: int = 16, batch_max: int = 16, view_change_timeout_ms: int = 1000,
                  status_interval_ms: int = 250, fetch_timeout_ms: int = 500, tick_interval_ms: int = 10,
-                 send_queue_max: int = 1024, fault: str | None = None) -> None:
+                 send_queue_max: int = 1024, fault: str | None = None, data_dir: str | None = None,
+                 durability: str = "fsync") -> None:
         n = len(addresses)
         if len(client_public_keys) != n or not 0 <= replica_id < n:
             raise InvalidInput("client_public_keys must list one key per replica", field="client_public_keys")
@@ -222,8 +233,9 @@ class PbftEngine:
             log.warning("pbft engine: replica %d MISBEHAVES on purpose (%s): chaos demonstrations only",
                         replica_id, fault)
         behaviour = make_behaviour(fault, replica, keys) if fault is not None else None
+        storage = PbftStorage(os.path.join(data_dir, "pbft"), durability) if data_dir else None
         self.node = PbftNode(replica, [parse_address(a) for a in self.addresses], public_keys,
-                             behaviour=behaviour,
+                             behaviour=behaviour, storage=storage,
                              client_keys={c: client_keys for c in self._sessions}, client_homes=homes,
                              request_timeout_ms=request_timeout_ms, retry_ms=retry_ms,
                              tick_interval_ms=tick_interval_ms, send_queue_max=send_queue_max)

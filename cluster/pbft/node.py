@@ -50,6 +50,14 @@ frames above), anything else is dropped (``counters["raw_unsendable"]``).
 The client side (``submit``, checking replies) stays honest whatever the
 behaviour: a forger's lies to its own clients are outvoted there too.
 
+Storage (optional, ``cluster.pbft.storage.PbftStorage``): ``start()``
+loads what an earlier run persisted and recovers the replica from it
+(``Replica.recover``: muted in the view it crashed in). From then on a
+step that changed the replica's durable facts holds its effects until a
+flush persisted them in a worker thread; later steps queue behind it, so
+nothing leaves the node that reflects a fact not yet on disk. Without
+storage the replica lives in memory: a restart is a new replica.
+
 Clients: ``client_keys`` holds the signing keys of the clients this node
 submits for; ``client_homes`` maps every client id to the node that hosts it,
 which is where every replica sends that client's replies. ``submit`` waits
@@ -90,6 +98,7 @@ from cluster.pbft.replica import (
     StateTransferred,
     ViewChanged,
 )
+from cluster.pbft.storage import PbftStorage
 from coordinator.codec import decode_record, encode_record
 from coordinator.crypto import AgentKeys
 from coordinator.errors import InvalidInput
@@ -221,6 +230,7 @@ class PbftNode:
         retry_ms: int = 500,
         stop_timeout_ms: int = 2000,
         inbound_max: int | None = None,
+        storage: PbftStorage | None = None,
         behaviour: Node | None = None,
     ) -> None:
         """``addresses[i]`` is replica i's (host, port), ``public_keys[i]`` its
@@ -275,6 +285,11 @@ class PbftNode:
         self._client_locks: dict[str, asyncio.Lock] = {}
         self._last_timestamp: dict[str, int] = {}
         self._running = False
+        self._started = False  # start() ran once: the replica was recovered (or is new)
+        self.storage = storage
+        self._persisted_version = 0
+        self._flushing = False
+        self._held: list[NodeEffect] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -296,6 +311,14 @@ class PbftNode:
         the port cannot be bound (within ``connect_timeout_ms``)."""
         if self._running:
             return
+        if self.storage is not None:
+            recovered = await asyncio.to_thread(self.storage.load)
+            if recovered is not None and not self._started:
+                self.replica.recover(recovered.view, recovered.active, recovered.checkpoint,
+                                     recovered.certificates)
+                self.counters["recovered"] += 1
+            self._persisted_version = self.replica.durable_version
+        self._started = True
         host, port = self.addresses[self.id]
         async with asyncio.timeout(self.connect_timeout_s):
             self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
@@ -330,6 +353,9 @@ class PbftNode:
                 waiter.future.set_exception(NodeStopped(f"node {self.id} stopped"))
         self._waiters.clear()
         self._links.clear()
+        self._held.clear()
+        if self.storage is not None:
+            self.storage.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -419,6 +445,37 @@ class PbftNode:
     # -- effects --------------------------------------------------------------------------------
 
     def _apply(self, effects: list[NodeEffect]) -> None:
+        """Carry out what the behaviour produced, after what it must not
+        forget is on disk: with storage, a step that changed the replica's
+        durable facts (a view, a prepared certificate, a stable checkpoint)
+        holds its effects, and every later one behind them, until a flush
+        has persisted them (group commit: one write and fsync for all the
+        steps that piled up meanwhile)."""
+        if self.storage is not None and (self._flushing or self.replica.durable_version != self._persisted_version):
+            self._held.extend(effects)
+            if not self._flushing:
+                self._flushing = True
+                self._spawn(self._flush())
+            return
+        self._carry_out(effects)
+
+    async def _flush(self) -> None:
+        storage = self.storage
+        try:
+            while self._running and storage is not None:
+                held, self._held = self._held, []
+                version = self.replica.durable_version
+                if version != self._persisted_version:
+                    await asyncio.to_thread(storage.save, self.replica.durable())
+                    self._persisted_version = version
+                    self.counters["persisted"] += 1
+                self._carry_out(held)
+                if not self._held and self.replica.durable_version == self._persisted_version:
+                    return
+        finally:
+            self._flushing = False
+
+    def _carry_out(self, effects: list[NodeEffect]) -> None:
         for effect in effects:
             if isinstance(effect, Send):
                 self._enqueue(effect.to, encode_frame(effect.envelope))

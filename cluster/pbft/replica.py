@@ -114,6 +114,17 @@ FUTURE_VIEWS = 2
 VIEW_CHANGES_KEPT = 4
 
 
+def _parse_state(state: bytes) -> tuple[bytes, dict[str, tuple[int, bytes]]] | None:
+    """A checkpoint state record's app state and client table, or None."""
+    try:
+        version, tag, app_state, clients = decode_record(state)
+        if version != 1 or tag != _STATE_TAG or not isinstance(app_state, bytes):
+            return None
+        return app_state, {c: (ts, res) for c, ts, res in clients}
+    except (InvalidInput, ValueError, TypeError):
+        return None
+
+
 class PbftApp(Protocol):
     """The deterministic state machine a replica drives (the caller's FSM)."""
 
@@ -212,6 +223,28 @@ class _Cert:
     seq: int
     digest: bytes
     proof: PreparedProof
+
+
+@dataclass(frozen=True, slots=True)
+class DurableCheckpoint:
+    """The stable checkpoint with this replica's own state at it."""
+
+    seq: int
+    digest: bytes
+    proof: tuple[Envelope, ...]
+    state: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Durable:
+    """What a replica must not forget across a crash (``Replica.durable()``):
+    the view it is in (and whether it entered it), the stable checkpoint with
+    its state, and the prepared certificates above it, by sequence number."""
+
+    view: int
+    active: bool
+    checkpoint: DurableCheckpoint | None
+    certificates: dict[int, tuple[int, PreparedProof]]  # seq -> (view, proof)
 
 
 @dataclass(slots=True)
@@ -327,6 +360,13 @@ class Replica:
         self._verify_cache_max = verify_cache_max
         self.dropped: Counter[str] = Counter()
         self.view_changes_deferred = 0  # request timers that fired while we were catching up
+        # Grows whenever a durable fact changes (view, stable checkpoint, prepared certificates):
+        # the node persists them before it sends what the same step produced.
+        self.durable_version = 0
+        # A recovered replica may have voted in views up to here before it lost its memory:
+        # it sends no pre-prepare, prepare or commit in them (see recover()).
+        self.mute_through_view = -1
+        self._arm_timer = False
 
     # -- read-only views ------------------------------------------------------------------------
 
@@ -396,6 +436,62 @@ class Replica:
         return out
 
     @property
+    def muted(self) -> bool:
+        """Whether this recovered replica stays silent in the current view."""
+        return self.view <= self.mute_through_view
+
+    def durable(self) -> Durable:
+        """What the node persists (before sending what a step produced) when
+        ``durable_version`` changed. The checkpoint is None until this
+        replica holds the state of its stable checkpoint (at genesis, or
+        while it fetches it): the previously persisted one still holds."""
+        checkpoint = None
+        own = self._snapshots.get(self.h)
+        if self.h > 0 and own is not None and own[0] == self._stable_digest:
+            checkpoint = DurableCheckpoint(self.h, self._stable_digest, self._stable_proof, own[1])
+        certificates = {seq: (cert.view, cert.proof) for seq, cert in sorted(self._certs.items()) if seq > self.h}
+        return Durable(self.view, self.active, checkpoint, certificates)
+
+    def recover(self, view: int, active: bool, checkpoint: DurableCheckpoint | None,
+                certificates: Sequence[PreparedProof]) -> None:
+        """Restore what the node persisted before this replica crashed: call
+        once on a new replica, before any other call.
+
+        The replica resumes in ``view`` but stays *muted* there (it sends no
+        pre-prepare, prepare or commit in a view up to ``view``): it may have
+        voted in it before the crash and no longer knows for what. It still
+        executes what the others commit (or fetches it at the next stable
+        checkpoint) and votes again from the next view on. Its view changes
+        carry the recovered certificates, so a request committed before a
+        crash of every replica is re-proposed at its sequence number.
+        Certificates and the checkpoint are checked like a view change's;
+        raises ``InvariantError`` if they do not hold (a corrupted disk)."""
+        if self.durable_version or self.last_executed or self._log:
+            raise InvariantError("recover() on a replica that already ran")
+        h, digest, proof = 0, GENESIS_DIGEST, ()
+        if checkpoint is not None:
+            h, digest, proof = checkpoint.seq, checkpoint.digest, checkpoint.proof
+        probe = ViewChange(view + 1, h, digest, tuple(proof), tuple(certificates), self.id)
+        if not self._check_view_change(probe, seal(self._keys, self.id, probe)):
+            raise InvariantError("the persisted PBFT checkpoint or certificates do not check")
+        if checkpoint is not None:
+            parsed = _parse_state(checkpoint.state)
+            if parsed is None or digest_of(checkpoint.state) != digest:
+                raise InvariantError("the persisted PBFT checkpoint state does not match its digest")
+            self._install_state(h, digest, checkpoint.state, *parsed)
+            self.h, self._stable_digest, self._stable_proof = h, digest, tuple(proof)
+        for cert in certificates:
+            pp = decode_message(cert.pre_prepare.body)
+            if isinstance(pp, PrePrepare):
+                self._certs[pp.seq] = _Cert(pp.view, pp.seq, pp.digest, cert)
+        self.view = view
+        self.active = active
+        self.mute_through_view = view
+        self._next_seq = self.h + 1
+        self._arm_timer = not active  # it was waiting for a new view: keep waiting, then move on
+        self.durable_version = 0
+
+    @property
     def catching_up(self) -> bool:
         """Whether 2f+1 replicas certified a checkpoint past our execution
         (we wait for it or fetch its state). Only a quorum can make it true,
@@ -407,6 +503,10 @@ class Replica:
         out: list[Effect] = []
         if self._next_status_ms is None:
             self._next_status_ms = now_ms + self.status_interval_ms
+        if self._arm_timer:
+            self._arm_timer = False
+            if not self.active and self._timer_ms is None:
+                self._timer_ms = now_ms + self.view_change_timeout_ms
         if self._timer_ms is not None and now_ms >= self._timer_ms and self.active and self.catching_up:
             # A quorum's stable checkpoint is past what we executed: we are the
             # slow one, not the primary. Accusing it would take us alone into a
@@ -580,7 +680,7 @@ class Replica:
     def _try_propose(self, now: int, out: list[Effect]) -> None:
         """The primary orders pending requests, up to ``batch_max`` per
         pre-prepare, while the window and ``inflight_max`` allow."""
-        if not (self.active and self.is_primary) or self._fetch is not None:
+        if not (self.active and self.is_primary) or self._fetch is not None or self.muted:
             return
         self._next_seq = max(self._next_seq, self.h + 1)
         while self._next_seq <= self.h + self.L and self._next_seq - 1 - self.last_executed < self.inflight_max:
@@ -630,7 +730,7 @@ class Replica:
         self._check_prepared(pp.seq, now, out)
 
     def _send_prepare(self, slot: _Slot, pp: PrePrepare, out: list[Effect]) -> None:
-        if self.is_primary or self.id in slot.prepares:
+        if self.is_primary or self.id in slot.prepares or self.muted:
             return
         env = seal(self._keys, self.id, Prepare(pp.view, pp.seq, pp.digest, self.id))
         slot.prepares[self.id] = (pp.digest, env)
@@ -683,9 +783,11 @@ class Replica:
             raise InvariantError(f"slot {seq} has a pre-prepare without its envelope")
         proof = PreparedProof(slot.pre_prepare_env, tuple(matching[: self.quorum - 1]))
         self._certs[seq] = _Cert(pp.view, seq, pp.digest, proof)
-        env = seal(self._keys, self.id, Commit(pp.view, seq, pp.digest, self.id))
-        slot.commits.setdefault(self.id, (pp.digest, env))
-        out.append(Broadcast(env))
+        self.durable_version += 1
+        if not self.muted:
+            env = seal(self._keys, self.id, Commit(pp.view, seq, pp.digest, self.id))
+            slot.commits.setdefault(self.id, (pp.digest, env))
+            out.append(Broadcast(env))
         self._check_committed(seq, now, out)
 
     def _check_committed(self, seq: int, now: int, out: list[Effect]) -> None:
@@ -815,6 +917,7 @@ class Replica:
         if seq <= self.h:
             return
         self.h = seq
+        self.durable_version += 1
         self._stable_digest = digest
         self._stable_proof = proof
         for table in (self._log, self._committed, self._certs, self._checkpoint_votes):
@@ -886,20 +989,12 @@ class Replica:
         if not self._valid_checkpoint_proof(sr.seq, sr.digest, sr.proof):
             self.dropped["invalid_proof"] += 1
             return
-        try:
-            row = decode_record(sr.snapshot)
-            version, tag, app_state, clients = row
-            if version != 1 or tag != _STATE_TAG or not isinstance(app_state, bytes):
-                raise ValueError("not a state record")
-            table = {c: (ts, res) for c, ts, res in clients}
-        except (InvalidInput, ValueError, TypeError):
+        parsed = _parse_state(sr.snapshot)
+        if parsed is None:
             # The digest is certified by a quorum, so this cannot come from correct replicas.
             self.dropped["malformed"] += 1
             return
-        self.app.restore(app_state)
-        self._clients = table
-        self.last_executed = sr.seq
-        self._snapshots[sr.seq] = (sr.digest, sr.snapshot)
+        self._install_state(sr.seq, sr.digest, sr.snapshot, *parsed)
         self._fetch = None
         self._advance_stable(sr.seq, sr.digest, sr.proof, now, out)
         for client in list(self._pending_per_client):
@@ -909,6 +1004,14 @@ class Replica:
         out.append(StateTransferred(sr.seq, sr.digest))
         self._execute(now, out)
         self._try_propose(now, out)
+
+    def _install_state(self, seq: int, digest: bytes, state: bytes, app_state: bytes,
+                       table: dict[str, tuple[int, bytes]]) -> None:
+        self.app.restore(app_state)
+        self._clients = table
+        self.last_executed = seq
+        self._snapshots[seq] = (digest, state)
+        self.durable_version += 1
 
     # -- view change ----------------------------------------------------------------------------
 
@@ -920,6 +1023,7 @@ class Replica:
             raise InvariantError(f"view change to {view} from view {self.view}")
         self.view = view
         self.active = False
+        self.durable_version += 1
         self._timer_ms = None
         self._new_view_env = None
         prepared = tuple(cert.proof for seq, cert in sorted(self._certs.items()) if seq > self.h)
@@ -1075,6 +1179,7 @@ class Replica:
                     pre_prepares: Sequence[tuple[PrePrepare, Envelope]], now: int, out: list[Effect]) -> None:
         self.view = view
         self.active = True
+        self.durable_version += 1
         self._new_view_env = nv_env
         self._log = {}
         self._assigned = set()
@@ -1145,6 +1250,8 @@ __all__ = [
     "NULL_DIGEST",
     "Broadcast",
     "ClientReply",
+    "Durable",
+    "DurableCheckpoint",
     "Effect",
     "Execute",
     "FetchingState",

@@ -97,6 +97,8 @@ def engine_kwargs(config: Any) -> dict[str, Any]:
         "queue_timeout_ms": round(config.proposal_timeout_s * 1000),
         "view_change_timeout_ms": round(config.election_timeout_max_s * 1000),
         "fault": config.unsafe_pbft_fault or None,
+        "data_dir": config.data_dir,
+        "durability": config.durability,
     }
 
 

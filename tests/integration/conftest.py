@@ -21,16 +21,18 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def make_cluster(tmp_path, request) -> Iterator:
-    """``make_cluster(nodes=3, env=None, start=True, tls=False, secure=False)``: a LocalCluster in
+    """``make_cluster(nodes=3, env=None, start=True, tls=False, secure=False, engine="raft")``: a LocalCluster in
     tmp_path, stopped (by PID) at the end; its logs are printed when the test failed. ``secure``:
     nodes require credentials (``cluster.admin_token``), no anonymous access."""
     made: list[LocalCluster] = []
 
     def make(nodes: int = 3, env: dict[str, str] | None = None, start: bool = True,
              extra_args: tuple[str, ...] = (), proxied: bool = False, tls: bool = False,
-             secure: bool = False) -> LocalCluster:
+             secure: bool = False, engine: str = "raft",
+             pbft_fault: dict[str, str] | None = None) -> LocalCluster:
         cluster = LocalCluster(tmp_path / f"cluster{len(made)}", base_port=free_base_port(), nodes=nodes, env=env,
-                               extra_args=extra_args, proxied=proxied, tls=tls, secure=secure)
+                               extra_args=extra_args, proxied=proxied, tls=tls, secure=secure, engine=engine,
+                               pbft_fault=pbft_fault)
         made.append(cluster)
         if start:
             cluster.start_all()
