@@ -150,8 +150,10 @@ def main() -> int:
               f"{args.seconds:.0f} s per row, `scripts/bench_cluster.py`, {time.strftime('%Y-%m-%d')}.\n\n")
     print(header + table)
     if args.out:
-        Path(args.out).write_text("# Benchmarks\n\n## Foundation: one cluster, one generator\n\n" + header
-                                  + table + "\n")
+        # Imported here, not at the top: bench_bus imports cpu_s and pct from this module.
+        from bench_bus import _write_section  # scripts/ is on sys.path when run as a script
+
+        _write_section(Path(args.out), "\n## Foundation: one cluster, one generator\n", header + table)
     return 0
 
 

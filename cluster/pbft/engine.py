@@ -202,7 +202,8 @@ class PbftEngine:
                  client_keys: AgentKeys, client_public_keys: Sequence[str], fsm: ReplicatedFSM,
                  sessions: int = 16, queue_max: int = 1024, queue_timeout_ms: int = 10_000,
                  request_timeout_ms: int = 10_000, retry_ms: int = 500, role_poll_ms: int = 20,
-                 checkpoint_interval: int = 16, batch_max: int = 16, view_change_timeout_ms: int = 1000,
+                 checkpoint_interval: int = 16, batch_max: int = 16, inflight_max: int = 2,
+                 view_change_timeout_ms: int = 1000,
                  status_interval_ms: int = 250, fetch_timeout_ms: int = 500, tick_interval_ms: int = 10,
                  send_queue_max: int = 1024, fault: str | None = None, data_dir: str | None = None,
                  durability: str = "fsync") -> None:
@@ -223,7 +224,7 @@ class PbftEngine:
         self.app = FsmApp(fsm)
         pbft_clients = {session_client_id(r, k): client_public_keys[r] for r in range(n) for k in range(sessions)}
         replica = Replica(replica_id, n, keys, public_keys, app=self.app, client_keys=pbft_clients,
-                          checkpoint_interval=checkpoint_interval, batch_max=batch_max,
+                          checkpoint_interval=checkpoint_interval, batch_max=batch_max, inflight_max=inflight_max,
                           view_change_timeout_ms=view_change_timeout_ms, status_interval_ms=status_interval_ms,
                           fetch_timeout_ms=fetch_timeout_ms)
         self._sessions = [session_client_id(replica_id, k) for k in range(sessions)]
