@@ -96,6 +96,15 @@ class ConfirmsResults(Protocol):
 
 
 @runtime_checkable
+class WithEventCounts(Protocol):
+    """An optional engine feature: what the engine counted (PBFT: messages
+    dropped by reason, frames, persisted writes, result mismatches...), by
+    a stable snake_case name, for ``/metrics``. Cheap; loop thread."""
+
+    def event_counts(self) -> dict[str, int]: ...
+
+
+@runtime_checkable
 class ConsensusEngine(Protocol):
     """Replicates opaque bytes. Knows nothing of the domain.
 

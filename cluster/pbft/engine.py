@@ -409,6 +409,19 @@ class PbftEngine:
             connected=connected,
         )
 
+    def event_counts(self) -> dict[str, int]:
+        """``coordinator.ports.WithEventCounts``: the replica's dropped messages
+        by reason (``dropped_<reason>``: unsigned, bad_signature, malformed,
+        conflict...), the node's transport and storage counters
+        (``node_<name>``), this engine's own (``engine_<name>``), and the
+        request timers that fired while the replica was catching up."""
+        replica = self.node.replica
+        counts = {f"dropped_{reason}": n for reason, n in replica.dropped.items()}
+        counts.update({f"node_{name}": n for name, n in self.node.counters.items()})
+        counts.update({f"engine_{name}": n for name, n in self.counters.items()})
+        counts["view_changes_deferred"] = replica.view_changes_deferred
+        return counts
+
     def on_role_change(self, listener: Callable[[str], None]) -> None:
         self._role_listeners.append(listener)
 

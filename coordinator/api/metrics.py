@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from coordinator.ports import WithEventCounts
 from coordinator.services.node import CoordinatorNode
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -52,6 +53,12 @@ class _NodeCollector(Collector):
         yield from _balancer(node)
         recoveries = getattr(node.engine, "recoveries", 0)
         yield CounterMetricFamily("coord_engine_recoveries", "Rebuilds of a stalled engine", value=recoveries)
+        if isinstance(node.engine, WithEventCounts):
+            events = CounterMetricFamily("coord_engine_events", "What the consensus engine counted (PBFT: "
+                                         "messages dropped by reason, frames, view changes...)", labels=["event"])
+            for event, count in sorted(node.engine.event_counts().items()):
+                events.add_metric([event], count)
+            yield events
 
 
 def _bus(node: CoordinatorNode) -> Iterator[Any]:

@@ -67,3 +67,17 @@ async def test_every_node_killed_at_once_loses_nothing_acknowledged(make_cluster
         assert await client.put("durable/after", {"k": 99}) >= 1
     statuses = [cluster.status(n) for n in cluster.members]
     assert all(s["term"] >= 1 for s in statuses)  # recovered replicas were muted in view 0: a view change
+
+
+async def test_a_forging_replica_is_outvoted_and_its_forgeries_are_counted(make_cluster) -> None:
+    cluster = make_cluster(nodes=4, engine="pbft", pbft_fault={"n4": "forge"})
+    async with CoordinatorClient(cluster.url("n2")) as client:
+        for k in range(10):
+            await client.put(f"forged/{k}", {"k": k})
+        assert len(await client.list("forged/")) == 10
+    async with aiohttp.ClientSession() as session, session.get(cluster.url("n2") + "/metrics") as response:
+        text = await response.text()
+    counts = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("coord_engine_events_total{")}
+    assert counts.get("dropped_bad_signature", 0) > 0 and counts.get("dropped_unsigned", 0) > 0, counts
+    assert counts.get("engine_result_mismatch", 0) == 0

@@ -195,6 +195,7 @@ async def test_a_replica_whose_results_differ_never_confirms_them() -> None:
         status = c.engines[2].status()
         assert not status.healthy and status.problem is not None and "diverged" in status.problem
         assert c.engines[2].counters["result_mismatch"] == 1
+        assert c.engines[2].event_counts()["engine_result_mismatch"] == 1
         assert [c.engines[i].divergence for i in (0, 1, 3)] == [None] * 3
     finally:
         for engine in c.engines:

@@ -103,6 +103,17 @@ async def test_metrics(h: Harness) -> None:
     assert _sample(text, "coord_proposals_total", '{outcome="committed"}') >= 2
 
 
+async def test_metrics_carry_an_engines_own_counts(h: Harness, monkeypatch) -> None:
+    async with h.http.get("/metrics") as response:
+        assert "coord_engine_events" not in await response.text()  # the simulated engine counts nothing
+    monkeypatch.setattr(h.engine, "event_counts", lambda: {"dropped_bad_signature": 3, "node_frames_received": 7},
+                        raising=False)
+    async with h.http.get("/metrics") as response:
+        text = await response.text()
+    assert _sample(text, "coord_engine_events_total", '{event="dropped_bad_signature"}') == 3
+    assert _sample(text, "coord_engine_events_total", '{event="node_frames_received"}') == 7
+
+
 async def test_metrics_count_expired_leases(h: Harness) -> None:
     await h.register("worker", id="w1", ttl_s=1)
     await h.advance_and_tick(2)
