@@ -42,9 +42,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_bus import _write_section  # noqa: E402 - scripts/ is on sys.path when run as a script
 from bench_cluster import cpu_s, pct  # noqa: E402
 
+from bench.report import write_section  # noqa: E402
 from coordinator.devcluster import LocalCluster, free_base_port  # noqa: E402
 
 AGENT_TYPE = "echo"
@@ -386,7 +386,7 @@ def main() -> int:
               f"`scripts/bench_balancer.py`, {time.strftime('%Y-%m-%d')}.\n\n")
     print(header + table)
     if args.out:
-        _write_section(Path(args.out), "\n## Balancer: invoke through a node\n", header + table)
+        write_section(Path(args.out), "\n## Balancer: invoke through a node\n", header + table)
     return 0
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_cluster import cpu_s, pct  # noqa: E402 - scripts/ is on sys.path when run as a script
 
+from bench.report import write_section  # noqa: E402
 from coordinator.devcluster import LocalCluster  # noqa: E402
 
 MAX_REQUESTS_PER_PUBLISHER = 100_000
@@ -249,7 +250,7 @@ def main() -> int:
                   f"--transports {args.transports}`, {time.strftime('%Y-%m-%d')}.\n\n")
         print(header + table)
         if args.out:
-            _write_section(Path(args.out), "\n## Bus transports: publish → deliver\n", header + table)
+            write_section(Path(args.out), "\n## Bus transports: publish → deliver\n", header + table)
         return 0
     table = asyncio.run(run(args))
     header = (f"Three nodes and the load generator on one machine ({os.cpu_count()} cores, "
@@ -259,16 +260,8 @@ def main() -> int:
               f"`scripts/bench_bus.py`, {time.strftime('%Y-%m-%d')}.\n\n")
     print(header + table)
     if args.out:
-        _write_section(Path(args.out), "\n## Bus: publish → deliver\n", header + table)
+        write_section(Path(args.out), "\n## Bus: publish → deliver\n", header + table)
     return 0
-
-
-def _write_section(path: Path, marker: str, body: str) -> None:
-    """Replace (or append) the section that starts with ``marker``."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    before, _, after = text.partition(marker)
-    rest = after[after.find("\n## "):] if "\n## " in after else ""
-    path.write_text(before.rstrip("\n") + "\n" + marker + "\n" + body + "\n" + rest)
 
 
 if __name__ == "__main__":

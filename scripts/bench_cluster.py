@@ -26,6 +26,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import write_section  # noqa: E402
 from coordinator.devcluster import LocalCluster  # noqa: E402
 
 VALUE = "v" * 64
@@ -150,10 +151,7 @@ def main() -> int:
               f"{args.seconds:.0f} s per row, `scripts/bench_cluster.py`, {time.strftime('%Y-%m-%d')}.\n\n")
     print(header + table)
     if args.out:
-        # Imported here, not at the top: bench_bus imports cpu_s and pct from this module.
-        from bench_bus import _write_section  # scripts/ is on sys.path when run as a script
-
-        _write_section(Path(args.out), "\n## Foundation: one cluster, one generator\n", header + table)
+        write_section(Path(args.out), "\n## Foundation: one cluster, one generator\n", header + table)
     return 0
 
 

@@ -40,9 +40,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_bus import _write_section  # noqa: E402 - scripts/ is on sys.path when run as a script
 from bench_cluster import _load  # noqa: E402
 
+from bench.report import write_section  # noqa: E402
 from coordinator.devcluster import LocalCluster, free_base_port  # noqa: E402
 
 ENGINES = {"raft": 3, "pbft": 4}  # engine -> nodes
@@ -242,7 +242,7 @@ def main() -> int:
               f"`scripts/bench_engines.py`, {time.strftime('%Y-%m-%d')}.\n\n")
     print(header + table)
     if args.out:
-        _write_section(Path(args.out), MARKER, header + table)
+        write_section(Path(args.out), MARKER, header + table)
     return 0
 
 

@@ -1,0 +1,359 @@
+"""This project side by side with etcd: same machine, same load, one table.
+
+    python -m bench.compare [--seconds 5] [--rounds 3] [--concurrency 1,16,64,256]
+                            [--failovers 5] [--out docs/benchmarks.md] [--chart docs/bench-etcd.png]
+
+(``scripts/bench.sh`` installs etcd if it is missing and runs this.)
+
+Starts a three-member etcd cluster and this project's three-node Raft
+cluster on 127.0.0.1, both fsyncing before they acknowledge, and drives both
+with the same generator (``bench.load``, separate processes so the
+generator's CPU is measured and never shares a loop with this one): 64-byte
+writes and linearizable reads at each concurrency, clients spread
+round-robin over the three members. The machine's speed drifts, so every
+cell is measured A, B, A, B... over ``--rounds`` rounds (which system goes
+first alternates), and the report gives the ratio of each pair with its
+spread, not one run of each. At 64 clients and more the load comes from two
+generator processes (one saturates near 5-6k requests/s on one core).
+Failover: SIGKILL the leader, time until a write through a survivor
+succeeds, restart, ``--failovers`` times for each system, interleaved.
+
+Every process it starts is stopped by PID at the end, also on Ctrl-C or
+SIGTERM. Exit status 0 when every cell ran (errors are reported, not fatal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.etcd import EtcdCluster, b64, post_json
+from bench.load import VALUE
+from bench.report import pct, write_section
+from coordinator.devcluster import LocalCluster, fetch_json, free_base_port
+
+SYSTEMS = ("etcd", "coord")
+LABEL = {"etcd": "etcd", "coord": "this project"}
+MARKER = "\n## Side by side with etcd\n"
+GENERATOR_PROCS_FROM = 64  # clients at which the load is split over two generator processes
+WARMUP_S = 1.0
+
+
+def generator_procs(clients: int) -> int:
+    return 2 if clients >= GENERATOR_PROCS_FROM else 1
+
+
+class Systems:
+    """Both clusters, started once for the whole run."""
+
+    def __init__(self, directory: Path) -> None:
+        etcd_base = free_base_port(3)
+        coord_base = free_base_port(3)
+        while abs(coord_base - etcd_base) < 200:
+            coord_base = free_base_port(3)
+        self.etcd = EtcdCluster(directory / "etcd", etcd_base)
+        self.coord = LocalCluster(directory / "coord", base_port=coord_base, nodes=3, durability="fsync")
+
+    def start(self) -> None:
+        self.etcd.start_all()
+        self.coord.start_all()
+        self.etcd.wait_leader(30)
+        self.coord.wait_leader(30)
+
+    def stop(self) -> None:
+        self.etcd.stop_all()
+        self.coord.stop_all()
+
+    def urls(self, system: str) -> list[str]:
+        if system == "etcd":
+            return self.etcd.urls
+        return [self.coord.url(n) for n in self.coord.members]
+
+
+# -- throughput cells ------------------------------------------------------------------------------
+
+
+def run_cell(systems: Systems, system: str, kind: str, clients: int, seconds: float) -> dict[str, Any]:
+    """One cell: ``clients`` over the generator processes, merged."""
+    procs = generator_procs(clients)
+    share = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    first = 0
+    children = []
+    for count in share:
+        cmd = [sys.executable, "-m", "bench.load", "--system", system, "--urls", ",".join(systems.urls(system)),
+               "--clients", str(count), "--seconds", str(seconds), "--kind", kind, "--first-client", str(first)]
+        children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        first += count
+    results = []
+    try:
+        for child in children:
+            out, err = child.communicate(timeout=seconds + 60)
+            if child.returncode != 0:
+                raise RuntimeError(f"generator failed ({child.returncode}): {err[-500:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    latencies = [v / 1000 for r in results for v in r["latencies_us"]]
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+    elapsed = max(r["elapsed_s"] for r in results)
+    return {"system": system, "kind": kind, "clients": clients, "ops_s": len(latencies) / elapsed,
+            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "errors": dict(errors),
+            "gen_cpu": sum(r["cpu_s"] for r in results) / elapsed, "procs": procs}
+
+
+def seed(systems: Systems) -> None:
+    """The key reads get, on both systems, and a warm-up of both."""
+    post_json(systems.etcd.urls[0] + "/v3/kv/put", {"key": b64("bench/0/0"), "value": b64(VALUE)}, timeout=5)
+    url = systems.urls("coord")[0]
+    request = urllib.request.Request(f"{url}/v1/kv/bench/0/0", data=json.dumps({"value": VALUE}).encode(),
+                                     method="PUT", headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+    for system in SYSTEMS:
+        run_cell(systems, system, "write", 16, WARMUP_S)
+
+
+# -- failover ------------------------------------------------------------------------------------
+
+
+async def _first_write(urls: list[str], write: Callable[[aiohttp.ClientSession, str, int], Any],
+                       deadline_s: float) -> float:
+    """Seconds until one write through any of ``urls`` succeeds (one writer per URL, retrying)."""
+    started = time.monotonic()
+    done = asyncio.Event()
+
+    async def writer(url: str, session: aiohttp.ClientSession) -> None:
+        attempt = 0
+        while not done.is_set() and time.monotonic() - started < deadline_s:
+            attempt += 1
+            try:
+                async with write(session, url, attempt) as response:
+                    await response.read()
+                    if response.status == 200:
+                        done.set()
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.005)
+
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(*(writer(url, session) for url in urls))
+    if not done.is_set():
+        raise RuntimeError(f"no write succeeded within {deadline_s}s of the kill")
+    return time.monotonic() - started
+
+
+def failover(systems: Systems, system: str) -> float:
+    """SIGKILL the leader; seconds until a write through a survivor succeeds; restart it."""
+    if system == "etcd":
+        leader = systems.etcd.wait_leader(30)
+        survivors = [systems.etcd.client_url(n) for n in systems.etcd.names if n != leader]
+        systems.etcd.kill(leader)
+
+        def write(session: aiohttp.ClientSession, url: str, i: int) -> Any:
+            return session.post(f"{url}/v3/kv/put", json={"key": b64("failover"), "value": b64(str(i))})
+
+        elapsed = asyncio.run(_first_write(survivors, write, 60))
+        systems.etcd.start(leader)
+        systems.etcd.wait_leader(30)
+        systems.etcd.wait_healthy(leader)
+        return elapsed
+    leader = systems.coord.wait_leader(30)
+    survivors = [systems.coord.url(n) for n in systems.coord.members if n != leader]
+    systems.coord.kill(leader)
+
+    def write_coord(session: aiohttp.ClientSession, url: str, i: int) -> Any:
+        return session.put(f"{url}/v1/kv/failover", json={"value": i})
+
+    elapsed = asyncio.run(_first_write(survivors, write_coord, 60))
+    systems.coord.start(leader)
+    new_leader = systems.coord.wait_leader(30)
+    status = fetch_json(systems.coord.url(new_leader) + "/v1/status", 2.0)
+    systems.coord.wait_caught_up(leader, status["commit_index"] if status else 0, 30)
+    return elapsed
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace, systems: Systems) -> dict[str, Any]:
+    cells: dict[tuple[str, int], list[dict[str, dict[str, Any]]]] = {}
+    for r in range(args.rounds):
+        for kind in args.kinds:
+            for clients in args.concurrency:
+                order = SYSTEMS if (r + len(cells)) % 2 == 0 else SYSTEMS[::-1]
+                pair = {}
+                for system in order:
+                    pair[system] = run_cell(systems, system, kind, clients, args.seconds)
+                    cell = pair[system]
+                    print(f"round {r + 1} {system:5s} {kind:5s} c={clients:<4d} {cell['ops_s']:7.0f} ops/s  "
+                          f"p50 {cell['p50_ms']:6.2f} ms  p99 {cell['p99_ms']:7.2f} ms  errors "
+                          f"{sum(cell['errors'].values())}  generator CPU {cell['gen_cpu'] * 100:.0f}% "
+                          f"({cell['procs']} proc)", flush=True)
+                cells.setdefault((kind, clients), []).append(pair)
+    failovers: dict[str, list[float]] = {s: [] for s in SYSTEMS}
+    for i in range(args.failovers):
+        for system in (SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]):
+            failovers[system].append(failover(systems, system))
+            print(f"failover {i + 1} {system}: {failovers[system][-1]:.2f} s", flush=True)
+    return {"cells": cells, "failovers": failovers}
+
+
+def report(measured: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        "| workload | clients | etcd ops/s | etcd p50 ms | etcd p99 ms | ours ops/s | ours p50 ms | ours p99 ms "
+        "| errors etcd / ours | ours ÷ etcd ops/s per round (median) | p99 ours ÷ etcd (median) "
+        "| generator CPU etcd / ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kind, clients), pairs in measured["cells"].items():
+        def med(system: str, field: str, pairs: list[dict[str, dict[str, Any]]] = pairs) -> float:
+            return statistics.median(p[system][field] for p in pairs)
+
+        ratios = [p["coord"]["ops_s"] / p["etcd"]["ops_s"] if p["etcd"]["ops_s"] else float("nan") for p in pairs]
+        p99 = [p["coord"]["p99_ms"] / p["etcd"]["p99_ms"] if p["etcd"]["p99_ms"] else float("nan") for p in pairs]
+        errors = {s: sum(sum(p[s]["errors"].values()) for p in pairs) for s in SYSTEMS}
+        what = "write 64 B" if kind == "write" else "linearizable read"
+        procs = generator_procs(clients)
+        lines.append(
+            f"| {what} | {clients} | {med('etcd', 'ops_s'):.0f} | {med('etcd', 'p50_ms'):.2f} "
+            f"| {med('etcd', 'p99_ms'):.2f} | {med('coord', 'ops_s'):.0f} | {med('coord', 'p50_ms'):.2f} "
+            f"| {med('coord', 'p99_ms'):.2f} | {errors['etcd']} / {errors['coord']} "
+            f"| {', '.join(f'{x:.2f}' for x in ratios)} ({statistics.median(ratios):.2f}) "
+            f"| {statistics.median(p99):.2f} "
+            f"| {med('etcd', 'gen_cpu') * 100:.0f}% / {med('coord', 'gen_cpu') * 100:.0f}%"
+            f"{f' ({procs} procs)' if procs > 1 else ''} |")
+    lines.append("")
+    for system in SYSTEMS:
+        values = measured["failovers"][system]
+        if values:
+            lines.append(f"- Leader SIGKILL → first successful write, {LABEL[system]}, {len(values)} tries: "
+                         f"min {min(values):.2f} s, median {statistics.median(values):.2f} s, "
+                         f"max {max(values):.2f} s.")
+    errors: Counter[str] = Counter()
+    for pairs in measured["cells"].values():
+        for p in pairs:
+            for system in SYSTEMS:
+                errors.update({f"{system} {k}": v for k, v in p[system]["errors"].items()})
+    if errors:
+        lines.append("- Errors by kind: " + ", ".join(f"{k} x{v}" for k, v in errors.most_common()) + ".")
+    return "\n".join(lines)
+
+
+def chart(measured: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({kind for kind, _ in measured["cells"]}, reverse=True)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for system, marker in (("etcd", "s"), ("coord", "o")):
+            xs, ys, lo, hi = [], [], [], []
+            for (k, clients), pairs in sorted(measured["cells"].items(), key=lambda item: item[0][1]):
+                if k != kind:
+                    continue
+                values = [p[system]["ops_s"] for p in pairs]
+                xs.append(clients)
+                ys.append(statistics.median(values))
+                lo.append(ys[-1] - min(values))
+                hi.append(max(values) - ys[-1])
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, capsize=3, label=LABEL[system])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("ops/s (median, bars: min-max over rounds)")
+        ax.set_title("64-byte writes" if kind == "write" else "linearizable reads")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per cell (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="A/B pairs per cell (default 3)")
+    parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument("--kinds", default="write,read")
+    parser.add_argument("--failovers", type=int, default=5)
+    parser.add_argument("--out", help="write the section into this markdown file (docs/benchmarks.md)")
+    parser.add_argument("--chart", help="write the throughput chart (PNG) here")
+    args = parser.parse_args(argv)
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",")]
+        args.kinds = [k.strip() for k in args.kinds.split(",")]
+    except ValueError:
+        parser.error("--concurrency: comma-separated integers")
+    if not all(1 <= c <= 1024 for c in args.concurrency) or not set(args.kinds) <= {"write", "read"}:
+        parser.error("--concurrency 1..1024 each, --kinds write and/or read")
+    if not (0 < args.seconds <= 120 and 1 <= args.rounds <= 20 and 0 <= args.failovers <= 20):
+        parser.error("--seconds up to 120, --rounds 1..20, --failovers 0..20")
+    signal.signal(signal.SIGTERM, _terminate)
+    with tempfile.TemporaryDirectory(prefix="coord-vs-etcd-") as directory:
+        systems = Systems(Path(directory))
+        try:
+            systems.start()
+            seed(systems)
+            measured = measure(args, systems)
+        except KeyboardInterrupt:
+            print("interrupted; both clusters were stopped", file=sys.stderr)
+            return 130
+        finally:
+            systems.stop()
+    version = subprocess.run([systems.etcd.binary, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    title = (f"etcd ({version.replace('etcd Version: ', '')}, 3 members) and this project (3 nodes, Raft), fsync on, "
+             f"{os.cpu_count()} cores, {args.seconds:g} s per cell, {args.rounds} rounds, "
+             f"{time.strftime('%Y-%m-%d')}")
+    header = (f"Three etcd members ({version.replace('etcd Version: ', 'etcd ')}, Debian's etcd-server, v3 JSON "
+              f"gateway: POST /v3/kv/put and /v3/kv/range) and this project's three Raft nodes (PUT/GET "
+              f"/v1/kv/{{key}}), both fsyncing before they acknowledge, both running during the whole "
+              f"measurement, with the load generator on one machine ({os.cpu_count()} cores, "
+              f"{platform.python_implementation()} {platform.python_version()}). 64-byte values; clients "
+              f"round-robin over the three members; every cell {args.seconds:g} s after a {WARMUP_S:g} s "
+              f"warm-up, measured A, B, A, B over {args.rounds} rounds (which system goes first alternates); "
+              f"from {GENERATOR_PROCS_FROM} clients on, two generator processes. Medians over the rounds; "
+              f"`python -m bench.compare` (`scripts/bench.sh`), {time.strftime('%Y-%m-%d')}.\n\n")
+    table = report(measured, args)
+    print()
+    print(header + table)
+    if args.chart:
+        chart(measured, Path(args.chart), title)
+        where = os.path.relpath(args.chart, Path(args.out).parent) if args.out else args.chart
+        table += f"\n\n![throughput against concurrency]({where})"
+    if args.out:
+        write_section(Path(args.out), MARKER, header + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
