@@ -126,9 +126,13 @@ def test_state_machine_imports_no_clock_randomness_or_io(path: Path) -> None:
     assert _violations(path, STATE_FORBIDDEN) == []
 
 
-@pytest.mark.skipif(not PBFT_REPLICA.exists(), reason="cluster/pbft/replica.py does not exist yet")
-def test_pbft_replica_imports_no_clock_randomness_or_io() -> None:
-    assert _violations(PBFT_REPLICA, PBFT_FORBIDDEN) == []
+@pytest.mark.parametrize("name", ["replica.py", "messages.py", "faults.py"])
+def test_the_pbft_protocol_core_imports_no_clock_randomness_or_io(name: str) -> None:
+    """The replica, its messages and the Byzantine behaviours the simulator
+    replays from a seed: no clock, no randomness, no I/O."""
+    path = PBFT_REPLICA.parent / name
+    assert path.exists()
+    assert _violations(path, PBFT_FORBIDDEN) == []
 
 
 # -- who may import the wire format and the engine -------------------------------------------------
