@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import sys
 import time
 from collections import Counter
@@ -27,16 +26,12 @@ from typing import Any
 import aiohttp
 
 from bench.etcd import b64
+from bench.report import cpu_s
 
 VALUE = "v" * 64
 MAX_OPS_PER_CLIENT = 1_000_000
 REQUEST_TIMEOUT_S = 10.0
 KEYS_PER_CLIENT = 100
-
-
-def cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def key_of(client: int, i: int) -> str:

@@ -43,15 +43,18 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
+def write_file_durably(path: str, data: bytes, *, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (``fsync=False``:
+    atomically only, for durability "none")."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path)
+    if fsync:
+        _fsync_dir(path)
 
 
 def frame(payload: bytes) -> bytes:

@@ -186,6 +186,15 @@ def parse_transport(text: str) -> tuple[str, str]:
     return name.strip(), url.strip()
 
 
+def _read_secret_file(path: str, field: str) -> str:
+    """The stripped text of a secret's file; the error names the setting, never the content."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise InvalidInput(f"{field}: cannot read it ({exc.strerror})", field=field) from None
+
+
 def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
     """Read ``path`` (TOML) if given, apply non-None ``overrides``, find the secret, validate."""
     values: dict[str, Any] = {}
@@ -210,21 +219,12 @@ def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
         raise InvalidInput(f"{unknown[0]}: unknown setting", field=unknown[0])
     secret = values.get("secret") or os.environ.get("COORD_CLUSTER_SECRET", "")
     if secret_file:
-        try:
-            with open(secret_file, encoding="utf-8") as f:
-                secret = f.read().strip()
-        except OSError as exc:
-            raise InvalidInput(f"secret_file: cannot read it ({exc.strerror})", field="secret_file") from None
+        secret = _read_secret_file(secret_file, "secret_file")
     values["secret"] = secret
     admin_token_file = values.pop("admin_token_file", None)
     token = values.get("admin_token") or os.environ.get("COORD_ADMIN_TOKEN", "")
     if admin_token_file:
-        try:
-            with open(admin_token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise InvalidInput(f"admin_token_file: cannot read it ({exc.strerror})",
-                               field="admin_token_file") from None
+        token = _read_secret_file(admin_token_file, "admin_token_file")
     values["admin_token"] = token
     for name in ("node_id", "http", "raft", "data_dir"):
         values.setdefault(name, "")

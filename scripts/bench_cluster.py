@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -26,25 +25,17 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import cpu_s, write_section  # noqa: E402
+from bench.report import pct as quantile  # noqa: E402
 from coordinator.devcluster import LocalCluster  # noqa: E402
 
 VALUE = "v" * 64
 MAX_OPS_PER_CLIENT = 200_000
 
 
-def cpu_s() -> float:
-    """This process's CPU time (the load generator's own cost)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def pct(values: list[float], q: float) -> float:
     """The ``q`` quantile of seconds, in milliseconds (nan when empty)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    return quantile(values, q) * 1000
 
 
 async def _load(session: aiohttp.ClientSession, url: str, clients: int, seconds: float, kind: str) -> dict:

@@ -195,13 +195,7 @@ class PbftStorage:
             [encode_envelope(e) for e in checkpoint.proof], checkpoint.state, durable.view, durable.active,
             [[cert_view, _proof_row(proof)] for _, (cert_view, proof) in sorted(certs.items())],
         ])
-        if self.durability == "fsync":
-            write_file_durably(self.checkpoint_path, record)
-        else:
-            tmp = self.checkpoint_path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(record)
-            os.replace(tmp, self.checkpoint_path)
+        write_file_durably(self.checkpoint_path, record, fsync=self.durability == "fsync")
         os.chmod(self.checkpoint_path, 0o600)
         # The checkpoint now holds everything the journal did: start the journal over.
         if self._journal is not None:
