@@ -72,6 +72,15 @@ def engine_running(directory: Path) -> str | None:
     return None if not modes else "pbft" if "pbft" in modes else "raft"
 
 
+def engine_on_disk(directory: Path) -> str | None:
+    """The engine whose data the node directories hold (None: no data yet).
+    PBFT keeps ``n<i>/pbft/``, Raft ``n<i>/raft.journal``; a cluster started
+    again without ``--engine`` keeps the engine its data was written by."""
+    found = {"pbft" if (node / "pbft").is_dir() else "raft" for node in directory.glob("n*")
+             if node.is_dir() and ((node / "pbft").is_dir() or (node / "raft.journal").exists())}
+    return found.pop() if len(found) == 1 else None
+
+
 def recorded_nodes(directory: Path) -> int:
     """The highest i of the ``n<i>.pid`` files in ``directory`` (0 if none)."""
     found = [int(p.stem[1:]) for p in directory.glob("n*.pid") if p.stem[1:].isdigit()]
@@ -114,7 +123,11 @@ def main() -> int:
         print(f"cluster-up: nodes already run with engine {running_engine}; stop them first (cluster-down.sh)",
               file=sys.stderr)
         return 1
-    engine = args.engine or running_engine or "raft"
+    on_disk = engine_on_disk(Path(args.dir))
+    engine = args.engine or running_engine or on_disk or "raft"
+    if args.action == "up" and on_disk and engine != on_disk:
+        print(f"cluster-up: note: the data in {args.dir} was written by engine {on_disk}; engine {engine} "
+              "starts from its own (empty) state beside it (remove the directory to start over)", file=sys.stderr)
     nodes = args.nodes or (4 if engine == "pbft" else 3)
     if args.action == "down":
         nodes = max(nodes, recorded_nodes(Path(args.dir)))  # stop every node started, whatever its count
