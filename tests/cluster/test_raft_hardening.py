@@ -88,6 +88,7 @@ def test_no_message_leaves_before_the_journal_is_synced(tmp_path, monkeypatch) -
     monkeypatch.setattr(TCPTransport, "send", lambda self, node, message: seen.append(journal.dirty) or True)
     transport = object.__new__(raft._SyncingTransport)
     transport._journal = journal
+    transport._relays = {}
     transport.send(_tcp_node(B), {"type": "next_node_idx"})
     journal.add(b"entry-2", 2, 1)
     transport.send(_tcp_node(B), {"type": "response_vote"})
@@ -96,6 +97,51 @@ def test_no_message_leaves_before_the_journal_is_synced(tmp_path, monkeypatch) -
     journal._destroy()
     assert seen == [False, False, True]
     assert journal.syncs == 3 and journal.synced_len == 3
+
+
+def _relaying_transport(tmp_path, monkeypatch) -> tuple[raft._SyncingTransport, DurableJournal, list]:
+    journal = DurableJournal(str(tmp_path / "raft.journal"))
+    sent: list[tuple[str, dict, bool]] = []
+    monkeypatch.setattr(TCPTransport, "send",
+                        lambda self, node, message: sent.append((node.id, message, journal.dirty)) or True)
+    transport = object.__new__(raft._SyncingTransport)
+    transport._journal = journal
+    transport._relays = {}
+    return transport, journal, sent
+
+
+def test_relayed_commands_leave_batched_unsynced_and_in_link_order(tmp_path, monkeypatch) -> None:
+    """A follower's relayed commands and the leader's answers acknowledge
+    nothing durable: they leave without a sync (the leader used to fsync once
+    per command written through a follower), batched into one frame per link
+    at the end of the tick, and before any later message to the same node."""
+    transport, journal, sent = _relaying_transport(tmp_path, monkeypatch)
+    journal.add(b"entry", 1, 1)
+    for request in (1, 2):
+        transport.send(_tcp_node(B), {"type": "apply_command_response", "request_id": request, "log_idx": request})
+    transport.send(_tcp_node(C), {"type": "apply_command", "command": b"x", "request_id": 7})
+    assert sent == [] and journal.syncs == 0
+    transport.send(_tcp_node(B), {"type": "next_node_idx", "success": True})  # flushes B's relays first
+    assert [(node, message["type"]) for node, message, _ in sent] == [(B, "relay_batch"), (B, "next_node_idx")]
+    assert [m["request_id"] for m in sent[0][1]["messages"]] == [1, 2]
+    assert sent[0][2] is True and sent[1][2] is False  # the relay went unsynced, the acknowledgement synced
+    transport.flush_relays()  # end of tick: C's single relay goes as itself
+    assert sent[2][:2] == (C, {"type": "apply_command", "command": b"x", "request_id": 7})
+    transport.flush_relays()
+    assert len(sent) == 3
+    journal._destroy()
+
+
+def test_a_relay_batch_delivers_only_relays_in_order(tmp_path, monkeypatch) -> None:
+    transport, journal, _ = _relaying_transport(tmp_path, monkeypatch)
+    got = []
+    monkeypatch.setattr(TCPTransport, "_onMessageReceived", lambda self, node, message: got.append(message))
+    relays = [{"type": "apply_command", "command": b"a"}, {"type": "apply_command_response", "request_id": 1}]
+    smuggled = [{"type": "next_node_idx", "success": True}, "garbage", None]
+    transport._onMessageReceived(_tcp_node(B), {"type": "relay_batch", "messages": relays + smuggled})
+    transport._onMessageReceived(_tcp_node(B), {"type": "relay_batch", "messages": "not a list"})
+    assert got == relays
+    journal._destroy()
 
 
 def test_snapshot_load_keeps_the_journal_tail(tmp_path) -> None:
