@@ -10,11 +10,12 @@ source "$(dirname "$0")/_venv.sh"
 coord_venv test  # the test extras carry matplotlib for the chart
 if ! command -v etcd >/dev/null 2>&1 && [ -z "${ETCD_BIN:-}" ]; then
     echo "etcd not found: installing Debian's etcd-server" >&2
-    if [ "$(id -u)" -eq 0 ]; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server >&2
-    else
-        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server >&2
-    fi
+    as_root=()
+    [ "$(id -u)" -eq 0 ] || as_root=(sudo)
+    # A machine whose package lists were never fetched knows no etcd-server: update once and retry.
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server >&2 \
+        || { "${as_root[@]}" apt-get update >&2 \
+             && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server >&2; }
 fi
 cd "$ROOT"
 exec "$VENV/bin/python" -m bench.compare --out docs/benchmarks.md --chart docs/bench-etcd.png "$@"
