@@ -728,6 +728,68 @@ class CoordinatorClient:
                 raise RequestTimeout(f"saga {saga_id!r} is still {saga['state']} after {timeout_s:g} s")
             await asyncio.sleep(poll_s)
 
+    # -- event store and projections ------------------------------------------------------------
+
+    async def append(self, stream: str, events: list[dict[str, Any]], *,
+                     expected_version: int | str = "any") -> dict[str, Any]:
+        """Append ``events`` ({"type", "data", "metadata"?, "id"?}) to ``stream``
+        atomically. ``expected_version``: a version, -1 or "no_stream", "exists"
+        or "any". Raises ``Conflict`` when the stream is elsewhere. Retried
+        safely: the request id makes a retry answer the first outcome."""
+        body = {"events": events, "expected_version": expected_version, "request_id": self._request_id()}
+        return await self.request("POST", f"/v1/streams/{_seg(stream)}", body)
+
+    async def read_stream(self, stream: str, *, from_version: int = 0, limit: int = 1000,
+                          backward: bool = False, consistency: str = "linearizable") -> dict[str, Any] | None:
+        """One page of the stream (with its snapshot, if any), or None when it does not exist."""
+        params = {"from_version": from_version, "limit": limit, "consistency": consistency,
+                  "direction": "backward" if backward else "forward"}
+        if backward and from_version == 0:
+            del params["from_version"]  # from the last version down
+        try:
+            return await self.request("GET", f"/v1/streams/{_seg(stream)}", params=params)
+        except NotFound:
+            return None
+
+    async def snapshot_stream(self, stream: str, version: int, state: Any, *, truncate: bool = False) -> dict[str, Any]:
+        body = {"version": version, "state": state, "truncate": truncate, "request_id": self._request_id()}
+        return await self.request("PUT", f"/v1/streams/{_seg(stream)}/snapshot", body)
+
+    async def delete_stream(self, stream: str, *, expected_version: int | str = "any") -> dict[str, Any]:
+        body = {"expected_version": expected_version, "request_id": self._request_id()}
+        return await self.request("DELETE", f"/v1/streams/{_seg(stream)}", body)
+
+    async def category_events(self, category: str, *, from_position: int = 1,
+                              limit: int = 1000) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/categories/{_seg(category)}/events",
+                                  params={"from_position": from_position, "limit": limit})
+
+    async def watch_category(self, category: str, *,
+                             from_position: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every event appended to the category's streams from ``from_position``
+        on (default: from now); reconnects to any node and resumes after the
+        last position seen. Raises ``Compacted`` when events it would have
+        seen were truncated below a snapshot."""
+        async for event in self._sse(f"/v1/categories/{_seg(category)}/watch", {}, "from_position", from_position):
+            yield event
+
+    async def put_projection(self, name: str, definition: dict[str, Any]) -> dict[str, Any]:
+        body = {**definition, "request_id": self._request_id()}
+        return await self.request("PUT", f"/v1/projections/{_seg(name)}", body)
+
+    async def projection(self, name: str, *, consistency: str = "linearizable") -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", f"/v1/projections/{_seg(name)}", params={"consistency": consistency})
+        except NotFound:
+            return None
+
+    async def rebuild_projection(self, name: str) -> dict[str, Any]:
+        return await self.request("POST", f"/v1/projections/{_seg(name)}/rebuild",
+                                  {"request_id": self._request_id()})
+
+    async def delete_projection(self, name: str) -> dict[str, Any]:
+        return await self.request("DELETE", f"/v1/projections/{_seg(name)}", {"request_id": self._request_id()})
+
     # -- events and watches ----------------------------------------------------------------------
 
     async def events(self, from_seq: int = 1, *, limit: int = 1000) -> list[dict[str, Any]]:

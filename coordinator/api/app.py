@@ -12,6 +12,7 @@ from coordinator.api.access import access_routes
 from coordinator.api.auth import AUTH, AuthSettings, AuthState, auth_middleware
 from coordinator.api.bus import bus_routes
 from coordinator.api.errors import error_response, render_error
+from coordinator.api.eventstore import es_routes
 from coordinator.api.keys import METRICS, NODE
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.routes import routes
@@ -82,5 +83,6 @@ def make_app(node: CoordinatorNode, auth: AuthSettings | None = None) -> web.App
     app.router.add_routes(saga_routes)
     app.router.add_routes(service_routes)
     app.router.add_routes(access_routes)
+    app.router.add_routes(es_routes)
     app.router.add_get("/metrics", metrics_handler)
     return app

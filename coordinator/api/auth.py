@@ -328,6 +328,16 @@ def _query_prefix(action: str) -> Resource:
     return resource
 
 
+async def _stream_listing(request: web.Request) -> list[tuple[str, str]]:
+    """Listing stream ids: of one category (``<category>-*``) or of all (``*``)."""
+    category = request.query.get("category")
+    return [("stream", Listing(f"{category}-" if category else ""))]
+
+
+async def _category_listing(request: web.Request) -> list[tuple[str, str]]:
+    return [("stream", Listing(request.match_info["category"] + "-"))]
+
+
 async def _subscription_topic(request: web.Request) -> list[tuple[str, str]]:
     body = await _json(request)
     topic = body.get("topic") if isinstance(body, dict) else None
@@ -445,6 +455,16 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/services/{type}"): "any",
     ("POST", "/v1/services/{type}/invoke"): _param("type", "invoke"),
     ("GET", "/v1/roles"): "any",
+    ("GET", "/v1/eventstore"): "any",
+    ("GET", "/v1/streams"): _stream_listing,
+    ("GET", "/v1/streams/{stream}"): _param("stream", "stream"),
+    ("POST", "/v1/streams/{stream}"): _param("stream", "stream"),
+    ("DELETE", "/v1/streams/{stream}"): _param("stream", "stream"),
+    ("PUT", "/v1/streams/{stream}/snapshot"): _param("stream", "stream"),
+    ("GET", "/v1/categories/{category}/events"): _category_listing,
+    ("GET", "/v1/categories/{category}/watch"): _category_listing,
+    ("GET", "/v1/projections"): "any",
+    ("GET", "/v1/projections/{name}"): "any",
     # everything else (members, topic settings, bindings, transports, groups,
     # service policies, roles and grants) needs the admin
 }

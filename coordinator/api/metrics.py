@@ -50,6 +50,7 @@ class _NodeCollector(Collector):
                                   value=node.leader_changes)
         yield from _bus(node)
         yield from _sagas(node)
+        yield from _event_store(node)
         yield from _balancer(node)
         recoveries = getattr(node.engine, "recoveries", 0)
         yield CounterMetricFamily("coord_engine_recoveries", "Rebuilds of a stalled engine", value=recoveries)
@@ -104,6 +105,22 @@ def _bus(node: CoordinatorNode) -> Iterator[Any]:
     yield healthy
     yield CounterMetricFamily("coord_transport_sent", "Messages brokers confirmed while this node led",
                               value=node.transports.sent)
+
+
+def _event_store(node: CoordinatorNode) -> Iterator[Any]:
+    machine = node.applier.machine
+    store = machine.store
+    yield GaugeMetricFamily("coord_eventstore_events", "Events retained in the event store", value=store.events_count)
+    yield GaugeMetricFamily("coord_eventstore_bytes", "Approximate bytes of the retained events' data",
+                            value=store.bytes)
+    yield GaugeMetricFamily("coord_eventstore_streams", "Streams in the event store", value=len(store.streams))
+    yield GaugeMetricFamily("coord_eventstore_position", "The last global position given", value=store.position)
+    counted = CounterMetricFamily("coord_eventstore", "Event store events by what happened to them",
+                                  labels=["kind"])
+    for kind, value in sorted(store.counters.items()):
+        counted.add_metric([kind], value)
+    yield counted
+    yield GaugeMetricFamily("coord_projections", "Projections defined", value=len(machine.projections.items))
 
 
 def _sagas(node: CoordinatorNode) -> Iterator[Any]:

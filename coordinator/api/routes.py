@@ -369,22 +369,22 @@ async def events_list(request: web.Request) -> web.Response:
 @routes.get("/v1/watch/events")
 async def events_watch(request: web.Request) -> web.StreamResponse:
     node = node_of(request)
-    from_seq = _resume(request, "from_seq")
+    from_seq = sse_resume(request, "from_seq")
     types = _types(request)
     stream = watch.watch_events(node.applier, from_seq, types)
-    return await _sse(request, stream, lambda e: (e.seq, e.type, _event(e)))
+    return await sse(request, stream, lambda e: (e.seq, e.type, _event(e)))
 
 
 @routes.get("/v1/watch")
 async def kv_watch(request: web.Request) -> web.StreamResponse:
     node = node_of(request)
     prefix = s.prefix(request)
-    from_revision = _resume(request, "from_revision")
+    from_revision = sse_resume(request, "from_revision")
     stream = watch.watch_kv(node.applier, prefix, from_revision)
-    return await _sse(request, stream, lambda c: (c.revision, c.kind, _change(c)))
+    return await sse(request, stream, lambda c: (c.revision, c.kind, _change(c)))
 
 
-def _resume(request: web.Request, field: str) -> int | None:
+def sse_resume(request: web.Request, field: str) -> int | None:
     """The cursor: ``Last-Event-ID`` + 1 when a client reconnects, else the query."""
     last = request.headers.get("Last-Event-ID")
     if last is not None:
@@ -395,7 +395,7 @@ def _resume(request: web.Request, field: str) -> int | None:
     return s.query_int(request, field, None, 1, 2**63 - 1)
 
 
-async def _sse(request: web.Request, stream: AsyncIterator[list[Any]], render: Any) -> web.StreamResponse:
+async def sse(request: web.Request, stream: AsyncIterator[list[Any]], render: Any) -> web.StreamResponse:
     """Serve ``stream`` as Server-Sent Events. Errors before the first byte
     are normal JSON errors; a compaction later is an ``error`` event."""
     iterator = stream.__aiter__()

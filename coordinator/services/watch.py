@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from coordinator.errors import Compacted
 from coordinator.services.applier import Applier
+from coordinator.state.eventstore import StoredEvent
 from coordinator.types import Event, KvChange
 
 BATCH_MAX = 256
@@ -62,6 +63,29 @@ async def watch_events(applier: Applier, from_seq: int | None,
                 yield selected
             continue
         cursor = max(cursor, events.last_seq + 1)
+        await applier.wait_change(seen)
+
+
+async def watch_category(applier: Applier, category: str,
+                         from_position: int | None) -> AsyncIterator[list[StoredEvent]]:
+    """Yield batches of the category's events with position >= the cursor
+    (``None``: only events appended from now on). Events dropped by a stream
+    truncation after the cursor end the watch with ``Compacted``."""
+    cursor = applier.machine.store.position + 1 if from_position is None else from_position
+    while True:
+        seen = applier.version
+        store = applier.machine.store
+        log = store.categories.get(category)
+        if log is not None and cursor <= log.dropped_through:
+            raise Compacted(f"events of category {category!r} up to position {log.dropped_through} were truncated "
+                            "below stream snapshots; read the streams (and their snapshots) instead",
+                            dropped_through=log.dropped_through)
+        batch = store.category_since(category, cursor, BATCH_MAX)
+        if batch:
+            cursor = batch[-1].position + 1
+            yield batch
+            continue
+        cursor = max(cursor, store.position + 1)
         await applier.wait_change(seen)
 
 

@@ -8,8 +8,10 @@ A permission is ``{"action", "pattern"}``:
   permission pattern that covers every topic it can match.
 - ``invoke`` on agent types, and ``saga`` (start sagas) on saga names, with the
   same token patterns (``>`` is every one).
-- ``kv`` and ``lock`` on keys and lock names: exact, or a prefix ending in ``*``
-  (``jobs/*``), or ``*`` for all.
+- ``kv`` and ``lock`` on keys and lock names, ``stream`` on event store
+  stream ids (append, read, snapshot, delete; reading a category needs it on
+  ``<category>-*``): exact, or a prefix ending in ``*`` (``jobs/*``,
+  ``order-*``), or ``*`` for all.
 
 Grants are kept by agent id, apart from registrations, so an agent that
 re-registers keeps its roles; removing a role removes it from every grant.
@@ -26,7 +28,7 @@ from coordinator.state.topics import check_pattern
 
 TOPIC_ACTIONS = ("send", "receive", "subscribe")
 TOKEN_ACTIONS = (*TOPIC_ACTIONS, "invoke", "saga")
-PREFIX_ACTIONS = ("kv", "lock")
+PREFIX_ACTIONS = ("kv", "lock", "stream")
 ACTIONS = (*TOKEN_ACTIONS, *PREFIX_ACTIONS)
 MAX_PERMISSIONS = 256
 MAX_ROLES_PER_AGENT = 64

@@ -29,12 +29,15 @@ from coordinator.state.base import (
     require_int,
     require_str,
 )
-from coordinator.state.bus import MAX_FETCH, Bus, BusLimits
+from coordinator.state.bus import MAX_FETCH, RESERVED_PREFIXES, Bus, BusLimits
 from coordinator.state.events import EventLog
+from coordinator.state.eventstore import EventStore, EventStoreLimits, category_of
 from coordinator.state.kv import KvStore
 from coordinator.state.locks import Lock, Locks
+from coordinator.state.projections import Folded, ProjectionLimits, Projections, normalize_definition
 from coordinator.state.registry import HEALTH_STATES, Agent, Member, Members, Registry
 from coordinator.state.sagas import SagaLimits, Sagas
+from coordinator.state.topics import matches
 from coordinator.types import COMMAND_VERSION, Command, Result
 
 SNAPSHOT_VERSION = 1
@@ -54,6 +57,8 @@ class Limits:
     locks_max: int = 100_000
     bus: BusLimits = field(default_factory=BusLimits)
     sagas: SagaLimits = field(default_factory=SagaLimits)
+    eventstore: EventStoreLimits = field(default_factory=EventStoreLimits)
+    projections: ProjectionLimits = field(default_factory=ProjectionLimits)
 
 
 Handler = Callable[["StateMachine", ApplyContext, dict[str, Any]], Any]
@@ -81,6 +86,8 @@ class StateMachine:
         self.sagas = Sagas(self.limits.sagas)
         self.policies = Policies()
         self.access = Access()
+        self.store = EventStore(self.limits.eventstore)
+        self.projections = Projections(self.limits.projections)
         self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None]] = OrderedDict()
 
     # -- applying ---------------------------------------------------------
@@ -111,6 +118,9 @@ class StateMachine:
             value = handler(self, ctx, command.args)
             if ctx.events:
                 self.bus.publish_events(ctx, ctx.events)
+                if self.projections.has_topic_sources():
+                    for event in ctx.events:
+                        self.projections.feed_topic(Folded(event.type, event.data, event.time_ms, event.index))
         except Rejected as rejected:
             error = (rejected.code, rejected.message)
             if ctx.events or ctx.changes:
@@ -137,6 +147,8 @@ class StateMachine:
             "sagas": self.sagas.to_data(),
             "policies": self.policies.to_data(),
             "access": self.access.to_data(),
+            "eventstore": self.store.to_data(),
+            "projections": self.projections.to_data(),
             "dedupe": [[k, v, list(e) if e else None] for k, (v, e) in self._dedupe.items()],
         }
 
@@ -158,10 +170,36 @@ class StateMachine:
             machine.policies = Policies.from_data(data["policies"])
         if "access" in data:  # nor before access control
             machine.access = Access.from_data(data["access"])
+        if "eventstore" in data:  # nor before the event store
+            machine.store = EventStore.from_data(data["eventstore"], machine.limits.eventstore)
+            machine.projections = Projections.from_data(data["projections"], machine.limits.projections)
         machine._dedupe = OrderedDict((k, (v, tuple(e) if e else None)) for k, v, e in data["dedupe"])
         return machine
 
     # -- shared checks -------------------------------------------------------
+
+    def projection_source(self, definition: dict[str, Any]) -> list[Folded]:
+        """What a projection's source still retains, in the order it was applied."""
+        category = definition["source"].get("category")
+        if category is not None:
+            return [Folded(e.type, e.data, e.time_ms, e.index, e.position)
+                    for e in self.store.category_since(category, 0, self.store.events_count)]
+        pattern = definition["source"]["topic"]
+        keyed: list[tuple[tuple[int, int, int], Folded]] = []
+        for name, topic in self.bus.topics.items():
+            if name.startswith(RESERVED_PREFIXES) or not matches(pattern, name):
+                continue  # the cluster's own events come from the event log below, once
+            for offset in topic.log:
+                body = self.bus.bodies[(name, offset)]
+                if body.message["type"] == "event" and not _from_event_log(body.message):
+                    keyed.append(((body.index, 0, offset), Folded(name, body.message["payload"], body.publish_ms,
+                                                                  body.index)))
+        for event in self.events.since(self.events.first_seq, self.limits.events_retained):
+            if matches(pattern, event.type):
+                keyed.append(((event.index, 1, event.seq), Folded(event.type, event.data, event.time_ms,
+                                                                   event.index)))
+        keyed.sort(key=lambda pair: pair[0])
+        return [folded for _, folded in keyed]
 
     def check_fence(self, args: dict[str, Any]) -> None:
         """Refuse a write whose fence is not the current grant of its lock."""
@@ -441,7 +479,12 @@ def _agent_exists(sm: StateMachine) -> Callable[[str], bool]:
 @_op("bus.publish")
 def _bus_publish(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     topic, messages = sm.bus.check_publish(ctx, args, _agent_exists(sm))
-    return sm.bus.publish(ctx, topic, messages)
+    result = sm.bus.publish(ctx, topic, messages)
+    if sm.projections.has_topic_sources():
+        for message, out in zip(messages, result["messages"], strict=True):
+            if message["type"] == "event" and not out.get("duplicate"):
+                sm.projections.feed_topic(Folded(topic, message["payload"], ctx.now_ms, ctx.index))
+    return result
 
 
 @_op("bus.topic.configure")
@@ -584,6 +627,50 @@ def _saga_resumed(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> 
 @_op("saga.cancel")
 def _saga_cancel(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     return sm.sagas.cancel(ctx, sm.events, args)
+
+
+# -- event store and projections -----------------------------------------------------------
+
+def _from_event_log(message: dict[str, Any]) -> bool:
+    """A cluster event the bus carried (``Bus.publish_events``): projections take it from the event log."""
+    return message["source"] == "coordinator" and message["id"] == f"event-{message['headers'].get('seq')}"
+
+
+@_op("es.append")
+def _es_append(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    result, stored = sm.store.append(ctx, args)
+    category = category_of(result["stream"])
+    if stored and category is not None:
+        sm.projections.feed_category(category, (Folded(e.type, e.data, e.time_ms, e.index, e.position)
+                                                for e in stored))
+    return result
+
+
+@_op("es.snapshot")
+def _es_snapshot(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.store.snapshot(ctx, args)
+
+
+@_op("es.delete")
+def _es_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.store.delete(ctx, args)
+
+
+@_op("projection.put")
+def _projection_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    definition = normalize_definition(args.get("definition"))
+    return sm.projections.put(ctx.index, args.get("name"), definition, sm.projection_source(definition))
+
+
+@_op("projection.rebuild")
+def _projection_rebuild(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    projection = sm.projections.get(args.get("name"))
+    return sm.projections.rebuild(ctx.index, projection.name, sm.projection_source(projection.definition))
+
+
+@_op("projection.delete")
+def _projection_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.projections.delete(args.get("name"))
 
 
 @_op("bus.tick")

@@ -1,0 +1,215 @@
+"""HTTP routes of the event store and its projections (CQRS).
+
+Parse → one service call → render. Appends, snapshots and projection
+definitions are checked before they are proposed (400 naming the field, as
+``events[2].type``), and checked again by the state machine when applied.
+Reads wait for a read barrier unless ``consistency=stale``, so a read
+reflects every write acknowledged before it; the answer carries the log
+``index`` it reflects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from coordinator.api import schemas as s
+from coordinator.api.routes import node_of, ok, sse, sse_resume
+from coordinator.errors import InvalidInput, NotFound
+from coordinator.services import watch
+from coordinator.services.proposals import state_error
+from coordinator.state.base import Rejected
+from coordinator.state.eventstore import (
+    MAX_STREAM_ID_LEN,
+    MAX_VERSION,
+    SNAPSHOT_FIELDS,
+    EventStore,
+    StoredEvent,
+    check_expected,
+)
+from coordinator.state.projections import DEFINITION_FIELDS, check_name, normalize_definition
+
+es_routes = web.RouteTableDef()
+
+READ_LIMIT_MAX = 1000
+LIST_LIMIT_MAX = 1000
+
+
+def _stream_id(request: web.Request) -> str:
+    return s.name(request.match_info["stream"], "stream", MAX_STREAM_ID_LEN)
+
+
+def _category(request: web.Request) -> str:
+    category = s.name(request.match_info["category"], "category", MAX_STREAM_ID_LEN)
+    if "-" in category:
+        raise InvalidInput("category: must not contain '-' (a category is the stream id before its first '-')",
+                           field="category")
+    return category
+
+
+def _checked(attempt: Any) -> Any:
+    """Run a state check before proposing: its refusal is this request's error."""
+    try:
+        return attempt()
+    except Rejected as exc:
+        raise state_error(exc.code, exc.message) from None
+
+
+# -- streams ----------------------------------------------------------------------------------
+
+
+@es_routes.post("/v1/streams/{stream}")
+async def append(request: web.Request) -> web.Response:
+    stream = _stream_id(request)
+    body = await s.json_body(request, {"expected_version", "events", "request_id"})
+    args: dict[str, Any] = {"stream": stream, "events": body.get("events")}
+    if "expected_version" in body:
+        args["expected_version"] = body["expected_version"]
+    node = node_of(request)
+    store: EventStore = node.applier.machine.store
+    _checked(lambda: store.check_append(args))
+    result = await node.write("es.append", args, s.request_id(request, body))
+    return ok(result, status=200 if result.get("duplicate") else 201)
+
+
+@es_routes.get("/v1/streams/{stream}")
+async def read_stream(request: web.Request) -> web.Response:
+    stream = _stream_id(request)
+    direction = request.query.get("direction", "forward")
+    if direction not in ("forward", "backward"):
+        raise InvalidInput("direction: must be forward or backward", field="direction")
+    backward = direction == "backward"
+    from_version = s.query_int(request, "from_version", MAX_VERSION if backward else 0, 0, MAX_VERSION)
+    limit = s.query_int(request, "limit", 100, 1, READ_LIMIT_MAX)
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    page = node.applier.machine.store.read_stream(stream, from_version or 0, limit or 100, backward)
+    if page is None:
+        raise NotFound(f"stream {stream!r} does not exist")
+    return ok({**page, "index": node.applier.machine.applied_index})
+
+
+@es_routes.delete("/v1/streams/{stream}")
+async def delete_stream(request: web.Request) -> web.Response:
+    stream = _stream_id(request)
+    body = await s.json_body(request, {"expected_version", "request_id"}, required=False)
+    args: dict[str, Any] = {"stream": stream}
+    raw = body.get("expected_version", request.query.get("expected_version"))
+    if raw is not None:
+        if isinstance(raw, str) and raw.lstrip("-").isdigit():
+            raw = int(raw)
+        args["expected_version"] = _checked(lambda: check_expected(raw))
+    return ok(await node_of(request).write("es.delete", args, s.request_id(request, body)))
+
+
+@es_routes.put("/v1/streams/{stream}/snapshot")
+async def put_snapshot(request: web.Request) -> web.Response:
+    stream = _stream_id(request)
+    body = await s.json_body(request, {*SNAPSHOT_FIELDS, "request_id"} - {"stream"})
+    args = {"stream": stream, **{k: v for k, v in body.items() if k != "request_id"}}
+    s.integer(args.get("version"), "version", 0, MAX_VERSION)
+    if "state" not in args:
+        raise InvalidInput("state: is required", field="state")
+    return ok(await node_of(request).write("es.snapshot", args, s.request_id(request, body)))
+
+
+@es_routes.get("/v1/streams")
+async def list_streams(request: web.Request) -> web.Response:
+    category = request.query.get("category")
+    if category is not None:
+        category = s.name(category, "category", MAX_STREAM_ID_LEN)
+    after = request.query.get("after", "")
+    limit = s.query_int(request, "limit", 100, 1, LIST_LIMIT_MAX) or 100
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    page = node.applier.machine.store.list_streams(category, after, limit)
+    return ok({"streams": page, "next": page[-1]["stream"] if len(page) == limit else None,
+               "index": node.applier.machine.applied_index})
+
+
+@es_routes.get("/v1/eventstore")
+async def describe_store(request: web.Request) -> web.Response:
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    return ok({**node.applier.machine.store.describe(), "index": node.applier.machine.applied_index})
+
+
+# -- categories -------------------------------------------------------------------------------
+
+
+@es_routes.get("/v1/categories/{category}/events")
+async def read_category(request: web.Request) -> web.Response:
+    category = _category(request)
+    from_position = s.query_int(request, "from_position", 1, 1, 2**63 - 1) or 1
+    limit = s.query_int(request, "limit", 100, 1, READ_LIMIT_MAX) or 100
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    page = node.applier.machine.store.read_category(category, from_position, limit)
+    return ok({**page, "index": node.applier.machine.applied_index})
+
+
+@es_routes.get("/v1/categories/{category}/watch")
+async def watch_category(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: every event appended to the category from
+    ``from_position`` on (default: from now), ``id:`` its position, so a
+    reconnecting client resumes with ``Last-Event-ID``."""
+    category = _category(request)
+    from_position = sse_resume(request, "from_position")
+    stream = watch.watch_category(node_of(request).applier, category, from_position)
+    return await sse(request, stream, _event_frame)
+
+
+def _event_frame(event: StoredEvent) -> tuple[int, str, dict[str, Any]]:
+    return event.position, event.type, event.describe()
+
+
+# -- projections ------------------------------------------------------------------------------
+
+
+def _projection_name(request: web.Request) -> str:
+    return _checked(lambda: check_name(request.match_info["name"]))
+
+
+@es_routes.put("/v1/projections/{name}")
+async def put_projection(request: web.Request) -> web.Response:
+    name = _projection_name(request)
+    body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
+    definition = _checked(lambda: normalize_definition({k: v for k, v in body.items() if k != "request_id"}))
+    result = await node_of(request).write("projection.put", {"name": name, "definition": definition},
+                                          s.request_id(request, body))
+    return ok(result)
+
+
+@es_routes.get("/v1/projections/{name}")
+async def get_projection(request: web.Request) -> web.Response:
+    name = _projection_name(request)
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    projection = node.applier.machine.projections.items.get(name)
+    if projection is None:
+        raise NotFound(f"projection {name!r} does not exist")
+    return ok({**projection.describe(), "applied_index": node.applier.machine.applied_index})
+
+
+@es_routes.get("/v1/projections")
+async def list_projections(request: web.Request) -> web.Response:
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    items = node.applier.machine.projections.items
+    return ok({"projections": [items[name].describe() for name in sorted(items)],
+               "applied_index": node.applier.machine.applied_index})
+
+
+@es_routes.post("/v1/projections/{name}/rebuild")
+async def rebuild_projection(request: web.Request) -> web.Response:
+    name = _projection_name(request)
+    body = await s.json_body(request, {"request_id"}, required=False)
+    return ok(await node_of(request).write("projection.rebuild", {"name": name}, s.request_id(request, body)))
+
+
+@es_routes.delete("/v1/projections/{name}")
+async def delete_projection(request: web.Request) -> web.Response:
+    name = _projection_name(request)
+    body = await s.json_body(request, {"request_id"}, required=False)
+    return ok(await node_of(request).write("projection.delete", {"name": name}, s.request_id(request, body)))

@@ -1,0 +1,424 @@
+"""The event store, the write side of CQRS (pure): streams of events, one
+stream per aggregate, appended with optimistic concurrency.
+
+A stream is named by its id (``order-17``). Its events have versions 0, 1,
+2... in the order they were appended; an append names the version it
+expects the stream to be at (``expected_version``: a version, ``-1`` or
+``"no_stream"`` for a stream that does not exist yet, ``"exists"``, or
+``"any"``), and is refused with ``conflict`` (409) when the stream moved on,
+so two writers of one aggregate cannot both succeed from the same state.
+An append of several events is atomic: all of them or none.
+
+Every event also gets a global ``position`` (1, 2, 3... over the whole
+store, in commit order) and the log index and committed time of its append.
+Ordering: the events of one stream are in version order; the events of a
+category (below) and of the whole store are in position order, which is the
+order of the replicated log, the same on every replica.
+
+Categories: the part of a stream id before its first ``-`` (``order`` for
+``order-17``). A stream whose id has no ``-`` belongs to no category. A
+category can be read and subscribed to as one sequence, and projections
+(``coordinator.state.projections``) fold over it.
+
+Idempotent appends: events may carry ids. An append that conflicts, but
+whose events all carry ids equal to those of the events stored right after
+the version it expected, is the retry of an append that succeeded: it
+answers the original result (``duplicate: true``) and stores nothing.
+
+Snapshots and truncation: a client that folds a long stream into a state
+may store that state as the stream's snapshot at a version; with
+``truncate`` the events up to that version are dropped (the snapshot stands
+for them). Reads then start at the first retained version and return the
+snapshot beside the events. The store is bounded (events, bytes, streams);
+an append that would pass a bound is refused with ``unavailable`` (503) and
+stores nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.state.base import (
+    ApplyContext,
+    Rejected,
+    check_int,
+    check_known,
+    check_object,
+    check_str,
+    invalid,
+)
+
+MAX_STREAM_ID_LEN = 256
+MAX_EVENT_TYPE_LEN = 256
+MAX_EVENT_ID_LEN = 128
+MAX_VERSION = 2**62
+EXPECTED_WORDS = ("any", "no_stream", "exists")
+EVENT_FIELDS = ("type", "data", "metadata", "id")  # tuples: error texts must be the same on every replica
+APPEND_FIELDS = ("stream", "expected_version", "events")
+SNAPSHOT_FIELDS = ("stream", "version", "state", "truncate")
+DELETE_FIELDS = ("stream", "expected_version")
+
+
+@dataclass(frozen=True, slots=True)
+class EventStoreLimits:
+    events_max: int = 200_000  # retained events, all streams
+    bytes_max: int = 256 << 20  # their data and metadata, by ``approx_size``
+    streams_max: int = 100_000
+    append_max: int = 100  # events in one append
+    event_bytes_max: int = 256 << 10  # one event's data + metadata
+    snapshot_bytes_max: int = 1 << 20
+
+
+def category_of(stream: str) -> str | None:
+    head, dash, _ = stream.partition("-")
+    return head if dash and head else None
+
+
+def approx_size(value: Any) -> int:
+    """A deterministic size of a JSON value in bytes (close to its JSON
+    text): strings by their length, numbers 8, containers their parts.
+    Iterative, so deep nesting cannot overflow the stack."""
+    size = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += len(item) + 2
+        elif isinstance(item, dict):
+            size += 2
+            for key, inner in item.items():
+                size += len(key) + 3
+                stack.append(inner)
+        elif isinstance(item, list):
+            size += 2 + len(item)
+            stack.extend(item)
+        else:
+            size += 8
+    return size
+
+
+@dataclass(slots=True)
+class StoredEvent:
+    position: int
+    stream: str
+    version: int
+    type: str
+    data: Any
+    metadata: dict[str, Any] | None
+    event_id: str | None
+    time_ms: int
+    index: int
+    size: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"position": self.position, "stream": self.stream, "version": self.version, "type": self.type,
+                "data": self.data, "metadata": self.metadata, "id": self.event_id, "time_ms": self.time_ms,
+                "index": self.index}
+
+    def to_data(self) -> list[Any]:
+        return [self.position, self.stream, self.version, self.type, self.data, self.metadata, self.event_id,
+                self.time_ms, self.index, self.size]
+
+    @classmethod
+    def from_data(cls, data: list[Any]) -> StoredEvent:
+        return cls(*data)
+
+
+@dataclass(slots=True)
+class Stream:
+    id: str
+    events: list[StoredEvent] = field(default_factory=list)
+    first_version: int = 0  # the version of events[0] (after a truncation: the snapshot's version + 1)
+    version: int = -1  # the last version appended (-1: none yet)
+    snapshot: dict[str, Any] | None = None  # {"version", "state", "time_ms", "index"}
+    created_index: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"stream": self.id, "category": category_of(self.id), "version": self.version,
+                "first_version": self.first_version, "retained": len(self.events),
+                "snapshot_version": self.snapshot["version"] if self.snapshot else None}
+
+
+@dataclass(slots=True)
+class CategoryLog:
+    """A category's retained events in position order, and the highest
+    position dropped from it (a reader from at or below it has missed some)."""
+
+    events: list[StoredEvent] = field(default_factory=list)
+    dropped_through: int = 0
+
+
+class EventStore:
+    def __init__(self, limits: EventStoreLimits | None = None) -> None:
+        self.limits = limits or EventStoreLimits()
+        self.streams: dict[str, Stream] = {}
+        self.categories: dict[str, CategoryLog] = {}
+        self.position = 0  # the last position given
+        self.events_count = 0
+        self.bytes = 0
+        self.counters: dict[str, int] = {"appended": 0, "duplicates": 0, "truncated": 0, "deleted": 0}
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def check_append(self, args: dict[str, Any]) -> tuple[str, int | str, list[dict[str, Any]]]:
+        """Validate an append completely (also used by the API before proposing)."""
+        check_known(args, "", APPEND_FIELDS)
+        stream = check_stream_id(args.get("stream"))
+        expected = check_expected(args.get("expected_version", "any"))
+        raw = args.get("events")
+        if not isinstance(raw, list) or not 1 <= len(raw) <= self.limits.append_max:
+            raise invalid("events", f"must be a list of 1 to {self.limits.append_max} events")
+        events = [self._check_event(item, f"events[{i}]") for i, item in enumerate(raw)]
+        return stream, expected, events
+
+    def _check_event(self, raw: Any, where: str) -> dict[str, Any]:
+        event = check_object(raw, where)
+        check_known(event, where, EVENT_FIELDS)
+        type_ = check_str(event.get("type"), f"{where}.type", MAX_EVENT_TYPE_LEN)
+        if "data" not in event:
+            raise invalid(f"{where}.data", "is required (null is a value)")
+        metadata = event.get("metadata")
+        if metadata is not None:
+            check_object(metadata, f"{where}.metadata")
+        event_id = event.get("id")
+        if event_id is not None:
+            check_str(event_id, f"{where}.id", MAX_EVENT_ID_LEN)
+        size = approx_size(event["data"]) + (approx_size(metadata) if metadata is not None else 0)
+        if size > self.limits.event_bytes_max:
+            raise invalid(f"{where}.data", f"event is about {size} bytes, at most {self.limits.event_bytes_max}")
+        return {"type": type_, "data": event["data"], "metadata": metadata, "id": event_id, "size": size}
+
+    def append(self, ctx: ApplyContext, args: dict[str, Any]) -> tuple[dict[str, Any], list[StoredEvent]]:
+        """The result, and the events stored (none for a duplicate)."""
+        stream_id, expected, events = self.check_append(args)
+        stream = self.streams.get(stream_id)
+        current = stream.version if stream is not None else None
+        if not _expected_matches(expected, current):
+            duplicate = self._duplicate_of(stream, expected, events)
+            if duplicate is not None:
+                self.counters["duplicates"] += 1
+                return duplicate, []
+            at = "does not exist" if current is None else f"is at version {current}"
+            raise Rejected("conflict", f"expected_version: stream {stream_id!r} {at}, expected {expected}")
+        size = sum(e["size"] for e in events)
+        if stream is None and len(self.streams) >= self.limits.streams_max:
+            raise Rejected("unavailable", f"the event store holds {self.limits.streams_max} streams")
+        if self.events_count + len(events) > self.limits.events_max or self.bytes + size > self.limits.bytes_max:
+            raise Rejected("unavailable", f"the event store is full ({self.events_count} events, about "
+                                          f"{self.bytes} bytes); truncate streams below their snapshots or "
+                                          "delete streams")
+        if stream is None:
+            stream = self.streams[stream_id] = Stream(stream_id, created_index=ctx.index)
+        category = category_of(stream_id)
+        log = None
+        if category is not None:
+            log = self.categories.get(category)
+            if log is None:
+                log = self.categories[category] = CategoryLog()
+        stored = []
+        for event in events:
+            self.position += 1
+            stream.version += 1
+            item = StoredEvent(self.position, stream_id, stream.version, event["type"], event["data"],
+                               event["metadata"], event["id"], ctx.now_ms, ctx.index, event["size"])
+            stream.events.append(item)
+            if log is not None:
+                log.events.append(item)
+            stored.append(item)
+        self.events_count += len(stored)
+        self.bytes += size
+        self.counters["appended"] += len(stored)
+        return _append_result(stream_id, stored, ctx.index), stored
+
+    def _duplicate_of(self, stream: Stream | None, expected: int | str, events: list[dict[str, Any]]) \
+            -> dict[str, Any] | None:
+        if expected == "no_stream":
+            expected = -1
+        if stream is None or not isinstance(expected, int) or any(e["id"] is None for e in events):
+            return None
+        start = expected + 1 - stream.first_version
+        if start < 0 or start + len(events) > len(stream.events):
+            return None
+        stored = stream.events[start:start + len(events)]
+        if [s.event_id for s in stored] != [e["id"] for e in events]:
+            return None
+        return {**_append_result(stream.id, stored, stored[-1].index), "duplicate": True}
+
+    def snapshot(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+        check_known(args, "", SNAPSHOT_FIELDS)
+        stream = self._stream(args.get("stream"))
+        version = check_int(args.get("version"), "version", 0, MAX_VERSION)
+        if "state" not in args:
+            raise invalid("state", "is required")
+        if approx_size(args["state"]) > self.limits.snapshot_bytes_max:
+            raise invalid("state", f"is larger than {self.limits.snapshot_bytes_max} bytes")
+        truncate = args.get("truncate", False)
+        if not isinstance(truncate, bool):
+            raise invalid("truncate", "must be true or false")
+        if version > stream.version:
+            raise Rejected("conflict", f"version: stream {stream.id!r} is at version {stream.version}, "
+                                       f"a snapshot at {version} would cover events it does not have")
+        if stream.snapshot is not None and version < stream.snapshot["version"]:
+            raise Rejected("conflict", f"version: the stream has a snapshot at version "
+                                       f"{stream.snapshot['version']} already")
+        stream.snapshot = {"version": version, "state": args["state"], "time_ms": ctx.now_ms, "index": ctx.index}
+        dropped = self._truncate(stream, version + 1) if truncate else 0
+        return {"stream": stream.id, "snapshot_version": version, "first_version": stream.first_version,
+                "dropped": dropped}
+
+    def delete(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+        check_known(args, "", DELETE_FIELDS)
+        stream = self._stream(args.get("stream"))
+        expected = check_expected(args.get("expected_version", "any"))
+        if not _expected_matches(expected, stream.version):
+            raise Rejected("conflict", f"expected_version: stream {stream.id!r} is at version {stream.version}, "
+                                       f"expected {expected}")
+        dropped = self._truncate(stream, stream.version + 1)
+        del self.streams[stream.id]
+        self.counters["deleted"] += 1
+        return {"stream": stream.id, "version": stream.version, "dropped": dropped}
+
+    def _stream(self, raw: Any) -> Stream:
+        stream_id = check_stream_id(raw)
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise Rejected("not_found", f"stream {stream_id!r} does not exist")
+        return stream
+
+    def _truncate(self, stream: Stream, before_version: int) -> int:
+        """Drop the stream's events with a version below ``before_version``."""
+        count = max(0, min(before_version - stream.first_version, len(stream.events)))
+        if count == 0:
+            stream.first_version = max(stream.first_version, before_version)
+            return 0
+        gone = stream.events[:count]
+        del stream.events[:count]
+        stream.first_version = before_version
+        self.events_count -= count
+        self.bytes -= sum(e.size for e in gone)
+        self.counters["truncated"] += count
+        category = category_of(stream.id)
+        if category is not None:
+            log = self.categories[category]
+            positions = {e.position for e in gone}
+            log.events = [e for e in log.events if e.position not in positions]
+            log.dropped_through = max(log.dropped_through, gone[-1].position)
+        return count
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def read_stream(self, stream_id: str, from_version: int, limit: int, backward: bool = False) \
+            -> dict[str, Any] | None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return None
+        if backward:
+            end = min(from_version, stream.version) - stream.first_version + 1
+            start = max(0, end - limit)
+            page = list(reversed(stream.events[start:max(0, end)]))
+            next_version = page[-1].version - 1 if len(page) == limit and page[-1].version > stream.first_version \
+                else None
+        else:
+            start = max(0, from_version - stream.first_version)
+            page = stream.events[start:start + limit]
+            next_version = page[-1].version + 1 if page and page[-1].version < stream.version else None
+        return {**stream.describe(), "snapshot": stream.snapshot, "events": [e.describe() for e in page],
+                "next_version": next_version}
+
+    def read_category(self, category: str, from_position: int, limit: int) -> dict[str, Any]:
+        log = self.categories.get(category)
+        events = log.events if log is not None else []
+        start = _first_at_or_after(events, from_position)
+        page = events[start:start + limit]
+        return {"category": category, "events": [e.describe() for e in page],
+                "next_position": page[-1].position + 1 if page else max(from_position, 1),
+                "head_position": self.position,
+                "dropped_through": log.dropped_through if log is not None else 0}
+
+    def category_since(self, category: str, from_position: int, limit: int) -> list[StoredEvent]:
+        log = self.categories.get(category)
+        if log is None:
+            return []
+        start = _first_at_or_after(log.events, from_position)
+        return log.events[start:start + limit]
+
+    def list_streams(self, category: str | None, after: str, limit: int) -> list[dict[str, Any]]:
+        names = sorted(s for s in self.streams if s > after and (category is None or category_of(s) == category))
+        return [self.streams[name].describe() for name in names[:limit]]
+
+    def describe(self) -> dict[str, Any]:
+        return {"streams": len(self.streams), "categories": len(self.categories), "events": self.events_count,
+                "bytes": self.bytes, "position": self.position, "counters": dict(self.counters)}
+
+    # -- snapshots of the state machine ---------------------------------------------------------
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "counters": self.counters,
+            "streams": [[s.id, s.first_version, s.version, s.snapshot, s.created_index,
+                         [e.to_data() for e in s.events]] for s in self.streams.values()],
+            "dropped": {name: log.dropped_through for name, log in self.categories.items()},
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], limits: EventStoreLimits | None = None) -> EventStore:
+        store = cls(limits)
+        store.position = data["position"]
+        store.counters = dict(data["counters"])
+        every: list[StoredEvent] = []
+        for stream_id, first_version, version, snapshot, created_index, events in data["streams"]:
+            stream = Stream(stream_id, [StoredEvent.from_data(e) for e in events], first_version, version, snapshot,
+                            created_index)
+            store.streams[stream_id] = stream
+            every.extend(stream.events)
+        every.sort(key=lambda e: e.position)
+        for name, dropped in data["dropped"].items():
+            store.categories[name] = CategoryLog(dropped_through=dropped)
+        for event in every:
+            category = category_of(event.stream)
+            if category is not None:
+                store.categories.setdefault(category, CategoryLog()).events.append(event)
+        store.events_count = len(every)
+        store.bytes = sum(e.size for e in every)
+        return store
+
+
+def check_stream_id(value: Any, field: str = "stream") -> str:
+    return check_str(value, field, MAX_STREAM_ID_LEN)
+
+
+def check_expected(value: Any, field: str = "expected_version") -> int | str:
+    if isinstance(value, str):
+        if value not in EXPECTED_WORDS:
+            raise invalid(field, f"must be a version (-1 for no stream) or one of {', '.join(EXPECTED_WORDS)}")
+        return value
+    return check_int(value, field, -1, MAX_VERSION)
+
+
+def _expected_matches(expected: int | str, current: int | None) -> bool:
+    """``current``: the stream's version, None when it does not exist."""
+    if expected == "any":
+        return True
+    if expected in ("no_stream", -1):
+        return current is None or current == -1
+    if expected == "exists":
+        return current is not None
+    return current == expected
+
+
+def _append_result(stream: str, stored: list[StoredEvent], index: int) -> dict[str, Any]:
+    return {"stream": stream, "first_version": stored[0].version, "version": stored[-1].version,
+            "positions": [e.position for e in stored], "index": index}
+
+
+def _first_at_or_after(events: list[StoredEvent], position: int) -> int:
+    low, high = 0, len(events)
+    while low < high:
+        mid = (low + high) // 2
+        if events[mid].position < position:
+            low = mid + 1
+        else:
+            high = mid
+    return low
