@@ -465,6 +465,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/categories/{category}/watch"): _category_listing,
     ("GET", "/v1/projections"): "any",
     ("GET", "/v1/projections/{name}"): "any",
+    ("GET", "/v1/transforms"): "any",
+    ("GET", "/v1/transforms/{name}"): "any",
+    ("POST", "/v1/transforms/try"): "any",
     # everything else (members, topic settings, bindings, transports, groups,
     # service policies, roles and grants) needs the admin
 }

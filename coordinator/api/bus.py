@@ -162,7 +162,7 @@ async def topics_publish(request: web.Request) -> web.Response:
 
     async def publish() -> dict[str, Any]:
         result = await node.bus.publish(topic, messages, request_id)
-        return {**result["messages"][0], "topic": topic} if single else result
+        return {"topic": topic, **result["messages"][0]} if single else result  # a routed message: its new topic
 
     timeout = node.proposer.timeout_s + FORWARD_MARGIN_S
     if node.bus.needs_leader(messages):

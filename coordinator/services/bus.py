@@ -307,9 +307,27 @@ class BusService:
             for message, answer in zip(persistent, result["messages"], strict=True):
                 answers[id(message)] = answer
         for message in volatile:
-            answers[id(message)] = {"id": message["id"], "offset": None, "routed": self._route_volatile(topic,
-                                                                                                       message)}
+            answers[id(message)] = self._publish_volatile(topic, message, agents.__contains__)
         return {"topic": topic, "messages": [answers[id(m)] for m in messages]}
+
+    def _publish_volatile(self, topic: str, message: dict[str, Any], agent_exists: Any) -> dict[str, Any]:
+        """Transform and route one at-most-once message. A transform that fails
+        drops it (at-most-once messages have no dead letters) and says why."""
+        outcome = self.applier.machine.transforms.apply(topic, message)
+        answer: dict[str, Any] = {"id": message["id"], "offset": None, "routed": 0}
+        failure = outcome.failure
+        if failure is None and outcome.topic != topic:
+            try:
+                check_publishable(outcome.topic, outcome.message, agent_exists)
+            except Rejected as exc:
+                failure = f"routed to {outcome.topic!r}, where it is not valid: {exc.message}"
+        if failure is not None:
+            answer["transform_failed"] = failure
+            return answer
+        if outcome.topic != topic:
+            answer["topic"] = outcome.topic
+        answer["routed"] = self._route_volatile(outcome.topic, outcome.message)
+        return answer
 
     def _route_volatile(self, topic: str, message: dict[str, Any]) -> int:
         bus = self.applier.machine.bus

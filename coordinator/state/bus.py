@@ -291,7 +291,8 @@ class Bus:
         self.timers: list[tuple[int, int, str, str, int, int, int]] = []  # (due, n, kind, key, a, b, c)
         self.timer_seq = 0
         self.dedupe: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()  # (topic,id)->(offset,ms)
-        self.counters = {"published": 0, "duplicates": 0, "expired": 0, "evicted": 0, "events_dropped": 0}
+        self.counters = {"published": 0, "duplicates": 0, "expired": 0, "evicted": 0, "events_dropped": 0,
+                         "transform_failed": 0}
         self._evictable: list[tuple[int, str, int]] = []  # heap of (index, topic, offset); stale keys skipped
         self.evictable_count = 0
 
@@ -527,25 +528,58 @@ class Bus:
                                           "consumers must ack (or topics retain less) before more are accepted")
         return topic, messages
 
-    def publish(self, ctx: ApplyContext, topic_name: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        topic = self.topics.get(topic_name)
-        if topic is None:
-            topic = self.topics[topic_name] = Topic(topic_name)
+    def check_routes(self, topic_name: str, targets: list[str]) -> None:
+        """Refuse a publish whose transforms route to topics the bus cannot take
+        (too many topics, a bound topic's backlog full), before anything changes."""
+        new = {t for t in targets if t not in self.topics and t != topic_name}
+        if new and len(self.topics) + len(new) + (topic_name not in self.topics) > self.limits.topics_max:
+            raise Rejected("unavailable", f"too many topics ({self.limits.topics_max})")
+        for target in dict.fromkeys(t for t in targets if t != topic_name):
+            binding = self.bindings.get(target)
+            if binding is None:
+                continue
+            waiting = self.topics[target].next_offset - 1 - binding.cursor
+            if waiting + targets.count(target) > binding.backlog_max:
+                raise Rejected("unavailable", f"{waiting} messages of {target!r} wait for the {binding.transport} "
+                                              f"transport (at most {binding.backlog_max}); retry when it drains")
+
+    def publish(self, ctx: ApplyContext, topic_name: str, messages: list[dict[str, Any]],
+                outcomes: list[Any] | None = None) -> dict[str, Any]:
+        """Store and route ``messages`` published on ``topic_name``. With
+        ``outcomes`` (``coordinator.state.transforms.Outcome``, one a message)
+        each is stored as its transforms made it, on the topic they routed it
+        to, or dead-lettered with the reason when they failed."""
+        if topic_name not in self.topics:
+            self.topics[topic_name] = Topic(topic_name)
         self._prune_dedupe(ctx.now_ms)
         out = []
-        for message in messages:
+        for i, message in enumerate(messages):
             exactly_once = message["deliveryOptions"]["guarantee"] == "exactly-once"
             if exactly_once and (topic_name, message["id"]) in self.dedupe:
                 offset, _ = self.dedupe[(topic_name, message["id"])]
                 self.counters["duplicates"] += 1
                 out.append({"id": message["id"], "offset": offset, "duplicate": True})
                 continue
-            offset, routed = self._store(ctx, topic, message, retain=not message["destination"])
+            outcome = outcomes[i] if outcomes is not None else None
+            target_name = outcome.topic if outcome is not None else topic_name
+            stored = outcome.message if outcome is not None else message
+            failure = outcome.failure if outcome is not None else None
+            target = self.topics.get(target_name)
+            if target is None:
+                target = self.topics[target_name] = Topic(target_name)
+            offset, routed = self._store(ctx, target, stored, retain=not message["destination"] and failure is None,
+                                         dead_reason=failure)
             if exactly_once:
                 self.dedupe[(topic_name, message["id"])] = (offset, ctx.now_ms)
                 if len(self.dedupe) > self.limits.dedupe_max:
                     self.dedupe.popitem(last=False)
-            out.append({"id": message["id"], "offset": offset, "routed": routed})
+            item: dict[str, Any] = {"id": message["id"], "offset": offset, "routed": routed}
+            if target_name != topic_name:
+                item["topic"] = target_name
+            if failure is not None:
+                item["transform_failed"] = failure
+                self.counters["transform_failed"] = self.counters.get("transform_failed", 0) + 1
+            out.append(item)
         return {"topic": topic_name, "index": ctx.index, "messages": out}
 
     def _prune_dedupe(self, now_ms: int) -> None:
@@ -553,8 +587,10 @@ class Bus:
         while self.dedupe and next(iter(self.dedupe.values()))[1] < horizon:
             self.dedupe.popitem(last=False)
 
-    def _store(self, ctx: ApplyContext, topic: Topic, message: dict[str, Any], *, retain: bool) -> tuple[int, int]:
-        """Store and route one message: its offset and how many consumers took it."""
+    def _store(self, ctx: ApplyContext, topic: Topic, message: dict[str, Any], *, retain: bool,
+               dead_reason: str | None = None) -> tuple[int, int]:
+        """Store and route one message: its offset and how many consumers took
+        it (with ``dead_reason``, straight into their dead-letter queues)."""
         offset = topic.next_offset
         topic.next_offset += 1
         topic.published += 1
@@ -572,8 +608,14 @@ class Bus:
         elif binding is None:
             for consumer in self.matching(topic.name, message):
                 self._enqueue(ctx, consumer, body)
+        if dead_reason is not None:
+            for key, seq in list(body.holders.items()):
+                consumer = self.consumers[key]
+                entry = consumer.entries.get(seq)
+                if entry is not None:
+                    self._dead_letter(ctx, consumer, entry, dead_reason)
         routed = len(body.holders)
-        if binding is not None and not message["destination"]:
+        if binding is not None and not message["destination"] and dead_reason is None:
             self._hold(body, BINDING_PREFIX + topic.name, offset)  # until the broker confirms it
         # A DLQ that keeps nothing (dlq_max=0) may have released the body while it was routed.
         self.bodies[(topic.name, offset)] = body

@@ -29,7 +29,7 @@ from coordinator.state.base import (
     require_int,
     require_str,
 )
-from coordinator.state.bus import MAX_FETCH, RESERVED_PREFIXES, Bus, BusLimits
+from coordinator.state.bus import MAX_FETCH, RESERVED_PREFIXES, Bus, BusLimits, check_publishable
 from coordinator.state.events import EventLog
 from coordinator.state.eventstore import EventStore, EventStoreLimits, category_of
 from coordinator.state.kv import KvStore
@@ -38,6 +38,7 @@ from coordinator.state.projections import Folded, ProjectionLimits, Projections,
 from coordinator.state.registry import HEALTH_STATES, Agent, Member, Members, Registry
 from coordinator.state.sagas import SagaLimits, Sagas
 from coordinator.state.topics import matches
+from coordinator.state.transforms import Outcome, Transforms
 from coordinator.types import COMMAND_VERSION, Command, Result
 
 SNAPSHOT_VERSION = 1
@@ -88,6 +89,7 @@ class StateMachine:
         self.access = Access()
         self.store = EventStore(self.limits.eventstore)
         self.projections = Projections(self.limits.projections)
+        self.transforms = Transforms()
         self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None]] = OrderedDict()
 
     # -- applying ---------------------------------------------------------
@@ -149,6 +151,7 @@ class StateMachine:
             "access": self.access.to_data(),
             "eventstore": self.store.to_data(),
             "projections": self.projections.to_data(),
+            "transforms": self.transforms.to_data(),
             "dedupe": [[k, v, list(e) if e else None] for k, (v, e) in self._dedupe.items()],
         }
 
@@ -173,6 +176,8 @@ class StateMachine:
         if "eventstore" in data:  # nor before the event store
             machine.store = EventStore.from_data(data["eventstore"], machine.limits.eventstore)
             machine.projections = Projections.from_data(data["projections"], machine.limits.projections)
+        if "transforms" in data:  # nor before transforms
+            machine.transforms = Transforms.from_data(data["transforms"])
         machine._dedupe = OrderedDict((k, (v, tuple(e) if e else None)) for k, v, e in data["dedupe"])
         return machine
 
@@ -478,13 +483,47 @@ def _agent_exists(sm: StateMachine) -> Callable[[str], bool]:
 
 @_op("bus.publish")
 def _bus_publish(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    topic, messages = sm.bus.check_publish(ctx, args, _agent_exists(sm))
-    result = sm.bus.publish(ctx, topic, messages)
-    if sm.projections.has_topic_sources():
-        for message, out in zip(messages, result["messages"], strict=True):
-            if message["type"] == "event" and not out.get("duplicate"):
-                sm.projections.feed_topic(Folded(topic, message["payload"], ctx.now_ms, ctx.index))
+    agent_exists = _agent_exists(sm)
+    topic, messages = sm.bus.check_publish(ctx, args, agent_exists)
+    outcomes: list[Outcome] | None = None
+    if sm.transforms.items:
+        outcomes = [_routable(sm.transforms.apply(topic, m), topic, m, agent_exists) for m in messages]
+        sm.bus.check_routes(topic, [o.topic for o in outcomes])
+    result = sm.bus.publish(ctx, topic, messages, outcomes)
+    for i, out in enumerate(result["messages"]):
+        if out.get("duplicate"):
+            continue
+        outcome = outcomes[i] if outcomes is not None else None
+        if outcome is not None:
+            sm.transforms.record(outcome)
+            if outcome.failure is not None:
+                continue
+        stored = outcome.message if outcome is not None else messages[i]
+        if stored["type"] == "event" and sm.projections.has_topic_sources():
+            sm.projections.feed_topic(Folded(out.get("topic", topic), stored["payload"], ctx.now_ms, ctx.index))
     return result
+
+
+def _routable(outcome: Outcome, topic: str, message: dict[str, Any], agent_exists: Any) -> Outcome:
+    """A message routed to another topic must be publishable there too (typed task events...)."""
+    if outcome.failure is not None or outcome.topic == topic:
+        return outcome
+    try:
+        check_publishable(outcome.topic, outcome.message, agent_exists)
+    except Rejected as exc:
+        return Outcome(topic, message, f"routed to {outcome.topic!r}, where it is not valid: {exc.message}",
+                       outcome.applied)
+    return outcome
+
+
+@_op("transform.put")
+def _transform_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.transforms.put(ctx.index, args)
+
+
+@_op("transform.delete")
+def _transform_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.transforms.delete(args)
 
 
 @_op("bus.topic.configure")

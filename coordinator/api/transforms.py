@@ -1,0 +1,83 @@
+"""HTTP routes of transform rules: define, read, delete, and try a rule on a
+message without defining it. A rule is parsed before it is proposed: a
+syntax error is a 400 naming ``rule`` with its ``line`` and ``column``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from coordinator.api import schemas as s
+from coordinator.api.routes import node_of, ok
+from coordinator.errors import InvalidInput, NotFound
+from coordinator.services.proposals import state_error
+from coordinator.state.base import Rejected
+from coordinator.state.messages import normalize
+from coordinator.state.topics import check_pattern, check_topic
+from coordinator.state.transforms import Failed, RuleError, Transforms, check_name, parse, run
+
+transform_routes = web.RouteTableDef()
+
+
+def _checked(attempt: Any) -> Any:
+    try:
+        return attempt()
+    except RuleError as exc:
+        error = InvalidInput(exc.message, field="rule")
+        error.details.update(line=exc.line, column=exc.column)
+        raise error from None
+    except Rejected as exc:
+        raise state_error(exc.code, exc.message) from None
+
+
+@transform_routes.put("/v1/transforms/{name}")
+async def put_transform(request: web.Request) -> web.Response:
+    name = _checked(lambda: check_name(request.match_info["name"]))
+    body = await s.json_body(request, {"topic", "rule", "request_id"})
+    _checked(lambda: check_pattern(body.get("topic"), "topic"))
+    _checked(lambda: parse(body.get("rule")))
+    args = {"name": name, "topic": body["topic"], "rule": body["rule"]}
+    return ok(await node_of(request).write("transform.put", args, s.request_id(request, body)))
+
+
+@transform_routes.get("/v1/transforms")
+async def list_transforms(request: web.Request) -> web.Response:
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    transforms: Transforms = node.applier.machine.transforms
+    return ok({"transforms": [t.describe() for t in transforms.items.values()]})
+
+
+@transform_routes.get("/v1/transforms/{name}")
+async def get_transform(request: web.Request) -> web.Response:
+    name = _checked(lambda: check_name(request.match_info["name"]))
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    transform = node.applier.machine.transforms.items.get(name)
+    if transform is None:
+        raise NotFound(f"transform {name!r} does not exist")
+    return ok(transform.describe())
+
+
+@transform_routes.delete("/v1/transforms/{name}")
+async def delete_transform(request: web.Request) -> web.Response:
+    name = _checked(lambda: check_name(request.match_info["name"]))
+    body = await s.json_body(request, {"request_id"}, required=False)
+    return ok(await node_of(request).write("transform.delete", {"name": name}, s.request_id(request, body)))
+
+
+@transform_routes.post("/v1/transforms/try")
+async def try_rule(request: web.Request) -> web.Response:
+    """Run ``rule`` on ``message`` here and answer what it made of it (nothing is stored)."""
+    body = await s.json_body(request, {"rule", "message", "topic"})
+    program = _checked(lambda: parse(body.get("rule")))
+    topic = _checked(lambda: check_topic(body.get("topic", "try"), "topic"))
+    raw = s.obj(body.get("message", {}), "message")
+    now_ms = node_of(request).clock.now_ms()
+    message = _checked(lambda: normalize({"id": "try", "type": "event", "source": "try", **raw}, now_ms))
+    try:
+        route = run(program, message)
+    except Failed as failed:
+        return ok({"applied": False, "failure": f"line {failed.line}: {failed.why}"})
+    return ok({"applied": True, "topic": route or topic, "message": message})
