@@ -790,6 +790,20 @@ class CoordinatorClient:
     async def delete_projection(self, name: str) -> dict[str, Any]:
         return await self.request("DELETE", f"/v1/projections/{_seg(name)}", {"request_id": self._request_id()})
 
+    async def put_processor(self, name: str, definition: dict[str, Any]) -> dict[str, Any]:
+        """Define (or redefine, starting empty) a stream processor: a window or a pattern."""
+        return await self.request("PUT", f"/v1/processors/{_seg(name)}",
+                                  {**definition, "request_id": self._request_id()})
+
+    async def processor(self, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", f"/v1/processors/{_seg(name)}")
+        except NotFound:
+            return None
+
+    async def delete_processor(self, name: str) -> dict[str, Any]:
+        return await self.request("DELETE", f"/v1/processors/{_seg(name)}", {"request_id": self._request_id()})
+
     # -- events and watches ----------------------------------------------------------------------
 
     async def events(self, from_seq: int = 1, *, limit: int = 1000) -> list[dict[str, Any]]:

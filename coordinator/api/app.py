@@ -18,6 +18,7 @@ from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes
 from coordinator.api.services import service_routes
+from coordinator.api.streams import stream_routes
 from coordinator.api.transforms import transform_routes
 from coordinator.errors import CoordinatorError
 from coordinator.services.node import CoordinatorNode
@@ -86,5 +87,6 @@ def make_app(node: CoordinatorNode, auth: AuthSettings | None = None) -> web.App
     app.router.add_routes(access_routes)
     app.router.add_routes(es_routes)
     app.router.add_routes(transform_routes)
+    app.router.add_routes(stream_routes)
     app.router.add_get("/metrics", metrics_handler)
     return app

@@ -468,6 +468,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/transforms"): "any",
     ("GET", "/v1/transforms/{name}"): "any",
     ("POST", "/v1/transforms/try"): "any",
+    ("GET", "/v1/processors"): "any",
+    ("GET", "/v1/processors/{name}"): "any",
     # everything else (members, topic settings, bindings, transports, groups,
     # service policies, roles and grants) needs the admin
 }

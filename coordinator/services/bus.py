@@ -167,22 +167,30 @@ class BusService:
             future.cancel()
 
     async def run(self) -> None:
-        """The leader's duties, every ``tick_s``: fire due bus timers, watch members."""
+        """The leader's duties, every ``tick_s``: fire due bus timers and stream
+        processors' windows and deadlines, watch members."""
         while True:
             await asyncio.sleep(self.tick_s)
             if not self.active:
                 continue
-            due = self.applier.machine.bus.next_due_ms()
-            if due is not None and due <= self.clock.now_ms() and (self._tick_task is None or self._tick_task.done()):
-                self._tick_task = asyncio.get_running_loop().create_task(self._tick())
+            machine = self.applier.machine
+            now_ms = self.clock.now_ms()
+            idle = self._tick_task is None or self._tick_task.done()
+            due = machine.bus.next_due_ms()
+            if due is not None and due <= now_ms and idle:
+                self._tick_task = asyncio.get_running_loop().create_task(self._tick("bus.tick"))
+            else:
+                due = machine.streams.next_due_ms()  # a window to close or a pattern deadline
+                if due is not None and due <= now_ms and idle:
+                    self._tick_task = asyncio.get_running_loop().create_task(self._tick("streams.tick"))
             self._watch_members()
 
-    async def _tick(self) -> None:
+    async def _tick(self, op: str) -> None:
         try:
-            raise_for(await self.proposer.propose("bus.tick", {}))
+            raise_for(await self.proposer.propose(op, {}))
             self.ticks += 1
         except CoordinatorError as exc:
-            log.info("bus: tick failed (%s); will retry", exc.message)
+            log.info("bus: %s failed (%s); will retry", op, exc.message)
 
     def _watch_members(self) -> None:
         """Failure detection: a member the leader cannot reach for
@@ -228,8 +236,8 @@ class BusService:
             return
         if command.op == "bus.publish":
             self._match_replies(command.args.get("topic"), command.args.get("messages") or [])
-        if command.op in WAKE_OPS or result.events:
-            self._wake_ready()
+        if command.op in WAKE_OPS or result.events or self.applier.machine.streams.items:
+            self._wake_ready()  # stream processors may have published derived events during any command
 
     def _wake_ready(self) -> None:
         consumers = self.applier.machine.bus.consumers

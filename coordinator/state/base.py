@@ -38,6 +38,7 @@ class ApplyContext:
     now_ms: int
     events: list[Event] = field(default_factory=list)
     changes: list[KvChange] = field(default_factory=list)
+    derived: list[Any] = field(default_factory=list)  # stream processors' emissions, carried out after the command
 
 
 MAX_NAME_LEN = 256

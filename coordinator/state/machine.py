@@ -34,9 +34,11 @@ from coordinator.state.events import EventLog
 from coordinator.state.eventstore import EventStore, EventStoreLimits, category_of
 from coordinator.state.kv import KvStore
 from coordinator.state.locks import Lock, Locks
+from coordinator.state.messages import normalize
 from coordinator.state.projections import Folded, ProjectionLimits, Projections, normalize_definition
 from coordinator.state.registry import HEALTH_STATES, Agent, Member, Members, Registry
 from coordinator.state.sagas import SagaLimits, Sagas
+from coordinator.state.streams import Emission, StreamLimits, Streams
 from coordinator.state.topics import matches
 from coordinator.state.transforms import Outcome, Transforms
 from coordinator.types import COMMAND_VERSION, Command, Result
@@ -60,6 +62,7 @@ class Limits:
     sagas: SagaLimits = field(default_factory=SagaLimits)
     eventstore: EventStoreLimits = field(default_factory=EventStoreLimits)
     projections: ProjectionLimits = field(default_factory=ProjectionLimits)
+    streams: StreamLimits = field(default_factory=StreamLimits)
 
 
 Handler = Callable[["StateMachine", ApplyContext, dict[str, Any]], Any]
@@ -90,6 +93,7 @@ class StateMachine:
         self.store = EventStore(self.limits.eventstore)
         self.projections = Projections(self.limits.projections)
         self.transforms = Transforms()
+        self.streams = Streams(self.limits.streams)
         self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None]] = OrderedDict()
 
     # -- applying ---------------------------------------------------------
@@ -118,6 +122,8 @@ class StateMachine:
             if not isinstance(command.args, dict):
                 raise invalid("args", "must be an object")
             value = handler(self, ctx, command.args)
+            if self.streams.items:
+                self._run_streams(ctx)
             if ctx.events:
                 self.bus.publish_events(ctx, ctx.events)
                 if self.projections.has_topic_sources():
@@ -132,6 +138,41 @@ class StateMachine:
             while len(self._dedupe) > self.limits.dedupe_entries:
                 self._dedupe.popitem(last=False)
         return Result(index=index, value=value, error=error, events=tuple(ctx.events), changes=tuple(ctx.changes))
+
+    def _run_streams(self, ctx: ApplyContext) -> None:
+        """After a command: its cluster events into the stream processors, the
+        windows and deadlines its time closed, then what they emitted."""
+        for event in list(ctx.events):
+            ctx.derived += self.streams.feed("topic", event.type, Folded(event.type, event.data, event.time_ms,
+                                                                         event.index))
+        ctx.derived += self.streams.advance(ctx.now_ms)
+        for n, emission in enumerate(ctx.derived):
+            self._emit_derived(ctx, n, emission)
+        ctx.derived.clear()
+
+    def _emit_derived(self, ctx: ApplyContext, n: int, emission: Emission) -> None:
+        processor = self.streams.items.get(emission.processor)
+        if emission.topic is not None:
+            message = normalize({"id": f"{emission.processor}:{ctx.index}:{n}", "type": "event",
+                                 "source": "coordinator.streams", "headers": {"processor": emission.processor},
+                                 "payload": emission.payload}, ctx.now_ms)
+            try:
+                check_publishable(emission.topic, message, lambda agent: agent in self.registry.agents)
+                if emission.topic not in self.bus.topics and len(self.bus.topics) >= self.bus.limits.topics_max:
+                    raise Rejected("unavailable", "too many topics")
+                if not self.bus.room_for(1):
+                    raise Rejected("unavailable", "the bus is full")
+            except Rejected:
+                if processor is not None:
+                    processor.counters["dropped"] += 1
+            else:
+                self.bus.publish(ctx, emission.topic, [message])
+                if self.projections.has_topic_sources():
+                    self.projections.feed_topic(Folded(emission.topic, message["payload"], ctx.now_ms, ctx.index))
+        if emission.health is not None and emission.agent is not None:
+            agent = self.registry.agents.get(emission.agent)
+            if agent is not None and agent.health != emission.health:
+                set_health(self, ctx, agent, emission.health, f"stream processor {emission.processor!r}")
 
     # -- snapshots ----------------------------------------------------------
 
@@ -152,6 +193,7 @@ class StateMachine:
             "eventstore": self.store.to_data(),
             "projections": self.projections.to_data(),
             "transforms": self.transforms.to_data(),
+            "streams": self.streams.to_data(),
             "dedupe": [[k, v, list(e) if e else None] for k, (v, e) in self._dedupe.items()],
         }
 
@@ -178,6 +220,8 @@ class StateMachine:
             machine.projections = Projections.from_data(data["projections"], machine.limits.projections)
         if "transforms" in data:  # nor before transforms
             machine.transforms = Transforms.from_data(data["transforms"])
+        if "streams" in data:  # nor before stream processors
+            machine.streams = Streams.from_data(data["streams"], machine.limits.streams)
         machine._dedupe = OrderedDict((k, (v, tuple(e) if e else None)) for k, v, e in data["dedupe"])
         return machine
 
@@ -402,10 +446,14 @@ def _agent_health(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> 
         raise Rejected("not_found", f"agent {agent_id!r} is not registered")
     if agent.health == health:
         return {"changed": False, "health": health}
-    previous, agent.health = agent.health, health
-    sm.events.emit(ctx, "agent.health.changed", {"agentId": agent_id, "agentType": agent.type,
-                                                 "from": previous, "to": health, "reason": reason})
+    set_health(sm, ctx, agent, health, reason)
     return {"changed": True, "health": health}
+
+
+def set_health(sm: StateMachine, ctx: ApplyContext, agent: Agent, health: str, reason: str | None) -> None:
+    previous, agent.health = agent.health, health
+    sm.events.emit(ctx, "agent.health.changed", {"agentId": agent.id, "agentType": agent.type,
+                                                 "from": previous, "to": health, "reason": reason})
 
 
 # -- locks -----------------------------------------------------------------------------
@@ -499,8 +547,13 @@ def _bus_publish(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> A
             if outcome.failure is not None:
                 continue
         stored = outcome.message if outcome is not None else messages[i]
-        if stored["type"] == "event" and sm.projections.has_topic_sources():
-            sm.projections.feed_topic(Folded(out.get("topic", topic), stored["payload"], ctx.now_ms, ctx.index))
+        if stored["type"] != "event":
+            continue
+        folded = Folded(out.get("topic", topic), stored["payload"], ctx.now_ms, ctx.index)
+        if sm.projections.has_topic_sources():
+            sm.projections.feed_topic(folded)
+        if sm.streams.items:
+            ctx.derived += sm.streams.feed("topic", folded.type, folded)
     return result
 
 
@@ -680,8 +733,11 @@ def _es_append(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any
     result, stored = sm.store.append(ctx, args)
     category = category_of(result["stream"])
     if stored and category is not None:
-        sm.projections.feed_category(category, (Folded(e.type, e.data, e.time_ms, e.index, e.position)
-                                                for e in stored))
+        folded = [Folded(e.type, e.data, e.time_ms, e.index, e.position) for e in stored]
+        sm.projections.feed_category(category, folded)
+        if sm.streams.items:
+            for event in folded:
+                ctx.derived += sm.streams.feed("category", category, event)
     return result
 
 
@@ -710,6 +766,23 @@ def _projection_rebuild(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any
 @_op("projection.delete")
 def _projection_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     return sm.projections.delete(args.get("name"))
+
+
+@_op("processor.put")
+def _processor_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.streams.put(ctx.index, args)
+
+
+@_op("processor.delete")
+def _processor_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    return sm.streams.delete(args)
+
+
+@_op("streams.tick")
+def _streams_tick(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+    """Proposed by the leader when a window or deadline is due by its clock:
+    the command's committed time closes them (``StateMachine._run_streams``)."""
+    return {"processors": len(sm.streams.items)}
 
 
 @_op("bus.tick")

@@ -75,6 +75,16 @@ def normalize_definition(raw: Any) -> dict[str, Any]:
     """A checked definition with defaults, or ``Rejected`` naming the field."""
     definition = check_object(raw, "definition")
     check_known(definition, "", DEFINITION_FIELDS)
+    source, types = normalize_source(definition)
+    fold, path = check_fold(definition)
+    group_by = definition.get("group_by")
+    if group_by is not None:
+        check_path(group_by, "group_by")
+    return {"source": source, "types": types, "fold": fold, "field": path, "group_by": group_by}
+
+
+def normalize_source(definition: dict[str, Any]) -> tuple[dict[str, str], list[str] | None]:
+    """``source`` ({"category": NAME} or {"topic": PATTERN}) and ``types`` of a definition."""
     source = check_object(definition.get("source"), "source")
     if len(source) != 1 or next(iter(source)) not in ("category", "topic"):
         raise invalid("source", 'must be {"category": NAME} or {"topic": PATTERN}')
@@ -92,21 +102,23 @@ def normalize_definition(raw: Any) -> dict[str, Any]:
         if not isinstance(types, list) or not 1 <= len(types) <= MAX_TYPES:
             raise invalid("types", f"must be a list of 1 to {MAX_TYPES} event types")
         types = sorted({check_str(t, f"types[{i}]") for i, t in enumerate(types)})
+    return source, types
+
+
+def check_fold(definition: dict[str, Any]) -> tuple[str, str | None]:
+    """``fold`` and its ``field`` (required by the folds that read a value)."""
     fold = definition.get("fold")
     if fold not in FOLDS:
         raise invalid("fold", f"must be one of {', '.join(FOLDS)}")
     path = definition.get("field")
     if path is not None:
-        _check_path(path, "field")
+        check_path(path, "field")
     elif fold in (*NUMERIC_FOLDS, "set"):
         raise invalid("field", f"is required for the {fold} fold")
-    group_by = definition.get("group_by")
-    if group_by is not None:
-        _check_path(group_by, "group_by")
-    return {"source": source, "types": types, "fold": fold, "field": path, "group_by": group_by}
+    return fold, path
 
 
-def _check_path(value: Any, name: str) -> None:
+def check_path(value: Any, name: str) -> None:
     path = check_str(value, name, MAX_PATH_LEN)
     parts = path.split(".")
     if len(parts) > MAX_PATH_DEPTH or not all(parts):

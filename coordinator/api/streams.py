@@ -1,0 +1,66 @@
+"""HTTP routes of stream processors (windows and patterns over committed
+events). A definition is checked before it is proposed (400 naming the
+field) and again when applied."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from coordinator.api import schemas as s
+from coordinator.api.routes import node_of, ok
+from coordinator.errors import NotFound
+from coordinator.services.proposals import state_error
+from coordinator.state.base import Rejected
+from coordinator.state.streams import DEFINITION_FIELDS, check_name, normalize_processor
+
+stream_routes = web.RouteTableDef()
+
+
+def _checked(attempt: Any) -> Any:
+    try:
+        return attempt()
+    except Rejected as exc:
+        raise state_error(exc.code, exc.message) from None
+
+
+def _name(request: web.Request) -> str:
+    return _checked(lambda: check_name(request.match_info["name"]))
+
+
+@stream_routes.put("/v1/processors/{name}")
+async def put_processor(request: web.Request) -> web.Response:
+    name = _name(request)
+    body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
+    definition = {k: v for k, v in body.items() if k != "request_id"}
+    _checked(lambda: normalize_processor(definition))
+    return ok(await node_of(request).write("processor.put", {"name": name, "definition": definition},
+                                           s.request_id(request, body)))
+
+
+@stream_routes.get("/v1/processors")
+async def list_processors(request: web.Request) -> web.Response:
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    items = node.applier.machine.streams.items
+    return ok({"processors": [items[name].describe() for name in sorted(items)],
+               "applied_index": node.applier.machine.applied_index})
+
+
+@stream_routes.get("/v1/processors/{name}")
+async def get_processor(request: web.Request) -> web.Response:
+    name = _name(request)
+    node = node_of(request)
+    await node.read_barrier(s.consistency(request))
+    processor = node.applier.machine.streams.items.get(name)
+    if processor is None:
+        raise NotFound(f"stream processor {name!r} does not exist")
+    return ok({**processor.describe(), "applied_index": node.applier.machine.applied_index})
+
+
+@stream_routes.delete("/v1/processors/{name}")
+async def delete_processor(request: web.Request) -> web.Response:
+    name = _name(request)
+    body = await s.json_body(request, {"request_id"}, required=False)
+    return ok(await node_of(request).write("processor.delete", {"name": name}, s.request_id(request, body)))
