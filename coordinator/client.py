@@ -475,11 +475,14 @@ class CoordinatorClient:
     async def subscribe(self, topic: str, *, group: str | None = None, filter: str | None = None,
                         guarantee: str = "at-least-once", ack_timeout_s: float | None = None,
                         max_attempts: int | None = None, start: str | None = None, start_offset: int | None = None,
-                        start_time_ms: int | None = None, agent: str | None = None) -> str:
-        """A subscription id. ``group`` joins (or creates) a consumer group."""
+                        start_time_ms: int | None = None, agent: str | None = None, key: str | None = None) -> str:
+        """A subscription id. ``group`` joins (or creates) a consumer group.
+        ``key`` (``payload.NAME`` or ``headers.NAME``): messages of one key go
+        to one member, in publish order, one in flight at a time."""
         body: dict[str, Any] = {"topic": topic, "guarantee": guarantee, "request_id": self._request_id()}
         optional = {"group": group, "filter": filter, "ack_timeout_s": ack_timeout_s, "max_attempts": max_attempts,
-                    "start": start, "start_offset": start_offset, "start_time_ms": start_time_ms, "agent": agent}
+                    "start": start, "start_offset": start_offset, "start_time_ms": start_time_ms, "agent": agent,
+                    "key": key}
         body.update({k: v for k, v in optional.items() if v is not None})
         return (await self.request("POST", "/v1/subscriptions", body))["id"]
 

@@ -279,8 +279,10 @@ def redact_url(url: str) -> str:
 async def subscriptions_create(request: web.Request) -> web.Response:
     node = node_of(request)
     body = await s.json_body(request, {"topic", "group", "filter", "guarantee", "ack_timeout_s", "max_attempts",
-                                       "start", "start_offset", "start_time_ms", "agent", "request_id"})
+                                       "start", "start_offset", "start_time_ms", "agent", "key", "request_id"})
     args: dict[str, Any] = {"topic": s.name(body.get("topic"), "topic", 256)}
+    if body.get("key") is not None:
+        args["key"] = body["key"]
     if body.get("group") is not None:
         args["group"] = s.name(body["group"], "group", 128)
     if body.get("filter") is not None:

@@ -35,6 +35,7 @@ from coordinator.state.bus import (
     MAX_BATCH,
     MAX_FETCH,
     REPLY_PREFIX,
+    check_key_path,
     check_publishable,
     check_publishable_topic,
     effective_guarantee,
@@ -363,6 +364,8 @@ class BusService:
             check_pattern(args.get("topic"))
             if args.get("filter") is not None:
                 filters.parse(args["filter"])
+            if args.get("key") is not None:
+                check_key_path(args["key"])
         except Rejected as exc:
             raise state_error(exc.code, exc.message) from None
         if args.get("start") == "offset" and is_pattern(args["topic"]):
@@ -545,8 +548,16 @@ class BusService:
 
 
 def _render(delivery: dict[str, Any]) -> dict[str, Any]:
-    return {"delivery_id": delivery["delivery_id"], "attempt": delivery["attempt"],
-            "redelivered": delivery["attempt"] > 1, "topic": delivery["topic"], "offset": delivery["offset"],
-            "guarantee": delivery["guarantee"], "message": delivery["message"]}
+    """A delivery as fetches show it: ``offset`` is the message's place in its
+    topic (the log's order), ``seq`` its place in this consumer (absent for
+    at-most-once messages the leader routed without the log), and ``key`` and
+    ``key_seq`` its ordering key in a keyed consumer."""
+    out = {"delivery_id": delivery["delivery_id"], "attempt": delivery["attempt"],
+           "redelivered": delivery["attempt"] > 1, "topic": delivery["topic"], "offset": delivery["offset"],
+           "guarantee": delivery["guarantee"], "message": delivery["message"]}
+    for name in ("seq", "key", "key_seq"):
+        if name in delivery:
+            out[name] = delivery[name]
+    return out
 
 

@@ -33,6 +33,7 @@ from coordinator.errors import InvariantError
 from coordinator.state import filters
 from coordinator.state.base import ApplyContext, Rejected, check_int, check_number, check_str, invalid
 from coordinator.state.messages import GUARANTEES, MAX_ID_LEN, in_batch, normalize
+from coordinator.state.projections import scalar_key
 from coordinator.state.topics import check_pattern, check_topic, is_pattern, matches
 from coordinator.types import Event
 
@@ -43,6 +44,7 @@ REPLY_PREFIX = "_reply."  # topics of replies to requests: not retained unless c
 TASK_STATUSES = ("started", "progress", "completed", "failed", "cancelled")
 START_KINDS = ("new", "beginning", "offset", "time")
 MAX_BATCH = 1000
+MAX_KEYS = 100_000  # ordering keys remembered per keyed consumer
 MAX_FETCH = 1000
 MAX_ACK_IDS = 10_000
 MAX_DELAY_MS = 3_600_000
@@ -125,10 +127,12 @@ class Entry:
     due_ms: int = 0
     reason: str | None = None  # why it is dead
     dead_ms: int = 0
+    key: str | None = None  # a keyed consumer's ordering key of the message
+    key_seq: int = 0  # its number among the messages of that key in this consumer (1, 2, 3...)
 
     def to_data(self) -> list[Any]:
         return [self.seq, self.topic, self.offset, self.priority, self.attempts, self.state, self.member,
-                self.due_ms, self.reason, self.dead_ms]
+                self.due_ms, self.reason, self.dead_ms, self.key, self.key_seq]
 
     @classmethod
     def from_data(cls, row: list[Any]) -> Entry:
@@ -159,6 +163,10 @@ class Consumer:
     filter_tree: Any = None
     transport: str | None = None  # a bound topic's subscription: served by that broker, not by entries here
     acked_keys: dict[str, None] = field(default_factory=dict)  # transport consumers: keys acked, oldest first
+    key_path: str | None = None  # ordering key (a dotted path into the message): one in flight per key, in order
+    key_seqs: dict[str, int] = field(default_factory=dict)  # key -> the last key_seq given
+    key_owner: dict[str, str] = field(default_factory=dict)  # key -> the member that took it (while it lives)
+    key_inflight: dict[str, int] = field(default_factory=dict)  # key -> the seq last delivered (checked lazily)
 
     @property
     def kind(self) -> str:
@@ -183,13 +191,29 @@ class Consumer:
         entry.state = "ready"
         entry.member = None
         self.ready_count += 1
-        heapq.heappush(self.ready, (-entry.priority, entry.seq))
+        heapq.heappush(self.ready, (self._rank(entry), entry.seq))
         if len(self.ready) > 2 * self.ready_count + 64:
             self.rebuild_ready()
 
+    def _rank(self, entry: Entry) -> int:
+        """Highest priority first; a keyed consumer keeps publish order (its keys' order matters more)."""
+        return 0 if self.key_path is not None else -entry.priority
+
     def rebuild_ready(self) -> None:
-        self.ready = sorted((-e.priority, e.seq) for e in self.entries.values() if e.state == "ready")
+        self.ready = sorted((self._rank(e), e.seq) for e in self.entries.values() if e.state == "ready")
         self.ready_count = len(self.ready)
+
+    def key_blocked(self, key: str, member: str | None) -> bool:
+        """A keyed message waits while another of its key is in flight (pending
+        or delayed), or while its key belongs to another live member."""
+        seq = self.key_inflight.get(key)
+        if seq is not None:
+            entry = self.entries.get(seq)
+            if entry is not None and entry.state in ("pending", "delayed"):
+                return True
+            del self.key_inflight[key]
+        owner = self.key_owner.get(key)
+        return owner is not None and owner != member and owner in self.members and member is not None
 
     def pop_ready(self) -> Entry | None:
         while self.ready:
@@ -207,7 +231,7 @@ class Consumer:
                 "transport": self.transport,
                 "guarantee": self.guarantee, "ack_timeout_ms": self.ack_timeout_ms,
                 "max_attempts": self.max_attempts, "backlog": self.ready_count, **states, "dlq": len(self.dlq),
-                "members": list(self.members), **self.counters}
+                "members": list(self.members), "key": self.key_path, **self.counters}
 
     def to_data(self) -> dict[str, Any]:
         return {"key": self.key, "pattern": self.pattern, "filter": self.filter_text, "guarantee": self.guarantee,
@@ -215,7 +239,9 @@ class Consumer:
                 "created_index": self.created_index, "next_seq": self.next_seq,
                 "entries": [e.to_data() for e in self.entries.values()],
                 "dlq": [e.to_data() for e in self.dlq.values()], "members": list(self.members),
-                "counters": self.counters, "transport": self.transport, "acked_keys": list(self.acked_keys)}
+                "counters": self.counters, "transport": self.transport, "acked_keys": list(self.acked_keys),
+                "key_path": self.key_path, "key_seqs": self.key_seqs, "key_owner": self.key_owner,
+                "key_inflight": self.key_inflight}
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Consumer:
@@ -227,6 +253,10 @@ class Consumer:
         consumer.counters = dict(data["counters"])
         consumer.transport = data.get("transport")
         consumer.acked_keys = dict.fromkeys(data.get("acked_keys", ()))
+        consumer.key_path = data.get("key_path")
+        consumer.key_seqs = dict(data.get("key_seqs", {}))
+        consumer.key_owner = dict(data.get("key_owner", {}))
+        consumer.key_inflight = dict(data.get("key_inflight", {}))
         consumer.pending_count = sum(1 for e in consumer.entries.values() if e.state == "pending")
         consumer.filter_tree = filters.parse(consumer.filter_text) if consumer.filter_text else None
         consumer.rebuild_ready()
@@ -657,6 +687,10 @@ class Bus:
         consumer.next_seq += 1
         consumer.counters["enqueued"] += 1
         entry = Entry(seq, body.topic, body.offset, body.message["priority"])
+        if consumer.key_path is not None:
+            entry.key = message_key(body.message, consumer.key_path)
+            if entry.key is not None:
+                self._count_key(consumer, entry)
         self._hold(body, consumer.key, seq)
         if len(consumer.entries) >= self.limits.queue_max:
             consumer.counters["overflowed"] += 1
@@ -817,6 +851,9 @@ class Bus:
         max_attempts = args.get("max_attempts")
         if max_attempts is not None:
             check_int(max_attempts, "max_attempts", 1, 100)
+        key_path = args.get("key")
+        if key_path is not None:
+            check_key_path(key_path)
         agent = args.get("agent")
         if agent is not None:
             check_str(agent, "agent", MAX_ID_LEN)
@@ -834,17 +871,21 @@ class Bus:
         consumer = self.consumers.get(key)
         if consumer is not None:
             settings = (consumer.pattern, consumer.filter_text, consumer.guarantee, consumer.ack_timeout_ms,
-                        consumer.max_attempts)
-            if settings != (pattern, filter_text, guarantee, ack_timeout_ms, max_attempts) \
+                        consumer.max_attempts, consumer.key_path)
+            if settings != (pattern, filter_text, guarantee, ack_timeout_ms, max_attempts, key_path) \
                     or consumer.transport != (binding.transport if binding else None):
                 raise Rejected("conflict", f"group {group!r} exists with another topic, filter, guarantee, "
-                                           "ack timeout or max attempts")
+                                           "ack timeout, max attempts or key")
             replayed = 0
         else:
             if len(self.consumers) >= self.limits.consumers_max:
                 raise Rejected("unavailable", f"too many consumers ({self.limits.consumers_max})")
+            if binding is not None and key_path is not None:
+                raise invalid("key", f"{pattern!r} is carried by the {binding.transport} transport; its order is "
+                                     "the broker's")
             consumer = Consumer(key, pattern, filter_text, guarantee, ack_timeout_ms, max_attempts, ctx.index,
-                                filter_tree=tree, transport=binding.transport if binding else None)
+                                filter_tree=tree, transport=binding.transport if binding else None,
+                                key_path=key_path)
             self.consumers[key] = consumer
             if is_pattern(pattern):
                 self.wildcard[key] = None
@@ -965,13 +1006,34 @@ class Bus:
             return consumer.max_attempts
         return body.message["deliveryOptions"]["retry"]["max_attempts"]
 
+    def _count_key(self, consumer: Consumer, entry: Entry) -> None:
+        assert entry.key is not None
+        if entry.key not in consumer.key_seqs and len(consumer.key_seqs) >= MAX_KEYS:
+            self._forget_keys(consumer)
+        entry.key_seq = consumer.key_seqs.get(entry.key, 0) + 1
+        consumer.key_seqs[entry.key] = entry.key_seq
+
+    @staticmethod
+    def _forget_keys(consumer: Consumer) -> None:
+        """At ``MAX_KEYS`` keys, forget the keys no entry holds (their numbering restarts at 1)."""
+        held = {e.key for e in (*consumer.entries.values(), *consumer.dlq.values())}
+        consumer.key_seqs = {k: v for k, v in consumer.key_seqs.items() if k in held}
+        consumer.key_owner = {k: v for k, v in consumer.key_owner.items() if k in held}
+        consumer.key_inflight = {k: v for k, v in consumer.key_inflight.items() if k in held}
+
     def deliver(self, ctx: ApplyContext, consumer: Consumer, member: str | None, max_n: int) -> dict[str, Any]:
-        """Hand out up to ``max_n`` ready messages, highest priority first."""
+        """Hand out up to ``max_n`` ready messages, highest priority first (a
+        keyed consumer: in publish order, at most one in flight per key, each
+        key to one member while it lives)."""
         out = []
+        waiting: list[Entry] = []
         while len(out) < max_n:
             entry = consumer.pop_ready()
             if entry is None:
                 break
+            if entry.key is not None and consumer.key_blocked(entry.key, member):
+                waiting.append(entry)
+                continue
             body = self.bodies[(entry.topic, entry.offset)]
             if body.expires_ms is not None and body.expires_ms <= ctx.now_ms:
                 self._dead_letter(ctx, consumer, entry, "ttl")
@@ -982,9 +1044,15 @@ class Bus:
                 consumer.counters["redelivered"] += 1
             options = body.message["deliveryOptions"]
             guarantee = effective_guarantee(consumer.guarantee, options["guarantee"])
-            out.append({"delivery_id": consumer.delivery_id(entry.seq), "attempt": entry.attempts,
+            delivery = {"delivery_id": consumer.delivery_id(entry.seq), "seq": entry.seq, "attempt": entry.attempts,
                         "topic": entry.topic, "offset": entry.offset, "guarantee": guarantee,
-                        "message": body.message})
+                        "message": body.message}
+            if entry.key is not None:
+                delivery.update(key=entry.key, key_seq=entry.key_seq)
+                if member is not None:
+                    consumer.key_owner[entry.key] = member
+                consumer.key_inflight[entry.key] = entry.seq
+            out.append(delivery)
             if guarantee == "at-most-once":
                 del consumer.entries[entry.seq]
                 self._release(body, consumer.key)
@@ -995,6 +1063,8 @@ class Bus:
             entry.due_ms = ctx.now_ms + timeout + _backoff_ms(options["retry"], entry.attempts)
             consumer.pending_count += 1
             self._timer(entry.due_ms, "redeliver", consumer.key, entry.seq, entry.attempts, consumer.created_index)
+        for entry in waiting:  # back, in their order, for when their key is free
+            consumer.push_ready(entry)
         return {"deliveries": out, "backlog": consumer.ready_count}
 
     def ack(self, ctx: ApplyContext, consumer: Consumer, delivery_ids: list[Any]) -> dict[str, Any]:
@@ -1170,6 +1240,26 @@ def _event_message(event: Event) -> dict[str, Any]:
             "timestamp": event.time_ms, "correlationId": None, "replyTo": None, "priority": 5, "ttl": None,
             "headers": {"seq": str(event.seq), "index": str(event.index)}, "payload": event.data,
             "deliveryOptions": _EVENT_OPTIONS}
+
+
+def check_key_path(value: Any) -> str:
+    """An ordering key: ``payload.NAME[.NAME...]`` or ``headers.NAME``."""
+    path = check_str(value, "key", 256)
+    parts = path.split(".")
+    if parts[0] not in ("payload", "headers") or len(parts) < 2 or not all(parts) or \
+            (parts[0] == "headers" and len(parts) != 2):
+        raise invalid("key", "must be payload.NAME[.NAME...] or headers.NAME")
+    return path
+
+
+def message_key(message: dict[str, Any], path: str) -> str | None:
+    """The ordering key of a message (a scalar's text), None when it has none."""
+    value: Any = message
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return scalar_key(value)
 
 
 def check_publishable_topic(topic: str) -> None:
