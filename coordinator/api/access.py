@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.auth import AUTH, CHALLENGE_TTL_S, issue_challenge
-from coordinator.api.routes import node_of, ok
-from coordinator.services.proposals import state_error
+from coordinator.api.routes import checked, node_of, ok
 from coordinator.state.access import Access
-from coordinator.state.base import Rejected
 
 access_routes = web.RouteTableDef()
 
@@ -22,16 +18,8 @@ async def put_role(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name")
     body = await s.json_body(request, {"permissions", "request_id"})
     args = {"name": name, "permissions": body.get("permissions")}
-    _check(lambda: Access().put_role(args))
+    checked(lambda: Access().put_role(args))
     return ok(await node_of(request).write("role.put", args, s.request_id(request, body)))
-
-
-def _check(attempt: Any) -> None:
-    """Refuse bad input before it is proposed (it would be a log entry that changes nothing)."""
-    try:
-        attempt()
-    except Rejected as exc:
-        raise state_error(exc.code, exc.message) from None
 
 
 @access_routes.delete("/v1/roles/{name}")
@@ -55,7 +43,7 @@ async def grant_roles(request: web.Request) -> web.Response:
     args = {"agent": agent_id, "roles": body.get("roles")}
     scratch = Access()
     scratch.roles = dict(node_of(request).applier.machine.access.roles)
-    _check(lambda: scratch.grant(args))  # a role deleted meanwhile is still refused when applied
+    checked(lambda: scratch.grant(args))  # a role deleted meanwhile is still refused when applied
     return ok(await node_of(request).write("role.grant", args, s.request_id(request, body)))
 
 

@@ -15,11 +15,9 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import schemas as s
-from coordinator.api.routes import node_of, ok, sse, sse_resume
+from coordinator.api.routes import checked, node_of, ok, sse, sse_resume
 from coordinator.errors import InvalidInput, NotFound
 from coordinator.services import watch
-from coordinator.services.proposals import state_error
-from coordinator.state.base import Rejected
 from coordinator.state.eventstore import (
     MAX_STREAM_ID_LEN,
     MAX_VERSION,
@@ -48,14 +46,6 @@ def _category(request: web.Request) -> str:
     return category
 
 
-def _checked(attempt: Any) -> Any:
-    """Run a state check before proposing: its refusal is this request's error."""
-    try:
-        return attempt()
-    except Rejected as exc:
-        raise state_error(exc.code, exc.message) from None
-
-
 # -- streams ----------------------------------------------------------------------------------
 
 
@@ -68,7 +58,7 @@ async def append(request: web.Request) -> web.Response:
         args["expected_version"] = body["expected_version"]
     node = node_of(request)
     store: EventStore = node.applier.machine.store
-    _checked(lambda: store.check_append(args))
+    checked(lambda: store.check_append(args))
     result = await node.write("es.append", args, s.request_id(request, body))
     return ok(result, status=200 if result.get("duplicate") else 201)
 
@@ -99,7 +89,7 @@ async def delete_stream(request: web.Request) -> web.Response:
     if raw is not None:
         if isinstance(raw, str) and raw.lstrip("-").isdigit():
             raw = int(raw)
-        args["expected_version"] = _checked(lambda: check_expected(raw))
+        args["expected_version"] = checked(lambda: check_expected(raw))
     return ok(await node_of(request).write("es.delete", args, s.request_id(request, body)))
 
 
@@ -168,14 +158,14 @@ def _event_frame(event: StoredEvent) -> tuple[int, str, dict[str, Any]]:
 
 
 def _projection_name(request: web.Request) -> str:
-    return _checked(lambda: check_name(request.match_info["name"]))
+    return checked(lambda: check_name(request.match_info["name"]))
 
 
 @es_routes.put("/v1/projections/{name}")
 async def put_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
-    definition = _checked(lambda: normalize_definition({k: v for k, v in body.items() if k != "request_id"}))
+    definition = checked(lambda: normalize_definition({k: v for k, v in body.items() if k != "request_id"}))
     result = await node_of(request).write("projection.put", {"name": name, "definition": definition},
                                           s.request_id(request, body))
     return ok(result)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +16,8 @@ from coordinator.crypto import SCHEME_AGENT
 from coordinator.errors import Compacted, CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
 from coordinator.services import watch
 from coordinator.services.node import ELECTION_PREFIX, FORWARD_HEADER, CoordinatorNode, ttl_ms_from
+from coordinator.services.proposals import state_error
+from coordinator.state.base import Rejected
 
 routes = web.RouteTableDef()
 
@@ -23,6 +25,15 @@ DEFAULT_AGENT_TTL_S = 10.0
 DEFAULT_LOCK_TTL_S = 15.0
 LIST_LIMIT_MAX = 10_000
 SSE_KEEPALIVE_S = 15.0
+
+
+def checked(attempt: Callable[[], Any]) -> Any:
+    """Run a state check before proposing (bad input must not cost a log
+    entry that changes nothing): its refusal becomes this request's error."""
+    try:
+        return attempt()
+    except Rejected as exc:
+        raise state_error(exc.code, exc.message) from None
 
 
 def node_of(request: web.Request) -> CoordinatorNode:

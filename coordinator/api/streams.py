@@ -4,29 +4,18 @@ field) and again when applied."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from coordinator.api import schemas as s
-from coordinator.api.routes import node_of, ok
+from coordinator.api.routes import checked, node_of, ok
 from coordinator.errors import NotFound
-from coordinator.services.proposals import state_error
-from coordinator.state.base import Rejected
 from coordinator.state.streams import DEFINITION_FIELDS, check_name, normalize_processor
 
 stream_routes = web.RouteTableDef()
 
 
-def _checked(attempt: Any) -> Any:
-    try:
-        return attempt()
-    except Rejected as exc:
-        raise state_error(exc.code, exc.message) from None
-
-
 def _name(request: web.Request) -> str:
-    return _checked(lambda: check_name(request.match_info["name"]))
+    return checked(lambda: check_name(request.match_info["name"]))
 
 
 @stream_routes.put("/v1/processors/{name}")
@@ -34,7 +23,7 @@ async def put_processor(request: web.Request) -> web.Response:
     name = _name(request)
     body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
     definition = {k: v for k, v in body.items() if k != "request_id"}
-    _checked(lambda: normalize_processor(definition))
+    checked(lambda: normalize_processor(definition))
     return ok(await node_of(request).write("processor.put", {"name": name, "definition": definition},
                                            s.request_id(request, body)))
 

@@ -55,6 +55,15 @@ def check_str(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
     return value
 
 
+def check_resource_name(value: Any, field: str = "name", max_len: int = 128) -> str:
+    """The name of something addressed as one URL path segment (a projection,
+    a transform, a stream processor): a string without control characters or ``/``."""
+    name = check_str(value, field, max_len)
+    if "/" in name:
+        raise invalid(field, "must not contain '/'")
+    return name
+
+
 def check_int(value: Any, field: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(field, "must be an integer")

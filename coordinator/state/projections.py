@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.state.base import Rejected, check_known, check_object, check_str, invalid
+from coordinator.state.base import Rejected, check_known, check_object, check_resource_name, check_str, invalid
 from coordinator.state.topics import check_pattern, matches
 
 FOLDS = ("count", "sum", "min", "max", "last", "set")
@@ -348,7 +348,4 @@ class Projections:
 
 
 def check_name(value: Any) -> str:
-    name = check_str(value, "name", MAX_NAME_LEN)
-    if "/" in name:
-        raise invalid("name", "must not contain '/'")
-    return name
+    return check_resource_name(value, "name", MAX_NAME_LEN)

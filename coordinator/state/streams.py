@@ -53,7 +53,16 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.state.base import Rejected, check_int, check_known, check_number, check_object, check_str, invalid
+from coordinator.state.base import (
+    Rejected,
+    check_int,
+    check_known,
+    check_number,
+    check_object,
+    check_resource_name,
+    check_str,
+    invalid,
+)
 from coordinator.state.projections import (
     Folded,
     ProjectionLimits,
@@ -442,7 +451,4 @@ _FOLD_LIMITS = ProjectionLimits()
 
 
 def check_name(value: Any) -> str:
-    name = check_str(value, "name", MAX_NAME_LEN)
-    if "/" in name:
-        raise invalid("name", "must not contain '/'")
-    return name
+    return check_resource_name(value, "name", MAX_NAME_LEN)

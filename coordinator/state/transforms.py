@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.state.base import Rejected, check_str, invalid
+from coordinator.state.base import Rejected, check_resource_name, invalid
 from coordinator.state.topics import check_pattern, check_topic, matches
 
 MAX_RULE_LEN = 8192
@@ -442,7 +442,4 @@ class Transforms:
 
 
 def check_name(value: Any) -> str:
-    name = check_str(value, "name", MAX_NAME_LEN)
-    if "/" in name:
-        raise invalid("name", "must not contain '/'")
-    return name
+    return check_resource_name(value, "name", MAX_NAME_LEN)
