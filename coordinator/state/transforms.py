@@ -33,7 +33,6 @@ with the reason, instead of delivering it.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from dataclasses import dataclass, field
@@ -326,6 +325,14 @@ def _json_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _copy_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value  # str, numbers, bool, None: immutable
+
+
 def run(program: Program, message: dict[str, Any]) -> str | None:
     """Apply ``program`` to ``message`` in place: the topic to route to (or
     None). Raises ``Failed`` when a statement cannot apply."""
@@ -336,7 +343,7 @@ def run(program: Program, message: dict[str, Any]) -> str | None:
         if statement.op == "route":
             route = statement.target
         elif statement.op == "set":
-            _put(message, statement.path, copy.deepcopy(statement.value), statement.line)
+            _put(message, statement.path, _copy_json(statement.value), statement.line)
         elif statement.op == "drop":
             _drop(message, statement.path, statement.line)
         else:
@@ -345,7 +352,7 @@ def run(program: Program, message: dict[str, Any]) -> str | None:
                 raise Failed(statement.line, f"{statement.path} is missing")
             if statement.op == "move":
                 _drop(message, statement.path, statement.line)
-            _put(message, statement.target, copy.deepcopy(value), statement.line)
+            _put(message, statement.target, _copy_json(value), statement.line)
     return route
 
 
@@ -402,7 +409,9 @@ class Transforms:
         if not self.items or not any(matches(t.topic, topic) for t in self.items.values()):
             return Outcome(topic, message)
         original = topic
-        current = copy.deepcopy(message)
+        # statements change only the payload and the headers: copy those (JSON values), share the rest
+        current = {**message, "payload": _copy_json(message.get("payload")),
+                   "headers": dict(message.get("headers") or {})}
         ran: list[str] = []
         for _hop in range(MAX_HOPS + 1):
             route = None
