@@ -20,6 +20,7 @@ from coordinator.api.sagas import saga_routes
 from coordinator.api.services import service_routes
 from coordinator.api.streams import stream_routes
 from coordinator.api.transforms import transform_routes
+from coordinator.api.ui import ui_routes
 from coordinator.errors import CoordinatorError
 from coordinator.services.node import CoordinatorNode
 
@@ -88,5 +89,6 @@ def make_app(node: CoordinatorNode, auth: AuthSettings | None = None) -> web.App
     app.router.add_routes(es_routes)
     app.router.add_routes(transform_routes)
     app.router.add_routes(stream_routes)
+    app.router.add_routes(ui_routes)
     app.router.add_get("/metrics", metrics_handler)
     return app

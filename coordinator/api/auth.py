@@ -399,6 +399,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/readyz"): "public",
     ("GET", "/metrics"): "public",
     ("GET", "/v1/status"): "public",
+    ("GET", "/v1/cluster"): "any",
+    ("GET", "/ui"): "public",  # the page and its static files hold no data; what they fetch needs credentials
+    ("GET", "/ui/{file}"): "public",
     ("POST", "/v1/agents"): "public",  # joining: the handler checks the self-signature and the proof
     ("GET", "/v1/join/challenge"): "public",
     ("GET", "/v1/security"): "any",

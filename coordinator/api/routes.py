@@ -55,6 +55,12 @@ async def status(request: web.Request) -> web.Response:
     return ok(node_of(request).status())
 
 
+@routes.get("/v1/cluster")
+async def cluster(request: web.Request) -> web.Response:
+    """Every member's status as it reports it (the dashboard's cluster panel)."""
+    return ok(await node_of(request).cluster_view())
+
+
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     return ok({"status": "alive", "node": node_of(request).identity.node_id})

@@ -295,6 +295,32 @@ class CoordinatorNode:
             raise Unavailable(f"leader answered {status}", retry_after_s=0.5, leader=leader)
         return body
 
+    async def cluster_view(self, timeout_s: float = 1.0) -> dict[str, Any]:
+        """Every member's own status, asked over HTTP at once (``/v1/status`` is
+        public), this node's answered locally; an unreachable member is listed
+        with ``reachable: false``. For the dashboard and operators."""
+        own = self.status()
+
+        async def ask(member: dict[str, Any]) -> dict[str, Any]:
+            row = {"id": member["id"], "raft": member["raft"], "http": member["http"]}
+            if member["raft"] == self.identity.raft:
+                return {**row, **_view_of(own), "reachable": True, "self": True}
+            if not member["http"] or self._session is None:
+                return {**row, "reachable": False, "error": "unknown HTTP address"}
+            scheme = "https" if self.peer_ssl is not None else "http"
+            try:
+                async with self._session.get(f"{scheme}://{member['http']}/v1/status",
+                                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                    status = await response.json()
+                return {**row, **_view_of(status), "reachable": True}
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                return {**row, "reachable": False, "error": type(exc).__name__}
+
+        rows = await asyncio.gather(*(ask(m) for m in own["members"]))
+        leaders = {r["id"] for r in rows if r.get("role") == "leader"}
+        return {"node": self.identity.node_id, "leader_id": own["leader_id"], "term": own["term"],
+                "members": sorted(rows, key=lambda r: r["id"] or r["raft"]), "leaders_seen": sorted(leaders)}
+
     async def forward(self, method: str, path_qs: str, body: bytes | None, timeout_s: float,
                       sign: Signer | None = None) -> tuple[int, bytes, dict[str, str]]:
         """Send one HTTP request to the leader, marked as forwarded (the leader
@@ -319,3 +345,8 @@ class CoordinatorNode:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unavailable(f"forwarding to the leader failed: {type(exc).__name__}", retry_after_s=0.5,
                               leader=leader) from None
+
+
+def _view_of(status: dict[str, Any]) -> dict[str, Any]:
+    return {key: status.get(key) for key in ("role", "term", "commit_index", "applied_index", "apply_lag", "healthy",
+                                             "problem", "leader_id")}

@@ -1,0 +1,137 @@
+"""The dashboard in a real headless Chromium (Debian's chromium, driven by
+Selenium through Debian's chromedriver) against three real nodes: three
+members and one leader; the leader's process killed and the new leader shown
+without a reload; an agent joining and appearing in the agents table.
+Screenshots go to artifacts/ui/ (ignored by git)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "ui"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+DEADLINE_S = 30.0
+
+
+def _install_chromium() -> str | None:
+    """Debian's chromium and chromium-driver, installed from the package registry
+    when missing (never a browser download); the reason when that is impossible."""
+    if os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER):
+        return None
+    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if not shutil.which("apt-get") or (prefix and not shutil.which("sudo")):
+        return "chromium is not installed and apt-get (as root) is not available"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "install", "-y", "chromium", "chromium-driver"], ["apt-get", "update"],
+                    ["apt-get", "install", "-y", "chromium", "chromium-driver"]):
+        done = subprocess.run(prefix + command, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode == 0 and command[1] == "install":
+            return None
+    return f"installing chromium failed: {done.stderr[-300:]}"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    reason = _install_chromium()
+    if reason is not None:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800",
+                 "--disable-gpu", "--no-first-run"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _until(what: str, check: Callable[[], Any], timeout_s: float = DEADLINE_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _rows(driver: Any, table: str, attribute: str) -> dict[str, str]:
+    """The rows of a table: the row's ``data-<attribute>`` -> its text, read in one
+    script (the page re-renders its tables; elements found earlier go stale)."""
+    return driver.execute_script(
+        "const out = {}; for (const row of document.querySelectorAll(`#${arguments[0]} tbody tr`)) "
+        "out[row.dataset[arguments[1]]] = row.innerText; return out;", table, attribute)
+
+
+def _roles(driver: Any) -> dict[str, str]:
+    return driver.execute_script(
+        "const out = {}; for (const row of document.querySelectorAll('#members tbody tr')) "
+        "out[row.dataset.member] = row.dataset.role; return out;")
+
+
+def _shot(driver: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+
+
+def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
+    from selenium.webdriver.common.by import By
+
+    cluster = make_cluster()
+    old = cluster.wait_leader()
+    follower = next(n for n in cluster.members if n != old)
+    browser.get(cluster.url(follower) + "/ui")
+    roles = _until("three members and one leader", lambda: (r := _roles(browser)) and len(r) == 3
+                   and list(r.values()).count("leader") == 1 and r)
+    assert roles[old] == "leader" and set(roles) == set(cluster.members)
+    assert browser.find_element(By.ID, "node").text == follower
+    _until("the live stream", lambda: browser.find_element(By.ID, "live").text == "live")
+    _until("the leader election in the timeline",
+           lambda: "elected" in browser.find_element(By.ID, "leader-changes").text)
+    _shot(browser, "cluster")
+
+    cluster.kill(old)  # no reload from here on
+    roles = _until("a new leader, the old one unreachable", lambda: (r := _roles(browser))
+                   and list(r.values()).count("leader") == 1 and r[old] == "unreachable" and r)
+    new = next(member for member, role in roles.items() if role == "leader")
+    assert new != old and cluster.status(new)["role"] == "leader"
+    _until("the new election in the timeline",
+           lambda: browser.find_element(By.ID, "leader-changes").text.count("elected") >= 2)
+    _shot(browser, "cluster-after-kill")
+
+    body = json.dumps({"id": "dash-agent-1", "type": "planner", "ttl_s": 60}).encode()
+    request = urllib.request.Request(cluster.url(follower) + "/v1/agents", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 201
+    agents = _until("the agent in the table", lambda: (a := _rows(browser, "agent-table", "agent"))
+                    and "dash-agent-1" in a and a)
+    assert "planner" in agents["dash-agent-1"]
+    search = browser.find_element(By.ID, "agent-filter")
+    search.send_keys("no-such-agent")
+    _until("the filter to hide it", lambda: "dash-agent-1" not in _rows(browser, "agent-table", "agent"))
+    search.clear()
+    search.send_keys("planner")
+    _until("the filter to show it", lambda: "dash-agent-1" in _rows(browser, "agent-table", "agent"))
+    _shot(browser, "agents")
+    browser.set_window_size(420, 800)  # a narrow window: the tables scroll, the page does not break
+    _shot(browser, "narrow")
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 440
