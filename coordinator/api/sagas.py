@@ -55,12 +55,17 @@ async def list_sagas(request: web.Request) -> web.Response:
         raise InvalidInput(f"state: must be one of {', '.join(SAGA_STATES)}", field="state")
     limit = s.query_int(request, "limit", 100, 1, LIST_LIMIT_MAX) or 100
     after = s.query_int(request, "after", 0, 0, 2**63 - 1) or 0
+    order = request.query.get("order", "oldest")
+    if order not in ("oldest", "newest"):
+        raise InvalidInput("order: must be oldest or newest", field="order")
+    if order == "newest" and (state is not None or after):
+        raise InvalidInput("order: newest lists the latest sagas of every state, without a cursor", field="order")
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
     sagas = node.applier.machine.sagas
-    page = sagas.list(state, limit, after)
+    page = sagas.newest(limit) if order == "newest" else sagas.list(state, limit, after)
     body: dict[str, Any] = {"sagas": [saga.describe(history=False) for saga in page], "counts": sagas.counts()}
-    body["next"] = page[-1].created_index if len(page) == limit else None
+    body["next"] = page[-1].created_index if len(page) == limit and order == "oldest" else None
     return ok(body)
 
 

@@ -465,6 +465,15 @@ class Sagas:
                     break
         return out
 
+    def newest(self, limit: int) -> list[Saga]:
+        """The ``limit`` most recently created sagas, newest first."""
+        out = []
+        for saga in reversed(self.sagas.values()):
+            out.append(saga)
+            if len(out) >= limit:
+                break
+        return out
+
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(SAGA_STATES, 0)
         for saga in self.sagas.values():

@@ -87,6 +87,13 @@ def _roles(driver: Any) -> dict[str, str]:
         "out[row.dataset.member] = row.dataset.role; return out;")
 
 
+def _post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
 def _shot(driver: Any, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
@@ -117,11 +124,7 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
            lambda: browser.find_element(By.ID, "leader-changes").text.count("elected") >= 2)
     _shot(browser, "cluster-after-kill")
 
-    body = json.dumps({"id": "dash-agent-1", "type": "planner", "ttl_s": 60}).encode()
-    request = urllib.request.Request(cluster.url(follower) + "/v1/agents", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 201
+    assert _post(cluster.url(follower), "/v1/agents", {"id": "dash-agent-1", "type": "planner", "ttl_s": 60})["id"]
     agents = _until("the agent in the table", lambda: (a := _rows(browser, "agent-table", "agent"))
                     and "dash-agent-1" in a and a)
     assert "planner" in agents["dash-agent-1"]
@@ -132,6 +135,30 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     search.send_keys("planner")
     _until("the filter to show it", lambda: "dash-agent-1" in _rows(browser, "agent-table", "agent"))
     _shot(browser, "agents")
+
+    # the bus: a subscription with a backlog, a topic with its count (refreshed with the counters)
+    _post(cluster.url(follower), "/v1/subscriptions", {"topic": "orders.created"})
+    for n in range(3):
+        _post(cluster.url(follower), "/v1/topics/orders.created/messages", {"payload": {"n": n}})
+    _until("the topic's count", lambda: "3" in _rows(browser, "topic-table", "topic").get("orders.created", ""))
+    consumers = _until("the subscription's backlog", lambda: (c := _rows(browser, "subscription-table", "consumer"))
+                       and any("orders.created\t3" in text for text in c.values()) and c)
+    assert len(consumers) == 1
+    browser.execute_script("document.getElementById('bus').scrollIntoView()")
+    _shot(browser, "bus")
+
+    # a saga whose only step has no agent to run it: it fails and compensates, live in the sagas panel
+    saga = _post(cluster.url(follower), "/v1/sagas", {"name": "checkout", "steps": [
+        {"id": "charge", "action": {"kind": "agent", "agent_type": "nobody"},
+         "retry": {"max_attempts": 1, "backoff_s": 0, "backoff_max_s": 0}, "timeout_s": 1}]})
+    _until("the saga's end", lambda: "compensated" in _rows(browser, "saga-table", "saga").get(saga["id"], ""))
+    browser.find_element(By.CSS_SELECTOR, f"#saga-table tr[data-saga='{saga['id']}'] button").click()
+    history = _until("the saga's history", lambda: (t := browser.find_element(By.ID, "saga-history").text)
+                     and "saga.step.failed charge" in t and t)
+    assert "saga.started" in history and "saga.compensated" in history
+    browser.execute_script("document.getElementById('sagas').scrollIntoView()")
+    _shot(browser, "sagas")
+
     browser.set_window_size(420, 800)  # a narrow window: the tables scroll, the page does not break
     _shot(browser, "narrow")
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 440

@@ -1,8 +1,8 @@
 // The dashboard: plain JavaScript, no build step. Panels are filled from the
 // node's JSON API and kept live by one Server-Sent Events stream of the
 // cluster's events (/v1/watch/events), read with fetch so it can carry the
-// credential. Only the cluster panel's counters are refreshed on a timer
-// (commit and applied indexes move without events).
+// credential. Only counters that move without events (indexes, publish
+// counts, backlogs) are refreshed on one timer.
 "use strict";
 
 const state = { token: sessionStorage.getItem("coord-token"), agents: [], leaderChanges: [] };
@@ -19,6 +19,14 @@ async function getJSON(path) {
   if (response.status === 401 || response.status === 403) throw new NeedsLogin(path);
   if (!response.ok) throw new Error(path + ": " + response.status);
   return response.json();
+}
+
+function emptyRow(body, columns, text) {
+  if (body.rows.length) return;
+  const row = document.createElement("tr");
+  const td = cell(row, text, "empty");
+  td.colSpan = columns;
+  body.appendChild(row);
 }
 
 function cell(row, text, className) {
@@ -113,9 +121,111 @@ function renderAgents() {
     cell(row, a.endpoint);
     body.appendChild(row);
   }
+  emptyRow(body, 6, state.agents.length ? "no agent matches the filter" : "no agents registered");
   const total = state.agents.length;
   $("agent-count").textContent = (shown.length === total ? String(total) : `${shown.length} of ${total}`)
     + (total === 1 ? " agent" : " agents");
+}
+
+// -- bus --------------------------------------------------------------------------------------
+
+async function refreshBus() {
+  const [topics, subscriptions, transports, bindings] = await Promise.all([
+    getJSON("/v1/topics"), getJSON("/v1/subscriptions"), getJSON("/v1/transports"), getJSON("/v1/bindings")]);
+  const now = Date.now();
+  const before = state.published || {};
+  const seconds = state.publishedAt ? (now - state.publishedAt) / 1000 : null;
+  state.published = {};
+  const topicBody = $("topic-table").tBodies[0];
+  topicBody.replaceChildren();
+  for (const t of topics.topics) {
+    state.published[t.topic] = t.published;
+    const row = document.createElement("tr");
+    row.dataset.topic = t.topic;
+    cell(row, t.topic);
+    cell(row, t.published, "num");
+    const rate = seconds && t.topic in before ? (t.published - before[t.topic]) / seconds : null;
+    cell(row, rate === null ? null : rate.toFixed(1), "num");
+    cell(row, t.retained, "num");
+    topicBody.appendChild(row);
+  }
+  emptyRow(topicBody, 4, "no topics yet");
+  state.publishedAt = now;
+  const subBody = $("subscription-table").tBodies[0];
+  subBody.replaceChildren();
+  const seen = new Set();
+  for (const sub of subscriptions.subscriptions) {
+    const name = sub.kind === "group" ? "group " + sub.name : sub.id;
+    if (seen.has(name)) continue;  // a group's members share one queue
+    seen.add(name);
+    const row = document.createElement("tr");
+    row.dataset.consumer = name;
+    cell(row, name);
+    cell(row, sub.topic);
+    cell(row, sub.backlog, "num");
+    cell(row, sub.pending, "num");
+    cell(row, sub.dlq, "num" + (sub.dlq > 0 ? " bad" : ""));
+    cell(row, sub.guarantee);
+    subBody.appendChild(row);
+  }
+  emptyRow(subBody, 6, "no subscriptions");
+  const lag = {};
+  for (const b of bindings.bindings) (lag[b.transport] = lag[b.transport] || []).push(`${b.topic} (${b.backlog})`);
+  const transportBody = $("transport-table").tBodies[0];
+  transportBody.replaceChildren();
+  for (const t of transports.transports) {
+    const row = document.createElement("tr");
+    cell(row, t.name);
+    cell(row, t.ok ? "healthy" : (t.error || "unhealthy"), t.ok ? "ok" : "bad");
+    cell(row, (lag[t.name] || []).join(", ") || null);
+    transportBody.appendChild(row);
+  }
+  emptyRow(transportBody, 3, "none configured: the replicated log carries the bus");
+}
+
+// -- sagas ------------------------------------------------------------------------------------
+
+async function refreshSagas() {
+  const page = await getJSON("/v1/sagas?order=newest&limit=50");
+  $("saga-counts").textContent = Object.entries(page.counts)
+    .map(([name, count]) => `${name}: ${count}`).join(" · ") || "no sagas";
+  const body = $("saga-table").tBodies[0];
+  body.replaceChildren();
+  for (const saga of page.sagas) {
+    const row = document.createElement("tr");
+    row.dataset.saga = saga.id;
+    const name = document.createElement("td");
+    const open = document.createElement("button");
+    open.className = "link";
+    open.textContent = saga.id;
+    open.addEventListener("click", () => showSaga(saga.id));
+    name.appendChild(open);
+    row.appendChild(name);
+    cell(row, saga.name);
+    cell(row, saga.state, saga.state === "completed" ? "ok" : saga.state === "failed-stuck" ? "bad" : "");
+    cell(row, new Date(saga.updated_ms).toLocaleTimeString());
+    body.appendChild(row);
+  }
+  emptyRow(body, 4, "no sagas yet");
+  if (state.saga) showSaga(state.saga).catch(report);
+}
+
+async function showSaga(id) {
+  state.saga = id;
+  const saga = await getJSON("/v1/sagas/" + encodeURIComponent(id));
+  $("saga-detail").hidden = false;
+  $("saga-detail-title").textContent = `${saga.id} (${saga.name}): ${saga.state}`;
+  const list = $("saga-history");
+  list.replaceChildren();
+  for (const h of saga.history) {
+    const item = document.createElement("li");
+    const step = h.step ? ` ${h.step}` + (h.phase ? ` (${h.phase} ${h.attempt})` : "") : "";
+    const detail = h.detail && h.detail.error ? ` — ${h.detail.error}` : "";
+    item.textContent = `${new Date(h.time_ms).toLocaleTimeString()} · ${h.event}${step}${detail}`;
+    if (h.phase === "compensation" || h.event.includes("compensat")) item.className = "compensation";
+    if (h.event.endsWith("failed") || h.event.endsWith("stuck")) item.className = "failure";
+    list.appendChild(item);
+  }
 }
 
 // -- live: one SSE stream of the cluster's events, read with fetch -----------------------------
@@ -175,6 +285,7 @@ function onEvent(event) {
   }
   if (event.type.startsWith("system.")) refreshCluster().catch(report);
   if (event.type.startsWith("agent.")) refreshAgents().catch(report);
+  if (event.type.startsWith("saga.")) refreshSagas().catch(report);
 }
 
 function setLive(text) { $("live").textContent = text; }
@@ -209,7 +320,7 @@ $("agent-filter").addEventListener("input", renderAgents);
 
 async function start() {
   try {
-    await Promise.all([refreshCluster(), loadLeaderChanges(), refreshAgents()]);
+    await Promise.all([refreshCluster(), loadLeaderChanges(), refreshAgents(), refreshBus(), refreshSagas()]);
   } catch (error) {
     report(error);
     if (error instanceof NeedsLogin) return;
@@ -217,7 +328,8 @@ async function start() {
   if (state.following) return;
   state.following = true;
   follow();
-  setInterval(() => refreshCluster().catch(report), 5000);
+  // Counters that move without events (indexes, publish counts, backlogs): one timer for both panels.
+  setInterval(() => Promise.all([refreshCluster(), refreshBus()]).catch(report), 5000);
 }
 
 start();

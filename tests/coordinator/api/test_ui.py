@@ -33,3 +33,16 @@ async def test_with_auth_on_the_page_is_public_and_its_data_is_not(make_harness:
     status, _ = await h.call("GET", "/v1/cluster")
     assert status == 401
     await h.call("GET", "/v1/cluster", headers={"Authorization": "Bearer " + "a" * 40}, expect=200)
+
+
+async def test_newest_sagas_first(h: Harness) -> None:
+    ids = []
+    for name in ("first", "second"):
+        _, saga = await h.call("POST", "/v1/sagas", {"name": name, "steps": [
+            {"id": "s", "action": {"kind": "agent", "agent_type": "nobody"}}]}, expect=201)
+        ids.append(saga["id"])
+    _, page = await h.call("GET", "/v1/sagas?order=newest&limit=1", expect=200)
+    assert [s["id"] for s in page["sagas"]] == [ids[1]] and page["next"] is None
+    for query, field in (("order=sideways", "order"), ("order=newest&state=running", "order")):
+        status, error = await h.call("GET", f"/v1/sagas?{query}")
+        assert status == 400 and error["error"]["field"] == field
