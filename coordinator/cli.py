@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
                        help="let requests without credentials do anything (development only; default: "
                             "every request needs the admin token or an agent's signature)")
+    serve.add_argument("--chaos-dir", dest="chaos_dir", metavar="PATH",
+                       help="chaos runs (python -m chaos.run --out) the dashboard shows (default <data-dir>/chaos)")
     serve.add_argument("--admin-token-file", dest="admin_token_file", metavar="PATH",
                        help="file holding the admin credential (or COORD_ADMIN_TOKEN)")
     serve.add_argument("--tls-cert", dest="tls_cert", metavar="PATH",
@@ -101,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
                                   "secret_file", "compaction_entries", "unsafe_stale_reads", "transport_namespace",
                                   "tls_cert", "tls_key", "tls_ca", "allow_anonymous", "admin_token_file",
-                                  "pbft_key_file", "pbft_keyring", "unsafe_pbft_fault")}
+                                  "pbft_key_file", "pbft_keyring", "unsafe_pbft_fault", "chaos_dir")}
     if args.peers:
         overrides["peers"] = args.peers
     if args.transports:

@@ -68,6 +68,8 @@ class NodeConfig:
     # a JSON file {"<node id>": "<public key>", ...} of every member's key
     pbft_key_file: str = ""
     pbft_keyring: str = ""
+    # where the dashboard looks for chaos runs (``python -m chaos.run --out``); default <data_dir>/chaos
+    chaos_dir: str = ""
     unsafe_pbft_fault: str = ""  # chaos demonstrations only: this PBFT node misbehaves (PBFT_FAULTS)
 
     def validate(self) -> NodeConfig:

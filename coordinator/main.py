@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -78,7 +80,8 @@ async def serve(config: NodeConfig) -> None:
     node = make_node(config, peer_ssl)
     await node.start()
     app = make_app(node, AuthSettings(allow_anonymous=config.allow_anonymous, admin_token=config.admin_token or None,
-                                      cluster_secret=config.secret))
+                                      cluster_secret=config.secret),
+                   chaos_dir=Path(config.chaos_dir or os.path.join(config.data_dir, "chaos")))
     if config.allow_anonymous:
         log.warning("anonymous access is allowed: requests without credentials may do anything")
     # handler_cancellation: a long-poll or stream whose client went away must stop

@@ -138,8 +138,10 @@ def main() -> int:
         print("cluster-up: the fault proxy (--proxy, or a proxy started earlier from this directory) is not "
               "supported with engine pbft yet", file=sys.stderr)
         return 1
+    chaos_dir = Path(__file__).resolve().parent.parent / ".chaos"  # python -m chaos.run's default --out
     cluster = LocalCluster(args.dir, base_port=args.base_port, nodes=nodes, engine=engine,
-                           durability=args.durability, proxied=proxied and engine != "pbft", tls=tls, secure=secure)
+                           durability=args.durability, proxied=proxied and engine != "pbft", tls=tls, secure=secure,
+                           extra_args=("--chaos-dir", str(chaos_dir)))
     if args.action == "down":
         stopped = cluster.stop_all()
         print(f"stopped {', '.join(stopped)}" if stopped else "no running nodes found")

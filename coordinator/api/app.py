@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from coordinator.api.access import access_routes
 from coordinator.api.auth import AUTH, AuthSettings, AuthState, auth_middleware
 from coordinator.api.bus import bus_routes
+from coordinator.api.chaos import chaos_routes
 from coordinator.api.errors import error_response, render_error
 from coordinator.api.eventstore import es_routes
-from coordinator.api.keys import METRICS, NODE
+from coordinator.api.keys import CHAOS_DIR, METRICS, NODE
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes
@@ -73,12 +75,14 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def make_app(node: CoordinatorNode, auth: AuthSettings | None = None) -> web.Application:
+def make_app(node: CoordinatorNode, auth: AuthSettings | None = None, *,
+             chaos_dir: Path | None = None) -> web.Application:
     """The application for ``node``; the caller starts and stops the node.
     Without ``auth``, nothing but the public routes answers (secure by default)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES,
                           middlewares=[metrics_middleware, errors_middleware, auth_middleware])
     app[NODE] = node
+    app[CHAOS_DIR] = chaos_dir
     app[AUTH] = AuthState(auth or AuthSettings())
     app[METRICS] = HttpMetrics(node, app[AUTH])
     app.router.add_routes(routes)
@@ -90,5 +94,6 @@ def make_app(node: CoordinatorNode, auth: AuthSettings | None = None) -> web.App
     app.router.add_routes(transform_routes)
     app.router.add_routes(stream_routes)
     app.router.add_routes(ui_routes)
+    app.router.add_routes(chaos_routes)
     app.router.add_get("/metrics", metrics_handler)
     return app

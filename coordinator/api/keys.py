@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -12,3 +13,4 @@ if TYPE_CHECKING:
 
 NODE: web.AppKey[CoordinatorNode] = web.AppKey("node")
 METRICS: web.AppKey[HttpMetrics] = web.AppKey("metrics")
+CHAOS_DIR: web.AppKey[Path | None] = web.AppKey("chaos_dir")

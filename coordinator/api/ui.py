@@ -15,7 +15,7 @@ ui_routes = web.RouteTableDef()
 UI_DIR = Path(__file__).with_name("ui")
 FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
-           "Content-Security-Policy": "default-src 'self'; connect-src 'self'; img-src 'self' data:"}
+           "Content-Security-Policy": "default-src 'self'; connect-src 'self'; img-src 'self' data: blob:"}
 
 
 # Read once, when the module is imported (never on the event loop); a fixed

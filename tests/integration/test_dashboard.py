@@ -94,6 +94,23 @@ def _post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return json.loads(response.read())
 
 
+def _chaos_run(run: Path) -> None:
+    """A finished run as ``python -m chaos.run`` leaves it, with a real plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run.mkdir(parents=True)
+    (run / "verdict.json").write_text(json.dumps({"register": {"valid": True}, "locks": {"valid": True}}))
+    (run / "report.txt").write_text("register: 3 ops, linearizable\nlocks: fencing holds\n")
+    figure, axes = plt.subplots(figsize=(6, 2))
+    axes.plot([0, 1, 2], [1.0, 3.0, 2.0])
+    axes.set_xlabel("s")
+    figure.savefig(run / "latency.png")
+    plt.close(figure)
+
+
 def _shot(driver: Any, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
@@ -105,6 +122,7 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     cluster = make_cluster()
     old = cluster.wait_leader()
     follower = next(n for n in cluster.members if n != old)
+    _chaos_run(cluster.dir / follower / "chaos" / "20261127-101010")  # the node's default chaos directory
     browser.get(cluster.url(follower) + "/ui")
     roles = _until("three members and one leader", lambda: (r := _roles(browser)) and len(r) == 3
                    and list(r.values()).count("leader") == 1 and r)
@@ -158,6 +176,15 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     assert "saga.started" in history and "saga.compensated" in history
     browser.execute_script("document.getElementById('sagas').scrollIntoView()")
     _shot(browser, "sagas")
+
+    # the chaos panel: the run found in the node's chaos directory, its report and plot
+    browser.find_element(By.CSS_SELECTOR, "#chaos-table tr[data-run='20261127-101010'] button").click()
+    _until("the run's report", lambda: "3 ops, linearizable" in browser.find_element(By.ID, "chaos-report").text)
+    _until("the run's plot", lambda: browser.execute_script(
+        "const img = document.getElementById('chaos-plot'); return !img.hidden && img.naturalWidth > 0;"))
+    assert "passed" in _rows(browser, "chaos-table", "run")["20261127-101010"]
+    browser.execute_script("document.getElementById('chaos').scrollIntoView()")
+    _shot(browser, "chaos")
 
     browser.set_window_size(420, 800)  # a narrow window: the tables scroll, the page does not break
     _shot(browser, "narrow")

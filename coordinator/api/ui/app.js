@@ -228,6 +228,55 @@ async function showSaga(id) {
   }
 }
 
+// -- chaos runs -------------------------------------------------------------------------------
+
+async function refreshChaos() {
+  const page = await getJSON("/v1/chaos/runs");
+  $("chaos-where").textContent = page.directory
+    ? "From " + page.directory + " (python -m chaos.run --out there)." : "No chaos directory on this node.";
+  const body = $("chaos-table").tBodies[0];
+  body.replaceChildren();
+  for (const run of page.runs) {
+    const row = document.createElement("tr");
+    row.dataset.run = run.run;
+    const name = document.createElement("td");
+    const open = document.createElement("button");
+    open.className = "link";
+    open.textContent = runTime(run.run);
+    open.addEventListener("click", () => showChaos(run.run).catch(report));
+    name.appendChild(open);
+    row.appendChild(name);
+    const verdict = run.valid === true ? "passed" : run.valid === false ? "FAILED" : "no verdict";
+    cell(row, verdict, run.valid === true ? "ok" : run.valid === false ? "bad" : "warn");
+    cell(row, Object.entries(run.checks).map(([check, ok]) => `${check}: ${ok ? "ok" : "failed"}`).join(", "));
+    body.appendChild(row);
+  }
+  emptyRow(body, 3, "no runs yet");
+}
+
+function runTime(name) {  // chaos.run names a run by its start: 20261127-101010
+  const m = /^(\d{4})(\d{2})(\d{2})-(\d{2})(\d{2})(\d{2})$/.exec(name);
+  return m ? `${m[1]}-${m[2]}-${m[3]} ${m[4]}:${m[5]}:${m[6]}` : name;
+}
+
+async function showChaos(name) {
+  const run = await getJSON("/v1/chaos/runs/" + encodeURIComponent(name));
+  $("chaos-detail").hidden = false;
+  $("chaos-detail-title").textContent = `${runTime(run.run)}: ${run.valid === true ? "passed" : run.valid === false
+    ? "FAILED" : "no verdict"}`;
+  $("chaos-report").textContent = run.report || "(no report)";
+  const plot = $("chaos-plot");
+  plot.hidden = true;
+  if (run.has_plot) {
+    const response = await fetch(`/v1/chaos/runs/${encodeURIComponent(name)}/latency.png`, { headers: headers() });
+    if (response.ok) {
+      if (plot.src) URL.revokeObjectURL(plot.src);
+      plot.src = URL.createObjectURL(await response.blob());
+      plot.hidden = false;
+    }
+  }
+}
+
 // -- live: one SSE stream of the cluster's events, read with fetch -----------------------------
 
 async function follow() {
@@ -320,7 +369,8 @@ $("agent-filter").addEventListener("input", renderAgents);
 
 async function start() {
   try {
-    await Promise.all([refreshCluster(), loadLeaderChanges(), refreshAgents(), refreshBus(), refreshSagas()]);
+    await Promise.all([refreshCluster(), loadLeaderChanges(), refreshAgents(), refreshBus(), refreshSagas(),
+                       refreshChaos()]);
   } catch (error) {
     report(error);
     if (error instanceof NeedsLogin) return;

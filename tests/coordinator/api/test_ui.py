@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
 from tests.coordinator.api.conftest import Harness, HarnessFactory
 
@@ -46,3 +49,42 @@ async def test_newest_sagas_first(h: Harness) -> None:
     for query, field in (("order=sideways", "order"), ("order=newest&state=running", "order")):
         status, error = await h.call("GET", f"/v1/sagas?{query}")
         assert status == 400 and error["error"]["field"] == field
+
+
+PNG_1X1 = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                        "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+
+
+def make_run(directory, name: str, verdict: dict, plot: bool = True) -> None:
+    run = directory / name
+    run.mkdir(parents=True)
+    (run / "verdict.json").write_text(json.dumps(verdict))
+    (run / "report.txt").write_text(f"report of {name}\n")
+    if plot:
+        (run / "latency.png").write_bytes(PNG_1X1)
+
+
+async def test_chaos_runs(h: Harness, aiohttp_client, tmp_path) -> None:
+    make_run(tmp_path, "20261127-101010", {"register": {"valid": True}, "locks": {"valid": True}})
+    make_run(tmp_path, "20261127-111111", {"bus": {"valid": False}}, plot=False)
+    (tmp_path / "notarun").mkdir()
+    (tmp_path / "20261127-121212").mkdir()  # no verdict yet: a run still going
+    http = await aiohttp_client(make_app(h.node, AuthSettings(allow_anonymous=True), chaos_dir=tmp_path))
+    async with http.get("/v1/chaos/runs") as response:
+        page = await response.json()
+    assert [(r["run"], r["valid"], r["has_plot"]) for r in page["runs"]] == [
+        ("20261127-111111", False, False), ("20261127-101010", True, True)]
+    assert page["runs"][1]["checks"] == {"register": True, "locks": True}
+    async with http.get("/v1/chaos/runs/20261127-101010") as response:
+        assert (await response.json())["report"] == "report of 20261127-101010\n"
+    async with http.get("/v1/chaos/runs/20261127-101010/latency.png") as response:
+        assert response.content_type == "image/png" and await response.read() == PNG_1X1
+    for path in ("/v1/chaos/runs/20261127-111111/latency.png", "/v1/chaos/runs/notarun",
+                 "/v1/chaos/runs/..%2F..%2Fetc", "/v1/chaos/runs/20261127-121212"):
+        async with http.get(path) as response:
+            assert response.status == 404, path
+
+
+async def test_no_chaos_directory(h: Harness) -> None:
+    _, page = await h.call("GET", "/v1/chaos/runs", expect=200)
+    assert page == {"directory": None, "runs": []}
