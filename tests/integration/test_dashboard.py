@@ -111,6 +111,14 @@ def _chaos_run(run: Path) -> None:
     plt.close(figure)
 
 
+def _click(driver: Any, selector: str) -> None:
+    """Find and click in one script: the page re-renders its tables on events,
+    so an element found by one call may be gone by the next."""
+    _until(f"{selector} to click", lambda: driver.execute_script(
+        "const el = document.querySelector(arguments[0]); if (!el) return false; el.focus(); el.click(); "
+        "return true;", selector))
+
+
 def _shot(driver: Any, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
@@ -145,7 +153,7 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     assert _post(cluster.url(follower), "/v1/agents", {"id": "dash-agent-1", "type": "planner", "ttl_s": 60})["id"]
     agents = _until("the agent in the table", lambda: (a := _rows(browser, "agent-table", "agent"))
                     and "dash-agent-1" in a and a)
-    assert "planner" in agents["dash-agent-1"]
+    assert "planner" in agents["dash-agent-1"] and "closed" in agents["dash-agent-1"]  # its breaker, this node
     search = browser.find_element(By.ID, "agent-filter")
     search.send_keys("no-such-agent")
     _until("the filter to hide it", lambda: "dash-agent-1" not in _rows(browser, "agent-table", "agent"))
@@ -170,7 +178,7 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
         {"id": "charge", "action": {"kind": "agent", "agent_type": "nobody"},
          "retry": {"max_attempts": 1, "backoff_s": 0, "backoff_max_s": 0}, "timeout_s": 1}]})
     _until("the saga's end", lambda: "compensated" in _rows(browser, "saga-table", "saga").get(saga["id"], ""))
-    browser.find_element(By.CSS_SELECTOR, f"#saga-table tr[data-saga='{saga['id']}'] button").click()
+    _click(browser, f"#saga-table tr[data-saga='{saga['id']}'] button")
     history = _until("the saga's history", lambda: (t := browser.find_element(By.ID, "saga-history").text)
                      and "saga.step.failed charge" in t and t)
     assert "saga.started" in history and "saga.compensated" in history
@@ -178,7 +186,7 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     _shot(browser, "sagas")
 
     # the chaos panel: the run found in the node's chaos directory, its report and plot
-    browser.find_element(By.CSS_SELECTOR, "#chaos-table tr[data-run='20261127-101010'] button").click()
+    _click(browser, "#chaos-table tr[data-run='20261127-101010'] button")
     _until("the run's report", lambda: "3 ops, linearizable" in browser.find_element(By.ID, "chaos-report").text)
     _until("the run's plot", lambda: browser.execute_script(
         "const img = document.getElementById('chaos-plot'); return !img.hidden && img.naturalWidth > 0;"))

@@ -98,7 +98,10 @@ function renderLeaderChanges() {
 // -- agents -----------------------------------------------------------------------------------
 
 async function refreshAgents() {
-  state.agents = (await getJSON("/v1/agents")).agents;
+  const [agents, services] = await Promise.all([getJSON("/v1/agents"), getJSON("/v1/services")]);
+  const balanced = {};
+  for (const service of services.services) for (const a of service.agents) balanced[a.id] = a;
+  state.agents = agents.agents.map((a) => ({ ...a, balancer: balanced[a.id] || null }));
   renderAgents();
 }
 
@@ -118,10 +121,13 @@ function renderAgents() {
                        "num");
     if (a.lease_remaining_s === null) lease.title = "Leases are kept by the leader; this node does not know the rest.";
     cell(row, a.weight, "num");
+    cell(row, a.balancer ? a.balancer.inflight : null, "num");
+    const breaker = a.balancer ? a.balancer.breaker.state : null;
+    cell(row, breaker && breaker.replace("_", " "), breaker === "open" ? "bad" : breaker === "half_open" ? "warn" : "");
     cell(row, a.endpoint);
     body.appendChild(row);
   }
-  emptyRow(body, 6, state.agents.length ? "no agent matches the filter" : "no agents registered");
+  emptyRow(body, 8, state.agents.length ? "no agent matches the filter" : "no agents registered");
   const total = state.agents.length;
   $("agent-count").textContent = (shown.length === total ? String(total) : `${shown.length} of ${total}`)
     + (total === 1 ? " agent" : " agents");
