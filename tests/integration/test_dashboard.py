@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium (Debian's chromium, driven by
 Selenium through Debian's chromedriver) against three real nodes: three
 members and one leader; the leader's process killed and the new leader shown
-without a reload; an agent joining and appearing in the agents table.
+without a reload; an agent joining and appearing in the agents table; the
+bus, sagas and chaos panels; and, with auth on, the admin-token login.
 Screenshots go to artifacts/ui/ (ignored by git)."""
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     cluster = make_cluster()
     old = cluster.wait_leader()
     follower = next(n for n in cluster.members if n != old)
+    browser.set_window_size(1280, 800)
     _chaos_run(cluster.dir / follower / "chaos" / "20261127-101010")  # the node's default chaos directory
     browser.get(cluster.url(follower) + "/ui")
     roles = _until("three members and one leader", lambda: (r := _roles(browser)) and len(r) == 3
@@ -197,3 +199,25 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     browser.set_window_size(420, 800)  # a narrow window: the tables scroll, the page does not break
     _shot(browser, "narrow")
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 440
+
+
+def test_with_auth_on_the_dashboard_asks_for_the_token(make_cluster, browser) -> None:
+    from selenium.webdriver.common.by import By
+
+    cluster = make_cluster(secure=True)
+    cluster.wait_leader()
+    browser.set_window_size(1280, 800)
+    browser.get(cluster.url(cluster.members[0]) + "/ui")
+    _until("the login form", lambda: browser.execute_script("return !document.getElementById('login').hidden"))
+    assert _roles(browser) == {}  # nothing shown without a credential
+    token = browser.find_element(By.ID, "token")
+    token.send_keys("not-the-token")
+    _click(browser, "#login-form button")
+    _until("the refusal", lambda: "not accepted" in browser.find_element(By.ID, "login-error").text)
+    token.clear()
+    token.send_keys(cluster.admin_token)
+    _click(browser, "#login-form button")
+    _until("three members after signing in", lambda: len(_roles(browser)) == 3)
+    _until("the live stream with the token", lambda: browser.find_element(By.ID, "live").text == "live")
+    assert browser.execute_script("return document.getElementById('login').hidden")
+    _shot(browser, "signed-in")
