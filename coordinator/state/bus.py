@@ -33,7 +33,7 @@ from coordinator.errors import InvariantError
 from coordinator.state import filters
 from coordinator.state.base import ApplyContext, Rejected, check_int, check_number, check_str, invalid
 from coordinator.state.messages import GUARANTEES, MAX_ID_LEN, in_batch, normalize
-from coordinator.state.projections import scalar_key
+from coordinator.state.projections import lookup, scalar_key
 from coordinator.state.topics import check_pattern, check_topic, is_pattern, matches
 from coordinator.types import Event
 
@@ -1254,12 +1254,7 @@ def check_key_path(value: Any) -> str:
 
 def message_key(message: dict[str, Any], path: str) -> str | None:
     """The ordering key of a message (a scalar's text), None when it has none."""
-    value: Any = message
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return scalar_key(value)
+    return scalar_key(lookup(message, path))
 
 
 def check_publishable_topic(topic: str) -> None:

@@ -31,7 +31,7 @@ from coordinator.state.base import (
 )
 from coordinator.state.bus import MAX_FETCH, RESERVED_PREFIXES, Bus, BusLimits, check_publishable
 from coordinator.state.events import EventLog
-from coordinator.state.eventstore import EventStore, EventStoreLimits, category_of
+from coordinator.state.eventstore import EventStore, EventStoreLimits, StoredEvent, category_of
 from coordinator.state.kv import KvStore
 from coordinator.state.locks import Lock, Locks
 from coordinator.state.messages import normalize
@@ -41,7 +41,7 @@ from coordinator.state.sagas import SagaLimits, Sagas
 from coordinator.state.streams import Emission, StreamLimits, Streams
 from coordinator.state.topics import matches
 from coordinator.state.transforms import Outcome, Transforms
-from coordinator.types import COMMAND_VERSION, Command, Result
+from coordinator.types import COMMAND_VERSION, Command, Event, Result
 
 SNAPSHOT_VERSION = 1
 MIN_TTL_MS = 1_000
@@ -128,7 +128,7 @@ class StateMachine:
                 self.bus.publish_events(ctx, ctx.events)
                 if self.projections.has_topic_sources():
                     for event in ctx.events:
-                        self.projections.feed_topic(Folded(event.type, event.data, event.time_ms, event.index))
+                        self.projections.feed_topic(_folded_event(event))
         except Rejected as rejected:
             error = (rejected.code, rejected.message)
             if ctx.events or ctx.changes:
@@ -142,9 +142,8 @@ class StateMachine:
     def _run_streams(self, ctx: ApplyContext) -> None:
         """After a command: its cluster events into the stream processors, the
         windows and deadlines its time closed, then what they emitted."""
-        for event in list(ctx.events):
-            ctx.derived += self.streams.feed("topic", event.type, Folded(event.type, event.data, event.time_ms,
-                                                                         event.index))
+        for event in ctx.events:
+            ctx.derived += self.streams.feed("topic", event.type, _folded_event(event))
         ctx.derived += self.streams.advance(ctx.now_ms)
         for n, emission in enumerate(ctx.derived):
             self._emit_derived(ctx, n, emission)
@@ -231,8 +230,7 @@ class StateMachine:
         """What a projection's source still retains, in the order it was applied."""
         category = definition["source"].get("category")
         if category is not None:
-            return [Folded(e.type, e.data, e.time_ms, e.index, e.position)
-                    for e in self.store.category_since(category, 0, self.store.events_count)]
+            return [_folded_stored(e) for e in self.store.category_since(category, 0, self.store.events_count)]
         pattern = definition["source"]["topic"]
         keyed: list[tuple[tuple[int, int, int], Folded]] = []
         for name, topic in self.bus.topics.items():
@@ -245,8 +243,7 @@ class StateMachine:
                                                                   body.index)))
         for event in self.events.since(self.events.first_seq, self.limits.events_retained):
             if matches(pattern, event.type):
-                keyed.append(((event.index, 1, event.seq), Folded(event.type, event.data, event.time_ms,
-                                                                   event.index)))
+                keyed.append(((event.index, 1, event.seq), _folded_event(event)))
         keyed.sort(key=lambda pair: pair[0])
         return [folded for _, folded in keyed]
 
@@ -538,6 +535,7 @@ def _bus_publish(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> A
         outcomes = [_routable(sm.transforms.apply(topic, m), topic, m, agent_exists) for m in messages]
         sm.bus.check_routes(topic, [o.topic for o in outcomes])
     result = sm.bus.publish(ctx, topic, messages, outcomes)
+    to_projections = sm.projections.has_topic_sources()
     for i, out in enumerate(result["messages"]):
         if out.get("duplicate"):
             continue
@@ -550,7 +548,7 @@ def _bus_publish(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> A
         if stored["type"] != "event":
             continue
         folded = Folded(out.get("topic", topic), stored["payload"], ctx.now_ms, ctx.index)
-        if sm.projections.has_topic_sources():
+        if to_projections:
             sm.projections.feed_topic(folded)
         if sm.streams.items:
             ctx.derived += sm.streams.feed("topic", folded.type, folded)
@@ -723,6 +721,16 @@ def _saga_cancel(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> A
 
 # -- event store and projections -----------------------------------------------------------
 
+def _folded_event(event: Event) -> Folded:
+    """A cluster event as projections and stream processors see it."""
+    return Folded(event.type, event.data, event.time_ms, event.index)
+
+
+def _folded_stored(event: StoredEvent) -> Folded:
+    """An event of the store as projections and stream processors see it (with its position)."""
+    return Folded(event.type, event.data, event.time_ms, event.index, event.position)
+
+
 def _from_event_log(message: dict[str, Any]) -> bool:
     """A cluster event the bus carried (``Bus.publish_events``): projections take it from the event log."""
     return message["source"] == "coordinator" and message["id"] == f"event-{message['headers'].get('seq')}"
@@ -733,7 +741,7 @@ def _es_append(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any
     result, stored = sm.store.append(ctx, args)
     category = category_of(result["stream"])
     if stored and category is not None:
-        folded = [Folded(e.type, e.data, e.time_ms, e.index, e.position) for e in stored]
+        folded = [_folded_stored(e) for e in stored]
         sm.projections.feed_category(category, folded)
         if sm.streams.items:
             for event in folded:

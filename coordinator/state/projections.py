@@ -260,19 +260,13 @@ class Projection:
                 "from_position": self.from_position, "from_index": self.from_index}
 
     def to_data(self) -> list[Any]:
-        acc = self.acc
-        if self.definition["fold"] == "set":  # dict keys of a set are texts, the values keep their type
-            acc = {k: list(v.items()) for k, v in acc.items()} if self.definition["group_by"] else list(acc.items())
-        return [self.name, self.definition, self.created_index, acc, self.events, self.skipped, self.overflow,
+        # a set's accumulator is a dict keyed by texts: the codec carries it as it is
+        return [self.name, self.definition, self.created_index, self.acc, self.events, self.skipped, self.overflow,
                 self.position, self.index, self.time_ms, self.rebuilt_index, self.from_position, self.from_index]
 
     @classmethod
     def from_data(cls, row: list[Any]) -> Projection:
-        projection = cls(*row)
-        if projection.definition["fold"] == "set":
-            acc = projection.acc
-            projection.acc = {k: dict(v) for k, v in acc.items()} if projection.definition["group_by"] else dict(acc)
-        return projection
+        return cls(*row)
 
 
 @dataclass(slots=True)

@@ -29,6 +29,16 @@ function emptyRow(body, columns, text) {
   body.appendChild(row);
 }
 
+function linkCell(row, text, onClick) {  // a cell holding a button that opens the row's details
+  const td = document.createElement("td");
+  const open = document.createElement("button");
+  open.className = "link";
+  open.textContent = text;
+  open.addEventListener("click", onClick);
+  td.appendChild(open);
+  row.appendChild(td);
+}
+
 function cell(row, text, className) {
   const td = document.createElement("td");
   td.textContent = text === null || text === undefined ? "–" : String(text);
@@ -200,13 +210,7 @@ async function refreshSagas() {
   for (const saga of page.sagas) {
     const row = document.createElement("tr");
     row.dataset.saga = saga.id;
-    const name = document.createElement("td");
-    const open = document.createElement("button");
-    open.className = "link";
-    open.textContent = saga.id;
-    open.addEventListener("click", () => showSaga(saga.id));
-    name.appendChild(open);
-    row.appendChild(name);
+    linkCell(row, saga.id, () => showSaga(saga.id).catch(report));
     cell(row, saga.name);
     cell(row, saga.state, saga.state === "completed" ? "ok" : saga.state === "failed-stuck" ? "bad" : "");
     cell(row, new Date(saga.updated_ms).toLocaleTimeString());
@@ -245,13 +249,7 @@ async function refreshChaos() {
   for (const run of page.runs) {
     const row = document.createElement("tr");
     row.dataset.run = run.run;
-    const name = document.createElement("td");
-    const open = document.createElement("button");
-    open.className = "link";
-    open.textContent = runTime(run.run);
-    open.addEventListener("click", () => showChaos(run.run).catch(report));
-    name.appendChild(open);
-    row.appendChild(name);
+    linkCell(row, runTime(run.run), () => showChaos(run.run).catch(report));
     const verdict = run.valid === true ? "passed" : run.valid === false ? "FAILED" : "no verdict";
     cell(row, verdict, run.valid === true ? "ok" : run.valid === false ? "bad" : "warn");
     cell(row, Object.entries(run.checks).map(([check, ok]) => `${check}: ${ok ? "ok" : "failed"}`).join(", "));
