@@ -48,11 +48,19 @@ async def test_window_results_are_neither_lost_nor_duplicated_across_a_leader_ki
         sub = await client.subscribe("stats.ticks", guarantee="at-least-once")
     stop = asyncio.Event()
     writers = [asyncio.create_task(_writer(endpoints[w % 3:] + endpoints[:w % 3], w, stop)) for w in range(3)]
-    await asyncio.sleep(WINDOW_S * 1.5)  # windows open and closing
-    cluster.kill(old)
-    survivors = [n for n in cluster.members if n != old]
-    await asyncio.to_thread(cluster.wait_leader, 30, survivors)
-    await asyncio.sleep(WINDOW_S * 1.5)
+    async with CoordinatorClient(endpoints, timeout_s=15) as client:
+
+        async def windows(emitted: int) -> bool:
+            """At least ``emitted`` window results out and a window open (events still coming)."""
+            processor = await client.processor("per-writer")
+            return processor["emitted"] >= emitted and processor["open_windows"] > 0
+
+        await eventually(lambda: windows(1), 30, "a window closed and others open before the kill")
+        cluster.kill(old)
+        survivors = [n for n in cluster.members if n != old]
+        await asyncio.to_thread(cluster.wait_leader, 30, survivors)
+        emitted = (await client.processor("per-writer"))["emitted"]
+        await eventually(lambda: windows(emitted + 1), 30, "a window closed by the new leader, others open")
     stop.set()
     await asyncio.gather(*writers)
     stopped_at = time.time()
