@@ -17,6 +17,7 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.auth import forward_signer, principal_of
 from coordinator.api.routes import node_of, ok
+from coordinator.api.visibility import visibility
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, Unavailable
 from coordinator.services.bus import NotLeader
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode
@@ -75,7 +76,9 @@ async def topics_list(request: web.Request) -> web.Response:
     await node.read_barrier(s.consistency(request))
     bus = node.applier.machine.bus
     prefix = s.prefix(request)
-    return ok({"topics": [bus.describe_topic(t) for name, t in bus.topics.items() if name.startswith(prefix)]})
+    sees = visibility(request)
+    return ok({"topics": [bus.describe_topic(t) for name, t in bus.topics.items()
+                          if name.startswith(prefix) and sees.topic(name)]})
 
 
 @bus_routes.get("/v1/topics/{topic}")
@@ -83,6 +86,9 @@ async def topics_get(request: web.Request) -> web.Response:
     node = node_of(request)
     name = _topic(request)
     await node.read_barrier(s.consistency(request))
+    sees = visibility(request)
+    if not sees.topic(name):
+        sees.refuse(request, "receive", name, f"it holds none of send, receive and subscribe on topic {name!r}")
     topic = node.applier.machine.bus.topics.get(name)
     if topic is None:
         raise NotFound(f"topic {name!r} has no messages and no settings")
@@ -221,7 +227,9 @@ async def bindings_list(request: web.Request) -> web.Response:
     this node's view of each transport's health (the leader's is the one that drives)."""
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
-    return ok({"bindings": node.transports.bindings(), "transports": await node.transports.health()})
+    sees = visibility(request)
+    return ok({"bindings": [b for b in node.transports.bindings() if sees.topic(b["topic"])],
+               "transports": await node.transports.health()})
 
 
 @bus_routes.put("/v1/transports/{name}")
@@ -323,7 +331,9 @@ async def subscriptions_list(request: web.Request) -> web.Response:
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
     bus = node.applier.machine.bus
-    return ok({"subscriptions": [_subscription(bus, sub) for sub in bus.subscriptions.values()]})
+    sees = visibility(request)
+    return ok({"subscriptions": [_subscription(bus, sub) for sub in bus.subscriptions.values()
+                                 if sees.consumer(sub.agent, bus.consumers[sub.consumer].pattern)]})
 
 
 def _subscription(bus: Any, sub: Any) -> dict[str, Any]:
@@ -339,6 +349,11 @@ async def subscriptions_get(request: web.Request) -> web.Response:
     sub = bus.subscriptions.get(sub_id)
     if sub is None:
         raise NotFound(f"subscription {sub_id!r} does not exist")
+    pattern = bus.consumers[sub.consumer].pattern
+    sees = visibility(request)
+    if not sees.consumer(sub.agent, pattern):
+        sees.refuse(request, "receive", pattern or sub_id, f"subscription {sub_id!r} is another agent's, "
+                    f"on {pattern!r}, where it may not receive")
     return ok(_subscription(bus, sub))
 
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.auth import AUTH, check_proof, forward_signer, principal_of
 from coordinator.api.keys import NODE
+from coordinator.api.visibility import visibility
 from coordinator.crypto import SCHEME_AGENT
 from coordinator.errors import Compacted, CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
 from coordinator.services import watch
@@ -379,7 +380,9 @@ async def events_list(request: web.Request) -> web.Response:
     if from_seq < events.first_seq and from_seq <= events.last_seq:
         raise Compacted(f"event {from_seq} is compacted; the oldest retained is {events.first_seq}",
                         first_seq=events.first_seq)
-    selected = [e for e in events.since(from_seq, limit) if watch.event_matches(e.type, types)]
+    sees = visibility(request)
+    selected = [e for e in events.since(from_seq, limit)
+                if watch.event_matches(e.type, types) and sees.event(e.type, e.data)]
     return ok({"events": [_event(e) for e in selected], "last_seq": events.last_seq})
 
 
@@ -388,7 +391,9 @@ async def events_watch(request: web.Request) -> web.StreamResponse:
     node = node_of(request)
     from_seq = sse_resume(request, "from_seq")
     types = _types(request)
-    stream = watch.watch_events(node.applier, from_seq, types)
+    sees = visibility(request)
+    shown = None if sees.everything else (lambda e: sees.event(e.type, e.data))
+    stream = watch.watch_events(node.applier, from_seq, types, shown)
     return await sse(request, stream, lambda e: (e.seq, e.type, _event(e)))
 
 

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.routes import node_of, ok
+from coordinator.api.visibility import visibility
 from coordinator.errors import InvalidInput, NotFound
 from coordinator.services.proposals import state_error
 from coordinator.state.base import Rejected
@@ -45,6 +46,10 @@ async def get_saga(request: web.Request) -> web.Response:
     saga = node.applier.machine.sagas.sagas.get(saga_id)
     if saga is None:
         raise NotFound(f"saga {saga_id!r} does not exist (or was finished long ago and dropped)")
+    sees = visibility(request)
+    name = saga.definition["name"]
+    if not sees.saga(name):
+        sees.refuse(request, "saga", name, f"saga {saga_id!r} is a {name!r} saga, which it may not start")
     return ok(saga.describe())
 
 
@@ -63,8 +68,11 @@ async def list_sagas(request: web.Request) -> web.Response:
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
     sagas = node.applier.machine.sagas
-    page = sagas.newest(limit) if order == "newest" else sagas.list(state, limit, after)
-    body: dict[str, Any] = {"sagas": [saga.describe(history=False) for saga in page], "counts": sagas.counts()}
+    sees = visibility(request)
+    shown = None if sees.everything else (lambda saga: sees.saga(saga.definition["name"]))
+    page = sagas.newest(limit, shown) if order == "newest" else sagas.list(state, limit, after, shown)
+    body: dict[str, Any] = {"sagas": [saga.describe(history=False) for saga in page],
+                            "counts": sagas.counts(shown)}
     body["next"] = page[-1].created_index if len(page) == limit and order == "oldest" else None
     return ok(body)
 

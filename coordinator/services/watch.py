@@ -11,7 +11,7 @@ Loop thread only.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from coordinator.errors import Compacted
 from coordinator.services.applier import Applier
@@ -44,10 +44,11 @@ async def watch_kv(applier: Applier, prefix: str, from_revision: int | None) -> 
         await applier.wait_change(seen)
 
 
-async def watch_events(applier: Applier, from_seq: int | None,
-                       types: tuple[str, ...] = ()) -> AsyncIterator[list[Event]]:
+async def watch_events(applier: Applier, from_seq: int | None, types: tuple[str, ...] = (),
+                       shown: Callable[[Event], bool] | None = None) -> AsyncIterator[list[Event]]:
     """Yield batches of events with seq >= the cursor, optionally only of
-    ``types`` (exact names, or prefixes ending in ``.*``)."""
+    ``types`` (exact names, or prefixes ending in ``.*``) and that ``shown``
+    accepts (the caller's view)."""
     cursor = applier.machine.events.last_seq + 1 if from_seq is None else from_seq
     while True:
         seen = applier.version
@@ -58,7 +59,7 @@ async def watch_events(applier: Applier, from_seq: int | None,
         batch = events.since(cursor, BATCH_MAX)
         if batch:
             cursor = batch[-1].seq + 1
-            selected = [e for e in batch if event_matches(e.type, types)]
+            selected = [e for e in batch if event_matches(e.type, types) and (shown is None or shown(e))]
             if selected:
                 yield selected
             continue

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,7 @@ MAX_BACKOFF_S = 3600.0
 MAX_ERROR_LEN = 1024
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_AGENT_PATH = "/saga"
+Shown = Callable[["Saga"], bool]  # which sagas a listing shows (its caller's view)
 _GENERATED_ID = re.compile(r"saga-[0-9]+")  # saga-<log index>, given to sagas started without an id
 
 
@@ -454,30 +456,34 @@ class Sagas:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def list(self, state: str | None, limit: int, after: int = 0) -> list[Saga]:
+    def list(self, state: str | None, limit: int, after: int = 0, shown: Shown | None = None) -> list[Saga]:
         """Up to ``limit`` sagas created after log index ``after``, oldest
-        first (a cursor that stays valid when sagas are dropped meanwhile)."""
+        first (a cursor that stays valid when sagas are dropped meanwhile);
+        only those ``shown`` accepts, when given."""
         out = []
         for saga in self.sagas.values():  # in creation order
-            if saga.created_index > after and (state is None or saga.state == state):
+            if saga.created_index > after and (state is None or saga.state == state) \
+                    and (shown is None or shown(saga)):
                 out.append(saga)
                 if len(out) >= limit:
                     break
         return out
 
-    def newest(self, limit: int) -> list[Saga]:
-        """The ``limit`` most recently created sagas, newest first."""
+    def newest(self, limit: int, shown: Shown | None = None) -> list[Saga]:
+        """The ``limit`` most recently created sagas (that ``shown`` accepts), newest first."""
         out = []
         for saga in reversed(self.sagas.values()):
-            out.append(saga)
-            if len(out) >= limit:
-                break
+            if shown is None or shown(saga):
+                out.append(saga)
+                if len(out) >= limit:
+                    break
         return out
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, shown: Shown | None = None) -> dict[str, int]:
         out = dict.fromkeys(SAGA_STATES, 0)
         for saga in self.sagas.values():
-            out[saga.state] += 1
+            if shown is None or shown(saga):
+                out[saga.state] += 1
         return out
 
     # -- snapshots ------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""What a caller may see in listings and event streams.
+
+The routes' rules (``auth.RULES``) decide whether a request may be made at
+all; a listing that any authenticated caller may ask for still shows an
+agent only the items its roles reach, as a Consul ACL token filters the
+catalog:
+
+- a topic (and its binding to a broker): when it may ``send``, ``receive``
+  or ``subscribe`` on it;
+- a subscription or group: its own, or one whose pattern it may ``receive``;
+- a saga: when it may start sagas of that name (``saga``);
+- a cluster event: ``saga.*`` events as their saga, ``lock.*`` events when it
+  holds ``lock`` on the name; agent and system events are everyone's
+  (finding each other is what the registry is for).
+
+The admin, and every caller of a node in development mode
+(``--allow-anonymous``), sees everything. Counts that go with a listing
+(sagas by state) are counted over what is shown, so a total never tells
+of items the caller cannot see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from coordinator.api.auth import AUTH, principal_of
+from coordinator.api.keys import NODE
+from coordinator.errors import Forbidden
+from coordinator.state.access import Access
+
+TOPIC_ACTIONS = ("send", "receive", "subscribe")
+
+
+@dataclass(frozen=True, slots=True)
+class Visibility:
+    """One caller's view. ``agent`` is None for a caller who sees everything."""
+
+    access: Access
+    agent: str | None
+
+    @property
+    def everything(self) -> bool:
+        return self.agent is None
+
+    def topic(self, topic: str) -> bool:
+        return self.agent is None or any(self.access.can(self.agent, a, topic) for a in TOPIC_ACTIONS)
+
+    def consumer(self, owner: str | None, pattern: str | None) -> bool:
+        """A subscription (``owner`` the agent that made it) or group over ``pattern``."""
+        if self.agent is None or owner == self.agent:
+            return True
+        return pattern is not None and self.access.can(self.agent, "receive", pattern)
+
+    def refuse(self, request: web.Request, permission: str, resource: str, why: str) -> NoReturn:
+        """A 403 for one item the caller asked for by name and may not see,
+        counted with the other denials."""
+        request.app[AUTH].denied[permission] += 1
+        raise Forbidden(f"agent {self.agent!r} may not see it: {why}", permission=permission, resource=resource)
+
+    def saga(self, name: str) -> bool:
+        return self.agent is None or self.access.can(self.agent, "saga", name)
+
+    def event(self, event_type: str, data: Any) -> bool:
+        if self.agent is None:
+            return True
+        name = data.get("name") if isinstance(data, dict) else None
+        if event_type.startswith("saga."):
+            return isinstance(name, str) and self.saga(name)
+        if event_type.startswith("lock."):
+            return isinstance(name, str) and self.access.can(self.agent, "lock", name)
+        return True
+
+
+def visibility(request: web.Request) -> Visibility:
+    """The view of this request's caller (after the auth middleware ran)."""
+    access = request.app[NODE].applier.machine.access
+    principal = principal_of(request)
+    if principal is None or principal.kind != "agent" or request.app[AUTH].settings.allow_anonymous:
+        return Visibility(access, None)
+    return Visibility(access, principal.agent_id)
