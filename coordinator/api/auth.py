@@ -400,9 +400,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/metrics"): "public",
     ("GET", "/v1/status"): "public",
     ("GET", "/v1/cluster"): "any",
-    ("GET", "/v1/chaos/runs"): "any",
-    ("GET", "/v1/chaos/runs/{run}"): "any",
-    ("GET", "/v1/chaos/runs/{run}/latency.png"): "any",
+    # chaos runs (GET /v1/chaos/runs...) are the operator's: the admin's (paths and ports of the host)
     ("GET", "/ui"): "public",  # the page and its static files hold no data; what they fetch needs credentials
     ("GET", "/ui/{file}"): "public",
     ("POST", "/v1/agents"): "public",  # joining: the handler checks the self-signature and the proof

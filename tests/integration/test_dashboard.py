@@ -2,7 +2,9 @@
 Selenium through Debian's chromedriver) against three real nodes: three
 members and one leader; the leader's process killed and the new leader shown
 without a reload; an agent joining and appearing in the agents table; the
-bus, sagas and chaos panels; and, with auth on, the admin-token login.
+bus, sagas and chaos panels; and, with auth on, the admin-token login and
+an agent's login (requests signed in the browser), which shows only what the
+agent's roles reach.
 Screenshots go to artifacts/ui/ (ignored by git)."""
 
 from __future__ import annotations
@@ -88,9 +90,12 @@ def _roles(driver: Any) -> dict[str, str]:
         "out[row.dataset.member] = row.dataset.role; return out;")
 
 
-def _post(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+def _post(base: str, path: str, body: dict[str, Any], *, method: str = "POST", token: str | None = None
+          ) -> dict[str, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -213,7 +218,7 @@ def test_with_auth_on_the_dashboard_asks_for_the_token(make_cluster, browser) ->
     token = browser.find_element(By.ID, "token")
     token.send_keys("not-the-token")
     _click(browser, "#login-form button")
-    _until("the refusal", lambda: "not accepted" in browser.find_element(By.ID, "login-error").text)
+    _until("the refusal", lambda: "admin token is not valid" in browser.find_element(By.ID, "login-error").text)
     token.clear()
     token.send_keys(cluster.admin_token)
     _click(browser, "#login-form button")
@@ -221,3 +226,74 @@ def test_with_auth_on_the_dashboard_asks_for_the_token(make_cluster, browser) ->
     _until("the live stream with the token", lambda: browser.find_element(By.ID, "live").text == "live")
     assert browser.execute_script("return document.getElementById('login').hidden")
     _shot(browser, "signed-in")
+
+
+def test_an_agent_signs_in_and_sees_only_what_its_roles_reach(make_cluster, browser, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+
+    from coordinator.crypto import AgentKeys
+
+    cluster = make_cluster(secure=True)
+    node = cluster.members[0]
+    base, token = cluster.url(node), cluster.admin_token
+    cluster.wait_leader()
+    keys = AgentKeys.generate()
+    keys.save(tmp_path / "alice.key")
+    _post(base, "/v1/roles/orders-reader", {"permissions": [
+        {"action": "receive", "pattern": "orders.*"}, {"action": "saga", "pattern": "checkout"}]},
+        method="PUT", token=token)
+    _post(base, "/v1/agents", {"id": "alice", "type": "clerk", "public_key": keys.public_key, "ttl_s": 600},
+          token=token)
+    _post(base, "/v1/agents/alice/roles", {"roles": ["orders-reader"]}, method="PUT", token=token)
+    for topic in ("orders.eu", "hr.payroll"):
+        _post(base, "/v1/subscriptions", {"topic": topic}, token=token)
+        _post(base, f"/v1/topics/{topic}/messages", {"payload": {"n": 1}}, token=token)
+    _chaos_run(cluster.dir / node / "chaos" / "20261127-101010")
+
+    browser.set_window_size(1280, 800)
+    browser.get(base + "/ui")
+    browser.execute_script("sessionStorage.clear()")  # nothing kept from the admin's test
+    browser.refresh()
+    _until("the login form", lambda: browser.execute_script("return !document.getElementById('login').hidden"))
+    _click(browser, "#kind-agent")
+    browser.find_element(By.ID, "agent-id").send_keys("alice")
+    key_field = browser.find_element(By.ID, "agent-key")
+    AgentKeys.generate().save(tmp_path / "other.key")
+    key_field.send_keys((tmp_path / "other.key").read_text())  # another agent's key: the signature fails
+    _click(browser, "#login-form button")
+    _until("the refusal", lambda: "does not verify" in browser.find_element(By.ID, "login-error").text)
+    _shot(browser, "agent-login-refused")
+    key_field.clear()
+    key_field.send_keys((tmp_path / "alice.key").read_text())  # the file AgentKeys.save wrote
+    _click(browser, "#login-form button")
+    _until("three members after signing in", lambda: len(_roles(browser)) == 3)
+    _until("the live stream, signed", lambda: browser.find_element(By.ID, "live").text == "live")
+    assert "agent alice" in browser.find_element(By.ID, "who").text
+    assert browser.execute_script("return sessionStorage.getItem('coord-session')").count("alice") == 1
+
+    # only the topic and subscription its role reaches; the chaos panel says it needs the admin
+    _until("the orders topic", lambda: "orders.eu" in _rows(browser, "topic-table", "topic"))
+    assert list(_rows(browser, "topic-table", "topic")) == ["orders.eu"]
+    consumers = _rows(browser, "subscription-table", "consumer")
+    assert len(consumers) == 1 and "orders.eu" in next(iter(consumers.values()))
+    assert "alice" in _rows(browser, "agent-table", "agent")  # the registry is everyone's
+    note = _until("the chaos panel's note", lambda: browser.execute_script(
+        "const n = document.querySelector('#chaos .hidden-note'); return n && n.textContent;"))
+    assert note == "Not shown to agent alice: this needs the admin."
+    assert browser.execute_script("return document.querySelector('#chaos .body').hidden")
+
+    # sagas started now: the checkout one appears live, the refund one never does
+    steps = [{"id": "s1", "action": {"kind": "topic", "topic": "orders.eu"}}]
+    refund = _post(base, "/v1/sagas", {"name": "refund", "steps": steps}, token=token)
+    checkout = _post(base, "/v1/sagas", {"name": "checkout", "steps": steps}, token=token)
+    _until("the checkout saga", lambda: checkout["id"] in _rows(browser, "saga-table", "saga"))
+    assert refund["id"] not in _rows(browser, "saga-table", "saga")
+    counts = browser.find_element(By.ID, "saga-counts").text
+    assert sum(int(part.rsplit(": ", 1)[1]) for part in counts.split(" · ")) == 1, counts
+    _shot(browser, "agent-signed-in")
+    browser.execute_script("document.getElementById('bus').scrollIntoView()")
+    _shot(browser, "agent-bus-sagas-chaos")
+
+    _click(browser, "#sign-out")
+    _until("the login form again", lambda: browser.execute_script(
+        "return !document.getElementById('login').hidden && sessionStorage.getItem('coord-session') === null"))

@@ -5,20 +5,75 @@
 // counts, backlogs) are refreshed on one timer.
 "use strict";
 
-const state = { token: sessionStorage.getItem("coord-token"), agents: [], leaderChanges: [] };
+// The credential: the admin token, or an agent's id and Ed25519 key (requests
+// signed in the browser with WebCrypto, as the Python client signs them). Kept
+// in sessionStorage: this tab only, gone when it closes, cleared by "Sign out".
+const state = { session: JSON.parse(sessionStorage.getItem("coord-session") || "null"), signer: null,
+                clockOffsetMs: 0, agents: [], leaderChanges: [] };
 const $ = (id) => document.getElementById(id);
 
-function headers() {
-  return state.token ? { Authorization: "Bearer " + state.token } : {};
+class NeedsLogin extends Error {}
+class Hidden extends Error {  // a 403: this credential may not see it
+  constructor(path, error) { super(error.message || path); this.error = error; }
 }
 
-class NeedsLogin extends Error {}
+async function headers(method, path) {  // path: as sent, with its query
+  const session = state.session;
+  if (!session) return {};
+  if (session.kind === "admin") return { Authorization: "Bearer " + session.token };
+  state.signer = state.signer || await importAgentKey(session.seed);
+  const url = new URL(path, location.origin);
+  const ts = String(Date.now() + state.clockOffsetMs);
+  const nonce = base64(crypto.getRandomValues(new Uint8Array(18))).replace(/\+/g, "-").replace(/\//g, "_");
+  const bodyDigest = hex(await crypto.subtle.digest("SHA-256", new Uint8Array()));  // the dashboard only reads
+  const text = ["COORD-ED25519-V1", method, location.host, url.pathname + url.search, ts, nonce, bodyDigest]
+    .join("\n");
+  const sig = base64(await crypto.subtle.sign("Ed25519", state.signer, new TextEncoder().encode(text)));
+  return { Authorization: `Coord-Ed25519 agent="${session.id}", ts="${ts}", nonce="${nonce}", sig="${sig}"` };
+}
+
+async function get(path) {
+  return fetch(path, { headers: await headers("GET", path) });
+}
 
 async function getJSON(path) {
-  const response = await fetch(path, { headers: headers() });
-  if (response.status === 401 || response.status === 403) throw new NeedsLogin(path);
+  const response = await get(path);
+  if (response.status === 401) throw new NeedsLogin(path);
+  if (response.status === 403) throw new Hidden(path, ((await response.json()).error) || {});
   if (!response.ok) throw new Error(path + ": " + response.status);
   return response.json();
+}
+
+// -- an agent's key in the browser -----------------------------------------------------------
+
+const PKCS8_ED25519 = [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+
+function base64(bytes) { return btoa(String.fromCharCode(...new Uint8Array(bytes))); }
+function unbase64(text) { return Uint8Array.from(atob(text), (c) => c.charCodeAt(0)); }
+function hex(bytes) { return [...new Uint8Array(bytes)].map((b) => b.toString(16).padStart(2, "0")).join(""); }
+
+function seedOf(text) {  // the key file written by AgentKeys.save, or its seed alone (base64)
+  let seed = text.trim();
+  if (seed.startsWith("{")) {
+    try { seed = JSON.parse(seed).seed; } catch { throw new Error("That is not an agent key file (not JSON)."); }
+    if (typeof seed !== "string") throw new Error("That key file has no seed.");
+  }
+  let bytes;
+  try { bytes = unbase64(seed); } catch { throw new Error("The key is not base64."); }
+  if (bytes.length !== 32) throw new Error("The key is not an Ed25519 seed (32 bytes).");
+  return seed;
+}
+
+async function importAgentKey(seed) {
+  if (!window.isSecureContext || !crypto.subtle) {
+    throw new Error("Signing needs a secure context: open the dashboard over https, or on 127.0.0.1.");
+  }
+  const pkcs8 = new Uint8Array([...PKCS8_ED25519, ...unbase64(seed)]);
+  try {
+    return await crypto.subtle.importKey("pkcs8", pkcs8, { name: "Ed25519" }, false, ["sign"]);
+  } catch {
+    throw new Error("This browser cannot sign with Ed25519 (WebCrypto); use the admin token.");
+  }
 }
 
 function emptyRow(body, columns, text) {
@@ -272,7 +327,7 @@ async function showChaos(name) {
   const plot = $("chaos-plot");
   plot.hidden = true;
   if (run.has_plot) {
-    const response = await fetch(`/v1/chaos/runs/${encodeURIComponent(name)}/latency.png`, { headers: headers() });
+    const response = await get(`/v1/chaos/runs/${encodeURIComponent(name)}/latency.png`);
     if (response.ok) {
       if (plot.src) URL.revokeObjectURL(plot.src);
       plot.src = URL.createObjectURL(await response.blob());
@@ -288,7 +343,7 @@ async function follow() {
   for (;;) {
     try {
       const query = lastId === null ? "" : "?from_seq=" + (lastId + 1);
-      const response = await fetch("/v1/watch/events" + query, { headers: headers() });
+      const response = await get("/v1/watch/events" + query);
       if (response.status === 401 || response.status === 403) throw new NeedsLogin("watch");
       if (!response.ok || !response.body) throw new Error("watch: " + response.status);
       setLive("live");
@@ -336,9 +391,9 @@ function onEvent(event) {
     state.leaderChanges = [...state.leaderChanges, event.data].slice(-20);
     renderLeaderChanges();
   }
-  if (event.type.startsWith("system.")) refreshCluster().catch(report);
-  if (event.type.startsWith("agent.")) refreshAgents().catch(report);
-  if (event.type.startsWith("saga.")) refreshSagas().catch(report);
+  if (event.type.startsWith("system.")) refresh("cluster", refreshCluster);
+  if (event.type.startsWith("agent.")) refresh("agents", refreshAgents);
+  if (event.type.startsWith("saga.")) refresh("sagas", refreshSagas);
 }
 
 function setLive(text) { $("live").textContent = text; }
@@ -348,42 +403,132 @@ function report(error) {
   else setLive("error: " + error.message);
 }
 
-// -- login ------------------------------------------------------------------------------------
+// -- panels: each filled by its reads; one the credential may not see says so -----------------
+
+const PANELS = {
+  cluster: [refreshCluster, loadLeaderChanges],
+  agents: [refreshAgents],
+  bus: [refreshBus],
+  sagas: [refreshSagas],
+  chaos: [refreshChaos],
+};
+
+async function refresh(name, ...reads) {  // false when the credential was refused (the login is shown)
+  try {
+    await Promise.all((reads.length ? reads : PANELS[name]).map((read) => read()));
+    showHidden(name, null);
+  } catch (error) {
+    if (error instanceof Hidden) showHidden(name, error.error);
+    else report(error);
+    return !(error instanceof NeedsLogin);
+  }
+  return true;
+}
+
+function showHidden(name, error) {  // error: the 403's body (permission, resource), or null when shown
+  const section = $(name);
+  let note = section.querySelector(".hidden-note");
+  section.querySelector(".body").hidden = error !== null;
+  if (error === null) { if (note) note.remove(); return; }
+  if (!note) {
+    note = document.createElement("p");
+    note.className = "hidden-note";
+    section.querySelector("h2").after(note);
+  }
+  const needs = error.permission === "admin" ? "the admin" : `${error.permission} on ${error.resource}`;
+  note.textContent = `Not shown to ${whoText()}: this needs ${needs}.`;
+}
+
+// -- signing in -------------------------------------------------------------------------------
+
+function whoText() {
+  const session = state.session;
+  return !session ? "anyone" : session.kind === "admin" ? "the admin" : `agent ${session.id}`;
+}
+
+function showWho() {
+  $("who").textContent = state.session ? "signed in as " + whoText() : "";
+  $("sign-out").hidden = !state.session;
+}
 
 function showLogin() {
   $("login").hidden = false;
-  $("token").focus();
+  chooseKind();
+}
+
+function chooseKind() {
+  const agent = $("kind-agent").checked;
+  $("admin-fields").hidden = agent;
+  $("agent-fields").hidden = !agent;
+  $("token").required = !agent;
+  $("agent-id").required = agent;
+  $("agent-key").required = agent;
+  (agent ? $("agent-id") : $("token")).focus();
+}
+
+async function measureClock() {  // signatures carry a time the node accepts within 30 s of its own
+  const response = await fetch("/v1/status");
+  const date = Date.parse(response.headers.get("Date") || "");
+  const offset = Number.isNaN(date) ? 0 : date - Date.now();
+  state.clockOffsetMs = Math.abs(offset) > 2000 ? offset : 0;
 }
 
 $("login-form").addEventListener("submit", async (submitted) => {
   submitted.preventDefault();
-  state.token = $("token").value.trim();
+  $("login-error").textContent = "";
+  let session;
   try {
-    await getJSON("/v1/cluster");
-    sessionStorage.setItem("coord-token", state.token);
-    $("login").hidden = true;
-    $("login-error").textContent = "";
-    start();
+    session = $("kind-agent").checked
+      ? { kind: "agent", id: $("agent-id").value.trim(), seed: seedOf($("agent-key").value) }
+      : { kind: "admin", token: $("token").value.trim() };
+    state.session = session;
+    state.signer = null;
+    if (session.kind === "agent") {
+      state.signer = await importAgentKey(session.seed);
+      await measureClock();
+    }
+    const response = await get("/v1/cluster");
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error((body.error && body.error.message) || "refused: " + response.status);
+    }
   } catch (error) {
-    $("login-error").textContent = "That token was not accepted.";
+    state.session = null;
+    state.signer = null;
+    $("login-error").textContent = "Not accepted: " + error.message;
+    return;
   }
+  sessionStorage.setItem("coord-session", JSON.stringify(session));
+  $("token").value = "";
+  $("agent-key").value = "";
+  $("login").hidden = true;
+  showWho();
+  start();
+});
+
+$("kind-admin").addEventListener("change", chooseKind);
+$("kind-agent").addEventListener("change", chooseKind);
+$("agent-key-file").addEventListener("change", async () => {
+  const file = $("agent-key-file").files[0];
+  if (file) $("agent-key").value = (await file.text()).slice(0, 4096);
+});
+
+$("sign-out").addEventListener("click", () => {
+  sessionStorage.removeItem("coord-session");
+  location.reload();  // drops the key, the stream and every panel's data with the page
 });
 
 $("agent-filter").addEventListener("input", renderAgents);
 
 async function start() {
-  try {
-    await Promise.all([refreshCluster(), loadLeaderChanges(), refreshAgents(), refreshBus(), refreshSagas(),
-                       refreshChaos()]);
-  } catch (error) {
-    report(error);
-    if (error instanceof NeedsLogin) return;
-  }
+  showWho();
+  const shown = await Promise.all(Object.keys(PANELS).map((name) => refresh(name)));
+  if (!shown.every(Boolean)) return;  // needs a login: the form is shown
   if (state.following) return;
   state.following = true;
   follow();
   // Counters that move without events (indexes, publish counts, backlogs): one timer for both panels.
-  setInterval(() => Promise.all([refreshCluster(), refreshBus()]).catch(report), 5000);
+  setInterval(() => { refresh("cluster", refreshCluster); refresh("bus"); }, 5000);
 }
 
 start();

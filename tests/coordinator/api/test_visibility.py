@@ -188,3 +188,10 @@ async def test_denied_lookups_are_counted(world: dict[str, Any]) -> None:
     await denied(h, MALLORY, f"/v1/sagas/{world['sagas']['refund']}")
     text = await (await h.http.get("/metrics")).text()
     assert 'coord_auth_denied_total{permission="saga"} 1.0' in text, json.dumps(text[-400:])
+
+
+async def test_chaos_runs_are_the_admins(world: dict[str, Any]) -> None:
+    h = world["h"]
+    error = await denied(h, ALICE, "/v1/chaos/runs")
+    assert (error["permission"], error["resource"]) == ("admin", "/v1/chaos/runs")
+    await as_admin(h, "GET", "/v1/chaos/runs", expect=200)
