@@ -125,6 +125,39 @@ def _click(driver: Any, selector: str) -> None:
         "return true;", selector))
 
 
+CONTRAST_SCRIPT = """
+function rgb(text) { return text.match(/[\\d.]+/g).map(Number); }
+function luminance([r, g, b]) {
+  const c = [r, g, b].map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+  return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2];
+}
+function background(el) {
+  for (; el; el = el.parentElement) {
+    const c = rgb(getComputedStyle(el).backgroundColor);
+    if (c.length < 4 || c[3] > 0) return c;
+  }
+  return [255, 255, 255];
+}
+const low = [];
+for (const el of document.querySelectorAll("body *")) {
+  const text = [...el.childNodes].filter((n) => n.nodeType === 3).map((n) => n.textContent.trim()).join("");
+  if (!text || !el.getClientRects().length) continue;
+  const style = getComputedStyle(el);
+  const [a, b] = [luminance(rgb(style.color)), luminance(background(el))];
+  const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  const size = parseFloat(style.fontSize), bold = Number(style.fontWeight) >= 700;
+  const needed = size >= 24 || (bold && size >= 18.66) ? 3 : 4.5;
+  if (ratio < needed) low.push(`${el.tagName}.${el.className} "${text.slice(0, 30)}" ${ratio.toFixed(2)}`);
+}
+return low;
+"""
+
+
+def _low_contrast(driver: Any) -> list[str]:
+    """Visible text below WCAG AA contrast (4.5:1, large text 3:1) against its background."""
+    return driver.execute_script(CONTRAST_SCRIPT)
+
+
 def _shot(driver: Any, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
@@ -132,6 +165,7 @@ def _shot(driver: Any, name: str) -> None:
 
 def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     cluster = make_cluster()
     old = cluster.wait_leader()
@@ -161,7 +195,9 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     agents = _until("the agent in the table", lambda: (a := _rows(browser, "agent-table", "agent"))
                     and "dash-agent-1" in a and a)
     assert "planner" in agents["dash-agent-1"] and "closed" in agents["dash-agent-1"]  # its breaker, this node
-    search = browser.find_element(By.ID, "agent-filter")
+    browser.find_element(By.TAG_NAME, "body").send_keys("/")  # the shortcut to the filter
+    search = browser.switch_to.active_element
+    assert search.get_attribute("id") == "agent-filter"
     search.send_keys("no-such-agent")
     _until("the filter to hide it", lambda: "dash-agent-1" not in _rows(browser, "agent-table", "agent"))
     search.clear()
@@ -185,7 +221,10 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
         {"id": "charge", "action": {"kind": "agent", "agent_type": "nobody"},
          "retry": {"max_attempts": 1, "backoff_s": 0, "backoff_max_s": 0}, "timeout_s": 1}]})
     _until("the saga's end", lambda: "compensated" in _rows(browser, "saga-table", "saga").get(saga["id"], ""))
-    _click(browser, f"#saga-table tr[data-saga='{saga['id']}'] button")
+    _until("the saga's button focused", lambda: browser.execute_script(
+        "const b = document.querySelector(arguments[0]); if (b) b.focus(); return b && document.activeElement === b;",
+        f"#saga-table tr[data-saga='{saga['id']}'] button"))
+    browser.switch_to.active_element.send_keys(Keys.ENTER)  # opened from the keyboard
     history = _until("the saga's history", lambda: (t := browser.find_element(By.ID, "saga-history").text)
                      and "saga.step.failed charge" in t and t)
     assert "saga.started" in history and "saga.compensated" in history
@@ -201,6 +240,7 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     browser.execute_script("document.getElementById('chaos').scrollIntoView()")
     _shot(browser, "chaos")
 
+    assert _low_contrast(browser) == []
     browser.set_window_size(420, 800)  # a narrow window: the tables scroll, the page does not break
     _shot(browser, "narrow")
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 440
@@ -263,6 +303,7 @@ def test_an_agent_signs_in_and_sees_only_what_its_roles_reach(make_cluster, brow
     _click(browser, "#login-form button")
     _until("the refusal", lambda: "does not verify" in browser.find_element(By.ID, "login-error").text)
     _shot(browser, "agent-login-refused")
+    assert _low_contrast(browser) == []
     key_field.clear()
     key_field.send_keys((tmp_path / "alice.key").read_text())  # the file AgentKeys.save wrote
     _click(browser, "#login-form button")
@@ -281,6 +322,7 @@ def test_an_agent_signs_in_and_sees_only_what_its_roles_reach(make_cluster, brow
         "const n = document.querySelector('#chaos .hidden-note'); return n && n.textContent;"))
     assert note == "Not shown to agent alice: this needs the admin."
     assert browser.execute_script("return document.querySelector('#chaos .body').hidden")
+    assert _low_contrast(browser) == []
 
     # sagas started now: the checkout one appears live, the refund one never does
     steps = [{"id": "s1", "action": {"kind": "topic", "topic": "orders.eu"}}]

@@ -519,6 +519,12 @@ $("sign-out").addEventListener("click", () => {
 });
 
 $("agent-filter").addEventListener("input", renderAgents);
+document.addEventListener("keydown", (pressed) => {  // "/" filters the agents, unless typing somewhere
+  if (pressed.key !== "/" || pressed.ctrlKey || pressed.metaKey || pressed.altKey) return;
+  if (pressed.target.closest("input, textarea, select, [contenteditable]")) return;
+  pressed.preventDefault();
+  $("agent-filter").focus();
+});
 
 async function start() {
   showWho();
