@@ -26,6 +26,7 @@ DEFAULT_AGENT_TTL_S = 10.0
 DEFAULT_LOCK_TTL_S = 15.0
 LIST_LIMIT_MAX = 10_000
 SSE_KEEPALIVE_S = 15.0
+LEASES_TIMEOUT_S = 1.0
 
 
 def checked(attempt: Callable[[], Any]) -> Any:
@@ -221,11 +222,41 @@ def _may_join(request: web.Request, agent_id: str, body: dict[str, Any]) -> None
 
 @routes.get("/v1/agents")
 async def agents_list(request: web.Request) -> web.Response:
+    """The registered agents (of ``type``). Leases live on the leader: a
+    follower shows ``lease_remaining_s: null`` unless asked ``leases=leader``,
+    then it asks the leader for them (``leases_from``: the leader's id, or
+    null when it could not be asked)."""
     node = node_of(request)
     agent_type = request.query.get("type") or None
+    leases = request.query.get("leases", "local")
+    if leases not in ("local", "leader"):
+        raise InvalidInput("leases: must be local or leader", field="leases")
     await node.read_barrier(s.consistency(request))
-    agents = node.applier.machine.registry.by_type(agent_type)
-    return ok({"agents": [_agent(node, a) for a in agents]})
+    agents = [_agent(node, a) for a in node.applier.machine.registry.by_type(agent_type)]
+    body: dict[str, Any] = {"agents": agents}
+    if leases == "leader":
+        body["leases_from"] = await _leases_from_leader(request, agents)
+    return ok(body)
+
+
+async def _leases_from_leader(request: web.Request, agents: list[dict[str, Any]]) -> str | None:
+    """Fill in ``lease_remaining_s`` from the leader's listing; the leader's id, or None."""
+    node = node_of(request)
+    leader = node.engine.status().leader
+    if leader == node.identity.raft:
+        return node.identity.node_id
+    try:
+        status, raw, _ = await node.forward("GET", "/v1/agents?consistency=stale", None, LEASES_TIMEOUT_S,
+                                            forward_signer(request))
+        remaining = {a["id"]: a["lease_remaining_s"] for a in json.loads(raw)["agents"]} if status == 200 else None
+    except (CoordinatorError, ValueError, KeyError, TypeError):
+        remaining = None
+    if remaining is None:
+        return None
+    for agent in agents:
+        agent["lease_remaining_s"] = remaining.get(agent["id"])
+    member = node.member_of(leader)
+    return member.id if member is not None else leader
 
 
 @routes.get("/v1/agents/{id}")

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import schemas as s
+from coordinator.api.auth import forward_signer
 from coordinator.api.routes import node_of, ok
 from coordinator.errors import InvalidInput
 from coordinator.services.balancer.service import Invocation
@@ -27,6 +28,8 @@ service_routes = web.RouteTableDef()
 POLICY_FIELDS = {"strategy", "path", "timeout_s", "health_check", "breaker", "rate_limit", "retry"}
 KEY_MAX = 1024
 TRUE = ("1", "true", "yes")
+VIEW_FIELDS = ("breaker", "inflight", "latency_ms", "requests")  # what one node's balancer knows of an agent
+CLUSTER_VIEW_TIMEOUT_S = 1.0
 
 
 def _type(request: web.Request) -> str:
@@ -99,11 +102,44 @@ async def describe(request: web.Request) -> web.Response:
 
 @service_routes.get("/v1/services")
 async def listing(request: web.Request) -> web.Response:
+    """Every agent type with its agents, and this node's balancer view of
+    each (load, breaker, latency: every node balances its own calls). With
+    ``scope=cluster``, also every member's view (``by_node``), asked at once."""
+    scope = request.query.get("scope", "node")
+    if scope not in ("node", "cluster"):
+        raise InvalidInput("scope: must be node or cluster", field="scope")
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
     machine = node.applier.machine
     types = sorted({a.type for a in machine.registry.agents.values()} | set(machine.policies.policies))
-    return ok({"services": [_describe(node, t) for t in types]})
+    body: dict[str, Any] = {"services": [_describe(node, t) for t in types]}
+    if scope == "cluster":
+        await _add_views_of_every_node(request, body)
+    return ok(body)
+
+
+async def _add_views_of_every_node(request: web.Request, body: dict[str, Any]) -> None:
+    """``by_node`` on every agent: {node id: its breaker, inflight, latency_ms,
+    requests}, from each member's own ``GET /v1/services`` (an agent a node
+    has not applied yet is missing there); ``unreachable``: members that did
+    not answer, with why."""
+    node = node_of(request)
+    answers = await node.ask_members("/v1/services", lambda: body, sign=forward_signer(request),
+                                     timeout_s=CLUSTER_VIEW_TIMEOUT_S)
+    views: dict[str, dict[str, dict[str, Any]]] = {}  # agent id -> node id -> its view
+    unreachable = []
+    for member, answer, error in answers:
+        name = member["id"] or member["raft"]
+        if answer is None:
+            unreachable.append({"node": name, "error": error})
+            continue
+        for service in answer.get("services", []):
+            for agent in service.get("agents", []):
+                views.setdefault(agent["id"], {})[name] = {k: agent.get(k) for k in VIEW_FIELDS}
+    for service in body["services"]:
+        for agent in service["agents"]:
+            agent["by_node"] = dict(sorted(views.get(agent["id"], {}).items()))
+    body["unreachable"] = unreachable
 
 
 def _describe(node: Any, agent_type: str) -> dict[str, Any]:

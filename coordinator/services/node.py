@@ -300,26 +300,45 @@ class CoordinatorNode:
         public), this node's answered locally; an unreachable member is listed
         with ``reachable: false``. For the dashboard and operators."""
         own = self.status()
-
-        async def ask(member: dict[str, Any]) -> dict[str, Any]:
+        answers = await self.ask_members("/v1/status", lambda: own, timeout_s=timeout_s)
+        rows = []
+        for member, status, error in answers:
             row = {"id": member["id"], "raft": member["raft"], "http": member["http"]}
-            if member["raft"] == self.identity.raft:
-                return {**row, **_view_of(own), "reachable": True, "self": True}
-            if not member["http"] or self._session is None:
-                return {**row, "reachable": False, "error": "unknown HTTP address"}
-            scheme = "https" if self.peer_ssl is not None else "http"
-            try:
-                async with self._session.get(f"{scheme}://{member['http']}/v1/status",
-                                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                    status = await response.json()
-                return {**row, **_view_of(status), "reachable": True}
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                return {**row, "reachable": False, "error": type(exc).__name__}
-
-        rows = await asyncio.gather(*(ask(m) for m in own["members"]))
+            if status is None:
+                rows.append({**row, "reachable": False, "error": error})
+            else:
+                rows.append({**row, **_view_of(status), "reachable": True,
+                             **({"self": True} if member["raft"] == self.identity.raft else {})})
         leaders = {r["id"] for r in rows if r.get("role") == "leader"}
         return {"node": self.identity.node_id, "leader_id": own["leader_id"], "term": own["term"],
                 "members": sorted(rows, key=lambda r: r["id"] or r["raft"]), "leaders_seen": sorted(leaders)}
+
+    async def ask_members(self, path_qs: str, own: Callable[[], dict[str, Any]], *, sign: Signer | None = None,
+                          timeout_s: float = 1.0) -> list[tuple[dict[str, Any], dict[str, Any] | None, str | None]]:
+        """GET ``path_qs`` from every member at once, each within ``timeout_s``:
+        (member, its JSON answer or None, why not). This node answers with
+        ``own()``, without a request. ``sign`` gives the headers that carry
+        the caller's identity (the path must answer for it). A member that
+        cannot be reached, or answers other than 200, is reported, never raised."""
+        members = self.status()["members"]
+
+        async def ask(member: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
+            if member["raft"] == self.identity.raft:
+                return member, own(), None
+            if not member["http"] or self._session is None:
+                return member, None, "unknown HTTP address"
+            scheme = "https" if self.peer_ssl is not None else "http"
+            headers = sign("GET", path_qs, b"") if sign is not None else {}
+            try:
+                async with self._session.get(f"{scheme}://{member['http']}{path_qs}", headers=headers,
+                                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                    if response.status != 200:
+                        return member, None, f"answered {response.status}"
+                    return member, await response.json(), None
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                return member, None, type(exc).__name__
+
+        return list(await asyncio.gather(*(ask(m) for m in members)))
 
     async def forward(self, method: str, path_qs: str, body: bytes | None, timeout_s: float,
                       sign: Signer | None = None) -> tuple[int, bytes, dict[str, str]]:

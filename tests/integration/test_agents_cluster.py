@@ -70,3 +70,22 @@ async def test_heartbeats_keep_an_agent_alive_across_a_leader_failover(make_clus
         # leaving is a deregistration, reason "left"
         events = await _events_of(client, "steady", "agent.terminated")
         assert [e["data"]["reason"] for e in events] == ["left"]
+
+
+async def test_a_follower_shows_the_leaders_leases_when_asked(make_cluster) -> None:
+    cluster = make_cluster()
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.members if n != leader)
+    async with CoordinatorClient([cluster.url(leader)]) as client, \
+            CoordinatorClient([cluster.url(follower)]) as there:
+        await client.register("worker", agent_id="w-lease", ttl_s=120)
+        local = await there.request("GET", "/v1/agents")
+        assert [a["lease_remaining_s"] for a in local["agents"]] == [None]  # leases live on the leader
+        asked = await there.request("GET", "/v1/agents", params={"leases": "leader"})
+        assert asked["leases_from"] == leader
+        assert 100 < asked["agents"][0]["lease_remaining_s"] <= 120
+        cluster.kill(leader)  # the listing still answers: without leases while no leader answers
+        alone = await there.request("GET", "/v1/agents", params={"leases": "leader", "consistency": "stale"})
+        assert alone["leases_from"] != leader
+        if alone["leases_from"] is None:
+            assert alone["agents"][0]["lease_remaining_s"] is None

@@ -117,3 +117,35 @@ async def test_a_failing_health_check_takes_the_agent_out_on_every_node(make_clu
         assert "http check failed 2 times in a row" in changes[-1]["data"]["reason"]
         h2.sick = False
         await eventually(lambda: health_everywhere("h2", "healthy"), 20, "h2 back in rotation")
+
+
+async def test_every_nodes_view_of_an_agent_is_listed_with_scope_cluster(make_cluster: Any) -> None:
+    """Breakers are per node: one node's open circuit shows in ``by_node`` of
+    ``GET /v1/services?scope=cluster`` asked on another, the others' closed;
+    a member that is down is listed as unreachable."""
+    cluster = make_cluster()
+    caller, asked, other = cluster.members
+    async with EchoAgent("v1") as v1, CoordinatorClient([cluster.url(caller)]) as client, \
+            CoordinatorClient([cluster.url(asked)]) as viewer:
+        await _agents(client, [v1])
+        await client.request("PUT", "/v1/services/calc", {"breaker": {"consecutive_failures": 2, "open_s": 600},
+                                                          "retry": {"max_attempts": 1}})
+        v1.failing = True
+        for i in range(2):
+            assert (await client.invoke("calc", {"i": i})).status == 500
+
+        async def views() -> dict[str, Any] | None:
+            listing = await viewer.request("GET", "/v1/services", params={"scope": "cluster"})
+            agent = next(a for s in listing["services"] for a in s["agents"] if a["id"] == "v1")
+            return agent["by_node"] if set(agent["by_node"]) == set(cluster.members) else None
+
+        by_node = await eventually(views, 20, "every member's view of v1")
+        assert by_node[caller]["breaker"]["state"] == "open" and by_node[caller]["requests"] == 2
+        assert by_node[asked]["breaker"]["state"] == by_node[other]["breaker"]["state"] == "closed"
+        assert by_node[asked]["requests"] == by_node[other]["requests"] == 0
+
+        cluster.kill(other)
+        listing = await viewer.request("GET", "/v1/services", params={"scope": "cluster"})
+        assert [u["node"] for u in listing["unreachable"]] == [other]
+        agent = listing["services"][0]["agents"][0]
+        assert set(agent["by_node"]) == {caller, asked}

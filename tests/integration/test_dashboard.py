@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -203,6 +206,25 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     search.clear()
     search.send_keys("planner")
     _until("the filter to show it", lambda: "dash-agent-1" in _rows(browser, "agent-table", "agent"))
+    search.clear()
+
+    # an agent that refuses connections, called through another node: its breaker opens there, shown here
+    third = next(n for n in cluster.members if n not in (old, follower))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    _post(cluster.url(third), "/v1/agents", {"id": "dash-agent-2", "type": "refuser", "ttl_s": 60,
+                                             "endpoint": f"http://127.0.0.1:{closed}"})
+    _post(cluster.url(third), "/v1/services/refuser", {"breaker": {"consecutive_failures": 1, "open_s": 600},
+                                                       "retry": {"max_attempts": 1}}, method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _post(cluster.url(third), "/v1/services/refuser/invoke", {})
+    refused.value.close()
+    assert refused.value.code == 502
+    agents = _until("the breaker open on the calling node", lambda: (a := _rows(browser, "agent-table", "agent"))
+                    and f"open on {third}" in a.get("dash-agent-2", "") and a)
+    assert "closed" in agents["dash-agent-1"]
+    assert re.search(r"\b\d{1,2} s\b", agents["dash-agent-1"]), agents  # its lease (of 60 s), as the leader counts it
     _shot(browser, "agents")
 
     # the bus: a subscription with a backlog, a topic with its count (refreshed with the counters)

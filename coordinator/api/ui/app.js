@@ -163,7 +163,9 @@ function renderLeaderChanges() {
 // -- agents -----------------------------------------------------------------------------------
 
 async function refreshAgents() {
-  const [agents, services] = await Promise.all([getJSON("/v1/agents"), getJSON("/v1/services")]);
+  const [agents, services] = await Promise.all([getJSON("/v1/agents?leases=leader"),
+                                                 getJSON("/v1/services?scope=cluster")]);
+  state.leasesFrom = agents.leases_from;
   const balanced = {};
   for (const service of services.services) for (const a of service.agents) balanced[a.id] = a;
   state.agents = agents.agents.map((a) => ({ ...a, balancer: balanced[a.id] || null }));
@@ -182,13 +184,18 @@ function renderAgents() {
     cell(row, a.id);
     cell(row, a.type);
     cell(row, a.health, a.health === "healthy" ? "ok" : a.health === "unhealthy" ? "bad" : "");
-    const lease = cell(row, a.lease_remaining_s === null ? "on the leader" : Math.round(a.lease_remaining_s) + " s",
-                       "num");
-    if (a.lease_remaining_s === null) lease.title = "Leases are kept by the leader; this node does not know the rest.";
+    const lease = cell(row, a.lease_remaining_s === null ? null : Math.round(a.lease_remaining_s) + " s", "num");
+    lease.title = state.leasesFrom ? "as the leader, " + state.leasesFrom + ", counts it"
+      : "leases are kept by the leader, which did not answer";
     cell(row, a.weight, "num");
-    cell(row, a.balancer ? a.balancer.inflight : null, "num");
-    const breaker = a.balancer ? a.balancer.breaker.state : null;
-    cell(row, breaker && breaker.replace("_", " "), breaker === "open" ? "bad" : breaker === "half_open" ? "warn" : "");
+    const views = Object.entries(a.balancer ? a.balancer.by_node : {});  // every node balances its own calls
+    const load = cell(row, views.length ? views.reduce((sum, [, v]) => sum + v.inflight, 0) : null, "num");
+    load.title = views.map(([node, v]) => `${node}: ${v.inflight} in flight, ${v.requests} requests`).join("\n");
+    const open = views.filter(([, v]) => v.breaker.state !== "closed");
+    const breaker = cell(row, !views.length ? null : open.length
+      ? open.map(([node, v]) => `${v.breaker.state.replace("_", " ")} on ${node}`).join(", ") : "closed",
+    open.some(([, v]) => v.breaker.state === "open") ? "bad" : open.length ? "warn" : "");
+    breaker.title = views.map(([node, v]) => `${node}: ${v.breaker.state.replace("_", " ")}`).join("\n");
     cell(row, a.endpoint);
     body.appendChild(row);
   }
@@ -533,8 +540,8 @@ async function start() {
   if (state.following) return;
   state.following = true;
   follow();
-  // Counters that move without events (indexes, publish counts, backlogs): one timer for both panels.
-  setInterval(() => { refresh("cluster", refreshCluster); refresh("bus"); }, 5000);
+  // Counters that move without events (indexes, loads, publish counts, backlogs): one timer.
+  setInterval(() => { refresh("cluster", refreshCluster); refresh("agents"); refresh("bus"); }, 5000);
 }
 
 start();

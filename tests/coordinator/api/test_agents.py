@@ -233,3 +233,11 @@ async def test_new_leader_gives_every_lease_a_fresh_ttl(h: Harness) -> None:
     assert 0 < agent["lease_remaining_s"] <= 2
     await h.advance_and_tick(1)
     await eventually(lambda: "w1" not in h.applier.machine.registry.agents, "w1 to expire")
+
+
+async def test_leases_from_the_leader_on_the_leader_are_its_own(h: Harness) -> None:
+    await h.register("worker", id="w1", ttl_s=30)
+    _, body = await h.call("GET", "/v1/agents?leases=leader", expect=200)
+    assert body["leases_from"] == "n1" and body["agents"][0]["lease_remaining_s"] == 30
+    status, error = await h.call("GET", "/v1/agents?leases=somewhere")
+    assert status == 400 and error["error"]["field"] == "leases"

@@ -28,7 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from coordinator.client import CoordinatorClient, InvokeAnswer
 from coordinator.errors import BadGateway, InvalidInput, RateLimited, RequestTimeout, Unavailable
 from coordinator.state.balancing import DEFAULT_POLICY
-from tests.coordinator.api.conftest import DEADLINE_S, Harness, eventually
+from tests.coordinator.api.conftest import DEADLINE_S, NODE_ID, Harness, eventually
 
 HOLD = b"hold"  # a request body that makes an agent wait for its release
 
@@ -908,3 +908,19 @@ async def test_client_invoke_raises_the_nodes_refusals(h: Harness, start_agent: 
     await add(h, "d1", agent_type="dead", endpoint=f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(BadGateway):
         await client.invoke("dead", {})
+
+
+async def test_scope_cluster_lists_every_members_view(h: Harness, start_agent: StartAgent) -> None:
+    await add(h, "a", await start_agent("a"))
+    await invoke(h)
+    _, local = await h.call("GET", "/v1/services", expect=200)
+    _, cluster = await h.call("GET", "/v1/services?scope=cluster", expect=200)
+    row = local["services"][0]["agents"][0]
+    assert cluster["services"][0]["agents"][0]["by_node"] == {
+        NODE_ID: {k: row[k] for k in ("breaker", "inflight", "latency_ms", "requests")}}
+    assert cluster["unreachable"] == [] and "by_node" not in row
+
+
+async def test_an_unknown_scope_is_400_naming_it(h: Harness) -> None:
+    status, body = await h.call("GET", "/v1/services?scope=everywhere")
+    assert status == 400 and body["error"]["field"] == "scope"
