@@ -133,9 +133,13 @@ async def _add_views_of_every_node(request: web.Request, body: dict[str, Any]) -
         if answer is None:
             unreachable.append({"node": name, "error": error})
             continue
-        for service in answer.get("services", []):
-            for agent in service.get("agents", []):
-                views.setdefault(agent["id"], {})[name] = {k: agent.get(k) for k in VIEW_FIELDS}
+        # A member's answer, but checked like any input: a malformed one adds nothing.
+        services = answer.get("services") if isinstance(answer, dict) else None
+        for service in services if isinstance(services, list) else []:
+            agents = service.get("agents") if isinstance(service, dict) else None
+            for agent in agents if isinstance(agents, list) else []:
+                if isinstance(agent, dict) and isinstance(agent.get("id"), str):
+                    views.setdefault(agent["id"], {})[name] = {k: agent.get(k) for k in VIEW_FIELDS}
     for service in body["services"]:
         for agent in service["agents"]:
             agent["by_node"] = dict(sorted(views.get(agent["id"], {}).items()))

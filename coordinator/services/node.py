@@ -318,8 +318,9 @@ class CoordinatorNode:
         """GET ``path_qs`` from every member at once, each within ``timeout_s``:
         (member, its JSON answer or None, why not). This node answers with
         ``own()``, without a request. ``sign`` gives the headers that carry
-        the caller's identity (the path must answer for it). A member that
-        cannot be reached, or answers other than 200, is reported, never raised."""
+        the caller's identity to each member, which answers as it would the
+        caller. A member that cannot be reached, or answers other than 200,
+        is reported, never raised."""
         members = self.status()["members"]
 
         async def ask(member: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:

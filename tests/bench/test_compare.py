@@ -14,6 +14,7 @@ from bench.compare import generator_procs, report
 from bench.etcd import b64
 from bench.load import Requests, key_of
 from bench.report import pct, write_section
+from tests import debian
 
 
 def _cell(system: str, ops: float, p99: float, errors: dict[str, int] | None = None) -> dict:
@@ -61,7 +62,9 @@ def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
 @pytest.mark.cluster
 def test_a_short_real_run_against_etcd(tmp_path: Path) -> None:
     if not shutil.which("etcd"):
-        pytest.skip("etcd is not installed (scripts/bench.sh installs Debian's etcd-server)")
+        reason = debian.install(["etcd-server"], "/usr/bin/etcd")  # as scripts/bench.sh does
+        if reason is not None:
+            pytest.skip(reason)
     out, png = tmp_path / "benchmarks.md", tmp_path / "chart.png"
     out.write_text("# Benchmarks\n\n## Other\n\nkept\n")
     result = subprocess.run([sys.executable, "-m", "bench.compare", "--seconds", "0.5", "--rounds", "2",

@@ -10,11 +10,8 @@ Screenshots go to artifacts/ui/ (ignored by git)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests import debian
+
 pytestmark = pytest.mark.cluster
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "ui"
@@ -31,26 +30,9 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 DEADLINE_S = 30.0
 
 
-def _install_chromium() -> str | None:
-    """Debian's chromium and chromium-driver, installed from the package registry
-    when missing (never a browser download); the reason when that is impossible."""
-    if os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER):
-        return None
-    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    if not shutil.which("apt-get") or (prefix and not shutil.which("sudo")):
-        return "chromium is not installed and apt-get (as root) is not available"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "install", "-y", "chromium", "chromium-driver"], ["apt-get", "update"],
-                    ["apt-get", "install", "-y", "chromium", "chromium-driver"]):
-        done = subprocess.run(prefix + command, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode == 0 and command[1] == "install":
-            return None
-    return f"installing chromium failed: {done.stderr[-300:]}"
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    reason = _install_chromium()
+    reason = debian.install(["chromium", "chromium-driver"], CHROMIUM, CHROMEDRIVER)  # never a browser download
     if reason is not None:
         pytest.skip(reason)
     from selenium import webdriver
