@@ -1,5 +1,5 @@
 """HTTP routes of access control: roles and the roles each agent holds
-(the admin's; reading roles needs any credential)."""
+(the admin's; an agent reads the roles it holds)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.auth import AUTH, CHALLENGE_TTL_S, issue_challenge
 from coordinator.api.routes import checked, node_of, ok
+from coordinator.api.visibility import visibility
 from coordinator.state.access import Access
 
 access_routes = web.RouteTableDef()
@@ -33,7 +34,7 @@ async def delete_role(request: web.Request) -> web.Response:
 async def list_roles(request: web.Request) -> web.Response:
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
-    return ok(node.applier.machine.access.describe())
+    return ok(visibility(request).roles())
 
 
 @access_routes.put("/v1/agents/{id}/roles")

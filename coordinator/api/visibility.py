@@ -11,7 +11,8 @@ catalog:
 - a saga: when it may start sagas of that name (``saga``);
 - a cluster event: ``saga.*`` events as their saga, ``lock.*`` events when it
   holds ``lock`` on the name; agent and system events are everyone's
-  (finding each other is what the registry is for).
+  (finding each other is what the registry is for);
+- roles: the ones it holds, and its own grant (not who else holds what).
 
 The admin, and every caller of a node in development mode
 (``--allow-anonymous``), sees everything. Counts that go with a listing
@@ -59,6 +60,15 @@ class Visibility:
         counted with the other denials."""
         request.app[AUTH].denied[permission] += 1
         raise Forbidden(f"agent {self.agent!r} may not see it: {why}", permission=permission, resource=resource)
+
+    def roles(self) -> dict[str, Any]:
+        """``GET /v1/roles``: every role and grant, or for an agent its own."""
+        described = self.access.describe()
+        if self.agent is None:
+            return described
+        held = set(self.access.grants.get(self.agent, ()))
+        return {"roles": [r for r in described["roles"] if r["name"] in held],
+                "grants": [g for g in described["grants"] if g["agent"] == self.agent]}
 
     def saga(self, name: str) -> bool:
         return self.agent is None or self.access.can(self.agent, "saga", name)

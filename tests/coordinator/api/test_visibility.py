@@ -195,3 +195,14 @@ async def test_chaos_runs_are_the_admins(world: dict[str, Any]) -> None:
     error = await denied(h, ALICE, "/v1/chaos/runs")
     assert (error["permission"], error["resource"]) == ("admin", "/v1/chaos/runs")
     await as_admin(h, "GET", "/v1/chaos/runs", expect=200)
+
+
+async def test_an_agent_reads_only_its_own_roles_and_grant(world: dict[str, Any]) -> None:
+    h = world["h"]
+    alice = (await as_agent(h, ALICE, "GET", "/v1/roles", expect=200)).body
+    assert [r["name"] for r in alice["roles"]] == ["orders"]
+    assert alice["grants"] == [{"agent": "alice", "roles": ["orders"]}]
+    mallory = (await as_agent(h, MALLORY, "GET", "/v1/roles", expect=200)).body
+    assert mallory == {"roles": [], "grants": []}
+    admin = (await as_admin(h, "GET", "/v1/roles", expect=200)).body
+    assert [r["name"] for r in admin["roles"]] == ["billing-sender", "orders"] and len(admin["grants"]) == 2
