@@ -141,11 +141,13 @@ def no_unhandled_errors() -> Iterator[None]:
 
 @pytest.fixture
 async def make_harness(aiohttp_client: Any) -> AsyncIterator[HarnessFactory]:
-    """``await make_harness(limits=None, inflight_max=1024, proposal_timeout_s=0.5)``."""
+    """``await make_harness(limits=None, inflight_max=1024, proposal_timeout_s=2.0)``. The simulated
+    engine commits at once: a proposal times out only when a test holds it, or when the loop
+    is starved on a busy machine, which the 2 s leave room for."""
     nodes: list[CoordinatorNode] = []
 
     async def make(*, limits: Limits | None = None, inflight_max: int = 1024,
-                   proposal_timeout_s: float = 0.5, unsafe_stale_reads: bool = False,
+                   proposal_timeout_s: float = 2.0, unsafe_stale_reads: bool = False,
                    transports: dict[str, Any] | None = None, transport_factory: Any = None,
                    auth: AuthSettings | None = None) -> Harness:
         applier = Applier(limits)

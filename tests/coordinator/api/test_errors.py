@@ -293,7 +293,8 @@ async def test_no_leader_writes_and_linearizable_reads_are_503(h: Harness) -> No
     assert (await h.get("k"))["value"] == "after"
 
 
-async def test_held_write_is_504_outcome_unknown_and_a_retry_applies_once(h: Harness) -> None:
+async def test_held_write_is_504_outcome_unknown_and_a_retry_applies_once(make_harness: HarnessFactory) -> None:
+    h = await make_harness(proposal_timeout_s=0.5)
     h.engine.hold = True
     loop = asyncio.get_running_loop()
     started = loop.time()
