@@ -16,6 +16,7 @@ from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.routes import checked, node_of, ok, sse, sse_resume
+from coordinator.api.visibility import visibility
 from coordinator.errors import InvalidInput, NotFound
 from coordinator.services import watch
 from coordinator.state.eventstore import (
@@ -179,6 +180,9 @@ async def get_projection(request: web.Request) -> web.Response:
     projection = node.applier.machine.projections.items.get(name)
     if projection is None:
         raise NotFound(f"projection {name!r} does not exist")
+    sees = visibility(request)
+    if not sees.source(projection.definition["source"]):
+        sees.refuse_source(request, f"projection {name!r}", projection.definition["source"])
     return ok({**projection.describe(), "applied_index": node.applier.machine.applied_index})
 
 
@@ -187,7 +191,9 @@ async def list_projections(request: web.Request) -> web.Response:
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
     items = node.applier.machine.projections.items
-    return ok({"projections": [items[name].describe() for name in sorted(items)],
+    sees = visibility(request)
+    return ok({"projections": [items[name].describe() for name in sorted(items)
+                               if sees.source(items[name].definition["source"])],
                "applied_index": node.applier.machine.applied_index})
 
 

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.routes import checked, node_of, ok
+from coordinator.api.visibility import visibility
 from coordinator.errors import NotFound
 from coordinator.state.streams import DEFINITION_FIELDS, check_name, normalize_processor
 
@@ -33,7 +34,9 @@ async def list_processors(request: web.Request) -> web.Response:
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
     items = node.applier.machine.streams.items
-    return ok({"processors": [items[name].describe() for name in sorted(items)],
+    sees = visibility(request)
+    return ok({"processors": [items[name].describe() for name in sorted(items)
+                              if sees.source(items[name].definition["source"])],
                "applied_index": node.applier.machine.applied_index})
 
 
@@ -45,6 +48,9 @@ async def get_processor(request: web.Request) -> web.Response:
     processor = node.applier.machine.streams.items.get(name)
     if processor is None:
         raise NotFound(f"stream processor {name!r} does not exist")
+    sees = visibility(request)
+    if not sees.source(processor.definition["source"]):
+        sees.refuse_source(request, f"stream processor {name!r}", processor.definition["source"])
     return ok({**processor.describe(), "applied_index": node.applier.machine.applied_index})
 
 

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.routes import node_of, ok
+from coordinator.api.visibility import visibility
 from coordinator.errors import InvalidInput, NotFound
 from coordinator.services.proposals import state_error
 from coordinator.state.base import Rejected
@@ -47,7 +48,8 @@ async def list_transforms(request: web.Request) -> web.Response:
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
     transforms: Transforms = node.applier.machine.transforms
-    return ok({"transforms": [t.describe() for t in transforms.items.values()]})
+    sees = visibility(request)
+    return ok({"transforms": [t.describe() for t in transforms.items.values() if sees.topic(t.topic)]})
 
 
 @transform_routes.get("/v1/transforms/{name}")
@@ -58,6 +60,10 @@ async def get_transform(request: web.Request) -> web.Response:
     transform = node.applier.machine.transforms.items.get(name)
     if transform is None:
         raise NotFound(f"transform {name!r} does not exist")
+    sees = visibility(request)
+    if not sees.topic(transform.topic):
+        sees.refuse(request, "receive", transform.topic, f"transform {name!r} is on topics {transform.topic!r}, "
+                    "where it holds none of send, receive and subscribe")
     return ok(transform.describe())
 
 

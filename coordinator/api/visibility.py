@@ -12,7 +12,11 @@ catalog:
 - a cluster event: ``saga.*`` events as their saga, ``lock.*`` events when it
   holds ``lock`` on the name; agent and system events are everyone's
   (finding each other is what the registry is for);
-- roles: the ones it holds, and its own grant (not who else holds what).
+- roles: the ones it holds, and its own grant (not who else holds what);
+- a projection or stream processor: when it may read its source (``stream``
+  on the whole category, ``<category>-*``; ``receive`` on the topic
+  pattern), since its values are folded from that source;
+- a transform: when its topic pattern is visible as a topic is.
 
 The admin, and every caller of a node in development mode
 (``--allow-anonymous``), sees everything. Counts that go with a listing
@@ -69,6 +73,21 @@ class Visibility:
         held = set(self.access.grants.get(self.agent, ()))
         return {"roles": [r for r in described["roles"] if r["name"] in held],
                 "grants": [g for g in described["grants"] if g["agent"] == self.agent]}
+
+    def source(self, source: dict[str, Any]) -> bool:
+        """A projection's or processor's ``{"category": C}`` or ``{"topic": PATTERN}``."""
+        if self.agent is None:
+            return True
+        if "category" in source:
+            return self.access.can(self.agent, "stream", f"{source['category']}-", listing=True)
+        return self.access.can(self.agent, "receive", source["topic"])
+
+    def refuse_source(self, request: web.Request, what: str, source: dict[str, Any]) -> NoReturn:
+        if "category" in source:
+            self.refuse(request, "stream", f"{source['category']}-*",
+                        f"{what} folds the category {source['category']!r}, which it may not read")
+        self.refuse(request, "receive", source["topic"], f"{what} folds topic {source['topic']!r}, "
+                    "where it may not receive")
 
     def saga(self, name: str) -> bool:
         return self.agent is None or self.access.can(self.agent, "saga", name)

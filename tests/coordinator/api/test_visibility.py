@@ -28,7 +28,7 @@ from transports.memory import InMemoryTransport
 ROLES = {
     # alice: the orders topics, checkout sagas, locks under alice-
     "orders": [{"action": "receive", "pattern": "orders.*"}, {"action": "saga", "pattern": "checkout"},
-               {"action": "lock", "pattern": "alice-*"}],
+               {"action": "lock", "pattern": "alice-*"}, {"action": "stream", "pattern": "order-*"}],
     # bob: may only publish to billing.eu (send alone makes a topic visible)
     "billing-sender": [{"action": "send", "pattern": "billing.eu"}],
 }
@@ -206,3 +206,32 @@ async def test_an_agent_reads_only_its_own_roles_and_grant(world: dict[str, Any]
     assert mallory == {"roles": [], "grants": []}
     admin = (await as_admin(h, "GET", "/v1/roles", expect=200)).body
     assert [r["name"] for r in admin["roles"]] == ["billing-sender", "orders"] and len(admin["grants"]) == 2
+
+
+async def test_projections_processors_and_transforms_follow_their_source(world: dict[str, Any]) -> None:
+    """Their values are folded from a source: an agent sees them when it may
+    read the whole category (stream on <category>-*) or receive on the topic."""
+    h = world["h"]
+    for name, source in (("orders-count", {"category": "order"}), ("payroll-count", {"category": "hr"}),
+                         ("orders-seen", {"topic": "orders.*"}), ("payroll-seen", {"topic": "hr.payroll"})):
+        await as_admin(h, "PUT", f"/v1/projections/{name}", {"source": source, "fold": "count"}, expect=200)
+        await as_admin(h, "PUT", f"/v1/processors/{name}", {
+            "source": source, "window": {"kind": "tumbling", "size_s": 5}, "fold": "count",
+            "emit": f"stats.{name}"}, expect=200)
+    for name, topic in (("orders-v2", "orders.*"), ("payroll-v2", "hr.>")):
+        await as_admin(h, "PUT", f"/v1/transforms/{name}", {"topic": topic, "rule": "drop payload.x"}, expect=200)
+
+    for kind, key in (("projections", "projections"), ("processors", "processors")):
+        alice = await as_agent(h, ALICE, "GET", f"/v1/{kind}", expect=200)
+        assert [p["name"] for p in alice.body[key]] == ["orders-count", "orders-seen"]
+        admin = await as_admin(h, "GET", f"/v1/{kind}", expect=200)
+        assert len(admin.body[key]) == 4
+        await as_agent(h, ALICE, "GET", f"/v1/{kind}/orders-count", expect=200)
+        error = await denied(h, ALICE, f"/v1/{kind}/payroll-count")
+        assert (error["permission"], error["resource"]) == ("stream", "hr-*")
+        error = await denied(h, ALICE, f"/v1/{kind}/payroll-seen")
+        assert (error["permission"], error["resource"]) == ("receive", "hr.payroll")
+    transforms = await as_agent(h, ALICE, "GET", "/v1/transforms", expect=200)
+    assert [t["name"] for t in transforms.body["transforms"]] == ["orders-v2"]
+    error = await denied(h, ALICE, "/v1/transforms/payroll-v2")
+    assert (error["permission"], error["resource"]) == ("receive", "hr.>")
