@@ -314,7 +314,18 @@ def test_an_agent_signs_in_and_sees_only_what_its_roles_reach(make_cluster, brow
     _until("three members after signing in", lambda: len(_roles(browser)) == 3)
     _until("the live stream, signed", lambda: browser.find_element(By.ID, "live").text == "live")
     assert "agent alice" in browser.find_element(By.ID, "who").text
-    assert browser.execute_script("return sessionStorage.getItem('coord-session')").count("alice") == 1
+    # the key is held by the page only: the tab's storage has the id, no key
+    assert json.loads(browser.execute_script("return sessionStorage.getItem('coord-session')")) == {
+        "kind": "agent", "id": "alice"}
+    browser.refresh()
+    _until("the login form after a reload, the id remembered", lambda: browser.execute_script(
+        "return !document.getElementById('login').hidden && document.getElementById('agent-id').value === 'alice'"
+        " && document.getElementById('kind-agent').checked && document.getElementById('agent-key').value === ''"))
+    assert "key again" in browser.find_element(By.ID, "login-note").text
+    browser.find_element(By.ID, "agent-key").send_keys((tmp_path / "alice.key").read_text())
+    _click(browser, "#login-form button")
+    _until("signed in again", lambda: len(_roles(browser)) == 3
+           and browser.find_element(By.ID, "live").text == "live")
 
     # only the topic and subscription its role reaches; the chaos panel says it needs the admin
     _until("the orders topic", lambda: "orders.eu" in _rows(browser, "topic-table", "topic"))

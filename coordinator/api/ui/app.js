@@ -6,9 +6,13 @@
 "use strict";
 
 // The credential: the admin token, or an agent's id and Ed25519 key (requests
-// signed in the browser with WebCrypto, as the Python client signs them). Kept
-// in sessionStorage: this tab only, gone when it closes, cleared by "Sign out".
-const state = { session: JSON.parse(sessionStorage.getItem("coord-session") || "null"), signer: null,
+// signed in the browser with WebCrypto, as the Python client signs them). The
+// token is kept in sessionStorage (this tab only, gone when it closes, cleared
+// by "Sign out"); an agent's key only in memory, imported non-extractable: a
+// reload asks for it again (the id is remembered), and no script can read it out.
+const saved = JSON.parse(sessionStorage.getItem("coord-session") || "null");
+const state = { session: saved && saved.kind === "admin" ? saved : null, signer: null,
+                rememberedAgent: saved && saved.kind === "agent" ? saved.id : null,
                 clockOffsetMs: 0, agents: [], leaderChanges: [] };
 const $ = (id) => document.getElementById(id);
 
@@ -21,7 +25,6 @@ async function headers(method, path) {  // path: as sent, with its query
   const session = state.session;
   if (!session) return {};
   if (session.kind === "admin") return { Authorization: "Bearer " + session.token };
-  state.signer = state.signer || await importAgentKey(session.seed);
   const url = new URL(path, location.origin);
   const ts = String(Date.now() + state.clockOffsetMs);
   const nonce = base64(crypto.getRandomValues(new Uint8Array(18))).replace(/\+/g, "-").replace(/\//g, "_");
@@ -460,6 +463,11 @@ function showWho() {
 
 function showLogin() {
   $("login").hidden = false;
+  if (state.rememberedAgent && !$("agent-id").value) {
+    $("kind-agent").checked = true;
+    $("agent-id").value = state.rememberedAgent;
+    $("login-note").textContent = `Give agent ${state.rememberedAgent}'s key again: it was kept in memory only.`;
+  }
   chooseKind();
 }
 
@@ -470,7 +478,7 @@ function chooseKind() {
   $("token").required = !agent;
   $("agent-id").required = agent;
   $("agent-key").required = agent;
-  (agent ? $("agent-id") : $("token")).focus();
+  (agent ? ($("agent-id").value ? $("agent-key") : $("agent-id")) : $("token")).focus();
 }
 
 async function measureClock() {  // signatures carry a time the node accepts within 30 s of its own
@@ -485,15 +493,12 @@ $("login-form").addEventListener("submit", async (submitted) => {
   $("login-error").textContent = "";
   let session;
   try {
-    session = $("kind-agent").checked
-      ? { kind: "agent", id: $("agent-id").value.trim(), seed: seedOf($("agent-key").value) }
+    const agent = $("kind-agent").checked;
+    session = agent ? { kind: "agent", id: $("agent-id").value.trim() }
       : { kind: "admin", token: $("token").value.trim() };
     state.session = session;
-    state.signer = null;
-    if (session.kind === "agent") {
-      state.signer = await importAgentKey(session.seed);
-      await measureClock();
-    }
+    state.signer = agent ? await importAgentKey(seedOf($("agent-key").value)) : null;
+    if (agent) await measureClock();
     const response = await get("/v1/cluster");
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
