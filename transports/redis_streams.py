@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -85,6 +86,13 @@ def _secrets_of(url: str) -> list[str]:
 
 def _offset_of(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
+
+
+def block_milliseconds(block_s: float) -> int | None:
+    """XREADGROUP's BLOCK for a wait of ``block_s``: None (do not block) for no
+    wait, else at least 1 ms. ``BLOCK 0`` means forever, so a wait under a
+    millisecond must round up, never down to 0."""
+    return math.ceil(block_s * 1000) if block_s > 0 else None
 
 
 class RedisStreamsTransport:
@@ -400,7 +408,7 @@ class RedisStreamsTransport:
 
     async def _read_new(self, topic: str, key: str, group: str, consumer: str, count: int,
                         block_s: float) -> list[TransportDelivery]:
-        block_ms = int(block_s * 1000) if block_s > 0 else None  # BLOCK 0 would mean forever
+        block_ms = block_milliseconds(block_s)
 
         async def read(client: aioredis.Redis) -> list[TransportDelivery]:
             try:
