@@ -21,6 +21,9 @@ class Hidden extends Error {  // a 403: this credential may not see it
   constructor(path, error) { super(error.message || path); this.error = error; }
 }
 
+// The dashboard only reads: every request it signs has an empty body.
+const EMPTY_BODY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
 async function headers(method, path) {  // path: as sent, with its query
   const session = state.session;
   if (!session) return {};
@@ -28,8 +31,7 @@ async function headers(method, path) {  // path: as sent, with its query
   const url = new URL(path, location.origin);
   const ts = String(Date.now() + state.clockOffsetMs);
   const nonce = base64(crypto.getRandomValues(new Uint8Array(18))).replace(/\+/g, "-").replace(/\//g, "_");
-  const bodyDigest = hex(await crypto.subtle.digest("SHA-256", new Uint8Array()));  // the dashboard only reads
-  const text = ["COORD-ED25519-V1", method, location.host, url.pathname + url.search, ts, nonce, bodyDigest]
+  const text = ["COORD-ED25519-V1", method, location.host, url.pathname + url.search, ts, nonce, EMPTY_BODY_SHA256]
     .join("\n");
   const sig = base64(await crypto.subtle.sign("Ed25519", state.signer, new TextEncoder().encode(text)));
   return { Authorization: `Coord-Ed25519 agent="${session.id}", ts="${ts}", nonce="${nonce}", sig="${sig}"` };
@@ -53,7 +55,6 @@ const PKCS8_ED25519 = [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2
 
 function base64(bytes) { return btoa(String.fromCharCode(...new Uint8Array(bytes))); }
 function unbase64(text) { return Uint8Array.from(atob(text), (c) => c.charCodeAt(0)); }
-function hex(bytes) { return [...new Uint8Array(bytes)].map((b) => b.toString(16).padStart(2, "0")).join(""); }
 
 function seedOf(text) {  // the key file written by AgentKeys.save, or its seed alone (base64)
   let seed = text.trim();
