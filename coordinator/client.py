@@ -697,7 +697,8 @@ class CoordinatorClient:
             return None
 
     async def sagas(self, state: str | None = None, *, limit: int = 1000) -> list[dict[str, Any]]:
-        """Sagas (without their history) in creation order, optionally in one state."""
+        """Sagas (without their history) in creation order, optionally in one
+        state; an agent sees those it may start (``saga`` on the name)."""
         out: list[dict[str, Any]] = []
         params: dict[str, Any] = {"limit": min(limit, 1000)}
         if state is not None:
@@ -810,6 +811,8 @@ class CoordinatorClient:
     # -- events and watches ----------------------------------------------------------------------
 
     async def events(self, from_seq: int = 1, *, limit: int = 1000) -> list[dict[str, Any]]:
+        """Cluster events from ``from_seq``; an agent does not see ``saga.*`` and
+        ``lock.*`` events of sagas and locks it has no permission on."""
         return (await self.request("GET", "/v1/events", params={"from_seq": from_seq, "limit": limit}))["events"]
 
     async def watch(self, prefix: str = "", *, from_revision: int | None = None) -> AsyncIterator[dict[str, Any]]:
