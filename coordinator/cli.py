@@ -1,4 +1,5 @@
-"""The ``coordinator`` command: ``serve``, ``status``, ``members add|remove``."""
+"""The ``coordinator`` command: ``serve``, ``status``, ``members add|remove``,
+``agent-key new|show``."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import Any
 
 from coordinator import config as config_module
 from coordinator.client import CoordinatorClient
+from coordinator.crypto import AgentKeys
 from coordinator.errors import CoordinatorError
 
 
@@ -80,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     remove = members_sub.add_parser("remove", help="remove a member")
     remove.add_argument("--endpoint", required=True)
     remove.add_argument("--id", required=True)
+
+    keys = sub.add_parser("agent-key", help="an agent's Ed25519 key file (for the Python client and the dashboard)")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    new = keys_sub.add_parser("new", help="write a new key file (mode 600) and print its public key")
+    new.add_argument("path")
+    new.add_argument("--force", action="store_true", help="replace a file that is there")
+    show = keys_sub.add_parser("show", help="print the public key of a key file")
+    show.add_argument("path")
     return parser
 
 
@@ -90,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "status":
             return asyncio.run(_status(args))
+        if args.command == "agent-key":
+            return _agent_key(args)
         return asyncio.run(_members(args))
     except CoordinatorError as exc:
         print(f"coordinator: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"coordinator: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -143,6 +159,22 @@ async def _status(args: argparse.Namespace) -> int:
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0 if all(r["role"] != "unreachable" for r in rows) else 1
+
+
+def _agent_key(args: argparse.Namespace) -> int:
+    """``new``: a fresh identity written to ``path`` (not over a file there
+    unless ``--force``); ``show``: the key file's public key. Prints
+    ``{"public_key"}``, what the agent registers; never the private part."""
+    if args.action == "new":
+        if os.path.lexists(args.path) and not args.force:
+            print(f"coordinator: {args.path} exists (--force replaces it)", file=sys.stderr)
+            return 2
+        keys = AgentKeys.generate()
+        keys.save(args.path)
+    else:
+        keys = AgentKeys.load(args.path)
+    print(json.dumps({"public_key": keys.public_key}))
+    return 0
 
 
 async def _members(args: argparse.Namespace) -> int:
