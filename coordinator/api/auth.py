@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -483,7 +484,13 @@ def _route_of(request: web.Request) -> str:
     resource = request.match_info.route.resource
     if resource is None:
         return ""
-    return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", resource.canonical)
+    return _route_name(resource.canonical)
+
+
+@functools.lru_cache(maxsize=1024)  # a few hundred routes; asked on every request
+def _route_name(canonical: str) -> str:
+    """A route's pattern as RULES names it: ``{name:regex}`` becomes ``{name}``."""
+    return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", canonical)
 
 
 def _rule_of(request: web.Request) -> Rule:
