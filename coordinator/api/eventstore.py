@@ -180,9 +180,7 @@ async def get_projection(request: web.Request) -> web.Response:
     projection = node.applier.machine.projections.items.get(name)
     if projection is None:
         raise NotFound(f"projection {name!r} does not exist")
-    sees = visibility(request)
-    if not sees.source(projection.definition["source"]):
-        sees.refuse_source(request, f"projection {name!r}", projection.definition["source"])
+    visibility(request).check_source(request, f"projection {name!r}", projection.definition["source"])
     return ok({**projection.describe(), "applied_index": node.applier.machine.applied_index})
 
 
@@ -190,11 +188,8 @@ async def get_projection(request: web.Request) -> web.Response:
 async def list_projections(request: web.Request) -> web.Response:
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
-    items = node.applier.machine.projections.items
-    sees = visibility(request)
-    return ok({"projections": [items[name].describe() for name in sorted(items)
-                               if sees.source(items[name].definition["source"])],
-               "applied_index": node.applier.machine.applied_index})
+    readable = visibility(request).readable(node.applier.machine.projections.items)
+    return ok({"projections": [p.describe() for p in readable], "applied_index": node.applier.machine.applied_index})
 
 
 @es_routes.post("/v1/projections/{name}/rebuild")

@@ -33,11 +33,8 @@ async def put_processor(request: web.Request) -> web.Response:
 async def list_processors(request: web.Request) -> web.Response:
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
-    items = node.applier.machine.streams.items
-    sees = visibility(request)
-    return ok({"processors": [items[name].describe() for name in sorted(items)
-                              if sees.source(items[name].definition["source"])],
-               "applied_index": node.applier.machine.applied_index})
+    readable = visibility(request).readable(node.applier.machine.streams.items)
+    return ok({"processors": [p.describe() for p in readable], "applied_index": node.applier.machine.applied_index})
 
 
 @stream_routes.get("/v1/processors/{name}")
@@ -48,9 +45,7 @@ async def get_processor(request: web.Request) -> web.Response:
     processor = node.applier.machine.streams.items.get(name)
     if processor is None:
         raise NotFound(f"stream processor {name!r} does not exist")
-    sees = visibility(request)
-    if not sees.source(processor.definition["source"]):
-        sees.refuse_source(request, f"stream processor {name!r}", processor.definition["source"])
+    visibility(request).check_source(request, f"stream processor {name!r}", processor.definition["source"])
     return ok({**processor.describe(), "applied_index": node.applier.machine.applied_index})
 
 

@@ -82,12 +82,19 @@ class Visibility:
             return self.access.can(self.agent, "stream", f"{source['category']}-", listing=True)
         return self.access.can(self.agent, "receive", source["topic"])
 
-    def refuse_source(self, request: web.Request, what: str, source: dict[str, Any]) -> NoReturn:
+    def check_source(self, request: web.Request, what: str, source: dict[str, Any]) -> None:
+        """A 403 unless it may read ``source``, the source ``what`` folds."""
+        if self.source(source):
+            return
         if "category" in source:
             self.refuse(request, "stream", f"{source['category']}-*",
                         f"{what} folds the category {source['category']!r}, which it may not read")
         self.refuse(request, "receive", source["topic"], f"{what} folds topic {source['topic']!r}, "
                     "where it may not receive")
+
+    def readable(self, items: dict[str, Any]) -> list[Any]:
+        """Of named projections or processors, those whose source it may read, in name order."""
+        return [items[name] for name in sorted(items) if self.source(items[name].definition["source"])]
 
     def saga(self, name: str) -> bool:
         return self.agent is None or self.access.can(self.agent, "saga", name)
