@@ -124,7 +124,9 @@ async def _add_views_of_every_node(request: web.Request, body: dict[str, Any]) -
     has not applied yet is missing there); ``unreachable``: members that did
     not answer, with why."""
     node = node_of(request)
-    answers = await node.ask_members("/v1/services", lambda: body, sign=forward_signer(request),
+    # Stale on the members: this node's barrier already fixed the registry; a member's balancer view is
+    # its own, never replicated, so a barrier there (an entry in the log each) would add nothing.
+    answers = await node.ask_members("/v1/services?consistency=stale", body, sign=forward_signer(request),
                                      timeout_s=CLUSTER_VIEW_TIMEOUT_S)
     views: dict[str, dict[str, dict[str, Any]]] = {}  # agent id -> node id -> its view
     unreachable = []

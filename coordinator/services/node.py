@@ -300,7 +300,7 @@ class CoordinatorNode:
         public), this node's answered locally; an unreachable member is listed
         with ``reachable: false``. For the dashboard and operators."""
         own = self.status()
-        answers = await self.ask_members("/v1/status", lambda: own, timeout_s=timeout_s)
+        answers = await self.ask_members("/v1/status", own, timeout_s=timeout_s)
         rows = []
         for member, status, error in answers:
             row = {"id": member["id"], "raft": member["raft"], "http": member["http"]}
@@ -313,11 +313,11 @@ class CoordinatorNode:
         return {"node": self.identity.node_id, "leader_id": own["leader_id"], "term": own["term"],
                 "members": sorted(rows, key=lambda r: r["id"] or r["raft"]), "leaders_seen": sorted(leaders)}
 
-    async def ask_members(self, path_qs: str, own: Callable[[], dict[str, Any]], *, sign: Signer | None = None,
+    async def ask_members(self, path_qs: str, own: dict[str, Any], *, sign: Signer | None = None,
                           timeout_s: float = 1.0) -> list[tuple[dict[str, Any], dict[str, Any] | None, str | None]]:
         """GET ``path_qs`` from every member at once, each within ``timeout_s``:
-        (member, its JSON answer or None, why not). This node answers with
-        ``own()``, without a request. ``sign`` gives the headers that carry
+        (member, its JSON answer or None, why not). This node's answer is
+        ``own``, without a request. ``sign`` gives the headers that carry
         the caller's identity to each member, which answers as it would the
         caller. A member that cannot be reached, or answers other than 200,
         is reported, never raised."""
@@ -325,7 +325,7 @@ class CoordinatorNode:
 
         async def ask(member: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
             if member["raft"] == self.identity.raft:
-                return member, own(), None
+                return member, own, None
             if not member["http"] or self._session is None:
                 return member, None, "unknown HTTP address"
             scheme = "https" if self.peer_ssl is not None else "http"
