@@ -1,8 +1,8 @@
 // The dashboard: plain JavaScript, no build step. Panels are filled from the
 // node's JSON API and kept live by one Server-Sent Events stream of the
 // cluster's events (/v1/watch/events), read with fetch so it can carry the
-// credential. Only counters that move without events (indexes, publish
-// counts, backlogs) are refreshed on one timer.
+// credential. Only counters that move without events (indexes, loads,
+// publish counts, backlogs) are refreshed on one timer.
 "use strict";
 
 // The credential: the admin token, or an agent's id and Ed25519 key (requests
