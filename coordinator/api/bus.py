@@ -18,7 +18,7 @@ from coordinator.api import schemas as s
 from coordinator.api.auth import forward_signer, principal_of
 from coordinator.api.routes import node_of, ok
 from coordinator.api.visibility import visibility
-from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, Unavailable
+from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from coordinator.services.bus import NotLeader
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode
 from coordinator.state.bus import MAX_FETCH, START_KINDS
@@ -443,6 +443,8 @@ async def _fetch_anywhere(node: CoordinatorNode, selector: dict[str, str], base:
     message = str(error.get("message", f"the leader answered {status}"))
     if status == 404:
         raise NotFound(message)
+    if status == 504:
+        raise OutcomeUnknown(message)
     raise Unavailable(message, retry_after_s=0.5) if status >= 500 else CoordinatorError(message)
 
 
@@ -453,6 +455,8 @@ async def _ack_anywhere(node: CoordinatorNode, base: str, selector: dict[str, st
     except NotLeader:
         status, _raw, _ = await node.forward("POST", f"{base}/ack", json.dumps({"delivery_ids": ids}).encode(),
                                             node.proposer.timeout_s + FORWARD_MARGIN_S, sign)
+        if status == 504:
+            raise OutcomeUnknown("the leader answered 504 to an ack: it may have been applied") from None
         if status != 200:
             raise Unavailable(f"the leader answered {status} to an ack", retry_after_s=0.5) from None
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from coordinator.config import PeerConfig
-from coordinator.errors import InvalidInput, NotFound, Unavailable
+from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from coordinator.ports import BusTransport, Clock, ConsensusEngine, Rng
 from coordinator.services.applier import Applier
 from coordinator.services.balancer.health import HealthChecker
@@ -346,8 +346,12 @@ class CoordinatorNode:
         """Send one HTTP request to the leader, marked as forwarded (the leader
         never forwards it again). ``sign`` gives the headers that carry the
         caller's identity for exactly this method, path and body. Returns
-        status, body and the headers worth passing on. ``Unavailable`` when no
-        leader is known or it cannot be reached."""
+        status, body and the headers worth passing on. ``Unavailable`` (certainly
+        not applied) when no leader is known or the connection to it could not
+        be made; ``OutcomeUnknown`` when the request may have reached the leader
+        but no answer came back (a timeout or a dropped connection after
+        connecting): the leader may have applied it, so only a retry with the
+        same ``request_id`` is safe."""
         st = self.engine.status()
         leader = self.http_of(st.leader)
         if leader is None or self._session is None or st.leader == st.node:
@@ -357,14 +361,19 @@ class CoordinatorNode:
             headers.update(sign(method, path_qs, body or b""))
         try:
             scheme = "https" if self.peer_ssl is not None else "http"
+            # The connect phase ends well before the total: a timeout there means nothing was sent.
+            timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s / 2, 2.0))
             async with self._session.request(method, f"{scheme}://{leader}{path_qs}", data=body, headers=headers,
-                                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                                             timeout=timeout) as response:
                 raw = await response.read()
                 passed = {k: v for k, v in response.headers.items() if k in ("Retry-After", "Content-Type")}
                 return response.status, raw, passed
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # Nothing was sent: the connection itself failed.
             raise Unavailable(f"forwarding to the leader failed: {type(exc).__name__}", retry_after_s=0.5,
                               leader=leader) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise OutcomeUnknown(f"forwarded to the leader, no answer: {type(exc).__name__}") from None
 
 
 def _view_of(status: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,8 @@ membership, status)."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from typing import Any
 
 import pytest
@@ -11,7 +13,7 @@ from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
 from coordinator.clock import ManualClock, SeededRng
 from coordinator.config import PeerConfig
-from coordinator.errors import InvalidInput, NotFound, Unavailable
+from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from coordinator.ports import EngineStatus
 from coordinator.services.applier import Applier
 from coordinator.services.node import CoordinatorNode, Identity, ttl_ms_from
@@ -108,3 +110,56 @@ async def test_status_names_the_leader_by_http_address(sim: Sim) -> None:
     sim.engine.step_down()
     assert sim.node.status()["leader"] is None
     assert sim.node.readiness()[0] is False
+
+
+async def _silent_leader() -> tuple[asyncio.Server, str, asyncio.Event]:
+    """A 'leader' that accepts a request, reads it and never answers."""
+    received = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        received.set()
+        await reader.read()  # until the follower gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    return server, f"{host}:{port}", received
+
+
+async def _follower_of(leader_http: str) -> CoordinatorNode:
+    applier = Applier()
+    engine = FollowerEngine(applier, "127.0.0.1:17102", leader="127.0.0.1:17101")
+    follower = CoordinatorNode(Identity("n2", engine.address, "127.0.0.1:17002",
+                                        peers=(PeerConfig("n1", "127.0.0.1:17101", leader_http),)),
+                               engine, applier, ManualClock(), SeededRng(2))
+    await follower.start()
+    return follower
+
+
+async def test_a_forward_sent_but_unanswered_is_outcome_unknown() -> None:
+    """The leader got the request and may have applied it: 504, not 503."""
+    server, address, received = await _silent_leader()
+    follower = await _follower_of(address)
+    try:
+        with pytest.raises(OutcomeUnknown):
+            await follower.forward("POST", "/v1/topics/t/messages", b'{"payload": 1}', 0.5)
+        assert received.is_set()
+    finally:
+        await follower.stop()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_forward_that_cannot_connect_is_certainly_not_applied() -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{probe.getsockname()[1]}"
+    probe.close()  # nothing listens there now
+    follower = await _follower_of(address)
+    try:
+        with pytest.raises(Unavailable) as unavailable:
+            await follower.forward("POST", "/v1/topics/t/messages", b'{"payload": 1}', 0.5)
+        assert unavailable.value.retry_after_s is not None
+    finally:
+        await follower.stop()
