@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
                             "every request needs the admin token or an agent's signature)")
     serve.add_argument("--chaos-dir", dest="chaos_dir", metavar="PATH",
                        help="chaos runs (python -m chaos.run --out) the dashboard shows (default <data-dir>/chaos)")
+    serve.add_argument("--connections-max", dest="connections_max", type=int,
+                       help="open HTTP connections this node accepts (default 8192, kept under the "
+                            "descriptor limit); more get a 503 and are closed")
+    serve.add_argument("--long-requests-per-principal", dest="long_requests_per_principal", type=int,
+                       help="SSE streams and long polls one caller may hold on this node (default 64; then 429)")
+    serve.add_argument("--long-requests-max", dest="long_requests_max", type=int,
+                       help="SSE streams and long polls this node holds in all (default 1024; then 503)")
     serve.add_argument("--admin-token-file", dest="admin_token_file", metavar="PATH",
                        help="file holding the admin credential (or COORD_ADMIN_TOKEN)")
     serve.add_argument("--tls-cert", dest="tls_cert", metavar="PATH",
@@ -119,7 +126,8 @@ def _serve(args: argparse.Namespace) -> int:
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
                                   "secret_file", "compaction_entries", "unsafe_stale_reads", "transport_namespace",
                                   "tls_cert", "tls_key", "tls_ca", "allow_anonymous", "admin_token_file",
-                                  "pbft_key_file", "pbft_keyring", "unsafe_pbft_fault", "chaos_dir")}
+                                  "pbft_key_file", "pbft_keyring", "unsafe_pbft_fault", "chaos_dir", "connections_max",
+                                  "long_requests_per_principal", "long_requests_max")}
     if args.peers:
         overrides["peers"] = args.peers
     if args.transports:

@@ -71,6 +71,11 @@ class NodeConfig:
     # where the dashboard looks for chaos runs (``python -m chaos.run --out``); default <data_dir>/chaos
     chaos_dir: str = ""
     unsafe_pbft_fault: str = ""  # chaos demonstrations only: this PBFT node misbehaves (PBFT_FAULTS)
+    # What callers may hold open on this node (coordinator.api.limits): sockets, and SSE
+    # streams plus long polls per principal and in total.
+    connections_max: int = 8192
+    long_requests_per_principal: int = 64
+    long_requests_max: int = 1024
 
     def validate(self) -> NodeConfig:
         for name in ("node_id", "http", "raft", "data_dir"):
@@ -119,6 +124,11 @@ class NodeConfig:
             raise InvalidInput("transport_namespace: letters, digits, - and _ only", field="transport_namespace")
         if not 1 <= self.inflight_max <= 100_000:
             raise InvalidInput("inflight_max: must be between 1 and 100000", field="inflight_max")
+        if not 16 <= self.connections_max <= 1_000_000:
+            raise InvalidInput("connections_max: must be between 16 and 1000000", field="connections_max")
+        if not 1 <= self.long_requests_per_principal <= self.long_requests_max <= 100_000:
+            raise InvalidInput("long_requests_per_principal: must be between 1 and long_requests_max "
+                               "(at most 100000)", field="long_requests_per_principal")
         self._validate_tls()
         self._validate_pbft()
         return self

@@ -56,8 +56,8 @@ class Unavailable(CoordinatorError):
 
     code = "unavailable"
 
-    def __init__(self, message: str, retry_after_s: float = 1.0, leader: str | None = None) -> None:
-        super().__init__(message, retry_after_s=retry_after_s, leader=leader)
+    def __init__(self, message: str, retry_after_s: float = 1.0, leader: str | None = None, **details: object) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, leader=leader, **details)
         self.retry_after_s = retry_after_s
         self.leader = leader
 
@@ -100,8 +100,8 @@ class RateLimited(CoordinatorError):
 
     code = "rate_limited"
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message, retry_after_s=retry_after_s)
+    def __init__(self, message: str, retry_after_s: float = 1.0, **details: object) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
         self.retry_after_s = retry_after_s
 
 

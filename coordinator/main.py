@@ -20,6 +20,7 @@ from aiohttp import web
 
 from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
+from coordinator.api.limits import BoundedRunner, OpenLimits
 from coordinator.clock import SystemClock, SystemRng
 from coordinator.config import NodeConfig
 from coordinator.errors import InvalidInput
@@ -81,15 +82,18 @@ async def serve(config: NodeConfig) -> None:
     await node.start()
     app = make_app(node, AuthSettings(allow_anonymous=config.allow_anonymous, admin_token=config.admin_token or None,
                                       cluster_secret=config.secret),
-                   chaos_dir=Path(config.chaos_dir or os.path.join(config.data_dir, "chaos")))
+                   chaos_dir=Path(config.chaos_dir or os.path.join(config.data_dir, "chaos")),
+                   limits=OpenLimits(long_requests_per_principal=config.long_requests_per_principal,
+                                     long_requests_max=config.long_requests_max))
     if config.allow_anonymous:
         log.warning("anonymous access is allowed: requests without credentials may do anything")
     # handler_cancellation: a long-poll or stream whose client went away must stop
     # taking messages for it. shutdown_timeout: in-flight requests get a second.
     # Header limits are explicit (bodies are capped by make_app at 1 MiB): a request
     # line or header over 8 KiB, or more than 64 headers, is refused before any handler.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
-                           shutdown_timeout=1.0, max_line_size=8190, max_field_size=8190, max_headers=64)
+    runner = BoundedRunner(app, connections_max=config.connections_max, access_log=None, handle_signals=False,
+                           handler_cancellation=True, shutdown_timeout=1.0, max_line_size=8190, max_field_size=8190,
+                           max_headers=64)
     await runner.setup()
     host, _, port = config.http.rpartition(":")
     site = web.TCPSite(runner, host, int(port), reuse_address=True, ssl_context=server_ssl)

@@ -16,6 +16,7 @@ from coordinator.api.chaos import chaos_routes
 from coordinator.api.errors import error_response, render_error
 from coordinator.api.eventstore import es_routes
 from coordinator.api.keys import CHAOS_DIR, METRICS, NODE
+from coordinator.api.limits import OPEN, OpenLimits, OpenRequests, long_request_middleware
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes
@@ -76,15 +77,17 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 def make_app(node: CoordinatorNode, auth: AuthSettings | None = None, *,
-             chaos_dir: Path | None = None) -> web.Application:
+             chaos_dir: Path | None = None, limits: OpenLimits | None = None) -> web.Application:
     """The application for ``node``; the caller starts and stops the node.
     Without ``auth``, nothing but the public routes answers (secure by default)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES,
-                          middlewares=[metrics_middleware, errors_middleware, auth_middleware])
+                          middlewares=[metrics_middleware, errors_middleware, auth_middleware,
+                                       long_request_middleware])
     app[NODE] = node
     app[CHAOS_DIR] = chaos_dir
     app[AUTH] = AuthState(auth or AuthSettings())
-    app[METRICS] = HttpMetrics(node, app[AUTH])
+    app[OPEN] = OpenRequests(limits or OpenLimits())
+    app[METRICS] = HttpMetrics(node, app[AUTH], app[OPEN])
     app.router.add_routes(routes)
     app.router.add_routes(bus_routes)
     app.router.add_routes(saga_routes)

@@ -41,7 +41,7 @@ def render_error(exc: CoordinatorError) -> web.Response:
     extra: dict[str, object] = {}
     if isinstance(exc, InvalidInput):
         extra["field"] = exc.field
-    for key in ("compact_revision", "first_seq", "dropped_through", "line", "column"):
+    for key in ("compact_revision", "first_seq", "dropped_through", "line", "column", "limit"):
         if key in exc.details:
             extra[key] = exc.details[key]
     headers = {}

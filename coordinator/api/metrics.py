@@ -184,12 +184,30 @@ class _AuthCollector(Collector):
         yield refused
 
 
+class _OpenCollector(Collector):
+    """What callers hold open; ``open_requests`` is the app's ``OpenRequests``."""
+
+    def __init__(self, open_requests: Any) -> None:
+        self.open = open_requests
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily("coord_http_long_requests", "SSE streams and long polls held open",
+                                value=self.open.total)
+        refused = CounterMetricFamily("coord_http_open_refused", "Streams, long polls and connections refused "
+                                      "by a limit", labels=["limit"])
+        for limit, count in sorted(self.open.refused.items()):
+            refused.add_metric([limit], count)
+        yield refused
+
+
 class HttpMetrics:
-    def __init__(self, node: CoordinatorNode, auth: Any = None) -> None:
+    def __init__(self, node: CoordinatorNode, auth: Any = None, open_requests: Any = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_NodeCollector(node))
         if auth is not None:
             self.registry.register(_AuthCollector(auth))
+        if open_requests is not None:
+            self.registry.register(_OpenCollector(open_requests))
         self.latency = Histogram(
             "coord_http_request_seconds", "HTTP request latency", ["method", "route", "status"],
             registry=self.registry,
