@@ -24,7 +24,9 @@ from a faulty replica, it cannot make that node's own HTTP answers honest.
 ``--nemesis clock-skew`` starts the nodes with ``--unsafe-test-clock-control``
 and adds the lease check (``chaos.lease_workload``; ``--lease-check`` adds
 it to any run): a steady agent must never expire, stopped ones must expire
-within their TTL plus a bound and never before it.
+within their TTL plus a bound and never before it; and, on raft, the stream
+check (``chaos.stream_workload``): a windowed count over appended events
+emits no window twice and accounts for every event (late ones are counted).
 
 ``--workload bus`` runs ``chaos.bus_workload`` instead: numbered messages
 published at-least-once and exactly-once, consumed by competing consumers,
@@ -53,6 +55,7 @@ from chaos.lease_workload import LeaseWorkload, check_leases
 from chaos.nemesis import CHOICES, CLOCK_CONTROL_FLAG, Nemesis, parse_kinds
 from chaos.proxy import Proxy
 from chaos.report import bus_report, plot, text_report
+from chaos.stream_workload import StreamWorkload, check_streams
 from chaos.workload import History, check_locks, run_locks, run_register
 from coordinator.devcluster import LocalCluster, free_base_port
 
@@ -155,6 +158,8 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
     leases.started_ns = history.started_ns
     kinds = parse_kinds(args.nemesis)
     lease_check = args.lease_check or "clock-skew" in kinds
+    streams = None
+    stream_verdict = None
     # a nemesis that takes no node away leaves a steady heartbeat nothing to excuse a lapse
     harmless = set(kinds) <= {"clock-skew", "none"}
     rng = random.Random(args.seed)
@@ -177,6 +182,10 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
         try:
             endpoints = [cluster.url(n) for n in client_nodes(cluster)]
             extra_work = []
+            if lease_check and args.engine == "raft":
+                streams = StreamWorkload(endpoints, op_timeout_s=args.op_timeout, run_id=str(args.seed))
+                await streams.setup()
+                extra_work.append(streams.run(args.duration))
             if lease_check:
                 extra_work.append(LeaseWorkload(endpoints, leases, seed=args.seed, op_timeout_s=args.op_timeout,
                                                 bound_s=4.0 if harmless else args.fault_s + 10.0
@@ -191,6 +200,8 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
         finally:
             progress.cancel()
         recovery_s = await _heal(nemesis, cluster, history)
+        if streams is not None and recovery_s is not None:
+            stream_verdict = check_streams(await streams.drain(30.0))
         final = await asyncio.to_thread(final_statuses, cluster)
     finally:
         await asyncio.to_thread(cluster.stop_all)
@@ -207,6 +218,7 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
         leases.write_jsonl(str(out / "leases.jsonl"))
         lease_verdict = check_leases(leases.events, steady_must_survive=harmless)
     leases_ok = lease_verdict is None or lease_verdict["valid"] is True
+    leases_ok = leases_ok and (stream_verdict is None or stream_verdict["valid"] is True)
     report = text_report(history.events, history.started_ns, verdict, title=f"chaos run: {title}",
                          recovery_s=recovery_s)
     report += (f"\nlocks: {lock_verdict['grants']} grants, {lock_verdict['fenced_writes']} fenced writes accepted; "
@@ -219,6 +231,12 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
                    f"{lease_verdict.get('steady_lapses', 0)}; leases {'hold' if leases_ok else 'VIOLATED'}")
         for problem in lease_verdict["problems"]:
             report += f"\n  {problem}"
+    if stream_verdict is not None:
+        report += (f"\nstreams: {stream_verdict['stored']} events, {stream_verdict['windows']} window results "
+                   f"folding {stream_verdict['folded']}, {stream_verdict['late']} counted late (missing from the "
+                   f"results); {'nothing emitted twice or lost' if stream_verdict['valid'] else 'VIOLATED'}")
+        for problem in stream_verdict["problems"]:
+            report += f"\n  {problem}"
     skews = [e for e in history.events if e.get("name") == "clock-skew" and e.get("phase") == "start"]
     if skews:
         report += "\nclock jumps: " + ", ".join(f"{e['nodes'][0]} {e['offset_ms'] / 1000:+.0f}s"
@@ -230,6 +248,7 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
     (out / "report.txt").write_text(report + "\n")
     plot(history.events, history.started_ns, str(out / "latency.png"), title=title)
     (out / "verdict.json").write_text(json.dumps({"register": verdict, "locks": lock_verdict, "leases": lease_verdict,
+                                                  "streams": stream_verdict,
                                                   "final_status": final, "byzantine": cluster.pbft_fault},
                                                  indent=2) + "\n")
     print()
