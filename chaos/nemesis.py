@@ -14,6 +14,9 @@ service: proxy links (partitions), signals to node processes by their PID
   pause                    SIGSTOP a random node, SIGCONT at the heal
   kill-leader              SIGKILL the current leader (PBFT: the primary), restart it at the heal
   pause-leader             SIGSTOP the current leader (PBFT: a primary that stops), SIGCONT at the heal
+  clock-skew               one node's wall clock (the leader half the time) jumps seconds to minutes
+                           forward or back, and back to true time at the heal; needs nodes started
+                           with --unsafe-test-clock-control (monotonic timers stay real)
   mix                      a random one of the above at each round
   none                     no faults (when the fault is elsewhere: a Byzantine PBFT replica)
 """
@@ -21,16 +24,20 @@ service: proxy links (partitions), signals to node processes by their PID
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 from collections.abc import Iterable
 
 from chaos.proxy import Faults, Proxy
 from chaos.workload import History
+from coordinator.clock import CLOCK_OFFSET_FILE
 from coordinator.devcluster import LocalCluster
 
 KINDS = ("partition-halves", "partition-majority-ring", "isolate-leader", "bridge", "kill", "kill-all", "pause",
-         "kill-leader", "pause-leader")
+         "kill-leader", "pause-leader", "clock-skew")
+CLOCK_CONTROL_FLAG = "--unsafe-test-clock-control"  # the node flag clock-skew needs
+CLOCK_JUMPS_S = (3, 10, 30, 90, 300)  # how far a skewed clock jumps, either way
 CHOICES = (*KINDS, "mix", "none")
 
 
@@ -53,6 +60,7 @@ class Nemesis:
         self.active: str | None = None
         self._killed: list[str] = []
         self._paused: list[str] = []
+        self._skewed: list[str] = []
 
     async def run(self, kind: str, duration_s: float, *, fault_s: float = 6.0, quiet_s: float = 4.0) -> None:
         """Alternate faults and quiet periods until ``duration_s`` is spent; heals at the end.
@@ -81,6 +89,8 @@ class Nemesis:
 
     def _usable(self) -> list[str]:  # what mix may pick
         kinds = [k for k in KINDS if k != "bridge" or len(self.cluster.members) >= 5]
+        if CLOCK_CONTROL_FLAG not in self.cluster.extra_args:
+            kinds = [k for k in kinds if k != "clock-skew"]
         return kinds if self.proxy is not None else [k for k in kinds if not k.startswith(("partition", "isolate",
                                                                                            "bridge"))]
 
@@ -123,23 +133,50 @@ class Nemesis:
             self._paused = [victim]
             self.cluster.signal(victim, signal.SIGSTOP)
             detail = {"nodes": [victim]}
+        elif kind == "clock-skew":
+            detail = await self._skew_clock(nodes)
         else:
             raise ValueError(f"unknown nemesis {kind!r}")
         self.active = kind
         self.history.nemesis(kind, "start", **detail)
 
     async def heal(self) -> None:
-        if self.active is None and not self._killed and not self._paused:
+        if self.active is None and not self._killed and not self._paused and not self._skewed:
             return
         if self.proxy is not None:
             self.proxy.heal()
+        for node in self._skewed:  # the clock jumps back to true time
+            self._set_clock_offset(node, 0)
         for node in self._paused:
             self.cluster.signal(node, signal.SIGCONT)
         for node in self._killed:
             self.cluster.start(node)
         kind, self.active = self.active, None
-        self._paused, self._killed = [], []
+        self._paused, self._killed, self._skewed = [], [], []
         self.history.nemesis(kind or "heal", "end")
+
+    # -- clocks ---------------------------------------------------------------------------------
+
+    async def _skew_clock(self, nodes: list[str]) -> dict[str, object]:
+        """Jump one node's wall clock (the leader's half the time) by a seeded
+        amount, forward or back. The node reads the offset from its control
+        file within 50 ms; only its wall clock moves, as in a real clock step."""
+        if CLOCK_CONTROL_FLAG not in self.cluster.extra_args:
+            raise ValueError(f"clock-skew needs nodes started with {CLOCK_CONTROL_FLAG}")
+        pick_leader = self.rng.random() < 0.5
+        victim = await asyncio.to_thread(self._leader_or_random) if pick_leader else self.rng.choice(nodes)
+        offset_ms = self.rng.choice((-1, 1)) * self.rng.choice(CLOCK_JUMPS_S) * 1000
+        self._skewed = [victim]
+        self._set_clock_offset(victim, offset_ms)
+        return {"nodes": [victim], "offset_ms": offset_ms, "leader": pick_leader}
+
+    def _set_clock_offset(self, node: str, offset_ms: int) -> None:
+        """Write the offset atomically (a node never reads half a number)."""
+        path = self.cluster.dir / node / CLOCK_OFFSET_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{offset_ms}\n")
+        os.replace(tmp, path)
 
     # -- topology helpers -----------------------------------------------------------------------
 

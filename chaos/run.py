@@ -2,6 +2,7 @@
 
     python -m chaos.run --duration 60 --nemesis partition-halves [--unsafe-stale-reads]
     python -m chaos.run --workload bus --duration 30 --nemesis isolate-leader,kill
+    python -m chaos.run --duration 30 --nemesis clock-skew
     python -m chaos.run --engine pbft --byzantine equivocate --nemesis none --duration 20
 
 Starts a three-node cluster whose Raft links run through an in-process
@@ -19,6 +20,13 @@ pre-prepare; ``forge``: sends forged, unsigned, re-signed corrupted and
 malformed messages and false replies instead of its real ones). The clients
 then talk to the correct nodes only: PBFT keeps the replicated state safe
 from a faulty replica, it cannot make that node's own HTTP answers honest.
+
+``--nemesis clock-skew`` starts the nodes with ``--unsafe-test-clock-control``
+and adds the lease check (``chaos.lease_workload``; ``--lease-check`` adds
+it to any run): a steady agent must never expire, stopped ones must expire
+within their TTL plus a bound and never before it; and, on raft, the stream
+check (``chaos.stream_workload``): a windowed count over appended events
+emits no window twice and accounts for every event (late ones are counted).
 
 ``--workload bus`` runs ``chaos.bus_workload`` instead: numbered messages
 published at-least-once and exactly-once, consumed by competing consumers,
@@ -43,9 +51,11 @@ from pathlib import Path
 from typing import Any
 
 from chaos.bus_workload import BusRunError, BusTracker, BusWorkload, check_bus
-from chaos.nemesis import CHOICES, Nemesis, parse_kinds
+from chaos.lease_workload import LeaseWorkload, check_leases
+from chaos.nemesis import CHOICES, CLOCK_CONTROL_FLAG, Nemesis, parse_kinds
 from chaos.proxy import Proxy
 from chaos.report import bus_report, plot, text_report
+from chaos.stream_workload import StreamWorkload, check_streams
 from chaos.workload import History, check_locks, run_locks, run_register
 from coordinator.devcluster import LocalCluster, free_base_port
 
@@ -105,6 +115,8 @@ async def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = args.base_port or free_base_port(args.nodes)
     extra = ("--unsafe-stale-reads",) if args.unsafe_stale_reads else ()
+    if "clock-skew" in parse_kinds(args.nemesis):
+        extra += (CLOCK_CONTROL_FLAG,)
     pbft = args.engine == "pbft"
     faults = {byzantine_node(args.byzantine, args.nodes): args.byzantine} if args.byzantine else {}
     cluster = LocalCluster(out / "cluster", base_port=base, nodes=args.nodes, proxied=not pbft, extra_args=extra,
@@ -142,6 +154,14 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
     history = History()
     locks = History()
     locks.started_ns = history.started_ns
+    leases = History()
+    leases.started_ns = history.started_ns
+    kinds = parse_kinds(args.nemesis)
+    lease_check = args.lease_check or "clock-skew" in kinds
+    streams = None
+    stream_verdict = None
+    # a nemesis that takes no node away leaves a steady heartbeat nothing to excuse a lapse
+    harmless = set(kinds) <= {"clock-skew", "none"}
     rng = random.Random(args.seed)
     nemesis = Nemesis(cluster, proxy, history, rng)
     title = (f"{args.nemesis}, {args.duration:.0f}s, {args.clients} clients, seed {args.seed}"
@@ -161,7 +181,17 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
         progress = asyncio.create_task(_progress(history, nemesis, started, args.progress_s))
         try:
             endpoints = [cluster.url(n) for n in client_nodes(cluster)]
+            extra_work = []
+            if lease_check and args.engine == "raft":
+                streams = StreamWorkload(endpoints, op_timeout_s=args.op_timeout, run_id=str(args.seed))
+                await streams.setup()
+                extra_work.append(streams.run(args.duration))
+            if lease_check:
+                extra_work.append(LeaseWorkload(endpoints, leases, seed=args.seed, op_timeout_s=args.op_timeout,
+                                                bound_s=4.0 if harmless else args.fault_s + 10.0
+                                                ).run(args.duration))
             await asyncio.gather(
+                *extra_work,
                 run_register(endpoints, history, clients=args.clients, keys=args.keys, duration_s=args.duration,
                              seed=args.seed, op_timeout_s=args.op_timeout),
                 run_locks(endpoints, locks, clients=args.lock_clients, duration_s=args.duration, seed=args.seed,
@@ -170,6 +200,8 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
         finally:
             progress.cancel()
         recovery_s = await _heal(nemesis, cluster, history)
+        if streams is not None and recovery_s is not None:
+            stream_verdict = check_streams(await streams.drain(30.0))
         final = await asyncio.to_thread(final_statuses, cluster)
     finally:
         await asyncio.to_thread(cluster.stop_all)
@@ -181,26 +213,50 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
     print("  checking the history", flush=True)
     verdict = check_history(history_path, args.check_timeout)
     lock_verdict = check_locks(locks.events)
+    lease_verdict = None
+    if lease_check:
+        leases.write_jsonl(str(out / "leases.jsonl"))
+        lease_verdict = check_leases(leases.events, steady_must_survive=harmless)
+    leases_ok = lease_verdict is None or lease_verdict["valid"] is True
+    leases_ok = leases_ok and (stream_verdict is None or stream_verdict["valid"] is True)
     report = text_report(history.events, history.started_ns, verdict, title=f"chaos run: {title}",
                          recovery_s=recovery_s)
     report += (f"\nlocks: {lock_verdict['grants']} grants, {lock_verdict['fenced_writes']} fenced writes accepted; "
                f"fencing {'holds' if lock_verdict['valid'] else 'VIOLATED'}")
     for problem in lock_verdict["problems"]:
         report += f"\n  {problem}"
+    if lease_verdict is not None:
+        report += (f"\nleases: {lease_verdict['agents']} agents, {lease_verdict.get('renewals', 0)} renewals, "
+                   f"quitters expired after {lease_verdict.get('quitter_expiry_s', [])} s, steady lapses "
+                   f"{lease_verdict.get('steady_lapses', 0)}; leases {'hold' if leases_ok else 'VIOLATED'}")
+        for problem in lease_verdict["problems"]:
+            report += f"\n  {problem}"
+    if stream_verdict is not None:
+        report += (f"\nstreams: {stream_verdict['stored']} events, {stream_verdict['windows']} window results "
+                   f"folding {stream_verdict['folded']}, {stream_verdict['late']} counted late (missing from the "
+                   f"results); {'nothing emitted twice or lost' if stream_verdict['valid'] else 'VIOLATED'}")
+        for problem in stream_verdict["problems"]:
+            report += f"\n  {problem}"
+    skews = [e for e in history.events if e.get("name") == "clock-skew" and e.get("phase") == "start"]
+    if skews:
+        report += "\nclock jumps: " + ", ".join(f"{e['nodes'][0]} {e['offset_ms'] / 1000:+.0f}s"
+                                                 + (" (leader)" if e.get("leader") else "") for e in skews)
     report += "\nfinal terms (PBFT: views): " + ", ".join(
         f"{node} {status['term'] if status else '-'}" + (f" ({cluster.pbft_fault[node]})"
                                                          if node in cluster.pbft_fault else "")
         for node, status in final.items())
     (out / "report.txt").write_text(report + "\n")
     plot(history.events, history.started_ns, str(out / "latency.png"), title=title)
-    (out / "verdict.json").write_text(json.dumps({"register": verdict, "locks": lock_verdict, "final_status": final,
-                                                  "byzantine": cluster.pbft_fault}, indent=2) + "\n")
+    (out / "verdict.json").write_text(json.dumps({"register": verdict, "locks": lock_verdict, "leases": lease_verdict,
+                                                  "streams": stream_verdict,
+                                                  "final_status": final, "byzantine": cluster.pbft_fault},
+                                                 indent=2) + "\n")
     print()
     print(report)
     print(f"\nhistory {history_path}\nplot    {out / 'latency.png'}")
-    if verdict.get("valid") is True and lock_verdict["valid"] and recovery_s is not None:
+    if verdict.get("valid") is True and lock_verdict["valid"] and leases_ok and recovery_s is not None:
         return 0
-    if verdict.get("valid") is False or not lock_verdict["valid"] or recovery_s is None:
+    if verdict.get("valid") is False or not lock_verdict["valid"] or not leases_ok or recovery_s is None:
         return 1
     return 2
 
@@ -308,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-s", type=float, default=5.0)
     parser.add_argument("--base-port", type=int, default=int(os.environ.get("COORD_BASE_PORT", "0")) or None)
     parser.add_argument("--out", default=".chaos", help="directory for the run's files (default .chaos/)")
+    parser.add_argument("--lease-check", action="store_true",
+                        help="also run the lease workload (on by default with --nemesis clock-skew)")
     parser.add_argument("--unsafe-stale-reads", action="store_true",
                         help="start the nodes with reads that skip the barrier: the checker must catch them")
     args = parser.parse_args(argv)

@@ -365,6 +365,7 @@ class PySyncObjEngine:
         self.generation = 0
         self.recoveries = 0
         self._failpoints = _failpoints()
+        self.quorum_lease_s = election_timeout_s[0]  # coordinator.ports.KnowsQuorumContact
         os.makedirs(data_dir, exist_ok=True)
 
     @classmethod
@@ -593,6 +594,25 @@ class PySyncObjEngine:
             reason = await future
         if reason is not None:
             raise Unavailable(f"membership change refused: {reason}")
+
+    # -- quorum contact (coordinator.ports.KnowsQuorumContact) ------------------------------
+
+    def quorum_contact_age_s(self) -> float | None:
+        """Seconds since a majority (this node counted) last answered this
+        leader, from the per-follower response times pysyncobj keeps for its
+        ``leaderFallbackTimeout``; None unless this node leads. Loop thread."""
+        sync = self._sync
+        if sync is None or not sync._isLeader():
+            return None
+        # The tick thread writes both; copying a dict or set is one step under the GIL.
+        answered = sync._SyncObj__lastResponseTime.copy()
+        voters = sync._SyncObj__otherNodes.copy()
+        needed = (len(voters) + 1) // 2  # followers that make a majority with this node
+        if needed == 0:
+            return 0.0
+        latest = sorted((answered.get(node, float("-inf")) for node in voters), reverse=True)
+        # pysyncobj's clock (CLOCK_MONOTONIC_RAW on Linux), not time.monotonic
+        return max(0.0, _pysyncobj.monotonicTime() - latest[needed - 1])
 
     # -- health of the apply loop -------------------------------------------------------------
 

@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--unsafe-stale-reads", dest="unsafe_stale_reads", action="store_true", default=None,
                        help="UNSAFE, for chaos demonstrations: serve default reads from local state "
                             "without a barrier (stale, not linearizable)")
+    serve.add_argument("--unsafe-test-clock-control", dest="unsafe_test_clock_control", action="store_true",
+                       default=None,
+                       help="UNSAFE, for chaos tests only: shift this node's wall clock by the milliseconds "
+                            "written in <data-dir>/unsafe-clock-offset-ms (the clock-skew nemesis)")
     serve.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
                        help="let requests without credentials do anything (development only; default: "
                             "every request needs the admin token or an agent's signature)")
@@ -125,6 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
                                   "secret_file", "compaction_entries", "unsafe_stale_reads", "transport_namespace",
+                                  "unsafe_test_clock_control",
                                   "tls_cert", "tls_key", "tls_ca", "allow_anonymous", "admin_token_file",
                                   "pbft_key_file", "pbft_keyring", "unsafe_pbft_fault", "chaos_dir", "connections_max",
                                   "long_requests_per_principal", "long_requests_max")}

@@ -52,6 +52,9 @@ class NodeConfig:
     stall_timeout_s: float = 5.0
     log_level: str = "info"
     unsafe_stale_reads: bool = False  # chaos demonstrations only: reads skip the barrier
+    # chaos tests only: the wall clock (stamped into commands) is shifted by the offset
+    # in <data_dir>/unsafe-clock-offset-ms, which the clock-skew nemesis writes
+    unsafe_test_clock_control: bool = False
     # broker transports: plugin name -> URL (may hold credentials: never printed)
     transports: dict[str, str] = field(default_factory=dict, repr=False)
     transport_namespace: str = "coord"  # prefix of every broker resource; the same on every node

@@ -21,7 +21,7 @@ from aiohttp import web
 from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
 from coordinator.api.limits import BoundedRunner, OpenLimits
-from coordinator.clock import SystemClock, SystemRng
+from coordinator.clock import CLOCK_OFFSET_FILE, OffsetClock, SystemClock, SystemRng, parse_clock_offset
 from coordinator.config import NodeConfig
 from coordinator.errors import InvalidInput
 from coordinator.services.applier import Applier
@@ -63,10 +63,42 @@ def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> Coo
     applier = Applier()
     engine = load_engine_class(config.engine).from_config(config, applier)
     identity = Identity(config.node_id, config.raft, config.http, config.peers)
-    return CoordinatorNode(identity, engine, applier, SystemClock(), SystemRng(),
+    clock = OffsetClock() if config.unsafe_test_clock_control else SystemClock()
+    return CoordinatorNode(identity, engine, applier, clock, SystemRng(),
                            proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max,
                            unsafe_stale_reads=config.unsafe_stale_reads, transports=load_transports(config),
                            transport_factory=transport_factory(config), peer_ssl=peer_ssl)
+
+
+async def follow_clock_offset(clock: OffsetClock, path: str, every_s: float = 0.05) -> None:
+    """Set ``clock.offset_ms`` from the control file ``path`` every ``every_s``
+    (``--unsafe-test-clock-control``; the clock-skew nemesis writes it). A
+    missing file means 0; a bad one is logged and leaves the offset alone."""
+    complained = False
+    while True:
+        try:
+            text = await asyncio.to_thread(_read_small, path)
+            offset_ms = parse_clock_offset(text)
+        except ValueError as exc:
+            if not complained:
+                log.warning("clock control: %s ignored (%s)", path, exc)
+            complained = True
+        else:
+            complained = False
+            if offset_ms != clock.offset_ms:
+                log.warning("UNSAFE clock control: wall clock offset %+d ms", offset_ms)
+                clock.offset_ms = offset_ms
+        await asyncio.sleep(every_s)
+
+
+def _read_small(path: str) -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read(64)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise ValueError(exc.strerror) from None
 
 
 async def serve(config: NodeConfig) -> None:
@@ -79,6 +111,11 @@ async def serve(config: NodeConfig) -> None:
     server_ssl = server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
     peer_ssl = client_context(config.tls_ca or None) if config.tls_cert else None
     node = make_node(config, peer_ssl)
+    clock_control = None
+    if isinstance(node.clock, OffsetClock):
+        log.warning("UNSAFE: this node's wall clock follows %s (chaos tests only)", CLOCK_OFFSET_FILE)
+        clock_control = asyncio.create_task(follow_clock_offset(node.clock, os.path.join(config.data_dir,
+                                                                                          CLOCK_OFFSET_FILE)))
     await node.start()
     app = make_app(node, AuthSettings(allow_anonymous=config.allow_anonymous, admin_token=config.admin_token or None,
                                       cluster_secret=config.secret),
@@ -111,3 +148,5 @@ async def serve(config: NodeConfig) -> None:
         node.bus.close()  # long-polls and streams answer now instead of holding the shutdown
         await runner.cleanup()
         await node.stop()
+        if clock_control is not None:
+            clock_control.cancel()

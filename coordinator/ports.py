@@ -105,6 +105,30 @@ class WithEventCounts(Protocol):
 
 
 @runtime_checkable
+class KnowsQuorumContact(Protocol):
+    """An optional engine feature: how recently a quorum answered this leader.
+
+    A leader cut off from its followers keeps believing it leads until its
+    engine notices (pysyncobj: ``leader_fallback_s``), while the others may
+    elect a new leader after ``quorum_lease_s``. Whatever the leader answers
+    from memory alone (lease heartbeats) must therefore stop once a quorum
+    has not answered within ``quorum_lease_s``.
+
+    ``quorum_lease_s``: seconds after a quorum's last answer during which no
+    other node can have become leader (Raft: the minimum election timeout;
+    a follower that answered does not start an election sooner).
+
+    ``quorum_contact_age_s()``: seconds since a quorum of the voting members
+    (this node counted) last answered this node as leader, measured on the
+    engine's monotonic clock; None when this node is not the leader. Cheap;
+    loop thread."""
+
+    quorum_lease_s: float
+
+    def quorum_contact_age_s(self) -> float | None: ...
+
+
+@runtime_checkable
 class ConsensusEngine(Protocol):
     """Replicates opaque bytes. Knows nothing of the domain.
 

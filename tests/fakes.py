@@ -26,6 +26,8 @@ class SimEngine:
         self.hold = False  # submit accepts but never commits (a lost majority)
         self.members = [address]
         self.recoveries = 0
+        self.quorum_lease_s = 0.5  # coordinator.ports.KnowsQuorumContact
+        self.quorum_age_s = 0.0  # what a leader reports; a test sets it to cut the leader off
         self._listeners: list[Callable[[str], None]] = []
         self._held: list[tuple[bytes, Done]] = []
 
@@ -73,6 +75,9 @@ class SimEngine:
         return EngineStatus(node=self.address, role=self.role, leader=leader, term=self.term,
                             commit_index=len(self.log), applied_index=len(self.log), members=tuple(self.members),
                             healthy=True, problem=None, connected=())
+
+    def quorum_contact_age_s(self) -> float | None:
+        return self.quorum_age_s if self.role == "leader" else None
 
     def on_role_change(self, listener: Callable[[str], None]) -> None:
         self._listeners.append(listener)

@@ -215,6 +215,9 @@ class PbftEngine:
         if min(sessions, queue_max, queue_timeout_ms, role_poll_ms) < 1:
             raise InvalidInput("sessions, queue_max and timeouts must be positive")
         self.confirms_results = True  # coordinator.ports.ConfirmsResults
+        # coordinator.ports.KnowsQuorumContact: backups suspect a primary only after
+        # a request waited this long, so a primary heard by 2f within it still leads
+        self.quorum_lease_s = view_change_timeout_ms / 1000
         self.replica_id = replica_id
         self.addresses = tuple(addresses)
         self.address = self.addresses[replica_id]
@@ -408,6 +411,21 @@ class PbftEngine:
             problem=problem,
             connected=connected,
         )
+
+    def quorum_contact_age_s(self) -> float | None:
+        """Seconds since 2f other replicas (with this one a 2f+1 quorum) were
+        last heard from (every replica broadcasts a status at least every
+        ``status_interval_ms``); None unless this node is the active primary.
+        Liveness only: a Byzantine peer can make itself look alive."""
+        if self._current_role() != "leader":
+            return None
+        needed = 2 * self.node.f
+        if needed == 0:
+            return 0.0
+        heard = sorted(self.node.last_heard_ms.values(), reverse=True)
+        if len(heard) < needed:
+            return float("inf")
+        return max(0.0, (self.node.now_ms() - heard[needed - 1]) / 1000)
 
     def event_counts(self) -> dict[str, int]:
         """``coordinator.ports.WithEventCounts``: the replica's dropped messages

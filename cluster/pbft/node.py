@@ -276,6 +276,9 @@ class PbftNode:
         self.failure: BaseException | None = None  # the first error that killed a background task
         self.counters: Counter[str] = Counter()
         self.last_executed_seq = 0
+        # when a frame from each peer last arrived (now_ms); the sender id is the
+        # envelope's, checked by the replica afterwards: liveness only, not proof
+        self.last_heard_ms: dict[int, int] = {}
         self.view_changes: list[ViewChanged] = []
         self._links: dict[int, _Link] = {}
         self._server: asyncio.Server | None = None
@@ -638,6 +641,8 @@ class PbftNode:
     def _handle(self, item: Frame) -> None:
         now = self.now_ms()
         if isinstance(item, Envelope):
+            if item.sender != self.id:
+                self.last_heard_ms[item.sender] = now
             self._apply(self.behaviour.on_message(item.sender, item, now))
         elif isinstance(item, ReplyFrame):
             self._on_reply(item.envelope)

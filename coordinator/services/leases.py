@@ -10,6 +10,14 @@ A new leader first commits a barrier (so its replica holds every committed
 registration), then gives every lease a fresh TTL before expiring anything:
 no agent is expired for heartbeats the old leader received.
 
+A leader answers a heartbeat only while a quorum has answered it within the
+engine's ``quorum_lease_s`` (``coordinator.ports.KnowsQuorumContact``): a
+leader cut off from the others would otherwise keep renewing leases from
+memory (pysyncobj steps down only after ``leader_fallback_s``, 2 s) while a
+new leader, elected after the minimum election timeout, counts the TTL from
+its own takeover and expires the agent. Engines without the feature are
+trusted for as long as they say they lead.
+
 Loop thread only. ``tick`` is driven by ``run`` every ``tick_s``.
 """
 
@@ -20,8 +28,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.errors import CoordinatorError, NotFound
-from coordinator.ports import Clock
+from coordinator.errors import CoordinatorError, NotFound, Unavailable
+from coordinator.ports import Clock, KnowsQuorumContact
 from coordinator.services.applier import Applier
 from coordinator.services.proposals import Proposer
 from coordinator.services.reads import Reads
@@ -45,8 +53,11 @@ class _Lease:
 
 class LeaseKeeper:
     def __init__(self, applier: Applier, proposer: Proposer, reads: Reads, clock: Clock, *,
-                 tick_s: float = 0.1) -> None:
+                 tick_s: float = 0.1, quorum: KnowsQuorumContact | None = None) -> None:
+        """``quorum``: the engine, when it can say how recently a quorum answered."""
         self.applier = applier
+        self.quorum = quorum
+        self.refused_heartbeats = 0  # refused because no quorum answered recently
         self.proposer = proposer
         self.reads = reads
         self.clock = clock
@@ -122,9 +133,12 @@ class LeaseKeeper:
 
     def heartbeat(self, agent_id: str) -> dict[str, Any]:
         """Renew an agent's lease and the leases of the locks it holds.
-        Raises ``NotLeader`` on a follower, ``NotFound`` for an unknown agent."""
+        Raises ``NotLeader`` on a follower, ``NotFound`` for an unknown agent,
+        ``Unavailable`` when no quorum answered this leader within the
+        engine's ``quorum_lease_s`` (it may have been replaced; nothing renewed)."""
         if not self.active:
             raise NotLeader("heartbeats are kept by the leader")
+        self._check_quorum_contact()
         agent = self.applier.machine.registry.agents.get(agent_id)
         if agent is None:
             raise NotFound(f"agent {agent_id!r} is not registered")
@@ -136,6 +150,15 @@ class LeaseKeeper:
             if lease is not None:
                 lease.deadline = max(lease.deadline, now + lease.ttl_s)
         return {"id": agent_id, "lease_id": agent.lease_id, "ttl_s": ttl_s, "health": agent.health}
+
+    def _check_quorum_contact(self) -> None:
+        if self.quorum is None:
+            return
+        age_s = self.quorum.quorum_contact_age_s()
+        if age_s is None or age_s > self.quorum.quorum_lease_s:
+            self.refused_heartbeats += 1
+            raise Unavailable("this leader has not heard from a majority recently and may have been replaced; "
+                              "nothing was renewed", retry_after_s=max(0.1, self.quorum.quorum_lease_s))
 
     def remaining_s(self, kind: str, name: str) -> float | None:
         lease = (self._agents if kind == "agent" else self._locks).get(name)

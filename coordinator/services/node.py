@@ -20,7 +20,7 @@ import aiohttp
 
 from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, Unavailable
-from coordinator.ports import BusTransport, Clock, ConsensusEngine, Rng
+from coordinator.ports import BusTransport, Clock, ConsensusEngine, KnowsQuorumContact, Rng
 from coordinator.services.applier import Applier
 from coordinator.services.balancer.health import HealthChecker
 from coordinator.services.balancer.service import Balancer
@@ -78,7 +78,8 @@ class CoordinatorNode:
                                  timeout_s=proposal_timeout_s, command_max_bytes=command_max_bytes,
                                  leader_hint=self.leader_http)
         self.reads = Reads(self.proposer, applier)
-        self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock)
+        self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock,
+                                  quorum=engine if isinstance(engine, KnowsQuorumContact) else None)
         self.bus = BusService(applier, self.proposer, self.reads, engine, clock, rng, node_id=identity.node_id,
                               member_id=lambda raft: self._peer_id(raft))
         self.transports = TransportDriver(applier, self.proposer, dict(transports or {}), clock,

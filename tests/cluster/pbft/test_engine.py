@@ -200,3 +200,20 @@ async def test_a_replica_whose_results_differ_never_confirms_them() -> None:
     finally:
         for engine in c.engines:
             await engine.stop()
+
+
+async def test_the_primary_knows_when_a_quorum_last_spoke(cluster: Cluster) -> None:
+    """``KnowsQuorumContact``: the primary hears 2f peers' statuses within
+    ``quorum_lease_s``; with two backups stopped it hears only one, and the
+    age grows past the lease (the leases service then refuses heartbeats)."""
+    from coordinator.ports import KnowsQuorumContact
+
+    primary = cluster.engines[0]
+    assert isinstance(primary, KnowsQuorumContact)
+    assert primary.quorum_lease_s == 0.4
+    assert await cluster.submit(1, b"x") is None
+    await _eventually(lambda: (primary.quorum_contact_age_s() or 1.0) < primary.quorum_lease_s)
+    assert cluster.engines[1].quorum_contact_age_s() is None  # a backup
+    await cluster.engines[2].stop()
+    await cluster.engines[3].stop()
+    await _eventually(lambda: (primary.quorum_contact_age_s() or 0.0) > primary.quorum_lease_s)

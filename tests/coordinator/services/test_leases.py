@@ -129,3 +129,25 @@ async def test_restore_refreshes_leases_from_the_snapshot(sim: Sim) -> None:
     assert sim.node.leases.remaining_s("agent", "w1") is None
     sim.applier.restore(blob)
     assert sim.node.leases.remaining_s("agent", "w1") == 2.0
+
+
+async def test_a_leader_cut_off_from_its_quorum_renews_nothing(sim: Sim) -> None:
+    """A leader whose quorum has not answered within the engine's
+    ``quorum_lease_s`` may already have been replaced: it refuses heartbeats
+    (503 with Retry-After over HTTP) and moves no agent or lock deadline."""
+    from coordinator.errors import Unavailable
+
+    await _register(sim, "w1")
+    assert (await sim.propose("lock.acquire", {"name": "l", "holder": "w1", "ttl_ms": 2000})).ok
+    sim.clock.advance(1.0)
+    sim.engine.quorum_age_s = 0.6  # just past quorum_lease_s = 0.5
+    with pytest.raises(Unavailable) as refused:
+        sim.node.leases.heartbeat("w1")
+    assert refused.value.retry_after_s > 0
+    assert sim.node.leases.remaining_s("agent", "w1") == pytest.approx(1.0)
+    assert sim.node.leases.remaining_s("lock", "l") == pytest.approx(1.0)
+    assert sim.node.leases.refused_heartbeats == 1
+    sim.engine.quorum_age_s = 0.1  # heard from a majority again
+    sim.node.leases.heartbeat("w1")
+    assert sim.node.leases.remaining_s("agent", "w1") == 2.0
+    assert sim.node.leases.remaining_s("lock", "l") == 2.0
