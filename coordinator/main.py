@@ -29,6 +29,12 @@ from coordinator.tls import client_context, server_context
 
 log = logging.getLogger("coordinator")
 
+DEV_MODE_WARNING = (
+    "anonymous access is allowed (--allow-anonymous, development only): requests without credentials may do "
+    "anything, as may every signed agent (no roles are checked); any agent may register as any type with "
+    "any endpoint, loopback and private addresses included, and the leader will call it; /metrics is public. "
+    "Signatures that are sent are still checked.")
+
 
 def load_engine_class(name: str) -> Any:
     found = [ep for ep in entry_points(group="coordinator.engines") if ep.name == name]
@@ -80,10 +86,11 @@ async def serve(config: NodeConfig) -> None:
     node = make_node(config, peer_ssl)
     await node.start()
     app = make_app(node, AuthSettings(allow_anonymous=config.allow_anonymous, admin_token=config.admin_token or None,
-                                      cluster_secret=config.secret),
+                                      cluster_secret=config.secret, metrics_token=config.metrics_token or None,
+                                      hosts=config.http_names),
                    chaos_dir=Path(config.chaos_dir or os.path.join(config.data_dir, "chaos")))
     if config.allow_anonymous:
-        log.warning("anonymous access is allowed: requests without credentials may do anything")
+        log.warning(DEV_MODE_WARNING)
     # handler_cancellation: a long-poll or stream whose client went away must stop
     # taking messages for it. shutdown_timeout: in-flight requests get a second.
     # Header limits are explicit (bodies are capped by make_app at 1 MiB): a request

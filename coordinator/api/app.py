@@ -83,7 +83,7 @@ def make_app(node: CoordinatorNode, auth: AuthSettings | None = None, *,
                           middlewares=[metrics_middleware, errors_middleware, auth_middleware])
     app[NODE] = node
     app[CHAOS_DIR] = chaos_dir
-    app[AUTH] = AuthState(auth or AuthSettings())
+    app[AUTH] = AuthState(auth or AuthSettings(), own_http=node.identity.http)
     app[METRICS] = HttpMetrics(node, app[AUTH])
     app.router.add_routes(routes)
     app.router.add_routes(bus_routes)

@@ -322,11 +322,27 @@ def _lock_name(request: web.Request) -> str:
     return name
 
 
+def _holder(request: web.Request, body: dict[str, Any], field: str) -> str:
+    """Who holds (or campaigns for) a lock: for an agent caller its own id
+    (``field`` may be left out; naming another is a 403 for ``self``, so no
+    agent can release, refresh or take the fencing token of another's lock);
+    the admin, and anyone on an anonymous node, names any holder."""
+    principal = principal_of(request)
+    if principal is None or principal.kind != "agent" or request.app[AUTH].settings.allow_anonymous:
+        return s.name(body.get(field), field)
+    given = body.get(field, principal.agent_id)
+    if given != principal.agent_id:
+        request.app[AUTH].denied["self"] += 1
+        raise Forbidden(f"{field}: {principal} may hold locks and campaign only as itself, not as {given!r}",
+                        permission="self", resource=str(given))
+    return principal.agent_id or ""
+
+
 @routes.post("/v1/locks/{name:(?s:.+)}")
 async def locks_acquire(request: web.Request) -> web.Response:
     name = _lock_name(request)
     body = await s.json_body(request, {"holder", "ttl_s", "request_id"})
-    args = {"name": name, "holder": s.name(body.get("holder"), "holder"),
+    args = {"name": name, "holder": _holder(request, body, "holder"),
             "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
     return ok(await node_of(request).write("lock.acquire", args, s.request_id(request, body)))
 
@@ -335,7 +351,7 @@ async def locks_acquire(request: web.Request) -> web.Response:
 async def locks_release(request: web.Request) -> web.Response:
     name = _lock_name(request)
     body = await s.json_body(request, {"holder", "request_id"})
-    args = {"name": name, "holder": s.name(body.get("holder"), "holder")}
+    args = {"name": name, "holder": _holder(request, body, "holder")}
     return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
 
 
@@ -356,7 +372,7 @@ async def locks_get(request: web.Request) -> web.Response:
 async def elections_campaign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "ttl_s", "request_id"})
-    candidate = s.name(body.get("candidate"), "candidate")
+    candidate = _holder(request, body, "candidate")
     args = {"name": ELECTION_PREFIX + name, "holder": candidate,
             "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
     result = await node_of(request).write("lock.acquire", args, s.request_id(request, body))
@@ -367,7 +383,7 @@ async def elections_campaign(request: web.Request) -> web.Response:
 async def elections_resign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "request_id"})
-    args = {"name": ELECTION_PREFIX + name, "holder": s.name(body.get("candidate"), "candidate")}
+    args = {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")}
     return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 ELECTION_PREFIX = "election/"
 FORWARD_HEADER = "X-Coord-Forwarded"
-Signer = Callable[[str, str, bytes], dict[str, str]]  # (method, path with query, body) -> headers
+Signer = Callable[[str, str, str, bytes], dict[str, str]]  # (method, host, path with query, body) -> headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +329,7 @@ class CoordinatorNode:
             if not member["http"] or self._session is None:
                 return member, None, "unknown HTTP address"
             scheme = "https" if self.peer_ssl is not None else "http"
-            headers = sign("GET", path_qs, b"") if sign is not None else {}
+            headers = sign("GET", member["http"], path_qs, b"") if sign is not None else {}
             try:
                 async with self._session.get(f"{scheme}://{member['http']}{path_qs}", headers=headers,
                                              timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
@@ -345,7 +345,7 @@ class CoordinatorNode:
                       sign: Signer | None = None) -> tuple[int, bytes, dict[str, str]]:
         """Send one HTTP request to the leader, marked as forwarded (the leader
         never forwards it again). ``sign`` gives the headers that carry the
-        caller's identity for exactly this method, path and body. Returns
+        caller's identity for exactly this method, leader (its Host), path and body. Returns
         status, body and the headers worth passing on. ``Unavailable`` when no
         leader is known or it cannot be reached."""
         st = self.engine.status()
@@ -354,7 +354,7 @@ class CoordinatorNode:
             raise Unavailable("no leader known", retry_after_s=0.5)
         headers = {FORWARD_HEADER: "1", "Content-Type": "application/json"}
         if sign is not None:
-            headers.update(sign(method, path_qs, body or b""))
+            headers.update(sign(method, leader, path_qs, body or b""))
         try:
             scheme = "https" if self.peer_ssl is not None else "http"
             async with self._session.request(method, f"{scheme}://{leader}{path_qs}", data=body, headers=headers,

@@ -33,14 +33,14 @@ def test_serve_refuses_to_start_without_a_cluster_secret(tmp_path) -> None:
 
 def test_serve_refuses_to_start_without_an_admin_token_unless_anonymous_access_is_allowed(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "COORD_ADMIN_TOKEN"}
-    env["COORD_CLUSTER_SECRET"] = "s" * 32
+    env["COORD_CLUSTER_SECRET"] = "Zq3v-8kLm_W2xRt9bNc4YhPe7uJd0sAf"
     result = subprocess.run(
         [sys.executable, "-m", "coordinator.cli", "serve", "--node-id", "n1", "--http", "127.0.0.1:1",
          "--raft", "127.0.0.1:2", "--data-dir", str(tmp_path / "n1")],
         capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2
     assert "admin_token: required unless allow_anonymous" in result.stderr
-    assert "s" * 32 not in result.stderr
+    assert "Zq3v-8kLm_W2xRt9bNc4YhPe7uJd0sAf" not in result.stderr
     assert not (tmp_path / "n1").exists()
 
 

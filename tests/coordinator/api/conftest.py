@@ -20,7 +20,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from coordinator.api.app import make_app
-from coordinator.api.auth import AuthSettings
+from coordinator.api.auth import AUTH, AuthSettings
 from coordinator.client import CoordinatorClient
 from coordinator.clock import ManualClock, SeededRng
 from coordinator.services.applier import Applier
@@ -160,6 +160,8 @@ async def make_harness(aiohttp_client: Any) -> AsyncIterator[HarnessFactory]:
         await node.start()
         nodes.append(node)
         http = await aiohttp_client(make_app(node, auth or AuthSettings(allow_anonymous=True)))
+        # The test server listens on a port of its own: signatures for it name this node.
+        http.app[AUTH].add_host(f"{http.host}:{http.port}")
         # Ready: the lease keeper committed its barrier and this node registered itself.
         await eventually(lambda: node.leases.active, "the lease keeper to become active")
         await eventually(lambda: NODE_ID in applier.machine.members.members, "the node to register itself")

@@ -25,7 +25,14 @@ import pytest
 
 from coordinator.api.auth import FORWARD_SIG_HEADER, PRINCIPAL_HEADER, AuthSettings, AuthState, forward_signature
 from coordinator.client import CoordinatorClient
-from coordinator.crypto import AgentKeys, SealError, authorization_header, is_sealed
+from coordinator.crypto import (
+    KEY_FORWARDED_PRINCIPAL,
+    AgentKeys,
+    SealError,
+    authorization_header,
+    derived_key,
+    is_sealed,
+)
 from coordinator.errors import Forbidden, Unauthenticated
 from tests.coordinator.api.conftest import Harness, HarnessFactory
 
@@ -83,6 +90,16 @@ def host_of(h: Harness) -> str:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+FORWARD_KEY = derived_key(CLUSTER_SECRET, KEY_FORWARDED_PRINCIPAL)
+
+
+def forwarded(h: Harness, principal: str, method: str, path: str, raw: bytes, *, ts_ms: int | None = None,
+              key: bytes = FORWARD_KEY, host: str | None = None, nonce: str | None = None) -> str:
+    """The forward signature a node holding ``key`` gives ``principal``'s request to ``h`` (or ``host``)."""
+    return forward_signature(key, principal, method, host or host_of(h), path, raw,
+                             now_ms() if ts_ms is None else ts_ms, nonce or secrets.token_urlsafe(18))
 
 
 def authorization(h: Harness, who: Agent, method: str, path: str, raw: bytes, *, ts_ms: int | None = None,
@@ -226,9 +243,30 @@ async def test_a_signature_for_another_host_is_401(world: World) -> None:
     raw = encode({"value": 1})
     header = authorization(h, ALICE, "PUT", "/v1/kv/alice/x", raw, host="other-node:7001")
     await refused(h, 401, "PUT", "/v1/kv/alice/x", raw=raw, headers={"Authorization": header})
-    # the same request with the Host it was signed for is fine: the Host header is what counts
-    reply = await send(h, "PUT", "/v1/kv/alice/x", raw, {"Authorization": header, "Host": "other-node:7001"})
-    assert reply.status == 200, reply.text
+    # Sent on with the Host it was signed for (a replay to this node of a request
+    # made to another): the Host is not one of this node's names, so it is refused too.
+    error = await refused(h, 401, "PUT", "/v1/kv/alice/x", raw=raw,
+                          headers={"Authorization": header, "Host": "other-node:7001"})
+    assert "Host is not a name of this node" in error["message"]
+
+
+async def test_the_names_a_node_is_given_and_its_loopback_aliases_are_accepted_as_host(
+        make_harness: HarnessFactory) -> None:
+    """``AuthSettings.hosts``: a name the node is reached by (a DNS name, a load
+    balancer's) may be signed for; a loopback address is also ``localhost``."""
+    h = await make_harness(auth=AuthSettings(admin_token=ADMIN_TOKEN, cluster_secret=CLUSTER_SECRET,
+                                             hosts=("Coord-1.example.com:7001", "lb.example.com")))
+    await join(h, ALICE)
+    for host in ("coord-1.example.com:7001", "COORD-1.example.com.:7001", "lb.example.com", "lb.example.com:80",
+                 f"localhost:{h.http.port}", f"[::1]:{h.http.port}"):
+        reply = await send(h, "GET", "/v1/agents", headers={
+            "Authorization": authorization(h, ALICE, "GET", "/v1/agents", b"", host=host), "Host": host})
+        assert reply.status == 200, (host, reply.text)
+    for host in ("coord-1.example.com:7002", "lb.example.com:443", "coord-2.example.com:7001",
+                 f"10.0.0.1:{h.http.port}", "", "lb.example.com:80:80"):
+        error = await refused(h, 401, "GET", "/v1/agents", headers={
+            "Authorization": authorization(h, ALICE, "GET", "/v1/agents", b"", host=host), "Host": host})
+        assert "Host" in error["message"], host
 
 
 async def test_a_signature_for_another_method_is_401(world: World) -> None:
@@ -338,29 +376,28 @@ async def test_a_forged_forwarded_principal_is_401(world: World) -> None:
     for headers in ({PRINCIPAL_HEADER: "admin"},
                     {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: "0" * 64},
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature("not-the-secret", "admin", "PUT", path, raw, now_ms())},
+                     FORWARD_SIG_HEADER: forwarded(h, "admin", "PUT", path, raw, key=b"not-the-key")},
                     # signed for another body, path or principal
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "admin", "PUT", path, b"{}", now_ms())},
+                     FORWARD_SIG_HEADER: forwarded(h, "admin", "PUT", path, b"{}")},
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "admin", "PUT", "/v1/roles/s", raw,
-                                                           now_ms())},
+                     FORWARD_SIG_HEADER: forwarded(h, "admin", "PUT", "/v1/roles/s", raw)},
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "agent:alice", "PUT", path, raw, now_ms())},
+                     FORWARD_SIG_HEADER: forwarded(h, "agent:alice", "PUT", path, raw)},
                     # and a principal header next to a valid admin token still needs its signature
                     {PRINCIPAL_HEADER: "admin", "Authorization": f"Bearer {ADMIN_TOKEN}"}):
         error = await refused(h, 401, "PUT", path, raw=raw, headers=headers)
         assert "forwarded principal" in error["message"]
-    stale = forward_signature(CLUSTER_SECRET, "admin", "PUT", path, raw, now_ms() - 120_000)  # captured earlier
+    stale = forwarded(h, "admin", "PUT", path, raw, ts_ms=now_ms() - 120_000)  # captured earlier
     error = await refused(h, 401, "PUT", path, raw=raw, headers={PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: stale})
     assert "too long ago" in error["message"]
-    good = forward_signature(CLUSTER_SECRET, "admin", "PUT", path, raw, now_ms())
+    good = forwarded(h, "admin", "PUT", path, raw)
     await send(h, "PUT", path, raw, {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: good}, expect=200)
 
 
 async def test_a_forwarded_principal_of_an_unknown_kind_is_401(world: World) -> None:
     path = "/v1/agents"
-    signature = forward_signature(CLUSTER_SECRET, "root", "GET", path, b"", now_ms())
+    signature = forwarded(world.h, "root", "GET", path, b"")
     error = await refused(world.h, 401, "GET", path, headers={PRINCIPAL_HEADER: "root", FORWARD_SIG_HEADER: signature})
     assert "unknown kind" in error["message"]
 
@@ -368,7 +405,7 @@ async def test_a_forwarded_principal_of_an_unknown_kind_is_401(world: World) -> 
 async def test_a_properly_forwarded_agent_is_held_to_its_roles(world: World) -> None:
     h = world.h
     path, raw = "/v1/topics/payments.eu/messages", encode({"payload": 1})
-    signature = forward_signature(CLUSTER_SECRET, "agent:alice", "POST", path, raw, now_ms())
+    signature = forwarded(h, "agent:alice", "POST", path, raw)
     reply = await send(h, "POST", path, raw, {PRINCIPAL_HEADER: "agent:alice", FORWARD_SIG_HEADER: signature},
                        expect=403)
     assert (reply.error["permission"], reply.error["resource"]) == ("send", "payments.eu")
@@ -530,7 +567,7 @@ async def test_a_missing_permission_is_403_naming_it(world: World, case: tuple[A
     error = await refused(world.h, 403, method, path.replace(SUB, world.sub), body, who=who)
     assert (error["permission"], error["resource"]) == (permission, resource)
     assert who.id in error["message"]
-    metrics = (await send(world.h, "GET", "/metrics", expect=200)).text
+    metrics = (await as_admin(world.h, "GET", "/metrics", expect=200)).text
     assert metric(metrics, "coord_auth_denied_total", f'{{permission="{permission}"}}') == 1
 
 
@@ -779,14 +816,36 @@ async def test_a_malformed_public_key_is_400(sh: Harness) -> None:
 
 # -- public routes, metrics, secrets ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/status", "/metrics"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/status"])
 async def test_public_routes_answer_without_credentials(sh: Harness, path: str) -> None:
     await send(sh, "GET", path, expect=200)
 
 
+async def test_metrics_need_the_admin_or_the_metrics_token_on_a_secure_node(make_harness: HarnessFactory) -> None:
+    """/metrics lists agent ids and topic names: not public on a secure node.
+    The metrics token (a scraper's) reads /metrics and nothing else."""
+    scrape = "scrape-token-" + "k" * 24
+    h = await make_harness(auth=AuthSettings(admin_token=ADMIN_TOKEN, cluster_secret=CLUSTER_SECRET,
+                                             metrics_token=scrape))
+    await join(h, ALICE)
+    await as_admin(h, "POST", "/v1/topics/orders.secret-launch/messages", {"payload": 1}, expect=200)
+    error = await refused(h, 401, "GET", "/metrics")
+    assert "credentials" in error["message"]
+    error = await refused(h, 401, "GET", "/metrics", headers={"Authorization": f"Bearer {scrape}x"})
+    error = await refused(h, 403, "GET", "/metrics", who=ALICE)  # an agent does not see every agent and topic
+    assert (error["permission"], error["resource"]) == ("metrics", "/metrics")
+    for token in (scrape, ADMIN_TOKEN):
+        text = (await send(h, "GET", "/metrics", headers={"Authorization": f"Bearer {token}"}, expect=200)).text
+        assert "coord_" in text and scrape not in text
+    for method, path in (("GET", "/v1/agents"), ("GET", "/v1/topics"), ("PUT", "/v1/roles/r"), ("GET", "/v1/roles")):
+        error = await refused(h, 403, method, path, {"permissions": []} if method == "PUT" else None,
+                              headers={"Authorization": f"Bearer {scrape}"})
+        assert "metrics token" in error["message"]
+
+
 async def test_denials_and_refusals_are_counted_in_metrics(world: World) -> None:
     h = world.h
-    before = (await send(h, "GET", "/metrics", expect=200)).text
+    before = (await as_admin(h, "GET", "/metrics", expect=200)).text
     assert metric(before, "coord_auth_denied_total", '{permission="send"}') == 0
     await refused(h, 403, "POST", "/v1/topics/orders.eu/messages", {"payload": 1}, who=MALLORY)
     await refused(h, 403, "POST", "/v1/topics/orders.us/messages", {"payload": 1}, who=MALLORY)
@@ -796,7 +855,7 @@ async def test_denials_and_refusals_are_counted_in_metrics(world: World) -> None
     await refused(h, 401, "GET", "/v1/agents")
     await refused(h, 401, "GET", "/v1/agents", headers={"Authorization": "Bearer nope"})
     await refused(h, 401, "GET", "/v1/agents", who=GHOST)
-    after = (await send(h, "GET", "/metrics", expect=200)).text
+    after = (await as_admin(h, "GET", "/metrics", expect=200)).text
     assert metric(after, "coord_auth_denied_total", '{permission="send"}') == 2
     assert metric(after, "coord_auth_denied_total", '{permission="kv"}') == 1
     assert metric(after, "coord_auth_denied_total", '{permission="admin"}') == 1
@@ -818,7 +877,7 @@ async def test_no_secret_appears_in_errors_status_or_metrics(world: World) -> No
     texts.append((await send(h, "GET", "/v1/agents", headers={"Authorization": f"Bearer {near}"}, expect=401)).text)
     texts.append((await send(h, "GET", "/v1/agents", headers={PRINCIPAL_HEADER: "admin"}, expect=401)).text)
     texts.append((await send(h, "GET", "/v1/status", expect=200)).text)
-    texts.append((await send(h, "GET", "/metrics", expect=200)).text)
+    texts.append((await as_admin(h, "GET", "/metrics", expect=200)).text)
     texts.append((await as_agent(h, ALICE, "GET", "/v1/agents", expect=200)).text)
     for text in texts:
         for secret in (ADMIN_TOKEN, near, CLUSTER_SECRET, sent_sig, signed.rsplit('sig="', 1)[1].rstrip('"')):
@@ -914,6 +973,40 @@ def test_the_nonce_cache_forgets_after_twice_the_skew() -> None:
     assert state.remember_nonce("alice/n2", 2.5)  # evicts alice/n1, which expired at 2.0
     assert state.remember_nonce("alice/n1", 2.5)
     assert not state.remember_nonce("bob/n1", 2.5)  # kept until 3.9
+
+
+# -- lock holders and candidates ----------------------------------------------------------------------
+
+async def test_an_agent_holds_locks_and_campaigns_only_as_itself(world: World) -> None:
+    """Holders are not free strings for an agent: with ``lock`` on the name,
+    bob still cannot refresh, take the fencing token of, or release alice's
+    lock, nor campaign or resign as her. The admin names any holder."""
+    h = world.h
+    shared = [{"action": "lock", "pattern": "shared-*"}, {"action": "lock", "pattern": "election/shared-*"}]
+    await as_admin(h, "PUT", "/v1/roles/locker", {"permissions": shared}, expect=200)
+    await as_admin(h, "PUT", "/v1/agents/alice/roles", {"roles": [*sorted(ROLES), "locker"]}, expect=200)
+    await as_admin(h, "PUT", "/v1/agents/bob/roles", {"roles": ["locker", "orders-clerk"]}, expect=200)
+    held = await as_agent(h, ALICE, "POST", "/v1/locks/shared-1", {"holder": "alice", "ttl_s": 60}, expect=200)
+    lock = await as_admin(h, "GET", "/v1/locks/shared-1", expect=200)
+    assert lock.body["holder"] == "alice"
+    for method, path, body in (("POST", "/v1/locks/shared-1", {"holder": "alice", "ttl_s": 60}),
+                               ("DELETE", "/v1/locks/shared-1", {"holder": "alice"})):
+        error = await refused(h, 403, method, path, body, who=BOB)
+        assert (error["permission"], error["resource"]) == ("self", "alice") and "holder" in error["message"]
+    await as_agent(h, BOB, "POST", "/v1/locks/shared-1", {"ttl_s": 60}, expect=409)  # as himself: it is held
+    await as_agent(h, ALICE, "POST", "/v1/elections/shared-e/campaign", {"candidate": "alice"}, expect=200)
+    for path, body in (("/v1/elections/shared-e/campaign", {"candidate": "alice"}),
+                       ("/v1/elections/shared-e/resign", {"candidate": "alice"})):
+        error = await refused(h, 403, "POST", path, body, who=BOB)
+        assert (error["permission"], error["resource"]) == ("self", "alice") and "candidate" in error["message"]
+    assert (await as_admin(h, "GET", "/v1/elections/shared-e", expect=200)).body["leader"] == "alice"
+    # alice releases her own; the admin may release anyone's
+    await as_agent(h, ALICE, "DELETE", "/v1/locks/shared-1", {"holder": "alice"}, expect=200)
+    await as_agent(h, BOB, "POST", "/v1/locks/shared-1", {"ttl_s": 60}, expect=200)  # holder left out: bob
+    assert (await as_admin(h, "GET", "/v1/locks/shared-1", expect=200)).body["fencing_token"] \
+        > held.body["fencing_token"]
+    await as_admin(h, "DELETE", "/v1/locks/shared-1", {"holder": "bob"}, expect=200)
+    await as_admin(h, "POST", "/v1/elections/shared-e/resign", {"candidate": "alice"}, expect=200)
 
 
 # -- a message's sender --------------------------------------------------------------------------
