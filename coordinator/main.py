@@ -71,7 +71,8 @@ def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> Coo
     return CoordinatorNode(identity, engine, applier, SystemClock(), SystemRng(),
                            proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max,
                            unsafe_stale_reads=config.unsafe_stale_reads, transports=load_transports(config),
-                           transport_factory=transport_factory(config), peer_ssl=peer_ssl)
+                           transport_factory=transport_factory(config), peer_ssl=peer_ssl,
+                           check_endpoints=not config.allow_anonymous)
 
 
 async def serve(config: NodeConfig) -> None:

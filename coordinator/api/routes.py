@@ -19,6 +19,7 @@ from coordinator.services import watch
 from coordinator.services.node import ELECTION_PREFIX, FORWARD_HEADER, CoordinatorNode, ttl_ms_from
 from coordinator.services.proposals import state_error
 from coordinator.state.base import Rejected
+from coordinator.state.endpoints import endpoint_refusal
 
 routes = web.RouteTableDef()
 
@@ -190,8 +191,9 @@ async def agents_register(request: web.Request) -> web.Response:
         "metadata": s.obj(body.get("metadata", {}), "metadata"),
         "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_AGENT_TTL_S),
     }
+    _may_serve(request, args["type"])
     if body.get("endpoint") is not None:
-        args["endpoint"] = s.name(body["endpoint"], "endpoint", 2048)
+        args["endpoint"] = _endpoint(request, body["endpoint"])
     if body.get("weight") is not None:
         args["weight"] = s.integer(body["weight"], "weight", 1, 1_000_000)
     if body.get("public_key") is not None:
@@ -218,6 +220,34 @@ def _may_join(request: web.Request, agent_id: str, body: dict[str, Any]) -> None
     if principal.kind == "agent" and principal.agent_id != agent_id:
         raise Forbidden(f"{principal} may register only itself, not {agent_id!r}", permission="self",
                         resource=agent_id)
+
+
+def _may_serve(request: web.Request, agent_type: str) -> None:
+    """Registering as a type receives its callers' requests and saga steps:
+    an agent needs ``serve`` on the type (the admin grants it; the admin
+    itself, and everyone on an anonymous node, needs nothing)."""
+    principal = principal_of(request)
+    if request.app[AUTH].settings.allow_anonymous or principal is None or principal.kind != "agent":
+        return
+    if not node_of(request).applier.machine.access.can(principal.agent_id or "", "serve", agent_type):
+        request.app[AUTH].denied["serve"] += 1
+        raise Forbidden(f"{principal} lacks the permission serve on {agent_type!r} (the admin grants it)",
+                        permission="serve", resource=agent_type)
+
+
+def _endpoint(request: web.Request, value: Any) -> str:
+    """An endpoint the leader may call (``coordinator.state.endpoints``): on a
+    secure node, a loopback, link-local, private or metadata address, or a
+    name off the admin's allow-list, is a 403 for ``endpoint``."""
+    endpoint = s.name(value, "endpoint", 2048)
+    if request.app[AUTH].settings.allow_anonymous:
+        return endpoint
+    refusal = checked(lambda: endpoint_refusal(endpoint, node_of(request).applier.machine.access.endpoint_allow))
+    if refusal is not None:
+        request.app[AUTH].denied["endpoint"] += 1
+        raise Forbidden(f"endpoint: {refusal} (the admin allows networks and names with PUT /v1/security "
+                        "{\"endpoint_allow\": [...]})", permission="endpoint", resource=endpoint)
+    return endpoint
 
 
 @routes.get("/v1/agents")
@@ -285,7 +315,7 @@ async def agents_update(request: web.Request) -> web.Response:
     if body.get("weight") is not None:
         args["weight"] = s.integer(body["weight"], "weight", 1, 1_000_000)
     if body.get("endpoint") is not None:
-        args["endpoint"] = s.name(body["endpoint"], "endpoint", 2048)
+        args["endpoint"] = _endpoint(request, body["endpoint"])
     if body.get("metadata") is not None:
         args["metadata"] = s.obj(body["metadata"], "metadata")
     if len(args) == 1:

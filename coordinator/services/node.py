@@ -21,6 +21,7 @@ import aiohttp
 from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, Unavailable
 from coordinator.ports import BusTransport, Clock, ConsensusEngine, Rng
+from coordinator.services.agent_http import EndpointGuard
 from coordinator.services.applier import Applier
 from coordinator.services.balancer.health import HealthChecker
 from coordinator.services.balancer.service import Balancer
@@ -66,9 +67,12 @@ class CoordinatorNode:
                  proposal_timeout_s: float = 5.0, inflight_max: int = 1024, command_max_bytes: int = 1 << 20,
                  forward_timeout_s: float = 3.0, unsafe_stale_reads: bool = False,
                  transports: dict[str, BusTransport] | None = None, transport_factory: Any = None,
-                 peer_ssl: ssl.SSLContext | None = None) -> None:
+                 peer_ssl: ssl.SSLContext | None = None, check_endpoints: bool = True) -> None:
         """``peer_ssl``: set when the nodes serve HTTPS; forwarding to the leader
-        then uses ``https://`` and verifies the leader's certificate with it."""
+        then uses ``https://`` and verifies the leader's certificate with it.
+        ``check_endpoints``: call agents only where the admin's endpoint
+        allow-list lets this node (``coordinator.state.endpoints``); off for a
+        node with ``--allow-anonymous``."""
         self.identity = identity
         self.engine = engine
         self.applier = applier
@@ -84,10 +88,14 @@ class CoordinatorNode:
         self.transports = TransportDriver(applier, self.proposer, dict(transports or {}), clock,
                                           lambda: self.bus.active, factory=transport_factory)
         self.bus.transports = self.transports.transports
-        self.balancer = Balancer(applier, random.Random(int(rng.token_hex(8), 16)), monotonic=clock.monotonic)
-        self.health = HealthChecker(applier, self.proposer, lambda: self.bus.active, monotonic=clock.monotonic)
+        self.endpoint_guard = EndpointGuard((lambda: applier.machine.access.endpoint_allow) if check_endpoints
+                                            else None)
+        self.balancer = Balancer(applier, random.Random(int(rng.token_hex(8), 16)), monotonic=clock.monotonic,
+                                 guard=self.endpoint_guard)
+        self.health = HealthChecker(applier, self.proposer, lambda: self.bus.active, monotonic=clock.monotonic,
+                                    guard=self.endpoint_guard)
         self.sagas = SagaOrchestrator(applier, self.proposer, self.bus, self.balancer, clock, lambda: self.bus.active,
-                                      node_id=identity.node_id)
+                                      node_id=identity.node_id, guard=self.endpoint_guard)
         self.forward_timeout_s = forward_timeout_s
         self.peer_ssl = peer_ssl
         # Serve default reads from local state without a barrier. Wrong on purpose:

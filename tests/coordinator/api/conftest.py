@@ -156,7 +156,9 @@ async def make_harness(aiohttp_client: Any) -> AsyncIterator[HarnessFactory]:
         node = CoordinatorNode(Identity(NODE_ID, RAFT, HTTP), engine, applier, clock, SeededRng(1),
                                proposal_timeout_s=proposal_timeout_s, inflight_max=inflight_max,
                                unsafe_stale_reads=unsafe_stale_reads, transports=transports,
-                               transport_factory=transport_factory)
+                               transport_factory=transport_factory,
+                               # as main.py does: a secure node calls agents only where the admin allows
+                               check_endpoints=auth is not None and not auth.allow_anonymous)
         await node.start()
         nodes.append(node)
         http = await aiohttp_client(make_app(node, auth or AuthSettings(allow_anonymous=True)))

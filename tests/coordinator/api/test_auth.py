@@ -13,17 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from coordinator.api.auth import FORWARD_SIG_HEADER, PRINCIPAL_HEADER, AuthSettings, AuthState, forward_signature
+from coordinator.api.auth import (
+    AUTH,
+    FORWARD_SIG_HEADER,
+    PRINCIPAL_HEADER,
+    AuthSettings,
+    AuthState,
+    forward_signature,
+)
 from coordinator.client import CoordinatorClient
 from coordinator.crypto import (
     KEY_FORWARDED_PRINCIPAL,
@@ -135,11 +143,35 @@ async def as_agent(h: Harness, who: Agent, method: str, path: str, body: Any = N
                       expect=expect)
 
 
+JOIN_TYPE = "worker"
+
+
 async def join(h: Harness, who: Agent, *, agent_id: str | None = None, key: AgentKeys | None = None,
                signer: Agent | None = None, expect: int | None = 201) -> Reply:
-    """``signer`` (default ``who``) registers ``agent_id`` (default ``who.id``) with ``key``'s public key."""
-    body = {"id": agent_id or who.id, "type": "worker", "public_key": (key or who.keys).public_key}
-    return await as_agent(h, signer or who, "POST", "/v1/agents", body, expect=expect)
+    """``signer`` (default ``who``) registers ``agent_id`` (default ``who.id``) with ``key``'s public key,
+    as type ``worker``: for the join only, the admin grants the signer ``serve`` on it (a role
+    ``joiner`` next to its own), and gives it back its roles after."""
+    body = {"id": agent_id or who.id, "type": JOIN_TYPE, "public_key": (key or who.keys).public_key}
+    async with serving(h, (signer or who).id):
+        return await as_agent(h, signer or who, "POST", "/v1/agents", body, expect=expect)
+
+
+@contextlib.asynccontextmanager
+async def serving(h: Harness, agent_id: str) -> AsyncIterator[None]:
+    """Within: ``agent_id`` also holds ``serve`` on ``worker`` (so it may register as one);
+    nothing to grant on an anonymous node. The role ``joiner`` is gone after."""
+    if h.http.app[AUTH].settings.allow_anonymous:
+        yield
+        return
+    held = list(h.applier.machine.access.grants.get(agent_id, []))
+    await as_admin(h, "PUT", "/v1/roles/joiner", {"permissions": [{"action": "serve", "pattern": JOIN_TYPE}]},
+                   expect=200)
+    await as_admin(h, "PUT", f"/v1/agents/{agent_id}/roles", {"roles": sorted({*held, "joiner"})}, expect=200)
+    try:
+        yield
+    finally:
+        await as_admin(h, "PUT", f"/v1/agents/{agent_id}/roles", {"roles": held}, expect=200)
+        await as_admin(h, "DELETE", "/v1/roles/joiner", expect=200)
 
 
 async def refused(h: Harness, status: int, method: str, path: str, body: Any = None, *, who: Agent | None = None,
@@ -623,6 +655,7 @@ async def test_invoke_with_the_permission_passes_the_check(world: World) -> None
 async def test_a_saga_step_naming_an_agent_needs_invoke_on_its_type(world: World) -> None:
     """An ``agent_id`` step calls that agent directly: the same right as invoking its type."""
     h = world.h
+    await as_admin(h, "PUT", "/v1/security", {"endpoint_allow": ["127.0.0.1"]}, expect=200)  # the test's agents
     await as_admin(h, "POST", "/v1/agents", {"id": "ship-1", "type": "shipping", "endpoint": "127.0.0.1:9"},
                    expect=201)
     await as_admin(h, "POST", "/v1/agents", {"id": "bill-1", "type": "billing", "endpoint": "127.0.0.1:9"},
@@ -786,7 +819,8 @@ async def test_re_registering_with_a_new_key_needs_the_old_one(world: World) -> 
     await refused(h, 401, "PUT", "/v1/kv/alice/x", {"value": 1}, who=ALICE)
     await as_agent(h, ALICE, "PUT", "/v1/kv/alice/x", {"value": 1}, keys=new, expect=200)  # roles kept
     # re-registering without a key keeps the one registered
-    await as_agent(h, ALICE, "POST", "/v1/agents", {"id": "alice", "type": "worker"}, keys=new, expect=201)
+    async with serving(h, "alice"):
+        await as_agent(h, ALICE, "POST", "/v1/agents", {"id": "alice", "type": "worker"}, keys=new, expect=201)
     assert h.applier.machine.registry.agents["alice"].public_key == new.public_key
 
 
@@ -932,7 +966,8 @@ async def test_the_client_signs_as_an_agent_and_seals_to_another(world: World) -
     async with CoordinatorClient(url, agent_id="carol", keys=CAROL.keys, timeout_s=3) as carol:
         with pytest.raises(Unauthenticated):
             await carol.agents()
-        registration = await carol.join("worker", ttl_s=30)  # signed by the key it registers
+        async with serving(h, "carol"):
+            registration = await carol.join("worker", ttl_s=30)  # signed by the key it registers
         assert registration.id == "carol"
         assert (await carol.heartbeat("carol"))["id"] == "carol"
         with pytest.raises(Forbidden):
@@ -973,6 +1008,79 @@ def test_the_nonce_cache_forgets_after_twice_the_skew() -> None:
     assert state.remember_nonce("alice/n2", 2.5)  # evicts alice/n1, which expired at 2.0
     assert state.remember_nonce("alice/n1", 2.5)
     assert not state.remember_nonce("bob/n1", 2.5)  # kept until 3.9
+
+
+# -- serving a type, endpoints the leader may call -------------------------------------------------------
+
+async def test_registering_as_a_type_needs_serve_on_it(world: World) -> None:
+    """Anyone who could join could claim any type and receive its callers'
+    bodies and saga steps: an agent needs ``serve`` on the type."""
+    h = world.h
+    body = {"id": "mallory", "type": "payments", "public_key": MALLORY.keys.public_key, "weight": 1_000_000}
+    error = await refused(h, 403, "POST", "/v1/agents", body, who=MALLORY)
+    assert (error["permission"], error["resource"]) == ("serve", "payments")
+    error = await refused(h, 403, "POST", "/v1/agents", {**body, "id": "carol", "public_key": CAROL.keys.public_key},
+                          who=CAROL)  # a new agent, self-signed, the same
+    assert (error["permission"], error["resource"]) == ("serve", "payments")
+    await as_admin(h, "PUT", "/v1/roles/pay", {"permissions": [{"action": "serve", "pattern": "payments.*"}]},
+                   expect=200)
+    await as_admin(h, "PUT", "/v1/agents/mallory/roles", {"roles": ["pay"]}, expect=200)
+    error = await refused(h, 403, "POST", "/v1/agents", body, who=MALLORY)  # payments.* is not payments
+    assert error["resource"] == "payments"
+    await as_agent(h, MALLORY, "POST", "/v1/agents", {**body, "type": "payments.eu"}, expect=201)
+    assert h.applier.machine.registry.agents["mallory"].type == "payments.eu"
+    await as_admin(h, "POST", "/v1/agents", {"id": "pay-1", "type": "payments"}, expect=201)  # the admin may
+
+
+SPECIAL_ENDPOINTS = ["127.0.0.1:9", "localhost:8080", "http://localhost.:8080", "api.localhost:80",
+                     "169.254.169.254:80", "http://169.254.169.254/latest/meta-data", "metadata.google.internal:80",
+                     "10.0.0.5:80", "192.168.1.1:80", "172.16.0.1:80", "100.64.0.1:80", "0.0.0.0:80", "[::1]:80",
+                     "http://[::ffff:127.0.0.1]:80", "[fe80::1]:80", "[fd00:ec2::254]:80", "224.0.0.1:80"]
+
+
+@pytest.mark.parametrize("endpoint", SPECIAL_ENDPOINTS)
+async def test_a_loopback_link_local_private_or_metadata_endpoint_is_403(world: World, endpoint: str) -> None:
+    """The leader POSTs to and health-checks what is registered (blind SSRF):
+    special addresses need the admin's allow-list; the admin is held to it too."""
+    h = world.h
+    for who, body in ((ALICE, {"id": "alice", "type": "worker", "endpoint": endpoint}),):
+        async with serving(h, who.id):
+            error = await refused(h, 403, "POST", "/v1/agents", body, who=who)
+        assert (error["permission"], error["resource"]) == ("endpoint", endpoint)
+    error = await refused(h, 403, "PATCH", "/v1/agents/alice", {"endpoint": endpoint}, who=ALICE)
+    assert error["permission"] == "endpoint"
+    error = await refused(h, 403, "POST", "/v1/agents", {"id": "x", "type": "worker", "endpoint": endpoint},
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert error["permission"] == "endpoint"
+
+
+async def test_the_admins_endpoint_allow_list(world: World) -> None:
+    h = world.h
+    async with serving(h, "alice"):
+        for endpoint in ("agent.example.com:8080", "https://agent.example.com/base", "93.184.216.34:80"):
+            await as_agent(h, ALICE, "POST", "/v1/agents", {"id": "alice", "type": "worker", "endpoint": endpoint},
+                           expect=201)  # public names and addresses, while the list is empty
+    for bad, field in (({"endpoint_allow": "127.0.0.1"}, "endpoint_allow"),
+                       ({"endpoint_allow": ["127.0.0.1", "not a name!"]}, "endpoint_allow[1]"),
+                       ({"endpoint_allow": ["10.0.0.0/33"]}, "endpoint_allow[0]"),
+                       ({"endpoint_allow": ["x"] * 257}, "endpoint_allow"),
+                       ({"endpoint_alow": []}, "endpoint_alow")):
+        error = await refused(h, 400, "PUT", "/v1/security", bad, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert error["field"] == field, error
+    await refused(h, 403, "PUT", "/v1/security", {"endpoint_allow": ["127.0.0.0/8"]}, who=ALICE)
+    reply = await as_admin(h, "PUT", "/v1/security", {"endpoint_allow": ["*.svc.example.com", "127.0.0.1",
+                                                                         "fd00::/8"]}, expect=200)
+    assert reply.body == {"pow_difficulty": 0, "endpoint_allow": ["*.svc.example.com", "127.0.0.1/32", "fd00::/8"]}
+    assert (await as_agent(h, ALICE, "GET", "/v1/security", expect=200)).body == reply.body
+    for endpoint in ("127.0.0.1:9", "a.svc.example.com:80", "http://b.a.svc.example.com", "[fd00::1]:80"):
+        await as_agent(h, ALICE, "PATCH", "/v1/agents/alice", {"endpoint": endpoint}, expect=200)
+    for endpoint in ("127.0.0.2:9", "agent.example.com:8080", "svc.example.com:80", "93.184.216.34:80",
+                     "169.254.169.254:80", "localhost:9"):
+        error = await refused(h, 403, "PATCH", "/v1/agents/alice", {"endpoint": endpoint}, who=ALICE)
+        assert (error["permission"], error["resource"]) == ("endpoint", endpoint)
+    for endpoint in ("http://user:pw@a.svc.example.com", "ftp://a.svc.example.com", "http://", "a.svc.example.com:0x"):
+        error = await refused(h, 400, "PATCH", "/v1/agents/alice", {"endpoint": endpoint}, who=ALICE)
+        assert error["field"] == "endpoint", error
 
 
 # -- lock holders and candidates ----------------------------------------------------------------------
