@@ -434,6 +434,51 @@ async def test_a_forwarded_principal_of_an_unknown_kind_is_401(world: World) -> 
     assert "unknown kind" in error["message"]
 
 
+async def test_a_forwarded_principal_is_good_once_for_one_node_under_a_derived_key(world: World) -> None:
+    """A forwarded principal names the node it is for (its Host) and a nonce
+    the node remembers, and is keyed with a key derived from the cluster
+    secret (HKDF), never the secret itself."""
+    h = world.h
+    path, raw = "/v1/roles/r", encode({"permissions": []})
+    signature = forwarded(h, "admin", "PUT", path, raw)
+    headers = {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: signature}
+    await send(h, "PUT", path, raw, headers, expect=200)
+    error = await refused(h, 401, "PUT", path, raw=raw, headers=headers)  # captured and sent again
+    assert "already used" in error["message"]
+    for_other = forwarded(h, "admin", "PUT", path, raw, host="other-node:7001")
+    error = await refused(h, 401, "PUT", path, raw=raw, headers={PRINCIPAL_HEADER: "admin",
+                                                                 FORWARD_SIG_HEADER: for_other})
+    error = await refused(h, 401, "PUT", path, raw=raw, headers={
+        PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: for_other, "Host": "other-node:7001"})
+    assert "another node" in error["message"]
+    raw_keyed = forwarded(h, "admin", "PUT", path, raw, key=CLUSTER_SECRET.encode())
+    error = await refused(h, 401, "PUT", path, raw=raw, headers={PRINCIPAL_HEADER: "admin",
+                                                                 FORWARD_SIG_HEADER: raw_keyed})
+    assert "forwarded principal" in error["message"]
+
+
+async def test_a_signed_write_replayed_after_the_node_forgot_its_nonces_applies_nothing(world: World) -> None:
+    """A restart empties a node's nonces: a write replayed within the clock
+    window passes the signature check, but its request id is derived from its
+    nonce, so the state machine answers it with the first result."""
+    h = world.h
+    raw = encode({"value": 1})
+    header = authorization(h, ALICE, "PUT", "/v1/kv/alice/replayed", raw)
+    first = await send(h, "PUT", "/v1/kv/alice/replayed", raw, {"Authorization": header}, expect=200)
+    h.http.app[AUTH]._nonces.clear()  # what a restart does
+    before = h.fingerprint()
+    again = await send(h, "PUT", "/v1/kv/alice/replayed", raw, {"Authorization": header}, expect=200)
+    assert again.body == first.body
+    assert h.applier.machine.kv.get("alice/replayed").version == 1
+    assert h.fingerprint()[2:] == before[2:]  # kv revision and events: the deduplicated entry changed nothing
+    # the same body signed anew is a new write; a request_id of the caller's own still counts
+    await as_agent(h, ALICE, "PUT", "/v1/kv/alice/replayed", {"value": 1}, expect=200)
+    assert h.applier.machine.kv.get("alice/replayed").version == 2
+    for _ in range(2):
+        await as_agent(h, ALICE, "PUT", "/v1/kv/alice/replayed", {"value": 2, "request_id": "mine-1"}, expect=200)
+    assert h.applier.machine.kv.get("alice/replayed").version == 3
+
+
 async def test_a_properly_forwarded_agent_is_held_to_its_roles(world: World) -> None:
     h = world.h
     path, raw = "/v1/topics/payments.eu/messages", encode({"payload": 1})
