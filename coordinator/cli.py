@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="SSE streams and long polls this node holds in all (default 1024; then 503)")
     serve.add_argument("--admin-token-file", dest="admin_token_file", metavar="PATH",
                        help="file holding the admin credential (or COORD_ADMIN_TOKEN)")
+    serve.add_argument("--metrics-token-file", dest="metrics_token_file", metavar="PATH",
+                       help="file holding a token that may read /metrics and nothing else (or COORD_METRICS_TOKEN); "
+                            "on a secure node /metrics needs it or the admin token")
+    serve.add_argument("--http-name", dest="http_names", action="append", metavar="HOST[:PORT]",
+                       help="another name clients reach this node's HTTP by (repeat); agents' signatures must "
+                            "name one of this node's names as Host")
     serve.add_argument("--tls-cert", dest="tls_cert", metavar="PATH",
                        help="serve HTTPS with this certificate (PEM; needs --tls-key)")
     serve.add_argument("--tls-key", dest="tls_key", metavar="PATH", help="the private key of --tls-cert (PEM)")
@@ -132,7 +138,9 @@ def _serve(args: argparse.Namespace) -> int:
                                   "unsafe_test_clock_control",
                                   "tls_cert", "tls_key", "tls_ca", "allow_anonymous", "admin_token_file",
                                   "pbft_key_file", "pbft_keyring", "unsafe_pbft_fault", "chaos_dir", "connections_max",
-                                  "long_requests_per_principal", "long_requests_max")}
+                                  "long_requests_per_principal", "long_requests_max", "metrics_token_file")}
+    if args.http_names:
+        overrides["http_names"] = args.http_names
     if args.peers:
         overrides["peers"] = args.peers
     if args.transports:

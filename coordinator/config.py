@@ -7,8 +7,11 @@ pysyncobj's key on the Raft port.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -67,6 +70,13 @@ class NodeConfig:
     # unless anonymous access is allowed explicitly (a development mode).
     allow_anonymous: bool = False
     admin_token: str = field(default="", repr=False)  # read from admin_token_file or COORD_ADMIN_TOKEN
+    # may read /metrics and nothing else (a Prometheus scraper's bearer token);
+    # read from metrics_token_file or COORD_METRICS_TOKEN
+    metrics_token: str = field(default="", repr=False)
+    # other host[:port] names clients reach this node's HTTP by (DNS names, a
+    # load balancer): agents' signatures name the Host, and only this node's
+    # own names are accepted (``http`` itself always is)
+    http_names: tuple[str, ...] = ()
     # engine "pbft": this node's Ed25519 key file (coordinator.crypto.AgentKeys) and
     # a JSON file {"<node id>": "<public key>", ...} of every member's key
     pbft_key_file: str = ""
@@ -97,11 +107,19 @@ class NodeConfig:
                 raise InvalidInput(f"peers: {peer.id} repeats an id or address", field="peers")
             ids.add(peer.id)
             addresses |= {peer.raft, peer.http}
-        if len(self.secret) < 16:
-            raise InvalidInput("secret: the cluster secret must have at least 16 characters "
-                               "(secret_file or COORD_CLUSTER_SECRET)", field="secret")
-        if self.admin_token and len(self.admin_token) < 16:
-            raise InvalidInput("admin_token: must have at least 16 characters", field="admin_token")
+        weak = weak_secret(self.secret)
+        if weak:
+            raise InvalidInput(f"secret: the cluster secret is too weak: {weak} (secret_file or "
+                               "COORD_CLUSTER_SECRET; make one with: python -c 'import secrets; "
+                               "print(secrets.token_urlsafe(32))')", field="secret")
+        for name in ("admin_token", "metrics_token"):
+            if getattr(self, name) and len(getattr(self, name)) < 16:
+                raise InvalidInput(f"{name}: must have at least 16 characters", field=name)
+        if self.metrics_token and self.metrics_token == self.admin_token:
+            raise InvalidInput("metrics_token: must differ from admin_token", field="metrics_token")
+        for i, name in enumerate(self.http_names):
+            if not isinstance(name, str) or not name or len(name) > 256 or any(c in name for c in " /\\@\t\r\n"):
+                raise InvalidInput(f"http_names[{i}]: must be a host or host:port", field=f"http_names[{i}]")
         if not self.allow_anonymous and not self.admin_token:
             raise InvalidInput("admin_token: required unless allow_anonymous is set (admin_token_file or "
                                "COORD_ADMIN_TOKEN); without it nobody could manage roles", field="admin_token")
@@ -176,6 +194,49 @@ class NodeConfig:
                 raise InvalidInput(f"{name}: cannot read {path} ({exc.strerror})", field=name) from None
 
 
+SECRET_LENGTH_MIN = 16
+SECRET_DISTINCT_MIN = 8
+SECRET_ENTROPY_BITS_MIN = 64
+STRAIGHT_RUN_SHARE = 0.75  # of neighbour steps that are the same one
+# Words a person picks for a secret; one of them alone (or with digits and
+# punctuation around it, or repeated) is refused.
+COMMON_SECRETS = ("password", "passw0rd", "secret", "changeme", "letmein", "qwerty", "admin", "default",
+                  "cluster", "coordinator", "welcome", "trustno1", "iloveyou", "dragon", "master", "test",
+                  "example", "abc", "123456789", "0123456789")
+
+
+def weak_secret(secret: str) -> str | None:
+    """Why ``secret`` is obviously weak, or None. Obviously weak means any of:
+    fewer than 16 characters; fewer than 8 distinct characters; one shorter
+    string repeated (``abcdabcd…``); a straight run (three quarters of the
+    neighbours one same step apart, ``abcdefgh…``, ``0123…9abcdef``); under 64 bits by the character
+    frequency estimate (length times the Shannon entropy of its characters); or
+    a common word (``COMMON_SECRETS``) once or repeated, with only digits,
+    punctuation and case around it. ``secrets.token_urlsafe(32)`` (what
+    the scripts write) passes all of these with a wide margin."""
+    n = len(secret)
+    if n < SECRET_LENGTH_MIN:
+        return f"it has fewer than {SECRET_LENGTH_MIN} characters"
+    if len(set(secret)) < SECRET_DISTINCT_MIN:
+        return f"it has fewer than {SECRET_DISTINCT_MIN} distinct characters"
+    for period in range(1, n // 2 + 1):
+        if n % period == 0 and secret[:period] * (n // period) == secret:
+            return "it repeats a shorter string"
+    steps = Counter(ord(b) - ord(a) for a, b in itertools.pairwise(secret))
+    if steps.most_common(1)[0][1] >= STRAIGHT_RUN_SHARE * (n - 1):
+        return "it is (mostly) a straight run of characters (abcd…, or one repeated)"
+    counts = Counter(secret)
+    bits = -sum(c * math.log2(c / n) for c in counts.values())
+    if bits < SECRET_ENTROPY_BITS_MIN:
+        return f"it carries under {SECRET_ENTROPY_BITS_MIN} bits by its character frequencies"
+    letters = "".join(c for c in secret.lower() if c.isalnum())
+    core = letters.strip("0123456789")
+    for word in COMMON_SECRETS:
+        if letters == word or (core and core == word * (len(core) // len(word))):
+            return f"it is a common word ({word!r}) with digits or punctuation around it"
+    return None
+
+
 def _check_address(value: str, name: str) -> None:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -228,7 +289,7 @@ def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
     peers = values.pop("peers", ())
     values["peers"] = tuple(p if isinstance(p, PeerConfig) else
                             parse_peer(p) if isinstance(p, str) else PeerConfig(**p) for p in peers)
-    known = {f.name for f in fields(NodeConfig)} | {"admin_token_file"}
+    known = {f.name for f in fields(NodeConfig)} | {"admin_token_file", "metrics_token_file"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise InvalidInput(f"{unknown[0]}: unknown setting", field=unknown[0])
@@ -241,6 +302,13 @@ def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
     if admin_token_file:
         token = _read_secret_file(admin_token_file, "admin_token_file")
     values["admin_token"] = token
+    metrics_token_file = values.pop("metrics_token_file", None)
+    metrics_token = values.get("metrics_token") or os.environ.get("COORD_METRICS_TOKEN", "")
+    if metrics_token_file:
+        metrics_token = _read_secret_file(metrics_token_file, "metrics_token_file")
+    values["metrics_token"] = metrics_token
+    names = values.get("http_names", ())
+    values["http_names"] = tuple(names) if isinstance(names, (list, tuple)) else names
     for name in ("node_id", "http", "raft", "data_dir"):
         values.setdefault(name, "")
     return replace(NodeConfig(**values)).validate()

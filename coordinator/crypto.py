@@ -58,6 +58,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import stat
@@ -523,3 +524,32 @@ def solve_pow(challenge: str, agent_id: str, public_key: str, difficulty: int, m
         if leading_zero_bits(pow_digest(challenge, agent_id, public_key, nonce)) >= difficulty:
             return nonce
     raise ValueError(f"no proof found in {max_tries} tries")
+
+
+# -- keys derived from the cluster secret ----------------------------------------------------------
+
+HKDF_HASH_BYTES = 32  # SHA-256
+HKDF_LENGTH_MAX = 255 * HKDF_HASH_BYTES
+# One ``info`` per use of the cluster secret, so a MAC made for one purpose
+# is never valid for another (and none is keyed with the raw secret).
+KEY_FORWARDED_PRINCIPAL = b"coordinator/v1/forwarded-principal"
+KEY_JOIN_CHALLENGE = b"coordinator/v1/join-challenge"
+
+
+def hkdf_sha256(secret: bytes, info: bytes, length: int = HKDF_HASH_BYTES, salt: bytes = b"") -> bytes:
+    """HKDF with HMAC-SHA-256 (RFC 5869): extract with ``salt`` (empty means
+    32 zero bytes, as the RFC says), then expand to ``length`` bytes for
+    ``info``. Pure; ``ValueError`` for a length over 255 hashes."""
+    if not 0 < length <= HKDF_LENGTH_MAX:
+        raise ValueError(f"length: must be between 1 and {HKDF_LENGTH_MAX}")
+    prk = hmac.new(salt or bytes(HKDF_HASH_BYTES), secret, hashlib.sha256).digest()
+    out, block = b"", b""
+    for counter in range(1, -(-length // HKDF_HASH_BYTES) + 1):
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+    return out[:length]
+
+
+def derived_key(cluster_secret: str, purpose: bytes) -> bytes:
+    """The 32-byte key for one ``purpose`` (``KEY_*``) derived from the cluster secret."""
+    return hkdf_sha256(cluster_secret.encode("utf-8"), purpose)

@@ -30,6 +30,12 @@ from coordinator.tls import client_context, server_context
 
 log = logging.getLogger("coordinator")
 
+DEV_MODE_WARNING = (
+    "anonymous access is allowed (--allow-anonymous, development only): requests without credentials may do "
+    "anything, as may every signed agent (no roles are checked); any agent may register as any type with "
+    "any endpoint, loopback and private addresses included, and the leader will call it; /metrics is public. "
+    "Signatures that are sent are still checked.")
+
 
 def load_engine_class(name: str) -> Any:
     found = [ep for ep in entry_points(group="coordinator.engines") if ep.name == name]
@@ -67,7 +73,8 @@ def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> Coo
     return CoordinatorNode(identity, engine, applier, clock, SystemRng(),
                            proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max,
                            unsafe_stale_reads=config.unsafe_stale_reads, transports=load_transports(config),
-                           transport_factory=transport_factory(config), peer_ssl=peer_ssl)
+                           transport_factory=transport_factory(config), peer_ssl=peer_ssl,
+                           check_endpoints=not config.allow_anonymous)
 
 
 async def follow_clock_offset(clock: OffsetClock, path: str, every_s: float = 0.05) -> None:
@@ -118,12 +125,13 @@ async def serve(config: NodeConfig) -> None:
                                                                                           CLOCK_OFFSET_FILE)))
     await node.start()
     app = make_app(node, AuthSettings(allow_anonymous=config.allow_anonymous, admin_token=config.admin_token or None,
-                                      cluster_secret=config.secret),
+                                      cluster_secret=config.secret, metrics_token=config.metrics_token or None,
+                                      hosts=config.http_names),
                    chaos_dir=Path(config.chaos_dir or os.path.join(config.data_dir, "chaos")),
                    limits=OpenLimits(long_requests_per_principal=config.long_requests_per_principal,
                                      long_requests_max=config.long_requests_max))
     if config.allow_anonymous:
-        log.warning("anonymous access is allowed: requests without credentials may do anything")
+        log.warning(DEV_MODE_WARNING)
     # handler_cancellation: a long-poll or stream whose client went away must stop
     # taking messages for it. shutdown_timeout: in-flight requests get a second.
     # Header limits are explicit (bodies are capped by make_app at 1 MiB): a request

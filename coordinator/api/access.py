@@ -60,13 +60,14 @@ async def join_challenge(request: web.Request) -> web.Response:
 async def get_security(request: web.Request) -> web.Response:
     node = node_of(request)
     await node.read_barrier(s.consistency(request))
-    return ok({"pow_difficulty": node.applier.machine.access.pow_difficulty})
+    return ok(node.applier.machine.access.settings())
 
 
 @access_routes.put("/v1/security")
 async def put_security(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {"pow_difficulty", "request_id"})
+    body = await s.json_body(request, {"pow_difficulty", "endpoint_allow", "request_id"})
     args = {k: v for k, v in body.items() if k != "request_id"}
+    checked(lambda: Access().configure(args))  # bad input costs no log entry
     return ok(await node_of(request).write("security.configure", args, s.request_id(request, body)))
 
 

@@ -85,7 +85,7 @@ def make_app(node: CoordinatorNode, auth: AuthSettings | None = None, *,
                                        long_request_middleware])
     app[NODE] = node
     app[CHAOS_DIR] = chaos_dir
-    app[AUTH] = AuthState(auth or AuthSettings())
+    app[AUTH] = AuthState(auth or AuthSettings(), own_http=node.identity.http)
     app[OPEN] = OpenRequests(limits or OpenLimits())
     app[METRICS] = HttpMetrics(node, app[AUTH], app[OPEN])
     app.router.add_routes(routes)

@@ -10,16 +10,24 @@ Credentials (the ``Authorization`` header):
   key the agent registered) covers ``COORD-ED25519-V1``, the method, the
   Host header, the path with its query exactly as sent, ts, nonce and the
   SHA-256 of the body, one per line. A timestamp more than ``clock_skew_s`` away from this
-  node's clock, or a nonce this node has seen within that window, is refused
-  (so a replay to this node fails, and a replay to another node fails its
-  Host).
+  node's clock, a nonce this node has seen within that window, or a Host
+  that is not one of this node's own names (``AuthState.hosts``) is refused:
+  a replay to this node fails its nonce, a replay to another node its Host.
+  A node forgets its nonces when it restarts, so a signed write is also
+  deduplicated by the state machine under a request id derived from its
+  nonce (``IMPLIED_REQUEST_ID``, unless the caller gave one): replayed, it
+  is answered with the first result and applies nothing again.
+- ``Bearer <metrics token>``: may read ``/metrics`` and nothing else (a scraper).
 - Nothing: anonymous. Allowed only when the node was started with
   ``--allow-anonymous`` (then nobody is checked: a development mode); else
-  only the public routes answer (health, status, metrics, joining).
+  only the public routes answer (health, status, joining).
 
 A request a follower forwards to the leader carries the principal the
-follower established, with an HMAC of the cluster secret over it, the
-method, the path and the body: the leader trusts that, and nothing else.
+follower established, with an HMAC over it, the method, the Host, the path,
+the body, a timestamp, a nonce and the implied request id. Its key is
+derived from the cluster secret (HKDF, ``crypto.KEY_FORWARDED_PRINCIPAL``),
+as is the join challenges' (``crypto.KEY_JOIN_CHALLENGE``): the raw secret
+keys nothing here. The leader trusts that, and nothing else.
 
 Authorization: ``RULES`` names, for every route, what it needs: ``public``,
 ``any`` (authenticated), ``admin``, ``self`` (the agent in the path, or the
@@ -49,12 +57,13 @@ from typing import Any
 from aiohttp import web
 
 from coordinator import crypto
-from coordinator.api.keys import NODE
+from coordinator.api.keys import IMPLIED_REQUEST_ID, NODE
 from coordinator.crypto import SCHEME_AGENT, signed_text
 from coordinator.errors import Forbidden, InvalidInput, Unauthenticated
 
 PRINCIPAL_HEADER = "X-Coord-Principal"
 FORWARD_SIG_HEADER = "X-Coord-Forward-Sig"
+FORWARD_REQUEST_ID_HEADER = "X-Coord-Forward-Request-Id"  # the implied request id, covered by the HMAC
 NONCE_RE = re.compile(r"[A-Za-z0-9_\-]{16,64}\Z")
 TS_RE = re.compile(r"[0-9]{1,16}\Z")  # ASCII digits: str.isdigit() also takes "²", which int() refuses
 AUTH_HEADER_MAX = 1024
@@ -63,7 +72,7 @@ NONCES_MAX = 1_000_000
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    kind: str  # "admin" | "agent" | "anonymous"
+    kind: str  # "admin" | "agent" | "anonymous" | "scraper" (the metrics token: /metrics only)
     agent_id: str | None = None
 
     def __str__(self) -> str:
@@ -79,22 +88,51 @@ class AuthSettings:
 
     allow_anonymous: bool = False
     admin_token: str | None = field(default=None, repr=False)
-    cluster_secret: str | None = field(default=None, repr=False)  # signs forwarded principals
+    cluster_secret: str | None = field(default=None, repr=False)  # keys of forwarded principals, join challenges
+    metrics_token: str | None = field(default=None, repr=False)  # reads /metrics only (a Prometheus scraper)
     clock_skew_s: float = 30.0
+    # Host values (host[:port]) this node is also reached by, besides its own
+    # HTTP address (a DNS name, a load balancer's): a signature for any other
+    # Host is refused. Loopback aliases of a loopback address are added.
+    hosts: tuple[str, ...] = ()
 
 
 class AuthState:
     """One node's authentication state: settings, seen nonces, denial counts.
     The app holds it under ``AUTH``."""
 
-    def __init__(self, settings: AuthSettings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: AuthSettings, clock: Callable[[], float] = time.time, own_http: str = "") -> None:
+        """``own_http``: this node's HTTP address (``host:port``), a Host its
+        signed requests may carry, with ``settings.hosts``."""
         self.settings = settings
         self.clock = clock
         self.denied: Counter[str] = Counter()  # permission -> 403s
         self.refused: Counter[str] = Counter()  # reason -> 401s
         self._nonces: OrderedDict[str, float] = OrderedDict()  # nonce -> expiry (seconds)
-        # Join challenges are signed with the cluster secret, so any node checks them.
-        self.challenge_secret = settings.cluster_secret or secrets.token_hex(32)
+        self.hosts: set[str] = set()
+        for host in (own_http, *settings.hosts):
+            self.add_host(host)
+        secret = settings.cluster_secret
+        # Join challenges are keyed by the cluster secret, so any node checks them;
+        # without one (a lone test node) by a random key of this node.
+        self.challenge_key = crypto.derived_key(secret, crypto.KEY_JOIN_CHALLENGE) if secret \
+            else secrets.token_bytes(32)
+        self.forward_key = crypto.derived_key(secret, crypto.KEY_FORWARDED_PRINCIPAL) if secret else None
+
+    def add_host(self, host: str) -> None:
+        """Accept signatures made for ``host`` (``host:port``; a loopback one
+        with every loopback spelling: ``127.0.0.1``, ``localhost``, ``[::1]``)."""
+        if not host:
+            return
+        name, port = _split_host(host)
+        names = LOOPBACK_NAMES if name in LOOPBACK_NAMES else (name,)
+        self.hosts.update(f"{n}:{port}" if port else n for n in names)
+
+    def host_allowed(self, host: str, secure: bool) -> bool:
+        """Whether a request's Host header names this node (the port defaults by scheme)."""
+        name, port = _split_host(host)
+        default = "443" if secure else "80"
+        return f"{name}:{port or default}" in self.hosts or (port in ("", default) and name in self.hosts)
 
     def remember_nonce(self, key: str, now: float) -> bool:
         """False when ``key`` was seen within the window (a replay)."""
@@ -110,6 +148,19 @@ class AuthState:
 
 
 AUTH: web.AppKey[AuthState] = web.AppKey("auth", AuthState)
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _split_host(host: str) -> tuple[str, str]:
+    """``(name, port)`` of a Host value, the name lowercased without a final
+    dot, an IPv6 address in brackets; port "" when none is given."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host.partition("]")
+        return name + "]", rest[1:] if rest.startswith(":") else ""
+    name, _, port = host.partition(":") if host.count(":") == 1 else (host, "", "")
+    return name.rstrip("."), port
 
 
 # -- parsing ---------------------------------------------------------------------------------
@@ -173,11 +224,22 @@ def parse_authorization(value: str) -> tuple[str, Any]:
     return "agent", AgentCredential(agent_id, int(params["ts"]), params["nonce"], signature)
 
 
-def forward_signature(secret: str, principal: str, method: str, path_qs: str, body: bytes, ts_ms: int) -> str:
-    """``<ts_ms>.<hmac>``: the forwarding node's word for who is asking, valid
-    for ``clock_skew_s`` around ``ts_ms`` (so a captured one cannot be replayed later)."""
-    text = _utf8("\n".join((principal, method.upper(), path_qs, hashlib.sha256(body).hexdigest(), str(ts_ms))))
-    return f"{ts_ms}.{hmac.new(secret.encode(), text, hashlib.sha256).hexdigest()}"
+def forward_signature(key: bytes, principal: str, method: str, host: str, path_qs: str, body: bytes, ts_ms: int,
+                      nonce: str, request_id: str = "") -> str:
+    """``<ts_ms>.<nonce>.<hmac>``: the forwarding node's word for who is
+    asking, for one node (``host``), valid for ``clock_skew_s`` around
+    ``ts_ms`` and once (the receiver remembers ``nonce``), so a captured one
+    cannot be replayed later nor to another node. ``key`` is
+    ``AuthState.forward_key``; ``request_id`` the implied request id it carries."""
+    text = _utf8("\n".join(("COORD-FORWARD-V2", principal, method.upper(), host.lower(), path_qs,
+                            hashlib.sha256(body).hexdigest(), str(ts_ms), nonce, request_id)))
+    return f"{ts_ms}.{nonce}.{hmac.new(key, text, hashlib.sha256).hexdigest()}"
+
+
+def implied_request_id(agent_id: str, nonce: str) -> str:
+    """The request id of a signed write whose caller gave none: fixed by the
+    signature (agent and nonce), so its replay is the same write."""
+    return "sig-" + hashlib.sha256(_utf8(f"{agent_id}\n{nonce}")).hexdigest()[:40]
 
 
 def _utf8(text: str) -> bytes:
@@ -201,14 +263,20 @@ async def authenticate(request: web.Request, state: AuthState, public_key_of: Ca
         return None
     kind, credential = parse_authorization(header)
     if kind == "bearer":
-        if settings.admin_token is None or not hmac.compare_digest(_utf8(credential),
-                                                                   settings.admin_token.encode()):
-            raise Unauthenticated("the admin token is not valid")
-        return Principal("admin")
+        token = _utf8(credential)
+        if settings.admin_token is not None and hmac.compare_digest(token, settings.admin_token.encode()):
+            return Principal("admin")
+        if settings.metrics_token is not None and hmac.compare_digest(token, settings.metrics_token.encode()):
+            return Principal("scraper")
+        raise Unauthenticated("the admin token is not valid")
     now = state.clock()
     if abs(now - credential.ts_ms / 1000) > settings.clock_skew_s:
         raise Unauthenticated(f"the request's timestamp is more than {settings.clock_skew_s:g} s away from "
                               "this node's clock (stale or replayed)")
+    if not state.host_allowed(request.host, request.secure):
+        # The Host is signed: a request signed for another node (a replay there) names that node.
+        raise Unauthenticated("the request's Host is not a name of this node (signed for another node, or "
+                              "replayed to this one)")
     body = await request.read()
     key = public_key_of(credential.agent_id) or await _joining_key(request, credential.agent_id)
     if key is None:
@@ -223,6 +291,8 @@ async def authenticate(request: web.Request, state: AuthState, public_key_of: Ca
         raise Unauthenticated(f"the signature of agent {credential.agent_id!r} does not verify")
     if not state.remember_nonce(f"{credential.agent_id}/{credential.nonce}", now):
         raise Unauthenticated("the nonce was already used (a replayed request)")
+    if request.method not in ("GET", "HEAD"):
+        request[IMPLIED_REQUEST_ID] = implied_request_id(credential.agent_id, credential.nonce)
     return Principal("agent", credential.agent_id)
 
 
@@ -242,16 +312,25 @@ async def _joining_key(request: web.Request, agent_id: str) -> str | None:
 
 
 async def _forwarded_principal(request: web.Request, state: AuthState, forwarded: str) -> Principal:
-    secret = state.settings.cluster_secret
+    key = state.forward_key
     given = request.headers.get(FORWARD_SIG_HEADER, "")
+    request_id = request.headers.get(FORWARD_REQUEST_ID_HEADER, "")
     body = await request.read()
-    ts_text = given.partition(".")[0]
-    if secret is None or not TS_RE.match(ts_text) or not hmac.compare_digest(
-            _utf8(given),
-            forward_signature(secret, forwarded, request.method, request.raw_path, body, int(ts_text)).encode()):
+    ts_text, _, rest = given.partition(".")
+    nonce = rest.partition(".")[0]
+    if key is None or not TS_RE.match(ts_text) or not NONCE_RE.match(nonce) or not hmac.compare_digest(
+            _utf8(given), _utf8(forward_signature(key, forwarded, request.method, request.host, request.raw_path,
+                                                  body, int(ts_text), nonce, request_id))):
         raise Unauthenticated("a forwarded principal without a valid cluster signature")
-    if abs(state.clock() - int(ts_text) / 1000) > state.settings.clock_skew_s:
+    now = state.clock()
+    if abs(now - int(ts_text) / 1000) > state.settings.clock_skew_s:
         raise Unauthenticated("a forwarded principal signed too long ago (stale or replayed)")
+    if not state.host_allowed(request.host, request.secure):
+        raise Unauthenticated("a forwarded principal for another node")
+    if not state.remember_nonce(f"forwarded/{nonce}", now):
+        raise Unauthenticated("a forwarded principal already used (a replayed request)")
+    if request_id:
+        request[IMPLIED_REQUEST_ID] = request_id
     if forwarded.startswith("agent:"):
         return Principal("agent", forwarded[len("agent:"):])
     if forwarded in ("admin", "anonymous"):
@@ -273,7 +352,7 @@ def issue_challenge(state: AuthState) -> str:
 
 
 def _challenge_mac(state: AuthState, head: str) -> str:
-    return hmac.new(state.challenge_secret.encode(), head.encode(), hashlib.sha256).hexdigest()[:32]
+    return hmac.new(state.challenge_key, head.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def check_proof(state: AuthState, proof: Any, agent_id: str, public_key: str, difficulty: int) -> None:
@@ -302,7 +381,7 @@ def check_proof(state: AuthState, proof: Any, agent_id: str, public_key: str, di
 # -- authorizing -----------------------------------------------------------------------------
 
 Resource = Callable[[web.Request], Awaitable[list[tuple[str, str]]]]
-Rule = str | Resource  # "public" | "any" | "admin" | "self" | (request) -> [(action, resource)]
+Rule = str | Resource  # "public" | "metrics" | "any" | "admin" | "self" | (request) -> [(action, resource)]
 
 
 def _param(name: str, action: str, prefix: str = "") -> Resource:
@@ -398,7 +477,7 @@ async def _json(request: web.Request) -> Any:
 RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/healthz"): "public",
     ("GET", "/readyz"): "public",
-    ("GET", "/metrics"): "public",
+    ("GET", "/metrics"): "metrics",  # the admin or the metrics token (public on an anonymous node)
     ("GET", "/v1/status"): "public",
     ("GET", "/v1/cluster"): "any",
     # chaos runs (GET /v1/chaos/runs...) are the operator's: the admin's (paths and ports of the host)
@@ -509,8 +588,15 @@ async def authorize(request: web.Request, principal: Principal | None, state: Au
         raise Unauthenticated("this request needs credentials: an agent's signature or the admin token")
     if principal.kind == "admin" or (principal.kind == "anonymous" and state.settings.allow_anonymous):
         return
+    if principal.kind == "scraper":
+        if rule == "metrics":
+            return
+        _deny(state, "admin", "the metrics token may read /metrics only", "admin", request.path)
     if state.settings.allow_anonymous:
         return  # development mode: signatures are checked, permissions are not
+    if rule == "metrics":
+        _deny(state, "metrics", f"{principal} may not read /metrics (the admin token or the metrics token may)",
+              "metrics", "/metrics")
     if rule == "any":
         return
     if rule == "admin":
@@ -577,14 +663,19 @@ def forward_signer(request: web.Request) -> Callable[[str, str, bytes], dict[str
     principal or no secret)."""
     state: AuthState = request.app[AUTH]
     principal = principal_of(request)
+    request_id = request.get(IMPLIED_REQUEST_ID, "")
 
-    def sign(method: str, path_qs: str, body: bytes) -> dict[str, str]:
-        if principal is None or state.settings.cluster_secret is None:
+    def sign(method: str, host: str, path_qs: str, body: bytes) -> dict[str, str]:
+        if principal is None or state.forward_key is None:
             return {}
         name = principal.header()
-        return {PRINCIPAL_HEADER: name,
-                FORWARD_SIG_HEADER: forward_signature(state.settings.cluster_secret, name, method, path_qs, body,
-                                                      int(state.clock() * 1000))}
+        headers = {PRINCIPAL_HEADER: name,
+                   FORWARD_SIG_HEADER: forward_signature(state.forward_key, name, method, host, path_qs, body,
+                                                         int(state.clock() * 1000), secrets.token_urlsafe(18),
+                                                         request_id)}
+        if request_id:
+            headers[FORWARD_REQUEST_ID_HEADER] = request_id
+        return headers
     return sign
 
 

@@ -19,6 +19,7 @@ from coordinator.services import watch
 from coordinator.services.node import ELECTION_PREFIX, FORWARD_HEADER, CoordinatorNode, ttl_ms_from
 from coordinator.services.proposals import state_error
 from coordinator.state.base import Rejected
+from coordinator.state.endpoints import endpoint_refusal
 
 routes = web.RouteTableDef()
 
@@ -190,8 +191,9 @@ async def agents_register(request: web.Request) -> web.Response:
         "metadata": s.obj(body.get("metadata", {}), "metadata"),
         "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_AGENT_TTL_S),
     }
+    _may_serve(request, args["type"])
     if body.get("endpoint") is not None:
-        args["endpoint"] = s.name(body["endpoint"], "endpoint", 2048)
+        args["endpoint"] = _endpoint(request, body["endpoint"])
     if body.get("weight") is not None:
         args["weight"] = s.integer(body["weight"], "weight", 1, 1_000_000)
     if body.get("public_key") is not None:
@@ -218,6 +220,34 @@ def _may_join(request: web.Request, agent_id: str, body: dict[str, Any]) -> None
     if principal.kind == "agent" and principal.agent_id != agent_id:
         raise Forbidden(f"{principal} may register only itself, not {agent_id!r}", permission="self",
                         resource=agent_id)
+
+
+def _may_serve(request: web.Request, agent_type: str) -> None:
+    """Registering as a type receives its callers' requests and saga steps:
+    an agent needs ``serve`` on the type (the admin grants it; the admin
+    itself, and everyone on an anonymous node, needs nothing)."""
+    principal = principal_of(request)
+    if request.app[AUTH].settings.allow_anonymous or principal is None or principal.kind != "agent":
+        return
+    if not node_of(request).applier.machine.access.can(principal.agent_id or "", "serve", agent_type):
+        request.app[AUTH].denied["serve"] += 1
+        raise Forbidden(f"{principal} lacks the permission serve on {agent_type!r} (the admin grants it)",
+                        permission="serve", resource=agent_type)
+
+
+def _endpoint(request: web.Request, value: Any) -> str:
+    """An endpoint the leader may call (``coordinator.state.endpoints``): on a
+    secure node, a loopback, link-local, private or metadata address, or a
+    name off the admin's allow-list, is a 403 for ``endpoint``."""
+    endpoint = s.name(value, "endpoint", 2048)
+    if request.app[AUTH].settings.allow_anonymous:
+        return endpoint
+    refusal = checked(lambda: endpoint_refusal(endpoint, node_of(request).applier.machine.access.endpoint_allow))
+    if refusal is not None:
+        request.app[AUTH].denied["endpoint"] += 1
+        raise Forbidden(f"endpoint: {refusal} (the admin allows networks and names with PUT /v1/security "
+                        "{\"endpoint_allow\": [...]})", permission="endpoint", resource=endpoint)
+    return endpoint
 
 
 @routes.get("/v1/agents")
@@ -285,7 +315,7 @@ async def agents_update(request: web.Request) -> web.Response:
     if body.get("weight") is not None:
         args["weight"] = s.integer(body["weight"], "weight", 1, 1_000_000)
     if body.get("endpoint") is not None:
-        args["endpoint"] = s.name(body["endpoint"], "endpoint", 2048)
+        args["endpoint"] = _endpoint(request, body["endpoint"])
     if body.get("metadata") is not None:
         args["metadata"] = s.obj(body["metadata"], "metadata")
     if len(args) == 1:
@@ -322,11 +352,27 @@ def _lock_name(request: web.Request) -> str:
     return name
 
 
+def _holder(request: web.Request, body: dict[str, Any], field: str) -> str:
+    """Who holds (or campaigns for) a lock: for an agent caller its own id
+    (``field`` may be left out; naming another is a 403 for ``self``, so no
+    agent can release, refresh or take the fencing token of another's lock);
+    the admin, and anyone on an anonymous node, names any holder."""
+    principal = principal_of(request)
+    if principal is None or principal.kind != "agent" or request.app[AUTH].settings.allow_anonymous:
+        return s.name(body.get(field), field)
+    given = body.get(field, principal.agent_id)
+    if given != principal.agent_id:
+        request.app[AUTH].denied["self"] += 1
+        raise Forbidden(f"{field}: {principal} may hold locks and campaign only as itself, not as {given!r}",
+                        permission="self", resource=str(given))
+    return principal.agent_id or ""
+
+
 @routes.post("/v1/locks/{name:(?s:.+)}")
 async def locks_acquire(request: web.Request) -> web.Response:
     name = _lock_name(request)
     body = await s.json_body(request, {"holder", "ttl_s", "request_id"})
-    args = {"name": name, "holder": s.name(body.get("holder"), "holder"),
+    args = {"name": name, "holder": _holder(request, body, "holder"),
             "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
     return ok(await node_of(request).write("lock.acquire", args, s.request_id(request, body)))
 
@@ -335,7 +381,7 @@ async def locks_acquire(request: web.Request) -> web.Response:
 async def locks_release(request: web.Request) -> web.Response:
     name = _lock_name(request)
     body = await s.json_body(request, {"holder", "request_id"})
-    args = {"name": name, "holder": s.name(body.get("holder"), "holder")}
+    args = {"name": name, "holder": _holder(request, body, "holder")}
     return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
 
 
@@ -356,7 +402,7 @@ async def locks_get(request: web.Request) -> web.Response:
 async def elections_campaign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "ttl_s", "request_id"})
-    candidate = s.name(body.get("candidate"), "candidate")
+    candidate = _holder(request, body, "candidate")
     args = {"name": ELECTION_PREFIX + name, "holder": candidate,
             "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
     result = await node_of(request).write("lock.acquire", args, s.request_id(request, body))
@@ -367,7 +413,7 @@ async def elections_campaign(request: web.Request) -> web.Response:
 async def elections_resign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "request_id"})
-    args = {"name": ELECTION_PREFIX + name, "holder": s.name(body.get("candidate"), "candidate")}
+    args = {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")}
     return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from coordinator.api.keys import IMPLIED_REQUEST_ID
 from coordinator.codec import check_value
 from coordinator.errors import InvalidInput
 from coordinator.state.access import check_public_key
@@ -126,7 +127,7 @@ def consistency(request: web.Request) -> str:
 def request_id(request: web.Request, body: dict[str, Any]) -> str | None:
     value = body.get("request_id", request.headers.get("Idempotency-Key"))
     if value is None:
-        return None
+        return request.get(IMPLIED_REQUEST_ID)  # a signed request's own, from its nonce (api.auth)
     return name(value, "request_id", MAX_REQUEST_ID_LEN)
 
 

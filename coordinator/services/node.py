@@ -21,6 +21,7 @@ import aiohttp
 from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from coordinator.ports import BusTransport, Clock, ConsensusEngine, KnowsQuorumContact, Rng
+from coordinator.services.agent_http import EndpointGuard
 from coordinator.services.applier import Applier
 from coordinator.services.balancer.health import HealthChecker
 from coordinator.services.balancer.service import Balancer
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 ELECTION_PREFIX = "election/"
 FORWARD_HEADER = "X-Coord-Forwarded"
-Signer = Callable[[str, str, bytes], dict[str, str]]  # (method, path with query, body) -> headers
+Signer = Callable[[str, str, str, bytes], dict[str, str]]  # (method, host, path with query, body) -> headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +67,12 @@ class CoordinatorNode:
                  proposal_timeout_s: float = 5.0, inflight_max: int = 1024, command_max_bytes: int = 1 << 20,
                  forward_timeout_s: float = 3.0, unsafe_stale_reads: bool = False,
                  transports: dict[str, BusTransport] | None = None, transport_factory: Any = None,
-                 peer_ssl: ssl.SSLContext | None = None) -> None:
+                 peer_ssl: ssl.SSLContext | None = None, check_endpoints: bool = True) -> None:
         """``peer_ssl``: set when the nodes serve HTTPS; forwarding to the leader
-        then uses ``https://`` and verifies the leader's certificate with it."""
+        then uses ``https://`` and verifies the leader's certificate with it.
+        ``check_endpoints``: call agents only where the admin's endpoint
+        allow-list lets this node (``coordinator.state.endpoints``); off for a
+        node with ``--allow-anonymous``."""
         self.identity = identity
         self.engine = engine
         self.applier = applier
@@ -85,10 +89,14 @@ class CoordinatorNode:
         self.transports = TransportDriver(applier, self.proposer, dict(transports or {}), clock,
                                           lambda: self.bus.active, factory=transport_factory)
         self.bus.transports = self.transports.transports
-        self.balancer = Balancer(applier, random.Random(int(rng.token_hex(8), 16)), monotonic=clock.monotonic)
-        self.health = HealthChecker(applier, self.proposer, lambda: self.bus.active, monotonic=clock.monotonic)
+        self.endpoint_guard = EndpointGuard((lambda: applier.machine.access.endpoint_allow) if check_endpoints
+                                            else None)
+        self.balancer = Balancer(applier, random.Random(int(rng.token_hex(8), 16)), monotonic=clock.monotonic,
+                                 guard=self.endpoint_guard)
+        self.health = HealthChecker(applier, self.proposer, lambda: self.bus.active, monotonic=clock.monotonic,
+                                    guard=self.endpoint_guard)
         self.sagas = SagaOrchestrator(applier, self.proposer, self.bus, self.balancer, clock, lambda: self.bus.active,
-                                      node_id=identity.node_id)
+                                      node_id=identity.node_id, guard=self.endpoint_guard)
         self.forward_timeout_s = forward_timeout_s
         self.peer_ssl = peer_ssl
         # Serve default reads from local state without a barrier. Wrong on purpose:
@@ -330,7 +338,7 @@ class CoordinatorNode:
             if not member["http"] or self._session is None:
                 return member, None, "unknown HTTP address"
             scheme = "https" if self.peer_ssl is not None else "http"
-            headers = sign("GET", path_qs, b"") if sign is not None else {}
+            headers = sign("GET", member["http"], path_qs, b"") if sign is not None else {}
             try:
                 async with self._session.get(f"{scheme}://{member['http']}{path_qs}", headers=headers,
                                              timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
@@ -346,20 +354,20 @@ class CoordinatorNode:
                       sign: Signer | None = None) -> tuple[int, bytes, dict[str, str]]:
         """Send one HTTP request to the leader, marked as forwarded (the leader
         never forwards it again). ``sign`` gives the headers that carry the
-        caller's identity for exactly this method, path and body. Returns
-        status, body and the headers worth passing on. ``Unavailable`` (certainly
-        not applied) when no leader is known or the connection to it could not
-        be made; ``OutcomeUnknown`` when the request may have reached the leader
-        but no answer came back (a timeout or a dropped connection after
-        connecting): the leader may have applied it, so only a retry with the
-        same ``request_id`` is safe."""
+        caller's identity for exactly this method, leader (its Host), path and body.
+        Returns status, body and the headers worth passing on. ``Unavailable``
+        (certainly not applied) when no leader is known or the connection to it
+        could not be made; ``OutcomeUnknown`` when the request may have reached
+        the leader but no answer came back (a timeout or a dropped connection
+        after connecting): the leader may have applied it, so only a retry with
+        the same ``request_id`` is safe."""
         st = self.engine.status()
         leader = self.http_of(st.leader)
         if leader is None or self._session is None or st.leader == st.node:
             raise Unavailable("no leader known", retry_after_s=0.5)
         headers = {FORWARD_HEADER: "1", "Content-Type": "application/json"}
         if sign is not None:
-            headers.update(sign(method, path_qs, body or b""))
+            headers.update(sign(method, leader, path_qs, body or b""))
         try:
             scheme = "https" if self.peer_ssl is not None else "http"
             # The connect phase ends well before the total: a timeout there means nothing was sent.

@@ -36,7 +36,7 @@ import aiohttp
 
 from coordinator.errors import CoordinatorError
 from coordinator.ports import Clock
-from coordinator.services.agent_http import agent_url, read_capped
+from coordinator.services.agent_http import EndpointGuard, agent_url, read_capped
 from coordinator.services.applier import Applier
 from coordinator.services.balancer.service import Balancer, Invocation
 from coordinator.services.bus import BusService
@@ -98,8 +98,10 @@ def _bounded_result(value: Any) -> Any:
 
 class SagaOrchestrator:
     def __init__(self, applier: Applier, proposer: Proposer, bus: BusService, balancer: Balancer, clock: Clock,
-                 is_active: Any, *, node_id: str, tick_s: float = 0.02, connections_per_agent: int = 32) -> None:
+                 is_active: Any, *, node_id: str, tick_s: float = 0.02, connections_per_agent: int = 32,
+                 guard: EndpointGuard | None = None) -> None:
         self.applier = applier
+        self.guard = guard or EndpointGuard(None)  # where agents may be called (default: anywhere)
         self.proposer = proposer
         self.bus = bus
         self.balancer = balancer
@@ -258,9 +260,13 @@ class SagaOrchestrator:
             what = "is not registered" if agent is None else "has no endpoint"
             return Outcome(False, error=f"agent {action['agent_id']!r} {what}")
         who = f"agent {agent.id!r}"
+        refusal = self.guard.refusal(agent.endpoint)
+        if refusal is not None:
+            return Outcome(False, error=f"{who}: its endpoint is refused: {refusal}"[:ERROR_BODY_CHARS])
         headers = {IDEMPOTENCY_HEADER: key, "Content-Type": "application/json"}
         try:
             async with self._client().post(agent_url(agent.endpoint, action["path"]), data=body, headers=headers,
+                                           allow_redirects=False,
                                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 raw = await read_capped(response, ANSWER_MAX_BYTES)
         except TimeoutError:
@@ -302,7 +308,7 @@ class SagaOrchestrator:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit_per_host=self.connections_per_agent))
+                connector=self.guard.connector(limit_per_host=self.connections_per_agent))
         return self._session
 
     # -- status ----------------------------------------------------------------------------

@@ -6,8 +6,9 @@ A permission is ``{"action", "pattern"}``:
 - ``send`` / ``receive`` / ``subscribe`` on topics, with NATS-style patterns
   (``orders.*``, ``orders.>``, ``>``). Subscribing to a pattern needs a
   permission pattern that covers every topic it can match.
-- ``invoke`` on agent types, and ``saga`` (start sagas) on saga names, with the
-  same token patterns (``>`` is every one).
+- ``invoke`` on agent types, ``serve`` on agent types (register as one:
+  receive its invocations and saga steps), and ``saga`` (start sagas) on
+  saga names, with the same token patterns (``>`` is every one).
 - ``kv`` and ``lock`` on keys and lock names, ``stream`` on event store
   stream ids (append, read, snapshot, delete; reading a category needs it on
   ``<category>-*``): exact, or a prefix ending in ``*`` (``jobs/*``,
@@ -24,16 +25,18 @@ import binascii
 from typing import Any
 
 from coordinator.state.base import Rejected, check_int, check_object, check_str, invalid
+from coordinator.state.endpoints import check_allow_list
 from coordinator.state.topics import check_pattern
 
 TOPIC_ACTIONS = ("send", "receive", "subscribe")
-TOKEN_ACTIONS = (*TOPIC_ACTIONS, "invoke", "saga")
+TOKEN_ACTIONS = (*TOPIC_ACTIONS, "invoke", "serve", "saga")
 PREFIX_ACTIONS = ("kv", "lock", "stream")
 ACTIONS = (*TOKEN_ACTIONS, *PREFIX_ACTIONS)
 MAX_PERMISSIONS = 256
 MAX_ROLES_PER_AGENT = 64
 MAX_ROLES = 10_000
 MAX_PINNED = 100_000
+SETTINGS = ("pow_difficulty", "endpoint_allow")
 
 
 def check_public_key(value: str, field: str = "public_key") -> str:
@@ -96,6 +99,8 @@ class Access:
         self.roles: dict[str, list[dict[str, str]]] = {}
         self.grants: dict[str, list[str]] = {}  # agent id -> role names
         self.pow_difficulty = 0  # leading zero bits a join's proof of work needs (0: none)
+        # networks and host names agent endpoints may use (coordinator.state.endpoints)
+        self.endpoint_allow: list[str] = []
         # agent id -> the public key it last registered: kept after the agent
         # leaves or expires, so nobody else can join under its id (and roles)
         self.keys: dict[str, str] = {}
@@ -140,13 +145,20 @@ class Access:
         return {"agent": agent_id, "roles": self.grants.get(agent_id, [])}
 
     def configure(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Security settings the admin sets: ``pow_difficulty`` (0-32 bits)."""
+        """Security settings the admin sets: ``pow_difficulty`` (0-32 bits),
+        ``endpoint_allow`` (the whole list; ``coordinator.state.endpoints``).
+        All are checked before any is set."""
         for key in args:
-            if key != "pow_difficulty":
-                raise invalid(key, "unknown setting (allowed: pow_difficulty)")
-        if "pow_difficulty" in args:
-            self.pow_difficulty = check_int(args["pow_difficulty"], "pow_difficulty", 0, 32)
-        return {"pow_difficulty": self.pow_difficulty}
+            if key not in SETTINGS:
+                raise invalid(key, f"unknown setting (allowed: {', '.join(SETTINGS)})")
+        difficulty = check_int(args["pow_difficulty"], "pow_difficulty", 0, 32) if "pow_difficulty" in args \
+            else self.pow_difficulty
+        allow = check_allow_list(args["endpoint_allow"]) if "endpoint_allow" in args else self.endpoint_allow
+        self.pow_difficulty, self.endpoint_allow = difficulty, allow
+        return self.settings()
+
+    def settings(self) -> dict[str, Any]:
+        return {"pow_difficulty": self.pow_difficulty, "endpoint_allow": list(self.endpoint_allow)}
 
     def pin(self, agent_id: str, public_key: str, registered: Any) -> None:
         """Remember ``agent_id``'s key. Beyond ``MAX_PINNED`` keys, the oldest
@@ -188,7 +200,8 @@ class Access:
     # -- snapshots -----------------------------------------------------------------------------
 
     def to_data(self) -> dict[str, Any]:
-        return {"roles": self.roles, "grants": self.grants, "pow_difficulty": self.pow_difficulty, "keys": self.keys}
+        return {"roles": self.roles, "grants": self.grants, "pow_difficulty": self.pow_difficulty, "keys": self.keys,
+                "endpoint_allow": self.endpoint_allow}
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Access:
@@ -197,4 +210,5 @@ class Access:
         access.grants = {k: list(v) for k, v in data["grants"].items()}
         access.pow_difficulty = data.get("pow_difficulty", 0)
         access.keys = dict(data.get("keys", {}))
+        access.endpoint_allow = list(data.get("endpoint_allow", []))
         return access

@@ -9,7 +9,7 @@ import pytest
 from coordinator import config
 from coordinator.errors import InvalidInput
 
-SECRET = "s" * 32
+SECRET = "Zq3v-8kLm_W2xRt9bNc4YhPe7uJd0sAf"  # passes config.weak_secret
 TOKEN = "t" * 32
 
 
@@ -95,6 +95,58 @@ def test_the_admin_token_comes_from_a_file_or_the_environment_and_is_never_shown
     assert _load(tmp_path, admin_token=None).admin_token == "e" * 40
     with pytest.raises(InvalidInput, match="admin_token_file: cannot read it"):
         _load(tmp_path, admin_token=None, admin_token_file=str(tmp_path / "missing"))
+
+
+# weak cluster secrets: each is refused with the reason (and never the secret itself)
+WEAK_SECRETS = [
+    ("short-secret", "fewer than 16 characters"),
+    ("s" * 32, "fewer than 8 distinct characters"),
+    ("abcdefghabcdefghabcdefgh", "repeats a shorter string"),
+    ("abcdefghijklmnopqrstuvwxyz", "straight run"),
+    ("0123456789abcdef0123", "straight run"),
+    ("zyxwvutsrqponmlkjihg", "straight run"),
+    ("Password123456789!", "common word ('password')"),
+    ("--Changeme--2024--!!", "common word ('changeme')"),
+    ("coordinatorcoordinator1", "common word ('coordinator')"),
+    ("abababababababababababababxyzQ7-", "under 64 bits"),
+    ("aaaaaaaaaaaaaaaaaaaaaaaaaaaa-x7Kq2Wb", "one repeated"),
+]
+
+
+@pytest.mark.parametrize(("secret", "why"), WEAK_SECRETS, ids=[w for _, w in WEAK_SECRETS])
+def test_an_obviously_weak_cluster_secret_is_refused_saying_why(tmp_path: Path, secret: str, why: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, secret=secret)
+    assert refused.value.field == "secret"
+    assert why in refused.value.message and "too weak" in refused.value.message
+    assert secret not in refused.value.message
+
+
+def test_generated_secrets_pass_the_strength_check(tmp_path: Path) -> None:
+    """What the scripts and LocalCluster write (``secrets.token_urlsafe(32)``), and hex."""
+    import secrets
+    for _ in range(500):
+        assert config.weak_secret(secrets.token_urlsafe(32)) is None
+        assert config.weak_secret(secrets.token_hex(16)) is None
+    assert _load(tmp_path, secret=secrets.token_urlsafe(32)).secret
+
+
+def test_the_metrics_token_and_http_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _load(tmp_path).metrics_token == ""
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text("m" * 40 + "\n")
+    cfg = _load(tmp_path, metrics_token_file=str(token_file), http_names=["coord-1.example.com:7001"])
+    assert cfg.metrics_token == "m" * 40 and "m" * 40 not in repr(cfg)
+    assert cfg.http_names == ("coord-1.example.com:7001",)
+    monkeypatch.setenv("COORD_METRICS_TOKEN", "n" * 40)
+    assert _load(tmp_path).metrics_token == "n" * 40
+    with pytest.raises(InvalidInput, match="metrics_token: must have at least 16"):
+        _load(tmp_path, metrics_token="short")
+    with pytest.raises(InvalidInput, match="metrics_token: must differ from admin_token"):
+        _load(tmp_path, metrics_token=TOKEN)
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, http_names=["ok:1", "http://x/"])
+    assert refused.value.field == "http_names[1]"
 
 
 # -- PBFT settings -----------------------------------------------------------------------------

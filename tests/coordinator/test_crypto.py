@@ -543,3 +543,35 @@ def test_load_refuses_a_public_key_that_does_not_match_the_seed(tmp_path: Any) -
 def test_load_refuses_a_directory(tmp_path: Any) -> None:
     with pytest.raises(SealError, match=r"not a regular file"):
         AgentKeys.load(tmp_path)
+
+
+# -- HKDF (RFC 5869) ---------------------------------------------------------------------------------
+
+def test_hkdf_sha256_matches_the_rfc_5869_vectors() -> None:
+    from coordinator.crypto import hkdf_sha256
+    ikm = bytes.fromhex("0b" * 22)
+    # test case 1
+    okm = hkdf_sha256(ikm, bytes.fromhex("f0f1f2f3f4f5f6f7f8f9"), 42, bytes.fromhex("000102030405060708090a0b0c"))
+    assert okm.hex() == ("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
+                         "34007208d5b887185865")
+    # test case 2: long inputs, 82 bytes out (three blocks)
+    okm = hkdf_sha256(bytes(range(0x00, 0x50)), bytes(range(0xb0, 0x100)), 82, bytes(range(0x60, 0xb0)))
+    assert okm.hex() == ("b11e398dc80327a1c8e7f78c596a49344f012eda2d4efad8a050cc4c19afa97c"
+                         "59045a99cac7827271cb41c65e590e09da3275600c2f09b8367793a9aca3db71"
+                         "cc30c58179ec3e87c14c01d5c1f3434f1d87")
+    # test case 3: no salt, no info
+    assert hkdf_sha256(ikm, b"", 42).hex() == ("8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d"
+                                               "9d201395faa4b61a96c8")
+    with pytest.raises(ValueError):
+        hkdf_sha256(ikm, b"", 255 * 32 + 1)
+
+
+def test_each_use_of_the_cluster_secret_gets_its_own_key() -> None:
+    import hashlib
+    import hmac
+
+    from coordinator.crypto import KEY_FORWARDED_PRINCIPAL, KEY_JOIN_CHALLENGE, derived_key
+    secret = "Zq3v-8kLm_W2xRt9bNc4YhPe7uJd0sAf"
+    keys = {derived_key(secret, KEY_FORWARDED_PRINCIPAL), derived_key(secret, KEY_JOIN_CHALLENGE), secret.encode()}
+    assert len(keys) == 3 and all(len(k) == 32 for k in keys - {secret.encode()})
+    assert derived_key(secret, KEY_JOIN_CHALLENGE) != hmac.new(secret.encode(), b"", hashlib.sha256).digest()

@@ -9,7 +9,11 @@ no anonymous access), end to end:
 - alice publishes a payload sealed to bob through a follower; bob fetches it
   through another node and opens it; neither the stored message nor any file
   of any node holds the plaintext; a tampered copy does not open;
-- mallory, joined but holding no role, may not publish to the topic.
+- mallory, joined holding only ``serve`` on its type, may not publish to the topic;
+- a signed write captured on its way to one node and replayed to another is
+  refused (its signed Host names the first node), and replayed to the same
+  node after that node restarted (its nonces forgotten) it applies nothing:
+  it is answered with the first result.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,7 @@ import pytest
 
 from coordinator.api.auth import FORWARD_SIG_HEADER, PRINCIPAL_HEADER
 from coordinator.client import CoordinatorClient
-from coordinator.crypto import AgentKeys, SealError, is_sealed
+from coordinator.crypto import AgentKeys, SealError, authorization_header, is_sealed
 from coordinator.devcluster import LocalCluster
 from coordinator.errors import Forbidden, Unauthenticated
 from coordinator.services.node import FORWARD_HEADER
@@ -80,9 +85,15 @@ async def test_sealed_messages_between_self_joined_agents_in_a_secure_cluster(ma
                 await anonymous.agents()
 
         # The admin's roles and grants (before the agents join: grants are kept by id).
+        # Registering as a type needs serve on it: without, mallory cannot join.
         await admin.request("PUT", "/v1/roles/chat", {"permissions": CHAT})
+        await admin.request("PUT", "/v1/roles/chatter", {"permissions": [{"action": "serve", "pattern": "chatter"}]})
+        with pytest.raises(Forbidden) as no_serve:
+            await mallory.join("chatter", ttl_s=60)
+        assert (no_serve.value.permission, no_serve.value.resource) == ("serve", "chatter")
         for agent_id in ("alice", "bob"):
-            await admin.request("PUT", f"/v1/agents/{agent_id}/roles", {"roles": ["chat"]})
+            await admin.request("PUT", f"/v1/agents/{agent_id}/roles", {"roles": ["chat", "chatter"]})
+        await admin.request("PUT", "/v1/agents/mallory/roles", {"roles": ["chatter"]})
 
         # Each agent joins itself through its own node, signing with the key it registers.
         await alice.join("chatter", ttl_s=60)
@@ -157,7 +168,7 @@ async def test_sealed_messages_between_self_joined_agents_in_a_secure_cluster(ma
         with pytest.raises(SealError, match="tampered"):
             await bob.open({**sealed, "source": "mallory"})
 
-        # mallory holds no role: publishing to the topic is refused, and nothing is stored.
+        # mallory holds no role but serve: publishing to the topic is refused, and nothing is stored.
         with pytest.raises(Forbidden) as refused:
             await mallory.publish(TOPIC, {"id": "m4", "payload": {"text": "spam"}})
         assert (refused.value.permission, refused.value.resource) == ("send", TOPIC)
@@ -166,3 +177,62 @@ async def test_sealed_messages_between_self_joined_agents_in_a_secure_cluster(ma
         with pytest.raises(Forbidden):
             await mallory.fetch(sub)
         assert [m["message"]["id"] for m in await admin.topic_messages(TOPIC)] == ["m1", "m2", "m3"]
+
+
+async def _signed(method: str, url: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+    """Send exactly these headers (Host included) and body: a captured request, replayed."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), skip_auto_headers=()) as session, \
+            session.request(method, url, data=body, headers=headers) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def test_a_signed_write_replayed_to_another_node_or_after_a_restart_applies_once(make_cluster) -> None:
+    cluster = make_cluster(secure=True)
+    leader = cluster.wait_leader()
+    first, other = [n for n in cluster.members if n != leader]
+    keys = AgentKeys.generate()
+    async with CoordinatorClient([cluster.url(n) for n in cluster.members], token=cluster.admin_token) as admin, \
+            CoordinatorClient(cluster.url(first), agent_id="rita", keys=keys) as rita:
+        await admin.request("PUT", "/v1/roles/replay", {"permissions": [
+            {"action": "kv", "pattern": "replay/*"}, {"action": "serve", "pattern": "worker"}]})
+        await admin.request("PUT", "/v1/agents/rita/roles", {"roles": ["replay"]})
+        await rita.join("worker", ttl_s=120)
+
+        # One signed write to `first`, as captured on the wire: no request_id of its own.
+        host = cluster.specs[first].http
+        path, body = "/v1/kv/replay/counter", b'{"value": 1}'
+        captured = {"Host": host, "Content-Type": "application/json",
+                    "Authorization": authorization_header("rita", keys.sign, "PUT", host, path, body,
+                                                          int(time.time() * 1000), secrets.token_urlsafe(18))}
+        status, answer = await _signed("PUT", cluster.url(first) + path, captured, body)
+        assert status == 200, answer
+        revision = answer["revision"]
+
+        # Replayed to another node (its Host kept, as signed): refused, nothing written.
+        status, answer = await _signed("PUT", cluster.url(other) + path, captured, body)
+        assert status == 401 and "Host is not a name of this node" in answer["error"]["message"], answer
+        # Replayed to the same node: its nonce was seen.
+        status, answer = await _signed("PUT", cluster.url(first) + path, captured, body)
+        assert status == 401 and "nonce" in answer["error"]["message"], answer
+
+        # `first` restarts and forgets its nonces; within the clock window the replay
+        # passes the signature check but is the same write: the first answer, nothing applied.
+        committed = max(cluster.status(n)["commit_index"] for n in cluster.members)
+        cluster.stop(first)
+        cluster.start(first)
+        await _caught_up(cluster, committed)  # it knows rita's key again (else the replay is a 401 for that)
+        status, answer = await eventually(
+            lambda: _retry_unavailable(_signed("PUT", cluster.url(first) + path, captured, body)), 30,
+            "the replay to be answered")
+        assert status == 200 and answer == {"revision": revision}, answer
+        stored = await admin.get("replay/counter")
+        assert stored is not None and stored["revision"] == revision and stored["version"] == 1, stored
+
+
+async def _retry_unavailable(attempt: Any) -> tuple[int, Any] | None:
+    """The answer, or None (try again) while the restarted node cannot serve yet."""
+    try:
+        status, answer = await attempt
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    return None if status == 503 else (status, answer)

@@ -20,10 +20,9 @@ import logging
 from typing import Any
 
 import aiohttp
-import yarl
 
 from coordinator.errors import CoordinatorError
-from coordinator.services.agent_http import agent_url
+from coordinator.services.agent_http import EndpointGuard, agent_url
 from coordinator.services.applier import Applier
 from coordinator.services.proposals import Proposer, raise_for
 
@@ -34,8 +33,10 @@ CONCURRENT_CHECKS = 64
 
 class HealthChecker:
     def __init__(self, applier: Applier, proposer: Proposer, is_active: Any, *, monotonic: Any,
-                 tick_s: float = 0.1) -> None:
+                 tick_s: float = 0.1, guard: EndpointGuard | None = None) -> None:
+        """``guard``: where agents may be probed (default: anywhere, as on an anonymous node)."""
         self.applier = applier
+        self.guard = guard or EndpointGuard(None)
         self.proposer = proposer
         self.is_active = is_active
         self.monotonic = monotonic
@@ -107,16 +108,18 @@ class HealthChecker:
 
     async def _probe(self, endpoint: str, check: dict[str, Any]) -> tuple[bool, str]:
         timeout_s = check["timeout_s"]
+        refusal = self.guard.refusal(endpoint)
+        if refusal is not None:
+            return False, f"endpoint refused: {refusal}"
         try:
             if check["kind"] == "tcp":
-                url = yarl.URL(agent_url(endpoint, "/"))
                 async with asyncio.timeout(timeout_s):
-                    _, writer = await asyncio.open_connection(url.host, url.port)
+                    _, writer = await self.guard.open_connection(endpoint, timeout_s)
                     writer.close()
                     with contextlib.suppress(OSError):
                         await writer.wait_closed()
                 return True, "connected"
-            async with self._client().get(agent_url(endpoint, check["path"]),
+            async with self._client().get(agent_url(endpoint, check["path"]), allow_redirects=False,
                                           timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 await response.read()
                 return 200 <= response.status < 300, f"HTTP {response.status}"
@@ -135,6 +138,6 @@ class HealthChecker:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENT_CHECKS,
+            self._session = aiohttp.ClientSession(connector=self.guard.connector(limit=CONCURRENT_CHECKS,
                                                                                  force_close=True))
         return self._session

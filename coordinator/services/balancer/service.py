@@ -33,7 +33,7 @@ import aiohttp
 
 from coordinator.errors import BadGateway, InvalidInput, RateLimited, RequestTimeout, Unavailable
 from coordinator.ports import Strategy
-from coordinator.services.agent_http import agent_url, read_capped
+from coordinator.services.agent_http import EndpointGuard, agent_url, read_capped
 from coordinator.services.applier import Applier
 from coordinator.services.balancer.breaker import BreakerConfig, CircuitBreaker
 from coordinator.services.balancer.limits import KeyedBuckets, RetryBudget, TokenBucket, backoff_s
@@ -112,8 +112,10 @@ class BalancerCounters:
 
 class Balancer:
     def __init__(self, applier: Applier, rng: random.Random, *, connections_per_agent: int = 64,
-                 monotonic: Any = time.monotonic) -> None:
+                 monotonic: Any = time.monotonic, guard: EndpointGuard | None = None) -> None:
+        """``guard``: where agents may be called (default: anywhere, as on an anonymous node)."""
         self.applier = applier
+        self.guard = guard or EndpointGuard(None)
         self.rng = rng
         self.connections_per_agent = connections_per_agent
         self.monotonic = monotonic
@@ -243,6 +245,9 @@ class Balancer:
     async def _send(self, agent: Agent, call: Invocation, policy: dict[str, Any], timeout_s: float,
                     attempt: int) -> Answer | _Failure:
         breaker = self._breaker(agent.id, policy)
+        refusal = self.guard.refusal(agent.endpoint or "")
+        if refusal is not None:
+            return _Failure(BadGateway(f"agent {agent.id!r}: its endpoint is refused: {refusal}"), sent=False)
         url = agent_url(agent.endpoint or "", call.path or policy["path"])
         headers = {REQUEST_ID_HEADER: call.request_id}
         if call.content_type:
@@ -256,7 +261,7 @@ class Balancer:
         self.counters.by_agent[agent.id] = self.counters.by_agent.get(agent.id, 0) + 1
         ok = cancelled = False
         try:
-            async with self._client().post(url, data=call.body, headers=headers,
+            async with self._client().post(url, data=call.body, headers=headers, allow_redirects=False,
                                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 body = await read_capped(response, ANSWER_MAX_BYTES)
                 if body is None:
@@ -331,7 +336,7 @@ class Balancer:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=self.connections_per_agent,
+                connector=self.guard.connector(limit=0, limit_per_host=self.connections_per_agent,
                                                keepalive_timeout=30))
         return self._session
 

@@ -20,7 +20,7 @@ from coordinator.crypto import AgentKeys
 from coordinator.devcluster import LocalCluster
 from coordinator.errors import InvalidInput
 
-SECRET = "s" * 32
+SECRET = "Zq3v-8kLm_W2xRt9bNc4YhPe7uJd0sAf"  # passes config.weak_secret
 IDS = ["n1", "n2", "n3", "n4"]
 
 

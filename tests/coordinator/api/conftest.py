@@ -20,7 +20,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from coordinator.api.app import make_app
-from coordinator.api.auth import AuthSettings
+from coordinator.api.auth import AUTH, AuthSettings
 from coordinator.client import CoordinatorClient
 from coordinator.clock import ManualClock, SeededRng
 from coordinator.services.applier import Applier
@@ -156,10 +156,14 @@ async def make_harness(aiohttp_client: Any) -> AsyncIterator[HarnessFactory]:
         node = CoordinatorNode(Identity(NODE_ID, RAFT, HTTP), engine, applier, clock, SeededRng(1),
                                proposal_timeout_s=proposal_timeout_s, inflight_max=inflight_max,
                                unsafe_stale_reads=unsafe_stale_reads, transports=transports,
-                               transport_factory=transport_factory)
+                               transport_factory=transport_factory,
+                               # as main.py does: a secure node calls agents only where the admin allows
+                               check_endpoints=auth is not None and not auth.allow_anonymous)
         await node.start()
         nodes.append(node)
         http = await aiohttp_client(make_app(node, auth or AuthSettings(allow_anonymous=True)))
+        # The test server listens on a port of its own: signatures for it name this node.
+        http.app[AUTH].add_host(f"{http.host}:{http.port}")
         # Ready: the lease keeper committed its barrier and this node registered itself.
         await eventually(lambda: node.leases.active, "the lease keeper to become active")
         await eventually(lambda: NODE_ID in applier.machine.members.members, "the node to register itself")

@@ -13,19 +13,34 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from coordinator.api.auth import FORWARD_SIG_HEADER, PRINCIPAL_HEADER, AuthSettings, AuthState, forward_signature
+from coordinator.api.auth import (
+    AUTH,
+    FORWARD_SIG_HEADER,
+    PRINCIPAL_HEADER,
+    AuthSettings,
+    AuthState,
+    forward_signature,
+)
 from coordinator.client import CoordinatorClient
-from coordinator.crypto import AgentKeys, SealError, authorization_header, is_sealed
+from coordinator.crypto import (
+    KEY_FORWARDED_PRINCIPAL,
+    AgentKeys,
+    SealError,
+    authorization_header,
+    derived_key,
+    is_sealed,
+)
 from coordinator.errors import Forbidden, Unauthenticated
 from tests.coordinator.api.conftest import Harness, HarnessFactory
 
@@ -85,6 +100,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+FORWARD_KEY = derived_key(CLUSTER_SECRET, KEY_FORWARDED_PRINCIPAL)
+
+
+def forwarded(h: Harness, principal: str, method: str, path: str, raw: bytes, *, ts_ms: int | None = None,
+              key: bytes = FORWARD_KEY, host: str | None = None, nonce: str | None = None) -> str:
+    """The forward signature a node holding ``key`` gives ``principal``'s request to ``h`` (or ``host``)."""
+    return forward_signature(key, principal, method, host or host_of(h), path, raw,
+                             now_ms() if ts_ms is None else ts_ms, nonce or secrets.token_urlsafe(18))
+
+
 def authorization(h: Harness, who: Agent, method: str, path: str, raw: bytes, *, ts_ms: int | None = None,
                   nonce: str | None = None, host: str | None = None, keys: AgentKeys | None = None) -> str:
     """``who``'s Authorization header for one request (signed by ``keys``, default its own)."""
@@ -118,11 +143,35 @@ async def as_agent(h: Harness, who: Agent, method: str, path: str, body: Any = N
                       expect=expect)
 
 
+JOIN_TYPE = "worker"
+
+
 async def join(h: Harness, who: Agent, *, agent_id: str | None = None, key: AgentKeys | None = None,
                signer: Agent | None = None, expect: int | None = 201) -> Reply:
-    """``signer`` (default ``who``) registers ``agent_id`` (default ``who.id``) with ``key``'s public key."""
-    body = {"id": agent_id or who.id, "type": "worker", "public_key": (key or who.keys).public_key}
-    return await as_agent(h, signer or who, "POST", "/v1/agents", body, expect=expect)
+    """``signer`` (default ``who``) registers ``agent_id`` (default ``who.id``) with ``key``'s public key,
+    as type ``worker``: for the join only, the admin grants the signer ``serve`` on it (a role
+    ``joiner`` next to its own), and gives it back its roles after."""
+    body = {"id": agent_id or who.id, "type": JOIN_TYPE, "public_key": (key or who.keys).public_key}
+    async with serving(h, (signer or who).id):
+        return await as_agent(h, signer or who, "POST", "/v1/agents", body, expect=expect)
+
+
+@contextlib.asynccontextmanager
+async def serving(h: Harness, agent_id: str) -> AsyncIterator[None]:
+    """Within: ``agent_id`` also holds ``serve`` on ``worker`` (so it may register as one);
+    nothing to grant on an anonymous node. The role ``joiner`` is gone after."""
+    if h.http.app[AUTH].settings.allow_anonymous:
+        yield
+        return
+    held = list(h.applier.machine.access.grants.get(agent_id, []))
+    await as_admin(h, "PUT", "/v1/roles/joiner", {"permissions": [{"action": "serve", "pattern": JOIN_TYPE}]},
+                   expect=200)
+    await as_admin(h, "PUT", f"/v1/agents/{agent_id}/roles", {"roles": sorted({*held, "joiner"})}, expect=200)
+    try:
+        yield
+    finally:
+        await as_admin(h, "PUT", f"/v1/agents/{agent_id}/roles", {"roles": held}, expect=200)
+        await as_admin(h, "DELETE", "/v1/roles/joiner", expect=200)
 
 
 async def refused(h: Harness, status: int, method: str, path: str, body: Any = None, *, who: Agent | None = None,
@@ -226,9 +275,30 @@ async def test_a_signature_for_another_host_is_401(world: World) -> None:
     raw = encode({"value": 1})
     header = authorization(h, ALICE, "PUT", "/v1/kv/alice/x", raw, host="other-node:7001")
     await refused(h, 401, "PUT", "/v1/kv/alice/x", raw=raw, headers={"Authorization": header})
-    # the same request with the Host it was signed for is fine: the Host header is what counts
-    reply = await send(h, "PUT", "/v1/kv/alice/x", raw, {"Authorization": header, "Host": "other-node:7001"})
-    assert reply.status == 200, reply.text
+    # Sent on with the Host it was signed for (a replay to this node of a request
+    # made to another): the Host is not one of this node's names, so it is refused too.
+    error = await refused(h, 401, "PUT", "/v1/kv/alice/x", raw=raw,
+                          headers={"Authorization": header, "Host": "other-node:7001"})
+    assert "Host is not a name of this node" in error["message"]
+
+
+async def test_the_names_a_node_is_given_and_its_loopback_aliases_are_accepted_as_host(
+        make_harness: HarnessFactory) -> None:
+    """``AuthSettings.hosts``: a name the node is reached by (a DNS name, a load
+    balancer's) may be signed for; a loopback address is also ``localhost``."""
+    h = await make_harness(auth=AuthSettings(admin_token=ADMIN_TOKEN, cluster_secret=CLUSTER_SECRET,
+                                             hosts=("Coord-1.example.com:7001", "lb.example.com")))
+    await join(h, ALICE)
+    for host in ("coord-1.example.com:7001", "COORD-1.example.com.:7001", "lb.example.com", "lb.example.com:80",
+                 f"localhost:{h.http.port}", f"[::1]:{h.http.port}"):
+        reply = await send(h, "GET", "/v1/agents", headers={
+            "Authorization": authorization(h, ALICE, "GET", "/v1/agents", b"", host=host), "Host": host})
+        assert reply.status == 200, (host, reply.text)
+    for host in ("coord-1.example.com:7002", "lb.example.com:443", "coord-2.example.com:7001",
+                 f"10.0.0.1:{h.http.port}", "", "lb.example.com:80:80"):
+        error = await refused(h, 401, "GET", "/v1/agents", headers={
+            "Authorization": authorization(h, ALICE, "GET", "/v1/agents", b"", host=host), "Host": host})
+        assert "Host" in error["message"], host
 
 
 async def test_a_signature_for_another_method_is_401(world: World) -> None:
@@ -338,37 +408,81 @@ async def test_a_forged_forwarded_principal_is_401(world: World) -> None:
     for headers in ({PRINCIPAL_HEADER: "admin"},
                     {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: "0" * 64},
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature("not-the-secret", "admin", "PUT", path, raw, now_ms())},
+                     FORWARD_SIG_HEADER: forwarded(h, "admin", "PUT", path, raw, key=b"not-the-key")},
                     # signed for another body, path or principal
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "admin", "PUT", path, b"{}", now_ms())},
+                     FORWARD_SIG_HEADER: forwarded(h, "admin", "PUT", path, b"{}")},
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "admin", "PUT", "/v1/roles/s", raw,
-                                                           now_ms())},
+                     FORWARD_SIG_HEADER: forwarded(h, "admin", "PUT", "/v1/roles/s", raw)},
                     {PRINCIPAL_HEADER: "admin",
-                     FORWARD_SIG_HEADER: forward_signature(CLUSTER_SECRET, "agent:alice", "PUT", path, raw, now_ms())},
+                     FORWARD_SIG_HEADER: forwarded(h, "agent:alice", "PUT", path, raw)},
                     # and a principal header next to a valid admin token still needs its signature
                     {PRINCIPAL_HEADER: "admin", "Authorization": f"Bearer {ADMIN_TOKEN}"}):
         error = await refused(h, 401, "PUT", path, raw=raw, headers=headers)
         assert "forwarded principal" in error["message"]
-    stale = forward_signature(CLUSTER_SECRET, "admin", "PUT", path, raw, now_ms() - 120_000)  # captured earlier
+    stale = forwarded(h, "admin", "PUT", path, raw, ts_ms=now_ms() - 120_000)  # captured earlier
     error = await refused(h, 401, "PUT", path, raw=raw, headers={PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: stale})
     assert "too long ago" in error["message"]
-    good = forward_signature(CLUSTER_SECRET, "admin", "PUT", path, raw, now_ms())
+    good = forwarded(h, "admin", "PUT", path, raw)
     await send(h, "PUT", path, raw, {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: good}, expect=200)
 
 
 async def test_a_forwarded_principal_of_an_unknown_kind_is_401(world: World) -> None:
     path = "/v1/agents"
-    signature = forward_signature(CLUSTER_SECRET, "root", "GET", path, b"", now_ms())
+    signature = forwarded(world.h, "root", "GET", path, b"")
     error = await refused(world.h, 401, "GET", path, headers={PRINCIPAL_HEADER: "root", FORWARD_SIG_HEADER: signature})
     assert "unknown kind" in error["message"]
+
+
+async def test_a_forwarded_principal_is_good_once_for_one_node_under_a_derived_key(world: World) -> None:
+    """A forwarded principal names the node it is for (its Host) and a nonce
+    the node remembers, and is keyed with a key derived from the cluster
+    secret (HKDF), never the secret itself."""
+    h = world.h
+    path, raw = "/v1/roles/r", encode({"permissions": []})
+    signature = forwarded(h, "admin", "PUT", path, raw)
+    headers = {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: signature}
+    await send(h, "PUT", path, raw, headers, expect=200)
+    error = await refused(h, 401, "PUT", path, raw=raw, headers=headers)  # captured and sent again
+    assert "already used" in error["message"]
+    for_other = forwarded(h, "admin", "PUT", path, raw, host="other-node:7001")
+    error = await refused(h, 401, "PUT", path, raw=raw, headers={PRINCIPAL_HEADER: "admin",
+                                                                 FORWARD_SIG_HEADER: for_other})
+    error = await refused(h, 401, "PUT", path, raw=raw, headers={
+        PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: for_other, "Host": "other-node:7001"})
+    assert "another node" in error["message"]
+    raw_keyed = forwarded(h, "admin", "PUT", path, raw, key=CLUSTER_SECRET.encode())
+    error = await refused(h, 401, "PUT", path, raw=raw, headers={PRINCIPAL_HEADER: "admin",
+                                                                 FORWARD_SIG_HEADER: raw_keyed})
+    assert "forwarded principal" in error["message"]
+
+
+async def test_a_signed_write_replayed_after_the_node_forgot_its_nonces_applies_nothing(world: World) -> None:
+    """A restart empties a node's nonces: a write replayed within the clock
+    window passes the signature check, but its request id is derived from its
+    nonce, so the state machine answers it with the first result."""
+    h = world.h
+    raw = encode({"value": 1})
+    header = authorization(h, ALICE, "PUT", "/v1/kv/alice/replayed", raw)
+    first = await send(h, "PUT", "/v1/kv/alice/replayed", raw, {"Authorization": header}, expect=200)
+    h.http.app[AUTH]._nonces.clear()  # what a restart does
+    before = h.fingerprint()
+    again = await send(h, "PUT", "/v1/kv/alice/replayed", raw, {"Authorization": header}, expect=200)
+    assert again.body == first.body
+    assert h.applier.machine.kv.get("alice/replayed").version == 1
+    assert h.fingerprint()[2:] == before[2:]  # kv revision and events: the deduplicated entry changed nothing
+    # the same body signed anew is a new write; a request_id of the caller's own still counts
+    await as_agent(h, ALICE, "PUT", "/v1/kv/alice/replayed", {"value": 1}, expect=200)
+    assert h.applier.machine.kv.get("alice/replayed").version == 2
+    for _ in range(2):
+        await as_agent(h, ALICE, "PUT", "/v1/kv/alice/replayed", {"value": 2, "request_id": "mine-1"}, expect=200)
+    assert h.applier.machine.kv.get("alice/replayed").version == 3
 
 
 async def test_a_properly_forwarded_agent_is_held_to_its_roles(world: World) -> None:
     h = world.h
     path, raw = "/v1/topics/payments.eu/messages", encode({"payload": 1})
-    signature = forward_signature(CLUSTER_SECRET, "agent:alice", "POST", path, raw, now_ms())
+    signature = forwarded(h, "agent:alice", "POST", path, raw)
     reply = await send(h, "POST", path, raw, {PRINCIPAL_HEADER: "agent:alice", FORWARD_SIG_HEADER: signature},
                        expect=403)
     assert (reply.error["permission"], reply.error["resource"]) == ("send", "payments.eu")
@@ -530,7 +644,7 @@ async def test_a_missing_permission_is_403_naming_it(world: World, case: tuple[A
     error = await refused(world.h, 403, method, path.replace(SUB, world.sub), body, who=who)
     assert (error["permission"], error["resource"]) == (permission, resource)
     assert who.id in error["message"]
-    metrics = (await send(world.h, "GET", "/metrics", expect=200)).text
+    metrics = (await as_admin(world.h, "GET", "/metrics", expect=200)).text
     assert metric(metrics, "coord_auth_denied_total", f'{{permission="{permission}"}}') == 1
 
 
@@ -586,6 +700,7 @@ async def test_invoke_with_the_permission_passes_the_check(world: World) -> None
 async def test_a_saga_step_naming_an_agent_needs_invoke_on_its_type(world: World) -> None:
     """An ``agent_id`` step calls that agent directly: the same right as invoking its type."""
     h = world.h
+    await as_admin(h, "PUT", "/v1/security", {"endpoint_allow": ["127.0.0.1"]}, expect=200)  # the test's agents
     await as_admin(h, "POST", "/v1/agents", {"id": "ship-1", "type": "shipping", "endpoint": "127.0.0.1:9"},
                    expect=201)
     await as_admin(h, "POST", "/v1/agents", {"id": "bill-1", "type": "billing", "endpoint": "127.0.0.1:9"},
@@ -749,7 +864,8 @@ async def test_re_registering_with_a_new_key_needs_the_old_one(world: World) -> 
     await refused(h, 401, "PUT", "/v1/kv/alice/x", {"value": 1}, who=ALICE)
     await as_agent(h, ALICE, "PUT", "/v1/kv/alice/x", {"value": 1}, keys=new, expect=200)  # roles kept
     # re-registering without a key keeps the one registered
-    await as_agent(h, ALICE, "POST", "/v1/agents", {"id": "alice", "type": "worker"}, keys=new, expect=201)
+    async with serving(h, "alice"):
+        await as_agent(h, ALICE, "POST", "/v1/agents", {"id": "alice", "type": "worker"}, keys=new, expect=201)
     assert h.applier.machine.registry.agents["alice"].public_key == new.public_key
 
 
@@ -779,14 +895,36 @@ async def test_a_malformed_public_key_is_400(sh: Harness) -> None:
 
 # -- public routes, metrics, secrets ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/status", "/metrics"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/status"])
 async def test_public_routes_answer_without_credentials(sh: Harness, path: str) -> None:
     await send(sh, "GET", path, expect=200)
 
 
+async def test_metrics_need_the_admin_or_the_metrics_token_on_a_secure_node(make_harness: HarnessFactory) -> None:
+    """/metrics lists agent ids and topic names: not public on a secure node.
+    The metrics token (a scraper's) reads /metrics and nothing else."""
+    scrape = "scrape-token-" + "k" * 24
+    h = await make_harness(auth=AuthSettings(admin_token=ADMIN_TOKEN, cluster_secret=CLUSTER_SECRET,
+                                             metrics_token=scrape))
+    await join(h, ALICE)
+    await as_admin(h, "POST", "/v1/topics/orders.secret-launch/messages", {"payload": 1}, expect=200)
+    error = await refused(h, 401, "GET", "/metrics")
+    assert "credentials" in error["message"]
+    error = await refused(h, 401, "GET", "/metrics", headers={"Authorization": f"Bearer {scrape}x"})
+    error = await refused(h, 403, "GET", "/metrics", who=ALICE)  # an agent does not see every agent and topic
+    assert (error["permission"], error["resource"]) == ("metrics", "/metrics")
+    for token in (scrape, ADMIN_TOKEN):
+        text = (await send(h, "GET", "/metrics", headers={"Authorization": f"Bearer {token}"}, expect=200)).text
+        assert "coord_" in text and scrape not in text
+    for method, path in (("GET", "/v1/agents"), ("GET", "/v1/topics"), ("PUT", "/v1/roles/r"), ("GET", "/v1/roles")):
+        error = await refused(h, 403, method, path, {"permissions": []} if method == "PUT" else None,
+                              headers={"Authorization": f"Bearer {scrape}"})
+        assert "metrics token" in error["message"]
+
+
 async def test_denials_and_refusals_are_counted_in_metrics(world: World) -> None:
     h = world.h
-    before = (await send(h, "GET", "/metrics", expect=200)).text
+    before = (await as_admin(h, "GET", "/metrics", expect=200)).text
     assert metric(before, "coord_auth_denied_total", '{permission="send"}') == 0
     await refused(h, 403, "POST", "/v1/topics/orders.eu/messages", {"payload": 1}, who=MALLORY)
     await refused(h, 403, "POST", "/v1/topics/orders.us/messages", {"payload": 1}, who=MALLORY)
@@ -796,7 +934,7 @@ async def test_denials_and_refusals_are_counted_in_metrics(world: World) -> None
     await refused(h, 401, "GET", "/v1/agents")
     await refused(h, 401, "GET", "/v1/agents", headers={"Authorization": "Bearer nope"})
     await refused(h, 401, "GET", "/v1/agents", who=GHOST)
-    after = (await send(h, "GET", "/metrics", expect=200)).text
+    after = (await as_admin(h, "GET", "/metrics", expect=200)).text
     assert metric(after, "coord_auth_denied_total", '{permission="send"}') == 2
     assert metric(after, "coord_auth_denied_total", '{permission="kv"}') == 1
     assert metric(after, "coord_auth_denied_total", '{permission="admin"}') == 1
@@ -818,7 +956,7 @@ async def test_no_secret_appears_in_errors_status_or_metrics(world: World) -> No
     texts.append((await send(h, "GET", "/v1/agents", headers={"Authorization": f"Bearer {near}"}, expect=401)).text)
     texts.append((await send(h, "GET", "/v1/agents", headers={PRINCIPAL_HEADER: "admin"}, expect=401)).text)
     texts.append((await send(h, "GET", "/v1/status", expect=200)).text)
-    texts.append((await send(h, "GET", "/metrics", expect=200)).text)
+    texts.append((await as_admin(h, "GET", "/metrics", expect=200)).text)
     texts.append((await as_agent(h, ALICE, "GET", "/v1/agents", expect=200)).text)
     for text in texts:
         for secret in (ADMIN_TOKEN, near, CLUSTER_SECRET, sent_sig, signed.rsplit('sig="', 1)[1].rstrip('"')):
@@ -873,7 +1011,8 @@ async def test_the_client_signs_as_an_agent_and_seals_to_another(world: World) -
     async with CoordinatorClient(url, agent_id="carol", keys=CAROL.keys, timeout_s=3) as carol:
         with pytest.raises(Unauthenticated):
             await carol.agents()
-        registration = await carol.join("worker", ttl_s=30)  # signed by the key it registers
+        async with serving(h, "carol"):
+            registration = await carol.join("worker", ttl_s=30)  # signed by the key it registers
         assert registration.id == "carol"
         assert (await carol.heartbeat("carol"))["id"] == "carol"
         with pytest.raises(Forbidden):
@@ -914,6 +1053,113 @@ def test_the_nonce_cache_forgets_after_twice_the_skew() -> None:
     assert state.remember_nonce("alice/n2", 2.5)  # evicts alice/n1, which expired at 2.0
     assert state.remember_nonce("alice/n1", 2.5)
     assert not state.remember_nonce("bob/n1", 2.5)  # kept until 3.9
+
+
+# -- serving a type, endpoints the leader may call -------------------------------------------------------
+
+async def test_registering_as_a_type_needs_serve_on_it(world: World) -> None:
+    """Anyone who could join could claim any type and receive its callers'
+    bodies and saga steps: an agent needs ``serve`` on the type."""
+    h = world.h
+    body = {"id": "mallory", "type": "payments", "public_key": MALLORY.keys.public_key, "weight": 1_000_000}
+    error = await refused(h, 403, "POST", "/v1/agents", body, who=MALLORY)
+    assert (error["permission"], error["resource"]) == ("serve", "payments")
+    error = await refused(h, 403, "POST", "/v1/agents", {**body, "id": "carol", "public_key": CAROL.keys.public_key},
+                          who=CAROL)  # a new agent, self-signed, the same
+    assert (error["permission"], error["resource"]) == ("serve", "payments")
+    await as_admin(h, "PUT", "/v1/roles/pay", {"permissions": [{"action": "serve", "pattern": "payments.*"}]},
+                   expect=200)
+    await as_admin(h, "PUT", "/v1/agents/mallory/roles", {"roles": ["pay"]}, expect=200)
+    error = await refused(h, 403, "POST", "/v1/agents", body, who=MALLORY)  # payments.* is not payments
+    assert error["resource"] == "payments"
+    await as_agent(h, MALLORY, "POST", "/v1/agents", {**body, "type": "payments.eu"}, expect=201)
+    assert h.applier.machine.registry.agents["mallory"].type == "payments.eu"
+    await as_admin(h, "POST", "/v1/agents", {"id": "pay-1", "type": "payments"}, expect=201)  # the admin may
+
+
+SPECIAL_ENDPOINTS = ["127.0.0.1:9", "localhost:8080", "http://localhost.:8080", "api.localhost:80",
+                     "169.254.169.254:80", "http://169.254.169.254/latest/meta-data", "metadata.google.internal:80",
+                     "10.0.0.5:80", "192.168.1.1:80", "172.16.0.1:80", "100.64.0.1:80", "0.0.0.0:80", "[::1]:80",
+                     "http://[::ffff:127.0.0.1]:80", "[fe80::1]:80", "[fd00:ec2::254]:80", "224.0.0.1:80"]
+
+
+@pytest.mark.parametrize("endpoint", SPECIAL_ENDPOINTS)
+async def test_a_loopback_link_local_private_or_metadata_endpoint_is_403(world: World, endpoint: str) -> None:
+    """The leader POSTs to and health-checks what is registered (blind SSRF):
+    special addresses need the admin's allow-list; the admin is held to it too."""
+    h = world.h
+    for who, body in ((ALICE, {"id": "alice", "type": "worker", "endpoint": endpoint}),):
+        async with serving(h, who.id):
+            error = await refused(h, 403, "POST", "/v1/agents", body, who=who)
+        assert (error["permission"], error["resource"]) == ("endpoint", endpoint)
+    error = await refused(h, 403, "PATCH", "/v1/agents/alice", {"endpoint": endpoint}, who=ALICE)
+    assert error["permission"] == "endpoint"
+    error = await refused(h, 403, "POST", "/v1/agents", {"id": "x", "type": "worker", "endpoint": endpoint},
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert error["permission"] == "endpoint"
+
+
+async def test_the_admins_endpoint_allow_list(world: World) -> None:
+    h = world.h
+    async with serving(h, "alice"):
+        for endpoint in ("agent.example.com:8080", "https://agent.example.com/base", "93.184.216.34:80"):
+            await as_agent(h, ALICE, "POST", "/v1/agents", {"id": "alice", "type": "worker", "endpoint": endpoint},
+                           expect=201)  # public names and addresses, while the list is empty
+    for bad, field in (({"endpoint_allow": "127.0.0.1"}, "endpoint_allow"),
+                       ({"endpoint_allow": ["127.0.0.1", "not a name!"]}, "endpoint_allow[1]"),
+                       ({"endpoint_allow": ["10.0.0.0/33"]}, "endpoint_allow[0]"),
+                       ({"endpoint_allow": ["x"] * 257}, "endpoint_allow"),
+                       ({"endpoint_alow": []}, "endpoint_alow")):
+        error = await refused(h, 400, "PUT", "/v1/security", bad, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert error["field"] == field, error
+    await refused(h, 403, "PUT", "/v1/security", {"endpoint_allow": ["127.0.0.0/8"]}, who=ALICE)
+    reply = await as_admin(h, "PUT", "/v1/security", {"endpoint_allow": ["*.svc.example.com", "127.0.0.1",
+                                                                         "fd00::/8"]}, expect=200)
+    assert reply.body == {"pow_difficulty": 0, "endpoint_allow": ["*.svc.example.com", "127.0.0.1/32", "fd00::/8"]}
+    assert (await as_agent(h, ALICE, "GET", "/v1/security", expect=200)).body == reply.body
+    for endpoint in ("127.0.0.1:9", "a.svc.example.com:80", "http://b.a.svc.example.com", "[fd00::1]:80"):
+        await as_agent(h, ALICE, "PATCH", "/v1/agents/alice", {"endpoint": endpoint}, expect=200)
+    for endpoint in ("127.0.0.2:9", "agent.example.com:8080", "svc.example.com:80", "93.184.216.34:80",
+                     "169.254.169.254:80", "localhost:9"):
+        error = await refused(h, 403, "PATCH", "/v1/agents/alice", {"endpoint": endpoint}, who=ALICE)
+        assert (error["permission"], error["resource"]) == ("endpoint", endpoint)
+    for endpoint in ("http://user:pw@a.svc.example.com", "ftp://a.svc.example.com", "http://", "a.svc.example.com:0x"):
+        error = await refused(h, 400, "PATCH", "/v1/agents/alice", {"endpoint": endpoint}, who=ALICE)
+        assert error["field"] == "endpoint", error
+
+
+# -- lock holders and candidates ----------------------------------------------------------------------
+
+async def test_an_agent_holds_locks_and_campaigns_only_as_itself(world: World) -> None:
+    """Holders are not free strings for an agent: with ``lock`` on the name,
+    bob still cannot refresh, take the fencing token of, or release alice's
+    lock, nor campaign or resign as her. The admin names any holder."""
+    h = world.h
+    shared = [{"action": "lock", "pattern": "shared-*"}, {"action": "lock", "pattern": "election/shared-*"}]
+    await as_admin(h, "PUT", "/v1/roles/locker", {"permissions": shared}, expect=200)
+    await as_admin(h, "PUT", "/v1/agents/alice/roles", {"roles": [*sorted(ROLES), "locker"]}, expect=200)
+    await as_admin(h, "PUT", "/v1/agents/bob/roles", {"roles": ["locker", "orders-clerk"]}, expect=200)
+    held = await as_agent(h, ALICE, "POST", "/v1/locks/shared-1", {"holder": "alice", "ttl_s": 60}, expect=200)
+    lock = await as_admin(h, "GET", "/v1/locks/shared-1", expect=200)
+    assert lock.body["holder"] == "alice"
+    for method, path, body in (("POST", "/v1/locks/shared-1", {"holder": "alice", "ttl_s": 60}),
+                               ("DELETE", "/v1/locks/shared-1", {"holder": "alice"})):
+        error = await refused(h, 403, method, path, body, who=BOB)
+        assert (error["permission"], error["resource"]) == ("self", "alice") and "holder" in error["message"]
+    await as_agent(h, BOB, "POST", "/v1/locks/shared-1", {"ttl_s": 60}, expect=409)  # as himself: it is held
+    await as_agent(h, ALICE, "POST", "/v1/elections/shared-e/campaign", {"candidate": "alice"}, expect=200)
+    for path, body in (("/v1/elections/shared-e/campaign", {"candidate": "alice"}),
+                       ("/v1/elections/shared-e/resign", {"candidate": "alice"})):
+        error = await refused(h, 403, "POST", path, body, who=BOB)
+        assert (error["permission"], error["resource"]) == ("self", "alice") and "candidate" in error["message"]
+    assert (await as_admin(h, "GET", "/v1/elections/shared-e", expect=200)).body["leader"] == "alice"
+    # alice releases her own; the admin may release anyone's
+    await as_agent(h, ALICE, "DELETE", "/v1/locks/shared-1", {"holder": "alice"}, expect=200)
+    await as_agent(h, BOB, "POST", "/v1/locks/shared-1", {"ttl_s": 60}, expect=200)  # holder left out: bob
+    assert (await as_admin(h, "GET", "/v1/locks/shared-1", expect=200)).body["fencing_token"] \
+        > held.body["fencing_token"]
+    await as_admin(h, "DELETE", "/v1/locks/shared-1", {"holder": "bob"}, expect=200)
+    await as_admin(h, "POST", "/v1/elections/shared-e/resign", {"candidate": "alice"}, expect=200)
 
 
 # -- a message's sender --------------------------------------------------------------------------

@@ -324,7 +324,7 @@ test_no_500_for_any_body_anonymous_services_access = _group_test("services-acces
 
 ADMIN_TOKEN = "admin-token-" + "f" * 32
 FUZZER = AgentKeys.from_seed(b"\x07" * 32)
-EVERYTHING = [{"action": a, "pattern": ">"} for a in ("send", "receive", "subscribe", "invoke", "saga")] + \
+EVERYTHING = [{"action": a, "pattern": ">"} for a in ("send", "receive", "subscribe", "invoke", "serve", "saga")] + \
              [{"action": a, "pattern": "*"} for a in ("kv", "lock")]
 
 

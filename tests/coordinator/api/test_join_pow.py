@@ -20,14 +20,20 @@ from tests.coordinator.api.conftest import Harness, HarnessFactory
 
 TOKEN = "admin-" + "t" * 26
 SECRET = "c" * 32
+CHALLENGE_KEY = crypto.derived_key(SECRET, crypto.KEY_JOIN_CHALLENGE)  # what the cluster MACs challenges with
 DIFFICULTY = 8
 
 
 @pytest.fixture
 async def secure(make_harness: HarnessFactory) -> Harness:
     h = await make_harness(auth=AuthSettings(admin_token=TOKEN, cluster_secret=SECRET))
-    await h.call("PUT", "/v1/security", {"pow_difficulty": DIFFICULTY},
-                 headers={"Authorization": f"Bearer {TOKEN}"}, expect=200)
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    await h.call("PUT", "/v1/security", {"pow_difficulty": DIFFICULTY}, headers=admin, expect=200)
+    # the agents that join here may register as workers
+    await h.call("PUT", "/v1/roles/worker", {"permissions": [{"action": "serve", "pattern": "worker"}]},
+                 headers=admin, expect=200)
+    for agent_id in ("a1", "a2", "free"):
+        await h.call("PUT", f"/v1/agents/{agent_id}/roles", {"roles": ["worker"]}, headers=admin, expect=200)
     return h
 
 
@@ -75,9 +81,24 @@ async def test_a_join_without_a_good_proof_is_a_403_that_changes_nothing(secure:
         await _refused(secure, {"challenge": challenge, "nonce": other}, keys)  # solved for another id
     # expired: a challenge this cluster could have issued (signed with its secret) a while ago
     head = f"{int((time.time() - 1) * 1000)}.00112233aabbccdd"
-    stale = f"{head}.{hmac.new(SECRET.encode(), head.encode(), hashlib.sha256).hexdigest()[:32]}"
+    stale = f"{head}.{hmac.new(CHALLENGE_KEY, head.encode(), hashlib.sha256).hexdigest()[:32]}"
     solved = crypto.solve_pow(stale, "a2", keys.public_key, DIFFICULTY)
     await _refused(secure, {"challenge": stale, "nonce": solved}, keys)
+
+
+async def test_a_challenge_keyed_with_the_raw_cluster_secret_is_not_the_clusters(secure: Harness) -> None:
+    """Challenges are MACed with a key derived from the cluster secret (HKDF),
+    never with the secret itself: one made with the raw secret is refused."""
+    keys = AgentKeys.generate()
+    head = f"{int((time.time() + 60) * 1000)}.00112233aabbccdd"
+    raw_keyed = f"{head}.{hmac.new(SECRET.encode(), head.encode(), hashlib.sha256).hexdigest()[:32]}"
+    solved = crypto.solve_pow(raw_keyed, "a2", keys.public_key, DIFFICULTY)
+    await _refused(secure, {"challenge": raw_keyed, "nonce": solved}, keys)
+    derived = f"{head}.{hmac.new(CHALLENGE_KEY, head.encode(), hashlib.sha256).hexdigest()[:32]}"
+    solved = crypto.solve_pow(derived, "a2", keys.public_key, DIFFICULTY)
+    async with _client(secure, agent_id="a2", keys=keys) as agent:
+        await agent.request("POST", "/v1/agents", {"id": "a2", "type": "worker", "public_key": keys.public_key,
+                                                   "proof": {"challenge": derived, "nonce": solved}})
 
 
 async def test_the_admin_joins_agents_without_a_proof_and_sets_the_difficulty(secure: Harness) -> None:
@@ -85,7 +106,8 @@ async def test_the_admin_joins_agents_without_a_proof_and_sets_the_difficulty(se
         await admin.register("worker", agent_id="by-admin")
         with pytest.raises(InvalidInput, match="pow_difficulty"):
             await admin.request("PUT", "/v1/security", {"pow_difficulty": 33})
-        assert (await admin.request("PUT", "/v1/security", {"pow_difficulty": 0})) == {"pow_difficulty": 0}
+        assert (await admin.request("PUT", "/v1/security", {"pow_difficulty": 0})) == {"pow_difficulty": 0,
+                                                                                      "endpoint_allow": []}
     keys = AgentKeys.generate()
     async with _client(secure, agent_id="free", keys=keys) as agent:
         await agent.request("POST", "/v1/agents", {"id": "free", "type": "worker", "public_key": keys.public_key})

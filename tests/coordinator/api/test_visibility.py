@@ -186,7 +186,7 @@ async def test_development_mode_shows_everything(make_harness: HarnessFactory) -
 async def test_denied_lookups_are_counted(world: dict[str, Any]) -> None:
     h = world["h"]
     await denied(h, MALLORY, f"/v1/sagas/{world['sagas']['refund']}")
-    text = await (await h.http.get("/metrics")).text()
+    text = (await as_admin(h, "GET", "/metrics", expect=200)).text
     assert 'coord_auth_denied_total{permission="saga"} 1.0' in text, json.dumps(text[-400:])
 
 
