@@ -23,6 +23,10 @@ class Command:
     ever sees). ``request_id`` makes retries idempotent: the state machine
     answers a repeated id with the first result. ``proposal_id`` lets the
     proposing node match the applied entry with its waiting caller.
+    ``request_id`` is scoped by whoever gave it (``RequestKey``) and
+    ``request_digest`` fingerprints what was asked under it, so one id reused
+    for a different request is refused instead of answered with the first
+    request's result.
     """
 
     op: str
@@ -31,6 +35,18 @@ class Command:
     request_id: str | None = None
     proposal_id: str | None = None
     version: int = COMMAND_VERSION
+    request_digest: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKey:
+    """An idempotency key as the log keeps it: ``id`` is the caller's own id
+    prefixed with its principal (``agent:alice/…``, ``admin/…``, ``cluster/…``),
+    so no caller can claim or answer another's; ``digest`` fingerprints the
+    request (method, path and body, or op and args) made under it."""
+
+    id: str
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,11 +12,14 @@ from typing import Any
 
 from aiohttp import web
 
+from coordinator.api.auth import principal_of
 from coordinator.api.keys import IMPLIED_REQUEST_ID
 from coordinator.codec import check_value
 from coordinator.errors import InvalidInput
+from coordinator.services.proposals import request_key
 from coordinator.state.access import check_public_key
 from coordinator.state.base import Rejected
+from coordinator.types import RequestKey
 
 MAX_KEY_LEN = 1024
 MAX_NAME_LEN = 256
@@ -124,11 +127,23 @@ def consistency(request: web.Request) -> str:
     return value
 
 
-def request_id(request: web.Request, body: dict[str, Any]) -> str | None:
+def request_id(request: web.Request, body: dict[str, Any]) -> RequestKey | None:
+    """The request's idempotency key: ``request_id`` in the body, else the
+    ``Idempotency-Key`` header, else a signed request's own (from its nonce,
+    ``api.auth``). Scoped to the caller's principal, with a digest of the
+    method, path and body (without ``request_id``): a retry must repeat the
+    request, or the log answers 409 naming request_id."""
     value = body.get("request_id", request.headers.get("Idempotency-Key"))
     if value is None:
-        return request.get(IMPLIED_REQUEST_ID)  # a signed request's own, from its nonce (api.auth)
-    return name(value, "request_id", MAX_REQUEST_ID_LEN)
+        value = request.get(IMPLIED_REQUEST_ID)
+        if value is None:
+            return None
+    else:
+        value = name(value, "request_id", MAX_REQUEST_ID_LEN)
+    principal = principal_of(request)
+    rest = {k: v for k, v in body.items() if k != "request_id"}
+    return request_key("anonymous" if principal is None else principal.header(), value, request.method,
+                       request.path_qs, json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
 
 
 def fence(body: dict[str, Any]) -> dict[str, Any] | None:

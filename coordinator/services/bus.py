@@ -42,7 +42,7 @@ from coordinator.state.bus import (
 )
 from coordinator.state.messages import in_batch, normalize
 from coordinator.state.topics import check_pattern, check_topic, is_pattern
-from coordinator.types import Command, Result
+from coordinator.types import Command, RequestKey, Result
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class BusService:
     def needs_leader(self, messages: list[dict[str, Any]]) -> bool:
         return any(not m["deliveryOptions"]["persistent"] for m in messages)
 
-    async def publish(self, topic: str, messages: list[dict[str, Any]], request_id: str | None = None
+    async def publish(self, topic: str, messages: list[dict[str, Any]], request: RequestKey | None = None
                       ) -> dict[str, Any]:
         """Publish normalised messages. Persistent ones are one command; the
         others are routed by this node, which must be the leader (else
@@ -312,7 +312,7 @@ class BusService:
         answers: dict[int, dict[str, Any]] = {}
         if persistent:
             result = raise_for(await self.proposer.propose("bus.publish", {"topic": topic, "messages": persistent},
-                                                           request_id))
+                                                           request))
             for message, answer in zip(persistent, result["messages"], strict=True):
                 answers[id(message)] = answer
         for message in volatile:
@@ -468,7 +468,7 @@ class BusService:
                                               "message": d.message}) for d in fresh],
                         "backlog": None}
 
-    async def ack(self, selector: dict[str, str], delivery_ids: list[Any], request_id: str | None = None
+    async def ack(self, selector: dict[str, str], delivery_ids: list[Any], request: RequestKey | None = None
                   ) -> dict[str, Any]:
         """Ack deliveries. A transport consumer's acks are served by the leader
         (it knows which message each broker delivery id carries): the keys are
@@ -476,7 +476,7 @@ class BusService:
         consumer = self.applier.machine.bus.consumers.get(self.consumer_key(selector))
         if consumer is None or consumer.transport is None:
             return raise_for(await self.proposer.propose("bus.ack", {**selector, "delivery_ids": delivery_ids},
-                                                         request_id))
+                                                         request))
         if not self.active:
             raise NotLeader("acks of a transport subscription are served by the leader")
         known = [d for d in delivery_ids if isinstance(d, str) and self._transport_keys.get(d, ("",))[0]
@@ -484,17 +484,17 @@ class BusService:
         unknown = [d for d in delivery_ids if d not in known]
         if known:
             keys = [self._transport_keys[d][1] for d in known]
-            raise_for(await self.proposer.propose("bus.transport.ack", {**selector, "keys": keys}, request_id))
+            raise_for(await self.proposer.propose("bus.transport.ack", {**selector, "keys": keys}, request))
             await self._transport_of(consumer).ack(consumer.pattern, consumer.name, known)
             for d in known:
                 self._transport_keys.pop(d, None)
         return {"acked": known, "unknown": unknown}
 
-    async def nack(self, selector: dict[str, str], args: dict[str, Any], request_id: str | None = None
+    async def nack(self, selector: dict[str, str], args: dict[str, Any], request: RequestKey | None = None
                    ) -> dict[str, Any]:
         consumer = self.applier.machine.bus.consumers.get(self.consumer_key(selector))
         if consumer is None or consumer.transport is None:
-            return raise_for(await self.proposer.propose("bus.nack", {**selector, **args}, request_id))
+            return raise_for(await self.proposer.propose("bus.nack", {**selector, **args}, request))
         if not self.active:
             raise NotLeader("nacks of a transport subscription are served by the leader")
         ids = args.get("delivery_ids") or []

@@ -27,11 +27,12 @@ from coordinator.services.balancer.health import HealthChecker
 from coordinator.services.balancer.service import Balancer
 from coordinator.services.bus import BusService
 from coordinator.services.leases import LeaseKeeper, NotLeader
-from coordinator.services.proposals import Proposer, raise_for
+from coordinator.services.proposals import Proposer, cluster_request, raise_for
 from coordinator.services.reads import Reads
 from coordinator.services.sagas import SagaOrchestrator
 from coordinator.services.transports import TransportDriver
 from coordinator.state.machine import MAX_TTL_MS, MIN_TTL_MS
+from coordinator.types import RequestKey
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class CoordinatorNode:
                 return
             try:
                 await self.proposer.propose("member.register", {"id": me.node_id, "raft": me.raft, "http": me.http},
-                                            request_id=f"member-register-{me.node_id}-{me.raft}-{me.http}")
+                                            cluster_request("member.register", me.node_id, me.raft, me.http))
             except Exception as exc:  # no leader yet, a timeout: try again
                 log.debug("registering this member failed: %s", exc)
             await asyncio.sleep(delay)
@@ -260,8 +261,8 @@ class CoordinatorNode:
 
     # -- generic -----------------------------------------------------------------------------
 
-    async def write(self, op: str, args: dict[str, Any], request_id: str | None = None) -> Any:
-        return raise_for(await self.proposer.propose(op, args, request_id))
+    async def write(self, op: str, args: dict[str, Any], request: RequestKey | None = None) -> Any:
+        return raise_for(await self.proposer.propose(op, args, request))
 
     async def read_barrier(self, consistency: str) -> None:
         if consistency not in ("linearizable", "stale"):

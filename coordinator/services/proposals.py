@@ -14,6 +14,7 @@ Loop thread only.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 from typing import Any
 
@@ -29,7 +30,7 @@ from coordinator.errors import (
 )
 from coordinator.ports import Clock, ConfirmsResults, ConsensusEngine, Failure, Rng
 from coordinator.services.applier import Applier
-from coordinator.types import Command, Result
+from coordinator.types import Command, RequestKey, Result
 
 _STATE_ERRORS: dict[str, type[CoordinatorError]] = {
     "compacted": Compacted,
@@ -37,6 +38,19 @@ _STATE_ERRORS: dict[str, type[CoordinatorError]] = {
     "not_found": NotFound,
     "unavailable": Unavailable,
 }
+
+
+def request_key(principal: str, request_id: str, *request: str) -> RequestKey:
+    """The log's idempotency key for ``request_id`` given by ``principal``
+    (``admin``, ``anonymous``, ``agent:<id>``; ``cluster`` for the nodes' own),
+    with a digest of ``request``: the parts that say what was asked."""
+    text = "\n".join(request).encode("utf-8", "surrogatepass")
+    return RequestKey(f"{principal}/{request_id}", hashlib.sha256(text).hexdigest()[:32])
+
+
+def cluster_request(op: str, *parts: str) -> RequestKey:
+    """A node's own idempotent proposal: no caller can give a ``cluster`` key."""
+    return request_key("cluster", "/".join((op, *parts)), op, *parts)
 
 
 def raise_for(result: Result) -> Any:
@@ -72,14 +86,19 @@ class Proposer:
         self._prefix = rng.token_hex(6)
         self._counter = itertools.count(1)
 
-    async def propose(self, op: str, args: dict[str, Any], request_id: str | None = None) -> Result:
+    async def propose(self, op: str, args: dict[str, Any], request: RequestKey | None = None) -> Result:
+        """Commit ``op(args)`` and return its ``Result``. ``request`` makes a
+        retry idempotent: the log answers a repeat of the same key and digest
+        with the first result, and a reuse of the key for another request
+        with a conflict naming request_id."""
         if self.inflight >= self.inflight_max:
             self._count("overloaded")
             raise Unavailable(f"{self.inflight} proposals in flight on this node", retry_after_s=0.2,
                               leader=self._leader_hint())
         proposal_id = f"{self._prefix}-{next(self._counter)}"
-        command = Command(op=op, args=args, now_ms=self.clock.now_ms(), request_id=request_id,
-                          proposal_id=proposal_id)
+        command = Command(op=op, args=args, now_ms=self.clock.now_ms(), proposal_id=proposal_id,
+                          request_id=None if request is None else request.id,
+                          request_digest=None if request is None else request.digest)
         blob = encode_command(command)
         check_command_size(blob, self.command_max_bytes)
         future = self.applier.expect(proposal_id)

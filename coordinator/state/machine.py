@@ -49,6 +49,12 @@ MAX_TTL_MS = 86_400_000
 MAX_WEIGHT = 1_000_000
 MAX_ENDPOINT_LEN = 2048
 MAX_TOKEN = 2**63 - 1
+# The most committed time may move forward in one entry. A proposer whose
+# clock is far ahead (set to next year, an hour off) cannot expire every TTL,
+# close every window and prune every dedupe entry at once; after a long idle
+# gap, committed time catches up by this much per entry (the leader's timers
+# propose again while their deadline is still ahead in committed time).
+CLOCK_STEP_MAX_MS = 300_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +100,8 @@ class StateMachine:
         self.projections = Projections(self.limits.projections)
         self.transforms = Transforms()
         self.streams = Streams(self.limits.streams)
-        self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None]] = OrderedDict()
+        self.now_ms = 0  # committed time: the highest time any applied entry was given
+        self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None, str | None]] = OrderedDict()
 
     # -- applying ---------------------------------------------------------
 
@@ -103,14 +110,27 @@ class StateMachine:
 
         Indexes must grow; an index at or below ``applied_index`` is a bug of
         the caller (``InvariantError``). Never raises for a bad command.
+
+        The command's time is its proposer's clock; what the entry is given is
+        committed time (``committed_now``): never below what an earlier entry
+        was given, and never more than ``CLOCK_STEP_MAX_MS`` past it.
+
+        A repeated ``request_id`` is answered with the first result when its
+        ``request_digest`` matches the first one's, and refused (``conflict``,
+        naming request_id) when the same id was used for something else.
         """
         if index <= self.applied_index:
             raise InvariantError(f"apply index {index} after {self.applied_index}")
         self.applied_index = index
-        if command.request_id is not None and command.request_id in self._dedupe:
-            value, error = self._dedupe[command.request_id]
+        self.now_ms = committed_now(self.now_ms, command.now_ms)
+        request_id = command.request_id
+        if request_id is not None and request_id in self._dedupe:
+            value, error, digest = self._dedupe[request_id]
+            if digest != command.request_digest:
+                return Result(index=index, error=("conflict", "request_id: already used for a different request "
+                                                              "(a retry must repeat the same request)"))
             return Result(index=index, value=value, error=error)
-        ctx = ApplyContext(index=index, now_ms=command.now_ms)
+        ctx = ApplyContext(index=index, now_ms=self.now_ms)
         value: Any = None
         error: tuple[str, str] | None = None
         handler = _HANDLERS.get(command.op)
@@ -133,8 +153,8 @@ class StateMachine:
             error = (rejected.code, rejected.message)
             if ctx.events or ctx.changes:
                 raise InvariantError(f"{command.op} changed state and then rejected") from rejected
-        if command.request_id is not None:
-            self._dedupe[command.request_id] = (value, error)
+        if request_id is not None:
+            self._dedupe[request_id] = (value, error, command.request_digest)
             while len(self._dedupe) > self.limits.dedupe_entries:
                 self._dedupe.popitem(last=False)
         return Result(index=index, value=value, error=error, events=tuple(ctx.events), changes=tuple(ctx.changes))
@@ -193,7 +213,8 @@ class StateMachine:
             "projections": self.projections.to_data(),
             "transforms": self.transforms.to_data(),
             "streams": self.streams.to_data(),
-            "dedupe": [[k, v, list(e) if e else None] for k, (v, e) in self._dedupe.items()],
+            "now_ms": self.now_ms,
+            "dedupe": [[k, v, list(e) if e else None, d] for k, (v, e, d) in self._dedupe.items()],
         }
 
     @classmethod
@@ -221,7 +242,10 @@ class StateMachine:
             machine.transforms = Transforms.from_data(data["transforms"])
         if "streams" in data:  # nor before stream processors
             machine.streams = Streams.from_data(data["streams"], machine.limits.streams)
-        machine._dedupe = OrderedDict((k, (v, tuple(e) if e else None)) for k, v, e in data["dedupe"])
+        # Snapshots written before committed time or request digests had neither.
+        machine.now_ms = data.get("now_ms", 0)
+        machine._dedupe = OrderedDict((row[0], (row[1], tuple(row[2]) if row[2] else None,
+                                                row[3] if len(row) > 3 else None)) for row in data["dedupe"])
         return machine
 
     # -- shared checks -------------------------------------------------------
@@ -720,6 +744,14 @@ def _saga_cancel(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> A
 
 
 # -- event store and projections -----------------------------------------------------------
+
+def committed_now(last_ms: int, proposed_ms: int) -> int:
+    """The time an entry is given: its proposer's ``proposed_ms`` clamped to
+    ``[last_ms, last_ms + CLOCK_STEP_MAX_MS]`` (the first entry takes its own)."""
+    if last_ms == 0:
+        return max(proposed_ms, 0)
+    return min(max(proposed_ms, last_ms), last_ms + CLOCK_STEP_MAX_MS)
+
 
 def _folded_event(event: Event) -> Folded:
     """A cluster event as projections and stream processors see it."""

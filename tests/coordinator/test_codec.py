@@ -259,7 +259,8 @@ def test_decode_command_refuses_wrong_field_types(position: int, value: object) 
         {"op": "noop"},
         [],
         _good_row()[:5],
-        [*_good_row(), None],
+        [*_good_row(), None, None],
+        [*_good_row(), 7],  # request_digest
     ],
 )
 def test_decode_command_refuses_wrong_shapes(body: object) -> None:

@@ -479,6 +479,24 @@ async def test_a_signed_write_replayed_after_the_node_forgot_its_nonces_applies_
     assert h.applier.machine.kv.get("alice/replayed").version == 3
 
 
+async def test_request_ids_are_each_callers_own(world: World) -> None:
+    """The log keys a request_id on who gave it: bob's "r-1" neither answers
+    nor blocks alice's, and the admin's is a third one."""
+    h, path = world.h, "/v1/topics/orders.eu/messages"
+    first = await as_agent(h, ALICE, "POST", path, {"payload": "a", "request_id": "r-1"}, expect=200)
+    second = await as_agent(h, BOB, "POST", path, {"payload": "b", "request_id": "r-1"}, expect=200)
+    third = await as_admin(h, "POST", path, {"payload": "c", "request_id": "r-1"}, expect=200)
+    offsets = {r.body["offset"] for r in (first, second, third)}
+    assert len(offsets) == 3
+    assert [h.applier.machine.bus.bodies[("orders.eu", o)].message["payload"] for o in sorted(offsets)] == [
+        "a", "b", "c"]
+    # alice's own retry is answered from the log; her "r-1" for another message is a 409 naming request_id
+    again = await as_agent(h, ALICE, "POST", path, {"payload": "a", "request_id": "r-1"}, expect=200)
+    assert again.body == first.body
+    other = await as_agent(h, ALICE, "POST", path, {"payload": "z", "request_id": "r-1"}, expect=409)
+    assert other.error["code"] == "conflict" and other.error["message"].startswith("request_id:")
+
+
 async def test_a_properly_forwarded_agent_is_held_to_its_roles(world: World) -> None:
     h = world.h
     path, raw = "/v1/topics/payments.eu/messages", encode({"payload": 1})

@@ -158,10 +158,22 @@ async def test_request_id_dedupes_a_retried_write(h: Harness, how: str) -> None:
     got = await h.get("once")
     assert got["version"] == 1
     assert h.applier.machine.kv.revision == first["revision"]
-    # A retry carrying a different body still answers the first outcome.
-    _, third = await h.call("PUT", "/v1/kv/once", **send("changed"), expect=200)
-    assert third["revision"] == first["revision"]
+    # The same id with a different body is not a retry: refused, naming the field, and nothing changes.
+    _, third = await h.call("PUT", "/v1/kv/once", **send("changed"), expect=409)
+    assert third["error"]["message"].startswith("request_id:")
     assert (await h.get("once"))["value"] == "first"
+    assert h.applier.machine.kv.revision == first["revision"]
+
+
+async def test_request_id_reused_for_a_delete_deletes_nothing_and_says_so(h: Harness) -> None:
+    await h.call("PUT", "/v1/kv/keep", {"value": 1, "request_id": "r-7"}, expect=200)
+    status, body = await h.call("DELETE", "/v1/kv/keep", {"request_id": "r-7"})
+    assert status == 409
+    assert body["error"]["code"] == "conflict" and "request_id" in body["error"]["message"]
+    assert (await h.get("keep"))["value"] == 1
+    # The genuine retry of the put is still answered with its first result.
+    _, again = await h.call("PUT", "/v1/kv/keep", {"value": 1, "request_id": "r-7"}, expect=200)
+    assert again["revision"] == h.applier.machine.kv.revision
 
 
 async def test_request_id_dedupes_a_cas_conflict_too(h: Harness) -> None:

@@ -13,7 +13,7 @@ import pytest
 from coordinator.clock import ManualClock, SeededRng
 from coordinator.services.applier import Applier
 from coordinator.services.node import CoordinatorNode, Identity
-from coordinator.types import Result
+from coordinator.types import RequestKey, Result
 from tests.fakes import SimEngine
 
 DEADLINE_S = 5.0
@@ -43,8 +43,8 @@ class Sim:
 
         return [decode_command(blob).op for blob in self.engine.log]
 
-    async def propose(self, op: str, args: dict[str, Any], request_id: str | None = None) -> Result:
-        return await self.node.proposer.propose(op, args, request_id)
+    async def propose(self, op: str, args: dict[str, Any], request: RequestKey | None = None) -> Result:
+        return await self.node.proposer.propose(op, args, request)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from coordinator.errors import Conflict, CoordinatorError, InvalidInput, NotFound, OutcomeUnknown, TooLarge, Unavailable
 from coordinator.ports import Done, Failure
-from coordinator.services.proposals import Proposer, raise_for
+from coordinator.services.proposals import Proposer, raise_for, request_key
 from coordinator.types import Result
 from tests.coordinator.services.conftest import Sim, eventually
 
@@ -54,13 +54,13 @@ async def test_no_leader_is_unavailable_with_the_leader_hint(sim: Sim) -> None:
 async def test_no_commit_in_time_is_outcome_unknown_and_a_late_commit_is_harmless(sim: Sim) -> None:
     sim.engine.hold = True
     with pytest.raises(OutcomeUnknown):
-        await sim.propose("kv.put", {"key": "late", "value": 1}, request_id="r1")
+        await sim.propose("kv.put", {"key": "late", "value": 1}, request_key("agent:a", "r1", "put late"))
     assert sim.node.proposer.outcomes["timeout"] == 1
     assert sim.node.proposer.inflight == 0
     sim.engine.release()
     await eventually(lambda: sim.applier.machine.kv.get("late") is not None, "the late commit")
     # The retry with the same request_id answers the first outcome.
-    retry = await sim.propose("kv.put", {"key": "late", "value": 1}, request_id="r1")
+    retry = await sim.propose("kv.put", {"key": "late", "value": 1}, request_key("agent:a", "r1", "put late"))
     assert retry.value == {"revision": sim.applier.machine.kv.get("late").mod_revision}
     assert sim.applier.machine.kv.get("late").version == 1
 
@@ -174,8 +174,9 @@ async def test_commands_carry_the_clock_and_ids(sim: Sim, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(sim.engine, "submit", spy)
     sim.clock.advance(12.5)
-    await sim.propose("kv.put", {"key": "k", "value": 1}, request_id="rid")
+    await sim.propose("kv.put", {"key": "k", "value": 1}, request_key("admin", "rid", "put k"))
     await sim.propose("kv.put", {"key": "k", "value": 2})
     assert seen[0].now_ms == sim.clock.now_ms()
-    assert seen[0].request_id == "rid" and seen[1].request_id is None
+    assert seen[0].request_id == "admin/rid" and seen[1].request_id is None
+    assert seen[0].request_digest == request_key("admin", "other", "put k").digest  # what was asked, not the id
     assert seen[0].proposal_id != seen[1].proposal_id

@@ -230,7 +230,7 @@ class Driver:
 
     def state(self) -> bytes:
         data = self.sm.snapshot_data()
-        return encode_snapshot({k: v for k, v in data.items() if k != "applied_index"})
+        return encode_snapshot({k: v for k, v in data.items() if k not in ("applied_index", "now_ms")})
 
 
 @pytest.fixture

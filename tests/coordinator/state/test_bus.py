@@ -34,7 +34,7 @@ def quick(msg_id: str, *, timeout: int = 1_000, backoff: int = 500, attempts: in
 def state_bytes(sm: StateMachine) -> bytes:
     """The encoded snapshot without ``applied_index`` (every command moves it)."""
     data = sm.snapshot_data()
-    del data["applied_index"]
+    del data["applied_index"], data["now_ms"]  # every entry moves both, refused or not
     return encode_snapshot(data)
 
 

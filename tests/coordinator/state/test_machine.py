@@ -12,6 +12,7 @@ machine at the end of each run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from hypothesis.stateful import (
 from coordinator.codec import decode_command, decode_snapshot, encode_command, encode_snapshot
 from coordinator.errors import InvariantError
 from coordinator.state import Limits, StateMachine
-from coordinator.state.machine import OPERATIONS
+from coordinator.state.machine import CLOCK_STEP_MAX_MS, OPERATIONS
 from coordinator.types import Command, Result
 
 KEYS = ("a", "b", "c/d")
@@ -117,7 +118,12 @@ def state_bytes(sm: StateMachine) -> bytes:
     """The encoded snapshot without the parts every applied entry moves:
     ``applied_index`` and the dedupe table (checked separately)."""
     data = sm.snapshot_data()
-    return encode_snapshot({k: v for k, v in data.items() if k not in ("applied_index", "dedupe")})
+    return encode_snapshot({k: v for k, v in data.items() if k not in ("applied_index", "now_ms", "dedupe")})
+
+
+def digest_of(op: str, args: Any) -> str:
+    """What a proposer puts in ``request_digest``: a fingerprint of the request."""
+    return hashlib.sha256(json.dumps([op, args], sort_keys=True).encode()).hexdigest()[:32]
 
 
 def dedupe_ids(sm: StateMachine) -> list[str]:
@@ -312,7 +318,8 @@ class StateMachineRules(RuleBasedStateMachine):
             self.request_counter += 1
             request_id = f"req-{self.request_counter}"
         self.now_ms += 250
-        return Command(op=op, args=args, now_ms=self.now_ms, request_id=request_id, version=version)
+        return Command(op=op, args=args, now_ms=self.now_ms, request_id=request_id, version=version,
+                       request_digest=None if request_id is None else digest_of(op, args))
 
     def _apply(self, command: Command) -> Result:
         self.index += 1
@@ -520,17 +527,23 @@ class StateMachineRules(RuleBasedStateMachine):
     @precondition(lambda self: self.sent_with_id)
     @rule(data=st.data(), same_command=st.sampled_from((True, True, False)))
     def retry(self, data, same_command) -> None:
-        """A used request_id answers the first result and applies nothing, even if the
-        command is not the same (the dedupe key is the request_id alone)."""
+        """A used request_id answers the first result and applies nothing; the same
+        id with another request (another digest) is a conflict naming request_id,
+        and applies nothing either."""
         first_command, first = data.draw(st.sampled_from(self.sent_with_id))
         op, args = first_command.op, first_command.args
         if not same_command:
             op, args = "lock.acquire", {"name": "L1", "holder": "w1", "ttl_ms": 1_000}
         self.now_ms += 250
-        command = Command(op=op, args=args, now_ms=self.now_ms, request_id=first_command.request_id)
+        command = Command(op=op, args=args, now_ms=self.now_ms, request_id=first_command.request_id,
+                          request_digest=digest_of(op, args))
         before, snapshot_before = state_bytes(self.sm), self.sm.snapshot_data()
         result = self._apply(command)
-        assert (result.value, result.error) == (first.value, first.error)
+        if command.request_digest == first_command.request_digest:
+            assert (result.value, result.error) == (first.value, first.error)
+        else:
+            assert result.error is not None and result.error[0] == "conflict"
+            assert result.error[1].startswith("request_id:")
         assert result.events == () and result.changes == ()
         assert state_bytes(self.sm) == before
         assert self.sm.snapshot_data()["dedupe"] == snapshot_before["dedupe"]
@@ -953,6 +966,44 @@ def test_a_repeated_request_id_returns_the_first_result_without_applying(drive: 
     drive.ok("kv.put", key="missing", value=0)
     assert drive("kv.delete", request_id="r2", key="missing").error == refused.error
     assert drive.value("missing") == 0
+
+
+def test_a_request_id_reused_for_another_request_is_a_conflict_and_applies_nothing() -> None:
+    sm = StateMachine()
+    put = Command("kv.put", {"key": "k", "value": 1}, 1_000, request_id="agent:a/r1",
+                  request_digest=digest_of("kv.put", {"key": "k", "value": 1}))
+    assert sm.apply(1, put).ok
+    delete = Command("kv.delete", {"key": "k"}, 2_000, request_id="agent:a/r1",
+                     request_digest=digest_of("kv.delete", {"key": "k"}))
+    refused = sm.apply(2, delete)
+    assert refused.error is not None and refused.error[0] == "conflict" and refused.error[1].startswith("request_id:")
+    assert sm.kv.get("k") is not None and sm.kv.get("k").value == 1
+    # Another principal's r1 is another key: applied.
+    other = Command("kv.delete", {"key": "k"}, 3_000, request_id="agent:b/r1",
+                    request_digest=digest_of("kv.delete", {"key": "k"}))
+    assert sm.apply(3, other).ok and sm.kv.get("k") is None
+    # Digests survive a snapshot: the restored replica refuses the same reuse.
+    restored = StateMachine.from_snapshot_data(decode_snapshot(encode_snapshot(sm.snapshot_data())))
+    assert restored.apply(4, delete).error == refused.error
+
+
+def test_committed_time_never_goes_back_and_moves_forward_by_a_bounded_step() -> None:
+    sm = StateMachine()
+    times = []
+    for index, proposed in enumerate((10_000, 5_000, 12_000, 12_000 + 3_600_000, 0, 20_000), start=1):
+        sm.apply(index, Command("noop", {}, proposed))
+        times.append(sm.now_ms)
+    assert times == [10_000, 10_000, 12_000, 12_000 + CLOCK_STEP_MAX_MS, 12_000 + CLOCK_STEP_MAX_MS,
+                     12_000 + CLOCK_STEP_MAX_MS]
+    # Committed time is what a TTL is measured by: a proposer an hour ahead expires nothing early.
+    sm = StateMachine()
+    sm.apply(1, Command("agent.register", {"id": "a", "type": "t", "ttl_ms": 600_000}, 1_000_000))
+    sm.apply(2, Command("bus.tick", {}, 1_000_000 + 3_600_000))
+    assert sm.now_ms == 1_000_000 + CLOCK_STEP_MAX_MS
+    restored = StateMachine.from_snapshot_data(decode_snapshot(encode_snapshot(sm.snapshot_data())))
+    assert restored.now_ms == sm.now_ms
+    restored.apply(3, Command("noop", {}, 0))
+    assert restored.now_ms == sm.now_ms
 
 
 def test_dedupe_forgets_the_oldest_ids_beyond_its_limit() -> None:

@@ -23,6 +23,14 @@ def window_def(**overrides: Any) -> dict[str, Any]:
             "field": "amount", "group_by": "cur", "emit": "stats.orders", **overrides}
 
 
+def driver() -> Driver:
+    """A Driver whose committed time starts a minute before ``B`` (committed
+    time moves at most ``CLOCK_STEP_MAX_MS`` per entry, so not from ``T0``)."""
+    d = Driver()
+    d.now_ms = B - 60 * S
+    return d
+
+
 def at(d: Driver, t_ms: int, op: str, **args: Any) -> Any:
     """``op`` committed at ``B + t_ms``."""
     d.now_ms = B + t_ms
@@ -47,28 +55,28 @@ def emitted(d: Driver, sub: str) -> list[dict[str, Any]]:
     return out
 
 
-def test_tumbling_windows_close_at_end_plus_lateness_and_late_events_are_counted() -> None:
-    d = Driver()
+def test_tumbling_windows_close_at_end_plus_lateness_and_a_clock_behind_is_never_late() -> None:
+    d = driver()
     d.ok("processor.put", name="sums", definition=window_def(lateness_s=2))
     sub = d.sub("stats.orders")
     order(d, 1 * S, 5)
     order(d, 9 * S, 7, "USD")
     order(d, 11 * S, 1)   # the next window
-    order(d, 8 * S, 2)    # a clock behind (a new leader): within lateness, lands in [0, 10)
+    order(d, 8 * S, 2)    # a proposer's clock behind: committed at 11 s, in [10, 20)
     assert emitted(d, sub) == []
     at(d, 12 * S, "streams.tick")  # 10 s + 2 s lateness: [0, 10) closes, once per group
     first = emitted(d, sub)
     assert [(p["window"], p["group"], p["value"], p["events"]) for p in first] == [
-        ({"start_ms": 0, "end_ms": 10 * S}, "EUR", 7, 2), ({"start_ms": 0, "end_ms": 10 * S}, "USD", 7, 1)]
-    order(d, 5 * S, 100)  # [0, 10) is closed: late, not folded, nothing emitted twice
+        ({"start_ms": 0, "end_ms": 10 * S}, "EUR", 5, 1), ({"start_ms": 0, "end_ms": 10 * S}, "USD", 7, 1)]
+    order(d, 5 * S, 100)  # [0, 10) is closed, but committed time never goes back: folded at 12 s
     at(d, 30 * S, "streams.tick")
-    assert [(p["window"]["start_ms"], p["value"]) for p in emitted(d, sub)] == [(10 * S, 1)]
+    assert [(p["window"]["start_ms"], p["value"], p["events"]) for p in emitted(d, sub)] == [(10 * S, 103, 3)]
     counters = d.sm.streams.items["sums"].describe()
-    assert (counters["events"], counters["late"], counters["emitted"]) == (4, 1, 3)
+    assert (counters["events"], counters["late"], counters["emitted"]) == (5, 0, 3)
 
 
 def test_any_command_closes_what_its_time_passed() -> None:
-    d = Driver()
+    d = driver()
     d.ok("processor.put", name="sums", definition=window_def())
     sub = d.sub("stats.orders")
     order(d, 1 * S, 5)
@@ -77,7 +85,7 @@ def test_any_command_closes_what_its_time_passed() -> None:
 
 
 def test_sliding_windows_count_an_event_in_each_window_it_falls_in() -> None:
-    d = Driver()
+    d = driver()
     d.ok("processor.put", name="slide", definition=window_def(
         window={"kind": "sliding", "size_s": 10, "slide_s": 5}, fold="count", field=None, group_by=None))
     sub = d.sub("stats.orders")
@@ -92,7 +100,7 @@ def task_failed(agent: str) -> dict[str, Any]:
 
 
 def test_three_failures_within_a_minute_mark_the_agent_unhealthy() -> None:
-    d = Driver()
+    d = driver()
     for agent in ("a1", "a2"):
         d.ok("agent.register", id=agent, type="worker", ttl_ms=600_000)
     d.ok("processor.put", name="flaky", definition={
@@ -113,7 +121,7 @@ def test_three_failures_within_a_minute_mark_the_agent_unhealthy() -> None:
 
 
 def test_sequence_within_a_time() -> None:
-    d = Driver()
+    d = driver()
     d.ok("processor.put", name="fast", definition={
         "source": {"category": "job"}, "group_by": "id", "emit": "alerts.fast",
         "pattern": {"kind": "sequence", "first": "Started", "then": "Done", "within_s": 10}})
@@ -131,7 +139,7 @@ def test_sequence_within_a_time() -> None:
 
 
 def test_absence_is_emitted_when_the_deadline_passes() -> None:
-    d = Driver()
+    d = driver()
     d.ok("processor.put", name="unpaid", definition={
         "source": {"category": "order"}, "group_by": "id", "emit": "alerts.unpaid",
         "pattern": {"kind": "absence", "first": "Placed", "missing": "Paid", "within_s": 60}})
@@ -150,7 +158,7 @@ def test_absence_is_emitted_when_the_deadline_passes() -> None:
 
 
 def test_restored_in_the_middle_of_a_window_emits_the_same() -> None:
-    d = Driver()
+    d = driver()
     d.ok("processor.put", name="sums", definition=window_def())
     d.sub("stats.orders")
     order(d, 1 * S, 5)
@@ -162,7 +170,7 @@ def test_restored_in_the_middle_of_a_window_emits_the_same() -> None:
 
 
 def test_definitions_are_checked_and_errors_name_the_field() -> None:
-    d = Driver()
+    d = driver()
     cases = {
         "window": {"source": {"category": "o"}, "emit": "x"},
         "window.kind": window_def(window={"kind": "hopping", "size_s": 1}),
@@ -194,7 +202,7 @@ steps = st.lists(st.tuples(st.integers(-3000, 6000), st.sampled_from(["EUR", "US
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=steps, size_s=st.sampled_from([1, 2, 5]), lateness_s=st.sampled_from([0, 1, 3]))
 def test_tumbling_windows_equal_a_plain_computation(steps, size_s, lateness_s) -> None:
-    d = Driver()
+    d = driver()
     d.ok("processor.put", name="w", definition=window_def(window={"kind": "tumbling", "size_s": size_s},
                                                           lateness_s=lateness_s))
     sub = d.sub("stats.orders")
@@ -202,13 +210,11 @@ def test_tumbling_windows_equal_a_plain_computation(steps, size_s, lateness_s) -
     t, clock = 100_000, d.now_ms - B
     expected: dict[tuple[int, str], list[int]] = {}
     for delta, cur, amount in steps:
-        t = max(0, t + delta)  # committed times mostly grow, sometimes step back (a leader's clock behind)
-        start = t - t % size
-        if start + size + lateness > clock:  # not closed yet: folded
-            expected.setdefault((start, cur), []).append(amount)
+        t = max(0, t + delta)  # proposers' clocks mostly grow, sometimes step back (a leader's clock behind)
         order(d, t, amount, cur)
-        clock = max(clock, t)
-    at(d, max(clock, t) + 10 * size + lateness + 1, "streams.tick")
+        clock = max(clock, t)  # committed time: never back, so every event lands in an open window
+        expected.setdefault((clock - clock % size, cur), []).append(amount)
+    at(d, clock + 10 * size + lateness + 1, "streams.tick")
     got = {(p["window"]["start_ms"], p["group"]): (p["value"], p["events"]) for p in emitted(d, sub)}
     assert got == {k: (sum(v), len(v)) for k, v in expected.items()}
     d.restore()
@@ -217,7 +223,7 @@ def test_tumbling_windows_equal_a_plain_computation(steps, size_s, lateness_s) -
 
 @pytest.mark.parametrize("kind", ["count", "absence"])
 def test_redefining_a_processor_starts_it_empty(kind: str) -> None:
-    d = Driver()
+    d = driver()
     pattern = {"kind": kind, "within_s": 60, **({"event": "E", "count": 2} if kind == "count"
                                                   else {"first": "E", "missing": "F"})}
     definition = {"source": {"category": "o"}, "group_by": "g", "emit": "alerts.x", "pattern": pattern}
