@@ -21,7 +21,14 @@ from aiohttp import web
 from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
 from coordinator.api.limits import BoundedRunner, OpenLimits
-from coordinator.clock import CLOCK_OFFSET_FILE, OffsetClock, SystemClock, SystemRng, parse_clock_offset
+from coordinator.clock import (
+    CLOCK_OFFSET_FILE,
+    OffsetClock,
+    SteadyClock,
+    SystemClock,
+    SystemRng,
+    parse_clock_offset,
+)
 from coordinator.config import NodeConfig
 from coordinator.errors import InvalidInput
 from coordinator.services.applier import Applier
@@ -69,7 +76,9 @@ def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> Coo
     applier = Applier()
     engine = load_engine_class(config.engine).from_config(config, applier)
     identity = Identity(config.node_id, config.raft, config.http, config.peers)
-    clock = OffsetClock() if config.unsafe_test_clock_control else SystemClock()
+    # Proposals are stamped and timers fired by a clock that does not take a
+    # step of the system's wall clock at once (coordinator.clock.SteadyClock).
+    clock = SteadyClock(OffsetClock() if config.unsafe_test_clock_control else SystemClock())
     return CoordinatorNode(identity, engine, applier, clock, SystemRng(),
                            proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max,
                            unsafe_stale_reads=config.unsafe_stale_reads, transports=load_transports(config),
@@ -119,10 +128,11 @@ async def serve(config: NodeConfig) -> None:
     peer_ssl = client_context(config.tls_ca or None) if config.tls_cert else None
     node = make_node(config, peer_ssl)
     clock_control = None
-    if isinstance(node.clock, OffsetClock):
+    wall = getattr(node.clock, "inner", node.clock)
+    if isinstance(wall, OffsetClock):
         log.warning("UNSAFE: this node's wall clock follows %s (chaos tests only)", CLOCK_OFFSET_FILE)
-        clock_control = asyncio.create_task(follow_clock_offset(node.clock, os.path.join(config.data_dir,
-                                                                                          CLOCK_OFFSET_FILE)))
+        clock_control = asyncio.create_task(follow_clock_offset(wall, os.path.join(config.data_dir,
+                                                                                    CLOCK_OFFSET_FILE)))
     await node.start()
     app = make_app(node, AuthSettings(allow_anonymous=config.allow_anonymous, admin_token=config.admin_token or None,
                                       cluster_secret=config.secret, metrics_token=config.metrics_token or None,

@@ -92,3 +92,4 @@ def test_clock_skew_keeps_registers_locks_and_leases_right(tmp_path) -> None:
     assert "clock jumps:" in report and "leases hold" in report
     logs = "".join(p.read_text() for p in (run / "cluster").glob("n*.log"))
     assert "wall clock offset" in logs  # a node really applied a jump
+    assert "not followed at once" in logs  # and its steady clock did not take it (coordinator.clock.SteadyClock)
