@@ -27,6 +27,7 @@ from typing import Any
 
 RECORD_DIR = "unsafe-power-loss"  # cluster.power_loss.RECORD_DIR
 MANIFEST = "manifest.json"  # cluster.power_loss.MANIFEST
+CUT_MARKER = "power-cut"  # left by cut_power in the emptied record, until the node records again
 _VERSION = 1
 
 
@@ -40,19 +41,25 @@ def cut_power(data_dir: str, rng: random.Random, *, torn_tail: bool = True) -> d
     power cut leaves, then delete the record. The node must not be running
     (the caller killed it and waited for it to be gone).
 
+    A node whose power was cut again before it started recording (killed
+    while it was starting up) wrote nothing since the last cut: the marker
+    the last cut left says so, and nothing changes.
+
     Returns what was lost: ``{"reverted": [rel...], "removed": [rel...],
     "torn": [rel...], "dropped_bytes": n}``. Raises ``NoRecord`` without a
     record, ``OSError`` when a file cannot be rewritten (the run should fail)."""
     record = os.path.join(data_dir, RECORD_DIR)
+    summary: dict[str, Any] = {"reverted": [], "removed": [], "torn": [], "dropped_bytes": 0}
     try:
         with open(os.path.join(record, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
     except FileNotFoundError:
+        if os.path.exists(os.path.join(record, CUT_MARKER)):
+            return summary
         raise NoRecord(f"{data_dir} has no {RECORD_DIR}/{MANIFEST}: start the node with "
                        "--unsafe-test-power-loss") from None
     if not isinstance(manifest, dict) or manifest.get("version") != _VERSION:
         raise NoRecord(f"{record}/{MANIFEST} is not a version {_VERSION} power-loss record")
-    summary: dict[str, Any] = {"reverted": [], "removed": [], "torn": [], "dropped_bytes": 0}
     for rel, entry in sorted(manifest["files"].items()):
         path = os.path.join(data_dir, rel)
         if os.path.isabs(rel) or os.path.normpath(rel).startswith(".."):
@@ -80,7 +87,11 @@ def cut_power(data_dir: str, rng: random.Random, *, torn_tail: bool = True) -> d
         _write(path, kept)
         summary["reverted"].append(rel)
         summary["dropped_bytes"] += max(0, len(current or b"") - len(kept))
+    # the record is spent: the node's next start adopts what is on disk now
     shutil.rmtree(record)
+    os.mkdir(record)
+    with open(os.path.join(record, CUT_MARKER), "w", encoding="ascii") as f:
+        f.write("the power was cut; the next start adopts what is on disk\n")
     return summary
 
 

@@ -17,6 +17,9 @@ where that one loses data:
 * metadata is msgpack through ``coordinator.codec``, never pickle. The entry
   payloads are pysyncobj's own command envelopes, stored as opaque bytes.
 
+Every fsync, truncation and rename goes through ``cluster.files`` (so the
+power-loss recorder of chaos tests sees it).
+
 Threading: used only by pysyncobj's tick thread after construction.
 """
 

@@ -30,9 +30,10 @@ The record (the contract with ``chaos.power_loss``):
 * ``<ID>``: image files. Files the manifest does not name are not touched.
 * Written with a temporary file and a rename, never fsynced: a simulated
   power cut does not touch it, and the node's SIGKILL can only interrupt it
-  between two consistent states. The rollback deletes the whole record; the
-  node's next start with the flag adopts what is on disk as durable (after
-  a power cut, what is on disk is what survived).
+  between two consistent states. The rollback empties the record but for a
+  marker file ``power-cut``; the node's next start with the flag adopts what
+  is on disk as durable (after a power cut, what is on disk is what
+  survived) and removes the marker.
 
 On start without a record, every regular file under the data directory is
 adopted as durable (files named ``unsafe-*`` and the ``chaos`` directory are
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 RECORD_DIR = "unsafe-power-loss"
 MANIFEST = "manifest.json"
+CUT_MARKER = "power-cut"  # left by chaos.power_loss.cut_power; removed once a start adopted the files
 _VERSION = 1
 _ADOPT_MAX_FILES = 10_000  # a data directory holds a handful; refuse a runaway walk
 _TAIL_CHECK = 64  # bytes before the synced length compared before appending to an image
@@ -106,6 +108,10 @@ class PowerLossRecorder:
                 self._adopt()
             self._write_manifest()
             self._collect(existing)
+            try:  # the rollback's marker: this start has adopted what the cut left
+                os.unlink(os.path.join(self.dir, CUT_MARKER))
+            except FileNotFoundError:
+                pass
         files.observe_under(self.root, self)
         log.warning("UNSAFE: power-loss recorder on %s: every fsync and rename is recorded in %s "
                     "(chaos tests only)", self.root, self.dir)

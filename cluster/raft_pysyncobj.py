@@ -336,6 +336,10 @@ class PySyncObjEngine:
     connects to, when they differ (a fault-injection proxy in between).
     pysyncobj knows peers only by the address it dials, so the engine
     translates: everything it reports and every snapshot speaks identities.
+
+    ``power_loss`` (UNSAFE, chaos tests only: ``--unsafe-test-power-loss``)
+    records what a power cut would leave of ``data_dir`` for the lost-fsync
+    nemesis (``cluster.power_loss``); it costs a copy of every synced byte.
     """
 
     def __init__(self, *, node_id: str, address: str, peers: list[str], data_dir: str, secret: str,

@@ -65,7 +65,18 @@ def test_synced_entries_survive_and_unsynced_ones_are_lost(recorded, tmp_path) -
     lost = _power_cut(tmp_path, recorder)
     assert lost["reverted"] == ["raft.journal"] and lost["dropped_bytes"] > 0
     assert [e[1] for e in _entries(path)] == [1, 2, 3, 4, 5]
-    assert not (tmp_path / RECORD_DIR).exists()  # the next start adopts what is on disk
+    assert os.listdir(tmp_path / RECORD_DIR) == ["power-cut"]  # the next start adopts what is on disk
+
+
+def test_a_node_cut_again_before_it_recorded_anything_loses_nothing_more(recorded, tmp_path) -> None:
+    recorder = recorded()
+    write_file_durably(str(tmp_path / "raft.journal.meta"), b"meta")
+    _power_cut(tmp_path, recorder)
+    assert cut_power(str(tmp_path), random.Random(2))["dropped_bytes"] == 0  # killed while starting up
+    recorder = recorded()  # started at last: adopts, removes the marker
+    assert os.listdir(tmp_path / RECORD_DIR) != ["power-cut"]
+    _power_cut(tmp_path, recorder)
+    assert (tmp_path / "raft.journal.meta").read_bytes() == b"meta"
 
 
 def test_a_torn_tail_keeps_a_prefix_of_what_was_not_synced(recorded, tmp_path) -> None:
