@@ -142,7 +142,12 @@ class DurableJournal:
             self._offsets.append(start)
         if offset != len(data):
             files.truncate(f.fileno(), self.path, offset)
-            files.sync(f.fileno(), self.path)
+        # What was read may be only in the page cache (a crashed predecessor's
+        # unsynced appends, a compaction whose rename was not yet synced), and a
+        # leader's append that matches it adds nothing, so no sync would come
+        # before this node acknowledges it: make it durable now, once per open.
+        files.sync(f.fileno(), self.path)
+        _fsync_dir(self.path)
         f.seek(offset)
         return f
 

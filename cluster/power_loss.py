@@ -20,13 +20,17 @@ into place without syncing it or its directory, loses data in a power-loss run.
 
 The record (the contract with ``chaos.power_loss``):
 
-* ``manifest.json``: ``{"version": 1, "files": {REL: ENTRY}}`` where REL is a
+* ``manifest.json``: ``{"version": 1, "files": {REL: ENTRY}, "synced": {...}}``
+  where REL is a
   path relative to the data directory and ENTRY is ``null`` (the name would
   not survive: remove the file) or ``{"image": ID or null, "length": N,
   "inode": INO}`` (the file survives with the first N bytes of the image file
   ID in the record directory, or empty when ID is null; INO is the inode
   the content was synced on, so a file still on that inode whose content
   only grew may keep a torn part of its unsynced tail).
+  ``synced`` (the recorder's own, for a restart after a plain crash) gives
+  what each file's content was last synced as, whether or not its name is
+  durable yet.
 * ``<ID>``: image files. Files the manifest does not name are not touched.
 * Written with a temporary file and a rename, never fsynced: a simulated
   power cut does not touch it, and the node's SIGKILL can only interrupt it
@@ -144,16 +148,17 @@ class PowerLossRecorder:
             manifest = json.load(f)
         if not isinstance(manifest, dict) or manifest.get("version") != _VERSION:
             raise OSError(f"power-loss recorder: {self.dir}/{MANIFEST} is not a version {_VERSION} record")
+        synced = {rel: _image(entry) for rel, entry in manifest.get("synced", {}).items()}
         for rel, entry in manifest["files"].items():
-            image = None if entry is None else Image(entry["image"], int(entry["length"]), int(entry["inode"]))
+            image = _image(entry)
             self._durable[rel] = image
             try:
                 inode = os.stat(os.path.join(self.root, rel)).st_ino
             except FileNotFoundError:
                 continue
-            if image is not None and image.inode == inode:
-                self._synced[rel] = image
-            else:
+            if rel in synced and synced[rel].inode == inode:
+                self._synced[rel] = synced[rel]  # what the crashed process last synced of this file
+            if image is None or image.inode != inode:
                 # renamed or created by the crashed process, its directory not synced since
                 self._pending.add(rel)
 
@@ -246,8 +251,11 @@ class PowerLossRecorder:
         self._collect(os.listdir(self.dir))
 
     def _write_manifest(self) -> None:
-        manifest = {"version": _VERSION, "files": {rel: None if image is None else image.to_json()
-                                                   for rel, image in sorted(self._durable.items())}}
+        manifest = {"version": _VERSION,
+                    "files": {rel: None if image is None else image.to_json()
+                              for rel, image in sorted(self._durable.items())},
+                    # for a restart after a plain crash: what each file's content was last synced as
+                    "synced": {rel: image.to_json() for rel, image in sorted(self._synced.items())}}
         tmp = os.path.join(self.dir, MANIFEST + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f)
@@ -263,6 +271,12 @@ class PowerLossRecorder:
                     os.unlink(os.path.join(self.dir, name))
                 except FileNotFoundError:
                     pass
+
+
+def _image(entry: dict[str, object] | None) -> Image | None:
+    if entry is None:
+        return None
+    return Image(entry["image"], int(entry["length"]), int(entry["inode"]))  # type: ignore[arg-type]
 
 
 def _read(fd: int, offset: int, length: int) -> bytes:

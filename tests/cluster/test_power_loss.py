@@ -223,8 +223,29 @@ def test_a_new_file_vanishes_until_its_directory_is_synced(recorded, tmp_path) -
 
 
 def test_what_a_crashed_process_did_not_sync_stays_unsynced_after_a_restart(recorded, tmp_path) -> None:
-    """A plain crash keeps the page cache: the restarted node reads the
-    unsynced entries, but they are still not durable until it syncs."""
+    """A plain crash keeps the page cache: a restarted process can read what
+    its predecessor never synced, which is still not durable."""
+    recorder = recorded()
+    path = tmp_path / "log"
+    with open(path, "wb") as f:
+        f.write(b"synced")
+        f.flush()
+        files.sync(f.fileno(), str(path))
+    files.sync_dir(str(path))
+    with open(path, "ab") as f:
+        f.write(b" and not")
+    recorder.stop()
+    recorder = recorded()  # the restart: the record stands
+    assert path.read_bytes() == b"synced and not"
+    _power_cut(tmp_path, recorder)
+    assert path.read_bytes() == b"synced"
+
+
+def test_a_reopened_journal_makes_what_it_read_durable(recorded, tmp_path) -> None:
+    """The restarted node reads entries its crashed predecessor never
+    synced, and a leader's heartbeat that matches them appends nothing, so
+    no sync happens before the node acknowledges them: opening the journal
+    must sync what it read (found by this record; the journal did not)."""
     recorder = recorded()
     path = tmp_path / "raft.journal"
     journal = DurableJournal(str(path))
@@ -234,12 +255,31 @@ def test_what_a_crashed_process_did_not_sync_stays_unsynced_after_a_restart(reco
     journal._file.flush()
     _crash(journal)
     recorder.stop()
-    recorder = recorded()  # the restart: the record stands
+    recorder = recorded()
     journal = DurableJournal(str(path))
-    assert len(journal) == 2
+    assert len(journal) == 2 and not journal.dirty  # what it would acknowledge without a sync
     _crash(journal)
     _power_cut(tmp_path, recorder)
-    assert [e[1] for e in _entries(path)] == [1]
+    assert [e[1] for e in _entries(path)] == [1, 2]
+
+
+def test_a_crash_between_rename_and_directory_fsync_keeps_the_synced_content(recorded, tmp_path) -> None:
+    """The meta file was synced and renamed into place, then the process
+    died before the directory fsync; the restart syncs the directory. What
+    survives is the synced new content, not an empty file."""
+    recorder = recorded()
+    path = str(tmp_path / "raft.journal.meta")
+    write_file_durably(path, b"old")
+    with open(path + ".tmp", "wb") as f:
+        f.write(b"new")
+        f.flush()
+        files.sync(f.fileno(), path + ".tmp")
+    files.replace(path + ".tmp", path)
+    recorder.stop()  # the crash
+    recorder = recorded()
+    files.sync_dir(path)
+    _power_cut(tmp_path, recorder)
+    assert Path(path).read_bytes() == b"new"
 
 
 def test_files_present_at_the_first_start_are_adopted(recorded, tmp_path) -> None:
