@@ -128,6 +128,8 @@ async def run(args: argparse.Namespace) -> int:
         extra += (CLOCK_CONTROL_FLAG,)
     if "lost-fsync" in parse_kinds(args.nemesis):
         extra += (POWER_LOSS_FLAG,)
+    if args.compaction_entries:
+        extra += ("--compaction-entries", str(args.compaction_entries))
     pbft = args.engine == "pbft"
     faults = {byzantine_node(args.byzantine, args.nodes): args.byzantine} if args.byzantine else {}
     cluster = LocalCluster(out / "cluster", base_port=base, nodes=args.nodes, proxied=not pbft, extra_args=extra,
@@ -387,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the lease workload (on by default with --nemesis clock-skew)")
     parser.add_argument("--unsafe-stale-reads", action="store_true",
                         help="start the nodes with reads that skip the barrier: the checker must catch them")
+    parser.add_argument("--compaction-entries", type=int, default=None,
+                        help="raft: nodes snapshot and compact their log beyond this many entries (default the "
+                             "node's 20000; a few hundred makes snapshots, and their installs on a lagging "
+                             "follower, happen within a short run)")
     parser.add_argument("--unsafe-skip-fsync", action="store_true",
                         help="start the nodes with --durability none (acknowledged before any fsync): with "
                              "--nemesis lost-fsync the checker must find lost writes")
