@@ -17,6 +17,11 @@ service: proxy links (partitions), signals to node processes by their PID
   clock-skew               one node's wall clock (the leader half the time) jumps seconds to minutes
                            forward or back, and back to true time at the heal; needs nodes started
                            with --unsafe-test-clock-control (monotonic timers stay real)
+  lost-fsync               cut the power to every node (the first time, then to every node or to a
+                           random majority): SIGKILL them at once, put each one's files back to what
+                           it had synced (chaos.power_loss; half the time a journal keeps a torn
+                           part of its unsynced tail), restart them at the heal; needs nodes started
+                           with --unsafe-test-power-loss
   mix                      a random one of the above at each round
   none                     no faults (when the fault is elsewhere: a Byzantine PBFT replica)
 """
@@ -29,14 +34,16 @@ import random
 import signal
 from collections.abc import Iterable
 
+from chaos.power_loss import cut_power
 from chaos.proxy import Faults, Proxy
 from chaos.workload import History
 from coordinator.clock import CLOCK_OFFSET_FILE
 from coordinator.devcluster import LocalCluster
 
 KINDS = ("partition-halves", "partition-majority-ring", "isolate-leader", "bridge", "kill", "kill-all", "pause",
-         "kill-leader", "pause-leader", "clock-skew")
+         "kill-leader", "pause-leader", "clock-skew", "lost-fsync")
 CLOCK_CONTROL_FLAG = "--unsafe-test-clock-control"  # the node flag clock-skew needs
+POWER_LOSS_FLAG = "--unsafe-test-power-loss"  # the node flag lost-fsync needs
 CLOCK_JUMPS_S = (3, 10, 30, 90, 300)  # how far a skewed clock jumps, either way
 CHOICES = (*KINDS, "mix", "none")
 
@@ -61,6 +68,7 @@ class Nemesis:
         self._killed: list[str] = []
         self._paused: list[str] = []
         self._skewed: list[str] = []
+        self._power_cuts = 0
 
     async def run(self, kind: str, duration_s: float, *, fault_s: float = 6.0, quiet_s: float = 4.0) -> None:
         """Alternate faults and quiet periods until ``duration_s`` is spent; heals at the end.
@@ -91,6 +99,8 @@ class Nemesis:
         kinds = [k for k in KINDS if k != "bridge" or len(self.cluster.members) >= 5]
         if CLOCK_CONTROL_FLAG not in self.cluster.extra_args:
             kinds = [k for k in kinds if k != "clock-skew"]
+        if POWER_LOSS_FLAG not in self.cluster.extra_args:
+            kinds = [k for k in kinds if k != "lost-fsync"]
         return kinds if self.proxy is not None else [k for k in kinds if not k.startswith(("partition", "isolate",
                                                                                            "bridge"))]
 
@@ -135,6 +145,8 @@ class Nemesis:
             detail = {"nodes": [victim]}
         elif kind == "clock-skew":
             detail = await self._skew_clock(nodes)
+        elif kind == "lost-fsync":
+            detail = await asyncio.to_thread(self._cut_power, nodes)
         else:
             raise ValueError(f"unknown nemesis {kind!r}")
         self.active = kind
@@ -177,6 +189,39 @@ class Nemesis:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(f"{offset_ms}\n")
         os.replace(tmp, path)
+
+    # -- power ----------------------------------------------------------------------------------
+
+    def _cut_power(self, nodes: list[str]) -> dict[str, object]:
+        """Cut the power to every node (the first cut of a run; later ones
+        half the time) or to a random majority: SIGKILL them all at once (no
+        node gets to sync anything after the first dies), wait until they are
+        gone, then put each one's files back to what it had synced. Losing a
+        minority's unsynced writes never loses an acknowledged write in Raft;
+        a majority or all at once is what can. The nodes restart at the heal."""
+        if POWER_LOSS_FLAG not in self.cluster.extra_args:
+            raise ValueError(f"lost-fsync needs nodes started with {POWER_LOSS_FLAG}")
+        whole = self._power_cuts == 0 or self.rng.random() < 0.5
+        self._power_cuts += 1
+        victims = sorted(nodes if whole else self.rng.sample(nodes, len(nodes) // 2 + 1))
+        self._killed = victims  # restarted at the heal, whatever happens below
+        for node in victims:
+            self.cluster.signal(node, signal.SIGKILL)
+        stuck = [node for node in victims if not self.cluster._wait_gone(node, 10)]
+        if stuck:
+            raise RuntimeError(f"lost-fsync: {stuck} still running 10 s after SIGKILL")
+        dropped: dict[str, int] = {}
+        reverted: list[str] = []
+        removed: list[str] = []
+        torn: list[str] = []
+        for node in victims:
+            lost = cut_power(str(self.cluster.dir / node), self.rng, torn_tail=True)
+            dropped[node] = lost["dropped_bytes"]
+            reverted += [f"{node}:{rel}" for rel in lost["reverted"]]
+            removed += [f"{node}:{rel}" for rel in lost["removed"]]
+            torn += [f"{node}:{rel}" for rel in lost["torn"]]
+        return {"nodes": victims, "all": whole, "dropped_bytes": dropped, "reverted": reverted, "removed": removed,
+                "torn": torn}
 
     # -- topology helpers -----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
     python -m chaos.run --duration 60 --nemesis partition-halves [--unsafe-stale-reads]
     python -m chaos.run --workload bus --duration 30 --nemesis isolate-leader,kill
     python -m chaos.run --duration 30 --nemesis clock-skew
+    python -m chaos.run --duration 20 --nemesis lost-fsync [--unsafe-skip-fsync]
     python -m chaos.run --engine pbft --byzantine equivocate --nemesis none --duration 20
 
 Starts a three-node cluster whose Raft links run through an in-process
@@ -28,6 +29,14 @@ within their TTL plus a bound and never before it; and, on raft, the stream
 check (``chaos.stream_workload``): a windowed count over appended events
 emits no window twice and accounts for every event (late ones are counted).
 
+``--nemesis lost-fsync`` starts the nodes with ``--unsafe-test-power-loss``
+(each records what a power cut would leave of its files) and cuts the power
+to all of them, or to a majority, at once: their files go back to what they
+had synced (``chaos.power_loss``) before they restart. No acknowledged write
+may be lost: the register must stay linearizable. ``--unsafe-skip-fsync``
+starts the nodes with ``--durability none`` (the journal acknowledges
+without syncing): the checker must then find lost writes.
+
 ``--workload bus`` runs ``chaos.bus_workload`` instead: numbered messages
 published at-least-once and exactly-once, consumed by competing consumers,
 drained after the heal and judged by ``check_bus`` (exit 0: nothing
@@ -52,7 +61,7 @@ from typing import Any
 
 from chaos.bus_workload import BusRunError, BusTracker, BusWorkload, check_bus
 from chaos.lease_workload import LeaseWorkload, check_leases
-from chaos.nemesis import CHOICES, CLOCK_CONTROL_FLAG, Nemesis, parse_kinds
+from chaos.nemesis import CHOICES, CLOCK_CONTROL_FLAG, POWER_LOSS_FLAG, Nemesis, parse_kinds
 from chaos.proxy import Proxy
 from chaos.report import bus_report, plot, text_report
 from chaos.stream_workload import StreamWorkload, check_streams
@@ -117,10 +126,15 @@ async def run(args: argparse.Namespace) -> int:
     extra = ("--unsafe-stale-reads",) if args.unsafe_stale_reads else ()
     if "clock-skew" in parse_kinds(args.nemesis):
         extra += (CLOCK_CONTROL_FLAG,)
+    if "lost-fsync" in parse_kinds(args.nemesis):
+        extra += (POWER_LOSS_FLAG,)
+    if args.compaction_entries:
+        extra += ("--compaction-entries", str(args.compaction_entries))
     pbft = args.engine == "pbft"
     faults = {byzantine_node(args.byzantine, args.nodes): args.byzantine} if args.byzantine else {}
     cluster = LocalCluster(out / "cluster", base_port=base, nodes=args.nodes, proxied=not pbft, extra_args=extra,
-                           engine=args.engine, pbft_fault=faults or None)
+                           engine=args.engine, pbft_fault=faults or None,
+                           durability="none" if args.unsafe_skip_fsync else "fsync")
     proxy = (Proxy([(link.name, link.listen_port, link.target_port) for link in cluster.links.values()],
                    seed=args.seed) if not pbft else None)
     if args.workload == "bus":
@@ -167,7 +181,8 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
     title = (f"{args.nemesis}, {args.duration:.0f}s, {args.clients} clients, seed {args.seed}"
              + (f", {args.engine} on {args.nodes} nodes" if args.engine != "raft" else "")
              + (f", one {args.byzantine} replica" if args.byzantine else "")
-             + (", UNSAFE stale reads" if args.unsafe_stale_reads else ""))
+             + (", UNSAFE stale reads" if args.unsafe_stale_reads else "")
+             + (", UNSAFE no fsync" if args.unsafe_skip_fsync else ""))
     print(f"chaos run: {title}\n  output in {out}", flush=True)
     recovery_s = None
     final: dict[str, Any] = {}
@@ -241,6 +256,12 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
     if skews:
         report += "\nclock jumps: " + ", ".join(f"{e['nodes'][0]} {e['offset_ms'] / 1000:+.0f}s"
                                                  + (" (leader)" if e.get("leader") else "") for e in skews)
+    cuts = [e for e in history.events if e.get("name") == "lost-fsync" and e.get("phase") == "start"]
+    if cuts:
+        report += "\npower cuts: " + "; ".join(
+            f"{'all' if e['all'] else 'majority'} {','.join(e['nodes'])} lost "
+            + ", ".join(f"{node} {size} B" for node, size in e["dropped_bytes"].items())
+            + (f" (torn: {', '.join(e['torn'])})" if e["torn"] else "") for e in cuts)
     report += "\nfinal terms (PBFT: views): " + ", ".join(
         f"{node} {status['term'] if status else '-'}" + (f" ({cluster.pbft_fault[node]})"
                                                          if node in cluster.pbft_fault else "")
@@ -368,6 +389,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the lease workload (on by default with --nemesis clock-skew)")
     parser.add_argument("--unsafe-stale-reads", action="store_true",
                         help="start the nodes with reads that skip the barrier: the checker must catch them")
+    parser.add_argument("--compaction-entries", type=int, default=None,
+                        help="raft: nodes snapshot and compact their log beyond this many entries (default the "
+                             "node's 20000; a few hundred makes snapshots, and their installs on a lagging "
+                             "follower, happen within a short run)")
+    parser.add_argument("--unsafe-skip-fsync", action="store_true",
+                        help="start the nodes with --durability none (acknowledged before any fsync): with "
+                             "--nemesis lost-fsync the checker must find lost writes")
     args = parser.parse_args(argv)
     try:
         parse_kinds(args.nemesis)

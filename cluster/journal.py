@@ -17,6 +17,9 @@ where that one loses data:
 * metadata is msgpack through ``coordinator.codec``, never pickle. The entry
   payloads are pysyncobj's own command envelopes, stored as opaque bytes.
 
+Every fsync, truncation and rename goes through ``cluster.files`` (so the
+power-loss recorder of chaos tests sees it).
+
 Threading: used only by pysyncobj's tick thread after construction.
 """
 
@@ -27,6 +30,7 @@ import struct
 import zlib
 from typing import Any
 
+from cluster import files
 from cluster.errors import JournalCorrupt
 from coordinator.codec import decode_record, encode_record
 
@@ -36,11 +40,7 @@ _MAGIC = b"COORDJ1\n"
 
 
 def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    files.sync_dir(path)
 
 
 def write_file_durably(path: str, data: bytes, *, fsync: bool = True) -> None:
@@ -51,8 +51,8 @@ def write_file_durably(path: str, data: bytes, *, fsync: bool = True) -> None:
         f.write(data)
         f.flush()
         if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+            files.sync(f.fileno(), tmp)
+    files.replace(tmp, path)
     if fsync:
         _fsync_dir(path)
 
@@ -121,7 +121,7 @@ class DurableJournal:
             with open(self.path, "wb") as f:
                 f.write(_MAGIC)
                 f.flush()
-                os.fsync(f.fileno())
+                files.sync(f.fileno(), self.path)
             _fsync_dir(self.path)
         f = open(self.path, "r+b")  # noqa: SIM115 - kept open for the journal's life
         data = f.read()
@@ -141,9 +141,13 @@ class DurableJournal:
             self._entries.append((payload[_ENTRY.size:], index, term))
             self._offsets.append(start)
         if offset != len(data):
-            f.truncate(offset)
-            f.flush()
-            os.fsync(f.fileno())
+            files.truncate(f.fileno(), self.path, offset)
+        # What was read may be only in the page cache (a crashed predecessor's
+        # unsynced appends, a compaction whose rename was not yet synced), and a
+        # leader's append that matches it adds nothing, so no sync would come
+        # before this node acknowledges it: make it durable now, once per open.
+        files.sync(f.fileno(), self.path)
+        _fsync_dir(self.path)
         f.seek(offset)
         return f
 
@@ -175,9 +179,9 @@ class DurableJournal:
                 payload = _ENTRY.pack(idx, term) + command
                 f.write(frame(payload))
             f.flush()
-            os.fsync(f.fileno())
+            files.sync(f.fileno(), tmp)
         self._file.close()
-        os.replace(tmp, self.path)
+        files.replace(tmp, self.path)
         _fsync_dir(self.path)
         self._file = open(self.path, "r+b")  # noqa: SIM115
         self._file.seek(0, os.SEEK_END)
@@ -193,7 +197,7 @@ class DurableJournal:
         del self._entries[count:]
         del self._offsets[count:]
         self._file.flush()
-        self._file.truncate(offset)
+        files.truncate(self._file.fileno(), self.path, offset)
         self._file.seek(offset)
         self.synced_len = min(self.synced_len, count)
         self._dirty = True
@@ -242,7 +246,7 @@ class DurableJournal:
             return
         self._file.flush()
         if self.durability == "fsync":
-            os.fdatasync(self._file.fileno())
+            files.sync(self._file.fileno(), self.path, data_only=True)
             self.syncs += 1
         self._dirty = False
         self.synced_len = len(self._entries)
@@ -258,5 +262,5 @@ class DurableJournal:
         else:
             with open(self.meta_path + ".tmp", "wb") as f:
                 f.write(data)
-            os.replace(self.meta_path + ".tmp", self.meta_path)
+            files.replace(self.meta_path + ".tmp", self.meta_path)
         self._meta_dirty = False

@@ -46,14 +46,17 @@ from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import serializer as _pysyncobj_serializer
 from pysyncobj import syncobj as _pysyncobj
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.transport import TCPTransport
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
+from cluster import files
 from cluster.errors import EngineError, MissingSecret
 from cluster.journal import DurableJournal, write_file_durably
+from cluster.power_loss import PowerLossRecorder
 from coordinator.codec import decode_record, encode_record
 from coordinator.errors import Unavailable
 from coordinator.ports import Done, EngineStatus, Failure, ReplicatedFSM
@@ -97,6 +100,11 @@ def _create_journal(path: Any) -> Any:
 
 
 _pysyncobj.createJournal = _create_journal
+
+# pysyncobj renames snapshot files itself (ours into place after ``_serialize``
+# wrote it, and one received from the leader): through ``cluster.files``, like
+# every rename of a durable file, so a power-loss run sees them.
+_pysyncobj_serializer.atomicReplace = files.replace
 
 
 _RELAYED = ("apply_command", "apply_command_response")  # a follower's command and the leader's answer
@@ -328,13 +336,18 @@ class PySyncObjEngine:
     connects to, when they differ (a fault-injection proxy in between).
     pysyncobj knows peers only by the address it dials, so the engine
     translates: everything it reports and every snapshot speaks identities.
+
+    ``power_loss`` (UNSAFE, chaos tests only: ``--unsafe-test-power-loss``)
+    records what a power cut would leave of ``data_dir`` for the lost-fsync
+    nemesis (``cluster.power_loss``); it costs a copy of every synced byte.
     """
 
     def __init__(self, *, node_id: str, address: str, peers: list[str], data_dir: str, secret: str,
                  fsm: ReplicatedFSM, durability: str = "fsync", election_timeout_s: tuple[float, float] = (0.5, 1.0),
                  heartbeat_s: float = 0.1, leader_fallback_s: float = 2.0, queue_max: int = 4096,
                  compaction_entries: int = 20_000, stall_timeout_s: float = 5.0,
-                 max_entry_bytes: int = 1 << 20, dial: dict[str, str] | None = None) -> None:
+                 max_entry_bytes: int = 1 << 20, dial: dict[str, str] | None = None,
+                 power_loss: bool = False) -> None:
         if not secret or len(secret) < 16:
             raise MissingSecret("the Raft port needs a cluster secret of at least 16 characters")
         if durability not in ("fsync", "none"):
@@ -367,6 +380,10 @@ class PySyncObjEngine:
         self._failpoints = _failpoints()
         self.quorum_lease_s = election_timeout_s[0]  # coordinator.ports.KnowsQuorumContact
         os.makedirs(data_dir, exist_ok=True)
+        # UNSAFE, chaos tests only: record what a power cut would leave (before any file is opened)
+        self._power_loss = PowerLossRecorder(data_dir) if power_loss else None
+        if self._power_loss is not None:
+            self._power_loss.start()
 
     @classmethod
     def from_config(cls, config: Any, fsm: ReplicatedFSM) -> PySyncObjEngine:
@@ -376,7 +393,8 @@ class PySyncObjEngine:
                    data_dir=config.data_dir, secret=config.secret, fsm=fsm, durability=config.durability,
                    election_timeout_s=(config.election_timeout_min_s, config.election_timeout_max_s),
                    heartbeat_s=config.heartbeat_s, leader_fallback_s=config.leader_fallback_s,
-                   compaction_entries=config.compaction_entries, stall_timeout_s=config.stall_timeout_s)
+                   compaction_entries=config.compaction_entries, stall_timeout_s=config.stall_timeout_s,
+                   power_loss=config.unsafe_test_power_loss)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -396,6 +414,8 @@ class PySyncObjEngine:
             self._sync = None
         if self._bridge is not None:
             self._bridge.closed = True
+        if self._power_loss is not None:
+            self._power_loss.stop()
 
     def _make_sync(self) -> _ReplicatedLog:
         t = self._tuning

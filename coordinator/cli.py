@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                        default=None,
                        help="UNSAFE, for chaos tests only: shift this node's wall clock by the milliseconds "
                             "written in <data-dir>/unsafe-clock-offset-ms (the clock-skew nemesis)")
+    serve.add_argument("--unsafe-test-power-loss", dest="unsafe_test_power_loss", action="store_true",
+                       default=None,
+                       help="UNSAFE, for chaos tests only: record after every fsync what of this node's files a "
+                            "power cut would leave, in <data-dir>/unsafe-power-loss/ (the lost-fsync nemesis)")
     serve.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
                        help="let requests without credentials do anything (development only; default: "
                             "every request needs the admin token or an agent's signature)")
@@ -135,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
                                   "secret_file", "compaction_entries", "unsafe_stale_reads", "transport_namespace",
-                                  "unsafe_test_clock_control",
+                                  "unsafe_test_clock_control", "unsafe_test_power_loss",
                                   "tls_cert", "tls_key", "tls_ca", "allow_anonymous", "admin_token_file",
                                   "pbft_key_file", "pbft_keyring", "unsafe_pbft_fault", "chaos_dir", "connections_max",
                                   "long_requests_per_principal", "long_requests_max", "metrics_token_file")}

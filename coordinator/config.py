@@ -58,6 +58,9 @@ class NodeConfig:
     # chaos tests only: the wall clock (stamped into commands) is shifted by the offset
     # in <data_dir>/unsafe-clock-offset-ms, which the clock-skew nemesis writes
     unsafe_test_clock_control: bool = False
+    # chaos tests only: the engine records, under <data_dir>/unsafe-power-loss/, what
+    # of its files a power cut would leave (the lost-fsync nemesis rolls them back)
+    unsafe_test_power_loss: bool = False
     # broker transports: plugin name -> URL (may hold credentials: never printed)
     transports: dict[str, str] = field(default_factory=dict, repr=False)
     transport_namespace: str = "coord"  # prefix of every broker resource; the same on every node

@@ -126,6 +126,10 @@ async def serve(config: NodeConfig) -> None:
     # Loaded before anything starts, so a bad certificate stops the node at once.
     server_ssl = server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
     peer_ssl = client_context(config.tls_ca or None) if config.tls_cert else None
+    if config.unsafe_test_power_loss:  # the engine records; said here too, before anything is written
+        log.warning("UNSAFE: --unsafe-test-power-loss: this node records what a power cut would leave of its "
+                    "files in %s (chaos tests only; it costs a copy of every synced byte)",
+                    os.path.join(config.data_dir, "unsafe-power-loss"))
     node = make_node(config, peer_ssl)
     clock_control = None
     wall = getattr(node.clock, "inner", node.clock)

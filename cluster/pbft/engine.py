@@ -85,6 +85,7 @@ from cluster.pbft.node import NodeError, NodeStopped, PbftNode, SubmitTimeout
 from cluster.pbft.replica import Replica
 from cluster.pbft.storage import PbftStorage
 from cluster.pbft.wiring import engine_kwargs
+from cluster.power_loss import PowerLossRecorder
 from coordinator.codec import decode_record, encode_record
 from coordinator.crypto import AgentKeys
 from coordinator.errors import InvalidInput, InvariantError, Unavailable
@@ -206,7 +207,7 @@ class PbftEngine:
                  view_change_timeout_ms: int = 1000,
                  status_interval_ms: int = 250, fetch_timeout_ms: int = 500, tick_interval_ms: int = 10,
                  send_queue_max: int = 1024, fault: str | None = None, data_dir: str | None = None,
-                 durability: str = "fsync") -> None:
+                 durability: str = "fsync", power_loss: bool = False) -> None:
         n = len(addresses)
         if len(client_public_keys) != n or not 0 <= replica_id < n:
             raise InvalidInput("client_public_keys must list one key per replica", field="client_public_keys")
@@ -237,6 +238,12 @@ class PbftEngine:
             log.warning("pbft engine: replica %d MISBEHAVES on purpose (%s): chaos demonstrations only",
                         replica_id, fault)
         behaviour = make_behaviour(fault, replica, keys) if fault is not None else None
+        # UNSAFE, chaos tests only (--unsafe-test-power-loss): record what a power cut
+        # would leave of data_dir for the lost-fsync nemesis, before storage opens a file
+        self._power_loss = PowerLossRecorder(data_dir) if power_loss and data_dir else None
+        if self._power_loss is not None:
+            os.makedirs(data_dir, exist_ok=True)
+            self._power_loss.start()
         storage = PbftStorage(os.path.join(data_dir, "pbft"), durability) if data_dir else None
         self.node = PbftNode(replica, [parse_address(a) for a in self.addresses], public_keys,
                              behaviour=behaviour, storage=storage,

@@ -27,6 +27,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+from cluster import files
 from cluster.errors import JournalCorrupt
 from cluster.journal import frame, read_frames, write_file_durably
 from cluster.pbft.errors import MalformedMessage
@@ -149,10 +150,10 @@ class PbftStorage:
     def _open_journal(self, end: int, size: int) -> None:
         fd = os.open(self.journal_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         if end == 0:  # new (or torn at creation): start it over
-            os.ftruncate(fd, 0)
+            files.truncate(fd, self.journal_path, 0)
             os.write(fd, _JOURNAL_MAGIC)
         elif end != size:
-            os.ftruncate(fd, end)  # cut the torn tail off
+            files.truncate(fd, self.journal_path, end)  # cut the torn tail off
         os.lseek(fd, 0, os.SEEK_END)
         self._sync(fd)
         self._journal = fd
@@ -199,7 +200,7 @@ class PbftStorage:
         os.chmod(self.checkpoint_path, 0o600)
         # The checkpoint now holds everything the journal did: start the journal over.
         if self._journal is not None:
-            os.ftruncate(self._journal, 0)
+            files.truncate(self._journal, self.journal_path, 0)
             os.lseek(self._journal, 0, os.SEEK_SET)
             os.write(self._journal, _JOURNAL_MAGIC)
             self._sync(self._journal)
@@ -209,8 +210,9 @@ class PbftStorage:
         self._certs = {seq: cert_view for seq, (cert_view, _) in certs.items()}
 
     def _sync(self, fd: int) -> None:
+        """fsync the journal (``fd`` is always ``journal_path``'s)."""
         if self.durability == "fsync":
-            os.fsync(fd)
+            files.sync(fd, self.journal_path)
 
     def close(self) -> None:
         """Close the journal (after any save in progress). Idempotent; ``load`` opens it again."""

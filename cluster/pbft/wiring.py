@@ -99,6 +99,7 @@ def engine_kwargs(config: Any) -> dict[str, Any]:
         "fault": config.unsafe_pbft_fault or None,
         "data_dir": config.data_dir,
         "durability": config.durability,
+        "power_loss": config.unsafe_test_power_loss,
     }
 
 
