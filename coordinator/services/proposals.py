@@ -25,6 +25,7 @@ from coordinator.errors import (
     InvalidInput,
     NotFound,
     OutcomeUnknown,
+    ReplicaHalted,
     Unavailable,
 )
 from coordinator.ports import Clock, ConfirmsResults, ConsensusEngine, Failure, Rng
@@ -73,6 +74,12 @@ class Proposer:
         self._counter = itertools.count(1)
 
     async def propose(self, op: str, args: dict[str, Any], request_id: str | None = None) -> Result:
+        if self.applier.failure is not None:
+            # This replica halted (services.applier): it could not tell the
+            # caller its result, nor serve a read after it. 503, not forwarded.
+            self._count("halted")
+            raise ReplicaHalted(f"this node stopped applying the log ({self.applier.failure.problem}); "
+                                "use another node", retry_after_s=5.0)
         if self.inflight >= self.inflight_max:
             self._count("overloaded")
             raise Unavailable(f"{self.inflight} proposals in flight on this node", retry_after_s=0.2,
