@@ -259,3 +259,23 @@ async def test_a_replica_whose_apply_raises_halts_and_leaves_the_protocol(caplog
     finally:
         for engine in c.engines:
             await engine.stop()
+
+
+def test_the_app_halts_on_a_restore_that_raises_and_answers_with_placeholders(caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.CRITICAL)
+
+    class BrokenRestore(RecordingFSM):
+        def restore(self, blob: bytes) -> None:
+            raise ValueError("bug")
+
+    source = FsmApp(RecordingFSM())
+    source.execute(1, Request("c", 1, b"a", "sig"))
+    halts: list[str] = []
+    app = FsmApp(BrokenRestore(), halts.append)
+    app.restore(source.snapshot())
+    assert app.halted == "restore failed at index 1: ValueError" and halts == [app.halted]
+    assert app.execute(2, Request("c", 2, b"b", "sig")) == b""  # no result to vouch for
+    assert app.fsm.entries == []  # type: ignore[attr-defined]
+    assert app.snapshot() != source.snapshot() and decode_record(app.snapshot())[1] == "halted"
