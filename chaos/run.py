@@ -43,6 +43,11 @@ drained after the heal and judged by ``check_bus`` (exit 0: nothing
 acknowledged was lost and no exactly-once message was duplicated; 1: a loss,
 a duplicate or any other problem, or the cluster did not recover; 2: the
 run itself failed).
+
+Every run ends with the replica check (``chaos.digests``): after the heal,
+once the nodes share an applied index, their state digests (``digest`` in
+``/v1/status``) must agree. Replicas that diverged fail the run (exit 1);
+digests that could not be compared within 30 s make it an error (exit 2).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos.bus_workload import BusRunError, BusTracker, BusWorkload, check_bus
+from chaos.digests import describe, wait_for_digests
 from chaos.lease_workload import LeaseWorkload, check_leases
 from chaos.nemesis import CHOICES, CLOCK_CONTROL_FLAG, POWER_LOSS_FLAG, Nemesis, parse_kinds
 from chaos.proxy import Proxy
@@ -158,6 +164,24 @@ def final_statuses(cluster: LocalCluster) -> dict[str, Any]:
     return out
 
 
+DIGEST_WAIT_S = 30.0
+
+
+async def check_replicas(cluster: LocalCluster) -> dict[str, Any]:
+    """The replica check: the correct nodes' state digests agree at an index they share."""
+    verdict = await wait_for_digests(lambda node: cluster.status(node, timeout=3.0), client_nodes(cluster),
+                                     DIGEST_WAIT_S)
+    print(f"  {describe(verdict)}", flush=True)
+    return verdict
+
+
+def digest_exit(verdict: dict[str, Any] | None) -> int:
+    """0 when the digests agree, 1 when they differ, 2 when they could not be compared."""
+    if verdict is None or verdict["valid"] is None:
+        return 2
+    return 0 if verdict["valid"] else 1
+
+
 def client_nodes(cluster: LocalCluster) -> list[str]:
     """The nodes the workload's clients talk to: all but a Byzantine one."""
     return [n for n in cluster.members if n not in cluster.pbft_fault]
@@ -185,6 +209,7 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
              + (", UNSAFE no fsync" if args.unsafe_skip_fsync else ""))
     print(f"chaos run: {title}\n  output in {out}", flush=True)
     recovery_s = None
+    digests = None
     final: dict[str, Any] = {}
     if proxy is not None:
         await proxy.start()
@@ -217,6 +242,8 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
         recovery_s = await _heal(nemesis, cluster, history)
         if streams is not None and recovery_s is not None:
             stream_verdict = check_streams(await streams.drain(30.0))
+        if recovery_s is not None:
+            digests = await check_replicas(cluster)
         final = await asyncio.to_thread(final_statuses, cluster)
     finally:
         await asyncio.to_thread(cluster.stop_all)
@@ -262,6 +289,7 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
             f"{'all' if e['all'] else 'majority'} {','.join(e['nodes'])} lost "
             + ", ".join(f"{node} {size} B" for node, size in e["dropped_bytes"].items())
             + (f" (torn: {', '.join(e['torn'])})" if e["torn"] else "") for e in cuts)
+    report += "\n" + describe(digests)
     report += "\nfinal terms (PBFT: views): " + ", ".join(
         f"{node} {status['term'] if status else '-'}" + (f" ({cluster.pbft_fault[node]})"
                                                          if node in cluster.pbft_fault else "")
@@ -269,15 +297,18 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
     (out / "report.txt").write_text(report + "\n")
     plot(history.events, history.started_ns, str(out / "latency.png"), title=title)
     (out / "verdict.json").write_text(json.dumps({"register": verdict, "locks": lock_verdict, "leases": lease_verdict,
-                                                  "streams": stream_verdict,
+                                                  "streams": stream_verdict, "digests": digests,
                                                   "final_status": final, "byzantine": cluster.pbft_fault},
                                                  indent=2) + "\n")
     print()
     print(report)
     print(f"\nhistory {history_path}\nplot    {out / 'latency.png'}")
-    if verdict.get("valid") is True and lock_verdict["valid"] and leases_ok and recovery_s is not None:
+    replicas = digest_exit(digests)
+    if verdict.get("valid") is True and lock_verdict["valid"] and leases_ok and recovery_s is not None \
+            and replicas == 0:
         return 0
-    if verdict.get("valid") is False or not lock_verdict["valid"] or not leases_ok or recovery_s is None:
+    if (verdict.get("valid") is False or not lock_verdict["valid"] or not leases_ok or recovery_s is None
+            or replicas == 1):
         return 1
     return 2
 
@@ -297,7 +328,7 @@ async def run_bus(args: argparse.Namespace, out: Path, cluster: LocalCluster, pr
     title = (f"bus: {args.nemesis}, {args.duration:.0f}s, {args.publishers} publishers and {args.consumers} "
              f"consumers per topic, seed {args.seed}")
     print(f"chaos run: {title}\n  output in {out}", flush=True)
-    recovery_s = drain = stats = failure = None
+    recovery_s = drain = stats = failure = digests = None
     await proxy.start()
     workload = BusWorkload([cluster.url(n) for n in cluster.members], history, seed=args.seed,
                            publishers=args.publishers, consumers=args.consumers, ack_timeout_s=args.ack_timeout,
@@ -323,6 +354,8 @@ async def run_bus(args: argparse.Namespace, out: Path, cluster: LocalCluster, pr
             recovery_s = await _heal(nemesis, cluster, history, then="; draining")
             drain = await workload.drain(args.drain_s)
             stats = await workload.stats()
+            if recovery_s is not None:
+                digests = await check_replicas(cluster)
         except BusRunError as exc:
             failure = str(exc)
             print(f"  the run failed: {failure}", flush=True)
@@ -339,17 +372,20 @@ async def run_bus(args: argparse.Namespace, out: Path, cluster: LocalCluster, pr
     if failure is not None:
         verdict = {**verdict, "valid": None, "error": failure}
     report = bus_report(history.events, history.started_ns, verdict, title=f"chaos run: {title}",
-                        recovery_s=recovery_s, drain=drain, stats=stats)
+                        recovery_s=recovery_s, drain=drain, stats=stats) + "\n" + describe(digests)
     (out / "report.txt").write_text(report + "\n")
     plot(history.events, history.started_ns, str(out / "latency.png"), title=title)
     (out / "verdict.json").write_text(json.dumps({"bus": verdict, "drain": drain, "stats": stats,
-                                                  "recovery_s": recovery_s}, indent=2, default=str) + "\n")
+                                                  "recovery_s": recovery_s, "digests": digests},
+                                                 indent=2, default=str) + "\n")
     print()
     print(report)
     print(f"\nhistory {history_path}\nplot    {out / 'latency.png'}")
     if failure is not None:
         return 2
-    return 0 if verdict["valid"] and recovery_s is not None else 1
+    if not verdict["valid"] or recovery_s is None or digest_exit(digests) == 1:
+        return 1
+    return digest_exit(digests)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,23 @@ Where pysyncobj 0.3.17 would lose data or answer slowly, this adapter changes it
 * Liveness of the apply loop. If pysyncobj's applied index stops while its
   commit index moves (seen: IndexError inside pysyncobj under ~20k queued
   commands) or its tick thread dies, the node reports itself unhealthy and
-  rebuilds the SyncObj from its journal and snapshot.
+  rebuilds the SyncObj from its journal and snapshot; a stall that comes
+  back at the same index after ``rebuilds_max`` rebuilds is deterministic,
+  and the engine halts instead of rebuilding forever.
+* A replica that cannot apply. When the FSM raises from ``apply`` or
+  ``restore`` (a bug: ``ReplicatedFSM`` never raises for bad input), the
+  bridge applies nothing after it and the engine *halts*: it destroys the
+  SyncObj and stays down (role ``stopped``, ``healthy`` false, ``problem``
+  "apply failed at index N: <type>") while the HTTP node stays up to say so.
+  Why leave consensus instead of staying a follower: pysyncobj cannot make a
+  member stop voting or refuse to lead at run time, and a member with the
+  longest log may win an election; a leader whose state machine is stopped
+  cannot answer any write, and would run the leader's duties (lease expiry,
+  sagas, deliveries) from a half-applied state; its log compaction would
+  also snapshot that state. With the SyncObj gone, the others elect a
+  leader among themselves (a 3-node cluster tolerates no further failure
+  until the node is restarted, which replays from the journal and snapshot;
+  the journal on disk is left untouched).
 * Security. The port refuses to start without the cluster secret: pysyncobj
   unpickles what arrives on it, so only peers knowing the secret may talk.
 
@@ -58,7 +74,7 @@ from cluster.errors import EngineError, MissingSecret
 from cluster.journal import DurableJournal, write_file_durably
 from cluster.power_loss import PowerLossRecorder
 from coordinator.codec import decode_record, encode_record
-from coordinator.errors import Unavailable
+from coordinator.errors import ReplicaHalted, Unavailable
 from coordinator.ports import Done, EngineStatus, Failure, ReplicatedFSM
 
 PINNED_PYSYNCOBJ = "0.3.17"
@@ -238,7 +254,9 @@ def back_up_over_term(message: dict[str, Any], journal: Any, commit_index: int) 
 def _failpoints() -> dict[str, int]:
     """``COORD_FAILPOINTS="apply_stall_at=12"``: inject pysyncobj's apply stall
     (an exception inside its apply loop at that index) into the first
-    incarnation of the SyncObj, to prove that the node notices and recovers."""
+    incarnation of the SyncObj, to prove that the node notices and recovers.
+    ``apply_stall_always_at=12``: the same stall in every incarnation (a
+    deterministic one), to prove that the watchdog gives up and halts."""
     out: dict[str, int] = {}
     for part in os.environ.get("COORD_FAILPOINTS", "").split(","):
         name, _, value = part.partition("=")
@@ -265,13 +283,20 @@ class _ReplicatedLog(SyncObj):
 
 
 class _Bridge:
-    """Carries everything the tick thread produces to the loop, in order."""
+    """Carries everything the tick thread produces to the loop, in order.
+
+    An exception from ``fsm.apply`` or ``fsm.restore`` halts the bridge: it
+    sets ``halted`` (the problem), calls ``on_halt(problem)`` once, and from
+    then on hands the FSM nothing (applies, restores and resets are dropped,
+    snapshot requests fail) so no later entry lands on a half-applied state."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fsm: ReplicatedFSM,
-                 on_role: Callable[[str], None]) -> None:
+                 on_role: Callable[[str], None], on_halt: Callable[[str], None] = lambda problem: None) -> None:
         self._loop = loop
         self._fsm = fsm
         self._on_role = on_role
+        self._on_halt = on_halt
+        self.halted: str | None = None
         self._items: deque[tuple[Any, ...]] = deque()
         self._lock = threading.Lock()
         self._scheduled = False
@@ -301,6 +326,10 @@ class _Bridge:
 
     def _dispatch(self, item: tuple[Any, ...]) -> None:
         kind = item[0]
+        if self.halted is not None and kind in ("apply", "restore", "reset", "snapshot"):
+            if kind == "snapshot" and not item[1].done():
+                item[1].set_exception(EngineError(f"no snapshot of a halted replica ({self.halted})"))
+            return
         try:
             if kind == "apply":
                 self._fsm.apply(item[1], item[2])
@@ -319,10 +348,31 @@ class _Bridge:
                 self.applied_index = 0
             elif kind == "role":
                 self._on_role(item[1])
-        except Exception:
+        except Exception as exc:
+            if kind in ("apply", "restore"):
+                self.halt(_problem_of(kind, item[1] if kind == "apply" else item[2], exc))
+                return
             log.exception("engine bridge: %s failed", kind)
             if kind == "snapshot" and not item[1].done():
                 item[1].set_exception(EngineError("snapshot failed"))
+
+
+    def halt(self, problem: str) -> None:
+        """Apply nothing more; tell the engine once. Loop thread."""
+        if self.halted is not None:
+            return
+        self.halted = problem
+        log.critical("raft engine: %s; this node applies no later entry and leaves the cluster until it is "
+                     "restarted", problem)
+        self._on_halt(problem)
+
+
+def _problem_of(kind: str, index: int, exc: Exception) -> str:
+    """What failed, where, and the exception's type: never its text (it may
+    quote an entry's data). ``ReplicaHalted`` already says it that way."""
+    if isinstance(exc, ReplicaHalted):
+        return exc.message.removeprefix("this replica halted: ")
+    return f"{kind} failed at index {index}: {type(exc).__name__}"
 
 
 class PySyncObjEngine:
@@ -345,7 +395,7 @@ class PySyncObjEngine:
     def __init__(self, *, node_id: str, address: str, peers: list[str], data_dir: str, secret: str,
                  fsm: ReplicatedFSM, durability: str = "fsync", election_timeout_s: tuple[float, float] = (0.5, 1.0),
                  heartbeat_s: float = 0.1, leader_fallback_s: float = 2.0, queue_max: int = 4096,
-                 compaction_entries: int = 20_000, stall_timeout_s: float = 5.0,
+                 compaction_entries: int = 20_000, stall_timeout_s: float = 5.0, rebuilds_max: int = 2,
                  max_entry_bytes: int = 1 << 20, dial: dict[str, str] | None = None,
                  power_loss: bool = False) -> None:
         if not secret or len(secret) < 16:
@@ -360,6 +410,7 @@ class PySyncObjEngine:
         self.data_dir = data_dir
         self.durability = durability
         self.stall_timeout_s = stall_timeout_s
+        self.rebuilds_max = rebuilds_max  # rebuilds for a stall at one index before halting
         self._secret = secret
         self._fsm = fsm
         self._tuning = dict(election_timeout_s=election_timeout_s, heartbeat_s=heartbeat_s,
@@ -375,8 +426,13 @@ class PySyncObjEngine:
         self._monitor: asyncio.Task[None] | None = None
         self._healthy = True
         self._problem: str | None = None
+        self.halted: str | None = None  # why this engine left consensus for good (see the module docstring)
+        self._halting: asyncio.Task[None] | None = None
+        self._last_seen = (0, 0, (address,))  # term, commit index, members when the SyncObj went away
+        self._stalled_at: tuple[int, int] = (-1, 0)  # (index, rebuilds for a stall there)
         self.generation = 0
         self.recoveries = 0
+        self.watch_rounds = 0  # times the apply watchdog looked (tests wait on it)
         self._failpoints = _failpoints()
         self.quorum_lease_s = election_timeout_s[0]  # coordinator.ports.KnowsQuorumContact
         os.makedirs(data_dir, exist_ok=True)
@@ -400,12 +456,14 @@ class PySyncObjEngine:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._bridge = _Bridge(loop, self._fsm, self._notify_role)
+        self._bridge = _Bridge(loop, self._fsm, self._notify_role, self._halt)
         self._sync = self._make_sync()
         await asyncio.to_thread(self._sync.waitBinded)
         self._monitor = asyncio.create_task(self._watch_apply_loop(), name="raft-apply-watch")
 
     async def stop(self) -> None:
+        if self._halting is not None:
+            await asyncio.gather(self._halting, return_exceptions=True)
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
@@ -456,6 +514,7 @@ class PySyncObjEngine:
             return self._transport
 
         stall_at = self._failpoints.get("apply_stall_at") if self.generation == 0 else None
+        stall_at = self._failpoints.get("apply_stall_always_at", stall_at)
         self._notifier = None
         self._last_flush = (0, 0)
         sync = _ReplicatedLog(self._bridge, self.address, [self._dial_of(p) for p in self.peers], conf,
@@ -557,9 +616,10 @@ class PySyncObjEngine:
     def status(self) -> EngineStatus:
         sync = self._sync
         if sync is None:
-            return EngineStatus(node=self.address, role="stopped", leader=None, term=0, commit_index=0,
-                                applied_index=0, members=(self.address,), healthy=False,
-                                problem=self._problem or "stopped")
+            term, commit, members = self._last_seen if self.halted is not None else (0, 0, (self.address,))
+            return EngineStatus(node=self.address, role="stopped", leader=None, term=term, commit_index=commit,
+                                applied_index=self._bridge.applied_index if self._bridge else 0, members=members,
+                                healthy=False, problem=self.halted or self._problem or "stopped")
         leader = sync._getLeader()
         dialed = sorted(node.id for node in sync.otherNodes)
         others = [self._identity_of(n) for n in dialed]
@@ -641,6 +701,7 @@ class PySyncObjEngine:
         changed_at = time.monotonic()
         while True:
             await asyncio.sleep(0.25)
+            self.watch_rounds += 1
             sync = self._sync
             if sync is None:
                 continue
@@ -654,6 +715,14 @@ class PySyncObjEngine:
             elif commit > applied and now - changed_at > self.stall_timeout_s:
                 problem = f"apply stalled at index {applied} while the commit index is {commit}"
             if problem is not None:
+                index, rebuilds = self._stalled_at
+                rebuilds = rebuilds + 1 if index == applied else 1
+                self._stalled_at = (applied, rebuilds)
+                if rebuilds > self.rebuilds_max:
+                    # The same stall after every rebuild: deterministic. Rebuilding
+                    # again would replay into it forever; halt and say so instead.
+                    self._halt(f"{problem}, again after {self.rebuilds_max} rebuilds")
+                    continue
                 await self._recover(problem)
                 seen_applied, changed_at = -1, time.monotonic()
             elif not self._healthy and commit - applied <= 1:
@@ -661,7 +730,10 @@ class PySyncObjEngine:
                 self._healthy, self._problem = True, None
 
     async def _recover(self, problem: str) -> None:
-        """Rebuild the SyncObj from journal and snapshot; the FSM replays."""
+        """Rebuild the SyncObj from journal and snapshot; the FSM replays.
+        Never for a halted engine."""
+        if self.halted is not None:
+            return
         log.error("raft engine unhealthy: %s; rebuilding from the journal", problem)
         self._healthy, self._problem = False, problem
         old = self._sync
@@ -674,3 +746,28 @@ class PySyncObjEngine:
         self._sync = self._make_sync()
         await asyncio.to_thread(self._sync.waitBinded)
 
+
+    # -- halting (see the module docstring) ----------------------------------------------------
+
+    def _halt(self, problem: str) -> None:
+        """Leave consensus for good: no later entry reaches the FSM, the SyncObj
+        is destroyed (no vote, no leadership, no snapshot of the broken state),
+        role listeners hear "stopped". Idempotent; loop thread."""
+        if self.halted is not None:
+            return
+        self.halted = problem
+        self._healthy, self._problem = False, problem
+        if self._bridge is not None:
+            self._bridge.halt(problem)
+        sync, self._sync = self._sync, None  # submit and status see it at once
+        if sync is not None:
+            others = sorted(self._identity_of(node.id) for node in sync.otherNodes)
+            self._last_seen = (sync.raftCurrentTerm, sync.raftCommitIndex, tuple(sorted([self.address, *others])))
+        self._halting = asyncio.get_running_loop().create_task(self._leave(sync), name="raft-halt")
+
+    async def _leave(self, sync: _ReplicatedLog | None) -> None:
+        if sync is not None:
+            await asyncio.to_thread(self._destroy, sync)
+        log.critical("raft engine halted: %s; the node stays up to report it and refuses reads and writes; "
+                     "restart it to replay from the journal and snapshot", self.halted)
+        self._notify_role("stopped")

@@ -62,6 +62,15 @@ class Unavailable(CoordinatorError):
         self.leader = leader
 
 
+class ReplicaHalted(Unavailable):
+    """This node's replica stopped applying the log: applying an entry or
+    restoring a snapshot raised something other than the state machine's
+    ordinary refusal (a bug). Its state may be half-applied, so the node
+    serves no write and no read until it is restarted (and replays from its
+    snapshot and journal). ``message`` names the index and the exception's
+    type, never its text or the entry."""
+
+
 class OutcomeUnknown(CoordinatorError):
     """The command was handed to consensus but no outcome came back in time.
 

@@ -72,8 +72,25 @@ def load_transports(config: NodeConfig) -> dict[str, Any]:
     return {name: make(name, url) for name, url in config.transports.items()}
 
 
+FAIL_APPLY_AT_ENV = "COORD_UNSAFE_TEST_FAIL_APPLY_AT"
+
+
+def unsafe_fail_apply_at() -> int | None:
+    """``COORD_UNSAFE_TEST_FAIL_APPLY_AT=<index>``: UNSAFE, tests only. This
+    node's replica raises while applying the first entry at or past that
+    index, as a handler bug would, and halts (``services.applier``)."""
+    value = os.environ.get(FAIL_APPLY_AT_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidInput(f"{FAIL_APPLY_AT_ENV}: must be a log index (a positive integer)", field=FAIL_APPLY_AT_ENV)
+    log.warning("UNSAFE test failpoint: this node's replica fails applying the first entry at or past index %s "
+                "(%s)", value, FAIL_APPLY_AT_ENV)
+    return int(value)
+
+
 def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> CoordinatorNode:
-    applier = Applier()
+    applier = Applier(fail_apply_at=unsafe_fail_apply_at())
     engine = load_engine_class(config.engine).from_config(config, applier)
     identity = Identity(config.node_id, config.raft, config.http, config.peers)
     # Proposals are stamped and timers fired by a clock that does not take a
@@ -83,7 +100,7 @@ def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> Coo
                            proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max,
                            unsafe_stale_reads=config.unsafe_stale_reads, transports=load_transports(config),
                            transport_factory=transport_factory(config), peer_ssl=peer_ssl,
-                           check_endpoints=not config.allow_anonymous)
+                           check_endpoints=not config.allow_anonymous, digest_check_s=config.digest_check_s)
 
 
 async def follow_clock_offset(clock: OffsetClock, path: str, every_s: float = 0.05) -> None:

@@ -33,13 +33,21 @@ class ReplicatedFSM(Protocol):
         Returns the entry's result as bytes: a function of the history alone,
         so every correct replica returns the same bytes for the same entry.
         Engines that compare results across replicas (PBFT signs them into
-        its replies) use it; the others ignore it."""
+        its replies) use it; the others ignore it.
+
+        Raises only when this replica can no longer apply correctly (a bug:
+        the state may be half-applied; ``coordinator.errors.ReplicaHalted``
+        from ``services.applier``). The engine must then stop: hand it no
+        later entry, take no snapshot of it, and leave consensus (a replica
+        with a broken state must not lead); a restart replays."""
 
     def snapshot(self) -> bytes:
-        """The state after every entry applied so far, as bytes."""
+        """The state after every entry applied so far, as bytes. Raises once
+        ``apply`` or ``restore`` raised (the state is not fit to be kept)."""
 
     def restore(self, blob: bytes) -> None:
-        """Replace the whole state with a snapshot."""
+        """Replace the whole state with a snapshot. Raising means the same as
+        for ``apply``: the engine stops driving this replica."""
 
     def reset(self) -> None:
         """Forget everything: the engine is about to replay its log from the start."""

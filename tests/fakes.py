@@ -26,6 +26,7 @@ class SimEngine:
         self.hold = False  # submit accepts but never commits (a lost majority)
         self.members = [address]
         self.recoveries = 0
+        self.halted: str | None = None  # set when fsm.apply raised (ReplicatedFSM: the engine stops)
         self.quorum_lease_s = 0.5  # coordinator.ports.KnowsQuorumContact
         self.quorum_age_s = 0.0  # what a leader reports; a test sets it to cut the leader off
         self._listeners: list[Callable[[str], None]] = []
@@ -60,7 +61,16 @@ class SimEngine:
         asyncio.get_running_loop().call_soon(self._commit, index, blob, done)
 
     def _commit(self, index: int, blob: bytes, done: Done) -> None:
-        self.fsm.apply(index, blob)
+        if self.halted is not None:
+            done(None)  # committed; this replica just no longer applies it
+            return
+        try:
+            self.fsm.apply(index, blob)
+        except Exception as exc:  # as the real engines do: halt, leave, say why
+            self.halted = f"apply failed at index {index}: {type(exc).__name__}"
+            self.role = "stopped"
+            for listener in self._listeners:
+                listener("stopped")
         done(None)
 
     def release(self) -> None:
@@ -74,7 +84,7 @@ class SimEngine:
         leader = self.address if self.role == "leader" else None
         return EngineStatus(node=self.address, role=self.role, leader=leader, term=self.term,
                             commit_index=len(self.log), applied_index=len(self.log), members=tuple(self.members),
-                            healthy=True, problem=None, connected=())
+                            healthy=self.halted is None, problem=self.halted, connected=())
 
     def quorum_contact_age_s(self) -> float | None:
         return self.quorum_age_s if self.role == "leader" else None

@@ -67,6 +67,16 @@ state lives in memory only.
 
 Membership is static: the n = 3f+1 replicas and their keys are configured;
 ``add_member``/``remove_member`` raise ``Unavailable``.
+
+A replica that cannot apply: when ``fsm.apply`` or ``fsm.restore`` raises
+(a bug; ``ReplicatedFSM`` never raises for bad input), ``FsmApp`` halts: it
+hands the FSM nothing more and answers the replica with placeholder results
+(an empty reply, a snapshot record no correct replica produces) so the
+replica's step completes, and the engine stops its node: it leaves the
+protocol (a halted replica counts against f, like a crashed one), reports
+role ``stopped``, ``healthy`` false and ``problem`` "apply failed at index
+N: <type>", and refuses submissions with ``NO_LEADER``. A restart recovers
+from storage and executes again (a deterministic bug fails again there).
 """
 
 from __future__ import annotations
@@ -88,7 +98,7 @@ from cluster.pbft.wiring import engine_kwargs
 from cluster.power_loss import PowerLossRecorder
 from coordinator.codec import decode_record, encode_record
 from coordinator.crypto import AgentKeys
-from coordinator.errors import InvalidInput, InvariantError, Unavailable
+from coordinator.errors import InvalidInput, InvariantError, ReplicaHalted, Unavailable
 from coordinator.ports import Done, EngineStatus, Failure, ReplicatedFSM
 
 log = logging.getLogger(__name__)
@@ -134,8 +144,10 @@ class FsmApp:
     replicas' ones, a fixed set), so the engine can compare its own result
     with the f+1 replies it received."""
 
-    def __init__(self, fsm: ReplicatedFSM) -> None:
+    def __init__(self, fsm: ReplicatedFSM, on_halt: Callable[[str], None] = lambda problem: None) -> None:
         self.fsm = fsm
+        self.halted: str | None = None  # why the FSM is no longer driven (see the module docstring)
+        self._on_halt = on_halt
         self.index = 0  # the last index handed to fsm.apply (or restored)
         self.last_seq = 0  # the PBFT sequence number of that entry
         self.replies: dict[str, tuple[int, bytes]] = {}
@@ -145,11 +157,27 @@ class FsmApp:
     def execute(self, seq: int, request: Request) -> bytes:
         self.index += 1
         self.last_seq = seq
-        result = self.fsm.apply(self.index, request.operation)
+        if self.halted is None:
+            try:
+                result = self.fsm.apply(self.index, request.operation)
+            except Exception as exc:
+                self._halt("apply", self.index, exc)
+        if self.halted is not None:
+            # No result to vouch for: an empty reply matches no correct replica's.
+            self._wake()
+            return b""
         reply = entry_reply(self.index, request.operation, result if isinstance(result, bytes) else b"")
         self.replies[request.client] = (self.index, reply)
         self._wake()
         return reply
+
+    def _halt(self, kind: str, index: int, exc: Exception) -> None:
+        # The type only: the exception's text may quote an entry's data.
+        problem = (exc.message.removeprefix("this replica halted: ") if isinstance(exc, ReplicaHalted)
+                   else f"{kind} failed at index {index}: {type(exc).__name__}")
+        self.halted = problem
+        log.critical("pbft engine: %s; this replica applies no later entry", problem)
+        self._on_halt(problem)
 
     async def wait_index(self, index: int) -> None:
         """Return once an entry at ``index`` or later was executed or restored."""
@@ -168,6 +196,10 @@ class FsmApp:
                 future.set_result(None)
 
     def snapshot(self) -> bytes:
+        if self.halted is not None:
+            # A checkpoint of a half-applied state must never be certified: this
+            # record's digest matches no correct replica's (a lost vote, not a lie).
+            return encode_record([_SNAPSHOT_VERSION, "halted", self.index, self.last_seq, b""])
         return encode_record([_SNAPSHOT_VERSION, _SNAPSHOT_TAG, self.index, self.last_seq, self.fsm.snapshot()])
 
     def restore(self, blob: bytes) -> None:
@@ -180,7 +212,13 @@ class FsmApp:
         if (version != _SNAPSHOT_VERSION or tag != _SNAPSHOT_TAG or type(index) is not int or index < 0
                 or type(last_seq) is not int or not isinstance(state, bytes)):
             raise InvariantError("certified PBFT state is not an engine snapshot")
-        self.fsm.restore(state)
+        if self.halted is not None:
+            return
+        try:
+            self.fsm.restore(state)
+        except Exception as exc:
+            self._halt("restore", index, exc)
+            return
         self.index = index
         self.last_seq = last_seq
         self.replies.clear()
@@ -225,7 +263,8 @@ class PbftEngine:
         self.queue_max = queue_max
         self.queue_timeout_s = queue_timeout_ms / 1000
         self.role_poll_s = role_poll_ms / 1000
-        self.app = FsmApp(fsm)
+        self.app = FsmApp(fsm, self._halt)
+        self._halting: asyncio.Task[None] | None = None
         pbft_clients = {session_client_id(r, k): client_public_keys[r] for r in range(n) for k in range(sessions)}
         replica = Replica(replica_id, n, keys, public_keys, app=self.app, client_keys=pbft_clients,
                           checkpoint_interval=checkpoint_interval, batch_max=batch_max, inflight_max=inflight_max,
@@ -266,6 +305,13 @@ class PbftEngine:
         ``cluster.pbft.wiring``). Raises ``InvalidInput`` naming the setting."""
         return cls(fsm=fsm, **engine_kwargs(config))
 
+    def _halt(self, problem: str) -> None:
+        """``FsmApp`` halted (inside a replica step, on the loop): stop the node
+        once that step is over. See the module docstring."""
+        if self._halting is None:
+            self.counters["halted"] += 1
+            self._halting = asyncio.get_running_loop().create_task(self.stop(), name="pbft-halt")
+
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -283,6 +329,9 @@ class PbftEngine:
     async def stop(self) -> None:
         """Stop the node; in-flight submissions end with ``UNKNOWN``, waiting
         ones with ``NO_LEADER``. Idempotent."""
+        halting = self._halting
+        if halting is not None and halting is not asyncio.current_task():
+            await asyncio.gather(halting, return_exceptions=True)
         if not self._running:
             return
         self._running = False
@@ -303,7 +352,7 @@ class PbftEngine:
     # -- submissions ---------------------------------------------------------------------------------
 
     def submit(self, blob: bytes, done: Done) -> None:
-        if not self._running:
+        if not self._running or self.app.halted is not None:
             done(Failure.NO_LEADER)
             return
         if len(blob) > MAX_OPERATION_BYTES:
@@ -364,6 +413,8 @@ class PbftEngine:
         except TimeoutError:
             self.counters["confirm_timeout"] += 1
             return False
+        if self.app.halted is not None:
+            return False  # no local result to confirm with: the outcome is unknown here
         local = self.app.replies.get(client)
         if local is not None and local[0] == index:
             if local[1] == agreed:
@@ -383,7 +434,7 @@ class PbftEngine:
 
     def _current_role(self) -> str:
         replica = self.node.replica
-        if not self._running:
+        if not self._running or self.app.halted is not None:
             return "stopped"
         return "leader" if replica.active and replica.is_primary else "follower"
 
@@ -394,10 +445,10 @@ class PbftEngine:
     def status(self) -> EngineStatus:
         replica = self.node.replica
         members = tuple(self.addresses)
-        if not self._running:
+        if not self._running or self.app.halted is not None:
             return EngineStatus(node=self.address, role="stopped", leader=None, term=replica.view,
                                 commit_index=self.app.index, applied_index=self.app.index, members=members,
-                                healthy=False, problem="stopped")
+                                healthy=False, problem=self.app.halted or "stopped")
         connected = self.connected_peers()
         problem = None
         if self.divergence is not None:

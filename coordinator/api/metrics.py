@@ -31,7 +31,11 @@ class _NodeCollector(Collector):
             "coord_raft_applied_index": ("Index applied to the state machine", applied),
             "coord_raft_apply_lag": ("Committed entries not yet applied", max(0, st.commit_index - applied)),
             "coord_raft_is_leader": ("1 when this node is the leader", int(st.role == "leader")),
-            "coord_node_healthy": ("1 when the consensus engine is healthy", int(st.healthy)),
+            "coord_node_healthy": ("1 when the consensus engine is healthy and the replica has not halted",
+                                   int(st.healthy and node.applier.failure is None)),
+            "coord_replica_halted": ("1 when applying an entry or restoring a snapshot failed: the replica "
+                                     "stopped applying and the node refuses reads and writes",
+                                     int(node.applier.failure is not None)),
             "coord_proposals_inflight": ("Proposals waiting for their outcome", node.proposer.inflight),
             "coord_agents": ("Registered agents", len(node.applier.machine.registry.agents)),
             "coord_locks_held": ("Locks currently held", len(node.applier.machine.locks.locks)),
@@ -48,6 +52,7 @@ class _NodeCollector(Collector):
         yield _expired(node)
         yield CounterMetricFamily("coord_leader_changes", "Role changes seen by this node",
                                   value=node.leader_changes)
+        yield from _digest(node)
         yield from _bus(node)
         yield from _sagas(node)
         yield from _event_store(node)
@@ -60,6 +65,22 @@ class _NodeCollector(Collector):
             for event, count in sorted(node.engine.event_counts().items()):
                 events.add_metric([event], count)
             yield events
+
+
+def _digest(node: CoordinatorNode) -> Iterator[Any]:
+    """The state digest as numbers: the latest checkpoint's index and its
+    first 48 bits (exact in a float), comparable across nodes at equal index."""
+    digest = node.applier.digest
+    yield GaugeMetricFamily("coord_state_digest_index", "Index the state digest covers", value=digest.index)
+    index, value = digest.checkpoints[-1] if digest.checkpoints else (digest.index, digest.value)
+    yield GaugeMetricFamily("coord_state_digest_checkpoint_index", "Index of the latest state digest checkpoint",
+                            value=index)
+    yield GaugeMetricFamily("coord_state_digest_checkpoint_prefix", "First 48 bits of the state digest at "
+                            "coord_state_digest_checkpoint_index", value=int.from_bytes(value[:6], "big"))
+    yield CounterMetricFamily("coord_digest_checks", "Comparisons of this node's state digest with a member's "
+                              "at a common index", value=node.digests.checks)
+    yield CounterMetricFamily("coord_digest_mismatches", "Comparisons that found a member's state digest "
+                              "different from this node's (a replica diverged)", value=node.digests.mismatches)
 
 
 def _bus(node: CoordinatorNode) -> Iterator[Any]:

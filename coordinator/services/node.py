@@ -19,13 +19,14 @@ from typing import Any
 import aiohttp
 
 from coordinator.config import PeerConfig
-from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, Unavailable
+from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, ReplicaHalted, Unavailable
 from coordinator.ports import BusTransport, Clock, ConsensusEngine, KnowsQuorumContact, Rng
 from coordinator.services.agent_http import EndpointGuard
 from coordinator.services.applier import Applier
 from coordinator.services.balancer.health import HealthChecker
 from coordinator.services.balancer.service import Balancer
 from coordinator.services.bus import BusService
+from coordinator.services.digests import DigestWatch
 from coordinator.services.leases import LeaseKeeper, NotLeader
 from coordinator.services.proposals import Proposer, cluster_request, raise_for
 from coordinator.services.reads import Reads
@@ -68,12 +69,14 @@ class CoordinatorNode:
                  proposal_timeout_s: float = 5.0, inflight_max: int = 1024, command_max_bytes: int = 1 << 20,
                  forward_timeout_s: float = 3.0, unsafe_stale_reads: bool = False,
                  transports: dict[str, BusTransport] | None = None, transport_factory: Any = None,
-                 peer_ssl: ssl.SSLContext | None = None, check_endpoints: bool = True) -> None:
+                 peer_ssl: ssl.SSLContext | None = None, check_endpoints: bool = True,
+                 digest_check_s: float = 5.0) -> None:
         """``peer_ssl``: set when the nodes serve HTTPS; forwarding to the leader
         then uses ``https://`` and verifies the leader's certificate with it.
         ``check_endpoints``: call agents only where the admin's endpoint
         allow-list lets this node (``coordinator.state.endpoints``); off for a
-        node with ``--allow-anonymous``."""
+        node with ``--allow-anonymous``. ``digest_check_s``: how often this
+        node compares its state digest with the other members' (0: never)."""
         self.identity = identity
         self.engine = engine
         self.applier = applier
@@ -100,6 +103,8 @@ class CoordinatorNode:
                                       node_id=identity.node_id, guard=self.endpoint_guard)
         self.forward_timeout_s = forward_timeout_s
         self.peer_ssl = peer_ssl
+        self.digests = DigestWatch(applier, lambda: self.ask_members("/v1/status", {}), identity.raft,
+                                   interval_s=digest_check_s)
         # Serve default reads from local state without a barrier. Wrong on purpose:
         # it exists so the chaos checker can show it catches stale reads.
         self.unsafe_stale_reads = unsafe_stale_reads
@@ -126,6 +131,8 @@ class CoordinatorNode:
         self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
         self._tasks.append(asyncio.create_task(self.balancer.run(), name="balancer"))
         self._tasks.append(asyncio.create_task(self._register_self(), name="register-self"))
+        if self.digests.interval_s > 0:
+            self._tasks.append(asyncio.create_task(self.digests.run(), name="digest-check"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -186,8 +193,15 @@ class CoordinatorNode:
         return self.http_of(self.engine.status().leader)
 
     def status(self) -> dict[str, Any]:
+        """This node's view (``GET /v1/status``). ``healthy`` is false and
+        ``problem`` says why when the engine reports a problem or the replica
+        halted ("apply failed at index N: KeyError"); ``digest`` is the state
+        digest at ``index`` (hex ``value``), the ``points`` it can be
+        compared at, and the last comparison with the other members."""
         st = self.engine.status()
         machine = self.applier.machine
+        failure = self.applier.failure
+        digest = self.applier.digest
         members = []
         for raft in st.members:
             members.append({
@@ -206,8 +220,12 @@ class CoordinatorNode:
             "commit_index": st.commit_index,
             "applied_index": machine.applied_index,
             "apply_lag": max(0, st.commit_index - machine.applied_index),
-            "healthy": st.healthy,
-            "problem": st.problem,
+            "healthy": st.healthy and failure is None,
+            "problem": failure.problem if failure is not None else st.problem,
+            "apply_failure": ({"kind": failure.kind, "index": failure.index, "error": failure.error}
+                              if failure is not None else None),
+            "digest": {"index": digest.index, "value": digest.value.hex(), "points": digest.points(),
+                       "check": self.digests.status()},
             "leases_active": self.leases.active,
             "bus": self.bus.status(),
             "sagas": self.sagas.status(),
@@ -226,6 +244,8 @@ class CoordinatorNode:
         return member.id if member else None
 
     def readiness(self) -> tuple[bool, str]:
+        if self.applier.failure is not None:
+            return False, self.applier.failure.problem
         st = self.engine.status()
         if not st.healthy:
             return False, st.problem or "engine unhealthy"
@@ -265,8 +285,14 @@ class CoordinatorNode:
         return raise_for(await self.proposer.propose(op, args, request))
 
     async def read_barrier(self, consistency: str) -> None:
+        """Before a read of local state. ``ReplicaHalted`` (503) for any read
+        once this replica halted: even a stale read would show a state that
+        may be half-applied."""
         if consistency not in ("linearizable", "stale"):
             raise InvalidInput("consistency: must be linearizable or stale", field="consistency")
+        if self.applier.failure is not None:
+            raise ReplicaHalted(f"this node stopped applying the log ({self.applier.failure.problem}); "
+                                "use another node", retry_after_s=5.0)
         if consistency == "linearizable" and not self.unsafe_stale_reads:
             await self.reads.barrier()
 
@@ -387,5 +413,9 @@ class CoordinatorNode:
 
 
 def _view_of(status: dict[str, Any]) -> dict[str, Any]:
-    return {key: status.get(key) for key in ("role", "term", "commit_index", "applied_index", "apply_lag", "healthy",
+    view = {key: status.get(key) for key in ("role", "term", "commit_index", "applied_index", "apply_lag", "healthy",
                                              "problem", "leader_id")}
+    digest = status.get("digest")
+    if isinstance(digest, dict):
+        view["digest"] = {"index": digest.get("index"), "value": digest.get("value")}
+    return view

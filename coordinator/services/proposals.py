@@ -26,6 +26,7 @@ from coordinator.errors import (
     InvalidInput,
     NotFound,
     OutcomeUnknown,
+    ReplicaHalted,
     Unavailable,
 )
 from coordinator.ports import Clock, ConfirmsResults, ConsensusEngine, Failure, Rng
@@ -91,6 +92,12 @@ class Proposer:
         retry idempotent: the log answers a repeat of the same key and digest
         with the first result, and a reuse of the key for another request
         with a conflict naming request_id."""
+        if self.applier.failure is not None:
+            # This replica halted (services.applier): it could not tell the
+            # caller its result, nor serve a read after it. 503, not forwarded.
+            self._count("halted")
+            raise ReplicaHalted(f"this node stopped applying the log ({self.applier.failure.problem}); "
+                                "use another node", retry_after_s=5.0)
         if self.inflight >= self.inflight_max:
             self._count("overloaded")
             raise Unavailable(f"{self.inflight} proposals in flight on this node", retry_after_s=0.2,

@@ -30,8 +30,9 @@ def test_partitions_and_kills_stay_linearizable(tmp_path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert verdict["register"]["verdict"] == "linearizable"
     assert verdict["locks"]["valid"]
+    assert verdict["digests"]["valid"] is True, verdict["digests"]  # the replicas agree after the heal
     report = (run / "report.txt").read_text()
-    assert "partition-halves" in report and "kill" in report
+    assert "partition-halves" in report and "kill" in report and "replica digests: 3 nodes agree" in report
     counts = verdict["register"]["operations"]
     assert counts["ok"] > 500  # the workload really ran through the faults
     assert (run / "latency.png").stat().st_size > 10_000

@@ -229,3 +229,25 @@ def test_a_pbft_fault_needs_engine_pbft(tmp_path: Path) -> None:
     assert refused.value.field == "unsafe_pbft_fault"
     assert refused.value.message == "unsafe_pbft_fault: needs engine pbft"
 
+
+
+def test_the_digest_check_period(tmp_path: Path) -> None:
+    assert _load(tmp_path).digest_check_s == 5.0
+    assert _load(tmp_path, digest_check_s=0).digest_check_s == 0  # off
+    for bad in (0.01, -1, 7200):
+        with pytest.raises(InvalidInput) as refused:
+            _load(tmp_path, digest_check_s=bad)
+        assert refused.value.field == "digest_check_s"
+
+
+def test_the_unsafe_apply_failpoint_is_read_from_the_environment_only_when_set(monkeypatch) -> None:
+    from coordinator.main import FAIL_APPLY_AT_ENV, unsafe_fail_apply_at
+
+    monkeypatch.delenv(FAIL_APPLY_AT_ENV, raising=False)
+    assert unsafe_fail_apply_at() is None
+    monkeypatch.setenv(FAIL_APPLY_AT_ENV, "42")
+    assert unsafe_fail_apply_at() == 42
+    for bad in ("0", "x", "-3"):
+        monkeypatch.setenv(FAIL_APPLY_AT_ENV, bad)
+        with pytest.raises(InvalidInput):
+            unsafe_fail_apply_at()

@@ -217,3 +217,65 @@ async def test_the_primary_knows_when_a_quorum_last_spoke(cluster: Cluster) -> N
     await cluster.engines[2].stop()
     await cluster.engines[3].stop()
     await _eventually(lambda: (primary.quorum_contact_age_s() or 0.0) > primary.quorum_lease_s)
+
+
+class FailingFSM(RecordingFSM):
+    """Raises while applying ``fail_at`` (a handler bug), like ``Applier`` would."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+
+    def apply(self, index: int, blob: bytes) -> bytes:
+        if index == self.fail_at:
+            raise ZeroDivisionError("bug with a payload: " + blob.decode(errors="replace"))
+        return super().apply(index, blob)
+
+
+async def test_a_replica_whose_apply_raises_halts_and_leaves_the_protocol(caplog) -> None:
+    """Engine 2's state machine raises at index 3 (issue 20, item 10): engine 2
+    applies nothing after it, stops its node (a halted replica counts against
+    f), reports why and refuses submissions; the other three go on."""
+    import logging
+
+    caplog.set_level(logging.CRITICAL)
+    c = Cluster(fsms=[RecordingFSM(), RecordingFSM(), FailingFSM(fail_at=3), RecordingFSM()])
+    for engine in c.engines:
+        await engine.start()
+    try:
+        assert await c.submit(0, b"one") is None
+        assert await c.submit(1, b"two") is None
+        assert await c.submit(3, b"three") is None  # index 3: engine 2 raises, f+1 others agree
+        await _eventually(lambda: c.engines[2].status().role == "stopped" and not c.engines[2].node.running)
+        status = c.engines[2].status()
+        assert not status.healthy and status.problem == "apply failed at index 3: ZeroDivisionError"
+        assert c.engines[2].app.halted == status.problem
+        assert [i for i, _ in c.fsms[2].entries] == [1, 2]  # nothing after the failed entry
+        assert await c.submit(2, b"refused") == Failure.NO_LEADER
+        await _eventually(lambda: c.roles[2][-1:] == ["stopped"])  # listeners drop the leader's duties
+        assert await c.submit(1, b"four") is None  # n = 4 tolerates the halted one
+        await _eventually(lambda: all(len(c.fsms[i].entries) == 4 for i in (0, 1, 3)))
+        assert "bug with a payload" not in caplog.text
+    finally:
+        for engine in c.engines:
+            await engine.stop()
+
+
+def test_the_app_halts_on_a_restore_that_raises_and_answers_with_placeholders(caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.CRITICAL)
+
+    class BrokenRestore(RecordingFSM):
+        def restore(self, blob: bytes) -> None:
+            raise ValueError("bug")
+
+    source = FsmApp(RecordingFSM())
+    source.execute(1, Request("c", 1, b"a", "sig"))
+    halts: list[str] = []
+    app = FsmApp(BrokenRestore(), halts.append)
+    app.restore(source.snapshot())
+    assert app.halted == "restore failed at index 1: ValueError" and halts == [app.halted]
+    assert app.execute(2, Request("c", 2, b"b", "sig")) == b""  # no result to vouch for
+    assert app.fsm.entries == []  # type: ignore[attr-defined]
+    assert app.snapshot() != source.snapshot() and decode_record(app.snapshot())[1] == "halted"

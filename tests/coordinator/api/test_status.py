@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from tests.coordinator.api.conftest import HTTP, NODE_ID, RAFT, Harness, eventually
@@ -132,3 +133,68 @@ async def test_unsafe_stale_reads_skip_the_barrier_and_say_so(make_harness) -> N
     assert h.node.reads.barriers == barriers  # no barrier: local state, possibly stale
     _, status = await h.call("GET", "/v1/status", expect=200)
     assert status["unsafe_stale_reads"] is True
+
+
+# -- state digest and a halted replica (issue 20, item 10) ----------------------------------------
+
+async def test_status_and_metrics_carry_the_state_digest(h: Harness) -> None:
+    await h.put("k", 1)
+    _, status = await h.call("GET", "/v1/status", expect=200)
+    digest = status["digest"]
+    assert digest["index"] == status["applied_index"] == h.applier.digest.index
+    assert digest["value"] == h.applier.digest.value.hex() and len(digest["value"]) == 64
+    assert digest["points"][-1] == [digest["index"], digest["value"]]
+    assert digest["check"] == {"checks": 0, "mismatches": 0, "members": {}, "agree": True}
+    assert status["healthy"] is True and status["problem"] is None and status["apply_failure"] is None
+    async with h.http.get("/metrics") as response:
+        text = await response.text()
+    assert _sample(text, "coord_state_digest_index") == digest["index"]
+    assert _sample(text, "coord_replica_halted") == 0
+    assert _sample(text, "coord_digest_mismatches_total") == 0
+
+
+async def test_a_failing_handler_halts_the_node_which_refuses_reads_and_writes(h: Harness, monkeypatch,
+                                                                                caplog) -> None:
+    """A bug in a handler (anything but the state machine's refusal) must not
+    be logged and skipped: the replica stops at that entry, the node says so
+    in status and metrics, and answers writes and reads with 503."""
+    import logging
+
+    from coordinator.state import machine
+
+    caplog.set_level(logging.CRITICAL)
+    await h.put("k", 1)
+
+    def broken(sm, ctx, args):
+        raise ZeroDivisionError(args["value"])
+
+    monkeypatch.setitem(machine._HANDLERS, "kv.put", broken)
+    index = h.applier.applied_index + 1
+    status, body = await h.call("PUT", "/v1/kv/k", {"value": "payload-not-to-show"})
+    assert status == 504 and body["error"]["code"] == "outcome_unknown"  # committed; this node cannot say more
+    monkeypatch.undo()  # the bug is gone, but the state may be half-applied: still refused
+
+    _, st = await h.call("GET", "/v1/status", expect=200)
+    assert st["healthy"] is False
+    assert st["problem"] == f"apply failed at index {index}: ZeroDivisionError"
+    assert st["apply_failure"] == {"kind": "apply", "index": index, "error": "ZeroDivisionError"}
+    assert st["role"] == "stopped"  # the engine left consensus
+    assert {"node", "role", "leader", "term", "commit_index", "members"} <= set(st)
+    assert "payload-not-to-show" not in json.dumps(st)
+    for method, path, body in (("PUT", "/v1/kv/k", {"value": 2}), ("GET", "/v1/kv/k", None),
+                               ("GET", "/v1/kv/k?consistency=stale", None), ("POST", "/v1/locks/l",
+                                                                             {"holder": "a", "ttl_s": 5})):
+        async with h.http.request(method, path, json=body) as response:
+            answer = await response.json()
+            assert response.status == 503, (method, path, answer)
+            assert response.headers.get("Retry-After")
+            assert f"apply failed at index {index}" in answer["error"]["message"]
+            assert "payload-not-to-show" not in json.dumps(answer)
+    async with h.http.get("/readyz") as response:
+        assert response.status == 503
+    async with h.http.get("/metrics") as response:
+        text = await response.text()
+    assert _sample(text, "coord_replica_halted") == 1
+    assert _sample(text, "coord_node_healthy") == 0
+    assert h.applier.applied_index == index  # nothing applied after the failed entry
+    assert "payload-not-to-show" not in caplog.text

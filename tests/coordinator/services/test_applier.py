@@ -104,3 +104,118 @@ async def test_wait_change_returns_after_any_change() -> None:
     applier.reset()
     await asyncio.wait_for(waiter, 5)
     await applier.wait_change(seen)  # already past: returns at once
+
+
+# -- state digest and halting (issue 20, item 10) ----------------------------------------------
+
+def _history() -> list[bytes]:
+    return [_put(f"k{i % 3}", i) for i in range(1, 41)]
+
+
+def test_replicas_applying_the_same_history_have_the_same_digest() -> None:
+    a, b = Applier(), Applier()
+    for index, blob in enumerate(_history(), start=1):
+        assert a.apply(index, blob) == b.apply(index, blob)
+    assert a.digest.index == b.digest.index == 40
+    assert a.digest.value == b.digest.value
+    assert a.digest.points() == b.digest.points()
+
+
+def test_restore_then_continue_gives_the_uninterrupted_digest() -> None:
+    history = _history()
+    uninterrupted = Applier()
+    for index, blob in enumerate(history, start=1):
+        uninterrupted.apply(index, blob)
+    source = Applier()
+    for index, blob in enumerate(history[:25], start=1):
+        source.apply(index, blob)
+    replica = Applier()
+    replica.restore(source.snapshot())
+    assert (replica.digest.index, replica.digest.value) == (source.digest.index, source.digest.value)
+    for index, blob in enumerate(history[25:], start=26):
+        replica.apply(index, blob)
+    assert (replica.digest.index, replica.digest.value) == (uninterrupted.digest.index, uninterrupted.digest.value)
+    assert replica.snapshot() == uninterrupted.snapshot()
+
+
+def test_a_different_result_gives_a_different_digest(monkeypatch) -> None:
+    history = _history()
+    honest, other = Applier(), Applier()
+    for index, blob in enumerate(history[:10], start=1):
+        honest.apply(index, blob)
+        other.apply(index, blob)
+    assert honest.digest.value == other.digest.value
+    # the same entry, another result on one replica (a non-deterministic handler)
+    monkeypatch.setattr(other, "_result_bytes", lambda result: b"another result")
+    honest.apply(11, history[10])
+    other.apply(11, history[10])
+    assert honest.digest.value != other.digest.value
+
+
+def _failing_kv_put(monkeypatch) -> None:
+    from coordinator.state import machine
+
+    def broken(sm, ctx, args):
+        sm.kv.put(ctx, args["key"], args["value"])  # half-applied: the store moved, then the bug
+        raise KeyError(args["value"])  # the exception's text quotes a caller's value
+
+    monkeypatch.setitem(machine._HANDLERS, "kv.put", broken)
+
+
+async def test_an_exception_in_a_handler_halts_the_replica(monkeypatch, caplog) -> None:
+    from coordinator.errors import OutcomeUnknown, ReplicaHalted
+
+    caplog.set_level(logging.CRITICAL, logger="coordinator.services.applier")
+    applier = Applier()
+    applier.apply(1, _put("a", 1))
+    pending = applier.expect("p-2")
+    reader = asyncio.create_task(applier.wait_applied(5))
+    await asyncio.sleep(0)
+    _failing_kv_put(monkeypatch)
+    with pytest.raises(ReplicaHalted, match="apply failed at index 2: KeyError"):
+        applier.apply(2, encode_command(Command(op="kv.put", args={"key": "b", "value": "secret-value-42"},
+                                                now_ms=1, proposal_id="p-2")))
+    assert applier.failure is not None and applier.failure.problem == "apply failed at index 2: KeyError"
+    with pytest.raises(OutcomeUnknown):
+        await pending
+    with pytest.raises(ReplicaHalted):
+        await reader
+    # nothing later is applied over the half-applied state, nor snapshotted, nor restored
+    monkeypatch.undo()
+    with pytest.raises(ReplicaHalted):
+        applier.apply(3, _put("c", 3))
+    assert applier.machine.kv.get("c") is None
+    with pytest.raises(ReplicaHalted):
+        applier.snapshot()
+    with pytest.raises(ReplicaHalted):
+        applier.restore(Applier().snapshot())
+    with pytest.raises(ReplicaHalted):
+        await applier.wait_applied(1)
+    applier.reset()  # a halt lasts for the process: a restart replays
+    assert applier.failure is not None
+    assert applier.digest.index == 0
+    assert "secret-value-42" not in caplog.text
+    assert "apply failed at index 2: KeyError" in caplog.text
+
+
+async def test_a_snapshot_that_cannot_be_restored_halts_the_replica(caplog) -> None:
+    from coordinator.errors import ReplicaHalted
+
+    caplog.set_level(logging.CRITICAL, logger="coordinator.services.applier")
+    applier = Applier()
+    with pytest.raises(ReplicaHalted, match="restore failed at index 0: InvalidInput"):
+        applier.restore(b"not a snapshot")
+    with pytest.raises(ReplicaHalted):
+        applier.apply(1, _put("a", 1))
+
+
+async def test_the_unsafe_failpoint_fails_the_first_entry_at_or_past_its_index(caplog) -> None:
+    from coordinator.errors import ReplicaHalted
+
+    caplog.set_level(logging.CRITICAL, logger="coordinator.services.applier")
+    applier = Applier(fail_apply_at=4)
+    applier.apply(1, _put("a", 1))
+    applier.apply(3, _put("a", 3))
+    with pytest.raises(ReplicaHalted, match="apply failed at index 5: InjectedApplyFailure"):
+        applier.apply(5, _put("a", 5))
+    assert applier.machine.kv.get("a").value == 3
