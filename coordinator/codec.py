@@ -80,7 +80,10 @@ def encode_command(command: Command) -> bytes:
     check_value(command.args, "args")
     try:
         row = [command.version, command.op, command.args, command.now_ms, command.request_id, command.proposal_id]
-        if command.request_digest is not None:  # a seventh field only when there is one: older rows stay as they were
+        # Trailing fields only when there are some: older rows stay as they were.
+        if command.principal is not None:
+            row += [command.request_digest, command.principal]
+        elif command.request_digest is not None:
             row.append(command.request_digest)
         return KIND_COMMAND + _pack(row)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -92,12 +95,15 @@ def decode_command(blob: bytes) -> Command:
     if blob[:1] != KIND_COMMAND:
         raise InvalidInput("not a command record", field="command")
     row = _unpack(blob[1:], "command")
-    if not isinstance(row, list) or len(row) not in (6, 7):
-        raise InvalidInput("command must be a list of 6 or 7 fields", field="command")
+    if not isinstance(row, list) or len(row) not in (6, 7, 8):
+        raise InvalidInput("command must be a list of 6 to 8 fields", field="command")
     version, op, args, now_ms, request_id, proposal_id = row[:6]
-    request_digest = row[6] if len(row) == 7 else None
+    request_digest = row[6] if len(row) > 6 else None
+    principal = row[7] if len(row) > 7 else None
     if request_digest is not None and not isinstance(request_digest, str):
         raise InvalidInput("request_digest must be a string", field="request_digest")
+    if principal is not None and not isinstance(principal, str):
+        raise InvalidInput("principal must be a string", field="principal")
     if type(version) is not int or not isinstance(op, str) or type(now_ms) is not int:
         raise InvalidInput("command header has wrong types", field="command")
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
@@ -108,7 +114,7 @@ def decode_command(blob: bytes) -> Command:
     if proposal_id is not None and not isinstance(proposal_id, str):
         raise InvalidInput("proposal_id must be a string", field="proposal_id")
     return Command(op=op, args=args, now_ms=now_ms, request_id=request_id, proposal_id=proposal_id,
-                   version=version, request_digest=request_digest)
+                   version=version, request_digest=request_digest, principal=principal)
 
 
 def check_command_size(blob: bytes, max_bytes: int) -> None:

@@ -36,17 +36,23 @@ class Command:
     proposal_id: str | None = None
     version: int = COMMAND_VERSION
     request_digest: str | None = None
+    principal: str | None = None  # who asked (``RequestKey.principal``): bytes it stores are charged to it
 
 
 @dataclass(frozen=True, slots=True)
 class RequestKey:
-    """An idempotency key as the log keeps it: ``id`` is the caller's own id
-    prefixed with its principal (``agent:alice/…``, ``admin/…``, ``cluster/…``),
-    so no caller can claim or answer another's; ``digest`` fingerprints the
-    request (method, path and body, or op and args) made under it."""
+    """Who made a request, and its idempotency key as the log keeps it.
 
-    id: str
-    digest: str
+    ``principal`` is ``admin``, ``anonymous``, ``agent:<id>`` or ``cluster``
+    (the nodes' own proposals). ``id`` is the caller's own request id
+    prefixed with its principal (``agent:alice/…``), so no caller can claim
+    or answer another's; ``digest`` fingerprints the request (method, path
+    and body, or op and args) made under it. Both are None for a request
+    that gave no id."""
+
+    principal: str
+    id: str | None = None
+    digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,14 +20,14 @@ async def put_role(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"permissions", "request_id"})
     args = {"name": name, "permissions": body.get("permissions")}
     checked(lambda: Access().put_role(args))
-    return ok(await node_of(request).write("role.put", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("role.put", args, s.origin(request, body)))
 
 
 @access_routes.delete("/v1/roles/{name}")
 async def delete_role(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name")
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("role.delete", {"name": name}, s.request_id(request, body)))
+    return ok(await node_of(request).write("role.delete", {"name": name}, s.origin(request, body)))
 
 
 @access_routes.get("/v1/roles")
@@ -45,7 +45,7 @@ async def grant_roles(request: web.Request) -> web.Response:
     scratch = Access()
     scratch.roles = dict(node_of(request).applier.machine.access.roles)
     checked(lambda: scratch.grant(args))  # a role deleted meanwhile is still refused when applied
-    return ok(await node_of(request).write("role.grant", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("role.grant", args, s.origin(request, body)))
 
 
 @access_routes.get("/v1/join/challenge")
@@ -68,7 +68,7 @@ async def put_security(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"pow_difficulty", "endpoint_allow", "request_id"})
     args = {k: v for k, v in body.items() if k != "request_id"}
     checked(lambda: Access().configure(args))  # bad input costs no log entry
-    return ok(await node_of(request).write("security.configure", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("security.configure", args, s.origin(request, body)))
 
 
 @access_routes.delete("/v1/keys/{id}")
@@ -76,4 +76,4 @@ async def unpin_key(request: web.Request) -> web.Response:
     """Forget the key kept for an agent id that left, so another key may join as it (admin)."""
     agent_id = s.name(request.match_info["id"], "id")
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("access.unpin", {"agent": agent_id}, s.request_id(request, body)))
+    return ok(await node_of(request).write("access.unpin", {"agent": agent_id}, s.origin(request, body)))

@@ -103,7 +103,7 @@ async def topics_configure(request: web.Request) -> web.Response:
         args["max_messages"] = s.integer(body["max_messages"], "max_messages", 0, 10_000_000)
     if body.get("max_age_s") is not None:
         args["max_age_ms"] = int(s.number(body["max_age_s"], "max_age_s", 1, 365 * 86_400) * 1000)
-    return ok(await node_of(request).write("bus.topic.configure", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("bus.topic.configure", args, s.origin(request, body)))
 
 
 @bus_routes.get("/v1/topics/{topic}/messages")
@@ -153,7 +153,7 @@ async def topics_publish(request: web.Request) -> web.Response:
     node = node_of(request)
     topic = _topic(request)
     body = await s.json_body(request, MESSAGE_FIELDS | {"messages", "request_id"})
-    request_id = s.request_id(request, body)
+    origin = s.origin(request, body)
     body.pop("request_id", None)
     if "messages" in body:
         if set(body) != {"messages"}:
@@ -167,7 +167,7 @@ async def topics_publish(request: web.Request) -> web.Response:
     messages = node.bus.normalize_all(_sourced(request, raw))
 
     async def publish() -> dict[str, Any]:
-        result = await node.bus.publish(topic, messages, request_id)
+        result = await node.bus.publish(topic, messages, origin)
         return {"topic": topic, **result["messages"][0]} if single else result  # a routed message: its new topic
 
     timeout = node.proposer.timeout_s + FORWARD_MARGIN_S
@@ -207,7 +207,7 @@ async def bindings_bind(request: web.Request) -> web.Response:
     args: dict[str, Any] = {"topic": _topic(request), "transport": transport}
     if body.get("backlog_max") is not None:
         args["backlog_max"] = s.integer(body["backlog_max"], "backlog_max", 1, 1_000_000)
-    return ok(await node.write("bus.bind", args, s.request_id(request, body)))
+    return ok(await node.write("bus.bind", args, s.origin(request, body)))
 
 
 @bus_routes.delete("/v1/topics/{topic}/binding")
@@ -218,7 +218,7 @@ async def bindings_unbind(request: web.Request) -> web.Response:
         if not isinstance(body["drop_backlog"], bool):
             raise InvalidInput("drop_backlog: must be true or false", field="drop_backlog")
         args["drop_backlog"] = body["drop_backlog"]
-    return ok(await node_of(request).write("bus.unbind", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("bus.unbind", args, s.origin(request, body)))
 
 
 @bus_routes.get("/v1/bindings")
@@ -241,7 +241,7 @@ async def transports_configure(request: web.Request) -> web.Response:
     if not isinstance(url, str) or "://" not in url or len(url) > 2048:
         raise InvalidInput("url: must be a URL such as redis://127.0.0.1:6379/0", field="url")
     return ok(await node_of(request).write("bus.transport.configure", {"name": name, "url": url},
-                                          s.request_id(request, body)))
+                                          s.origin(request, body)))
 
 
 @bus_routes.delete("/v1/transports/{name}")
@@ -249,7 +249,7 @@ async def transports_remove(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"request_id"}, required=False)
     name = s.name(request.match_info["name"], "name", 64)
     return ok(await node_of(request).write("bus.transport.configure", {"name": name, "url": None},
-                                          s.request_id(request, body)))
+                                          s.origin(request, body)))
 
 
 @bus_routes.get("/v1/transports")
@@ -307,7 +307,7 @@ async def subscriptions_create(request: web.Request) -> web.Response:
         args["agent"] = s.name(body["agent"], "agent", 128)
     args.update(_start(body))
     node.bus.check_subscription(args)
-    result = await node.write("bus.subscribe", args, s.request_id(request, body))
+    result = await node.write("bus.subscribe", args, s.origin(request, body))
     return ok(result, status=201)
 
 
@@ -361,14 +361,14 @@ async def subscriptions_get(request: web.Request) -> web.Response:
 async def subscriptions_delete(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"request_id"}, required=False)
     sub = _selector(request)["sub"]
-    return ok(await node_of(request).write("bus.unsubscribe", {"sub": sub}, s.request_id(request, body)))
+    return ok(await node_of(request).write("bus.unsubscribe", {"sub": sub}, s.origin(request, body)))
 
 
 @bus_routes.delete("/v1/groups/{group}")
 async def groups_delete(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"request_id"}, required=False)
     group = s.name(request.match_info["group"], "group", 128)
-    return ok(await node_of(request).write("bus.group.delete", {"group": group}, s.request_id(request, body)))
+    return ok(await node_of(request).write("bus.group.delete", {"group": group}, s.origin(request, body)))
 
 
 # -- deliveries (a subscription's, or an agent's inbox) ------------------------------------------
@@ -464,8 +464,8 @@ async def _ack_anywhere(node: CoordinatorNode, base: str, selector: dict[str, st
 async def ack(request: web.Request) -> web.Response:
     node = node_of(request)
     body = await s.json_body(request, {"delivery_ids", "request_id"})
-    selector, ids, request_id = _selector(request), _delivery_ids(body), s.request_id(request, body)
-    return await _here_or_leader(request, lambda: node.bus.ack(selector, ids or [], request_id),
+    selector, ids, origin = _selector(request), _delivery_ids(body), s.origin(request, body)
+    return await _here_or_leader(request, lambda: node.bus.ack(selector, ids or [], origin),
                                  node.proposer.timeout_s + FORWARD_MARGIN_S)
 
 
@@ -481,8 +481,8 @@ async def nack(request: web.Request) -> web.Response:
     node = node_of(request)
     selector = _selector(request)
     del args["sub" if "sub" in selector else "agent"]
-    request_id = s.request_id(request, body)
-    return await _here_or_leader(request, lambda: node.bus.nack(selector, args, request_id),
+    origin = s.origin(request, body)
+    return await _here_or_leader(request, lambda: node.bus.nack(selector, args, origin),
                                  node.proposer.timeout_s + FORWARD_MARGIN_S)
 
 
@@ -506,7 +506,7 @@ async def _dlq_write(request: web.Request, op: str) -> web.Response:
     ids = _delivery_ids(body, required=False)
     if ids is not None:
         args["delivery_ids"] = ids
-    return ok(await node_of(request).write(op, args, s.request_id(request, body)))
+    return ok(await node_of(request).write(op, args, s.origin(request, body)))
 
 
 async def dlq_redrive(request: web.Request) -> web.Response:

@@ -60,7 +60,7 @@ async def append(request: web.Request) -> web.Response:
     node = node_of(request)
     store: EventStore = node.applier.machine.store
     checked(lambda: store.check_append(args))
-    result = await node.write("es.append", args, s.request_id(request, body))
+    result = await node.write("es.append", args, s.origin(request, body))
     return ok(result, status=200 if result.get("duplicate") else 201)
 
 
@@ -91,7 +91,7 @@ async def delete_stream(request: web.Request) -> web.Response:
         if isinstance(raw, str) and raw.lstrip("-").isdigit():
             raw = int(raw)
         args["expected_version"] = checked(lambda: check_expected(raw))
-    return ok(await node_of(request).write("es.delete", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("es.delete", args, s.origin(request, body)))
 
 
 @es_routes.put("/v1/streams/{stream}/snapshot")
@@ -102,7 +102,7 @@ async def put_snapshot(request: web.Request) -> web.Response:
     s.integer(args.get("version"), "version", 0, MAX_VERSION)
     if "state" not in args:
         raise InvalidInput("state: is required", field="state")
-    return ok(await node_of(request).write("es.snapshot", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("es.snapshot", args, s.origin(request, body)))
 
 
 @es_routes.get("/v1/streams")
@@ -168,7 +168,7 @@ async def put_projection(request: web.Request) -> web.Response:
     body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
     definition = checked(lambda: normalize_definition({k: v for k, v in body.items() if k != "request_id"}))
     result = await node_of(request).write("projection.put", {"name": name, "definition": definition},
-                                          s.request_id(request, body))
+                                          s.origin(request, body))
     return ok(result)
 
 
@@ -196,11 +196,11 @@ async def list_projections(request: web.Request) -> web.Response:
 async def rebuild_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("projection.rebuild", {"name": name}, s.request_id(request, body)))
+    return ok(await node_of(request).write("projection.rebuild", {"name": name}, s.origin(request, body)))
 
 
 @es_routes.delete("/v1/projections/{name}")
 async def delete_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("projection.delete", {"name": name}, s.request_id(request, body)))
+    return ok(await node_of(request).write("projection.delete", {"name": name}, s.origin(request, body)))

@@ -16,5 +16,5 @@ METRICS: web.AppKey[HttpMetrics] = web.AppKey("metrics")
 CHAOS_DIR: web.AppKey[Path | None] = web.AppKey("chaos_dir")
 # The request id a signed write is deduplicated by when its caller gave none:
 # derived from the signature's nonce (set by the auth middleware, read by
-# ``schemas.request_id``), so a replayed write applies nothing twice.
+# ``schemas.origin``), so a replayed write applies nothing twice.
 IMPLIED_REQUEST_ID: web.RequestKey[str] = web.RequestKey("implied_request_id", str)

@@ -158,7 +158,7 @@ async def _kv_write(request: web.Request, op: str, fields: set[str], body_requir
     fence = s.fence(body)
     if fence:
         args["fence"] = fence
-    return ok(await node_of(request).write(op, args, s.request_id(request, body)))
+    return ok(await node_of(request).write(op, args, s.origin(request, body)))
 
 
 @routes.put("/v1/kv/{key:(?s:.+)}")
@@ -198,7 +198,7 @@ async def agents_register(request: web.Request) -> web.Response:
         args["weight"] = s.integer(body["weight"], "weight", 1, 1_000_000)
     if body.get("public_key") is not None:
         args["public_key"] = s.public_key(body["public_key"], "public_key")
-    result = await node.write("agent.register", args, s.request_id(request, body))
+    result = await node.write("agent.register", args, s.origin(request, body))
     return ok(result, status=201)
 
 
@@ -320,7 +320,7 @@ async def agents_update(request: web.Request) -> web.Response:
         args["metadata"] = s.obj(body["metadata"], "metadata")
     if len(args) == 1:
         raise InvalidInput("body: give at least one of weight, endpoint and metadata", field="body")
-    return ok(await node_of(request).write("agent.update", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("agent.update", args, s.origin(request, body)))
 
 
 @routes.post("/v1/agents/{id}/heartbeat")
@@ -339,7 +339,7 @@ async def agents_heartbeat(request: web.Request) -> web.Response:
 async def agents_deregister(request: web.Request) -> web.Response:
     agent_id = s.name(request.match_info["id"], "id")
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("agent.deregister", {"id": agent_id}, s.request_id(request, body)))
+    return ok(await node_of(request).write("agent.deregister", {"id": agent_id}, s.origin(request, body)))
 
 
 # -- locks and elections ----------------------------------------------------------------------
@@ -374,7 +374,7 @@ async def locks_acquire(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"holder", "ttl_s", "request_id"})
     args = {"name": name, "holder": _holder(request, body, "holder"),
             "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
-    return ok(await node_of(request).write("lock.acquire", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("lock.acquire", args, s.origin(request, body)))
 
 
 @routes.delete("/v1/locks/{name:(?s:.+)}")
@@ -382,7 +382,7 @@ async def locks_release(request: web.Request) -> web.Response:
     name = _lock_name(request)
     body = await s.json_body(request, {"holder", "request_id"})
     args = {"name": name, "holder": _holder(request, body, "holder")}
-    return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("lock.release", args, s.origin(request, body)))
 
 
 @routes.get("/v1/locks/{name:(?s:.+)}")
@@ -405,7 +405,7 @@ async def elections_campaign(request: web.Request) -> web.Response:
     candidate = _holder(request, body, "candidate")
     args = {"name": ELECTION_PREFIX + name, "holder": candidate,
             "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
-    result = await node_of(request).write("lock.acquire", args, s.request_id(request, body))
+    result = await node_of(request).write("lock.acquire", args, s.origin(request, body))
     return ok({"elected": True, "leader": candidate, "fencing_token": result["fencing_token"]})
 
 
@@ -414,7 +414,7 @@ async def elections_resign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "request_id"})
     args = {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")}
-    return ok(await node_of(request).write("lock.release", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("lock.release", args, s.origin(request, body)))
 
 
 @routes.get("/v1/elections/{name:(?s:.+)}")

@@ -34,7 +34,7 @@ async def start_saga(request: web.Request) -> web.Response:
         normalize_definition(definition)
     except Rejected as exc:
         raise state_error(exc.code, exc.message) from None
-    result = await node_of(request).write("saga.start", {"definition": definition}, s.request_id(request, body))
+    result = await node_of(request).write("saga.start", {"definition": definition}, s.origin(request, body))
     return ok(result, status=201)
 
 
@@ -84,5 +84,5 @@ async def cancel_saga(request: web.Request) -> web.Response:
     args: dict[str, Any] = {"saga": saga_id}
     if body.get("reason") is not None:
         args["reason"] = s.name(body["reason"], "reason", 1024)
-    return ok(await node_of(request).write("saga.cancel", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("saga.cancel", args, s.origin(request, body)))
 

@@ -127,23 +127,25 @@ def consistency(request: web.Request) -> str:
     return value
 
 
-def request_id(request: web.Request, body: dict[str, Any]) -> RequestKey | None:
-    """The request's idempotency key: ``request_id`` in the body, else the
+def origin(request: web.Request, body: dict[str, Any]) -> RequestKey:
+    """Who asks (its principal: what it stores is charged to it) and the
+    request's idempotency key: ``request_id`` in the body, else the
     ``Idempotency-Key`` header, else a signed request's own (from its nonce,
-    ``api.auth``). Scoped to the caller's principal, with a digest of the
+    ``api.auth``). The key is scoped to the principal, with a digest of the
     method, path and body (without ``request_id``): a retry must repeat the
     request, or the log answers 409 naming request_id."""
+    principal = principal_of(request)
+    who = "anonymous" if principal is None else principal.header()
     value = body.get("request_id", request.headers.get("Idempotency-Key"))
     if value is None:
         value = request.get(IMPLIED_REQUEST_ID)
         if value is None:
-            return None
+            return RequestKey(who)
     else:
         value = name(value, "request_id", MAX_REQUEST_ID_LEN)
-    principal = principal_of(request)
     rest = {k: v for k, v in body.items() if k != "request_id"}
-    return request_key("anonymous" if principal is None else principal.header(), value, request.method,
-                       request.path_qs, json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+    return request_key(who, value, request.method, request.path_qs,
+                       json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
 
 
 def fence(body: dict[str, Any]) -> dict[str, Any] | None:

@@ -82,14 +82,14 @@ async def configure(request: web.Request) -> web.Response:
     except Rejected as exc:
         raise state_error(exc.code, exc.message) from None
     return ok(await node_of(request).write("service.configure", {"type": agent_type, "policy": policy},
-                                           s.request_id(request, body)))
+                                           s.origin(request, body)))
 
 
 @service_routes.delete("/v1/services/{type}")
 async def remove(request: web.Request) -> web.Response:
     agent_type = _type(request)
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("service.remove", {"type": agent_type}, s.request_id(request, body)))
+    return ok(await node_of(request).write("service.remove", {"type": agent_type}, s.origin(request, body)))
 
 
 @service_routes.get("/v1/services/{type}")

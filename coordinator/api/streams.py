@@ -26,7 +26,7 @@ async def put_processor(request: web.Request) -> web.Response:
     definition = {k: v for k, v in body.items() if k != "request_id"}
     checked(lambda: normalize_processor(definition))
     return ok(await node_of(request).write("processor.put", {"name": name, "definition": definition},
-                                           s.request_id(request, body)))
+                                           s.origin(request, body)))
 
 
 @stream_routes.get("/v1/processors")
@@ -53,4 +53,4 @@ async def get_processor(request: web.Request) -> web.Response:
 async def delete_processor(request: web.Request) -> web.Response:
     name = _name(request)
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("processor.delete", {"name": name}, s.request_id(request, body)))
+    return ok(await node_of(request).write("processor.delete", {"name": name}, s.origin(request, body)))

@@ -40,7 +40,7 @@ async def put_transform(request: web.Request) -> web.Response:
     _checked(lambda: check_pattern(body.get("topic"), "topic"))
     _checked(lambda: parse(body.get("rule")))
     args = {"name": name, "topic": body["topic"], "rule": body["rule"]}
-    return ok(await node_of(request).write("transform.put", args, s.request_id(request, body)))
+    return ok(await node_of(request).write("transform.put", args, s.origin(request, body)))
 
 
 @transform_routes.get("/v1/transforms")
@@ -71,7 +71,7 @@ async def get_transform(request: web.Request) -> web.Response:
 async def delete_transform(request: web.Request) -> web.Response:
     name = _checked(lambda: check_name(request.match_info["name"]))
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("transform.delete", {"name": name}, s.request_id(request, body)))
+    return ok(await node_of(request).write("transform.delete", {"name": name}, s.origin(request, body)))
 
 
 @transform_routes.post("/v1/transforms/try")

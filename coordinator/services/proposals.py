@@ -41,12 +41,15 @@ _STATE_ERRORS: dict[str, type[CoordinatorError]] = {
 }
 
 
-def request_key(principal: str, request_id: str, *request: str) -> RequestKey:
-    """The log's idempotency key for ``request_id`` given by ``principal``
-    (``admin``, ``anonymous``, ``agent:<id>``; ``cluster`` for the nodes' own),
-    with a digest of ``request``: the parts that say what was asked."""
+def request_key(principal: str, request_id: str | None, *request: str) -> RequestKey:
+    """The log's key for a request of ``principal`` (``admin``, ``anonymous``,
+    ``agent:<id>``; ``cluster`` for the nodes' own): its idempotency key for
+    ``request_id`` with a digest of ``request`` (the parts that say what was
+    asked), or none when ``request_id`` is None."""
+    if request_id is None:
+        return RequestKey(principal)
     text = "\n".join(request).encode("utf-8", "surrogatepass")
-    return RequestKey(f"{principal}/{request_id}", hashlib.sha256(text).hexdigest()[:32])
+    return RequestKey(principal, f"{principal}/{request_id}", hashlib.sha256(text).hexdigest()[:32])
 
 
 def cluster_request(op: str, *parts: str) -> RequestKey:
@@ -105,7 +108,8 @@ class Proposer:
         proposal_id = f"{self._prefix}-{next(self._counter)}"
         command = Command(op=op, args=args, now_ms=self.clock.now_ms(), proposal_id=proposal_id,
                           request_id=None if request is None else request.id,
-                          request_digest=None if request is None else request.digest)
+                          request_digest=None if request is None else request.digest,
+                          principal=None if request is None else request.principal)
         blob = encode_command(command)
         check_command_size(blob, self.command_max_bytes)
         future = self.applier.expect(proposal_id)

@@ -259,7 +259,8 @@ def test_decode_command_refuses_wrong_field_types(position: int, value: object) 
         {"op": "noop"},
         [],
         _good_row()[:5],
-        [*_good_row(), None, None],
+        [*_good_row(), None, None, None],
+        [*_good_row(), None, 7],  # principal
         [*_good_row(), 7],  # request_digest
     ],
 )
@@ -388,3 +389,10 @@ def test_args_nested_past_the_limit_are_refused_both_ways() -> None:
     forged = b"C" + _pack([1, "kv.put", deep, 1, None, None])  # a peer that skipped the check
     with pytest.raises(InvalidInput):
         decode_command(forged)
+
+
+def test_a_command_carries_its_principal_and_request_digest() -> None:
+    for command in (Command("kv.put", {"key": "k"}, 5, "agent:a/r", "p-1", request_digest="d", principal="agent:a"),
+                    Command("kv.put", {"key": "k"}, 5, None, "p-1", principal="admin"),
+                    Command("kv.put", {"key": "k"}, 5, "admin/r", "p-1", request_digest="d")):
+        assert decode_command(encode_command(command)) == command
