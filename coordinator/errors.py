@@ -32,6 +32,13 @@ class TooLarge(CoordinatorError):
     code = "too_large"
 
 
+class QuotaExceeded(CoordinatorError):
+    """A store, or the caller's share of the stores, would hold more bytes
+    than its limit allows (HTTP 507); ``limit`` names it."""
+
+    code = "quota_exceeded"
+
+
 class NotFound(CoordinatorError):
     code = "not_found"
 

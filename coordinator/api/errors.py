@@ -24,6 +24,7 @@ STATUS_BY_CODE = {
     "too_large": 413,
     "rate_limited": 429,
     "bad_gateway": 502,
+    "quota_exceeded": 507,
     "unavailable": 503,
     "not_leader": 503,
     "outcome_unknown": 504,
@@ -41,7 +42,7 @@ def render_error(exc: CoordinatorError) -> web.Response:
     extra: dict[str, object] = {}
     if isinstance(exc, InvalidInput):
         extra["field"] = exc.field
-    for key in ("compact_revision", "first_seq", "dropped_through", "line", "column", "limit"):
+    for key in ("compact_revision", "first_seq", "dropped_through", "line", "column", "limit", "field"):
         if key in exc.details:
             extra[key] = exc.details[key]
     headers = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import re
 from typing import Any
 
 from coordinator.codec import check_command_size, encode_command
@@ -26,13 +27,16 @@ from coordinator.errors import (
     InvalidInput,
     NotFound,
     OutcomeUnknown,
+    QuotaExceeded,
     ReplicaHalted,
+    TooLarge,
     Unavailable,
 )
 from coordinator.ports import Clock, ConfirmsResults, ConsensusEngine, Failure, Rng
 from coordinator.services.applier import Applier
 from coordinator.types import Command, RequestKey, Result
 
+_LIMIT_IN_MESSAGE = re.compile(r"more than ([a-z_]+) \(")
 _STATE_ERRORS: dict[str, type[CoordinatorError]] = {
     "compacted": Compacted,
     "conflict": Conflict,
@@ -70,6 +74,11 @@ def state_error(code: str, message: str) -> CoordinatorError:
     if code == "invalid":
         field, _, _ = message.partition(":")
         return InvalidInput(message, field=field or None)
+    if code == "quota":  # "<limit>: ..." (state.base.over_quota)
+        return QuotaExceeded(message, limit=message.partition(":")[0])
+    if code == "too_large":  # "<field>: about N bytes, more than <limit> (M)" (state.base.too_large)
+        named = _LIMIT_IN_MESSAGE.search(message)
+        return TooLarge(message, field=message.partition(":")[0], limit=named.group(1) if named else None)
     return _STATE_ERRORS.get(code, CoordinatorError)(message)
 
 

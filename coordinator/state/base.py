@@ -30,12 +30,59 @@ def invalid(field_name: str, message: str) -> Rejected:
     return Rejected("invalid", f"{field_name}: {message}")
 
 
+def over_quota(limit: str, message: str) -> Rejected:
+    """A store or a principal would hold more bytes than ``limit`` allows
+    (HTTP 507, naming the limit)."""
+    return Rejected("quota", f"{limit}: {message}")
+
+
+def too_large(field_name: str, size: int, limit: str, limit_bytes: int) -> Rejected:
+    """One item over its own cap (HTTP 413, naming the field and the limit)."""
+    return Rejected("too_large", f"{field_name}: about {size} bytes, more than {limit} ({limit_bytes})")
+
+
+def approx_size(value: Any) -> int:
+    """A deterministic size of a JSON value in bytes (close to its JSON
+    text): strings by their length, numbers 8, containers their parts.
+    Iterative, so deep nesting cannot overflow the stack."""
+    size = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += len(item) + 2
+        elif isinstance(item, dict):
+            size += 2
+            for key, inner in item.items():
+                size += len(key) + 3
+                stack.append(inner)
+        elif isinstance(item, list):
+            size += 2 + len(item)
+            stack.extend(item)
+        else:
+            size += 8
+    return size
+
+
+def charge(owned: dict[str, int], owner: str | None, size: int) -> None:
+    """Add ``size`` bytes (negative: release) to what ``owner`` holds in one
+    domain (``owned``: principal -> bytes). Only agents are charged."""
+    if owner is None or not owner.startswith("agent:"):
+        return
+    held = owned.get(owner, 0) + size
+    if held > 0:
+        owned[owner] = held
+    else:
+        owned.pop(owner, None)
+
+
 @dataclass(slots=True)
 class ApplyContext:
     """Carries one command's index and time, and collects what it emits."""
 
     index: int
     now_ms: int
+    principal: str | None = None  # who proposed the command (``Command.principal``)
     events: list[Event] = field(default_factory=list)
     changes: list[KvChange] = field(default_factory=list)
     derived: list[Any] = field(default_factory=list)  # stream processors' emissions, carried out after the command

@@ -31,7 +31,17 @@ from typing import Any
 
 from coordinator.errors import InvariantError
 from coordinator.state import filters
-from coordinator.state.base import ApplyContext, Rejected, check_int, check_number, check_str, invalid
+from coordinator.state.base import (
+    ApplyContext,
+    Rejected,
+    approx_size,
+    charge,
+    check_int,
+    check_number,
+    check_str,
+    invalid,
+    over_quota,
+)
 from coordinator.state.messages import GUARANTEES, MAX_ID_LEN, in_batch, normalize
 from coordinator.state.projections import lookup, scalar_key
 from coordinator.state.topics import check_pattern, check_topic, is_pattern, matches
@@ -56,6 +66,7 @@ _RANK = {g: i for i, g in enumerate(GUARANTEES)}
 @dataclass(frozen=True, slots=True)
 class BusLimits:
     messages_max: int = 200_000         # bodies held in all (retained or held by a consumer)
+    bytes_max: int = 256 << 20          # and their size (approx_size of each message)
     topics_max: int = 100_000
     consumers_max: int = 10_000         # subscriptions without group + groups + inboxes
     subscriptions_max: int = 50_000
@@ -82,15 +93,22 @@ class Body:
     retained: bool
     ttl_armed: bool = False    # its TTL timer is in the heap (one per body)
     holders: dict[str, int] = field(default_factory=dict)  # consumer key -> entry seq
+    size: int = 0              # approx_size of the message
+    owner: str | None = None   # the principal that published it (charged for its size)
 
     def to_data(self) -> list[Any]:
         return [self.topic, self.offset, self.index, self.publish_ms, self.message, self.expires_ms, self.retained,
-                self.ttl_armed, list(self.holders.items())]
+                self.ttl_armed, list(self.holders.items()), self.size, self.owner]
 
     @classmethod
     def from_data(cls, row: list[Any]) -> Body:
-        *head, holders = row
-        return cls(*head, holders=dict((k, s) for k, s in holders))
+        """Rows written before sizes were counted end with the holders: their
+        size is computed and their owner unknown."""
+        if len(row) == 9:
+            *head, holders = row
+            return cls(*head, holders=dict((k, s) for k, s in holders), size=approx_size(row[4]))
+        *head, holders, size, owner = row
+        return cls(*head, holders=dict((k, s) for k, s in holders), size=size, owner=owner)
 
 
 @dataclass(slots=True)
@@ -325,15 +343,29 @@ class Bus:
                          "transform_failed": 0}
         self._evictable: list[tuple[int, str, int]] = []  # heap of (index, topic, offset); stale keys skipped
         self.evictable_count = 0
+        self.bytes = 0  # the size of every body
+        self.evictable_bytes = 0
+        self.owned: dict[str, int] = {}  # principal -> the size of the bodies it published
 
     # -- bodies and their lifetime -----------------------------------------------------
 
     def _is_evictable(self, body: Body) -> bool:
         return body.retained and not body.holders
 
+    def _keep(self, body: Body) -> None:
+        self.bodies[(body.topic, body.offset)] = body
+        self.bytes += body.size
+        charge(self.owned, body.owner, body.size)
+
+    def _forget(self, body: Body) -> None:
+        del self.bodies[(body.topic, body.offset)]
+        self.bytes -= body.size
+        charge(self.owned, body.owner, -body.size)
+
     def _hold(self, body: Body, consumer_key: str, seq: int) -> None:
         if self._is_evictable(body):
             self.evictable_count -= 1
+            self.evictable_bytes -= body.size
         body.holders[consumer_key] = seq
 
     def _release(self, body: Body, consumer_key: str) -> None:
@@ -342,12 +374,13 @@ class Bus:
             return
         if body.retained:
             self.evictable_count += 1
+            self.evictable_bytes += body.size
             heapq.heappush(self._evictable, (body.index, body.topic, body.offset))
             if len(self._evictable) > 2 * self.evictable_count + 1024:
                 self._evictable = sorted((b.index, b.topic, b.offset) for b in self.bodies.values()
                                          if self._is_evictable(b))
         else:
-            del self.bodies[(body.topic, body.offset)]
+            self._forget(body)
 
     def _unretain(self, body: Body) -> None:
         """The topic no longer retains ``body`` (count, age, eviction)."""
@@ -357,9 +390,10 @@ class Bus:
         topic.log.pop(body.offset, None)
         if self._is_evictable(body):
             self.evictable_count -= 1
+            self.evictable_bytes -= body.size
         body.retained = False
         if not body.holders:
-            del self.bodies[(body.topic, body.offset)]
+            self._forget(body)
 
     def _evict_one(self) -> bool:
         while self._evictable:
@@ -371,8 +405,11 @@ class Bus:
                 return True
         return False
 
-    def room_for(self, count: int) -> bool:
-        return len(self.bodies) - self.evictable_count + count <= self.limits.messages_max
+    def room_for(self, count: int, size: int = 0) -> bool:
+        """Whether ``count`` more messages of ``size`` bytes in all fit,
+        counting what eviction (retained, unheld bodies) would free."""
+        return (len(self.bodies) - self.evictable_count + count <= self.limits.messages_max
+                and self.bytes - self.evictable_bytes + size <= self.limits.bytes_max)
 
     # -- timers ---------------------------------------------------------------------------
 
@@ -527,8 +564,9 @@ class Bus:
     # -- publishing -------------------------------------------------------------------------
 
     def check_publish(self, ctx: ApplyContext, args: dict[str, Any],
-                      agent_exists: Any) -> tuple[str, list[dict[str, Any]]]:
-        """Validate a publish completely before anything changes."""
+                      agent_exists: Any) -> tuple[str, list[dict[str, Any]], int]:
+        """Validate a publish completely before anything changes: the topic,
+        the normalised messages and their size in all."""
         topic = check_topic(args.get("topic"))
         raw = args.get("messages")
         if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_BATCH:
@@ -556,7 +594,12 @@ class Bus:
         if not self.room_for(len(messages)):
             raise Rejected("unavailable", f"the bus holds {self.limits.messages_max} messages; "
                                           "consumers must ack (or topics retain less) before more are accepted")
-        return topic, messages
+        size = sum(approx_size(m) for m in messages)
+        if not self.room_for(len(messages), size):
+            raise over_quota("bus_bytes_max", f"the bus holds about {self.bytes} bytes of messages "
+                                              f"(at most {self.limits.bytes_max}) and this adds {size}; consumers "
+                                              "must ack (or topics retain less) before more are accepted")
+        return topic, messages, size
 
     def check_routes(self, topic_name: str, targets: list[str]) -> None:
         """Refuse a publish whose transforms route to topics the bus cannot take
@@ -597,7 +640,8 @@ class Bus:
             target = self.topics.get(target_name)
             if target is None:
                 target = self.topics[target_name] = Topic(target_name)
-            offset, routed = self._store(ctx, target, stored, retain=not message["destination"] and failure is None,
+            offset, routed = self._store(ctx, target, stored, owner=ctx.principal,
+                                         retain=not message["destination"] and failure is None,
                                          dead_reason=failure)
             if exactly_once:
                 self.dedupe[(topic_name, message["id"])] = (offset, ctx.now_ms)
@@ -618,7 +662,7 @@ class Bus:
             self.dedupe.popitem(last=False)
 
     def _store(self, ctx: ApplyContext, topic: Topic, message: dict[str, Any], *, retain: bool,
-               dead_reason: str | None = None) -> tuple[int, int]:
+               dead_reason: str | None = None, owner: str | None = None) -> tuple[int, int]:
         """Store and route one message: its offset and how many consumers took
         it (with ``dead_reason``, straight into their dead-letter queues)."""
         offset = topic.next_offset
@@ -626,11 +670,13 @@ class Bus:
         topic.published += 1
         self.counters["published"] += 1
         ttl = message["ttl"]
-        while len(self.bodies) >= self.limits.messages_max and self._evict_one():
+        size = approx_size(message)
+        while ((len(self.bodies) >= self.limits.messages_max or self.bytes + size > self.limits.bytes_max)
+               and self._evict_one()):
             pass
         body = Body(topic.name, offset, ctx.index, ctx.now_ms, message,
-                    None if ttl is None else ctx.now_ms + ttl, retained=False)
-        self.bodies[(topic.name, offset)] = body
+                    None if ttl is None else ctx.now_ms + ttl, retained=False, size=size, owner=owner)
+        self._keep(body)
         binding = self.bindings.get(topic.name)
         if message["destination"]:
             for agent in dict.fromkeys(message["destination"]):
@@ -648,19 +694,21 @@ class Bus:
         if binding is not None and not message["destination"] and dead_reason is None:
             self._hold(body, BINDING_PREFIX + topic.name, offset)  # until the broker confirms it
         # A DLQ that keeps nothing (dlq_max=0) may have released the body while it was routed.
-        self.bodies[(topic.name, offset)] = body
+        if (topic.name, offset) not in self.bodies:
+            self._keep(body)
         self._arm_ttl(body)
         if retain and self._max_messages(topic) > 0:
             body.retained = True
             topic.log[offset] = None
             if not body.holders:
                 self.evictable_count += 1
+                self.evictable_bytes += body.size
                 heapq.heappush(self._evictable, (body.index, body.topic, body.offset))
             self._trim_count(topic)
             if topic.age_timer_ms is None and topic.log:
                 self._trim_age(ctx, topic)
         elif not body.holders:
-            del self.bodies[(topic.name, offset)]
+            self._forget(body)
         return offset, routed
 
     def matching(self, topic: str, message: dict[str, Any]) -> list[Consumer]:
@@ -708,7 +756,7 @@ class Bus:
             topic = self.topics.get(event.type)
             if not self.matching(event.type, message) and (topic is None or self._max_messages(topic) == 0):
                 continue
-            if not self.room_for(1):
+            if not self.room_for(1, approx_size(message)):
                 self.counters["events_dropped"] += 1
                 continue
             if topic is None:
@@ -1210,7 +1258,8 @@ class Bus:
     def from_data(cls, data: dict[str, Any], limits: BusLimits | None = None) -> Bus:
         bus = cls(limits)
         bus.topics = {row[0]: Topic.from_data(row) for row in data["topics"]}
-        bus.bodies = {(row[0], row[1]): Body.from_data(row) for row in data["bodies"]}
+        for row in data["bodies"]:
+            bus._keep(Body.from_data(row))
         for row in data["consumers"]:
             consumer = Consumer.from_data(row)
             bus.consumers[consumer.key] = consumer
@@ -1229,6 +1278,7 @@ class Bus:
         bus.counters = dict(data["counters"])
         bus._evictable = sorted((b.index, b.topic, b.offset) for b in bus.bodies.values() if bus._is_evictable(b))
         bus.evictable_count = len(bus._evictable)
+        bus.evictable_bytes = sum(bus.bodies[(t, o)].size for _, t, o in bus._evictable)
         return bus
 
 

@@ -36,17 +36,22 @@ stores nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.state.base import (
     ApplyContext,
     Rejected,
+    approx_size,
+    charge,
     check_int,
     check_known,
     check_object,
     check_str,
     invalid,
+    over_quota,
+    too_large,
 )
 
 MAX_STREAM_ID_LEN = 256
@@ -75,29 +80,6 @@ def category_of(stream: str) -> str | None:
     return head if dash and head else None
 
 
-def approx_size(value: Any) -> int:
-    """A deterministic size of a JSON value in bytes (close to its JSON
-    text): strings by their length, numbers 8, containers their parts.
-    Iterative, so deep nesting cannot overflow the stack."""
-    size = 0
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            size += len(item) + 2
-        elif isinstance(item, dict):
-            size += 2
-            for key, inner in item.items():
-                size += len(key) + 3
-                stack.append(inner)
-        elif isinstance(item, list):
-            size += 2 + len(item)
-            stack.extend(item)
-        else:
-            size += 8
-    return size
-
-
 @dataclass(slots=True)
 class StoredEvent:
     position: int
@@ -110,6 +92,7 @@ class StoredEvent:
     time_ms: int
     index: int
     size: int
+    owner: str | None = None  # the principal that appended it (charged for its size)
 
     def describe(self) -> dict[str, Any]:
         return {"position": self.position, "stream": self.stream, "version": self.version, "type": self.type,
@@ -118,11 +101,11 @@ class StoredEvent:
 
     def to_data(self) -> list[Any]:
         return [self.position, self.stream, self.version, self.type, self.data, self.metadata, self.event_id,
-                self.time_ms, self.index, self.size]
+                self.time_ms, self.index, self.size, self.owner]
 
     @classmethod
     def from_data(cls, data: list[Any]) -> StoredEvent:
-        return cls(*data)
+        return cls(*data)  # rows written before owners were kept have none
 
 
 @dataclass(slots=True)
@@ -157,6 +140,7 @@ class EventStore:
         self.position = 0  # the last position given
         self.events_count = 0
         self.bytes = 0
+        self.owned: dict[str, int] = {}  # principal -> the size of the events it appended
         self.counters: dict[str, int] = {"appended": 0, "duplicates": 0, "truncated": 0, "deleted": 0}
 
     # -- commands ------------------------------------------------------------------------------
@@ -186,11 +170,13 @@ class EventStore:
             check_str(event_id, f"{where}.id", MAX_EVENT_ID_LEN)
         size = approx_size(event["data"]) + (approx_size(metadata) if metadata is not None else 0)
         if size > self.limits.event_bytes_max:
-            raise invalid(f"{where}.data", f"event is about {size} bytes, at most {self.limits.event_bytes_max}")
+            raise too_large(f"{where}.data", size, "event_bytes_max", self.limits.event_bytes_max)
         return {"type": type_, "data": event["data"], "metadata": metadata, "id": event_id, "size": size}
 
-    def append(self, ctx: ApplyContext, args: dict[str, Any]) -> tuple[dict[str, Any], list[StoredEvent]]:
-        """The result, and the events stored (none for a duplicate)."""
+    def append(self, ctx: ApplyContext, args: dict[str, Any], check_owner: Callable[[int], None] | None = None
+               ) -> tuple[dict[str, Any], list[StoredEvent]]:
+        """The result, and the events stored (none for a duplicate), charged
+        to ``ctx.principal``; ``check_owner(size)`` may refuse them first."""
         stream_id, expected, events = self.check_append(args)
         stream = self.streams.get(stream_id)
         current = stream.version if stream is not None else None
@@ -204,7 +190,13 @@ class EventStore:
         size = sum(e["size"] for e in events)
         if stream is None and len(self.streams) >= self.limits.streams_max:
             raise Rejected("unavailable", f"the event store holds {self.limits.streams_max} streams")
-        if self.events_count + len(events) > self.limits.events_max or self.bytes + size > self.limits.bytes_max:
+        if self.bytes + size > self.limits.bytes_max:
+            raise over_quota("eventstore_bytes_max", f"the event store holds about {self.bytes} bytes (at most "
+                                                     f"{self.limits.bytes_max}) and this adds {size}; truncate "
+                                                     "streams below their snapshots or delete streams")
+        if check_owner is not None:
+            check_owner(size)
+        if self.events_count + len(events) > self.limits.events_max:
             raise Rejected("unavailable", f"the event store is full ({self.events_count} events, about "
                                           f"{self.bytes} bytes); truncate streams below their snapshots or "
                                           "delete streams")
@@ -221,7 +213,8 @@ class EventStore:
             self.position += 1
             stream.version += 1
             item = StoredEvent(self.position, stream_id, stream.version, event["type"], event["data"],
-                               event["metadata"], event["id"], ctx.now_ms, ctx.index, event["size"])
+                               event["metadata"], event["id"], ctx.now_ms, ctx.index, event["size"], ctx.principal)
+            charge(self.owned, ctx.principal, event["size"])
             stream.events.append(item)
             if log is not None:
                 log.events.append(item)
@@ -297,6 +290,8 @@ class EventStore:
         stream.first_version = before_version
         self.events_count -= count
         self.bytes -= sum(e.size for e in gone)
+        for event in gone:
+            charge(self.owned, event.owner, -event.size)
         self.counters["truncated"] += count
         category = category_of(stream.id)
         if category is not None:
@@ -382,6 +377,8 @@ class EventStore:
                 store.categories.setdefault(category, CategoryLog()).events.append(event)
         store.events_count = len(every)
         store.bytes = sum(e.size for e in every)
+        for event in every:
+            charge(store.owned, event.owner, event.size)
         return store
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coordinator.errors import InvariantError
@@ -23,20 +23,23 @@ from coordinator.state.base import (
     MAX_KEY_LEN,
     ApplyContext,
     Rejected,
+    approx_size,
     invalid,
     json_equal,
+    over_quota,
     require_dict,
     require_int,
     require_str,
+    too_large,
 )
 from coordinator.state.bus import MAX_FETCH, RESERVED_PREFIXES, Bus, BusLimits, check_publishable
 from coordinator.state.events import EventLog
 from coordinator.state.eventstore import EventStore, EventStoreLimits, StoredEvent, category_of
-from coordinator.state.kv import KvStore
+from coordinator.state.kv import KvStore, entry_size
 from coordinator.state.locks import Lock, Locks
 from coordinator.state.messages import normalize
 from coordinator.state.projections import Folded, ProjectionLimits, Projections, normalize_definition
-from coordinator.state.registry import HEALTH_STATES, Agent, Member, Members, Registry
+from coordinator.state.registry import HEALTH_STATES, Agent, Member, Members, Registry, agent_size
 from coordinator.state.sagas import SagaLimits, Sagas
 from coordinator.state.streams import Emission, StreamLimits, Streams
 from coordinator.state.topics import matches
@@ -59,11 +62,24 @@ CLOCK_STEP_MAX_MS = 300_000
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """What the replicated state may hold. Byte limits count ``approx_size``
+    (about the JSON size) and are the same on every replica: what a caller
+    can make every replica hold is bounded by them."""
+
     events_retained: int = 10_000
     kv_history: int = 10_000
     dedupe_entries: int = 20_000
     agents_max: int = 100_000
     locks_max: int = 100_000
+    kv_bytes_max: int = 256 << 20  # keys and values of the live entries
+    kv_value_bytes_max: int = 1 << 20  # one key and its value (a request body is at most 1 MiB too)
+    kv_history_bytes_max: int = 64 << 20  # the change history (watches) is trimmed to it
+    agent_metadata_bytes_max: int = 16 << 10  # one agent's metadata
+    registry_bytes_max: int = 128 << 20  # every agent's record
+    # Everything one agent stored and that stays until deleted, acked or
+    # expired: key/value entries it wrote last, bus messages it published,
+    # events it appended. Admin and anonymous callers are held by the stores' limits only.
+    principal_bytes_max: int = 64 << 20
     bus: BusLimits = field(default_factory=BusLimits)
     sagas: SagaLimits = field(default_factory=SagaLimits)
     eventstore: EventStoreLimits = field(default_factory=EventStoreLimits)
@@ -87,7 +103,7 @@ class StateMachine:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.applied_index = 0
-        self.kv = KvStore(self.limits.kv_history)
+        self.kv = KvStore(self.limits.kv_history, self.limits.kv_history_bytes_max)
         self.registry = Registry()
         self.locks = Locks()
         self.members = Members()
@@ -130,7 +146,7 @@ class StateMachine:
                 return Result(index=index, error=("conflict", "request_id: already used for a different request "
                                                               "(a retry must repeat the same request)"))
             return Result(index=index, value=value, error=error)
-        ctx = ApplyContext(index=index, now_ms=self.now_ms)
+        ctx = ApplyContext(index=index, now_ms=self.now_ms, principal=command.principal)
         value: Any = None
         error: tuple[str, str] | None = None
         handler = _HANDLERS.get(command.op)
@@ -179,7 +195,7 @@ class StateMachine:
                 check_publishable(emission.topic, message, lambda agent: agent in self.registry.agents)
                 if emission.topic not in self.bus.topics and len(self.bus.topics) >= self.bus.limits.topics_max:
                     raise Rejected("unavailable", "too many topics")
-                if not self.bus.room_for(1):
+                if not self.bus.room_for(1, approx_size(message)):
                     raise Rejected("unavailable", "the bus is full")
             except Rejected:
                 if processor is not None:
@@ -223,7 +239,7 @@ class StateMachine:
             raise InvariantError(f"unsupported snapshot version {data.get('v')!r}")
         machine = cls(limits)
         machine.applied_index = data["applied_index"]
-        machine.kv = KvStore.from_data(data["kv"], machine.limits.kv_history)
+        machine.kv = KvStore.from_data(data["kv"], machine.limits.kv_history, machine.limits.kv_history_bytes_max)
         machine.registry = Registry.from_data(data["agents"])
         machine.locks = Locks.from_data(data["locks"])
         machine.members = Members.from_data(data["members"])
@@ -270,6 +286,46 @@ class StateMachine:
                 keyed.append(((event.index, 1, event.seq), _folded_event(event)))
         keyed.sort(key=lambda pair: pair[0])
         return [folded for _, folded in keyed]
+
+    def principal_bytes(self, principal: str) -> int:
+        """What ``principal`` holds in the stores that charge it."""
+        return self.kv.owned.get(principal, 0) + self.bus.owned.get(principal, 0) + self.store.owned.get(principal, 0)
+
+    def check_principal_bytes(self, principal: str | None, adding: int, releasing: int = 0) -> None:
+        """Refuse (507) a command that would take an agent over
+        ``principal_bytes_max``; ``releasing`` is what it frees of its own."""
+        if principal is None or not principal.startswith("agent:") or adding <= releasing:
+            return
+        held = self.principal_bytes(principal)
+        limit = self.limits.principal_bytes_max
+        if held - releasing + adding > limit:
+            raise over_quota("principal_bytes_max", f"{principal} holds about {held} bytes and this adds "
+                                                     f"{adding - releasing}, over {limit}; delete keys, ack "
+                                                     "messages or truncate streams first")
+
+    def check_kv_put(self, principal: str | None, key: str, value: Any) -> int:
+        """The size of the entry a put would store, after checking it fits."""
+        size = entry_size(key, value)
+        if size > self.limits.kv_value_bytes_max:
+            raise too_large("value", size, "kv_value_bytes_max", self.limits.kv_value_bytes_max)
+        old = self.kv.get(key)
+        old_size = old.size if old is not None else 0
+        if self.kv.bytes - old_size + size > self.limits.kv_bytes_max and size > old_size:
+            raise over_quota("kv_bytes_max", f"the key/value store holds about {self.kv.bytes} bytes and this "
+                                              f"adds {size - old_size}, over {self.limits.kv_bytes_max}")
+        self.check_principal_bytes(principal, size, old_size if old is not None and old.owner == principal else 0)
+        return size
+
+    def check_agent_record(self, agent: Agent, old: Agent | None) -> None:
+        """Refuse an agent record whose metadata is too large, or that would
+        take the registry over ``registry_bytes_max``."""
+        size = approx_size(agent.metadata)
+        if size > self.limits.agent_metadata_bytes_max:
+            raise too_large("metadata", size, "agent_metadata_bytes_max", self.limits.agent_metadata_bytes_max)
+        grows = agent_size(agent) - (agent_size(old) if old is not None else 0)
+        if grows > 0 and self.registry.bytes + grows > self.limits.registry_bytes_max:
+            raise over_quota("registry_bytes_max", f"the registry holds about {self.registry.bytes} bytes, "
+                                                    f"over {self.limits.registry_bytes_max} with this agent")
 
     def check_fence(self, args: dict[str, Any]) -> None:
         """Refuse a write whose fence is not the current grant of its lock."""
@@ -335,7 +391,8 @@ def _kv_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     if "value" not in args:
         raise invalid("value", "is required")
     sm.check_fence(args)
-    return {"revision": sm.kv.put(ctx, key, args["value"])}
+    size = sm.check_kv_put(ctx.principal, key, args["value"])
+    return {"revision": sm.kv.put(ctx, key, args["value"], size)}
 
 
 @_op("kv.cas")
@@ -359,7 +416,8 @@ def _kv_cas(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
         current_revision = entry.mod_revision if entry is not None else 0
         if current_revision != expected_revision:
             raise Rejected("conflict", f"key {key!r}: revision is {current_revision}, not {expected_revision}")
-    return {"revision": sm.kv.put(ctx, key, args["value"])}
+    size = sm.check_kv_put(ctx.principal, key, args["value"])
+    return {"revision": sm.kv.put(ctx, key, args["value"], size)}
 
 
 @_op("kv.delete")
@@ -391,7 +449,8 @@ def _agent_register(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -
                   lease_id=ctx.index, health="unknown" if old is None else old.health,
                   registered_ms=ctx.now_ms if old is None else old.registered_ms,
                   public_key=public_key if public_key is not None else (old.public_key if old else None))
-    sm.registry.agents[agent_id] = agent
+    sm.check_agent_record(agent, old)
+    sm.registry.put(agent)
     if agent.public_key is not None:
         sm.access.pin(agent_id, agent.public_key, sm.registry.agents)
     event = "agent.spawned" if old is None else "agent.updated"
@@ -401,7 +460,7 @@ def _agent_register(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -
 
 
 def _remove_agent(sm: StateMachine, ctx: ApplyContext, agent: Agent, reason: str) -> None:
-    del sm.registry.agents[agent.id]
+    sm.registry.remove(agent.id)
     sm.events.emit(ctx, "agent.terminated", {"agentId": agent.id, "agentType": agent.type,
                                              "metadata": agent.metadata, "reason": reason,
                                              "lease_id": agent.lease_id})
@@ -431,12 +490,12 @@ def _agent_update(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> 
     agent = sm.registry.agents.get(agent_id)
     if agent is None:
         raise Rejected("not_found", f"agent {agent_id!r} is not registered")
-    if weight is not None:
-        agent.weight = weight
-    if endpoint is not None:
-        agent.endpoint = endpoint
-    if metadata is not None:
-        agent.metadata = metadata
+    changed = replace(agent, weight=weight if weight is not None else agent.weight,
+                      endpoint=endpoint if endpoint is not None else agent.endpoint,
+                      metadata=metadata if metadata is not None else agent.metadata)
+    sm.check_agent_record(changed, agent)
+    sm.registry.put(changed)
+    agent = changed
     sm.events.emit(ctx, "agent.updated", {"agentId": agent_id, "agentType": agent.type, "metadata": agent.metadata,
                                           "lease_id": agent.lease_id, "weight": agent.weight})
     return agent.describe()
@@ -553,7 +612,8 @@ def _agent_exists(sm: StateMachine) -> Callable[[str], bool]:
 @_op("bus.publish")
 def _bus_publish(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
     agent_exists = _agent_exists(sm)
-    topic, messages = sm.bus.check_publish(ctx, args, agent_exists)
+    topic, messages, size = sm.bus.check_publish(ctx, args, agent_exists)
+    sm.check_principal_bytes(ctx.principal, size)
     outcomes: list[Outcome] | None = None
     if sm.transforms.items:
         outcomes = [_routable(sm.transforms.apply(topic, m), topic, m, agent_exists) for m in messages]
@@ -770,7 +830,7 @@ def _from_event_log(message: dict[str, Any]) -> bool:
 
 @_op("es.append")
 def _es_append(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    result, stored = sm.store.append(ctx, args)
+    result, stored = sm.store.append(ctx, args, lambda size: sm.check_principal_bytes(ctx.principal, size))
     category = category_of(result["stream"])
     if stored and category is not None:
         folded = [_folded_stored(e) for e in stored]

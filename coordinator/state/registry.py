@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.state.base import approx_size
+
 HEALTH_STATES = ("healthy", "unhealthy", "unknown")
 
 
@@ -48,9 +50,29 @@ class Agent:
         }
 
 
+def agent_size(agent: Agent) -> int:
+    """What an agent makes every replica hold, about (``approx_size``)."""
+    return (approx_size(agent.metadata) + len(agent.id) + len(agent.type) + len(agent.endpoint or "")
+            + len(agent.public_key or "") + 64)
+
+
 class Registry:
     def __init__(self) -> None:
         self.agents: dict[str, Agent] = {}
+        self.bytes = 0  # agent_size of every agent
+
+    def put(self, agent: Agent) -> None:
+        """Add or replace an agent (its id's previous record)."""
+        old = self.agents.get(agent.id)
+        if old is not None:
+            self.bytes -= agent_size(old)
+        self.agents[agent.id] = agent
+        self.bytes += agent_size(agent)
+
+    def remove(self, agent_id: str) -> Agent:
+        agent = self.agents.pop(agent_id)
+        self.bytes -= agent_size(agent)
+        return agent
 
     def by_type(self, agent_type: str | None) -> list[Agent]:
         agents = (a for a in self.agents.values() if agent_type is None or a.type == agent_type)
@@ -63,8 +85,7 @@ class Registry:
     def from_data(cls, rows: list[Any]) -> Registry:
         registry = cls()
         for row in rows:
-            agent = Agent.from_data(row)
-            registry.agents[agent.id] = agent
+            registry.put(Agent.from_data(row))
         return registry
 
 
