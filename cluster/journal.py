@@ -68,6 +68,22 @@ def write_file_durably(path: str, data: bytes, *, fsync: bool = True) -> None:
         _fsync_dir(path)
 
 
+def replace_durably(src: str, dst: str, *, fsync: bool = True) -> None:
+    """Rename the complete file ``src`` (written by someone else, maybe never
+    synced) onto ``dst``: its data is fsynced before the rename, the directory
+    after, so when this returns ``dst`` holds ``src``'s bytes across a power
+    cut (``fsync=False``: the rename only). Raises ``OSError``."""
+    if fsync:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(src, dst)
+    if fsync:
+        _fsync_dir(dst)
+
+
 def frame(payload: bytes) -> bytes:
     """One ``COORDJ1`` record (PBFT's journal still writes these): length,
     CRC32 of the payload, payload. The length is outside the CRC; the Raft

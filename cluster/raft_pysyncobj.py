@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import serializer as _pysyncobj_serializer
 from pysyncobj import syncobj as _pysyncobj
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
@@ -53,7 +54,7 @@ from pysyncobj.transport import TCPTransport
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
 from cluster.errors import EngineError, MissingSecret
-from cluster.journal import DurableJournal, write_file_durably
+from cluster.journal import DurableJournal, replace_durably, write_file_durably
 from coordinator.codec import decode_record, encode_record
 from coordinator.errors import Unavailable
 from coordinator.ports import Done, EngineStatus, Failure, ReplicatedFSM
@@ -97,6 +98,39 @@ def _create_journal(path: Any) -> Any:
 
 
 _pysyncobj.createJournal = _create_journal
+
+
+class _SnapshotPath(str):
+    """The snapshot path handed to pysyncobj (``fullDumpFile``): a rename onto
+    it goes through ``_replace_snapshot``, durable unless ``durability`` is
+    ``"none"``."""
+
+    durability: str
+
+
+_pysyncobj_atomic_replace = _pysyncobj_serializer.atomicReplace
+
+
+def _replace_snapshot(src: Any, dst: Any) -> Any:
+    """pysyncobj's Serializer renames every snapshot into place with its
+    ``atomicReplace``: ours after ``_serialize`` wrote it, and one received
+    from the leader (``setTransmissionData``), which it wrote unsynced. Right
+    after that rename a follower loads the snapshot, clears its journal and
+    acknowledges the install: with the file or the rename still in the page
+    cache, a power cut would leave neither the entries nor the snapshot that
+    replaced them. For our snapshot path the file is fsynced, renamed and the
+    directory fsynced before pysyncobj goes on (an ``OSError`` makes it drop
+    the install unacknowledged)."""
+    if not isinstance(dst, _SnapshotPath):
+        return _pysyncobj_atomic_replace(src, dst)
+    replace_durably(src, dst, fsync=dst.durability == "fsync")
+    if str(src).endswith(".1.tmp"):  # pysyncobj's name for a snapshot received from the leader
+        log.info("installed a snapshot received from the leader (%s)", "synced" if dst.durability == "fsync"
+                 else "not synced: durability none")
+    return True
+
+
+_pysyncobj_serializer.atomicReplace = _replace_snapshot
 
 
 _RELAYED = ("apply_command", "apply_command_response")  # a follower's command and the leader's answer
@@ -398,15 +432,36 @@ class PySyncObjEngine:
             self._bridge.closed = True
 
     def _make_sync(self) -> _ReplicatedLog:
-        t = self._tuning
         journal_path = _JournalPath(os.path.join(self.data_dir, "raft.journal"))
         journal_path.durability = self.durability
         journal_path.journal = None
+        conf = self._conf(journal_path)
+
+        def transport_class(sync_obj: Any, self_node: Any, other_nodes: Any) -> _SyncingTransport:
+            if journal_path.journal is None:
+                raise EngineError("journal was not created before the transport")
+            self._journal = journal_path.journal  # before the tick thread can need it
+            self._transport = _SyncingTransport(sync_obj, self_node, other_nodes, journal_path.journal)
+            return self._transport
+
+        stall_at = self._failpoints.get("apply_stall_at") if self.generation == 0 else None
+        self._notifier = None
+        self._last_flush = (0, 0)
+        sync = _ReplicatedLog(self._bridge, self.address, [self._dial_of(p) for p in self.peers], conf,
+                              transport_class, stall_at)
+        sync.addOnTickCallback(self._on_tick)
+        return sync
+
+    def _conf(self, journal_path: _JournalPath) -> SyncObjConf:
+        """pysyncobj's configuration for this engine (a fresh one per SyncObj)."""
+        t = self._tuning
         low, high = t["election_timeout_s"]
-        conf = SyncObjConf(
+        snapshot_path = _SnapshotPath(os.path.join(self.data_dir, "raft.snapshot"))
+        snapshot_path.durability = self.durability
+        return SyncObjConf(
             password=self._secret,
             journalFile=journal_path,
-            fullDumpFile=os.path.join(self.data_dir, "raft.snapshot"),
+            fullDumpFile=snapshot_path,
             serializer=self._serialize,
             deserializer=self._deserialize,
             dynamicMembershipChange=True,
@@ -427,21 +482,6 @@ class PySyncObjEngine:
             maxBindRetries=20,
             onStateChanged=self._on_state_changed,
         )
-
-        def transport_class(sync_obj: Any, self_node: Any, other_nodes: Any) -> _SyncingTransport:
-            if journal_path.journal is None:
-                raise EngineError("journal was not created before the transport")
-            self._journal = journal_path.journal  # before the tick thread can need it
-            self._transport = _SyncingTransport(sync_obj, self_node, other_nodes, journal_path.journal)
-            return self._transport
-
-        stall_at = self._failpoints.get("apply_stall_at") if self.generation == 0 else None
-        self._notifier = None
-        self._last_flush = (0, 0)
-        sync = _ReplicatedLog(self._bridge, self.address, [self._dial_of(p) for p in self.peers], conf,
-                              transport_class, stall_at)
-        sync.addOnTickCallback(self._on_tick)
-        return sync
 
     @staticmethod
     def _destroy(sync: _ReplicatedLog) -> None:
