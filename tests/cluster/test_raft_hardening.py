@@ -107,6 +107,7 @@ def _relaying_transport(tmp_path, monkeypatch) -> tuple[raft._SyncingTransport, 
     transport = object.__new__(raft._SyncingTransport)
     transport._journal = journal
     transport._relays = {}
+    transport._relay_batch_bytes = 1 << 20
     return transport, journal, sent
 
 
