@@ -6,6 +6,8 @@ These drive pysyncobj's real Raft code in-process with a recording transport
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.transport import TCPTransport, Transport
@@ -13,6 +15,7 @@ from pysyncobj.transport import TCPTransport, Transport
 from cluster import raft_pysyncobj as raft
 from cluster.errors import MissingSecret
 from cluster.journal import DurableJournal
+from coordinator.codec import encode_record
 from coordinator.services.applier import Applier
 
 ME, B, C = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
@@ -251,12 +254,6 @@ def test_an_installed_snapshot_is_on_disk_before_the_journal_is_cleared_and_the_
     the leader can count the install, the snapshot's data and its rename must
     be on disk: fsync of the file, then of the directory. (Without the
     engine's durable rename there was neither.)"""
-    import os
-
-    from pysyncobj import SyncObj
-
-    from coordinator.codec import encode_record
-
     engine = raft.PySyncObjEngine(node_id="n1", address=ME, peers=[B, C], data_dir=str(tmp_path),
                                   secret="s" * 32, fsm=Applier())
     engine._bridge = _PostedBridge()
