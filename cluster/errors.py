@@ -18,3 +18,11 @@ class MissingSecret(EngineError):
     """The cluster port would accept unauthenticated peers."""
 
     code = "missing_secret"
+
+
+class FrameRefused(EngineError):
+    """A frame on the Raft port declared a length it may not have (negative,
+    or over the cap for what that connection may send yet): the connection is
+    closed before the frame is buffered."""
+
+    code = "frame_refused"

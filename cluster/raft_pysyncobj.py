@@ -43,6 +43,14 @@ Where pysyncobj 0.3.17 would lose data or answer slowly, this adapter changes it
   the journal on disk is left untouched).
 * Security. The port refuses to start without the cluster secret: pysyncobj
   unpickles what arrives on it, so only peers knowing the secret may talk.
+  pysyncobj buffers a whole frame (up to 2 GiB, by quadratic concatenation)
+  before its Fernet token can be checked; here every frame is capped (twice
+  the append batch size; a connection's first frame, its key exchange, at
+  ``HANDSHAKE_FRAME_MAX_BYTES``) and read into a growable buffer, at most
+  ``READ_BUDGET_BYTES`` per readiness event, and at most
+  ``UNAUTHENTICATED_MAX`` incoming connections may be waiting to prove the
+  secret, each for ``connectionTimeout`` at most (``_BoundedConnection``,
+  ``_BoundedServer``).
 
 Threads: pysyncobj runs its own tick thread. Everything public here is called
 on the event loop; everything the tick thread produces reaches the loop via
@@ -53,8 +61,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
+import functools
 import logging
 import os
+import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -66,12 +78,14 @@ from pysyncobj import serializer as _pysyncobj_serializer
 from pysyncobj import syncobj as _pysyncobj
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.poller import POLL_EVENT_TYPE
+from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.transport import TCPTransport
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
 from cluster import files
-from cluster.errors import EngineError, MissingSecret
-from cluster.journal import DurableJournal, write_file_durably
+from cluster.errors import EngineError, FrameRefused, MissingSecret
+from cluster.journal import DurableJournal, replace_durably, write_file_durably
 from cluster.power_loss import PowerLossRecorder
 from coordinator.codec import decode_record, encode_record
 from coordinator.errors import ReplicaHalted, Unavailable
@@ -123,6 +137,261 @@ _pysyncobj.createJournal = _create_journal
 _pysyncobj_serializer.atomicReplace = files.replace
 
 
+# -- the Raft port: bounded frames, bounded strangers ------------------------------------
+
+_FRAME_LENGTH = struct.Struct("i")  # pysyncobj's frame prefix: a native signed 32-bit length
+HANDSHAKE_FRAME_MAX_BYTES = 64 << 10  # a connection's first frame is a key exchange of ~200 bytes
+READ_BUDGET_BYTES = 1 << 20  # read per readiness event and connection; the poller is level-triggered
+UNAUTHENTICATED_MAX = 8  # incoming connections that have not yet proved the cluster secret
+_ACCEPTS_PER_EVENT = 16
+_WARN_EVERY_S = 10.0
+_last_warned: dict[str, float] = {}
+
+
+def _warn_throttled(kind: str, message: str, *args: Any) -> None:
+    """A warning at most every ``_WARN_EVERY_S`` per kind: a stranger flooding
+    the port must not flood the log as well (tick thread)."""
+    now = time.monotonic()
+    if now - _last_warned.get(kind, float("-inf")) >= _WARN_EVERY_S:
+        _last_warned[kind] = now
+        log.warning(message, *args)
+
+
+class FrameReader:
+    """pysyncobj's length-prefixed frames out of a byte stream, with a cap.
+
+    Bytes go into one growable buffer and complete frames are cut off its
+    front in place, so a frame arriving in many pieces costs time linear in
+    its size (pysyncobj concatenates immutable bytes: quadratic). A frame
+    whose declared length is negative or over ``frame_max_bytes`` raises
+    ``FrameRefused`` as soon as its 4-byte length is in, so no more of it is
+    buffered than what arrived with the length. ``frame_max_bytes`` may be
+    raised between frames (after the connection authenticated).
+
+    Owned by one connection; used only on the tick thread."""
+
+    def __init__(self, frame_max_bytes: int) -> None:
+        self.frame_max_bytes = frame_max_bytes
+        self._buffer = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes. Raises ``FrameRefused`` (the buffer is then
+        of no further use: the caller closes the connection)."""
+        self._buffer += data
+        self._declared()
+
+    def next_frame(self) -> bytes | None:
+        """The next complete frame, length prefix included (what pysyncobj's
+        parser takes), or None until one is complete. Raises ``FrameRefused``."""
+        length = self._declared()
+        if length is None or len(self._buffer) < _FRAME_LENGTH.size + length:
+            return None
+        end = _FRAME_LENGTH.size + length
+        frame = bytes(self._buffer[:end])
+        del self._buffer[:end]  # deleting from the front of a bytearray moves no bytes
+        return frame
+
+    def clear(self) -> None:
+        self._buffer.clear()
+
+    def _declared(self) -> int | None:
+        if len(self._buffer) < _FRAME_LENGTH.size:
+            return None
+        (length,) = _FRAME_LENGTH.unpack_from(self._buffer)
+        if length < 0 or length > self.frame_max_bytes:
+            raise FrameRefused(f"a frame of {length} bytes declared, at most {self.frame_max_bytes} allowed")
+        return length
+
+
+_pysyncobj_parse_frame = TcpConnection._TcpConnection__processParseMessage  # type: ignore[attr-defined]
+
+
+class _BoundedConnection(TcpConnection):
+    """pysyncobj's TcpConnection, reading through a ``FrameReader``.
+
+    Until one frame has decrypted with the cluster secret (Fernet: an HMAC
+    over the frame) the connection is a stranger's: its frames may be at most
+    ``HANDSHAKE_FRAME_MAX_BYTES`` (the first frame either side sends is a
+    32-byte key); after that, ``frame_max_bytes``, above any frame a peer
+    sends (appends are batched to half of it, relays too). A frame over the
+    cap, or one that does not decrypt, closes the connection. Decrypting and
+    decoding stay pysyncobj's (``_pysyncobj_parse_frame``, handed one frame at
+    a time); this class only decides how much is read and buffered.
+
+    Tick thread only, like every pysyncobj connection."""
+
+    def __init__(self, *args: Any, frame_max_bytes: int, on_refused: Callable[[str], None], **kwargs: Any) -> None:
+        self.frame_max_bytes = frame_max_bytes
+        self.authenticated = False
+        self.opened_at = _pysyncobj.monotonicTime()
+        self._reader = FrameReader(min(HANDSHAKE_FRAME_MAX_BYTES, frame_max_bytes))
+        self._on_refused = on_refused
+        super().__init__(*args, **kwargs)
+
+    def connect(self, host: Any, port: Any) -> bool:
+        self._restart()
+        return super().connect(host, port)
+
+    def disconnect(self) -> None:
+        self._restart()
+        super().disconnect()
+
+    def _restart(self) -> None:
+        self._reader.clear()
+        self._reader.frame_max_bytes = min(HANDSHAKE_FRAME_MAX_BYTES, self.frame_max_bytes)
+        self.authenticated = False
+        self.opened_at = _pysyncobj.monotonicTime()
+
+    def _refuse(self, reason: str) -> None:
+        self._on_refused(reason)
+        self.disconnect()
+
+    # pysyncobj's private reading methods (name-mangled), replaced:
+
+    def _TcpConnection__tryReadBuffer(self) -> None:  # noqa: N802
+        """Read what arrived, at most ``READ_BUDGET_BYTES``: the rest is read on
+        the next tick, so one fast sender cannot hold the tick thread here."""
+        got = 0
+        while got < READ_BUDGET_BYTES:  # every turn reads at least a byte or leaves
+            read = self._read_once()
+            if read <= 0:
+                break
+            got += read
+        self._TcpConnection__lastReadTime = _pysyncobj.monotonicTime()
+
+    def _read_once(self) -> int:
+        sock = self._TcpConnection__socket
+        try:
+            incoming = sock.recv(self._TcpConnection__recvBufferSize)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.disconnect()
+            return 0
+        if not incoming or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self.disconnect()
+            return 0
+        try:
+            self._reader.feed(incoming)
+        except FrameRefused as exc:
+            self._refuse(str(exc) if self.authenticated else f"before authentication, {exc}")
+            return 0
+        return len(incoming)
+
+    def _TcpConnection__processParseMessage(self) -> Any:  # noqa: N802
+        try:
+            frame = self._reader.next_frame()
+        except FrameRefused as exc:
+            self._refuse(str(exc) if self.authenticated else f"before authentication, {exc}")
+            return None
+        if frame is None:
+            return None
+        self._TcpConnection__readBuffer = frame  # pysyncobj decrypts and decodes exactly this frame
+        was_authenticated = self.authenticated
+        message = _pysyncobj_parse_frame(self)
+        if self.state == CONNECTION_STATE.DISCONNECTED:  # it did not decrypt
+            if not was_authenticated:
+                self._on_refused("a first frame that does not decrypt with the cluster secret")
+            return None
+        if not was_authenticated:
+            self.authenticated = True
+            self._reader.frame_max_bytes = self.frame_max_bytes
+        return message
+
+
+class _BoundedServer:
+    """The Raft port's listening socket, in place of pysyncobj's TcpServer
+    (which accepts without limit and unbinds for good on any accept error,
+    EMFILE included). Accepts at most ``_ACCEPTS_PER_EVENT`` connections per
+    tick and hands each socket to ``accept``, which may close it at once.
+    Same interface as TcpServer (``bind``, ``unbind``); tick thread only."""
+
+    def __init__(self, poller: Any, host: str, port: int | str, accept: Callable[[socket.socket], None],
+                 send_buffer_bytes: int, recv_buffer_bytes: int) -> None:
+        self._poller = poller
+        self._address = (host, int(port))
+        self._accept = accept
+        self._send_buffer_bytes = send_buffer_bytes
+        self._recv_buffer_bytes = recv_buffer_bytes
+        self._socket: socket.socket | None = None
+
+    def bind(self) -> None:
+        family = socket.AF_INET6 if ":" in self._address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._send_buffer_bytes)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._recv_buffer_bytes)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+            sock.bind(self._address)
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        self._socket = sock
+        self._poller.subscribe(sock.fileno(), self._on_event, POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR)
+
+    def unbind(self) -> None:
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            self._poller.unsubscribe(sock.fileno())
+            sock.close()
+
+    def _on_event(self, descr: int, event: int) -> None:
+        sock = self._socket
+        if sock is None or descr != sock.fileno():
+            self._poller.unsubscribe(descr)
+            return
+        if event & POLL_EVENT_TYPE.ERROR:
+            self.unbind()
+            return
+        for _ in range(_ACCEPTS_PER_EVENT):
+            try:
+                conn, _ = sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE and the like: the port stays; the next tick tries again
+                _warn_throttled("accept", "raft port: accept failed: %s", exc)
+                return
+            self._accept(conn)
+
+
+class _SnapshotPath(str):
+    """The snapshot path handed to pysyncobj (``fullDumpFile``): a rename onto
+    it goes through ``_replace_snapshot``, durable unless ``durability`` is
+    ``"none"``."""
+
+    durability: str
+
+
+_pysyncobj_atomic_replace = _pysyncobj_serializer.atomicReplace
+
+
+def _replace_snapshot(src: Any, dst: Any) -> Any:
+    """pysyncobj's Serializer renames every snapshot into place with its
+    ``atomicReplace``: ours after ``_serialize`` wrote it, and one received
+    from the leader (``setTransmissionData``), which it wrote unsynced. Right
+    after that rename a follower loads the snapshot, clears its journal and
+    acknowledges the install: with the file or the rename still in the page
+    cache, a power cut would leave neither the entries nor the snapshot that
+    replaced them. For our snapshot path the file is fsynced, renamed and the
+    directory fsynced before pysyncobj goes on (an ``OSError`` makes it drop
+    the install unacknowledged)."""
+    if not isinstance(dst, _SnapshotPath):
+        return _pysyncobj_atomic_replace(src, dst)
+    replace_durably(src, dst, fsync=dst.durability == "fsync")
+    if str(src).endswith(".1.tmp"):  # pysyncobj's name for a snapshot received from the leader
+        log.info("installed a snapshot received from the leader (%s)", "synced" if dst.durability == "fsync"
+                 else "not synced: durability none")
+    return True
+
+
+_pysyncobj_serializer.atomicReplace = _replace_snapshot
+
+
 _RELAYED = ("apply_command", "apply_command_response")  # a follower's command and the leader's answer
 _NO_SYNC = ("append_entries", *_RELAYED)
 
@@ -144,12 +413,91 @@ class _SyncingTransport(TCPTransport):
     own pickled, compressed, encrypted frame; here they wait in ``_relays``
     until the end of the tick (``flush_relays``) or until another message goes
     to the same node (so the order on each link is unchanged), and leave as
-    one ``relay_batch`` frame."""
+    one ``relay_batch`` frame (several when their commands exceed the append
+    batch size, so no frame nears the cap a peer enforces).
+
+    The port itself is bounded (see ``_BoundedConnection``): every connection
+    reads through a capped ``FrameReader``; an incoming connection beyond
+    ``UNAUTHENTICATED_MAX`` still proving the secret is closed at once, and
+    one that has not proved it within ``connectionTimeout`` is closed then.
+    ``refusals`` counts strangers' connections and frames refused."""
 
     def __init__(self, sync_obj: Any, self_node: Any, other_nodes: Any, journal: DurableJournal) -> None:
         self._journal = journal
         self._relays: dict[Any, list[dict[str, Any]]] = {}
+        self.refusals = 0
+        batch_bytes = sync_obj.conf.appendEntriesBatchSizeBytes
+        self._relay_batch_bytes = batch_bytes
+        # pysyncobj sends up to a batch of entries plus the one that crosses it, zlib-compressed
+        # and base64-encoded (x4/3) by Fernet; entries are at most a quarter of a batch.
+        self.frame_max_bytes = 2 * batch_bytes
         super().__init__(sync_obj, self_node, other_nodes)
+
+    # -- the bounded port (overrides of TCPTransport) --
+
+    def _createServer(self) -> None:  # noqa: N802 - pysyncobj's name
+        # pysyncobj binds every interface (0.0.0.0) unless told otherwise; the
+        # port listens on the node's own Raft address only, as documented.
+        conf = self._syncObj.conf
+        host, port = (conf.bindAddress or self._selfNode.address).rsplit(":", 1)
+        host = host.strip("[]")
+        if host not in ("0.0.0.0", "::"):
+            host = _pysyncobj.globalDnsResolver().resolve(host)
+        if host is None:
+            raise EngineError(f"cannot resolve the Raft address {self._selfNode.address}")
+        self._server = _BoundedServer(self._syncObj._poller, host, port, self._accept_connection,
+                                      conf.sendBufferSize, conf.recvBufferSize)
+
+    def _connection(self, **kwargs: Any) -> _BoundedConnection:
+        conf = self._syncObj.conf
+        return _BoundedConnection(poller=self._syncObj._poller, timeout=conf.connectionTimeout,
+                                  sendBufferSize=conf.sendBufferSize, recvBufferSize=conf.recvBufferSize,
+                                  frame_max_bytes=self.frame_max_bytes, on_refused=self._refused, **kwargs)
+
+    def _accept_connection(self, sock: socket.socket) -> None:
+        """A new incoming connection (tick thread): closed at once when
+        ``UNAUTHENTICATED_MAX`` others are still proving the secret."""
+        waiting = sum(1 for conn in self._unknownConnections if not getattr(conn, "authenticated", False))
+        if waiting >= UNAUTHENTICATED_MAX:
+            sock.close()
+            self._refused(f"a connection beyond the {UNAUTHENTICATED_MAX} still proving the cluster secret")
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._syncObj.conf.sendBufferSize)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._syncObj.conf.recvBufferSize)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return
+        self._onNewIncomingConnection(self._connection(socket=sock))
+
+    def addNode(self, node: Any) -> None:  # noqa: N802 - pysyncobj's name
+        """pysyncobj's addNode with our connection class for outgoing links."""
+        self._nodes.add(node)
+        self._nodeAddrToNode[node.address] = node
+        if self._shouldConnect(node):
+            conn = self._connection(keepalive=self._syncObj.conf.tcp_keepalive)
+            conn.encryptor = self._syncObj.encryptor
+            conn.setOnConnectedCallback(functools.partial(self._onOutgoingConnected, conn))
+            conn.setOnMessageReceivedCallback(functools.partial(self._onMessageReceived, node))
+            conn.setOnDisconnectedCallback(functools.partial(self._onDisconnected, conn))
+            self._connections[node] = conn
+
+    def _onTick(self) -> None:  # noqa: N802 - pysyncobj's name
+        super()._onTick()
+        now = _pysyncobj.monotonicTime()
+        limit = self._syncObj.conf.connectionTimeout
+        for conn in list(self._unknownConnections):  # at most UNAUTHENTICATED_MAX plus utility links
+            if not getattr(conn, "authenticated", True) and now - conn.opened_at > limit:
+                self._refused(f"a connection that did not prove the cluster secret within {limit:g} s")
+                conn.disconnect()
+
+    def _refused(self, reason: str) -> None:
+        self.refusals += 1
+        _warn_throttled(reason.split(",")[0], "raft port: closed %s (%d refusals so far)", reason, self.refusals)
+
+    # -- sending --
 
     def send(self, node: Any, message: Any) -> bool:
         kind = message.get("type")
@@ -173,8 +521,9 @@ class _SyncingTransport(TCPTransport):
         batch = self._relays.pop(node, None)
         if not batch:
             return
-        message = batch[0] if len(batch) == 1 else {"type": "relay_batch", "messages": batch}
-        super().send(node, message)
+        for part in split_relays(batch, self._relay_batch_bytes):
+            message = part[0] if len(part) == 1 else {"type": "relay_batch", "messages": part}
+            super().send(node, message)
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802 - pysyncobj's name
         if isinstance(message, dict) and message.get("type") == "relay_batch":
@@ -186,6 +535,22 @@ class _SyncingTransport(TCPTransport):
         message = trim_append_entries(message, self._journal)
         if message is not None:
             super()._onMessageReceived(node, message)
+
+
+def split_relays(batch: list[dict[str, Any]], batch_bytes: int) -> list[list[dict[str, Any]]]:
+    """``batch`` in order, cut into parts whose commands add up to at most
+    ``batch_bytes`` (a part holds at least one message)."""
+    parts: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for message in batch:
+        command = message.get("command")
+        weight = 64 + (len(command) if isinstance(command, (bytes, bytearray, str)) else 0)
+        if parts[-1] and size + weight > batch_bytes:
+            parts.append([])
+            size = 0
+        parts[-1].append(message)
+        size += weight
+    return parts
 
 
 def trim_append_entries(message: Any, journal: Any) -> Any:
@@ -476,15 +841,37 @@ class PySyncObjEngine:
             self._power_loss.stop()
 
     def _make_sync(self) -> _ReplicatedLog:
-        t = self._tuning
         journal_path = _JournalPath(os.path.join(self.data_dir, "raft.journal"))
         journal_path.durability = self.durability
         journal_path.journal = None
+        conf = self._conf(journal_path)
+
+        def transport_class(sync_obj: Any, self_node: Any, other_nodes: Any) -> _SyncingTransport:
+            if journal_path.journal is None:
+                raise EngineError("journal was not created before the transport")
+            self._journal = journal_path.journal  # before the tick thread can need it
+            self._transport = _SyncingTransport(sync_obj, self_node, other_nodes, journal_path.journal)
+            return self._transport
+
+        stall_at = self._failpoints.get("apply_stall_at") if self.generation == 0 else None
+        stall_at = self._failpoints.get("apply_stall_always_at", stall_at)
+        self._notifier = None
+        self._last_flush = (0, 0)
+        sync = _ReplicatedLog(self._bridge, self.address, [self._dial_of(p) for p in self.peers], conf,
+                              transport_class, stall_at)
+        sync.addOnTickCallback(self._on_tick)
+        return sync
+
+    def _conf(self, journal_path: _JournalPath) -> SyncObjConf:
+        """pysyncobj's configuration for this engine (a fresh one per SyncObj)."""
+        t = self._tuning
         low, high = t["election_timeout_s"]
-        conf = SyncObjConf(
+        snapshot_path = _SnapshotPath(os.path.join(self.data_dir, "raft.snapshot"))
+        snapshot_path.durability = self.durability
+        return SyncObjConf(
             password=self._secret,
             journalFile=journal_path,
-            fullDumpFile=os.path.join(self.data_dir, "raft.snapshot"),
+            fullDumpFile=snapshot_path,
             serializer=self._serialize,
             deserializer=self._deserialize,
             dynamicMembershipChange=True,
@@ -505,22 +892,6 @@ class PySyncObjEngine:
             maxBindRetries=20,
             onStateChanged=self._on_state_changed,
         )
-
-        def transport_class(sync_obj: Any, self_node: Any, other_nodes: Any) -> _SyncingTransport:
-            if journal_path.journal is None:
-                raise EngineError("journal was not created before the transport")
-            self._journal = journal_path.journal  # before the tick thread can need it
-            self._transport = _SyncingTransport(sync_obj, self_node, other_nodes, journal_path.journal)
-            return self._transport
-
-        stall_at = self._failpoints.get("apply_stall_at") if self.generation == 0 else None
-        stall_at = self._failpoints.get("apply_stall_always_at", stall_at)
-        self._notifier = None
-        self._last_flush = (0, 0)
-        sync = _ReplicatedLog(self._bridge, self.address, [self._dial_of(p) for p in self.peers], conf,
-                              transport_class, stall_at)
-        sync.addOnTickCallback(self._on_tick)
-        return sync
 
     @staticmethod
     def _destroy(sync: _ReplicatedLog) -> None:

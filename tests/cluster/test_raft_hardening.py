@@ -6,6 +6,8 @@ These drive pysyncobj's real Raft code in-process with a recording transport
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.transport import TCPTransport, Transport
@@ -13,6 +15,7 @@ from pysyncobj.transport import TCPTransport, Transport
 from cluster import raft_pysyncobj as raft
 from cluster.errors import MissingSecret
 from cluster.journal import DurableJournal
+from coordinator.codec import encode_record
 from coordinator.services.applier import Applier
 
 ME, B, C = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
@@ -107,6 +110,7 @@ def _relaying_transport(tmp_path, monkeypatch) -> tuple[raft._SyncingTransport, 
     transport = object.__new__(raft._SyncingTransport)
     transport._journal = journal
     transport._relays = {}
+    transport._relay_batch_bytes = 1 << 20
     return transport, journal, sent
 
 
@@ -230,3 +234,71 @@ def test_pysyncobj_keeps_the_matching_log_behind_the_guard(tmp_path) -> None:
     node._SyncObj__onMessageReceived(leader, resent)  # what pysyncobj alone does with it
     assert len(path.journal) == 6
     path.journal._destroy()
+
+
+class _PostedBridge:
+    """Stands in for the engine's bridge to the loop: records what it is given."""
+
+    def __init__(self) -> None:
+        self.posted: list[tuple] = []
+
+    def post(self, item: tuple) -> None:
+        self.posted.append(item)
+
+
+def test_an_installed_snapshot_is_on_disk_before_the_journal_is_cleared_and_the_install_acknowledged(
+        tmp_path, monkeypatch) -> None:
+    """A follower far behind gets the leader's snapshot in chunks; pysyncobj
+    writes it to a temporary file, renames it into place, loads it, clears the
+    journal and acknowledges. Before the journal loses its entries and before
+    the leader can count the install, the snapshot's data and its rename must
+    be on disk: fsync of the file, then of the directory. (Without the
+    engine's durable rename there was neither.)"""
+    engine = raft.PySyncObjEngine(node_id="n1", address=ME, peers=[B, C], data_dir=str(tmp_path),
+                                  secret="s" * 32, fsm=Applier())
+    engine._bridge = _PostedBridge()
+    journal_path = _durable_path(tmp_path)
+    conf = engine._conf(journal_path)
+    conf.autoTick = False
+    transport = RecordingTransport()
+    node = SyncObj(ME, [B, C], conf=conf, transport=transport)
+    engine._journal = journal = journal_path.journal
+    leader = _tcp_node(B)
+    node._SyncObj__onMessageReceived(leader, _append((1, 0), [(f"c{i}".encode(), i, 1) for i in range(2, 5)]))
+    assert len(journal) == 4
+
+    events: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    real_clear = journal.clear
+    monkeypatch.setattr(journal, "clear", lambda: events.append(("clear", "")) or real_clear())
+    real_send = transport.send
+    monkeypatch.setattr(transport, "send", lambda node_, message: events.append(("send", message["type"]))
+                        or real_send(node_, message))
+
+    snapshot = encode_record({"v": 1, "last": [b"c20", 20, 2], "prev": [b"c19", 19, 2], "cluster": [ME, B, C],
+                              "fsm": Applier().snapshot(), "applied_index": 20})
+    half = len(snapshot) // 2
+    for chunk in ((snapshot[:half], True, False), (snapshot[half:], False, False), (b"", False, True)):
+        node._SyncObj__onMessageReceived(leader, {"type": "append_entries", "term": 2, "commit_index": 20,
+                                                  "serialized": chunk})
+
+    snapshot_file = str(tmp_path / "raft.snapshot")
+    with open(snapshot_file, "rb") as f:
+        assert f.read() == snapshot
+    assert [(e[1], e[2]) for e in journal] == [(19, 2), (20, 2)]  # the journal now starts at the snapshot
+    assert ("restore", Applier().snapshot(), 20) in engine._bridge.posted
+    received = ("fsync", snapshot_file + ".1.tmp")  # the file as received, before its rename
+    assert received in events, f"the received snapshot was never fsynced: {events}"
+    file_synced = events.index(received)
+    assert ("fsync", str(tmp_path)) in events[file_synced:], f"the directory was not fsynced after it: {events}"
+    dir_synced = events.index(("fsync", str(tmp_path)), file_synced)
+    cleared = events.index(("clear", ""))
+    acknowledged = events.index(("send", "next_node_idx"))
+    assert file_synced < dir_synced < cleared < acknowledged, events
+    journal._destroy()

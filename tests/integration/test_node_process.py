@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import struct
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.journal import DurableJournal
 from coordinator.client import CoordinatorClient
 from coordinator.devcluster import fetch_json
 
@@ -42,6 +45,50 @@ def test_serve_refuses_to_start_without_an_admin_token_unless_anonymous_access_i
     assert "admin_token: required unless allow_anonymous" in result.stderr
     assert "Zq3v-8kLm_W2xRt9bNc4YhPe7uJd0sAf" not in result.stderr
     assert not (tmp_path / "n1").exists()
+
+
+def test_a_node_whose_journal_is_damaged_mid_file_refuses_to_start(make_cluster) -> None:
+    """A flipped bit in the length of a record in the middle of a follower's
+    journal: the node used to take it for a torn tail, cut every later entry
+    off and start with a shorter log than it had acknowledged. It must exit
+    instead, naming the file and the offset, and leave the file as it is."""
+    cluster = make_cluster()
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.members if n != leader)
+
+    async def write_all() -> None:
+        async with CoordinatorClient(cluster.url(leader)) as client:
+            for i in range(30):
+                await client.put(f"journal/{i:02d}", i)
+
+    asyncio.run(write_all())
+    cluster.wait_caught_up(follower, cluster.status(leader)["commit_index"], 30)
+    cluster.stop(follower)
+
+    path = cluster.dir / follower / "raft.journal"
+    journal = DurableJournal(str(path))
+    middle = len(journal) // 2
+    offset, command = journal._offsets[middle], journal[middle][0]
+    journal._destroy()
+    data = path.read_bytes()
+    length_at = data.find(struct.pack("<I", 16 + len(command)), offset, offset + 8)
+    assert length_at >= 0
+    damaged = bytearray(data)
+    damaged[length_at + 3] ^= 0x40  # the length now points far past the end of the file
+    path.write_bytes(bytes(damaged))
+
+    env = {k: v for k, v in os.environ.items() if k != "COORD_CLUSTER_SECRET"}
+    proc = subprocess.Popen(cluster.command(follower), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the node started with a damaged journal instead of refusing to")
+    assert proc.returncode != 0
+    assert f"{path}: damaged record at byte {offset}" in stderr, stderr
+    assert path.read_bytes() == bytes(damaged)  # nothing cut off
 
 
 def test_a_stalled_apply_loop_is_reported_and_rebuilt_from_the_journal(make_cluster) -> None:

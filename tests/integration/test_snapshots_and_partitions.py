@@ -45,10 +45,26 @@ async def test_compaction_restart_and_snapshot_install(make_cluster) -> None:
     await asyncio.to_thread(cluster.wait_caught_up, lagging, target, 30)
     assert _stale_items(cluster, lagging, "a") == list(range(150))
     assert _stale_items(cluster, lagging, "b") == list(range(150))
+    assert "installed a snapshot received from the leader (synced)" in cluster.log_tail(lagging, 200)
 
-    # a whole-cluster restart from snapshots plus journal tails
+    # the installed snapshot is the lagging node's own now: restarted alone, with
+    # no leader to send it anything, it serves what the snapshot holds
     for node_id in cluster.members:
         cluster.kill(node_id)
+    cluster.start(lagging)
+    deadline = time.monotonic() + 30
+    alone: list = []
+    while time.monotonic() < deadline:
+        try:
+            alone = _stale_items(cluster, lagging, "a")
+        except (TypeError, KeyError):  # not answering yet
+            alone = []
+        if alone == list(range(150)):
+            break
+        await asyncio.sleep(0.05)
+    assert alone == list(range(150)), "the lagging node lost the snapshot it had installed"
+
+    # a whole-cluster restart from snapshots plus journal tails
     cluster.start_all()
     await asyncio.to_thread(cluster.wait_leader, 30)
     async with CoordinatorClient([cluster.url(n) for n in cluster.members]) as client:

@@ -1,0 +1,224 @@
+"""The Raft port's bounded reading: frames are capped before they can be
+authenticated, buffered without quadratic copies, and read a budget at a time.
+
+``FrameReader`` is tested on its own; ``_BoundedConnection`` over a real
+socket pair driven by pysyncobj's poller, with pysyncobj's own encryption.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+from pysyncobj.encryptor import getEncryptor
+from pysyncobj.poller import createPoller
+from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
+
+from cluster import raft_pysyncobj as raft
+from cluster.errors import FrameRefused
+
+SECRET = "k" * 32
+
+
+def _frame(body: bytes) -> bytes:
+    return struct.pack("i", len(body)) + body
+
+
+def test_frames_arriving_in_pieces_come_out_whole_and_in_order() -> None:
+    reader = raft.FrameReader(1000)
+    stream = _frame(b"first") + _frame(b"") + _frame(b"x" * 300)
+    frames = []
+    for i in range(len(stream)):  # one byte at a time
+        reader.feed(stream[i:i + 1])
+        while (frame := reader.next_frame()) is not None:
+            frames.append(frame)
+    assert frames == [_frame(b"first"), _frame(b""), _frame(b"x" * 300)]
+    assert len(reader) == 0
+
+
+@pytest.mark.parametrize("declared", [1001, 2**31 - 1, -1, -(2**31)])
+def test_a_declared_length_over_the_cap_or_negative_is_refused_before_the_frame_is_buffered(declared) -> None:
+    reader = raft.FrameReader(1000)
+    reader.feed(_frame(b"ok"))
+    assert reader.next_frame() == _frame(b"ok")
+    with pytest.raises(FrameRefused, match=f"{declared} bytes declared, at most 1000"):
+        reader.feed(struct.pack("i", declared)[:3] + struct.pack("i", declared)[3:] + b"\x00" * 10)
+    with pytest.raises(FrameRefused):
+        reader.next_frame()
+
+
+def test_a_frame_behind_a_complete_one_is_checked_when_it_comes_up() -> None:
+    reader = raft.FrameReader(100)
+    reader.feed(_frame(b"a" * 10) + struct.pack("i", 5000))  # the head frame is fine
+    assert reader.next_frame() == _frame(b"a" * 10)
+    with pytest.raises(FrameRefused):
+        reader.next_frame()
+
+
+def test_the_cap_may_be_raised_between_frames() -> None:
+    reader = raft.FrameReader(16)
+    reader.feed(_frame(b"key"))
+    assert reader.next_frame() == _frame(b"key")
+    reader.frame_max_bytes = 1 << 20
+    big = b"y" * 100_000
+    reader.feed(_frame(big))
+    assert reader.next_frame() == _frame(big)
+
+
+def test_a_large_frame_in_small_pieces_costs_linear_time() -> None:
+    """16 MiB in 4 KiB pieces: with bytes concatenation (pysyncobj) that copies
+    ~32 GiB; the growable buffer copies each byte a bounded number of times."""
+    piece = b"z" * 4096
+    count = 4096
+    reader = raft.FrameReader(len(piece) * count)
+    started = time.monotonic()
+    reader.feed(struct.pack("i", len(piece) * count))
+    for _ in range(count):
+        reader.feed(piece)
+    frame = reader.next_frame()
+    assert frame is not None and len(frame) == 4 + len(piece) * count
+    assert time.monotonic() - started < 5, "buffering grew quadratically"
+
+
+def test_relays_are_split_so_no_frame_outgrows_the_batch() -> None:
+    batch = [{"type": "apply_command", "command": b"c" * 400, "request_id": i} for i in range(10)]
+    batch.insert(3, {"type": "apply_command_response", "request_id": 99, "log_idx": 5})
+    parts = raft.split_relays(batch, 1000)
+    assert [m for part in parts for m in part] == batch  # nothing lost, order kept
+    assert all(sum(64 + len(m.get("command", b"")) for m in part) <= 1000 for part in parts)
+    assert raft.split_relays([{"type": "apply_command", "command": b"c" * 5000}], 1000) == \
+        [[{"type": "apply_command", "command": b"c" * 5000}]]  # one oversized message still goes, alone
+
+
+# -- a connection over a real socket pair ------------------------------------------------------
+
+
+class _Link:
+    """A ``_BoundedConnection`` on one end of a socket pair (as accepted by the
+    port), the test's raw socket on the other, pysyncobj's poller between."""
+
+    def __init__(self, frame_max_bytes: int = 1 << 20, *, plain: bool = False) -> None:
+        self.poller = createPoller("auto")
+        ours, self.theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.refused: list[str] = []
+        self.received: list = []
+        if plain:  # pysyncobj's own connection, to show what the bounded one changes
+            self.conn = TcpConnection(poller=self.poller, socket=ours, timeout=30.0)
+        else:
+            self.conn = raft._BoundedConnection(poller=self.poller, socket=ours, timeout=30.0,
+                                                frame_max_bytes=frame_max_bytes, on_refused=self.refused.append)
+        self.conn.encryptor = getEncryptor(SECRET)
+        self.conn.setOnMessageReceivedCallback(self.received.append)
+
+    def pump(self, until, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not until() and time.monotonic() < deadline:
+            self.poller.poll(0.05)
+        assert until(), "the condition did not come about in time"
+
+    def close(self) -> None:
+        self.conn.disconnect()
+        self.theirs.close()
+
+
+def _sealed(message) -> bytes:
+    """A frame as a peer knowing the secret sends it (pysyncobj's format)."""
+    from pysyncobj import pickle as pysyncobj_pickle  # the peer's side of pysyncobj's wire, not ours
+
+    data = getEncryptor(SECRET).encrypt_at_time(zlib.compress(pysyncobj_pickle.dumps(message), 3), int(time.time()))
+    return _frame(data)
+
+
+@pytest.fixture
+def link():
+    made = _Link()
+    yield made
+    made.close()
+
+
+def test_a_stranger_declaring_a_huge_frame_is_disconnected_at_once(link) -> None:
+    link.theirs.sendall(struct.pack("i", 2**31 - 1) + b"\x00" * 1000)
+    link.pump(lambda: link.conn.state == CONNECTION_STATE.DISCONNECTED)
+    assert link.refused and "before authentication" in link.refused[0]
+    assert link.theirs.recv(1) == b""  # the stranger sees the connection closed
+
+
+def test_pysyncobj_alone_keeps_buffering_a_strangers_huge_frame() -> None:
+    """The defect: pysyncobj's connection takes a declared 2 GiB frame and
+    buffers whatever follows, waiting for the frame to complete."""
+    link = _Link(plain=True)
+    try:
+        link.theirs.sendall(struct.pack("i", 2**31 - 1) + b"\x00" * 1000)
+        link.pump(lambda: len(link.conn._TcpConnection__readBuffer) == 1004)
+        assert link.conn.state == CONNECTION_STATE.CONNECTED
+    finally:
+        link.close()
+
+
+def test_before_authentication_even_a_batch_sized_frame_is_refused(link) -> None:
+    """The first frame on a connection is a 32-byte key: a stranger cannot make
+    the node buffer more than ``HANDSHAKE_FRAME_MAX_BYTES`` for it."""
+    link.theirs.sendall(struct.pack("i", raft.HANDSHAKE_FRAME_MAX_BYTES + 1))
+    link.pump(lambda: link.conn.state == CONNECTION_STATE.DISCONNECTED)
+    assert link.refused
+
+
+def test_a_complete_frame_that_does_not_decrypt_is_refused(link) -> None:
+    link.theirs.sendall(_frame(b"\x80" * 5000))
+    link.pump(lambda: link.conn.state == CONNECTION_STATE.DISCONNECTED)
+    assert link.refused == ["a first frame that does not decrypt with the cluster secret"]
+    assert link.received == []
+
+
+def test_a_peer_with_the_secret_authenticates_and_may_then_send_large_frames(link) -> None:
+    link.theirs.sendall(_sealed(b"k" * 32))
+    link.pump(lambda: link.received == [b"k" * 32])
+    assert link.conn.authenticated
+    big = {"type": "append_entries", "entries": [(os.urandom(200_000), 1, 1)]}  # incompressible
+    sealed = _sealed(big)
+    assert len(sealed) > raft.HANDSHAKE_FRAME_MAX_BYTES
+    sender = threading.Thread(target=link.theirs.sendall, args=(sealed,))  # more than the socket buffers hold
+    sender.start()
+    link.pump(lambda: len(link.received) == 2)
+    sender.join(5)
+    assert link.received[1] == big and link.refused == []
+    assert link.conn.state == CONNECTION_STATE.CONNECTED
+
+
+def test_an_authenticated_peer_still_cannot_declare_more_than_the_cap() -> None:
+    link = _Link(frame_max_bytes=100_000)
+    try:
+        link.theirs.sendall(_sealed(b"k" * 32))
+        link.pump(lambda: link.conn.authenticated)
+        link.theirs.sendall(struct.pack("i", 100_001))
+        link.pump(lambda: link.conn.state == CONNECTION_STATE.DISCONNECTED)
+        assert link.refused and "before authentication" not in link.refused[0]
+    finally:
+        link.close()
+
+
+def test_one_readiness_event_reads_at_most_the_budget(link, monkeypatch) -> None:
+    """A sender faster than the node keeps the socket readable forever:
+    pysyncobj read until the socket was empty, holding the tick thread."""
+    monkeypatch.setattr(raft, "READ_BUDGET_BYTES", 4096)
+    link.theirs.sendall(_sealed(b"k" * 32))
+    link.pump(lambda: link.conn.authenticated)
+    link.theirs.setblocking(False)
+    sent = 0
+    try:
+        sent += link.theirs.send(struct.pack("i", 1_000_000))  # a frame the cap allows, never completed
+        while sent < 500_000:
+            sent += link.theirs.send(b"\x00" * 8192)
+    except BlockingIOError:
+        pass
+    assert sent > 3 * 8192  # far more waiting than one event may read
+    link.poller.poll(1.0)
+    recv_size = link.conn._TcpConnection__recvBufferSize
+    assert 0 < len(link.conn._reader) < 4096 + recv_size
+    assert link.conn.state == CONNECTION_STATE.CONNECTED
