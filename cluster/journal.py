@@ -213,6 +213,7 @@ class DurableJournal:
         self._meta_dirty = False
         self._meta: dict[str, Any] = self._load_meta()
         self._file = self._open_log()
+        self._end = self._file.tell()  # the file's length (read from any thread)
         self.synced_len = len(self._entries)
 
     # -- loading -------------------------------------------------------------
@@ -300,7 +301,9 @@ class DurableJournal:
     def add(self, command: bytes, idx: int, term: int) -> None:
         payload = _ENTRY.pack(idx, term) + bytes(command)
         offset = self._file.tell()
-        self._file.write(frame_v2(payload))
+        record = frame_v2(payload)
+        self._file.write(record)
+        self._end = offset + len(record)
         self._entries.append((bytes(command), idx, term))
         self._offsets.append(offset)
         self._dirty = True
@@ -317,6 +320,7 @@ class DurableJournal:
         rewritten, self._offsets = self._rewrite(keep)
         self._file.close()
         self._file = rewritten
+        self._end = rewritten.tell()
         self._entries = keep
         self._dirty = False
         self.synced_len = len(keep)
@@ -330,6 +334,7 @@ class DurableJournal:
         self._file.flush()
         files.truncate(self._file.fileno(), self.path, offset)
         self._file.seek(offset)
+        self._end = offset
         self.synced_len = min(self.synced_len, count)
         self._dirty = True
 
@@ -381,6 +386,11 @@ class DurableJournal:
             self.syncs += 1
         self._dirty = False
         self.synced_len = len(self._entries)
+
+    @property
+    def size_bytes(self) -> int:
+        """The journal file's length: what compaction by bytes looks at."""
+        return self._end
 
     @property
     def dirty(self) -> bool:

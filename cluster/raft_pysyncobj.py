@@ -131,6 +131,18 @@ def _create_journal(path: Any) -> Any:
 
 _pysyncobj.createJournal = _create_journal
 
+
+class _QuietDumpFailures(logging.Filter):
+    """pysyncobj warns "Failed to store full dump" on every failed attempt;
+    the engine logs the failure itself and refuses attempts during its
+    backoff, which pysyncobj would otherwise report on every tick."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Failed to store full dump"
+
+
+logging.getLogger(_pysyncobj.__name__).addFilter(_QuietDumpFailures())
+
 # pysyncobj renames snapshot files itself (ours into place after ``_serialize``
 # wrote it, and one received from the leader): through ``cluster.files``, like
 # every rename of a durable file, so a power-loss run sees them.
@@ -752,6 +764,14 @@ class PySyncObjEngine:
     pysyncobj knows peers only by the address it dials, so the engine
     translates: everything it reports and every snapshot speaks identities.
 
+    Compaction (a snapshot, then the journal trimmed) starts after
+    ``compaction_entries`` entries or once the journal holds
+    ``compaction_bytes``, whichever comes first: a few large entries must not
+    grow the journal (and its copy in memory) for long. A snapshot that
+    failed is tried again only after a backoff (1 s, doubling to 60 s), not
+    on every tick: a state too large to snapshot in time must not stall the
+    tick thread over and over.
+
     ``power_loss`` (UNSAFE, chaos tests only: ``--unsafe-test-power-loss``)
     records what a power cut would leave of ``data_dir`` for the lost-fsync
     nemesis (``cluster.power_loss``); it costs a copy of every synced byte.
@@ -762,7 +782,8 @@ class PySyncObjEngine:
                  heartbeat_s: float = 0.1, leader_fallback_s: float = 2.0, queue_max: int = 4096,
                  compaction_entries: int = 20_000, stall_timeout_s: float = 5.0, rebuilds_max: int = 2,
                  max_entry_bytes: int = 1 << 20, dial: dict[str, str] | None = None,
-                 power_loss: bool = False) -> None:
+                 power_loss: bool = False, compaction_bytes: int = 64 << 20,
+                 snapshot_timeout_s: float = 20.0) -> None:
         if not secret or len(secret) < 16:
             raise MissingSecret("the Raft port needs a cluster secret of at least 16 characters")
         if durability not in ("fsync", "none"):
@@ -776,6 +797,13 @@ class PySyncObjEngine:
         self.durability = durability
         self.stall_timeout_s = stall_timeout_s
         self.rebuilds_max = rebuilds_max  # rebuilds for a stall at one index before halting
+        self.compaction_bytes = compaction_bytes
+        self.snapshot_timeout_s = snapshot_timeout_s
+        self.snapshots = 0  # taken (tick thread)
+        self.snapshot_failures = 0  # in a row; the backoff doubles with each
+        self.snapshots_deferred = 0  # attempts pysyncobj made during a backoff, refused at once
+        self._snapshot_retry_at = 0.0  # monotonic time before which no snapshot is tried
+        self._compaction_forced_at = 0.0
         self._secret = secret
         self._fsm = fsm
         self._tuning = dict(election_timeout_s=election_timeout_s, heartbeat_s=heartbeat_s,
@@ -815,7 +843,7 @@ class PySyncObjEngine:
                    election_timeout_s=(config.election_timeout_min_s, config.election_timeout_max_s),
                    heartbeat_s=config.heartbeat_s, leader_fallback_s=config.leader_fallback_s,
                    compaction_entries=config.compaction_entries, stall_timeout_s=config.stall_timeout_s,
-                   power_loss=config.unsafe_test_power_loss)
+                   power_loss=config.unsafe_test_power_loss, compaction_bytes=config.compaction_bytes)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -922,6 +950,13 @@ class PySyncObjEngine:
             transport.flush_relays()
         if journal.dirty:  # before polling: no acknowledgement is processed before this
             journal.sync()
+        if journal.size_bytes >= self.compaction_bytes:
+            now = time.monotonic()
+            # pysyncobj clears the flag when it starts; forcing again while one
+            # runs or during a failure's backoff would only repeat the refusal
+            if now >= self._snapshot_retry_at and now - self._compaction_forced_at >= 1.0:
+                self._compaction_forced_at = now
+                sync.forceLogCompaction()
 
     def _on_state_changed(self, old: int, new: int) -> None:
         if self._bridge is not None:
@@ -930,10 +965,26 @@ class PySyncObjEngine:
     def _serialize(self, path: str, data: Any) -> None:
         """pysyncobj's snapshot hook (tick thread): FSM state at the compaction
         point, taken on the loop, written with our codec and fsynced."""
+        now = time.monotonic()
+        if now < self._snapshot_retry_at:
+            self.snapshots_deferred += 1
+            raise EngineError("snapshot deferred after a failure")  # pysyncobj counts it failed, cheaply
+        try:
+            self._write_snapshot(path, data)
+        except Exception as exc:
+            self.snapshot_failures += 1
+            backoff_s = min(60.0, 2.0 ** (self.snapshot_failures - 1))
+            self._snapshot_retry_at = time.monotonic() + backoff_s
+            log.error("snapshot failed (%s: %s); the next try in %.0f s", type(exc).__name__, exc, backoff_s)
+            raise
+        self.snapshots += 1
+        self.snapshot_failures = 0
+
+    def _write_snapshot(self, path: str, data: Any) -> None:
         last, prev, cluster = data
         future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
         self._bridge.post(("snapshot", future))
-        fsm_blob = future.result(timeout=20)
+        fsm_blob = future.result(timeout=self.snapshot_timeout_s)
         record = {
             "v": 1,
             "last": [bytes(last[0]), last[1], last[2]],

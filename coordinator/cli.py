@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="fsync (default) or none (benchmarks only: loses data on power loss)")
     serve.add_argument("--compaction-entries", dest="compaction_entries", type=int,
                        help="snapshot and compact the log beyond this many entries (default 20000)")
+    serve.add_argument("--compaction-bytes", dest="compaction_bytes", type=int,
+                       help="or once the journal holds this many bytes (default 67108864)")
     serve.add_argument("--transport", dest="transports", action="append", metavar="NAME=URL",
                        help="a broker transport, e.g. redis=redis://127.0.0.1:6379/0 (repeatable)")
     serve.add_argument("--transport-namespace", dest="transport_namespace",
@@ -138,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in
                                  ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
-                                  "secret_file", "compaction_entries", "unsafe_stale_reads", "transport_namespace",
-                                  "unsafe_test_clock_control", "unsafe_test_power_loss",
+                                  "secret_file", "compaction_entries", "compaction_bytes", "unsafe_stale_reads",
+                                  "transport_namespace", "unsafe_test_clock_control", "unsafe_test_power_loss",
                                   "tls_cert", "tls_key", "tls_ca", "allow_anonymous", "admin_token_file",
                                   "pbft_key_file", "pbft_keyring", "unsafe_pbft_fault", "chaos_dir", "connections_max",
                                   "long_requests_per_principal", "long_requests_max", "metrics_token_file")}

@@ -52,6 +52,7 @@ class NodeConfig:
     heartbeat_s: float = 0.1
     leader_fallback_s: float = 2.0
     compaction_entries: int = 20_000
+    compaction_bytes: int = 64 << 20  # or once the journal holds this many bytes
     stall_timeout_s: float = 5.0
     # how often each node compares its state digest with the other members' (0: never)
     digest_check_s: float = 5.0
@@ -144,6 +145,8 @@ class NodeConfig:
             raise InvalidInput("digest_check_s: must be 0 (off) or between 0.1 and 3600", field="digest_check_s")
         if not 2 <= self.compaction_entries <= 10_000_000:
             raise InvalidInput("compaction_entries: must be between 2 and 10000000", field="compaction_entries")
+        if not 1 << 16 <= self.compaction_bytes <= 1 << 40:
+            raise InvalidInput("compaction_bytes: must be between 65536 and 1099511627776", field="compaction_bytes")
         for name, url in self.transports.items():
             if not isinstance(url, str) or "://" not in url:
                 raise InvalidInput(f"transports.{name}: must be a URL such as redis://127.0.0.1:6379/0",

@@ -251,3 +251,12 @@ def test_the_unsafe_apply_failpoint_is_read_from_the_environment_only_when_set(m
         monkeypatch.setenv(FAIL_APPLY_AT_ENV, bad)
         with pytest.raises(InvalidInput):
             unsafe_fail_apply_at()
+
+
+def test_compaction_bytes_defaults_and_bounds(tmp_path: Path) -> None:
+    assert _load(tmp_path).compaction_bytes == 64 << 20
+    assert _load(tmp_path, compaction_bytes=1 << 20).compaction_bytes == 1 << 20
+    for bad in (100, 1 << 41):
+        with pytest.raises(InvalidInput) as refused:
+            _load(tmp_path, compaction_bytes=bad)
+        assert refused.value.field == "compaction_bytes"
