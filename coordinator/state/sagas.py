@@ -41,12 +41,14 @@ from typing import Any
 from coordinator.state.base import (
     ApplyContext,
     Rejected,
+    approx_size,
     check_int,
     check_known,
     check_number,
     check_object,
     check_str,
     invalid,
+    over_quota,
 )
 from coordinator.state.events import EventLog
 from coordinator.state.topics import check_topic
@@ -75,6 +77,8 @@ _GENERATED_ID = re.compile(r"saga-[0-9]+")  # saga-<log index>, given to sagas s
 class SagaLimits:
     live_max: int = 10_000       # sagas not yet final
     finished_retained: int = 10_000  # final sagas kept for GET, oldest dropped first
+    bytes_max: int = 128 << 20   # definitions and step results of every saga kept (finished ones go first)
+    result_bytes_max: int = 64 << 10  # one step's result; a larger one is kept as a note of its size
 
 
 # -- definitions ----------------------------------------------------------------------------
@@ -284,6 +288,11 @@ class Saga:
     updated_ms: int = 0
     finished_ms: int | None = None
 
+    @property
+    def size(self) -> int:
+        """What it makes every replica hold, about: its definition and step results."""
+        return approx_size(self.definition) + sum(approx_size(r.result) for r in self.steps.values())
+
     def step_def(self, step_id: str) -> dict[str, Any]:
         return next(s for s in self.definition["steps"] if s["id"] == step_id)
 
@@ -362,6 +371,8 @@ class Sagas:
         self.sagas: dict[str, Saga] = {}
         self.live: dict[str, None] = {}  # ids not final, in creation order (the orchestrator's work list)
         self.finished: OrderedDict[str, None] = OrderedDict()  # final ids, oldest first (for eviction)
+        self.bytes = 0  # Saga.size of every saga kept
+        self.finished_bytes = 0  # of the final ones (a start may evict them)
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -375,7 +386,14 @@ class Sagas:
         definition["id"] = saga_id
         saga = Saga(saga_id, definition, ctx.now_ms, ctx.index,
                     steps={s["id"]: StepRun() for s in definition["steps"]}, updated_ms=ctx.now_ms)
+        size = saga.size
+        if self.bytes + size - self.finished_bytes > self.limits.bytes_max:
+            raise over_quota("saga_bytes_max", f"sagas in progress hold about {self.bytes} bytes (at most "
+                                               f"{self.limits.bytes_max}) and this one {size}")
+        while self.bytes + size > self.limits.bytes_max and self.finished:
+            self._drop_oldest_finished()
         self.sagas[saga_id] = saga
+        self.bytes += size
         self.live[saga_id] = None
         self._record(ctx, events, saga, "saga.started", detail={"name": definition["name"]})
         self._advance(ctx, events, saga)
@@ -401,8 +419,9 @@ class Sagas:
         if phase == "action":
             if ok:
                 saga.successes += 1
-                run.status, run.result, run.error, run.succeeded_seq = "succeeded", args.get("result"), None, \
-                    saga.successes
+                result = self._kept_result(args.get("result"))
+                self.bytes += approx_size(result) - approx_size(run.result)
+                run.status, run.result, run.error, run.succeeded_seq = "succeeded", result, None, saga.successes
                 self._record(ctx, events, saga, "saga.step.succeeded", step_id, phase, attempt)
             else:
                 self._failed(ctx, events, saga, step_id, run, phase, attempt, step["retry"], permanent, error)
@@ -500,6 +519,8 @@ class Sagas:
             if saga.state not in FINAL_STATES:
                 sagas.live[saga.id] = None
         sagas.finished = OrderedDict.fromkeys(data["finished"])
+        sagas.bytes = sum(s.size for s in sagas.sagas.values())
+        sagas.finished_bytes = sum(sagas.sagas[s].size for s in sagas.finished if s in sagas.sagas)
         return sagas
 
     # -- inside ---------------------------------------------------------------------------------
@@ -597,8 +618,23 @@ class Sagas:
         saga.state, saga.finished_ms = state, ctx.now_ms
         self.live.pop(saga.id, None)
         self.finished[saga.id] = None
+        self.finished_bytes += saga.size
         name = {"completed": "saga.completed", "compensated": "saga.compensated", "failed-stuck": "saga.failed"}
         self._record(ctx, events, saga, name[state], detail={"state": state, "reason": saga.reason})
         while len(self.finished) > self.limits.finished_retained:
-            old, _ = self.finished.popitem(last=False)
-            self.sagas.pop(old, None)
+            self._drop_oldest_finished()
+
+    def _drop_oldest_finished(self) -> None:
+        old, _ = self.finished.popitem(last=False)
+        gone = self.sagas.pop(old, None)
+        if gone is not None:
+            self.bytes -= gone.size
+            self.finished_bytes -= gone.size
+
+    def _kept_result(self, result: Any) -> Any:
+        """A step's result as kept: itself, or over ``result_bytes_max`` a note
+        of its size (the saga goes on; the agent's answer is not stored)."""
+        size = approx_size(result)
+        if size <= self.limits.result_bytes_max:
+            return result
+        return {"truncated": True, "bytes": size, "limit": "saga_result_bytes_max"}

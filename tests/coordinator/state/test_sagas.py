@@ -896,3 +896,26 @@ SagaRules.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSagaRules = SagaRules.TestCase
+
+
+# -- byte bounds (issue 20, item 6) ---------------------------------------------------------------
+
+def test_sagas_are_bounded_in_bytes_finished_ones_make_room_and_big_results_are_noted() -> None:
+    d = SagaDriver(bytes_max=6_000, result_bytes_max=500)
+    blob = "x" * 2_000
+    d.start(step("a", action={**AGENT, "payload": blob}), saga_id="one")
+    d.start(step("a", action={**AGENT, "payload": blob}), saga_id="two")
+    refused = d("saga.start", definition={"id": "three", "steps": [step("a", action={**AGENT, "payload": blob})]})
+    assert refused.error is not None and refused.error[0] == "quota"
+    assert refused.error[1].startswith("saga_bytes_max:") and "three" not in d.sm.sagas.sagas
+    # a result over result_bytes_max is kept as a note of its size; the saga goes on
+    d.answer("a", saga_id="one", result={"big": "y" * 1_000})
+    assert d.saga("one").state == "completed"
+    assert d.saga("one").steps["a"].result == {"truncated": True, "bytes": 1_010, "limit": "saga_result_bytes_max"}
+    # finished sagas are dropped, oldest first, to make room for a new one
+    d.start(step("a", action={**AGENT, "payload": blob}), saga_id="three")
+    assert "one" not in d.sm.sagas.sagas and "three" in d.sm.sagas.sagas
+    assert d.sm.sagas.bytes == sum(s.size for s in d.sm.sagas.sagas.values()) <= 6_000
+    restored = StateMachine.from_snapshot_data(decode_snapshot(encode_snapshot(d.sm.snapshot_data())),
+                                               d.sm.limits)
+    assert (restored.sagas.bytes, restored.sagas.finished_bytes) == (d.sm.sagas.bytes, d.sm.sagas.finished_bytes)
