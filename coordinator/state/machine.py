@@ -69,6 +69,7 @@ class Limits:
     events_retained: int = 10_000
     kv_history: int = 10_000
     dedupe_entries: int = 20_000
+    dedupe_bytes_max: int = 32 << 20  # the first results kept for retries; the oldest go first
     agents_max: int = 100_000
     locks_max: int = 100_000
     kv_bytes_max: int = 256 << 20  # keys and values of the live entries
@@ -118,6 +119,8 @@ class StateMachine:
         self.streams = Streams(self.limits.streams)
         self.now_ms = 0  # committed time: the highest time any applied entry was given
         self._dedupe: OrderedDict[str, tuple[Any, tuple[str, str] | None, str | None]] = OrderedDict()
+        self._dedupe_sizes: dict[str, int] = {}
+        self.dedupe_bytes = 0
 
     # -- applying ---------------------------------------------------------
 
@@ -170,10 +173,20 @@ class StateMachine:
             if ctx.events or ctx.changes:
                 raise InvariantError(f"{command.op} changed state and then rejected") from rejected
         if request_id is not None:
-            self._dedupe[request_id] = (value, error, command.request_digest)
-            while len(self._dedupe) > self.limits.dedupe_entries:
-                self._dedupe.popitem(last=False)
+            self._remember(request_id, (value, error, command.request_digest))
         return Result(index=index, value=value, error=error, events=tuple(ctx.events), changes=tuple(ctx.changes))
+
+    def _remember(self, request_id: str, answer: tuple[Any, tuple[str, str] | None, str | None]) -> None:
+        """Keep a request's first answer for its retries, within
+        ``dedupe_entries`` and ``dedupe_bytes_max`` (the oldest go first)."""
+        size = len(request_id) + approx_size(answer[0]) + 64
+        self._dedupe[request_id] = answer
+        self._dedupe_sizes[request_id] = size
+        self.dedupe_bytes += size
+        while len(self._dedupe) > self.limits.dedupe_entries or (self.dedupe_bytes > self.limits.dedupe_bytes_max
+                                                                 and len(self._dedupe) > 1):
+            old, _ = self._dedupe.popitem(last=False)
+            self.dedupe_bytes -= self._dedupe_sizes.pop(old)
 
     def _run_streams(self, ctx: ApplyContext) -> None:
         """After a command: its cluster events into the stream processors, the
@@ -260,8 +273,8 @@ class StateMachine:
             machine.streams = Streams.from_data(data["streams"], machine.limits.streams)
         # Snapshots written before committed time or request digests had neither.
         machine.now_ms = data.get("now_ms", 0)
-        machine._dedupe = OrderedDict((row[0], (row[1], tuple(row[2]) if row[2] else None,
-                                                row[3] if len(row) > 3 else None)) for row in data["dedupe"])
+        for row in data["dedupe"]:
+            machine._remember(row[0], (row[1], tuple(row[2]) if row[2] else None, row[3] if len(row) > 3 else None))
         return machine
 
     # -- shared checks -------------------------------------------------------

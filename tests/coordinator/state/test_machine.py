@@ -1015,6 +1015,18 @@ def test_dedupe_forgets_the_oldest_ids_beyond_its_limit() -> None:
     assert drive("kv.put", request_id="r3", key="k", value="r3").value == {"revision": 3}  # remembered
 
 
+def test_dedupe_is_bounded_in_bytes_too() -> None:
+    drive = Driver(Limits(dedupe_bytes_max=1_000))
+    for i in range(5):  # each first answer is about 400 bytes: only the newest two fit
+        messages = [{"id": f"{i}-{n}-" + "m" * 100, "type": "event", "source": "s"} for n in range(2)]
+        assert drive("bus.publish", request_id=f"r{i}", topic="t", messages=messages).ok
+    kept = [row[0] for row in drive.sm.snapshot_data()["dedupe"]]
+    assert kept == ["r3", "r4"] and drive.sm.dedupe_bytes <= 1_000
+    restored = StateMachine.from_snapshot_data(decode_snapshot(encode_snapshot(drive.sm.snapshot_data())),
+                                               drive.sm.limits)
+    assert restored.dedupe_bytes == drive.sm.dedupe_bytes
+
+
 def test_full_registry_and_lock_table_refuse_new_entries_only() -> None:
     drive = Driver(Limits(agents_max=1, locks_max=1))
     drive.ok("agent.register", id="a", type="t", ttl_ms=1_000)
