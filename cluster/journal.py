@@ -54,11 +54,19 @@ def _fsync_dir(path: str) -> None:
     files.sync_dir(path)
 
 
+def _create(path: str) -> Any:
+    """Open ``path`` for writing from scratch, readable by the owner only
+    (mode 0600 whatever the umask: it holds the cluster's data)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    return os.fdopen(fd, "wb")
+
+
 def write_file_durably(path: str, data: bytes, *, fsync: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically and durably (``fsync=False``:
-    atomically only, for durability "none")."""
+    atomically only, for durability "none"); the file is mode 0600."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with _create(tmp) as f:
         f.write(data)
         f.flush()
         if fsync:
@@ -73,6 +81,7 @@ def replace_durably(src: str, dst: str, *, fsync: bool = True) -> None:
     synced) onto ``dst``: its data is fsynced before the rename, the directory
     after, so when this returns ``dst`` holds ``src``'s bytes across a power
     cut (``fsync=False``: the rename only). Raises ``OSError``."""
+    os.chmod(src, 0o600)  # written by pysyncobj with the process's umask
     if fsync:
         fd = os.open(src, os.O_RDONLY)
         try:
@@ -233,6 +242,9 @@ class DurableJournal:
     def _open_log(self) -> Any:
         if not os.path.exists(self.path):
             self._create_empty()
+        for path in (self.path, self.meta_path):  # written before files were 0600: owner only from now on
+            if os.path.exists(path):
+                os.chmod(path, 0o600)
         with open(self.path, "rb") as f:
             data = f.read()
         if len(data) < len(_MAGIC) and _MAGIC.startswith(data):
@@ -271,7 +283,7 @@ class DurableJournal:
         return f
 
     def _create_empty(self) -> None:
-        with open(self.path, "wb") as f:
+        with _create(self.path) as f:
             f.write(_MAGIC)
             f.flush()
             files.sync(f.fileno(), self.path)
@@ -283,7 +295,7 @@ class DurableJournal:
         new file, open at its end, and each entry's offset."""
         tmp = self.path + ".compact"
         offsets = []
-        with open(tmp, "wb") as f:
+        with _create(tmp) as f:
             f.write(_MAGIC)
             for command, idx, term in entries:
                 offsets.append(f.tell())
@@ -401,7 +413,7 @@ class DurableJournal:
         if self.durability == "fsync":
             write_file_durably(self.meta_path, data)
         else:
-            with open(self.meta_path + ".tmp", "wb") as f:
+            with _create(self.meta_path + ".tmp") as f:
                 f.write(data)
             files.replace(self.meta_path + ".tmp", self.meta_path)
         self._meta_dirty = False

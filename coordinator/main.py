@@ -136,6 +136,9 @@ def _read_small(path: str) -> str:
 
 async def serve(config: NodeConfig) -> None:
     """Run one node until SIGTERM or SIGINT."""
+    # Every file the node writes (journal, snapshots, PBFT state, files
+    # pysyncobj creates itself) holds the cluster's data: owner only.
+    os.umask(0o077)
     # The engine's tick thread and the event loop hand every command to each
     # other; with CPython's default 5 ms GIL switch interval a busy loop can
     # hold a waiting tick thread back for that long. 1 ms keeps handoffs short.

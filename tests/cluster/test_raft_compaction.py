@@ -74,3 +74,34 @@ async def test_a_failing_snapshot_backs_off_instead_of_retrying_every_tick(tmp_p
         assert engine.snapshot_failures == 0
     finally:
         await engine.stop()
+
+
+async def test_journal_meta_and_snapshot_files_are_the_owners_only(tmp_path) -> None:
+    """Whatever the umask (a node sets 0077 itself; this checks the files
+    don't depend on it), the journal, its metadata and snapshots are 0600,
+    and an older journal with a wider mode is narrowed when opened."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        applier = Applier()
+        engine = _engine(tmp_path, applier, compaction_entries=10_000, compaction_bytes=1 << 16)
+        await engine.start()
+        try:
+            await _write(engine, "first", 0)
+            for i in range(3):
+                engine.submit(_big(f"k{i}", 40_000), lambda reason: None)
+            await _until(lambda: engine.snapshots >= 1, "a snapshot")
+        finally:
+            await engine.stop()
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.name.startswith("raft.")}
+        assert modes and set(modes.values()) == {0o600}, modes
+        assert {"raft.journal", "raft.journal.meta", "raft.snapshot"} <= set(modes)
+        (tmp_path / "raft.journal").chmod(0o644)
+        again = _engine(tmp_path, Applier())
+        await again.start()
+        await again.stop()
+        assert stat.S_IMODE((tmp_path / "raft.journal").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

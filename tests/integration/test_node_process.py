@@ -143,6 +143,12 @@ def test_the_secret_stays_out_of_logs_status_and_metrics(make_cluster) -> None:
         # the development mode says on start what it allows
         assert "anonymous access is allowed" in log and "any agent may register as any type with any endpoint" in log
     assert oct(cluster.secret_file.stat().st_mode & 0o777) == "0o600"
+    # a node's own files hold the cluster's data: the owner's only (the node sets umask 0077)
+    for node_id in cluster.members:
+        data = cluster.dir / node_id
+        modes = {str(p.relative_to(data)): p.stat().st_mode & 0o777 for p in data.rglob("*")}
+        assert "raft.journal" in modes and "raft.journal.meta" in modes
+        assert all(mode == (0o700 if (data / name).is_dir() else 0o600) for name, mode in modes.items()), modes
 
 
 def test_cluster_up_twice_reuses_the_running_cluster(tmp_path) -> None:
