@@ -67,6 +67,7 @@ class Limits:
     can make every replica hold is bounded by them."""
 
     events_retained: int = 10_000
+    events_bytes_max: int = 32 << 20  # the cluster's event history (/v1/events) is trimmed to it
     kv_history: int = 10_000
     dedupe_entries: int = 20_000
     dedupe_bytes_max: int = 32 << 20  # the first results kept for retries; the oldest go first
@@ -108,7 +109,7 @@ class StateMachine:
         self.registry = Registry()
         self.locks = Locks()
         self.members = Members()
-        self.events = EventLog(self.limits.events_retained)
+        self.events = EventLog(self.limits.events_retained, self.limits.events_bytes_max)
         self.bus = Bus(self.limits.bus)
         self.sagas = Sagas(self.limits.sagas)
         self.policies = Policies()
@@ -256,7 +257,8 @@ class StateMachine:
         machine.registry = Registry.from_data(data["agents"])
         machine.locks = Locks.from_data(data["locks"])
         machine.members = Members.from_data(data["members"])
-        machine.events = EventLog.from_data(data["events"], machine.limits.events_retained)
+        machine.events = EventLog.from_data(data["events"], machine.limits.events_retained,
+                                            machine.limits.events_bytes_max)
         machine.bus = Bus.from_data(data["bus"], machine.limits.bus)
         if "sagas" in data:  # snapshots written before sagas existed have none
             machine.sagas = Sagas.from_data(data["sagas"], machine.limits.sagas)

@@ -137,3 +137,14 @@ async def test_shares_survive_a_snapshot(make_harness: HarnessFactory) -> None:
     assert restored is not machine and restored.principal_bytes("agent:alice") == held
     assert (restored.kv.bytes, restored.bus.bytes, restored.registry.bytes) == (
         machine.kv.bytes, machine.bus.bytes, machine.registry.bytes)
+
+
+async def test_the_event_history_is_trimmed_by_bytes(make_harness: HarnessFactory) -> None:
+    h = await make_harness(limits=Limits(events_bytes_max=40 * KB))
+    for i in range(10):  # each registration's event carries its 8 KiB of metadata
+        await h.call("POST", "/v1/agents", {"id": f"a{i}", "type": "t", "metadata": {"m": "x" * (8 * KB)}},
+                     expect=201)
+    events = h.applier.machine.events
+    assert events.bytes <= 40 * KB and events.first_seq > 5
+    _, gone = await h.call("GET", "/v1/events?since=1", expect=410)  # a watcher learns the older ones are gone
+    assert gone["error"]["first_seq"] == events.first_seq
