@@ -87,8 +87,10 @@ from cluster import files
 from cluster.errors import EngineError, FrameRefused, MissingSecret
 from cluster.journal import DurableJournal, replace_durably, write_file_durably
 from cluster.power_loss import PowerLossRecorder
-from coordinator.codec import decode_record, encode_record
-from coordinator.errors import ReplicaHalted, Unavailable
+from coordinator import crypto
+from coordinator.codec import decode_record, encode_record, pack_wire, unpack_wire
+from coordinator.crypto import FrameBox
+from coordinator.errors import InvalidInput, ReplicaHalted, Unavailable
 from coordinator.ports import Done, EngineStatus, Failure, ReplicatedFSM
 
 PINNED_PYSYNCOBJ = "0.3.17"
@@ -218,29 +220,49 @@ class FrameReader:
         return length
 
 
-_pysyncobj_parse_frame = TcpConnection._TcpConnection__processParseMessage  # type: ignore[attr-defined]
-
-
 class _BoundedConnection(TcpConnection):
-    """pysyncobj's TcpConnection, reading through a ``FrameReader``.
+    """pysyncobj's TcpConnection with our wire and a bounded reader.
 
-    Until one frame has decrypted with the cluster secret (Fernet: an HMAC
-    over the frame) the connection is a stranger's: its frames may be at most
-    ``HANDSHAKE_FRAME_MAX_BYTES`` (the first frame either side sends is a
-    32-byte key); after that, ``frame_max_bytes``, above any frame a peer
-    sends (appends are batched to half of it, relays too). A frame over the
-    cap, or one that does not decrypt, closes the connection. Decrypting and
-    decoding stay pysyncobj's (``_pysyncobj_parse_frame``, handed one frame at
-    a time); this class only decides how much is read and buffered.
+    The wire: each frame is one ``FrameBox`` seal (XSalsa20-Poly1305 under a
+    key derived from the cluster secret, ``crypto.KEY_RAFT_WIRE``) of
+    msgpack: the frame's sequence number on this connection, then every
+    message queued since the last frame. No pickle, no deflate, and one
+    authenticated encryption per frame instead of pickle + zlib + Fernet per
+    message. A frame that does not verify, does not decode or comes out of
+    order (a replay) closes the connection. pysyncobj's handshake still runs
+    on top (each side sends a random key; every later message carries the
+    peer's, so frames of another connection are refused too).
+
+    Messages queue in ``send`` and leave as one frame in ``flush``: the engine
+    flushes every connection at the end of each tick and the transport after
+    reading a connection's input (``on_drained``), so answers go out as soon
+    as the input that caused them is handled.
+
+    The reader: until one frame has verified, the connection is a stranger's:
+    its frames may be at most ``HANDSHAKE_FRAME_MAX_BYTES``; after that,
+    ``frame_max_bytes``. A frame over the cap closes the connection before it
+    is buffered.
 
     Tick thread only, like every pysyncobj connection."""
 
-    def __init__(self, *args: Any, frame_max_bytes: int, on_refused: Callable[[str], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, frame_max_bytes: int, on_refused: Callable[[str], None], box: FrameBox,
+                 on_drained: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
         self.frame_max_bytes = frame_max_bytes
         self.authenticated = False
         self.opened_at = _pysyncobj.monotonicTime()
+        self.frames_sent = 0
+        self.messages_sent = 0
         self._reader = FrameReader(min(HANDSHAKE_FRAME_MAX_BYTES, frame_max_bytes))
         self._on_refused = on_refused
+        self._on_drained = on_drained
+        self._box = box
+        # a frame's plaintext stays well under what the peer accepts
+        self._frame_budget = max(HANDSHAKE_FRAME_MAX_BYTES // 2, frame_max_bytes // 2 - FrameBox.OVERHEAD)
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._inbox: deque[Any] = deque()
+        self._send_seq = 0
+        self._recv_seq = 0
         super().__init__(*args, **kwargs)
 
     def connect(self, host: Any, port: Any) -> bool:
@@ -256,12 +278,60 @@ class _BoundedConnection(TcpConnection):
         self._reader.frame_max_bytes = min(HANDSHAKE_FRAME_MAX_BYTES, self.frame_max_bytes)
         self.authenticated = False
         self.opened_at = _pysyncobj.monotonicTime()
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        self._inbox.clear()
+        self._send_seq = self._recv_seq = 0
 
     def _refuse(self, reason: str) -> None:
         self._on_refused(reason)
         self.disconnect()
 
-    # pysyncobj's private reading methods (name-mangled), replaced:
+    # -- sending --
+
+    def send(self, message: Any) -> None:
+        """Queue ``message`` for the next frame (pysyncobj's send wrote a frame
+        per message). Tagged with the peer's random key once it is known."""
+        if self.sendRandKey:
+            message = (self.sendRandKey, message)
+        packed = pack_wire(message)
+        self._outbox.append(packed)
+        self._outbox_bytes += len(packed)
+        if self._outbox_bytes >= self._frame_budget:
+            self.flush()
+
+    def flush(self) -> None:
+        """Seal what is queued into frames of at most ``_frame_budget`` bytes
+        of messages (one message alone may be larger) and start sending them."""
+        if not self._outbox:
+            return
+        if self.state == CONNECTION_STATE.DISCONNECTED:
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            return
+        frames = []
+        batch: list[bytes] = []
+        size = 0
+        for packed in self._outbox:
+            if batch and size + len(packed) > self._frame_budget:
+                frames.append(self._seal(batch))
+                batch, size = [], 0
+            batch.append(packed)
+            size += len(packed)
+        frames.append(self._seal(batch))
+        self.messages_sent += len(self._outbox)
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        self._TcpConnection__writeBuffer += b"".join(frames)
+        self._TcpConnection__trySendBuffer()
+
+    def _seal(self, batch: list[bytes]) -> bytes:
+        sealed = self._box.seal(pack_wire(self._send_seq) + b"".join(batch))
+        self._send_seq += 1
+        self.frames_sent += 1
+        return _FRAME_LENGTH.pack(len(sealed)) + sealed
+
+    # -- reading: pysyncobj's private methods (name-mangled), replaced --
 
     def _TcpConnection__tryReadBuffer(self) -> None:  # noqa: N802
         """Read what arrived, at most ``READ_BUDGET_BYTES``: the rest is read on
@@ -293,24 +363,49 @@ class _BoundedConnection(TcpConnection):
         return len(incoming)
 
     def _TcpConnection__processParseMessage(self) -> Any:  # noqa: N802
+        """The next message, or None when none is complete (then what the
+        handled input caused is sent: ``on_drained``)."""
+        while not self._inbox:
+            if not self._open_next_frame():
+                self._on_drained()
+                return None
+        message = self._inbox.popleft()
+        if self.recvRandKey:  # pysyncobj's check: the message was sent on this connection
+            if not (isinstance(message, tuple) and len(message) == 2 and message[0] == self.recvRandKey):
+                self._refuse("a message without this connection's key (from another connection)")
+                return None
+            message = message[1]
+        return message
+
+    def _open_next_frame(self) -> bool:
+        """Decrypt and decode the next complete frame into the inbox; False
+        when there is none (or the connection was closed for it)."""
         try:
             frame = self._reader.next_frame()
         except FrameRefused as exc:
             self._refuse(str(exc) if self.authenticated else f"before authentication, {exc}")
-            return None
+            return False
         if frame is None:
-            return None
-        self._TcpConnection__readBuffer = frame  # pysyncobj decrypts and decodes exactly this frame
-        was_authenticated = self.authenticated
-        message = _pysyncobj_parse_frame(self)
-        if self.state == CONNECTION_STATE.DISCONNECTED:  # it did not decrypt
-            if not was_authenticated:
-                self._on_refused("a first frame that does not decrypt with the cluster secret")
-            return None
-        if not was_authenticated:
+            return False
+        plaintext = self._box.unseal(frame[_FRAME_LENGTH.size:])
+        if plaintext is None:
+            self._refuse("a frame that does not verify with the cluster secret" if self.authenticated
+                         else "a first frame that does not verify with the cluster secret")
+            return False
+        try:
+            seq, *messages = unpack_wire(plaintext)
+        except (InvalidInput, ValueError):
+            self._refuse("a frame that verifies but does not decode")
+            return False
+        if seq != self._recv_seq:
+            self._refuse(f"frame {seq!r} where {self._recv_seq} was due (replayed or reordered)")
+            return False
+        self._recv_seq += 1
+        if not self.authenticated:
             self.authenticated = True
             self._reader.frame_max_bytes = self.frame_max_bytes
-        return message
+        self._inbox.extend(messages)
+        return True
 
 
 class _BoundedServer:
@@ -440,9 +535,10 @@ class _SyncingTransport(TCPTransport):
         self.refusals = 0
         batch_bytes = sync_obj.conf.appendEntriesBatchSizeBytes
         self._relay_batch_bytes = batch_bytes
-        # pysyncobj sends up to a batch of entries plus the one that crosses it, zlib-compressed
-        # and base64-encoded (x4/3) by Fernet; entries are at most a quarter of a batch.
+        # pysyncobj sends up to a batch of entries plus the one that crosses it; entries are at
+        # most a quarter of a batch, and a frame holds half of this of messages.
         self.frame_max_bytes = 2 * batch_bytes
+        self._box = FrameBox(crypto.derived_key(sync_obj.conf.password, crypto.KEY_RAFT_WIRE))
         super().__init__(sync_obj, self_node, other_nodes)
 
     # -- the bounded port (overrides of TCPTransport) --
@@ -464,7 +560,8 @@ class _SyncingTransport(TCPTransport):
         conf = self._syncObj.conf
         return _BoundedConnection(poller=self._syncObj._poller, timeout=conf.connectionTimeout,
                                   sendBufferSize=conf.sendBufferSize, recvBufferSize=conf.recvBufferSize,
-                                  frame_max_bytes=self.frame_max_bytes, on_refused=self._refused, **kwargs)
+                                  frame_max_bytes=self.frame_max_bytes, on_refused=self._refused, box=self._box,
+                                  on_drained=self.flush_frames, **kwargs)
 
     def _accept_connection(self, sock: socket.socket) -> None:
         """A new incoming connection (tick thread): closed at once when
@@ -524,6 +621,13 @@ class _SyncingTransport(TCPTransport):
             message = back_up_over_term(message, self._journal, commit)
         return super().send(node, message)
 
+    def flush_frames(self) -> None:
+        """Send what every connection has queued, each as one frame (tick
+        thread: at the end of a tick, and after a connection's input)."""
+        for conn in (*self._connections.values(), *self._unknownConnections):
+            if conn._outbox:
+                conn.flush()
+
     def flush_relays(self) -> None:
         """Send every batched relay (tick thread, at the end of a tick)."""
         for node in list(self._relays):
@@ -538,9 +642,17 @@ class _SyncingTransport(TCPTransport):
             super().send(node, message)
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802 - pysyncobj's name
+        if isinstance(message, dict) and "transmission" in message:
+            # pysyncobj sends an entry larger than a batch pickled, in pieces, and
+            # unpickles it on arrival; entries are capped at a quarter of a batch,
+            # so no peer of ours sends one, and none is ever unpickled here.
+            self.refusals += 1
+            _warn_throttled("transmission", "raft port: dropped an append of a pickled oversized entry from %s "
+                            "(never unpickled)", getattr(node, "id", node))
+            return
         if isinstance(message, dict) and message.get("type") == "relay_batch":
             inner = message.get("messages")
-            for item in inner if isinstance(inner, list) else ():
+            for item in inner if isinstance(inner, (list, tuple)) else ():
                 if isinstance(item, dict) and item.get("type") in _RELAYED:
                     super()._onMessageReceived(node, item)
             return
@@ -644,6 +756,15 @@ def _failpoints() -> dict[str, int]:
 
 # -- the SyncObj ---------------------------------------------------------------------
 
+# Our log entries: pysyncobj's command-type byte, then the command as the
+# codec encoded it. pysyncobj's own entries of a replicated method are a
+# pickle of (method id, args, kwargs) that every replica unpickles when it
+# applies them; ours are never pickled, on the wire or in the journal.
+COMMAND_TYPE_OURS = 7
+_COMMAND_OURS = bytes([COMMAND_TYPE_OURS])
+_pysyncobj_do_apply = SyncObj._SyncObj__doApplyCommand  # type: ignore[attr-defined]
+
+
 class _ReplicatedLog(SyncObj):
     def __init__(self, bridge: _Bridge, self_address: str, partners: list[str], conf: SyncObjConf,
                  transport_class: Callable[..., Any], stall_at: int | None) -> None:
@@ -651,12 +772,29 @@ class _ReplicatedLog(SyncObj):
         self._stall_at = stall_at
         super().__init__(self_address, partners, conf=conf, transportClass=transport_class)
 
-    @replicated
-    def _apply(self, blob: bytes) -> None:
+    def submit(self, blob: bytes, callback: Callable[[Any, int], None]) -> None:
+        """Queue ``blob`` for the log as one of our entries (any thread)."""
+        self._applyCommand(blob, callback, COMMAND_TYPE_OURS)
+
+    def _SyncObj__doApplyCommand(self, command: bytes) -> Any:  # noqa: N802 - pysyncobj's private name
+        """Apply one committed entry (tick thread): ours here; pysyncobj's own
+        (membership, version, and entries of ``_apply`` written before ours
+        existed) as pysyncobj does."""
+        if command[:1] == _COMMAND_OURS:
+            return self._apply_blob(bytes(command[1:]))
+        return _pysyncobj_do_apply(self, command)
+
+    def _apply_blob(self, blob: bytes) -> None:
         index = self.raftLastApplied + 1
         if self._stall_at is not None and index >= self._stall_at:
             raise IndexError(f"failpoint apply_stall_at={self._stall_at}")
         self._bridge.post(("apply", index, blob))
+
+    @replicated
+    def _apply(self, blob: bytes) -> None:
+        """Entries written before ``COMMAND_TYPE_OURS`` (a journal of an older
+        version) still apply through pysyncobj's replicated method."""
+        self._apply_blob(blob)
 
 
 class _Bridge:
@@ -948,6 +1086,9 @@ class PySyncObjEngine:
         transport = self._transport
         if transport is not None:  # relays need no sync: out before it
             transport.flush_relays()
+            # every queued frame, the leader's appends first among them: followers
+            # write while this node syncs (an answer was queued only after a sync)
+            transport.flush_frames()
         if journal.dirty:  # before polling: no acknowledgement is processed before this
             journal.sync()
         if journal.size_bytes >= self.compaction_bytes:
@@ -1030,7 +1171,7 @@ class PySyncObjEngine:
             reason = None if error == FAIL_REASON.SUCCESS else _FAILURES.get(error, Failure.UNKNOWN)
             bridge.post(("done", done, reason))
 
-        sync._apply(blob, callback=callback)
+        sync.submit(blob, callback)
         notifier = self._notifier
         if notifier is not None:
             notifier.notify()

@@ -39,6 +39,28 @@ def _unpack(data: bytes, field: str) -> Any:
         raise InvalidInput(f"undecodable {field}: {type(exc).__name__}", field=field) from exc
 
 
+def pack_wire(item: Any) -> bytes:
+    """One message of the Raft port (``cluster.raft_pysyncobj``): plain data,
+    tuples as arrays. Raises ``InvalidInput`` for anything else."""
+    try:
+        return _pack(item)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInput(f"a Raft message is not plain data ({type(exc).__name__})", field="message") from None
+
+
+def unpack_wire(data: bytes) -> list[Any]:
+    """The messages ``pack_wire`` wrote one after another into ``data``, with
+    arrays as tuples (pysyncobj compares log entries as tuples). Plain data
+    only; raises ``InvalidInput`` for anything malformed."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, use_list=False, strict_map_key=False, ext_hook=_refuse_ext,
+                                    max_ext_len=0, max_buffer_size=max(len(data), 1))
+        unpacker.feed(data)
+        return list(unpacker)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise InvalidInput(f"undecodable Raft frame: {type(exc).__name__}", field="message") from exc
+
+
 # Values nested deeper cannot be committed: msgpack refuses ~1024 levels when
 # a snapshot wraps them, and a command that applies but cannot be snapshotted
 # would stop log compaction on every replica. The HTTP layer stops at 100.

@@ -534,6 +534,27 @@ HKDF_LENGTH_MAX = 255 * HKDF_HASH_BYTES
 # is never valid for another (and none is keyed with the raw secret).
 KEY_FORWARDED_PRINCIPAL = b"coordinator/v1/forwarded-principal"
 KEY_JOIN_CHALLENGE = b"coordinator/v1/join-challenge"
+KEY_RAFT_WIRE = b"coordinator/v1/raft-wire"
+
+
+class FrameBox:
+    """Authenticated encryption of frames under one 32-byte key
+    (XSalsa20-Poly1305, a random 24-byte nonce in front of each)."""
+
+    OVERHEAD = _CIPHERTEXT_OVERHEAD
+
+    def __init__(self, key: bytes) -> None:
+        self._box = nacl.secret.SecretBox(key)
+
+    def seal(self, plaintext: bytes) -> bytes:
+        return bytes(self._box.encrypt(plaintext))
+
+    def unseal(self, sealed: bytes) -> bytes | None:
+        """What ``seal`` sealed under this key; None when it does not verify."""
+        try:
+            return bytes(self._box.decrypt(sealed))
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            return None
 
 
 def hkdf_sha256(secret: bytes, info: bytes, length: int = HKDF_HASH_BYTES, salt: bytes = b"") -> bytes:

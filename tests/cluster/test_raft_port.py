@@ -2,7 +2,9 @@
 authenticated, buffered without quadratic copies, and read a budget at a time.
 
 ``FrameReader`` is tested on its own; ``_BoundedConnection`` over a real
-socket pair driven by pysyncobj's poller, with pysyncobj's own encryption.
+socket pair driven by pysyncobj's poller, with our wire: msgpack messages,
+many to a frame, one FrameBox seal per frame, frames numbered per
+connection (no pickle anywhere).
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ import socket
 import struct
 import threading
 import time
-import zlib
 
 import pytest
-from pysyncobj.encryptor import getEncryptor
 from pysyncobj.poller import createPoller
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 
 from cluster import raft_pysyncobj as raft
 from cluster.errors import FrameRefused
+from coordinator import crypto
+from coordinator.codec import pack_wire
+from coordinator.errors import InvalidInput
 
 SECRET = "k" * 32
+BOX = crypto.FrameBox(crypto.derived_key(SECRET, crypto.KEY_RAFT_WIRE))
 
 
 def _frame(body: bytes) -> bytes:
@@ -112,9 +116,10 @@ class _Link:
             self.conn = TcpConnection(poller=self.poller, socket=ours, timeout=30.0)
         else:
             self.conn = raft._BoundedConnection(poller=self.poller, socket=ours, timeout=30.0,
-                                                frame_max_bytes=frame_max_bytes, on_refused=self.refused.append)
-        self.conn.encryptor = getEncryptor(SECRET)
+                                                frame_max_bytes=frame_max_bytes, on_refused=self.refused.append,
+                                                box=BOX)
         self.conn.setOnMessageReceivedCallback(self.received.append)
+        self.seq = 0  # the next frame number the test's side sends
 
     def pump(self, until, timeout_s: float = 5.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -127,12 +132,9 @@ class _Link:
         self.theirs.close()
 
 
-def _sealed(message) -> bytes:
-    """A frame as a peer knowing the secret sends it (pysyncobj's format)."""
-    from pysyncobj import pickle as pysyncobj_pickle  # the peer's side of pysyncobj's wire, not ours
-
-    data = getEncryptor(SECRET).encrypt_at_time(zlib.compress(pysyncobj_pickle.dumps(message), 3), int(time.time()))
-    return _frame(data)
+def _sealed(message, seq: int = 0, box: crypto.FrameBox = BOX) -> bytes:
+    """Frame number ``seq`` holding ``message`` as a peer knowing the secret sends it."""
+    return _frame(box.seal(pack_wire(seq) + pack_wire(message)))
 
 
 @pytest.fixture
@@ -172,7 +174,7 @@ def test_before_authentication_even_a_batch_sized_frame_is_refused(link) -> None
 def test_a_complete_frame_that_does_not_decrypt_is_refused(link) -> None:
     link.theirs.sendall(_frame(b"\x80" * 5000))
     link.pump(lambda: link.conn.state == CONNECTION_STATE.DISCONNECTED)
-    assert link.refused == ["a first frame that does not decrypt with the cluster secret"]
+    assert link.refused == ["a first frame that does not verify with the cluster secret"]
     assert link.received == []
 
 
@@ -180,8 +182,8 @@ def test_a_peer_with_the_secret_authenticates_and_may_then_send_large_frames(lin
     link.theirs.sendall(_sealed(b"k" * 32))
     link.pump(lambda: link.received == [b"k" * 32])
     assert link.conn.authenticated
-    big = {"type": "append_entries", "entries": [(os.urandom(200_000), 1, 1)]}  # incompressible
-    sealed = _sealed(big)
+    big = {"type": "append_entries", "entries": ((os.urandom(200_000), 1, 1),)}  # arrays arrive as tuples
+    sealed = _sealed(big, 1)
     assert len(sealed) > raft.HANDSHAKE_FRAME_MAX_BYTES
     sender = threading.Thread(target=link.theirs.sendall, args=(sealed,))  # more than the socket buffers hold
     sender.start()
@@ -222,3 +224,85 @@ def test_one_readiness_event_reads_at_most_the_budget(link, monkeypatch) -> None
     recv_size = link.conn._TcpConnection__recvBufferSize
     assert 0 < len(link.conn._reader) < 4096 + recv_size
     assert link.conn.state == CONNECTION_STATE.CONNECTED
+
+
+# -- the wire: no pickle, many messages a frame, numbered frames ---------------------------------
+
+def test_a_frame_replayed_or_out_of_order_closes_the_connection(link) -> None:
+    first = _sealed(b"k" * 32, 0)
+    link.theirs.sendall(first)
+    link.pump(lambda: link.received == [b"k" * 32])
+    link.theirs.sendall(first)  # the same frame again: a replay
+    link.pump(lambda: link.conn.state == CONNECTION_STATE.DISCONNECTED)
+    assert link.refused == ["frame 0 where 1 was due (replayed or reordered)"]
+
+
+def test_a_frame_sealed_under_another_key_is_refused_even_after_authentication(link) -> None:
+    link.theirs.sendall(_sealed(b"k" * 32, 0))
+    link.pump(lambda: link.conn.authenticated)
+    other = crypto.FrameBox(crypto.derived_key("another-secret-" + "x" * 20, crypto.KEY_RAFT_WIRE))
+    link.theirs.sendall(_sealed({"type": "request_vote", "term": 99}, 1, other))
+    link.pump(lambda: link.conn.state == CONNECTION_STATE.DISCONNECTED)
+    assert link.refused == ["a frame that does not verify with the cluster secret"]
+    assert link.received == [b"k" * 32]
+
+
+def test_a_message_of_another_connection_is_refused(link) -> None:
+    """pysyncobj's handshake on top: once this side chose its random key, every
+    message must carry it (a frame recorded on another connection does not)."""
+    link.theirs.sendall(_sealed(b"k" * 32, 0))
+    link.pump(lambda: link.conn.authenticated)
+    link.conn.recvRandKey = b"r" * 32
+    link.theirs.sendall(_sealed((b"s" * 32, {"type": "append_entries"}), 1))
+    link.pump(lambda: link.conn.state == CONNECTION_STATE.DISCONNECTED)
+    assert link.refused == ["a message without this connection's key (from another connection)"]
+
+
+def test_queued_messages_leave_as_one_frame_and_arrive_in_order() -> None:
+    poller = createPoller("auto")
+    left, right = socket.socketpair()
+    for sock in (left, right):
+        sock.setblocking(False)
+    got: list = []
+    sender = raft._BoundedConnection(poller=poller, socket=left, timeout=30.0, frame_max_bytes=1 << 20,
+                                     on_refused=pytest.fail, box=BOX)
+    receiver = raft._BoundedConnection(poller=poller, socket=right, timeout=30.0, frame_max_bytes=1 << 20,
+                                       on_refused=pytest.fail, box=BOX)
+    receiver.setOnMessageReceivedCallback(got.append)
+    try:
+        messages = [{"type": "append_entries", "term": 2, "entries": ((os.urandom(50), i, 2),)} for i in range(10)]
+        for message in messages:
+            sender.send(message)
+        assert sender.frames_sent == 0  # queued until flushed
+        sender.flush()
+        assert sender.frames_sent == 1 and sender.messages_sent == 10
+        deadline = time.monotonic() + 5
+        while len(got) < 10 and time.monotonic() < deadline:
+            poller.poll(0.05)
+        # arrays come back as tuples (pysyncobj compares log entries as tuples)
+        assert got == messages and isinstance(got[0]["entries"][0], tuple)
+        with pytest.raises(InvalidInput):
+            sender.send({"type": "x", "object": object()})  # only plain data travels: never pickle
+    finally:
+        sender.disconnect()
+        receiver.disconnect()
+
+
+def test_frames_stay_under_what_the_peer_accepts() -> None:
+    poller = createPoller("auto")
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    sender = raft._BoundedConnection(poller=poller, socket=left, timeout=30.0, frame_max_bytes=200_000,
+                                     on_refused=pytest.fail, box=BOX)
+    sizes: list[int] = []
+    seal = sender._seal
+    sender._seal = lambda batch: sizes.append(len(frame := seal(batch))) or frame  # type: ignore[method-assign]
+    try:
+        for i in range(20):  # 400 KB of commands, queued in one tick
+            sender.send({"type": "apply_command", "command": os.urandom(20_000), "request_id": i})
+        sender.flush()
+        assert sender.messages_sent == 20 and len(sizes) >= 2
+        assert all(size - 4 <= 200_000 for size in sizes), sizes  # the peer's FrameReader accepts each
+    finally:
+        sender.disconnect()
+        right.close()
