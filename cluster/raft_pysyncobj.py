@@ -446,13 +446,17 @@ class _SyncingTransport(TCPTransport):
     engine's own ``read_index`` and ``read_index_reply`` messages go to
     ``on_read_message`` and never reach pysyncobj."""
 
+    _rounds: ReadRounds | None = None
+    _on_read_message: Callable[[Any, dict[str, Any]], None] | None = None
+    _answering: tuple[Any, Any, int] | None = None  # (node, term, stamp) of the append being handled
+
     def __init__(self, sync_obj: Any, self_node: Any, other_nodes: Any, journal: DurableJournal,
                  rounds: ReadRounds | None = None,
                  on_read_message: Callable[[Any, dict[str, Any]], None] | None = None) -> None:
         self._journal = journal
         self._rounds = rounds
         self._on_read_message = on_read_message
-        self._answering: tuple[Any, Any, int] | None = None  # (node, term, stamp) of the append being handled
+        self._answering = None
         self._relays: dict[Any, list[dict[str, Any]]] = {}
         self.refusals = 0
         batch_bytes = sync_obj.conf.appendEntriesBatchSizeBytes

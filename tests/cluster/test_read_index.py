@@ -5,7 +5,10 @@ runs them on a real cluster."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from cluster.read_index import REFUSED, UNAVAILABLE, LeaderView, ReadRounds
 
@@ -145,3 +148,74 @@ def test_a_cluster_of_one_confirms_at_once() -> None:
     read = Read(rounds)
     assert not rounds.on_tick(view(voters=frozenset()), now=0.0)
     assert read.outcome == (10, None)
+
+
+# -- the stamps on the wire (_SyncingTransport, pysyncobj's send and handler replaced) --
+
+@pytest.fixture
+def journal(tmp_path: Any) -> Iterator[Any]:
+    from cluster.journal import DurableJournal
+
+    journal = DurableJournal(str(tmp_path / "raft.journal"))
+    yield journal
+    journal._destroy()
+
+
+def _transport(journal: Any, monkeypatch: Any, handler: Any) -> tuple[Any, list, ReadRounds]:
+    from pysyncobj.transport import TCPTransport
+
+    from cluster import raft_pysyncobj as raft
+
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(TCPTransport, "send", lambda self, node, message: sent.append((node.id, message)) or True)
+    monkeypatch.setattr(TCPTransport, "_onMessageReceived", lambda self, node, message: handler(self, node, message))
+    rounds = ReadRounds(timeout_s=2.0)
+    transport = object.__new__(raft._SyncingTransport)
+    transport._journal = journal
+    transport._relays = {}
+    transport._rounds = rounds
+    return transport, sent, rounds
+
+
+def _node(address: str) -> Any:
+    from pysyncobj.node import TCPNode
+
+    return TCPNode(address)
+
+
+def test_appends_leave_stamped_and_the_answer_sent_while_handling_one_carries_its_stamp(journal,
+                                                                                         monkeypatch) -> None:
+    """What pysyncobj answers from inside its handler for a stamped append
+    carries the stamp and the append's term; anything else it sends does not."""
+    def follower(transport: Any, node: Any, message: dict) -> None:  # pysyncobj's handler, in short
+        if message["type"] == "append_entries":
+            transport.send(node, {"type": "next_node_idx", "next_node_idx": 5, "reset": False, "success": True})
+            transport.send(_node("127.0.0.1:9"), {"type": "next_node_idx", "next_node_idx": 1, "reset": False,
+                                                  "success": True})  # (never happens) another node: no stamp
+
+    transport, sent, rounds = _transport(journal, monkeypatch, follower)
+    rounds.seq = 7
+    leader = _node("127.0.0.1:1")
+    transport.send(leader, {"type": "append_entries", "term": 3, "entries": []})
+    assert sent[-1][1]["ri"] == 7  # what a leader sends carries its latest round
+    sent.clear()
+    transport._onMessageReceived(leader, {"type": "append_entries", "term": 4, "ri": 9, "entries": [],
+                                          "commit_index": 1})
+    assert sent[0] == ("127.0.0.1:1", {"type": "next_node_idx", "next_node_idx": 5, "reset": False,
+                                       "success": True, "ri": 9, "ri_term": 4})
+    assert "ri" not in sent[1][1]
+    transport.send(leader, {"type": "next_node_idx", "next_node_idx": 6, "reset": False, "success": True})
+    assert "ri" not in sent[-1][1]  # sent outside the handler: it answers no stamped append
+
+
+def test_a_stamped_answer_reaches_the_rounds(journal, monkeypatch) -> None:
+    delivered: list[dict] = []
+    transport, _, rounds = _transport(journal, monkeypatch, lambda t, node, message: delivered.append(message))
+    read = Read(rounds)
+    peers = frozenset({"127.0.0.1:2", "127.0.0.1:3"})
+    rounds.on_tick(view(term=4, voters=peers), now=0.0)
+    transport._onMessageReceived(_node("127.0.0.1:2"), {"type": "next_node_idx", "next_node_idx": 2, "reset": True,
+                                              "success": False, "ri": rounds.stamp(), "ri_term": 4})
+    assert delivered and delivered[0]["type"] == "next_node_idx"  # pysyncobj still sees it
+    rounds.on_tick(view(term=4, voters=peers), now=0.1)
+    assert read.outcome == (10, None)  # a nextNodeIdx mismatch is an answer in our term all the same
