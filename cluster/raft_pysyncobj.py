@@ -63,6 +63,7 @@ import asyncio
 import concurrent.futures
 import errno
 import functools
+import itertools
 import logging
 import os
 import socket
@@ -87,10 +88,11 @@ from cluster import files
 from cluster.errors import EngineError, FrameRefused, MissingSecret
 from cluster.journal import DurableJournal, replace_durably, write_file_durably
 from cluster.power_loss import PowerLossRecorder
+from cluster.read_index import REFUSED, UNAVAILABLE, LeaderView, ReadRounds, Waiter
 from coordinator import crypto
 from coordinator.codec import decode_record, encode_record, pack_wire, unpack_wire
 from coordinator.crypto import FrameBox
-from coordinator.errors import InvalidInput, ReplicaHalted, Unavailable
+from coordinator.errors import InvalidInput, ReadIndexRefused, ReplicaHalted, Unavailable
 from coordinator.ports import Done, EngineStatus, Failure, ReplicatedFSM
 
 PINNED_PYSYNCOBJ = "0.3.17"
@@ -153,6 +155,7 @@ _pysyncobj_serializer.atomicReplace = files.replace
 
 # -- the Raft port: bounded frames, bounded strangers ------------------------------------
 
+_ASKED_BY_MAX = 4096  # followers' read-index requests held for one tick (each answers a batch of reads)
 _FRAME_LENGTH = struct.Struct("i")  # pysyncobj's frame prefix: a native signed 32-bit length
 HANDSHAKE_FRAME_MAX_BYTES = 64 << 10  # a connection's first frame is a key exchange of ~200 bytes
 READ_BUDGET_BYTES = 1 << 20  # read per readiness event and connection; the poller is level-triggered
@@ -500,7 +503,8 @@ _pysyncobj_serializer.atomicReplace = _replace_snapshot
 
 
 _RELAYED = ("apply_command", "apply_command_response")  # a follower's command and the leader's answer
-_NO_SYNC = ("append_entries", *_RELAYED)
+_READS = ("read_index", "read_index_reply")  # a follower asks the leader for a read index (ours, not pysyncobj's)
+_NO_SYNC = ("append_entries", *_RELAYED, *_READS)
 
 
 class _SyncingTransport(TCPTransport):
@@ -527,10 +531,27 @@ class _SyncingTransport(TCPTransport):
     reads through a capped ``FrameReader``; an incoming connection beyond
     ``UNAUTHENTICATED_MAX`` still proving the secret is closed at once, and
     one that has not proved it within ``connectionTimeout`` is closed then.
-    ``refusals`` counts strangers' connections and frames refused."""
+    ``refusals`` counts strangers' connections and frames refused.
 
-    def __init__(self, sync_obj: Any, self_node: Any, other_nodes: Any, journal: DurableJournal) -> None:
+    ReadIndex (``cluster.read_index``): every append_entries leaves stamped
+    with the latest read round's number (``ri``); while pysyncobj handles a
+    stamped append_entries, the answer it sends back (``next_node_idx``, at
+    most one, from inside its handler) carries the stamp and the message's
+    term (``ri``, ``ri_term``), which the leader hands to ``rounds``. The
+    engine's own ``read_index`` and ``read_index_reply`` messages go to
+    ``on_read_message`` and never reach pysyncobj."""
+
+    _rounds: ReadRounds | None = None
+    _on_read_message: Callable[[Any, dict[str, Any]], None] | None = None
+    _answering: tuple[Any, Any, int] | None = None  # (node, term, stamp) of the append being handled
+
+    def __init__(self, sync_obj: Any, self_node: Any, other_nodes: Any, journal: DurableJournal,
+                 rounds: ReadRounds | None = None,
+                 on_read_message: Callable[[Any, dict[str, Any]], None] | None = None) -> None:
         self._journal = journal
+        self._rounds = rounds
+        self._on_read_message = on_read_message
+        self._answering = None
         self._relays: dict[Any, list[dict[str, Any]]] = {}
         self.refusals = 0
         batch_bytes = sync_obj.conf.appendEntriesBatchSizeBytes
@@ -616,6 +637,10 @@ class _SyncingTransport(TCPTransport):
         self._flush_relays_to(node)
         if self._journal.dirty and kind not in _NO_SYNC:
             self._journal.sync()
+        if kind == "append_entries" and self._rounds is not None:
+            message = {**message, "ri": self._rounds.stamp()}
+        elif kind == "next_node_idx" and self._answering is not None and self._answering[0] == node:
+            message = {**message, "ri": self._answering[2], "ri_term": self._answering[1]}
         if kind == "next_node_idx" and message.get("reset") and not message.get("success"):
             commit = self._syncObj._SyncObj__raftCommitIndex
             message = back_up_over_term(message, self._journal, commit)
@@ -656,9 +681,28 @@ class _SyncingTransport(TCPTransport):
                 if isinstance(item, dict) and item.get("type") in _RELAYED:
                     super()._onMessageReceived(node, item)
             return
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind in _READS:
+            if self._on_read_message is not None:
+                self._on_read_message(node, message)
+            return
         message = trim_append_entries(message, self._journal)
-        if message is not None:
-            super()._onMessageReceived(node, message)
+        if message is None:
+            return
+        stamp = message.get("ri")
+        if kind == "append_entries" and isinstance(stamp, int):
+            # pysyncobj answers (if at all) from inside this call: the answer carries the stamp
+            self._answering = (node, message.get("term"), stamp)
+            try:
+                super()._onMessageReceived(node, message)
+            finally:
+                self._answering = None
+            return
+        if kind == "next_node_idx" and self._rounds is not None:
+            term = message.get("ri_term")
+            if isinstance(stamp, int) and isinstance(term, int):
+                self._rounds.on_answer(node.id, term, stamp)
+        super()._onMessageReceived(node, message)
 
 
 def split_relays(batch: list[dict[str, Any]], batch_bytes: int) -> list[list[dict[str, Any]]]:
@@ -966,6 +1010,14 @@ class PySyncObjEngine:
         self.watch_rounds = 0  # times the apply watchdog looked (tests wait on it)
         self._failpoints = _failpoints()
         self.quorum_lease_s = election_timeout_s[0]  # coordinator.ports.KnowsQuorumContact
+        # ReadIndex (coordinator.ports.ConfirmsReads): a round without a majority fails when pysyncobj
+        # itself would give up leading; the state below is the tick thread's
+        self._rounds = ReadRounds(timeout_s=leader_fallback_s)
+        self._read_timeout_s = leader_fallback_s + 1.0  # the loop's own bound on one read
+        self._asked: dict[int, tuple[list[Waiter], float]] = {}  # a follower's requests to the leader
+        self._ask_ids = itertools.count(1)
+        self._asked_by: list[tuple[Any, int]] = []  # requests from followers (node, id), for the next tick
+        self._apply_waits: list[tuple[int, Callable[[], None]]] = []  # confirmed reads waiting for the replica
         os.makedirs(data_dir, exist_ok=True)
         # UNSAFE, chaos tests only: record what a power cut would leave (before any file is opened)
         self._power_loss = PowerLossRecorder(data_dir) if power_loss else None
@@ -1016,7 +1068,8 @@ class PySyncObjEngine:
             if journal_path.journal is None:
                 raise EngineError("journal was not created before the transport")
             self._journal = journal_path.journal  # before the tick thread can need it
-            self._transport = _SyncingTransport(sync_obj, self_node, other_nodes, journal_path.journal)
+            self._transport = _SyncingTransport(sync_obj, self_node, other_nodes, journal_path.journal,
+                                                self._rounds, self._on_read_message)
             return self._transport
 
         stall_at = self._failpoints.get("apply_stall_at") if self.generation == 0 else None
@@ -1078,11 +1131,14 @@ class PySyncObjEngine:
             return
         if self._notifier is None:
             self._notifier = PipeNotifier(sync._poller)
+        started = self._read_tick(sync)
         if sync._isLeader():
             marker = (journal[-1][1], sync.raftCommitIndex)
-            if marker != self._last_flush:
+            if marker != self._last_flush or started:
                 self._last_flush = marker
                 sync._SyncObj__sendAppendEntries()
+        if self._apply_waits:
+            self._settle_applied(sync.raftLastApplied)
         transport = self._transport
         if transport is not None:  # relays need no sync: out before it
             transport.flush_relays()
@@ -1098,6 +1154,95 @@ class PySyncObjEngine:
             if now >= self._snapshot_retry_at and now - self._compaction_forced_at >= 1.0:
                 self._compaction_forced_at = now
                 sync.forceLogCompaction()
+
+    def _read_tick(self, sync: _ReplicatedLog) -> bool:
+        """ReadIndex on the tick thread: settle and start rounds when this node
+        leads, else pass this node's reads on to the leader. True when a round
+        started (append_entries must go out now, carrying its stamp)."""
+        rounds = self._rounds
+        now = time.monotonic()
+        if self._asked:
+            self._expire_asked(now)
+        if sync._isLeader():
+            for node, request_id in self._asked_by:
+                rounds.request(self._replier(node, request_id))
+            self._asked_by.clear()
+            if not rounds.in_flight() and not rounds.has_waiting():
+                return False
+            noop = sync._SyncObj__noopIDx
+            commit = sync.raftCommitIndex
+            view = LeaderView(leader=True, term=sync.raftCurrentTerm, commit_index=commit,
+                              term_committed=noop is not None and commit >= noop,
+                              voters=frozenset(node.id for node in sync._SyncObj__otherNodes))
+            return rounds.on_tick(view, now)
+        for node, request_id in self._asked_by:
+            self._replier(node, request_id)(None, REFUSED, "not the leader")
+        self._asked_by.clear()
+        rounds.step_down()
+        waiting = rounds.take_waiting()
+        if waiting:
+            self._ask_leader(sync, waiting, now)
+        return False
+
+    def _ask_leader(self, sync: _ReplicatedLog, waiting: list[Waiter], now: float) -> None:
+        """A follower's reads: one request to the leader for all of them."""
+        leader = sync._getLeader()
+        transport = self._transport
+        if leader is None or transport is None:
+            for waiter in waiting:
+                waiter(None, REFUSED, "no leader known")
+            return
+        request_id = next(self._ask_ids)
+        if not transport.send(leader, {"type": "read_index", "id": request_id}):
+            for waiter in waiting:
+                waiter(None, REFUSED, "not connected to the leader")
+            return
+        self._asked[request_id] = (waiting, now + self._rounds.timeout_s)
+
+    def _expire_asked(self, now: float) -> None:
+        for request_id, (waiting, deadline) in list(self._asked.items()):
+            if now > deadline:
+                del self._asked[request_id]
+                for waiter in waiting:
+                    waiter(None, UNAVAILABLE, "the leader did not confirm a read index in time")
+
+    def _replier(self, node: Any, request_id: int) -> Waiter:
+        """A waiter that answers a follower's request (tick thread)."""
+        transport = self._transport
+
+        def reply(index: int | None, kind: str | None, why: str | None) -> None:
+            if transport is not None:
+                transport.send(node, {"type": "read_index_reply", "id": request_id, "index": index,
+                                      "kind": kind, "why": why})
+        return reply
+
+    def _on_read_message(self, node: Any, message: dict[str, Any]) -> None:
+        """``read_index`` from a follower, or the leader's ``read_index_reply`` (tick thread)."""
+        request_id = message.get("id")
+        if not isinstance(request_id, int):
+            return
+        if message.get("type") == "read_index":
+            if len(self._asked_by) < _ASKED_BY_MAX:
+                self._asked_by.append((node, request_id))
+            return
+        asked = self._asked.pop(request_id, None)
+        if asked is None:
+            return
+        index, kind, why = message.get("index"), message.get("kind"), message.get("why")
+        for waiter in asked[0]:
+            if kind is None and isinstance(index, int):
+                waiter(index, None, None)
+            else:
+                waiter(None, kind if kind in (REFUSED, UNAVAILABLE) else UNAVAILABLE, str(why))
+
+    def _settle_applied(self, applied: int) -> None:
+        """Confirmed reads whose index this replica applied: answered through
+        the bridge, after every apply it carried before them (tick thread)."""
+        ready = [answer for index, answer in self._apply_waits if index <= applied]
+        if ready:
+            self._apply_waits = [(index, answer) for index, answer in self._apply_waits if index > applied]
+            for answer in ready:
+                answer()
 
     def _on_state_changed(self, old: int, new: int) -> None:
         if self._bridge is not None:
@@ -1175,6 +1320,45 @@ class PySyncObjEngine:
         notifier = self._notifier
         if notifier is not None:
             notifier.notify()
+
+    async def read_index(self) -> int:
+        """``coordinator.ports.ConfirmsReads``: see ``cluster.read_index`` and
+        cluster/design.md. Loop thread."""
+        sync, bridge = self._sync, self._bridge
+        if sync is None or bridge is None or not self._healthy:
+            raise ReadIndexRefused("the raft engine is not running")
+        future: asyncio.Future[tuple[int | None, str | None, str | None]] = (
+            asyncio.get_running_loop().create_future())
+
+        def settle(answer: tuple[int | None, str | None, str | None]) -> None:
+            if not future.done():
+                future.set_result(answer)
+
+        def finish(index: int | None, kind: str | None, why: str | None) -> None:  # tick thread
+            if kind is None and index is not None:
+                self._apply_waits.append((index, lambda: bridge.post(("done", settle, (index, None, None)))))
+            else:
+                bridge.post(("done", settle, (None, kind, why)))
+
+        self._rounds.request(finish)
+        notifier = self._notifier
+        if notifier is not None:
+            notifier.notify()
+        try:
+            async with asyncio.timeout(self._read_timeout_s):
+                index, kind, why = await future
+        except TimeoutError:
+            raise Unavailable(f"no read index within {self._read_timeout_s:g} s", retry_after_s=0.5) from None
+        if kind == REFUSED:
+            raise ReadIndexRefused(f"no ReadIndex read: {why}", retry_after_s=0.2)
+        if index is None:
+            raise Unavailable(f"read not confirmed: {why}", retry_after_s=0.5)
+        return index
+
+    @property
+    def read_rounds(self) -> int:
+        """ReadIndex rounds this node started as leader."""
+        return self._rounds.rounds
 
     def status(self) -> EngineStatus:
         sync = self._sync

@@ -69,6 +69,14 @@ class Unavailable(CoordinatorError):
         self.leader = leader
 
 
+class ReadIndexRefused(Unavailable):
+    """The engine cannot confirm a read by ReadIndex now (it does not lead
+    and knows no leader to ask, its leader has not committed an entry of its
+    term yet, or leadership changed during the round). Nothing was decided:
+    the caller may confirm the read another way (a log barrier); left
+    uncaught it is a 503 like any ``Unavailable``."""
+
+
 class ReplicaHalted(Unavailable):
     """This node's replica stopped applying the log: applying an entry or
     restoring a snapshot raised something other than the state machine's

@@ -137,6 +137,28 @@ class KnowsQuorumContact(Protocol):
 
 
 @runtime_checkable
+class ConfirmsReads(Protocol):
+    """An optional engine feature: linearizable reads without a log entry
+    (ReadIndex, Raft thesis §6.4).
+
+    ``read_index()`` returns an index at or above every entry committed
+    before the call, and returns only once this node's FSM has been handed
+    every entry up to it (so local state may be read at once, on the loop,
+    before anything else is applied). On the leader it confirms with a
+    round of heartbeats that a majority still follows it; a follower asks
+    the leader for its index, then waits for its own replica. Concurrent
+    calls share rounds. Loop thread.
+
+    Raises ``coordinator.errors.ReadIndexRefused`` when it cannot answer
+    that way now (no leader known, the leader has not committed an entry of
+    its term, leadership changed meanwhile): the caller falls back to a log
+    barrier. Raises ``Unavailable`` when no majority confirmed the leader
+    in time: the read must fail."""
+
+    async def read_index(self) -> int: ...
+
+
+@runtime_checkable
 class ConsensusEngine(Protocol):
     """Replicates opaque bytes. Knows nothing of the domain.
 

@@ -49,6 +49,10 @@ class _NodeCollector(Collector):
             proposals.add_metric([outcome], count)
         yield proposals
         yield CounterMetricFamily("coord_read_barriers", "Read barriers committed", value=node.reads.barriers)
+        yield CounterMetricFamily("coord_read_index_reads", "Linearizable reads the engine confirmed without a "
+                                  "log entry (ReadIndex)", value=node.reads.read_index_reads)
+        yield CounterMetricFamily("coord_read_index_refused", "Linearizable reads the engine could not confirm "
+                                  "by ReadIndex, confirmed by a barrier instead", value=node.reads.read_index_refused)
         yield _expired(node)
         yield CounterMetricFamily("coord_leader_changes", "Role changes seen by this node",
                                   value=node.leader_changes)

@@ -20,7 +20,7 @@ import aiohttp
 
 from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, ReplicaHalted, Unavailable
-from coordinator.ports import BusTransport, Clock, ConsensusEngine, KnowsQuorumContact, Rng
+from coordinator.ports import BusTransport, Clock, ConfirmsReads, ConsensusEngine, KnowsQuorumContact, Rng
 from coordinator.services.agent_http import EndpointGuard
 from coordinator.services.applier import Applier
 from coordinator.services.balancer.health import HealthChecker
@@ -85,7 +85,7 @@ class CoordinatorNode:
         self.proposer = Proposer(engine, applier, clock, rng, inflight_max=inflight_max,
                                  timeout_s=proposal_timeout_s, command_max_bytes=command_max_bytes,
                                  leader_hint=self.leader_http)
-        self.reads = Reads(self.proposer, applier)
+        self.reads = Reads(self.proposer, applier, engine if isinstance(engine, ConfirmsReads) else None)
         self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock,
                                   quorum=engine if isinstance(engine, KnowsQuorumContact) else None)
         self.bus = BusService(applier, self.proposer, self.reads, engine, clock, rng, node_id=identity.node_id,
@@ -294,7 +294,7 @@ class CoordinatorNode:
             raise ReplicaHalted(f"this node stopped applying the log ({self.applier.failure.problem}); "
                                 "use another node", retry_after_s=5.0)
         if consistency == "linearizable" and not self.unsafe_stale_reads:
-            await self.reads.barrier()
+            await self.reads.linearizable()
 
     # -- agents --------------------------------------------------------------------------------
 

@@ -1,14 +1,25 @@
-"""Linearizable reads through a barrier in the log; stale reads from local state.
+"""Linearizable reads: by ReadIndex where the engine offers it, else through
+a barrier in the log; stale reads from local state.
 
-pysyncobj has no ReadIndex, and a leader cut off from the majority believes
-it leads for a while. So a default read never trusts local leadership: it
-commits a ``barrier`` entry and reads once the local replica applied it. Only
-a leader with a live majority can commit; the barrier is ordered after every
-write acknowledged before the read began, so the read sees them all.
+A leader cut off from the majority believes it leads for a while, so a
+default read never trusts local leadership. On an engine that confirms reads
+(``coordinator.ports.ConfirmsReads``: raft) the engine takes the leader's
+commit index after the read began, confirms with a heartbeat round that a
+majority still follows that leader, and returns once the local replica
+applied up to the index (Raft thesis §6.4); nothing is written to the log.
+Otherwise (PBFT, or when the engine refuses: no leader known, a new leader
+that has not committed an entry of its term yet) the read commits a
+``barrier`` entry and reads once the local replica applied it. Only a leader
+with a live majority can commit; the barrier is ordered after every write
+acknowledged before the read began, so the read sees them all.
 
 Concurrent reads share barriers: a read joins the next barrier that has not
 been proposed yet, never one already under way (that one may have been
 ordered before the read began). Under load one barrier serves many reads.
+The engine shares its heartbeat rounds the same way.
+
+``barrier`` itself always goes through the log: a new leader's services use
+it to know that every later entry is theirs.
 """
 
 from __future__ import annotations
@@ -16,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from coordinator.errors import CoordinatorError
+from coordinator.errors import CoordinatorError, ReadIndexRefused
+from coordinator.ports import ConfirmsReads
 from coordinator.services.applier import Applier
 from coordinator.services.proposals import Proposer, raise_for
 
@@ -24,12 +36,31 @@ log = logging.getLogger(__name__)
 
 
 class Reads:
-    def __init__(self, proposer: Proposer, applier: Applier) -> None:
+    def __init__(self, proposer: Proposer, applier: Applier, confirms: ConfirmsReads | None = None) -> None:
         self.proposer = proposer
         self.applier = applier
+        self.confirms = confirms
         self.barriers = 0
+        self.read_index_reads = 0  # confirmed by the engine without a log entry
+        self.read_index_refused = 0  # the engine refused; a barrier confirmed them instead
         self._next: asyncio.Future[int] | None = None
         self._lock = asyncio.Lock()
+
+    async def linearizable(self) -> None:
+        """Before a linearizable read of local state: return once the local
+        replica reflects every write acknowledged before this call. Raises
+        ``Unavailable`` (no majority confirmed the leader, or the barrier
+        failed), ``ReplicaHalted``, or like ``Proposer.propose``."""
+        if self.confirms is not None:
+            try:
+                await self.confirms.read_index()
+            except ReadIndexRefused:
+                self.read_index_refused += 1
+            else:
+                self.read_index_reads += 1
+                await self.applier.wait_applied(0)  # ReplicaHalted when the replica stopped meanwhile
+                return
+        await self.barrier()
 
     async def barrier(self) -> int:
         """Wait until the local replica reflects every write committed before

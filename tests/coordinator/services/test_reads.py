@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
-from coordinator.errors import Unavailable
+from coordinator.clock import ManualClock, SeededRng
+from coordinator.errors import ReadIndexRefused, Unavailable
+from coordinator.ports import ConfirmsReads
+from coordinator.services.applier import Applier
+from coordinator.services.node import CoordinatorNode, Identity
 from tests.coordinator.services.conftest import Sim, eventually
+from tests.fakes import SimEngine
 
 
 async def test_concurrent_reads_share_one_barrier(sim: Sim) -> None:
@@ -110,3 +116,68 @@ async def test_stale_consistency_proposes_nothing(sim: Sim) -> None:
     assert len(sim.engine.log) == before
     await sim.node.read_barrier("linearizable")
     assert len(sim.engine.log) == before + 1
+
+
+class ConfirmingSimEngine(SimEngine):
+    """A SimEngine with ReadIndex (``coordinator.ports.ConfirmsReads``): the
+    next ``read_index`` answers with the log's length, or raises ``refuse``."""
+
+    def __init__(self, fsm: Any) -> None:
+        super().__init__(fsm)
+        self.refuse: Exception | None = None
+        self.read_indexes = 0
+
+    async def read_index(self) -> int:
+        self.read_indexes += 1
+        if self.refuse is not None:
+            raise self.refuse
+        return len(self.log)
+
+
+@pytest.fixture
+async def confirming() -> AsyncIterator[tuple[CoordinatorNode, ConfirmingSimEngine]]:
+    applier = Applier()
+    engine = ConfirmingSimEngine(applier)
+    node = CoordinatorNode(Identity("n1", engine.address, "127.0.0.1:17001"), engine, applier, ManualClock(),
+                           SeededRng(1), proposal_timeout_s=0.5)
+    await node.start()
+    try:
+        await eventually(lambda: node.leases.active, "the lease keeper to become active")
+        yield node, engine
+    finally:
+        await node.stop()
+
+
+async def test_an_engine_that_confirms_reads_is_asked_instead_of_the_log(confirming) -> None:
+    node, engine = confirming
+    assert isinstance(engine, ConfirmsReads)
+    before = len(engine.log)
+    await asyncio.gather(*(node.read_barrier("linearizable") for _ in range(5)))
+    assert len(engine.log) == before and engine.read_indexes == 5
+    assert node.reads.read_index_reads == 5 and node.reads.read_index_refused == 0
+
+
+async def test_a_refused_read_index_falls_back_to_a_barrier(confirming) -> None:
+    node, engine = confirming
+    engine.refuse = ReadIndexRefused("the leader has not committed an entry of its term yet")
+    barriers = node.reads.barriers
+    await node.read_barrier("linearizable")
+    assert node.reads.barriers == barriers + 1 and node.reads.read_index_refused == 1
+
+
+async def test_a_read_index_without_a_majority_fails_the_read(confirming) -> None:
+    node, engine = confirming
+    engine.refuse = Unavailable("no majority confirmed this leader")
+    barriers = node.reads.barriers
+    with pytest.raises(Unavailable) as raised:
+        await node.read_barrier("linearizable")
+    assert not isinstance(raised.value, ReadIndexRefused)
+    assert node.reads.barriers == barriers  # no barrier: it could not have committed either
+
+
+async def test_the_barrier_of_a_new_leader_still_goes_through_the_log(confirming) -> None:
+    """Services that take over after an election need an entry of their own."""
+    node, engine = confirming
+    before = len(engine.log)
+    index = await node.reads.barrier()
+    assert len(engine.log) == before + 1 == index
