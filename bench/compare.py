@@ -18,6 +18,12 @@ generator processes (one saturates near 5-6k requests/s on one core).
 Failover: SIGKILL the leader, time until a write through a survivor
 succeeds, restart, ``--failovers`` times for each system, interleaved.
 
+Every cell also reports the CPU the system's three server processes spent
+per operation (all members together, from /proc) and the Raft term changes
+during the cell (leader changes under load). ``--steady-s N`` adds a steady
+write load at 64 clients for N seconds on each system and counts its
+leader changes (the goal: none in 10 minutes).
+
 Every process it starts is stopped by PID at the end, also on Ctrl-C or
 SIGTERM. Exit status 0 when every cell ran (errors are reported, not fatal).
 """
@@ -45,7 +51,7 @@ import aiohttp
 
 from bench.etcd import EtcdCluster, b64, post_json
 from bench.load import VALUE
-from bench.report import pct, write_section
+from bench.report import pct, process_cpu_s, write_section
 from coordinator.devcluster import LocalCluster, fetch_json, free_base_port
 
 SYSTEMS = ("etcd", "coord")
@@ -85,6 +91,21 @@ class Systems:
             return self.etcd.urls
         return [self.coord.url(n) for n in self.coord.members]
 
+    def server_cpu_s(self, system: str) -> float:
+        """CPU seconds the system's member processes spent so far, all together."""
+        if system == "etcd":
+            pids = self.etcd.pids()
+        else:
+            pids = [pid for n in self.coord.members if (pid := self.coord.pid(n)) is not None]
+        return sum(process_cpu_s(pid) for pid in pids)
+
+    def term(self, system: str) -> int:
+        """The system's current Raft term, the highest any member reports."""
+        if system == "etcd":
+            return self.etcd.term()
+        terms = [int(s["term"]) for n in self.coord.members if (s := fetch_json(self.coord.url(n) + "/v1/status", 2.0))]
+        return max(terms, default=0)
+
 
 # -- throughput cells ------------------------------------------------------------------------------
 
@@ -95,6 +116,7 @@ def run_cell(systems: Systems, system: str, kind: str, clients: int, seconds: fl
     share = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     first = 0
     children = []
+    term_before, cpu_before = systems.term(system), systems.server_cpu_s(system)
     for count in share:
         cmd = [sys.executable, "-m", "bench.load", "--system", system, "--urls", ",".join(systems.urls(system)),
                "--clients", str(count), "--seconds", str(seconds), "--kind", kind, "--first-client", str(first)]
@@ -112,6 +134,8 @@ def run_cell(systems: Systems, system: str, kind: str, clients: int, seconds: fl
             if child.poll() is None:
                 child.kill()
                 child.wait()
+    server_cpu = systems.server_cpu_s(system) - cpu_before
+    term_changes = max(0, systems.term(system) - term_before)
     latencies = [v / 1000 for r in results for v in r["latencies_us"]]
     errors: Counter[str] = Counter()
     for r in results:
@@ -119,7 +143,9 @@ def run_cell(systems: Systems, system: str, kind: str, clients: int, seconds: fl
     elapsed = max(r["elapsed_s"] for r in results)
     return {"system": system, "kind": kind, "clients": clients, "ops_s": len(latencies) / elapsed,
             "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "errors": dict(errors),
-            "gen_cpu": sum(r["cpu_s"] for r in results) / elapsed, "procs": procs}
+            "gen_cpu": sum(r["cpu_s"] for r in results) / elapsed, "procs": procs,
+            "server_ms_per_op": server_cpu * 1000 / len(latencies) if latencies else float("nan"),
+            "term_changes": term_changes}
 
 
 def seed(systems: Systems) -> None:
@@ -225,22 +251,28 @@ def measure(args: argparse.Namespace, systems: Systems) -> dict[str, Any]:
                     print(f"round {r + 1} {system:5s} {kind:5s} c={clients:<4d} {cell['ops_s']:7.0f} ops/s  "
                           f"p50 {cell['p50_ms']:6.2f} ms  p99 {cell['p99_ms']:7.2f} ms  errors "
                           f"{sum(cell['errors'].values())}  generator CPU {cell['gen_cpu'] * 100:.0f}% "
-                          f"({cell['procs']} proc)", flush=True)
+                          f"({cell['procs']} proc)  server CPU {cell['server_ms_per_op']:.2f} ms/op  "
+                          f"term changes {cell['term_changes']}", flush=True)
                 cells.setdefault((kind, clients), []).append(pair)
+    steady: dict[str, dict[str, Any]] = {}
+    for system in (SYSTEMS if args.steady_s else ()):
+        steady[system] = run_cell(systems, system, "write", 64, args.steady_s)
+        print(f"steady {system}: {steady[system]['ops_s']:.0f} writes/s for {args.steady_s:g} s, "
+              f"term changes {steady[system]['term_changes']}", flush=True)
     failovers: dict[str, list[float]] = {s: [] for s in SYSTEMS}
     for i in range(args.failovers):
         for system in (SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]):
             failovers[system].append(failover(systems, system))
             print(f"failover {i + 1} {system}: {failovers[system][-1]:.2f} s", flush=True)
-    return {"cells": cells, "failovers": failovers}
+    return {"cells": cells, "failovers": failovers, "steady": steady}
 
 
 def report(measured: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "| workload | clients | etcd ops/s | etcd p50 ms | etcd p99 ms | ours ops/s | ours p50 ms | ours p99 ms "
         "| errors etcd / ours | ours ÷ etcd ops/s per round (median) | p99 ours ÷ etcd (median) "
-        "| generator CPU etcd / ours |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| generator CPU etcd / ours | server CPU ms/op etcd / ours (ratio) | term changes etcd / ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (kind, clients), pairs in measured["cells"].items():
         def med(system: str, field: str, pairs: list[dict[str, dict[str, Any]]] = pairs) -> float:
@@ -258,7 +290,10 @@ def report(measured: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {', '.join(f'{x:.2f}' for x in ratios)} ({statistics.median(ratios):.2f}) "
             f"| {statistics.median(p99):.2f} "
             f"| {med('etcd', 'gen_cpu') * 100:.0f}% / {med('coord', 'gen_cpu') * 100:.0f}%"
-            f"{f' ({procs} procs)' if procs > 1 else ''} |")
+            f"{f' ({procs} procs)' if procs > 1 else ''} "
+            f"| {med('etcd', 'server_ms_per_op'):.2f} / {med('coord', 'server_ms_per_op'):.2f} "
+            f"({_ratio(med('coord', 'server_ms_per_op'), med('etcd', 'server_ms_per_op')):.2f}) "
+            f"| {sum(p['etcd']['term_changes'] for p in pairs)} / {sum(p['coord']['term_changes'] for p in pairs)} |")
     lines.append("")
     for system in SYSTEMS:
         values = measured["failovers"][system]
@@ -266,6 +301,10 @@ def report(measured: dict[str, Any], args: argparse.Namespace) -> str:
             lines.append(f"- Leader SIGKILL → first successful write, {LABEL[system]}, {len(values)} tries: "
                          f"min {min(values):.2f} s, median {statistics.median(values):.2f} s, "
                          f"max {max(values):.2f} s.")
+    for system, cell in measured.get("steady", {}).items():
+        lines.append(f"- Steady writes, 64 clients, {LABEL[system]}: {cell['ops_s']:.0f} ops/s for "
+                     f"{args.steady_s:g} s, {cell['term_changes']} leader changes (term changes), server CPU "
+                     f"{cell['server_ms_per_op']:.2f} ms per write.")
     errors: Counter[str] = Counter()
     for pairs in measured["cells"].values():
         for p in pairs:
@@ -274,6 +313,10 @@ def report(measured: dict[str, Any], args: argparse.Namespace) -> str:
     if errors:
         lines.append("- Errors by kind: " + ", ".join(f"{k} x{v}" for k, v in errors.most_common()) + ".")
     return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
 
 
 def chart(measured: dict[str, Any], path: Path, title: str) -> None:
@@ -320,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--kinds", default="write,read")
     parser.add_argument("--failovers", type=int, default=5)
+    parser.add_argument("--steady-s", type=float, default=0.0,
+                        help="a steady 64-client write load this long on each system, counting leader changes")
     parser.add_argument("--out", help="write the section into this markdown file (docs/benchmarks.md)")
     parser.add_argument("--chart", help="write the throughput chart (PNG) here")
     args = parser.parse_args(argv)
@@ -330,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency: comma-separated integers")
     if not all(1 <= c <= 1024 for c in args.concurrency) or not set(args.kinds) <= {"write", "read"}:
         parser.error("--concurrency 1..1024 each, --kinds write and/or read")
-    if not (0 < args.seconds <= 120 and 1 <= args.rounds <= 20 and 0 <= args.failovers <= 20):
-        parser.error("--seconds up to 120, --rounds 1..20, --failovers 0..20")
+    if not (0 < args.seconds <= 120 and 1 <= args.rounds <= 20 and 0 <= args.failovers <= 20
+            and 0 <= args.steady_s <= 3600):
+        parser.error("--seconds up to 120, --rounds 1..20, --failovers 0..20, --steady-s up to 3600")
     signal.signal(signal.SIGTERM, _terminate)
     with tempfile.TemporaryDirectory(prefix="coord-vs-etcd-") as directory:
         systems = Systems(Path(directory))

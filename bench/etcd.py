@@ -118,6 +118,15 @@ class EtcdCluster:
             except subprocess.TimeoutExpired:
                 self.kill(name)
 
+    def pids(self) -> list[int]:
+        return [child.pid for child in self._children.values() if child.poll() is None]
+
+    def term(self) -> int:
+        """The highest Raft term the running members report (0 when none answers)."""
+        terms = [int(s["header"]["raft_term"]) for n in self.names if self.running(n)
+                 if (s := self.status(n)) and "header" in s]
+        return max(terms, default=0)
+
     def status(self, name: str) -> dict[str, Any] | None:
         return post_json(self.client_url(name) + "/v3/maintenance/status", {})
 

@@ -5,6 +5,8 @@
 # docs/benchmarks.md and docs/bench-etcd.png. Extra arguments go to bench.compare
 # (for example: ./scripts/bench.sh --seconds 2 --rounds 1 --concurrency 1,64). The benchmark runs
 # its own etcd members on free ports; a distribution etcd service on 2379 is left alone.
+# It ends with 10 minutes of steady 64-client writes on each system, counting leader
+# changes (--steady-s 0, or COORD_BENCH_STEADY_S=0, skips them).
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
 coord_venv test  # the test extras carry matplotlib for the chart
@@ -18,4 +20,5 @@ if ! command -v etcd >/dev/null 2>&1 && [ -z "${ETCD_BIN:-}" ]; then
              && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server >&2; }
 fi
 cd "$ROOT"
-exec "$VENV/bin/python" -m bench.compare --out docs/benchmarks.md --chart docs/bench-etcd.png "$@"
+exec "$VENV/bin/python" -m bench.compare --out docs/benchmarks.md --chart docs/bench-etcd.png \
+    --steady-s "${COORD_BENCH_STEADY_S:-600}" "$@"

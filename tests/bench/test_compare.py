@@ -3,6 +3,7 @@ short real run when etcd is installed; scripts/bench.sh installs it)."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -17,19 +18,22 @@ from bench.report import pct, write_section
 from tests import debian
 
 
-def _cell(system: str, ops: float, p99: float, errors: dict[str, int] | None = None) -> dict:
+def _cell(system: str, ops: float, p99: float, errors: dict[str, int] | None = None, *, cpu: float = 1.0,
+          terms: int = 0) -> dict:
     return {"system": system, "ops_s": ops, "p50_ms": p99 / 3, "p99_ms": p99, "errors": errors or {},
-            "gen_cpu": 0.25, "procs": 1}
+            "gen_cpu": 0.25, "procs": 1, "server_ms_per_op": cpu, "term_changes": terms}
 
 
 def test_the_report_gives_each_pairs_ratio_and_their_median() -> None:
     measured = {
         "cells": {("write", 64): [{"etcd": _cell("etcd", 2000, 10), "coord": _cell("coord", 3000, 15)},
                                   {"etcd": _cell("etcd", 3000, 10), "coord": _cell("coord", 3000, 30)},
-                                  {"etcd": _cell("etcd", 2500, 20), "coord": _cell("coord", 2000, 20, {"503": 2})}]},
+                                  {"etcd": _cell("etcd", 2500, 20, cpu=0.4),
+                                   "coord": _cell("coord", 2000, 20, {"503": 2}, cpu=0.6, terms=1)}]},
         "failovers": {"etcd": [1.0, 2.0, 3.0], "coord": [0.8, 0.9, 1.4]},
+        "steady": {"coord": _cell("coord", 1500, 50, cpu=0.7, terms=0)},
     }
-    table = report(measured, None)  # type: ignore[arg-type]
+    table = report(measured, argparse.Namespace(steady_s=600))
     row = next(line for line in table.splitlines() if line.startswith("| write 64 B | 64 |"))
     assert "| 1.50, 1.00, 0.80 (1.00) |" in row  # ours / etcd per round, then the median
     assert "| 2500 |" in row and "| 3000 |" in row  # medians of each system
@@ -37,6 +41,8 @@ def test_the_report_gives_each_pairs_ratio_and_their_median() -> None:
     assert "| 1.50 |" in row  # the median of the p99 ratios (1.5, 3.0, 1.0)
     assert "this project, 3 tries: min 0.80 s, median 0.90 s, max 1.40 s" in table
     assert "coord 503 x2" in table
+    assert "| 1.00 / 1.00 (1.00) | 0 / 1 |" in row  # server CPU per op medians and their ratio; term changes
+    assert "Steady writes, 64 clients, this project: 1500 ops/s for 600 s, 0 leader changes" in table
 
 
 def test_generators_split_from_64_clients_and_keys_match_on_both_systems() -> None:
