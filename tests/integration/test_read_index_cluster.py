@@ -40,11 +40,13 @@ async def test_linearizable_reads_append_no_entries(make_cluster) -> None:
             assert response.status == 200
 
         async def settled() -> int:
-            """The leader's commit index once the post-election entries stopped coming."""
-            last = None
-            for _ in range(100):  # bounded: 100 x 0.1 s
+            """The leader's commit index once the post-election entries stopped
+            coming (unchanged for a whole second)."""
+            last, same = None, 0
+            for _ in range(300):  # bounded: 300 x 0.1 s
                 index = (await asyncio.to_thread(cluster.status, leader))["commit_index"]
-                if index == last:
+                same = same + 1 if index == last else 0
+                if same >= 10:
                     return index
                 last = index
                 await asyncio.sleep(0.1)
@@ -66,7 +68,11 @@ async def test_linearizable_reads_append_no_entries(make_cluster) -> None:
                 assert (await response.json())["value"] == f"by {node}"
             expected = f"by {node}"
         after = (await asyncio.to_thread(cluster.status, leader))["commit_index"]
-        assert after == before + 2, (before, after)  # the two writes; the 102 reads appended nothing
+        # The two writes, and no entry per read: 102 reads through barriers appended 102 entries
+        # (8 -> 112 before ReadIndex). A member's registration retry (backing off up to 5 s) may
+        # still land in between on a loaded machine, so a few unrelated entries are tolerated;
+        # that the reads proposed nothing is what the barrier counters below show exactly.
+        assert before + 2 <= after <= before + 8, (before, after)
         for node, earlier in ((leader, leader_metrics), (follower, follower_metrics)):
             now = await metrics(session, cluster.url(node))
             assert metric(now, "coord_read_barriers") == metric(earlier, "coord_read_barriers")
