@@ -1,0 +1,104 @@
+"""Two checkouts of this project side by side: the same load against a
+three-node cluster started from checkout A, then from checkout B, over
+interleaved rounds (A B, B A, ...): operations per second and the CPU the
+three nodes spent per operation, so a change's before/after is measured in
+one run on a noisy machine.
+
+    python -m bench.ab BEFORE_DIR AFTER_DIR [--clients 64] [--rounds 3] [--seconds 5] [--kind write|read]
+
+Each directory is a checkout with its own ``.venv`` (``./scripts/test.sh``
+or ``./scripts/cluster-up.sh`` there makes one). The cluster and the load
+generator (``bench.load``) of each side run from that side's checkout.
+Every process is stopped by PID; each cell is bounded by ``--seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.report import process_cpu_s
+
+# Run in the checkout's own interpreter: starts its cluster, prints the URLs
+# and PIDs, stops it (by PID, LocalCluster.stop_all) when told on stdin.
+_CLUSTER = """
+import json, sys, tempfile
+from coordinator.devcluster import LocalCluster, free_base_port
+cluster = LocalCluster(tempfile.mkdtemp(prefix="coord-ab-"), base_port=free_base_port(3), nodes=3,
+                       durability="fsync")
+try:
+    cluster.start_all()
+    cluster.wait_leader(30)
+    print(json.dumps({"urls": [cluster.url(n) for n in cluster.members],
+                      "pids": [cluster.pid(n) for n in cluster.members]}), flush=True)
+    sys.stdin.readline()
+finally:
+    cluster.stop_all()
+"""
+
+
+def run_side(repo: Path, clients: int, seconds: float, kind: str) -> dict[str, Any]:
+    python = str(repo / ".venv" / "bin" / "python")
+    cluster = subprocess.Popen([python, "-c", _CLUSTER], cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert cluster.stdout is not None and cluster.stdin is not None
+        info = json.loads(cluster.stdout.readline())
+        time.sleep(1.0)  # the post-election entries
+        before = sum(process_cpu_s(pid) for pid in info["pids"])
+        load = subprocess.run([python, "-m", "bench.load", "--system", "coord", "--urls", ",".join(info["urls"]),
+                               "--clients", str(clients), "--seconds", str(seconds), "--kind", kind],
+                              cwd=repo, capture_output=True, text=True, timeout=seconds + 60)
+        cpu = sum(process_cpu_s(pid) for pid in info["pids"]) - before
+        cluster.stdin.write("\n")
+        cluster.stdin.flush()
+        cluster.wait(60)
+    finally:
+        if cluster.poll() is None:
+            cluster.kill()
+            cluster.wait(10)
+    if load.returncode != 0:
+        raise RuntimeError(f"bench.load failed in {repo}: {load.stderr[-500:]}")
+    result = json.loads(load.stdout.strip().splitlines()[-1])
+    ops = result["ops"]
+    return {"ops_s": ops / result["elapsed_s"], "cpu_ms_per_op": cpu * 1000 / ops if ops else float("nan"),
+            "errors": result["errors"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--kind", choices=("write", "read"), default="write")
+    args = parser.parse_args(argv)
+    if not (1 <= args.clients <= 1024 and 1 <= args.rounds <= 20 and 0 < args.seconds <= 120):
+        parser.error("--clients 1..1024, --rounds 1..20, --seconds up to 120")
+    sides = {"before": args.before.resolve(), "after": args.after.resolve()}
+    results: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    for r in range(args.rounds):
+        for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
+            cell = run_side(sides[name], args.clients, args.seconds, args.kind)
+            results[name].append(cell)
+            print(f"round {r + 1} {name:6s} {cell['ops_s']:7.0f} ops/s  nodes' CPU {cell['cpu_ms_per_op']:.3f} ms/op  "
+                  f"errors {sum(cell['errors'].values())}", flush=True)
+    pairs = list(zip(results["before"], results["after"], strict=True))
+    ops = [a["ops_s"] / b["ops_s"] for b, a in pairs]
+    cpu = [a["cpu_ms_per_op"] / b["cpu_ms_per_op"] for b, a in pairs]
+    print(f"after ÷ before, {args.kind}s at {args.clients} clients: ops/s {', '.join(f'{x:.2f}' for x in ops)} "
+          f"(median {statistics.median(ops):.2f}); CPU per op {', '.join(f'{x:.2f}' for x in cpu)} "
+          f"(median {statistics.median(cpu):.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
