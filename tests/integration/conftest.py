@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
+from chaos.proxy import Faults, Proxy
 from coordinator.devcluster import LocalCluster, free_base_port
 
 
@@ -57,3 +59,25 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float, what
             return result
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@asynccontextmanager
+async def proxied_cluster(make_cluster: Callable[..., LocalCluster]) -> AsyncIterator[tuple[LocalCluster, Proxy]]:
+    """A cluster whose Raft links run through a fault proxy, started; at the
+    end its nodes are stopped (by PID) and the proxy closed."""
+    cluster = make_cluster(proxied=True, start=False)
+    proxy = Proxy([(link.name, link.listen_port, link.target_port) for link in cluster.links.values()])
+    await proxy.start()
+    try:
+        cluster.start_all()
+        yield cluster, proxy
+    finally:
+        await asyncio.to_thread(cluster.stop_all)
+        await proxy.stop()
+
+
+def isolate(cluster: LocalCluster, proxy: Proxy, node_id: str) -> None:
+    """Drop everything on every Raft link to and from ``node_id``."""
+    for link in cluster.links.values():
+        if node_id in (link.dialer, link.target):
+            proxy.set(link.name, Faults(drop_a_to_b=True, drop_b_to_a=True))

@@ -12,9 +12,8 @@ import urllib.parse
 import aiohttp
 import pytest
 
-from chaos.proxy import Faults, Proxy
 from coordinator.client import CoordinatorClient
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, isolate, proxied_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -25,11 +24,7 @@ WATCH_S = 1.8  # under leader_fallback_s: the old code still answers heartbeats 
 
 
 async def test_an_isolated_leader_refuses_heartbeats_after_the_election_timeout(make_cluster) -> None:
-    cluster = make_cluster(proxied=True, start=False)
-    proxy = Proxy([(link.name, link.listen_port, link.target_port) for link in cluster.links.values()])
-    await proxy.start()
-    try:
-        cluster.start_all()
+    async with proxied_cluster(make_cluster) as (cluster, proxy):
         old = await asyncio.to_thread(cluster.wait_leader, 30)
         async with CoordinatorClient(cluster.url(old)) as client:
             await client.register("worker", agent_id="w-q", ttl_s=1.0)
@@ -41,9 +36,7 @@ async def test_an_isolated_leader_refuses_heartbeats_after_the_election_timeout(
             async with session.post(beat, json={}) as response:
                 assert response.status == 200, await response.text()
 
-            for link in cluster.links.values():
-                if old in (link.dialer, link.target):
-                    proxy.set(link.name, Faults(drop_a_to_b=True, drop_b_to_a=True))
+            isolate(cluster, proxy, old)
             cut = time.monotonic()
             lock_remaining = None
             while (sent := time.monotonic() - cut) < WATCH_S:
@@ -90,6 +83,3 @@ async def test_an_isolated_leader_refuses_heartbeats_after_the_election_timeout(
                 return all(a["id"] != "w-q" for a in await client.agents("worker"))
 
             await eventually(expired, 15, "the new leader to expire the agent")
-    finally:
-        await asyncio.to_thread(cluster.stop_all)
-        await proxy.stop()

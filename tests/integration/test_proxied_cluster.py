@@ -7,25 +7,19 @@ import asyncio
 
 import pytest
 
-from chaos.proxy import Faults, Proxy
 from coordinator.client import CoordinatorClient
 from coordinator.devcluster import fetch_json
+from tests.integration.conftest import isolate, proxied_cluster
 
 pytestmark = pytest.mark.cluster
 
 
 async def test_isolated_leader_is_replaced_and_rejoins(make_cluster) -> None:
-    cluster = make_cluster(proxied=True, start=False)
-    proxy = Proxy([(link.name, link.listen_port, link.target_port) for link in cluster.links.values()])
-    await proxy.start()
-    try:
-        cluster.start_all()
+    async with proxied_cluster(make_cluster) as (cluster, proxy):
         old = await asyncio.to_thread(cluster.wait_leader, 30)
         async with CoordinatorClient([cluster.url(n) for n in cluster.members]) as client:
             await client.put("p/k", "before")
-        for link in cluster.links.values():
-            if old in (link.dialer, link.target):
-                proxy.set(link.name, Faults(drop_a_to_b=True, drop_b_to_a=True))
+        isolate(cluster, proxy, old)
         majority = [n for n in cluster.members if n != old]
         new = await asyncio.to_thread(cluster.wait_leader, 30, majority)
         assert new != old
@@ -41,6 +35,3 @@ async def test_isolated_leader_is_replaced_and_rejoins(make_cluster) -> None:
         await asyncio.to_thread(cluster.wait_caught_up, old, target, 30)
         async with CoordinatorClient(cluster.url(old)) as client:
             assert (await client.get("p/k"))["value"] == "after"
-    finally:
-        await asyncio.to_thread(cluster.stop_all)
-        await proxy.stop()

@@ -12,8 +12,8 @@ import urllib.request
 import aiohttp
 import pytest
 
-from chaos.proxy import Faults, Proxy
 from coordinator.client import CoordinatorClient
+from tests.integration.conftest import isolate, proxied_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -90,18 +90,12 @@ def get_status(url: str, timeout_s: float) -> tuple[int, dict]:
 
 
 async def test_a_leader_cut_off_from_the_majority_refuses_linearizable_reads(make_cluster) -> None:
-    cluster = make_cluster(proxied=True, start=False)
-    proxy = Proxy([(link.name, link.listen_port, link.target_port) for link in cluster.links.values()])
-    await proxy.start()
-    try:
-        cluster.start_all()
+    async with proxied_cluster(make_cluster) as (cluster, proxy):
         old = await asyncio.to_thread(cluster.wait_leader, 30)
         async with CoordinatorClient([cluster.url(n) for n in cluster.members]) as client:
             await client.put("ri/p", "before")
         assert (await asyncio.to_thread(get_status, cluster.url(old) + "/v1/kv/ri/p", 10))[0] == 200
-        for link in cluster.links.values():
-            if old in (link.dialer, link.target):
-                proxy.set(link.name, Faults(drop_a_to_b=True, drop_b_to_a=True))
+        isolate(cluster, proxy, old)
         majority = [n for n in cluster.members if n != old]
         await asyncio.to_thread(cluster.wait_leader, 30, majority)
         async with CoordinatorClient([cluster.url(n) for n in majority]) as client:
@@ -117,6 +111,3 @@ async def test_a_leader_cut_off_from_the_majority_refuses_linearizable_reads(mak
         for node in majority:
             code, body = await asyncio.to_thread(get_status, cluster.url(node) + "/v1/kv/ri/p", 10)
             assert code == 200 and body["value"] == "after"
-    finally:
-        await asyncio.to_thread(cluster.stop_all)
-        await proxy.stop()
