@@ -10,13 +10,13 @@ from pathlib import Path
 from aiohttp import web
 
 from coordinator.api.access import access_routes
-from coordinator.api.auth import AUTH, AuthSettings, AuthState, auth_middleware
+from coordinator.api.auth import AUTH, AuthSettings, AuthState, admit
 from coordinator.api.bus import bus_routes
 from coordinator.api.chaos import chaos_routes
 from coordinator.api.errors import error_response, render_error
 from coordinator.api.eventstore import es_routes
 from coordinator.api.keys import CHAOS_DIR, METRICS, NODE
-from coordinator.api.limits import OPEN, OpenLimits, OpenRequests, long_request_middleware
+from coordinator.api.limits import OPEN, OpenLimits, OpenRequests, take_slot
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes
@@ -35,40 +35,48 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes the JSON error body of DESIGN.md; nothing escapes."""
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """What every request goes through, in one layer: authentication and
+    authorization (``api.auth``), a slot if it is a long request
+    (``api.limits``), every failure rendered as the JSON error body of
+    DESIGN.md (nothing escapes), and its latency and status counted."""
+    started = time.perf_counter()
     try:
-        return await handler(request)
-    except CoordinatorError as exc:
+        await admit(request)
+        held = take_slot(request)
+        if held is None:
+            response = await handler(request)
+        else:
+            try:
+                response = await handler(request)
+            finally:
+                request.app[OPEN].release(held)
+    except Exception as exc:
+        response = _failure(request, exc)
+    resource = request.match_info.route.resource
+    request.app[METRICS].observe(request.method, "unmatched" if resource is None else resource.canonical,
+                                 response.status, time.perf_counter() - started)
+    return response
+
+
+def _failure(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The error response for ``exc``; an ``HTTPException`` below 400 (a redirect) is raised again."""
+    if isinstance(exc, CoordinatorError):
         return render_error(exc)
-    except web.HTTPRequestEntityTooLarge:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response(413, "too_large", f"body: larger than {MAX_BODY_BYTES} bytes", field="body")
-    except web.HTTPMethodNotAllowed as exc:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         response = error_response(405, "method_not_allowed", f"{request.method} is not allowed here")
         response.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
         return response
-    except web.HTTPNotFound:
+    if isinstance(exc, web.HTTPNotFound):
         return error_response(404, "not_found", f"no route for {request.method} {request.path}")
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         return error_response(exc.status, "http", exc.reason)
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "internal", "internal error")
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    response = await handler(request)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    metrics = request.app[METRICS]
-    metrics.latency.labels(request.method, route, str(response.status)).observe(time.perf_counter() - started)
-    if response.status >= 400:
-        metrics.errors.labels(str(response.status)).inc()
-    return response
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal", "internal error")
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -81,8 +89,7 @@ def make_app(node: CoordinatorNode, auth: AuthSettings | None = None, *,
     """The application for ``node``; the caller starts and stops the node.
     Without ``auth``, nothing but the public routes answers (secure by default)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES,
-                          middlewares=[metrics_middleware, errors_middleware, auth_middleware,
-                                       long_request_middleware])
+                          middlewares=[edge_middleware])
     app[NODE] = node
     app[CHAOS_DIR] = chaos_dir
     app[AUTH] = AuthState(auth or AuthSettings(), own_http=node.identity.http)

@@ -624,18 +624,16 @@ def _deny(state: AuthState, permission: str, message: str, action: str, resource
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def admit(request: web.Request) -> None:
+    """Authenticate and authorize ``request`` (401, 403); its principal is then ``principal_of(request)``."""
     state: AuthState = request.app[AUTH]
-    node = request.app[NODE]
     try:
-        principal = await authenticate(request, state, _public_key_of(node))
+        principal = await authenticate(request, state, _public_key_of(request.app[NODE]))
     except Unauthenticated as exc:
         state.refused[exc.message.split(" ")[0]] += 1
         raise
     await authorize(request, principal, state)
     request[PRINCIPAL_KEY] = principal
-    return await handler(request)
 
 
 def _public_key_of(node: Any) -> Callable[[str], str | None]:

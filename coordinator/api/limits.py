@@ -10,7 +10,7 @@ Two kinds of things are held open:
   node's own files and peer links.
 * Long requests: Server-Sent Events streams and long polls (a fetch with
   ``wait_s`` > 0). Each holds a task, a connection and often a consumer on the
-  leader for minutes. ``long_request_middleware`` counts them per principal
+  leader for minutes. ``take_slot`` counts them per principal
   (an agent, the admin, or an anonymous caller by its address) and in total:
   over the caller's share is a 429, over the node's total a 503, both with
   ``Retry-After`` and ``limit`` naming the cap. A request that is refused
@@ -24,7 +24,6 @@ counted against the same principal.
 from __future__ import annotations
 
 import resource
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,20 +110,14 @@ def _holder(request: web.Request) -> str:
     return str(principal)
 
 
-@web.middleware
-async def long_request_middleware(request: web.Request,
-                                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                                  ) -> web.StreamResponse:
-    """After authentication: a long request takes a slot for its whole life."""
+def take_slot(request: web.Request) -> str | None:
+    """After authentication: a long request takes a slot for its whole life.
+    The holder to ``release`` when it ends; None for a short request."""
     if not is_long(request):
-        return await handler(request)
-    slots = request.app[OPEN]
+        return None
     who = _holder(request)
-    slots.acquire(who)
-    try:
-        return await handler(request)
-    finally:
-        slots.release(who)
+    request.app[OPEN].acquire(who)
+    return who
 
 
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"

@@ -239,6 +239,19 @@ class HttpMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.errors = Counter("coord_http_errors", "HTTP error responses", ["code"], registry=self.registry)
+        # labels() takes a lock and builds the key on every call; the children are
+        # kept here instead (methods are the parser's fixed set, routes the
+        # router's, statuses HTTP's: a bounded set).
+        self._latency_of: dict[tuple[str, str, int], Any] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One answered request: its latency, and an error count when ``status`` >= 400."""
+        child = self._latency_of.get((method, route, status))
+        if child is None:
+            child = self._latency_of[(method, route, status)] = self.latency.labels(method, route, str(status))
+        child.observe(seconds)
+        if status >= 400:
+            self.errors.labels(str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

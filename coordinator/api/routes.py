@@ -47,8 +47,7 @@ def ok(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status, dumps=_dumps)
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+_dumps = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per response
 
 
 # -- cluster ---------------------------------------------------------------------

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import itertools
 import re
+from collections import deque
 from typing import Any
 
 from coordinator.codec import check_command_size, encode_command
@@ -43,6 +44,10 @@ _STATE_ERRORS: dict[str, type[CoordinatorError]] = {
     "not_found": NotFound,
     "unavailable": Unavailable,
 }
+
+
+class _Expired(Exception):
+    """Set on a proposal's futures when ``timeout_s`` passed without an outcome."""
 
 
 def request_key(principal: str, request_id: str | None, *request: str) -> RequestKey:
@@ -98,6 +103,11 @@ class Proposer:
         self.confirms_results = isinstance(engine, ConfirmsResults) and bool(engine.confirms_results)
         self._prefix = rng.token_hex(6)
         self._counter = itertools.count(1)
+        # One timer for all proposals instead of one per proposal: deadlines
+        # are appended in order (timeout_s is fixed), the timer fires for the
+        # oldest and re-arms for the next.
+        self._deadlines: deque[tuple[float, tuple[asyncio.Future[Any], ...]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
 
     async def propose(self, op: str, args: dict[str, Any], request: RequestKey | None = None) -> Result:
         """Commit ``op(args)`` and return its ``Result``. ``request`` makes a
@@ -147,11 +157,11 @@ class Proposer:
 
         try:
             self.engine.submit(blob, done)
-            async with asyncio.timeout(self.timeout_s):
-                result = await future
-                if confirmed is not None:
-                    await confirmed
-        except TimeoutError:
+            self._expire_at(future if confirmed is None else (future, confirmed))
+            result = await future
+            if confirmed is not None:
+                await confirmed
+        except _Expired:
             self._count("timeout")
             raise OutcomeUnknown(f"no outcome within {self.timeout_s}s") from None
         except CoordinatorError as exc:
@@ -161,10 +171,33 @@ class Proposer:
             self.inflight -= 1
             self.applier.forget(proposal_id)
             for waited in (future, confirmed):
-                if waited is not None and waited.done() and not waited.cancelled():
+                if waited is None:
+                    continue
+                if not waited.done():
+                    waited.cancel()  # the caller left: nothing waits for it any more
+                elif not waited.cancelled():
                     waited.exception()  # retrieved: no "never retrieved" noise
         self._count("committed")
         return result
+
+    def _expire_at(self, waiting: asyncio.Future[Any] | tuple[asyncio.Future[Any], ...]) -> None:
+        """Fail ``waiting`` with ``_Expired`` if still pending ``timeout_s`` from now."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        self._deadlines.append((deadline, waiting if isinstance(waiting, tuple) else (waiting,)))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            for waiting in self._deadlines.popleft()[1]:
+                if not waiting.done():
+                    waiting.set_exception(_Expired())
+        if self._deadlines:
+            self._timer = loop.call_at(self._deadlines[0][0], self._expire)
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
