@@ -7,9 +7,12 @@ one run on a noisy machine.
     python -m bench.ab BEFORE_DIR AFTER_DIR [--clients 64] [--rounds 3] [--seconds 5] [--kind write|read]
 
 Each directory is a checkout with its own ``.venv`` (``./scripts/test.sh``
-or ``./scripts/cluster-up.sh`` there makes one). The cluster and the load
-generator (``bench.load``) of each side run from that side's checkout.
-Every process is stopped by PID; each cell is bounded by ``--seconds``.
+or ``./scripts/cluster-up.sh`` there makes one). Each side's cluster runs
+from that side's checkout; the load generator (``bench.load``) is this
+checkout's for both sides, so the sides differ only in the servers. From
+64 clients on the load comes from two generator processes, as in
+``bench.compare``. Every process is stopped by PID; each cell is bounded by
+``--seconds``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import process_cpu_s
+
+_HERE = Path(__file__).resolve().parent.parent
 
 # Run in the checkout's own interpreter: starts its cluster, prints the URLs
 # and PIDs, stops it (by PID, LocalCluster.stop_all) when told on stdin.
@@ -45,6 +50,7 @@ finally:
 
 def run_side(repo: Path, clients: int, seconds: float, kind: str) -> dict[str, Any]:
     python = str(repo / ".venv" / "bin" / "python")
+    loads: list[subprocess.Popen[str]] = []
     cluster = subprocess.Popen([python, "-c", _CLUSTER], cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True)
     try:
@@ -52,23 +58,44 @@ def run_side(repo: Path, clients: int, seconds: float, kind: str) -> dict[str, A
         info = json.loads(cluster.stdout.readline())
         time.sleep(1.0)  # the post-election entries
         before = sum(process_cpu_s(pid) for pid in info["pids"])
-        load = subprocess.run([python, "-m", "bench.load", "--system", "coord", "--urls", ",".join(info["urls"]),
-                               "--clients", str(clients), "--seconds", str(seconds), "--kind", kind],
-                              cwd=repo, capture_output=True, text=True, timeout=seconds + 60)
+        procs = 2 if clients >= 64 else 1
+        urls = ",".join(info["urls"])
+        for i in range(procs):
+            share = clients // procs + (i < clients % procs)
+            loads.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.load", "--system", "coord", "--urls", urls, "--clients", str(share),
+                 "--seconds", str(seconds), "--kind", kind, "--first-client", str(i * clients)],
+                cwd=_HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [load.communicate(timeout=seconds + 60) for load in loads]
         cpu = sum(process_cpu_s(pid) for pid in info["pids"]) - before
         cluster.stdin.write("\n")
         cluster.stdin.flush()
         cluster.wait(60)
     finally:
+        for load in loads:
+            if load.poll() is None:
+                load.kill()
+                load.wait(10)
         if cluster.poll() is None:
             cluster.kill()
             cluster.wait(10)
-    if load.returncode != 0:
-        raise RuntimeError(f"bench.load failed in {repo}: {load.stderr[-500:]}")
-    result = json.loads(load.stdout.strip().splitlines()[-1])
-    ops = result["ops"]
-    return {"ops_s": ops / result["elapsed_s"], "cpu_ms_per_op": cpu * 1000 / ops if ops else float("nan"),
-            "errors": result["errors"]}
+        for pipe in (cluster.stdin, cluster.stdout):
+            if pipe is not None:
+                pipe.close()
+    results = []
+    for load, (out, err) in zip(loads, outputs, strict=True):
+        if load.returncode != 0:
+            raise RuntimeError(f"bench.load against {repo} failed: {err[-500:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    ops = sum(r["ops"] for r in results)
+    errors: dict[str, int] = {}
+    for r in results:
+        for name, count in r["errors"].items():
+            errors[name] = errors.get(name, 0) + count
+    elapsed = max(r["elapsed_s"] for r in results)
+    return {"ops_s": ops / elapsed, "cpu_ms_per_op": cpu * 1000 / ops if ops else float("nan"),
+            "generator_ms_per_op": sum(r["cpu_s"] for r in results) * 1000 / ops if ops else float("nan"),
+            "errors": errors}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             cell = run_side(sides[name], args.clients, args.seconds, args.kind)
             results[name].append(cell)
             print(f"round {r + 1} {name:6s} {cell['ops_s']:7.0f} ops/s  nodes' CPU {cell['cpu_ms_per_op']:.3f} ms/op  "
-                  f"errors {sum(cell['errors'].values())}", flush=True)
+                  f"generator {cell['generator_ms_per_op']:.3f} ms/op  errors {sum(cell['errors'].values())}",
+                  flush=True)
     pairs = list(zip(results["before"], results["after"], strict=True))
     ops = [a["ops_s"] / b["ops_s"] for b, a in pairs]
     cpu = [a["cpu_ms_per_op"] / b["cpu_ms_per_op"] for b, a in pairs]

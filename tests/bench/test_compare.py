@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import ab
 from bench.compare import generator_procs, report
 from bench.etcd import b64
 from bench.load import Requests, key_of
@@ -88,3 +89,13 @@ def test_a_short_real_run_against_etcd(tmp_path: Path) -> None:
         assert cells[8] == "0 / 0"  # and no request failed
     assert "etcd, 1 tries" in text and "this project, 1 tries" in text
     assert png.stat().st_size > 10_000
+
+
+def test_ab_compares_two_checkouts_with_one_generator(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.ab against this checkout twice: both sides serve writes, and the ratio line is printed."""
+    repo = Path(__file__).resolve().parents[2]
+    assert ab.main([str(repo), str(repo), "--clients", "2", "--rounds", "1", "--seconds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "round 1 before" in out and "round 1 after" in out
+    assert "errors 0" in out
+    assert "after ÷ before, writes at 2 clients" in out
