@@ -1,5 +1,5 @@
 """The bus as a service: publish, subscribe, fetch (long-poll), ack, request/reply,
-and the leader's duties (firing bus timers, routing at-most-once messages).
+and routing at-most-once messages on the leader.
 
 Who does what:
 
@@ -11,8 +11,8 @@ Who does what:
 - Messages that are not persistent (at-most-once) never enter the log: the
   leader routes them into in-memory queues and hands each out once. A leader
   change loses them, as at-most-once allows.
-- The leader proposes ``bus.tick`` whenever the replicated timer heap says a
-  redelivery, a TTL or a retention age is due by its clock.
+- When the leader is active (caught up) and when its term ends is
+  ``services.duties.LeaderDuties``'s to say; it also fires the bus's timers.
 
 Loop thread only.
 """
@@ -25,10 +25,10 @@ from collections import deque
 from typing import Any
 
 from coordinator.errors import CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
-from coordinator.ports import BusTransport, Clock, ConsensusEngine, Rng
+from coordinator.ports import BusTransport, Clock, Rng
 from coordinator.services.applier import Applier
+from coordinator.services.duties import LeaderDuties
 from coordinator.services.proposals import Proposer, raise_for, state_error
-from coordinator.services.reads import Reads
 from coordinator.state import filters
 from coordinator.state.base import Rejected
 from coordinator.state.bus import (
@@ -95,61 +95,37 @@ class _Volatile:
 
 
 class BusService:
-    def __init__(self, applier: Applier, proposer: Proposer, reads: Reads, engine: ConsensusEngine, clock: Clock,
-                 rng: Rng, *, node_id: str, member_id: Any = None, tick_s: float = 0.05,
-                 failure_after_s: float = 3.0) -> None:
+    def __init__(self, applier: Applier, proposer: Proposer, duties: LeaderDuties, clock: Clock, rng: Rng, *,
+                 node_id: str) -> None:
         self.applier = applier
         self.proposer = proposer
-        self.reads = reads
-        self.engine = engine
+        self.duties = duties
         self.clock = clock
         self.rng = rng
         self.node_id = node_id
-        self._member_id_of = member_id  # raft address -> member id, when the member table does not know it yet
-        self.tick_s = tick_s
-        self.failure_after_s = failure_after_s
-        self.active = False  # leader, caught up
-        self.active_since_index = 0  # the barrier that made it active: later entries are this leader's
         self.closing = False  # the node is shutting down: waits end at once
         self.volatile = _Volatile()
-        self.ticks = 0
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._replies: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
         self.transports: dict[str, BusTransport] = {}  # set by the node: the transports configured here
         self._transport_groups: dict[tuple[str, str, int], None] = {}  # groups made at the broker this term
         self._transport_keys: dict[str, tuple[str, str]] = {}  # broker delivery id -> (consumer key, message key)
-        self._term_task: asyncio.Task[None] | None = None
-        self._tick_task: asyncio.Task[None] | None = None
-        self._unreachable: dict[str, float] = {}  # raft address -> since (monotonic)
-        self._reported: dict[str, None] = {}      # raft addresses reported failed
         applier.on_apply(self._on_apply)
         applier.on_reset(self._wake_all)
+        duties.on_change(self._on_leadership)
+
+    @property
+    def active(self) -> bool:
+        """This node leads and has caught up: it serves fetches and at-most-once messages."""
+        return self.duties.active
 
     # -- leadership ---------------------------------------------------------------------
 
-    def on_role(self, role: str) -> None:
-        if role == "leader":
-            if self._term_task is None or self._term_task.done():
-                self._term_task = asyncio.get_running_loop().create_task(self._take_over())
-        else:
-            self._step_down()
-
-    async def _take_over(self) -> None:
-        self.active_since_index = await self.reads.barrier_until_done("bus")
-        self.active = True
-        self._unreachable.clear()
-        self._reported.clear()
-        self._wake_all()
-        st = self.engine.status()
-        await self._report("system.leader.elected", {"node": self.node_id, "term": st.term})
-
-    def _step_down(self) -> None:
-        if self._term_task is not None:
-            self._term_task.cancel()
-        self.active = False
-        self._transport_groups.clear()
-        self._transport_keys.clear()  # unacked broker deliveries come back after their ack timeout
-        self.volatile.clear()
+    def _on_leadership(self, active: bool) -> None:
+        if not active:
+            self._transport_groups.clear()
+            self._transport_keys.clear()  # unacked broker deliveries come back after their ack timeout
+            self.volatile.clear()
         self._wake_all()
 
     def close(self) -> None:
@@ -159,76 +135,9 @@ class BusService:
 
     async def stop(self) -> None:
         self.close()
-        self._step_down()
-        tasks = [t for t in (self._term_task, self._tick_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._on_leadership(False)
         for future in self._replies.values():
             future.cancel()
-
-    async def run(self) -> None:
-        """The leader's duties, every ``tick_s``: fire due bus timers and stream
-        processors' windows and deadlines, watch members."""
-        while True:
-            await asyncio.sleep(self.tick_s)
-            if not self.active:
-                continue
-            machine = self.applier.machine
-            now_ms = self.clock.now_ms()
-            idle = self._tick_task is None or self._tick_task.done()
-            due = machine.bus.next_due_ms()
-            if due is not None and due <= now_ms and idle:
-                self._tick_task = asyncio.get_running_loop().create_task(self._tick("bus.tick"))
-            else:
-                due = machine.streams.next_due_ms()  # a window to close or a pattern deadline
-                if due is not None and due <= now_ms and idle:
-                    self._tick_task = asyncio.get_running_loop().create_task(self._tick("streams.tick"))
-            self._watch_members()
-
-    async def _tick(self, op: str) -> None:
-        try:
-            raise_for(await self.proposer.propose(op, {}))
-            self.ticks += 1
-        except CoordinatorError as exc:
-            log.info("bus: %s failed (%s); will retry", op, exc.message)
-
-    def _watch_members(self) -> None:
-        """Failure detection: a member the leader cannot reach for
-        ``failure_after_s`` becomes a committed ``system.failure`` event, and
-        ``system.recovered`` when it is back."""
-        st = self.engine.status()
-        now = self.clock.monotonic()
-        for raft in st.members:
-            if raft == st.node:
-                continue
-            if raft in st.connected:
-                self._unreachable.pop(raft, None)
-                if raft in self._reported:
-                    del self._reported[raft]
-                    self._spawn_report("system.recovered", {"member": self._member_id(raft), "raft": raft})
-                continue
-            since = self._unreachable.setdefault(raft, now)
-            if now - since >= self.failure_after_s and raft not in self._reported:
-                self._reported[raft] = None
-                self._spawn_report("system.failure", {"member": self._member_id(raft), "raft": raft,
-                                                      "reason": "unreachable from the leader",
-                                                      "for_s": round(now - since, 1)})
-
-    def _member_id(self, raft: str) -> str | None:
-        member = self.applier.machine.members.by_raft(raft)
-        if member is not None:
-            return member.id
-        return self._member_id_of(raft) if self._member_id_of is not None else None
-
-    def _spawn_report(self, type_: str, data: dict[str, Any]) -> None:
-        asyncio.get_running_loop().create_task(self._report(type_, data))
-
-    async def _report(self, type_: str, data: dict[str, Any]) -> None:
-        try:
-            raise_for(await self.proposer.propose("system.report", {"type": type_, "data": data}))
-        except CoordinatorError as exc:
-            log.info("bus: reporting %s failed (%s)", type_, exc.message)
 
     # -- what the log applied -------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from coordinator.services.balancer.health import HealthChecker
 from coordinator.services.balancer.service import Balancer
 from coordinator.services.bus import BusService
 from coordinator.services.digests import DigestWatch
+from coordinator.services.duties import LeaderDuties
 from coordinator.services.leases import LeaseKeeper, NotLeader
 from coordinator.services.proposals import Proposer, cluster_request, raise_for
 from coordinator.services.reads import Reads
@@ -88,18 +89,19 @@ class CoordinatorNode:
         self.reads = Reads(self.proposer, applier, engine if isinstance(engine, ConfirmsReads) else None)
         self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock,
                                   quorum=engine if isinstance(engine, KnowsQuorumContact) else None)
-        self.bus = BusService(applier, self.proposer, self.reads, engine, clock, rng, node_id=identity.node_id,
-                              member_id=lambda raft: self._peer_id(raft))
+        self.duties = LeaderDuties(applier, self.proposer, self.reads, engine, clock, node_id=identity.node_id,
+                                   member_id=lambda raft: self._peer_id(raft))
+        self.bus = BusService(applier, self.proposer, self.duties, clock, rng, node_id=identity.node_id)
         self.transports = TransportDriver(applier, self.proposer, dict(transports or {}), clock,
-                                          lambda: self.bus.active, factory=transport_factory)
+                                          lambda: self.duties.active, factory=transport_factory)
         self.bus.transports = self.transports.transports
         self.endpoint_guard = EndpointGuard((lambda: applier.machine.access.endpoint_allow) if check_endpoints
                                             else None)
         self.balancer = Balancer(applier, random.Random(int(rng.token_hex(8), 16)), monotonic=clock.monotonic,
                                  guard=self.endpoint_guard)
-        self.health = HealthChecker(applier, self.proposer, lambda: self.bus.active, monotonic=clock.monotonic,
+        self.health = HealthChecker(applier, self.proposer, lambda: self.duties.active, monotonic=clock.monotonic,
                                     guard=self.endpoint_guard)
-        self.sagas = SagaOrchestrator(applier, self.proposer, self.bus, self.balancer, clock, lambda: self.bus.active,
+        self.sagas = SagaOrchestrator(applier, self.proposer, self.bus, self.balancer, clock, self.duties,
                                       node_id=identity.node_id, guard=self.endpoint_guard)
         self.forward_timeout_s = forward_timeout_s
         self.peer_ssl = peer_ssl
@@ -124,7 +126,7 @@ class CoordinatorNode:
                                               connector=connector)
         await self.engine.start()
         self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
-        self._tasks.append(asyncio.create_task(self.bus.run(), name="bus"))
+        self._tasks.append(asyncio.create_task(self.duties.run(), name="leader-duties"))
         await self.transports.start()
         self._tasks.append(asyncio.create_task(self.transports.run(), name="transports"))
         self._tasks.append(asyncio.create_task(self.sagas.run(), name="sagas"))
@@ -142,6 +144,7 @@ class CoordinatorNode:
         await self.sagas.stop()
         await self.health.stop()
         await self.balancer.close()
+        await self.duties.stop()
         await self.bus.stop()
         await self.transports.stop()
         await self.engine.stop()
@@ -151,7 +154,7 @@ class CoordinatorNode:
     def _on_role(self, role: str) -> None:
         self.leader_changes += 1
         self.leases.on_role(role)
-        self.bus.on_role(role)
+        self.duties.on_role(role)
 
     async def _register_self(self) -> None:
         """Make sure the member table maps this node's Raft address to its HTTP

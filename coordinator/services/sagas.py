@@ -40,6 +40,7 @@ from coordinator.services.agent_http import EndpointGuard, agent_url, read_cappe
 from coordinator.services.applier import Applier
 from coordinator.services.balancer.service import Balancer, Invocation
 from coordinator.services.bus import BusService
+from coordinator.services.duties import LeaderDuties
 from coordinator.services.proposals import Proposer, raise_for
 from coordinator.state.base import Rejected
 from coordinator.state.messages import normalize
@@ -98,7 +99,7 @@ def _bounded_result(value: Any) -> Any:
 
 class SagaOrchestrator:
     def __init__(self, applier: Applier, proposer: Proposer, bus: BusService, balancer: Balancer, clock: Clock,
-                 is_active: Any, *, node_id: str, tick_s: float = 0.02, connections_per_agent: int = 32,
+                 duties: LeaderDuties, *, node_id: str, tick_s: float = 0.02, connections_per_agent: int = 32,
                  guard: EndpointGuard | None = None) -> None:
         self.applier = applier
         self.guard = guard or EndpointGuard(None)  # where agents may be called (default: anywhere)
@@ -106,7 +107,7 @@ class SagaOrchestrator:
         self.bus = bus
         self.balancer = balancer
         self.clock = clock
-        self.is_active = is_active  # the leader's bus is active (its barrier committed)
+        self.duties = duties  # active: this node leads and its term's barrier is applied
         self.node_id = node_id
         self.tick_s = tick_s
         self.connections_per_agent = connections_per_agent
@@ -141,7 +142,7 @@ class SagaOrchestrator:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
-            active = bool(self.is_active())
+            active = self.duties.active
             if active != self.active:
                 self._set_active(active)
             if active:
@@ -187,7 +188,7 @@ class SagaOrchestrator:
         saga = self.applier.machine.sagas.sagas.get(key[0])
         if saga is None:
             return
-        if saga.steps[key[1]].started_index <= self.bus.active_since_index:  # started under an earlier leader
+        if saga.steps[key[1]].started_index <= self.duties.active_since_index:  # started under an earlier leader
             result = await self._propose("saga.resumed", {"saga": key[0], "step": key[1], "phase": key[2],
                                                            "attempt": key[3], "node": self.node_id})
             if result is None or not result.get("applied"):

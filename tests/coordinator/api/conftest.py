@@ -167,7 +167,7 @@ async def make_harness(aiohttp_client: Any) -> AsyncIterator[HarnessFactory]:
         # Ready: the lease keeper committed its barrier and this node registered itself.
         await eventually(lambda: node.leases.active, "the lease keeper to become active")
         await eventually(lambda: NODE_ID in applier.machine.members.members, "the node to register itself")
-        await eventually(lambda: node.bus.active and any(e.type == "system.leader.elected"
+        await eventually(lambda: node.duties.active and any(e.type == "system.leader.elected"
                                                          for e in applier.machine.events.since(1, 100)),
                          "the bus to become active and the election to be reported")
         return Harness(node, engine, applier, clock, http)

@@ -62,7 +62,7 @@ async def dlq(h: Harness, sub: str) -> dict[str, Any]:
 async def tick(h: Harness, seconds: float) -> None:
     """Move the clock and commit a ``bus.tick`` (it fires whatever is due)."""
     h.clock.advance(seconds)
-    await h.node.bus._tick("bus.tick")
+    await h.node.duties._tick("bus.tick")
 
 
 def bus_state(h: Harness) -> Any:
