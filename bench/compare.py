@@ -14,7 +14,8 @@ round-robin over the three members. The machine's speed drifts, so every
 cell is measured A, B, A, B... over ``--rounds`` rounds (which system goes
 first alternates), and the report gives the ratio of each pair with its
 spread, not one run of each. At 64 clients and more the load comes from two
-generator processes (one saturates near 5-6k requests/s on one core).
+generator processes (each is one Python process, one core at most; its
+client costs about 0.04-0.1 ms of CPU per request, ``python -m bench.gen_ab``).
 Failover: SIGKILL the leader, time until a write through a survivor
 succeeds, restart, ``--failovers`` times for each system, interleaved.
 
