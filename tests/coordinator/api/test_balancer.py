@@ -1,4 +1,4 @@
-"""Load-balanced invocation over HTTP (coordinator/api/services.py driving
+"""Load-balanced invocation over HTTP (coordinator/api/balancer.py driving
 coordinator/services/balancer/), agent updates (PATCH /v1/agents/{id}) and
 ``client.invoke``.
 
