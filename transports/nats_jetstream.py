@@ -26,7 +26,6 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import nats.errors
 import nats.js.errors
@@ -46,6 +45,7 @@ from nats.js.api import (
 from nats.js.client import JetStreamContext
 
 from coordinator.errors import InvalidInput, Unavailable
+from coordinator.redact import redact_url, scrub
 from coordinator.types import TransportDelivery, TransportEntry, TransportHealth
 
 _log = logging.getLogger(__name__)
@@ -62,30 +62,6 @@ _STREAM_NOT_FOUND = 10059
 _CONSUMER_NOT_FOUND = 10014
 _NO_MESSAGE_FOUND = 10037
 _STREAM_NAME_IN_USE = 10058
-
-
-def redact_url(url: str) -> str:
-    """``url`` with every user-info part (user, password or token) replaced by ``***``."""
-    return re.sub(r"(?<=//)[^/@,]*@", "***@", url)
-
-
-def _secrets_of(url: str) -> list[str]:
-    """What must never be shown of ``url``: passwords, and a user part that is
-    a token (a user part without a password)."""
-    found = []
-    for server in url.split(","):
-        try:
-            split = urlsplit(server.strip())
-            user, password = split.username, split.password
-        except ValueError:
-            continue
-        if password:
-            found.append(password)
-            found.append(unquote(password))
-        elif user:
-            found.append(user)
-            found.append(unquote(user))
-    return sorted({s for s in found if s}, key=len, reverse=True)
 
 
 def _escape(name: str) -> str:
@@ -171,7 +147,6 @@ class NatsJetStreamTransport:
             raise ValueError("timeout_s, ack_timeout_s and duplicate_window_s must be positive")
         self._url = url
         self._servers = [s.strip() for s in url.split(",") if s.strip()]
-        self._secrets = _secrets_of(url)
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.ack_timeout_s = ack_timeout_s
@@ -220,10 +195,7 @@ class NatsJetStreamTransport:
     # -- errors and the connection ---------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        text = redact_url(text)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self._url)
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, nats.js.errors.APIError):

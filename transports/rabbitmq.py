@@ -29,7 +29,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import (
@@ -43,6 +42,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pamqp.commands import Basic
 
 from coordinator.errors import Unavailable
+from coordinator.redact import redact_url, scrub
 from coordinator.types import TransportDelivery, TransportEntry, TransportHealth
 
 log = logging.getLogger(__name__)
@@ -69,18 +69,6 @@ _MARKER = "x-coord-marker"
 _TOPIC = "coord-topic"
 _OFFSET = "coord-offset"
 _INDEX = "coord-index"
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 @dataclass
@@ -183,10 +171,6 @@ class RabbitMQTransport:
         self.timeout_s = timeout_s
         self.ack_timeout_s = ack_timeout_s
         self._shown_url = redact_url(url)
-        try:
-            self._password = urlsplit(url).password
-        except ValueError:
-            self._password = None
         self._conn: AbstractConnection | None = None
         self._ch: AbstractChannel | None = None  # publisher confirms; declares, binds, deletes
         self._exchange: AbstractExchange | None = None
@@ -230,11 +214,7 @@ class RabbitMQTransport:
     # -- connection -------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        text = text.replace(self.url, self._shown_url)
-        if self._password:
-            for secret in {self._password, unquote(self._password)}:
-                text = text.replace(secret, "***")
-        return text
+        return scrub(text, self.url)
 
     async def _io(self, awaitable: Awaitable[T]) -> T:
         async with asyncio.timeout(self.timeout_s):

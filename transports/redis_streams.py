@@ -24,7 +24,6 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -32,6 +31,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from coordinator.errors import InvariantError, Unavailable
+from coordinator.redact import redact_url, scrub
 from coordinator.types import TransportDelivery, TransportEntry, TransportHealth
 
 log = logging.getLogger(__name__)
@@ -46,42 +46,6 @@ PUBLISH_CHUNK = 500  # XADDs per pipeline round trip
 IDS_CHUNK = 1000  # ids per XACK / XCLAIM
 CLAIM_SCANS = 4  # XAUTOCLAIM calls per fetch (each looks at up to 10 * count pending entries)
 _ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
-_SECRET_QUERY_KEYS = frozenset({"password", "pass", "pwd", "auth"})
-
-
-def redact_url(url: str) -> str:
-    """``url`` fit for messages and logs: the password (in the userinfo or a
-    ``password=`` query argument) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user = userinfo.partition(":")[0]
-            netloc = f"{user}:***@{hostport}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<unparseable redis url>"
-
-
-def _secrets_of(url: str) -> list[str]:
-    """Every spelling of the URL's password, to scrub from foreign error texts."""
-    found: list[str] = []
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            found.append(parts.password)
-            raw = parts.netloc.rpartition("@")[0].partition(":")[2]
-            if raw and raw != parts.password:
-                found.append(raw)
-        found.extend(v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_QUERY_KEYS and v)
-    except ValueError:
-        pass
-    return found
 
 
 def _offset_of(entry_id: str) -> int:
@@ -170,7 +134,6 @@ class RedisStreamsTransport:
         self.ack_timeout_s = ack_timeout_s
         self._url = url
         self._where = redact_url(url)
-        self._secrets = _secrets_of(url)
         self._client: aioredis.Redis | None = None
         self._server = ""  # "redis 7.0.15, AOF off", learnt at start
         self._problem = f"redis at {self._where}: not started"  # health detail while not connected
@@ -188,9 +151,7 @@ class RedisStreamsTransport:
         return max(1, int(self.ack_timeout_s * 1000))
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self._url)
 
     def _unavailable(self, what: str, exc: BaseException | None = None) -> Unavailable:
         reason = "timed out" if exc is None else self._scrub(str(exc) or type(exc).__name__)

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from coordinator.api.access import access_routes
 from coordinator.api.auth import AUTH, AuthSettings, AuthState, admit
+from coordinator.api.balancer import service_routes
 from coordinator.api.bus import bus_routes
 from coordinator.api.chaos import chaos_routes
 from coordinator.api.errors import error_response, render_error
@@ -20,7 +21,6 @@ from coordinator.api.limits import OPEN, OpenLimits, OpenRequests, take_slot
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes
-from coordinator.api.services import service_routes
 from coordinator.api.streams import stream_routes
 from coordinator.api.transforms import transform_routes
 from coordinator.api.ui import ui_routes

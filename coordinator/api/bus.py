@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.parse
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +18,7 @@ from coordinator.api.auth import forward_signer, principal_of
 from coordinator.api.routes import node_of, ok
 from coordinator.api.visibility import visibility
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, OutcomeUnknown, Unavailable
+from coordinator.redact import redact_url
 from coordinator.services.bus import NotLeader
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode
 from coordinator.state.bus import MAX_FETCH, START_KINDS
@@ -267,18 +267,6 @@ async def transports_list(request: web.Request) -> web.Response:
         out.append({"name": name, "source": source, "url": redact_url(url) if url else None,
                     "error": driver.config_errors.get(name), **health.get(name, {"ok": False})})
     return ok({"transports": out})
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password (``user:***@host``)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None and not parts.username:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.password is not None else "***@"
-    return urllib.parse.urlunsplit((parts.scheme, user + host, parts.path, "", ""))
 
 
 # -- subscriptions -------------------------------------------------------------------------

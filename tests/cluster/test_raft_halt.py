@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-
-import pytest
 
 from cluster import raft_pysyncobj as raft
 from coordinator.codec import encode_command
 from coordinator.services.applier import Applier
 from coordinator.types import Command
 from tests.cluster.pbft.harness import free_ports
+from tests.waiting import eventually
 
 SECRET = "s" * 32
+WAIT_S = 15.0  # a one-node pysyncobj cluster elects itself and applies well within this
+POLL_S = 0.02
 
 
 def _engine(tmp_path, applier: Applier, **kwargs) -> raft.PySyncObjEngine:
@@ -31,15 +31,6 @@ def _put(key: str, value: int) -> bytes:
     return encode_command(Command(op="kv.put", args={"key": key, "value": value}, now_ms=1))
 
 
-async def _until(check: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not check():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def _submit(engine: raft.PySyncObjEngine, blob: bytes) -> str | None:
     future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
     engine.submit(blob, lambda reason: future.done() or future.set_result(reason))
@@ -49,12 +40,11 @@ async def _submit(engine: raft.PySyncObjEngine, blob: bytes) -> str | None:
 
 async def _write(engine: raft.PySyncObjEngine, key: str, value: int) -> None:
     """Submit until committed (a one-node cluster needs an election first)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    while await _submit(engine, _put(key, value)) is not None:
-        if loop.time() > deadline:
-            pytest.fail(f"{key} was never committed")
-        await asyncio.sleep(0.05)
+
+    async def committed() -> bool:
+        return await _submit(engine, _put(key, value)) is None
+
+    await eventually(committed, f"{key} to be committed", WAIT_S, interval_s=0.05)
 
 
 async def test_an_apply_that_raises_halts_the_engine_and_a_restart_replays(tmp_path, monkeypatch, caplog) -> None:
@@ -68,7 +58,7 @@ async def test_an_apply_that_raises_halts_the_engine_and_a_restart_replays(tmp_p
     await engine.start()
     try:
         await _write(engine, "a", 1)
-        await _until(lambda: applier.machine.kv.get("a") is not None, "a to be applied")
+        await eventually(lambda: applier.machine.kv.get("a") is not None, "a to be applied", WAIT_S, interval_s=POLL_S)
         original = machine._HANDLERS["kv.put"]
 
         def broken(sm, ctx, args):
@@ -78,18 +68,21 @@ async def test_an_apply_that_raises_halts_the_engine_and_a_restart_replays(tmp_p
 
         monkeypatch.setitem(machine._HANDLERS, "kv.put", broken)
         assert await _submit(engine, _put("b", 2)) is None  # committed: the log is fine, the replica is not
-        await _until(lambda: engine.halted is not None, "the engine to halt")
+        await eventually(lambda: engine.halted is not None, "the engine to halt", WAIT_S, interval_s=POLL_S)
         failed_at = applier.failure.index
         assert engine.halted == f"apply failed at index {failed_at}: LookupError"
         status = engine.status()
         assert (status.role, status.healthy, status.problem) == ("stopped", False, engine.halted)
         assert status.term >= 1 and status.commit_index >= failed_at  # what it last knew, still reported
-        await _until(lambda: roles[-1:] == ["stopped"], "listeners to hear that the node stopped leading")
+        await eventually(lambda: roles[-1:] == ["stopped"],
+                         "listeners to hear that the node stopped leading", WAIT_S, interval_s=POLL_S)
         assert await _submit(engine, _put("c", 3)) == "no_leader"
         # the watchdog sees no SyncObj to watch and never rebuilds a halted engine
         rounds = engine.watch_rounds
-        await _until(lambda: engine.watch_rounds >= rounds + 2, "two more rounds of the watchdog")
-        await _until(lambda: engine._halting is not None and engine._halting.done(), "the SyncObj to be destroyed")
+        await eventually(lambda: engine.watch_rounds >= rounds + 2,
+                         "two more rounds of the watchdog", WAIT_S, interval_s=POLL_S)
+        await eventually(lambda: engine._halting is not None and engine._halting.done(),
+                         "the SyncObj to be destroyed", WAIT_S, interval_s=POLL_S)
         assert engine.recoveries == 0 and engine._sync is None
     finally:
         await engine.stop()
@@ -100,7 +93,8 @@ async def test_an_apply_that_raises_halts_the_engine_and_a_restart_replays(tmp_p
     again = _engine(tmp_path, replayed)
     await again.start()
     try:
-        await _until(lambda: replayed.machine.kv.get("b") is not None, "the replay to apply b")
+        await eventually(lambda: replayed.machine.kv.get("b") is not None,
+                         "the replay to apply b", WAIT_S, interval_s=POLL_S)
         assert replayed.machine.kv.get("a").value == 1 and replayed.machine.kv.get("b").value == 2
         assert again.halted is None and replayed.failure is None
     finally:
@@ -118,13 +112,14 @@ async def test_a_stall_that_comes_back_at_the_same_index_halts_instead_of_rebuil
         await _write(engine, "a", 1)
         for i in range(6):  # past index 4: pysyncobj's apply loop stalls there, in every incarnation
             engine.submit(_put(f"k{i}", i), lambda reason: None)
-        await _until(lambda: engine.halted is not None, "the watchdog to give up", timeout_s=30)
+        await eventually(lambda: engine.halted is not None, "the watchdog to give up", 30, interval_s=POLL_S)
         assert engine.recoveries == 2
         assert "apply stalled at index" in engine.halted and "again after 2 rebuilds" in engine.halted
         status = engine.status()
         assert status.role == "stopped" and not status.healthy and status.problem == engine.halted
         rounds = engine.watch_rounds
-        await _until(lambda: engine.watch_rounds >= rounds + 4, "four more rounds of the watchdog")
+        await eventually(lambda: engine.watch_rounds >= rounds + 4,
+                         "four more rounds of the watchdog", WAIT_S, interval_s=POLL_S)
         assert engine.recoveries == 2  # it looked, and rebuilt nothing
     finally:
         await engine.stop()

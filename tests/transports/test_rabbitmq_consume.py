@@ -3,14 +3,11 @@ queue when it stops fetching, and the redelivered flag stays truthful."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
-
 import pytest
 
 from tests.transports.conftest import TransportFactory
 from tests.transports.test_contract import TOPIC, drain, entries
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -21,13 +18,6 @@ DEADLINE_S = 15.0
 @pytest.fixture
 def plugin() -> str:
     return "rabbitmq"
-
-
-async def until(condition: Callable[[], Awaitable[bool]], what: str, deadline_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not await condition():
-        assert time.monotonic() < deadline, f"not within {deadline_s} s: {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_an_instance_that_stops_fetching_gives_its_prefetched_messages_to_another(
@@ -44,7 +34,8 @@ async def test_an_instance_that_stops_fetching_gives_its_prefetched_messages_to_
     async def held_by_idle() -> bool:  # nothing ready in the queue: the rest sits in idle's buffer
         return await other.lag(TOPIC, "g") == 0 and await idle.lag(TOPIC, "g") == 19
 
-    await until(held_by_idle, "the broker pushed the other 19 to the fetching instance")
+    await eventually(held_by_idle, "the broker pushed the other 19 to the fetching instance", DEADLINE_S,
+                     interval_s=CLUSTER_POLL_S)
     got = await drain(other, "g", 19, deadline_s=DEADLINE_S)
     assert sorted(d.offset for d in got) == list(range(2, 21))
     assert await idle.lag(TOPIC, "g") == 0
@@ -68,8 +59,9 @@ async def test_messages_given_back_unseen_are_not_redelivered_but_nacked_ones_ar
     async def given_back() -> bool:
         return await observer.lag(TOPIC, "g") == 9
 
-    await until(buffered, "the broker pushed the other 9")
-    await until(given_back, "the idle instance gave its buffer back to the queue")
+    await eventually(buffered, "the broker pushed the other 9", DEADLINE_S, interval_s=CLUSTER_POLL_S)
+    await eventually(given_back, "the idle instance gave its buffer back to the queue", DEADLINE_S,
+                     interval_s=CLUSTER_POLL_S)
     again = await drain(transport, "g", 9, ack=False, deadline_s=DEADLINE_S)
     assert sorted(d.offset for d in again) == list(range(2, 11))
     assert not any(d.redelivered for d in again)  # only ever buffered: a first delivery

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,6 +14,8 @@ from coordinator.codec import decode_record, encode_record
 from coordinator.errors import InvalidInput, InvariantError, Unavailable
 from coordinator.ports import ConsensusEngine, Failure
 from tests.cluster.pbft.harness import free_ports
+from tests.cluster.pbft.test_node import POLL_S, WAIT_S
+from tests.waiting import eventually
 
 N = 4
 KEYS = [replica_keys(i) for i in range(N)]
@@ -80,12 +82,6 @@ async def cluster() -> AsyncIterator[Cluster]:
             await engine.stop()
 
 
-async def _eventually(check: Callable[[], bool], timeout_s: float = 8.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.02)
-
-
 def test_app_numbers_requests_and_round_trips() -> None:
     fsm = RecordingFSM()
     app = FsmApp(fsm)
@@ -123,7 +119,8 @@ async def test_submits_through_any_engine_agree(cluster: Cluster) -> None:
     blobs = [b"op-%d-%d" % (i, k) for k in range(3) for i in range(N)]
     results = await asyncio.gather(*(cluster.submit(int(b.split(b"-")[1]), b) for b in blobs))
     assert results == [None] * len(blobs)
-    await _eventually(lambda: all(len(f.entries) == len(blobs) for f in cluster.fsms))
+    await eventually(lambda: all(len(f.entries) == len(blobs) for f in cluster.fsms),
+                     "every replica to apply them", WAIT_S, interval_s=POLL_S)
     first = cluster.fsms[0].entries
     assert [i for i, _ in first] == list(range(1, len(blobs) + 1))
     assert sorted(b for _, b in first) == sorted(blobs)
@@ -133,7 +130,8 @@ async def test_submits_through_any_engine_agree(cluster: Cluster) -> None:
 
 async def test_status_has_one_leader_the_primary(cluster: Cluster) -> None:
     assert await cluster.submit(1, b"x") is None
-    await _eventually(lambda: all(e.status().healthy for e in cluster.engines))
+    await eventually(lambda: all(e.status().healthy for e in cluster.engines),
+                     "every engine healthy", WAIT_S, interval_s=POLL_S)
     statuses = [e.status() for e in cluster.engines]
     assert [s.role for s in statuses] == ["leader", "follower", "follower", "follower"]
     assert {s.leader for s in statuses} == {cluster.addresses[0]}
@@ -153,14 +151,16 @@ async def test_stopping_the_primary_elects_a_new_one(cluster: Cluster) -> None:
     assert cluster.engines[0].status().role == "stopped"
     results = await asyncio.gather(*(cluster.submit(i, b"after-%d" % i) for i in (1, 2, 3)))
     assert results == [None, None, None]
-    await _eventually(lambda: any(e.status().role == "leader" for e in cluster.engines[1:]))
+    await eventually(lambda: any(e.status().role == "leader" for e in cluster.engines[1:]),
+                     "a new leader", WAIT_S, interval_s=POLL_S)
     statuses = [e.status() for e in cluster.engines[1:]]
     leaders = [s for s in statuses if s.role == "leader"]
     assert len(leaders) == 1 and leaders[0].term >= 1
     assert leaders[0].node == leaders[0].leader == cluster.addresses[leaders[0].term % N]
     assert "leader" in cluster.roles[leaders[0].term % N]
     assert await cluster.submit(3, b"more") is None
-    await _eventually(lambda: all(len(f.entries) == 5 for f in cluster.fsms[1:]))
+    await eventually(lambda: all(len(f.entries) == 5 for f in cluster.fsms[1:]),
+                     "5 entries on the others", WAIT_S, interval_s=POLL_S)
     assert cluster.fsms[1].entries == cluster.fsms[2].entries == cluster.fsms[3].entries
 
 
@@ -212,11 +212,13 @@ async def test_the_primary_knows_when_a_quorum_last_spoke(cluster: Cluster) -> N
     assert isinstance(primary, KnowsQuorumContact)
     assert primary.quorum_lease_s == 0.4
     assert await cluster.submit(1, b"x") is None
-    await _eventually(lambda: (primary.quorum_contact_age_s() or 1.0) < primary.quorum_lease_s)
+    await eventually(lambda: (primary.quorum_contact_age_s() or 1.0) < primary.quorum_lease_s,
+                     "contact with a quorum", WAIT_S, interval_s=POLL_S)
     assert cluster.engines[1].quorum_contact_age_s() is None  # a backup
     await cluster.engines[2].stop()
     await cluster.engines[3].stop()
-    await _eventually(lambda: (primary.quorum_contact_age_s() or 0.0) > primary.quorum_lease_s)
+    await eventually(lambda: (primary.quorum_contact_age_s() or 0.0) > primary.quorum_lease_s,
+                     "the quorum contact to age past the lease", WAIT_S, interval_s=POLL_S)
 
 
 class FailingFSM(RecordingFSM):
@@ -246,15 +248,18 @@ async def test_a_replica_whose_apply_raises_halts_and_leaves_the_protocol(caplog
         assert await c.submit(0, b"one") is None
         assert await c.submit(1, b"two") is None
         assert await c.submit(3, b"three") is None  # index 3: engine 2 raises, f+1 others agree
-        await _eventually(lambda: c.engines[2].status().role == "stopped" and not c.engines[2].node.running)
+        await eventually(lambda: c.engines[2].status().role == "stopped" and not c.engines[2].node.running,
+                         "engine 2 to stop", WAIT_S, interval_s=POLL_S)
         status = c.engines[2].status()
         assert not status.healthy and status.problem == "apply failed at index 3: ZeroDivisionError"
         assert c.engines[2].app.halted == status.problem
         assert [i for i, _ in c.fsms[2].entries] == [1, 2]  # nothing after the failed entry
         assert await c.submit(2, b"refused") == Failure.NO_LEADER
-        await _eventually(lambda: c.roles[2][-1:] == ["stopped"])  # listeners drop the leader's duties
+        await eventually(lambda: c.roles[2][-1:] == ["stopped"], "engine 2's listeners to hear it stopped",
+                         WAIT_S, interval_s=POLL_S)  # listeners drop the leader's duties
         assert await c.submit(1, b"four") is None  # n = 4 tolerates the halted one
-        await _eventually(lambda: all(len(c.fsms[i].entries) == 4 for i in (0, 1, 3)))
+        await eventually(lambda: all(len(c.fsms[i].entries) == 4 for i in (0, 1, 3)),
+                         "4 entries on the others", WAIT_S, interval_s=POLL_S)
         assert "bug with a payload" not in caplog.text
     finally:
         for engine in c.engines:

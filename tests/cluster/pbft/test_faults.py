@@ -22,7 +22,8 @@ from cluster.pbft.faults import (
 from cluster.pbft.node import NodeError, PbftNode
 from cluster.pbft.replica import Replica
 from cluster.pbft.sim import CounterApp
-from tests.cluster.pbft.test_node import KEYS, PUBLIC, Cluster, N, _eventually
+from tests.cluster.pbft.test_node import KEYS, POLL_S, PUBLIC, Cluster, N
+from tests.waiting import eventually
 
 
 def _replica(i: int) -> Replica:
@@ -109,7 +110,8 @@ async def _submit_all(c: FaultyCluster, ids: list[int]) -> list[int]:
     before = max(len(h) for h in c.histories(c.correct))
     async with asyncio.timeout(4):
         results = await asyncio.gather(*(c.nodes[i].submit(b"add:1", f"c{i}") for i in ids))
-    await _eventually(lambda: all(len(h) == before + len(ids) for h in c.histories(c.correct)), 3)
+    await eventually(lambda: all(len(h) == before + len(ids) for h in c.histories(c.correct)),
+                     "the correct replicas to execute them", 3, interval_s=POLL_S)
     c.assert_identical_prefixes()
     # Each client's last executed request is the one just submitted.
     computed = {client: result for _, client, _, _, result in c.apps[c.correct[0]].history}
@@ -138,7 +140,8 @@ async def test_a_forging_primary_is_outvoted_and_replaced() -> None:
             assert dropped["bad_signature"] > 0 and dropped["malformed"] > 0
             assert c.nodes[i].counters["frame_malformed"] > 0  # the raw garbage cut the forger's link
         # Once its replica executes c0's request, its forged replies reach c0's waiter and are refused.
-        await _eventually(lambda: forger.counters["reply_bad_signature"] > 0, 3)
+        await eventually(lambda: forger.counters["reply_bad_signature"] > 0, "a forged reply refused", 3,
+                         interval_s=POLL_S)
 
 
 async def test_a_silent_backup_changes_nothing_for_the_clients() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,7 +21,10 @@ from cluster.pbft.node import (
 from cluster.pbft.replica import Replica
 from cluster.pbft.sim import CounterApp, client_keys, replica_keys
 from tests.cluster.pbft.harness import free_ports
+from tests.waiting import eventually
 
+WAIT_S = 8.0  # replicas on loopback agree within this, even on a loaded machine
+POLL_S = 0.02
 N = 4
 CLIENTS = {f"c{i}": i for i in range(N)}  # client c<i> is hosted by node i
 KEYS = [replica_keys(i) for i in range(N)]
@@ -65,12 +68,6 @@ async def cluster() -> AsyncIterator[Cluster]:
             await node.stop()
 
 
-async def _eventually(check: Callable[[], bool], timeout_s: float = 8.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.02)
-
-
 def test_frames_round_trip_and_refuse_garbage() -> None:
     env = Envelope(2, b"body", "sig")
     request = sign_request(CLIENT_KEYS["c0"], "c0", 7, b"add:1")
@@ -93,7 +90,8 @@ async def test_submits_through_every_node_agree(cluster: Cluster) -> None:
     results = await asyncio.gather(*(cluster.nodes[i].submit(b"add:%d" % (i + 1), f"c{i}") for i in range(N)))
     more = await asyncio.gather(*(cluster.nodes[i].submit(b"add:10", f"c{i}") for i in range(N)))
     assert sorted(int(r) for r in results)[-1] <= 10 and max(int(r) for r in more) == 50
-    await _eventually(lambda: all(len(h) == 2 * N for h in cluster.histories(list(range(N)))))
+    await eventually(lambda: all(len(h) == 2 * N for h in cluster.histories(list(range(N)))),
+                     "every replica to execute both rounds", WAIT_S, interval_s=POLL_S)
     first, *rest = cluster.histories(list(range(N)))
     assert all(h == first for h in rest)
     # every client saw the result the replicas computed for its request
@@ -124,7 +122,8 @@ async def test_a_node_restarted_late_catches_up(cluster: Cluster) -> None:
     cluster.nodes[3] = cluster.make(3)
     await cluster.nodes[3].start()
     assert await cluster.nodes[3].submit(b"add:100", "c3") == b"115"
-    await _eventually(lambda: cluster.apps[3].value == 115 == cluster.apps[0].value)
+    await eventually(lambda: cluster.apps[3].value == 115 == cluster.apps[0].value,
+                     "replica 3 to catch up", WAIT_S, interval_s=POLL_S)
     assert cluster.nodes[3].counters["state_transferred"] >= 1
     assert cluster.nodes[0].counters["send_dropped"] > 0  # the oldest frames for node 3 went first
     assert cluster.apps[3].ordered() == cluster.apps[0].ordered()
@@ -161,7 +160,7 @@ async def test_a_lone_node_bounds_its_queues_and_its_waits() -> None:
     try:
         with pytest.raises(SubmitTimeout):
             await node.submit(b"add:1", "c0")
-        await _eventually(lambda: node.counters["send_dropped"] > 0, 3)
+        await eventually(lambda: node.counters["send_dropped"] > 0, "a dropped send", 3, interval_s=POLL_S)
         assert node.counters["connect_failed"] > 0 and node.counters["connected"] == 0
         with pytest.raises(NodeError):
             await node.submit(b"add:1", "c1")  # hosted elsewhere

@@ -3,7 +3,7 @@
 
 Time is a ``ManualClock``: leases move only when a test calls ``advance``,
 and expiry happens only when it calls ``tick``. Waits are deadline-based
-(``eventually``): they poll a condition and fail the test after 5 s.
+(``tests.waiting.eventually``): they poll a condition and fail the test after 5 s.
 """
 
 from __future__ import annotations
@@ -27,27 +27,11 @@ from coordinator.services.applier import Applier
 from coordinator.services.node import CoordinatorNode, Identity
 from coordinator.state import Limits
 from tests.fakes import SimEngine
+from tests.waiting import DEADLINE_S, eventually
 
-DEADLINE_S = 5.0
 NODE_ID = "n1"
 RAFT = "127.0.0.1:17101"
 HTTP = "127.0.0.1:17001"
-
-
-async def eventually(condition: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
-    """Poll ``condition`` (sync or async) until it returns something truthy;
-    fail the test with ``what`` when ``timeout_s`` passes first."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @dataclass

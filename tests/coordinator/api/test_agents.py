@@ -3,7 +3,8 @@ memory, expiry committed exactly once, health changes and deregistration."""
 
 from __future__ import annotations
 
-from tests.coordinator.api.conftest import Harness, eventually
+from tests.coordinator.api.conftest import Harness
+from tests.waiting import eventually
 
 
 async def _terminated(h: Harness, agent_id: str) -> list[dict]:

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from coordinator.errors import InvalidInput
-from tests.coordinator.api.conftest import Harness, HarnessFactory, eventually
+from tests.coordinator.api.conftest import Harness, HarnessFactory
+from tests.waiting import eventually
 from transports.memory import InMemoryTransport
 
 

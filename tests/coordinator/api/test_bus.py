@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse
 
-from tests.coordinator.api.conftest import DEADLINE_S, Harness, eventually
+from tests.coordinator.api.conftest import Harness
+from tests.waiting import DEADLINE_S, eventually
 
 # -- helpers -----------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ import pytest
 from coordinator.client import CoordinatorClient
 from coordinator.errors import Compacted, InvalidInput, OutcomeUnknown, Unavailable
 from coordinator.state import Limits
-from tests.coordinator.api.conftest import Harness, HarnessFactory, eventually
+from tests.coordinator.api.conftest import Harness, HarnessFactory
+from tests.waiting import eventually
 
 
 async def test_kv_roundtrip(h: Harness, client: CoordinatorClient) -> None:

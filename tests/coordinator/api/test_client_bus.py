@@ -10,7 +10,8 @@ import pytest
 
 from coordinator.client import CoordinatorClient
 from coordinator.errors import InvalidInput, NotFound, RequestTimeout, Unavailable
-from tests.coordinator.api.conftest import Harness, eventually
+from tests.coordinator.api.conftest import Harness
+from tests.waiting import eventually
 
 
 async def test_publisher_batches_concurrent_messages_into_few_requests(h: Harness, client: CoordinatorClient) -> None:

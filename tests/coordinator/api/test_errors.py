@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.coordinator.api.conftest import Harness, HarnessFactory, eventually
+from tests.coordinator.api.conftest import Harness, HarnessFactory
+from tests.waiting import eventually
 
 LONG_KEY = "k" * 1025
 

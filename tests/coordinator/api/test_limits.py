@@ -13,7 +13,8 @@ from aiohttp import ClientSession, web
 from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
 from coordinator.api.limits import OPEN, BoundedRunner, OpenLimits, connections_cap
-from tests.coordinator.api.conftest import Harness, eventually
+from tests.coordinator.api.conftest import Harness
+from tests.waiting import eventually
 
 TOKEN = "admin-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.coordinator.api.conftest import Harness, eventually
+from tests.coordinator.api.conftest import Harness
+from tests.waiting import eventually
 
 
 async def test_acquire_answers_a_fencing_token(h: Harness) -> None:

@@ -21,7 +21,8 @@ from aiohttp.test_utils import TestServer
 from coordinator.client import CoordinatorClient
 from coordinator.errors import Conflict, NotFound, RequestTimeout
 from coordinator.state.sagas import FINAL_STATES, StepRun
-from tests.coordinator.api.conftest import DEADLINE_S, Harness, eventually
+from tests.coordinator.api.conftest import Harness
+from tests.waiting import DEADLINE_S, eventually
 
 # -- test agents ----------------------------------------------------------------------------
 
@@ -523,15 +524,11 @@ async def test_topic_action_publishes_a_message(h: Harness) -> None:
 
 async def respond(client: CoordinatorClient, sub: str, payload: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     """Answer the first request on the subscription; the request message."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while loop.time() < deadline:
-        for delivery in await client.fetch(sub, wait_s=0.2):
-            request = delivery["message"]
-            await client.reply(request, payload(request))
-            await client.ack(sub, [delivery["delivery_id"]])
-            return request
-    pytest.fail("no request arrived")
+    delivery = (await eventually(lambda: client.fetch(sub, wait_s=0.2), "a request", interval_s=0))[0]
+    request = delivery["message"]
+    await client.reply(request, payload(request))
+    await client.ack(sub, [delivery["delivery_id"]])
+    return request
 
 
 async def test_topic_request_stores_the_response_as_the_result(h: Harness, client: CoordinatorClient) -> None:

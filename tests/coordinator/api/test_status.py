@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from tests.coordinator.api.conftest import HTTP, NODE_ID, RAFT, Harness, eventually
+from tests.coordinator.api.conftest import HTTP, NODE_ID, RAFT, Harness
+from tests.waiting import eventually
 
 
 async def test_status_has_the_contract_fields(h: Harness) -> None:

@@ -4,7 +4,8 @@ a window closed by the leader's tick when the clock passes its end."""
 from __future__ import annotations
 
 from coordinator.client import CoordinatorClient
-from tests.coordinator.api.conftest import Harness, eventually
+from tests.coordinator.api.conftest import Harness
+from tests.waiting import eventually
 
 WINDOW = {"source": {"category": "job"}, "window": {"kind": "tumbling", "size_s": 5}, "fold": "count",
           "group_by": "kind", "emit": "stats.jobs"}

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,19 +14,7 @@ from coordinator.services.applier import Applier
 from coordinator.services.node import CoordinatorNode, Identity
 from coordinator.types import RequestKey, Result
 from tests.fakes import SimEngine
-
-DEADLINE_S = 5.0
-
-
-async def eventually(condition: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
-    """Poll ``condition`` until truthy; fail the test after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not (value := condition()):
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.005)
-    return value
+from tests.waiting import eventually
 
 
 @dataclass

@@ -8,7 +8,8 @@ import pytest
 
 from coordinator.errors import NotFound
 from coordinator.services.leases import NotLeader
-from tests.coordinator.services.conftest import Sim, eventually
+from tests.coordinator.services.conftest import Sim
+from tests.waiting import eventually
 
 
 async def _register(sim: Sim, agent_id: str, ttl_ms: int = 2000) -> int:

@@ -11,7 +11,8 @@ from coordinator.errors import Conflict, CoordinatorError, InvalidInput, NotFoun
 from coordinator.ports import Done, Failure
 from coordinator.services.proposals import Proposer, raise_for, request_key
 from coordinator.types import Result
-from tests.coordinator.services.conftest import Sim, eventually
+from tests.coordinator.services.conftest import Sim
+from tests.waiting import eventually
 
 
 async def test_propose_returns_the_applied_result(sim: Sim) -> None:

@@ -15,8 +15,9 @@ from coordinator.errors import ReadIndexRefused, Unavailable
 from coordinator.ports import ConfirmsReads
 from coordinator.services.applier import Applier
 from coordinator.services.node import CoordinatorNode, Identity
-from tests.coordinator.services.conftest import Sim, eventually
+from tests.coordinator.services.conftest import Sim
 from tests.fakes import SimEngine
+from tests.waiting import eventually
 
 
 async def test_concurrent_reads_share_one_barrier(sim: Sim) -> None:

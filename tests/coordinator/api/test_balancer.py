@@ -1,4 +1,4 @@
-"""Load-balanced invocation over HTTP (coordinator/api/services.py driving
+"""Load-balanced invocation over HTTP (coordinator/api/balancer.py driving
 coordinator/services/balancer/), agent updates (PATCH /v1/agents/{id}) and
 ``client.invoke``.
 
@@ -28,7 +28,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from coordinator.client import CoordinatorClient, InvokeAnswer
 from coordinator.errors import BadGateway, InvalidInput, RateLimited, RequestTimeout, Unavailable
 from coordinator.state.balancing import DEFAULT_POLICY
-from tests.coordinator.api.conftest import DEADLINE_S, NODE_ID, Harness, eventually
+from tests.coordinator.api.conftest import NODE_ID, Harness
+from tests.waiting import DEADLINE_S, eventually
 
 HOLD = b"hold"  # a request body that makes an agent wait for its release
 
