@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
 
@@ -48,17 +46,6 @@ def make_cluster(tmp_path, request) -> Iterator:
         if report is not None and report.failed:
             for node_id in cluster.specs:
                 print(f"--- {node_id} log ---\n{cluster.log_tail(node_id, 60)}")
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str) -> Any:
-    """Await ``check()`` until it returns something truthy; fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = await check()
-        if result:
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @asynccontextmanager

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from coordinator.client import CoordinatorClient
-from tests.integration.conftest import eventually
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -30,7 +30,7 @@ async def test_expiry_after_ttl_emits_terminated_once_and_frees_its_lock(make_cl
         async def terminated():
             return await _events_of(client, "w-1", "agent.terminated")
 
-        events = await eventually(terminated, 10, "agent.terminated for w-1")
+        events = await eventually(terminated, "agent.terminated for w-1", 10, interval_s=CLUSTER_POLL_S)
         assert events[0]["data"]["reason"] == "expired"
         assert events[0]["data"]["lease_id"] == agent.lease_id
         assert await client.agents("worker") == []

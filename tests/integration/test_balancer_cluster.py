@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 
 from coordinator.client import CoordinatorClient
-from tests.integration.conftest import eventually
 from tests.integration.http_agent import HttpAgent
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
@@ -102,9 +102,11 @@ async def test_a_failing_health_check_takes_the_agent_out_on_every_node(make_clu
                         return False
             return True
 
-        await eventually(lambda: health_everywhere("h2", "healthy"), 20, "h2 to be checked healthy")
+        await eventually(lambda: health_everywhere("h2", "healthy"), "h2 to be checked healthy", 20,
+                         interval_s=CLUSTER_POLL_S)
         h2.sick = True
-        await eventually(lambda: health_everywhere("h2", "unhealthy"), 20, "h2 to turn unhealthy on every node")
+        await eventually(lambda: health_everywhere("h2", "unhealthy"), "h2 to turn unhealthy on every node", 20,
+                         interval_s=CLUSTER_POLL_S)
         before = h2.served["ok"]
         for endpoint in endpoints:  # every node follows the committed health
             async with CoordinatorClient([endpoint]) as one:
@@ -116,7 +118,8 @@ async def test_a_failing_health_check_takes_the_agent_out_on_every_node(make_clu
         assert [e["data"]["to"] for e in changes][-1] == "unhealthy"
         assert "http check failed 2 times in a row" in changes[-1]["data"]["reason"]
         h2.sick = False
-        await eventually(lambda: health_everywhere("h2", "healthy"), 20, "h2 back in rotation")
+        await eventually(lambda: health_everywhere("h2", "healthy"), "h2 back in rotation", 20,
+                         interval_s=CLUSTER_POLL_S)
 
 
 async def test_every_nodes_view_of_an_agent_is_listed_with_scope_cluster(make_cluster: Any) -> None:
@@ -139,7 +142,7 @@ async def test_every_nodes_view_of_an_agent_is_listed_with_scope_cluster(make_cl
             agent = next(a for s in listing["services"] for a in s["agents"] if a["id"] == "v1")
             return agent["by_node"] if set(agent["by_node"]) == set(cluster.members) else None
 
-        by_node = await eventually(views, 20, "every member's view of v1")
+        by_node = await eventually(views, "every member's view of v1", 20, interval_s=CLUSTER_POLL_S)
         assert by_node[caller]["breaker"]["state"] == "open" and by_node[caller]["requests"] == 2
         assert by_node[asked]["breaker"]["state"] == by_node[other]["breaker"]["state"] == "closed"
         assert by_node[asked]["requests"] == by_node[other]["requests"] == 0

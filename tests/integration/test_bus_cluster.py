@@ -15,7 +15,7 @@ import pytest
 
 from coordinator.client import CoordinatorClient
 from coordinator.errors import RequestTimeout
-from tests.integration.conftest import eventually
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -61,15 +61,18 @@ async def test_at_least_once_through_followers_across_a_leader_sigkill(make_clus
             redelivered = {d["delivery_id"] for d in after if d["attempt"] >= 2}
             return all(seen.values()) and set(unacked_ids) <= redelivered
 
-        deadline = time.monotonic() + 40
-        while not done():
-            assert time.monotonic() < deadline, f"not every message came back: {after}"
+        async def all_came_back() -> bool:
+            if done():
+                return True
             got = await client.fetch(sub, max=50, wait_s=1)
             for d in got:
                 seen[d["message"]["id"]].add(d["delivery_id"])
             after.extend(got)
             if got:
                 await client.ack(sub, [d["delivery_id"] for d in got])
+            return done()
+
+        await eventually(all_came_back, lambda: f"every message to come back, got {after}", 40, interval_s=0)
 
         assert not acked_ids & {d["delivery_id"] for d in after}  # acked before the kill: never again
         for d in after:
@@ -114,7 +117,8 @@ async def test_exactly_once_publish_is_deduplicated_across_nodes(make_cluster) -
         assert all(d["guarantee"] == "exactly-once" for d in deliveries)
         # not acked: pay-1 comes back after the ack timeout under its one delivery id
         await a.ack(sub, [by_id["pay-2"], by_id["pay-3"]])
-        again_delivered = await eventually(lambda: c.fetch(sub, max=10, wait_s=1), 15, "pay-1 redelivered")
+        again_delivered = await eventually(lambda: c.fetch(sub, max=10, wait_s=1), "pay-1 redelivered", 15,
+                                           interval_s=CLUSTER_POLL_S)
         assert [(d["message"]["id"], d["delivery_id"], d["attempt"]) for d in again_delivered] == \
             [("pay-1", by_id["pay-1"], 2)]
         await b.ack(sub, [by_id["pay-1"]])
@@ -237,7 +241,7 @@ async def test_sse_stream_through_a_follower_delivers_and_auto_acks(make_cluster
             state = await pub.subscription(sub)
             return state["acked"] == 5 and state["pending"] == 0 and state["backlog"] == 0
 
-        await eventually(all_acked, 10, "the stream's auto acks")
+        await eventually(all_acked, "the stream's auto acks", 10, interval_s=CLUSTER_POLL_S)
 
 
 async def test_group_members_on_different_nodes_never_share_a_pending_message(make_cluster) -> None:
@@ -297,7 +301,7 @@ async def test_a_node_stops_promptly_on_sigterm_with_a_stream_open(make_cluster)
             return cluster.pid(leader) is None
 
         try:
-            await eventually(gone, 5, f"{leader} to exit after SIGTERM")
+            await eventually(gone, f"{leader} to exit after SIGTERM", 5, interval_s=CLUSTER_POLL_S)
         finally:
             await asyncio.to_thread(cluster.kill, leader)
 
@@ -317,9 +321,10 @@ async def test_a_member_down_and_back_is_published_as_system_events(make_cluster
             received.extend(await client.fetch(sub, max=50, wait_s=1))
             return any(d["topic"] == kind and d["message"]["payload"]["member"] == victim for d in received)
 
-        await eventually(lambda: seen("system.failure"), 20, f"system.failure of {victim}")
+        await eventually(lambda: seen("system.failure"), f"system.failure of {victim}", 20, interval_s=CLUSTER_POLL_S)
         failure = next(d for d in received if d["topic"] == "system.failure")
         assert failure["message"]["type"] == "event" and failure["message"]["source"] == "coordinator"
         cluster.start(victim)
-        await eventually(lambda: seen("system.recovered"), 30, f"system.recovered of {victim}")
+        await eventually(lambda: seen("system.recovered"), f"system.recovered of {victim}", 30,
+                         interval_s=CLUSTER_POLL_S)
         await client.ack(sub, [d["delivery_id"] for d in received])

@@ -12,7 +12,7 @@ import pytest
 
 from coordinator.client import CoordinatorClient
 from coordinator.errors import CoordinatorError
-from tests.integration.conftest import eventually
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -57,11 +57,13 @@ async def test_leader_sigkill_under_load_loses_no_acknowledged_write(make_cluste
     acked: list[str] = []
     stop = asyncio.Event()
     writers = [asyncio.create_task(_writer(endpoints[w % 3:] + endpoints[:w % 3], w, acked, stop)) for w in range(6)]
-    await eventually(lambda: _true(len(acked) >= 200), 30, "200 acknowledged writes before the kill")
+    await eventually(lambda: len(acked) >= 200, "200 acknowledged writes before the kill", 30,
+                     interval_s=CLUSTER_POLL_S)
     before_kill = len(acked)
     killed_at = time.monotonic()
     cluster.kill(old)
-    await eventually(lambda: _true(len(acked) >= before_kill + 200), 60, "writes to resume after the kill")
+    await eventually(lambda: len(acked) >= before_kill + 200, "writes to resume after the kill", 60,
+                     interval_s=CLUSTER_POLL_S)
     recovered_s = time.monotonic() - killed_at
     stop.set()
     await asyncio.gather(*writers)
@@ -84,9 +86,6 @@ async def test_leader_sigkill_under_load_loses_no_acknowledged_write(make_cluste
                                                               "consistency": "stale"})
         assert {item["key"] for item in items["items"]} >= set(acked)
 
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_all_nodes_killed_at_once_keep_every_acknowledged_write(make_cluster) -> None:

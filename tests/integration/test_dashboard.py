@@ -9,19 +9,21 @@ Screenshots go to artifacts/ui/ (ignored by git)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import debian
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -50,15 +52,8 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def _until(what: str, check: Callable[[], Any], timeout_s: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
+# Every wait here reads the page through Selenium: every 0.1 s, within DEADLINE_S.
+until = functools.partial(wait_until, timeout_s=DEADLINE_S, interval_s=0.1)
 
 
 def _rows(driver: Any, table: str, attribute: str) -> dict[str, str]:
@@ -105,9 +100,10 @@ def _chaos_run(run: Path) -> None:
 def _click(driver: Any, selector: str) -> None:
     """Find and click in one script: the page re-renders its tables on events,
     so an element found by one call may be gone by the next."""
-    _until(f"{selector} to click", lambda: driver.execute_script(
+    until(lambda: driver.execute_script(
         "const el = document.querySelector(arguments[0]); if (!el) return false; el.focus(); el.click(); "
-        "return true;", selector))
+        "return true;", selector),
+          f"{selector} to click")
 
 
 CONTRAST_SCRIPT = """
@@ -158,36 +154,37 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     browser.set_window_size(1280, 800)
     _chaos_run(cluster.dir / follower / "chaos" / "20261127-101010")  # the node's default chaos directory
     browser.get(cluster.url(follower) + "/ui")
-    roles = _until("three members and one leader", lambda: (r := _roles(browser)) and len(r) == 3
-                   and list(r.values()).count("leader") == 1 and r)
+    roles = until(lambda: (r := _roles(browser)) and len(r) == 3 and list(r.values()).count("leader") == 1 and r,
+                  "three members and one leader")
     assert roles[old] == "leader" and set(roles) == set(cluster.members)
     assert browser.find_element(By.ID, "node").text == follower
-    _until("the live stream", lambda: browser.find_element(By.ID, "live").text == "live")
-    _until("the leader election in the timeline",
-           lambda: "elected" in browser.find_element(By.ID, "leader-changes").text)
+    until(lambda: browser.find_element(By.ID, "live").text == "live", "the live stream")
+    until(lambda: "elected" in browser.find_element(By.ID, "leader-changes").text,
+          "the leader election in the timeline")
     _shot(browser, "cluster")
 
     cluster.kill(old)  # no reload from here on
-    roles = _until("a new leader, the old one unreachable", lambda: (r := _roles(browser))
-                   and list(r.values()).count("leader") == 1 and r[old] == "unreachable" and r)
+    roles = until(lambda: (r := _roles(browser)) and list(r.values()).count("leader") == 1
+                  and r[old] == "unreachable" and r,
+                  "a new leader, the old one unreachable")
     new = next(member for member, role in roles.items() if role == "leader")
     assert new != old and cluster.status(new)["role"] == "leader"
-    _until("the new election in the timeline",
-           lambda: browser.find_element(By.ID, "leader-changes").text.count("elected") >= 2)
+    until(lambda: browser.find_element(By.ID, "leader-changes").text.count("elected") >= 2,
+          "the new election in the timeline")
     _shot(browser, "cluster-after-kill")
 
     assert _post(cluster.url(follower), "/v1/agents", {"id": "dash-agent-1", "type": "planner", "ttl_s": 60})["id"]
-    agents = _until("the agent in the table", lambda: (a := _rows(browser, "agent-table", "agent"))
-                    and "dash-agent-1" in a and a)
+    agents = until(lambda: (a := _rows(browser, "agent-table", "agent")) and "dash-agent-1" in a and a,
+                   "the agent in the table")
     assert "planner" in agents["dash-agent-1"] and "closed" in agents["dash-agent-1"]  # its breaker, this node
     browser.find_element(By.TAG_NAME, "body").send_keys("/")  # the shortcut to the filter
     search = browser.switch_to.active_element
     assert search.get_attribute("id") == "agent-filter"
     search.send_keys("no-such-agent")
-    _until("the filter to hide it", lambda: "dash-agent-1" not in _rows(browser, "agent-table", "agent"))
+    until(lambda: "dash-agent-1" not in _rows(browser, "agent-table", "agent"), "the filter to hide it")
     search.clear()
     search.send_keys("planner")
-    _until("the filter to show it", lambda: "dash-agent-1" in _rows(browser, "agent-table", "agent"))
+    until(lambda: "dash-agent-1" in _rows(browser, "agent-table", "agent"), "the filter to show it")
     search.clear()
 
     # an agent that refuses connections, called through another node: its breaker opens there, shown here
@@ -203,8 +200,9 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
         _post(cluster.url(third), "/v1/services/refuser/invoke", {})
     refused.value.close()
     assert refused.value.code == 502
-    agents = _until("the breaker open on the calling node", lambda: (a := _rows(browser, "agent-table", "agent"))
-                    and f"open on {third}" in a.get("dash-agent-2", "") and a)
+    agents = until(lambda: (a := _rows(browser, "agent-table", "agent"))
+                   and f"open on {third}" in a.get("dash-agent-2", "") and a,
+                   "the breaker open on the calling node")
     assert "closed" in agents["dash-agent-1"]
     assert re.search(r"\b\d{1,2} s\b", agents["dash-agent-1"]), agents  # its lease (of 60 s), as the leader counts it
     _shot(browser, "agents")
@@ -213,9 +211,10 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     _post(cluster.url(follower), "/v1/subscriptions", {"topic": "orders.created"})
     for n in range(3):
         _post(cluster.url(follower), "/v1/topics/orders.created/messages", {"payload": {"n": n}})
-    _until("the topic's count", lambda: "3" in _rows(browser, "topic-table", "topic").get("orders.created", ""))
-    consumers = _until("the subscription's backlog", lambda: (c := _rows(browser, "subscription-table", "consumer"))
-                       and any("orders.created\t3" in text for text in c.values()) and c)
+    until(lambda: "3" in _rows(browser, "topic-table", "topic").get("orders.created", ""), "the topic's count")
+    consumers = until(lambda: (c := _rows(browser, "subscription-table", "consumer"))
+                      and any("orders.created\t3" in text for text in c.values()) and c,
+                      "the subscription's backlog")
     assert len(consumers) == 1
     browser.execute_script("document.getElementById('bus').scrollIntoView()")
     _shot(browser, "bus")
@@ -224,7 +223,7 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
     saga = _post(cluster.url(follower), "/v1/sagas", {"name": "checkout", "steps": [
         {"id": "charge", "action": {"kind": "agent", "agent_type": "nobody"},
          "retry": {"max_attempts": 1, "backoff_s": 0, "backoff_max_s": 0}, "timeout_s": 1}]})
-    _until("the saga's end", lambda: "compensated" in _rows(browser, "saga-table", "saga").get(saga["id"], ""))
+    until(lambda: "compensated" in _rows(browser, "saga-table", "saga").get(saga["id"], ""), "the saga's end")
     pressed = [0.0]
 
     def open_from_the_keyboard() -> bool:
@@ -246,17 +245,18 @@ def test_the_dashboard_shows_the_cluster_live(make_cluster, browser) -> None:
             open_from_the_keyboard()
         return None
 
-    _until("the saga's button focused", open_from_the_keyboard)
-    history = _until("the saga's history", history_shown)
+    until(open_from_the_keyboard, "the saga's button focused")
+    history = until(history_shown, "the saga's history")
     assert "saga.started" in history and "saga.compensated" in history
     browser.execute_script("document.getElementById('sagas').scrollIntoView()")
     _shot(browser, "sagas")
 
     # the chaos panel: the run found in the node's chaos directory, its report and plot
     _click(browser, "#chaos-table tr[data-run='20261127-101010'] button")
-    _until("the run's report", lambda: "3 ops, linearizable" in browser.find_element(By.ID, "chaos-report").text)
-    _until("the run's plot", lambda: browser.execute_script(
-        "const img = document.getElementById('chaos-plot'); return !img.hidden && img.naturalWidth > 0;"))
+    until(lambda: "3 ops, linearizable" in browser.find_element(By.ID, "chaos-report").text, "the run's report")
+    until(lambda: browser.execute_script(
+        "const img = document.getElementById('chaos-plot'); return !img.hidden && img.naturalWidth > 0;"),
+          "the run's plot")
     assert "passed" in _rows(browser, "chaos-table", "run")["20261127-101010"]
     browser.execute_script("document.getElementById('chaos').scrollIntoView()")
     _shot(browser, "chaos")
@@ -274,17 +274,17 @@ def test_with_auth_on_the_dashboard_asks_for_the_token(make_cluster, browser) ->
     cluster.wait_leader()
     browser.set_window_size(1280, 800)
     browser.get(cluster.url(cluster.members[0]) + "/ui")
-    _until("the login form", lambda: browser.execute_script("return !document.getElementById('login').hidden"))
+    until(lambda: browser.execute_script("return !document.getElementById('login').hidden"), "the login form")
     assert _roles(browser) == {}  # nothing shown without a credential
     token = browser.find_element(By.ID, "token")
     token.send_keys("not-the-token")
     _click(browser, "#login-form button")
-    _until("the refusal", lambda: "admin token is not valid" in browser.find_element(By.ID, "login-error").text)
+    until(lambda: "admin token is not valid" in browser.find_element(By.ID, "login-error").text, "the refusal")
     token.clear()
     token.send_keys(cluster.admin_token)
     _click(browser, "#login-form button")
-    _until("three members after signing in", lambda: len(_roles(browser)) == 3)
-    _until("the live stream with the token", lambda: browser.find_element(By.ID, "live").text == "live")
+    until(lambda: len(_roles(browser)) == 3, "three members after signing in")
+    until(lambda: browser.find_element(By.ID, "live").text == "live", "the live stream with the token")
     assert browser.execute_script("return document.getElementById('login').hidden")
     _shot(browser, "signed-in")
 
@@ -315,43 +315,45 @@ def test_an_agent_signs_in_and_sees_only_what_its_roles_reach(make_cluster, brow
     browser.get(base + "/ui")
     browser.execute_script("sessionStorage.clear()")  # nothing kept from the admin's test
     browser.refresh()
-    _until("the login form", lambda: browser.execute_script("return !document.getElementById('login').hidden"))
+    until(lambda: browser.execute_script("return !document.getElementById('login').hidden"), "the login form")
     _click(browser, "#kind-agent")
     browser.find_element(By.ID, "agent-id").send_keys("alice")
     key_field = browser.find_element(By.ID, "agent-key")
     AgentKeys.generate().save(tmp_path / "other.key")
     key_field.send_keys((tmp_path / "other.key").read_text())  # another agent's key: the signature fails
     _click(browser, "#login-form button")
-    _until("the refusal", lambda: "does not verify" in browser.find_element(By.ID, "login-error").text)
+    until(lambda: "does not verify" in browser.find_element(By.ID, "login-error").text, "the refusal")
     _shot(browser, "agent-login-refused")
     assert _low_contrast(browser) == []
     key_field.clear()
     key_field.send_keys((tmp_path / "alice.key").read_text())  # the file AgentKeys.save wrote
     _click(browser, "#login-form button")
-    _until("three members after signing in", lambda: len(_roles(browser)) == 3)
-    _until("the live stream, signed", lambda: browser.find_element(By.ID, "live").text == "live")
+    until(lambda: len(_roles(browser)) == 3, "three members after signing in")
+    until(lambda: browser.find_element(By.ID, "live").text == "live", "the live stream, signed")
     assert "agent alice" in browser.find_element(By.ID, "who").text
     # the key is held by the page only: the tab's storage has the id, no key
     assert json.loads(browser.execute_script("return sessionStorage.getItem('coord-session')")) == {
         "kind": "agent", "id": "alice"}
     browser.refresh()
-    _until("the login form after a reload, the id remembered", lambda: browser.execute_script(
+    until(lambda: browser.execute_script(
         "return !document.getElementById('login').hidden && document.getElementById('agent-id').value === 'alice'"
-        " && document.getElementById('kind-agent').checked && document.getElementById('agent-key').value === ''"))
+        " && document.getElementById('kind-agent').checked && document.getElementById('agent-key').value === ''"),
+          "the login form after a reload, the id remembered")
     assert "key again" in browser.find_element(By.ID, "login-note").text
     browser.find_element(By.ID, "agent-key").send_keys((tmp_path / "alice.key").read_text())
     _click(browser, "#login-form button")
-    _until("signed in again", lambda: len(_roles(browser)) == 3
-           and browser.find_element(By.ID, "live").text == "live")
+    until(lambda: len(_roles(browser)) == 3 and browser.find_element(By.ID, "live").text == "live",
+          "signed in again")
 
     # only the topic and subscription its role reaches; the chaos panel says it needs the admin
-    _until("the orders topic", lambda: "orders.eu" in _rows(browser, "topic-table", "topic"))
+    until(lambda: "orders.eu" in _rows(browser, "topic-table", "topic"), "the orders topic")
     assert list(_rows(browser, "topic-table", "topic")) == ["orders.eu"]
     consumers = _rows(browser, "subscription-table", "consumer")
     assert len(consumers) == 1 and "orders.eu" in next(iter(consumers.values()))
     assert "alice" in _rows(browser, "agent-table", "agent")  # the registry is everyone's
-    note = _until("the chaos panel's note", lambda: browser.execute_script(
-        "const n = document.querySelector('#chaos .hidden-note'); return n && n.textContent;"))
+    note = until(lambda: browser.execute_script(
+        "const n = document.querySelector('#chaos .hidden-note'); return n && n.textContent;"),
+                 "the chaos panel's note")
     assert note == "Not shown to agent alice: this needs the admin."
     assert browser.execute_script("return document.querySelector('#chaos .body').hidden")
     assert _low_contrast(browser) == []
@@ -360,7 +362,7 @@ def test_an_agent_signs_in_and_sees_only_what_its_roles_reach(make_cluster, brow
     steps = [{"id": "s1", "action": {"kind": "topic", "topic": "orders.eu"}}]
     refund = _post(base, "/v1/sagas", {"name": "refund", "steps": steps}, token=token)
     checkout = _post(base, "/v1/sagas", {"name": "checkout", "steps": steps}, token=token)
-    _until("the checkout saga", lambda: checkout["id"] in _rows(browser, "saga-table", "saga"))
+    until(lambda: checkout["id"] in _rows(browser, "saga-table", "saga"), "the checkout saga")
     assert refund["id"] not in _rows(browser, "saga-table", "saga")
     counts = browser.find_element(By.ID, "saga-counts").text
     assert sum(int(part.rsplit(": ", 1)[1]) for part in counts.split(" · ")) == 1, counts
@@ -369,5 +371,6 @@ def test_an_agent_signs_in_and_sees_only_what_its_roles_reach(make_cluster, brow
     _shot(browser, "agent-bus-sagas-chaos")
 
     _click(browser, "#sign-out")
-    _until("the login form again", lambda: browser.execute_script(
-        "return !document.getElementById('login').hidden && sessionStorage.getItem('coord-session') === null"))
+    until(lambda: browser.execute_script(
+        "return !document.getElementById('login').hidden && sessionStorage.getItem('coord-session') === null"),
+          "the login form again")

@@ -11,7 +11,7 @@ import pytest
 
 from coordinator.client import CoordinatorClient
 from coordinator.errors import Conflict, CoordinatorError
-from tests.integration.conftest import eventually
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -77,10 +77,12 @@ async def test_event_store_survives_a_leader_kill(make_cluster) -> None:
     tasks = [asyncio.create_task(_writer(endpoints[w % 3:] + endpoints[:w % 3], w, acked, stop))
              for w in range(WRITERS)]
     tasks += [asyncio.create_task(_racer(endpoints, r, won, stop)) for r in range(RACERS)]
-    await eventually(lambda: _true(len(acked) >= 150), 60, "150 acknowledged appends before the kill")
+    await eventually(lambda: len(acked) >= 150, "150 acknowledged appends before the kill", 60,
+                     interval_s=CLUSTER_POLL_S)
     before = len(acked)
     cluster.kill(old)
-    await eventually(lambda: _true(len(acked) >= before + 150), 60, "appends to resume after the kill")
+    await eventually(lambda: len(acked) >= before + 150, "appends to resume after the kill", 60,
+                     interval_s=CLUSTER_POLL_S)
     stop.set()
     await asyncio.gather(*tasks)
 
@@ -120,6 +122,3 @@ async def _read_all(client: CoordinatorClient, stream: str) -> list[dict]:
         version = page["next_version"]
     return events
 
-
-async def _true(value: bool) -> bool:
-    return value

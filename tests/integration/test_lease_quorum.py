@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 
 from coordinator.client import CoordinatorClient
-from tests.integration.conftest import eventually, isolate, proxied_cluster
+from tests.integration.conftest import isolate, proxied_cluster
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -82,4 +83,4 @@ async def test_an_isolated_leader_refuses_heartbeats_after_the_election_timeout(
             async def expired() -> bool:
                 return all(a["id"] != "w-q" for a in await client.agents("worker"))
 
-            await eventually(expired, 15, "the new leader to expire the agent")
+            await eventually(expired, "the new leader to expire the agent", 15, interval_s=CLUSTER_POLL_S)

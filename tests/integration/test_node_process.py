@@ -9,7 +9,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from cluster.journal import DurableJournal
 from coordinator.client import CoordinatorClient
 from coordinator.devcluster import fetch_json
+from tests.waiting import CLUSTER_POLL_S, wait_until
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,15 +107,8 @@ def test_a_stalled_apply_loop_is_reported_and_rebuilt_from_the_journal(make_clus
     asyncio.run(write_all())
     commit = cluster.status(leader)["commit_index"]
 
-    deadline = time.monotonic() + 20
-    seen_unhealthy = None
-    while time.monotonic() < deadline:
-        status = cluster.status("n3")
-        if status and not status["healthy"]:
-            seen_unhealthy = status
-            break
-        time.sleep(0.05)
-    assert seen_unhealthy is not None, "the stalled node never reported itself unhealthy"
+    seen_unhealthy = wait_until(lambda: (s := cluster.status("n3")) and not s["healthy"] and s,
+                                "the stalled node to report itself unhealthy", 20, interval_s=CLUSTER_POLL_S)
     assert "stalled" in seen_unhealthy["problem"]
     ready = fetch_json(cluster.url("n3") + "/readyz")
     assert ready is not None and ready["status"] in ("not ready", "ready")

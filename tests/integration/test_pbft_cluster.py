@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from coordinator.client import CoordinatorClient
-from tests.integration.conftest import eventually
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -24,7 +24,7 @@ async def test_writes_through_any_node_and_bad_input(make_cluster) -> None:
         statuses = {n: cluster.status(n) for n in cluster.members}
         return statuses if all(s and s["healthy"] for s in statuses.values()) else None
 
-    statuses = await eventually(all_healthy, 30, "every PBFT node healthy")
+    statuses = await eventually(all_healthy, "every PBFT node healthy", 30, interval_s=CLUSTER_POLL_S)
     assert [s["role"] for s in statuses.values()].count("leader") == 1
     assert {s["term"] for s in statuses.values()} == {0}
     for i, node_id in enumerate(cluster.members):
@@ -66,7 +66,7 @@ async def test_every_node_killed_at_once_loses_nothing_acknowledged(make_cluster
         except Exception:
             return None
 
-    items = await eventually(readable, 30, "reads after the restart")
+    items = await eventually(readable, "reads after the restart", 30, interval_s=CLUSTER_POLL_S)
     assert {item["key"]: item["value"]["k"] for item in items} == acked
     async with CoordinatorClient(cluster.url("n4")) as client:  # and the cluster takes writes again
         assert await client.put("durable/after", {"k": 99}) >= 1

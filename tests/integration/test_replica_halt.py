@@ -7,7 +7,6 @@ Real node processes; the fault is the unsafe test failpoint
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.request
 
 import aiohttp
@@ -15,18 +14,9 @@ import pytest
 
 from chaos.digests import compare_digests
 from coordinator.client import CoordinatorClient
+from tests.waiting import CLUSTER_POLL_S, wait_until
 
 pytestmark = pytest.mark.cluster
-
-
-def _wait(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 async def _answers(base: str) -> dict[str, int]:
@@ -60,7 +50,8 @@ def test_a_node_that_fails_to_apply_halts_and_the_others_keep_serving(make_clust
                 await client.put(f"halt/{i:02d}", i)
 
     asyncio.run(write_all())
-    halted = _wait(lambda: (s := cluster.status("n3")) and not s["healthy"] and s, 20, "n3 to report the failure")
+    halted = wait_until(lambda: (s := cluster.status("n3")) and not s["healthy"] and s, "n3 to report the failure", 20,
+                        interval_s=CLUSTER_POLL_S)
     failure = halted["apply_failure"]
     assert failure["kind"] == "apply" and failure["index"] >= fail_at and failure["error"] == "InjectedApplyFailure"
     assert halted["problem"] == f"apply failed at index {failure['index']}: InjectedApplyFailure"
@@ -86,6 +77,6 @@ def test_a_node_that_fails_to_apply_halts_and_the_others_keep_serving(make_clust
     commit = cluster.status(leader)["commit_index"]
     recovered = cluster.wait_caught_up("n3", commit, 30)
     assert recovered["problem"] is None and recovered["apply_failure"] is None
-    verdict = _wait(lambda: (v := compare_digests({n: cluster.status(n) for n in cluster.members}))["valid"]
-                    is not None and v, 20, "the digests to share an index")
+    verdict = wait_until(lambda: (v := compare_digests({n: cluster.status(n) for n in cluster.members}))["valid"]
+                         is not None and v, "the digests to share an index", 20, interval_s=CLUSTER_POLL_S)
     assert verdict["valid"] is True, verdict

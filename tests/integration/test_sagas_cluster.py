@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from coordinator.client import CoordinatorClient
-from tests.integration.conftest import eventually
 from tests.integration.http_agent import HttpAgent
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
@@ -70,7 +70,7 @@ async def _final(client: CoordinatorClient, saga_id: str, timeout_s: float = 40)
         saga = await client.saga(saga_id)
         return saga if saga and saga["state"] in ("completed", "compensated", "failed-stuck") else None
 
-    return await eventually(done, timeout_s, f"saga {saga_id} to finish")
+    return await eventually(done, f"saga {saga_id} to finish", timeout_s, interval_s=CLUSTER_POLL_S)
 
 
 async def test_a_saga_runs_its_steps_in_order_across_the_cluster(make_cluster: Any) -> None:

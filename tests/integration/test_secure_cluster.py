@@ -34,7 +34,7 @@ from coordinator.crypto import AgentKeys, SealError, authorization_header, is_se
 from coordinator.devcluster import LocalCluster
 from coordinator.errors import Forbidden, Unauthenticated
 from coordinator.services.node import FORWARD_HEADER
-from tests.integration.conftest import eventually
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -130,7 +130,8 @@ async def test_sealed_messages_between_self_joined_agents_in_a_secure_cluster(ma
         await alice.publish(TOPIC, {"id": "m2", "payload": {"text": control}})
 
         # bob fetches through his follower (forwarded to the leader, which serves fetches).
-        deliveries = await eventually(lambda: bob.fetch(sub, max=10, wait_s=2), 30, "bob's deliveries")
+        deliveries = await eventually(lambda: bob.fetch(sub, max=10, wait_s=2), "bob's deliveries", 30,
+                                      interval_s=CLUSTER_POLL_S)
         assert bob.endpoints == [cluster.url(follower_b)]
         by_id = {d["message"]["id"]: d for d in deliveries}
         assert set(by_id) == {"m1", "m2"}
@@ -160,7 +161,8 @@ async def test_sealed_messages_between_self_joined_agents_in_a_secure_cluster(ma
 
         # A tampered copy, re-published by alice herself, does not open for bob.
         await alice.publish(TOPIC, {"id": "m3", "source": "alice", "payload": _tampered(sealed["payload"])})
-        tampered = await eventually(lambda: bob.fetch(sub, max=10, wait_s=2), 30, "the tampered copy")
+        tampered = await eventually(lambda: bob.fetch(sub, max=10, wait_s=2), "the tampered copy", 30,
+                                    interval_s=CLUSTER_POLL_S)
         assert [d["message"]["id"] for d in tampered] == ["m3"]
         with pytest.raises(SealError, match="bad signature by 'alice'"):
             await bob.open(tampered[0]["message"])
@@ -222,8 +224,8 @@ async def test_a_signed_write_replayed_to_another_node_or_after_a_restart_applie
         cluster.start(first)
         await _caught_up(cluster, committed)  # it knows rita's key again (else the replay is a 401 for that)
         status, answer = await eventually(
-            lambda: _retry_unavailable(_signed("PUT", cluster.url(first) + path, captured, body)), 30,
-            "the replay to be answered")
+            lambda: _retry_unavailable(_signed("PUT", cluster.url(first) + path, captured, body)),
+            "the replay to be answered", 30, interval_s=CLUSTER_POLL_S)
         assert status == 200 and answer == {"revision": revision}, answer
         stored = await admin.get("replay/counter")
         assert stored is not None and stored["revision"] == revision and stored["version"] == 1, stored

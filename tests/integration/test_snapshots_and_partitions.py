@@ -11,6 +11,7 @@ import pytest
 
 from coordinator.client import CoordinatorClient
 from coordinator.devcluster import fetch_json
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -32,10 +33,8 @@ async def test_compaction_restart_and_snapshot_install(make_cluster) -> None:
     lagging = next(n for n in cluster.members if n != leader)
     await _put_many(cluster.url(leader), "a", 150)
     snapshots = [cluster.dir / n / "raft.snapshot" for n in cluster.members]
-    deadline = time.monotonic() + 20
-    while not all(p.exists() for p in snapshots) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert all(p.exists() for p in snapshots), "every node compacts its log past 40 entries"
+    await eventually(lambda: all(p.exists() for p in snapshots), "every node to compact its log past 40 entries", 20,
+                     interval_s=CLUSTER_POLL_S)
     assert all(p.read_bytes()[:1] == b"R" for p in snapshots)  # our codec, not pickle
 
     cluster.kill(lagging)
@@ -52,17 +51,15 @@ async def test_compaction_restart_and_snapshot_install(make_cluster) -> None:
     for node_id in cluster.members:
         cluster.kill(node_id)
     cluster.start(lagging)
-    deadline = time.monotonic() + 30
-    alone: list = []
-    while time.monotonic() < deadline:
+
+    def serves_the_snapshot() -> bool:
         try:
-            alone = _stale_items(cluster, lagging, "a")
+            return _stale_items(cluster, lagging, "a") == list(range(150))
         except (TypeError, KeyError):  # not answering yet
-            alone = []
-        if alone == list(range(150)):
-            break
-        await asyncio.sleep(0.05)
-    assert alone == list(range(150)), "the lagging node lost the snapshot it had installed"
+            return False
+
+    await eventually(serves_the_snapshot, "the lagging node, alone, to serve the snapshot it had installed", 30,
+                     interval_s=CLUSTER_POLL_S)
 
     # a whole-cluster restart from snapshots plus journal tails
     cluster.start_all()

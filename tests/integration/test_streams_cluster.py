@@ -11,7 +11,7 @@ import pytest
 
 from coordinator.client import CoordinatorClient
 from coordinator.errors import CoordinatorError
-from tests.integration.conftest import eventually
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -55,12 +55,14 @@ async def test_window_results_are_neither_lost_nor_duplicated_across_a_leader_ki
             processor = await client.processor("per-writer")
             return processor["emitted"] >= emitted and processor["open_windows"] > 0
 
-        await eventually(lambda: windows(1), 30, "a window closed and others open before the kill")
+        await eventually(lambda: windows(1), "a window closed and others open before the kill", 30,
+                         interval_s=CLUSTER_POLL_S)
         cluster.kill(old)
         survivors = [n for n in cluster.members if n != old]
         await asyncio.to_thread(cluster.wait_leader, 30, survivors)
         emitted = (await client.processor("per-writer"))["emitted"]
-        await eventually(lambda: windows(emitted + 1), 30, "a window closed by the new leader, others open")
+        await eventually(lambda: windows(emitted + 1), "a window closed by the new leader, others open", 30,
+                         interval_s=CLUSTER_POLL_S)
     stop.set()
     await asyncio.gather(*writers)
     stopped_at = time.time()
@@ -86,7 +88,7 @@ async def test_window_results_are_neither_lost_nor_duplicated_across_a_leader_ki
                 await client.ack(sub, [d["delivery_id"] for d in deliveries])
             return sum(results.values()) >= stored
 
-        await eventually(drained, 30, "every window of the stored events to be emitted")
+        await eventually(drained, "every window of the stored events to be emitted", 30, interval_s=CLUSTER_POLL_S)
         assert not duplicates, f"windows emitted twice: {duplicates[:5]}"
         assert sum(results.values()) == stored
         described = await client.processor("per-writer")

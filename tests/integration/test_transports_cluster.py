@@ -24,8 +24,8 @@ import pytest
 
 from coordinator.client import CoordinatorClient
 from coordinator.errors import Unavailable
-from tests.integration.conftest import eventually
 from tests.transports.conftest import PLUGINS, transport_class
+from tests.waiting import CLUSTER_POLL_S, eventually, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
@@ -86,7 +86,8 @@ async def test_a_leader_kill_mid_stream_loses_nothing_at_the_broker(make_cluster
         await publish(101, 200)  # through the survivors while they elect
         new_leader = await asyncio.to_thread(cluster.wait_leader, 30, followers)
         async with CoordinatorClient(cluster.url(new_leader), timeout_s=20) as direct:
-            await eventually(lambda: _zero(direct, topic), 30, "the binding's backlog to drain")
+            await eventually(lambda: _zero(direct, topic), "the binding's backlog to drain", 30,
+                             interval_s=CLUSTER_POLL_S)
             listing = await direct.request("GET", "/v1/bindings")
             assert listing["transports"][plugin]["ok"] is True
     assert len(acknowledged) == 200
@@ -129,7 +130,8 @@ class _Broker:
     def start(self) -> None:
         self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port, 60)
+        wait_until(lambda: _port_open(self.port), f"the broker to open port {self.port}", 60,
+                   interval_s=CLUSTER_POLL_S)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -165,14 +167,9 @@ def _broker_command(plugin: str, port: int, data: Path) -> tuple[list[str], dict
     return ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env
 
 
-def _wait_port(port: int, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"broker did not open port {port}")
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.parametrize("plugin", ["redis", "nats", "rabbitmq"])
@@ -193,7 +190,8 @@ async def test_a_stopped_broker_holds_a_bounded_backlog_that_drains_when_it_retu
         async with CoordinatorClient(cluster.url(leader), timeout_s=20) as client:
             await client.request("PUT", f"/v1/topics/{topic}/binding", {"transport": plugin, "backlog_max": 30})
             await client.publish(topic, messages=[{"payload": i} for i in range(10)])
-            await eventually(lambda: _zero(client, topic), 30, "the first messages to reach the broker")
+            await eventually(lambda: _zero(client, topic), "the first messages to reach the broker", 30,
+                             interval_s=CLUSTER_POLL_S)
 
             # Stopped by its PID. RabbitMQ gets SIGTERM: a 3.10 node SIGKILLed within
             # about three seconds of a stream's declaration comes back with that stream
@@ -208,9 +206,9 @@ async def test_a_stopped_broker_holds_a_bounded_backlog_that_drains_when_it_retu
                 listing = await client.request("GET", "/v1/bindings")
                 return listing["transports"][plugin]["ok"] is False and await _backlog(client, topic) == 30
 
-            await eventually(red, 20, "health red and the backlog held")
+            await eventually(red, "health red and the backlog held", 20, interval_s=CLUSTER_POLL_S)
             await asyncio.to_thread(broker.start)  # the same way as the first time
-            await eventually(lambda: _zero(client, topic), 60, "the backlog to drain")
+            await eventually(lambda: _zero(client, topic), "the backlog to drain", 60, interval_s=CLUSTER_POLL_S)
         got = await _drain_broker(plugin, url, namespace, topic, 40)
         assert sorted({d.offset for d in got}) == list(range(1, 41))
     finally:
@@ -241,15 +239,19 @@ async def test_a_bound_topic_is_consumed_through_the_cluster_across_a_leader_kil
         cluster.kill(leader)
         await asyncio.to_thread(cluster.wait_leader, 30, followers)
         rest: list[int] = []
-        deadline = time.monotonic() + 40
-        while len(set(rest)) < 20 and time.monotonic() < deadline:
+
+        async def the_rest_came() -> bool:
             try:
                 got = await client.fetch(sub, max=20, wait_s=1)
                 if got:
                     await client.ack(sub, [d["delivery_id"] for d in got])
             except Unavailable:
-                continue
+                return False
             rest.extend(d["message"]["payload"] for d in got)
+            return len(set(rest)) >= 20
+
+        await eventually(the_rest_came, lambda: f"the other 20 messages after the failover, got {sorted(rest)}", 40,
+                         interval_s=0)
         assert sorted(set(acked) | set(rest)) == list(range(40))  # nothing lost
         assert not set(acked) & set(rest)  # nothing acked came back
         assert len(acked) == len(set(acked))

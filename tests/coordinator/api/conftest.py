@@ -8,7 +8,6 @@ and expiry happens only when it calls ``tick``. Waits are deadline-based
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from coordinator.api.app import make_app
@@ -27,7 +25,7 @@ from coordinator.services.applier import Applier
 from coordinator.services.node import CoordinatorNode, Identity
 from coordinator.state import Limits
 from tests.fakes import SimEngine
-from tests.waiting import DEADLINE_S, eventually
+from tests.waiting import eventually
 
 NODE_ID = "n1"
 RAFT = "127.0.0.1:17101"
@@ -171,29 +169,3 @@ async def client(h: Harness) -> AsyncIterator[CoordinatorClient]:
     """The Python client talking to the harness's node."""
     async with CoordinatorClient([str(h.http.make_url(""))], timeout_s=3) as c:
         yield c
-
-
-# -- Server-Sent Events ---------------------------------------------------------------------------
-
-async def read_sse(response: ClientResponse, timeout_s: float = DEADLINE_S) -> dict[str, Any]:
-    """The next SSE event (comments skipped): {"id", "event", "data"}."""
-    event: dict[str, Any] = {"id": None, "event": "message", "data": None}
-    async with asyncio.timeout(timeout_s):
-        while True:
-            raw = await response.content.readline()
-            if not raw:
-                raise AssertionError("the stream ended")
-            line = raw.decode().rstrip("\n")
-            if not line:
-                if event["data"] is not None:
-                    return event
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(": ")
-            if name == "id":
-                event["id"] = int(value)
-            elif name == "event":
-                event["event"] = value
-            elif name == "data":
-                event["data"] = json.loads(value)

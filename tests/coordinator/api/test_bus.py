@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
 
 from tests.coordinator.api.conftest import Harness
+from tests.sse import read_event, streaming
 from tests.waiting import DEADLINE_S, eventually
 
 # -- helpers -----------------------------------------------------------------------------
@@ -79,39 +77,6 @@ def payloads(deliveries: list[dict[str, Any]]) -> list[Any]:
 async def parked(h: Harness) -> None:
     """Wait until some fetch is parked in a long-poll."""
     await eventually(lambda: h.node.bus._waiters, "a fetch to wait for messages")
-
-
-async def read_bus_sse(response: ClientResponse, timeout_s: float = DEADLINE_S) -> dict[str, Any]:
-    """The next SSE event of a bus stream (comments skipped): ids are delivery ids (strings)."""
-    event: dict[str, Any] = {"id": None, "event": "message", "data": None}
-    async with asyncio.timeout(timeout_s):
-        while True:
-            raw = await response.content.readline()
-            if not raw:
-                raise AssertionError("the stream ended")
-            line = raw.decode().rstrip("\n")
-            if not line:
-                if event["data"] is not None:
-                    return event
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(": ")
-            if name in ("id", "event"):
-                event[name] = value
-            elif name == "data":
-                event["data"] = json.loads(value)
-
-
-@asynccontextmanager
-async def stream(h: Harness, path: str) -> AsyncIterator[ClientResponse]:
-    response = await h.http.get(path)
-    try:
-        assert response.status == 200, await response.text()
-        assert response.headers["Content-Type"] == "text/event-stream"
-        yield response
-    finally:
-        response.close()
 
 
 # -- publishing ----------------------------------------------------------------------------
@@ -1142,15 +1107,15 @@ async def test_bad_request_is_400(h: Harness, body: dict[str, Any], field: str) 
 async def test_stream_delivers_messages_as_events(h: Harness) -> None:
     sub = await subscribe(h, "s")
     await publish(h, "s", {"payload": "before"})
-    async with stream(h, f"/v1/subscriptions/{sub}/stream") as response:
-        first = await read_bus_sse(response)
+    async with streaming(h.http, f"/v1/subscriptions/{sub}/stream") as response:
+        first = await read_event(response, id_type=str)
         assert first["event"] == "message"
         assert first["data"]["message"]["payload"] == "before"
         assert first["id"] == first["data"]["delivery_id"]
         assert first["data"]["attempt"] == 1 and first["data"]["topic"] == "s"
 
         await publish(h, "s", {"payload": "after"})
-        second = await read_bus_sse(response)
+        second = await read_event(response, id_type=str)
         assert second["data"]["message"]["payload"] == "after"
         assert second["id"] == second["data"]["delivery_id"] != first["id"]
         # Without auto_ack, what was streamed waits for an ack.
@@ -1159,10 +1124,10 @@ async def test_stream_delivers_messages_as_events(h: Harness) -> None:
 
 async def test_stream_with_auto_ack_acks_what_it_sent(h: Harness) -> None:
     sub = await subscribe(h, "s", ack_timeout_s=1)
-    async with stream(h, f"/v1/subscriptions/{sub}/stream?auto_ack=true") as response:
+    async with streaming(h.http, f"/v1/subscriptions/{sub}/stream?auto_ack=true") as response:
         await publish(h, "s", {"payload": 1})
         await publish(h, "s", {"payload": 2})
-        got = [await read_bus_sse(response), await read_bus_sse(response)]
+        got = [await read_event(response, id_type=str), await read_event(response, id_type=str)]
         assert [e["data"]["message"]["payload"] for e in got] == [1, 2]
 
         async def settled() -> bool:
@@ -1176,9 +1141,9 @@ async def test_stream_with_auto_ack_acks_what_it_sent(h: Harness) -> None:
 
 async def test_stream_of_an_inbox(h: Harness) -> None:
     await h.register(id="a1", ttl_s=3600)
-    async with stream(h, "/v1/agents/a1/stream") as response:
+    async with streaming(h.http, "/v1/agents/a1/stream") as response:
         await publish(h, "direct", {"payload": "hi a1", "destination": ["a1"]})
-        event = await read_bus_sse(response)
+        event = await read_event(response, id_type=str)
         assert event["data"]["message"]["payload"] == "hi a1"
 
 

@@ -14,8 +14,9 @@ from coordinator.client import CoordinatorClient
 from coordinator.errors import Conflict
 from coordinator.state import Limits
 from coordinator.state.eventstore import EventStoreLimits
-from tests.coordinator.api.conftest import Harness, HarnessFactory, read_sse
+from tests.coordinator.api.conftest import Harness, HarnessFactory
 from tests.coordinator.api.test_auth import ADMIN_TOKEN, CLUSTER_SECRET, _agent, as_admin, as_agent, join, refused
+from tests.sse import open_stream, read_event
 
 DAVE = _agent("dave", 9)
 
@@ -104,16 +105,13 @@ async def test_a_full_store_answers_503_and_a_snapshot_makes_room(make_harness: 
 
 async def test_categories_list_read_and_watch(h: Harness) -> None:
     await h.call("POST", "/v1/streams/order-1", {"events": events("Placed")}, expect=201)
-    response = await h.http.get("/v1/categories/order/watch?from_position=1")
-    assert response.status == 200
+    response = await open_stream(h.http, "/v1/categories/order/watch?from_position=1")
     try:
-        async with asyncio.timeout(5):
-            assert await response.content.readline() == b": connected\n"
-        first = await read_sse(response)
+        first = await read_event(response)
         assert first["id"] == 1 and first["event"] == "Placed" and first["data"]["stream"] == "order-1"
         await h.call("POST", "/v1/streams/user-1", {"events": events("Joined")}, expect=201)
         await h.call("POST", "/v1/streams/order-2", {"events": events("Placed", "Paid")}, expect=201)
-        second, third = await read_sse(response), await read_sse(response)
+        second, third = await read_event(response), await read_event(response)
         assert [(e["id"], e["event"]) for e in (second, third)] == [(3, "Placed"), (4, "Paid")]
     finally:
         response.close()
@@ -127,11 +125,9 @@ async def test_categories_list_read_and_watch(h: Harness) -> None:
 
 async def test_watch_resumes_from_last_event_id_and_reports_truncation(h: Harness) -> None:
     await h.call("POST", "/v1/streams/job-1", {"events": events("A", "B", "C")}, expect=201)
-    response = await h.http.get("/v1/categories/job/watch", headers={"Last-Event-ID": "1"})
+    response = await open_stream(h.http, "/v1/categories/job/watch", headers={"Last-Event-ID": "1"})
     try:
-        async with asyncio.timeout(5):
-            await response.content.readline()
-        assert (await read_sse(response))["id"] == 2
+        assert (await read_event(response))["id"] == 2
     finally:
         response.close()
     await h.call("PUT", "/v1/streams/job-1/snapshot", {"version": 1, "state": {}, "truncate": True}, expect=200)

@@ -14,6 +14,7 @@ from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
 from coordinator.api.limits import OPEN, BoundedRunner, OpenLimits, connections_cap
 from tests.coordinator.api.conftest import Harness
+from tests.sse import open_stream
 from tests.waiting import eventually
 
 TOKEN = "admin-token-0123456789abcdef"
@@ -26,25 +27,17 @@ async def _limited(h: Harness, aiohttp_client: Any, per_principal: int, total: i
     return await aiohttp_client(app)
 
 
-async def _stream(http: Any, path: str, headers: dict[str, str] | None = None) -> Any:
-    response = await http.get(path, headers=headers)
-    assert response.status == 200, await response.text()
-    async with asyncio.timeout(5):
-        assert await response.content.readline() == b": connected\n"
-    return response
-
-
 async def test_one_caller_holds_at_most_its_share_of_streams(h: Harness, aiohttp_client: Any) -> None:
     http = await _limited(h, aiohttp_client, per_principal=2, total=10)
-    first = await _stream(http, "/v1/watch/events")
-    second = await _stream(http, "/v1/watch?prefix=a/")
+    first = await open_stream(http, "/v1/watch/events")
+    second = await open_stream(http, "/v1/watch?prefix=a/")
     refused = await http.get("/v1/watch/events")
     body = await refused.json()
     assert refused.status == 429 and refused.headers["Retry-After"] == "1"
     assert body["error"]["code"] == "rate_limited" and body["error"]["limit"] == "long_requests_per_principal"
     assert "anonymous caller 127.0.0.1" in body["error"]["message"]
     # Another principal (the admin) still gets its own share.
-    admin = await _stream(http, "/v1/watch/events", ADMIN)
+    admin = await open_stream(http, "/v1/watch/events", ADMIN)
     # Short requests are never counted: reads and a fetch that does not wait still answer.
     sub = (await (await http.post("/v1/subscriptions", json={"topic": "t"})).json())["id"]
     assert (await http.get(f"/v1/subscriptions/{sub}/messages?wait_s=0")).status == 200
@@ -56,7 +49,7 @@ async def test_one_caller_holds_at_most_its_share_of_streams(h: Harness, aiohttp
     first.close()
     slots = http.server.app[OPEN]
     await eventually(lambda: slots.by_principal.get("anonymous caller 127.0.0.1") == 1, "the slot to be freed")
-    third = await _stream(http, "/v1/watch/events")
+    third = await open_stream(http, "/v1/watch/events")
     assert slots.refused["per_principal"] == 2
     for response in (second, admin, third):
         response.close()
@@ -65,8 +58,8 @@ async def test_one_caller_holds_at_most_its_share_of_streams(h: Harness, aiohttp
 
 async def test_the_node_holds_at_most_its_total(h: Harness, aiohttp_client: Any) -> None:
     http = await _limited(h, aiohttp_client, per_principal=2, total=3)
-    held = [await _stream(http, "/v1/watch/events"), await _stream(http, "/v1/watch/events"),
-            await _stream(http, "/v1/watch/events", ADMIN)]
+    held = [await open_stream(http, "/v1/watch/events"), await open_stream(http, "/v1/watch/events"),
+            await open_stream(http, "/v1/watch/events", ADMIN)]
     refused = await http.get("/v1/watch/events", headers=ADMIN)
     body = await refused.json()
     assert refused.status == 503 and refused.headers["Retry-After"] == "1"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from coordinator.api.auth import AuthSettings
-from tests.coordinator.api.conftest import Harness, HarnessFactory, read_sse
+from tests.coordinator.api.conftest import Harness, HarnessFactory
 from tests.coordinator.api.test_auth import (
     ADMIN_TOKEN,
     ALICE,
@@ -23,6 +23,7 @@ from tests.coordinator.api.test_auth import (
     authorization,
     join,
 )
+from tests.sse import open_stream, read_event
 from transports.memory import InMemoryTransport
 
 ROLES = {
@@ -163,12 +164,11 @@ async def test_events_show_sagas_and_locks_it_may_see_and_every_agent_event(worl
 async def test_the_event_stream_skips_what_the_agent_may_not_see(world: dict[str, Any]) -> None:
     h = world["h"]
     path = "/v1/watch/events?types=lock.*"
-    response = await h.http.get(path, headers={"Authorization": authorization(h, ALICE, "GET", path, b"")})
+    response = await open_stream(h.http, path, {"Authorization": authorization(h, ALICE, "GET", path, b"")})
     try:
-        assert response.status == 200, await response.text()
         await as_admin(h, "POST", "/v1/locks/bob-2", {"holder": "x"}, expect=200)
         await as_admin(h, "POST", "/v1/locks/alice-2", {"holder": "x"}, expect=200)
-        event = await read_sse(response)  # bob-2's came first: had it been sent, it would be read here
+        event = await read_event(response)  # bob-2's came first: had it been sent, it would be read here
         assert (event["event"], event["data"]["data"]["name"]) == ("lock.acquired", "alice-2")
     finally:
         response.close()

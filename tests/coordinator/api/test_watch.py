@@ -13,21 +13,13 @@ from coordinator.api import routes
 from coordinator.codec import encode_command
 from coordinator.state import Limits
 from coordinator.types import Command
-from tests.coordinator.api.conftest import Harness, HarnessFactory, read_sse
-
-
-async def _open(h: Harness, path: str, headers: dict[str, str] | None = None) -> Any:
-    response = await h.http.get(path, headers=headers)
-    assert response.status == 200, await response.text()
-    assert response.headers["Content-Type"] == "text/event-stream"
-    async with asyncio.timeout(5):
-        assert await response.content.readline() == b": connected\n"
-    return response
+from tests.coordinator.api.conftest import Harness, HarnessFactory
+from tests.sse import open_stream, read_event
 
 
 async def test_kv_watch_streams_changes_under_the_prefix_only(h: Harness) -> None:
     await h.put("a/old", "before the watch")
-    response = await _open(h, "/v1/watch?prefix=a/")
+    response = await open_stream(h.http, "/v1/watch?prefix=a/")
     try:
         r1 = await h.put("a/1", "one")
         await h.put("b/1", "elsewhere")
@@ -35,13 +27,13 @@ async def test_kv_watch_streams_changes_under_the_prefix_only(h: Harness) -> Non
         await h.call("DELETE", "/v1/kv/a/1", expect=200)
         r3 = await h.put("a/2", {"two": 2})
 
-        put = await read_sse(response)
+        put = await read_event(response)
         assert put["id"] == r1 and put["event"] == "put"
         assert put["data"]["key"] == "a/1" and put["data"]["value"] == "one" and put["data"]["revision"] == r1
-        deleted = await read_sse(response)
+        deleted = await read_event(response)
         assert deleted["event"] == "delete" and deleted["data"]["key"] == "a/1"
         assert deleted["data"]["value"] is None and deleted["id"] == deleted["data"]["revision"]
-        last = await read_sse(response)
+        last = await read_event(response)
         assert last["id"] == r3 and last["data"]["key"] == "a/2" and last["data"]["value"] == {"two": 2}
     finally:
         response.close()
@@ -51,12 +43,12 @@ async def test_kv_watch_from_revision_replays_history(h: Harness) -> None:
     r1 = await h.put("a/1", 1)
     await h.put("b/1", 1)
     r3 = await h.put("a/2", 2)
-    response = await _open(h, f"/v1/watch?prefix=a/&from_revision={r1}")
+    response = await open_stream(h.http, f"/v1/watch?prefix=a/&from_revision={r1}")
     try:
-        assert [(e["id"], e["data"]["key"]) for e in [await read_sse(response), await read_sse(response)]] == [
+        assert [(e["id"], e["data"]["key"]) for e in [await read_event(response), await read_event(response)]] == [
             (r1, "a/1"), (r3, "a/2")]
         r4 = await h.put("a/3", 3)  # then live changes follow
-        assert (await read_sse(response))["id"] == r4
+        assert (await read_event(response))["id"] == r4
     finally:
         response.close()
 
@@ -66,9 +58,9 @@ async def test_kv_watch_resumes_after_last_event_id(h: Harness) -> None:
     r2 = await h.put("a/2", 2)
     r3 = await h.put("a/3", 3)
     # Last-Event-ID wins over from_revision: a reconnecting browser sends both.
-    response = await _open(h, f"/v1/watch?prefix=a/&from_revision={r1}", headers={"Last-Event-ID": str(r2)})
+    response = await open_stream(h.http, f"/v1/watch?prefix=a/&from_revision={r1}", headers={"Last-Event-ID": str(r2)})
     try:
-        event = await read_sse(response)
+        event = await read_event(response)
         assert event["id"] == r3 and event["data"]["key"] == "a/3"
     finally:
         response.close()
@@ -84,9 +76,9 @@ async def test_kv_watch_from_compacted_revision_is_410(make_harness: HarnessFact
     assert body["error"]["compact_revision"] == 2
     status, _ = await h.call("GET", "/v1/watch?from_revision=2")
     assert status == 410
-    response = await _open(h, "/v1/watch?prefix=a/&from_revision=3")
+    response = await open_stream(h.http, "/v1/watch?prefix=a/&from_revision=3")
     try:
-        assert [(await read_sse(response))["id"] for _ in range(3)] == [3, 4, 5]
+        assert [(await read_event(response))["id"] for _ in range(3)] == [3, 4, 5]
     finally:
         response.close()
 
@@ -94,13 +86,13 @@ async def test_kv_watch_from_compacted_revision_is_410(make_harness: HarnessFact
 async def test_kv_watch_falling_behind_the_history_ends_with_an_error_event(make_harness: HarnessFactory) -> None:
     h = await make_harness(limits=Limits(kv_history=3))
     await h.put("a/0", 0)
-    response = await _open(h, "/v1/watch?prefix=a/")
+    response = await open_stream(h.http, "/v1/watch?prefix=a/")
     try:
         # Five changes commit in one go, before the watcher runs again: its cursor is compacted.
         for i in range(1, 6):
             command = Command(op="kv.put", args={"key": f"a/{i}", "value": i}, now_ms=h.clock.now_ms())
             h.engine.submit(encode_command(command), lambda reason: None)
-        event = await read_sse(response)
+        event = await read_event(response)
         assert event["event"] == "error"
         assert event["data"]["code"] == "compacted"
         async with asyncio.timeout(5):
@@ -127,9 +119,9 @@ async def test_watch_client_disconnect_ends_the_stream_cleanly(h: Harness, monke
 
     monkeypatch.setattr(routes.watch, "watch_kv", tracked)
     caplog.set_level(logging.ERROR, logger="coordinator.api.app")
-    response = await _open(h, "/v1/watch?prefix=a/")
+    response = await open_stream(h.http, "/v1/watch?prefix=a/")
     await h.put("a/1", 1)
-    assert (await read_sse(response))["data"]["key"] == "a/1"
+    assert (await read_event(response))["data"]["key"] == "a/1"
     response.close()
     async with asyncio.timeout(5):
         await closed.wait()
@@ -139,16 +131,16 @@ async def test_watch_client_disconnect_ends_the_stream_cleanly(h: Harness, monke
 
 
 async def test_event_watch_streams_agent_and_lock_events(h: Harness) -> None:
-    response = await _open(h, "/v1/watch/events?types=agent.*")
+    response = await open_stream(h.http, "/v1/watch/events?types=agent.*")
     try:
         await h.call("POST", "/v1/locks/l", {"holder": "x"}, expect=200)  # filtered out
         await h.register("worker", id="w1")
         await h.call("DELETE", "/v1/agents/w1", expect=200)
-        spawned = await read_sse(response)
+        spawned = await read_event(response)
         assert spawned["event"] == "agent.spawned"
         assert spawned["data"]["data"]["agentId"] == "w1"
         assert spawned["id"] == spawned["data"]["seq"]
-        terminated = await read_sse(response)
+        terminated = await read_event(response)
         assert terminated["event"] == "agent.terminated" and terminated["id"] > spawned["id"]
     finally:
         response.close()
@@ -158,9 +150,9 @@ async def test_event_watch_replays_from_seq(h: Harness) -> None:
     await h.register("worker", id="w1")
     await h.register("worker", id="w2")
     events = await h.events("agent.*")
-    response = await _open(h, f"/v1/watch/events?from_seq={events[0]['seq']}")
+    response = await open_stream(h.http, f"/v1/watch/events?from_seq={events[0]['seq']}")
     try:
-        first, second = await read_sse(response), await read_sse(response)
+        first, second = await read_event(response), await read_event(response)
         assert [first["data"]["data"]["agentId"], second["data"]["data"]["agentId"]] == ["w1", "w2"]
     finally:
         response.close()
