@@ -158,6 +158,20 @@ def test_nothing_unpickles() -> None:
     assert offenders == []
 
 
+# -- the HTTP layer reads state through the view ------------------------------------------------------
+
+
+def test_the_api_reads_state_only_through_the_view() -> None:
+    """Handlers read through ``coordinator.services.view.StateView``
+    (``node.view(consistency)``, ``node.local_view``), never by walking
+    ``node.applier.machine``: import-linter cannot see attribute access."""
+    offenders = [f"{p.relative_to(ROOT)}:{n.lineno} reads .{n.attr}"
+                 for p in _python_files(ROOT / "coordinator" / "api")
+                 for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+                 if isinstance(n, ast.Attribute) and n.attr in ("applier", "machine")]
+    assert offenders == []
+
+
 # -- every module imports on its own ----------------------------------------------------------------
 
 

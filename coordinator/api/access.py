@@ -32,8 +32,7 @@ async def delete_role(request: web.Request) -> web.Response:
 
 @access_routes.get("/v1/roles")
 async def list_roles(request: web.Request) -> web.Response:
-    node = node_of(request)
-    await node.read_barrier(s.consistency(request))
+    await node_of(request).read_barrier(s.consistency(request))  # then the caller's visibility reads the replica
     return ok(visibility(request).roles())
 
 
@@ -42,9 +41,7 @@ async def grant_roles(request: web.Request) -> web.Response:
     agent_id = s.name(request.match_info["id"], "id")
     body = await s.json_body(request, {"roles", "request_id"})
     args = {"agent": agent_id, "roles": body.get("roles")}
-    scratch = Access()
-    scratch.roles = dict(node_of(request).applier.machine.access.roles)
-    checked(lambda: scratch.grant(args))  # a role deleted meanwhile is still refused when applied
+    checked(lambda: node_of(request).local_view.check_grant(args))
     return ok(await node_of(request).write("role.grant", args, s.origin(request, body)))
 
 
@@ -53,14 +50,12 @@ async def join_challenge(request: web.Request) -> web.Response:
     """A proof-of-work challenge for joining, and the difficulty the cluster asks."""
     node = node_of(request)
     return ok({"challenge": issue_challenge(request.app[AUTH]),
-               "difficulty": node.applier.machine.access.pow_difficulty, "expires_in_s": CHALLENGE_TTL_S})
+               "difficulty": node.local_view.pow_difficulty, "expires_in_s": CHALLENGE_TTL_S})
 
 
 @access_routes.get("/v1/security")
 async def get_security(request: web.Request) -> web.Response:
-    node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    return ok(node.applier.machine.access.settings())
+    return ok((await node_of(request).view(s.consistency(request))).security_settings())
 
 
 @access_routes.put("/v1/security")

@@ -303,7 +303,7 @@ async def _joining_key(request: web.Request, agent_id: str) -> str | None:
     taken, and only the admin may give it a key."""
     if request.method != "POST" or _route_of(request) != "/v1/agents":
         return None
-    if agent_id in request.app[NODE].applier.machine.registry.agents:
+    if request.app[NODE].local_view.is_registered(agent_id):
         return None
     body = await _json(request)
     if not isinstance(body, dict) or body.get("id") != agent_id or not isinstance(body.get("public_key"), str):
@@ -428,12 +428,10 @@ async def _subscription_topic(request: web.Request) -> list[tuple[str, str]]:
 
 def _of_subscription(action: str) -> Resource:
     async def resource(request: web.Request) -> list[tuple[str, str]]:
-        bus = request.app[NODE].applier.machine.bus
-        sub = bus.subscriptions.get(request.match_info["sub"])
-        consumer = bus.consumers.get(sub.consumer) if sub is not None else None
-        if consumer is None or consumer.pattern is None:
+        sub = request.app[NODE].local_view.subscription(request.match_info["sub"])
+        if sub is None or sub.pattern is None:
             return []  # unknown: the handler answers 404
-        return [(action, consumer.pattern)]
+        return [(action, sub.pattern)]
     return resource
 
 
@@ -443,7 +441,7 @@ async def _saga_start(request: web.Request) -> list[tuple[str, str]]:
         return []  # the handler refuses it
     needs = [("saga", str(body.get("name") or "saga"))]
     steps = body.get("steps")
-    agents = request.app[NODE].applier.machine.registry.agents
+    view = request.app[NODE].local_view
     for step in steps if isinstance(steps, list) else []:  # anything else: the handler refuses it
         for part in ("action", "compensation"):
             action = step.get(part) if isinstance(step, dict) else None
@@ -456,13 +454,13 @@ async def _saga_start(request: web.Request) -> list[tuple[str, str]]:
             elif action.get("kind") == "agent" and isinstance(action.get("agent_id"), str):
                 # A named agent is called directly: that needs invoke on its type. One not
                 # registered yet may register under any type, so it needs every type (">").
-                agent = agents.get(action["agent_id"])
+                agent = view.agent(action["agent_id"])
                 needs.append(("invoke", agent.type if agent is not None else ">"))
     return needs
 
 
 async def _saga_cancel(request: web.Request) -> list[tuple[str, str]]:
-    saga = request.app[NODE].applier.machine.sagas.sagas.get(request.match_info["saga"])
+    saga = request.app[NODE].local_view.saga(request.match_info["saga"])
     return [("saga", saga.definition["name"])] if saga is not None else []
 
 
@@ -608,10 +606,10 @@ async def authorize(request: web.Request, principal: Principal | None, state: Au
         _deny(state, "self", f"{principal} may act only for itself, not for agent {target!r}", "self",
               target or "")
     assert callable(rule)
-    access = request.app[NODE].applier.machine.access
+    view = request.app[NODE].local_view
     for action, resource in await rule(request):
-        allowed = access.can(principal.agent_id or "", action, resource.prefix, listing=True) \
-            if isinstance(resource, Listing) else access.can(principal.agent_id or "", action, resource)
+        allowed = view.can(principal.agent_id or "", action, resource.prefix, listing=True) \
+            if isinstance(resource, Listing) else view.can(principal.agent_id or "", action, resource)
         if not allowed:
             _deny(state, action, f"{principal} lacks the permission {action} on {resource!r}", action, resource)
 
@@ -628,24 +626,12 @@ async def admit(request: web.Request) -> None:
     """Authenticate and authorize ``request`` (401, 403); its principal is then ``principal_of(request)``."""
     state: AuthState = request.app[AUTH]
     try:
-        principal = await authenticate(request, state, _public_key_of(request.app[NODE]))
+        principal = await authenticate(request, state, request.app[NODE].local_view.public_key)
     except Unauthenticated as exc:
         state.refused[exc.message.split(" ")[0]] += 1
         raise
     await authorize(request, principal, state)
     request[PRINCIPAL_KEY] = principal
-
-
-def _public_key_of(node: Any) -> Callable[[str], str | None]:
-    """The key an agent id signs with: its registration's, else the one kept
-    after it left (so its id cannot be claimed by another key)."""
-    def lookup(agent_id: str) -> str | None:
-        machine = node.applier.machine
-        agent = machine.registry.agents.get(agent_id)
-        if agent is not None and agent.public_key is not None:
-            return agent.public_key
-        return machine.access.keys.get(agent_id)
-    return lookup
 
 
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal", Principal)

@@ -19,7 +19,9 @@ from coordinator.api.auth import forward_signer
 from coordinator.api.routes import node_of, ok
 from coordinator.errors import InvalidInput
 from coordinator.services.balancer.service import Invocation
+from coordinator.services.node import CoordinatorNode
 from coordinator.services.proposals import state_error
+from coordinator.services.view import StateView
 from coordinator.state.balancing import MAX_TIMEOUT_S, normalize_policy
 from coordinator.state.base import Rejected
 
@@ -96,8 +98,8 @@ async def remove(request: web.Request) -> web.Response:
 async def describe(request: web.Request) -> web.Response:
     agent_type = _type(request)
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    return ok(_describe(node, agent_type))
+    view = await node.view(s.consistency(request))
+    return ok(_describe(node, view, agent_type))
 
 
 @service_routes.get("/v1/services")
@@ -109,10 +111,8 @@ async def listing(request: web.Request) -> web.Response:
     if scope not in ("node", "cluster"):
         raise InvalidInput("scope: must be node or cluster", field="scope")
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    machine = node.applier.machine
-    types = sorted({a.type for a in machine.registry.agents.values()} | set(machine.policies.policies))
-    body: dict[str, Any] = {"services": [_describe(node, t) for t in types]}
+    view = await node.view(s.consistency(request))
+    body: dict[str, Any] = {"services": [_describe(node, view, t) for t in view.service_types()]}
     if scope == "cluster":
         await _add_views_of_every_node(request, body)
     return ok(body)
@@ -148,14 +148,13 @@ async def _add_views_of_every_node(request: web.Request, body: dict[str, Any]) -
     body["unreachable"] = unreachable
 
 
-def _describe(node: Any, agent_type: str) -> dict[str, Any]:
-    machine = node.applier.machine
+def _describe(node: CoordinatorNode, view: StateView, agent_type: str) -> dict[str, Any]:
     local = node.balancer.status()["agents"]
     agents = []
-    for agent in machine.registry.by_type(agent_type):
+    for agent in view.agents(agent_type):
         row = {"id": agent.id, "endpoint": agent.endpoint, "weight": agent.weight, "health": agent.health}
         row.update(local.get(agent.id, {"breaker": {"state": "closed"}, "inflight": 0, "latency_ms": None,
                                         "requests": 0}))
         agents.append(row)
-    return {"type": agent_type, "policy": machine.policies.of(agent_type),
-            "configured": agent_type in machine.policies.policies, "agents": agents}
+    return {"type": agent_type, "policy": view.policy(agent_type),
+            "configured": view.has_policy(agent_type), "agents": agents}

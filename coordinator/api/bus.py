@@ -73,26 +73,23 @@ def _delivery_ids(body: dict[str, Any], required: bool = True) -> list[str] | No
 @bus_routes.get("/v1/topics")
 async def topics_list(request: web.Request) -> web.Response:
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    bus = node.applier.machine.bus
+    view = await node.view(s.consistency(request))
     prefix = s.prefix(request)
-    sees = visibility(request)
-    return ok({"topics": [bus.describe_topic(t) for name, t in bus.topics.items()
-                          if name.startswith(prefix) and sees.topic(name)]})
+    return ok({"topics": view.topics(prefix, visibility(request).topic)})
 
 
 @bus_routes.get("/v1/topics/{topic}")
 async def topics_get(request: web.Request) -> web.Response:
     node = node_of(request)
     name = _topic(request)
-    await node.read_barrier(s.consistency(request))
+    view = await node.view(s.consistency(request))
     sees = visibility(request)
     if not sees.topic(name):
         sees.refuse(request, "receive", name, f"it holds none of send, receive and subscribe on topic {name!r}")
-    topic = node.applier.machine.bus.topics.get(name)
+    topic = view.topic(name)
     if topic is None:
         raise NotFound(f"topic {name!r} has no messages and no settings")
-    return ok(node.applier.machine.bus.describe_topic(topic))
+    return ok(topic)
 
 
 @bus_routes.put("/v1/topics/{topic}")
@@ -113,21 +110,11 @@ async def topics_read(request: web.Request) -> web.Response:
     name = _topic(request)
     from_offset = s.query_int(request, "from_offset", 1, 0, 2**63 - 1)
     limit = s.query_int(request, "limit", 100, 1, 10_000)
-    await node.read_barrier(s.consistency(request))
-    bus = node.applier.machine.bus
-    topic = bus.topics.get(name)
-    if topic is None:
+    page = (await node.view(s.consistency(request))).retained(name, from_offset, limit)
+    if page is None:
         return ok({"topic": name, "messages": [], "next_offset": 1, "first_offset": None})
-    first = next(iter(topic.log), None)
-    out = []
-    for offset in topic.log:
-        if offset >= from_offset:
-            body = bus.bodies[(name, offset)]
-            out.append({"offset": offset, "index": body.index, "publish_ms": body.publish_ms,
-                        "message": body.message})
-            if len(out) >= limit:
-                break
-    return ok({"topic": name, "messages": out, "first_offset": first, "next_offset": topic.next_offset})
+    return ok({"topic": name, "messages": page.messages, "first_offset": page.first_offset,
+               "next_offset": page.next_offset})
 
 
 def _sourced(request: web.Request, raw: list[Any]) -> list[Any]:
@@ -226,7 +213,7 @@ async def bindings_list(request: web.Request) -> web.Response:
     """Bindings with their backlog (messages the broker has not confirmed) and
     this node's view of each transport's health (the leader's is the one that drives)."""
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
+    await node.read_barrier(s.consistency(request))  # then the transport driver reads the replica
     sees = visibility(request)
     return ok({"bindings": [b for b in node.transports.bindings() if sees.topic(b["topic"])],
                "transports": await node.transports.health()})
@@ -256,9 +243,9 @@ async def transports_remove(request: web.Request) -> web.Response:
 async def transports_list(request: web.Request) -> web.Response:
     """Transports this node has, where their URL comes from (passwords hidden), and their health."""
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
+    view = await node.view(s.consistency(request))
     driver = node.transports
-    cluster_urls = node.applier.machine.bus.transport_urls
+    cluster_urls = view.cluster_transport_urls()
     health = await driver.health()
     out = []
     for name in sorted(set(driver.transports) | set(cluster_urls) | set(driver.config_errors)):
@@ -317,32 +304,25 @@ def _start(body: dict[str, Any]) -> dict[str, Any]:
 @bus_routes.get("/v1/subscriptions")
 async def subscriptions_list(request: web.Request) -> web.Response:
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    bus = node.applier.machine.bus
+    view = await node.view(s.consistency(request))
     sees = visibility(request)
-    return ok({"subscriptions": [_subscription(bus, sub) for sub in bus.subscriptions.values()
-                                 if sees.consumer(sub.agent, bus.consumers[sub.consumer].pattern)]})
-
-
-def _subscription(bus: Any, sub: Any) -> dict[str, Any]:
-    return {"id": sub.id, "agent": sub.agent, "created_ms": sub.created_ms, **bus.consumers[sub.consumer].describe()}
+    return ok({"subscriptions": [sub.describe() for sub in view.subscriptions()
+                                 if sees.consumer(sub.owner, sub.pattern)]})
 
 
 @bus_routes.get("/v1/subscriptions/{sub}")
 async def subscriptions_get(request: web.Request) -> web.Response:
     node = node_of(request)
     sub_id = _selector(request)["sub"]
-    await node.read_barrier(s.consistency(request))
-    bus = node.applier.machine.bus
-    sub = bus.subscriptions.get(sub_id)
+    sub = (await node.view(s.consistency(request))).subscription(sub_id)
     if sub is None:
         raise NotFound(f"subscription {sub_id!r} does not exist")
-    pattern = bus.consumers[sub.consumer].pattern
+    pattern = sub.pattern
     sees = visibility(request)
-    if not sees.consumer(sub.agent, pattern):
+    if not sees.consumer(sub.owner, pattern):
         sees.refuse(request, "receive", pattern or sub_id, f"subscription {sub_id!r} is another agent's, "
                     f"on {pattern!r}, where it may not receive")
-    return ok(_subscription(bus, sub))
+    return ok(sub.describe())
 
 
 @bus_routes.delete("/v1/subscriptions/{sub}")
@@ -478,13 +458,12 @@ async def dlq_list(request: web.Request) -> web.Response:
     node = node_of(request)
     selector = _selector(request)
     limit = s.query_int(request, "limit", 100, 1, DLQ_LIMIT_MAX)
-    await node.read_barrier(s.consistency(request))
-    bus = node.applier.machine.bus
-    consumer = bus.consumers.get(node.bus.consumer_key(selector))
-    if consumer is None and selector.get("agent") not in node.applier.machine.registry.agents:
+    view = await node.view(s.consistency(request))
+    found = view.dead_letters(node.bus.consumer_key(selector), limit)
+    if found is None and not view.is_registered(selector.get("agent", "")):
         raise NotFound(f"agent {selector['agent']!r} is not registered")
-    letters = bus.dead_letters(consumer, limit) if consumer else []
-    return ok({"dead_letters": letters, "count": len(consumer.dlq) if consumer else 0})
+    letters, count = found or ([], 0)
+    return ok({"dead_letters": letters, "count": count})
 
 
 async def _dlq_write(request: web.Request, op: str) -> web.Response:

@@ -18,15 +18,7 @@ from coordinator.api import schemas as s
 from coordinator.api.routes import checked, node_of, ok, sse, sse_resume
 from coordinator.api.visibility import visibility
 from coordinator.errors import InvalidInput, NotFound
-from coordinator.services import watch
-from coordinator.state.eventstore import (
-    MAX_STREAM_ID_LEN,
-    MAX_VERSION,
-    SNAPSHOT_FIELDS,
-    EventStore,
-    StoredEvent,
-    check_expected,
-)
+from coordinator.state.eventstore import MAX_STREAM_ID_LEN, MAX_VERSION, SNAPSHOT_FIELDS, check_expected
 from coordinator.state.projections import DEFINITION_FIELDS, check_name, normalize_definition
 
 es_routes = web.RouteTableDef()
@@ -58,8 +50,8 @@ async def append(request: web.Request) -> web.Response:
     if "expected_version" in body:
         args["expected_version"] = body["expected_version"]
     node = node_of(request)
-    store: EventStore = node.applier.machine.store
-    checked(lambda: store.check_append(args))
+    view = node.local_view  # only the store's limits: nothing here depends on the log's position
+    checked(lambda: view.check_append(args))
     result = await node.write("es.append", args, s.origin(request, body))
     return ok(result, status=200 if result.get("duplicate") else 201)
 
@@ -74,11 +66,11 @@ async def read_stream(request: web.Request) -> web.Response:
     from_version = s.query_int(request, "from_version", MAX_VERSION if backward else 0, 0, MAX_VERSION)
     limit = s.query_int(request, "limit", 100, 1, READ_LIMIT_MAX)
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    page = node.applier.machine.store.read_stream(stream, from_version or 0, limit or 100, backward)
+    view = await node.view(s.consistency(request))
+    page = view.stream_page(stream, from_version or 0, limit or 100, backward)
     if page is None:
         raise NotFound(f"stream {stream!r} does not exist")
-    return ok({**page, "index": node.applier.machine.applied_index})
+    return ok({**page, "index": view.applied_index})
 
 
 @es_routes.delete("/v1/streams/{stream}")
@@ -113,17 +105,17 @@ async def list_streams(request: web.Request) -> web.Response:
     after = request.query.get("after", "")
     limit = s.query_int(request, "limit", 100, 1, LIST_LIMIT_MAX) or 100
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    page = node.applier.machine.store.list_streams(category, after, limit)
+    view = await node.view(s.consistency(request))
+    page = view.stream_list(category, after, limit)
     return ok({"streams": page, "next": page[-1]["stream"] if len(page) == limit else None,
-               "index": node.applier.machine.applied_index})
+               "index": view.applied_index})
 
 
 @es_routes.get("/v1/eventstore")
 async def describe_store(request: web.Request) -> web.Response:
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    return ok({**node.applier.machine.store.describe(), "index": node.applier.machine.applied_index})
+    view = await node.view(s.consistency(request))
+    return ok({**view.event_store_summary(), "index": view.applied_index})
 
 
 # -- categories -------------------------------------------------------------------------------
@@ -135,9 +127,9 @@ async def read_category(request: web.Request) -> web.Response:
     from_position = s.query_int(request, "from_position", 1, 1, 2**63 - 1) or 1
     limit = s.query_int(request, "limit", 100, 1, READ_LIMIT_MAX) or 100
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    page = node.applier.machine.store.read_category(category, from_position, limit)
-    return ok({**page, "index": node.applier.machine.applied_index})
+    view = await node.view(s.consistency(request))
+    page = view.category_page(category, from_position, limit)
+    return ok({**page, "index": view.applied_index})
 
 
 @es_routes.get("/v1/categories/{category}/watch")
@@ -147,11 +139,11 @@ async def watch_category(request: web.Request) -> web.StreamResponse:
     reconnecting client resumes with ``Last-Event-ID``."""
     category = _category(request)
     from_position = sse_resume(request, "from_position")
-    stream = watch.watch_category(node_of(request).applier, category, from_position)
+    stream = node_of(request).local_view.watch_category(category, from_position)
     return await sse(request, stream, _event_frame)
 
 
-def _event_frame(event: StoredEvent) -> tuple[int, str, dict[str, Any]]:
+def _event_frame(event: Any) -> tuple[int, str, dict[str, Any]]:
     return event.position, event.type, event.describe()
 
 
@@ -176,20 +168,20 @@ async def put_projection(request: web.Request) -> web.Response:
 async def get_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    projection = node.applier.machine.projections.items.get(name)
+    view = await node.view(s.consistency(request))
+    projection = view.projection(name)
     if projection is None:
         raise NotFound(f"projection {name!r} does not exist")
     visibility(request).check_source(request, f"projection {name!r}", projection.definition["source"])
-    return ok({**projection.describe(), "applied_index": node.applier.machine.applied_index})
+    return ok({**projection.describe(), "applied_index": view.applied_index})
 
 
 @es_routes.get("/v1/projections")
 async def list_projections(request: web.Request) -> web.Response:
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    readable = visibility(request).readable(node.applier.machine.projections.items)
-    return ok({"projections": [p.describe() for p in readable], "applied_index": node.applier.machine.applied_index})
+    view = await node.view(s.consistency(request))
+    readable = visibility(request).readable(view.projections())
+    return ok({"projections": [p.describe() for p in readable], "applied_index": view.applied_index})
 
 
 @es_routes.post("/v1/projections/{name}/rebuild")

@@ -23,8 +23,9 @@ class _NodeCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         node = self.node
+        view = node.local_view  # metrics never wait on the log
         st = node.engine.status()
-        applied = node.applier.applied_index
+        applied = view.applied_index
         gauges = {
             "coord_raft_term": ("Current Raft term", st.term),
             "coord_raft_commit_index": ("Raft commit index", st.commit_index),
@@ -32,15 +33,15 @@ class _NodeCollector(Collector):
             "coord_raft_apply_lag": ("Committed entries not yet applied", max(0, st.commit_index - applied)),
             "coord_raft_is_leader": ("1 when this node is the leader", int(st.role == "leader")),
             "coord_node_healthy": ("1 when the consensus engine is healthy and the replica has not halted",
-                                   int(st.healthy and node.applier.failure is None)),
+                                   int(st.healthy and view.failure is None)),
             "coord_replica_halted": ("1 when applying an entry or restoring a snapshot failed: the replica "
                                      "stopped applying and the node refuses reads and writes",
-                                     int(node.applier.failure is not None)),
+                                     int(view.failure is not None)),
             "coord_proposals_inflight": ("Proposals waiting for their outcome", node.proposer.inflight),
-            "coord_agents": ("Registered agents", len(node.applier.machine.registry.agents)),
-            "coord_locks_held": ("Locks currently held", len(node.applier.machine.locks.locks)),
-            "coord_kv_keys": ("Keys in the key/value store", len(node.applier.machine.kv)),
-            "coord_kv_revision": ("Store revision", node.applier.machine.kv.revision),
+            "coord_agents": ("Registered agents", view.agent_count),
+            "coord_locks_held": ("Locks currently held", view.lock_count),
+            "coord_kv_keys": ("Keys in the key/value store", view.kv_key_count),
+            "coord_kv_revision": ("Store revision", view.kv_revision),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
@@ -74,7 +75,7 @@ class _NodeCollector(Collector):
 def _digest(node: CoordinatorNode) -> Iterator[Any]:
     """The state digest as numbers: the latest checkpoint's index and its
     first 48 bits (exact in a float), comparable across nodes at equal index."""
-    digest = node.applier.digest
+    digest = node.local_view.digest
     yield GaugeMetricFamily("coord_state_digest_index", "Index the state digest covers", value=digest.index)
     index, value = digest.checkpoints[-1] if digest.checkpoints else (digest.index, digest.value)
     yield GaugeMetricFamily("coord_state_digest_checkpoint_index", "Index of the latest state digest checkpoint",
@@ -88,40 +89,31 @@ def _digest(node: CoordinatorNode) -> Iterator[Any]:
 
 
 def _bus(node: CoordinatorNode) -> Iterator[Any]:
-    bus = node.applier.machine.bus
-    yield GaugeMetricFamily("coord_bus_topics", "Topics known to the bus", value=len(bus.topics))
+    counts = node.local_view.bus_counts()
+    yield GaugeMetricFamily("coord_bus_topics", "Topics known to the bus", value=counts.topics)
     yield GaugeMetricFamily("coord_bus_messages_held", "Message bodies held (retained or queued)",
-                            value=len(bus.bodies))
-    yield GaugeMetricFamily("coord_bus_subscriptions", "Subscriptions", value=len(bus.subscriptions))
+                            value=counts.messages_held)
+    yield GaugeMetricFamily("coord_bus_subscriptions", "Subscriptions", value=counts.subscriptions)
     states = GaugeMetricFamily("coord_bus_queue_messages", "Messages in consumers' queues by state",
                                labels=["state"])
-    totals = {"ready": 0, "pending": 0, "delayed": 0, "dead": 0}
-    flows = dict.fromkeys(("enqueued", "delivered", "redelivered", "acked", "nacked", "dead_lettered"), 0)
-    for consumer in bus.consumers.values():
-        totals["ready"] += consumer.ready_count
-        totals["pending"] += consumer.pending_count
-        totals["delayed"] += len(consumer.entries) - consumer.ready_count - consumer.pending_count
-        totals["dead"] += len(consumer.dlq)
-        for name in flows:
-            flows[name] += consumer.counters[name]
-    for state, value in totals.items():
+    for state, value in counts.queued.items():
         states.add_metric([state], value)
     yield states
     deliveries = CounterMetricFamily("coord_bus_deliveries", "Deliveries of live consumers by outcome",
                                      labels=["outcome"])
-    for name, value in flows.items():
+    for name, value in counts.deliveries.items():
         deliveries.add_metric([name], value)
     yield deliveries
     published = CounterMetricFamily("coord_bus_messages", "Messages by what happened to them", labels=["kind"])
-    for name, value in bus.counters.items():
+    for name, value in counts.messages.items():
         published.add_metric([name], value)
     published.add_metric(["volatile_routed"], node.bus.volatile.routed)
     published.add_metric(["volatile_dropped"], node.bus.volatile.dropped)
     yield published
     backlog = GaugeMetricFamily("coord_transport_backlog", "Messages of a bound topic the broker has not confirmed",
                                 labels=["topic", "transport"])
-    for topic, binding in bus.bindings.items():
-        backlog.add_metric([topic, binding.transport], bus.topics[topic].next_offset - 1 - binding.cursor)
+    for topic, transport, unconfirmed in counts.backlog:
+        backlog.add_metric([topic, transport], unconfirmed)
     yield backlog
     healthy = GaugeMetricFamily("coord_transport_healthy", "1 unless the last use of the transport failed",
                                 labels=["transport"])
@@ -133,25 +125,24 @@ def _bus(node: CoordinatorNode) -> Iterator[Any]:
 
 
 def _event_store(node: CoordinatorNode) -> Iterator[Any]:
-    machine = node.applier.machine
-    store = machine.store
-    yield GaugeMetricFamily("coord_eventstore_events", "Events retained in the event store", value=store.events_count)
+    store = node.local_view.event_store_counts()
+    yield GaugeMetricFamily("coord_eventstore_events", "Events retained in the event store", value=store.events)
     yield GaugeMetricFamily("coord_eventstore_bytes", "Approximate bytes of the retained events' data",
                             value=store.bytes)
-    yield GaugeMetricFamily("coord_eventstore_streams", "Streams in the event store", value=len(store.streams))
+    yield GaugeMetricFamily("coord_eventstore_streams", "Streams in the event store", value=store.streams)
     yield GaugeMetricFamily("coord_eventstore_position", "The last global position given", value=store.position)
     counted = CounterMetricFamily("coord_eventstore", "Event store events by what happened to them",
                                   labels=["kind"])
     for kind, value in sorted(store.counters.items()):
         counted.add_metric([kind], value)
     yield counted
-    yield GaugeMetricFamily("coord_projections", "Projections defined", value=len(machine.projections.items))
+    yield GaugeMetricFamily("coord_projections", "Projections defined", value=store.projections)
 
 
 def _sagas(node: CoordinatorNode) -> Iterator[Any]:
     states = GaugeMetricFamily("coord_sagas", "Sagas by state (final ones as long as they are retained)",
                                labels=["state"])
-    for state, count in node.applier.machine.sagas.counts().items():
+    for state, count in node.local_view.saga_counts().items():
         states.add_metric([state], count)
     yield states
     status = node.sagas.status()

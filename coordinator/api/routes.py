@@ -14,10 +14,11 @@ from coordinator.api.auth import AUTH, check_proof, forward_signer, principal_of
 from coordinator.api.keys import NODE
 from coordinator.api.visibility import visibility
 from coordinator.crypto import SCHEME_AGENT
-from coordinator.errors import Compacted, CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
+from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
 from coordinator.services import watch
-from coordinator.services.node import ELECTION_PREFIX, FORWARD_HEADER, CoordinatorNode, ttl_ms_from
+from coordinator.services.node import FORWARD_HEADER, CoordinatorNode, ttl_ms_from
 from coordinator.services.proposals import state_error
+from coordinator.services.view import ELECTION_PREFIX
 from coordinator.state.base import Rejected
 from coordinator.state.endpoints import endpoint_refusal
 
@@ -118,11 +119,10 @@ async def kv_list(request: web.Request) -> web.Response:
     prefix = s.prefix(request)
     limit = s.query_int(request, "limit", 1000, 1, LIST_LIMIT_MAX)
     start_after = request.query.get("start_after") or None
-    await node.read_barrier(s.consistency(request))
-    kv = node.applier.machine.kv
-    items = kv.range(prefix, limit + 1, start_after)
+    view = await node.view(s.consistency(request))
+    items, revision = view.kv_range(prefix, limit + 1, start_after)
     return ok({"items": [_kv_item(k, e) for k, e in items[:limit]], "more": len(items) > limit,
-               "revision": kv.revision})
+               "revision": revision})
 
 
 # Path patterns use (?s:.+): "." alone stops at a newline, and a key or name with
@@ -131,8 +131,7 @@ async def kv_list(request: web.Request) -> web.Response:
 async def kv_get(request: web.Request) -> web.Response:
     node = node_of(request)
     key = s.key(request)
-    await node.read_barrier(s.consistency(request))
-    entry = node.applier.machine.kv.get(key)
+    entry = (await node.view(s.consistency(request))).kv_get(key)
     if entry is None:
         raise NotFound(f"key {key!r} does not exist")
     return ok(_kv_item(key, entry))
@@ -208,7 +207,7 @@ def _may_join(request: web.Request, agent_id: str, body: dict[str, Any]) -> None
     When the admin set a proof-of-work difficulty, everyone but the admin
     brings a solved challenge."""
     principal = principal_of(request)
-    difficulty = node_of(request).applier.machine.access.pow_difficulty
+    difficulty = node_of(request).local_view.pow_difficulty
     if difficulty and (principal is None or principal.kind != "admin"):
         check_proof(request.app[AUTH], body.get("proof"), agent_id, str(body.get("public_key") or ""), difficulty)
     if request.app[AUTH].settings.allow_anonymous:
@@ -228,7 +227,7 @@ def _may_serve(request: web.Request, agent_type: str) -> None:
     principal = principal_of(request)
     if request.app[AUTH].settings.allow_anonymous or principal is None or principal.kind != "agent":
         return
-    if not node_of(request).applier.machine.access.can(principal.agent_id or "", "serve", agent_type):
+    if not node_of(request).local_view.can(principal.agent_id or "", "serve", agent_type):
         request.app[AUTH].denied["serve"] += 1
         raise Forbidden(f"{principal} lacks the permission serve on {agent_type!r} (the admin grants it)",
                         permission="serve", resource=agent_type)
@@ -241,7 +240,7 @@ def _endpoint(request: web.Request, value: Any) -> str:
     endpoint = s.name(value, "endpoint", 2048)
     if request.app[AUTH].settings.allow_anonymous:
         return endpoint
-    refusal = checked(lambda: endpoint_refusal(endpoint, node_of(request).applier.machine.access.endpoint_allow))
+    refusal = checked(lambda: endpoint_refusal(endpoint, node_of(request).local_view.endpoint_allow))
     if refusal is not None:
         request.app[AUTH].denied["endpoint"] += 1
         raise Forbidden(f"endpoint: {refusal} (the admin allows networks and names with PUT /v1/security "
@@ -260,8 +259,8 @@ async def agents_list(request: web.Request) -> web.Response:
     leases = request.query.get("leases", "local")
     if leases not in ("local", "leader"):
         raise InvalidInput("leases: must be local or leader", field="leases")
-    await node.read_barrier(s.consistency(request))
-    agents = [_agent(node, a) for a in node.applier.machine.registry.by_type(agent_type)]
+    view = await node.view(s.consistency(request))
+    agents = [_agent(node, a) for a in view.agents(agent_type)]
     body: dict[str, Any] = {"agents": agents}
     if leases == "leader":
         body["leases_from"] = await _leases_from_leader(request, agents)
@@ -292,8 +291,7 @@ async def _leases_from_leader(request: web.Request, agents: list[dict[str, Any]]
 async def agents_get(request: web.Request) -> web.Response:
     node = node_of(request)
     agent_id = s.name(request.match_info["id"], "id")
-    await node.read_barrier(s.consistency(request))
-    agent = node.applier.machine.registry.agents.get(agent_id)
+    agent = (await node.view(s.consistency(request))).agent(agent_id)
     if agent is None:
         raise NotFound(f"agent {agent_id!r} is not registered")
     return ok(_agent(node, agent))
@@ -388,8 +386,7 @@ async def locks_release(request: web.Request) -> web.Response:
 async def locks_get(request: web.Request) -> web.Response:
     node = node_of(request)
     name = _lock_name(request)
-    await node.read_barrier(s.consistency(request))
-    lock = node.applier.machine.locks.locks.get(name)
+    lock = (await node.view(s.consistency(request))).lock(name)
     if lock is None:
         raise NotFound(f"lock {name!r} is not held")
     out = lock.describe()
@@ -420,8 +417,7 @@ async def elections_resign(request: web.Request) -> web.Response:
 async def elections_leader(request: web.Request) -> web.Response:
     node = node_of(request)
     name = s.name(request.match_info["name"], "name", 200)
-    await node.read_barrier(s.consistency(request))
-    lock = node.applier.machine.locks.locks.get(ELECTION_PREFIX + name)
+    lock = (await node.view(s.consistency(request))).election_leader(name)
     if lock is None:
         raise NotFound(f"election {name!r} has no leader")
     return ok({"leader": lock.holder, "fencing_token": lock.token, "since_ms": lock.acquired_ms})
@@ -451,15 +447,11 @@ async def events_list(request: web.Request) -> web.Response:
     from_seq = s.query_int(request, "from_seq", 1, 1, 2**63 - 1)
     limit = s.query_int(request, "limit", 1000, 1, LIST_LIMIT_MAX)
     types = _types(request)
-    await node.read_barrier(s.consistency(request))
-    events = node.applier.machine.events
-    if from_seq < events.first_seq and from_seq <= events.last_seq:
-        raise Compacted(f"event {from_seq} is compacted; the oldest retained is {events.first_seq}",
-                        first_seq=events.first_seq)
+    view = await node.view(s.consistency(request))
     sees = visibility(request)
-    selected = [e for e in events.since(from_seq, limit)
+    selected = [e for e in view.events_since(from_seq, limit)
                 if watch.event_matches(e.type, types) and sees.event(e.type, e.data)]
-    return ok({"events": [_event(e) for e in selected], "last_seq": events.last_seq})
+    return ok({"events": [_event(e) for e in selected], "last_seq": view.last_event_seq})
 
 
 @routes.get("/v1/watch/events")
@@ -469,7 +461,7 @@ async def events_watch(request: web.Request) -> web.StreamResponse:
     types = _types(request)
     sees = visibility(request)
     shown = None if sees.everything else (lambda e: sees.event(e.type, e.data))
-    stream = watch.watch_events(node.applier, from_seq, types, shown)
+    stream = node.local_view.watch_events(from_seq, types, shown)
     return await sse(request, stream, lambda e: (e.seq, e.type, _event(e)))
 
 
@@ -478,7 +470,7 @@ async def kv_watch(request: web.Request) -> web.StreamResponse:
     node = node_of(request)
     prefix = s.prefix(request)
     from_revision = sse_resume(request, "from_revision")
-    stream = watch.watch_kv(node.applier, prefix, from_revision)
+    stream = node.local_view.watch_kv(prefix, from_revision)
     return await sse(request, stream, lambda c: (c.revision, c.kind, _change(c)))
 
 

@@ -42,8 +42,7 @@ async def start_saga(request: web.Request) -> web.Response:
 async def get_saga(request: web.Request) -> web.Response:
     saga_id = _saga_id(request)
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    saga = node.applier.machine.sagas.sagas.get(saga_id)
+    saga = (await node.view(s.consistency(request))).saga(saga_id)
     if saga is None:
         raise NotFound(f"saga {saga_id!r} does not exist (or was finished long ago and dropped)")
     sees = visibility(request)
@@ -66,13 +65,13 @@ async def list_sagas(request: web.Request) -> web.Response:
     if order == "newest" and (state is not None or after):
         raise InvalidInput("order: newest lists the latest sagas of every state, without a cursor", field="order")
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    sagas = node.applier.machine.sagas
+    view = await node.view(s.consistency(request))
     sees = visibility(request)
     shown = None if sees.everything else (lambda saga: sees.saga(saga.definition["name"]))
-    page = sagas.newest(limit, shown) if order == "newest" else sagas.list(state, limit, after, shown)
+    page = (view.sagas_newest_first(limit, shown) if order == "newest"
+            else view.sagas_oldest_first(state, limit, after, shown))
     body: dict[str, Any] = {"sagas": [saga.describe(history=False) for saga in page],
-                            "counts": sagas.counts(shown)}
+                            "counts": view.saga_counts(shown)}
     body["next"] = page[-1].created_index if len(page) == limit and order == "oldest" else None
     return ok(body)
 

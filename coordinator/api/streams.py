@@ -32,21 +32,21 @@ async def put_processor(request: web.Request) -> web.Response:
 @stream_routes.get("/v1/processors")
 async def list_processors(request: web.Request) -> web.Response:
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    readable = visibility(request).readable(node.applier.machine.streams.items)
-    return ok({"processors": [p.describe() for p in readable], "applied_index": node.applier.machine.applied_index})
+    view = await node.view(s.consistency(request))
+    readable = visibility(request).readable(view.processors())
+    return ok({"processors": [p.describe() for p in readable], "applied_index": view.applied_index})
 
 
 @stream_routes.get("/v1/processors/{name}")
 async def get_processor(request: web.Request) -> web.Response:
     name = _name(request)
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    processor = node.applier.machine.streams.items.get(name)
+    view = await node.view(s.consistency(request))
+    processor = view.processor(name)
     if processor is None:
         raise NotFound(f"stream processor {name!r} does not exist")
     visibility(request).check_source(request, f"stream processor {name!r}", processor.definition["source"])
-    return ok({**processor.describe(), "applied_index": node.applier.machine.applied_index})
+    return ok({**processor.describe(), "applied_index": view.applied_index})
 
 
 @stream_routes.delete("/v1/processors/{name}")

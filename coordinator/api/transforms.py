@@ -16,7 +16,7 @@ from coordinator.services.proposals import state_error
 from coordinator.state.base import Rejected
 from coordinator.state.messages import normalize
 from coordinator.state.topics import check_pattern, check_topic
-from coordinator.state.transforms import Failed, RuleError, Transforms, check_name, parse, run
+from coordinator.state.transforms import Failed, RuleError, check_name, parse, run
 
 transform_routes = web.RouteTableDef()
 
@@ -46,18 +46,16 @@ async def put_transform(request: web.Request) -> web.Response:
 @transform_routes.get("/v1/transforms")
 async def list_transforms(request: web.Request) -> web.Response:
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    transforms: Transforms = node.applier.machine.transforms
+    view = await node.view(s.consistency(request))
     sees = visibility(request)
-    return ok({"transforms": [t.describe() for t in transforms.items.values() if sees.topic(t.topic)]})
+    return ok({"transforms": [t.describe() for t in view.transforms() if sees.topic(t.topic)]})
 
 
 @transform_routes.get("/v1/transforms/{name}")
 async def get_transform(request: web.Request) -> web.Response:
     name = _checked(lambda: check_name(request.match_info["name"]))
     node = node_of(request)
-    await node.read_barrier(s.consistency(request))
-    transform = node.applier.machine.transforms.items.get(name)
+    transform = (await node.view(s.consistency(request))).transform(name)
     if transform is None:
         raise NotFound(f"transform {name!r} does not exist")
     sees = visibility(request)

@@ -26,6 +26,7 @@ of items the caller cannot see.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -34,16 +35,18 @@ from aiohttp import web
 from coordinator.api.auth import AUTH, principal_of
 from coordinator.api.keys import NODE
 from coordinator.errors import Forbidden
-from coordinator.state.access import Access
+from coordinator.services.view import StateView
 
 TOPIC_ACTIONS = ("send", "receive", "subscribe")
 
 
 @dataclass(frozen=True, slots=True)
 class Visibility:
-    """One caller's view. ``agent`` is None for a caller who sees everything."""
+    """One caller's view of ``state`` (the local replica, read without a
+    barrier: a listing's own barrier has already run). ``agent`` is None for
+    a caller who sees everything."""
 
-    access: Access
+    state: StateView
     agent: str | None
 
     @property
@@ -51,13 +54,13 @@ class Visibility:
         return self.agent is None
 
     def topic(self, topic: str) -> bool:
-        return self.agent is None or any(self.access.can(self.agent, a, topic) for a in TOPIC_ACTIONS)
+        return self.agent is None or any(self.state.can(self.agent, a, topic) for a in TOPIC_ACTIONS)
 
     def consumer(self, owner: str | None, pattern: str | None) -> bool:
         """A subscription (``owner`` the agent that made it) or group over ``pattern``."""
         if self.agent is None or owner == self.agent:
             return True
-        return pattern is not None and self.access.can(self.agent, "receive", pattern)
+        return pattern is not None and self.state.can(self.agent, "receive", pattern)
 
     def refuse(self, request: web.Request, permission: str, resource: str, why: str) -> NoReturn:
         """A 403 for one item the caller asked for by name and may not see,
@@ -67,10 +70,10 @@ class Visibility:
 
     def roles(self) -> dict[str, Any]:
         """``GET /v1/roles``: every role and grant, or for an agent its own."""
-        described = self.access.describe()
+        described = self.state.roles_and_grants()
         if self.agent is None:
             return described
-        held = set(self.access.grants.get(self.agent, ()))
+        held = set(self.state.roles_held(self.agent))
         return {"roles": [r for r in described["roles"] if r["name"] in held],
                 "grants": [g for g in described["grants"] if g["agent"] == self.agent]}
 
@@ -79,8 +82,8 @@ class Visibility:
         if self.agent is None:
             return True
         if "category" in source:
-            return self.access.can(self.agent, "stream", f"{source['category']}-", listing=True)
-        return self.access.can(self.agent, "receive", source["topic"])
+            return self.state.can(self.agent, "stream", f"{source['category']}-", listing=True)
+        return self.state.can(self.agent, "receive", source["topic"])
 
     def check_source(self, request: web.Request, what: str, source: dict[str, Any]) -> None:
         """A 403 unless it may read ``source``, the source ``what`` folds."""
@@ -92,12 +95,12 @@ class Visibility:
         self.refuse(request, "receive", source["topic"], f"{what} folds topic {source['topic']!r}, "
                     "where it may not receive")
 
-    def readable(self, items: dict[str, Any]) -> list[Any]:
+    def readable(self, items: Mapping[str, Any]) -> list[Any]:
         """Of named projections or processors, those whose source it may read, in name order."""
         return [items[name] for name in sorted(items) if self.source(items[name].definition["source"])]
 
     def saga(self, name: str) -> bool:
-        return self.agent is None or self.access.can(self.agent, "saga", name)
+        return self.agent is None or self.state.can(self.agent, "saga", name)
 
     def event(self, event_type: str, data: Any) -> bool:
         if self.agent is None:
@@ -106,14 +109,14 @@ class Visibility:
         if event_type.startswith("saga."):
             return isinstance(name, str) and self.saga(name)
         if event_type.startswith("lock."):
-            return isinstance(name, str) and self.access.can(self.agent, "lock", name)
+            return isinstance(name, str) and self.state.can(self.agent, "lock", name)
         return True
 
 
 def visibility(request: web.Request) -> Visibility:
     """The view of this request's caller (after the auth middleware ran)."""
-    access = request.app[NODE].applier.machine.access
+    state = request.app[NODE].local_view
     principal = principal_of(request)
     if principal is None or principal.kind != "agent" or request.app[AUTH].settings.allow_anonymous:
-        return Visibility(access, None)
-    return Visibility(access, principal.agent_id)
+        return Visibility(state, None)
+    return Visibility(state, principal.agent_id)

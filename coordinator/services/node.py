@@ -1,5 +1,7 @@
 """One node's services behind one facade: what the HTTP layer and the
-composition root talk to. Handlers call one method here and render the result.
+composition root talk to. Handlers call one method here and render the
+result; they read state through the ``StateView`` that ``view()`` returns
+(``coordinator.services.view``).
 
 Loop thread only.
 """
@@ -33,12 +35,12 @@ from coordinator.services.proposals import Proposer, cluster_request, raise_for
 from coordinator.services.reads import Reads
 from coordinator.services.sagas import SagaOrchestrator
 from coordinator.services.transports import TransportDriver
+from coordinator.services.view import StateView
 from coordinator.state.machine import MAX_TTL_MS, MIN_TTL_MS
 from coordinator.types import RequestKey
 
 log = logging.getLogger(__name__)
 
-ELECTION_PREFIX = "election/"
 FORWARD_HEADER = "X-Coord-Forwarded"
 Signer = Callable[[str, str, str, bytes], dict[str, str]]  # (method, host, path with query, body) -> headers
 
@@ -81,6 +83,7 @@ class CoordinatorNode:
         self.identity = identity
         self.engine = engine
         self.applier = applier
+        self._view = StateView(applier)
         self.clock = clock
         self.rng = rng
         self.proposer = Proposer(engine, applier, clock, rng, inflight_max=inflight_max,
@@ -286,6 +289,20 @@ class CoordinatorNode:
 
     async def write(self, op: str, args: dict[str, Any], request: RequestKey | None = None) -> Any:
         return raise_for(await self.proposer.propose(op, args, request))
+
+    async def view(self, consistency: str) -> StateView:
+        """The local replica to read, after ``read_barrier(consistency)``: a
+        linearizable view reflects every write acknowledged before this call.
+        Raises like ``read_barrier``."""
+        await self.read_barrier(consistency)
+        return self._view
+
+    @property
+    def local_view(self) -> StateView:
+        """The local replica as it is, without a barrier and whether or not it
+        halted: for deciding who a caller is and what it may see, and for
+        metrics, which must not wait on the log. Not for answering reads."""
+        return self._view
 
     async def read_barrier(self, consistency: str) -> None:
         """Before a read of local state. ``ReplicaHalted`` (503) for any read
