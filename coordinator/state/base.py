@@ -8,6 +8,7 @@ rejected command leaves the state exactly as it was.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,7 @@ class ApplyContext:
 
 MAX_NAME_LEN = 256
 MAX_KEY_LEN = 1024
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # what check_str refuses
 
 
 def check_str(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
@@ -97,7 +99,9 @@ def check_str(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
         raise invalid(field, "must be a string")
     if not value or len(value) > max_len:
         raise invalid(field, f"must have 1 to {max_len} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    # isprintable() is False for every control character (and for some other
+    # characters, e.g. U+00A0): the exact check runs only for those strings.
+    if not value.isprintable() and _CONTROL.search(value) is not None:
         raise invalid(field, "must not contain control characters")
     return value
 
