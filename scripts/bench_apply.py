@@ -23,6 +23,7 @@ history and the dedupe table at their steady size):
 - ``bridge``: the entries cross ``cluster.raft_pysyncobj._Bridge`` from a
   thread (pysyncobj's tick thread) to the loop, which applies them; CPU of
   the whole process per entry;
+- ``decode``: ``codec.decode_command`` of each entry alone;
 - ``snapshot``: ``Applier.snapshot()`` after the run, µs per live key.
 
 ``cpu`` is the CPU time of the process over the timed part (the machine is
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
-MODES = ("follower", "leader", "bridge", "snapshot")
+MODES = ("follower", "leader", "bridge", "decode", "snapshot")
 CLIENTS = 64
 KEYS_PER_CLIENT = 100
 VALUE = "v" * 64
@@ -142,6 +143,9 @@ def one_round(commands: int, warmup_count: int) -> dict[str, dict[str, float]]:
         cpu1, wall1 = time.process_time(), time.perf_counter()
         out[mode] = {"cpu": (cpu1 - cpu0) / per * 1e6, "wall": (wall1 - wall0) / per * 1e6}
 
+    from coordinator.codec import decode_command
+
+    measure("decode", lambda: [decode_command(blob) for _, blob in timed], commands)
     applier = fresh_applier(warmup)
     measure("follower", lambda: run_follower(applier, timed), commands)
     keys = len(applier.machine.kv)
