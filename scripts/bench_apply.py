@@ -24,6 +24,7 @@ history and the dedupe table at their steady size):
   thread (pysyncobj's tick thread) to the loop, which applies them; CPU of
   the whole process per entry;
 - ``decode``: ``codec.decode_command`` of each entry alone;
+- ``machine``: ``StateMachine.apply`` of each entry decoded beforehand;
 - ``digest``: ``StateDigest.advance`` with ``summary_bytes`` of six counters
   alone, for each entry;
 - ``snapshot``: ``Applier.snapshot()`` after the run, µs per live key.
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
-MODES = ("follower", "leader", "bridge", "decode", "digest", "snapshot")
+MODES = ("follower", "leader", "bridge", "decode", "machine", "digest", "snapshot")
 CLIENTS = 64
 KEYS_PER_CLIENT = 100
 VALUE = "v" * 64
@@ -158,6 +159,9 @@ def one_round(commands: int, warmup_count: int) -> dict[str, dict[str, float]]:
 
     measure("decode", lambda: [decode_command(blob) for _, blob in timed], commands)
     measure("digest", lambda: run_digest(timed), commands)
+    decoded = [(index, decode_command(blob)) for index, blob in timed]
+    machine = fresh_applier(warmup).machine
+    measure("machine", lambda: [machine.apply(index, command) for index, command in decoded], commands)
     applier = fresh_applier(warmup)
     measure("follower", lambda: run_follower(applier, timed), commands)
     keys = len(applier.machine.kv)
