@@ -46,6 +46,8 @@ def approx_size(value: Any) -> int:
     """A deterministic size of a JSON value in bytes (close to its JSON
     text): strings by their length, numbers 8, containers their parts.
     Iterative, so deep nesting cannot overflow the stack."""
+    if type(value) is str:  # most values and keys
+        return len(value) + 2
     size = 0
     stack = [value]
     while stack:

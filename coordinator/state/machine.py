@@ -142,7 +142,10 @@ class StateMachine:
         if index <= self.applied_index:
             raise InvariantError(f"apply index {index} after {self.applied_index}")
         self.applied_index = index
-        self.now_ms = committed_now(self.now_ms, command.now_ms)
+        proposed_ms = command.now_ms
+        if not self.now_ms <= proposed_ms <= self.now_ms + CLOCK_STEP_MAX_MS:  # else committed_now gives it
+            proposed_ms = committed_now(self.now_ms, proposed_ms)
+        self.now_ms = proposed_ms
         request_id = command.request_id
         if request_id is not None and request_id in self._dedupe:
             value, error, digest = self._dedupe[request_id]
@@ -150,7 +153,7 @@ class StateMachine:
                 return Result(index=index, error=("conflict", "request_id: already used for a different request "
                                                               "(a retry must repeat the same request)"))
             return Result(index=index, value=value, error=error)
-        ctx = ApplyContext(index=index, now_ms=self.now_ms, principal=command.principal)
+        ctx = ApplyContext(index, self.now_ms, command.principal)
         value: Any = None
         error: tuple[str, str] | None = None
         handler = _HANDLERS.get(command.op)
@@ -175,7 +178,8 @@ class StateMachine:
                 raise InvariantError(f"{command.op} changed state and then rejected") from rejected
         if request_id is not None:
             self._remember(request_id, (value, error, command.request_digest))
-        return Result(index=index, value=value, error=error, events=tuple(ctx.events), changes=tuple(ctx.changes))
+        # Positional: keyword arguments cost a frozen dataclass a third more.
+        return Result(index, value, error, tuple(ctx.events), tuple(ctx.changes))
 
     def _remember(self, request_id: str, answer: tuple[Any, tuple[str, str] | None, str | None]) -> None:
         """Keep a request's first answer for its retries, within
