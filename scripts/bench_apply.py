@@ -27,6 +27,8 @@ history and the dedupe table at their steady size):
 - ``machine``: ``StateMachine.apply`` of each entry decoded beforehand;
 - ``digest``: ``StateDigest.advance`` with ``summary_bytes`` of six counters
   alone, for each entry;
+- ``handoff``: the same crossing with an FSM that does nothing (the
+  bridge's own cost);
 - ``snapshot``: ``Applier.snapshot()`` after the run, µs per live key.
 
 ``cpu`` is the CPU time of the process over the timed part (the machine is
@@ -53,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
-MODES = ("follower", "leader", "bridge", "decode", "machine", "digest", "snapshot")
+MODES = ("follower", "leader", "bridge", "handoff", "decode", "machine", "digest", "snapshot")
 CLIENTS = 64
 KEYS_PER_CLIENT = 100
 VALUE = "v" * 64
@@ -121,6 +123,11 @@ async def run_leader(applier: Any, entries: list[tuple[int, bytes]], ids: list[s
             raise RuntimeError("the proposal's waiter was not settled")
 
 
+class _NoFsm:
+    def apply(self, index: int, blob: bytes) -> bytes:
+        return b""
+
+
 async def run_bridge(applier: Any, entries: list[tuple[int, bytes]]) -> None:
     from cluster.raft_pysyncobj import _Bridge
 
@@ -155,6 +162,7 @@ def one_round(commands: int, warmup_count: int) -> dict[str, dict[str, float]]:
         cpu1, wall1 = time.process_time(), time.perf_counter()
         out[mode] = {"cpu": (cpu1 - cpu0) / per * 1e6, "wall": (wall1 - wall0) / per * 1e6}
 
+    import cluster.raft_pysyncobj  # noqa: F401 - imported before anything is timed
     from coordinator.codec import decode_command
 
     measure("decode", lambda: [decode_command(blob) for _, blob in timed], commands)
@@ -176,6 +184,7 @@ def one_round(commands: int, warmup_count: int) -> dict[str, dict[str, float]]:
         applier = fresh_applier(warmup)
         measure("bridge", lambda: loop.run_until_complete(run_bridge(applier, timed)), commands)
         bridge_digest = applier.digest.value.hex()
+        measure("handoff", lambda: loop.run_until_complete(run_bridge(_NoFsm(), timed)), commands)
     finally:
         loop.close()
     if not digest == leader_digest == bridge_digest:
