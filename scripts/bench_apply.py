@@ -25,6 +25,7 @@ history and the dedupe table at their steady size):
   the whole process per entry;
 - ``decode``: ``codec.decode_command`` of each entry alone;
 - ``machine``: ``StateMachine.apply`` of each entry decoded beforehand;
+- ``result``: ``codec.encode_result`` of a kv.put's result, per entry;
 - ``digest``: ``StateDigest.advance`` with ``summary_bytes`` of six counters
   alone, for each entry;
 - ``handoff``: the same crossing with an FSM that does nothing (the
@@ -55,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
-MODES = ("follower", "leader", "bridge", "handoff", "decode", "machine", "digest", "snapshot")
+MODES = ("follower", "leader", "bridge", "handoff", "decode", "machine", "result", "digest", "snapshot")
 CLIENTS = 64
 KEYS_PER_CLIENT = 100
 VALUE = "v" * 64
@@ -163,10 +164,12 @@ def one_round(commands: int, warmup_count: int) -> dict[str, dict[str, float]]:
         out[mode] = {"cpu": (cpu1 - cpu0) / per * 1e6, "wall": (wall1 - wall0) / per * 1e6}
 
     import cluster.raft_pysyncobj  # noqa: F401 - imported before anything is timed
-    from coordinator.codec import decode_command
+    from coordinator.codec import decode_command, encode_result
+    from coordinator.types import Result
 
     measure("decode", lambda: [decode_command(blob) for _, blob in timed], commands)
     measure("digest", lambda: run_digest(timed), commands)
+    measure("result", lambda: [encode_result(Result(index, {"revision": index})) for index, _ in timed], commands)
     decoded = [(index, decode_command(blob)) for index, blob in timed]
     machine = fresh_applier(warmup).machine
     measure("machine", lambda: [machine.apply(index, command) for index, command in decoded], commands)
