@@ -433,3 +433,36 @@ def test_a_command_carries_its_principal_and_request_digest() -> None:
                     Command("kv.put", {"key": "k"}, 5, None, "p-1", principal="admin"),
                     Command("kv.put", {"key": "k"}, 5, "admin/r", "p-1", request_digest="d")):
         assert decode_command(encode_command(command)) == command
+
+
+@FUZZ
+@given(plain)
+def test_the_per_thread_packer_writes_the_same_bytes_as_packb(value: object) -> None:
+    """Commands and results go through a Packer kept per thread: the bytes
+    every replica hashes must not depend on it, nor on an earlier failure."""
+    from coordinator.codec import _pack, _pack_entry
+
+    with pytest.raises(TypeError):
+        _pack_entry([value, object()])
+    assert _pack_entry(value) == _pack(value)
+    assert _pack_entry([value, 2]) == _pack([value, 2])
+
+
+def test_each_thread_has_its_own_packer() -> None:
+    import threading
+
+    from coordinator.codec import _pack, _pack_entry
+
+    rows = [[n, "k" * n, {"v": [n] * 50}] for n in range(200)]
+    out: dict[int, list[bytes]] = {}
+
+    def pack_all(slot: int) -> None:
+        out[slot] = [_pack_entry(row) for _ in range(20) for row in rows]
+
+    threads = [threading.Thread(target=pack_all, args=(slot,)) for slot in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    expected = [_pack(row) for _ in range(20) for row in rows]
+    assert all(packed == expected for packed in out.values())
