@@ -39,6 +39,13 @@ fresh interpreter with that tree's ``coordinator`` first on ``sys.path``,
 alternating trees, and the medians are printed side by side: a before/after
 of one change measured in one run (export the base with ``git archive``).
 The loops are bounded by ``--commands`` and ``--rounds``.
+
+``--instructions`` (with ``--trees``) counts instead of timing: valgrind's
+callgrind runs the follower mode of each tree twice, on ``--warmup``
+entries and then ``--commands`` more (the same blobs made in both runs),
+and the difference divided by ``--commands`` is the instructions one entry
+costs: deterministic (PYTHONHASHSEED=0), so small changes show through the
+noise of a shared machine. About 50 times slower: use a few thousand.
 """
 
 from __future__ import annotations
@@ -196,6 +203,31 @@ def one_round(commands: int, warmup_count: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def apply_only(warmup_count: int, commands: int, extra: bool) -> None:
+    """The follower mode untimed (for ``--instructions``): the same blobs
+    made either way, the last ``commands`` applied only when ``extra``."""
+    entries = blobs(0, warmup_count + commands)
+    applier = fresh_applier(entries[:warmup_count])
+    if extra:
+        run_follower(applier, list(enumerate(entries[warmup_count:], warmup_count + 1)))
+
+
+def count_instructions(tree: Path, commands: int, warmup_count: int) -> float:
+    """Instructions per applied entry in ``tree`` (valgrind callgrind)."""
+    counts = []
+    for extra in (False, True):
+        env = {**os.environ, "PYTHONPATH": str(tree.resolve()), "PYTHONHASHSEED": "0"}
+        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(HERE),
+                   "--apply-only", "--commands", str(commands), "--warmup", str(warmup_count)]
+        done = subprocess.run(command + (["--extra"] if extra else []), env=env, check=True, capture_output=True,
+                              text=True, timeout=3600, cwd=tree)
+        refs = [line for line in done.stderr.splitlines() if "Collected :" in line]
+        if not refs:
+            raise RuntimeError(f"no instruction count from valgrind: {done.stderr[-500:]}")
+        counts.append(int(refs[-1].split(":")[-1].strip()))
+    return (counts[1] - counts[0]) / commands
+
+
 def report(label: str, rounds: list[dict[str, Any]]) -> None:
     for mode in MODES:
         cpu = [r[mode]["cpu"] for r in rounds]
@@ -211,12 +243,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=12_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--trees", nargs="+", type=Path, help="source trees to compare, interleaved")
+    parser.add_argument("--instructions", action="store_true", help="count instructions (valgrind) per entry")
     parser.add_argument("--one-round", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--apply-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--extra", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 1 <= args.commands <= 1_000_000 or not 0 <= args.warmup <= 1_000_000 or not 1 <= args.rounds <= 50:
         parser.error("--commands 1..1000000, --warmup 0..1000000, --rounds 1..50")
     if args.one_round:
         print(json.dumps(one_round(args.commands, args.warmup)))
+        return 0
+    if args.apply_only:
+        apply_only(args.warmup, args.commands, args.extra)
+        return 0
+    if args.instructions:
+        if not args.trees:
+            parser.error("--instructions compares --trees")
+        for tree in args.trees:
+            per_entry = count_instructions(tree, args.commands, args.warmup)
+            print(f"{tree!s:24s} follower {per_entry:10.0f} instructions/entry", flush=True)
         return 0
     if not args.trees:
         sys.path.insert(0, str(HERE.parent.parent))
