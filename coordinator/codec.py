@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from coordinator.errors import InvalidInput, TooLarge
-from coordinator.types import COMMAND_VERSION, Command, Result
+from coordinator.types import COMMAND_VERSION, Command, Result, build_command
 
 KIND_COMMAND = b"C"
 KIND_SNAPSHOT = b"S"
@@ -156,8 +156,7 @@ def decode_command(blob: bytes) -> Command:
         raise InvalidInput("request_id must be a string", field="request_id")
     if proposal_id is not None and type(proposal_id) is not str:
         raise InvalidInput("proposal_id must be a string", field="proposal_id")
-    # Positional: keyword arguments cost a frozen dataclass a third more.
-    return Command(op, args, now_ms, request_id, proposal_id, version, request_digest, principal)
+    return build_command(op, args, now_ms, request_id, proposal_id, version, request_digest, principal)
 
 
 def _check_args(args: Any) -> None:

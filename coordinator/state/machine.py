@@ -44,7 +44,7 @@ from coordinator.state.sagas import SagaLimits, Sagas
 from coordinator.state.streams import Emission, StreamLimits, Streams
 from coordinator.state.topics import matches
 from coordinator.state.transforms import Outcome, Transforms
-from coordinator.types import COMMAND_VERSION, Command, Event, Result
+from coordinator.types import COMMAND_VERSION, Command, Event, Result, build_result
 
 SNAPSHOT_VERSION = 1
 MIN_TTL_MS = 1_000
@@ -178,8 +178,7 @@ class StateMachine:
                 raise InvariantError(f"{command.op} changed state and then rejected") from rejected
         if request_id is not None:
             self._remember(request_id, (value, error, command.request_digest))
-        # Positional: keyword arguments cost a frozen dataclass a third more.
-        return Result(index, value, error, tuple(ctx.events), tuple(ctx.changes))
+        return build_result(index, value, error, tuple(ctx.events), tuple(ctx.changes))
 
     def _remember(self, request_id: str, answer: tuple[Any, tuple[str, str] | None, str | None]) -> None:
         """Keep a request's first answer for its retries, within
