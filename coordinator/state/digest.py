@@ -96,7 +96,13 @@ class StateDigest:
         return cls(data[1], data[2])
 
 
+_SUMMARY_FORMATS: dict[int, struct.Struct] = {}  # by number of counters: compiled once, not per entry
+
+
 def summary_bytes(*counters: int) -> bytes:
     """Fixed-width bytes of a few state counters: each as 8 bytes, big-endian,
     signed (one that does not fit in 64 bits raises ``struct.error``)."""
-    return struct.pack(f">{len(counters)}q", *counters)
+    form = _SUMMARY_FORMATS.get(len(counters))
+    if form is None:
+        form = _SUMMARY_FORMATS[len(counters)] = struct.Struct(f">{len(counters)}q")
+    return form.pack(*counters)
