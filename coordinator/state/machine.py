@@ -347,9 +347,9 @@ class StateMachine:
 
     def check_fence(self, args: dict[str, Any]) -> None:
         """Refuse a write whose fence is not the current grant of its lock."""
-        fence = require_dict(args, "fence", optional=True)
-        if fence is None:
+        if args.get("fence") is None:  # most writes: no fence
             return
+        fence = require_dict(args, "fence")
         name = require_str(fence, "lock")
         token = require_int(fence, "token", 0, MAX_TOKEN)
         lock = self.locks.locks.get(name)
