@@ -874,13 +874,27 @@ class _Bridge:
             pass
 
     def _drain(self, budget: int = 2000) -> None:
-        for _ in range(budget):
-            with self._lock:
-                if not self._items:
-                    self._scheduled = False
-                    return
-                item = self._items.popleft()
-            self._dispatch(item)
+        """Dispatch what was posted, at most ``budget`` items per call: each
+        lock round takes every item waiting (up to what is left of the
+        budget), so a tick's entries cost one lock, not one each."""
+        batch: deque[tuple[Any, ...]] = deque()
+        try:
+            while budget > 0:
+                with self._lock:
+                    if not self._items:
+                        self._scheduled = False
+                        return
+                    if len(self._items) <= budget:
+                        batch, self._items = self._items, deque()
+                    else:
+                        batch = deque(self._items.popleft() for _ in range(budget))
+                budget -= len(batch)
+                while batch:
+                    self._dispatch(batch.popleft())
+        finally:
+            if batch:  # only if a dispatch raised past its own handler: keep the order
+                with self._lock:
+                    self._items.extendleft(reversed(batch))
         self._loop.call_soon(self._drain)  # yield to other tasks, then go on
 
     def _dispatch(self, item: tuple[Any, ...]) -> None:

@@ -86,7 +86,8 @@ class Applier:
         """Apply the entry at ``index``; its result bytes. Raises
         ``ReplicaHalted`` (only) once this replica halted, at this entry or
         before: see the module docstring."""
-        self._refuse_if_halted()
+        if self.failure is not None:
+            self._refuse_if_halted()
         try:
             command = decode_command(blob)
         except CoordinatorError as exc:
@@ -228,6 +229,8 @@ class Applier:
 
     def _changed(self) -> None:
         self.version += 1
+        if not self._change_waiters:
+            return
         waiters, self._change_waiters = self._change_waiters, []
         for future in waiters:
             if not future.done():

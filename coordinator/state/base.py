@@ -8,6 +8,7 @@ rejected command leaves the state exactly as it was.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ def approx_size(value: Any) -> int:
     """A deterministic size of a JSON value in bytes (close to its JSON
     text): strings by their length, numbers 8, containers their parts.
     Iterative, so deep nesting cannot overflow the stack."""
+    if type(value) is str:  # most values and keys
+        return len(value) + 2
     size = 0
     stack = [value]
     while stack:
@@ -90,6 +93,7 @@ class ApplyContext:
 
 MAX_NAME_LEN = 256
 MAX_KEY_LEN = 1024
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # what check_str refuses
 
 
 def check_str(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
@@ -97,7 +101,9 @@ def check_str(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
         raise invalid(field, "must be a string")
     if not value or len(value) > max_len:
         raise invalid(field, f"must have 1 to {max_len} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    # isprintable() is False for every control character (and for some other
+    # characters, e.g. U+00A0): the exact check runs only for those strings.
+    if not value.isprintable() and _CONTROL.search(value) is not None:
         raise invalid(field, "must not contain control characters")
     return value
 

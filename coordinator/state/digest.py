@@ -32,6 +32,7 @@ Pure: hashlib only, no clock, no I/O. One instance per replica, owned by
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import deque
 from typing import Any
 
@@ -41,6 +42,8 @@ GENESIS = bytes(32)
 CHECKPOINT_EVERY = 64  # entries between comparable checkpoints
 CHECKPOINTS_KEPT = 16  # so a replica up to ~1000 entries behind still shares one
 DIGEST_VERSION = 1
+
+_sha256 = hashlib.sha256
 
 
 class StateDigest:
@@ -58,8 +61,8 @@ class StateDigest:
         if index <= self.index:
             raise InvariantError(f"digest index {index} after {self.index}")
         previous = self.index
-        self.value = hashlib.sha256(self.value + index.to_bytes(8, "big") + hashlib.sha256(entry).digest()
-                                    + hashlib.sha256(result).digest() + hashlib.sha256(summary).digest()).digest()
+        self.value = _sha256(b"".join((self.value, index.to_bytes(8, "big"), _sha256(entry).digest(),
+                                       _sha256(result).digest(), _sha256(summary).digest()))).digest()
         self.index = index
         if previous // self.every != index // self.every:
             self.checkpoints.append((index, self.value))
@@ -93,6 +96,13 @@ class StateDigest:
         return cls(data[1], data[2])
 
 
+_SUMMARY_FORMATS: dict[int, struct.Struct] = {}  # by number of counters: compiled once, not per entry
+
+
 def summary_bytes(*counters: int) -> bytes:
-    """Fixed-width bytes of a few state counters (each must fit in 64 bits)."""
-    return b"".join(c.to_bytes(8, "big", signed=True) for c in counters)
+    """Fixed-width bytes of a few state counters: each as 8 bytes, big-endian,
+    signed (one that does not fit in 64 bits raises ``struct.error``)."""
+    form = _SUMMARY_FORMATS.get(len(counters))
+    if form is None:
+        form = _SUMMARY_FORMATS[len(counters)] = struct.Struct(f">{len(counters)}q")
+    return form.pack(*counters)

@@ -17,7 +17,7 @@ from typing import Any
 from sortedcontainers import SortedDict
 
 from coordinator.state.base import ApplyContext, approx_size, charge
-from coordinator.types import KvChange
+from coordinator.types import KvChange, build_kv_change
 
 
 @dataclass(slots=True)
@@ -80,13 +80,13 @@ class KvStore:
         entry.size, entry.owner = size, ctx.principal
         self.bytes += size
         charge(self.owned, entry.owner, size)
-        self._record(ctx, KvChange(self.revision, key, "put", value, ctx.index), size)
+        self._record(ctx, build_kv_change(self.revision, key, "put", value, ctx.index), size)
         return self.revision
 
     def delete(self, ctx: ApplyContext, key: str) -> int:
         self.revision += 1
         self._uncount(self._entries.pop(key))
-        self._record(ctx, KvChange(self.revision, key, "delete", None, ctx.index), len(key))
+        self._record(ctx, build_kv_change(self.revision, key, "delete", None, ctx.index), len(key))
         return self.revision
 
     def _uncount(self, entry: KvEntry) -> None:
@@ -146,7 +146,7 @@ class KvStore:
             store.bytes += size
             charge(store.owned, owner, size)
         for r, k, kind, v, i in data["history"]:
-            store._history.append(KvChange(r, k, kind, v, i))
+            store._history.append(build_kv_change(r, k, kind, v, i))
             size = entry_size(k, v) if kind == "put" else len(k)
             store._history_sizes.append(size)
             store.history_bytes += size

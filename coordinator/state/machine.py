@@ -44,7 +44,7 @@ from coordinator.state.sagas import SagaLimits, Sagas
 from coordinator.state.streams import Emission, StreamLimits, Streams
 from coordinator.state.topics import matches
 from coordinator.state.transforms import Outcome, Transforms
-from coordinator.types import COMMAND_VERSION, Command, Event, Result
+from coordinator.types import COMMAND_VERSION, Command, Event, Result, build_result
 
 SNAPSHOT_VERSION = 1
 MIN_TTL_MS = 1_000
@@ -142,7 +142,10 @@ class StateMachine:
         if index <= self.applied_index:
             raise InvariantError(f"apply index {index} after {self.applied_index}")
         self.applied_index = index
-        self.now_ms = committed_now(self.now_ms, command.now_ms)
+        proposed_ms = command.now_ms
+        if not self.now_ms <= proposed_ms <= self.now_ms + CLOCK_STEP_MAX_MS:  # else committed_now gives it
+            proposed_ms = committed_now(self.now_ms, proposed_ms)
+        self.now_ms = proposed_ms
         request_id = command.request_id
         if request_id is not None and request_id in self._dedupe:
             value, error, digest = self._dedupe[request_id]
@@ -150,7 +153,7 @@ class StateMachine:
                 return Result(index=index, error=("conflict", "request_id: already used for a different request "
                                                               "(a retry must repeat the same request)"))
             return Result(index=index, value=value, error=error)
-        ctx = ApplyContext(index=index, now_ms=self.now_ms, principal=command.principal)
+        ctx = ApplyContext(index, self.now_ms, command.principal)
         value: Any = None
         error: tuple[str, str] | None = None
         handler = _HANDLERS.get(command.op)
@@ -175,7 +178,7 @@ class StateMachine:
                 raise InvariantError(f"{command.op} changed state and then rejected") from rejected
         if request_id is not None:
             self._remember(request_id, (value, error, command.request_digest))
-        return Result(index=index, value=value, error=error, events=tuple(ctx.events), changes=tuple(ctx.changes))
+        return build_result(index, value, error, tuple(ctx.events), tuple(ctx.changes))
 
     def _remember(self, request_id: str, answer: tuple[Any, tuple[str, str] | None, str | None]) -> None:
         """Keep a request's first answer for its retries, within
@@ -344,9 +347,9 @@ class StateMachine:
 
     def check_fence(self, args: dict[str, Any]) -> None:
         """Refuse a write whose fence is not the current grant of its lock."""
-        fence = require_dict(args, "fence", optional=True)
-        if fence is None:
+        if args.get("fence") is None:  # most writes: no fence
             return
+        fence = require_dict(args, "fence")
         name = require_str(fence, "lock")
         token = require_int(fence, "token", 0, MAX_TOKEN)
         lock = self.locks.locks.get(name)

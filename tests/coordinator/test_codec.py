@@ -391,8 +391,78 @@ def test_args_nested_past_the_limit_are_refused_both_ways() -> None:
         decode_command(forged)
 
 
+def _deep(depth: int, shape: int) -> object:
+    """A value ``depth`` levels deep (itself at level 1): lists, maps or both,
+    possibly empty at the bottom, so every kind of container meets the limit."""
+    value: object = [] if shape == 3 else ({} if shape == 4 else "leaf")
+    for level in range(depth - 1):
+        value = {"k": value, "x": 1} if (shape == 1 or (shape == 2 and level % 2)) else [0, value]
+    return value
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=4), plain | st.builds(_deep, st.integers(1, 140), st.integers(0, 4)),
+                       max_size=3),
+       st.integers(-2, 3), st.integers(0, 4))
+def test_decode_command_refuses_exactly_what_check_value_refuses(args: dict[str, object], extra: int,
+                                                                shape: int) -> None:
+    """The decoder checks only the depth of what msgpack gave back (whose
+    strings and integers always pass ``check_value``): its verdict must be
+    ``check_value``'s on the same decoded args, for every depth near the limit."""
+    from coordinator.codec import MAX_ARGS_DEPTH, check_value
+
+    args = {**args, "deep": _deep(MAX_ARGS_DEPTH - 1 + extra, shape)}
+    blob = _raw_command([COMMAND_VERSION, "kv.put", args, 5, None, None])
+    decoded_args = msgpack.unpackb(blob[1:], raw=False)[2]
+    try:
+        check_value(decoded_args, "args")
+        expected = True
+    except InvalidInput:
+        expected = False
+    try:
+        command = decode_command(blob)
+    except InvalidInput:
+        assert not expected
+    else:
+        assert expected
+        assert command.args == decoded_args
+
+
 def test_a_command_carries_its_principal_and_request_digest() -> None:
     for command in (Command("kv.put", {"key": "k"}, 5, "agent:a/r", "p-1", request_digest="d", principal="agent:a"),
                     Command("kv.put", {"key": "k"}, 5, None, "p-1", principal="admin"),
                     Command("kv.put", {"key": "k"}, 5, "admin/r", "p-1", request_digest="d")):
         assert decode_command(encode_command(command)) == command
+
+
+@FUZZ
+@given(plain)
+def test_the_per_thread_packer_writes_the_same_bytes_as_packb(value: object) -> None:
+    """Commands and results go through a Packer kept per thread: the bytes
+    every replica hashes must not depend on it, nor on an earlier failure."""
+    from coordinator.codec import _pack, _pack_entry
+
+    with pytest.raises(TypeError):
+        _pack_entry([value, object()])
+    assert _pack_entry(value) == _pack(value)
+    assert _pack_entry([value, 2]) == _pack([value, 2])
+
+
+def test_each_thread_has_its_own_packer() -> None:
+    import threading
+
+    from coordinator.codec import _pack, _pack_entry
+
+    rows = [[n, "k" * n, {"v": [n] * 50}] for n in range(200)]
+    out: dict[int, list[bytes]] = {}
+
+    def pack_all(slot: int) -> None:
+        out[slot] = [_pack_entry(row) for _ in range(20) for row in rows]
+
+    threads = [threading.Thread(target=pack_all, args=(slot,)) for slot in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    expected = [_pack(row) for _ in range(20) for row in rows]
+    assert all(packed == expected for packed in out.values())

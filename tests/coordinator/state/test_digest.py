@@ -67,3 +67,19 @@ def test_indexes_must_grow_and_snapshot_data_is_checked() -> None:
     old_a = StateDigest.from_data(None, 7, b"snapshot-bytes")
     old_b = StateDigest.from_data(None, 7, b"snapshot-bytes")
     assert old_a.index == 7 and old_a.value == old_b.value != GENESIS
+
+
+def test_the_chain_is_pinned() -> None:
+    """Snapshots carry the value, and replicas of different versions compare
+    theirs: a change of how it is computed must be a new ``DIGEST_VERSION``,
+    never a silent change of the bytes."""
+    digest = StateDigest(every=4)
+    for i in (1, 2, 3, 5, 6, 9, 10, 12, 13):
+        digest.advance(i, b"entry-%d" % i, b"result-%d" % i, summary_bytes(i, -i, 2**62, 0, 7, 1))
+    assert summary_bytes(1, -1).hex() == "0000000000000001ffffffffffffffff"
+    assert digest.points() == [
+        (5, "5fccad19a17d6da107725c865992abe19aeb1139ef643b72d5c95d2273ba2799"),
+        (9, "a1c24e1f61e6e36ce85f1453274c1fd79719329fa64be442b5dc0a1e2c89c588"),
+        (12, "e52fb4886301f4dc5a03b9750f6b05aff0928b5d77efcbf8f357c34f436de8f6"),
+        (13, "169d898ccfd1abf74852101bdafbb8b5fd4983234a5161d4d264e2c20f1f39c4"),
+    ]
