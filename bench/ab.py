@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.compare import seed_coord
 from bench.report import process_cpu_s
 
 _HERE = Path(__file__).resolve().parent.parent
@@ -57,6 +58,8 @@ def run_side(repo: Path, clients: int, seconds: float, kind: str) -> dict[str, A
         assert cluster.stdout is not None and cluster.stdin is not None
         info = json.loads(cluster.stdout.readline())
         time.sleep(1.0)  # the post-election entries
+        if kind == "read":
+            seed_coord(info["urls"][0])
         before = sum(process_cpu_s(pid) for pid in info["pids"])
         procs = 2 if clients >= 64 else 1
         urls = ",".join(info["urls"])

@@ -10,7 +10,8 @@ cluster on 127.0.0.1, both fsyncing before they acknowledge, and drives both
 with the same generator (``bench.load``, separate processes so the
 generator's CPU is measured and never shares a loop with this one): 64-byte
 writes and linearizable reads at each concurrency, clients spread
-round-robin over the three members. The machine's speed drifts, so every
+round-robin over the three members, the leader's last (so one client goes
+through a follower on both systems). The machine's speed drifts, so every
 cell is measured A, B, A, B... over ``--rounds`` rounds (which system goes
 first alternates), and the report gives the ratio of each pair with its
 spread, not one run of each. At 64 clients and more the load comes from two
@@ -88,9 +89,13 @@ class Systems:
         self.coord.stop_all()
 
     def urls(self, system: str) -> list[str]:
+        """The members' client URLs, the leader's last: one client goes
+        through a follower on both systems, whichever member leads."""
         if system == "etcd":
-            return self.etcd.urls
-        return [self.coord.url(n) for n in self.coord.members]
+            leader = self.etcd.wait_leader(30)
+            return [self.etcd.client_url(n) for n in sorted(self.etcd.names, key=lambda n: n == leader)]
+        leader = self.coord.wait_leader(30)
+        return [self.coord.url(n) for n in sorted(self.coord.members, key=lambda n: n == leader)]
 
     def server_cpu_s(self, system: str) -> float:
         """CPU seconds the system's member processes spent so far, all together."""
@@ -149,14 +154,18 @@ def run_cell(systems: Systems, system: str, kind: str, clients: int, seconds: fl
             "term_changes": term_changes}
 
 
-def seed(systems: Systems) -> None:
-    """The key reads get, on both systems, and a warm-up of both."""
-    post_json(systems.etcd.urls[0] + "/v3/kv/put", {"key": b64("bench/0/0"), "value": b64(VALUE)}, timeout=5)
-    url = systems.urls("coord")[0]
+def seed_coord(url: str) -> None:
+    """Put the key reads get on this project's cluster at ``url``."""
     request = urllib.request.Request(f"{url}/v1/kv/bench/0/0", data=json.dumps({"value": VALUE}).encode(),
                                      method="PUT", headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=5):
         pass
+
+
+def seed(systems: Systems) -> None:
+    """The key reads get, on both systems, and a warm-up of both."""
+    post_json(systems.etcd.urls[0] + "/v3/kv/put", {"key": b64("bench/0/0"), "value": b64(VALUE)}, timeout=5)
+    seed_coord(systems.urls("coord")[0])
     for system in SYSTEMS:
         run_cell(systems, system, "write", 16, WARMUP_S)
 
@@ -400,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
               f"/v1/kv/{{key}}), both fsyncing before they acknowledge, both running during the whole "
               f"measurement, with the load generator on one machine ({os.cpu_count()} cores, "
               f"{platform.python_implementation()} {platform.python_version()}). 64-byte values; clients "
-              f"round-robin over the three members; every cell {args.seconds:g} s after a {WARMUP_S:g} s "
+              f"round-robin over the three members, the leader last (one client talks to a follower on both); "
+              f"every cell {args.seconds:g} s after a {WARMUP_S:g} s "
               f"warm-up, measured A, B, A, B over {args.rounds} rounds (which system goes first alternates); "
               f"from {GENERATOR_PROCS_FROM} clients on, two generator processes. Medians over the rounds; "
               f"`python -m bench.compare` (`scripts/bench.sh`), {time.strftime('%Y-%m-%d')}.\n\n")
