@@ -12,7 +12,7 @@ import logging
 from coordinator.codec import encode_command
 from coordinator.services.applier import Applier
 from coordinator.types import Command
-from tests.cluster.test_raft_halt import _engine, _until, _write
+from tests.cluster.test_raft_halt import _engine, _write, until
 
 
 def _big(key: str, size: int) -> bytes:
@@ -27,9 +27,9 @@ async def test_a_journal_over_compaction_bytes_is_compacted_before_compaction_en
         await _write(engine, "first", 0)
         for i in range(12):  # about 1.2 MiB in 12 entries, far below 10000 entries
             engine.submit(_big(f"k{i}", 100_000), lambda reason: None)
-        await _until(lambda: applier.machine.kv.get("k11") is not None, "the large entries to apply")
-        await _until(lambda: engine.snapshots >= 1, "a snapshot forced by the journal's size")
-        await _until(lambda: engine._journal is not None and engine._journal.size_bytes < 1 << 20,
+        await until(lambda: applier.machine.kv.get("k11") is not None, "the large entries to apply")
+        await until(lambda: engine.snapshots >= 1, "a snapshot forced by the journal's size")
+        await until(lambda: engine._journal is not None and engine._journal.size_bytes < 1 << 20,
                      "the journal to be trimmed")
         assert len(engine._journal) < 12
     finally:
@@ -39,7 +39,7 @@ async def test_a_journal_over_compaction_bytes_is_compacted_before_compaction_en
     again = _engine(tmp_path, replayed, compaction_entries=10_000, compaction_bytes=1 << 20)
     await again.start()
     try:
-        await _until(lambda: replayed.machine.kv.get("k11") is not None, "the restart to restore everything")
+        await until(lambda: replayed.machine.kv.get("k11") is not None, "the restart to restore everything")
         assert len(replayed.machine.kv.get("k0").value) == 100_000
     finally:
         await again.stop()
@@ -62,15 +62,15 @@ async def test_a_failing_snapshot_backs_off_instead_of_retrying_every_tick(tmp_p
         await _write(engine, "a", 0)
         for i in range(20):
             engine.submit(_big(f"k{i}", 10), lambda reason: None)
-        await _until(lambda: engine.snapshot_failures >= 2, "two failed snapshots")
+        await until(lambda: engine.snapshot_failures >= 2, "two failed snapshots")
         # pysyncobj asks on every tick (50 ms); the backoff (1 s, then 2 s, 4 s) lets few through
         started, seen = asyncio.get_running_loop().time(), attempts
-        await _until(lambda: engine.snapshots_deferred >= 40, "pysyncobj's attempts during the backoff")
+        await until(lambda: engine.snapshots_deferred >= 40, "pysyncobj's attempts during the backoff")
         elapsed = asyncio.get_running_loop().time() - started
         assert attempts - seen <= 1 + elapsed / 2, (attempts, seen, elapsed)
         assert engine.status().healthy  # the node serves on; the journal keeps everything
         monkeypatch.undo()
-        await _until(lambda: engine.snapshots >= 1, "a snapshot once the state can be taken", timeout_s=30)
+        await until(lambda: engine.snapshots >= 1, "a snapshot once the state can be taken", timeout_s=30)
         assert engine.snapshot_failures == 0
     finally:
         await engine.stop()
@@ -92,7 +92,7 @@ async def test_journal_meta_and_snapshot_files_are_the_owners_only(tmp_path) -> 
             await _write(engine, "first", 0)
             for i in range(3):
                 engine.submit(_big(f"k{i}", 40_000), lambda reason: None)
-            await _until(lambda: engine.snapshots >= 1, "a snapshot")
+            await until(lambda: engine.snapshots >= 1, "a snapshot")
         finally:
             await engine.stop()
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.name.startswith("raft.")}

@@ -6,6 +6,7 @@ entries commit and apply through the real bridge and tick thread."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from cluster import raft_pysyncobj as raft
@@ -18,6 +19,8 @@ from tests.waiting import eventually
 SECRET = "s" * 32
 WAIT_S = 15.0  # a one-node pysyncobj cluster elects itself and applies well within this
 POLL_S = 0.02
+# The wait of these one-node engine tests (and of test_raft_compaction and test_raft_entries, which share the setup).
+until = functools.partial(eventually, timeout_s=WAIT_S, interval_s=POLL_S)
 
 
 def _engine(tmp_path, applier: Applier, **kwargs) -> raft.PySyncObjEngine:
