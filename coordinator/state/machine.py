@@ -7,6 +7,12 @@ they produce ``Result.error`` and change nothing.
 
 Ownership: one instance per node, touched only by the event loop thread
 (``services.applier`` feeds it in log order).
+
+Dispatch: an operation with a typed command (``coordinator.commands.COMMANDS``)
+has its args parsed into that type first (a refusal is ``Result.error``, as
+from a handler) and its handler takes the typed command. Migration goes
+domain by domain: the operations without a type still hand their handler the
+args dict, and the handler validates it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from coordinator.commands import COMMANDS
+from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS, DomainCommand
 from coordinator.errors import InvariantError
 from coordinator.state.access import Access, check_public_key
 from coordinator.state.balancing import Policies
@@ -47,11 +55,8 @@ from coordinator.state.transforms import Outcome, Transforms
 from coordinator.types import COMMAND_VERSION, Command, Event, Result, build_result
 
 SNAPSHOT_VERSION = 1
-MIN_TTL_MS = 1_000
-MAX_TTL_MS = 86_400_000
 MAX_WEIGHT = 1_000_000
 MAX_ENDPOINT_LEN = 2048
-MAX_TOKEN = 2**63 - 1
 # The most committed time may move forward in one entry. A proposer whose
 # clock is far ahead (set to next year, an hour off) cannot expire every TTL,
 # close every window and prune every dedupe entry at once; after a long idle
@@ -89,8 +94,11 @@ class Limits:
     streams: StreamLimits = field(default_factory=StreamLimits)
 
 
-Handler = Callable[["StateMachine", ApplyContext, dict[str, Any]], Any]
+# A handler takes the args dict, or for an operation in COMMANDS its typed command.
+Handler = Callable[["StateMachine", ApplyContext, Any], Any]
 _HANDLERS: dict[str, Handler] = {}
+# op -> the parse of its command type: the handlers of these ops take the command
+_PARSERS: dict[str, Callable[[dict[str, Any]], DomainCommand]] = {op: t.parse for op, t in COMMANDS.items()}
 
 
 def _op(name: str) -> Callable[[Handler], Handler]:
@@ -164,7 +172,8 @@ class StateMachine:
                 raise invalid("op", f"unknown operation {command.op!r}")
             if not isinstance(command.args, dict):
                 raise invalid("args", "must be an object")
-            value = handler(self, ctx, command.args)
+            parse = _PARSERS.get(command.op)
+            value = handler(self, ctx, command.args if parse is None else parse(command.args))
             if self.streams.items:
                 self._run_streams(ctx)
             if ctx.events:
@@ -910,3 +919,5 @@ def _bus_tick(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
 
 
 OPERATIONS = frozenset(_HANDLERS)
+if not _PARSERS.keys() <= OPERATIONS:
+    raise InvariantError(f"command types without a handler: {sorted(_PARSERS.keys() - OPERATIONS)}")
