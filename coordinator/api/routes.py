@@ -13,13 +13,14 @@ from coordinator.api import schemas as s
 from coordinator.api.auth import AUTH, check_proof, forward_signer, principal_of
 from coordinator.api.keys import NODE
 from coordinator.api.visibility import visibility
+from coordinator.commands.base import DomainCommand, Rejected
+from coordinator.commands.kv import KvCas, KvDelete, KvPut
 from coordinator.crypto import SCHEME_AGENT
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
 from coordinator.services import watch
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode, ttl_ms_from
 from coordinator.services.proposals import state_error
 from coordinator.services.view import ELECTION_PREFIX
-from coordinator.state.base import Rejected
 from coordinator.state.endpoints import endpoint_refusal
 
 routes = web.RouteTableDef()
@@ -137,41 +138,31 @@ async def kv_get(request: web.Request) -> web.Response:
     return ok(_kv_item(key, entry))
 
 
-async def _kv_write(request: web.Request, op: str, fields: set[str], body_required: bool = True) -> web.Response:
-    """The shared shape of kv writes: key from the path, ``value`` when the
-    operation takes one, an optional fence and request id."""
-    key = s.key(request)
+async def _kv_write(request: web.Request, command_type: type[DomainCommand], fields: set[str],
+                    body_required: bool = True) -> web.Response:
+    """The shared shape of kv writes: the key from the path, the body's
+    fields (``value``, ``expected``..., an optional fence) and request id;
+    the command's parse checks them all."""
+    key = s.key(request)  # a bad path is answered before the body
     body = await s.json_body(request, fields | {"fence", "request_id"}, required=body_required)
-    args: dict[str, Any] = {"key": key}
-    if "value" in fields:
-        if "value" not in body:
-            raise InvalidInput("value: is required", field="value")
-        args["value"] = body["value"]
-    if "expected_revision" in body:
-        args["expected_revision"] = s.integer(body["expected_revision"], "expected_revision", 0, 2**63 - 1)
-    if "expected" in body:
-        args["expected"] = body["expected"]
-    if op == "kv.cas" and ("expected" in args) == ("expected_revision" in args):
-        raise InvalidInput("expected: give exactly one of expected and expected_revision", field="expected")
-    fence = s.fence(body)
-    if fence:
-        args["fence"] = fence
-    return ok(await node_of(request).write(op, args, s.origin(request, body)))
+    args = {"key": key} | {f: v for f, v in body.items() if f != "request_id"}
+    command = s.command(command_type, args)
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.put("/v1/kv/{key:(?s:.+)}")
 async def kv_put(request: web.Request) -> web.Response:
-    return await _kv_write(request, "kv.put", {"value"})
+    return await _kv_write(request, KvPut, {"value"})
 
 
 @routes.post("/v1/kv/{key:(?s:.+)}/cas")
 async def kv_cas(request: web.Request) -> web.Response:
-    return await _kv_write(request, "kv.cas", {"value", "expected", "expected_revision"})
+    return await _kv_write(request, KvCas, {"value", "expected", "expected_revision"})
 
 
 @routes.delete("/v1/kv/{key:(?s:.+)}")
 async def kv_delete(request: web.Request) -> web.Response:
-    return await _kv_write(request, "kv.delete", set(), body_required=False)
+    return await _kv_write(request, KvDelete, set(), body_required=False)
 
 
 # -- agents -----------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from coordinator.commands.base import DomainCommand
+from coordinator.commands.kv import KvCas, KvDelete, KvPut
 
-_TYPES: tuple[type[DomainCommand], ...] = ()
+_TYPES: tuple[type[DomainCommand], ...] = (KvPut, KvCas, KvDelete)
 
 COMMANDS: Mapping[str, type[DomainCommand]] = MappingProxyType({t.op: t for t in _TYPES})

@@ -24,11 +24,11 @@ from typing import Any
 
 from coordinator.commands import COMMANDS
 from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS, DomainCommand
+from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
 from coordinator.errors import InvariantError
 from coordinator.state.access import Access, check_public_key
 from coordinator.state.balancing import Policies
 from coordinator.state.base import (
-    MAX_KEY_LEN,
     ApplyContext,
     Rejected,
     approx_size,
@@ -354,18 +354,16 @@ class StateMachine:
             raise over_quota("registry_bytes_max", f"the registry holds about {self.registry.bytes} bytes, "
                                                     f"over {self.limits.registry_bytes_max} with this agent")
 
-    def check_fence(self, args: dict[str, Any]) -> None:
+    def check_fence(self, fence: Fence | None) -> None:
         """Refuse a write whose fence is not the current grant of its lock."""
-        if args.get("fence") is None:  # most writes: no fence
+        if fence is None:  # most writes: no fence
             return
-        fence = require_dict(args, "fence")
-        name = require_str(fence, "lock")
-        token = require_int(fence, "token", 0, MAX_TOKEN)
-        lock = self.locks.locks.get(name)
+        lock = self.locks.locks.get(fence.lock)
         if lock is None:
-            raise Rejected("conflict", f"fence: lock {name!r} is not held")
-        if token != lock.token:
-            raise Rejected("conflict", f"fence: token {token} is not the current grant {lock.token} of lock {name!r}")
+            raise Rejected("conflict", f"fence: lock {fence.lock!r} is not held")
+        if fence.token != lock.token:
+            raise Rejected("conflict", f"fence: token {fence.token} is not the current grant {lock.token} "
+                                       f"of lock {fence.lock!r}")
 
     def release_locks_of(self, ctx: ApplyContext, holder: str, reason: str) -> None:
         for lock in self.locks.held_by(holder):
@@ -412,48 +410,38 @@ def _member_remove(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) ->
 
 # -- key/value -------------------------------------------------------------------
 
-@_op("kv.put")
-def _kv_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    key = require_str(args, "key", MAX_KEY_LEN)
-    if "value" not in args:
-        raise invalid("value", "is required")
-    sm.check_fence(args)
-    size = sm.check_kv_put(ctx.principal, key, args["value"])
-    return {"revision": sm.kv.put(ctx, key, args["value"], size)}
+@_op(KvPut.op)
+def _kv_put(sm: StateMachine, ctx: ApplyContext, cmd: KvPut) -> Any:
+    sm.check_fence(cmd.fence)
+    size = sm.check_kv_put(ctx.principal, cmd.key, cmd.value)
+    return {"revision": sm.kv.put(ctx, cmd.key, cmd.value, size)}
 
 
-@_op("kv.cas")
-def _kv_cas(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(KvCas.op)
+def _kv_cas(sm: StateMachine, ctx: ApplyContext, cmd: KvCas) -> Any:
     """Compare-and-set on the value (``expected``; a missing key compares as
     null) or on the revision (``expected_revision``; 0 means absent)."""
-    key = require_str(args, "key", MAX_KEY_LEN)
-    if "value" not in args:
-        raise invalid("value", "is required")
-    has_value = "expected" in args
-    expected_revision = require_int(args, "expected_revision", 0, MAX_TOKEN, optional=True)
-    if has_value == (expected_revision is not None):
-        raise invalid("expected", "give exactly one of expected and expected_revision")
-    sm.check_fence(args)
-    entry = sm.kv.get(key)
-    if has_value:
+    sm.check_fence(cmd.fence)
+    entry = sm.kv.get(cmd.key)
+    if cmd.expected_revision is None:
         current = entry.value if entry is not None else None
-        if not json_equal(current, args["expected"]):
-            raise Rejected("conflict", f"key {key!r}: current value is not the expected value")
+        if not json_equal(current, cmd.expected):
+            raise Rejected("conflict", f"key {cmd.key!r}: current value is not the expected value")
     else:
         current_revision = entry.mod_revision if entry is not None else 0
-        if current_revision != expected_revision:
-            raise Rejected("conflict", f"key {key!r}: revision is {current_revision}, not {expected_revision}")
-    size = sm.check_kv_put(ctx.principal, key, args["value"])
-    return {"revision": sm.kv.put(ctx, key, args["value"], size)}
+        if current_revision != cmd.expected_revision:
+            raise Rejected("conflict", f"key {cmd.key!r}: revision is {current_revision}, "
+                                       f"not {cmd.expected_revision}")
+    size = sm.check_kv_put(ctx.principal, cmd.key, cmd.value)
+    return {"revision": sm.kv.put(ctx, cmd.key, cmd.value, size)}
 
 
-@_op("kv.delete")
-def _kv_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    key = require_str(args, "key", MAX_KEY_LEN)
-    sm.check_fence(args)
-    if sm.kv.get(key) is None:
-        raise Rejected("not_found", f"key {key!r} does not exist")
-    return {"revision": sm.kv.delete(ctx, key)}
+@_op(KvDelete.op)
+def _kv_delete(sm: StateMachine, ctx: ApplyContext, cmd: KvDelete) -> Any:
+    sm.check_fence(cmd.fence)
+    if sm.kv.get(cmd.key) is None:
+        raise Rejected("not_found", f"key {cmd.key!r} does not exist")
+    return {"revision": sm.kv.delete(ctx, cmd.key)}
 
 
 # -- agents --------------------------------------------------------------------------
