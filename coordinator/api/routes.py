@@ -15,6 +15,8 @@ from coordinator.api.keys import NODE
 from coordinator.api.visibility import visibility
 from coordinator.commands.base import DomainCommand, Rejected
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
+from coordinator.commands.locks import LockAcquire, LockRelease
+from coordinator.commands.locks import check_name as check_lock_name
 from coordinator.crypto import SCHEME_AGENT
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
 from coordinator.services import watch
@@ -30,6 +32,7 @@ DEFAULT_LOCK_TTL_S = 15.0
 LIST_LIMIT_MAX = 10_000
 SSE_KEEPALIVE_S = 15.0
 LEASES_TIMEOUT_S = 1.0
+CANDIDATE = {"holder": "candidate"}  # an election's candidate is its lock's holder
 
 
 def checked(attempt: Callable[[], Any]) -> Any:
@@ -333,21 +336,23 @@ async def agents_deregister(request: web.Request) -> web.Response:
 # -- locks and elections ----------------------------------------------------------------------
 
 def _lock_name(request: web.Request) -> str:
-    """Lock names; the election namespace is reachable only through /v1/elections."""
-    name = s.name(request.match_info["name"], "name")
+    """Lock names (checked as the lock commands check them, before the body is
+    read); the election namespace is reachable only through /v1/elections."""
+    name = checked(lambda: check_lock_name(request.match_info["name"]))
     if name.startswith(ELECTION_PREFIX):
         raise InvalidInput(f"name: {ELECTION_PREFIX!r} is reserved for /v1/elections", field="name")
     return name
 
 
-def _holder(request: web.Request, body: dict[str, Any], field: str) -> str:
+def _holder(request: web.Request, body: dict[str, Any], field: str) -> Any:
     """Who holds (or campaigns for) a lock: for an agent caller its own id
     (``field`` may be left out; naming another is a 403 for ``self``, so no
     agent can release, refresh or take the fencing token of another's lock);
-    the admin, and anyone on an anonymous node, names any holder."""
+    the admin, and anyone on an anonymous node, names any holder (as sent:
+    the command's parse checks it)."""
     principal = principal_of(request)
     if principal is None or principal.kind != "agent" or request.app[AUTH].settings.allow_anonymous:
-        return s.name(body.get(field), field)
+        return body.get(field)
     given = body.get(field, principal.agent_id)
     if given != principal.agent_id:
         request.app[AUTH].denied["self"] += 1
@@ -360,17 +365,17 @@ def _holder(request: web.Request, body: dict[str, Any], field: str) -> str:
 async def locks_acquire(request: web.Request) -> web.Response:
     name = _lock_name(request)
     body = await s.json_body(request, {"holder", "ttl_s", "request_id"})
-    args = {"name": name, "holder": _holder(request, body, "holder"),
-            "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
-    return ok(await node_of(request).write("lock.acquire", args, s.origin(request, body)))
+    command = s.command(LockAcquire, {"name": name, "holder": _holder(request, body, "holder"),
+                                      "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.delete("/v1/locks/{name:(?s:.+)}")
 async def locks_release(request: web.Request) -> web.Response:
     name = _lock_name(request)
     body = await s.json_body(request, {"holder", "request_id"})
-    args = {"name": name, "holder": _holder(request, body, "holder")}
-    return ok(await node_of(request).write("lock.release", args, s.origin(request, body)))
+    command = s.command(LockRelease, {"name": name, "holder": _holder(request, body, "holder")})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.get("/v1/locks/{name:(?s:.+)}")
@@ -389,19 +394,19 @@ async def locks_get(request: web.Request) -> web.Response:
 async def elections_campaign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "ttl_s", "request_id"})
-    candidate = _holder(request, body, "candidate")
-    args = {"name": ELECTION_PREFIX + name, "holder": candidate,
-            "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
-    result = await node_of(request).write("lock.acquire", args, s.origin(request, body))
-    return ok({"elected": True, "leader": candidate, "fencing_token": result["fencing_token"]})
+    command = s.command(LockAcquire, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate"),
+                                      "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}, CANDIDATE)
+    result = await node_of(request).write_command(command, s.origin(request, body))
+    return ok({"elected": True, "leader": command.holder, "fencing_token": result["fencing_token"]})
 
 
 @routes.post("/v1/elections/{name:(?s:.+)}/resign")
 async def elections_resign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "request_id"})
-    args = {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")}
-    return ok(await node_of(request).write("lock.release", args, s.origin(request, body)))
+    command = s.command(LockRelease, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")},
+                        CANDIDATE)
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.get("/v1/elections/{name:(?s:.+)}")

@@ -13,7 +13,8 @@ from types import MappingProxyType
 
 from coordinator.commands.base import DomainCommand
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
+from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 
-_TYPES: tuple[type[DomainCommand], ...] = (KvPut, KvCas, KvDelete)
+_TYPES: tuple[type[DomainCommand], ...] = (KvPut, KvCas, KvDelete, LockAcquire, LockRelease, LockExpire)
 
 COMMANDS: Mapping[str, type[DomainCommand]] = MappingProxyType({t.op: t for t in _TYPES})

@@ -25,6 +25,7 @@ from typing import Any
 from coordinator.commands import COMMANDS
 from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS, DomainCommand
 from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
+from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 from coordinator.errors import InvariantError
 from coordinator.state.access import Access, check_public_key
 from coordinator.state.balancing import Policies
@@ -553,30 +554,27 @@ def set_health(sm: StateMachine, ctx: ApplyContext, agent: Agent, health: str, r
 
 # -- locks -----------------------------------------------------------------------------
 
-@_op("lock.acquire")
-def _lock_acquire(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(LockAcquire.op)
+def _lock_acquire(sm: StateMachine, ctx: ApplyContext, cmd: LockAcquire) -> Any:
     """Grant a free lock, or refresh it for its holder (same token)."""
-    name = require_str(args, "name")
-    holder = require_str(args, "holder")
-    ttl_ms = require_int(args, "ttl_ms", MIN_TTL_MS, MAX_TTL_MS)
+    name, holder = cmd.name, cmd.holder
     lock = sm.locks.locks.get(name)
     if lock is not None:
         if lock.holder != holder:
             raise Rejected("conflict", f"lock {name!r} is held by {lock.holder!r}")
-        lock.ttl_ms = ttl_ms
+        lock.ttl_ms = cmd.ttl_ms
         return {"fencing_token": lock.token, "refreshed": True}
     if len(sm.locks.locks) >= sm.limits.locks_max:
         raise Rejected("unavailable", f"too many locks ({sm.limits.locks_max})")
-    lock = Lock(name, holder, ctx.index, ttl_ms, ctx.now_ms)
+    lock = Lock(name, holder, ctx.index, cmd.ttl_ms, ctx.now_ms)
     sm.locks.locks[name] = lock
     sm.events.emit(ctx, "lock.acquired", {"name": name, "holder": holder, "fencing_token": lock.token})
     return {"fencing_token": lock.token, "refreshed": False}
 
 
-@_op("lock.release")
-def _lock_release(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    name = require_str(args, "name")
-    holder = require_str(args, "holder")
+@_op(LockRelease.op)
+def _lock_release(sm: StateMachine, ctx: ApplyContext, cmd: LockRelease) -> Any:
+    name, holder = cmd.name, cmd.holder
     lock = sm.locks.locks.get(name)
     if lock is None:
         raise Rejected("not_found", f"lock {name!r} is not held")
@@ -588,10 +586,9 @@ def _lock_release(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> 
     return {"released": True}
 
 
-@_op("lock.expire")
-def _lock_expire(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    name = require_str(args, "name")
-    token = require_int(args, "token", 0, MAX_TOKEN)
+@_op(LockExpire.op)
+def _lock_expire(sm: StateMachine, ctx: ApplyContext, cmd: LockExpire) -> Any:
+    name, token = cmd.name, cmd.token
     lock = sm.locks.locks.get(name)
     if lock is None or lock.token != token:
         return {"expired": False}
