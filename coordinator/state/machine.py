@@ -355,10 +355,8 @@ class StateMachine:
             raise over_quota("registry_bytes_max", f"the registry holds about {self.registry.bytes} bytes, "
                                                     f"over {self.limits.registry_bytes_max} with this agent")
 
-    def check_fence(self, fence: Fence | None) -> None:
+    def check_fence(self, fence: Fence) -> None:
         """Refuse a write whose fence is not the current grant of its lock."""
-        if fence is None:  # most writes: no fence
-            return
         lock = self.locks.locks.get(fence.lock)
         if lock is None:
             raise Rejected("conflict", f"fence: lock {fence.lock!r} is not held")
@@ -413,7 +411,8 @@ def _member_remove(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) ->
 
 @_op(KvPut.op)
 def _kv_put(sm: StateMachine, ctx: ApplyContext, cmd: KvPut) -> Any:
-    sm.check_fence(cmd.fence)
+    if cmd.fence is not None:
+        sm.check_fence(cmd.fence)
     size = sm.check_kv_put(ctx.principal, cmd.key, cmd.value)
     return {"revision": sm.kv.put(ctx, cmd.key, cmd.value, size)}
 
@@ -422,7 +421,8 @@ def _kv_put(sm: StateMachine, ctx: ApplyContext, cmd: KvPut) -> Any:
 def _kv_cas(sm: StateMachine, ctx: ApplyContext, cmd: KvCas) -> Any:
     """Compare-and-set on the value (``expected``; a missing key compares as
     null) or on the revision (``expected_revision``; 0 means absent)."""
-    sm.check_fence(cmd.fence)
+    if cmd.fence is not None:
+        sm.check_fence(cmd.fence)
     entry = sm.kv.get(cmd.key)
     if cmd.expected_revision is None:
         current = entry.value if entry is not None else None
@@ -439,7 +439,8 @@ def _kv_cas(sm: StateMachine, ctx: ApplyContext, cmd: KvCas) -> Any:
 
 @_op(KvDelete.op)
 def _kv_delete(sm: StateMachine, ctx: ApplyContext, cmd: KvDelete) -> Any:
-    sm.check_fence(cmd.fence)
+    if cmd.fence is not None:
+        sm.check_fence(cmd.fence)
     if sm.kv.get(cmd.key) is None:
         raise Rejected("not_found", f"key {cmd.key!r} does not exist")
     return {"revision": sm.kv.delete(ctx, cmd.key)}
