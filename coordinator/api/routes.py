@@ -15,7 +15,7 @@ from coordinator.api.keys import NODE
 from coordinator.api.visibility import visibility
 from coordinator.commands.base import DomainCommand, Rejected
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
-from coordinator.commands.locks import LockAcquire, LockRelease
+from coordinator.commands.locks import LockAcquire, LockRelease, check_holder
 from coordinator.commands.locks import check_name as check_lock_name
 from coordinator.crypto import SCHEME_AGENT
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
@@ -32,7 +32,6 @@ DEFAULT_LOCK_TTL_S = 15.0
 LIST_LIMIT_MAX = 10_000
 SSE_KEEPALIVE_S = 15.0
 LEASES_TIMEOUT_S = 1.0
-CANDIDATE = {"holder": "candidate"}  # an election's candidate is its lock's holder
 
 
 def checked(attempt: Callable[[], Any]) -> Any:
@@ -344,15 +343,15 @@ def _lock_name(request: web.Request) -> str:
     return name
 
 
-def _holder(request: web.Request, body: dict[str, Any], field: str) -> Any:
+def _holder(request: web.Request, body: dict[str, Any], field: str) -> str:
     """Who holds (or campaigns for) a lock: for an agent caller its own id
     (``field`` may be left out; naming another is a 403 for ``self``, so no
     agent can release, refresh or take the fencing token of another's lock);
-    the admin, and anyone on an anonymous node, names any holder (as sent:
-    the command's parse checks it)."""
+    the admin, and anyone on an anonymous node, names any holder (checked as
+    the lock commands check it, naming ``field``, before ``ttl_s`` as always)."""
     principal = principal_of(request)
     if principal is None or principal.kind != "agent" or request.app[AUTH].settings.allow_anonymous:
-        return body.get(field)
+        return checked(lambda: check_holder(body.get(field), field))
     given = body.get(field, principal.agent_id)
     if given != principal.agent_id:
         request.app[AUTH].denied["self"] += 1
@@ -395,7 +394,7 @@ async def elections_campaign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "ttl_s", "request_id"})
     command = s.command(LockAcquire, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate"),
-                                      "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}, CANDIDATE)
+                                      "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)})
     result = await node_of(request).write_command(command, s.origin(request, body))
     return ok({"elected": True, "leader": command.holder, "fencing_token": result["fencing_token"]})
 
@@ -404,8 +403,7 @@ async def elections_campaign(request: web.Request) -> web.Response:
 async def elections_resign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "request_id"})
-    command = s.command(LockRelease, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")},
-                        CANDIDATE)
+    command = s.command(LockRelease, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 

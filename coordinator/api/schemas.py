@@ -31,20 +31,13 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 C = TypeVar("C", bound=DomainCommand)
 
 
-def command(command_type: type[C], args: Mapping[str, Any], renamed: Mapping[str, str] | None = None) -> C:
+def command(command_type: type[C], args: Mapping[str, Any]) -> C:
     """``command_type.parse(args)``: the command's own validation, run before
-    proposing; its refusal is this request's error (400 naming the field).
-    ``renamed``: a command field the request names otherwise (an election's
-    ``candidate`` is its lock's ``holder``), so the answer names what was sent."""
+    proposing; its refusal is this request's error (400 naming the field)."""
     try:
         return command_type.parse(args)
     except Rejected as exc:
-        message = exc.message
-        if renamed:
-            field, colon, rest = message.partition(":")
-            if field in renamed:
-                message = renamed[field] + colon + rest
-        raise state_error(exc.code, message) from None
+        raise state_error(exc.code, exc.message) from None
 
 
 async def json_body(request: web.Request, allowed: set[str], *, required: bool = True) -> dict[str, Any]:

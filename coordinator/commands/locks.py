@@ -21,8 +21,14 @@ def check_name(value: Any) -> str:
     return check_str(value, "name")
 
 
+def check_holder(value: Any, field: str = "holder") -> str:
+    """A lock's holder (``field``: an election names it ``candidate``). The
+    API checks the body's with it before it converts ``ttl_s``, then parse again."""
+    return check_str(value, field)
+
+
 def _holder(args: Mapping[str, Any]) -> str:
-    return check_str(args.get("holder"), "holder")
+    return check_holder(args.get("holder"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,6 +170,9 @@ BAD_LOCK_REQUESTS = [
     ("POST", "/v1/elections/e/campaign", {"candidate": ""}, "candidate: must have 1 to 256 characters"),
     ("POST", "/v1/elections/e/campaign", {"candidate": 7}, "candidate: must be a string"),
     ("POST", "/v1/elections/e/resign", {}, "candidate: must be a string"),
+    # two bad fields: the holder is answered first, as always
+    ("POST", "/v1/locks/db", {"holder": "", "ttl_s": 0.1}, "holder: must have 1 to 256 characters"),
+    ("POST", "/v1/elections/e/campaign", {"candidate": "", "ttl_s": 0.1}, "candidate: must have 1 to 256 characters"),
 ]
 
 
