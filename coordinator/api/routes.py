@@ -13,13 +13,16 @@ from coordinator.api import schemas as s
 from coordinator.api.auth import AUTH, check_proof, forward_signer, principal_of
 from coordinator.api.keys import NODE
 from coordinator.api.visibility import visibility
+from coordinator.commands.base import DomainCommand, Rejected
+from coordinator.commands.kv import KvCas, KvDelete, KvPut
+from coordinator.commands.locks import LockAcquire, LockRelease, check_holder
+from coordinator.commands.locks import check_name as check_lock_name
 from coordinator.crypto import SCHEME_AGENT
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
 from coordinator.services import watch
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode, ttl_ms_from
 from coordinator.services.proposals import state_error
 from coordinator.services.view import ELECTION_PREFIX
-from coordinator.state.base import Rejected
 from coordinator.state.endpoints import endpoint_refusal
 
 routes = web.RouteTableDef()
@@ -137,41 +140,31 @@ async def kv_get(request: web.Request) -> web.Response:
     return ok(_kv_item(key, entry))
 
 
-async def _kv_write(request: web.Request, op: str, fields: set[str], body_required: bool = True) -> web.Response:
-    """The shared shape of kv writes: key from the path, ``value`` when the
-    operation takes one, an optional fence and request id."""
-    key = s.key(request)
+async def _kv_write(request: web.Request, command_type: type[DomainCommand], fields: set[str],
+                    body_required: bool = True) -> web.Response:
+    """The shared shape of kv writes: the key from the path, the body's
+    fields (``value``, ``expected``..., an optional fence) and request id;
+    the command's parse checks them all."""
+    key = s.key(request)  # a bad path is answered before the body
     body = await s.json_body(request, fields | {"fence", "request_id"}, required=body_required)
-    args: dict[str, Any] = {"key": key}
-    if "value" in fields:
-        if "value" not in body:
-            raise InvalidInput("value: is required", field="value")
-        args["value"] = body["value"]
-    if "expected_revision" in body:
-        args["expected_revision"] = s.integer(body["expected_revision"], "expected_revision", 0, 2**63 - 1)
-    if "expected" in body:
-        args["expected"] = body["expected"]
-    if op == "kv.cas" and ("expected" in args) == ("expected_revision" in args):
-        raise InvalidInput("expected: give exactly one of expected and expected_revision", field="expected")
-    fence = s.fence(body)
-    if fence:
-        args["fence"] = fence
-    return ok(await node_of(request).write(op, args, s.origin(request, body)))
+    args = {"key": key} | {f: v for f, v in body.items() if f != "request_id"}
+    command = s.command(command_type, args)
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.put("/v1/kv/{key:(?s:.+)}")
 async def kv_put(request: web.Request) -> web.Response:
-    return await _kv_write(request, "kv.put", {"value"})
+    return await _kv_write(request, KvPut, {"value"})
 
 
 @routes.post("/v1/kv/{key:(?s:.+)}/cas")
 async def kv_cas(request: web.Request) -> web.Response:
-    return await _kv_write(request, "kv.cas", {"value", "expected", "expected_revision"})
+    return await _kv_write(request, KvCas, {"value", "expected", "expected_revision"})
 
 
 @routes.delete("/v1/kv/{key:(?s:.+)}")
 async def kv_delete(request: web.Request) -> web.Response:
-    return await _kv_write(request, "kv.delete", set(), body_required=False)
+    return await _kv_write(request, KvDelete, set(), body_required=False)
 
 
 # -- agents -----------------------------------------------------------------------------
@@ -342,8 +335,9 @@ async def agents_deregister(request: web.Request) -> web.Response:
 # -- locks and elections ----------------------------------------------------------------------
 
 def _lock_name(request: web.Request) -> str:
-    """Lock names; the election namespace is reachable only through /v1/elections."""
-    name = s.name(request.match_info["name"], "name")
+    """Lock names (checked as the lock commands check them, before the body is
+    read); the election namespace is reachable only through /v1/elections."""
+    name = checked(lambda: check_lock_name(request.match_info["name"]))
     if name.startswith(ELECTION_PREFIX):
         raise InvalidInput(f"name: {ELECTION_PREFIX!r} is reserved for /v1/elections", field="name")
     return name
@@ -353,10 +347,11 @@ def _holder(request: web.Request, body: dict[str, Any], field: str) -> str:
     """Who holds (or campaigns for) a lock: for an agent caller its own id
     (``field`` may be left out; naming another is a 403 for ``self``, so no
     agent can release, refresh or take the fencing token of another's lock);
-    the admin, and anyone on an anonymous node, names any holder."""
+    the admin, and anyone on an anonymous node, names any holder (checked as
+    the lock commands check it, naming ``field``, before ``ttl_s`` as always)."""
     principal = principal_of(request)
     if principal is None or principal.kind != "agent" or request.app[AUTH].settings.allow_anonymous:
-        return s.name(body.get(field), field)
+        return checked(lambda: check_holder(body.get(field), field))
     given = body.get(field, principal.agent_id)
     if given != principal.agent_id:
         request.app[AUTH].denied["self"] += 1
@@ -369,17 +364,17 @@ def _holder(request: web.Request, body: dict[str, Any], field: str) -> str:
 async def locks_acquire(request: web.Request) -> web.Response:
     name = _lock_name(request)
     body = await s.json_body(request, {"holder", "ttl_s", "request_id"})
-    args = {"name": name, "holder": _holder(request, body, "holder"),
-            "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
-    return ok(await node_of(request).write("lock.acquire", args, s.origin(request, body)))
+    command = s.command(LockAcquire, {"name": name, "holder": _holder(request, body, "holder"),
+                                      "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.delete("/v1/locks/{name:(?s:.+)}")
 async def locks_release(request: web.Request) -> web.Response:
     name = _lock_name(request)
     body = await s.json_body(request, {"holder", "request_id"})
-    args = {"name": name, "holder": _holder(request, body, "holder")}
-    return ok(await node_of(request).write("lock.release", args, s.origin(request, body)))
+    command = s.command(LockRelease, {"name": name, "holder": _holder(request, body, "holder")})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.get("/v1/locks/{name:(?s:.+)}")
@@ -398,19 +393,18 @@ async def locks_get(request: web.Request) -> web.Response:
 async def elections_campaign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "ttl_s", "request_id"})
-    candidate = _holder(request, body, "candidate")
-    args = {"name": ELECTION_PREFIX + name, "holder": candidate,
-            "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)}
-    result = await node_of(request).write("lock.acquire", args, s.origin(request, body))
-    return ok({"elected": True, "leader": candidate, "fencing_token": result["fencing_token"]})
+    command = s.command(LockAcquire, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate"),
+                                      "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)})
+    result = await node_of(request).write_command(command, s.origin(request, body))
+    return ok({"elected": True, "leader": command.holder, "fencing_token": result["fencing_token"]})
 
 
 @routes.post("/v1/elections/{name:(?s:.+)}/resign")
 async def elections_resign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", 200)
     body = await s.json_body(request, {"candidate", "request_id"})
-    args = {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")}
-    return ok(await node_of(request).write("lock.release", args, s.origin(request, body)))
+    command = s.command(LockRelease, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.get("/v1/elections/{name:(?s:.+)}")

@@ -9,24 +9,35 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from coordinator.api.auth import principal_of
 from coordinator.api.keys import IMPLIED_REQUEST_ID
 from coordinator.codec import check_value
+from coordinator.commands.base import MAX_KEY_LEN, MAX_NAME_LEN, DomainCommand, Rejected
+from coordinator.commands.kv import check_key
 from coordinator.errors import InvalidInput
-from coordinator.services.proposals import request_key
+from coordinator.services.proposals import request_key, state_error
 from coordinator.state.access import check_public_key
-from coordinator.state.base import Rejected
 from coordinator.types import RequestKey
 
-MAX_KEY_LEN = 1024
-MAX_NAME_LEN = 256
 MAX_REQUEST_ID_LEN = 128
 MAX_DEPTH = 100  # JSON nesting; msgpack refuses ~500, json.loads ~1000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+C = TypeVar("C", bound=DomainCommand)
+
+
+def command(command_type: type[C], args: Mapping[str, Any]) -> C:
+    """``command_type.parse(args)``: the command's own validation, run before
+    proposing; its refusal is this request's error (400 naming the field)."""
+    try:
+        return command_type.parse(args)
+    except Rejected as exc:
+        raise state_error(exc.code, exc.message) from None
 
 
 async def json_body(request: web.Request, allowed: set[str], *, required: bool = True) -> dict[str, Any]:
@@ -154,18 +165,6 @@ def origin(request: web.Request, body: dict[str, Any]) -> RequestKey:
                        json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
 
 
-def fence(body: dict[str, Any]) -> dict[str, Any] | None:
-    value = body.get("fence")
-    if value is None:
-        return None
-    value = obj(value, "fence")
-    unknown = sorted(set(value) - {"lock", "token"})
-    if unknown:
-        raise InvalidInput(f"fence.{unknown[0]}: unknown field", field=f"fence.{unknown[0]}")
-    return {"lock": name(value.get("lock"), "fence.lock"),
-            "token": integer(value.get("token"), "fence.token", 0, 2**63 - 1)}
-
-
 def prefix(request: web.Request) -> str:
     """``?prefix=`` of list and watch: empty means everything."""
     value = request.query.get("prefix", "")
@@ -175,7 +174,12 @@ def prefix(request: web.Request) -> str:
 
 
 def key(request: web.Request) -> str:
-    return name(request.match_info["key"], "key", MAX_KEY_LEN)
+    """The key in the path, checked as the kv commands check it (a bad path
+    is answered before the body is read)."""
+    try:
+        return check_key(request.match_info["key"])
+    except Rejected as exc:
+        raise state_error(exc.code, exc.message) from None
 
 
 def public_key(value: Any, field: str) -> str:

@@ -28,6 +28,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.commands.locks import LockExpire
 from coordinator.errors import CoordinatorError, NotFound, Unavailable
 from coordinator.ports import Clock, KnowsQuorumContact
 from coordinator.services.applier import Applier
@@ -181,7 +182,8 @@ class LeaseKeeper:
                 self._spawn_expiry("agent", agent_id, "agent.expire", {"id": agent_id, "lease_id": lease.lease_id})
         for name, lease in list(self._locks.items()):
             if lease.deadline <= now and ("lock", name) not in self._expiring:
-                self._spawn_expiry("lock", name, "lock.expire", {"name": name, "token": lease.lease_id})
+                expire = LockExpire(name, lease.lease_id)
+                self._spawn_expiry("lock", name, expire.op, expire.to_args())
 
     def _spawn_expiry(self, kind: str, name: str, op: str, args: dict[str, Any]) -> None:
         self._expiring.add((kind, name))

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from coordinator.commands.base import DomainCommand
 from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, ReplicaHalted, Unavailable
 from coordinator.ports import BusTransport, Clock, ConfirmsReads, ConsensusEngine, KnowsQuorumContact, Rng
@@ -289,6 +290,11 @@ class CoordinatorNode:
 
     async def write(self, op: str, args: dict[str, Any], request: RequestKey | None = None) -> Any:
         return raise_for(await self.proposer.propose(op, args, request))
+
+    async def write_command(self, command: DomainCommand, request: RequestKey | None = None) -> Any:
+        """Propose a parsed command (``command.op`` with ``command.to_args()``)
+        and return its value; raises like ``write``."""
+        return raise_for(await self.proposer.propose(command.op, command.to_args(), request))
 
     async def view(self, consistency: str) -> StateView:
         """The local replica to read, after ``read_barrier(consistency)``: a

@@ -7,6 +7,12 @@ they produce ``Result.error`` and change nothing.
 
 Ownership: one instance per node, touched only by the event loop thread
 (``services.applier`` feeds it in log order).
+
+Dispatch: an operation with a typed command (``coordinator.commands.COMMANDS``)
+has its args parsed into that type first (a refusal is ``Result.error``, as
+from a handler) and its handler takes the typed command. Migration goes
+domain by domain: the operations without a type still hand their handler the
+args dict, and the handler validates it.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from coordinator.commands import COMMANDS
+from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS, DomainCommand
+from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
+from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 from coordinator.errors import InvariantError
 from coordinator.state.access import Access, check_public_key
 from coordinator.state.balancing import Policies
 from coordinator.state.base import (
-    MAX_KEY_LEN,
     ApplyContext,
     Rejected,
     approx_size,
@@ -47,11 +56,8 @@ from coordinator.state.transforms import Outcome, Transforms
 from coordinator.types import COMMAND_VERSION, Command, Event, Result, build_result
 
 SNAPSHOT_VERSION = 1
-MIN_TTL_MS = 1_000
-MAX_TTL_MS = 86_400_000
 MAX_WEIGHT = 1_000_000
 MAX_ENDPOINT_LEN = 2048
-MAX_TOKEN = 2**63 - 1
 # The most committed time may move forward in one entry. A proposer whose
 # clock is far ahead (set to next year, an hour off) cannot expire every TTL,
 # close every window and prune every dedupe entry at once; after a long idle
@@ -89,8 +95,11 @@ class Limits:
     streams: StreamLimits = field(default_factory=StreamLimits)
 
 
-Handler = Callable[["StateMachine", ApplyContext, dict[str, Any]], Any]
+# A handler takes the args dict, or for an operation in COMMANDS its typed command.
+Handler = Callable[["StateMachine", ApplyContext, Any], Any]
 _HANDLERS: dict[str, Handler] = {}
+# op -> the parse of its command type: the handlers of these ops take the command
+_PARSERS: dict[str, Callable[[dict[str, Any]], DomainCommand]] = {op: t.parse for op, t in COMMANDS.items()}
 
 
 def _op(name: str) -> Callable[[Handler], Handler]:
@@ -164,7 +173,8 @@ class StateMachine:
                 raise invalid("op", f"unknown operation {command.op!r}")
             if not isinstance(command.args, dict):
                 raise invalid("args", "must be an object")
-            value = handler(self, ctx, command.args)
+            parse = _PARSERS.get(command.op)
+            value = handler(self, ctx, command.args if parse is None else parse(command.args))
             if self.streams.items:
                 self._run_streams(ctx)
             if ctx.events:
@@ -345,18 +355,14 @@ class StateMachine:
             raise over_quota("registry_bytes_max", f"the registry holds about {self.registry.bytes} bytes, "
                                                     f"over {self.limits.registry_bytes_max} with this agent")
 
-    def check_fence(self, args: dict[str, Any]) -> None:
+    def check_fence(self, fence: Fence) -> None:
         """Refuse a write whose fence is not the current grant of its lock."""
-        if args.get("fence") is None:  # most writes: no fence
-            return
-        fence = require_dict(args, "fence")
-        name = require_str(fence, "lock")
-        token = require_int(fence, "token", 0, MAX_TOKEN)
-        lock = self.locks.locks.get(name)
+        lock = self.locks.locks.get(fence.lock)
         if lock is None:
-            raise Rejected("conflict", f"fence: lock {name!r} is not held")
-        if token != lock.token:
-            raise Rejected("conflict", f"fence: token {token} is not the current grant {lock.token} of lock {name!r}")
+            raise Rejected("conflict", f"fence: lock {fence.lock!r} is not held")
+        if fence.token != lock.token:
+            raise Rejected("conflict", f"fence: token {fence.token} is not the current grant {lock.token} "
+                                       f"of lock {fence.lock!r}")
 
     def release_locks_of(self, ctx: ApplyContext, holder: str, reason: str) -> None:
         for lock in self.locks.held_by(holder):
@@ -403,48 +409,41 @@ def _member_remove(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) ->
 
 # -- key/value -------------------------------------------------------------------
 
-@_op("kv.put")
-def _kv_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    key = require_str(args, "key", MAX_KEY_LEN)
-    if "value" not in args:
-        raise invalid("value", "is required")
-    sm.check_fence(args)
-    size = sm.check_kv_put(ctx.principal, key, args["value"])
-    return {"revision": sm.kv.put(ctx, key, args["value"], size)}
+@_op(KvPut.op)
+def _kv_put(sm: StateMachine, ctx: ApplyContext, cmd: KvPut) -> Any:
+    if cmd.fence is not None:
+        sm.check_fence(cmd.fence)
+    size = sm.check_kv_put(ctx.principal, cmd.key, cmd.value)
+    return {"revision": sm.kv.put(ctx, cmd.key, cmd.value, size)}
 
 
-@_op("kv.cas")
-def _kv_cas(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(KvCas.op)
+def _kv_cas(sm: StateMachine, ctx: ApplyContext, cmd: KvCas) -> Any:
     """Compare-and-set on the value (``expected``; a missing key compares as
     null) or on the revision (``expected_revision``; 0 means absent)."""
-    key = require_str(args, "key", MAX_KEY_LEN)
-    if "value" not in args:
-        raise invalid("value", "is required")
-    has_value = "expected" in args
-    expected_revision = require_int(args, "expected_revision", 0, MAX_TOKEN, optional=True)
-    if has_value == (expected_revision is not None):
-        raise invalid("expected", "give exactly one of expected and expected_revision")
-    sm.check_fence(args)
-    entry = sm.kv.get(key)
-    if has_value:
+    if cmd.fence is not None:
+        sm.check_fence(cmd.fence)
+    entry = sm.kv.get(cmd.key)
+    if cmd.expected_revision is None:
         current = entry.value if entry is not None else None
-        if not json_equal(current, args["expected"]):
-            raise Rejected("conflict", f"key {key!r}: current value is not the expected value")
+        if not json_equal(current, cmd.expected):
+            raise Rejected("conflict", f"key {cmd.key!r}: current value is not the expected value")
     else:
         current_revision = entry.mod_revision if entry is not None else 0
-        if current_revision != expected_revision:
-            raise Rejected("conflict", f"key {key!r}: revision is {current_revision}, not {expected_revision}")
-    size = sm.check_kv_put(ctx.principal, key, args["value"])
-    return {"revision": sm.kv.put(ctx, key, args["value"], size)}
+        if current_revision != cmd.expected_revision:
+            raise Rejected("conflict", f"key {cmd.key!r}: revision is {current_revision}, "
+                                       f"not {cmd.expected_revision}")
+    size = sm.check_kv_put(ctx.principal, cmd.key, cmd.value)
+    return {"revision": sm.kv.put(ctx, cmd.key, cmd.value, size)}
 
 
-@_op("kv.delete")
-def _kv_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    key = require_str(args, "key", MAX_KEY_LEN)
-    sm.check_fence(args)
-    if sm.kv.get(key) is None:
-        raise Rejected("not_found", f"key {key!r} does not exist")
-    return {"revision": sm.kv.delete(ctx, key)}
+@_op(KvDelete.op)
+def _kv_delete(sm: StateMachine, ctx: ApplyContext, cmd: KvDelete) -> Any:
+    if cmd.fence is not None:
+        sm.check_fence(cmd.fence)
+    if sm.kv.get(cmd.key) is None:
+        raise Rejected("not_found", f"key {cmd.key!r} does not exist")
+    return {"revision": sm.kv.delete(ctx, cmd.key)}
 
 
 # -- agents --------------------------------------------------------------------------
@@ -556,30 +555,27 @@ def set_health(sm: StateMachine, ctx: ApplyContext, agent: Agent, health: str, r
 
 # -- locks -----------------------------------------------------------------------------
 
-@_op("lock.acquire")
-def _lock_acquire(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(LockAcquire.op)
+def _lock_acquire(sm: StateMachine, ctx: ApplyContext, cmd: LockAcquire) -> Any:
     """Grant a free lock, or refresh it for its holder (same token)."""
-    name = require_str(args, "name")
-    holder = require_str(args, "holder")
-    ttl_ms = require_int(args, "ttl_ms", MIN_TTL_MS, MAX_TTL_MS)
+    name, holder = cmd.name, cmd.holder
     lock = sm.locks.locks.get(name)
     if lock is not None:
         if lock.holder != holder:
             raise Rejected("conflict", f"lock {name!r} is held by {lock.holder!r}")
-        lock.ttl_ms = ttl_ms
+        lock.ttl_ms = cmd.ttl_ms
         return {"fencing_token": lock.token, "refreshed": True}
     if len(sm.locks.locks) >= sm.limits.locks_max:
         raise Rejected("unavailable", f"too many locks ({sm.limits.locks_max})")
-    lock = Lock(name, holder, ctx.index, ttl_ms, ctx.now_ms)
+    lock = Lock(name, holder, ctx.index, cmd.ttl_ms, ctx.now_ms)
     sm.locks.locks[name] = lock
     sm.events.emit(ctx, "lock.acquired", {"name": name, "holder": holder, "fencing_token": lock.token})
     return {"fencing_token": lock.token, "refreshed": False}
 
 
-@_op("lock.release")
-def _lock_release(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    name = require_str(args, "name")
-    holder = require_str(args, "holder")
+@_op(LockRelease.op)
+def _lock_release(sm: StateMachine, ctx: ApplyContext, cmd: LockRelease) -> Any:
+    name, holder = cmd.name, cmd.holder
     lock = sm.locks.locks.get(name)
     if lock is None:
         raise Rejected("not_found", f"lock {name!r} is not held")
@@ -591,10 +587,9 @@ def _lock_release(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> 
     return {"released": True}
 
 
-@_op("lock.expire")
-def _lock_expire(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    name = require_str(args, "name")
-    token = require_int(args, "token", 0, MAX_TOKEN)
+@_op(LockExpire.op)
+def _lock_expire(sm: StateMachine, ctx: ApplyContext, cmd: LockExpire) -> Any:
+    name, token = cmd.name, cmd.token
     lock = sm.locks.locks.get(name)
     if lock is None or lock.token != token:
         return {"expired": False}
@@ -910,3 +905,5 @@ def _bus_tick(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
 
 
 OPERATIONS = frozenset(_HANDLERS)
+if not _PARSERS.keys() <= OPERATIONS:
+    raise InvariantError(f"command types without a handler: {sorted(_PARSERS.keys() - OPERATIONS)}")

@@ -64,10 +64,10 @@ async def test_an_apply_that_raises_halts_the_engine_and_a_restart_replays(tmp_p
         await eventually(lambda: applier.machine.kv.get("a") is not None, "a to be applied", WAIT_S, interval_s=POLL_S)
         original = machine._HANDLERS["kv.put"]
 
-        def broken(sm, ctx, args):
-            if args["key"] == "b":
+        def broken(sm, ctx, cmd):  # kv.put's handler takes its typed command
+            if cmd.key == "b":
                 raise LookupError("handler bug")
-            return original(sm, ctx, args)
+            return original(sm, ctx, cmd)
 
         monkeypatch.setitem(machine._HANDLERS, "kv.put", broken)
         assert await _submit(engine, _put("b", 2)) is None  # committed: the log is fine, the replica is not

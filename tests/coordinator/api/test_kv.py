@@ -236,3 +236,30 @@ async def test_write_sees_its_own_effect_immediately(h: Harness) -> None:
     for i in range(5):
         await h.put("counter", i)
         assert (await h.get("counter"))["value"] == i
+
+
+# The 400s the kv commands' parse gives, as the routes answered them before (coordinator.commands.kv).
+BAD_KV_REQUESTS = [
+    ("PUT", "/v1/kv/k", {}, "value: is required"),
+    ("PUT", "/v1/kv/k", {"value": 1, "fence": "db"}, "fence: must be an object"),
+    ("PUT", "/v1/kv/k", {"value": 1, "fence": {"lock": "db", "token": 1, "x": 0}}, "fence.x: unknown field"),
+    ("PUT", "/v1/kv/k", {"value": 1, "fence": {"token": 1}}, "fence.lock: must be a string"),
+    ("DELETE", "/v1/kv/k", {"fence": {"lock": "db", "token": -1}},
+     "fence.token: must be between 0 and 9223372036854775807"),
+    ("POST", "/v1/kv/k/cas", {"value": 1}, "expected: give exactly one of expected and expected_revision"),
+    ("POST", "/v1/kv/k/cas", {"value": 1, "expected": 1, "expected_revision": None},
+     "expected_revision: must be an integer"),
+    ("POST", "/v1/kv/k/cas", {"value": 1, "expected_revision": -1},
+     "expected_revision: must be between 0 and 9223372036854775807"),
+    ("PUT", "/v1/kv/" + "k" * 1025, {"value": 1}, "key: must have 1 to 1024 characters"),
+    ("PUT", "/v1/kv/a%7Fb", {"value": 1}, "key: must not contain control characters"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "message"), BAD_KV_REQUESTS,
+                         ids=[f"{m} {p[:20]} {msg}" for m, p, _, msg in BAD_KV_REQUESTS])
+async def test_bad_kv_writes_name_the_field(h: Harness, method: str, path: str, body: dict, message: str) -> None:
+    status, answer = await h.call(method, path, body)
+    assert status == 400
+    assert answer["error"]["message"] == message
+    assert answer["error"]["field"] == message.partition(":")[0]

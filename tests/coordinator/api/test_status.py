@@ -166,8 +166,8 @@ async def test_a_failing_handler_halts_the_node_which_refuses_reads_and_writes(h
     caplog.set_level(logging.CRITICAL)
     await h.put("k", 1)
 
-    def broken(sm, ctx, args):
-        raise ZeroDivisionError(args["value"])
+    def broken(sm, ctx, cmd):  # kv.put's handler takes its typed command
+        raise ZeroDivisionError(cmd.value)
 
     monkeypatch.setitem(machine._HANDLERS, "kv.put", broken)
     index = h.applier.applied_index + 1

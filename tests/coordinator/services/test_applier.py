@@ -155,9 +155,9 @@ def test_a_different_result_gives_a_different_digest(monkeypatch) -> None:
 def _failing_kv_put(monkeypatch) -> None:
     from coordinator.state import machine
 
-    def broken(sm, ctx, args):
-        sm.kv.put(ctx, args["key"], args["value"])  # half-applied: the store moved, then the bug
-        raise KeyError(args["value"])  # the exception's text quotes a caller's value
+    def broken(sm, ctx, cmd):  # kv.put's handler takes its typed command (coordinator.commands.kv.KvPut)
+        sm.kv.put(ctx, cmd.key, cmd.value)  # half-applied: the store moved, then the bug
+        raise KeyError(cmd.value)  # the exception's text quotes a caller's value
 
     monkeypatch.setitem(machine._HANDLERS, "kv.put", broken)
 
