@@ -35,7 +35,10 @@ _HERE = Path(__file__).resolve().parent.parent
 # and PIDs, stops it (by PID, LocalCluster.stop_all) when told on stdin.
 _CLUSTER = """
 import json, sys, tempfile
-from coordinator.devcluster import LocalCluster, free_base_port
+try:
+    from devcluster.cluster import LocalCluster, free_base_port
+except ImportError:  # a checkout from before the launcher left the core package
+    from coordinator.devcluster import LocalCluster, free_base_port
 cluster = LocalCluster(tempfile.mkdtemp(prefix="coord-ab-"), base_port=free_base_port(3), nodes=3,
                        durability="fsync")
 try:

@@ -54,7 +54,7 @@ import aiohttp
 from bench.etcd import EtcdCluster, b64, post_json
 from bench.load import VALUE
 from bench.report import pct, process_cpu_s, write_section
-from coordinator.devcluster import LocalCluster, fetch_json, free_base_port
+from devcluster.cluster import LocalCluster, fetch_json, free_base_port
 
 SYSTEMS = ("etcd", "coord")
 LABEL = {"etcd": "etcd", "coord": "this project"}

@@ -70,7 +70,7 @@ class Servers:
     def start(self) -> None:
         if self.kind == "etcd":
             from bench.etcd import EtcdCluster
-            from coordinator.devcluster import free_base_port
+            from devcluster.cluster import free_base_port
             self._etcd = EtcdCluster(self.directory / "etcd", free_base_port(3))
             self._etcd.start_all()
             self._etcd.wait_leader()

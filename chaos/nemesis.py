@@ -38,7 +38,7 @@ from chaos.power_loss import cut_power
 from chaos.proxy import Faults, Proxy
 from chaos.workload import History
 from coordinator.clock import CLOCK_OFFSET_FILE
-from coordinator.devcluster import LocalCluster
+from devcluster.cluster import LocalCluster
 
 KINDS = ("partition-halves", "partition-majority-ring", "isolate-leader", "bridge", "kill", "kill-all", "pause",
          "kill-leader", "pause-leader", "clock-skew", "lost-fsync")

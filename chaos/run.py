@@ -72,7 +72,7 @@ from chaos.proxy import Proxy
 from chaos.report import bus_report, plot, text_report
 from chaos.stream_workload import StreamWorkload, check_streams
 from chaos.workload import History, check_locks, run_locks, run_register
-from coordinator.devcluster import LocalCluster, free_base_port
+from devcluster.cluster import LocalCluster, free_base_port
 
 
 def check_history(path: Path, timeout_s: float) -> dict[str, Any]:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench_cluster import cpu_s, pct  # noqa: E402
 
 from bench.report import write_section  # noqa: E402
-from coordinator.devcluster import LocalCluster, free_base_port  # noqa: E402
+from devcluster.cluster import LocalCluster, free_base_port  # noqa: E402
 
 AGENT_TYPE = "echo"
 BODY_BYTES = 256

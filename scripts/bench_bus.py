@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bench_cluster import cpu_s, pct  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 from bench.report import write_section  # noqa: E402
-from coordinator.devcluster import LocalCluster  # noqa: E402
+from devcluster.cluster import LocalCluster  # noqa: E402
 
 MAX_REQUESTS_PER_PUBLISHER = 100_000
 DRAIN_S = 15.0

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import cpu_s, write_section  # noqa: E402
 from bench.report import pct as quantile  # noqa: E402
-from coordinator.devcluster import LocalCluster  # noqa: E402
+from devcluster.cluster import LocalCluster  # noqa: E402
 
 VALUE = "v" * 64
 MAX_OPS_PER_CLIENT = 200_000

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench_cluster import _load  # noqa: E402
 
 from bench.report import write_section  # noqa: E402
-from coordinator.devcluster import LocalCluster, free_base_port  # noqa: E402
+from devcluster.cluster import LocalCluster, free_base_port  # noqa: E402
 
 ENGINES = {"raft": 3, "pbft": 4}  # engine -> nodes
 CELLS = (("write", 1), ("write", 16), ("read", 16))  # (kind, clients), in the order they run

@@ -1,4 +1,4 @@
-"""cluster-up.sh / cluster-down.sh: a local cluster on 127.0.0.1 (see coordinator.devcluster)."""
+"""cluster-up.sh / cluster-down.sh: a local cluster on 127.0.0.1 (see devcluster.cluster)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from coordinator.devcluster import LocalCluster, recorded_pid
+from devcluster.cluster import LocalCluster, recorded_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ Both functions do blocking file I/O: call them at startup, or from a
 thread, not from a running event loop.
 
 ``write_dev_keys`` (and ``python -m cluster.pbft.wiring dev-keys DIR ID...``,
-which ``coordinator.devcluster`` runs because the core may not import this
+which ``devcluster.cluster`` runs because the core may not import this
 package) makes the keys of a local dev cluster. The private keys sit
 unencrypted next to the data: local clusters only.
 """

@@ -10,7 +10,7 @@ import pytest
 
 from chaos.nemesis import POWER_LOSS_FLAG, Nemesis
 from chaos.workload import History
-from coordinator.devcluster import LocalCluster
+from devcluster.cluster import LocalCluster
 
 
 def _nemesis(tmp_path, extra_args: tuple[str, ...]) -> Nemesis:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from chaos.proxy import Faults, Proxy, control_app, faults_from
-from coordinator.devcluster import free_base_port
+from devcluster.cluster import free_base_port
 
 
 class Echo:

@@ -49,7 +49,7 @@ async def test_a_refused_request_is_known_unsent_only_when_no_attempt_went_out()
     from aiohttp.test_utils import TestServer
 
     from chaos.workload import make_session
-    from coordinator.devcluster import free_base_port
+    from devcluster.cluster import free_base_port
 
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({})

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from chaos.proxy import Faults, Proxy
-from coordinator.devcluster import LocalCluster, free_base_port
+from devcluster.cluster import LocalCluster, free_base_port
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -16,7 +16,7 @@ import pytest
 
 from cluster.journal import DurableJournal
 from coordinator.client import CoordinatorClient
-from coordinator.devcluster import fetch_json
+from devcluster.cluster import fetch_json
 from tests.waiting import CLUSTER_POLL_S, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -145,7 +145,7 @@ def test_the_secret_stays_out_of_logs_status_and_metrics(make_cluster) -> None:
 
 
 def test_cluster_up_twice_reuses_the_running_cluster(tmp_path) -> None:
-    from coordinator.devcluster import free_base_port
+    from devcluster.cluster import free_base_port
 
     env = dict(os.environ, COORD_BASE_PORT=str(free_base_port()))
     directory = tmp_path / "dot-cluster"

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from coordinator.client import CoordinatorClient
-from coordinator.devcluster import fetch_json
+from devcluster.cluster import fetch_json
 from tests.integration.conftest import isolate, proxied_cluster
 
 pytestmark = pytest.mark.cluster

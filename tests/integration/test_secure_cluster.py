@@ -31,9 +31,9 @@ import pytest
 from coordinator.api.auth import FORWARD_SIG_HEADER, PRINCIPAL_HEADER
 from coordinator.client import CoordinatorClient
 from coordinator.crypto import AgentKeys, SealError, authorization_header, is_sealed
-from coordinator.devcluster import LocalCluster
 from coordinator.errors import Forbidden, Unauthenticated
 from coordinator.services.node import FORWARD_HEADER
+from devcluster.cluster import LocalCluster
 from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster

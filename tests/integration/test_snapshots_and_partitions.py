@@ -10,7 +10,7 @@ import time
 import pytest
 
 from coordinator.client import CoordinatorClient
-from coordinator.devcluster import fetch_json
+from devcluster.cluster import fetch_json
 from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster

@@ -17,8 +17,8 @@ from cluster.pbft.engine import PbftEngine
 from cluster.pbft.wiring import engine_kwargs, main, write_dev_keys
 from coordinator import config
 from coordinator.crypto import AgentKeys
-from coordinator.devcluster import LocalCluster
 from coordinator.errors import InvalidInput
+from devcluster.cluster import LocalCluster
 
 SECRET = "Zq3v-8kLm_W2xRt9bNc4YhPe7uJd0sAf"  # passes config.weak_secret
 IDS = ["n1", "n2", "n3", "n4"]
@@ -232,7 +232,7 @@ def test_the_dev_keys_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["dev-keys", str(tmp_path / "k"), "../x"]) == 2
 
 
-# -- LocalCluster with engine pbft (coordinator/devcluster.py; no process is started) ----------------
+# -- LocalCluster with engine pbft (devcluster/cluster.py; no process is started) ----------------
 
 
 def test_the_dev_cluster_makes_keys_that_every_node_accepts(tmp_path: Path) -> None:
