@@ -127,7 +127,15 @@ def test_skipped_fsync_is_caught_by_lost_fsync(tmp_path) -> None:
     result, verdict, run = _run(tmp_path, "--duration", "14", "--nemesis", "lost-fsync",
                                 "--fault-s", "3", "--quiet-s", "5", "--seed", "506", "--unsafe-skip-fsync")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-2000:]
-    assert verdict["register"]["verdict"] == "not linearizable"
-    assert verdict["register"]["anomaly"]
+    # The lost writes show in whichever history observed them: a register read
+    # older than an acknowledged write, or a lock's fenced write accepted after
+    # a later grant (the lock state went back with the journal). Which one
+    # catches it depends on what the clients did around the cut.
+    register_caught = verdict["register"]["verdict"] == "not linearizable"
+    locks_caught = not verdict["locks"]["valid"]
+    assert register_caught or locks_caught, verdict
+    if register_caught:
+        assert verdict["register"]["anomaly"]
     assert sum(_power_cuts(run)[0]["dropped_bytes"].values()) > 1000
-    assert "not linearizable" in (run / "report.txt").read_text()
+    report = (run / "report.txt").read_text()
+    assert "not linearizable" in report or "fencing VIOLATED" in report
