@@ -122,9 +122,10 @@ def run_cell(systems: Systems, system: str, kind: str, clients: int, seconds: fl
     share = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     first = 0
     children = []
+    urls = ",".join(systems.urls(system))  # asks the members who leads: before the cell's CPU is counted
     term_before, cpu_before = systems.term(system), systems.server_cpu_s(system)
     for count in share:
-        cmd = [sys.executable, "-m", "bench.load", "--system", system, "--urls", ",".join(systems.urls(system)),
+        cmd = [sys.executable, "-m", "bench.load", "--system", system, "--urls", urls,
                "--clients", str(count), "--seconds", str(seconds), "--kind", kind, "--first-client", str(first)]
         children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         first += count

@@ -106,7 +106,7 @@ class Proposer:
         # One timer for all proposals instead of one per proposal: deadlines
         # are appended in order (timeout_s is fixed), the timer fires for the
         # oldest and re-arms for the next.
-        self._deadlines: deque[tuple[float, tuple[asyncio.Future[Any], ...]]] = deque()
+        self._deadlines: deque[tuple[float, tuple[asyncio.Future[Any] | None, ...]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     async def propose(self, op: str, args: dict[str, Any], request: RequestKey | None = None) -> Result:
@@ -157,7 +157,7 @@ class Proposer:
 
         try:
             self.engine.submit(blob, done)
-            self._expire_at(future if confirmed is None else (future, confirmed))
+            self._expire_at(future, confirmed)
             result = await future
             if confirmed is not None:
                 await confirmed
@@ -180,11 +180,11 @@ class Proposer:
         self._count("committed")
         return result
 
-    def _expire_at(self, waiting: asyncio.Future[Any] | tuple[asyncio.Future[Any], ...]) -> None:
-        """Fail ``waiting`` with ``_Expired`` if still pending ``timeout_s`` from now."""
+    def _expire_at(self, *waiting: asyncio.Future[Any] | None) -> None:
+        """Fail each of ``waiting`` (None: nothing) with ``_Expired`` if still pending ``timeout_s`` from now."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        self._deadlines.append((deadline, waiting if isinstance(waiting, tuple) else (waiting,)))
+        self._deadlines.append((deadline, waiting))
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._expire)
 
@@ -194,7 +194,7 @@ class Proposer:
         now = loop.time()
         while self._deadlines and self._deadlines[0][0] <= now:
             for waiting in self._deadlines.popleft()[1]:
-                if not waiting.done():
+                if waiting is not None and not waiting.done():
                     waiting.set_exception(_Expired())
         if self._deadlines:
             self._timer = loop.call_at(self._deadlines[0][0], self._expire)
