@@ -17,13 +17,13 @@ from coordinator.api import schemas as s
 from coordinator.api.auth import forward_signer, principal_of
 from coordinator.api.routes import node_of, ok
 from coordinator.api.visibility import visibility
+from coordinator.commands.messages import FIELDS as MESSAGE_FIELDS
+from coordinator.commands.messages import GUARANTEES
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from coordinator.redact import redact_url
 from coordinator.services.bus import NotLeader
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode
 from coordinator.state.bus import MAX_FETCH, START_KINDS
-from coordinator.state.messages import FIELDS as MESSAGE_FIELDS
-from coordinator.state.messages import GUARANTEES
 
 bus_routes = web.RouteTableDef()
 

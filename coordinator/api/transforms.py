@@ -11,11 +11,11 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.routes import node_of, ok
 from coordinator.api.visibility import visibility
+from coordinator.commands.messages import normalize
+from coordinator.commands.topics import check_pattern, check_topic
 from coordinator.errors import InvalidInput, NotFound
 from coordinator.services.proposals import state_error
 from coordinator.state.base import Rejected
-from coordinator.state.messages import normalize
-from coordinator.state.topics import check_pattern, check_topic
 from coordinator.state.transforms import Failed, RuleError, check_name, parse, run
 
 transform_routes = web.RouteTableDef()

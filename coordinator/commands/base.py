@@ -133,6 +133,61 @@ def require_dict(args: Mapping[str, Any], name: str, *, optional: bool = False) 
     return value
 
 
+def approx_size(value: Any) -> int:
+    """A deterministic size of a JSON value in bytes (close to its JSON
+    text): strings by their length, numbers 8, containers their parts.
+    Iterative, so deep nesting cannot overflow the stack."""
+    if type(value) is str:  # most values and keys
+        return len(value) + 2
+    size = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += len(item) + 2
+        elif isinstance(item, dict):
+            size += 2
+            for key, inner in item.items():
+                size += len(key) + 3
+                stack.append(inner)
+        elif isinstance(item, list):
+            size += 2 + len(item)
+            stack.extend(item)
+        else:
+            size += 8
+    return size
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Equality of JSON values that, unlike ``==``, tells ``true`` from ``1``.
+
+    Iterative, not recursive: a value nested as deep as the codec carries must
+    not raise ``RecursionError`` out of ``apply``.
+    """
+    pending = [(a, b)]
+    while pending:
+        a, b = pending.pop()
+        if isinstance(a, bool) or isinstance(b, bool):
+            if not (isinstance(a, bool) and isinstance(b, bool) and a is b):
+                return False
+        elif isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            if a != b:
+                return False
+        elif type(a) is not type(b):
+            return False
+        elif isinstance(a, list):
+            if len(a) != len(b):
+                return False
+            pending.extend(zip(a, b, strict=True))
+        elif isinstance(a, dict):
+            if a.keys() != b.keys():
+                return False
+            pending.extend((a[k], b[k]) for k in a)
+        elif a != b:
+            return False
+    return True
+
+
 class DomainCommand:
     """A domain's typed command: what a ``coordinator.types.Command`` carries
     as ``op`` and ``args``, with every argument checked.

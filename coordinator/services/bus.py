@@ -24,12 +24,14 @@ import logging
 from collections import deque
 from typing import Any
 
+from coordinator.commands import filters
+from coordinator.commands.messages import in_batch, normalize
+from coordinator.commands.topics import check_pattern, check_topic, is_pattern
 from coordinator.errors import CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
 from coordinator.ports import BusTransport, Clock, Rng
 from coordinator.services.applier import Applier
 from coordinator.services.duties import LeaderDuties
 from coordinator.services.proposals import Proposer, raise_for, state_error
-from coordinator.state import filters
 from coordinator.state.base import Rejected
 from coordinator.state.bus import (
     MAX_BATCH,
@@ -40,8 +42,6 @@ from coordinator.state.bus import (
     check_publishable_topic,
     effective_guarantee,
 )
-from coordinator.state.messages import in_batch, normalize
-from coordinator.state.topics import check_pattern, check_topic, is_pattern
 from coordinator.types import Command, RequestKey, Result
 
 log = logging.getLogger(__name__)

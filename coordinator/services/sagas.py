@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from coordinator.commands.messages import normalize
 from coordinator.errors import CoordinatorError
 from coordinator.ports import Clock
 from coordinator.services.agent_http import EndpointGuard, agent_url, read_capped
@@ -43,7 +44,6 @@ from coordinator.services.bus import BusService
 from coordinator.services.duties import LeaderDuties
 from coordinator.services.proposals import Proposer, raise_for
 from coordinator.state.base import Rejected
-from coordinator.state.messages import normalize
 from coordinator.state.sagas import Saga, idempotency_key
 
 log = logging.getLogger(__name__)

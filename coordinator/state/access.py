@@ -24,9 +24,9 @@ import base64
 import binascii
 from typing import Any
 
+from coordinator.commands.topics import check_pattern
 from coordinator.state.base import Rejected, check_int, check_object, check_str, invalid
 from coordinator.state.endpoints import check_allow_list
-from coordinator.state.topics import check_pattern
 
 TOPIC_ACTIONS = ("send", "receive", "subscribe")
 TOKEN_ACTIONS = (*TOPIC_ACTIONS, "invoke", "serve", "saga")

@@ -29,8 +29,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.commands import filters
+from coordinator.commands.messages import GUARANTEES, MAX_ID_LEN, in_batch, normalize
+from coordinator.commands.topics import check_pattern, check_topic, is_pattern, matches
 from coordinator.errors import InvariantError
-from coordinator.state import filters
 from coordinator.state.base import (
     ApplyContext,
     Rejected,
@@ -42,9 +44,7 @@ from coordinator.state.base import (
     invalid,
     over_quota,
 )
-from coordinator.state.messages import GUARANTEES, MAX_ID_LEN, in_batch, normalize
 from coordinator.state.projections import lookup, scalar_key
-from coordinator.state.topics import check_pattern, check_topic, is_pattern, matches
 from coordinator.types import Event
 
 RESERVED_PREFIXES = ("agent.", "lock.", "system.")

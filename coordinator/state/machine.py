@@ -23,9 +23,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coordinator.commands import COMMANDS
+from coordinator.commands.agents import HEALTH_STATES, MAX_ENDPOINT_LEN, MAX_WEIGHT
 from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS, DomainCommand
 from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
+from coordinator.commands.messages import normalize
+from coordinator.commands.topics import matches
 from coordinator.errors import InvariantError
 from coordinator.state.access import Access, check_public_key
 from coordinator.state.balancing import Policies
@@ -46,18 +49,14 @@ from coordinator.state.events import EventLog
 from coordinator.state.eventstore import EventStore, EventStoreLimits, StoredEvent, category_of
 from coordinator.state.kv import KvStore, entry_size
 from coordinator.state.locks import Lock, Locks
-from coordinator.state.messages import normalize
 from coordinator.state.projections import Folded, ProjectionLimits, Projections, normalize_definition
-from coordinator.state.registry import HEALTH_STATES, Agent, Member, Members, Registry, agent_size
+from coordinator.state.registry import Agent, Member, Members, Registry, agent_size
 from coordinator.state.sagas import SagaLimits, Sagas
 from coordinator.state.streams import Emission, StreamLimits, Streams
-from coordinator.state.topics import matches
 from coordinator.state.transforms import Outcome, Transforms
 from coordinator.types import COMMAND_VERSION, Command, Event, Result, build_result
 
 SNAPSHOT_VERSION = 1
-MAX_WEIGHT = 1_000_000
-MAX_ENDPOINT_LEN = 2048
 # The most committed time may move forward in one entry. A proposer whose
 # clock is far ahead (set to next year, an hour off) cannot expire every TTL,
 # close every window and prune every dedupe entry at once; after a long idle

@@ -40,8 +40,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.commands.topics import check_pattern, matches
 from coordinator.state.base import Rejected, check_known, check_object, check_resource_name, check_str, invalid
-from coordinator.state.topics import check_pattern, matches
 
 FOLDS = ("count", "sum", "min", "max", "last", "set")
 NUMERIC_FOLDS = ("sum", "min", "max")

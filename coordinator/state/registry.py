@@ -11,8 +11,6 @@ from typing import Any
 
 from coordinator.state.base import approx_size
 
-HEALTH_STATES = ("healthy", "unhealthy", "unknown")
-
 
 @dataclass(slots=True)
 class Agent:

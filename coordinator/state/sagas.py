@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.commands.topics import check_topic
 from coordinator.state.base import (
     ApplyContext,
     Rejected,
@@ -51,7 +52,6 @@ from coordinator.state.base import (
     over_quota,
 )
 from coordinator.state.events import EventLog
-from coordinator.state.topics import check_topic
 
 SAGA_STATES = ("running", "compensating", "completed", "compensated", "failed-stuck")
 FINAL_STATES = frozenset({"completed", "compensated", "failed-stuck"})

@@ -53,6 +53,8 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.commands.agents import HEALTH_STATES
+from coordinator.commands.topics import check_pattern, check_topic, matches
 from coordinator.state.base import (
     Rejected,
     check_int,
@@ -75,8 +77,6 @@ from coordinator.state.projections import (
     scalar_key,
     step,
 )
-from coordinator.state.registry import HEALTH_STATES
-from coordinator.state.topics import check_pattern, check_topic, matches
 
 DEFINITION_FIELDS = ("source", "types", "group_by", "window", "pattern", "fold", "field", "lateness_s", "emit",
                      "action")

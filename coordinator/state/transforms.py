@@ -38,8 +38,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.commands.topics import check_pattern, check_topic, matches
 from coordinator.state.base import Rejected, check_resource_name, invalid
-from coordinator.state.topics import check_pattern, check_topic, matches
 
 MAX_RULE_LEN = 8192
 MAX_STATEMENTS = 64

@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from coordinator.api.auth import NONCE_RE, AgentCredential, AuthSettings, parse_authorization
+from coordinator.commands.messages import FIELDS as MESSAGE_FIELDS
 from coordinator.crypto import AgentKeys, authorization_header
 from coordinator.errors import Unauthenticated
-from coordinator.state.messages import FIELDS as MESSAGE_FIELDS
 from tests.coordinator.api.conftest import Harness, HarnessFactory
 
 # -- parse_authorization ----------------------------------------------------------------------------

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.codec import decode_snapshot, encode_snapshot
+from coordinator.commands.topics import check_pattern, matches
 from coordinator.state import StateMachine
 from coordinator.state.access import MAX_PERMISSIONS, MAX_ROLES, MAX_ROLES_PER_AGENT, Access, check_public_key, covers
 from coordinator.state.base import Rejected
-from coordinator.state.topics import check_pattern, matches
 from coordinator.types import Command
 
 # -- covers -------------------------------------------------------------------------------------------

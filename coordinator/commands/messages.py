@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.state.base import Rejected, check_int, check_number, check_str, invalid
-from coordinator.state.topics import check_topic
+from coordinator.commands.base import Rejected, check_int, check_number, check_str, invalid
+from coordinator.commands.topics import check_topic
 
 TYPES = ("command", "event", "request", "response", "notification")
 GUARANTEES = ("at-most-once", "at-least-once", "exactly-once")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from coordinator.state.base import Rejected, json_equal
+from coordinator.commands.base import Rejected, json_equal
 
 MAX_FILTER_LEN = 1024
 MAX_DEPTH = 32

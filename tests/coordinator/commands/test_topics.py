@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordinator.commands.topics import check_pattern, check_topic, is_pattern, matches
 from coordinator.state.base import Rejected
-from coordinator.state.topics import check_pattern, check_topic, is_pattern, matches
 
 
 @pytest.mark.parametrize(("pattern", "topic", "expected"), [

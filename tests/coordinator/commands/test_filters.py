@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordinator.commands.filters import FilterError, evaluate, parse
 from coordinator.state.base import Rejected
-from coordinator.state.filters import FilterError, evaluate, parse
 
 MESSAGE = {"type": "event", "priority": 5, "headers": {"region": "eu", "tier": "gold"},
            "payload": {"total": 150, "items": ["x"], "vip": True, "note": None, "order": {"id": "o-1"}}}

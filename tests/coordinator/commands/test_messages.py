@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordinator.commands.messages import GUARANTEES, TYPES, normalize
 from coordinator.state.base import Rejected
-from coordinator.state.messages import GUARANTEES, TYPES, normalize
 
 NOW = 1_700_000_000_000
 GOOD = {"id": "m-1", "type": "event", "source": "agent-7", "payload": {"n": 1}}

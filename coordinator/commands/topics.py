@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from coordinator.state.base import Rejected, invalid
+from coordinator.commands.base import Rejected, invalid
 
 MAX_TOPIC_LEN = 256
 MAX_TOKENS = 16
