@@ -16,26 +16,31 @@ from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.auth import forward_signer
-from coordinator.api.routes import node_of, ok
+from coordinator.api.routes import checked, node_of, ok
+from coordinator.commands.balancer import (
+    MAX_TIMEOUT_S,
+    MIN_TIMEOUT_S,
+    POLICY_FIELDS,
+    ServiceConfigure,
+    ServiceRemove,
+    check_type,
+)
 from coordinator.errors import InvalidInput
 from coordinator.services.balancer.service import Invocation
 from coordinator.services.node import CoordinatorNode
-from coordinator.services.proposals import state_error
 from coordinator.services.view import StateView
-from coordinator.state.balancing import MAX_TIMEOUT_S, normalize_policy
-from coordinator.state.base import Rejected
 
 service_routes = web.RouteTableDef()
 
-POLICY_FIELDS = {"strategy", "path", "timeout_s", "health_check", "breaker", "rate_limit", "retry"}
-KEY_MAX = 1024
+KEY_MAX = 1024  # a consistent-hash key (the API's own limit: an invocation is not a command)
 TRUE = ("1", "true", "yes")
 VIEW_FIELDS = ("breaker", "inflight", "latency_ms", "requests")  # what one node's balancer knows of an agent
 CLUSTER_VIEW_TIMEOUT_S = 1.0
 
 
 def _type(request: web.Request) -> str:
-    return s.name(request.match_info["type"], "type")
+    """The path's agent type, checked as the service commands check it (before the body is read)."""
+    return checked(lambda: check_type(request.match_info["type"]))
 
 
 @service_routes.post("/v1/services/{type}/invoke")
@@ -49,13 +54,13 @@ async def invoke(request: web.Request) -> web.Response:
     timeout_s = _timeout(request.query.get("timeout_s", request.headers.get("X-Coord-Timeout")))
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key is not None:
-        s.name(idempotency_key, "Idempotency-Key", 256)
+        s.name(idempotency_key, "Idempotency-Key")
     idempotent = (request.query.get("idempotent", request.headers.get("X-Coord-Idempotent", "")).lower() in TRUE)
     caller = request.headers.get("X-Coord-Caller")
     if caller is not None:
-        s.name(caller, "X-Coord-Caller", 256)
+        s.name(caller, "X-Coord-Caller")
     request_id = request.headers.get("X-Request-Id") or f"req-{node.rng.token_hex(8)}"
-    s.name(request_id, "X-Request-Id", 128)
+    s.name(request_id, "X-Request-Id", s.MAX_REQUEST_ID_LEN)
     answer = await node.balancer.invoke(Invocation(
         agent_type, body, request.headers.get("Content-Type"), request_id, timeout_s=timeout_s, key=key,
         idempotent=idempotent, idempotency_key=idempotency_key, caller=caller))
@@ -69,29 +74,27 @@ def _timeout(raw: str | None) -> float | None:
         value = float(raw)
     except ValueError:
         raise InvalidInput("timeout_s: must be a number of seconds", field="timeout_s") from None
-    if not math.isfinite(value) or not 0.01 <= value <= MAX_TIMEOUT_S:
-        raise InvalidInput(f"timeout_s: must be between 0.01 and {MAX_TIMEOUT_S:g} seconds", field="timeout_s")
+    if not math.isfinite(value) or not MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S:
+        raise InvalidInput(f"timeout_s: must be between {MIN_TIMEOUT_S:g} and {MAX_TIMEOUT_S:g} seconds",
+                           field="timeout_s")
     return value
 
 
 @service_routes.put("/v1/services/{type}")
 async def configure(request: web.Request) -> web.Response:
     agent_type = _type(request)
-    body = await s.json_body(request, POLICY_FIELDS | {"request_id"}, required=False)
-    policy = {k: v for k, v in body.items() if k in POLICY_FIELDS}
-    try:
-        normalize_policy(policy)
-    except Rejected as exc:
-        raise state_error(exc.code, exc.message) from None
-    return ok(await node_of(request).write("service.configure", {"type": agent_type, "policy": policy},
-                                           s.origin(request, body)))
+    body = await s.json_body(request, {*POLICY_FIELDS, "request_id"}, required=False)
+    command = s.command(ServiceConfigure, {"type": agent_type,
+                                           "policy": {k: v for k, v in body.items() if k in POLICY_FIELDS}})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @service_routes.delete("/v1/services/{type}")
 async def remove(request: web.Request) -> web.Response:
     agent_type = _type(request)
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("service.remove", {"type": agent_type}, s.origin(request, body)))
+    command = s.command(ServiceRemove, {"type": agent_type})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @service_routes.get("/v1/services/{type}")

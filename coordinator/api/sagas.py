@@ -1,6 +1,6 @@
 """HTTP routes of sagas: start, read, list, cancel. Parse → one service
-call → render. A definition is checked before it is proposed (400 naming
-the field), and checked again by the state machine when applied."""
+call → render. A start or a cancel is parsed into its command before it is
+proposed (400 naming the field); every replica parses it again when applying."""
 
 from __future__ import annotations
 
@@ -9,33 +9,27 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.api import schemas as s
-from coordinator.api.routes import node_of, ok
+from coordinator.api.routes import checked, node_of, ok
 from coordinator.api.visibility import visibility
+from coordinator.commands.base import MAX_TOKEN
+from coordinator.commands.sagas import DEFINITION_FIELDS, SAGA_STATES, SagaCancel, SagaStart, check_saga_id
 from coordinator.errors import InvalidInput, NotFound
-from coordinator.services.proposals import state_error
-from coordinator.state.base import Rejected
-from coordinator.state.sagas import MAX_STEP_ID_LEN, SAGA_STATES, normalize_definition
 
 saga_routes = web.RouteTableDef()
 
 LIST_LIMIT_MAX = 1000
-DEFINITION_FIELDS = {"id", "name", "steps", "input", "compensation_retry"}
 
 
 def _saga_id(request: web.Request) -> str:
-    return s.name(request.match_info["saga"], "saga", MAX_STEP_ID_LEN)
+    """The path's saga id, checked as the saga commands check it (before the body is read)."""
+    return checked(lambda: check_saga_id(request.match_info["saga"]))
 
 
 @saga_routes.post("/v1/sagas")
 async def start_saga(request: web.Request) -> web.Response:
-    body = await s.json_body(request, DEFINITION_FIELDS | {"request_id"})
-    definition = {k: v for k, v in body.items() if k in DEFINITION_FIELDS}
-    try:
-        normalize_definition(definition)
-    except Rejected as exc:
-        raise state_error(exc.code, exc.message) from None
-    result = await node_of(request).write("saga.start", {"definition": definition}, s.origin(request, body))
-    return ok(result, status=201)
+    body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
+    command = s.command(SagaStart, {"definition": {k: v for k, v in body.items() if k in DEFINITION_FIELDS}})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)), status=201)
 
 
 @saga_routes.get("/v1/sagas/{saga}")
@@ -58,7 +52,7 @@ async def list_sagas(request: web.Request) -> web.Response:
     if state is not None and state not in SAGA_STATES:
         raise InvalidInput(f"state: must be one of {', '.join(SAGA_STATES)}", field="state")
     limit = s.query_int(request, "limit", 100, 1, LIST_LIMIT_MAX) or 100
-    after = s.query_int(request, "after", 0, 0, 2**63 - 1) or 0
+    after = s.query_int(request, "after", 0, 0, MAX_TOKEN) or 0
     order = request.query.get("order", "oldest")
     if order not in ("oldest", "newest"):
         raise InvalidInput("order: must be oldest or newest", field="order")
@@ -82,6 +76,6 @@ async def cancel_saga(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"reason", "request_id"}, required=False)
     args: dict[str, Any] = {"saga": saga_id}
     if body.get("reason") is not None:
-        args["reason"] = s.name(body["reason"], "reason", 1024)
-    return ok(await node_of(request).write("saga.cancel", args, s.origin(request, body)))
+        args["reason"] = body["reason"]
+    return ok(await node_of(request).write_command(s.command(SagaCancel, args), s.origin(request, body)))
 

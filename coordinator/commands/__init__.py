@@ -11,10 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
 from coordinator.commands.base import DomainCommand
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
+from coordinator.commands.sagas import SagaCancel, SagaOutcome, SagaResumed, SagaRetry, SagaStart
 
-_TYPES: tuple[type[DomainCommand], ...] = (KvPut, KvCas, KvDelete, LockAcquire, LockRelease, LockExpire)
+_TYPES: tuple[type[DomainCommand], ...] = (
+    KvPut, KvCas, KvDelete, LockAcquire, LockRelease, LockExpire,
+    SagaStart, SagaOutcome, SagaRetry, SagaResumed, SagaCancel, ServiceConfigure, ServiceRemove,
+)
 
 COMMANDS: Mapping[str, type[DomainCommand]] = MappingProxyType({t.op: t for t in _TYPES})

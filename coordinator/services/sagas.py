@@ -34,7 +34,9 @@ from typing import Any
 
 import aiohttp
 
+from coordinator.commands.base import Rejected
 from coordinator.commands.messages import normalize
+from coordinator.commands.sagas import SagaOutcome, SagaResumed, SagaRetry
 from coordinator.errors import CoordinatorError
 from coordinator.ports import Clock
 from coordinator.services.agent_http import EndpointGuard, agent_url, read_capped
@@ -43,7 +45,6 @@ from coordinator.services.balancer.service import Balancer, Invocation
 from coordinator.services.bus import BusService
 from coordinator.services.duties import LeaderDuties
 from coordinator.services.proposals import Proposer, raise_for
-from coordinator.state.base import Rejected
 from coordinator.state.sagas import Saga, idempotency_key
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,13 @@ class Outcome:
     error: str | None = None
     permanent: bool = False
 
-    def args(self, key: Key) -> dict[str, Any]:
-        saga, step, phase, attempt = key
-        out: dict[str, Any] = {"saga": saga, "step": step, "phase": phase, "attempt": attempt, "ok": self.ok}
+    def command(self, key: Key) -> SagaOutcome:
+        """The ``saga.outcome`` of attempt ``key``. Built whole, not parsed: the
+        error goes in the log as it was always written (the parse on every
+        replica cuts it to ``MAX_ERROR_LEN``)."""
         if self.ok:
-            out["result"] = self.result
-        else:
-            out["error"] = self.error
-            out["permanent"] = self.permanent
-        return out
+            return SagaOutcome(*key, ok=True, result=self.result)
+        return SagaOutcome(*key, ok=False, error=self.error, permanent=self.permanent)
 
 
 def _judge(who: str, status: int, raw: bytes) -> Outcome:
@@ -189,8 +188,7 @@ class SagaOrchestrator:
         if saga is None:
             return
         if saga.steps[key[1]].started_index <= self.duties.active_since_index:  # started under an earlier leader
-            result = await self._propose("saga.resumed", {"saga": key[0], "step": key[1], "phase": key[2],
-                                                           "attempt": key[3], "node": self.node_id})
+            result = await self._propose(SagaResumed(*key, node=self.node_id))
             if result is None or not result.get("applied"):
                 return  # the attempt finished meanwhile (a late outcome of the old leader)
             self.resumed += 1
@@ -200,23 +198,24 @@ class SagaOrchestrator:
         except Exception as exc:  # a bug must fail the attempt, not wedge the saga
             log.exception("saga %s: invoking %s failed", key[0], key[1:])
             outcome = Outcome(False, error=f"internal error: {type(exc).__name__}")
-        await self._propose("saga.outcome", outcome.args(key))
+        await self._propose(outcome.command(key))
 
     async def _retry(self, key: Key) -> None:
-        await self._propose("saga.retry", {"saga": key[0], "step": key[1], "phase": key[2], "attempt": key[3]})
+        await self._propose(SagaRetry(*key))
 
-    async def _propose(self, op: str, args: dict[str, Any]) -> dict[str, Any] | None:
+    async def _propose(self, command: SagaOutcome | SagaRetry | SagaResumed) -> dict[str, Any] | None:
         """Propose until committed, or until this node stops leading (then the
         next leader re-drives). Outcomes and retries are idempotent in the state."""
         delay = 0.05
+        op, args = command.op, command.to_args()
         while self.active:
             try:
                 return raise_for(await self.proposer.propose(op, args))
             except CoordinatorError as exc:
                 if exc.code in ("invalid", "not_found"):
-                    log.warning("saga %s: %s refused: %s", args.get("saga"), op, exc.message)
+                    log.warning("saga %s: %s refused: %s", command.saga, op, exc.message)
                     return None
-                log.info("saga %s: %s not committed yet (%s); retrying", args.get("saga"), op, exc.message)
+                log.info("saga %s: %s not committed yet (%s); retrying", command.saga, op, exc.message)
             await asyncio.sleep(delay)
             delay = min(delay * 2, PROPOSE_RETRY_MAX_S)
         return None

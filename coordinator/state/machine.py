@@ -24,10 +24,12 @@ from typing import Any
 
 from coordinator.commands import COMMANDS
 from coordinator.commands.agents import HEALTH_STATES, MAX_ENDPOINT_LEN, MAX_WEIGHT
+from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
 from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS, DomainCommand
 from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 from coordinator.commands.messages import normalize
+from coordinator.commands.sagas import SagaCancel, SagaOutcome, SagaResumed, SagaRetry, SagaStart
 from coordinator.commands.topics import matches
 from coordinator.errors import InvariantError
 from coordinator.state.access import Access, check_public_key
@@ -776,43 +778,43 @@ def _role_grant(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> An
 
 # -- balancing ---------------------------------------------------------------------------
 
-@_op("service.configure")
-def _service_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.policies.configure(args)
+@_op(ServiceConfigure.op)
+def _service_configure(sm: StateMachine, ctx: ApplyContext, cmd: ServiceConfigure) -> Any:
+    return sm.policies.configure(cmd)
 
 
-@_op("service.remove")
-def _service_remove(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.policies.remove(args)
+@_op(ServiceRemove.op)
+def _service_remove(sm: StateMachine, ctx: ApplyContext, cmd: ServiceRemove) -> Any:
+    return sm.policies.remove(cmd)
 
 
 # -- sagas -------------------------------------------------------------------------------
 
-@_op("saga.start")
-def _saga_start(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.sagas.start(ctx, sm.events, args)
+@_op(SagaStart.op)
+def _saga_start(sm: StateMachine, ctx: ApplyContext, cmd: SagaStart) -> Any:
+    return sm.sagas.start(ctx, sm.events, cmd)
 
 
-@_op("saga.outcome")
-def _saga_outcome(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(SagaOutcome.op)
+def _saga_outcome(sm: StateMachine, ctx: ApplyContext, cmd: SagaOutcome) -> Any:
     """Proposed by the leader's orchestrator when an attempt finished."""
-    return sm.sagas.outcome(ctx, sm.events, args)
+    return sm.sagas.outcome(ctx, sm.events, cmd)
 
 
-@_op("saga.retry")
-def _saga_retry(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(SagaRetry.op)
+def _saga_retry(sm: StateMachine, ctx: ApplyContext, cmd: SagaRetry) -> Any:
     """Proposed by the leader's orchestrator when a waiting attempt is due by its clock."""
-    return sm.sagas.retry(ctx, sm.events, args)
+    return sm.sagas.retry(ctx, sm.events, cmd)
 
 
-@_op("saga.resumed")
-def _saga_resumed(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.sagas.resumed(ctx, sm.events, args)
+@_op(SagaResumed.op)
+def _saga_resumed(sm: StateMachine, ctx: ApplyContext, cmd: SagaResumed) -> Any:
+    return sm.sagas.resumed(ctx, sm.events, cmd)
 
 
-@_op("saga.cancel")
-def _saga_cancel(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.sagas.cancel(ctx, sm.events, args)
+@_op(SagaCancel.op)
+def _saga_cancel(sm: StateMachine, ctx: ApplyContext, cmd: SagaCancel) -> Any:
+    return sm.sagas.cancel(ctx, sm.events, cmd)
 
 
 # -- event store and projections -----------------------------------------------------------

@@ -32,45 +32,24 @@ still compensated).
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.commands.topics import check_topic
-from coordinator.state.base import (
-    ApplyContext,
-    Rejected,
-    approx_size,
-    check_int,
-    check_known,
-    check_number,
-    check_object,
-    check_str,
-    invalid,
-    over_quota,
+from coordinator.commands.sagas import (
+    FINAL_STATES,
+    SAGA_STATES,
+    SagaCancel,
+    SagaOutcome,
+    SagaResumed,
+    SagaRetry,
+    SagaStart,
 )
+from coordinator.state.base import ApplyContext, Rejected, approx_size, invalid, over_quota
 from coordinator.state.events import EventLog
 
-SAGA_STATES = ("running", "compensating", "completed", "compensated", "failed-stuck")
-FINAL_STATES = frozenset({"completed", "compensated", "failed-stuck"})
-ACTION_KINDS = ("agent", "topic")
-PHASES = ("action", "compensation")
-
-MAX_STEPS = 100
-MAX_STEP_ID_LEN = 128
-MAX_PATH_LEN = 512
-MAX_ATTEMPTS = 100
-MAX_COMPENSATION_ATTEMPTS = 1000
-MIN_TIMEOUT_S = 0.01
-MAX_TIMEOUT_S = 3600.0
-MAX_BACKOFF_S = 3600.0
-MAX_ERROR_LEN = 1024
-DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_AGENT_PATH = "/saga"
 Shown = Callable[["Saga"], bool]  # which sagas a listing shows (its caller's view)
-_GENERATED_ID = re.compile(r"saga-[0-9]+")  # saga-<log index>, given to sagas started without an id
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,136 +60,7 @@ class SagaLimits:
     result_bytes_max: int = 64 << 10  # one step's result; a larger one is kept as a note of its size
 
 
-# -- definitions ----------------------------------------------------------------------------
-
-
-
-
-def normalize_action(value: Any, field_name: str) -> dict[str, Any]:
-    """``{"kind": "agent", "agent_type" | "agent_id", "path"?, "payload"?}`` or
-    ``{"kind": "topic", "topic", "reply"?, "payload"?}``, with defaults filled."""
-    action = check_object(value, field_name)
-    kind = action.get("kind")
-    if kind not in ACTION_KINDS:
-        raise invalid(f"{field_name}.kind", f"must be one of {', '.join(ACTION_KINDS)}")
-    if kind == "agent":
-        check_known(action, field_name, ("kind", "agent_type", "agent_id", "path", "payload"))
-        if ("agent_type" in action) == ("agent_id" in action):
-            raise invalid(field_name, "an agent action names exactly one of agent_type and agent_id")
-        target = "agent_type" if "agent_type" in action else "agent_id"
-        path = action.get("path", DEFAULT_AGENT_PATH)
-        check_str(path, f"{field_name}.path", MAX_PATH_LEN)
-        if not path.startswith("/"):
-            raise invalid(f"{field_name}.path", "must start with /")
-        return {"kind": "agent", target: check_str(action[target], f"{field_name}.{target}"), "path": path,
-                "payload": action.get("payload")}
-    check_known(action, field_name, ("kind", "topic", "reply", "payload"))
-    reply = action.get("reply", False)
-    if not isinstance(reply, bool):
-        raise invalid(f"{field_name}.reply", "must be true or false")
-    return {"kind": "topic", "topic": check_topic(action.get("topic"), f"{field_name}.topic"), "reply": reply,
-            "payload": action.get("payload")}
-
-
-def _retry(value: Any, field_name: str, max_attempts: int, default_attempts: int) -> dict[str, Any]:
-    retry = check_object({} if value is None else value, field_name)
-    check_known(retry, field_name, ("max_attempts", "backoff_s", "backoff_max_s", "multiplier"))
-    out = {
-        "max_attempts": check_int(retry.get("max_attempts", default_attempts), f"{field_name}.max_attempts",
-                                  1, max_attempts),
-        "backoff_s": check_number(retry.get("backoff_s", 1.0), f"{field_name}.backoff_s", 0.0, MAX_BACKOFF_S),
-        "backoff_max_s": check_number(retry.get("backoff_max_s", 60.0), f"{field_name}.backoff_max_s",
-                                      0.0, MAX_BACKOFF_S),
-        "multiplier": check_number(retry.get("multiplier", 2.0), f"{field_name}.multiplier", 1.0, 10.0),
-    }
-    if out["backoff_max_s"] < out["backoff_s"]:
-        raise invalid(f"{field_name}.backoff_max_s", "must not be below backoff_s")
-    return out
-
-
-def normalize_definition(value: Any) -> dict[str, Any]:
-    """Validate a saga definition and fill its defaults; ``Rejected`` (400)
-    naming the field otherwise. Pure, so the API can check a definition
-    before proposing it and the state machine checks it again when applying."""
-    definition = check_object(value, "definition")
-    check_known(definition, "definition", ("id", "name", "steps", "input", "compensation_retry"))
-    saga_id = definition.get("id")
-    if saga_id is not None:
-        check_str(saga_id, "id", MAX_STEP_ID_LEN)
-        if _GENERATED_ID.fullmatch(saga_id):
-            raise invalid("id", "names of the form saga-<number> are reserved for generated ids")
-    name = check_str(definition.get("name", "saga"), "name")
-    raw_steps = definition.get("steps")
-    if not isinstance(raw_steps, list) or not raw_steps:
-        raise invalid("steps", "must be a non-empty list")
-    if len(raw_steps) > MAX_STEPS:
-        raise invalid("steps", f"must have at most {MAX_STEPS} steps")
-    steps: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(raw_steps):
-        where = f"steps[{i}]"
-        step = check_object(raw, where)
-        check_known(step, where, ("id", "action", "compensation", "timeout_s", "retry", "depends_on"))
-        step_id = check_str(step.get("id"), f"{where}.id", MAX_STEP_ID_LEN)
-        if step_id in seen:
-            raise invalid(f"{where}.id", f"step {step_id!r} is defined twice")
-        seen.add(step_id)
-        if "action" not in step:
-            raise invalid(f"{where}.action", "is required")
-        depends = step.get("depends_on")
-        if depends is None:
-            depends = [steps[-1]["id"]] if steps else []
-        elif not isinstance(depends, list) or not all(isinstance(d, str) for d in depends):
-            raise invalid(f"{where}.depends_on", "must be a list of step ids")
-        steps.append({
-            "id": step_id,
-            "action": normalize_action(step["action"], f"{where}.action"),
-            "compensation": (None if step.get("compensation") is None
-                             else normalize_action(step["compensation"], f"{where}.compensation")),
-            "timeout_s": check_number(step.get("timeout_s", DEFAULT_TIMEOUT_S), f"{where}.timeout_s",
-                                      MIN_TIMEOUT_S, MAX_TIMEOUT_S),
-            "retry": _retry(step.get("retry"), f"{where}.retry", MAX_ATTEMPTS, 1),
-            "depends_on": sorted(set(depends)),
-        })
-    ids = {s["id"] for s in steps}
-    for i, step in enumerate(steps):
-        for dep in step["depends_on"]:
-            if dep not in ids:
-                raise invalid(f"steps[{i}].depends_on", f"unknown step {dep!r}")
-    cycle = _find_cycle({s["id"]: s["depends_on"] for s in steps})
-    if cycle:
-        raise invalid("steps", f"dependency cycle: {' -> '.join(cycle)}")
-    return {
-        "id": saga_id,
-        "name": name,
-        "steps": steps,
-        "input": definition.get("input"),
-        "compensation_retry": _retry(definition.get("compensation_retry"), "compensation_retry",
-                                     MAX_COMPENSATION_ATTEMPTS, 10),
-    }
-
-
-def _find_cycle(depends: dict[str, list[str]]) -> list[str] | None:
-    """A dependency cycle as a path that ends where it starts, or None (iterative DFS)."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    for root in depends:
-        if state.get(root):
-            continue
-        path: list[str] = [root]
-        iters = [iter(depends[root])]
-        state[root] = 1
-        while iters:
-            nxt = next(iters[-1], None)
-            if nxt is None:
-                state[path.pop()] = 2
-                iters.pop()
-            elif state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt]
-            elif not state.get(nxt):
-                state[nxt] = 1
-                path.append(nxt)
-                iters.append(iter(depends[nxt]))
-    return None
+# -- retries (a definition is checked by the parse of saga.start: coordinator.commands.sagas) --
 
 
 def backoff_ms(retry: dict[str, Any], key: str, attempt: int) -> int:
@@ -376,14 +226,13 @@ class Sagas:
 
     # -- commands ----------------------------------------------------------------------------
 
-    def start(self, ctx: ApplyContext, events: EventLog, args: dict[str, Any]) -> dict[str, Any]:
-        definition = normalize_definition(args.get("definition"))
-        saga_id = definition["id"] or f"saga-{ctx.index}"
+    def start(self, ctx: ApplyContext, events: EventLog, command: SagaStart) -> dict[str, Any]:
+        saga_id = command.normalized["id"] or f"saga-{ctx.index}"
         if saga_id in self.sagas:
             raise Rejected("conflict", f"saga {saga_id!r} already exists")
         if len(self.live) >= self.limits.live_max:
             raise Rejected("unavailable", f"too many sagas in progress ({self.limits.live_max})")
-        definition["id"] = saga_id
+        definition = {**command.normalized, "id": saga_id}  # "id" keeps its place: the snapshot's bytes
         saga = Saga(saga_id, definition, ctx.now_ms, ctx.index,
                     steps={s["id"]: StepRun() for s in definition["steps"]}, updated_ms=ctx.now_ms)
         size = saga.size
@@ -399,19 +248,11 @@ class Sagas:
         self._advance(ctx, events, saga)
         return {"id": saga_id, "state": saga.state}
 
-    def outcome(self, ctx: ApplyContext, events: EventLog, args: dict[str, Any]) -> dict[str, Any]:
+    def outcome(self, ctx: ApplyContext, events: EventLog, command: SagaOutcome) -> dict[str, Any]:
         """The outcome of one attempt. Applied only if that attempt is the one
         in flight; a late or repeated outcome changes nothing."""
-        saga, step_id, phase, attempt = self._attempt_args(args)
-        ok = args.get("ok")
-        if not isinstance(ok, bool):
-            raise invalid("ok", "must be true or false")
-        permanent = args.get("permanent", False)
-        if not isinstance(permanent, bool):
-            raise invalid("permanent", "must be true or false")
-        error = args.get("error")
-        if error is not None:
-            error = str(error)[:MAX_ERROR_LEN]
+        saga, step_id, phase, attempt = self._attempt(command)
+        ok, permanent, error = command.ok, command.permanent, command.error
         run = saga.steps[step_id]
         if run.in_flight != (phase, attempt):
             return {"applied": False, "state": saga.state}
@@ -419,7 +260,7 @@ class Sagas:
         if phase == "action":
             if ok:
                 saga.successes += 1
-                result = self._kept_result(args.get("result"))
+                result = self._kept_result(command.result)
                 self.bytes += approx_size(result) - approx_size(run.result)
                 run.status, run.result, run.error, run.succeeded_seq = "succeeded", result, None, saga.successes
                 self._record(ctx, events, saga, "saga.step.succeeded", step_id, phase, attempt)
@@ -434,10 +275,10 @@ class Sagas:
         self._advance(ctx, events, saga)
         return {"applied": True, "state": saga.state}
 
-    def retry(self, ctx: ApplyContext, events: EventLog, args: dict[str, Any]) -> dict[str, Any]:
+    def retry(self, ctx: ApplyContext, events: EventLog, command: SagaRetry) -> dict[str, Any]:
         """Start the next attempt of a waiting step, once its time came (by
         the proposer's clock, which is in the command)."""
-        saga, step_id, phase, attempt = self._attempt_args(args)
+        saga, step_id, phase, attempt = self._attempt(command)
         run = saga.steps[step_id]
         due = [w for w in saga.waiting() if w[0] == step_id]
         if not due or due[0][1] != phase or due[0][2] != attempt or saga.state in FINAL_STATES:
@@ -452,19 +293,18 @@ class Sagas:
         self._record(ctx, events, saga, "saga.step.started", step_id, phase, attempt)
         return {"applied": True, "state": saga.state}
 
-    def resumed(self, ctx: ApplyContext, events: EventLog, args: dict[str, Any]) -> dict[str, Any]:
+    def resumed(self, ctx: ApplyContext, events: EventLog, command: SagaResumed) -> dict[str, Any]:
         """A new leader re-drives an attempt in flight whose outcome was never
         committed (same attempt, same idempotency key): history only."""
-        saga, step_id, phase, attempt = self._attempt_args(args)
-        node = check_str(args.get("node"), "node")
+        saga, step_id, phase, attempt = self._attempt(command)
         if saga.steps[step_id].in_flight != (phase, attempt):
             return {"applied": False, "state": saga.state}
-        self._record(ctx, events, saga, "saga.step.resumed", step_id, phase, attempt, {"node": node})
+        self._record(ctx, events, saga, "saga.step.resumed", step_id, phase, attempt, {"node": command.node})
         return {"applied": True, "state": saga.state}
 
-    def cancel(self, ctx: ApplyContext, events: EventLog, args: dict[str, Any]) -> dict[str, Any]:
-        saga = self._saga(args)
-        reason = check_str(args.get("reason", "cancelled"), "reason", MAX_ERROR_LEN)
+    def cancel(self, ctx: ApplyContext, events: EventLog, command: SagaCancel) -> dict[str, Any]:
+        saga = self._saga(command.saga)
+        reason = "cancelled" if command.reason is None else command.reason
         if saga.state in FINAL_STATES:
             raise Rejected("conflict", f"saga {saga.id!r} is already {saga.state}")
         if saga.state == "running":
@@ -525,23 +365,18 @@ class Sagas:
 
     # -- inside ---------------------------------------------------------------------------------
 
-    def _saga(self, args: dict[str, Any]) -> Saga:
-        saga_id = check_str(args.get("saga"), "saga", MAX_STEP_ID_LEN)
+    def _saga(self, saga_id: str) -> Saga:
         saga = self.sagas.get(saga_id)
         if saga is None:
             raise Rejected("not_found", f"saga {saga_id!r} does not exist")
         return saga
 
-    def _attempt_args(self, args: dict[str, Any]) -> tuple[Saga, str, str, int]:
-        saga = self._saga(args)
-        step_id = check_str(args.get("step"), "step", MAX_STEP_ID_LEN)
-        if step_id not in saga.steps:
-            raise invalid("step", f"saga {saga.id!r} has no step {step_id!r}")
-        phase = args.get("phase")
-        if phase not in PHASES:
-            raise invalid("phase", f"must be one of {', '.join(PHASES)}")
-        attempt = check_int(args.get("attempt"), "attempt", 1, MAX_COMPENSATION_ATTEMPTS)
-        return saga, step_id, phase, attempt
+    def _attempt(self, command: SagaOutcome | SagaRetry | SagaResumed) -> tuple[Saga, str, str, int]:
+        """The saga and the attempt a command names; refused when the saga or its step does not exist."""
+        saga = self._saga(command.saga)
+        if command.step not in saga.steps:
+            raise invalid("step", f"saga {saga.id!r} has no step {command.step!r}")
+        return saga, command.step, command.phase, command.attempt
 
     def _record(self, ctx: ApplyContext, events: EventLog, saga: Saga, event: str, step: str | None = None,
                 phase: str | None = None, attempt: int | None = None, detail: dict[str, Any] | None = None) -> None:

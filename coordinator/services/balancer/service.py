@@ -18,7 +18,7 @@ requests), so retries cannot amplify an outage.
 
 What a node measures stays on the node: breakers, load, latency and rate
 buckets are per node. Policies (strategy, limits, thresholds) are committed
-(``coordinator.state.balancing``). Loop thread only.
+(``coordinator.state.balancing``, checked by ``coordinator.commands.balancer``). Loop thread only.
 """
 
 from __future__ import annotations

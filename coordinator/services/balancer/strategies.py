@@ -329,7 +329,7 @@ def _point_counts(ordered: list[Candidate]) -> list[int]:
     return counts
 
 
-# Every strategy by policy name (coordinator.state.balancing.STRATEGY_NAMES).
+# Every strategy by policy name (coordinator.commands.balancer.STRATEGY_NAMES).
 STRATEGIES: dict[str, Callable[[random.Random], Strategy]] = {
     RoundRobin.name: lambda rng: RoundRobin(),
     WeightedRoundRobin.name: lambda rng: WeightedRoundRobin(),

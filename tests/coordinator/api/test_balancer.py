@@ -26,8 +26,8 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from coordinator.client import CoordinatorClient, InvokeAnswer
+from coordinator.commands.balancer import DEFAULT_POLICY
 from coordinator.errors import BadGateway, InvalidInput, RateLimited, RequestTimeout, Unavailable
-from coordinator.state.balancing import DEFAULT_POLICY
 from tests.coordinator.api.conftest import NODE_ID, Harness
 from tests.waiting import DEADLINE_S, eventually
 

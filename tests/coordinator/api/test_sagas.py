@@ -19,8 +19,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from coordinator.client import CoordinatorClient
+from coordinator.commands.sagas import FINAL_STATES
 from coordinator.errors import Conflict, NotFound, RequestTimeout
-from coordinator.state.sagas import FINAL_STATES, StepRun
+from coordinator.state.sagas import StepRun
 from tests.coordinator.api.conftest import Harness
 from tests.waiting import DEADLINE_S, eventually
 

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordinator.commands.balancer import STRATEGY_NAMES
 from coordinator.errors import InvalidInput, InvariantError
 from coordinator.services.balancer.strategies import (
     RING_POINTS_MAX,
@@ -26,7 +27,6 @@ from coordinator.services.balancer.strategies import (
     Strategy,
     make_strategy,
 )
-from coordinator.state.balancing import STRATEGY_NAMES
 
 KEYS = [f"key-{i}" for i in range(100_000)]
 

@@ -1,4 +1,5 @@
-"""Balancing policies (coordinator/state/balancing.py) and the ``agent.update``
+"""Balancing policies (coordinator/commands/balancer.py, kept by
+coordinator/state/balancing.py) and the ``agent.update``
 operation of the state machine: defaults, every validation error with the
 field it names, configure/remove/of, snapshots, and refusals that change nothing.
 """
@@ -11,9 +12,16 @@ from typing import Any
 import pytest
 
 from coordinator.codec import decode_snapshot, encode_snapshot
+from coordinator.commands.balancer import (
+    DEFAULT_POLICY,
+    STRATEGY_NAMES,
+    ServiceConfigure,
+    ServiceRemove,
+    normalize_policy,
+)
+from coordinator.commands.base import Rejected
 from coordinator.state import StateMachine
-from coordinator.state.balancing import DEFAULT_POLICY, STRATEGY_NAMES, Policies, normalize_policy
-from coordinator.state.base import Rejected
+from coordinator.state.balancing import Policies
 from coordinator.types import Command, Result
 
 DEFAULTS = {
@@ -161,17 +169,17 @@ def test_a_health_timeout_equal_to_the_interval_is_accepted() -> None:
 def test_policies_configure_of_and_remove() -> None:
     policies = Policies()
     assert policies.of("worker") == DEFAULTS
-    answer = policies.configure({"type": "worker", "policy": {"strategy": "least_connections"}})
+    answer = policies.configure(ServiceConfigure.of("worker", {"strategy": "least_connections"}))
     assert answer == {"type": "worker", "policy": {**DEFAULTS, "strategy": "least_connections"}}
     assert policies.of("worker")["strategy"] == "least_connections"
     assert policies.of("planner") == DEFAULTS  # other types keep the defaults
     # Configuring again replaces the whole policy: fields not given go back to defaults.
-    policies.configure({"type": "worker", "policy": {"path": "/run"}})
+    policies.configure(ServiceConfigure.of("worker", {"path": "/run"}))
     assert policies.of("worker") == {**DEFAULTS, "path": "/run"}
-    assert policies.remove({"type": "worker"}) == {"type": "worker", "policy": DEFAULTS}
+    assert policies.remove(ServiceRemove("worker")) == {"type": "worker", "policy": DEFAULTS}
     assert policies.of("worker") == DEFAULTS
     with pytest.raises(Rejected) as caught:
-        policies.remove({"type": "worker"})
+        policies.remove(ServiceRemove("worker"))
     assert caught.value.code == "not_found" and "worker" in caught.value.message
 
 
@@ -185,17 +193,17 @@ def test_policies_configure_of_and_remove() -> None:
 ])
 def test_policies_configure_refuses_bad_arguments_and_keeps_the_old_policy(args: dict[str, Any], field: str) -> None:
     policies = Policies()
-    policies.configure({"type": "worker", "policy": {"strategy": "consistent_hash"}})
+    policies.configure(ServiceConfigure.of("worker", {"strategy": "consistent_hash"}))
     before = copy.deepcopy(policies.to_data())
     with pytest.raises(Rejected) as caught:
-        policies.configure(args)
+        policies.configure(ServiceConfigure.parse(args))
     assert caught.value.code == "invalid" and caught.value.message.startswith(f"{field}: ")
     assert policies.to_data() == before
 
 
 def test_policies_remove_needs_a_type() -> None:
     with pytest.raises(Rejected) as caught:
-        Policies().remove({})
+        Policies().remove(ServiceRemove.parse({}))
     assert caught.value.message.startswith("type: ")
 
 

@@ -23,19 +23,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from coordinator.codec import decode_snapshot, encode_snapshot
+from coordinator.commands.base import Rejected
+from coordinator.commands.sagas import FINAL_STATES, MAX_PATH_LEN, MAX_STEPS, PHASES, normalize_definition
 from coordinator.state import Limits, StateMachine
-from coordinator.state.base import Rejected
-from coordinator.state.sagas import (
-    FINAL_STATES,
-    MAX_PATH_LEN,
-    MAX_STEPS,
-    PHASES,
-    Saga,
-    SagaLimits,
-    backoff_ms,
-    idempotency_key,
-    normalize_definition,
-)
+from coordinator.state.sagas import Saga, SagaLimits, backoff_ms, idempotency_key
 from tests.coordinator.state.test_bus import Driver, state_bytes
 
 AGENT = {"kind": "agent", "agent_type": "worker"}
