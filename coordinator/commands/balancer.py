@@ -150,7 +150,7 @@ class ServiceConfigure(DomainCommand):
 
     op: ClassVar[str] = "service.configure"
     type: str
-    policy: Any
+    policy: dict[str, Any] | None  # None: every default
     normalized: dict[str, Any] = dataclasses.field(compare=False, repr=False)
 
     @classmethod

@@ -193,7 +193,7 @@ class SagaStart(DomainCommand):
     (``normalized``, which follows from it and is left out of ``==``)."""
 
     op: ClassVar[str] = "saga.start"
-    definition: Any
+    definition: dict[str, Any]
     normalized: dict[str, Any] = field(compare=False, repr=False)
 
     @classmethod
