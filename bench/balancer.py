@@ -35,7 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.harness import add_base_port, local_cluster, parser, stop_on_sigterm
+from bench.harness import add_base_port, interruptible, local_cluster, parser
 from bench.report import cpu_s, machine, pct_ms, processes_cpu_s, publish
 from devcluster.cluster import LocalCluster
 
@@ -325,12 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.error("--seconds, --rounds and --agents must be positive")
     if args.concurrency < 2:
         cli.error("--concurrency: at least 2 (the latency cells already run 1 client)")
-    stop_on_sigterm()  # unwinds through run()'s finally: agents and nodes are stopped
-    try:
+    with interruptible("the nodes and agents"):  # through run()'s finally
         table = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; the nodes and agents were stopped", file=sys.stderr)
-        return 130
     header = (f"Three nodes, {args.agents} echo agents (one aiohttp process each) and the load generator on one "
               f"machine ({machine()}), durability fsync, {BODY_BYTES}-byte bodies, {args.seconds:g} s "
               f"per cell after a {WARMUP_S:g} s warm-up, direct and via-node cells interleaved (order "

@@ -11,6 +11,7 @@ leader. Consumers are a group of four subscriptions fetching up to 200 with a
 1 s long-poll and acking each batch in one request. Latency is from the
 publisher's send to the consumer's receipt (one process, one clock). Every
 loop is bounded by a count and a time; the generator's CPU is reported.
+The nodes are stopped by PID at the end, also on Ctrl-C or SIGTERM.
 ``--transports`` runs the batched load on the embedded log and on each named
 broker (running on 127.0.0.1 at its default port: ``scripts/brokers-up.sh``)
 instead, interleaved per round.
@@ -28,7 +29,7 @@ import time
 
 import aiohttp
 
-from bench.harness import add_base_port, local_cluster, parser
+from bench.harness import add_base_port, interruptible, local_cluster, parser
 from bench.report import cpu_s, machine, pct_ms, publish
 
 MAX_REQUESTS_PER_PUBLISHER = 100_000
@@ -228,14 +229,16 @@ def main(argv: list[str] | None = None) -> int:
                      help="compare the embedded log with these brokers instead (e.g. redis,nats,rabbitmq)")
     args = cli.parse_args(argv)
     if args.transports:
-        table = asyncio.run(run_transports(args))
+        with interruptible("the nodes"):
+            table = asyncio.run(run_transports(args))
         header = (f"Three nodes, the load generator and the brokers on one machine ({os.cpu_count()} cores), "
                   f"durability fsync, {args.seconds:.0f} s per row, {args.publishers} publishers x {args.batch} "
                   f"256-byte messages per request, a group of {CONSUMERS} consumers, `python -m bench.bus "
                   f"--transports {args.transports}`, {time.strftime('%Y-%m-%d')}.\n\n")
         publish(header + table, args.out, "\n## Bus transports: publish → deliver\n")
         return 0
-    table = asyncio.run(run(args))
+    with interruptible("the nodes"):
+        table = asyncio.run(run(args))
     header = (f"Three nodes and the load generator on one machine ({machine()}), durability fsync, "
               f"{args.seconds:.0f} s per row, 256-byte payloads, at-least-once, a group of {CONSUMERS} "
               f"consumers fetching ≤ {FETCH_MAX} with 1 s long-polls and acking per fetch, "

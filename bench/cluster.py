@@ -6,6 +6,7 @@ read latency, 64 clients' write throughput, and leader failover time.
 Every load loop is bounded by a count and a time. The load generator runs
 in this one process; its CPU time is reported next to the numbers, so a
 reader can tell when the generator (not the cluster) was the bottleneck.
+The nodes are stopped by PID at the end, also on Ctrl-C or SIGTERM.
 ``kv_load`` is that generator (aiohttp, one process), also used by
 ``bench.engines``; ``bench.load`` is the leaner multi-process one that
 ``bench.compare`` and ``bench.ab`` use.
@@ -21,7 +22,7 @@ import time
 
 import aiohttp
 
-from bench.harness import add_base_port, local_cluster, parser
+from bench.harness import add_base_port, interruptible, local_cluster, parser
 from bench.report import cpu_s, machine, pct_ms, publish
 from devcluster.cluster import LocalCluster
 
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     add_base_port(cli, 27000)
     cli.add_argument("--out", help="also write the table into this markdown file")
     args = cli.parse_args(argv)
-    table = asyncio.run(run(args))
+    with interruptible("the nodes"):
+        table = asyncio.run(run(args))
     header = (f"Three nodes and the load generator on one machine ({machine()}), durability fsync, "
               f"{args.seconds:.0f} s per row, `python -m bench.cluster`, {time.strftime('%Y-%m-%d')}.\n\n")
     publish(header + table, args.out, "\n## Foundation: one cluster, one generator\n")

@@ -359,16 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (0 < args.seconds <= 120 and 1 <= args.rounds <= 20 and 0 <= args.failovers <= 20
             and 0 <= args.steady_s <= 3600):
         parser.error("--seconds up to 120, --rounds 1..20, --failovers 0..20, --steady-s up to 3600")
-    harness.stop_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="coord-vs-etcd-") as directory:
+    with harness.interruptible("both clusters"), tempfile.TemporaryDirectory(prefix="coord-vs-etcd-") as directory:
         systems = Systems(Path(directory))
         try:
             systems.start()
             seed(systems)
             measured = measure(args, systems)
-        except KeyboardInterrupt:
-            print("interrupted; both clusters were stopped", file=sys.stderr)
-            return 130
         finally:
             systems.stop()
     version = subprocess.run([systems.etcd.binary, "--version"], capture_output=True, text=True).stdout.split("\n")[0]

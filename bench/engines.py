@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from bench.cluster import kv_load
-from bench.harness import local_cluster, parser, stop_on_sigterm
+from bench.harness import interruptible, local_cluster, parser
 from bench.report import machine, publish
 
 ENGINES = {"raft": 3, "pbft": 4}  # engine -> nodes
@@ -208,12 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.error("--seconds and --rounds must be positive")
     if args.seconds > 600 or args.rounds > 20:
         cli.error("--seconds at most 600, --rounds at most 20")
-    stop_on_sigterm()  # unwinds through _run_engine's local_cluster: the nodes are stopped
-    try:
+    with interruptible("the nodes"):  # through _run_engine's local_cluster
         table = _report(run(args))
-    except KeyboardInterrupt:
-        print("interrupted; the nodes were stopped", file=sys.stderr)
-        return 130
     header = (f"Raft (three nodes) and PBFT (four nodes, f = 1, every message Ed25519-signed, results confirmed by "
               f"f+1 replicas), both with durability fsync, with the load generator on one machine ({machine()}), "
               f"64-byte values, every request to the leader (PBFT: the primary), "

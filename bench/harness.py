@@ -1,8 +1,8 @@
 """How a benchmark runs: its command line, the local cluster it measures, and
-its way out on SIGTERM. Shared by the benchmarks that start this project's
-nodes (``bench.cluster``, ``bench.bus``, ``bench.balancer``,
-``bench.engines``); ``bench.compare`` uses the parser and the SIGTERM
-handler too.
+its way out on Ctrl-C or SIGTERM. Shared by the benchmarks that start this
+project's nodes (``bench.cluster``, ``bench.bus``, ``bench.balancer``,
+``bench.engines``); ``bench.compare`` uses the parser and ``interruptible``
+too.
 
 Caller: a benchmark's ``main``, on the main thread (signal handlers can only
 be set there). Every node is started by ``devcluster.cluster.LocalCluster``
@@ -15,6 +15,7 @@ import argparse
 import os
 import signal
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,10 +82,18 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, through the ``finally`` blocks that stop
-    what the benchmark started; its ``main`` catches ``KeyboardInterrupt``."""
+@contextmanager
+def interruptible(started: str) -> Iterator[None]:
+    """Ctrl-C, and SIGTERM made to act like it, unwind through the
+    ``finally`` blocks inside (``local_cluster``'s) that stop what the
+    benchmark ``started``; then the benchmark says so and exits with status
+    130 (``SystemExit``). Main thread only."""
     signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted; {started} were stopped", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
-__all__ = ["BASE_PORT_ENV", "add_base_port", "base_port", "local_cluster", "parser", "stop_on_sigterm"]
+__all__ = ["BASE_PORT_ENV", "add_base_port", "base_port", "interruptible", "local_cluster", "parser"]
