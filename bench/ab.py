@@ -14,7 +14,7 @@ differ only in the servers. From 64 clients on the load comes from two
 generator processes, as in ``bench.compare``. The checkouts may be of any
 commit: ``_CLUSTER`` runs in each one's own interpreter and imports only its
 launcher, from wherever that commit kept it. Every process is stopped by
-PID; each cell is bounded by ``--seconds``.
+PID, also on Ctrl-C or SIGTERM; each cell is bounded by ``--seconds``.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare import generator_procs, seed_coord
-from bench.harness import parser
+from bench.harness import interruptible, parser
 from bench.load import run_generators
 from bench.report import processes_cpu_s
 
 # Run in the checkout's own interpreter: starts its cluster, prints the URLs
-# and PIDs, stops it (by PID, LocalCluster.stop_all) when told on stdin.
+# and PIDs, stops it (by PID, LocalCluster.stop_all) when told on stdin, or
+# when stdin closes (the parent gone, or unwinding after an error).
 _CLUSTER = """
 import json, sys, tempfile
 try:
@@ -53,6 +54,20 @@ finally:
 """
 
 
+def _stop(cluster: subprocess.Popen[str]) -> None:
+    """Tell the cluster's process to stop its nodes (closing its stdin) and
+    wait for it; SIGKILL it only when it has not within a minute (its nodes
+    may then outlive it: their PIDs are in its directory)."""
+    for pipe in (cluster.stdin, cluster.stdout):
+        if pipe is not None:
+            pipe.close()
+    try:
+        cluster.wait(60)
+    except subprocess.TimeoutExpired:
+        cluster.kill()
+        cluster.wait(10)
+
+
 def run_side(repo: Path, clients: int, seconds: float, kind: str) -> dict[str, Any]:
     python = str(repo / ".venv" / "bin" / "python")
     cluster = subprocess.Popen([python, "-c", _CLUSTER], cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -69,16 +84,8 @@ def run_side(repo: Path, clients: int, seconds: float, kind: str) -> dict[str, A
         except RuntimeError as exc:
             raise RuntimeError(f"bench.load against {repo}: {exc}") from None
         cpu = processes_cpu_s(info["pids"]) - before
-        cluster.stdin.write("\n")
-        cluster.stdin.flush()
-        cluster.wait(60)
     finally:
-        if cluster.poll() is None:
-            cluster.kill()
-            cluster.wait(10)
-        for pipe in (cluster.stdin, cluster.stdout):
-            if pipe is not None:
-                pipe.close()
+        _stop(cluster)
     ops = load["ops"]
     return {"ops_s": ops / load["elapsed_s"], "cpu_ms_per_op": cpu * 1000 / ops if ops else float("nan"),
             "generator_ms_per_op": load["cpu_s"] * 1000 / ops if ops else float("nan"), "errors": load["errors"]}
@@ -97,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         cli.error("--clients 1..1024, --rounds 1..20, --seconds up to 120")
     sides = {"before": args.before.resolve(), "after": args.after.resolve()}
     results: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
-    for r in range(args.rounds):
-        for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
-            cell = run_side(sides[name], args.clients, args.seconds, args.kind)
-            results[name].append(cell)
-            print(f"round {r + 1} {name:6s} {cell['ops_s']:7.0f} ops/s  nodes' CPU {cell['cpu_ms_per_op']:.3f} ms/op  "
-                  f"generator {cell['generator_ms_per_op']:.3f} ms/op  errors {sum(cell['errors'].values())}",
-                  flush=True)
+    with interruptible("the clusters and generators"):  # through run_side's and run_generators' finally
+        for r in range(args.rounds):
+            for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
+                cell = run_side(sides[name], args.clients, args.seconds, args.kind)
+                results[name].append(cell)
+                print(f"round {r + 1} {name:6s} {cell['ops_s']:7.0f} ops/s  nodes' CPU "
+                      f"{cell['cpu_ms_per_op']:.3f} ms/op  generator {cell['generator_ms_per_op']:.3f} ms/op  "
+                      f"errors {sum(cell['errors'].values())}", flush=True)
     pairs = list(zip(results["before"], results["after"], strict=True))
     ops = [a["ops_s"] / b["ops_s"] for b, a in pairs]
     cpu = [a["cpu_ms_per_op"] / b["cpu_ms_per_op"] for b, a in pairs]
