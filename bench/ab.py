@@ -9,15 +9,16 @@ one run on a noisy machine.
 Each directory is a checkout with its own ``.venv`` (``./scripts/test.sh``
 or ``./scripts/cluster-up.sh`` there makes one). Each side's cluster runs
 from that side's checkout; the load generator (``bench.load``) is this
-checkout's for both sides, so the sides differ only in the servers. From
-64 clients on the load comes from two generator processes, as in
-``bench.compare``. Every process is stopped by PID; each cell is bounded by
-``--seconds``.
+checkout's for both sides (``bench.load.run_generators``), so the sides
+differ only in the servers. From 64 clients on the load comes from two
+generator processes, as in ``bench.compare``. The checkouts may be of any
+commit: ``_CLUSTER`` runs in each one's own interpreter and imports only its
+launcher, from wherever that commit kept it. Every process is stopped by
+PID, also on Ctrl-C or SIGTERM; each cell is bounded by ``--seconds``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -26,13 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.compare import seed_coord
-from bench.report import process_cpu_s
-
-_HERE = Path(__file__).resolve().parent.parent
+from bench.compare import generator_procs, seed_coord
+from bench.harness import interruptible, parser
+from bench.load import run_generators
+from bench.report import processes_cpu_s
 
 # Run in the checkout's own interpreter: starts its cluster, prints the URLs
-# and PIDs, stops it (by PID, LocalCluster.stop_all) when told on stdin.
+# and PIDs, stops it (by PID, LocalCluster.stop_all) when told on stdin, or
+# when stdin closes (the parent gone, or unwinding after an error).
 _CLUSTER = """
 import json, sys, tempfile
 try:
@@ -52,9 +54,22 @@ finally:
 """
 
 
+def _stop(cluster: subprocess.Popen[str]) -> None:
+    """Tell the cluster's process to stop its nodes (closing its stdin) and
+    wait for it; SIGKILL it only when it has not within a minute (its nodes
+    may then outlive it: their PIDs are in its directory)."""
+    for pipe in (cluster.stdin, cluster.stdout):
+        if pipe is not None:
+            pipe.close()
+    try:
+        cluster.wait(60)
+    except subprocess.TimeoutExpired:
+        cluster.kill()
+        cluster.wait(10)
+
+
 def run_side(repo: Path, clients: int, seconds: float, kind: str) -> dict[str, Any]:
     python = str(repo / ".venv" / "bin" / "python")
-    loads: list[subprocess.Popen[str]] = []
     cluster = subprocess.Popen([python, "-c", _CLUSTER], cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True)
     try:
@@ -63,68 +78,40 @@ def run_side(repo: Path, clients: int, seconds: float, kind: str) -> dict[str, A
         time.sleep(1.0)  # the post-election entries
         if kind == "read":
             seed_coord(info["urls"][0])
-        before = sum(process_cpu_s(pid) for pid in info["pids"])
-        procs = 2 if clients >= 64 else 1
-        urls = ",".join(info["urls"])
-        for i in range(procs):
-            share = clients // procs + (i < clients % procs)
-            loads.append(subprocess.Popen(
-                [sys.executable, "-m", "bench.load", "--system", "coord", "--urls", urls, "--clients", str(share),
-                 "--seconds", str(seconds), "--kind", kind, "--first-client", str(i * clients)],
-                cwd=_HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        outputs = [load.communicate(timeout=seconds + 60) for load in loads]
-        cpu = sum(process_cpu_s(pid) for pid in info["pids"]) - before
-        cluster.stdin.write("\n")
-        cluster.stdin.flush()
-        cluster.wait(60)
+        before = processes_cpu_s(info["pids"])
+        try:
+            load = run_generators("coord", info["urls"], clients, generator_procs(clients), seconds, kind)
+        except RuntimeError as exc:
+            raise RuntimeError(f"bench.load against {repo}: {exc}") from None
+        cpu = processes_cpu_s(info["pids"]) - before
     finally:
-        for load in loads:
-            if load.poll() is None:
-                load.kill()
-                load.wait(10)
-        if cluster.poll() is None:
-            cluster.kill()
-            cluster.wait(10)
-        for pipe in (cluster.stdin, cluster.stdout):
-            if pipe is not None:
-                pipe.close()
-    results = []
-    for load, (out, err) in zip(loads, outputs, strict=True):
-        if load.returncode != 0:
-            raise RuntimeError(f"bench.load against {repo} failed: {err[-500:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    ops = sum(r["ops"] for r in results)
-    errors: dict[str, int] = {}
-    for r in results:
-        for name, count in r["errors"].items():
-            errors[name] = errors.get(name, 0) + count
-    elapsed = max(r["elapsed_s"] for r in results)
-    return {"ops_s": ops / elapsed, "cpu_ms_per_op": cpu * 1000 / ops if ops else float("nan"),
-            "generator_ms_per_op": sum(r["cpu_s"] for r in results) * 1000 / ops if ops else float("nan"),
-            "errors": errors}
+        _stop(cluster)
+    ops = load["ops"]
+    return {"ops_s": ops / load["elapsed_s"], "cpu_ms_per_op": cpu * 1000 / ops if ops else float("nan"),
+            "generator_ms_per_op": load["cpu_s"] * 1000 / ops if ops else float("nan"), "errors": load["errors"]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("before", type=Path)
-    parser.add_argument("after", type=Path)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--kind", choices=("write", "read"), default="write")
-    args = parser.parse_args(argv)
+    cli = parser("ab", __doc__)
+    cli.add_argument("before", type=Path)
+    cli.add_argument("after", type=Path)
+    cli.add_argument("--clients", type=int, default=64)
+    cli.add_argument("--rounds", type=int, default=3)
+    cli.add_argument("--seconds", type=float, default=5.0)
+    cli.add_argument("--kind", choices=("write", "read"), default="write")
+    args = cli.parse_args(argv)
     if not (1 <= args.clients <= 1024 and 1 <= args.rounds <= 20 and 0 < args.seconds <= 120):
-        parser.error("--clients 1..1024, --rounds 1..20, --seconds up to 120")
+        cli.error("--clients 1..1024, --rounds 1..20, --seconds up to 120")
     sides = {"before": args.before.resolve(), "after": args.after.resolve()}
     results: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
-    for r in range(args.rounds):
-        for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
-            cell = run_side(sides[name], args.clients, args.seconds, args.kind)
-            results[name].append(cell)
-            print(f"round {r + 1} {name:6s} {cell['ops_s']:7.0f} ops/s  nodes' CPU {cell['cpu_ms_per_op']:.3f} ms/op  "
-                  f"generator {cell['generator_ms_per_op']:.3f} ms/op  errors {sum(cell['errors'].values())}",
-                  flush=True)
+    with interruptible("the clusters and generators"):  # through run_side's and run_generators' finally
+        for r in range(args.rounds):
+            for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
+                cell = run_side(sides[name], args.clients, args.seconds, args.kind)
+                results[name].append(cell)
+                print(f"round {r + 1} {name:6s} {cell['ops_s']:7.0f} ops/s  nodes' CPU "
+                      f"{cell['cpu_ms_per_op']:.3f} ms/op  generator {cell['generator_ms_per_op']:.3f} ms/op  "
+                      f"errors {sum(cell['errors'].values())}", flush=True)
     pairs = list(zip(results["before"], results["after"], strict=True))
     ops = [a["ops_s"] / b["ops_s"] for b, a in pairs]
     cpu = [a["cpu_ms_per_op"] / b["cpu_ms_per_op"] for b, a in pairs]

@@ -36,8 +36,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,9 +49,10 @@ from typing import Any
 
 import aiohttp
 
+from bench import harness
 from bench.etcd import EtcdCluster, b64, post_json
-from bench.load import VALUE
-from bench.report import pct, process_cpu_s, write_section
+from bench.load import VALUE, run_generators
+from bench.report import machine, pct, processes_cpu_s, write_section
 from devcluster.cluster import LocalCluster, fetch_json, free_base_port
 
 SYSTEMS = ("etcd", "coord")
@@ -100,10 +99,8 @@ class Systems:
     def server_cpu_s(self, system: str) -> float:
         """CPU seconds the system's member processes spent so far, all together."""
         if system == "etcd":
-            pids = self.etcd.pids()
-        else:
-            pids = [pid for n in self.coord.members if (pid := self.coord.pid(n)) is not None]
-        return sum(process_cpu_s(pid) for pid in pids)
+            return processes_cpu_s(self.etcd.pids())
+        return processes_cpu_s(self.coord.pid(n) for n in self.coord.members)
 
     def term(self, system: str) -> int:
         """The system's current Raft term, the highest any member reports."""
@@ -119,38 +116,16 @@ class Systems:
 def run_cell(systems: Systems, system: str, kind: str, clients: int, seconds: float) -> dict[str, Any]:
     """One cell: ``clients`` over the generator processes, merged."""
     procs = generator_procs(clients)
-    share = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-    first = 0
-    children = []
-    urls = ",".join(systems.urls(system))  # asks the members who leads: before the cell's CPU is counted
+    urls = systems.urls(system)  # asks the members who leads: before the cell's CPU is counted
     term_before, cpu_before = systems.term(system), systems.server_cpu_s(system)
-    for count in share:
-        cmd = [sys.executable, "-m", "bench.load", "--system", system, "--urls", urls,
-               "--clients", str(count), "--seconds", str(seconds), "--kind", kind, "--first-client", str(first)]
-        children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        first += count
-    results = []
-    try:
-        for child in children:
-            out, err = child.communicate(timeout=seconds + 60)
-            if child.returncode != 0:
-                raise RuntimeError(f"generator failed ({child.returncode}): {err[-500:]}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    merged = run_generators(system, urls, clients, procs, seconds, kind)
     server_cpu = systems.server_cpu_s(system) - cpu_before
     term_changes = max(0, systems.term(system) - term_before)
-    latencies = [v / 1000 for r in results for v in r["latencies_us"]]
-    errors: Counter[str] = Counter()
-    for r in results:
-        errors.update(r["errors"])
-    elapsed = max(r["elapsed_s"] for r in results)
+    latencies = [v / 1000 for v in merged["latencies_us"]]
+    elapsed = merged["elapsed_s"]
     return {"system": system, "kind": kind, "clients": clients, "ops_s": len(latencies) / elapsed,
-            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "errors": dict(errors),
-            "gen_cpu": sum(r["cpu_s"] for r in results) / elapsed, "procs": procs,
+            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "errors": merged["errors"],
+            "gen_cpu": merged["cpu_s"] / elapsed, "procs": procs,
             "server_ms_per_op": server_cpu * 1000 / len(latencies) if latencies else float("nan"),
             "term_changes": term_changes}
 
@@ -362,13 +337,8 @@ def chart(measured: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser("compare", __doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="per cell (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="A/B pairs per cell (default 3)")
     parser.add_argument("--concurrency", default="1,16,64,256")
@@ -389,16 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (0 < args.seconds <= 120 and 1 <= args.rounds <= 20 and 0 <= args.failovers <= 20
             and 0 <= args.steady_s <= 3600):
         parser.error("--seconds up to 120, --rounds 1..20, --failovers 0..20, --steady-s up to 3600")
-    signal.signal(signal.SIGTERM, _terminate)
-    with tempfile.TemporaryDirectory(prefix="coord-vs-etcd-") as directory:
+    with harness.interruptible("both clusters"), tempfile.TemporaryDirectory(prefix="coord-vs-etcd-") as directory:
         systems = Systems(Path(directory))
         try:
             systems.start()
             seed(systems)
             measured = measure(args, systems)
-        except KeyboardInterrupt:
-            print("interrupted; both clusters were stopped", file=sys.stderr)
-            return 130
         finally:
             systems.stop()
     version = subprocess.run([systems.etcd.binary, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
@@ -408,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Three etcd members ({version.replace('etcd Version: ', 'etcd ')}, Debian's etcd-server, v3 JSON "
               f"gateway: POST /v3/kv/put and /v3/kv/range) and this project's three Raft nodes (PUT/GET "
               f"/v1/kv/{{key}}), both fsyncing before they acknowledge, both running during the whole "
-              f"measurement, with the load generator on one machine ({os.cpu_count()} cores, "
-              f"{platform.python_implementation()} {platform.python_version()}). 64-byte values; clients "
+              f"measurement, with the load generator on one machine ({machine()}). 64-byte values; clients "
               f"round-robin over the three members, the leader last (one client talks to a follower on both); "
               f"every cell {args.seconds:g} s after a {WARMUP_S:g} s "
               f"warm-up, measured A, B, A, B over {args.rounds} rounds (which system goes first alternates); "

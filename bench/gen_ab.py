@@ -20,8 +20,6 @@ Every process is stopped by PID.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -31,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.report import pct, process_cpu_s
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.harness import parser
+from bench.load import GENERATOR, ROOT, run_generators
+from bench.report import pct, processes_cpu_s
 
 # One bare server: binds an ephemeral port on 127.0.0.1, prints it, serves.
 _BARE = """
@@ -100,52 +98,36 @@ class Servers:
 
 def run_cell(generator: list[str], servers: Servers, kind: str, clients: int, procs: int,
              seconds: float) -> dict[str, Any]:
-    share = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-    firsts = [sum(share[:i]) for i in range(procs)]
-    before = sum(process_cpu_s(pid) for pid in servers.pids)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    children = [subprocess.Popen([*generator, "--system", servers.system, "--urls", ",".join(servers.urls),
-                                  "--clients", str(n), "--seconds", str(seconds), "--kind", kind,
-                                  "--first-client", str(first)],
-                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-                for n, first in zip(share, firsts, strict=True)]
-    try:
-        results = [json.loads(child.communicate(timeout=seconds + 60)[0].strip().splitlines()[-1])
-                   for child in children]
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-    server_cpu = sum(process_cpu_s(pid) for pid in servers.pids) - before
-    ops = sum(r["ops"] for r in results)
-    errors = sum(sum(r["errors"].values()) for r in results)
-    latencies = [v / 1000 for r in results for v in r["latencies_us"]]
+    before = processes_cpu_s(servers.pids)
+    load = run_generators(servers.system, servers.urls, clients, procs, seconds, kind, command=generator,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    server_cpu = processes_cpu_s(servers.pids) - before
+    ops = load["ops"]
     per_op = 1000 / ops if ops else float("nan")
-    return {"ops_s": ops / max(r["elapsed_s"] for r in results), "gen_ms_op": sum(r["cpu_s"] for r in results) * per_op,
-            "server_ms_op": server_cpu * per_op, "p50_ms": pct(latencies, 0.5), "errors": errors}
+    return {"ops_s": ops / load["elapsed_s"], "gen_ms_op": load["cpu_s"] * per_op,
+            "server_ms_op": server_cpu * per_op, "p50_ms": pct([v / 1000 for v in load["latencies_us"]], 0.5),
+            "errors": sum(load["errors"].values())}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gen_ab", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ref", required=True, help="git commit whose bench/load.py is the 'before'")
-    parser.add_argument("--servers", choices=("bare", "etcd"), default="bare")
-    parser.add_argument("--kinds", default="write")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=6.0)
-    args = parser.parse_args(argv)
+    cli = parser("gen_ab", __doc__)
+    cli.add_argument("--ref", required=True, help="git commit whose bench/load.py is the 'before'")
+    cli.add_argument("--servers", choices=("bare", "etcd"), default="bare")
+    cli.add_argument("--kinds", default="write")
+    cli.add_argument("--clients", type=int, default=64)
+    cli.add_argument("--procs", type=int, default=2)
+    cli.add_argument("--rounds", type=int, default=3)
+    cli.add_argument("--seconds", type=float, default=6.0)
+    args = cli.parse_args(argv)
     kinds = args.kinds.split(",")
     if not (set(kinds) <= {"write", "read"} and 1 <= args.procs <= 8 and args.procs <= args.clients <= 1024
             and 1 <= args.rounds <= 20 and 0 < args.seconds <= 120):
-        parser.error("--kinds write,read; --procs 1..8; --clients procs..1024; --rounds 1..20; --seconds up to 120")
+        cli.error("--kinds write,read; --procs 1..8; --clients procs..1024; --rounds 1..20; --seconds up to 120")
     with tempfile.TemporaryDirectory(prefix="gen-ab-") as tmp:
         old = Path(tmp) / "load_ref.py"
         old.write_bytes(subprocess.run(["git", "show", f"{args.ref}:bench/load.py"], cwd=ROOT, check=True,
                                        capture_output=True, timeout=30).stdout)
-        generators = {"ref": [sys.executable, str(old)], "this": [sys.executable, "-m", "bench.load"]}
+        generators = {"ref": [sys.executable, str(old)], "this": list(GENERATOR)}
         servers = Servers(args.servers, Path(tmp))
         try:
             servers.start()

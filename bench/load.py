@@ -31,15 +31,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
 from bench.etcd import b64
 from bench.report import cpu_s
 
+ROOT = Path(__file__).resolve().parent.parent
+GENERATOR = (sys.executable, "-m", "bench.load")  # this checkout's generator, run from ROOT
 VALUE = "v" * 64
 MAX_OPS_PER_CLIENT = 1_000_000
 REQUEST_TIMEOUT_S = 10.0
@@ -387,6 +391,49 @@ async def run_load(system: str, urls: list[str], clients: int, seconds: float, k
     elapsed = time.monotonic() - started
     return {"ops": len(latencies), "errors": dict(statuses), "latencies_us": latencies,
             "elapsed_s": elapsed, "cpu_s": cpu_s() - cpu}
+
+
+def run_generators(system: str, urls: list[str], clients: int, procs: int, seconds: float, kind: str, *,
+                   command: tuple[str, ...] | list[str] = GENERATOR,
+                   env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``clients`` spread over ``procs`` generator processes (``command``:
+    this module, or an older ``load.py`` run by path), their client numbers
+    consecutive, each for ``seconds``; blocks until they end. Returns their
+    JSON lines merged into one shaped like one process's: ``ops``,
+    ``errors`` by kind summed, ``latencies_us`` together, ``elapsed_s`` the
+    longest, ``cpu_s`` summed (the generators' own CPU).
+
+    Each process is waited for at most ``seconds + 60``; raises
+    ``RuntimeError`` when one fails, and kills by PID any still running on
+    the way out. Runs from this checkout's root, so ``-m bench.load`` is this
+    checkout's generator whichever cluster it drives."""
+    shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    children: list[subprocess.Popen[str]] = []
+    results = []
+    try:
+        first = 0
+        for share in shares:
+            children.append(subprocess.Popen(
+                [*command, "--system", system, "--urls", ",".join(urls), "--clients", str(share),
+                 "--seconds", str(seconds), "--kind", kind, "--first-client", str(first)],
+                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            first += share
+        for child in children:
+            out, err = child.communicate(timeout=seconds + 60)
+            if child.returncode != 0:
+                raise RuntimeError(f"generator failed ({child.returncode}): {err[-500:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+    return {"ops": sum(r["ops"] for r in results), "errors": dict(errors),
+            "latencies_us": [v for r in results for v in r["latencies_us"]],
+            "elapsed_s": max(r["elapsed_s"] for r in results), "cpu_s": sum(r["cpu_s"] for r in results)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@
 # its own etcd members on free ports; a distribution etcd service on 2379 is left alone.
 # It ends with 10 minutes of steady 64-client writes on each system, counting leader
 # changes (--steady-s 0, or COORD_BENCH_STEADY_S=0, skips them).
+# The other benchmarks run without etcd: .venv/bin/python -m bench.<name> (bench/__init__.py lists them).
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
 coord_venv test  # the test extras carry matplotlib for the chart

@@ -3,13 +3,18 @@ throughput and latency of 256-byte at-least-once messages, unbatched (one
 message per request) and batched (``{"messages": [...]}`` per request),
 interleaved A, B, A, B... so the ratio is measured side by side.
 
-    .venv/bin/python scripts/bench_bus.py [--seconds 8] [--rounds 3] [--out docs/benchmarks.md]
+    .venv/bin/python -m bench.bus [--seconds 8] [--rounds 3] [--publishers 16] [--batch 50] [--base-port 27200]
+        [--out docs/benchmarks.md] [--transports redis,nats,rabbitmq]
 
 Publishers and consumers run in this process (asyncio + aiohttp) against the
 leader. Consumers are a group of four subscriptions fetching up to 200 with a
 1 s long-poll and acking each batch in one request. Latency is from the
 publisher's send to the consumer's receipt (one process, one clock). Every
 loop is bounded by a count and a time; the generator's CPU is reported.
+The nodes are stopped by PID at the end, also on Ctrl-C or SIGTERM.
+``--transports`` runs the batched load on the embedded log and on each named
+broker (running on 127.0.0.1 at its default port: ``scripts/brokers-up.sh``)
+instead, interleaved per round.
 """
 
 from __future__ import annotations
@@ -18,22 +23,14 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench_cluster import cpu_s, pct  # noqa: E402 - scripts/ is on sys.path when run as a script
-
-from bench.report import write_section  # noqa: E402
-from devcluster.cluster import LocalCluster  # noqa: E402
+from bench.harness import add_base_port, interruptible, local_cluster, parser
+from bench.report import cpu_s, machine, pct_ms, publish
 
 MAX_REQUESTS_PER_PUBLISHER = 100_000
 DRAIN_S = 15.0
@@ -121,8 +118,8 @@ async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int,
     latencies = list(delivered.values())
     return {"tag": tag, "batch": batch, "publishers": publishers, "published": published,
             "delivered": len(delivered), "msgs_s": len(delivered) / elapsed,
-            "publish_p50_ms": pct(publish_latency, 0.5), "p50_ms": pct(latencies, 0.5),
-            "p99_ms": pct(latencies, 0.99), "errors": errors, "gen_cpu": (cpu_s() - cpu) / elapsed}
+            "publish_p50_ms": pct_ms(publish_latency, 0.5), "p50_ms": pct_ms(latencies, 0.5),
+            "p99_ms": pct_ms(latencies, 0.99), "errors": errors, "gen_cpu": (cpu_s() - cpu) / elapsed}
 
 
 TRANSPORT_URLS = {"redis": "redis://127.0.0.1:6379/0", "nats": "nats://127.0.0.1:4222",
@@ -136,20 +133,15 @@ async def run_transports(args: argparse.Namespace) -> str:
     for name in names:
         extra += ["--transport", f"{name}={TRANSPORT_URLS[name]}"]
     rows: dict[str, list[dict]] = {name: [] for name in ["embedded", *names]}
-    with tempfile.TemporaryDirectory(prefix="coord-bench-bus-") as directory:
-        cluster = LocalCluster(directory, base_port=args.base_port, durability="fsync", extra_args=tuple(extra))
-        cluster.start_all()
-        try:
-            url = cluster.url(cluster.wait_leader(30))
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-                await _round(session, url, "warmup", 10, 4, 2.0)
-                for r in range(args.rounds):
-                    for name in rows:
-                        transport = None if name == "embedded" else name
-                        rows[name].append(await _round(session, url, f"{name}{r}", args.batch, args.publishers,
-                                                       args.seconds, transport))
-        finally:
-            cluster.stop_all()
+    with local_cluster("coord-bench-bus-", args.base_port, extra_args=tuple(extra)) as cluster:
+        url = cluster.url(cluster.wait_leader(30))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            await _round(session, url, "warmup", 10, 4, 2.0)
+            for r in range(args.rounds):
+                for name in rows:
+                    transport = None if name == "embedded" else name
+                    rows[name].append(await _round(session, url, f"{name}{r}", args.batch, args.publishers,
+                                                   args.seconds, transport))
     lines = ["| transport | round | delivered msgs/s | publish→deliver p50 ms | p99 ms "
              "| undelivered after 15 s drain | errors | vs embedded (same round) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -182,22 +174,16 @@ def _row(label: str, mode: str, row: dict) -> str:
 
 
 async def run(args: argparse.Namespace) -> str:
-    with tempfile.TemporaryDirectory(prefix="coord-bench-bus-") as directory:
-        cluster = LocalCluster(directory, base_port=args.base_port, durability="fsync")
-        cluster.start_all()
-        try:
-            leader = cluster.wait_leader(30)
-            url = cluster.url(leader)
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-                await _round(session, url, "warmup", 10, 4, 2.0)
-                light = await _round(session, url, "light", 1, 1, args.seconds)
-                pairs = []
-                for r in range(args.rounds):
-                    unbatched = await _round(session, url, f"u{r}", 1, args.publishers, args.seconds)
-                    batched = await _round(session, url, f"b{r}", args.batch, args.publishers, args.seconds)
-                    pairs.append((unbatched, batched))
-        finally:
-            cluster.stop_all()
+    with local_cluster("coord-bench-bus-", args.base_port) as cluster:
+        url = cluster.url(cluster.wait_leader(30))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            await _round(session, url, "warmup", 10, 4, 2.0)
+            light = await _round(session, url, "light", 1, 1, args.seconds)
+            pairs = []
+            for r in range(args.rounds):
+                unbatched = await _round(session, url, f"u{r}", 1, args.publishers, args.seconds)
+                batched = await _round(session, url, f"b{r}", args.batch, args.publishers, args.seconds)
+                pairs.append((unbatched, batched))
     lines = [
         "| round | mode | publishers x batch | delivered msgs/s | publish→deliver p50 ms | p99 ms "
         "| publish request p50 ms | lost | errors | generator CPU |",
@@ -231,36 +217,33 @@ NOTES = """What the numbers say, and what they do not:
 - Three node processes, their fsyncs and the generator share two cores."""
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--publishers", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=50)
-    parser.add_argument("--base-port", type=int, default=int(os.environ.get("COORD_BENCH_BASE_PORT", "27200")))
-    parser.add_argument("--out", help="append (or replace) the bus section of this markdown file")
-    parser.add_argument("--transports", default="",
-                        help="compare the embedded log with these brokers instead (e.g. redis,nats,rabbitmq)")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    cli = parser("bus", __doc__)
+    cli.add_argument("--seconds", type=float, default=8.0)
+    cli.add_argument("--rounds", type=int, default=3)
+    cli.add_argument("--publishers", type=int, default=16)
+    cli.add_argument("--batch", type=int, default=50)
+    add_base_port(cli, 27200)
+    cli.add_argument("--out", help="append (or replace) the bus section of this markdown file")
+    cli.add_argument("--transports", default="",
+                     help="compare the embedded log with these brokers instead (e.g. redis,nats,rabbitmq)")
+    args = cli.parse_args(argv)
     if args.transports:
-        table = asyncio.run(run_transports(args))
+        with interruptible("the nodes"):
+            table = asyncio.run(run_transports(args))
         header = (f"Three nodes, the load generator and the brokers on one machine ({os.cpu_count()} cores), "
                   f"durability fsync, {args.seconds:.0f} s per row, {args.publishers} publishers x {args.batch} "
-                  f"256-byte messages per request, a group of {CONSUMERS} consumers, `scripts/bench_bus.py "
+                  f"256-byte messages per request, a group of {CONSUMERS} consumers, `python -m bench.bus "
                   f"--transports {args.transports}`, {time.strftime('%Y-%m-%d')}.\n\n")
-        print(header + table)
-        if args.out:
-            write_section(Path(args.out), "\n## Bus transports: publish → deliver\n", header + table)
+        publish(header + table, args.out, "\n## Bus transports: publish → deliver\n")
         return 0
-    table = asyncio.run(run(args))
-    header = (f"Three nodes and the load generator on one machine ({os.cpu_count()} cores, "
-              f"{platform.python_implementation()} {platform.python_version()}), durability fsync, "
+    with interruptible("the nodes"):
+        table = asyncio.run(run(args))
+    header = (f"Three nodes and the load generator on one machine ({machine()}), durability fsync, "
               f"{args.seconds:.0f} s per row, 256-byte payloads, at-least-once, a group of {CONSUMERS} "
               f"consumers fetching ≤ {FETCH_MAX} with 1 s long-polls and acking per fetch, "
-              f"`scripts/bench_bus.py`, {time.strftime('%Y-%m-%d')}.\n\n")
-    print(header + table)
-    if args.out:
-        write_section(Path(args.out), "\n## Bus: publish → deliver\n", header + table)
+              f"`python -m bench.bus`, {time.strftime('%Y-%m-%d')}.\n\n")
+    publish(header + table, args.out, "\n## Bus: publish → deliver\n")
     return 0
 
 

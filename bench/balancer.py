@@ -2,8 +2,8 @@
 ``POST /v1/services/echo/invoke`` through a node costs next to calling an
 agent directly, for 256-byte bodies, interleaved A, B / B, A per round.
 
-    .venv/bin/python scripts/bench_balancer.py [--seconds 5] [--rounds 3] [--agents 3] [--concurrency 32]
-        [--out docs/benchmarks.md]
+    .venv/bin/python -m bench.balancer [--seconds 5] [--rounds 3] [--agents 3] [--concurrency 32]
+        [--base-port 0] [--out docs/benchmarks.md]
 
 A (direct): the generator posts to ``<agent>/invoke``, picking the agents
 round-robin itself. B (through a node): the generator posts to
@@ -25,27 +25,19 @@ import argparse
 import asyncio
 import itertools
 import os
-import platform
 import select
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench_cluster import cpu_s, pct  # noqa: E402
-
-from bench.report import write_section  # noqa: E402
-from devcluster.cluster import LocalCluster, free_base_port  # noqa: E402
+from bench.harness import add_base_port, interruptible, local_cluster, parser
+from bench.report import cpu_s, machine, pct_ms, processes_cpu_s, publish
+from devcluster.cluster import LocalCluster
 
 AGENT_TYPE = "echo"
 BODY_BYTES = 256
@@ -53,7 +45,6 @@ MAX_OPS_PER_CLIENT = 200_000
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=10)
 WARMUP_S = 1.0
 AGENT_START_S = 10.0
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 HEADERS = {"Content-Type": "application/octet-stream"}
 
 # The echo agent, run as ``python -c ECHO_AGENT <parent pid> <max lifetime s>``.
@@ -127,22 +118,6 @@ class EchoAgent:
             self.proc.stdout.close()
 
 
-def proc_cpu_s(pids: list[int | None]) -> float:
-    """User + system CPU seconds of these processes and their threads so far
-    (Linux /proc; a process that is gone counts 0)."""
-    total = 0.0
-    for pid in pids:
-        if pid is None:
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime: fields 14 and 15 of stat
-    return total
-
-
 async def _cell(session: aiohttp.ClientSession, path: str, targets: list[str], clients: int, seconds: float,
                 node_pids: list[int | None], agent_pids: list[int | None]) -> dict:
     """``clients`` closed-loop clients posting 256-byte bodies to ``targets`` in turn for ``seconds``."""
@@ -182,16 +157,16 @@ async def _cell(session: aiohttp.ClientSession, path: str, targets: list[str], c
                 by_agent[agent] += 1
             latencies.append(time.perf_counter() - started)
 
-    cpu, nodes, agents = cpu_s(), proc_cpu_s(node_pids), proc_cpu_s(agent_pids)
+    cpu, nodes, agents = cpu_s(), processes_cpu_s(node_pids), processes_cpu_s(agent_pids)
     started = time.monotonic()
     await asyncio.gather(*(client(c) for c in range(clients)))
     elapsed = time.monotonic() - started
     ops = len(latencies)
     return {"path": path, "clients": clients, "ops": ops, "ops_s": ops / elapsed,
-            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99),
+            "p50_ms": pct_ms(latencies, 0.5), "p99_ms": pct_ms(latencies, 0.99),
             "errors": sum(errors.values()), "error_kinds": errors, "by_agent": by_agent,
-            "gen_cpu": (cpu_s() - cpu) / elapsed, "nodes_cpu": (proc_cpu_s(node_pids) - nodes) / elapsed,
-            "agents_cpu": (proc_cpu_s(agent_pids) - agents) / elapsed}
+            "gen_cpu": (cpu_s() - cpu) / elapsed, "nodes_cpu": (processes_cpu_s(node_pids) - nodes) / elapsed,
+            "agents_cpu": (processes_cpu_s(agent_pids) - agents) / elapsed}
 
 
 async def _register(session: aiohttp.ClientSession, cluster: LocalCluster, leader: str,
@@ -322,71 +297,42 @@ NOTES = """What the numbers say, and what they do not:
   latency it adds."""
 
 
-def _base_port(requested: int) -> int:
-    if requested == 0:
-        return free_base_port(3)
-    for port in [requested + i for i in (1, 2, 3)] + [requested + 100 + i for i in (1, 2, 3)]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                raise SystemExit(f"port {port} on 127.0.0.1 is taken; pass another --base-port "
-                                 "(0 picks a free range)") from None
-    return requested
-
-
 def run(args: argparse.Namespace) -> str:
     estimate_s = (2 * WARMUP_S + 4 * args.rounds * args.seconds) * 2 + 600
     agents: list[EchoAgent] = []
-    with tempfile.TemporaryDirectory(prefix="coord-bench-balancer-") as directory:
-        cluster = LocalCluster(directory, base_port=_base_port(args.base_port), durability="fsync")
+    with local_cluster("coord-bench-balancer-", args.base_port) as cluster:
         try:
-            cluster.start_all()
             for i in range(args.agents):
-                agents.append(EchoAgent(i + 1, Path(directory), estimate_s))
+                agents.append(EchoAgent(i + 1, cluster.dir, estimate_s))
             # A lease long enough for the whole run, so no heartbeat writes land among the measurements.
             rounds = asyncio.run(_measure(cluster, agents, args, ttl_s=min(86_400.0, estimate_s)))
         finally:
             for agent in agents:
                 agent.stop()
-            cluster.stop_all()
     return _report(rounds, args)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through run()'s finally: agents and nodes are stopped
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="per cell, after a 1 s warm-up")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--agents", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=32, help="clients in the throughput cells (>= 2)")
-    parser.add_argument("--base-port", type=int, default=int(os.environ.get("COORD_BENCH_BASE_PORT", "0")),
-                        help="nodes use base+1..3 (HTTP) and base+101..103 (Raft); 0 (the default) picks a "
-                             "range that is free now, so a test run on the same machine does not collide")
-    parser.add_argument("--out", help="append (or replace) the balancer section of this markdown file")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    cli = parser("balancer", __doc__)
+    cli.add_argument("--seconds", type=float, default=5.0, help="per cell, after a 1 s warm-up")
+    cli.add_argument("--rounds", type=int, default=3)
+    cli.add_argument("--agents", type=int, default=3)
+    cli.add_argument("--concurrency", type=int, default=32, help="clients in the throughput cells (>= 2)")
+    add_base_port(cli, 0)
+    cli.add_argument("--out", help="append (or replace) the balancer section of this markdown file")
+    args = cli.parse_args(argv)
     if args.seconds <= 0 or args.rounds < 1 or args.agents < 1:
-        parser.error("--seconds, --rounds and --agents must be positive")
+        cli.error("--seconds, --rounds and --agents must be positive")
     if args.concurrency < 2:
-        parser.error("--concurrency: at least 2 (the latency cells already run 1 client)")
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
+        cli.error("--concurrency: at least 2 (the latency cells already run 1 client)")
+    with interruptible("the nodes and agents"):  # through run()'s finally
         table = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; the nodes and agents were stopped", file=sys.stderr)
-        return 130
     header = (f"Three nodes, {args.agents} echo agents (one aiohttp process each) and the load generator on one "
-              f"machine ({os.cpu_count()} cores, {platform.python_implementation()} "
-              f"{platform.python_version()}), durability fsync, {BODY_BYTES}-byte bodies, {args.seconds:g} s "
+              f"machine ({machine()}), durability fsync, {BODY_BYTES}-byte bodies, {args.seconds:g} s "
               f"per cell after a {WARMUP_S:g} s warm-up, direct and via-node cells interleaved (order "
               f"alternating per round), via-node requests spread round-robin over the three nodes, "
-              f"`scripts/bench_balancer.py`, {time.strftime('%Y-%m-%d')}.\n\n")
-    print(header + table)
-    if args.out:
-        write_section(Path(args.out), "\n## Balancer: invoke through a node\n", header + table)
+              f"`python -m bench.balancer`, {time.strftime('%Y-%m-%d')}.\n\n")
+    publish(header + table, args.out, "\n## Balancer: invoke through a node\n")
     return 0
 
 

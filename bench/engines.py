@@ -2,7 +2,7 @@
 default) and PBFT (four nodes, f = 1, ``--engine pbft``), 64-byte kv writes
 at 1 and 16 clients and linearizable reads at 16 clients.
 
-    .venv/bin/python scripts/bench_engines.py [--seconds 5] [--rounds 3] [--out docs/benchmarks.md]
+    .venv/bin/python -m bench.engines [--seconds 5] [--rounds 3] [--out docs/benchmarks.md]
 
 The machine is shared and noisy, so the engines are measured in the same run,
 interleaved: each round starts a fresh cluster of each engine in turn (which
@@ -15,35 +15,27 @@ Both run with durability fsync: Raft fsyncs its log before it acknowledges,
 PBFT persists each replica's view, prepared certificates and checkpoints
 (group-committed) before it sends the messages that reflect them.
 
-The load loops are ``bench_cluster._load`` (bounded by a count and a time);
+The load loops are ``bench.cluster.kv_load`` (bounded by a count and a time);
 every request here is bounded by a timeout too. The nodes are started by
-``LocalCluster`` and stopped by PID, also on Ctrl-C or SIGTERM.
+``bench.harness.local_cluster`` on a free port range and stopped by PID, also on
+Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench_cluster import _load  # noqa: E402
-
-from bench.report import write_section  # noqa: E402
-from devcluster.cluster import LocalCluster, free_base_port  # noqa: E402
+from bench.cluster import kv_load
+from bench.harness import interruptible, local_cluster, parser
+from bench.report import machine, publish
 
 ENGINES = {"raft": 3, "pbft": 4}  # engine -> nodes
 CELLS = (("write", 1), ("write", 16), ("read", 16))  # (kind, clients), in the order they run
@@ -56,9 +48,9 @@ MARKER = "\n## Engines: Raft and PBFT side by side\n"
 
 
 class _TallySession:
-    """Hands ``_load`` the session's ``put``/``get``, tallying non-200 answers
+    """Hands ``kv_load`` the session's ``put``/``get``, tallying non-200 answers
     by status with a sample body. The body comes from ``response.read()``,
-    which ``_load`` has already called, so it is cached, not read twice."""
+    which ``kv_load`` has already called, so it is cached, not read twice."""
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
@@ -106,28 +98,21 @@ async def _measure(url: str, seconds: float) -> dict[str, dict]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=REQUEST_TIMEOUT) as session:
         tally = _TallySession(session)
         # Warm-up writes: connection pools, the engine's first entries, and key bench/0/0 the reads ask for.
-        warm = await _load(tally, url, WARMUP_CLIENTS, WARMUP_S, "write")  # type: ignore[arg-type]
+        warm = await kv_load(tally, url, WARMUP_CLIENTS, WARMUP_S, "write")  # type: ignore[arg-type]
         warm_statuses, warm_samples = tally.take()
         if warm["ops"] == 0:
             raise RuntimeError(f"warm-up: no write succeeded ({dict(warm_statuses)}, e.g. {warm_samples})")
         for kind, clients in CELLS:
-            cell = await _load(tally, url, clients, seconds, kind)  # type: ignore[arg-type]
+            cell = await kv_load(tally, url, clients, seconds, kind)  # type: ignore[arg-type]
             cell["statuses"], cell["samples"] = tally.take()
             cells[f"{kind}/{clients}"] = cell
     return cells
 
 
 def _run_engine(engine: str, seconds: float) -> dict[str, dict]:
-    nodes = ENGINES[engine]
-    with tempfile.TemporaryDirectory(prefix=f"coord-bench-{engine}-") as directory:
-        cluster = LocalCluster(directory, base_port=free_base_port(nodes), nodes=nodes, engine=engine,
-                               durability="fsync")
-        try:
-            cluster.start_all()
-            leader = cluster.wait_leader(LEADER_WAIT_S)
-            return asyncio.run(_measure(cluster.url(leader), seconds))
-        finally:
-            cluster.stop_all()
+    with local_cluster(f"coord-bench-{engine}-", 0, nodes=ENGINES[engine], engine=engine) as cluster:
+        leader = cluster.wait_leader(LEADER_WAIT_S)
+        return asyncio.run(_measure(cluster.url(leader), seconds))
 
 
 def _progress(r: int, engine: str, cells: dict[str, dict]) -> None:
@@ -213,36 +198,25 @@ READING = """What the ratios say:
   paper's main optimisation) and a read-only fast path are not done."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through _run_engine's finally: the nodes are stopped
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="per cell, after a 1 s warm-up")
-    parser.add_argument("--rounds", type=int, default=3, help="each round runs both engines, order alternating")
-    parser.add_argument("--out", help="append (or replace) the engines section of this markdown file")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    cli = parser("engines", __doc__)
+    cli.add_argument("--seconds", type=float, default=5.0, help="per cell, after a 1 s warm-up")
+    cli.add_argument("--rounds", type=int, default=3, help="each round runs both engines, order alternating")
+    cli.add_argument("--out", help="append (or replace) the engines section of this markdown file")
+    args = cli.parse_args(argv)
     if args.seconds <= 0 or args.rounds < 1:
-        parser.error("--seconds and --rounds must be positive")
+        cli.error("--seconds and --rounds must be positive")
     if args.seconds > 600 or args.rounds > 20:
-        parser.error("--seconds at most 600, --rounds at most 20")
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
+        cli.error("--seconds at most 600, --rounds at most 20")
+    with interruptible("the nodes"):  # through _run_engine's local_cluster
         table = _report(run(args))
-    except KeyboardInterrupt:
-        print("interrupted; the nodes were stopped", file=sys.stderr)
-        return 130
     header = (f"Raft (three nodes) and PBFT (four nodes, f = 1, every message Ed25519-signed, results confirmed by "
-              f"f+1 replicas), both with durability fsync, with the load "
-              f"generator on one machine ({os.cpu_count()} cores, {platform.python_implementation()} "
-              f"{platform.python_version()}), 64-byte values, every request to the leader (PBFT: the primary), "
+              f"f+1 replicas), both with durability fsync, with the load generator on one machine ({machine()}), "
+              f"64-byte values, every request to the leader (PBFT: the primary), "
               f"{args.seconds:g} s per cell after a {WARMUP_S:g} s warm-up, a fresh cluster per engine and round, "
               f"engines interleaved (order alternating per round), {args.rounds} round{'s' * (args.rounds != 1)}, "
-              f"`scripts/bench_engines.py`, {time.strftime('%Y-%m-%d')}.\n\n")
-    print(header + table)
-    if args.out:
-        write_section(Path(args.out), MARKER, header + table)
+              f"`python -m bench.engines`, {time.strftime('%Y-%m-%d')}.\n\n")
+    publish(header + table, args.out, MARKER)
     return 0
 
 

@@ -3,7 +3,7 @@ apply one ``es.append`` of one event, in process (no network, no disk), with
 no readers, with projections, and with stream processors too; and a bus
 publish with and without a matching transform rule.
 
-    .venv/bin/python scripts/bench_eventstore.py [--commands 20000] [--rounds 3] [--out docs/benchmarks.md]
+    .venv/bin/python -m bench.eventstore [--commands 20000] [--rounds 3] [--out docs/benchmarks.md]
 
 Every replica applies every command, so this cost is paid three times per
 write in a three-node cluster. The configurations are measured interleaved
@@ -14,7 +14,6 @@ same round. The loops are bounded by ``--commands``.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -23,12 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.report import write_section  # noqa: E402
-from coordinator.state import StateMachine  # noqa: E402
-from coordinator.types import Command  # noqa: E402
+from bench.harness import parser
+from bench.report import publish
+from coordinator.state import StateMachine
+from coordinator.types import Command
 
 T0 = 1_800_000_000_000
 PROJECTIONS = [
@@ -97,11 +94,11 @@ BASELINE = {"append": "append, no readers", "publish": "publish, no transform"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--commands", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
+    cli = parser("eventstore", __doc__)
+    cli.add_argument("--commands", type=int, default=20_000)
+    cli.add_argument("--rounds", type=int, default=3)
+    cli.add_argument("--out", type=Path, help="append (or replace) the event backbone section of this markdown file")
+    args = cli.parse_args(argv)
     measured: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for _ in range(args.rounds):
         for name, (run, setup) in CONFIGS.items():
@@ -114,11 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {name} | {statistics.median(values):.1f} | {ratios} |")
     body = (f"In-process cost of applying one command to the state machine (every replica applies every "
             f"command), {args.commands} commands per run, {args.rounds} interleaved rounds, CPython "
-            f"{platform.python_version()}, `.venv/bin/python scripts/bench_eventstore.py`, "
+            f"{platform.python_version()}, `.venv/bin/python -m bench.eventstore`, "
             f"{time.strftime('%Y-%m-%d')}.\n\n" + "\n".join(rows) + "\n")
-    print(body)
-    if args.out:
-        write_section(args.out, "\n## Event backbone: apply cost\n", body)
+    publish(body, args.out, "\n## Event backbone: apply cost\n")
     return 0
 
 

@@ -2,8 +2,8 @@
 entry through ``Applier.apply`` (decode, state machine, result bytes,
 digest, waiters, listeners), in process (no network, no disk).
 
-    .venv/bin/python scripts/bench_apply.py [--commands 20000] [--rounds 5]
-    .venv/bin/python scripts/bench_apply.py --trees /tmp/base . [--rounds 5]
+    .venv/bin/python -m bench.apply [--commands 20000] [--warmup 12000] [--rounds 5]
+    .venv/bin/python -m bench.apply --trees /tmp/base . [--rounds 5] [--instructions]
 
 Every replica applies every write, so this is paid three times per write in
 a three-node cluster. The entries are the blobs a node gets: kv.put of a
@@ -38,7 +38,11 @@ With ``--trees A B ...`` each round runs every mode once per tree, each in a
 fresh interpreter with that tree's ``coordinator`` first on ``sys.path``,
 alternating trees, and the medians are printed side by side: a before/after
 of one change measured in one run (export the base with ``git archive``).
-The loops are bounded by ``--commands`` and ``--rounds``.
+A tree may be of any commit, from before this file moved into ``bench/``
+too: the fresh interpreter runs this file (``_RUN_THIS``), not the tree's
+copy, and this file imports nothing from ``bench``, so the measuring code is
+the same for every tree and only ``coordinator`` and ``cluster`` are the
+tree's. The loops are bounded by ``--commands`` and ``--rounds``.
 
 ``--instructions`` (with ``--trees``) counts instead of timing: valgrind's
 callgrind runs the follower mode of each tree twice, on ``--warmup``
@@ -63,6 +67,13 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+# How a tree's fresh interpreter runs this file: by its path, as __main__,
+# without putting bench/ on sys.path (its cluster.py would hide the tree's
+# cluster package) and without importing the tree's bench package (a tree
+# may have none, or another bench/apply.py). sys.path[0] is the working
+# directory, the tree, and PYTHONPATH names the tree too.
+_RUN_THIS = "import runpy, sys; runpy.run_path(sys.argv.pop(1), run_name='__main__')"
 MODES = ("follower", "leader", "bridge", "handoff", "decode", "machine", "result", "digest", "snapshot")
 CLIENTS = 64
 KEYS_PER_CLIENT = 100
@@ -217,8 +228,8 @@ def count_instructions(tree: Path, commands: int, warmup_count: int) -> float:
     counts = []
     for extra in (False, True):
         env = {**os.environ, "PYTHONPATH": str(tree.resolve()), "PYTHONHASHSEED": "0"}
-        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(HERE),
-                   "--apply-only", "--commands", str(commands), "--warmup", str(warmup_count)]
+        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
+                   _RUN_THIS, str(HERE), "--apply-only", "--commands", str(commands), "--warmup", str(warmup_count)]
         done = subprocess.run(command + (["--extra"] if extra else []), env=env, check=True, capture_output=True,
                               text=True, timeout=3600, cwd=tree)
         refs = [line for line in done.stderr.splitlines() if "Collected :" in line]
@@ -238,7 +249,8 @@ def report(label: str, rounds: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.apply", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commands", type=int, default=20_000)
     parser.add_argument("--warmup", type=int, default=12_000)
     parser.add_argument("--rounds", type=int, default=5)
@@ -264,21 +276,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tree!s:24s} follower {per_entry:10.0f} instructions/entry", flush=True)
         return 0
     if not args.trees:
-        sys.path.insert(0, str(HERE.parent.parent))
         rounds = []
         for _ in range(args.rounds):
             rounds.append(one_round(args.commands, args.warmup))
             print(" ".join(f"{m}={rounds[-1][m]['cpu']:.2f}" for m in MODES), flush=True)
-        report(str(HERE.parent.parent), rounds)
+        report(str(ROOT), rounds)
         return 0
     results: dict[Path, list[dict[str, Any]]] = {tree: [] for tree in args.trees}
     for n in range(args.rounds):
         order = args.trees if n % 2 == 0 else list(reversed(args.trees))
         for tree in order:
             env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
-            done = subprocess.run([sys.executable, str(HERE), "--one-round", "--commands", str(args.commands),
-                                   "--warmup", str(args.warmup)], env=env, check=True, capture_output=True,
-                                  text=True, timeout=600, cwd=tree)
+            done = subprocess.run([sys.executable, "-c", _RUN_THIS, str(HERE), "--one-round", "--commands",
+                                   str(args.commands), "--warmup", str(args.warmup)], env=env, check=True,
+                                  capture_output=True, text=True, timeout=600, cwd=tree)
             results[tree].append(json.loads(done.stdout.splitlines()[-1]))
             r = results[tree][-1]
             print(f"round {n + 1} {tree!s:24s} " + " ".join(f"{m}={r[m]['cpu']:.2f}" for m in MODES),

@@ -1,44 +1,40 @@
 """Benchmark a local three-node cluster (fsync on): one client's write and
 read latency, 64 clients' write throughput, and leader failover time.
 
-    .venv/bin/python scripts/bench_cluster.py [--seconds 5] [--failovers 5] [--out docs/benchmarks.md]
+    .venv/bin/python -m bench.cluster [--seconds 5] [--failovers 5] [--base-port 27000] [--out docs/benchmarks.md]
 
 Every load loop is bounded by a count and a time. The load generator runs
 in this one process; its CPU time is reported next to the numbers, so a
 reader can tell when the generator (not the cluster) was the bottleneck.
+The nodes are stopped by PID at the end, also on Ctrl-C or SIGTERM.
+``kv_load`` is that generator (aiohttp, one process), also used by
+``bench.engines``; ``bench.load`` is the leaner multi-process one that
+``bench.compare`` and ``bench.ab`` use.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.report import cpu_s, write_section  # noqa: E402
-from bench.report import pct as quantile  # noqa: E402
-from devcluster.cluster import LocalCluster  # noqa: E402
+from bench.harness import add_base_port, interruptible, local_cluster, parser
+from bench.report import cpu_s, machine, pct_ms, publish
+from devcluster.cluster import LocalCluster
 
 VALUE = "v" * 64
 MAX_OPS_PER_CLIENT = 200_000
 
 
-def pct(values: list[float], q: float) -> float:
-    """The ``q`` quantile of seconds, in milliseconds (nan when empty)."""
-    return quantile(values, q) * 1000
-
-
-async def _load(session: aiohttp.ClientSession, url: str, clients: int, seconds: float, kind: str) -> dict:
+async def kv_load(session: aiohttp.ClientSession, url: str, clients: int, seconds: float, kind: str) -> dict:
+    """``clients`` closed-loop clients on the loop writing 64-byte values to
+    ``bench/{c}/{i % 100}`` (``kind`` write) or reading ``bench/0/0`` (read)
+    at ``url`` for ``seconds``: operations per second, p50 and p99 in ms,
+    non-200 answers, and this process's CPU as a share of one core."""
     latencies: list[float] = []
     errors = 0
     stop_at = time.monotonic() + seconds
@@ -65,7 +61,7 @@ async def _load(session: aiohttp.ClientSession, url: str, clients: int, seconds:
     await asyncio.gather(*(client(c) for c in range(clients)))
     elapsed = time.monotonic() - started
     return {"kind": kind, "clients": clients, "ops": len(latencies), "ops_s": len(latencies) / elapsed,
-            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "errors": errors,
+            "p50_ms": pct_ms(latencies, 0.5), "p99_ms": pct_ms(latencies, 0.99), "errors": errors,
             "gen_cpu": (cpu_s() - cpu) / elapsed}
 
 
@@ -97,23 +93,18 @@ async def _failover(cluster: LocalCluster, session: aiohttp.ClientSession) -> fl
 
 
 async def run(args: argparse.Namespace) -> str:
-    with tempfile.TemporaryDirectory(prefix="coord-bench-") as directory:
-        cluster = LocalCluster(directory, base_port=args.base_port, durability="fsync")
-        cluster.start_all()
-        try:
-            leader = cluster.wait_leader(30)
-            url = cluster.url(leader)
-            connector = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                await _load(session, url, 4, 1.0, "write")  # warm-up
-                rows = [await _load(session, url, 1, args.seconds, "write"),
-                        await _load(session, url, 1, args.seconds, "read"),
-                        await _load(session, url, 16, args.seconds, "write"),
-                        await _load(session, url, 64, args.seconds, "write"),
-                        await _load(session, url, 64, args.seconds, "read")]
-                failovers = [await _failover(cluster, session) for _ in range(args.failovers)]
-        finally:
-            cluster.stop_all()
+    with local_cluster("coord-bench-", args.base_port) as cluster:
+        leader = cluster.wait_leader(30)
+        url = cluster.url(leader)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await kv_load(session, url, 4, 1.0, "write")  # warm-up
+            rows = [await kv_load(session, url, 1, args.seconds, "write"),
+                    await kv_load(session, url, 1, args.seconds, "read"),
+                    await kv_load(session, url, 16, args.seconds, "write"),
+                    await kv_load(session, url, 64, args.seconds, "write"),
+                    await kv_load(session, url, 64, args.seconds, "read")]
+            failovers = [await _failover(cluster, session) for _ in range(args.failovers)]
     lines = [
         "| workload | clients | ops/s | p50 ms | p99 ms | errors | generator CPU |",
         "|---|---|---|---|---|---|---|",
@@ -129,20 +120,18 @@ async def run(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--failovers", type=int, default=5)
-    parser.add_argument("--base-port", type=int, default=int(os.environ.get("COORD_BENCH_BASE_PORT", "27000")))
-    parser.add_argument("--out", help="also write the table into this markdown file")
-    args = parser.parse_args()
-    table = asyncio.run(run(args))
-    header = (f"Three nodes and the load generator on one machine ({os.cpu_count()} cores, "
-              f"{platform.python_implementation()} {platform.python_version()}), durability fsync, "
-              f"{args.seconds:.0f} s per row, `scripts/bench_cluster.py`, {time.strftime('%Y-%m-%d')}.\n\n")
-    print(header + table)
-    if args.out:
-        write_section(Path(args.out), "\n## Foundation: one cluster, one generator\n", header + table)
+def main(argv: list[str] | None = None) -> int:
+    cli = parser("cluster", __doc__)
+    cli.add_argument("--seconds", type=float, default=5.0)
+    cli.add_argument("--failovers", type=int, default=5)
+    add_base_port(cli, 27000)
+    cli.add_argument("--out", help="also write the table into this markdown file")
+    args = cli.parse_args(argv)
+    with interruptible("the nodes"):
+        table = asyncio.run(run(args))
+    header = (f"Three nodes and the load generator on one machine ({machine()}), durability fsync, "
+              f"{args.seconds:.0f} s per row, `python -m bench.cluster`, {time.strftime('%Y-%m-%d')}.\n\n")
+    publish(header + table, args.out, "\n## Foundation: one cluster, one generator\n")
     return 0
 
 
