@@ -87,7 +87,7 @@ class KvPut(DomainCommand):
         # command is built without the frozen dataclass's __init__ (it sets
         # each field through object.__setattr__), which together saved about
         # 4k of the 7k instructions per entry the parse first added
-        # (scripts/bench_apply.py --instructions).
+        # (python -m bench.apply --instructions).
         key = check_str(args.get("key"), "key", MAX_KEY_LEN)
         if "value" not in args:
             raise invalid("value", "is required")
