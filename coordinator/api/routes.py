@@ -14,6 +14,7 @@ from coordinator.api.auth import AUTH, check_proof, forward_signer, principal_of
 from coordinator.api.keys import NODE
 from coordinator.api.visibility import visibility
 from coordinator.commands.base import DomainCommand, Rejected
+from coordinator.commands.cluster import MemberRegister, MemberRemove, check_address, check_node_id
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockRelease, check_holder
 from coordinator.commands.locks import check_name as check_lock_name
@@ -90,19 +91,22 @@ async def members_list(request: web.Request) -> web.Response:
 @routes.post("/v1/members")
 async def members_add(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"id", "raft", "http"})
-    node = node_of(request)
-    member = await node.add_member(s.name(body.get("id"), "id", 64), _address(body.get("raft"), "raft"),
-                                   _address(body.get("http"), "http"))
-    return ok(member, status=201)
+    node_id = checked(lambda: check_node_id(body.get("id")))
+    command = s.command(MemberRegister, {"id": node_id, "raft": _address(body.get("raft"), "raft"),
+                                         "http": _address(body.get("http"), "http")})
+    return ok(await node_of(request).add_member(command), status=201)
 
 
 @routes.delete("/v1/members/{id}")
 async def members_remove(request: web.Request) -> web.Response:
-    return ok(await node_of(request).remove_member(s.name(request.match_info["id"], "id", 64)))
+    command = s.command(MemberRemove, {"id": request.match_info["id"]})
+    return ok(await node_of(request).remove_member(command))
 
 
 def _address(value: Any, field: str) -> str:
-    address = s.name(value, field, 256)
+    """A member's address: the command's check, then ``host:port`` (the API's
+    rule), field by field as always."""
+    address = checked(lambda: check_address(value, field))
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidInput(f"{field}: must be host:port", field=field)

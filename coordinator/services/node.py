@@ -20,7 +20,8 @@ from typing import Any
 
 import aiohttp
 
-from coordinator.commands.base import DomainCommand
+from coordinator.commands.base import MAX_TTL_MS, MIN_TTL_MS, DomainCommand
+from coordinator.commands.cluster import MemberRegister, MemberRemove
 from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, ReplicaHalted, Unavailable
 from coordinator.ports import BusTransport, Clock, ConfirmsReads, ConsensusEngine, KnowsQuorumContact, Rng
@@ -37,7 +38,6 @@ from coordinator.services.reads import Reads
 from coordinator.services.sagas import SagaOrchestrator
 from coordinator.services.transports import TransportDriver
 from coordinator.services.view import StateView
-from coordinator.state.machine import MAX_TTL_MS, MIN_TTL_MS
 from coordinator.types import RequestKey
 
 log = logging.getLogger(__name__)
@@ -169,9 +169,10 @@ class CoordinatorNode:
             member = self.applier.machine.members.members.get(me.node_id)
             if member is not None and member.raft == me.raft and member.http == me.http:
                 return
+            register = MemberRegister(me.node_id, me.raft, me.http)
             try:
-                await self.proposer.propose("member.register", {"id": me.node_id, "raft": me.raft, "http": me.http},
-                                            cluster_request("member.register", me.node_id, me.raft, me.http))
+                await self.proposer.propose(register.op, register.to_args(),
+                                            cluster_request(register.op, me.node_id, me.raft, me.http))
             except Exception as exc:  # no leader yet, a timeout: try again
                 log.debug("registering this member failed: %s", exc)
             await asyncio.sleep(delay)
@@ -263,23 +264,24 @@ class CoordinatorNode:
             return False, f"applying: {lag} entries behind the commit index"
         return True, "ready"
 
-    async def add_member(self, node_id: str, raft: str, http: str) -> dict[str, Any]:
+    async def add_member(self, register: MemberRegister) -> dict[str, Any]:
+        """Add ``register.raft`` to the engine's configuration (leader only),
+        then commit the member's addresses."""
         self._require_leader()
-        if raft not in self.engine.status().members:
-            await self.engine.add_member(raft)
-        result = await self.proposer.propose("member.register", {"id": node_id, "raft": raft, "http": http})
-        return raise_for(result)
+        if register.raft not in self.engine.status().members:
+            await self.engine.add_member(register.raft)
+        return await self.write_command(register)
 
-    async def remove_member(self, node_id: str) -> dict[str, Any]:
+    async def remove_member(self, remove: MemberRemove) -> dict[str, Any]:
         self._require_leader()
-        member = self.applier.machine.members.members.get(node_id)
+        member = self.applier.machine.members.members.get(remove.id)
         if member is None:
-            raise NotFound(f"member {node_id!r} is not known")
+            raise NotFound(f"member {remove.id!r} is not known")
         if member.raft == self.identity.raft:
             raise InvalidInput("id: the leader cannot remove itself; ask another member", field="id")
         if member.raft in self.engine.status().members:
             await self.engine.remove_member(member.raft)
-        return raise_for(await self.proposer.propose("member.remove", {"id": node_id}))
+        return await self.write_command(remove)
 
     def _require_leader(self) -> None:
         st = self.engine.status()

@@ -25,6 +25,7 @@ from typing import Any
 from coordinator.commands import COMMANDS
 from coordinator.commands.agents import HEALTH_STATES, MAX_ENDPOINT_LEN, MAX_WEIGHT
 from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS, DomainCommand
+from coordinator.commands.cluster import Barrier, MemberRegister, MemberRemove, Noop, SystemReport
 from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 from coordinator.commands.messages import normalize
@@ -372,36 +373,32 @@ class StateMachine:
 
 # -- cluster -------------------------------------------------------------------
 
-@_op("noop")
-def _noop(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(Noop.op)
+def _noop(sm: StateMachine, ctx: ApplyContext, cmd: Noop) -> Any:
     return None
 
 
-@_op("barrier")
-def _barrier(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(Barrier.op)
+def _barrier(sm: StateMachine, ctx: ApplyContext, cmd: Barrier) -> Any:
     return {"index": ctx.index}
 
 
-@_op("member.register")
-def _member_register(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    node_id = require_str(args, "id", 64)
-    raft = require_str(args, "raft", 256)
-    http = require_str(args, "http", 256)
-    old = sm.members.members.get(node_id)
-    if old is not None and old.raft == raft and old.http == http:
+@_op(MemberRegister.op)
+def _member_register(sm: StateMachine, ctx: ApplyContext, cmd: MemberRegister) -> Any:
+    old = sm.members.members.get(cmd.id)
+    if old is not None and old.raft == cmd.raft and old.http == cmd.http:
         return old.describe()
-    member = Member(node_id, raft, http)
-    sm.members.members[node_id] = member
+    member = Member(cmd.id, cmd.raft, cmd.http)
+    sm.members.members[cmd.id] = member
     sm.events.emit(ctx, "system.member.joined" if old is None else "system.member.updated", member.describe())
     return member.describe()
 
 
-@_op("member.remove")
-def _member_remove(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    node_id = require_str(args, "id", 64)
-    member = sm.members.members.pop(node_id, None)
+@_op(MemberRemove.op)
+def _member_remove(sm: StateMachine, ctx: ApplyContext, cmd: MemberRemove) -> Any:
+    member = sm.members.members.pop(cmd.id, None)
     if member is None:
-        raise Rejected("not_found", f"member {node_id!r} is not known")
+        raise Rejected("not_found", f"member {cmd.id!r} is not known")
     sm.events.emit(ctx, "system.member.left", member.describe())
     return member.describe()
 
@@ -600,18 +597,11 @@ def _lock_expire(sm: StateMachine, ctx: ApplyContext, cmd: LockExpire) -> Any:
 
 # -- system events ----------------------------------------------------------------------
 
-SYSTEM_EVENTS = ("system.failure", "system.recovered", "system.leader.elected")
-
-
-@_op("system.report")
-def _system_report(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(SystemReport.op)
+def _system_report(sm: StateMachine, ctx: ApplyContext, cmd: SystemReport) -> Any:
     """What the leader observed about the cluster (a member unreachable or back,
     its own election), committed so every node and the bus see it."""
-    type_ = require_str(args, "type", 64)
-    if type_ not in SYSTEM_EVENTS:
-        raise invalid("type", f"must be one of {', '.join(SYSTEM_EVENTS)}")
-    data = require_dict(args, "data")
-    event = sm.events.emit(ctx, type_, data)
+    event = sm.events.emit(ctx, cmd.type, cmd.data)
     return {"seq": event.seq}
 
 
