@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from coordinator.commands.agents import AgentHealth
 from coordinator.commands.base import MAX_TTL_MS, MIN_TTL_MS, DomainCommand
 from coordinator.commands.cluster import MemberRegister, MemberRemove
 from coordinator.config import PeerConfig
@@ -78,7 +79,7 @@ class CoordinatorNode:
         """``peer_ssl``: set when the nodes serve HTTPS; forwarding to the leader
         then uses ``https://`` and verifies the leader's certificate with it.
         ``check_endpoints``: call agents only where the admin's endpoint
-        allow-list lets this node (``coordinator.state.endpoints``); off for a
+        allow-list lets this node (``coordinator.commands.endpoints``); off for a
         node with ``--allow-anonymous``. ``digest_check_s``: how often this
         node compares its state digest with the other members' (0: never)."""
         self.identity = identity
@@ -340,7 +341,7 @@ class CoordinatorNode:
                                   leader=self.http_of(st.leader))
             answer = await self._forward_heartbeat(agent_id, st.leader, sign)
         if health is not None and health != answer.get("health"):
-            await self.write("agent.health", {"id": agent_id, "health": health, "reason": "reported by the agent"})
+            await self.write_command(AgentHealth(agent_id, health, "reported by the agent"))
             answer["health"] = health
         return answer
 

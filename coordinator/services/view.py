@@ -380,7 +380,7 @@ class StateView:
 
     @property
     def endpoint_allow(self) -> list[str]:
-        """Networks and names agents' endpoints may use (``coordinator.state.endpoints``)."""
+        """Networks and names agents' endpoints may use (``coordinator.commands.endpoints``)."""
         return self._state.access.endpoint_allow
 
     def security_settings(self) -> dict[str, Any]:

@@ -24,9 +24,9 @@ import base64
 import binascii
 from typing import Any
 
+from coordinator.commands.endpoints import check_allow_list
 from coordinator.commands.topics import check_pattern
 from coordinator.state.base import Rejected, check_int, check_object, check_str, invalid
-from coordinator.state.endpoints import check_allow_list
 
 TOPIC_ACTIONS = ("send", "receive", "subscribe")
 TOKEN_ACTIONS = (*TOPIC_ACTIONS, "invoke", "serve", "saga")
@@ -99,7 +99,7 @@ class Access:
         self.roles: dict[str, list[dict[str, str]]] = {}
         self.grants: dict[str, list[str]] = {}  # agent id -> role names
         self.pow_difficulty = 0  # leading zero bits a join's proof of work needs (0: none)
-        # networks and host names agent endpoints may use (coordinator.state.endpoints)
+        # networks and host names agent endpoints may use (coordinator.commands.endpoints)
         self.endpoint_allow: list[str] = []
         # agent id -> the public key it last registered: kept after the agent
         # leaves or expires, so nobody else can join under its id (and roles)
@@ -146,7 +146,7 @@ class Access:
 
     def configure(self, args: dict[str, Any]) -> dict[str, Any]:
         """Security settings the admin sets: ``pow_difficulty`` (0-32 bits),
-        ``endpoint_allow`` (the whole list; ``coordinator.state.endpoints``).
+        ``endpoint_allow`` (the whole list; ``coordinator.commands.endpoints``).
         All are checked before any is set."""
         for key in args:
             if key not in SETTINGS:
