@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from coordinator.commands.access import AccessUnpin, RoleDelete, RoleGrant, RolePut, SecurityConfigure
 from coordinator.commands.agents import AgentDeregister, AgentExpire, AgentHealth, AgentRegister, AgentUpdate
 from coordinator.commands.base import DomainCommand
 from coordinator.commands.cluster import Barrier, MemberRegister, MemberRemove, Noop, SystemReport
@@ -22,6 +23,7 @@ _TYPES: tuple[type[DomainCommand], ...] = (
     LockAcquire, LockRelease, LockExpire,
     Noop, Barrier, MemberRegister, MemberRemove, SystemReport,
     AgentRegister, AgentUpdate, AgentDeregister, AgentExpire, AgentHealth,
+    RolePut, RoleDelete, RoleGrant, SecurityConfigure, AccessUnpin,
 )
 
 COMMANDS: Mapping[str, type[DomainCommand]] = MappingProxyType({t.op: t for t in _TYPES})

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coordinator.commands import COMMANDS
+from coordinator.commands.access import AccessUnpin, RoleDelete, RoleGrant, RolePut, SecurityConfigure
 from coordinator.commands.agents import AgentDeregister, AgentExpire, AgentHealth, AgentRegister, AgentUpdate
 from coordinator.commands.base import DomainCommand
 from coordinator.commands.cluster import Barrier, MemberRegister, MemberRemove, Noop, SystemReport
@@ -716,29 +717,29 @@ def _bus_transport_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str
 
 # -- access control --------------------------------------------------------------------------
 
-@_op("role.put")
-def _role_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.access.put_role(args)
+@_op(RolePut.op)
+def _role_put(sm: StateMachine, ctx: ApplyContext, cmd: RolePut) -> Any:
+    return sm.access.put_role(cmd)
 
 
-@_op("role.delete")
-def _role_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.access.delete_role(args)
+@_op(RoleDelete.op)
+def _role_delete(sm: StateMachine, ctx: ApplyContext, cmd: RoleDelete) -> Any:
+    return sm.access.delete_role(cmd)
 
 
-@_op("security.configure")
-def _security_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.access.configure(args)
+@_op(SecurityConfigure.op)
+def _security_configure(sm: StateMachine, ctx: ApplyContext, cmd: SecurityConfigure) -> Any:
+    return sm.access.configure(cmd)
 
 
-@_op("access.unpin")
-def _access_unpin(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.access.unpin(args)
+@_op(AccessUnpin.op)
+def _access_unpin(sm: StateMachine, ctx: ApplyContext, cmd: AccessUnpin) -> Any:
+    return sm.access.unpin(cmd)
 
 
-@_op("role.grant")
-def _role_grant(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.access.grant(args)
+@_op(RoleGrant.op)
+def _role_grant(sm: StateMachine, ctx: ApplyContext, cmd: RoleGrant) -> Any:
+    return sm.access.grant(cmd)
 
 
 # -- balancing ---------------------------------------------------------------------------
