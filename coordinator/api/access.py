@@ -9,25 +9,25 @@ from coordinator.api import schemas as s
 from coordinator.api.auth import AUTH, CHALLENGE_TTL_S, issue_challenge
 from coordinator.api.routes import checked, node_of, ok
 from coordinator.api.visibility import visibility
-from coordinator.state.access import Access
+from coordinator.commands.access import AccessUnpin, RoleDelete, RoleGrant, RolePut, SecurityConfigure, check_role_name
+from coordinator.commands.agents import check_agent_id
 
 access_routes = web.RouteTableDef()
 
 
 @access_routes.put("/v1/roles/{name}")
 async def put_role(request: web.Request) -> web.Response:
-    name = s.name(request.match_info["name"], "name")
+    name = checked(lambda: check_role_name(request.match_info["name"]))  # a bad path before the body
     body = await s.json_body(request, {"permissions", "request_id"})
-    args = {"name": name, "permissions": body.get("permissions")}
-    checked(lambda: Access().put_role(args))
-    return ok(await node_of(request).write("role.put", args, s.origin(request, body)))
+    command = s.command(RolePut, {"name": name, "permissions": body.get("permissions")})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @access_routes.delete("/v1/roles/{name}")
 async def delete_role(request: web.Request) -> web.Response:
-    name = s.name(request.match_info["name"], "name")
+    command = s.command(RoleDelete, {"name": request.match_info["name"]})
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("role.delete", {"name": name}, s.origin(request, body)))
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @access_routes.get("/v1/roles")
@@ -38,11 +38,11 @@ async def list_roles(request: web.Request) -> web.Response:
 
 @access_routes.put("/v1/agents/{id}/roles")
 async def grant_roles(request: web.Request) -> web.Response:
-    agent_id = s.name(request.match_info["id"], "id")
+    agent_id = checked(lambda: check_agent_id(request.match_info["id"]))
     body = await s.json_body(request, {"roles", "request_id"})
-    args = {"agent": agent_id, "roles": body.get("roles")}
-    checked(lambda: node_of(request).local_view.check_grant(args))
-    return ok(await node_of(request).write("role.grant", args, s.origin(request, body)))
+    command = s.command(RoleGrant, {"agent": agent_id, "roles": body.get("roles")})
+    checked(lambda: node_of(request).local_view.check_grant(command))  # a role that does not exist: no log entry
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @access_routes.get("/v1/join/challenge")
@@ -61,14 +61,14 @@ async def get_security(request: web.Request) -> web.Response:
 @access_routes.put("/v1/security")
 async def put_security(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"pow_difficulty", "endpoint_allow", "request_id"})
-    args = {k: v for k, v in body.items() if k != "request_id"}
-    checked(lambda: Access().configure(args))  # bad input costs no log entry
-    return ok(await node_of(request).write("security.configure", args, s.origin(request, body)))
+    command = s.command(SecurityConfigure, {k: v for k, v in body.items() if k != "request_id"})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @access_routes.delete("/v1/keys/{id}")
 async def unpin_key(request: web.Request) -> web.Response:
     """Forget the key kept for an agent id that left, so another key may join as it (admin)."""
-    agent_id = s.name(request.match_info["id"], "id")
+    agent_id = checked(lambda: check_agent_id(request.match_info["id"]))
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("access.unpin", {"agent": agent_id}, s.origin(request, body)))
+    command = s.command(AccessUnpin, {"agent": agent_id})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))

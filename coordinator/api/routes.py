@@ -13,7 +13,20 @@ from coordinator.api import schemas as s
 from coordinator.api.auth import AUTH, check_proof, forward_signer, principal_of
 from coordinator.api.keys import NODE
 from coordinator.api.visibility import visibility
+from coordinator.commands.agents import (
+    HEALTH_STATES,
+    AgentDeregister,
+    AgentRegister,
+    AgentUpdate,
+    check_agent_id,
+    check_agent_type,
+    check_endpoint,
+    check_metadata,
+    check_weight,
+)
 from coordinator.commands.base import DomainCommand, Rejected
+from coordinator.commands.cluster import MemberRegister, MemberRemove, check_address, check_node_id
+from coordinator.commands.endpoints import endpoint_refusal
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockRelease, check_holder
 from coordinator.commands.locks import check_name as check_lock_name
@@ -23,7 +36,6 @@ from coordinator.services import watch
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode, ttl_ms_from
 from coordinator.services.proposals import state_error
 from coordinator.services.view import ELECTION_PREFIX
-from coordinator.state.endpoints import endpoint_refusal
 
 routes = web.RouteTableDef()
 
@@ -90,19 +102,22 @@ async def members_list(request: web.Request) -> web.Response:
 @routes.post("/v1/members")
 async def members_add(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"id", "raft", "http"})
-    node = node_of(request)
-    member = await node.add_member(s.name(body.get("id"), "id", 64), _address(body.get("raft"), "raft"),
-                                   _address(body.get("http"), "http"))
-    return ok(member, status=201)
+    node_id = checked(lambda: check_node_id(body.get("id")))
+    command = s.command(MemberRegister, {"id": node_id, "raft": _address(body.get("raft"), "raft"),
+                                         "http": _address(body.get("http"), "http")})
+    return ok(await node_of(request).add_member(command), status=201)
 
 
 @routes.delete("/v1/members/{id}")
 async def members_remove(request: web.Request) -> web.Response:
-    return ok(await node_of(request).remove_member(s.name(request.match_info["id"], "id", 64)))
+    command = s.command(MemberRemove, {"id": request.match_info["id"]})
+    return ok(await node_of(request).remove_member(command))
 
 
 def _address(value: Any, field: str) -> str:
-    address = s.name(value, field, 256)
+    """A member's address: the command's check, then ``host:port`` (the API's
+    rule), field by field as always."""
+    address = checked(lambda: check_address(value, field))
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidInput(f"{field}: must be host:port", field=field)
@@ -171,26 +186,28 @@ async def kv_delete(request: web.Request) -> web.Response:
 
 @routes.post("/v1/agents")
 async def agents_register(request: web.Request) -> web.Response:
+    """The checks run in the order they always did: the auth checks (joining,
+    ``serve`` on the type, the endpoint allow-list) sit between the
+    command's checks of the fields before them and its parse of the rest."""
     node = node_of(request)
     body = await s.json_body(request, {"id", "type", "metadata", "ttl_s", "endpoint", "weight", "public_key",
                                        "proof", "request_id"})
-    agent_id = s.optional_name(body, "id") or f"agent-{node.rng.token_hex(8)}"
+    given_id = body.get("id")
+    agent_id = checked(lambda: check_agent_id(given_id)) if given_id is not None else \
+        f"agent-{node.rng.token_hex(8)}"
     _may_join(request, agent_id, body)
-    args: dict[str, Any] = {
-        "id": agent_id,
-        "type": s.name(body.get("type"), "type"),
-        "metadata": s.obj(body.get("metadata", {}), "metadata"),
-        "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_AGENT_TTL_S),
-    }
-    _may_serve(request, args["type"])
+    agent_type = checked(lambda: check_agent_type(body.get("type")))
+    checked(lambda: check_metadata(body.get("metadata", {})))
+    args: dict[str, Any] = {"id": agent_id, "type": agent_type, "metadata": body.get("metadata", {}),
+                            "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_AGENT_TTL_S)}
+    _may_serve(request, agent_type)
     if body.get("endpoint") is not None:
         args["endpoint"] = _endpoint(request, body["endpoint"])
-    if body.get("weight") is not None:
-        args["weight"] = s.integer(body["weight"], "weight", 1, 1_000_000)
-    if body.get("public_key") is not None:
-        args["public_key"] = s.public_key(body["public_key"], "public_key")
-    result = await node.write("agent.register", args, s.origin(request, body))
-    return ok(result, status=201)
+    for field in ("weight", "public_key"):
+        if body.get(field) is not None:
+            args[field] = body[field]
+    command = s.command(AgentRegister, args)
+    return ok(await node.write_command(command, s.origin(request, body)), status=201)
 
 
 def _may_join(request: web.Request, agent_id: str, body: dict[str, Any]) -> None:
@@ -227,10 +244,11 @@ def _may_serve(request: web.Request, agent_type: str) -> None:
 
 
 def _endpoint(request: web.Request, value: Any) -> str:
-    """An endpoint the leader may call (``coordinator.state.endpoints``): on a
-    secure node, a loopback, link-local, private or metadata address, or a
-    name off the admin's allow-list, is a 403 for ``endpoint``."""
-    endpoint = s.name(value, "endpoint", 2048)
+    """An endpoint the leader may call (``coordinator.commands.endpoints``): on
+    a secure node, a loopback, link-local, private or metadata address, or a
+    name off the admin's allow-list, is a 403 for ``endpoint`` (after the
+    command's own check of the string)."""
+    endpoint = checked(lambda: check_endpoint(value))
     if request.app[AUTH].settings.allow_anonymous:
         return endpoint
     refusal = checked(lambda: endpoint_refusal(endpoint, node_of(request).local_view.endpoint_allow))
@@ -299,37 +317,35 @@ def _agent(node: CoordinatorNode, agent: Any) -> dict[str, Any]:
 @routes.patch("/v1/agents/{id}")
 async def agents_update(request: web.Request) -> web.Response:
     """Change an agent's weight, endpoint or metadata without a new lease."""
-    agent_id = s.name(request.match_info["id"], "id")
+    agent_id = checked(lambda: check_agent_id(request.match_info["id"]))
     body = await s.json_body(request, {"weight", "endpoint", "metadata", "request_id"})
-    args: dict[str, Any] = {"id": agent_id}
-    if body.get("weight") is not None:
-        args["weight"] = s.integer(body["weight"], "weight", 1, 1_000_000)
-    if body.get("endpoint") is not None:
-        args["endpoint"] = _endpoint(request, body["endpoint"])
-    if body.get("metadata") is not None:
-        args["metadata"] = s.obj(body["metadata"], "metadata")
-    if len(args) == 1:
-        raise InvalidInput("body: give at least one of weight, endpoint and metadata", field="body")
-    return ok(await node_of(request).write("agent.update", args, s.origin(request, body)))
+    args = {"id": agent_id} | {f: body[f] for f in ("weight", "endpoint", "metadata") if body.get(f) is not None}
+    if "endpoint" in args:  # the allow-list (403) after the weight and the endpoint's string, as always
+        if "weight" in args:
+            checked(lambda: check_weight(args["weight"]))
+        _endpoint(request, args["endpoint"])
+    command = s.command(AgentUpdate, args)
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.post("/v1/agents/{id}/heartbeat")
 async def agents_heartbeat(request: web.Request) -> web.Response:
     node = node_of(request)
-    agent_id = s.name(request.match_info["id"], "id")
+    agent_id = checked(lambda: check_agent_id(request.match_info["id"]))
     body = await s.json_body(request, {"health"}, required=False)
     health = body.get("health")
-    if health is not None and health not in ("healthy", "unhealthy", "unknown"):
-        raise InvalidInput("health: must be healthy, unhealthy or unknown", field="health")
+    if health is not None and health not in HEALTH_STATES:
+        raise InvalidInput(f"health: must be {', '.join(HEALTH_STATES[:-1])} or {HEALTH_STATES[-1]}",
+                           field="health")
     forwarded = request.headers.get(FORWARD_HEADER) == "1"
     return ok(await node.heartbeat(agent_id, health, forwarded, forward_signer(request)))
 
 
 @routes.delete("/v1/agents/{id}")
 async def agents_deregister(request: web.Request) -> web.Response:
-    agent_id = s.name(request.match_info["id"], "id")
+    command = s.command(AgentDeregister, {"id": request.match_info["id"]})
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("agent.deregister", {"id": agent_id}, s.origin(request, body)))
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 # -- locks and elections ----------------------------------------------------------------------

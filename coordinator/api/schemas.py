@@ -21,7 +21,6 @@ from coordinator.commands.base import MAX_KEY_LEN, MAX_NAME_LEN, DomainCommand, 
 from coordinator.commands.kv import check_key
 from coordinator.errors import InvalidInput
 from coordinator.services.proposals import request_key, state_error
-from coordinator.state.access import check_public_key
 from coordinator.types import RequestKey
 
 MAX_REQUEST_ID_LEN = 128
@@ -180,13 +179,3 @@ def key(request: web.Request) -> str:
         return check_key(request.match_info["key"])
     except Rejected as exc:
         raise state_error(exc.code, exc.message) from None
-
-
-def public_key(value: Any, field: str) -> str:
-    """An Ed25519 public key in standard base64 (32 bytes): the state machine's
-    own check, run before proposing."""
-    text = name(value, field, 64)
-    try:
-        return check_public_key(text, field)
-    except Rejected as exc:
-        raise InvalidInput(exc.message, field=field) from None

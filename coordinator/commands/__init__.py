@@ -11,15 +11,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from coordinator.commands.access import AccessUnpin, RoleDelete, RoleGrant, RolePut, SecurityConfigure
+from coordinator.commands.agents import AgentDeregister, AgentExpire, AgentHealth, AgentRegister, AgentUpdate
 from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
 from coordinator.commands.base import DomainCommand
+from coordinator.commands.cluster import Barrier, MemberRegister, MemberRemove, Noop, SystemReport
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 from coordinator.commands.sagas import SagaCancel, SagaOutcome, SagaResumed, SagaRetry, SagaStart
 
 _TYPES: tuple[type[DomainCommand], ...] = (
-    KvPut, KvCas, KvDelete, LockAcquire, LockRelease, LockExpire,
-    SagaStart, SagaOutcome, SagaRetry, SagaResumed, SagaCancel, ServiceConfigure, ServiceRemove,
+    KvPut, KvCas, KvDelete,
+    LockAcquire, LockRelease, LockExpire,
+    Noop, Barrier, MemberRegister, MemberRemove, SystemReport,
+    AgentRegister, AgentUpdate, AgentDeregister, AgentExpire, AgentHealth,
+    RolePut, RoleDelete, RoleGrant, SecurityConfigure, AccessUnpin,
+    SagaStart, SagaOutcome, SagaRetry, SagaResumed, SagaCancel,
+    ServiceConfigure, ServiceRemove,
 )
 
 COMMANDS: Mapping[str, type[DomainCommand]] = MappingProxyType({t.op: t for t in _TYPES})

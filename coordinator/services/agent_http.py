@@ -1,6 +1,6 @@
 """HTTP to agents, shared by the saga orchestrator, the balancer and the
 health checks, and the guard that keeps those calls off addresses the admin
-did not allow (server-side request forgery; ``coordinator.state.endpoints``)."""
+did not allow (server-side request forgery; ``coordinator.commands.endpoints``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import aiohttp
 
-from coordinator.state.base import Rejected
-from coordinator.state.endpoints import address_refusal, endpoint_refusal, split_endpoint
+from coordinator.commands.base import Rejected
+from coordinator.commands.endpoints import address_refusal, endpoint_refusal, split_endpoint
 
 
 def agent_url(endpoint: str, path: str) -> str:

@@ -29,8 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
 
+from coordinator.commands.cluster import SystemReport
 from coordinator.errors import CoordinatorError
 from coordinator.ports import Clock, ConsensusEngine
 from coordinator.services.applier import Applier
@@ -82,7 +82,8 @@ class LeaderDuties:
         self._unreachable.clear()
         self._reported.clear()
         self._tell(True)
-        await self._report("system.leader.elected", {"node": self.node_id, "term": self.engine.status().term})
+        await self._report(SystemReport("system.leader.elected", {"node": self.node_id,
+                                                                  "term": self.engine.status().term}))
 
     def _step_down(self) -> None:
         if self._term_task is not None:
@@ -142,14 +143,15 @@ class LeaderDuties:
                 self._unreachable.pop(raft, None)
                 if raft in self._reported:
                     del self._reported[raft]
-                    self._spawn_report("system.recovered", {"member": self._member_id(raft), "raft": raft})
+                    self._spawn_report(SystemReport("system.recovered", {"member": self._member_id(raft),
+                                                                         "raft": raft}))
                 continue
             since = self._unreachable.setdefault(raft, now)
             if now - since >= self.failure_after_s and raft not in self._reported:
                 self._reported[raft] = None
-                self._spawn_report("system.failure", {"member": self._member_id(raft), "raft": raft,
-                                                      "reason": "unreachable from the leader",
-                                                      "for_s": round(now - since, 1)})
+                self._spawn_report(SystemReport("system.failure", {"member": self._member_id(raft), "raft": raft,
+                                                                    "reason": "unreachable from the leader",
+                                                                    "for_s": round(now - since, 1)}))
 
     def _member_id(self, raft: str) -> str | None:
         member = self.applier.machine.members.by_raft(raft)
@@ -157,13 +159,13 @@ class LeaderDuties:
             return member.id
         return self._member_id_of(raft) if self._member_id_of is not None else None
 
-    def _spawn_report(self, type_: str, data: dict[str, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self._report(type_, data))
+    def _spawn_report(self, report: SystemReport) -> None:
+        task = asyncio.get_running_loop().create_task(self._report(report))
         self._reports.add(task)  # held until done: the loop keeps only weak references to tasks
         task.add_done_callback(self._reports.discard)
 
-    async def _report(self, type_: str, data: dict[str, Any]) -> None:
+    async def _report(self, report: SystemReport) -> None:
         try:
-            raise_for(await self.proposer.propose("system.report", {"type": type_, "data": data}))
+            raise_for(await self.proposer.propose(report.op, report.to_args()))
         except CoordinatorError as exc:
-            log.info("leader: reporting %s failed (%s)", type_, exc.message)
+            log.info("leader: reporting %s failed (%s)", report.type, exc.message)

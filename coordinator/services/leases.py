@@ -28,7 +28,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.commands.locks import LockExpire
+from coordinator.commands.agents import AgentExpire, AgentRegister
+from coordinator.commands.locks import LockAcquire, LockExpire
 from coordinator.errors import CoordinatorError, NotFound, Unavailable
 from coordinator.ports import Clock, KnowsQuorumContact
 from coordinator.services.applier import Applier
@@ -112,11 +113,11 @@ class LeaseKeeper:
             return
         now = self.clock.monotonic()
         machine = self.applier.machine
-        if result.ok and command.op == "agent.register":
+        if result.ok and command.op == AgentRegister.op:
             agent = machine.registry.agents.get(result.value["id"])
             if agent is not None:
                 self._agents[agent.id] = _Lease(agent.lease_id, agent.ttl_ms / 1000, now + agent.ttl_ms / 1000)
-        if result.ok and command.op == "lock.acquire":
+        if result.ok and command.op == LockAcquire.op:
             lock = machine.locks.locks.get(command.args["name"])
             if lock is not None:
                 self._locks[lock.name] = _Lease(lock.token, lock.ttl_ms / 1000, now + lock.ttl_ms / 1000)
@@ -179,15 +180,14 @@ class LeaseKeeper:
         now = self.clock.monotonic()
         for agent_id, lease in list(self._agents.items()):
             if lease.deadline <= now and ("agent", agent_id) not in self._expiring:
-                self._spawn_expiry("agent", agent_id, "agent.expire", {"id": agent_id, "lease_id": lease.lease_id})
+                self._spawn_expiry("agent", agent_id, AgentExpire(agent_id, lease.lease_id))
         for name, lease in list(self._locks.items()):
             if lease.deadline <= now and ("lock", name) not in self._expiring:
-                expire = LockExpire(name, lease.lease_id)
-                self._spawn_expiry("lock", name, expire.op, expire.to_args())
+                self._spawn_expiry("lock", name, LockExpire(name, lease.lease_id))
 
-    def _spawn_expiry(self, kind: str, name: str, op: str, args: dict[str, Any]) -> None:
+    def _spawn_expiry(self, kind: str, name: str, expire: AgentExpire | LockExpire) -> None:
         self._expiring.add((kind, name))
-        task = asyncio.get_running_loop().create_task(self._expire(kind, name, op, args))
+        task = asyncio.get_running_loop().create_task(self._expire(kind, name, expire))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -199,9 +199,9 @@ class LeaseKeeper:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _expire(self, kind: str, name: str, op: str, args: dict[str, Any]) -> None:
+    async def _expire(self, kind: str, name: str, expire: AgentExpire | LockExpire) -> None:
         try:
-            result = await self.proposer.propose(op, args)
+            result = await self.proposer.propose(expire.op, expire.to_args())
             if result.ok and result.value.get("expired"):
                 if kind == "agent":
                     self.expired_agents += 1
@@ -212,8 +212,8 @@ class LeaseKeeper:
                 # unless a newer lease replaced it meanwhile.
                 table = self._agents if kind == "agent" else self._locks
                 lease = table.get(name)
-                key = "lease_id" if kind == "agent" else "token"
-                if lease is not None and lease.lease_id == args[key]:
+                named = expire.lease_id if isinstance(expire, AgentExpire) else expire.token
+                if lease is not None and lease.lease_id == named:
                     table.pop(name, None)
         except CoordinatorError as exc:
             log.info("leases: expiring %s %s failed (%s); will retry", kind, name, exc.message)

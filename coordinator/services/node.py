@@ -20,7 +20,9 @@ from typing import Any
 
 import aiohttp
 
-from coordinator.commands.base import DomainCommand
+from coordinator.commands.agents import AgentHealth
+from coordinator.commands.base import MAX_TTL_MS, MIN_TTL_MS, DomainCommand
+from coordinator.commands.cluster import MemberRegister, MemberRemove
 from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, ReplicaHalted, Unavailable
 from coordinator.ports import BusTransport, Clock, ConfirmsReads, ConsensusEngine, KnowsQuorumContact, Rng
@@ -37,7 +39,6 @@ from coordinator.services.reads import Reads
 from coordinator.services.sagas import SagaOrchestrator
 from coordinator.services.transports import TransportDriver
 from coordinator.services.view import StateView
-from coordinator.state.machine import MAX_TTL_MS, MIN_TTL_MS
 from coordinator.types import RequestKey
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class CoordinatorNode:
         """``peer_ssl``: set when the nodes serve HTTPS; forwarding to the leader
         then uses ``https://`` and verifies the leader's certificate with it.
         ``check_endpoints``: call agents only where the admin's endpoint
-        allow-list lets this node (``coordinator.state.endpoints``); off for a
+        allow-list lets this node (``coordinator.commands.endpoints``); off for a
         node with ``--allow-anonymous``. ``digest_check_s``: how often this
         node compares its state digest with the other members' (0: never)."""
         self.identity = identity
@@ -169,9 +170,10 @@ class CoordinatorNode:
             member = self.applier.machine.members.members.get(me.node_id)
             if member is not None and member.raft == me.raft and member.http == me.http:
                 return
+            register = MemberRegister(me.node_id, me.raft, me.http)
             try:
-                await self.proposer.propose("member.register", {"id": me.node_id, "raft": me.raft, "http": me.http},
-                                            cluster_request("member.register", me.node_id, me.raft, me.http))
+                await self.proposer.propose(register.op, register.to_args(),
+                                            cluster_request(register.op, me.node_id, me.raft, me.http))
             except Exception as exc:  # no leader yet, a timeout: try again
                 log.debug("registering this member failed: %s", exc)
             await asyncio.sleep(delay)
@@ -263,23 +265,24 @@ class CoordinatorNode:
             return False, f"applying: {lag} entries behind the commit index"
         return True, "ready"
 
-    async def add_member(self, node_id: str, raft: str, http: str) -> dict[str, Any]:
+    async def add_member(self, register: MemberRegister) -> dict[str, Any]:
+        """Add ``register.raft`` to the engine's configuration (leader only),
+        then commit the member's addresses."""
         self._require_leader()
-        if raft not in self.engine.status().members:
-            await self.engine.add_member(raft)
-        result = await self.proposer.propose("member.register", {"id": node_id, "raft": raft, "http": http})
-        return raise_for(result)
+        if register.raft not in self.engine.status().members:
+            await self.engine.add_member(register.raft)
+        return await self.write_command(register)
 
-    async def remove_member(self, node_id: str) -> dict[str, Any]:
+    async def remove_member(self, remove: MemberRemove) -> dict[str, Any]:
         self._require_leader()
-        member = self.applier.machine.members.members.get(node_id)
+        member = self.applier.machine.members.members.get(remove.id)
         if member is None:
-            raise NotFound(f"member {node_id!r} is not known")
+            raise NotFound(f"member {remove.id!r} is not known")
         if member.raft == self.identity.raft:
             raise InvalidInput("id: the leader cannot remove itself; ask another member", field="id")
         if member.raft in self.engine.status().members:
             await self.engine.remove_member(member.raft)
-        return raise_for(await self.proposer.propose("member.remove", {"id": node_id}))
+        return await self.write_command(remove)
 
     def _require_leader(self) -> None:
         st = self.engine.status()
@@ -338,7 +341,7 @@ class CoordinatorNode:
                                   leader=self.http_of(st.leader))
             answer = await self._forward_heartbeat(agent_id, st.leader, sign)
         if health is not None and health != answer.get("health"):
-            await self.write("agent.health", {"id": agent_id, "health": health, "reason": "reported by the agent"})
+            await self.write_command(AgentHealth(agent_id, health, "reported by the agent"))
             answer["health"] = health
         return answer
 

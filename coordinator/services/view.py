@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.commands.access import RoleGrant
 from coordinator.errors import Compacted
 from coordinator.services import watch
 from coordinator.services.applier import Applier, ApplyFailure
-from coordinator.state.access import Access
 from coordinator.state.bus import Consumer, Subscription
 from coordinator.state.digest import StateDigest
 from coordinator.state.eventstore import StoredEvent
@@ -366,12 +366,10 @@ class StateView:
     def roles_held(self, agent_id: str) -> list[str]:
         return self._state.access.grants.get(agent_id, [])
 
-    def check_grant(self, args: dict[str, Any]) -> None:
-        """Validate a grant against the roles defined now (``Rejected``); a
-        role deleted before the grant applies is still refused then."""
-        scratch = Access()
-        scratch.roles = dict(self._state.access.roles)
-        scratch.grant(args)
+    def check_grant(self, grant: RoleGrant) -> None:
+        """Refuse a grant of a role not defined now (``Rejected``); a role
+        deleted before the grant applies is still refused then."""
+        self._state.access.check_roles(grant.roles)
 
     @property
     def pow_difficulty(self) -> int:
@@ -380,7 +378,7 @@ class StateView:
 
     @property
     def endpoint_allow(self) -> list[str]:
-        """Networks and names agents' endpoints may use (``coordinator.state.endpoints``)."""
+        """Networks and names agents' endpoints may use (``coordinator.commands.endpoints``)."""
         return self._state.access.endpoint_allow
 
     def security_settings(self) -> dict[str, Any]:

@@ -20,34 +20,21 @@ re-registers keeps its roles; removing a role removes it from every grant.
 
 from __future__ import annotations
 
-import base64
-import binascii
+from collections.abc import Iterable
 from typing import Any
 
-from coordinator.commands.topics import check_pattern
-from coordinator.state.base import Rejected, check_int, check_object, check_str, invalid
-from coordinator.state.endpoints import check_allow_list
+from coordinator.commands.access import (
+    PREFIX_ACTIONS,
+    AccessUnpin,
+    RoleDelete,
+    RoleGrant,
+    RolePut,
+    SecurityConfigure,
+)
+from coordinator.state.base import Rejected, invalid
 
-TOPIC_ACTIONS = ("send", "receive", "subscribe")
-TOKEN_ACTIONS = (*TOPIC_ACTIONS, "invoke", "serve", "saga")
-PREFIX_ACTIONS = ("kv", "lock", "stream")
-ACTIONS = (*TOKEN_ACTIONS, *PREFIX_ACTIONS)
-MAX_PERMISSIONS = 256
-MAX_ROLES_PER_AGENT = 64
 MAX_ROLES = 10_000
 MAX_PINNED = 100_000
-SETTINGS = ("pow_difficulty", "endpoint_allow")
-
-
-def check_public_key(value: str, field: str = "public_key") -> str:
-    """An Ed25519 public key: 32 bytes, standard base64."""
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (ValueError, binascii.Error):
-        raise invalid(field, "must be base64") from None
-    if len(raw) != 32:
-        raise invalid(field, "must be an Ed25519 public key (32 bytes)")
-    return value
 
 
 def covers(grant: str, wanted: str) -> bool:
@@ -79,47 +66,28 @@ def _prefix_covers(grant: str, wanted: str, listing: bool = False) -> bool:
     return wanted == grant and not listing
 
 
-def normalize_permission(value: Any, field: str) -> dict[str, str]:
-    permission = check_object(value, field)
-    for key in permission:
-        if key not in ("action", "pattern"):
-            raise invalid(f"{field}.{key}", "unknown field (allowed: action, pattern)")
-    action = permission.get("action")
-    if action not in ACTIONS:
-        raise invalid(f"{field}.action", f"must be one of {', '.join(ACTIONS)}")
-    if action in PREFIX_ACTIONS:
-        pattern = check_str(permission.get("pattern"), f"{field}.pattern", 1024)
-    else:
-        pattern = check_pattern(permission.get("pattern"), f"{field}.pattern")
-    return {"action": action, "pattern": pattern}
-
-
 class Access:
     def __init__(self) -> None:
         self.roles: dict[str, list[dict[str, str]]] = {}
         self.grants: dict[str, list[str]] = {}  # agent id -> role names
         self.pow_difficulty = 0  # leading zero bits a join's proof of work needs (0: none)
-        # networks and host names agent endpoints may use (coordinator.state.endpoints)
+        # networks and host names agent endpoints may use (coordinator.commands.endpoints)
         self.endpoint_allow: list[str] = []
         # agent id -> the public key it last registered: kept after the agent
         # leaves or expires, so nobody else can join under its id (and roles)
         self.keys: dict[str, str] = {}
 
-    # -- commands --------------------------------------------------------------------------
+    # -- commands (parsed: coordinator.commands.access) ----------------------------------------
 
-    def put_role(self, args: dict[str, Any]) -> dict[str, Any]:
-        name = check_str(args.get("name"), "name")
-        raw = args.get("permissions")
-        if not isinstance(raw, list) or len(raw) > MAX_PERMISSIONS:
-            raise invalid("permissions", f"must be a list of at most {MAX_PERMISSIONS} permissions")
-        permissions = [normalize_permission(p, f"permissions[{i}]") for i, p in enumerate(raw)]
-        if name not in self.roles and len(self.roles) >= MAX_ROLES:
+    def put_role(self, cmd: RolePut) -> dict[str, Any]:
+        if cmd.name not in self.roles and len(self.roles) >= MAX_ROLES:
             raise Rejected("unavailable", f"too many roles ({MAX_ROLES})")
-        self.roles[name] = permissions
-        return {"name": name, "permissions": permissions}
+        permissions = [p.to_data() for p in cmd.permissions]
+        self.roles[cmd.name] = permissions
+        return {"name": cmd.name, "permissions": permissions}
 
-    def delete_role(self, args: dict[str, Any]) -> dict[str, Any]:
-        name = check_str(args.get("name"), "name")
+    def delete_role(self, cmd: RoleDelete) -> dict[str, Any]:
+        name = cmd.name
         if self.roles.pop(name, None) is None:
             raise Rejected("not_found", f"role {name!r} does not exist")
         for agent_id in list(self.grants):
@@ -128,33 +96,29 @@ class Access:
                 del self.grants[agent_id]
         return {"name": name}
 
-    def grant(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Set an agent's roles (the whole list; empty removes them all)."""
-        agent_id = check_str(args.get("agent"), "agent")
-        roles = args.get("roles")
-        if not isinstance(roles, list) or len(roles) > MAX_ROLES_PER_AGENT:
-            raise invalid("roles", f"must be a list of at most {MAX_ROLES_PER_AGENT} role names")
-        names = [check_str(r, f"roles[{i}]") for i, r in enumerate(roles)]
+    def check_roles(self, names: Iterable[str]) -> None:
+        """Refuse (``invalid``, naming ``roles[i]``) a grant of a role that does not exist."""
         for i, name in enumerate(names):
             if name not in self.roles:
                 raise invalid(f"roles[{i}]", f"role {name!r} does not exist")
-        if names:
-            self.grants[agent_id] = sorted(set(names))
-        else:
-            self.grants.pop(agent_id, None)
-        return {"agent": agent_id, "roles": self.grants.get(agent_id, [])}
 
-    def configure(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Security settings the admin sets: ``pow_difficulty`` (0-32 bits),
-        ``endpoint_allow`` (the whole list; ``coordinator.state.endpoints``).
-        All are checked before any is set."""
-        for key in args:
-            if key not in SETTINGS:
-                raise invalid(key, f"unknown setting (allowed: {', '.join(SETTINGS)})")
-        difficulty = check_int(args["pow_difficulty"], "pow_difficulty", 0, 32) if "pow_difficulty" in args \
-            else self.pow_difficulty
-        allow = check_allow_list(args["endpoint_allow"]) if "endpoint_allow" in args else self.endpoint_allow
-        self.pow_difficulty, self.endpoint_allow = difficulty, allow
+    def grant(self, cmd: RoleGrant) -> dict[str, Any]:
+        """Set an agent's roles (the whole list; empty removes them all)."""
+        self.check_roles(cmd.roles)
+        if cmd.roles:
+            self.grants[cmd.agent] = sorted(set(cmd.roles))
+        else:
+            self.grants.pop(cmd.agent, None)
+        return {"agent": cmd.agent, "roles": self.grants.get(cmd.agent, [])}
+
+    def configure(self, cmd: SecurityConfigure) -> dict[str, Any]:
+        """Security settings the admin sets: ``pow_difficulty`` (leading zero
+        bits), ``endpoint_allow`` (the whole list; ``coordinator.commands.endpoints``);
+        those not given keep their value."""
+        if cmd.pow_difficulty is not None:
+            self.pow_difficulty = cmd.pow_difficulty
+        if cmd.endpoint_allow is not None:
+            self.endpoint_allow = cmd.allow_list()
         return self.settings()
 
     def settings(self) -> dict[str, Any]:
@@ -170,12 +134,11 @@ class Access:
                                                                                              - MAX_PINNED]:
                 del self.keys[old]
 
-    def unpin(self, args: dict[str, Any]) -> dict[str, Any]:
+    def unpin(self, cmd: AccessUnpin) -> dict[str, Any]:
         """Forget an agent id's key (the admin's), so another key may join under it."""
-        agent_id = check_str(args.get("agent"), "agent")
-        if self.keys.pop(agent_id, None) is None:
-            raise Rejected("not_found", f"no key is kept for agent {agent_id!r}")
-        return {"agent": agent_id}
+        if self.keys.pop(cmd.agent, None) is None:
+            raise Rejected("not_found", f"no key is kept for agent {cmd.agent!r}")
+        return {"agent": cmd.agent}
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -23,16 +23,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coordinator.commands import COMMANDS
-from coordinator.commands.agents import HEALTH_STATES, MAX_ENDPOINT_LEN, MAX_WEIGHT
+from coordinator.commands.access import AccessUnpin, RoleDelete, RoleGrant, RolePut, SecurityConfigure
+from coordinator.commands.agents import AgentDeregister, AgentExpire, AgentHealth, AgentRegister, AgentUpdate
 from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
-from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS, DomainCommand
+from coordinator.commands.base import DomainCommand
+from coordinator.commands.cluster import Barrier, MemberRegister, MemberRemove, Noop, SystemReport
 from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 from coordinator.commands.messages import normalize
 from coordinator.commands.sagas import SagaCancel, SagaOutcome, SagaResumed, SagaRetry, SagaStart
 from coordinator.commands.topics import matches
 from coordinator.errors import InvariantError
-from coordinator.state.access import Access, check_public_key
+from coordinator.state.access import Access
 from coordinator.state.balancing import Policies
 from coordinator.state.base import (
     ApplyContext,
@@ -41,7 +43,6 @@ from coordinator.state.base import (
     invalid,
     json_equal,
     over_quota,
-    require_dict,
     require_int,
     require_str,
     too_large,
@@ -374,36 +375,32 @@ class StateMachine:
 
 # -- cluster -------------------------------------------------------------------
 
-@_op("noop")
-def _noop(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(Noop.op)
+def _noop(sm: StateMachine, ctx: ApplyContext, cmd: Noop) -> Any:
     return None
 
 
-@_op("barrier")
-def _barrier(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(Barrier.op)
+def _barrier(sm: StateMachine, ctx: ApplyContext, cmd: Barrier) -> Any:
     return {"index": ctx.index}
 
 
-@_op("member.register")
-def _member_register(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    node_id = require_str(args, "id", 64)
-    raft = require_str(args, "raft", 256)
-    http = require_str(args, "http", 256)
-    old = sm.members.members.get(node_id)
-    if old is not None and old.raft == raft and old.http == http:
+@_op(MemberRegister.op)
+def _member_register(sm: StateMachine, ctx: ApplyContext, cmd: MemberRegister) -> Any:
+    old = sm.members.members.get(cmd.id)
+    if old is not None and old.raft == cmd.raft and old.http == cmd.http:
         return old.describe()
-    member = Member(node_id, raft, http)
-    sm.members.members[node_id] = member
+    member = Member(cmd.id, cmd.raft, cmd.http)
+    sm.members.members[cmd.id] = member
     sm.events.emit(ctx, "system.member.joined" if old is None else "system.member.updated", member.describe())
     return member.describe()
 
 
-@_op("member.remove")
-def _member_remove(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    node_id = require_str(args, "id", 64)
-    member = sm.members.members.pop(node_id, None)
+@_op(MemberRemove.op)
+def _member_remove(sm: StateMachine, ctx: ApplyContext, cmd: MemberRemove) -> Any:
+    member = sm.members.members.pop(cmd.id, None)
     if member is None:
-        raise Rejected("not_found", f"member {node_id!r} is not known")
+        raise Rejected("not_found", f"member {cmd.id!r} is not known")
     sm.events.emit(ctx, "system.member.left", member.describe())
     return member.describe()
 
@@ -449,32 +446,24 @@ def _kv_delete(sm: StateMachine, ctx: ApplyContext, cmd: KvDelete) -> Any:
 
 # -- agents --------------------------------------------------------------------------
 
-@_op("agent.register")
-def _agent_register(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    agent_id = require_str(args, "id")
-    agent_type = require_str(args, "type")
-    metadata = require_dict(args, "metadata", optional=True) or {}
-    ttl_ms = require_int(args, "ttl_ms", MIN_TTL_MS, MAX_TTL_MS)
-    endpoint = require_str(args, "endpoint", MAX_ENDPOINT_LEN, optional=True)
-    weight = require_int(args, "weight", 1, MAX_WEIGHT, optional=True) or 1
-    public_key = require_str(args, "public_key", 64, optional=True)
-    if public_key is not None:
-        check_public_key(public_key)
+@_op(AgentRegister.op)
+def _agent_register(sm: StateMachine, ctx: ApplyContext, cmd: AgentRegister) -> Any:
+    agent_id = cmd.id
     old = sm.registry.agents.get(agent_id)
     if old is None and len(sm.registry.agents) >= sm.limits.agents_max:
         raise Rejected("unavailable", f"the registry is full ({sm.limits.agents_max} agents)")
-    agent = Agent(agent_id, agent_type, metadata, ttl_ms, endpoint, weight,
+    public_key = cmd.public_key if cmd.public_key is not None else (old.public_key if old else None)
+    agent = Agent(agent_id, cmd.type, cmd.metadata, cmd.ttl_ms, cmd.endpoint, cmd.weight or 1,
                   lease_id=ctx.index, health="unknown" if old is None else old.health,
-                  registered_ms=ctx.now_ms if old is None else old.registered_ms,
-                  public_key=public_key if public_key is not None else (old.public_key if old else None))
+                  registered_ms=ctx.now_ms if old is None else old.registered_ms, public_key=public_key)
     sm.check_agent_record(agent, old)
     sm.registry.put(agent)
     if agent.public_key is not None:
         sm.access.pin(agent_id, agent.public_key, sm.registry.agents)
     event = "agent.spawned" if old is None else "agent.updated"
-    sm.events.emit(ctx, event, {"agentId": agent_id, "agentType": agent_type, "metadata": metadata,
+    sm.events.emit(ctx, event, {"agentId": agent_id, "agentType": cmd.type, "metadata": cmd.metadata,
                                 "lease_id": agent.lease_id})
-    return {"id": agent_id, "lease_id": agent.lease_id, "ttl_s": ttl_ms / 1000}
+    return {"id": agent_id, "lease_id": agent.lease_id, "ttl_s": cmd.ttl_ms / 1000}
 
 
 def _remove_agent(sm: StateMachine, ctx: ApplyContext, agent: Agent, reason: str) -> None:
@@ -486,66 +475,52 @@ def _remove_agent(sm: StateMachine, ctx: ApplyContext, agent: Agent, reason: str
     sm.bus.drop_agent(agent.id)
 
 
-@_op("agent.deregister")
-def _agent_deregister(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    agent_id = require_str(args, "id")
+def _registered(sm: StateMachine, agent_id: str) -> Agent:
     agent = sm.registry.agents.get(agent_id)
     if agent is None:
         raise Rejected("not_found", f"agent {agent_id!r} is not registered")
-    _remove_agent(sm, ctx, agent, "left")
-    return {"id": agent_id}
+    return agent
 
 
-@_op("agent.update")
-def _agent_update(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(AgentDeregister.op)
+def _agent_deregister(sm: StateMachine, ctx: ApplyContext, cmd: AgentDeregister) -> Any:
+    _remove_agent(sm, ctx, _registered(sm, cmd.id), "left")
+    return {"id": cmd.id}
+
+
+@_op(AgentUpdate.op)
+def _agent_update(sm: StateMachine, ctx: ApplyContext, cmd: AgentUpdate) -> Any:
     """Change an agent's weight, endpoint or metadata, keeping its lease."""
-    agent_id = require_str(args, "id")
-    weight = require_int(args, "weight", 1, MAX_WEIGHT, optional=True)
-    endpoint = require_str(args, "endpoint", MAX_ENDPOINT_LEN, optional=True)
-    metadata = require_dict(args, "metadata", optional=True)
-    if weight is None and endpoint is None and metadata is None:
-        raise invalid("weight", "give at least one of weight, endpoint and metadata")
-    agent = sm.registry.agents.get(agent_id)
-    if agent is None:
-        raise Rejected("not_found", f"agent {agent_id!r} is not registered")
-    changed = replace(agent, weight=weight if weight is not None else agent.weight,
-                      endpoint=endpoint if endpoint is not None else agent.endpoint,
-                      metadata=metadata if metadata is not None else agent.metadata)
+    agent = _registered(sm, cmd.id)
+    changed = replace(agent, weight=cmd.weight if cmd.weight is not None else agent.weight,
+                      endpoint=cmd.endpoint if cmd.endpoint is not None else agent.endpoint,
+                      metadata=cmd.metadata if cmd.metadata is not None else agent.metadata)
     sm.check_agent_record(changed, agent)
     sm.registry.put(changed)
     agent = changed
-    sm.events.emit(ctx, "agent.updated", {"agentId": agent_id, "agentType": agent.type, "metadata": agent.metadata,
+    sm.events.emit(ctx, "agent.updated", {"agentId": cmd.id, "agentType": agent.type, "metadata": agent.metadata,
                                           "lease_id": agent.lease_id, "weight": agent.weight})
     return agent.describe()
 
 
-@_op("agent.expire")
-def _agent_expire(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(AgentExpire.op)
+def _agent_expire(sm: StateMachine, ctx: ApplyContext, cmd: AgentExpire) -> Any:
     """Proposed by the leader when a lease ran out. Names the lease, so an
     expiry decided before a re-registration cannot remove the new lease."""
-    agent_id = require_str(args, "id")
-    lease_id = require_int(args, "lease_id", 0, MAX_TOKEN)
-    agent = sm.registry.agents.get(agent_id)
-    if agent is None or agent.lease_id != lease_id:
+    agent = sm.registry.agents.get(cmd.id)
+    if agent is None or agent.lease_id != cmd.lease_id:
         return {"expired": False}
     _remove_agent(sm, ctx, agent, "expired")
     return {"expired": True}
 
 
-@_op("agent.health")
-def _agent_health(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    agent_id = require_str(args, "id")
-    health = require_str(args, "health", 16)
-    if health not in HEALTH_STATES:
-        raise invalid("health", f"must be one of {', '.join(HEALTH_STATES)}")
-    reason = require_str(args, "reason", 512, optional=True)
-    agent = sm.registry.agents.get(agent_id)
-    if agent is None:
-        raise Rejected("not_found", f"agent {agent_id!r} is not registered")
-    if agent.health == health:
-        return {"changed": False, "health": health}
-    set_health(sm, ctx, agent, health, reason)
-    return {"changed": True, "health": health}
+@_op(AgentHealth.op)
+def _agent_health(sm: StateMachine, ctx: ApplyContext, cmd: AgentHealth) -> Any:
+    agent = _registered(sm, cmd.id)
+    if agent.health == cmd.health:
+        return {"changed": False, "health": cmd.health}
+    set_health(sm, ctx, agent, cmd.health, cmd.reason)
+    return {"changed": True, "health": cmd.health}
 
 
 def set_health(sm: StateMachine, ctx: ApplyContext, agent: Agent, health: str, reason: str | None) -> None:
@@ -602,18 +577,11 @@ def _lock_expire(sm: StateMachine, ctx: ApplyContext, cmd: LockExpire) -> Any:
 
 # -- system events ----------------------------------------------------------------------
 
-SYSTEM_EVENTS = ("system.failure", "system.recovered", "system.leader.elected")
-
-
-@_op("system.report")
-def _system_report(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(SystemReport.op)
+def _system_report(sm: StateMachine, ctx: ApplyContext, cmd: SystemReport) -> Any:
     """What the leader observed about the cluster (a member unreachable or back,
     its own election), committed so every node and the bus see it."""
-    type_ = require_str(args, "type", 64)
-    if type_ not in SYSTEM_EVENTS:
-        raise invalid("type", f"must be one of {', '.join(SYSTEM_EVENTS)}")
-    data = require_dict(args, "data")
-    event = sm.events.emit(ctx, type_, data)
+    event = sm.events.emit(ctx, cmd.type, cmd.data)
     return {"seq": event.seq}
 
 
@@ -751,29 +719,29 @@ def _bus_transport_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str
 
 # -- access control --------------------------------------------------------------------------
 
-@_op("role.put")
-def _role_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.access.put_role(args)
+@_op(RolePut.op)
+def _role_put(sm: StateMachine, ctx: ApplyContext, cmd: RolePut) -> Any:
+    return sm.access.put_role(cmd)
 
 
-@_op("role.delete")
-def _role_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.access.delete_role(args)
+@_op(RoleDelete.op)
+def _role_delete(sm: StateMachine, ctx: ApplyContext, cmd: RoleDelete) -> Any:
+    return sm.access.delete_role(cmd)
 
 
-@_op("security.configure")
-def _security_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.access.configure(args)
+@_op(SecurityConfigure.op)
+def _security_configure(sm: StateMachine, ctx: ApplyContext, cmd: SecurityConfigure) -> Any:
+    return sm.access.configure(cmd)
 
 
-@_op("access.unpin")
-def _access_unpin(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.access.unpin(args)
+@_op(AccessUnpin.op)
+def _access_unpin(sm: StateMachine, ctx: ApplyContext, cmd: AccessUnpin) -> Any:
+    return sm.access.unpin(cmd)
 
 
-@_op("role.grant")
-def _role_grant(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.access.grant(args)
+@_op(RoleGrant.op)
+def _role_grant(sm: StateMachine, ctx: ApplyContext, cmd: RoleGrant) -> Any:
+    return sm.access.grant(cmd)
 
 
 # -- balancing ---------------------------------------------------------------------------

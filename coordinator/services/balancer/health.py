@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from coordinator.commands.agents import AgentHealth
 from coordinator.errors import CoordinatorError
 from coordinator.services.agent_http import EndpointGuard, agent_url
 from coordinator.services.applier import Applier
@@ -130,8 +131,8 @@ class HealthChecker:
 
     async def _commit(self, agent_id: str, health: str, reason: str) -> None:
         try:
-            raise_for(await self.proposer.propose("agent.health", {"id": agent_id, "health": health,
-                                                                  "reason": reason}))
+            command = AgentHealth(agent_id, health, reason)
+            raise_for(await self.proposer.propose(command.op, command.to_args()))
             self.changes += 1
         except CoordinatorError as exc:  # the next check tries again
             log.info("health of %s: committing %s failed (%s)", agent_id, health, exc.message)

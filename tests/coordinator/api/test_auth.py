@@ -1146,6 +1146,35 @@ async def test_the_admins_endpoint_allow_list(world: World) -> None:
         assert error["field"] == "endpoint", error
 
 
+async def test_the_403s_keep_their_place_among_the_field_checks(world: World) -> None:
+    """The agent commands' parse checks every field, and the auth checks come
+    where they always did: serve on the type after ttl_s and before the
+    endpoint, weight and key; the allow-list after the endpoint's string
+    and (on update) the weight, before the weight (register) and metadata."""
+    h = world.h
+    body = {"id": "mallory", "type": "payments", "public_key": MALLORY.keys.public_key, "weight": 0}
+    error = await refused(h, 403, "POST", "/v1/agents", body, who=MALLORY)
+    assert error["permission"] == "serve"
+    error = await refused(h, 400, "POST", "/v1/agents", {**body, "ttl_s": 0}, who=MALLORY)
+    assert error["field"] == "ttl_s"
+    error = await refused(h, 400, "POST", "/v1/agents", {**body, "metadata": None, "ttl_s": 0}, who=MALLORY)
+    assert (error["field"], error["message"]) == ("metadata", "metadata: must be an object")
+    async with serving(h, "alice"):
+        alice = {"id": "alice", "type": "worker", "weight": 0}
+        error = await refused(h, 403, "POST", "/v1/agents", {**alice, "endpoint": "10.0.0.5:80"}, who=ALICE)
+        assert error["permission"] == "endpoint"
+        error = await refused(h, 400, "POST", "/v1/agents", {**alice, "endpoint": ""}, who=ALICE)
+        assert error["field"] == "endpoint"
+        error = await refused(h, 400, "POST", "/v1/agents", {**alice, "endpoint": "agent.example.com:80"}, who=ALICE)
+        assert error["field"] == "weight"
+    error = await refused(h, 403, "PATCH", "/v1/agents/alice", {"endpoint": "10.0.0.5:80", "metadata": 1}, who=ALICE)
+    assert error["permission"] == "endpoint"
+    error = await refused(h, 400, "PATCH", "/v1/agents/alice", {"endpoint": "10.0.0.5:80", "weight": 0}, who=ALICE)
+    assert error["field"] == "weight"
+    error = await refused(h, 400, "PATCH", "/v1/agents/alice", {"weight": None}, who=ALICE)
+    assert (error["field"], error["message"]) == ("body", "body: give at least one of weight, endpoint and metadata")
+
+
 # -- lock holders and candidates ----------------------------------------------------------------------
 
 async def test_an_agent_holds_locks_and_campaigns_only_as_itself(world: World) -> None:

@@ -12,6 +12,7 @@ import pytest
 from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
 from coordinator.clock import ManualClock, SeededRng
+from coordinator.commands.cluster import MemberRegister, MemberRemove
 from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from coordinator.ports import EngineStatus
@@ -82,7 +83,7 @@ async def test_follower_forwards_heartbeats_to_the_leader(sim: Sim, aiohttp_clie
 
 
 async def test_add_and_remove_members(sim: Sim) -> None:
-    member = await sim.node.add_member("n2", "127.0.0.1:17102", "127.0.0.1:17002")
+    member = await sim.node.add_member(MemberRegister("n2", "127.0.0.1:17102", "127.0.0.1:17002"))
     assert member == {"id": "n2", "raft": "127.0.0.1:17102", "http": "127.0.0.1:17002"}
     assert "127.0.0.1:17102" in sim.engine.members
     status = sim.node.status()
@@ -90,16 +91,16 @@ async def test_add_and_remove_members(sim: Sim) -> None:
     assert sim.node.http_of("127.0.0.1:17102") == "127.0.0.1:17002"
 
     with pytest.raises(InvalidInput):
-        await sim.node.remove_member("n1")  # the leader cannot remove itself
+        await sim.node.remove_member(MemberRemove("n1"))  # the leader cannot remove itself
     with pytest.raises(NotFound):
-        await sim.node.remove_member("n9")
-    await sim.node.remove_member("n2")
+        await sim.node.remove_member(MemberRemove("n9"))
+    await sim.node.remove_member(MemberRemove("n2"))
     assert "127.0.0.1:17102" not in sim.engine.members
     assert "n2" not in sim.applier.machine.members.members
 
     sim.engine.step_down()
     with pytest.raises(Unavailable):
-        await sim.node.add_member("n3", "127.0.0.1:17103", "127.0.0.1:17003")
+        await sim.node.add_member(MemberRegister("n3", "127.0.0.1:17103", "127.0.0.1:17003"))
 
 
 async def test_status_names_the_leader_by_http_address(sim: Sim) -> None:

@@ -30,7 +30,7 @@ import re
 import urllib.parse
 from collections.abc import Sequence
 
-from coordinator.state.base import invalid
+from coordinator.commands.base import invalid
 
 ALLOW_ENTRIES_MAX = 256
 # Names that reach special addresses without DNS saying so.
