@@ -1,8 +1,9 @@
 """HTTP routes of the event store and its projections (CQRS).
 
-Parse → one service call → render. Appends, snapshots and projection
-definitions are checked before they are proposed (400 naming the field, as
-``events[2].type``), and checked again by the state machine when applied.
+Parse → one service call → render. Appends, snapshots, deletions and
+projection definitions are parsed into their commands before they are
+proposed (400 naming the field, as ``events[2].type``); the state machine
+runs the same parse when it applies them.
 Reads wait for a read barrier unless ``consistency=stale``, so a read
 reflects every write acknowledged before it; the answer carries the log
 ``index`` it reflects.
@@ -17,8 +18,15 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.routes import checked, node_of, ok, sse, sse_resume
 from coordinator.api.visibility import visibility
+from coordinator.commands.eventstore import (
+    MAX_STREAM_ID_LEN,
+    MAX_VERSION,
+    SNAPSHOT_FIELDS,
+    EsAppend,
+    EsDelete,
+    EsSnapshot,
+)
 from coordinator.errors import InvalidInput, NotFound
-from coordinator.state.eventstore import MAX_STREAM_ID_LEN, MAX_VERSION, SNAPSHOT_FIELDS, check_expected
 from coordinator.state.projections import DEFINITION_FIELDS, check_name, normalize_definition
 
 es_routes = web.RouteTableDef()
@@ -49,10 +57,11 @@ async def append(request: web.Request) -> web.Response:
     args: dict[str, Any] = {"stream": stream, "events": body.get("events")}
     if "expected_version" in body:
         args["expected_version"] = body["expected_version"]
+    command = s.command(EsAppend, args)
     node = node_of(request)
     view = node.local_view  # only the store's limits: nothing here depends on the log's position
-    checked(lambda: view.check_append(args))
-    result = await node.write("es.append", args, s.origin(request, body))
+    checked(lambda: view.check_append(command))
+    result = await node.write_command(command, s.origin(request, body))
     return ok(result, status=200 if result.get("duplicate") else 201)
 
 
@@ -82,19 +91,17 @@ async def delete_stream(request: web.Request) -> web.Response:
     if raw is not None:
         if isinstance(raw, str) and raw.lstrip("-").isdigit():
             raw = int(raw)
-        args["expected_version"] = checked(lambda: check_expected(raw))
-    return ok(await node_of(request).write("es.delete", args, s.origin(request, body)))
+        args["expected_version"] = raw
+    command = s.command(EsDelete, args)
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @es_routes.put("/v1/streams/{stream}/snapshot")
 async def put_snapshot(request: web.Request) -> web.Response:
     stream = _stream_id(request)
     body = await s.json_body(request, {*SNAPSHOT_FIELDS, "request_id"} - {"stream"})
-    args = {"stream": stream, **{k: v for k, v in body.items() if k != "request_id"}}
-    s.integer(args.get("version"), "version", 0, MAX_VERSION)
-    if "state" not in args:
-        raise InvalidInput("state: is required", field="state")
-    return ok(await node_of(request).write("es.snapshot", args, s.origin(request, body)))
+    command = s.command(EsSnapshot, {"stream": stream, **{k: v for k, v in body.items() if k != "request_id"}})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @es_routes.get("/v1/streams")

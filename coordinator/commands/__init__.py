@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from coordinator.commands.base import DomainCommand
+from coordinator.commands.eventstore import EsAppend, EsDelete, EsSnapshot
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 
-_TYPES: tuple[type[DomainCommand], ...] = (KvPut, KvCas, KvDelete, LockAcquire, LockRelease, LockExpire)
+_TYPES: tuple[type[DomainCommand], ...] = (KvPut, KvCas, KvDelete, LockAcquire, LockRelease, LockExpire,
+                                           EsAppend, EsSnapshot, EsDelete)
 
 COMMANDS: Mapping[str, type[DomainCommand]] = MappingProxyType({t.op: t for t in _TYPES})

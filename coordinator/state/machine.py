@@ -25,6 +25,7 @@ from typing import Any
 from coordinator.commands import COMMANDS
 from coordinator.commands.agents import HEALTH_STATES, MAX_ENDPOINT_LEN, MAX_WEIGHT
 from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS, DomainCommand
+from coordinator.commands.eventstore import EsAppend, EsDelete, EsSnapshot, category_of
 from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 from coordinator.commands.messages import normalize
@@ -46,7 +47,7 @@ from coordinator.state.base import (
 )
 from coordinator.state.bus import MAX_FETCH, RESERVED_PREFIXES, Bus, BusLimits, check_publishable
 from coordinator.state.events import EventLog
-from coordinator.state.eventstore import EventStore, EventStoreLimits, StoredEvent, category_of
+from coordinator.state.eventstore import EventStore, EventStoreLimits, StoredEvent
 from coordinator.state.kv import KvStore, entry_size
 from coordinator.state.locks import Lock, Locks
 from coordinator.state.projections import Folded, ProjectionLimits, Projections, normalize_definition
@@ -840,9 +841,9 @@ def _from_event_log(message: dict[str, Any]) -> bool:
     return message["source"] == "coordinator" and message["id"] == f"event-{message['headers'].get('seq')}"
 
 
-@_op("es.append")
-def _es_append(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    result, stored = sm.store.append(ctx, args, lambda size: sm.check_principal_bytes(ctx.principal, size))
+@_op(EsAppend.op)
+def _es_append(sm: StateMachine, ctx: ApplyContext, cmd: EsAppend) -> Any:
+    result, stored = sm.store.append(ctx, cmd, lambda size: sm.check_principal_bytes(ctx.principal, size))
     category = category_of(result["stream"])
     if stored and category is not None:
         folded = [_folded_stored(e) for e in stored]
@@ -853,14 +854,14 @@ def _es_append(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any
     return result
 
 
-@_op("es.snapshot")
-def _es_snapshot(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.store.snapshot(ctx, args)
+@_op(EsSnapshot.op)
+def _es_snapshot(sm: StateMachine, ctx: ApplyContext, cmd: EsSnapshot) -> Any:
+    return sm.store.snapshot(ctx, cmd)
 
 
-@_op("es.delete")
-def _es_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.store.delete(ctx, args)
+@_op(EsDelete.op)
+def _es_delete(sm: StateMachine, ctx: ApplyContext, cmd: EsDelete) -> Any:
+    return sm.store.delete(ctx, cmd)
 
 
 @_op("projection.put")
