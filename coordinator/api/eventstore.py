@@ -26,8 +26,14 @@ from coordinator.commands.eventstore import (
     EsDelete,
     EsSnapshot,
 )
+from coordinator.commands.projections import (
+    DEFINITION_FIELDS,
+    ProjectionDelete,
+    ProjectionPut,
+    ProjectionRebuild,
+    check_name,
+)
 from coordinator.errors import InvalidInput, NotFound
-from coordinator.state.projections import DEFINITION_FIELDS, check_name, normalize_definition
 
 es_routes = web.RouteTableDef()
 
@@ -165,10 +171,9 @@ def _projection_name(request: web.Request) -> str:
 async def put_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
-    definition = checked(lambda: normalize_definition({k: v for k, v in body.items() if k != "request_id"}))
-    result = await node_of(request).write("projection.put", {"name": name, "definition": definition},
-                                          s.origin(request, body))
-    return ok(result)
+    definition = {k: v for k, v in body.items() if k != "request_id"}
+    command = s.command(ProjectionPut, {"name": name, "definition": definition})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @es_routes.get("/v1/projections/{name}")
@@ -195,11 +200,11 @@ async def list_projections(request: web.Request) -> web.Response:
 async def rebuild_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("projection.rebuild", {"name": name}, s.origin(request, body)))
+    return ok(await node_of(request).write_command(ProjectionRebuild(name), s.origin(request, body)))
 
 
 @es_routes.delete("/v1/projections/{name}")
 async def delete_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("projection.delete", {"name": name}, s.origin(request, body)))
+    return ok(await node_of(request).write_command(ProjectionDelete(name), s.origin(request, body)))

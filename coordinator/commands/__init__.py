@@ -15,8 +15,12 @@ from coordinator.commands.base import DomainCommand
 from coordinator.commands.eventstore import EsAppend, EsDelete, EsSnapshot
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
+from coordinator.commands.projections import ProjectionDelete, ProjectionPut, ProjectionRebuild
+from coordinator.commands.streams import ProcessorDelete, ProcessorPut, StreamsTick
 
 _TYPES: tuple[type[DomainCommand], ...] = (KvPut, KvCas, KvDelete, LockAcquire, LockRelease, LockExpire,
-                                           EsAppend, EsSnapshot, EsDelete)
+                                           EsAppend, EsSnapshot, EsDelete,
+                                           ProjectionPut, ProjectionRebuild, ProjectionDelete,
+                                           ProcessorPut, ProcessorDelete, StreamsTick)
 
 COMMANDS: Mapping[str, type[DomainCommand]] = MappingProxyType({t.op: t for t in _TYPES})

@@ -40,11 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.commands.eventstore import (  # noqa: F401  the names below are re-exported for the state's users
+from coordinator.commands.eventstore import (
     APPEND_MAX,
     EVENT_BYTES_MAX,
-    MAX_STREAM_ID_LEN,
-    MAX_VERSION,
     SNAPSHOT_BYTES_MAX,
     EsAppend,
     EsDelete,

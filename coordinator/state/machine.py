@@ -29,6 +29,8 @@ from coordinator.commands.eventstore import EsAppend, EsDelete, EsSnapshot, cate
 from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 from coordinator.commands.messages import normalize
+from coordinator.commands.projections import ProjectionDelete, ProjectionPut, ProjectionRebuild
+from coordinator.commands.streams import ProcessorDelete, ProcessorPut, StreamsTick
 from coordinator.commands.topics import matches
 from coordinator.errors import InvariantError
 from coordinator.state.access import Access, check_public_key
@@ -50,7 +52,7 @@ from coordinator.state.events import EventLog
 from coordinator.state.eventstore import EventStore, EventStoreLimits, StoredEvent
 from coordinator.state.kv import KvStore, entry_size
 from coordinator.state.locks import Lock, Locks
-from coordinator.state.projections import Folded, ProjectionLimits, Projections, normalize_definition
+from coordinator.state.projections import Folded, ProjectionLimits, Projections
 from coordinator.state.registry import Agent, Member, Members, Registry, agent_size
 from coordinator.state.sagas import SagaLimits, Sagas
 from coordinator.state.streams import Emission, StreamLimits, Streams
@@ -864,35 +866,34 @@ def _es_delete(sm: StateMachine, ctx: ApplyContext, cmd: EsDelete) -> Any:
     return sm.store.delete(ctx, cmd)
 
 
-@_op("projection.put")
-def _projection_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    definition = normalize_definition(args.get("definition"))
-    return sm.projections.put(ctx.index, args.get("name"), definition, sm.projection_source(definition))
+@_op(ProjectionPut.op)
+def _projection_put(sm: StateMachine, ctx: ApplyContext, cmd: ProjectionPut) -> Any:
+    return sm.projections.put(ctx.index, cmd.name, cmd.definition, sm.projection_source(cmd.definition))
 
 
-@_op("projection.rebuild")
-def _projection_rebuild(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    projection = sm.projections.get(args.get("name"))
+@_op(ProjectionRebuild.op)
+def _projection_rebuild(sm: StateMachine, ctx: ApplyContext, cmd: ProjectionRebuild) -> Any:
+    projection = sm.projections.get(cmd.name)
     return sm.projections.rebuild(ctx.index, projection.name, sm.projection_source(projection.definition))
 
 
-@_op("projection.delete")
-def _projection_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.projections.delete(args.get("name"))
+@_op(ProjectionDelete.op)
+def _projection_delete(sm: StateMachine, ctx: ApplyContext, cmd: ProjectionDelete) -> Any:
+    return sm.projections.delete(cmd.name)
 
 
-@_op("processor.put")
-def _processor_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.streams.put(ctx.index, args)
+@_op(ProcessorPut.op)
+def _processor_put(sm: StateMachine, ctx: ApplyContext, cmd: ProcessorPut) -> Any:
+    return sm.streams.put(ctx.index, cmd)
 
 
-@_op("processor.delete")
-def _processor_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.streams.delete(args)
+@_op(ProcessorDelete.op)
+def _processor_delete(sm: StateMachine, ctx: ApplyContext, cmd: ProcessorDelete) -> Any:
+    return sm.streams.delete(cmd)
 
 
-@_op("streams.tick")
-def _streams_tick(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(StreamsTick.op)
+def _streams_tick(sm: StateMachine, ctx: ApplyContext, cmd: StreamsTick) -> Any:
     """Proposed by the leader when a window or deadline is due by its clock:
     the command's committed time closes them (``StateMachine._run_streams``)."""
     return {"processors": len(sm.streams.items)}
