@@ -19,12 +19,14 @@ from coordinator.api import schemas as s
 from coordinator.api.routes import checked, node_of, ok, sse, sse_resume
 from coordinator.api.visibility import visibility
 from coordinator.commands.eventstore import (
+    MAX_POSITION,
     MAX_STREAM_ID_LEN,
     MAX_VERSION,
     SNAPSHOT_FIELDS,
     EsAppend,
     EsDelete,
     EsSnapshot,
+    check_category,
 )
 from coordinator.commands.projections import (
     DEFINITION_FIELDS,
@@ -47,10 +49,7 @@ def _stream_id(request: web.Request) -> str:
 
 def _category(request: web.Request) -> str:
     category = s.name(request.match_info["category"], "category", MAX_STREAM_ID_LEN)
-    if "-" in category:
-        raise InvalidInput("category: must not contain '-' (a category is the stream id before its first '-')",
-                           field="category")
-    return category
+    return checked(lambda: check_category(category, "category"))
 
 
 # -- streams ----------------------------------------------------------------------------------
@@ -137,7 +136,7 @@ async def describe_store(request: web.Request) -> web.Response:
 @es_routes.get("/v1/categories/{category}/events")
 async def read_category(request: web.Request) -> web.Response:
     category = _category(request)
-    from_position = s.query_int(request, "from_position", 1, 1, 2**63 - 1) or 1
+    from_position = s.query_int(request, "from_position", 1, 1, MAX_POSITION) or 1
     limit = s.query_int(request, "limit", 100, 1, READ_LIMIT_MAX) or 100
     node = node_of(request)
     view = await node.view(s.consistency(request))

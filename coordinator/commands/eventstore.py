@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from coordinator.commands.base import (
+    MAX_TOKEN,
     DomainCommand,
     approx_size,
     check_int,
@@ -34,6 +35,7 @@ MAX_STREAM_ID_LEN = 256
 MAX_EVENT_TYPE_LEN = 256
 MAX_EVENT_ID_LEN = 128
 MAX_VERSION = 2**62
+MAX_POSITION = MAX_TOKEN  # positions over the whole store: int64
 EXPECTED_WORDS = ("any", "no_stream", "exists")
 EVENT_FIELDS = ("type", "data", "metadata", "id")  # tuples: error texts must be the same on every replica
 APPEND_FIELDS = ("stream", "expected_version", "events")
@@ -49,6 +51,13 @@ def category_of(stream: str) -> str | None:
     """The part of a stream id before its first ``-``; None without one."""
     head, dash, _ = stream.partition("-")
     return head if dash and head else None
+
+
+def check_category(value: str, field: str) -> str:
+    """A category's name (checked as a string by the caller) has no ``-``."""
+    if "-" in value:
+        raise invalid(field, "must not contain '-' (a category is the stream id before its first '-')")
+    return value
 
 
 def check_stream_id(value: Any, field: str = "stream") -> str:

@@ -23,6 +23,7 @@ from coordinator.commands.base import (
     check_str,
     invalid,
 )
+from coordinator.commands.eventstore import check_category
 from coordinator.commands.topics import check_pattern
 
 FOLDS = ("count", "sum", "min", "max", "last", "set")
@@ -58,9 +59,7 @@ def normalize_source(definition: dict[str, Any]) -> tuple[dict[str, str], list[s
     if len(source) != 1 or next(iter(source)) not in ("category", "topic"):
         raise invalid("source", 'must be {"category": NAME} or {"topic": PATTERN}')
     if "category" in source:
-        category = check_str(source["category"], "source.category", MAX_NAME_LEN)
-        if "-" in category:
-            raise invalid("source.category", "must not contain '-' (a category is the stream id before its first '-')")
+        category = check_category(check_str(source["category"], "source.category", MAX_NAME_LEN), "source.category")
         source = {"category": category}
     else:
         source = {"topic": check_pattern(source["topic"], "source.topic")}
