@@ -46,6 +46,8 @@ def check_name(value: Any) -> str:
 
 
 def normalize_processor(raw: Any) -> dict[str, Any]:
+    """A checked definition in the form the state keeps (times in ms,
+    defaults filled in), or ``Rejected`` naming the field."""
     definition = check_object(raw, "definition")
     check_known(definition, "", DEFINITION_FIELDS)
     source, types = normalize_source(definition)
