@@ -1,8 +1,9 @@
 """HTTP routes of the event store and its projections (CQRS).
 
-Parse → one service call → render. Appends, snapshots and projection
-definitions are checked before they are proposed (400 naming the field, as
-``events[2].type``), and checked again by the state machine when applied.
+Parse → one service call → render. Appends, snapshots, deletions and
+projection definitions are parsed into their commands before they are
+proposed (400 naming the field, as ``events[2].type``); the state machine
+runs the same parse when it applies them.
 Reads wait for a read barrier unless ``consistency=stale``, so a read
 reflects every write acknowledged before it; the answer carries the log
 ``index`` it reflects.
@@ -17,9 +18,24 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.routes import checked, node_of, ok, sse, sse_resume
 from coordinator.api.visibility import visibility
+from coordinator.commands.eventstore import (
+    MAX_POSITION,
+    MAX_STREAM_ID_LEN,
+    MAX_VERSION,
+    SNAPSHOT_FIELDS,
+    EsAppend,
+    EsDelete,
+    EsSnapshot,
+    check_category,
+)
+from coordinator.commands.projections import (
+    DEFINITION_FIELDS,
+    ProjectionDelete,
+    ProjectionPut,
+    ProjectionRebuild,
+    check_name,
+)
 from coordinator.errors import InvalidInput, NotFound
-from coordinator.state.eventstore import MAX_STREAM_ID_LEN, MAX_VERSION, SNAPSHOT_FIELDS, check_expected
-from coordinator.state.projections import DEFINITION_FIELDS, check_name, normalize_definition
 
 es_routes = web.RouteTableDef()
 
@@ -33,10 +49,7 @@ def _stream_id(request: web.Request) -> str:
 
 def _category(request: web.Request) -> str:
     category = s.name(request.match_info["category"], "category", MAX_STREAM_ID_LEN)
-    if "-" in category:
-        raise InvalidInput("category: must not contain '-' (a category is the stream id before its first '-')",
-                           field="category")
-    return category
+    return checked(lambda: check_category(category, "category"))
 
 
 # -- streams ----------------------------------------------------------------------------------
@@ -49,10 +62,11 @@ async def append(request: web.Request) -> web.Response:
     args: dict[str, Any] = {"stream": stream, "events": body.get("events")}
     if "expected_version" in body:
         args["expected_version"] = body["expected_version"]
+    command = s.command(EsAppend, args)
     node = node_of(request)
     view = node.local_view  # only the store's limits: nothing here depends on the log's position
-    checked(lambda: view.check_append(args))
-    result = await node.write("es.append", args, s.origin(request, body))
+    checked(lambda: view.check_append(command))
+    result = await node.write_command(command, s.origin(request, body))
     return ok(result, status=200 if result.get("duplicate") else 201)
 
 
@@ -82,19 +96,17 @@ async def delete_stream(request: web.Request) -> web.Response:
     if raw is not None:
         if isinstance(raw, str) and raw.lstrip("-").isdigit():
             raw = int(raw)
-        args["expected_version"] = checked(lambda: check_expected(raw))
-    return ok(await node_of(request).write("es.delete", args, s.origin(request, body)))
+        args["expected_version"] = raw
+    command = s.command(EsDelete, args)
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @es_routes.put("/v1/streams/{stream}/snapshot")
 async def put_snapshot(request: web.Request) -> web.Response:
     stream = _stream_id(request)
     body = await s.json_body(request, {*SNAPSHOT_FIELDS, "request_id"} - {"stream"})
-    args = {"stream": stream, **{k: v for k, v in body.items() if k != "request_id"}}
-    s.integer(args.get("version"), "version", 0, MAX_VERSION)
-    if "state" not in args:
-        raise InvalidInput("state: is required", field="state")
-    return ok(await node_of(request).write("es.snapshot", args, s.origin(request, body)))
+    command = s.command(EsSnapshot, {"stream": stream, **{k: v for k, v in body.items() if k != "request_id"}})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @es_routes.get("/v1/streams")
@@ -124,7 +136,7 @@ async def describe_store(request: web.Request) -> web.Response:
 @es_routes.get("/v1/categories/{category}/events")
 async def read_category(request: web.Request) -> web.Response:
     category = _category(request)
-    from_position = s.query_int(request, "from_position", 1, 1, 2**63 - 1) or 1
+    from_position = s.query_int(request, "from_position", 1, 1, MAX_POSITION) or 1
     limit = s.query_int(request, "limit", 100, 1, READ_LIMIT_MAX) or 100
     node = node_of(request)
     view = await node.view(s.consistency(request))
@@ -158,10 +170,9 @@ def _projection_name(request: web.Request) -> str:
 async def put_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
-    definition = checked(lambda: normalize_definition({k: v for k, v in body.items() if k != "request_id"}))
-    result = await node_of(request).write("projection.put", {"name": name, "definition": definition},
-                                          s.origin(request, body))
-    return ok(result)
+    definition = {k: v for k, v in body.items() if k != "request_id"}
+    command = s.command(ProjectionPut, {"name": name, "definition": definition})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @es_routes.get("/v1/projections/{name}")
@@ -188,11 +199,11 @@ async def list_projections(request: web.Request) -> web.Response:
 async def rebuild_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("projection.rebuild", {"name": name}, s.origin(request, body)))
+    return ok(await node_of(request).write_command(ProjectionRebuild(name), s.origin(request, body)))
 
 
 @es_routes.delete("/v1/projections/{name}")
 async def delete_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("projection.delete", {"name": name}, s.origin(request, body)))
+    return ok(await node_of(request).write_command(ProjectionDelete(name), s.origin(request, body)))

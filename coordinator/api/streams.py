@@ -1,6 +1,6 @@
 """HTTP routes of stream processors (windows and patterns over committed
-events). A definition is checked before it is proposed (400 naming the
-field) and again when applied."""
+events). A definition is parsed into its command before it is proposed (400
+naming the field); the state machine runs the same parse when it applies it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.routes import checked, node_of, ok
 from coordinator.api.visibility import visibility
+from coordinator.commands.streams import DEFINITION_FIELDS, ProcessorDelete, ProcessorPut, check_name
 from coordinator.errors import NotFound
-from coordinator.state.streams import DEFINITION_FIELDS, check_name, normalize_processor
 
 stream_routes = web.RouteTableDef()
 
@@ -24,9 +24,8 @@ async def put_processor(request: web.Request) -> web.Response:
     name = _name(request)
     body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
     definition = {k: v for k, v in body.items() if k != "request_id"}
-    checked(lambda: normalize_processor(definition))
-    return ok(await node_of(request).write("processor.put", {"name": name, "definition": definition},
-                                           s.origin(request, body)))
+    command = s.command(ProcessorPut, {"name": name, "definition": definition})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @stream_routes.get("/v1/processors")
@@ -53,4 +52,4 @@ async def get_processor(request: web.Request) -> web.Response:
 async def delete_processor(request: web.Request) -> web.Response:
     name = _name(request)
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("processor.delete", {"name": name}, s.origin(request, body)))
+    return ok(await node_of(request).write_command(ProcessorDelete(name), s.origin(request, body)))

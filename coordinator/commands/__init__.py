@@ -16,9 +16,12 @@ from coordinator.commands.agents import AgentDeregister, AgentExpire, AgentHealt
 from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
 from coordinator.commands.base import DomainCommand
 from coordinator.commands.cluster import Barrier, MemberRegister, MemberRemove, Noop, SystemReport
+from coordinator.commands.eventstore import EsAppend, EsDelete, EsSnapshot
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
+from coordinator.commands.projections import ProjectionDelete, ProjectionPut, ProjectionRebuild
 from coordinator.commands.sagas import SagaCancel, SagaOutcome, SagaResumed, SagaRetry, SagaStart
+from coordinator.commands.streams import ProcessorDelete, ProcessorPut, StreamsTick
 
 _TYPES: tuple[type[DomainCommand], ...] = (
     KvPut, KvCas, KvDelete,
@@ -28,6 +31,9 @@ _TYPES: tuple[type[DomainCommand], ...] = (
     RolePut, RoleDelete, RoleGrant, SecurityConfigure, AccessUnpin,
     SagaStart, SagaOutcome, SagaRetry, SagaResumed, SagaCancel,
     ServiceConfigure, ServiceRemove,
+    EsAppend, EsSnapshot, EsDelete,
+    ProjectionPut, ProjectionRebuild, ProjectionDelete,
+    ProcessorPut, ProcessorDelete, StreamsTick,
 )
 
 COMMANDS: Mapping[str, type[DomainCommand]] = MappingProxyType({t.op: t for t in _TYPES})

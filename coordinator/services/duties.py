@@ -31,6 +31,7 @@ import logging
 from collections.abc import Callable
 
 from coordinator.commands.cluster import SystemReport
+from coordinator.commands.streams import StreamsTick
 from coordinator.errors import CoordinatorError
 from coordinator.ports import Clock, ConsensusEngine
 from coordinator.services.applier import Applier
@@ -123,7 +124,7 @@ class LeaderDuties:
                 else:
                     due = machine.streams.next_due_ms()  # a window to close or a pattern deadline
                     if due is not None and due <= now_ms:
-                        self._tick_task = asyncio.get_running_loop().create_task(self._tick("streams.tick"))
+                        self._tick_task = asyncio.get_running_loop().create_task(self._tick(StreamsTick.op))
             self._watch_members()
 
     async def _tick(self, op: str) -> None:

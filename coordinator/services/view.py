@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.commands.access import RoleGrant
+from coordinator.commands.eventstore import EsAppend
 from coordinator.errors import Compacted
 from coordinator.services import watch
 from coordinator.services.applier import Applier, ApplyFailure
@@ -294,9 +295,10 @@ class StateView:
 
     # -- event store ---------------------------------------------------------------------------------------
 
-    def check_append(self, args: dict[str, Any]) -> None:
-        """Validate an append against this store's limits (``Rejected``), before it is proposed."""
-        self._state.store.check_append(args)
+    def check_append(self, command: EsAppend) -> None:
+        """Refuse (``Rejected``) a parsed append over this store's own limits
+        on one append, which may be lower than the parse's caps, before it is proposed."""
+        self._state.store.check_append(command)
 
     def stream_page(self, stream: str, from_version: int, limit: int, backward: bool) -> dict[str, Any] | None:
         """A page of one stream's events; None when the stream does not exist."""

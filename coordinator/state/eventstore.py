@@ -40,44 +40,40 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.state.base import (
-    ApplyContext,
-    Rejected,
-    approx_size,
-    charge,
-    check_int,
-    check_known,
-    check_object,
-    check_str,
-    invalid,
-    over_quota,
-    too_large,
+from coordinator.commands.eventstore import (
+    APPEND_MAX,
+    EVENT_BYTES_MAX,
+    SNAPSHOT_BYTES_MAX,
+    EsAppend,
+    EsDelete,
+    EsSnapshot,
+    NewEvent,
+    category_of,
+    check_append_count,
+    check_event_size,
+    check_snapshot_size,
 )
-
-MAX_STREAM_ID_LEN = 256
-MAX_EVENT_TYPE_LEN = 256
-MAX_EVENT_ID_LEN = 128
-MAX_VERSION = 2**62
-EXPECTED_WORDS = ("any", "no_stream", "exists")
-EVENT_FIELDS = ("type", "data", "metadata", "id")  # tuples: error texts must be the same on every replica
-APPEND_FIELDS = ("stream", "expected_version", "events")
-SNAPSHOT_FIELDS = ("stream", "version", "state", "truncate")
-DELETE_FIELDS = ("stream", "expected_version")
+from coordinator.errors import InvariantError
+from coordinator.state.base import ApplyContext, Rejected, approx_size, charge, over_quota
 
 
 @dataclass(frozen=True, slots=True)
 class EventStoreLimits:
+    """The store's bounds. The per-command ones can only be lower than the
+    caps every command's parse checks (``coordinator.commands.eventstore``)."""
+
     events_max: int = 200_000  # retained events, all streams
     bytes_max: int = 256 << 20  # their data and metadata, by ``approx_size``
     streams_max: int = 100_000
-    append_max: int = 100  # events in one append
-    event_bytes_max: int = 256 << 10  # one event's data + metadata
-    snapshot_bytes_max: int = 1 << 20
+    append_max: int = APPEND_MAX  # events in one append
+    event_bytes_max: int = EVENT_BYTES_MAX  # one event's data + metadata
+    snapshot_bytes_max: int = SNAPSHOT_BYTES_MAX
 
-
-def category_of(stream: str) -> str | None:
-    head, dash, _ = stream.partition("-")
-    return head if dash and head else None
+    def __post_init__(self) -> None:
+        for name, cap in (("append_max", APPEND_MAX), ("event_bytes_max", EVENT_BYTES_MAX),
+                          ("snapshot_bytes_max", SNAPSHOT_BYTES_MAX)):
+            if getattr(self, name) > cap:
+                raise InvariantError(f"EventStoreLimits.{name}: at most {cap}, the cap of every command's parse")
 
 
 @dataclass(slots=True)
@@ -145,39 +141,21 @@ class EventStore:
 
     # -- commands ------------------------------------------------------------------------------
 
-    def check_append(self, args: dict[str, Any]) -> tuple[str, int | str, list[dict[str, Any]]]:
-        """Validate an append completely (also used by the API before proposing)."""
-        check_known(args, "", APPEND_FIELDS)
-        stream = check_stream_id(args.get("stream"))
-        expected = check_expected(args.get("expected_version", "any"))
-        raw = args.get("events")
-        if not isinstance(raw, list) or not 1 <= len(raw) <= self.limits.append_max:
-            raise invalid("events", f"must be a list of 1 to {self.limits.append_max} events")
-        events = [self._check_event(item, f"events[{i}]") for i, item in enumerate(raw)]
-        return stream, expected, events
+    def check_append(self, command: EsAppend) -> None:
+        """Refuse an append over this store's own limits on one append (lower
+        than the parse's caps when configured so); the API runs it too, before proposing."""
+        if self.limits.append_max < APPEND_MAX:  # else the parse checked it
+            check_append_count(len(command.events), self.limits.append_max)
+        if self.limits.event_bytes_max < EVENT_BYTES_MAX:
+            for i, event in enumerate(command.events):
+                check_event_size(f"events[{i}]", event.size, self.limits.event_bytes_max)
 
-    def _check_event(self, raw: Any, where: str) -> dict[str, Any]:
-        event = check_object(raw, where)
-        check_known(event, where, EVENT_FIELDS)
-        type_ = check_str(event.get("type"), f"{where}.type", MAX_EVENT_TYPE_LEN)
-        if "data" not in event:
-            raise invalid(f"{where}.data", "is required (null is a value)")
-        metadata = event.get("metadata")
-        if metadata is not None:
-            check_object(metadata, f"{where}.metadata")
-        event_id = event.get("id")
-        if event_id is not None:
-            check_str(event_id, f"{where}.id", MAX_EVENT_ID_LEN)
-        size = approx_size(event["data"]) + (approx_size(metadata) if metadata is not None else 0)
-        if size > self.limits.event_bytes_max:
-            raise too_large(f"{where}.data", size, "event_bytes_max", self.limits.event_bytes_max)
-        return {"type": type_, "data": event["data"], "metadata": metadata, "id": event_id, "size": size}
-
-    def append(self, ctx: ApplyContext, args: dict[str, Any], check_owner: Callable[[int], None] | None = None
+    def append(self, ctx: ApplyContext, command: EsAppend, check_owner: Callable[[int], None] | None = None
                ) -> tuple[dict[str, Any], list[StoredEvent]]:
         """The result, and the events stored (none for a duplicate), charged
         to ``ctx.principal``; ``check_owner(size)`` may refuse them first."""
-        stream_id, expected, events = self.check_append(args)
+        self.check_append(command)
+        stream_id, expected, events = command.stream, command.expected, command.events
         stream = self.streams.get(stream_id)
         current = stream.version if stream is not None else None
         if not _expected_matches(expected, current):
@@ -187,7 +165,7 @@ class EventStore:
                 return duplicate, []
             at = "does not exist" if current is None else f"is at version {current}"
             raise Rejected("conflict", f"expected_version: stream {stream_id!r} {at}, expected {expected}")
-        size = sum(e["size"] for e in events)
+        size = sum(e.size for e in events)
         if stream is None and len(self.streams) >= self.limits.streams_max:
             raise Rejected("unavailable", f"the event store holds {self.limits.streams_max} streams")
         if self.bytes + size > self.limits.bytes_max:
@@ -212,9 +190,9 @@ class EventStore:
         for event in events:
             self.position += 1
             stream.version += 1
-            item = StoredEvent(self.position, stream_id, stream.version, event["type"], event["data"],
-                               event["metadata"], event["id"], ctx.now_ms, ctx.index, event["size"], ctx.principal)
-            charge(self.owned, ctx.principal, event["size"])
+            item = StoredEvent(self.position, stream_id, stream.version, event.type, event.data, event.metadata,
+                               event.id, ctx.now_ms, ctx.index, event.size, ctx.principal)
+            charge(self.owned, ctx.principal, event.size)
             stream.events.append(item)
             if log is not None:
                 log.events.append(item)
@@ -224,46 +202,39 @@ class EventStore:
         self.counters["appended"] += len(stored)
         return _append_result(stream_id, stored, ctx.index), stored
 
-    def _duplicate_of(self, stream: Stream | None, expected: int | str, events: list[dict[str, Any]]) \
+    def _duplicate_of(self, stream: Stream | None, expected: int | str, events: tuple[NewEvent, ...]) \
             -> dict[str, Any] | None:
         if expected == "no_stream":
             expected = -1
-        if stream is None or not isinstance(expected, int) or any(e["id"] is None for e in events):
+        if stream is None or not isinstance(expected, int) or any(e.id is None for e in events):
             return None
         start = expected + 1 - stream.first_version
         if start < 0 or start + len(events) > len(stream.events):
             return None
         stored = stream.events[start:start + len(events)]
-        if [s.event_id for s in stored] != [e["id"] for e in events]:
+        if [s.event_id for s in stored] != [e.id for e in events]:
             return None
         return {**_append_result(stream.id, stored, stored[-1].index), "duplicate": True}
 
-    def snapshot(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
-        check_known(args, "", SNAPSHOT_FIELDS)
-        stream = self._stream(args.get("stream"))
-        version = check_int(args.get("version"), "version", 0, MAX_VERSION)
-        if "state" not in args:
-            raise invalid("state", "is required")
-        if approx_size(args["state"]) > self.limits.snapshot_bytes_max:
-            raise invalid("state", f"is larger than {self.limits.snapshot_bytes_max} bytes")
-        truncate = args.get("truncate", False)
-        if not isinstance(truncate, bool):
-            raise invalid("truncate", "must be true or false")
+    def snapshot(self, ctx: ApplyContext, command: EsSnapshot) -> dict[str, Any]:
+        stream = self._stream(command.stream)
+        version = command.version
+        if self.limits.snapshot_bytes_max < SNAPSHOT_BYTES_MAX:
+            check_snapshot_size(approx_size(command.state), self.limits.snapshot_bytes_max)
         if version > stream.version:
             raise Rejected("conflict", f"version: stream {stream.id!r} is at version {stream.version}, "
                                        f"a snapshot at {version} would cover events it does not have")
         if stream.snapshot is not None and version < stream.snapshot["version"]:
             raise Rejected("conflict", f"version: the stream has a snapshot at version "
                                        f"{stream.snapshot['version']} already")
-        stream.snapshot = {"version": version, "state": args["state"], "time_ms": ctx.now_ms, "index": ctx.index}
-        dropped = self._truncate(stream, version + 1) if truncate else 0
+        stream.snapshot = {"version": version, "state": command.state, "time_ms": ctx.now_ms, "index": ctx.index}
+        dropped = self._truncate(stream, version + 1) if command.truncate else 0
         return {"stream": stream.id, "snapshot_version": version, "first_version": stream.first_version,
                 "dropped": dropped}
 
-    def delete(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
-        check_known(args, "", DELETE_FIELDS)
-        stream = self._stream(args.get("stream"))
-        expected = check_expected(args.get("expected_version", "any"))
+    def delete(self, ctx: ApplyContext, command: EsDelete) -> dict[str, Any]:
+        stream = self._stream(command.stream)
+        expected = command.expected
         if not _expected_matches(expected, stream.version):
             raise Rejected("conflict", f"expected_version: stream {stream.id!r} is at version {stream.version}, "
                                        f"expected {expected}")
@@ -272,8 +243,7 @@ class EventStore:
         self.counters["deleted"] += 1
         return {"stream": stream.id, "version": stream.version, "dropped": dropped}
 
-    def _stream(self, raw: Any) -> Stream:
-        stream_id = check_stream_id(raw)
+    def _stream(self, stream_id: str) -> Stream:
         stream = self.streams.get(stream_id)
         if stream is None:
             raise Rejected("not_found", f"stream {stream_id!r} does not exist")
@@ -380,18 +350,6 @@ class EventStore:
         for event in every:
             charge(store.owned, event.owner, event.size)
         return store
-
-
-def check_stream_id(value: Any, field: str = "stream") -> str:
-    return check_str(value, field, MAX_STREAM_ID_LEN)
-
-
-def check_expected(value: Any, field: str = "expected_version") -> int | str:
-    if isinstance(value, str):
-        if value not in EXPECTED_WORDS:
-            raise invalid(field, f"must be a version (-1 for no stream) or one of {', '.join(EXPECTED_WORDS)}")
-        return value
-    return check_int(value, field, -1, MAX_VERSION)
 
 
 def _expected_matches(expected: int | str, current: int | None) -> bool:

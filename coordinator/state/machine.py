@@ -24,14 +24,23 @@ from typing import Any
 
 from coordinator.commands import COMMANDS
 from coordinator.commands.access import AccessUnpin, RoleDelete, RoleGrant, RolePut, SecurityConfigure
-from coordinator.commands.agents import AgentDeregister, AgentExpire, AgentHealth, AgentRegister, AgentUpdate
+from coordinator.commands.agents import (
+    AgentDeregister,
+    AgentExpire,
+    AgentHealth,
+    AgentRegister,
+    AgentUpdate,
+)
 from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
 from coordinator.commands.base import DomainCommand
 from coordinator.commands.cluster import Barrier, MemberRegister, MemberRemove, Noop, SystemReport
+from coordinator.commands.eventstore import EsAppend, EsDelete, EsSnapshot, category_of
 from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
 from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 from coordinator.commands.messages import normalize
+from coordinator.commands.projections import ProjectionDelete, ProjectionPut, ProjectionRebuild
 from coordinator.commands.sagas import SagaCancel, SagaOutcome, SagaResumed, SagaRetry, SagaStart
+from coordinator.commands.streams import ProcessorDelete, ProcessorPut, StreamsTick
 from coordinator.commands.topics import matches
 from coordinator.errors import InvariantError
 from coordinator.state.access import Access
@@ -49,10 +58,10 @@ from coordinator.state.base import (
 )
 from coordinator.state.bus import MAX_FETCH, RESERVED_PREFIXES, Bus, BusLimits, check_publishable
 from coordinator.state.events import EventLog
-from coordinator.state.eventstore import EventStore, EventStoreLimits, StoredEvent, category_of
+from coordinator.state.eventstore import EventStore, EventStoreLimits, StoredEvent
 from coordinator.state.kv import KvStore, entry_size
 from coordinator.state.locks import Lock, Locks
-from coordinator.state.projections import Folded, ProjectionLimits, Projections, normalize_definition
+from coordinator.state.projections import Folded, ProjectionLimits, Projections
 from coordinator.state.registry import Agent, Member, Members, Registry, agent_size
 from coordinator.state.sagas import SagaLimits, Sagas
 from coordinator.state.streams import Emission, StreamLimits, Streams
@@ -810,9 +819,9 @@ def _from_event_log(message: dict[str, Any]) -> bool:
     return message["source"] == "coordinator" and message["id"] == f"event-{message['headers'].get('seq')}"
 
 
-@_op("es.append")
-def _es_append(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    result, stored = sm.store.append(ctx, args, lambda size: sm.check_principal_bytes(ctx.principal, size))
+@_op(EsAppend.op)
+def _es_append(sm: StateMachine, ctx: ApplyContext, cmd: EsAppend) -> Any:
+    result, stored = sm.store.append(ctx, cmd, lambda size: sm.check_principal_bytes(ctx.principal, size))
     category = category_of(result["stream"])
     if stored and category is not None:
         folded = [_folded_stored(e) for e in stored]
@@ -823,45 +832,44 @@ def _es_append(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any
     return result
 
 
-@_op("es.snapshot")
-def _es_snapshot(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.store.snapshot(ctx, args)
+@_op(EsSnapshot.op)
+def _es_snapshot(sm: StateMachine, ctx: ApplyContext, cmd: EsSnapshot) -> Any:
+    return sm.store.snapshot(ctx, cmd)
 
 
-@_op("es.delete")
-def _es_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.store.delete(ctx, args)
+@_op(EsDelete.op)
+def _es_delete(sm: StateMachine, ctx: ApplyContext, cmd: EsDelete) -> Any:
+    return sm.store.delete(ctx, cmd)
 
 
-@_op("projection.put")
-def _projection_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    definition = normalize_definition(args.get("definition"))
-    return sm.projections.put(ctx.index, args.get("name"), definition, sm.projection_source(definition))
+@_op(ProjectionPut.op)
+def _projection_put(sm: StateMachine, ctx: ApplyContext, cmd: ProjectionPut) -> Any:
+    return sm.projections.put(ctx.index, cmd.name, cmd.definition, sm.projection_source(cmd.definition))
 
 
-@_op("projection.rebuild")
-def _projection_rebuild(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    projection = sm.projections.get(args.get("name"))
+@_op(ProjectionRebuild.op)
+def _projection_rebuild(sm: StateMachine, ctx: ApplyContext, cmd: ProjectionRebuild) -> Any:
+    projection = sm.projections.get(cmd.name)
     return sm.projections.rebuild(ctx.index, projection.name, sm.projection_source(projection.definition))
 
 
-@_op("projection.delete")
-def _projection_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.projections.delete(args.get("name"))
+@_op(ProjectionDelete.op)
+def _projection_delete(sm: StateMachine, ctx: ApplyContext, cmd: ProjectionDelete) -> Any:
+    return sm.projections.delete(cmd.name)
 
 
-@_op("processor.put")
-def _processor_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.streams.put(ctx.index, args)
+@_op(ProcessorPut.op)
+def _processor_put(sm: StateMachine, ctx: ApplyContext, cmd: ProcessorPut) -> Any:
+    return sm.streams.put(ctx.index, cmd)
 
 
-@_op("processor.delete")
-def _processor_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.streams.delete(args)
+@_op(ProcessorDelete.op)
+def _processor_delete(sm: StateMachine, ctx: ApplyContext, cmd: ProcessorDelete) -> Any:
+    return sm.streams.delete(cmd)
 
 
-@_op("streams.tick")
-def _streams_tick(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+@_op(StreamsTick.op)
+def _streams_tick(sm: StateMachine, ctx: ApplyContext, cmd: StreamsTick) -> Any:
     """Proposed by the leader when a window or deadline is due by its clock:
     the command's committed time closes them (``StateMachine._run_streams``)."""
     return {"processors": len(sm.streams.items)}

@@ -40,16 +40,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.commands.topics import check_pattern, matches
-from coordinator.state.base import Rejected, check_known, check_object, check_resource_name, check_str, invalid
+from coordinator.commands.topics import matches
+from coordinator.state.base import Rejected
 
-FOLDS = ("count", "sum", "min", "max", "last", "set")
-NUMERIC_FOLDS = ("sum", "min", "max")
-DEFINITION_FIELDS = ("source", "types", "fold", "field", "group_by")
-MAX_TYPES = 64
-MAX_PATH_LEN = 256
-MAX_PATH_DEPTH = 16
-MAX_NAME_LEN = 128
 INT_LIMIT = 2**63 - 1  # a sum beyond it becomes a float (the codec carries 64-bit integers)
 
 
@@ -69,60 +62,6 @@ class Folded:
     time_ms: int
     index: int
     position: int = 0  # the store position (category sources)
-
-
-def normalize_definition(raw: Any) -> dict[str, Any]:
-    """A checked definition with defaults, or ``Rejected`` naming the field."""
-    definition = check_object(raw, "definition")
-    check_known(definition, "", DEFINITION_FIELDS)
-    source, types = normalize_source(definition)
-    fold, path = check_fold(definition)
-    group_by = definition.get("group_by")
-    if group_by is not None:
-        check_path(group_by, "group_by")
-    return {"source": source, "types": types, "fold": fold, "field": path, "group_by": group_by}
-
-
-def normalize_source(definition: dict[str, Any]) -> tuple[dict[str, str], list[str] | None]:
-    """``source`` ({"category": NAME} or {"topic": PATTERN}) and ``types`` of a definition."""
-    source = check_object(definition.get("source"), "source")
-    if len(source) != 1 or next(iter(source)) not in ("category", "topic"):
-        raise invalid("source", 'must be {"category": NAME} or {"topic": PATTERN}')
-    if "category" in source:
-        category = check_str(source["category"], "source.category", MAX_NAME_LEN)
-        if "-" in category:
-            raise invalid("source.category", "must not contain '-' (a category is the stream id before its first '-')")
-        source = {"category": category}
-    else:
-        source = {"topic": check_pattern(source["topic"], "source.topic")}
-    types = definition.get("types")
-    if types is not None:
-        if "topic" in source:
-            raise invalid("types", "applies to category sources (a topic source is filtered by its pattern)")
-        if not isinstance(types, list) or not 1 <= len(types) <= MAX_TYPES:
-            raise invalid("types", f"must be a list of 1 to {MAX_TYPES} event types")
-        types = sorted({check_str(t, f"types[{i}]") for i, t in enumerate(types)})
-    return source, types
-
-
-def check_fold(definition: dict[str, Any]) -> tuple[str, str | None]:
-    """``fold`` and its ``field`` (required by the folds that read a value)."""
-    fold = definition.get("fold")
-    if fold not in FOLDS:
-        raise invalid("fold", f"must be one of {', '.join(FOLDS)}")
-    path = definition.get("field")
-    if path is not None:
-        check_path(path, "field")
-    elif fold in (*NUMERIC_FOLDS, "set"):
-        raise invalid("field", f"is required for the {fold} fold")
-    return fold, path
-
-
-def check_path(value: Any, name: str) -> None:
-    path = check_str(value, name, MAX_PATH_LEN)
-    parts = path.split(".")
-    if len(parts) > MAX_PATH_DEPTH or not all(parts):
-        raise invalid(name, f"must be names separated by single dots, at most {MAX_PATH_DEPTH} deep")
 
 
 _MISSING = object()
@@ -274,10 +213,9 @@ class Projections:
     limits: ProjectionLimits = field(default_factory=ProjectionLimits)
     items: dict[str, Projection] = field(default_factory=dict)
 
-    def put(self, index: int, name: Any, raw: Any, source: Iterable[Folded]) -> dict[str, Any]:
-        """Create or replace a projection and fold what its source retains."""
-        name = check_name(name)
-        definition = normalize_definition(raw)
+    def put(self, index: int, name: str, definition: dict[str, Any], source: Iterable[Folded]) -> dict[str, Any]:
+        """Create or replace a projection (``definition``: normalized, as
+        ``ProjectionPut`` has it) and fold what its source retains."""
         if name not in self.items and len(self.items) >= self.limits.projections_max:
             raise Rejected("unavailable", f"too many projections ({self.limits.projections_max})")
         existing = self.items.get(name)
@@ -287,7 +225,7 @@ class Projections:
         self._refold(projection, index, source)
         return projection.describe()
 
-    def rebuild(self, index: int, name: Any, source: Iterable[Folded]) -> dict[str, Any]:
+    def rebuild(self, index: int, name: str, source: Iterable[Folded]) -> dict[str, Any]:
         projection = self.get(name)
         self._refold(projection, index, source)
         return projection.describe()
@@ -299,13 +237,12 @@ class Projections:
             if projection.wants(event.type):
                 projection.fold(event, self.limits)
 
-    def delete(self, name: Any) -> dict[str, Any]:
+    def delete(self, name: str) -> dict[str, Any]:
         projection = self.get(name)
         del self.items[projection.name]
         return {"name": projection.name, "deleted": True}
 
-    def get(self, name: Any) -> Projection:
-        name = check_name(name)
+    def get(self, name: str) -> Projection:
         projection = self.items.get(name)
         if projection is None:
             raise Rejected("not_found", f"projection {name!r} does not exist")
@@ -339,7 +276,3 @@ class Projections:
             projection = Projection.from_data(row)
             projections.items[projection.name] = projection
         return projections
-
-
-def check_name(value: Any) -> str:
-    return check_resource_name(value, "name", MAX_NAME_LEN)

@@ -11,6 +11,7 @@ import pytest
 
 from coordinator.api.auth import AuthSettings
 from coordinator.client import CoordinatorClient
+from coordinator.codec import decode_command
 from coordinator.errors import Conflict
 from coordinator.state import Limits
 from coordinator.state.eventstore import EventStoreLimits
@@ -222,3 +223,24 @@ async def test_metrics(h: Harness) -> None:
         text = await response.text()
     assert "coord_eventstore_events 2.0" in text and "coord_eventstore_streams 1.0" in text
     assert 'coord_eventstore_total{kind="appended"} 2.0' in text and "coord_projections 1.0" in text
+
+
+async def test_the_log_carries_what_the_client_sent_in_its_order(h: Harness) -> None:
+    """The args of these writes are the log's bytes (and the digest chain's):
+    the same as before the command types, keys in the client's order."""
+    def last_args() -> list[tuple[str, Any]]:
+        return list(decode_command(h.engine.log[-1]).args.items())
+
+    event = {"data": {"n": 1}, "id": None, "type": "Placed"}
+    await h.call("POST", "/v1/streams/order-1", {"events": [event], "expected_version": -1}, expect=201)
+    assert last_args() == [("stream", "order-1"), ("events", [event]), ("expected_version", -1)]
+    assert list(last_args()[1][1][0]) == ["data", "id", "type"]
+    await h.call("PUT", "/v1/streams/order-1/snapshot", {"truncate": False, "state": {}, "version": 0}, expect=200)
+    assert last_args() == [("stream", "order-1"), ("truncate", False), ("state", {}), ("version", 0)]
+    await h.call("DELETE", "/v1/streams/order-1?expected_version=0", expect=200)
+    assert last_args() == [("stream", "order-1"), ("expected_version", 0)]
+    await h.call("PUT", "/v1/projections/p", {"fold": "count", "source": {"category": "order"}}, expect=200)
+    assert last_args() == [("name", "p"), ("definition", {"source": {"category": "order"}, "types": None,
+                                                          "fold": "count", "field": None, "group_by": None})]
+    await h.call("POST", "/v1/projections/p/rebuild", expect=200)
+    assert last_args() == [("name", "p")]

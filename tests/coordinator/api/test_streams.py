@@ -4,6 +4,7 @@ a window closed by the leader's tick when the clock passes its end."""
 from __future__ import annotations
 
 from coordinator.client import CoordinatorClient
+from coordinator.codec import decode_command
 from tests.coordinator.api.conftest import Harness
 from tests.waiting import eventually
 
@@ -42,3 +43,14 @@ async def test_the_leader_closes_a_window_when_its_clock_passes_the_end(h: Harne
     assert described["emitted"] == 2 and described["open_windows"] == 0
     await client.delete_processor("jobs")
     assert await client.processor("jobs") is None
+
+
+async def test_the_log_carries_the_definition_as_the_client_sent_it(h: Harness) -> None:
+    """A processor's definition goes in the log unnormalized, its keys in the client's order."""
+    body = {"emit": "stats.jobs", "window": {"size_s": 5, "kind": "tumbling"}, "fold": "count",
+            "source": {"category": "job"}}
+    await h.call("PUT", "/v1/processors/p", body, expect=200)
+    assert list(decode_command(h.engine.log[-1]).args.items()) == [("name", "p"), ("definition", body)]
+    assert list(decode_command(h.engine.log[-1]).args["definition"]) == list(body)
+    await h.call("DELETE", "/v1/processors/p", expect=200)
+    assert decode_command(h.engine.log[-1]).args == {"name": "p"}
