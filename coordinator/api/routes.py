@@ -28,20 +28,20 @@ from coordinator.commands.base import DomainCommand, Rejected
 from coordinator.commands.cluster import MemberRegister, MemberRemove, check_address, check_node_id
 from coordinator.commands.endpoints import endpoint_refusal
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
-from coordinator.commands.locks import LockAcquire, LockRelease, check_holder
+from coordinator.commands.locks import ELECTION_PREFIX, MAX_ELECTION_NAME_LEN, LockAcquire, LockRelease, check_holder
 from coordinator.commands.locks import check_name as check_lock_name
 from coordinator.crypto import SCHEME_AGENT
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
 from coordinator.services import watch
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode, ttl_ms_from
 from coordinator.services.proposals import state_error
-from coordinator.services.view import ELECTION_PREFIX
 
 routes = web.RouteTableDef()
 
 DEFAULT_AGENT_TTL_S = 10.0
 DEFAULT_LOCK_TTL_S = 15.0
 LIST_LIMIT_MAX = 10_000
+EVENT_TYPE_MAX_LEN = 128  # one name in /v1/events?types=
 SSE_KEEPALIVE_S = 15.0
 LEASES_TIMEOUT_S = 1.0
 
@@ -407,7 +407,7 @@ async def locks_get(request: web.Request) -> web.Response:
 
 @routes.post("/v1/elections/{name:(?s:.+)}/campaign")
 async def elections_campaign(request: web.Request) -> web.Response:
-    name = s.name(request.match_info["name"], "name", 200)
+    name = s.name(request.match_info["name"], "name", MAX_ELECTION_NAME_LEN)
     body = await s.json_body(request, {"candidate", "ttl_s", "request_id"})
     command = s.command(LockAcquire, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate"),
                                       "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)})
@@ -417,7 +417,7 @@ async def elections_campaign(request: web.Request) -> web.Response:
 
 @routes.post("/v1/elections/{name:(?s:.+)}/resign")
 async def elections_resign(request: web.Request) -> web.Response:
-    name = s.name(request.match_info["name"], "name", 200)
+    name = s.name(request.match_info["name"], "name", MAX_ELECTION_NAME_LEN)
     body = await s.json_body(request, {"candidate", "request_id"})
     command = s.command(LockRelease, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
@@ -426,7 +426,7 @@ async def elections_resign(request: web.Request) -> web.Response:
 @routes.get("/v1/elections/{name:(?s:.+)}")
 async def elections_leader(request: web.Request) -> web.Response:
     node = node_of(request)
-    name = s.name(request.match_info["name"], "name", 200)
+    name = s.name(request.match_info["name"], "name", MAX_ELECTION_NAME_LEN)
     lock = (await node.view(s.consistency(request))).election_leader(name)
     if lock is None:
         raise NotFound(f"election {name!r} has no leader")
@@ -447,7 +447,7 @@ def _types(request: web.Request) -> tuple[str, ...]:
     raw = request.query.get("types", "")
     types = tuple(t for t in raw.split(",") if t)
     for t in types:
-        s.name(t, "types", 128)
+        s.name(t, "types", EVENT_TYPE_MAX_LEN)
     return types
 
 

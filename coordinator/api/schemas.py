@@ -87,11 +87,6 @@ def name(value: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
     return value
 
 
-def optional_name(body: dict[str, Any], field: str, max_len: int = MAX_NAME_LEN) -> str | None:
-    value = body.get(field)
-    return None if value is None else name(value, field, max_len)
-
-
 def integer(value: Any, field: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(f"{field}: must be an integer", field=field)

@@ -34,10 +34,9 @@ from aiohttp import web
 
 from coordinator.api.auth import AUTH, principal_of
 from coordinator.api.keys import NODE
+from coordinator.commands.access import TOPIC_ACTIONS
 from coordinator.errors import Forbidden
 from coordinator.services.view import StateView
-
-TOPIC_ACTIONS = ("send", "receive", "subscribe")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Commands of locks and elections: ``lock.acquire``, ``lock.release``,
 ``lock.expire``. An election is the lock named ``election/<name>``
-(``services.view.ELECTION_PREFIX``); its candidate is the lock's holder.
+(``ELECTION_PREFIX``); its candidate is the lock's holder.
 
 Whether a lock is free, held by another or still on the token an expiry
 names is the state's to say, not the parse's.
@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS, DomainCommand, check_str, require_int
+
+ELECTION_PREFIX = "election/"  # an election is the lock named ELECTION_PREFIX + its name
+MAX_ELECTION_NAME_LEN = 200  # with the prefix, within a lock name's MAX_NAME_LEN
 
 
 def check_name(value: Any) -> str:

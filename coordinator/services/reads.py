@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from coordinator.commands.cluster import Barrier
 from coordinator.errors import CoordinatorError, ReadIndexRefused
 from coordinator.ports import ConfirmsReads
 from coordinator.services.applier import Applier
@@ -90,7 +91,7 @@ class Reads:
                 self._next = None  # later reads need a barrier proposed after them
             try:
                 self.barriers += 1
-                result = await self.proposer.propose("barrier", {})
+                result = await self.proposer.propose(Barrier.op, Barrier().to_args())
                 index = raise_for(result)["index"]
                 await self.applier.wait_applied(index)
             except Exception as exc:

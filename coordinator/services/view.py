@@ -23,6 +23,7 @@ from typing import Any
 
 from coordinator.commands.access import RoleGrant
 from coordinator.commands.eventstore import EsAppend
+from coordinator.commands.locks import ELECTION_PREFIX
 from coordinator.errors import Compacted
 from coordinator.services import watch
 from coordinator.services.applier import Applier, ApplyFailure
@@ -38,8 +39,6 @@ from coordinator.state.sagas import Saga
 from coordinator.state.streams import Processor
 from coordinator.state.transforms import Transform
 from coordinator.types import Event, KvChange
-
-ELECTION_PREFIX = "election/"  # an election is the lock named ELECTION_PREFIX + its name
 
 
 @dataclass(frozen=True, slots=True)
