@@ -26,41 +26,46 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.commands import filters
-from coordinator.commands.messages import GUARANTEES, MAX_ID_LEN, in_batch, normalize
-from coordinator.commands.topics import check_pattern, check_topic, is_pattern, matches
-from coordinator.errors import InvariantError
-from coordinator.state.base import (
-    ApplyContext,
-    Rejected,
-    approx_size,
-    charge,
-    check_int,
-    check_number,
-    check_str,
-    invalid,
-    over_quota,
+from coordinator.commands.bus import (  # the pure checks and limits; re-exported for the state's callers
+    DEFAULT_BACKLOG,
+    MAX_ACK_IDS,
+    MAX_BACKLOG,
+    MAX_BATCH,
+    MAX_DELAY_MS,
+    MAX_FETCH,
+    MAX_OFFSET,
+    REPLY_PREFIX,
+    RESERVED_PREFIXES,
+    START_KINDS,
+    TASK_STATUSES,
+    BusBind,
+    BusCursor,
+    BusNack,
+    BusSubscribe,
+    BusTopicConfigure,
+    BusTransportConfigure,
+    BusUnbind,
+    check_destinations,
+    check_key_path,
+    check_publishable,
+    check_publishable_topic,
+    effective_guarantee,
 )
+from coordinator.commands.messages import in_batch, normalize
+from coordinator.commands.topics import is_pattern, matches
+from coordinator.errors import InvariantError
+from coordinator.state.base import ApplyContext, Rejected, approx_size, charge, invalid, over_quota
 from coordinator.state.projections import lookup, scalar_key
 from coordinator.types import Event
 
-RESERVED_PREFIXES = ("agent.", "lock.", "system.")
 BINDING_PREFIX = "b:"  # holder key of a transport binding (consumer keys are s:, g:, a:)
-MAX_BACKLOG = 1_000_000
-REPLY_PREFIX = "_reply."  # topics of replies to requests: not retained unless configured
-TASK_STATUSES = ("started", "progress", "completed", "failed", "cancelled")
-START_KINDS = ("new", "beginning", "offset", "time")
-MAX_BATCH = 1000
 MAX_KEYS = 100_000  # ordering keys remembered per keyed consumer
-MAX_FETCH = 1000
-MAX_ACK_IDS = 10_000
-MAX_DELAY_MS = 3_600_000
-MAX_OFFSET = 2**63 - 1
 TIMER_COMPACT_EVERY = 4096
-_RANK = {g: i for i, g in enumerate(GUARANTEES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,10 +326,6 @@ def _backoff_ms(retry: dict[str, Any], attempts: int) -> int:
     return int(min(delay, retry["max_backoff_ms"]))
 
 
-def effective_guarantee(subscription: str, message: str) -> str:
-    return subscription if _RANK[subscription] < _RANK[message] else message
-
-
 class Bus:
     def __init__(self, limits: BusLimits | None = None) -> None:
         self.limits = limits or BusLimits()
@@ -529,14 +530,8 @@ class Bus:
 
     # -- topics ---------------------------------------------------------------------------
 
-    def configure_topic(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
-        name = check_topic(args.get("topic"))
-        max_messages = args.get("max_messages")
-        max_age_ms = args.get("max_age_ms")
-        if max_messages is not None:
-            check_int(max_messages, "max_messages", 0, 10_000_000)
-        if max_age_ms is not None:
-            check_int(max_age_ms, "max_age_ms", 1000, 365 * 86_400_000)
+    def configure_topic(self, ctx: ApplyContext, command: BusTopicConfigure) -> dict[str, Any]:
+        name, max_messages, max_age_ms = command.topic, command.max_messages, command.max_age_ms
         topic = self.topics.get(name)
         if topic is None:
             if len(self.topics) >= self.limits.topics_max:
@@ -563,26 +558,18 @@ class Bus:
 
     # -- publishing -------------------------------------------------------------------------
 
-    def check_publish(self, ctx: ApplyContext, args: dict[str, Any],
-                      agent_exists: Any) -> tuple[str, list[dict[str, Any]], int]:
-        """Validate a publish completely before anything changes: the topic,
-        the normalised messages and their size in all."""
-        topic = check_topic(args.get("topic"))
-        raw = args.get("messages")
-        if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_BATCH:
-            raise invalid("messages", f"must be a list of 1 to {MAX_BATCH} messages")
-        check_publishable_topic(topic)
-        messages = []
-        for i, item in enumerate(raw):
-            try:
-                message = normalize(item, ctx.now_ms)
-                if not message["deliveryOptions"]["persistent"]:
-                    raise invalid("deliveryOptions.persistent",
-                                  "a message that is not persistent is routed by the leader, not logged")
-                check_publishable(topic, message, agent_exists)
-            except Rejected as exc:
-                raise Rejected(exc.code, in_batch(i, len(raw), exc.message)) from None
-            messages.append(message)
+    def check_publish(self, topic: str, messages: Sequence[dict[str, Any]], agent_exists: Any) -> int:
+        """Check a parsed publish (``BusPublish``) against the bus before
+        anything changes: registered destinations, the number of topics, a
+        bound topic's backlog, the room left. Returns the messages' size in all."""
+        for message in messages:
+            if message["destination"]:  # the slow path: check each, naming its place in the batch
+                for i, m in enumerate(messages):
+                    try:
+                        check_destinations(m, agent_exists)
+                    except Rejected as exc:
+                        raise Rejected(exc.code, in_batch(i, len(messages), exc.message)) from None
+                break
         if topic not in self.topics and len(self.topics) >= self.limits.topics_max:
             raise Rejected("unavailable", f"too many topics ({self.limits.topics_max})")
         binding = self.bindings.get(topic)
@@ -599,7 +586,7 @@ class Bus:
             raise over_quota("bus_bytes_max", f"the bus holds about {self.bytes} bytes of messages "
                                               f"(at most {self.limits.bytes_max}) and this adds {size}; consumers "
                                               "must ack (or topics retain less) before more are accepted")
-        return topic, messages, size
+        return size
 
     def check_routes(self, topic_name: str, targets: list[str]) -> None:
         """Refuse a publish whose transforms route to topics the bus cannot take
@@ -616,7 +603,7 @@ class Bus:
                 raise Rejected("unavailable", f"{waiting} messages of {target!r} wait for the {binding.transport} "
                                               f"transport (at most {binding.backlog_max}); retry when it drains")
 
-    def publish(self, ctx: ApplyContext, topic_name: str, messages: list[dict[str, Any]],
+    def publish(self, ctx: ApplyContext, topic_name: str, messages: Sequence[dict[str, Any]],
                 outcomes: list[Any] | None = None) -> dict[str, Any]:
         """Store and route ``messages`` published on ``topic_name``. With
         ``outcomes`` (``coordinator.state.transforms.Outcome``, one a message)
@@ -765,14 +752,11 @@ class Bus:
 
     # -- transport bindings (issue 5) ---------------------------------------------------------
 
-    def bind(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+    def bind(self, ctx: ApplyContext, command: BusBind) -> dict[str, Any]:
         """Messages published on ``topic`` from now on go to a broker transport
         (the ones before stay where they are). Idempotent for the same transport."""
-        name = check_topic(args.get("topic"))
-        check_publishable_topic(name)
-        transport = check_str(args.get("transport"), "transport", 64)
-        backlog_max = args.get("backlog_max", 100_000)
-        check_int(backlog_max, "backlog_max", 1, MAX_BACKLOG)
+        name, transport = command.topic, command.transport
+        backlog_max = DEFAULT_BACKLOG if command.backlog_max is None else command.backlog_max
         binding = self.bindings.get(name)
         if binding is not None:
             if binding.transport != transport:
@@ -787,13 +771,10 @@ class Bus:
         binding = self.bindings[name] = Binding(name, transport, topic.next_offset - 1, ctx.index, backlog_max)
         return binding.describe(topic.next_offset)
 
-    def unbind(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+    def unbind(self, ctx: ApplyContext, command: BusUnbind) -> dict[str, Any]:
         """Stop sending ``topic`` to its broker. Refused while messages still wait
         for the broker, unless ``drop_backlog`` (they are then dropped)."""
-        name = check_topic(args.get("topic"))
-        drop = args.get("drop_backlog", False)
-        if not isinstance(drop, bool):
-            raise invalid("drop_backlog", "must be true or false")
+        name, drop = command.topic, bool(command.drop_backlog)
         binding = self.bindings.get(name)
         if binding is None:
             raise Rejected("not_found", f"topic {name!r} is not bound to a transport")
@@ -806,16 +787,14 @@ class Bus:
         del self.bindings[name]
         return {"topic": name, "transport": binding.transport, "dropped": waiting}
 
-    def advance_cursor(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+    def advance_cursor(self, ctx: ApplyContext, command: BusCursor) -> dict[str, Any]:
         """The broker holds the topic's messages up to ``offset`` (proposed by the
         leader after the broker confirmed). Idempotent; never moves back."""
-        name = check_topic(args.get("topic"))
-        offset = args.get("offset")
-        check_int(offset, "offset", 0, MAX_OFFSET)
+        name, offset = command.topic, command.offset
         binding = self.bindings.get(name)
         if binding is None:
             raise Rejected("not_found", f"topic {name!r} is not bound to a transport")
-        if args.get("created_index", binding.created_index) != binding.created_index:
+        if command.created_index is not None and command.created_index != binding.created_index:
             raise Rejected("conflict", f"the binding of {name!r} was made again since")
         last = self.topics[name].next_offset - 1
         if offset > last:
@@ -834,14 +813,11 @@ class Bus:
         binding.cursor = max(binding.cursor, offset)
         return moved
 
-    def transport_acked(self, ctx: ApplyContext, consumer: Consumer, keys: Any) -> dict[str, Any]:
+    def transport_acked(self, ctx: ApplyContext, consumer: Consumer, keys: Sequence[str]) -> dict[str, Any]:
         """Keys a transport consumer processed (committed before the broker ack,
         so a message the broker hands out again is recognised and not delivered)."""
         if consumer.transport is None:
             raise invalid("sub", "this subscription is not served by a transport")
-        if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_ACK_IDS \
-                or not all(isinstance(k, str) and 0 < len(k) <= 512 for k in keys):
-            raise invalid("keys", f"must be a list of 1 to {MAX_ACK_IDS} message keys")
         new = [k for k in dict.fromkeys(keys) if k not in consumer.acked_keys]
         for key in new:
             consumer.acked_keys[key] = None
@@ -850,19 +826,15 @@ class Bus:
         consumer.counters["acked"] += len(new)
         return {"new": len(new)}
 
-    def configure_transport(self, ctx: ApplyContext, args: dict[str, Any]) -> dict[str, Any]:
+    def configure_transport(self, ctx: ApplyContext, command: BusTransportConfigure) -> dict[str, Any]:
         """Set (``url``) or remove (``url`` null) the cluster-wide URL of a broker
         transport. Answers without the URL: it may hold a password."""
-        name = check_str(args.get("name"), "name", 64)
-        url = args.get("url")
+        name, url = command.name, command.url
         if url is None:
             if name not in self.transport_urls:
                 raise Rejected("not_found", f"transport {name!r} has no cluster-wide URL")
             del self.transport_urls[name]
             return {"name": name, "configured": False}
-        check_str(url, "url", 2048)
-        if "://" not in url:
-            raise invalid("url", "must be a URL such as redis://127.0.0.1:6379/0")
         if name not in self.transport_urls and len(self.transport_urls) >= 64:
             raise Rejected("unavailable", "at most 64 transports")
         self.transport_urls[name] = url
@@ -883,31 +855,13 @@ class Bus:
 
     # -- consumers and subscriptions --------------------------------------------------------
 
-    def subscribe(self, ctx: ApplyContext, args: dict[str, Any], agent_exists: Any) -> dict[str, Any]:
-        pattern = check_pattern(args.get("topic"))
-        group = args.get("group")
-        if group is not None:
-            check_str(group, "group", MAX_ID_LEN)
-        filter_text = args.get("filter")
-        tree = filters.parse(filter_text) if filter_text is not None else None
-        guarantee = args.get("guarantee", "at-least-once")
-        if guarantee not in GUARANTEES:
-            raise invalid("guarantee", f"must be one of {', '.join(GUARANTEES)}")
-        ack_timeout_ms = args.get("ack_timeout_ms")
-        if ack_timeout_ms is not None:
-            check_int(ack_timeout_ms, "ack_timeout_ms", 100, MAX_DELAY_MS)
-        max_attempts = args.get("max_attempts")
-        if max_attempts is not None:
-            check_int(max_attempts, "max_attempts", 1, 100)
-        key_path = args.get("key")
-        if key_path is not None:
-            check_key_path(key_path)
-        agent = args.get("agent")
-        if agent is not None:
-            check_str(agent, "agent", MAX_ID_LEN)
-            if not agent_exists(agent):
-                raise Rejected("not_found", f"agent: {agent!r} is not registered")
-        start, start_value = self._check_start(args, pattern)
+    def subscribe(self, ctx: ApplyContext, command: BusSubscribe, agent_exists: Any) -> dict[str, Any]:
+        pattern, group, filter_text, tree = command.topic, command.group, command.filter, command.filter_tree
+        guarantee, ack_timeout_ms, max_attempts = command.guarantee, command.ack_timeout_ms, command.max_attempts
+        key_path, agent = command.key, command.agent
+        if agent is not None and not agent_exists(agent):
+            raise Rejected("not_found", f"agent: {agent!r} is not registered")
+        start, start_value = self._check_start(command)
         if len(self.subscriptions) >= self.limits.subscriptions_max:
             raise Rejected("unavailable", f"too many subscriptions ({self.limits.subscriptions_max})")
         binding = self.bindings.get(pattern)
@@ -945,14 +899,10 @@ class Bus:
         self.subscriptions[sub_id] = Subscription(sub_id, key, agent, ctx.now_ms)
         return {"id": sub_id, "group": group, "replayed": replayed, "consumer": consumer.describe()}
 
-    def _check_start(self, args: dict[str, Any], pattern: str) -> tuple[str, int]:
-        start = args.get("start", "new")
-        if start not in START_KINDS:
-            raise invalid("start", f"must be one of {', '.join(START_KINDS)}")
-        value = args.get("start_value", 0)
-        check_int(value, "start_value", 0, MAX_OFFSET)
-        if start == "offset" and is_pattern(pattern):
-            raise invalid("start_offset", "an offset names a position in one topic; use a topic without wildcards")
+    def _check_start(self, command: BusSubscribe) -> tuple[str, int]:
+        """Where a subscription starts; an offset its topic no longer retains is refused."""
+        start, pattern = command.start, command.topic
+        value = command.start_value or 0
         if start == "offset":
             value = max(value, 1)  # offsets start at 1
             topic = self.topics.get(pattern)
@@ -1033,16 +983,14 @@ class Bus:
             dropped += 1
         return dropped
 
-    def consumer_of(self, args: dict[str, Any]) -> Consumer:
+    def consumer_of(self, sub_id: str | None, agent: str | None = None) -> Consumer:
         """The consumer a command names: ``sub`` (a subscription id) or ``agent`` (its inbox)."""
-        if args.get("agent") is not None:
-            agent = check_str(args["agent"], "agent", MAX_ID_LEN)
+        if agent is not None:
             consumer = self.consumers.get("a:" + agent)
             if consumer is None:
                 raise Rejected("not_found", f"agent {agent!r} has no inbox (nothing was sent to it)")
             return consumer
-        sub_id = check_str(args.get("sub"), "sub", MAX_ID_LEN)
-        sub = self.subscriptions.get(sub_id)
+        sub = self.subscriptions.get(sub_id)  # type: ignore[arg-type]
         if sub is None:
             raise Rejected("not_found", f"subscription {sub_id!r} does not exist")
         return self.consumers[sub.consumer]
@@ -1115,7 +1063,7 @@ class Bus:
             consumer.push_ready(entry)
         return {"deliveries": out, "backlog": consumer.ready_count}
 
-    def ack(self, ctx: ApplyContext, consumer: Consumer, delivery_ids: list[Any]) -> dict[str, Any]:
+    def ack(self, ctx: ApplyContext, consumer: Consumer, delivery_ids: Sequence[str]) -> dict[str, Any]:
         seqs = self._seqs(consumer, delivery_ids)
         acked, unknown = [], []
         for delivery_id, seq in seqs:
@@ -1134,14 +1082,9 @@ class Bus:
             acked.append(delivery_id)
         return {"acked": acked, "unknown": unknown}
 
-    def nack(self, ctx: ApplyContext, consumer: Consumer, args: dict[str, Any]) -> dict[str, Any]:
-        seqs = self._seqs(consumer, args.get("delivery_ids"))
-        delay_ms = args.get("delay_ms")
-        if delay_ms is not None:
-            check_int(delay_ms, "delay_ms", 0, MAX_DELAY_MS)
-        dead = args.get("dead_letter", False)
-        if not isinstance(dead, bool):
-            raise invalid("dead_letter", "must be true or false")
+    def nack(self, ctx: ApplyContext, consumer: Consumer, command: BusNack) -> dict[str, Any]:
+        seqs = self._seqs(consumer, command.delivery_ids)
+        delay_ms, dead = command.delay_ms, bool(command.dead_letter)
         nacked, unknown = [], []
         for delivery_id, seq in seqs:
             entry = consumer.entries.get(seq) if seq is not None else None
@@ -1169,12 +1112,9 @@ class Bus:
                                 consumer.created_index)
         return {"nacked": nacked, "unknown": unknown}
 
-    def _seqs(self, consumer: Consumer, delivery_ids: Any) -> list[tuple[Any, int | None]]:
-        if not isinstance(delivery_ids, list) or not 1 <= len(delivery_ids) <= MAX_ACK_IDS:
-            raise invalid("delivery_ids", f"must be a list of 1 to {MAX_ACK_IDS} delivery ids")
-        for i, delivery_id in enumerate(delivery_ids):
-            if not isinstance(delivery_id, str) or not 1 <= len(delivery_id) <= 64:
-                raise invalid(f"delivery_ids[{i}]", "must be a delivery id string")
+    @staticmethod
+    def _seqs(consumer: Consumer, delivery_ids: Sequence[str]) -> list[tuple[str, int | None]]:
+        """The parsed ids (``commands.bus.check_delivery_ids``), each once, with their seq here."""
         return [(d, consumer.seq_of(d)) for d in dict.fromkeys(delivery_ids)]
 
     # -- dead letters -------------------------------------------------------------------------
@@ -1204,7 +1144,7 @@ class Bus:
                         "offset": entry.offset, "message": self.bodies[(entry.topic, entry.offset)].message})
         return out
 
-    def redrive(self, ctx: ApplyContext, consumer: Consumer, delivery_ids: Any) -> dict[str, Any]:
+    def redrive(self, ctx: ApplyContext, consumer: Consumer, delivery_ids: Sequence[str] | None) -> dict[str, Any]:
         """Dead letters back to the ready queue with fresh attempts (all when
         ``delivery_ids`` is None). They keep their delivery ids."""
         chosen = self._dead(consumer, delivery_ids)
@@ -1220,14 +1160,14 @@ class Bus:
             consumer.counters["redriven"] += 1
         return {"redriven": [consumer.delivery_id(e.seq) for e in chosen]}
 
-    def purge(self, ctx: ApplyContext, consumer: Consumer, delivery_ids: Any) -> dict[str, Any]:
+    def purge(self, ctx: ApplyContext, consumer: Consumer, delivery_ids: Sequence[str] | None) -> dict[str, Any]:
         chosen = self._dead(consumer, delivery_ids)
         for entry in chosen:
             del consumer.dlq[entry.seq]
             self._release(self.bodies[(entry.topic, entry.offset)], consumer.key)
         return {"purged": len(chosen)}
 
-    def _dead(self, consumer: Consumer, delivery_ids: Any) -> list[Entry]:
+    def _dead(self, consumer: Consumer, delivery_ids: Sequence[str] | None) -> list[Entry]:
         if delivery_ids is None:
             return list(consumer.dlq.values())
         chosen = []
@@ -1292,51 +1232,13 @@ def _event_message(event: Event) -> dict[str, Any]:
             "deliveryOptions": _EVENT_OPTIONS}
 
 
-def check_key_path(value: Any) -> str:
-    """An ordering key: ``payload.NAME[.NAME...]`` or ``headers.NAME``."""
-    path = check_str(value, "key", 256)
-    parts = path.split(".")
-    if parts[0] not in ("payload", "headers") or len(parts) < 2 or not all(parts) or \
-            (parts[0] == "headers" and len(parts) != 2):
-        raise invalid("key", "must be payload.NAME[.NAME...] or headers.NAME")
-    return path
-
-
 def message_key(message: dict[str, Any], path: str) -> str | None:
     """The ordering key of a message (a scalar's text), None when it has none."""
     return scalar_key(lookup(message, path))
 
 
-def check_publishable_topic(topic: str) -> None:
-    if topic.startswith(RESERVED_PREFIXES):
-        raise invalid("topic", f"{topic!r} is reserved for the cluster's own events")
-
-
-def check_publishable(topic: str, message: dict[str, Any], agent_exists: Any) -> None:
-    """What a normalised message must also satisfy on ``topic``: typed task
-    events, registered destinations. Shared by the state and the service
-    (which refuses before proposing)."""
-    if topic.startswith("task."):
-        _check_task_event(topic, message)
-    for j, agent in enumerate(message["destination"]):
-        if not agent_exists(agent):
-            raise Rejected("not_found", f"destination[{j}]: agent {agent!r} is not registered")
-
-
-def _check_task_event(topic: str, message: dict[str, Any]) -> None:
-    """``task.<status>`` topics carry typed task events."""
-    status = topic[len("task."):]
-    if status not in TASK_STATUSES:
-        raise invalid("topic", f"task events go to task.<status>, status one of {', '.join(TASK_STATUSES)}")
-    if message["type"] != "event":
-        raise invalid("type", "task events have type event")
-    payload = message["payload"]
-    if not isinstance(payload, dict):
-        raise invalid("payload", "a task event's payload is an object with taskId")
-    check_str(payload.get("taskId"), "payload.taskId", MAX_ID_LEN)
-    if payload.get("agentId") is not None:
-        check_str(payload["agentId"], "payload.agentId", MAX_ID_LEN)
-    if payload.get("progress") is not None:
-        check_number(payload["progress"], "payload.progress", 0, 100)
-    if payload.get("error") is not None:
-        check_str(payload["error"], "payload.error", 4096)
+__all__ = [
+    "DEFAULT_BACKLOG", "MAX_ACK_IDS", "MAX_BACKLOG", "MAX_BATCH", "MAX_DELAY_MS", "MAX_FETCH", "MAX_OFFSET",
+    "REPLY_PREFIX", "RESERVED_PREFIXES", "START_KINDS", "TASK_STATUSES", "Bus", "BusLimits", "Consumer",
+    "check_key_path", "check_publishable", "check_publishable_topic", "effective_guarantee", "message_key",
+]

@@ -111,7 +111,7 @@ class Driver:
         return self.ok("bus.tick")
 
     def consumer(self, sub: str) -> Consumer:
-        return self.sm.bus.consumer_of({"sub": sub})
+        return self.sm.bus.consumer_of(sub)
 
     def dead(self, sub: str) -> list[tuple[str, str]]:
         """(message id, reason) of the consumer's dead letters, oldest first."""
@@ -795,7 +795,7 @@ def test_a_direct_message_goes_to_the_agents_inbox_only(bus: Driver) -> None:
     assert stored["routed"] == 2
     assert bus.take(topic_sub) == []
     for agent in ("a1", "a2"):
-        inbox = bus.sm.bus.consumer_of({"agent": agent})
+        inbox = bus.sm.bus.consumer_of(None, agent)
         assert inbox.kind == "inbox"
         deliveries = bus.ok("bus.deliver", agent=agent, max=5)["deliveries"]
         assert [d["message"]["id"] for d in deliveries] == ["direct"]
