@@ -644,13 +644,13 @@ def _bus_publish(sm: StateMachine, ctx: ApplyContext, command: BusPublish) -> An
     agent_exists = sm.registry.agents.__contains__  # the registry does not change during a publish
     topic = command.topic
     messages = command.stamped(ctx.now_ms) if command.unstamped else command.messages
-    size = sm.bus.check_publish(topic, messages, agent_exists)
-    sm.check_principal_bytes(ctx.principal, size)
+    sizes = sm.bus.check_publish(topic, messages, agent_exists)
+    sm.check_principal_bytes(ctx.principal, sum(sizes))
     outcomes: list[Outcome] | None = None
     if sm.transforms.items:
         outcomes = [_routable(sm.transforms.apply(topic, m), topic, m, agent_exists) for m in messages]
         sm.bus.check_routes(topic, [o.topic for o in outcomes])
-    result = sm.bus.publish(ctx, topic, messages, outcomes)
+    result = sm.bus.publish(ctx, topic, messages, outcomes, sizes)
     to_projections = sm.projections.has_topic_sources()
     for i, out in enumerate(result["messages"]):
         if out.get("duplicate"):

@@ -16,6 +16,7 @@ import pytest
 from coordinator.codec import decode_snapshot, encode_snapshot
 from coordinator.state import Limits, StateMachine
 from coordinator.state.bus import MAX_BATCH, BusLimits, Consumer
+from coordinator.state.bus_timers import RedeliverTimer
 from coordinator.types import Command, Result
 
 T0 = 1_700_000_000_000
@@ -591,7 +592,7 @@ def test_an_at_most_once_subscription_never_redelivers(bus: Driver) -> None:
     bus.tick(T0 + 86_400_000)
     assert bus.deliver(sub) == [] and bus.dead(sub) == []
     assert bus.ack(sub, [delivery]) == {"acked": [], "unknown": [delivery["delivery_id"]]}
-    assert not any(timer[2] == "redeliver" for timer in bus.sm.bus.timers)
+    assert not any(isinstance(timer, RedeliverTimer) for timer in bus.sm.bus.timers)
 
 
 def test_a_persistent_at_most_once_message_is_delivered_once_to_an_at_least_once_subscription(bus: Driver) -> None:
