@@ -17,13 +17,32 @@ from coordinator.api import schemas as s
 from coordinator.api.auth import forward_signer, principal_of
 from coordinator.api.routes import node_of, ok
 from coordinator.api.visibility import visibility
+from coordinator.commands.bus import (
+    MAX_DELAY_MS,
+    MAX_FETCH,
+    MAX_OFFSET,
+    MAX_RETAINED_AGE_MS,
+    MAX_TRANSPORT_NAME_LEN,
+    MIN_ACK_TIMEOUT_MS,
+    MIN_RETAINED_AGE_MS,
+    START_KINDS,
+    BusBind,
+    BusDlqPurge,
+    BusDlqRedrive,
+    BusGroupDelete,
+    BusSubscribe,
+    BusTopicConfigure,
+    BusTransportConfigure,
+    BusUnbind,
+    BusUnsubscribe,
+)
 from coordinator.commands.messages import FIELDS as MESSAGE_FIELDS
-from coordinator.commands.messages import GUARANTEES
+from coordinator.commands.messages import MAX_ID_LEN
+from coordinator.commands.topics import MAX_TOPIC_LEN
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from coordinator.redact import redact_url
 from coordinator.services.bus import NotLeader
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode
-from coordinator.state.bus import MAX_FETCH, START_KINDS
 
 bus_routes = web.RouteTableDef()
 
@@ -49,14 +68,14 @@ async def _here_or_leader(request: web.Request, call: Any, timeout_s: float) -> 
 
 
 def _topic(request: web.Request) -> str:
-    return s.name(request.match_info["topic"], "topic", 256)
+    return s.name(request.match_info["topic"], "topic", MAX_TOPIC_LEN)
 
 
 def _selector(request: web.Request) -> dict[str, str]:
     """Which consumer a route names: a subscription, or an agent's inbox."""
     if "sub" in request.match_info:
-        return {"sub": s.name(request.match_info["sub"], "id", 128)}
-    return {"agent": s.name(request.match_info["agent"], "id", 128)}
+        return {"sub": s.name(request.match_info["sub"], "id", MAX_ID_LEN)}
+    return {"agent": s.name(request.match_info["agent"], "id", MAX_ID_LEN)}
 
 
 def _delivery_ids(body: dict[str, Any], required: bool = True) -> list[str] | None:
@@ -97,10 +116,12 @@ async def topics_configure(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"max_messages", "max_age_s", "request_id"})
     args: dict[str, Any] = {"topic": _topic(request)}
     if body.get("max_messages") is not None:
-        args["max_messages"] = s.integer(body["max_messages"], "max_messages", 0, 10_000_000)
+        args["max_messages"] = body["max_messages"]
     if body.get("max_age_s") is not None:
-        args["max_age_ms"] = int(s.number(body["max_age_s"], "max_age_s", 1, 365 * 86_400) * 1000)
-    return ok(await node_of(request).write("bus.topic.configure", args, s.origin(request, body)))
+        args["max_age_ms"] = int(s.number(body["max_age_s"], "max_age_s", MIN_RETAINED_AGE_MS // 1000,
+                                          MAX_RETAINED_AGE_MS // 1000) * 1000)
+    command = s.command(BusTopicConfigure, args)
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @bus_routes.get("/v1/topics/{topic}/messages")
@@ -108,7 +129,7 @@ async def topics_read(request: web.Request) -> web.Response:
     """Read retained messages directly, from an offset (no subscription, no acks)."""
     node = node_of(request)
     name = _topic(request)
-    from_offset = s.query_int(request, "from_offset", 1, 0, 2**63 - 1)
+    from_offset = s.query_int(request, "from_offset", 1, 0, MAX_OFFSET)
     limit = s.query_int(request, "limit", 100, 1, 10_000)
     page = (await node.view(s.consistency(request))).retained(name, from_offset, limit)
     if page is None:
@@ -151,7 +172,7 @@ async def topics_publish(request: web.Request) -> web.Response:
         raw, single = body["messages"], False
     else:
         raw, single = [body], True
-    messages = node.bus.normalize_all(_sourced(request, raw))
+    messages = node.bus.prepare(topic, _sourced(request, raw))
 
     async def publish() -> dict[str, Any]:
         result = await node.bus.publish(topic, messages, origin)
@@ -174,7 +195,7 @@ async def topics_request(request: web.Request) -> web.Response:
     if body["type"] != "request":
         raise InvalidInput("type: a request has type request", field="type")
     body.setdefault("replyTo", node.bus.reply_topic())
-    message = node.bus.normalize_all(_sourced(request, [body]))[0]
+    message = node.bus.prepare(topic, _sourced(request, [body]))[0]
     return await _here_or_leader(request, lambda: node.bus.request(topic, message, timeout_s),
                                  timeout_s + FORWARD_MARGIN_S)
 
@@ -186,15 +207,15 @@ async def bindings_bind(request: web.Request) -> web.Response:
     """Carry the topic's messages from now on through a broker transport."""
     node = node_of(request)
     body = await s.json_body(request, {"transport", "backlog_max", "request_id"})
-    transport = s.name(body.get("transport"), "transport", 64)
+    transport = s.name(body.get("transport"), "transport", MAX_TRANSPORT_NAME_LEN)
     configured = sorted(node.transports.transports)
     if transport not in configured:
         raise InvalidInput(f"transport: {transport!r} is not configured on this node (configured: "
                            f"{', '.join(configured) or 'none'})", field="transport")
     args: dict[str, Any] = {"topic": _topic(request), "transport": transport}
     if body.get("backlog_max") is not None:
-        args["backlog_max"] = s.integer(body["backlog_max"], "backlog_max", 1, 1_000_000)
-    return ok(await node.write("bus.bind", args, s.origin(request, body)))
+        args["backlog_max"] = body["backlog_max"]
+    return ok(await node.write_command(s.command(BusBind, args), s.origin(request, body)))
 
 
 @bus_routes.delete("/v1/topics/{topic}/binding")
@@ -202,10 +223,8 @@ async def bindings_unbind(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"drop_backlog", "request_id"}, required=False)
     args: dict[str, Any] = {"topic": _topic(request)}
     if body.get("drop_backlog") is not None:
-        if not isinstance(body["drop_backlog"], bool):
-            raise InvalidInput("drop_backlog: must be true or false", field="drop_backlog")
         args["drop_backlog"] = body["drop_backlog"]
-    return ok(await node_of(request).write("bus.unbind", args, s.origin(request, body)))
+    return ok(await node_of(request).write_command(s.command(BusUnbind, args), s.origin(request, body)))
 
 
 @bus_routes.get("/v1/bindings")
@@ -223,20 +242,20 @@ async def bindings_list(request: web.Request) -> web.Response:
 async def transports_configure(request: web.Request) -> web.Response:
     """A broker URL for the whole cluster (committed); a node's own config wins."""
     body = await s.json_body(request, {"url", "request_id"})
-    name = s.name(request.match_info["name"], "name", 64)
+    name = s.name(request.match_info["name"], "name", MAX_TRANSPORT_NAME_LEN)
     url = body.get("url")
-    if not isinstance(url, str) or "://" not in url or len(url) > 2048:
+    if url is None:  # a PUT sets a URL; DELETE removes it
         raise InvalidInput("url: must be a URL such as redis://127.0.0.1:6379/0", field="url")
-    return ok(await node_of(request).write("bus.transport.configure", {"name": name, "url": url},
-                                          s.origin(request, body)))
+    command = s.command(BusTransportConfigure, {"name": name, "url": url})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @bus_routes.delete("/v1/transports/{name}")
 async def transports_remove(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"request_id"}, required=False)
-    name = s.name(request.match_info["name"], "name", 64)
-    return ok(await node_of(request).write("bus.transport.configure", {"name": name, "url": None},
-                                          s.origin(request, body)))
+    name = s.name(request.match_info["name"], "name", MAX_TRANSPORT_NAME_LEN)
+    command = s.command(BusTransportConfigure, {"name": name, "url": None})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @bus_routes.get("/v1/transports")
@@ -263,26 +282,21 @@ async def subscriptions_create(request: web.Request) -> web.Response:
     node = node_of(request)
     body = await s.json_body(request, {"topic", "group", "filter", "guarantee", "ack_timeout_s", "max_attempts",
                                        "start", "start_offset", "start_time_ms", "agent", "key", "request_id"})
-    args: dict[str, Any] = {"topic": s.name(body.get("topic"), "topic", 256)}
-    if body.get("key") is not None:
-        args["key"] = body["key"]
-    if body.get("group") is not None:
-        args["group"] = s.name(body["group"], "group", 128)
-    if body.get("filter") is not None:
-        args["filter"] = body["filter"]
-    guarantee = body.get("guarantee", "at-least-once")
-    if guarantee not in GUARANTEES:
-        raise InvalidInput(f"guarantee: must be one of {', '.join(GUARANTEES)}", field="guarantee")
-    args["guarantee"] = guarantee
+    # The API's own checks: a topic named as a string first (its tokens are the
+    # parse's), the seconds of ack_timeout_s, and which of the start fields is given.
+    args: dict[str, Any] = {"topic": s.name(body.get("topic"), "topic", MAX_TOPIC_LEN)}
+    for name in ("key", "group", "filter"):
+        if body.get(name) is not None:
+            args[name] = body[name]
+    args["guarantee"] = body.get("guarantee", "at-least-once")
     if body.get("ack_timeout_s") is not None:
-        args["ack_timeout_ms"] = int(s.number(body["ack_timeout_s"], "ack_timeout_s", 0.1, 3600) * 1000)
-    if body.get("max_attempts") is not None:
-        args["max_attempts"] = s.integer(body["max_attempts"], "max_attempts", 1, 100)
-    if body.get("agent") is not None:
-        args["agent"] = s.name(body["agent"], "agent", 128)
+        args["ack_timeout_ms"] = int(s.number(body["ack_timeout_s"], "ack_timeout_s", MIN_ACK_TIMEOUT_MS / 1000,
+                                              MAX_DELAY_MS // 1000) * 1000)
+    for name in ("max_attempts", "agent"):
+        if body.get(name) is not None:
+            args[name] = body[name]
     args.update(_start(body))
-    node.bus.check_subscription(args)
-    result = await node.write("bus.subscribe", args, s.origin(request, body))
+    result = await node.write_command(s.command(BusSubscribe, args), s.origin(request, body))
     return ok(result, status=201)
 
 
@@ -291,9 +305,9 @@ def _start(body: dict[str, Any]) -> dict[str, Any]:
     if len(given) > 1:
         raise InvalidInput(f"{given[1]}: give only one of start, start_offset and start_time_ms", field=given[1])
     if body.get("start_offset") is not None:
-        return {"start": "offset", "start_value": s.integer(body["start_offset"], "start_offset", 0, 2**63 - 1)}
+        return {"start": "offset", "start_value": s.integer(body["start_offset"], "start_offset", 0, MAX_OFFSET)}
     if body.get("start_time_ms") is not None:
-        return {"start": "time", "start_value": s.integer(body["start_time_ms"], "start_time_ms", 0, 2**63 - 1)}
+        return {"start": "time", "start_value": s.integer(body["start_time_ms"], "start_time_ms", 0, MAX_OFFSET)}
     start = body.get("start", "new")
     if start not in ("new", "beginning"):
         kinds = ", ".join(k for k in START_KINDS if k in ("new", "beginning"))
@@ -328,15 +342,16 @@ async def subscriptions_get(request: web.Request) -> web.Response:
 @bus_routes.delete("/v1/subscriptions/{sub}")
 async def subscriptions_delete(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"request_id"}, required=False)
-    sub = _selector(request)["sub"]
-    return ok(await node_of(request).write("bus.unsubscribe", {"sub": sub}, s.origin(request, body)))
+    command = s.command(BusUnsubscribe, _selector(request))
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @bus_routes.delete("/v1/groups/{group}")
 async def groups_delete(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"request_id"}, required=False)
-    group = s.name(request.match_info["group"], "group", 128)
-    return ok(await node_of(request).write("bus.group.delete", {"group": group}, s.origin(request, body)))
+    group = s.name(request.match_info["group"], "group", MAX_ID_LEN)
+    command = s.command(BusGroupDelete, {"group": group})
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 # -- deliveries (a subscription's, or an agent's inbox) ------------------------------------------
@@ -441,8 +456,9 @@ async def nack(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"delivery_ids", "delay_s", "dead_letter", "request_id"})
     args: dict[str, Any] = {**_selector(request), "delivery_ids": _delivery_ids(body)}
     if body.get("delay_s") is not None:
-        args["delay_ms"] = int(s.number(body["delay_s"], "delay_s", 0, 3600) * 1000)
+        args["delay_ms"] = int(s.number(body["delay_s"], "delay_s", 0, MAX_DELAY_MS // 1000) * 1000)
     if body.get("dead_letter") is not None:
+        # BusNack.parse checks it too; a transport subscription's nack is not a command
         if not isinstance(body["dead_letter"], bool):
             raise InvalidInput("dead_letter: must be true or false", field="dead_letter")
         args["dead_letter"] = body["dead_letter"]
@@ -466,22 +482,22 @@ async def dlq_list(request: web.Request) -> web.Response:
     return ok({"dead_letters": letters, "count": count})
 
 
-async def _dlq_write(request: web.Request, op: str) -> web.Response:
+async def _dlq_write(request: web.Request, command_type: type[BusDlqRedrive]) -> web.Response:
     """Redrive or purge dead letters: the chosen ``delivery_ids``, or all."""
     body = await s.json_body(request, {"delivery_ids", "request_id"}, required=False)
     args: dict[str, Any] = dict(_selector(request))
     ids = _delivery_ids(body, required=False)
     if ids is not None:
         args["delivery_ids"] = ids
-    return ok(await node_of(request).write(op, args, s.origin(request, body)))
+    return ok(await node_of(request).write_command(s.command(command_type, args), s.origin(request, body)))
 
 
 async def dlq_redrive(request: web.Request) -> web.Response:
-    return await _dlq_write(request, "bus.dlq.redrive")
+    return await _dlq_write(request, BusDlqRedrive)
 
 
 async def dlq_purge(request: web.Request) -> web.Response:
-    return await _dlq_write(request, "bus.dlq.purge")
+    return await _dlq_write(request, BusDlqPurge)
 
 
 for _prefix in ("/v1/subscriptions/{sub}", "/v1/agents/{agent}"):

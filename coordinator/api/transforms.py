@@ -11,12 +11,13 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.routes import node_of, ok
 from coordinator.api.visibility import visibility
+from coordinator.commands.base import Rejected
 from coordinator.commands.messages import normalize
-from coordinator.commands.topics import check_pattern, check_topic
+from coordinator.commands.topics import check_topic
+from coordinator.commands.transforms import RuleError, TransformDelete, TransformPut, check_name, parse
 from coordinator.errors import InvalidInput, NotFound
 from coordinator.services.proposals import state_error
-from coordinator.state.base import Rejected
-from coordinator.state.transforms import Failed, RuleError, check_name, parse, run
+from coordinator.services.transforms import try_rule_on
 
 transform_routes = web.RouteTableDef()
 
@@ -37,10 +38,8 @@ def _checked(attempt: Any) -> Any:
 async def put_transform(request: web.Request) -> web.Response:
     name = _checked(lambda: check_name(request.match_info["name"]))
     body = await s.json_body(request, {"topic", "rule", "request_id"})
-    _checked(lambda: check_pattern(body.get("topic"), "topic"))
-    _checked(lambda: parse(body.get("rule")))
-    args = {"name": name, "topic": body["topic"], "rule": body["rule"]}
-    return ok(await node_of(request).write("transform.put", args, s.origin(request, body)))
+    command = _checked(lambda: TransformPut.parse({"name": name, "topic": body.get("topic"), "rule": body.get("rule")}))
+    return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @transform_routes.get("/v1/transforms")
@@ -69,7 +68,7 @@ async def get_transform(request: web.Request) -> web.Response:
 async def delete_transform(request: web.Request) -> web.Response:
     name = _checked(lambda: check_name(request.match_info["name"]))
     body = await s.json_body(request, {"request_id"}, required=False)
-    return ok(await node_of(request).write("transform.delete", {"name": name}, s.origin(request, body)))
+    return ok(await node_of(request).write_command(TransformDelete(name), s.origin(request, body)))
 
 
 @transform_routes.post("/v1/transforms/try")
@@ -81,8 +80,4 @@ async def try_rule(request: web.Request) -> web.Response:
     raw = s.obj(body.get("message", {}), "message")
     now_ms = node_of(request).clock.now_ms()
     message = _checked(lambda: normalize({"id": "try", "type": "event", "source": "try", **raw}, now_ms))
-    try:
-        route = run(program, message)
-    except Failed as failed:
-        return ok({"applied": False, "failure": f"line {failed.line}: {failed.why}"})
-    return ok({"applied": True, "topic": route or topic, "message": message})
+    return ok(try_rule_on(program, topic, message))

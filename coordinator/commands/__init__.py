@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from coordinator.commands import bus
 from coordinator.commands.access import AccessUnpin, RoleDelete, RoleGrant, RolePut, SecurityConfigure
 from coordinator.commands.agents import AgentDeregister, AgentExpire, AgentHealth, AgentRegister, AgentUpdate
 from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
@@ -22,6 +23,7 @@ from coordinator.commands.locks import LockAcquire, LockExpire, LockRelease
 from coordinator.commands.projections import ProjectionDelete, ProjectionPut, ProjectionRebuild
 from coordinator.commands.sagas import SagaCancel, SagaOutcome, SagaResumed, SagaRetry, SagaStart
 from coordinator.commands.streams import ProcessorDelete, ProcessorPut, StreamsTick
+from coordinator.commands.transforms import TransformDelete, TransformPut
 
 _TYPES: tuple[type[DomainCommand], ...] = (
     KvPut, KvCas, KvDelete,
@@ -34,6 +36,7 @@ _TYPES: tuple[type[DomainCommand], ...] = (
     EsAppend, EsSnapshot, EsDelete,
     ProjectionPut, ProjectionRebuild, ProjectionDelete,
     ProcessorPut, ProcessorDelete, StreamsTick,
+    *bus.COMMAND_TYPES, TransformPut, TransformDelete,
 )
 
 COMMANDS: Mapping[str, type[DomainCommand]] = MappingProxyType({t.op: t for t in _TYPES})

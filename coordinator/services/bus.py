@@ -22,29 +22,32 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from typing import Any, TypeVar
 
-from coordinator.commands import filters
-from coordinator.commands.messages import in_batch, normalize
-from coordinator.commands.topics import check_pattern, check_topic, is_pattern
+from coordinator.commands.base import DomainCommand, Rejected, invalid
+from coordinator.commands.bus import (
+    MAX_FETCH,
+    REPLY_PREFIX,
+    BusAck,
+    BusDeliver,
+    BusNack,
+    BusPublish,
+    BusTransportAck,
+    check_destinations,
+    check_publication,
+    check_publishable,
+    effective_guarantee,
+)
+from coordinator.commands.messages import in_batch
 from coordinator.errors import CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
 from coordinator.ports import BusTransport, Clock, Rng
 from coordinator.services.applier import Applier
 from coordinator.services.duties import LeaderDuties
 from coordinator.services.proposals import Proposer, raise_for, state_error
-from coordinator.state.base import Rejected
-from coordinator.state.bus import (
-    MAX_BATCH,
-    MAX_FETCH,
-    REPLY_PREFIX,
-    check_key_path,
-    check_publishable,
-    check_publishable_topic,
-    effective_guarantee,
-)
 from coordinator.types import Command, RequestKey, Result
 
 log = logging.getLogger(__name__)
+C = TypeVar("C", bound=DomainCommand)
 
 VOLATILE_QUEUE_MAX = 10_000
 TRANSPORT_KEYS_MAX = 100_000
@@ -175,53 +178,53 @@ class BusService:
 
     # -- publishing -----------------------------------------------------------------------
 
-    def normalize_all(self, raw: list[Any]) -> list[dict[str, Any]]:
-        if not 1 <= len(raw) <= MAX_BATCH:
-            raise InvalidInput(f"messages: must be a list of 1 to {MAX_BATCH} messages", field="messages")
-        now = self.clock.now_ms()
-        out = []
-        for i, item in enumerate(raw):
-            if isinstance(item, dict):
-                item = {"type": "event", "source": "anonymous", **item}
-                if "id" not in item:
-                    options = item.get("deliveryOptions")
-                    if isinstance(options, dict) and options.get("guarantee") == "exactly-once":
-                        raise state_error("invalid", in_batch(i, len(raw), "id: exactly-once messages need an id "
-                                                              "of the publisher's choosing (it is the dedupe key)"))
-                    item["id"] = f"msg-{self.rng.token_hex(8)}"
-            try:
-                out.append(normalize(item, now))
-            except Rejected as exc:
-                raise state_error(exc.code, in_batch(i, len(raw), exc.message)) from None
-        return out
+    def prepare(self, topic: str, raw: list[Any]) -> list[dict[str, Any]]:
+        """A publish request's messages, checked once before ``publish``
+        (``commands.bus.check_publication``): defaults filled in (type event,
+        source anonymous, an id of this node's choosing, the timestamp of
+        this node's clock), normalised, valid on ``topic``."""
+
+        def with_defaults(i: int, item: Any) -> Any:
+            if not isinstance(item, dict):
+                return item
+            item = {"type": "event", "source": "anonymous", **item}
+            if "id" not in item:
+                options = item.get("deliveryOptions")
+                if isinstance(options, dict) and options.get("guarantee") == "exactly-once":
+                    raise invalid("id", "exactly-once messages need an id of the publisher's choosing "
+                                        "(it is the dedupe key)")
+                item["id"] = f"msg-{self.rng.token_hex(8)}"
+            return item
+
+        try:
+            return check_publication(topic, raw, self.clock.now_ms(), with_defaults)
+        except Rejected as exc:
+            raise state_error(exc.code, exc.message) from None
 
     def needs_leader(self, messages: list[dict[str, Any]]) -> bool:
         return any(not m["deliveryOptions"]["persistent"] for m in messages)
 
     async def publish(self, topic: str, messages: list[dict[str, Any]], request: RequestKey | None = None
                       ) -> dict[str, Any]:
-        """Publish normalised messages. Persistent ones are one command; the
-        others are routed by this node, which must be the leader (else
-        ``NotLeader``: the HTTP layer forwards)."""
+        """Publish messages that ``prepare`` checked. Persistent ones are one
+        ``BusPublish``; the others are routed by this node, which must be the
+        leader (else ``NotLeader``: the HTTP layer forwards). Refused before
+        either when a destination is not a registered agent."""
         agents = self.applier.machine.registry.agents
-        try:
-            check_topic(topic)
-            check_publishable_topic(topic)
-            for i, message in enumerate(messages):
+        for i, message in enumerate(messages):
+            if message["destination"]:
                 try:
-                    check_publishable(topic, message, agents.__contains__)
+                    check_destinations(message, agents.__contains__)
                 except Rejected as exc:
-                    raise Rejected(exc.code, in_batch(i, len(messages), exc.message)) from None
-        except Rejected as exc:
-            raise state_error(exc.code, exc.message) from None
+                    raise state_error(exc.code, in_batch(i, len(messages), exc.message)) from None
         volatile = [m for m in messages if not m["deliveryOptions"]["persistent"]]
         persistent = [m for m in messages if m["deliveryOptions"]["persistent"]]
         if volatile and not self.active:
             raise NotLeader("at-most-once messages are routed by the leader")
         answers: dict[int, dict[str, Any]] = {}
         if persistent:
-            result = raise_for(await self.proposer.propose("bus.publish", {"topic": topic, "messages": persistent},
-                                                           request))
+            command = BusPublish(topic, persistent)
+            result = raise_for(await self.proposer.propose(command.op, command.to_args(), request))
             for message, answer in zip(persistent, result["messages"], strict=True):
                 answers[id(message)] = answer
         for message in volatile:
@@ -265,22 +268,6 @@ class BusService:
                     future.set_result(None)
         return len(keys)
 
-    # -- subscriptions ------------------------------------------------------------------------
-
-    def check_subscription(self, args: dict[str, Any]) -> None:
-        """Refuse a bad pattern or filter before it costs a log entry."""
-        try:
-            check_pattern(args.get("topic"))
-            if args.get("filter") is not None:
-                filters.parse(args["filter"])
-            if args.get("key") is not None:
-                check_key_path(args["key"])
-        except Rejected as exc:
-            raise state_error(exc.code, exc.message) from None
-        if args.get("start") == "offset" and is_pattern(args["topic"]):
-            raise InvalidInput("start_offset: an offset names a position in one topic; use a topic without "
-                               "wildcards", field="start_offset")
-
     # -- fetching -------------------------------------------------------------------------------
 
     def consumer_key(self, selector: dict[str, str]) -> str:
@@ -312,8 +299,7 @@ class BusService:
                 return await self._fetch_transport(consumer, selector.get("sub", ""), max_n, deadline)
             deliveries = self.volatile.take(key, max_n, self.clock.now_ms())
             if consumer is not None and consumer.ready_count > 0 and len(deliveries) < max_n:
-                result = raise_for(await self.proposer.propose("bus.deliver", {**selector,
-                                                                               "max": max_n - len(deliveries)}))
+                result = await self._propose(_parsed(BusDeliver, {**selector, "max": max_n - len(deliveries)}))
                 deliveries.extend(result["deliveries"])
             remaining = deadline - loop.time()
             if deliveries or remaining <= 0 or self.closing:
@@ -384,8 +370,7 @@ class BusService:
         committed first, then acked at the broker."""
         consumer = self.applier.machine.bus.consumers.get(self.consumer_key(selector))
         if consumer is None or consumer.transport is None:
-            return raise_for(await self.proposer.propose("bus.ack", {**selector, "delivery_ids": delivery_ids},
-                                                         request))
+            return await self._propose(_parsed(BusAck, {**selector, "delivery_ids": delivery_ids}), request)
         if not self.active:
             raise NotLeader("acks of a transport subscription are served by the leader")
         known = [d for d in delivery_ids if isinstance(d, str) and self._transport_keys.get(d, ("",))[0]
@@ -393,7 +378,7 @@ class BusService:
         unknown = [d for d in delivery_ids if d not in known]
         if known:
             keys = [self._transport_keys[d][1] for d in known]
-            raise_for(await self.proposer.propose("bus.transport.ack", {**selector, "keys": keys}, request))
+            await self._propose(_parsed(BusTransportAck, {**selector, "keys": keys}), request)
             await self._transport_of(consumer).ack(consumer.pattern, consumer.name, known)
             for d in known:
                 self._transport_keys.pop(d, None)
@@ -403,7 +388,7 @@ class BusService:
                    ) -> dict[str, Any]:
         consumer = self.applier.machine.bus.consumers.get(self.consumer_key(selector))
         if consumer is None or consumer.transport is None:
-            return raise_for(await self.proposer.propose("bus.nack", {**selector, **args}, request))
+            return await self._propose(_parsed(BusNack, {**selector, **args}), request)
         if not self.active:
             raise NotLeader("nacks of a transport subscription are served by the leader")
         ids = args.get("delivery_ids") or []
@@ -413,6 +398,9 @@ class BusService:
             for d in known:
                 self._transport_keys.pop(d, None)
         return {"nacked": known, "unknown": [d for d in ids if d not in known]}
+
+    async def _propose(self, command: DomainCommand, request: RequestKey | None = None) -> Any:
+        return raise_for(await self.proposer.propose(command.op, command.to_args(), request))
 
     # -- request / reply --------------------------------------------------------------------------
 
@@ -454,6 +442,14 @@ class BusService:
                 "volatile_routed": self.volatile.routed, "volatile_dropped": self.volatile.dropped,
                 "volatile_expired": self.volatile.expired,
                 **bus.counters}
+
+
+def _parsed(command_type: type[C], args: dict[str, Any]) -> C:
+    """``command_type.parse(args)``; its refusal is the caller's error (400 naming the field)."""
+    try:
+        return command_type.parse(args)
+    except Rejected as exc:
+        raise state_error(exc.code, exc.message) from None
 
 
 def _render(delivery: dict[str, Any]) -> dict[str, Any]:

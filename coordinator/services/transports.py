@@ -23,6 +23,7 @@ import contextlib
 import logging
 from typing import Any
 
+from coordinator.commands.bus import BusCursor
 from coordinator.errors import CoordinatorError
 from coordinator.ports import BusTransport, Clock
 from coordinator.services.applier import Applier
@@ -176,8 +177,8 @@ class TransportDriver:
                 self._bound[(topic, created)] = binding.transport
             if bodies:
                 await transport.publish([TransportEntry(topic, b.offset, b.index, b.message) for b in bodies])
-            raise_for(await self.proposer.propose("bus.cursor", {"topic": topic, "offset": last,
-                                                                 "created_index": created}))
+            cursor = BusCursor(topic, last, created)
+            raise_for(await self.proposer.propose(cursor.op, cursor.to_args()))
         except CoordinatorError as exc:
             # Bind again before the next try: a broker that restarted without
             # persistence lost the topic's resources (and what it held: its durability).

@@ -33,6 +33,24 @@ from coordinator.commands.agents import (
 )
 from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
 from coordinator.commands.base import DomainCommand
+from coordinator.commands.bus import (
+    BusAck,
+    BusBind,
+    BusCursor,
+    BusDeliver,
+    BusDlqPurge,
+    BusDlqRedrive,
+    BusGroupDelete,
+    BusNack,
+    BusPublish,
+    BusSubscribe,
+    BusTick,
+    BusTopicConfigure,
+    BusTransportAck,
+    BusTransportConfigure,
+    BusUnbind,
+    BusUnsubscribe,
+)
 from coordinator.commands.cluster import Barrier, MemberRegister, MemberRemove, Noop, SystemReport
 from coordinator.commands.eventstore import EsAppend, EsDelete, EsSnapshot, category_of
 from coordinator.commands.kv import Fence, KvCas, KvDelete, KvPut
@@ -52,11 +70,9 @@ from coordinator.state.base import (
     invalid,
     json_equal,
     over_quota,
-    require_int,
-    require_str,
     too_large,
 )
-from coordinator.state.bus import MAX_FETCH, RESERVED_PREFIXES, Bus, BusLimits, check_publishable
+from coordinator.state.bus import RESERVED_PREFIXES, Bus, BusLimits, check_publishable
 from coordinator.state.events import EventLog
 from coordinator.state.eventstore import EventStore, EventStoreLimits, StoredEvent
 from coordinator.state.kv import KvStore, entry_size
@@ -65,7 +81,7 @@ from coordinator.state.projections import Folded, ProjectionLimits, Projections
 from coordinator.state.registry import Agent, Member, Members, Registry, agent_size
 from coordinator.state.sagas import SagaLimits, Sagas
 from coordinator.state.streams import Emission, StreamLimits, Streams
-from coordinator.state.transforms import Outcome, Transforms
+from coordinator.state.transforms import Outcome, TransformDelete, TransformPut, Transforms
 from coordinator.types import COMMAND_VERSION, Command, Event, Result, build_result
 
 SNAPSHOT_VERSION = 1
@@ -601,15 +617,17 @@ def _agent_exists(sm: StateMachine) -> Callable[[str], bool]:
 
 
 @_op("bus.publish")
-def _bus_publish(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    agent_exists = _agent_exists(sm)
-    topic, messages, size = sm.bus.check_publish(ctx, args, agent_exists)
-    sm.check_principal_bytes(ctx.principal, size)
+def _bus_publish(sm: StateMachine, ctx: ApplyContext, command: BusPublish) -> Any:
+    agent_exists = sm.registry.agents.__contains__  # the registry does not change during a publish
+    topic = command.topic
+    messages = command.stamped(ctx.now_ms) if command.unstamped else command.messages
+    sizes = sm.bus.check_publish(topic, messages, agent_exists)
+    sm.check_principal_bytes(ctx.principal, sum(sizes))
     outcomes: list[Outcome] | None = None
     if sm.transforms.items:
         outcomes = [_routable(sm.transforms.apply(topic, m), topic, m, agent_exists) for m in messages]
         sm.bus.check_routes(topic, [o.topic for o in outcomes])
-    result = sm.bus.publish(ctx, topic, messages, outcomes)
+    result = sm.bus.publish(ctx, topic, messages, outcomes, sizes)
     to_projections = sm.projections.has_topic_sources()
     for i, out in enumerate(result["messages"]):
         if out.get("duplicate"):
@@ -643,87 +661,86 @@ def _routable(outcome: Outcome, topic: str, message: dict[str, Any], agent_exist
 
 
 @_op("transform.put")
-def _transform_put(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.transforms.put(ctx.index, args)
+def _transform_put(sm: StateMachine, ctx: ApplyContext, command: TransformPut) -> Any:
+    return sm.transforms.put(ctx.index, command)
 
 
 @_op("transform.delete")
-def _transform_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.transforms.delete(args)
+def _transform_delete(sm: StateMachine, ctx: ApplyContext, command: TransformDelete) -> Any:
+    return sm.transforms.delete(command)
 
 
 @_op("bus.topic.configure")
-def _bus_topic_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.configure_topic(ctx, args)
+def _bus_topic_configure(sm: StateMachine, ctx: ApplyContext, command: BusTopicConfigure) -> Any:
+    return sm.bus.configure_topic(ctx, command)
 
 
 @_op("bus.subscribe")
-def _bus_subscribe(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.subscribe(ctx, args, _agent_exists(sm))
+def _bus_subscribe(sm: StateMachine, ctx: ApplyContext, command: BusSubscribe) -> Any:
+    return sm.bus.subscribe(ctx, command, _agent_exists(sm))
 
 
 @_op("bus.unsubscribe")
-def _bus_unsubscribe(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.unsubscribe(ctx, require_str(args, "sub"))
+def _bus_unsubscribe(sm: StateMachine, ctx: ApplyContext, command: BusUnsubscribe) -> Any:
+    return sm.bus.unsubscribe(ctx, command.sub)
 
 
 @_op("bus.group.delete")
-def _bus_group_delete(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.delete_group(ctx, require_str(args, "group"))
+def _bus_group_delete(sm: StateMachine, ctx: ApplyContext, command: BusGroupDelete) -> Any:
+    return sm.bus.delete_group(ctx, command.group)
 
 
 @_op("bus.deliver")
-def _bus_deliver(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+def _bus_deliver(sm: StateMachine, ctx: ApplyContext, command: BusDeliver) -> Any:
     """Proposed by the leader only (it serves fetches), so its time stamps due times."""
-    consumer = sm.bus.consumer_of(args)
-    max_n = require_int(args, "max", 1, MAX_FETCH)
-    return sm.bus.deliver(ctx, consumer, args.get("sub"), max_n)
+    consumer = sm.bus.consumer_of(command.sub, command.agent)
+    return sm.bus.deliver(ctx, consumer, command.sub, command.max)
 
 
 @_op("bus.ack")
-def _bus_ack(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.ack(ctx, sm.bus.consumer_of(args), args.get("delivery_ids"))
+def _bus_ack(sm: StateMachine, ctx: ApplyContext, command: BusAck) -> Any:
+    return sm.bus.ack(ctx, sm.bus.consumer_of(command.sub, command.agent), command.delivery_ids)
 
 
 @_op("bus.nack")
-def _bus_nack(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.nack(ctx, sm.bus.consumer_of(args), args)
+def _bus_nack(sm: StateMachine, ctx: ApplyContext, command: BusNack) -> Any:
+    return sm.bus.nack(ctx, sm.bus.consumer_of(command.sub, command.agent), command)
 
 
 @_op("bus.dlq.redrive")
-def _bus_redrive(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.redrive(ctx, sm.bus.consumer_of(args), args.get("delivery_ids"))
+def _bus_redrive(sm: StateMachine, ctx: ApplyContext, command: BusDlqRedrive) -> Any:
+    return sm.bus.redrive(ctx, sm.bus.consumer_of(command.sub, command.agent), command.delivery_ids)
 
 
 @_op("bus.dlq.purge")
-def _bus_purge(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.purge(ctx, sm.bus.consumer_of(args), args.get("delivery_ids"))
+def _bus_purge(sm: StateMachine, ctx: ApplyContext, command: BusDlqPurge) -> Any:
+    return sm.bus.purge(ctx, sm.bus.consumer_of(command.sub, command.agent), command.delivery_ids)
 
 
 @_op("bus.bind")
-def _bus_bind(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.bind(ctx, args)
+def _bus_bind(sm: StateMachine, ctx: ApplyContext, command: BusBind) -> Any:
+    return sm.bus.bind(ctx, command)
 
 
 @_op("bus.unbind")
-def _bus_unbind(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.unbind(ctx, args)
+def _bus_unbind(sm: StateMachine, ctx: ApplyContext, command: BusUnbind) -> Any:
+    return sm.bus.unbind(ctx, command)
 
 
 @_op("bus.cursor")
-def _bus_cursor(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+def _bus_cursor(sm: StateMachine, ctx: ApplyContext, command: BusCursor) -> Any:
     """Proposed by the leader once the broker confirmed the messages up to ``offset``."""
-    return sm.bus.advance_cursor(ctx, args)
+    return sm.bus.advance_cursor(ctx, command)
 
 
 @_op("bus.transport.ack")
-def _bus_transport_ack(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.transport_acked(ctx, sm.bus.consumer_of(args), args.get("keys"))
+def _bus_transport_ack(sm: StateMachine, ctx: ApplyContext, command: BusTransportAck) -> Any:
+    return sm.bus.transport_acked(ctx, sm.bus.consumer_of(command.sub, command.agent), command.keys)
 
 
 @_op("bus.transport.configure")
-def _bus_transport_configure(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
-    return sm.bus.configure_transport(ctx, args)
+def _bus_transport_configure(sm: StateMachine, ctx: ApplyContext, command: BusTransportConfigure) -> Any:
+    return sm.bus.configure_transport(ctx, command)
 
 
 # -- access control --------------------------------------------------------------------------
@@ -876,7 +893,7 @@ def _streams_tick(sm: StateMachine, ctx: ApplyContext, cmd: StreamsTick) -> Any:
 
 
 @_op("bus.tick")
-def _bus_tick(sm: StateMachine, ctx: ApplyContext, args: dict[str, Any]) -> Any:
+def _bus_tick(sm: StateMachine, ctx: ApplyContext, command: BusTick) -> Any:
     """Proposed by the leader when a bus timer is due by its clock."""
     return sm.bus.tick(ctx)
 

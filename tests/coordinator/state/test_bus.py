@@ -16,6 +16,7 @@ import pytest
 from coordinator.codec import decode_snapshot, encode_snapshot
 from coordinator.state import Limits, StateMachine
 from coordinator.state.bus import MAX_BATCH, BusLimits, Consumer
+from coordinator.state.bus_timers import RedeliverTimer
 from coordinator.types import Command, Result
 
 T0 = 1_700_000_000_000
@@ -111,7 +112,7 @@ class Driver:
         return self.ok("bus.tick")
 
     def consumer(self, sub: str) -> Consumer:
-        return self.sm.bus.consumer_of({"sub": sub})
+        return self.sm.bus.consumer_of(sub)
 
     def dead(self, sub: str) -> list[tuple[str, str]]:
         """(message id, reason) of the consumer's dead letters, oldest first."""
@@ -591,7 +592,7 @@ def test_an_at_most_once_subscription_never_redelivers(bus: Driver) -> None:
     bus.tick(T0 + 86_400_000)
     assert bus.deliver(sub) == [] and bus.dead(sub) == []
     assert bus.ack(sub, [delivery]) == {"acked": [], "unknown": [delivery["delivery_id"]]}
-    assert not any(timer[2] == "redeliver" for timer in bus.sm.bus.timers)
+    assert not any(isinstance(timer, RedeliverTimer) for timer in bus.sm.bus.timers)
 
 
 def test_a_persistent_at_most_once_message_is_delivered_once_to_an_at_least_once_subscription(bus: Driver) -> None:
@@ -795,7 +796,7 @@ def test_a_direct_message_goes_to_the_agents_inbox_only(bus: Driver) -> None:
     assert stored["routed"] == 2
     assert bus.take(topic_sub) == []
     for agent in ("a1", "a2"):
-        inbox = bus.sm.bus.consumer_of({"agent": agent})
+        inbox = bus.sm.bus.consumer_of(None, agent)
         assert inbox.kind == "inbox"
         deliveries = bus.ok("bus.deliver", agent=agent, max=5)["deliveries"]
         assert [d["message"]["id"] for d in deliveries] == ["direct"]
