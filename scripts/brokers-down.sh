@@ -4,7 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$ROOT/.brokers"
-for name in redis nats rabbitmq; do
+for name in redis nats rabbitmq kafka; do
     pid_file="$STATE/$name.pid"
     [ -f "$pid_file" ] || continue
     pid="$(cat "$pid_file")"
