@@ -66,7 +66,7 @@ KAFKA="$STATE/kafka"
 kafka_jars() {  # Maven Central, the ordinary way; skipped once the jars are there
     [ -f "$KAFKA/libs/.complete" ] && return 0
     command -v mvn >/dev/null 2>&1 || ensure_package mvn maven
-    command -v java >/dev/null 2>&1 || ensure_package java openjdk-17-jre-headless
+    command -v java >/dev/null 2>&1 || ensure_package java default-jre-headless
     echo "brokers-up: fetching Apache Kafka's jars from Maven Central" >&2
     rm -rf "$KAFKA/libs"
     mvn -q -B -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \

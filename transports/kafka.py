@@ -44,7 +44,15 @@ from urllib.parse import unquote, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, ProducerFenced, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    CoordinatorLoadInProgressError,
+    CoordinatorNotAvailableError,
+    KafkaError,
+    NotCoordinatorError,
+    ProducerFenced,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
 from aiokafka.structs import OffsetAndMetadata
 
 from coordinator.errors import InvalidInput, InvariantError, Unavailable
@@ -57,6 +65,9 @@ RECORD_VERSION = 1
 PUBLISHER_GROUP = "_publisher"
 POLL_SLICE_S = 0.25  # a waiting fetch re-checks timed-out and nacked deliveries this often
 NAME_MAX = 200  # Kafka topic names stop at 249 characters
+RETIRE_S = 60.0  # a dropped producer's stop may wait this long for its broker
+RETIRING_MAX = 8  # dropped producers still stopping: past that, no new one
+COORDINATOR_TRIES = 50  # group lookups while a fresh broker creates its offsets topic (0.1 s apart)
 FETCH_BYTES_MAX = 1 << 20  # per fetch request and partition: bounds what a group's consumer buffers
 _NAME_KEEP = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 
@@ -105,6 +116,25 @@ def client_settings(url: str) -> dict[str, Any]:
         from aiokafka.helpers import create_ssl_context
         settings["ssl_context"] = create_ssl_context()
     return settings
+
+
+def _read_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _read_batch_errors(producer: AIOKafkaProducer) -> None:
+    """aiokafka fails a batch it could not send (a fenced producer's, for one)
+    by setting its drain waiter to the error, which nobody reads: asyncio
+    then logs "Future exception was never retrieved" with a traceback when it
+    is collected, at every leader change. Read it when it is set. (Private
+    attributes: without them nothing happens but that log line.)"""
+    accumulator = getattr(producer, "_message_accumulator", None)
+    batches = [b for queue in getattr(accumulator, "_batches", {}).values() for b in queue]
+    for batch in batches + list(getattr(accumulator, "_pending_batches", ())):
+        waiter = getattr(batch, "_drain_waiter", None)
+        if isinstance(waiter, asyncio.Future):
+            waiter.add_done_callback(_read_exception)
 
 
 @dataclass
@@ -213,6 +243,7 @@ class KafkaTransport:
         self._publish_lock = asyncio.Lock()
         self._last: dict[str, int] = {}  # kafka topic -> last topic offset published, while our producer is current
         self._fenced_until = 0.0
+        self._retiring: set[asyncio.Task[None]] = set()  # dropped producers being stopped
         self._groups: dict[tuple[str, str], _Group] = {}  # (topic, group), least recently used first
         self._problem = f"kafka at {self._where}: not started"
 
@@ -286,21 +317,24 @@ class KafkaTransport:
                 async with asyncio.timeout(self.timeout_s):
                     await step
             except Exception as exc:  # closing is best effort: the sockets go either way
-                log.debug("kafka at %s: closing: %s", self._where, self._describe(exc))
+                log.debug("kafka at %s: closing (%s): %s", self._where, getattr(step, "__qualname__", step),
+                          self._describe(exc))
 
     async def close(self) -> None:
         """Close every client (idempotent). Held deliveries are not committed:
         a later consumer of their groups gets them again."""
         groups, self._groups = list(self._groups.values()), {}
-        producer, self._producer = self._producer, None
         admin, reader, self._admin, self._reader = self._admin, self._reader, None, None
-        self._last.clear()
+        await self._drop_producer()
         steps = [g.consumer.stop() for g in groups]
-        if producer is not None:
-            steps.append(producer.stop())
         if admin is not None and reader is not None:
             steps += [admin.close(), reader.stop()]
         await self._stop_quietly(*steps)
+        retiring = list(self._retiring)
+        if retiring:
+            _, late = await asyncio.wait(retiring, timeout=self.timeout_s)
+            for task in late:
+                task.cancel()
         self._problem = f"kafka at {self._where}: closed"
 
     async def health(self) -> TransportHealth:
@@ -381,6 +415,7 @@ class KafkaTransport:
                 tp = TopicPartition(name, 0)
                 await producer.begin_transaction()
                 sent = [await producer.send(name, self._value(e), key=e.key.encode(), partition=0) for e in todo]
+                _read_batch_errors(producer)
                 placed = await asyncio.gather(*sent)
                 await producer.send_offsets_to_transaction(
                     {tp: OffsetAndMetadata(placed[-1].offset + 1, str(todo[-1].offset))},
@@ -411,6 +446,9 @@ class KafkaTransport:
         the namespace) when there is none."""
         if self._producer is not None:
             return self._producer
+        if len(self._retiring) >= RETIRING_MAX:
+            raise Unavailable(f"kafka at {self._where}: {len(self._retiring)} earlier producers are still "
+                              "closing", retry_after_s=1.0)
         if asyncio.get_running_loop().time() < self._fenced_until:
             raise Unavailable(f"kafka at {self._where}: fenced by another publisher of {self.namespace!r}",
                               retry_after_s=1.0)
@@ -429,17 +467,34 @@ class KafkaTransport:
         return producer
 
     async def _drop_producer(self) -> None:
+        """Forget the producer (after a failure, or fenced): the next publish
+        makes a new one, which fences it for good. It is stopped in the
+        background: its stop waits for what it still has in flight, and cut
+        short (a broker away) it would leave aiokafka's tasks and connections
+        behind."""
         producer, self._producer = self._producer, None
         self._last.clear()
         if producer is None:
             return
-        await self._stop_quietly(producer.stop())
-        # A fenced producer leaves its fatal error on a future nobody awaits (aiokafka's
-        # transaction manager), which asyncio would log with a traceback at every
-        # leader change: take it.
-        waiter = getattr(getattr(producer, "_txn_manager", None), "_transaction_waiter", None)
-        if isinstance(waiter, asyncio.Future) and waiter.done() and not waiter.cancelled():
-            waiter.exception()
+        task = asyncio.get_running_loop().create_task(self._retire(producer))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, producer: AIOKafkaProducer) -> None:
+        try:
+            async with asyncio.timeout(RETIRE_S):
+                await producer.stop()
+        except Exception as exc:  # best effort: it is fenced or failed already
+            log.debug("kafka at %s: stopping an old producer: %s", self._where, self._describe(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.timeout_s):
+                    await producer.client.close()  # after a stop cut short: its sockets at least
+            # A fenced or failed producer leaves its error on a future nobody awaits (aiokafka's
+            # transaction manager); asyncio would log it with a traceback. (Private attribute.)
+            waiter = getattr(getattr(producer, "_txn_manager", None), "_transaction_waiter", None)
+            if isinstance(waiter, asyncio.Future) and waiter.done() and not waiter.cancelled():
+                waiter.exception()
 
     async def _last_published(self, name: str) -> int:
         """The last topic offset Kafka holds for the Kafka topic ``name``:
@@ -458,8 +513,7 @@ class KafkaTransport:
         """(Kafka offset, topic offset) a group committed for ``tp``; (-1, 0)
         when it has none, or when it is beyond the topic's end. Raises
         ``Unavailable`` when the topic does not exist."""
-        offsets = await admin.list_consumer_group_offsets(group_id, partitions=[tp])
-        found = offsets.get(tp)
+        found = (await self._group_offsets(admin, group_id, tp)).get(tp)
         if found is None or found.offset < 0:
             await self._end_offset(reader, tp)  # the topic must exist
             return -1, 0
@@ -469,6 +523,21 @@ class KafkaTransport:
             return found.offset, int(found.metadata or 0)
         except ValueError:
             return found.offset, 0
+
+    async def _group_offsets(self, admin: AIOKafkaAdminClient, group_id: str,
+                             tp: TopicPartition) -> dict[TopicPartition, OffsetAndMetadata]:
+        """The group's committed offsets. A fresh broker creates its offsets
+        topic at the first group lookup and answers "coordinator not available"
+        meanwhile: asked again, up to ``COORDINATOR_TRIES`` times (the caller's
+        timeout bounds the whole)."""
+        for attempt in range(COORDINATOR_TRIES):
+            try:
+                return await admin.list_consumer_group_offsets(group_id, partitions=[tp])
+            except (CoordinatorNotAvailableError, NotCoordinatorError, CoordinatorLoadInProgressError):
+                if attempt == COORDINATOR_TRIES - 1:
+                    raise
+                await asyncio.sleep(0.1)
+        raise InvariantError("unreachable")
 
     async def _end_offset(self, reader: AIOKafkaConsumer, tp: TopicPartition) -> int:
         admin, _ = self._started()
@@ -508,7 +577,7 @@ class KafkaTransport:
         admin, reader = self._started()
         tp = TopicPartition(name, 0)
         committed, acked_through = await self._committed(admin, reader, group_id, tp)
-        if committed < 0 and (await admin.list_consumer_group_offsets(group_id, partitions=[tp])).get(tp) is None:
+        if committed < 0 and (await self._group_offsets(admin, group_id, tp)).get(tp) is None:
             raise Unavailable(f"kafka at {self._where}: group {group!r} of {topic!r} does not exist",
                               retry_after_s=1.0)
         if committed < 0:
@@ -603,16 +672,22 @@ class KafkaTransport:
 
     async def ack(self, topic: str, group: str, delivery_ids: list[str]) -> None:
         """Forget the records and commit the group's offset up to the lowest
-        record still held. Ids that are not current deliveries are ignored."""
+        record still held. Ids that are not current deliveries are ignored.
+        ``Unavailable`` when the commit fails: then nothing is forgotten."""
         state = self._groups.get((topic, group))
         if state is None:
             return
-        for delivery_id in delivery_ids:
-            found = state.pending.pop(delivery_id, None)
-            if found is not None:
-                state.held.pop(found[0], None)
-        async with self._guard(f"ack on {group!r} of {topic!r}"):
-            await self._commit(state)
+        taken = {d: state.pending.pop(d) for d in dict.fromkeys(delivery_ids) if d in state.pending}
+        forgotten = {k: state.held.pop(k) for k, _ in taken.values() if k in state.held}
+        try:
+            async with self._guard(f"ack on {group!r} of {topic!r}"):
+                await self._commit(state)
+        except BaseException:
+            # Not acked after all: the records stay out with their consumer and come
+            # back after the ack timeout, as with a broker that lost the ack.
+            state.held.update(forgotten)
+            state.pending.update(taken)
+            raise
 
     async def _commit(self, state: _Group) -> None:
         if state.held:
