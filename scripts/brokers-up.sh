@@ -69,7 +69,7 @@ kafka_jars() {  # Maven Central, the ordinary way; skipped once the jars are the
     command -v java >/dev/null 2>&1 || ensure_package java default-jre-headless
     echo "brokers-up: fetching Apache Kafka's jars from Maven Central" >&2
     rm -rf "$KAFKA/libs"
-    mvn -q -B -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
+    mvn -q -B -Dstyle.color=never -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
         -DoutputDirectory="$KAFKA/libs" >&2
     touch "$KAFKA/libs/.complete"
 }

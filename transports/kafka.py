@@ -68,6 +68,7 @@ NAME_MAX = 200  # Kafka topic names stop at 249 characters
 RETIRE_S = 60.0  # a dropped producer's stop may wait this long for its broker
 RETIRING_MAX = 8  # dropped producers still stopping: past that, no new one
 COORDINATOR_TRIES = 50  # group lookups while a fresh broker creates its offsets topic (0.1 s apart)
+BIND_CHECKS = 100  # a created topic is looked for this often, 50 ms apart
 FETCH_BYTES_MAX = 1 << 20  # per fetch request and partition: bounds what a group's consumer buffers
 _NAME_KEEP = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 
@@ -200,9 +201,10 @@ class KafkaTransport:
     after ``close``) reads from the committed offset, so every record not
     acked comes again (``redelivered`` is False then: Kafka cannot tell).
 
-    **Lag** is the last published topic offset (the publisher's metadata)
-    minus the group's acked-through offset, exact because topic offsets are
-    dense.
+    **Lag** is the last published topic offset (the publisher's metadata, or
+    what this transport published itself if that is more: Kafka shows a
+    transaction's offsets a moment after its commit returned) minus the
+    group's acked-through offset, exact because topic offsets are dense.
 
     **Bounded.** Every broker call sits in ``asyncio.timeout`` (``timeout_s``;
     a fetch adds its wait) and raises ``Unavailable``; fetches buffer at most
@@ -299,7 +301,9 @@ class KafkaTransport:
             return
         settings = self._settings()
         admin = AIOKafkaAdminClient(**settings)
-        reader = AIOKafkaConsumer(**settings, enable_auto_commit=False, isolation_level="read_committed")
+        # The reader only asks for offsets: the high watermark (read_uncommitted) bounds every
+        # committed offset even while a transaction's markers are being written.
+        reader = AIOKafkaConsumer(**settings, enable_auto_commit=False, isolation_level="read_uncommitted")
         try:
             async with self._guard("connect"):
                 await admin.start()
@@ -364,6 +368,13 @@ class KafkaTransport:
                 if code and code != TopicAlreadyExistsError.errno:
                     raise Unavailable(f"kafka at {self._where}: bind {topic!r}: error {code} {rest[:1]}",
                                       retry_after_s=1.0)
+            # The controller has the topic; the broker's metadata shows it a moment later.
+            for _ in range(BIND_CHECKS):
+                (described,) = await admin.describe_topics([name])
+                if not described.get("error_code") and described.get("partitions"):
+                    return
+                await asyncio.sleep(0.05)
+            raise Unavailable(f"kafka at {self._where}: bind {topic!r}: the topic does not show", retry_after_s=1.0)
 
     async def unbind(self, topic: str) -> None:
         """Delete the Kafka topic and its records (idempotent); this transport
@@ -722,6 +733,9 @@ class KafkaTransport:
                 _, top = await self._committed(admin, reader, f"{name}/{PUBLISHER_GROUP}", tp)
             except Unavailable:
                 return 0
+            # Kafka shows a transaction's offset commit a moment after the commit returned
+            # (its markers are written after): what this transport published itself counts at once.
+            top = max(top, self._last.get(name, 0))
             state = self._groups.get((topic, group))
             if state is not None:  # read but not acked, plus not read yet
                 return len(state.held) + max(0, top - state.read_offset)
