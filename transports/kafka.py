@@ -70,6 +70,9 @@ RETIRING_MAX = 8  # dropped producers still stopping: past that, no new one
 COORDINATOR_TRIES = 50  # group lookups while a fresh broker creates its offsets topic (0.1 s apart)
 BIND_CHECKS = 100  # a created topic is looked for this often, 50 ms apart
 FETCH_BYTES_MAX = 1 << 20  # per fetch request and partition: bounds what a group's consumer buffers
+# A message may be as large as an HTTP body (1 MiB) plus our envelope: the broker's
+# message.max.bytes must allow it (scripts/kafka/server.properties.in sets 2 MiB).
+RECORD_BYTES_MAX = 2 << 20
 _NAME_KEEP = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 
 
@@ -466,7 +469,7 @@ class KafkaTransport:
         self._started()
         producer = AIOKafkaProducer(**self._settings(), transactional_id=f"{self._prefix}.publisher",
                                     enable_idempotence=True, acks="all", linger_ms=0, retry_backoff_ms=20,
-                                    max_batch_size=FETCH_BYTES_MAX // 4, max_request_size=FETCH_BYTES_MAX,
+                                    max_batch_size=FETCH_BYTES_MAX // 4, max_request_size=RECORD_BYTES_MAX,
                                     transaction_timeout_ms=max(1000, int(self.timeout_s * 4000)))
         try:
             await producer.start()  # InitProducerId: bumps the epoch, aborts a fenced publisher's open transaction

@@ -123,6 +123,17 @@ async def test_a_group_offset_moves_only_with_our_acks(make_transport: Transport
     assert await second.lag(TOPIC, "g") == 0
 
 
+async def test_a_message_as_large_as_an_http_body_goes_through(make_transport: TransportFactory) -> None:
+    transport = await make_transport()
+    await transport.bind(TOPIC)
+    await transport.subscribe(TOPIC, "g")
+    big = entries(1, 1)
+    big[0].message["payload"] = {"blob": "x" * (1 << 20)}
+    assert await transport.publish(big) == 1
+    (got,) = await drain(transport, "g", 1)
+    assert got.message == big[0].message
+
+
 # -- a broker of the test's own, restarted mid-stream -------------------------------------------------
 
 def _free_port() -> int:
