@@ -185,7 +185,8 @@ class KafkaTransport:
     Consumers read ``read_committed``: an aborted publish is never seen.
 
     **Durability**: ``publish`` returns after the transaction committed, that
-    is after every in-sync replica has the records (acks=all). Kafka does not
+    is after every in-sync replica has the records (acks=all; each topic has
+    ``replicas`` copies, 1 by default as on this machine). Kafka does not
     fsync each write (``log.flush.*``): a single broker that loses its machine
     can lose the last acknowledged messages; a broker *process* restart loses
     nothing.
@@ -228,17 +229,18 @@ class KafkaTransport:
 
     def __init__(self, url: str = "kafka://127.0.0.1:9092", *, namespace: str = "coord", timeout_s: float = 5.0,
                  ack_timeout_s: float = 30.0, inflight_max: int = 1000, groups_max: int = 64,
-                 fenced_backoff_s: float = 2.0) -> None:
+                 fenced_backoff_s: float = 2.0, replicas: int = 1) -> None:
         if not namespace:
             raise InvariantError("a transport namespace must not be empty")
-        if timeout_s <= 0 or ack_timeout_s <= 0 or inflight_max <= 0 or groups_max <= 0:
-            raise InvariantError("timeout_s, ack_timeout_s, inflight_max and groups_max must be positive")
+        if timeout_s <= 0 or ack_timeout_s <= 0 or inflight_max <= 0 or groups_max <= 0 or replicas <= 0:
+            raise InvariantError("timeout_s, ack_timeout_s, inflight_max, groups_max and replicas must be positive")
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.ack_timeout_s = ack_timeout_s
         self.inflight_max = inflight_max
         self.groups_max = groups_max
         self.fenced_backoff_s = fenced_backoff_s
+        self.replicas = replicas  # of each topic; the broker's min.insync.replicas decides what acks=all waits for
         self._url = url
         self._where = redact_url(url)
         self._prefix = _escape(namespace)
@@ -246,6 +248,7 @@ class KafkaTransport:
         self._reader: AIOKafkaConsumer | None = None  # no group: end offsets, committed offsets
         self._producer: AIOKafkaProducer | None = None
         self._publish_lock = asyncio.Lock()
+        self._open_lock = asyncio.Lock()
         self._last: dict[str, int] = {}  # kafka topic -> last topic offset published, while our producer is current
         self._fenced_until = 0.0
         self._retiring: set[asyncio.Task[None]] = set()  # dropped producers being stopped
@@ -362,11 +365,13 @@ class KafkaTransport:
     # -- topics -------------------------------------------------------------------------------------
 
     async def bind(self, topic: str) -> None:
-        """Create the topic's Kafka topic (one partition) if it is missing (idempotent)."""
+        """Create the topic's Kafka topic (one partition, ``replicas`` copies) if
+        it is missing (idempotent: an existing one is kept as it is)."""
         name = self._topic(topic)
         admin, _ = self._started()
         async with self._guard(f"bind {topic!r}"):
-            response = await admin.create_topics([NewTopic(name, 1, 1)], timeout_ms=int(self.timeout_s * 1000))
+            response = await admin.create_topics([NewTopic(name, 1, self.replicas)],
+                                                 timeout_ms=int(self.timeout_s * 1000))
             for _, code, *rest in response.topic_errors:  # (name, code, message) in every version
                 if code and code != TopicAlreadyExistsError.errno:
                     raise Unavailable(f"kafka at {self._where}: bind {topic!r}: error {code} {rest[:1]}",
@@ -587,6 +592,12 @@ class KafkaTransport:
         if state is not None:
             self._groups[key] = state  # most recently used last
             return state
+        async with self._open_lock:  # two first fetches of a group make one consumer
+            state = self._groups.get(key)
+            return state if state is not None else await self._make_group(topic, group)
+
+    async def _make_group(self, topic: str, group: str) -> _Group:
+        key = (topic, group)
         name, group_id = self._topic(topic), self._group_id(topic, group)
         admin, reader = self._started()
         tp = TopicPartition(name, 0)
