@@ -10,8 +10,8 @@ For each client, on a fresh one-partition topic:
   leader's transport driver publishes;
 * ``produce-txn``: the same with one transaction per batch (what the
   transport does to fence a deposed leader);
-* ``consume``: the records read back from the first offset by a manually
-  assigned, read_committed consumer.
+* ``consume``: the records of both phases (2 x ``--messages``) read back
+  from the first offset by a manually assigned, read_committed consumer.
 
 Each row gives messages per second and the process CPU per message
 (librdkafka's own threads included). Bounded: every phase stops at

@@ -16,17 +16,26 @@ and its hex code, so ``.`` only ever separates)::
                                  topic offset published
     transactional id <ns>.publisher   one per namespace: a new leader fences the old
 
-Why aiokafka and not confluent-kafka: bench/kafka_clients.py measured both on
-this machine (numbers in the Issue 23 notes): idempotent publishing in
-batches of 500 is on a par (aiokafka 57-74k msgs/s, confluent-kafka 49-55k,
-~10 us CPU each), one transaction per batch of 500 too (~21k both);
-confluent-kafka commits a small transaction faster (batch of 50: 6k against
-2k msgs/s, ~9 against ~25 ms a transaction) and consumes faster (400-640k
-against 220-330k msgs/s), both far above what the bus carries. aiokafka is
+Why aiokafka and not confluent-kafka (its asyncio AIOProducer/AIOConsumer):
+``python -m bench.kafka_clients`` on this machine (2 cores, loopback, Kafka
+4.4), two runs each, messages per second:
+
+    batch of 500:  produce      aiokafka 71-72k   confluent 62k
+                   produce-txn  aiokafka 29-35k   confluent 39-41k
+                   consume      aiokafka 270-435k confluent 550-700k
+    batch of 50:   produce      aiokafka 42-45k   confluent 7.7-7.8k
+                   produce-txn  aiokafka 2.2-3.5k confluent 7.5-8.9k
+
+CPU per message is about the same (7-13 us producing, 1-2.5 us consuming).
+Neither wins everywhere: confluent-kafka consumes faster (both far above what
+the bus carries) and runs back-to-back small transactions faster, because
+aiokafka waits a fixed 20 ms when the broker answers CONCURRENT_TRANSACTIONS
+while the previous transaction's markers are written (KAFKA-5477); with the
+driver's batches under load (up to 500) the two are close. aiokafka is
 asyncio itself: a broker call is cancelled by ``asyncio.timeout`` instead of
-running on in an executor thread, and there are no librdkafka threads per
-consumer group. At the bus's rates that weighs more than the small-batch
-latency; a driver batch under load is large.
+running on in an executor thread, and a consumer group costs no librdkafka
+threads. If publish latency at a light load comes to matter more than that,
+confluent-kafka is the one to measure again.
 """
 
 from __future__ import annotations
