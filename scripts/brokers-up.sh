@@ -69,8 +69,12 @@ kafka_jars() {  # Maven Central, the ordinary way; skipped once the jars are the
     command -v java >/dev/null 2>&1 || ensure_package java default-jre-headless
     echo "brokers-up: fetching Apache Kafka's jars from Maven Central" >&2
     rm -rf "$KAFKA/libs"
-    mvn -q -B -Dstyle.color=never -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
-        -DoutputDirectory="$KAFKA/libs" >&2
+    if ! mvn -q -B -Dstyle.color=never -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies \
+            -DincludeScope=runtime -DoutputDirectory="$KAFKA/libs" >"$STATE/kafka-fetch.log" 2>&1; then
+        cat "$STATE/kafka-fetch.log" >&2
+        echo "brokers-up: fetching Kafka's jars failed" >&2
+        exit 1
+    fi
     touch "$KAFKA/libs/.complete"
 }
 
@@ -84,7 +88,8 @@ if ! up 9092; then
     if [ ! -f "$KAFKA/data/meta.properties" ]; then
         cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
         java -Xmx256m -cp "$KAFKA/libs/*" kafka.tools.StorageTool format -t "$cluster_id" \
-            -c "$KAFKA/server.properties" >"$STATE/kafka-format.log" 2>&1
+            -c "$KAFKA/server.properties" >"$STATE/kafka-format.log" 2>&1 \
+            || { tail -20 "$STATE/kafka-format.log" >&2; echo "brokers-up: formatting Kafka's storage failed" >&2; exit 1; }
     fi
     nohup java -Xms128m -Xmx512m -XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
         -Dorg.slf4j.simpleLogger.defaultLogLevel=warn -Dorg.slf4j.simpleLogger.log.kafka.server.KafkaRaftServer=info \
