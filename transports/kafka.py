@@ -460,6 +460,12 @@ class KafkaTransport:
                 await self._drop_producer()
                 raise Unavailable(f"kafka at {self._where}: another publisher of {self.namespace!r} took over "
                                   f"(fenced); standing back {self.fenced_backoff_s:g} s", retry_after_s=1.0) from None
+            except (AssertionError, RuntimeError) as exc:
+                # aiokafka checks its transaction states with asserts (a producer fenced in the
+                # background refuses to begin): a broken producer, not a broken caller.
+                await self._drop_producer()
+                raise Unavailable(f"kafka at {self._where}: publish to {topic!r}: the producer failed "
+                                  f"({self._describe(exc)}); a new one takes over", retry_after_s=1.0) from None
             except BaseException:
                 await self._drop_producer()  # the next publish starts anew from what Kafka holds
                 raise
