@@ -5,21 +5,22 @@ test gets its own namespace, and what it created is removed afterwards."""
 
 from __future__ import annotations
 
-import importlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
 
 from coordinator.ports import BusTransport
 
-# name -> (module:class, URL of the broker this machine runs)
-PLUGINS = {
-    "memory": ("transports.memory:InMemoryTransport", "memory://"),
-    "redis": ("transports.redis_streams:RedisStreamsTransport", "redis://127.0.0.1:6379/0"),
-    "nats": ("transports.nats_jetstream:NatsJetStreamTransport", "nats://127.0.0.1:4222"),
-    "rabbitmq": ("transports.rabbitmq:RabbitMQTransport", "amqp://guest:guest@127.0.0.1:5672/"),
+# Where this machine's broker of each plugin answers (scripts/brokers-up.sh).
+URLS = {
+    "memory": "memory://",
+    "redis": "redis://127.0.0.1:6379/0",
+    "nats": "nats://127.0.0.1:4222",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
+    "kafka": "kafka://127.0.0.1:9092",
 }
 # A port nothing listens on, for "the broker is down"; with a password that must never be shown.
 SECRET = "s3cret-pw"
@@ -27,14 +28,19 @@ DEAD_URLS = {
     "redis": f"redis://:{SECRET}@127.0.0.1:1/0",
     "nats": f"nats://user:{SECRET}@127.0.0.1:1",
     "rabbitmq": f"amqp://guest:{SECRET}@127.0.0.1:1/",
+    "kafka": f"kafka://user:{SECRET}@127.0.0.1:1",
 }
+# Every plugin registered under the coordinator.transports entry points (setup.cfg):
+# name -> ("module:Class", URL). A new plugin joins the suite by registering; without
+# a URL above it fails test_every_plugin_says_where_its_broker_is.
+PLUGINS = {ep.name: (ep.value, URLS.get(ep.name, "")) for ep in entry_points(group="coordinator.transports")}
 
 TransportFactory = Callable[..., Awaitable[BusTransport]]
 
 
 def transport_class(name: str) -> Any:
-    module, _, cls = PLUGINS[name][0].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    (found,) = entry_points(group="coordinator.transports", name=name)
+    return found.load()
 
 
 @pytest.fixture(params=sorted(PLUGINS), ids=str)

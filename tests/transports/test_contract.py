@@ -12,7 +12,7 @@ import pytest
 from coordinator.errors import Unavailable
 from coordinator.ports import BusTransport
 from coordinator.types import TransportDelivery, TransportEntry
-from tests.transports.conftest import DEAD_URLS, SECRET, TransportFactory
+from tests.transports.conftest import DEAD_URLS, PLUGINS, SECRET, URLS, TransportFactory
 
 TOPIC = "orders.eu"
 
@@ -34,6 +34,13 @@ async def drain(transport: BusTransport, group: str, want: int, *, consumer: str
         if ack and batch:
             await transport.ack(topic, group, [d.delivery_id for d in batch])
     return got
+
+
+def test_every_plugin_says_where_its_broker_is() -> None:
+    """The plugins come from the entry points; each needs a broker URL here."""
+    assert {"memory", "redis", "nats", "rabbitmq", "kafka"} <= set(PLUGINS)
+    assert set(PLUGINS) == set(URLS), "a transport plugin without a broker URL for the tests (conftest.URLS)"
+    assert set(DEAD_URLS) == set(PLUGINS) - {"memory"}
 
 
 async def test_publish_fetch_ack_in_offset_order(make_transport: TransportFactory) -> None:
