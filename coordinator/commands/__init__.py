@@ -2,8 +2,10 @@
 validates its arguments, used by the API before proposing and by
 ``StateMachine.apply`` on every replica (``base.DomainCommand``).
 
-Migration goes domain by domain: ``COMMANDS`` lists the operations that have
-a type; the others still travel and are validated as dicts by their handlers.
+``COMMANDS`` maps every operation the log may carry to its type; one module
+per domain. ``to_args()`` gives the exact dict that goes in the log (its
+bytes and the state digest chain depend on it), and
+``parse(c.to_args()) == c``.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from coordinator.commands.bus import BusTick
 from coordinator.commands.cluster import SystemReport
 from coordinator.commands.streams import StreamsTick
 from coordinator.errors import CoordinatorError
@@ -120,19 +121,19 @@ class LeaderDuties:
             if self._tick_task is None or self._tick_task.done():
                 due = machine.bus.next_due_ms()
                 if due is not None and due <= now_ms:
-                    self._tick_task = asyncio.get_running_loop().create_task(self._tick("bus.tick"))
+                    self._tick_task = asyncio.get_running_loop().create_task(self._tick(BusTick()))
                 else:
                     due = machine.streams.next_due_ms()  # a window to close or a pattern deadline
                     if due is not None and due <= now_ms:
-                        self._tick_task = asyncio.get_running_loop().create_task(self._tick(StreamsTick.op))
+                        self._tick_task = asyncio.get_running_loop().create_task(self._tick(StreamsTick()))
             self._watch_members()
 
-    async def _tick(self, op: str) -> None:
+    async def _tick(self, tick: BusTick | StreamsTick) -> None:
         try:
-            raise_for(await self.proposer.propose(op, {}))
+            raise_for(await self.proposer.propose(tick.op, tick.to_args()))
             self.ticks += 1
         except CoordinatorError as exc:
-            log.info("leader: %s failed (%s); will retry", op, exc.message)
+            log.info("leader: %s failed (%s); will retry", tick.op, exc.message)
 
     def _watch_members(self) -> None:
         st = self.engine.status()

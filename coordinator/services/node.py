@@ -291,12 +291,10 @@ class CoordinatorNode:
 
     # -- generic -----------------------------------------------------------------------------
 
-    async def write(self, op: str, args: dict[str, Any], request: RequestKey | None = None) -> Any:
-        return raise_for(await self.proposer.propose(op, args, request))
-
     async def write_command(self, command: DomainCommand, request: RequestKey | None = None) -> Any:
         """Propose a parsed command (``command.op`` with ``command.to_args()``)
-        and return its value; raises like ``write``."""
+        and return its value; a refusal raises its ``CoordinatorError``
+        (``services.proposals.raise_for``)."""
         return raise_for(await self.proposer.propose(command.op, command.to_args(), request))
 
     async def view(self, consistency: str) -> StateView:

@@ -8,11 +8,11 @@ they produce ``Result.error`` and change nothing.
 Ownership: one instance per node, touched only by the event loop thread
 (``services.applier`` feeds it in log order).
 
-Dispatch: an operation with a typed command (``coordinator.commands.COMMANDS``)
-has its args parsed into that type first (a refusal is ``Result.error``, as
-from a handler) and its handler takes the typed command. Migration goes
-domain by domain: the operations without a type still hand their handler the
-args dict, and the handler validates it.
+Dispatch: every operation has a typed command (``coordinator.commands.COMMANDS``).
+``apply`` parses the entry's args into that type (the same parse the API
+ran before proposing; a refusal is ``Result.error``, as from a handler) and
+calls the handler registered for the command's type. The bytes in the log
+are untrusted: the parse runs on every replica.
 """
 
 from __future__ import annotations
@@ -122,16 +122,15 @@ class Limits:
     streams: StreamLimits = field(default_factory=StreamLimits)
 
 
-# A handler takes the args dict, or for an operation in COMMANDS its typed command.
+# A handler takes the parsed command of the type it is registered for.
 Handler = Callable[["StateMachine", ApplyContext, Any], Any]
-_HANDLERS: dict[str, Handler] = {}
-# op -> the parse of its command type: the handlers of these ops take the command
-_PARSERS: dict[str, Callable[[dict[str, Any]], DomainCommand]] = {op: t.parse for op, t in COMMANDS.items()}
+_HANDLERS: dict[type[DomainCommand], Handler] = {}
+_TYPE_OF: dict[str, type[DomainCommand]] = dict(COMMANDS)  # op -> its command type (a plain dict: the hot path)
 
 
-def _op(name: str) -> Callable[[Handler], Handler]:
+def _handles(command_type: type[DomainCommand]) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
-        _HANDLERS[name] = fn
+        _HANDLERS[command_type] = fn
         return fn
 
     return register
@@ -192,16 +191,15 @@ class StateMachine:
         ctx = ApplyContext(index, self.now_ms, command.principal)
         value: Any = None
         error: tuple[str, str] | None = None
-        handler = _HANDLERS.get(command.op)
+        command_type = _TYPE_OF.get(command.op)
         try:
             if command.version != COMMAND_VERSION:
                 raise invalid("version", f"unsupported command version {command.version}")
-            if handler is None:
+            if command_type is None:
                 raise invalid("op", f"unknown operation {command.op!r}")
             if not isinstance(command.args, dict):
                 raise invalid("args", "must be an object")
-            parse = _PARSERS.get(command.op)
-            value = handler(self, ctx, command.args if parse is None else parse(command.args))
+            value = _HANDLERS[command_type](self, ctx, command_type.parse(command.args))
             if self.streams.items:
                 self._run_streams(ctx)
             if ctx.events:
@@ -400,17 +398,17 @@ class StateMachine:
 
 # -- cluster -------------------------------------------------------------------
 
-@_op(Noop.op)
+@_handles(Noop)
 def _noop(sm: StateMachine, ctx: ApplyContext, cmd: Noop) -> Any:
     return None
 
 
-@_op(Barrier.op)
+@_handles(Barrier)
 def _barrier(sm: StateMachine, ctx: ApplyContext, cmd: Barrier) -> Any:
     return {"index": ctx.index}
 
 
-@_op(MemberRegister.op)
+@_handles(MemberRegister)
 def _member_register(sm: StateMachine, ctx: ApplyContext, cmd: MemberRegister) -> Any:
     old = sm.members.members.get(cmd.id)
     if old is not None and old.raft == cmd.raft and old.http == cmd.http:
@@ -421,7 +419,7 @@ def _member_register(sm: StateMachine, ctx: ApplyContext, cmd: MemberRegister) -
     return member.describe()
 
 
-@_op(MemberRemove.op)
+@_handles(MemberRemove)
 def _member_remove(sm: StateMachine, ctx: ApplyContext, cmd: MemberRemove) -> Any:
     member = sm.members.members.pop(cmd.id, None)
     if member is None:
@@ -432,7 +430,7 @@ def _member_remove(sm: StateMachine, ctx: ApplyContext, cmd: MemberRemove) -> An
 
 # -- key/value -------------------------------------------------------------------
 
-@_op(KvPut.op)
+@_handles(KvPut)
 def _kv_put(sm: StateMachine, ctx: ApplyContext, cmd: KvPut) -> Any:
     if cmd.fence is not None:
         sm.check_fence(cmd.fence)
@@ -440,7 +438,7 @@ def _kv_put(sm: StateMachine, ctx: ApplyContext, cmd: KvPut) -> Any:
     return {"revision": sm.kv.put(ctx, cmd.key, cmd.value, size)}
 
 
-@_op(KvCas.op)
+@_handles(KvCas)
 def _kv_cas(sm: StateMachine, ctx: ApplyContext, cmd: KvCas) -> Any:
     """Compare-and-set on the value (``expected``; a missing key compares as
     null) or on the revision (``expected_revision``; 0 means absent)."""
@@ -460,7 +458,7 @@ def _kv_cas(sm: StateMachine, ctx: ApplyContext, cmd: KvCas) -> Any:
     return {"revision": sm.kv.put(ctx, cmd.key, cmd.value, size)}
 
 
-@_op(KvDelete.op)
+@_handles(KvDelete)
 def _kv_delete(sm: StateMachine, ctx: ApplyContext, cmd: KvDelete) -> Any:
     if cmd.fence is not None:
         sm.check_fence(cmd.fence)
@@ -471,7 +469,7 @@ def _kv_delete(sm: StateMachine, ctx: ApplyContext, cmd: KvDelete) -> Any:
 
 # -- agents --------------------------------------------------------------------------
 
-@_op(AgentRegister.op)
+@_handles(AgentRegister)
 def _agent_register(sm: StateMachine, ctx: ApplyContext, cmd: AgentRegister) -> Any:
     agent_id = cmd.id
     old = sm.registry.agents.get(agent_id)
@@ -507,13 +505,13 @@ def _registered(sm: StateMachine, agent_id: str) -> Agent:
     return agent
 
 
-@_op(AgentDeregister.op)
+@_handles(AgentDeregister)
 def _agent_deregister(sm: StateMachine, ctx: ApplyContext, cmd: AgentDeregister) -> Any:
     _remove_agent(sm, ctx, _registered(sm, cmd.id), "left")
     return {"id": cmd.id}
 
 
-@_op(AgentUpdate.op)
+@_handles(AgentUpdate)
 def _agent_update(sm: StateMachine, ctx: ApplyContext, cmd: AgentUpdate) -> Any:
     """Change an agent's weight, endpoint or metadata, keeping its lease."""
     agent = _registered(sm, cmd.id)
@@ -528,7 +526,7 @@ def _agent_update(sm: StateMachine, ctx: ApplyContext, cmd: AgentUpdate) -> Any:
     return agent.describe()
 
 
-@_op(AgentExpire.op)
+@_handles(AgentExpire)
 def _agent_expire(sm: StateMachine, ctx: ApplyContext, cmd: AgentExpire) -> Any:
     """Proposed by the leader when a lease ran out. Names the lease, so an
     expiry decided before a re-registration cannot remove the new lease."""
@@ -539,7 +537,7 @@ def _agent_expire(sm: StateMachine, ctx: ApplyContext, cmd: AgentExpire) -> Any:
     return {"expired": True}
 
 
-@_op(AgentHealth.op)
+@_handles(AgentHealth)
 def _agent_health(sm: StateMachine, ctx: ApplyContext, cmd: AgentHealth) -> Any:
     agent = _registered(sm, cmd.id)
     if agent.health == cmd.health:
@@ -556,7 +554,7 @@ def set_health(sm: StateMachine, ctx: ApplyContext, agent: Agent, health: str, r
 
 # -- locks -----------------------------------------------------------------------------
 
-@_op(LockAcquire.op)
+@_handles(LockAcquire)
 def _lock_acquire(sm: StateMachine, ctx: ApplyContext, cmd: LockAcquire) -> Any:
     """Grant a free lock, or refresh it for its holder (same token)."""
     name, holder = cmd.name, cmd.holder
@@ -574,7 +572,7 @@ def _lock_acquire(sm: StateMachine, ctx: ApplyContext, cmd: LockAcquire) -> Any:
     return {"fencing_token": lock.token, "refreshed": False}
 
 
-@_op(LockRelease.op)
+@_handles(LockRelease)
 def _lock_release(sm: StateMachine, ctx: ApplyContext, cmd: LockRelease) -> Any:
     name, holder = cmd.name, cmd.holder
     lock = sm.locks.locks.get(name)
@@ -588,7 +586,7 @@ def _lock_release(sm: StateMachine, ctx: ApplyContext, cmd: LockRelease) -> Any:
     return {"released": True}
 
 
-@_op(LockExpire.op)
+@_handles(LockExpire)
 def _lock_expire(sm: StateMachine, ctx: ApplyContext, cmd: LockExpire) -> Any:
     name, token = cmd.name, cmd.token
     lock = sm.locks.locks.get(name)
@@ -602,7 +600,7 @@ def _lock_expire(sm: StateMachine, ctx: ApplyContext, cmd: LockExpire) -> Any:
 
 # -- system events ----------------------------------------------------------------------
 
-@_op(SystemReport.op)
+@_handles(SystemReport)
 def _system_report(sm: StateMachine, ctx: ApplyContext, cmd: SystemReport) -> Any:
     """What the leader observed about the cluster (a member unreachable or back,
     its own election), committed so every node and the bus see it."""
@@ -616,7 +614,7 @@ def _agent_exists(sm: StateMachine) -> Callable[[str], bool]:
     return lambda agent_id: agent_id in sm.registry.agents
 
 
-@_op("bus.publish")
+@_handles(BusPublish)
 def _bus_publish(sm: StateMachine, ctx: ApplyContext, command: BusPublish) -> Any:
     agent_exists = sm.registry.agents.__contains__  # the registry does not change during a publish
     topic = command.topic
@@ -660,153 +658,153 @@ def _routable(outcome: Outcome, topic: str, message: dict[str, Any], agent_exist
     return outcome
 
 
-@_op("transform.put")
+@_handles(TransformPut)
 def _transform_put(sm: StateMachine, ctx: ApplyContext, command: TransformPut) -> Any:
     return sm.transforms.put(ctx.index, command)
 
 
-@_op("transform.delete")
+@_handles(TransformDelete)
 def _transform_delete(sm: StateMachine, ctx: ApplyContext, command: TransformDelete) -> Any:
     return sm.transforms.delete(command)
 
 
-@_op("bus.topic.configure")
+@_handles(BusTopicConfigure)
 def _bus_topic_configure(sm: StateMachine, ctx: ApplyContext, command: BusTopicConfigure) -> Any:
     return sm.bus.configure_topic(ctx, command)
 
 
-@_op("bus.subscribe")
+@_handles(BusSubscribe)
 def _bus_subscribe(sm: StateMachine, ctx: ApplyContext, command: BusSubscribe) -> Any:
     return sm.bus.subscribe(ctx, command, _agent_exists(sm))
 
 
-@_op("bus.unsubscribe")
+@_handles(BusUnsubscribe)
 def _bus_unsubscribe(sm: StateMachine, ctx: ApplyContext, command: BusUnsubscribe) -> Any:
     return sm.bus.unsubscribe(ctx, command.sub)
 
 
-@_op("bus.group.delete")
+@_handles(BusGroupDelete)
 def _bus_group_delete(sm: StateMachine, ctx: ApplyContext, command: BusGroupDelete) -> Any:
     return sm.bus.delete_group(ctx, command.group)
 
 
-@_op("bus.deliver")
+@_handles(BusDeliver)
 def _bus_deliver(sm: StateMachine, ctx: ApplyContext, command: BusDeliver) -> Any:
     """Proposed by the leader only (it serves fetches), so its time stamps due times."""
     consumer = sm.bus.consumer_of(command.sub, command.agent)
     return sm.bus.deliver(ctx, consumer, command.sub, command.max)
 
 
-@_op("bus.ack")
+@_handles(BusAck)
 def _bus_ack(sm: StateMachine, ctx: ApplyContext, command: BusAck) -> Any:
     return sm.bus.ack(ctx, sm.bus.consumer_of(command.sub, command.agent), command.delivery_ids)
 
 
-@_op("bus.nack")
+@_handles(BusNack)
 def _bus_nack(sm: StateMachine, ctx: ApplyContext, command: BusNack) -> Any:
     return sm.bus.nack(ctx, sm.bus.consumer_of(command.sub, command.agent), command)
 
 
-@_op("bus.dlq.redrive")
+@_handles(BusDlqRedrive)
 def _bus_redrive(sm: StateMachine, ctx: ApplyContext, command: BusDlqRedrive) -> Any:
     return sm.bus.redrive(ctx, sm.bus.consumer_of(command.sub, command.agent), command.delivery_ids)
 
 
-@_op("bus.dlq.purge")
+@_handles(BusDlqPurge)
 def _bus_purge(sm: StateMachine, ctx: ApplyContext, command: BusDlqPurge) -> Any:
     return sm.bus.purge(ctx, sm.bus.consumer_of(command.sub, command.agent), command.delivery_ids)
 
 
-@_op("bus.bind")
+@_handles(BusBind)
 def _bus_bind(sm: StateMachine, ctx: ApplyContext, command: BusBind) -> Any:
     return sm.bus.bind(ctx, command)
 
 
-@_op("bus.unbind")
+@_handles(BusUnbind)
 def _bus_unbind(sm: StateMachine, ctx: ApplyContext, command: BusUnbind) -> Any:
     return sm.bus.unbind(ctx, command)
 
 
-@_op("bus.cursor")
+@_handles(BusCursor)
 def _bus_cursor(sm: StateMachine, ctx: ApplyContext, command: BusCursor) -> Any:
     """Proposed by the leader once the broker confirmed the messages up to ``offset``."""
     return sm.bus.advance_cursor(ctx, command)
 
 
-@_op("bus.transport.ack")
+@_handles(BusTransportAck)
 def _bus_transport_ack(sm: StateMachine, ctx: ApplyContext, command: BusTransportAck) -> Any:
     return sm.bus.transport_acked(ctx, sm.bus.consumer_of(command.sub, command.agent), command.keys)
 
 
-@_op("bus.transport.configure")
+@_handles(BusTransportConfigure)
 def _bus_transport_configure(sm: StateMachine, ctx: ApplyContext, command: BusTransportConfigure) -> Any:
     return sm.bus.configure_transport(ctx, command)
 
 
 # -- access control --------------------------------------------------------------------------
 
-@_op(RolePut.op)
+@_handles(RolePut)
 def _role_put(sm: StateMachine, ctx: ApplyContext, cmd: RolePut) -> Any:
     return sm.access.put_role(cmd)
 
 
-@_op(RoleDelete.op)
+@_handles(RoleDelete)
 def _role_delete(sm: StateMachine, ctx: ApplyContext, cmd: RoleDelete) -> Any:
     return sm.access.delete_role(cmd)
 
 
-@_op(SecurityConfigure.op)
+@_handles(SecurityConfigure)
 def _security_configure(sm: StateMachine, ctx: ApplyContext, cmd: SecurityConfigure) -> Any:
     return sm.access.configure(cmd)
 
 
-@_op(AccessUnpin.op)
+@_handles(AccessUnpin)
 def _access_unpin(sm: StateMachine, ctx: ApplyContext, cmd: AccessUnpin) -> Any:
     return sm.access.unpin(cmd)
 
 
-@_op(RoleGrant.op)
+@_handles(RoleGrant)
 def _role_grant(sm: StateMachine, ctx: ApplyContext, cmd: RoleGrant) -> Any:
     return sm.access.grant(cmd)
 
 
 # -- balancing ---------------------------------------------------------------------------
 
-@_op(ServiceConfigure.op)
+@_handles(ServiceConfigure)
 def _service_configure(sm: StateMachine, ctx: ApplyContext, cmd: ServiceConfigure) -> Any:
     return sm.policies.configure(cmd)
 
 
-@_op(ServiceRemove.op)
+@_handles(ServiceRemove)
 def _service_remove(sm: StateMachine, ctx: ApplyContext, cmd: ServiceRemove) -> Any:
     return sm.policies.remove(cmd)
 
 
 # -- sagas -------------------------------------------------------------------------------
 
-@_op(SagaStart.op)
+@_handles(SagaStart)
 def _saga_start(sm: StateMachine, ctx: ApplyContext, cmd: SagaStart) -> Any:
     return sm.sagas.start(ctx, sm.events, cmd)
 
 
-@_op(SagaOutcome.op)
+@_handles(SagaOutcome)
 def _saga_outcome(sm: StateMachine, ctx: ApplyContext, cmd: SagaOutcome) -> Any:
     """Proposed by the leader's orchestrator when an attempt finished."""
     return sm.sagas.outcome(ctx, sm.events, cmd)
 
 
-@_op(SagaRetry.op)
+@_handles(SagaRetry)
 def _saga_retry(sm: StateMachine, ctx: ApplyContext, cmd: SagaRetry) -> Any:
     """Proposed by the leader's orchestrator when a waiting attempt is due by its clock."""
     return sm.sagas.retry(ctx, sm.events, cmd)
 
 
-@_op(SagaResumed.op)
+@_handles(SagaResumed)
 def _saga_resumed(sm: StateMachine, ctx: ApplyContext, cmd: SagaResumed) -> Any:
     return sm.sagas.resumed(ctx, sm.events, cmd)
 
 
-@_op(SagaCancel.op)
+@_handles(SagaCancel)
 def _saga_cancel(sm: StateMachine, ctx: ApplyContext, cmd: SagaCancel) -> Any:
     return sm.sagas.cancel(ctx, sm.events, cmd)
 
@@ -836,7 +834,7 @@ def _from_event_log(message: dict[str, Any]) -> bool:
     return message["source"] == "coordinator" and message["id"] == f"event-{message['headers'].get('seq')}"
 
 
-@_op(EsAppend.op)
+@_handles(EsAppend)
 def _es_append(sm: StateMachine, ctx: ApplyContext, cmd: EsAppend) -> Any:
     result, stored = sm.store.append(ctx, cmd, lambda size: sm.check_principal_bytes(ctx.principal, size))
     category = category_of(result["stream"])
@@ -849,55 +847,56 @@ def _es_append(sm: StateMachine, ctx: ApplyContext, cmd: EsAppend) -> Any:
     return result
 
 
-@_op(EsSnapshot.op)
+@_handles(EsSnapshot)
 def _es_snapshot(sm: StateMachine, ctx: ApplyContext, cmd: EsSnapshot) -> Any:
     return sm.store.snapshot(ctx, cmd)
 
 
-@_op(EsDelete.op)
+@_handles(EsDelete)
 def _es_delete(sm: StateMachine, ctx: ApplyContext, cmd: EsDelete) -> Any:
     return sm.store.delete(ctx, cmd)
 
 
-@_op(ProjectionPut.op)
+@_handles(ProjectionPut)
 def _projection_put(sm: StateMachine, ctx: ApplyContext, cmd: ProjectionPut) -> Any:
     return sm.projections.put(ctx.index, cmd.name, cmd.definition, sm.projection_source(cmd.definition))
 
 
-@_op(ProjectionRebuild.op)
+@_handles(ProjectionRebuild)
 def _projection_rebuild(sm: StateMachine, ctx: ApplyContext, cmd: ProjectionRebuild) -> Any:
     projection = sm.projections.get(cmd.name)
     return sm.projections.rebuild(ctx.index, projection.name, sm.projection_source(projection.definition))
 
 
-@_op(ProjectionDelete.op)
+@_handles(ProjectionDelete)
 def _projection_delete(sm: StateMachine, ctx: ApplyContext, cmd: ProjectionDelete) -> Any:
     return sm.projections.delete(cmd.name)
 
 
-@_op(ProcessorPut.op)
+@_handles(ProcessorPut)
 def _processor_put(sm: StateMachine, ctx: ApplyContext, cmd: ProcessorPut) -> Any:
     return sm.streams.put(ctx.index, cmd)
 
 
-@_op(ProcessorDelete.op)
+@_handles(ProcessorDelete)
 def _processor_delete(sm: StateMachine, ctx: ApplyContext, cmd: ProcessorDelete) -> Any:
     return sm.streams.delete(cmd)
 
 
-@_op(StreamsTick.op)
+@_handles(StreamsTick)
 def _streams_tick(sm: StateMachine, ctx: ApplyContext, cmd: StreamsTick) -> Any:
     """Proposed by the leader when a window or deadline is due by its clock:
     the command's committed time closes them (``StateMachine._run_streams``)."""
     return {"processors": len(sm.streams.items)}
 
 
-@_op("bus.tick")
+@_handles(BusTick)
 def _bus_tick(sm: StateMachine, ctx: ApplyContext, command: BusTick) -> Any:
     """Proposed by the leader when a bus timer is due by its clock."""
     return sm.bus.tick(ctx)
 
 
-OPERATIONS = frozenset(_HANDLERS)
-if not _PARSERS.keys() <= OPERATIONS:
-    raise InvariantError(f"command types without a handler: {sorted(_PARSERS.keys() - OPERATIONS)}")
+OPERATIONS = frozenset(COMMANDS)
+if _HANDLERS.keys() != set(COMMANDS.values()):
+    raise InvariantError("command types and handlers differ: "
+                         f"{sorted(t.op for t in _HANDLERS.keys() ^ set(COMMANDS.values()))}")

@@ -11,6 +11,7 @@ import logging
 
 from cluster import raft_pysyncobj as raft
 from coordinator.codec import encode_command
+from coordinator.commands.kv import KvPut
 from coordinator.services.applier import Applier
 from coordinator.types import Command
 from tests.cluster.pbft.harness import free_ports
@@ -62,14 +63,14 @@ async def test_an_apply_that_raises_halts_the_engine_and_a_restart_replays(tmp_p
     try:
         await _write(engine, "a", 1)
         await eventually(lambda: applier.machine.kv.get("a") is not None, "a to be applied", WAIT_S, interval_s=POLL_S)
-        original = machine._HANDLERS["kv.put"]
+        original = machine._HANDLERS[KvPut]
 
         def broken(sm, ctx, cmd):  # kv.put's handler takes its typed command
             if cmd.key == "b":
                 raise LookupError("handler bug")
             return original(sm, ctx, cmd)
 
-        monkeypatch.setitem(machine._HANDLERS, "kv.put", broken)
+        monkeypatch.setitem(machine._HANDLERS, KvPut, broken)
         assert await _submit(engine, _put("b", 2)) is None  # committed: the log is fine, the replica is not
         await eventually(lambda: engine.halted is not None, "the engine to halt", WAIT_S, interval_s=POLL_S)
         failed_at = applier.failure.index

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.commands.bus import BusTransportAck
 from coordinator.errors import InvalidInput
 from tests.coordinator.api.conftest import Harness, HarnessFactory
 from tests.waiting import eventually
@@ -122,7 +123,8 @@ async def test_a_message_the_broker_hands_out_again_after_its_ack_committed_is_n
     await h.call("POST", "/v1/topics/orders/messages", {"payload": "once"}, expect=200)
     _, got = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?wait_s=2", expect=200)
     delivery = got["messages"][0]
-    await h.node.write("bus.transport.ack", {"sub": sub["id"], "keys": ["orders:1"]})  # committed, broker ack lost
+    # committed, the broker ack lost:
+    await h.node.write_command(BusTransportAck.parse({"sub": sub["id"], "keys": ["orders:1"]}))
     await transport.nack("orders", sub["id"], [delivery["delivery_id"]])
     _, again = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?wait_s=0.3", expect=200)
     assert again["messages"] == []

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.commands.bus import BusTick
 from tests.coordinator.api.conftest import Harness
 from tests.sse import read_event, streaming
 from tests.waiting import DEADLINE_S, eventually
@@ -61,7 +62,7 @@ async def dlq(h: Harness, sub: str) -> dict[str, Any]:
 async def tick(h: Harness, seconds: float) -> None:
     """Move the clock and commit a ``bus.tick`` (it fires whatever is due)."""
     h.clock.advance(seconds)
-    await h.node.duties._tick("bus.tick")
+    await h.node.duties._tick(BusTick())
 
 
 def bus_state(h: Harness) -> Any:

@@ -161,6 +161,7 @@ async def test_a_failing_handler_halts_the_node_which_refuses_reads_and_writes(h
     in status and metrics, and answers writes and reads with 503."""
     import logging
 
+    from coordinator.commands.kv import KvPut
     from coordinator.state import machine
 
     caplog.set_level(logging.CRITICAL)
@@ -169,7 +170,7 @@ async def test_a_failing_handler_halts_the_node_which_refuses_reads_and_writes(h
     def broken(sm, ctx, cmd):  # kv.put's handler takes its typed command
         raise ZeroDivisionError(cmd.value)
 
-    monkeypatch.setitem(machine._HANDLERS, "kv.put", broken)
+    monkeypatch.setitem(machine._HANDLERS, KvPut, broken)
     index = h.applier.applied_index + 1
     status, body = await h.call("PUT", "/v1/kv/k", {"value": "payload-not-to-show"})
     assert status == 504 and body["error"]["code"] == "outcome_unknown"  # committed; this node cannot say more

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from coordinator.codec import encode_command
+from coordinator.commands.kv import KvPut
 from coordinator.services.applier import Applier
 from coordinator.types import Command, Result
 
@@ -159,7 +160,7 @@ def _failing_kv_put(monkeypatch) -> None:
         sm.kv.put(ctx, cmd.key, cmd.value)  # half-applied: the store moved, then the bug
         raise KeyError(cmd.value)  # the exception's text quotes a caller's value
 
-    monkeypatch.setitem(machine._HANDLERS, "kv.put", broken)
+    monkeypatch.setitem(machine._HANDLERS, KvPut, broken)
 
 
 async def test_an_exception_in_a_handler_halts_the_replica(monkeypatch, caplog) -> None:
