@@ -5,7 +5,7 @@ set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
 coord_venv test
 cd "$ROOT"
-./scripts/brokers-up.sh  # the transport tests talk to real Redis, RabbitMQ and NATS
+./scripts/brokers-up.sh  # the transport tests talk to real Redis, RabbitMQ, NATS and Kafka
 "$VENV/bin/ruff" check coordinator cluster transports chaos bench scripts tests devcluster
 "$VENV/bin/lint-imports"
 exec "$VENV/bin/python" -m pytest "$@"

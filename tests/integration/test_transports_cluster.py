@@ -61,7 +61,7 @@ async def _backlog(client: CoordinatorClient, topic: str) -> int | None:
     return rows[0]["backlog"] if rows else None
 
 
-@pytest.mark.parametrize("plugin", ["redis", "nats", "rabbitmq"])
+@pytest.mark.parametrize("plugin", ["redis", "nats", "rabbitmq", "kafka"])
 async def test_a_leader_kill_mid_stream_loses_nothing_at_the_broker(make_cluster: Any, plugin: str) -> None:
     url = PLUGINS[plugin][1]
     namespace = f"coordit{secrets.token_hex(3)}"
@@ -215,7 +215,7 @@ async def test_a_stopped_broker_holds_a_bounded_backlog_that_drains_when_it_retu
         await asyncio.to_thread(broker.kill, signal.SIGTERM)
 
 
-@pytest.mark.parametrize("plugin", ["redis", "nats", "rabbitmq"])
+@pytest.mark.parametrize("plugin", ["redis", "nats", "rabbitmq", "kafka"])
 async def test_a_bound_topic_is_consumed_through_the_cluster_across_a_leader_kill(make_cluster: Any,
                                                                                  plugin: str) -> None:
     """Subscribe, fetch and ack through followers (served by the leader from
