@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from coordinator.commands.base import DomainCommand, check_int, check_object, check_str, invalid
+from coordinator.commands.base import DomainCommand, NamedCommand, check_int, check_object, check_str, invalid
 from coordinator.commands.endpoints import check_allow_list
 from coordinator.commands.topics import check_pattern
 
@@ -113,18 +113,11 @@ class RolePut(DomainCommand):
 
 
 @dataclass(frozen=True, slots=True)
-class RoleDelete(DomainCommand):
+class RoleDelete(NamedCommand):
     """Delete role ``name``, and take it from every agent that holds it."""
 
     op: ClassVar[str] = "role.delete"
-    name: str
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls(check_role_name(args.get("name")))
-
-    def to_args(self) -> dict[str, Any]:
-        return {"name": self.name}
+    check_name = staticmethod(check_role_name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 MAX_TOKEN = 2**63 - 1  # fencing tokens, lease ids, revisions: int64
@@ -213,3 +214,20 @@ class DomainCommand:
 
     def to_args(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class NamedCommand(DomainCommand):
+    """A command whose one argument is the ``name`` of what it acts on (a
+    delete, a rebuild). A subclass sets ``op`` and ``check_name``, the
+    domain's check of a name (its limits, its messages)."""
+
+    check_name: ClassVar[Any]  # staticmethod: (value) -> str, raising Rejected naming "name"
+    name: str
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> Self:
+        return cls(cls.check_name(args.get("name")))
+
+    def to_args(self) -> dict[str, Any]:
+        return {"name": self.name}

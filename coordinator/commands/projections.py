@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Self
 
 from coordinator.commands.base import (
     DomainCommand,
+    NamedCommand,
     check_known,
     check_object,
     check_resource_name,
@@ -113,30 +114,16 @@ class ProjectionPut(DomainCommand):
 
 
 @dataclass(frozen=True, slots=True)
-class ProjectionRebuild(DomainCommand):
+class ProjectionRebuild(NamedCommand):
     """Fold projection ``name`` again from what its source still retains."""
 
     op: ClassVar[str] = "projection.rebuild"
-    name: str
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls(check_name(args.get("name")))
-
-    def to_args(self) -> dict[str, Any]:
-        return {"name": self.name}
+    check_name = staticmethod(check_name)
 
 
 @dataclass(frozen=True, slots=True)
-class ProjectionDelete(DomainCommand):
+class ProjectionDelete(NamedCommand):
     """Delete projection ``name``."""
 
     op: ClassVar[str] = "projection.delete"
-    name: str
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls(check_name(args.get("name")))
-
-    def to_args(self) -> dict[str, Any]:
-        return {"name": self.name}
+    check_name = staticmethod(check_name)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Self
 from coordinator.commands.agents import HEALTH_STATES
 from coordinator.commands.base import (
     DomainCommand,
+    NamedCommand,
     check_int,
     check_known,
     check_number,
@@ -156,18 +157,11 @@ class ProcessorPut(DomainCommand):
 
 
 @dataclass(frozen=True, slots=True)
-class ProcessorDelete(DomainCommand):
+class ProcessorDelete(NamedCommand):
     """Delete processor ``name``."""
 
     op: ClassVar[str] = "processor.delete"
-    name: str
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls(check_name(args.get("name")))
-
-    def to_args(self) -> dict[str, Any]:
-        return {"name": self.name}
+    check_name = staticmethod(check_name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
-from coordinator.commands.base import DomainCommand, Rejected, check_resource_name, invalid
+from coordinator.commands.base import DomainCommand, NamedCommand, Rejected, check_resource_name, invalid
 from coordinator.commands.topics import check_pattern, check_topic
 
 MAX_RULE_LEN = 8192
@@ -233,13 +233,6 @@ class TransformPut(DomainCommand):
 
 
 @dataclass(frozen=True, slots=True)
-class TransformDelete(DomainCommand):
+class TransformDelete(NamedCommand):
     op: ClassVar[str] = "transform.delete"
-    name: str
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls(check_name(args.get("name")))
-
-    def to_args(self) -> dict[str, Any]:
-        return {"name": self.name}
+    check_name = staticmethod(check_name)
