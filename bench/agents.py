@@ -2,7 +2,7 @@
 still correct under that load (issue 23, part 3).
 
     .venv/bin/python -m bench.agents [--agents 10000,50000,100000] [--interval-s 10] [--ttl-s 30]
-        [--seconds 60] [--procs 1] [--connections 256] [--probes 100] [--via leader|all]
+        [--seconds 60] [--procs 1] [--connections 256] [--probes 100] [--via leader|all] [--register-s 120]
         [--base-port 27600] [--out agents.json] [--doc docs/benchmarks.md]
 
 For each N, on a fresh three-node cluster (fsync on, 127.0.0.1 only, stopped
@@ -11,8 +11,12 @@ by PID at the end, also on Ctrl-C or SIGTERM):
 1. Register N agents (type ``bench``; the first ``--probes`` are type
    ``bench-probe``) with a TTL of ``--ttl-s``, over ``--connections``
    keep-alive connections per generator process (the registration
-   concurrency). A registered agent starts heartbeating at once, so the
-   first agents do not expire while the last register.
+   concurrency). Registering goes before heartbeating, except that a beat
+   overdue by half of (TTL - interval) goes first, so the first agents do
+   not expire while the last register. After ``--register-s`` the
+   generators stop registering and the run measures the agents that are in
+   (the table says how many): a saturated leader would otherwise never let
+   the last ones in.
 2. Every agent heartbeats every ``--interval-s``, its first beat at a random
    point of the interval and each next one an interval (± 10 % jitter) after
    the previous one was due, so the load is spread evenly. Connection ``c``
