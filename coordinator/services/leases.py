@@ -18,12 +18,18 @@ new leader, elected after the minimum election timeout, counts the TTL from
 its own takeover and expires the agent. Engines without the feature are
 trusted for as long as they say they lead.
 
-Loop thread only. ``tick`` is driven by ``run`` every ``tick_s``.
+Loop thread only. ``tick`` is driven by ``run`` every ``tick_s``. It
+looks only at the leases that are due: each lease has one entry in a heap of
+deadlines (``_Lease.queued`` says which); a heartbeat only moves the lease's
+deadline, and an entry popped for a lease renewed since is put back at the
+new deadline. A tick costs what expires, not what is registered (at 100,000
+agents a pass over every lease took 40 ms; ``bench.agents``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +57,7 @@ class _Lease:
     lease_id: int
     ttl_s: float
     deadline: float
+    queued: float = 0.0  # the time of this lease's entry in the heap of deadlines
 
 
 class LeaseKeeper:
@@ -69,6 +76,7 @@ class LeaseKeeper:
         self.expired_locks = 0
         self._agents: dict[str, _Lease] = {}
         self._locks: dict[str, _Lease] = {}
+        self._due: list[tuple[float, str, str]] = []  # (queued, kind, name): one live entry per lease
         self._expiring: set[tuple[str, str]] = set()
         self._term_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # expiry proposals under way
@@ -97,6 +105,7 @@ class LeaseKeeper:
         self.active = False
         self._agents.clear()
         self._locks.clear()
+        self._due.clear()
 
     def _refresh_all(self) -> None:
         now = self.clock.monotonic()
@@ -105,6 +114,20 @@ class LeaseKeeper:
                         for a in machine.registry.agents.values()}
         self._locks = {lk.name: _Lease(lk.token, lk.ttl_ms / 1000, now + lk.ttl_ms / 1000)
                        for lk in machine.locks.locks.values()}
+        self._due = []
+        for kind, table in (("agent", self._agents), ("lock", self._locks)):
+            for name, lease in table.items():
+                lease.queued = lease.deadline
+                self._due.append((lease.deadline, kind, name))
+        heapq.heapify(self._due)
+
+    def _add(self, kind: str, name: str, lease: _Lease) -> None:
+        (self._agents if kind == "agent" else self._locks)[name] = lease
+        self._queue(kind, name, lease, lease.deadline)
+
+    def _queue(self, kind: str, name: str, lease: _Lease, at: float) -> None:
+        lease.queued = at
+        heapq.heappush(self._due, (at, kind, name))
 
     # -- what the log applied ------------------------------------------------------------
 
@@ -116,11 +139,11 @@ class LeaseKeeper:
         if result.ok and command.op == AgentRegister.op:
             agent = machine.registry.agents.get(result.value["id"])
             if agent is not None:
-                self._agents[agent.id] = _Lease(agent.lease_id, agent.ttl_ms / 1000, now + agent.ttl_ms / 1000)
+                self._add("agent", agent.id, _Lease(agent.lease_id, agent.ttl_ms / 1000, now + agent.ttl_ms / 1000))
         if result.ok and command.op == LockAcquire.op:
             lock = machine.locks.locks.get(command.args["name"])
             if lock is not None:
-                self._locks[lock.name] = _Lease(lock.token, lock.ttl_ms / 1000, now + lock.ttl_ms / 1000)
+                self._add("lock", lock.name, _Lease(lock.token, lock.ttl_ms / 1000, now + lock.ttl_ms / 1000))
         for event in result.events:
             if event.type == "agent.terminated":
                 self._agents.pop(event.data["agentId"], None)
@@ -146,7 +169,11 @@ class LeaseKeeper:
             raise NotFound(f"agent {agent_id!r} is not registered")
         now = self.clock.monotonic()
         ttl_s = agent.ttl_ms / 1000
-        self._agents[agent_id] = _Lease(agent.lease_id, ttl_s, now + ttl_s)
+        lease = self._agents.get(agent_id)
+        if lease is not None and lease.lease_id == agent.lease_id:
+            lease.ttl_s, lease.deadline = ttl_s, now + ttl_s  # its heap entry moves when it comes up
+        else:
+            self._add("agent", agent_id, _Lease(agent.lease_id, ttl_s, now + ttl_s))
         for lock in self.applier.machine.locks.held_by(agent_id):
             lease = self._locks.get(lock.name)
             if lease is not None:
@@ -177,13 +204,23 @@ class LeaseKeeper:
                 self.tick()
 
     def tick(self) -> None:
+        """Propose the expiry of every lease whose deadline passed (one
+        proposal in flight per lease; a failed one is proposed again at a
+        later tick, until the lease is gone or renewed)."""
         now = self.clock.monotonic()
-        for agent_id, lease in list(self._agents.items()):
-            if lease.deadline <= now and ("agent", agent_id) not in self._expiring:
-                self._spawn_expiry("agent", agent_id, AgentExpire(agent_id, lease.lease_id))
-        for name, lease in list(self._locks.items()):
-            if lease.deadline <= now and ("lock", name) not in self._expiring:
-                self._spawn_expiry("lock", name, LockExpire(name, lease.lease_id))
+        due = self._due
+        while due and due[0][0] <= now:
+            queued, kind, name = heapq.heappop(due)
+            lease = (self._agents if kind == "agent" else self._locks).get(name)
+            if lease is None or lease.queued != queued:
+                continue  # the lease is gone, or this entry was replaced by a newer one
+            if lease.deadline > now:
+                self._queue(kind, name, lease, lease.deadline)  # renewed since it was queued
+                continue
+            if (kind, name) not in self._expiring:
+                expire = AgentExpire(name, lease.lease_id) if kind == "agent" else LockExpire(name, lease.lease_id)
+                self._spawn_expiry(kind, name, expire)
+            self._queue(kind, name, lease, now + self.tick_s)  # looked at again until it is gone
 
     def _spawn_expiry(self, kind: str, name: str, expire: AgentExpire | LockExpire) -> None:
         self._expiring.add((kind, name))

@@ -152,3 +152,43 @@ async def test_a_leader_cut_off_from_its_quorum_renews_nothing(sim: Sim) -> None
     sim.node.leases.heartbeat("w1")
     assert sim.node.leases.remaining_s("agent", "w1") == 2.0
     assert sim.node.leases.remaining_s("lock", "l") == 2.0
+
+
+async def test_a_tick_looks_only_at_what_is_due_and_the_heap_keeps_one_entry_per_lease(sim: Sim) -> None:
+    """Heartbeats move deadlines without touching the heap; an entry that comes
+    up for a renewed lease goes back at the new deadline; only the lapsed
+    lease is expired, at its own deadline and not before."""
+    for agent_id in ("w1", "w2", "w3"):
+        await _register(sim, agent_id, ttl_ms=2000)
+    await _register(sim, "w1", ttl_ms=2000)  # a re-registration: a new lease, the old entry is dropped
+    leases = sim.node.leases
+    for _ in range(50):  # w1 and w2 keep heartbeating, w3 goes quiet
+        sim.clock.advance(0.1)
+        leases.heartbeat("w1")
+        leases.heartbeat("w2")
+        leases.tick()
+    assert len(leases._due) <= 4
+    assert "w3" not in sim.applier.machine.registry.agents or leases._expiring
+    await eventually(lambda: not leases._expiring, "the expiry to finish")
+    assert sim.ops().count("agent.expire") == 1
+    assert set(sim.applier.machine.registry.agents) == {"w1", "w2"}
+    assert leases.remaining_s("agent", "w1") == pytest.approx(2.0)
+    sim.clock.advance(2.0)
+    await _tick_and_settle(sim)
+    assert set(sim.applier.machine.registry.agents) == set()
+    assert sim.ops().count("agent.expire") == 3
+
+
+async def test_a_failed_expiry_is_proposed_again_at_a_later_tick(sim: Sim) -> None:
+    await _register(sim, "w1")
+    sim.clock.advance(2)
+    sim.engine.no_leader = True  # the proposal fails at once
+    await _tick_and_settle(sim)
+    assert "w1" in sim.applier.machine.registry.agents and sim.ops().count("agent.expire") == 0
+    sim.engine.no_leader = False
+    sim.node.leases.tick()  # the same tick time: its retry is queued for the next tick
+    assert sim.ops().count("agent.expire") == 0
+    sim.clock.advance(sim.node.leases.tick_s)
+    await _tick_and_settle(sim)
+    assert "w1" not in sim.applier.machine.registry.agents and sim.ops().count("agent.expire") == 1
+    assert not sim.node.leases._agents
