@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 from collections import deque
@@ -67,6 +66,7 @@ from aiokafka.structs import OffsetAndMetadata
 from coordinator.errors import InvalidInput, InvariantError, Unavailable
 from coordinator.redact import redact_url, scrub
 from coordinator.types import TransportDelivery, TransportEntry, TransportHealth
+from transports.names import bounded, escape
 
 log = logging.getLogger(__name__)
 
@@ -82,25 +82,6 @@ FETCH_BYTES_MAX = 1 << 20  # per fetch request and partition: bounds what a grou
 # A message may be as large as an HTTP body (1 MiB) plus our envelope: the broker's
 # message.max.bytes must allow it (scripts/kafka/server.properties.in sets 2 MiB).
 RECORD_BYTES_MAX = 2 << 20
-_NAME_KEEP = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
-
-
-def _escape(name: str) -> str:
-    out = []
-    for char in name:
-        if char in _NAME_KEEP:
-            out.append(char)
-        elif ord(char) < 256:
-            out.append(f"_{ord(char):02x}")
-        else:
-            out.append(f"_u{ord(char):06x}")
-    return "".join(out)
-
-
-def _bounded(name: str) -> str:
-    if len(name) <= NAME_MAX:
-        return name
-    return f"{name[:NAME_MAX - 42]}_h{hashlib.sha256(name.encode()).hexdigest()[:40]}"
 
 
 def client_settings(url: str) -> dict[str, Any]:
@@ -258,7 +239,7 @@ class KafkaTransport:
         self.replicas = replicas  # of each topic; the broker's min.insync.replicas decides what acks=all waits for
         self._url = url
         self._where = redact_url(url)
-        self._prefix = _escape(namespace)
+        self._prefix = escape(namespace)
         self._admin: AIOKafkaAdminClient | None = None
         self._reader: AIOKafkaConsumer | None = None  # no group: end offsets, committed offsets
         self._producer: AIOKafkaProducer | None = None
@@ -278,12 +259,12 @@ class KafkaTransport:
     def _topic(self, topic: str) -> str:
         if not topic:
             raise InvalidInput("a topic needs a name", field="topic")
-        return _bounded(f"{self._prefix}.{_escape(topic)}")
+        return bounded(f"{self._prefix}.{escape(topic)}", NAME_MAX)
 
     def _group_id(self, topic: str, group: str) -> str:
         if not group:
             raise InvalidInput("a consumer group needs a name", field="group")
-        return f"{self._topic(topic)}/{_escape(group)}"
+        return f"{self._topic(topic)}/{escape(group)}"
 
     def _describe(self, exc: BaseException) -> str:
         return scrub(f"{type(exc).__name__}: {str(exc) or type(exc).__name__}", self._url)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -47,11 +46,11 @@ from nats.js.client import JetStreamContext
 from coordinator.errors import InvalidInput, Unavailable
 from coordinator.redact import redact_url, scrub
 from coordinator.types import TransportDelivery, TransportEntry, TransportHealth
+from transports.names import bounded, escape
 
 _log = logging.getLogger(__name__)
 
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_\-:@]+(?:\.[A-Za-z0-9_\-:@]+)*")
-_NAME_KEEP = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 _NAME_MAX = 120  # stream and consumer names become file names on the server
 _OFFSET = "Coord-Offset"
 _INDEX = "Coord-Index"
@@ -62,27 +61,6 @@ _STREAM_NOT_FOUND = 10059
 _CONSUMER_NOT_FOUND = 10014
 _NO_MESSAGE_FOUND = 10037
 _STREAM_NAME_IN_USE = 10058
-
-
-def _escape(name: str) -> str:
-    """A one-to-one mapping of any string onto ``[A-Za-z0-9_-]``: ``_XX`` is a
-    byte-sized character in hex, ``_uXXXXXX`` any other; ``_`` followed by
-    anything else (``_S``, ``_h``) never comes out of it, so it can separate."""
-    out = []
-    for char in name:
-        if char in _NAME_KEEP:
-            out.append(char)
-        elif ord(char) < 256:
-            out.append(f"_{ord(char):02x}")
-        else:
-            out.append(f"_u{ord(char):06x}")
-    return "".join(out)
-
-
-def _bounded(name: str) -> str:
-    if len(name) <= _NAME_MAX:
-        return name
-    return f"{name[:_NAME_MAX - 42]}_h{hashlib.sha256(name.encode()).hexdigest()[:40]}"
 
 
 class NatsJetStreamTransport:
@@ -154,7 +132,7 @@ class NatsJetStreamTransport:
         self.replicas = replicas
         self.max_ack_pending = max_ack_pending
         self.fetch_max_n = fetch_max_n
-        self._prefix = _escape(namespace)
+        self._prefix = escape(namespace)
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._connect_lock = asyncio.Lock()
@@ -174,7 +152,7 @@ class NatsJetStreamTransport:
 
     def _stream(self, topic: str) -> str:
         self._check_topic(topic)
-        return _bounded(f"{self._prefix}_S{_escape(topic)}")
+        return bounded(f"{self._prefix}_S{escape(topic)}", _NAME_MAX)
 
     def _subject(self, topic: str) -> str:
         return f"{self._prefix}.bus.{topic}"
@@ -183,7 +161,7 @@ class NatsJetStreamTransport:
     def _durable(group: str) -> str:
         if not group:
             raise InvalidInput("a consumer group needs a name", field="group")
-        return _bounded(_escape(group))
+        return bounded(escape(group), _NAME_MAX)
 
     def _delivery_re(self, stream: str, durable: str) -> re.Pattern[str]:
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the form with
