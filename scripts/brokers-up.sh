@@ -78,9 +78,11 @@ kafka_jars() {  # Maven Central, the ordinary way; skipped once the jars are the
     touch "$KAFKA/libs/.complete"
 }
 
+# The jars also serve tests/transports/test_kafka.py, whose restart test runs
+# its own Kafka: fetched even when another checkout's Kafka answers on 9092.
+mkdir -p "$KAFKA"
+kafka_jars
 if ! up 9092; then
-    mkdir -p "$KAFKA"
-    kafka_jars
     # The properties are written anew each time (the template may change); the
     # storage is formatted once, with a fresh cluster id.
     sed -e "s|@PORT@|9092|g; s|@CONTROLLER_PORT@|9093|g; s|@DATA@|$KAFKA/data|g" \
