@@ -231,3 +231,16 @@ class NamedCommand(DomainCommand):
 
     def to_args(self) -> dict[str, Any]:
         return {"name": self.name}
+
+
+@dataclass(frozen=True, slots=True)
+class ArglessCommand(DomainCommand):
+    """A command with no arguments (a tick, a barrier). Its args are not
+    read: entries older than a type may carry some, and they mean nothing."""
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> Self:
+        return cls()
+
+    def to_args(self) -> dict[str, Any]:
+        return {}

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Self
 
 from coordinator.commands import filters
 from coordinator.commands.base import (
+    ArglessCommand,
     DomainCommand,
     Rejected,
     check_int,
@@ -567,17 +568,10 @@ class BusTransportConfigure(DomainCommand):
 # -- timers -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class BusTick(DomainCommand):
+class BusTick(ArglessCommand):
     """Proposed by the leader when a bus timer is due by its clock."""
 
     op: ClassVar[str] = "bus.tick"
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls()
-
-    def to_args(self) -> dict[str, Any]:
-        return {}
 
 
 COMMAND_TYPES: tuple[type[DomainCommand], ...] = (

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from coordinator.commands.base import DomainCommand, check_str, invalid, require_dict, require_str
+from coordinator.commands.base import ArglessCommand, DomainCommand, check_str, invalid, require_dict, require_str
 
 MAX_NODE_ID_LEN = 64
 MAX_ADDRESS_LEN = 256  # a member's Raft or HTTP address
@@ -34,32 +34,18 @@ def check_address(value: Any, field: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Noop(DomainCommand):
+class Noop(ArglessCommand):
     """Nothing: an entry that only moves the log (and committed time) on."""
 
     op: ClassVar[str] = "noop"
 
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls()
-
-    def to_args(self) -> dict[str, Any]:
-        return {}
-
 
 @dataclass(frozen=True, slots=True)
-class Barrier(DomainCommand):
+class Barrier(ArglessCommand):
     """A read barrier: once applied, the replica holds every entry committed
     before it. Its value is its own log index."""
 
     op: ClassVar[str] = "barrier"
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls()
-
-    def to_args(self) -> dict[str, Any]:
-        return {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Self
 
 from coordinator.commands.agents import HEALTH_STATES
 from coordinator.commands.base import (
+    ArglessCommand,
     DomainCommand,
     NamedCommand,
     check_int,
@@ -165,16 +166,9 @@ class ProcessorDelete(NamedCommand):
 
 
 @dataclass(frozen=True, slots=True)
-class StreamsTick(DomainCommand):
+class StreamsTick(ArglessCommand):
     """Proposed by the leader when a window or a pattern's deadline is due by
     its clock: the command's committed time closes them. Its args are not
     read (the handler never read them)."""
 
     op: ClassVar[str] = "streams.tick"
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls()
-
-    def to_args(self) -> dict[str, Any]:
-        return {}
