@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
@@ -16,9 +17,21 @@ from coordinator.client import CoordinatorClient
 from coordinator.crypto import AgentKeys
 from coordinator.errors import CoordinatorError
 
+DISTRIBUTION = "agentcoord"
+# What ``serve`` imports beyond the client (the extra "server").
+SERVER_MODULES = frozenset({"pysyncobj", "cryptography", "msgpack", "sortedcontainers", "prometheus_client"})
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="Raft-replicated coordination service")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run one node")
@@ -154,7 +167,14 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config, overrides)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pysyncobj").setLevel(logging.WARNING)
-    from coordinator.main import serve  # the composition root, only when serving
+    try:
+        from coordinator.main import serve  # the composition root, only when serving
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVER_MODULES:
+            raise
+        print(f"coordinator: serving needs the server extra ({exc.name} is missing): "
+              f"pip install '{DISTRIBUTION}[server]'", file=sys.stderr)
+        return 2
 
     asyncio.run(serve(cfg))
     return 0

@@ -61,7 +61,13 @@ def transport_factory(config: NodeConfig) -> Any:
         if name not in plugins:
             raise InvalidInput(f"transports.{name}: unknown transport (installed: {', '.join(sorted(plugins))})",
                                field=f"transports.{name}")
-        return plugins[name].load()(url, namespace=config.transport_namespace)
+        try:
+            plugin = plugins[name].load()
+        except ImportError as exc:  # the broker's client library is an extra of its own
+            raise InvalidInput(f"transports.{name}: its client library is not installed ({exc.name}); "
+                               f"install the extra: pip install 'agentcoord[{name}]'",
+                               field=f"transports.{name}") from None
+        return plugin(url, namespace=config.transport_namespace)
 
     return make
 

@@ -6,22 +6,23 @@ VENV="${COORD_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 
 coord_venv() {
-    local extras="$1"  # "" or "test"
+    # A node needs the extras "server" and "brokers" (the distribution alone
+    # is the client); "$1" adds more: "", "test" or "chaos".
+    local extras="server,brokers${1:+,$1}"
     if [ ! -x "$VENV/bin/python" ]; then
         echo "creating virtualenv $VENV" >&2
         "$PYTHON" -m venv "$VENV"
     fi
-    local stamp="$VENV/.coord-installed-${extras:-base}"
+    local stamp="$VENV/.coord-installed-${extras//,/-}"
     local digest
     digest="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
-        echo "installing the project into $VENV${extras:+ (with [$extras])}" >&2
+        echo "installing the project into $VENV (with [$extras])" >&2
         "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-        if [ -n "$extras" ]; then
-            "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]" >&2
-        else
-            "$VENV/bin/python" -m pip install --quiet -e "$ROOT" >&2
-        fi
+        # The distribution was called "coordinator" before: a venv made then
+        # would keep its egg-link next to the new one.
+        "$VENV/bin/python" -m pip uninstall --quiet --yes coordinator >/dev/null 2>&1 || true
+        "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]" >&2
         echo "$digest" > "$stamp"
     fi
 }
