@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import secrets
 import ssl as ssl_module
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import aiohttp
@@ -111,6 +113,41 @@ def _node_error(status: int, body: bytes) -> CoordinatorError:
 
 
 MAX_INVOKE_TIMEOUT_S = 300.0  # the longest timeout a balancing policy may set
+LIST_PAGE = 1000  # keys per page of list(): the most the API answers at once
+
+
+@dataclass
+class HeldLock:
+    """A lock held by ``CoordinatorClient.lock``: its fencing ``token``, and
+    ``lost``, set once the lease may have expired or another holder has it."""
+
+    name: str
+    holder: str
+    token: int
+    lost: asyncio.Event = dataclass_field(default_factory=asyncio.Event)
+
+
+def backoff_s(attempt: int, retry_after_s: float | None = None) -> float:
+    """How long to wait before attempt ``attempt + 1``. Full jitter over an
+    exponential ceiling (50 ms doubling, at most 1 s), so clients that failed
+    together do not come back together; a node's ``Retry-After`` (capped at
+    1 s: the client moves to another node meanwhile) is waited at least, plus
+    up to a fifth more."""
+    if retry_after_s is not None and retry_after_s >= 0:
+        return min(retry_after_s, 1.0) * random.uniform(1.0, 1.2)
+    return random.uniform(0.0, min(0.05 * 2 ** min(attempt, 5), 1.0))
+
+
+class RetriableOutcomeUnknown(OutcomeUnknown):
+    """What the client raises for ``OutcomeUnknown``: ``request_id`` is the
+    id the request carried (None for a read) and ``await retry()`` sends the
+    same request again, with the same id, and returns the API's answer: the
+    first outcome when the first attempt took effect, so it is never applied
+    twice. Catch ``OutcomeUnknown``; this is one."""
+
+    def __init__(self, message: str, retry: Callable[[], Awaitable[Any]], *, request_id: str | None) -> None:
+        super().__init__(message, request_id=request_id)
+        self.retry = retry
 
 
 class CoordinatorClient:
@@ -209,7 +246,7 @@ class CoordinatorClient:
         while True:
             attempt += 1
             hint = None
-            retry_after = min(0.05 * 2 ** min(attempt, 5), 1.0)
+            retry_after = backoff_s(attempt)
             try:
                 data = json.dumps(body).encode() if body is not None else b""
                 url, headers = self._prepare(method, path, params, data,
@@ -227,7 +264,7 @@ class CoordinatorClient:
                         hint = error.get("leader")
                         last = Unavailable(message, leader=hint)
                         with contextlib.suppress(ValueError):
-                            retry_after = min(float(response.headers.get("Retry-After", retry_after)), 1.0)
+                            retry_after = backoff_s(attempt, float(response.headers["Retry-After"]))
                     elif status == 504 and error.get("code") == "timeout":
                         raise RequestTimeout(message)
                     elif status == 504:
@@ -249,8 +286,25 @@ class CoordinatorClient:
             # go back to a node that just hung or refused.
             self._move(hint)
             if time.monotonic() + retry_after > deadline:
+                if isinstance(last, OutcomeUnknown):
+                    raise self._unknown(last, method, path, body, params, timeout_s, attempt_timeout_s)
                 raise last
             await asyncio.sleep(retry_after)
+
+    def _unknown(self, error: OutcomeUnknown, method: str, path: str, body: dict[str, Any] | None,
+                 params: dict[str, Any] | None, timeout_s: float | None,
+                 attempt_timeout_s: float | None) -> OutcomeUnknown:
+        """The error with what a safe retry needs: the request id the request
+        carried (None for a request without one, a read) and ``retry()``,
+        which sends the same request again with the same id and returns the
+        API's answer (the first outcome, if the first attempt took effect)."""
+        request_id = body.get("request_id") if isinstance(body, dict) else None
+
+        async def retry() -> Any:
+            return await self.request(method, path, body, params, timeout_s=timeout_s,
+                                      attempt_timeout_s=attempt_timeout_s)
+
+        return RetriableOutcomeUnknown(error.message, retry, request_id=request_id)
 
     @staticmethod
     def _request_id() -> str:
@@ -297,8 +351,21 @@ class CoordinatorClient:
             return False
         return True
 
-    async def list(self, prefix: str = "", *, limit: int = 1000) -> list[dict[str, Any]]:
-        return (await self.request("GET", "/v1/kv", params={"prefix": prefix, "limit": limit}))["items"]
+    async def list(self, prefix: str = "", *, limit: int | None = None,
+                   consistency: str = "linearizable") -> list[dict[str, Any]]:
+        """Every key under ``prefix`` in key order, page by page (1000 a page),
+        or the first ``limit``. Each page is its own read: a key written
+        between pages shows only if it sorts after the pages already read."""
+        out: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"prefix": prefix, "consistency": consistency}
+        while limit is None or len(out) < limit:
+            params["limit"] = LIST_PAGE if limit is None else min(LIST_PAGE, limit - len(out))
+            page = await self.request("GET", "/v1/kv", params=params)
+            out.extend(page["items"])
+            if not page.get("more") or not page["items"]:
+                break
+            params["start_after"] = page["items"][-1]["key"]
+        return out
 
     # -- agents ------------------------------------------------------------------------------
 
@@ -384,6 +451,52 @@ class CoordinatorClient:
         except (NotFound, Conflict):
             return False
         return True
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str, holder: str | None = None, *, ttl_s: float = 15.0,
+                   wait_s: float = 0.0, poll_s: float = 0.2) -> AsyncIterator[HeldLock]:
+        """Hold lock ``name`` while inside: ``async with client.lock("jobs/a", "w1") as held``.
+
+        Waits up to ``wait_s`` for another holder to let go (``Conflict`` when
+        it did not), then renews the lease every third of ``ttl_s`` (the holder
+        acquiring again) and releases it on the way out. ``holder`` defaults to
+        the agent this client signs as. If the lease could not be renewed for
+        ``ttl_s`` or someone else holds the lock, ``held.lost`` is set: pass
+        ``held.token`` as the fence of your writes so that a lost lock cannot
+        corrupt anything, and check ``held.lost`` between steps."""
+        holder = holder if holder is not None else self.agent_id
+        if not holder:
+            raise InvalidInput("holder: name the holder (or sign as an agent)", field="holder")
+        deadline = time.monotonic() + wait_s
+        while (token := await self.acquire(name, holder, ttl_s=ttl_s)) is None:
+            if time.monotonic() + poll_s > deadline:
+                raise Conflict(f"lock {name!r} is held by another holder (waited {wait_s:g} s)")
+            await asyncio.sleep(random.uniform(poll_s / 2, poll_s))
+        held = HeldLock(name, holder, token)
+        keeper = asyncio.create_task(self._keep_lock(held, ttl_s))
+        try:
+            yield held
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            if not held.lost.is_set():
+                with contextlib.suppress(CoordinatorError):
+                    await self.release(name, holder)
+
+    async def _keep_lock(self, held: HeldLock, ttl_s: float) -> None:
+        renewed = time.monotonic()
+        while not held.lost.is_set():
+            await asyncio.sleep(ttl_s / 3)
+            try:
+                token = await self.acquire(held.name, held.holder, ttl_s=ttl_s)
+            except (Unavailable, OutcomeUnknown):
+                if time.monotonic() - renewed >= ttl_s:
+                    held.lost.set()  # not renewed for a whole TTL: it may have expired
+                continue
+            if token != held.token:
+                held.lost.set()  # expired and taken (None), or expired and taken again by us (a new token)
+            renewed = time.monotonic()
 
     async def campaign(self, election: str, candidate: str, *, ttl_s: float = 15.0) -> int | None:
         try:

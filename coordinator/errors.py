@@ -90,9 +90,15 @@ class OutcomeUnknown(CoordinatorError):
     """The command was handed to consensus but no outcome came back in time.
 
     It may or may not take effect; a retry with the same ``request_id`` is safe.
+    ``request_id``: the id the request carried, when the raiser knows it.
     """
 
     code = "outcome_unknown"
+
+    @property
+    def request_id(self) -> str | None:
+        value = self.details.get("request_id")
+        return value if isinstance(value, str) else None
 
 
 class RequestTimeout(CoordinatorError):
