@@ -112,3 +112,12 @@ async def test_the_blocking_facade(h: Harness) -> None:
     await eventually(lambda: not thread.is_alive(), "the script to finish", timeout_s=10)
     assert results["value"] == "x" and results["keys"] == ["s/a"] and results["missing"] is None
     assert isinstance(results["revision"], int) and isinstance(results["token"], int)
+
+
+async def test_a_lock_that_expired_and_was_taken_is_marked_lost(h: Harness, client: CoordinatorClient) -> None:
+    async with client.lock("jobs/c", "w1", ttl_s=3.0) as held:
+        h.clock.advance(5.0)  # the lease runs out before the keeper's first renewal (1 s in)
+        await eventually(lambda: h.applier.machine.locks.locks.get("jobs/c") is None, "the lease to expire")
+        assert await client.acquire("jobs/c", "w2", ttl_s=30) is not None
+        await eventually(held.lost.is_set, "the keeper to notice the lock is gone")
+    assert await client.acquire("jobs/c", "w3") is None  # leaving did not release w2's lock
