@@ -979,13 +979,16 @@ class PySyncObjEngine:
                  compaction_entries: int = 20_000, stall_timeout_s: float = 5.0, rebuilds_max: int = 2,
                  max_entry_bytes: int = 1 << 20, dial: dict[str, str] | None = None,
                  power_loss: bool = False, compaction_bytes: int = 64 << 20,
-                 snapshot_timeout_s: float = 20.0) -> None:
+                 snapshot_timeout_s: float = 20.0, bind: str | None = None) -> None:
+        """``address`` is this node's Raft identity, the one its peers dial;
+        ``bind`` where its port listens when that differs (0.0.0.0:7101)."""
         if not secret or len(secret) < 16:
             raise MissingSecret("the Raft port needs a cluster secret of at least 16 characters")
         if durability not in ("fsync", "none"):
             raise EngineError("durability must be 'fsync' or 'none'")
         self.node_id = node_id
         self.address = address
+        self.bind = bind
         self.peers = [p for p in peers if p != address]
         self._dial = {identity: via for identity, via in (dial or {}).items() if identity != via}
         self._identity = {via: identity for identity, via in self._dial.items()}
@@ -1041,7 +1044,8 @@ class PySyncObjEngine:
     @classmethod
     def from_config(cls, config: Any, fsm: ReplicatedFSM) -> PySyncObjEngine:
         """Build the engine from a ``coordinator.config.NodeConfig``."""
-        return cls(node_id=config.node_id, address=config.raft, peers=[p.raft for p in config.peers],
+        return cls(node_id=config.node_id, address=config.raft, bind=getattr(config, "raft_bind", "") or None,
+                   peers=[p.raft for p in config.peers],
                    dial={p.raft: p.dial for p in config.peers if p.dial},
                    data_dir=config.data_dir, secret=config.secret, fsm=fsm, durability=config.durability,
                    election_timeout_s=(config.election_timeout_min_s, config.election_timeout_max_s),
@@ -1121,6 +1125,7 @@ class PySyncObjEngine:
             logCompactionMinEntries=t["compaction_entries"],
             logCompactionMinTime=3600,
             autoTickPeriod=0.05,
+            bindAddress=self.bind,
             bindRetryTime=0.5,
             maxBindRetries=20,
             onStateChanged=self._on_state_changed,

@@ -7,12 +7,12 @@ import argparse
 import asyncio
 import importlib.metadata
 import json
-import logging
 import os
 import sys
 from typing import Any
 
 from coordinator import config as config_module
+from coordinator import logs
 from coordinator.client import CoordinatorClient
 from coordinator.crypto import AgentKeys
 from coordinator.errors import CoordinatorError
@@ -37,8 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one node")
     serve.add_argument("--config", help="TOML file with the settings below (flags win)")
     serve.add_argument("--node-id", dest="node_id")
-    serve.add_argument("--http", help="HTTP listen address host:port")
-    serve.add_argument("--raft", help="Raft listen address host:port")
+    serve.add_argument("--http", help="this node's HTTP address host:port, as peers and clients reach it "
+                                      "(listened on, unless --http-bind)")
+    serve.add_argument("--raft", help="this node's Raft address host:port, its identity in the cluster "
+                                      "(listened on, unless --raft-bind)")
+    serve.add_argument("--http-bind", dest="http_bind", metavar="HOST:PORT",
+                       help="listen for HTTP here instead, e.g. 0.0.0.0:7001 (--http stays what others are told)")
+    serve.add_argument("--raft-bind", dest="raft_bind", metavar="HOST:PORT",
+                       help="listen for Raft here instead, e.g. 0.0.0.0:7101 (engine raft)")
     serve.add_argument("--data-dir", dest="data_dir")
     serve.add_argument("--peer", dest="peers", action="append",
                        help="another member: ID=RAFT_HOST:PORT,HTTP_HOST:PORT (repeat)")
@@ -65,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--transport-namespace", dest="transport_namespace",
                        help="prefix of every broker resource (the same on every node; default coord)")
     serve.add_argument("--log-level", dest="log_level")
+    serve.add_argument("--log-format", dest="log_format", choices=("text", "json"),
+                       help="text (default) or json: one object per line, for log collectors")
+    serve.add_argument("--access-log", dest="access_log", action="store_true", default=None,
+                       help="log every HTTP request (method, path without query, status, ms, principal)")
     serve.add_argument("--unsafe-stale-reads", dest="unsafe_stale_reads", action="store_true", default=None,
                        help="UNSAFE, for chaos demonstrations: serve default reads from local state "
                             "without a barrier (stale, not linearizable)")
@@ -150,14 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# The serve flags that are settings of the node (NodeConfig fields, or the files they are read from).
+SERVE_SETTINGS = ("node_id", "http", "raft", "http_bind", "raft_bind", "data_dir", "engine", "durability",
+                  "log_level", "log_format", "access_log", "secret_file", "compaction_entries", "compaction_bytes",
+                  "unsafe_stale_reads",
+                  "transport_namespace", "unsafe_test_clock_control", "unsafe_test_power_loss", "tls_cert",
+                  "tls_key", "tls_ca", "allow_anonymous", "admin_token_file", "pbft_key_file", "pbft_keyring",
+                  "unsafe_pbft_fault", "chaos_dir", "connections_max", "long_requests_per_principal",
+                  "long_requests_max", "metrics_token_file")
+
+
 def _serve(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {name: getattr(args, name) for name in
-                                 ("node_id", "http", "raft", "data_dir", "engine", "durability", "log_level",
-                                  "secret_file", "compaction_entries", "compaction_bytes", "unsafe_stale_reads",
-                                  "transport_namespace", "unsafe_test_clock_control", "unsafe_test_power_loss",
-                                  "tls_cert", "tls_key", "tls_ca", "allow_anonymous", "admin_token_file",
-                                  "pbft_key_file", "pbft_keyring", "unsafe_pbft_fault", "chaos_dir", "connections_max",
-                                  "long_requests_per_principal", "long_requests_max", "metrics_token_file")}
+    overrides: dict[str, Any] = {name: getattr(args, name) for name in SERVE_SETTINGS}
     if args.http_names:
         overrides["http_names"] = args.http_names
     if args.peers:
@@ -165,8 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.transports:
         overrides["transports"] = args.transports
     cfg = config_module.load(args.config, overrides)
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pysyncobj").setLevel(logging.WARNING)
+    logs.configure(cfg.log_level, cfg.log_format)
     try:
         from coordinator.main import serve  # the composition root, only when serving
     except ModuleNotFoundError as exc:

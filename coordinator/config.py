@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from coordinator.errors import InvalidInput
+from coordinator.logs import LOG_FORMATS
 
 DURABILITY = ("fsync", "none")
 # The Byzantine behaviours a PBFT node can be told to show (chaos demonstrations
@@ -38,10 +39,15 @@ class PeerConfig:
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     node_id: str
+    # The addresses the other nodes and the clients are told (member table,
+    # leader hints, Raft identity): never a wildcard. The node listens on
+    # them unless http_bind / raft_bind say where (e.g. 0.0.0.0:7001).
     http: str
     raft: str
     data_dir: str
     peers: tuple[PeerConfig, ...] = ()
+    http_bind: str = ""
+    raft_bind: str = ""
     secret: str = field(default="", repr=False)
     engine: str = "raft"
     durability: str = "fsync"
@@ -57,6 +63,8 @@ class NodeConfig:
     # how often each node compares its state digest with the other members' (0: never)
     digest_check_s: float = 5.0
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (coordinator.logs)
+    access_log: bool = False  # one line per HTTP request (coordinator.api.accesslog)
     unsafe_stale_reads: bool = False  # chaos demonstrations only: reads skip the barrier
     # chaos tests only: the wall clock (stamped into commands) is shifted by the offset
     # in <data_dir>/unsafe-clock-offset-ms, which the clock-skew nemesis writes
@@ -102,6 +110,17 @@ class NodeConfig:
                 raise InvalidInput(f"{name}: is required", field=name)
         for name in ("http", "raft"):
             _check_address(getattr(self, name), name)
+            address = getattr(self, name)
+            if _host(address) in WILDCARD_HOSTS:
+                raise InvalidInput(f"{name}: {address!r} is where to listen, not an address others can reach: "
+                                   f"give this node's reachable address as {name} and listen with {name}_bind "
+                                   f"(--{name}-bind {address})", field=name)
+        for name in ("http_bind", "raft_bind"):
+            if getattr(self, name):
+                _check_address(getattr(self, name), name)
+        if self.raft_bind and self.engine != "raft":
+            raise InvalidInput(f"raft_bind: the {self.engine} engine listens on its raft address only",
+                               field="raft_bind")
         ids = {self.node_id}
         addresses = {self.raft, self.http}
         for peer in self.peers:
@@ -113,6 +132,8 @@ class NodeConfig:
                 raise InvalidInput(f"peers: {peer.id} repeats an id or address", field="peers")
             ids.add(peer.id)
             addresses |= {peer.raft, peer.http}
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidInput(f"log_format: must be {' or '.join(LOG_FORMATS)}", field="log_format")
         weak = weak_secret(self.secret)
         if weak:
             raise InvalidInput(f"secret: the cluster secret is too weak: {weak} (secret_file or "
@@ -245,6 +266,13 @@ def weak_secret(secret: str) -> str | None:
         if letters == word or (core and core == word * (len(core) // len(word))):
             return f"it is a common word ({word!r}) with digits or punctuation around it"
     return None
+
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", "*"})
+
+
+def _host(address: str) -> str:
+    return address.rpartition(":")[0]
 
 
 def _check_address(value: str, name: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from coordinator.api.accesslog import AccessLogger
 from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
 from coordinator.api.limits import BoundedRunner, OpenLimits
@@ -31,6 +32,7 @@ from coordinator.clock import (
 )
 from coordinator.config import NodeConfig
 from coordinator.errors import InvalidInput
+from coordinator.logs import ACCESS_LOGGER
 from coordinator.services.applier import Applier
 from coordinator.services.node import CoordinatorNode, Identity
 from coordinator.tls import client_context, server_context
@@ -93,6 +95,10 @@ def unsafe_fail_apply_at() -> int | None:
     log.warning("UNSAFE test failpoint: this node's replica fails applying the first entry at or past index %s "
                 "(%s)", value, FAIL_APPLY_AT_ENV)
     return int(value)
+
+
+def _listening(advertised: str, bind: str) -> str:
+    return f"{bind} (advertised as {advertised})" if bind else advertised
 
 
 def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> CoordinatorNode:
@@ -176,12 +182,14 @@ async def serve(config: NodeConfig) -> None:
     # taking messages for it. shutdown_timeout: in-flight requests get a second.
     # Header limits are explicit (bodies are capped by make_app at 1 MiB): a request
     # line or header over 8 KiB, or more than 64 headers, is refused before any handler.
-    runner = BoundedRunner(app, connections_max=config.connections_max, access_log=None, handle_signals=False,
+    access = {"access_log": logging.getLogger(ACCESS_LOGGER), "access_log_class": AccessLogger} \
+        if config.access_log else {"access_log": None}
+    runner = BoundedRunner(app, connections_max=config.connections_max, **access, handle_signals=False,
                            handler_cancellation=True, shutdown_timeout=1.0, max_line_size=8190, max_field_size=8190,
                            max_headers=64)
     await runner.setup()
-    host, _, port = config.http.rpartition(":")
-    site = web.TCPSite(runner, host, int(port), reuse_address=True, ssl_context=server_ssl)
+    host, _, port = (config.http_bind or config.http).rpartition(":")
+    site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True, ssl_context=server_ssl)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -189,7 +197,8 @@ async def serve(config: NodeConfig) -> None:
     try:
         await site.start()
         log.info("node %s serving %s on %s, Raft on %s (engine %s, durability %s)", config.node_id,
-                 "HTTPS" if server_ssl else "HTTP", config.http, config.raft, config.engine, config.durability)
+                 "HTTPS" if server_ssl else "HTTP", _listening(config.http, config.http_bind),
+                 _listening(config.raft, config.raft_bind), config.engine, config.durability)
         await stop.wait()
         log.info("node %s stopping", config.node_id)
     finally:

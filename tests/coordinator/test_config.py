@@ -260,3 +260,30 @@ def test_compaction_bytes_defaults_and_bounds(tmp_path: Path) -> None:
         with pytest.raises(InvalidInput) as refused:
             _load(tmp_path, compaction_bytes=bad)
         assert refused.value.field == "compaction_bytes"
+
+
+@pytest.mark.parametrize("name", ["http", "raft"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]"])
+def test_an_address_others_cannot_reach_is_refused_naming_the_bind_setting(tmp_path: Path, name: str,
+                                                                          host: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, **{name: f"{host}:7001"})
+    assert refused.value.field == name and f"{name}_bind" in refused.value.message
+
+
+def test_bind_addresses_are_checked_and_default_to_the_advertised_ones(tmp_path: Path) -> None:
+    cfg = _load(tmp_path)
+    assert cfg.http_bind == "" and cfg.raft_bind == ""
+    cfg = _load(tmp_path, http_bind="0.0.0.0:7001", raft_bind="0.0.0.0:7101")
+    assert (cfg.http_bind, cfg.raft_bind) == ("0.0.0.0:7001", "0.0.0.0:7101")
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, http_bind="nowhere")
+    assert refused.value.field == "http_bind"
+
+
+def test_log_format_is_text_or_json(tmp_path: Path) -> None:
+    assert _load(tmp_path).log_format == "text"
+    assert _load(tmp_path, log_format="json", access_log=True).access_log is True
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, log_format="xml")
+    assert refused.value.field == "log_format"
