@@ -318,7 +318,9 @@ def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
                 values = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise InvalidInput(f"config: cannot read {path}: {exc}", field="config") from None
+    # Both popped: a flag wins over the file's setting, which must not stay behind as an unknown one.
     secret_file = overrides.pop("secret_file", None) or values.pop("secret_file", None)
+    values.pop("secret_file", None)
     values.update({k: v for k, v in overrides.items() if v is not None})
     transports = values.pop("transports", {})
     if isinstance(transports, (list, tuple)):  # --transport NAME=URL flags

@@ -287,3 +287,15 @@ def test_log_format_is_text_or_json(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput) as refused:
         _load(tmp_path, log_format="xml")
     assert refused.value.field == "log_format"
+
+
+def test_a_secret_file_flag_wins_over_the_settings_files(tmp_path: Path) -> None:
+    for name, text in (("file-secret", SECRET), ("flag-secret", SECRET[::-1])):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o600)
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'node_id = "n1"\nhttp = "127.0.0.1:7001"\nraft = "127.0.0.1:7101"\n'
+                    f'data_dir = "{tmp_path / "n1"}"\nsecret_file = "{tmp_path / "file-secret"}"\n'
+                    f'admin_token = "{TOKEN}"\n')
+    assert config.load(str(toml), {}).secret == SECRET
+    assert config.load(str(toml), {"secret_file": str(tmp_path / "flag-secret")}).secret == SECRET[::-1]
