@@ -73,6 +73,7 @@ from chaos.report import bus_report, plot, text_report
 from chaos.stream_workload import StreamWorkload, check_streams
 from chaos.workload import History, check_locks, run_locks, run_register
 from devcluster.cluster import LocalCluster, free_base_port
+from devcluster.progress import Progress
 
 
 def check_history(path: Path, timeout_s: float) -> dict[str, Any]:
@@ -88,12 +89,13 @@ def check_history(path: Path, timeout_s: float) -> dict[str, Any]:
     return verdict
 
 
-async def _progress(history: History, nemesis: Nemesis, started: float, every_s: float) -> None:
-    while True:
-        await asyncio.sleep(every_s)
-        c = history.counts
-        print(f"  {time.monotonic() - started:5.0f}s  ok {c['ok']:6d}  fail {c['fail']:5d}  unknown {c['info']:4d}"
-              f"  nemesis: {nemesis.active or '-'}", flush=True)
+async def _progress(history: History, nemesis: Nemesis, started: float, every_s: float, total_s: float) -> None:
+    with Progress("workload", total_s, every_s=every_s) as progress:
+        while True:
+            await asyncio.sleep(min(every_s, 1.0))
+            c = history.counts
+            progress.update(time.monotonic() - started, f"ok {c['ok']:6d}  fail {c['fail']:5d}  unknown "
+                                                        f"{c['info']:4d}  nemesis: {nemesis.active or '-'}")
 
 
 async def _recover(cluster: LocalCluster, timeout_s: float) -> float:
@@ -218,7 +220,7 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
         leader = await asyncio.to_thread(cluster.wait_leader, 60)
         print(f"  cluster up, leader {leader}; running the workload", flush=True)
         started = time.monotonic()
-        progress = asyncio.create_task(_progress(history, nemesis, started, args.progress_s))
+        progress = asyncio.create_task(_progress(history, nemesis, started, args.progress_s, args.duration))
         try:
             endpoints = [cluster.url(n) for n in client_nodes(cluster)]
             extra_work = []
@@ -313,12 +315,15 @@ async def run_register_and_locks(args: argparse.Namespace, out: Path, cluster: L
     return 2
 
 
-async def _bus_progress(tracker: BusTracker, nemesis: Nemesis, started: float, every_s: float) -> None:
-    while True:
-        await asyncio.sleep(every_s)
-        c = tracker.counts
-        print(f"  {time.monotonic() - started:5.0f}s  published {c['published']:6d}  received {c['received']:6d}"
-              f"  redelivered {c['redelivered']:5d}  nemesis: {nemesis.active or '-'}", flush=True)
+async def _bus_progress(tracker: BusTracker, nemesis: Nemesis, started: float, every_s: float,
+                        total_s: float) -> None:
+    with Progress("bus workload", total_s, every_s=every_s) as progress:
+        while True:
+            await asyncio.sleep(min(every_s, 1.0))
+            c = tracker.counts
+            progress.update(time.monotonic() - started, f"published {c['published']:6d}  received "
+                                                        f"{c['received']:6d}  redelivered {c['redelivered']:5d}  "
+                                                        f"nemesis: {nemesis.active or '-'}")
 
 
 async def run_bus(args: argparse.Namespace, out: Path, cluster: LocalCluster, proxy: Proxy) -> int:
@@ -344,7 +349,8 @@ async def run_bus(args: argparse.Namespace, out: Path, cluster: LocalCluster, pr
             workload.start_consumers()
             print(f"  cluster up, leader {leader}; running the workload", flush=True)
             started = time.monotonic()
-            progress = asyncio.create_task(_bus_progress(workload.tracker, nemesis, started, args.progress_s))
+            progress = asyncio.create_task(_bus_progress(workload.tracker, nemesis, started, args.progress_s,
+                                                                   args.duration))
             try:
                 await asyncio.gather(workload.publish(args.duration),
                                      nemesis.run(args.nemesis, args.duration, fault_s=args.fault_s,
