@@ -315,6 +315,10 @@ class CoordinatorClient:
     async def status(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/status")
 
+    async def members(self) -> list[dict[str, Any]]:
+        """The members (``id``, ``raft``, ``http``) as the answering node knows them."""
+        return (await self.request("GET", "/v1/members"))["members"]
+
     async def add_member(self, node_id: str, raft: str, http: str) -> dict[str, Any]:
         return await self.request("POST", "/v1/members", {"id": node_id, "raft": raft, "http": http})
 
@@ -414,6 +418,13 @@ class CoordinatorClient:
     async def agents(self, agent_type: str | None = None) -> list[dict[str, Any]]:
         params = {"type": agent_type} if agent_type else None
         return (await self.request("GET", "/v1/agents", params=params))["agents"]
+
+    async def describe_agent(self, agent_id: str, *, consistency: str = "linearizable") -> dict[str, Any] | None:
+        """One registered agent as ``agents`` lists it; None when not registered."""
+        try:
+            return await self.request("GET", f"/v1/agents/{_seg(agent_id)}", params={"consistency": consistency})
+        except NotFound:
+            return None
 
     @contextlib.asynccontextmanager
     async def agent(self, agent_type: str, **kwargs: Any) -> AsyncIterator[Registration]:
