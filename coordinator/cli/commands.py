@@ -28,7 +28,7 @@ FETCH_WAIT_S = 5.0  # one long poll of ``subscribe``
 
 T = TypeVar("T")
 
-MEMBER_COLUMNS = ("id", "http", "raft")
+MEMBER_COLUMNS = ("id", "http", "raft", "leader", "connected")
 STATUS_COLUMNS = ("id", "http", "raft", "role", "term", "commit_index", "applied_index", "healthy")
 KV_COLUMNS = ("key", "value", "revision")
 WATCH_COLUMNS = ("revision", "type", "key", "value")
@@ -88,6 +88,14 @@ def read_input(value: str, field: str) -> str:
         return raw.decode()
     except UnicodeDecodeError:
         raise InvalidInput(f"{field}: standard input is not UTF-8 text", field=field) from None
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Read what comes from standard input (``-``) before the event loop
+    runs, so nothing blocks it."""
+    for field in ("value", "payload"):
+        if getattr(args, field, None) == "-":
+            setattr(args, field, read_input("-", field))
 
 
 def parse_value(text: str, as_json: bool, field: str) -> Any:
@@ -159,7 +167,7 @@ async def kv(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 emit(item, settings.write_out, [item], KV_COLUMNS)
         elif args.action == "put":
-            value = parse_value(read_input(args.value, "value"), args.json, "value")
+            value = parse_value(args.value, args.json, "value")
             revision = await client.put(args.key, value)
             emit({"key": args.key, "revision": revision}, settings.write_out)
         elif args.action == "del":
@@ -220,7 +228,7 @@ def _headers(pairs: list[str] | None) -> dict[str, str]:
 
 
 async def publish(args: argparse.Namespace, settings: Settings) -> int:
-    message: dict[str, Any] = {"payload": parse_value(read_input(args.payload, "payload"), args.json, "payload")}
+    message: dict[str, Any] = {"payload": parse_value(args.payload, args.json, "payload")}
     if args.type is not None:
         message["type"] = args.type
     headers = _headers(args.header)

@@ -15,7 +15,7 @@ from typing import Any
 from coordinator import config as config_module
 from coordinator import logs
 from coordinator.cli import exits
-from coordinator.cli.commands import COMMANDS
+from coordinator.cli.commands import COMMANDS, prepare
 from coordinator.cli.holding import hold
 from coordinator.cli.settings import global_options, resolve
 from coordinator.crypto import AgentKeys
@@ -268,10 +268,21 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def _names_a_token(arg: str) -> bool:
+    """``--token``, ``--token=...`` or an abbreviation of it (not ``--token-file``)."""
+    name = arg.split("=", 1)[0]
+    return (name.startswith("--tok") and "--token".startswith(name)) or name in ("--token", "--admin-token")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code (see ``exits``). Errors are one line
     on stderr, never a traceback (``COORD_DEBUG=1`` shows one)."""
     argv, run = _split_command(sys.argv[1:] if argv is None else list(argv))
+    if any(_names_a_token(arg) for arg in argv):
+        # Refused before argparse, whose error would echo the value back.
+        _say("there is no --token: a token on the command line shows in ps; give --token-file PATH, "
+             "or COORD_TOKEN / COORD_TOKEN_FILE in the environment")
+        return exits.REFUSED
     args = _parser().parse_args(argv)
     args.run = run
     try:
@@ -280,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "agent-key":
             return _agent_key(args)
         settings = resolve(args)
+        prepare(args)
         run = hold if args.command == "lock" or (args.command == "elect" and args.action == "campaign") \
             else COMMANDS[args.command]
         return asyncio.run(run(args, settings))

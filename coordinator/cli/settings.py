@@ -68,7 +68,7 @@ class Settings:
     endpoints: tuple[str, ...]
     token: str | None
     agent_id: str | None
-    agent_key_file: str | None
+    keys: AgentKeys | None
     tls_ca: str | None
     timeout_s: float
     write_out: str
@@ -79,12 +79,10 @@ class Settings:
                 f"write_out={self.write_out!r})")
 
     def client(self, endpoints: list[str] | None = None) -> CoordinatorClient:
-        """A client with these credentials (to ``endpoints`` instead, if given).
-        Raises ``OSError``/``InvalidInput`` for an unreadable or unsafe key file."""
-        keys = AgentKeys.load(self.agent_key_file) if self.agent_key_file else None
+        """A client with these credentials (to ``endpoints`` instead, if given)."""
         return CoordinatorClient(list(endpoints or self.endpoints), timeout_s=self.timeout_s,
                                  request_timeout_s=min(6.0, self.timeout_s), ca_file=self.tls_ca,
-                                 token=self.token, agent_id=self.agent_id if keys else None, keys=keys)
+                                 token=self.token, agent_id=self.agent_id if self.keys else None, keys=self.keys)
 
 
 def _given(args: argparse.Namespace, dest: str) -> str | None:
@@ -125,7 +123,9 @@ def _endpoints(raw: str) -> tuple[str, ...]:
 def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     """The settings of one client command: flags, else the environment
     (``environ``, default ``os.environ``), else defaults. Reads the token
-    file; raises ``InvalidInput`` naming the option for a bad value."""
+    file and the agent's key file (before any event loop runs); raises
+    ``InvalidInput`` naming the option for a bad value, ``OSError`` for a key
+    file that cannot be read."""
     env = os.environ if environ is None else environ
 
     def pick(dest: str) -> str | None:
@@ -174,5 +174,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         missing = "agent-key-file" if agent_key_file is None else "agent-id"
         raise InvalidInput(f"{missing}: an agent signs with --agent-id and --agent-key-file together "
                            f"({ENV['agent_id']}, {ENV['agent_key_file']})", field=missing)
-    return Settings(endpoints=_endpoints(endpoints_raw), token=token, agent_id=agent_id,
-                    agent_key_file=agent_key_file, tls_ca=pick("tls_ca"), timeout_s=timeout_s, write_out=write_out)
+    endpoints = _endpoints(endpoints_raw)
+    keys = AgentKeys.load(agent_key_file) if agent_key_file else None
+    return Settings(endpoints=endpoints, token=token, agent_id=agent_id, keys=keys, tls_ca=pick("tls_ca"),
+                    timeout_s=timeout_s, write_out=write_out)
