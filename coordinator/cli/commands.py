@@ -113,7 +113,7 @@ async def _member_status(settings: Settings, scheme: str, member: dict[str, Any]
         if not member["http"]:
             raise CoordinatorError("unknown HTTP address")
         one = settings.client([f"{scheme}://{member['http']}"])
-        one.timeout_s = min(2.0, settings.timeout_s)
+        one.timeout_s = one.request_timeout_s = min(2.0, settings.timeout_s)  # one member: no waiting for others
         async with one:
             st = await one.status()
         row.update(role=st["role"], term=st["term"], commit_index=st["commit_index"],

@@ -215,3 +215,14 @@ def test_an_agent_identity_signs_instead_of_the_token(cluster: LocalCluster, env
     # Signed by a key no agent registered: the node checks the signature and refuses it (not a 401 for no credential).
     unknown = cli(as_agent, "kv", "get", "cli/b")
     assert unknown.returncode == 2 and "coordinator: " in unknown.stderr and "needs credentials" not in unknown.stderr
+
+
+def test_status_exits_1_naming_an_unreachable_member(cluster: LocalCluster, env: dict[str, str]) -> None:
+    """Last in the module: it stops a member."""
+    leader = cluster.wait_leader()
+    down = next(n for n in cluster.members if n != leader)
+    cluster.stop(down)
+    run = cli(env, "status", "-w", "json")
+    assert (run.returncode, run.stderr) == (1, f"coordinator: unreachable: {down}\n")
+    roles = {m["id"]: m["role"] for m in json.loads(run.stdout)["members"]}
+    assert roles[down] == "unreachable" and roles[leader] == "leader"
