@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -301,8 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     except CoordinatorError as exc:
         _say(exits.message(exc))
         return exits.exit_code(exc)
+    except BrokenPipeError:
+        # The reader went away (``coordinator kv watch | head -3``): a normal end of a pipeline.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exits.OK
     except OSError as exc:
-        _say(f"{exc.filename or ''}: {exc.strerror}" if exc.strerror else f"{type(exc).__name__}: {exc}")
+        where = f"{exc.filename}: " if exc.filename else ""
+        _say(f"{where}{exc.strerror}" if exc.strerror else f"{type(exc).__name__}: {exc}")
         return exits.REFUSED
     except (KeyboardInterrupt, exits.Interrupted):
         return exits.INTERRUPTED
