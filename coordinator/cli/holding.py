@@ -110,7 +110,8 @@ async def hold(args: argparse.Namespace, settings: Settings) -> int:
     name = args.name if is_lock else args.election
     holder = (args.holder if is_lock else args.candidate) or settings.agent_id
     if not holder:
-        raise InvalidInput("holder: give --holder (an agent holds as itself: --agent-id)", field="holder")
+        field, how = ("holder", "--holder") if is_lock else ("candidate", "CANDIDATE")
+        raise InvalidInput(f"{field}: give {how} (an agent holds as itself: --agent-id)", field=field)
     command = list(getattr(args, "run", None) or [])
     if command and command[0] == "--":
         command = command[1:]

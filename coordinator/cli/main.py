@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any
 
+import aiohttp
+
 from coordinator import config as config_module
 from coordinator import logs
 from coordinator.cli import exits
@@ -302,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     except CoordinatorError as exc:
         _say(exits.message(exc))
         return exits.exit_code(exc)
+    except (aiohttp.ClientError, TimeoutError) as exc:  # a stream that kept failing to reconnect
+        _say(f"could not reach the cluster: {type(exc).__name__} (the cluster could not answer)")
+        return exits.UNAVAILABLE
     except BrokenPipeError:
         # The reader went away (``coordinator kv watch | head -3``): a normal end of a pipeline.
         with contextlib.suppress(OSError):
