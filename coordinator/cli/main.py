@@ -137,6 +137,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Every command that talks to a running cluster; each takes ``common``."""
 
@@ -182,11 +193,11 @@ def _client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     delete.add_argument("key")
     listing = command(kv_sub, "list", "keys under a prefix, in order")
     listing.add_argument("prefix", nargs="?", default="")
-    listing.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    listing.add_argument("--limit", type=_positive, default=1000, help="at most this many (default 1000)")
     watch = command(kv_sub, "watch", "print one line per change under a prefix until --count or Ctrl-C")
     watch.add_argument("prefix", nargs="?", default="")
     watch.add_argument("--from-revision", type=int, metavar="REV", help="start at this revision (default: now)")
-    watch.add_argument("--count", type=int, metavar="N", help="stop after N changes")
+    watch.add_argument("--count", type=_positive, metavar="N", help="stop after N changes")
 
     lock = command(sub, "lock", "hold a lock: run COMMAND while holding it and exit with its status, or print the "
                                 "fencing token and hold until Ctrl-C (exit 1: held by another)",
@@ -226,7 +237,7 @@ def _client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     subscribe.add_argument("--filter", help="only messages matching this filter expression")
     subscribe.add_argument("--start", choices=("new", "beginning"),
                            help="new messages only (the default) or from the topic's retained beginning")
-    subscribe.add_argument("--count", type=int, metavar="N", help="stop after N deliveries")
+    subscribe.add_argument("--count", type=_positive, metavar="N", help="stop after N deliveries")
     subscribe.add_argument("--max-wait-s", type=float, metavar="SECONDS",
                            help="stop after this long in all (exit 1 if fewer than --count came)")
 
@@ -241,7 +252,7 @@ def _client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     saga_sub = saga.add_subparsers(dest="action", required=True)
     saga_list = command(saga_sub, "list", "sagas in creation order")
     saga_list.add_argument("--state", help="only sagas in this state (running, completed, compensating...)")
-    saga_list.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    saga_list.add_argument("--limit", type=_positive, default=1000, help="at most this many (default 1000)")
     saga_show = command(saga_sub, "show", "one saga with its steps (exit 1: unknown)")
     saga_show.add_argument("id")
     saga_cancel = command(saga_sub, "cancel", "stop a running saga and compensate (exit 1: unknown or ended)")

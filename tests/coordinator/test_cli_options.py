@@ -235,9 +235,11 @@ def test_a_cluster_that_cannot_be_reached_is_exit_3_in_one_line(capsys: pytest.C
 
 
 def test_usage_errors_are_exit_2_and_the_help_documents_the_codes(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as refused:
-        main(["kv", "frobnicate"])
-    assert refused.value.code == exits.REFUSED
+    for argv in (["kv", "frobnicate"], ["kv", "watch", "--count", "0"], ["subscribe", "t", "--count", "x"],
+                 ["kv", "list", "--limit", "-1"], ["lock"]):
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        assert refused.value.code == exits.REFUSED, argv
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["--help"])
