@@ -50,7 +50,7 @@ exit codes (every command):
   1    absent or the condition failed: key not found, lock held by another, no leader,
        a member unreachable in status, fewer deliveries than --count in time
   2    usage or input refused: bad flags, a 4xx naming a field, credentials missing or refused
-  3    the cluster could not answer: unavailable, timed out, outcome unknown
+  3    the cluster could not answer: unavailable, timed out, rate limited, outcome unknown
   130  interrupted (Ctrl-C, SIGTERM); a held lock or leadership is released first
 """
 
