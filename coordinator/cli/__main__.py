@@ -1,5 +1,8 @@
+"""``python -m coordinator.cli``: the ``coordinator`` command."""
+
 import sys
 
 from coordinator.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
