@@ -89,9 +89,10 @@ def message(exc: CoordinatorError) -> str:
     if field and not text.startswith(f"{field}:"):
         text = f"{field}: {text}"
     if isinstance(exc, OutcomeUnknown):
-        text += (" (outcome unknown: the write may or may not have applied; the client retried it under one "
-                 "request id until --timeout, which cannot apply it twice, but running the command again is a "
-                 "new request: read first)")
+        request = f" {exc.request_id}" if exc.request_id else ""
+        text += (f" (outcome unknown: the write may or may not have applied; the client retried it under one "
+                 f"request id{request} until --timeout, which cannot apply it twice, but running the command "
+                 f"again is a new request: read first)")
     elif isinstance(exc, Unavailable | RateLimited):
         text += " (the cluster could not answer; nothing was applied, a retry later is safe)"
     return " ".join(text.split())  # one line

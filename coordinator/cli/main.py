@@ -193,7 +193,7 @@ def _client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     delete.add_argument("key")
     listing = command(kv_sub, "list", "keys under a prefix, in order")
     listing.add_argument("prefix", nargs="?", default="")
-    listing.add_argument("--limit", type=_positive, default=1000, help="at most this many (default 1000)")
+    listing.add_argument("--limit", type=_positive, help="at most this many (default: every key, page by page)")
     watch = command(kv_sub, "watch", "print one line per change under a prefix until --count or Ctrl-C")
     watch.add_argument("prefix", nargs="?", default="")
     watch.add_argument("--from-revision", type=int, metavar="REV", help="start at this revision (default: now)")

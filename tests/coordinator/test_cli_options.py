@@ -223,8 +223,8 @@ def test_every_error_has_its_exit_code(error: Exception, code: int) -> None:
 def test_the_line_said_names_the_field_and_what_an_unknown_outcome_means() -> None:
     assert exits.message(InvalidInput("must be host:port", field="raft")) == "raft: must be host:port"
     assert exits.message(InvalidInput("raft: must be host:port", field="raft")) == "raft: must be host:port"
-    said = exits.message(OutcomeUnknown("ServerDisconnectedError talking to http://n1"))
-    assert "outcome unknown" in said and "request id" in said and "\n" not in said
+    said = exits.message(OutcomeUnknown("ServerDisconnectedError talking to http://n1", request_id="r-17"))
+    assert "outcome unknown" in said and "request id r-17" in said and "\n" not in said
     assert "nothing was applied" in exits.message(Unavailable("no quorum"))
 
 
