@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -103,6 +104,9 @@ async def members_list(request: web.Request) -> web.Response:
 async def members_add(request: web.Request) -> web.Response:
     body = await s.json_body(request, {"id", "raft", "http"})
     node_id = checked(lambda: check_node_id(body.get("id")))
+    if not NODE_ID.fullmatch(node_id):
+        raise InvalidInput("id: a member id is letters, digits, '.', '_' or '-', starting with a letter or digit",
+                           field="id")
     command = s.command(MemberRegister, {"id": node_id, "raft": _address(body.get("raft"), "raft"),
                                          "http": _address(body.get("http"), "http")})
     return ok(await node_of(request).add_member(command), status=201)
@@ -112,6 +116,9 @@ async def members_add(request: web.Request) -> web.Response:
 async def members_remove(request: web.Request) -> web.Response:
     command = s.command(MemberRemove, {"id": request.match_info["id"]})
     return ok(await node_of(request).remove_member(command))
+
+
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a new member's id (the log takes any string it always took)
 
 
 def _address(value: Any, field: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from tests.coordinator.api.conftest import HTTP, NODE_ID, RAFT, Harness
 from tests.waiting import eventually
 
@@ -42,6 +44,14 @@ async def test_status_on_a_follower_without_leader(h: Harness) -> None:
 async def test_members_list(h: Harness) -> None:
     _, body = await h.call("GET", "/v1/members", expect=200)
     assert [m["id"] for m in body["members"]] == [NODE_ID]
+
+
+@pytest.mark.parametrize("member_id", ["bad id", "-n4", "n4/x", ""])
+async def test_a_new_member_id_must_be_a_name(h: Harness, member_id: str) -> None:
+    before = h.fingerprint()
+    status, body = await h.call("POST", "/v1/members", {"id": member_id, "raft": "127.0.0.1:1", "http": "127.0.0.1:2"})
+    assert status == 400 and body["error"]["field"] == "id"
+    assert h.fingerprint() == before
 
 
 async def test_healthz(h: Harness) -> None:
