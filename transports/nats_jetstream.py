@@ -355,6 +355,38 @@ class NatsJetStreamTransport:
                     raise result
             return sum(1 for ack in results if not ack.duplicate)
 
+    async def publish_direct(self, entries: list[TransportEntry]) -> int:
+        """Publish pipelined (all written, then all acks awaited), each with
+        its key as ``Nats-Msg-Id``: JetStream drops a key it saw within the
+        stream's duplicate window (``ack.duplicate``), so a client retry with
+        the same request id stores nothing twice inside the window. No
+        ``Nats-Expected-Last-Msg-Id`` chain: many nodes publish at once, and
+        the stream's sequence is the order. Concurrent calls share the
+        connection's writes (the client flushes them together)."""
+        if not entries:
+            return 0
+        for entry in entries:
+            self._check_topic(entry.topic)
+        _, js = await self._connection()
+        acks: list[asyncio.Future[Any]] = []
+        async with self._guard(f"publish to {entries[0].topic!r}"):
+            try:
+                for entry in entries:
+                    payload = json.dumps(entry.message, separators=(",", ":"), ensure_ascii=False).encode()
+                    acks.append(await js.publish_async(self._subject(entry.topic), payload,
+                                                       stream=self._stream(entry.topic),
+                                                       headers={_MSG_ID: entry.key}))
+                results = await asyncio.gather(*acks, return_exceptions=True)
+            finally:
+                for ack in acks:
+                    ack.cancel()
+            for result in results:
+                if isinstance(result, nats.js.errors.NoStreamResponseError):
+                    raise Unavailable(f"nats: topic {entries[0].topic!r} is not bound", retry_after_s=1.0)
+                if isinstance(result, BaseException):
+                    raise result
+            return sum(1 for ack in results if not ack.duplicate)
+
     async def _last_stored(self, js: JetStreamContext, topic: str, stream: str) -> tuple[int, str | None]:
         """The offset and message id of the stream's last message: (0, None)
         when it is empty, (0, its id or None) when it is not ours (someone
@@ -563,7 +595,8 @@ class _Pull:
     def _delivery(self, msg: Msg) -> TransportDelivery | None:
         headers = msg.headers or {}
         try:
-            offset = int(headers[_OFFSET])
+            # published directly: no topic offset, the stream's sequence orders them
+            offset = int(headers[_OFFSET]) if _OFFSET in headers else int(msg.metadata.sequence.stream)
             message = json.loads(msg.data)
             redelivered = (msg.metadata.num_delivered or 1) > 1
         except (KeyError, ValueError, TypeError, nats.errors.Error):

@@ -295,6 +295,33 @@ class RedisStreamsTransport:
                 new += 1
         return new
 
+    async def publish_direct(self, entries: list[TransportEntry]) -> int:
+        """XADD each entry with an ID Redis chooses (``*``) and the publisher's
+        key as the ``key`` field, pipelined in one round trip per
+        ``PUBLISH_CHUNK``. Redis cannot recognise a key it holds: every entry
+        is new, and a client retry after a lost answer stores it again."""
+        new = 0
+        for first in range(0, len(entries), PUBLISH_CHUNK):
+            chunk = entries[first:first + PUBLISH_CHUNK]
+            fields = [{**self._fields(entry), "key": entry.key} for entry in chunk]
+
+            async def send(client: aioredis.Redis, chunk: list[TransportEntry] = chunk,
+                           fields: list[dict[str, str]] = fields) -> list[Any]:
+                async with client.pipeline(transaction=False) as pipe:
+                    for entry, body in zip(chunk, fields, strict=True):
+                        pipe.xadd(self._key(entry.topic), body, nomkstream=True)
+                    return await pipe.execute(raise_on_error=False)
+
+            results = await self._call(f"publish to {chunk[0].topic!r}", send)
+            for entry, result in zip(chunk, results, strict=True):
+                if isinstance(result, BaseException):
+                    raise self._unavailable(f"publish to {entry.topic!r}", result)
+                if result is None:
+                    raise Unavailable(f"topic {entry.topic!r} has no stream at the broker (not bound, unbound, "
+                                      "or lost by a Redis restart without persistence)", retry_after_s=1.0)
+                new += 1
+        return new
+
     @staticmethod
     def _fields(entry: TransportEntry) -> dict[str, str]:
         try:
@@ -399,6 +426,9 @@ class RedisStreamsTransport:
             except (ValueError, KeyError) as exc:
                 log.warning("redis stream of %r: skipping entry %s: %s", topic, entry_id, exc)
                 foreign.append(entry_id)
+                continue
+            if "key" in fields:  # published directly: Redis chose the ID, the publisher the key
+                out.append(TransportDelivery(entry_id, topic, 0, fields["key"], message, redelivered))
                 continue
             offset = _offset_of(entry_id)
             out.append(TransportDelivery(entry_id, topic, offset, f"{topic}:{offset}", message, redelivered))
