@@ -45,7 +45,7 @@ from coordinator.commands.bus import (
     effective_guarantee,
 )
 from coordinator.commands.messages import in_batch
-from coordinator.errors import CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
+from coordinator.errors import Conflict, CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
 from coordinator.ports import BusTransport, Clock, Rng
 from coordinator.services.applier import Applier
 from coordinator.services.duties import LeaderDuties
@@ -247,7 +247,15 @@ class BusService:
         answers: dict[int, dict[str, Any]] = {}
         if persistent:
             command = BusPublish(topic, persistent)
-            result = raise_for(await self.proposer.propose(command.op, command.to_args(), request))
+            try:
+                result = raise_for(await self.proposer.propose(command.op, command.to_args(), request))
+            except Conflict:
+                # The topic was bound in direct mode after this replica last looked: the
+                # refusal was applied here too, so the replica now knows the binding.
+                binding = self.direct_binding(topic)
+                if binding is None:
+                    raise
+                return await self._publish_direct(binding, messages, request)
             for message, answer in zip(persistent, result["messages"], strict=True):
                 answers[id(message)] = answer
         for message in volatile:
