@@ -154,6 +154,7 @@ class _Group:
     pending: dict[str, tuple[int, float]] = field(default_factory=dict)  # delivery id -> (kafka offset, due)
     returned: deque[int] = field(default_factory=deque)  # kafka offsets nacked or timed out
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    commit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one offset commit at a time
     seq: int = 0
 
 
@@ -773,15 +774,20 @@ class KafkaTransport:
             raise
 
     async def _commit(self, state: _Group) -> None:
-        if state.held:
-            lowest = min(state.held)
-            point, acked_through = lowest, state.held[lowest].offset - 1
-        else:
-            point, acked_through = state.read_to, state.read_offset
-        if point <= state.committed:
-            return
-        await state.consumer.commit({state.tp: OffsetAndMetadata(point, str(acked_through))})
-        state.committed = point
+        """Commit the group's offset up to the lowest record held. One commit
+        at a time: acks that come while one is in flight wait for it, and
+        the first of them commits for all (the point is read after the
+        wait), so concurrent consumers share a round trip."""
+        async with state.commit_lock:
+            if state.held:
+                lowest = min(state.held)
+                point, acked_through = lowest, state.held[lowest].offset - 1
+            else:
+                point, acked_through = state.read_to, state.read_offset
+            if point <= state.committed:
+                return
+            await state.consumer.commit({state.tp: OffsetAndMetadata(point, str(acked_through))})
+            state.committed = point
 
     async def nack(self, topic: str, group: str, delivery_ids: list[str]) -> None:
         """Hand the records out again on the next fetch (``redelivered``)."""
