@@ -486,6 +486,7 @@ class KafkaTransport:
     async def _direct(self) -> AIOKafkaProducer:
         if self._direct_producer is None:
             producer = AIOKafkaProducer(**self._settings(), enable_idempotence=True, acks="all", linger_ms=2,
+                                        max_batch_size=512 * 1024,
                                         max_request_size=RECORD_BYTES_MAX)
             try:
                 await producer.start()
