@@ -240,3 +240,16 @@ async def test_a_direct_subscription_is_served_from_the_broker_and_checkpointed(
     assert consumer.counters["acked"] == 3 and consumer.counters["position"] == 3
     await h.node.bus.checkpoint_once()
     assert consumer.counters["acked"] == 3  # nothing new: nothing committed
+
+
+async def test_a_node_without_the_transport_answers_503_naming_it(direct: Any) -> None:
+    h, transport = direct
+    del h.node.bus.transports["memory"]  # as on a node whose config lacks it
+    try:
+        async with h.http.post("/v1/topics/orders/messages", json={"payload": 1}) as response:
+            body = await response.json()
+            assert response.status == 503 and response.headers.get("Retry-After")
+        assert "'memory' is not configured on this node" in body["error"]["message"]
+    finally:
+        h.node.bus.transports["memory"] = transport
+    assert transport._topics.get("orders", []) == []
