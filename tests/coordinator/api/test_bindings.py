@@ -253,3 +253,18 @@ async def test_a_node_without_the_transport_answers_503_naming_it(direct: Any) -
     finally:
         h.node.bus.transports["memory"] = transport
     assert transport._topics.get("orders", []) == []
+
+
+async def test_a_publish_that_met_the_direct_binding_in_the_log_goes_direct(direct: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node whose replica had not applied the binding yet proposes a log
+    publish; the log refuses it (409, the topic is direct), and the node,
+    now knowing the binding, sends the messages to the broker instead."""
+    h, transport = direct
+    service = h.node.bus
+    real = service.direct_binding
+    lagging = iter([None, None])  # the route's check and the service's first look: not applied yet
+    monkeypatch.setattr(service, "direct_binding", lambda topic: next(lagging, None) or real(topic))
+    _, answer = await h.call("POST", "/v1/topics/orders/messages", {"payload": "late"}, expect=200)
+    assert answer["direct"] is True
+    assert [e.message["payload"] for e in transport._topics["orders"]] == ["late"]
