@@ -193,7 +193,22 @@ async def run_modes(args: argparse.Namespace) -> str:
         ratios = [rows[label][r]["msgs_s"] / rows["embedded"][r]["msgs_s"] for r in range(args.rounds)]
         lines.append(f"- {label} / embedded, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
                      f"(median {statistics.median(ratios):.2f}x)")
+    lines += ["", DIRECT_NOTES]
     return "\n".join(lines)
+
+
+DIRECT_NOTES = """Each row binds a fresh topic (log mode: messages committed first, the leader
+copies them to the broker; direct mode: the node that takes a publish sends
+it to the broker and answers once the broker confirmed, no log entry per
+message or ack), then 16 publishers (spread over the three nodes) and a group
+of four consumers run for the row's seconds, and the consumers drain what is
+left. Delivered msgs/s counts every message delivered over that whole time.
+The embedded bus and log mode are served by the leader (a follower forwards
+fetches and acks to it); a direct topic's consumers fetch from the node they
+talk to, spread over the three (over Kafka all four on one node: its
+transport reads a group's single partition by hand, one node per group).
+Nodes, brokers, the load generator and whatever else runs on the machine
+share its two cores, so rows move with that load: compare within a round."""
 
 
 async def run_transports(args: argparse.Namespace) -> str:
