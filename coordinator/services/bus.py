@@ -484,7 +484,10 @@ class BusService:
         one is added to the next."""
         while True:
             await asyncio.sleep(CHECKPOINT_S)
-            await self.checkpoint_once()
+            try:
+                await self.checkpoint_once()
+            except Exception:  # a bug here must not end the reports for good
+                log.exception("direct-mode checkpoints failed")
 
     async def checkpoint_once(self) -> None:
         reports, self._direct_acked = self._direct_acked, {}
