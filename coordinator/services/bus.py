@@ -565,6 +565,10 @@ class BusService:
     async def request(self, topic: str, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Publish a request and wait for the response whose ``correlationId``
         is the request's id on its ``replyTo`` topic. Leader only."""
+        binding = self.direct_binding(topic)
+        if binding is not None:
+            raise Conflict(f"topic {topic!r} is direct: its messages go to the {binding.transport} broker, and "
+                           "request/reply matches responses in the log (bind it in log mode)")
         if not self.active:
             raise NotLeader("requests are served by the leader")
         key = (message["replyTo"], message["id"])

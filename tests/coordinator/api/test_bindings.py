@@ -101,6 +101,8 @@ async def test_a_subscription_on_a_bound_topic_is_served_by_the_broker(bound: An
     assert status == 400 and body["error"]["field"] == "filter"
     for i in range(3):
         await h.call("POST", "/v1/topics/orders/messages", {"payload": {"i": i}}, expect=200)
+    # the leader may send them to the broker in more than one batch: a fetch takes what is there
+    await eventually(lambda: h.applier.machine.bus.bindings["orders"].cursor == 3, "the broker to hold all 3")
     _, got = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?max=10&wait_s=2", expect=200)
     assert [d["message"]["payload"] for d in got["messages"]] == [{"i": 0}, {"i": 1}, {"i": 2}]
     ids = [d["delivery_id"] for d in got["messages"]]
@@ -212,6 +214,8 @@ async def test_a_direct_publish_refuses_what_it_cannot_carry_and_a_broker_outage
             {"id": "m", "type": "event", "source": "s"}]}))
     status, body = await h.call("PUT", "/v1/topics/orders/binding", {"transport": "memory"})
     assert status == 409 and "direct mode" in body["error"]["message"]
+    status, body = await h.call("POST", "/v1/topics/orders/request", {"payload": 1, "timeout_s": 1})
+    assert status == 409 and "request/reply" in body["error"]["message"]
 
 
 async def test_a_direct_subscription_is_served_from_the_broker_and_checkpointed(direct: Any) -> None:
