@@ -4,7 +4,7 @@ message per request) and batched (``{"messages": [...]}`` per request),
 interleaved A, B, A, B... so the ratio is measured side by side.
 
     .venv/bin/python -m bench.bus [--seconds 8] [--rounds 3] [--publishers 16] [--batch 50] [--base-port 27200]
-        [--out docs/benchmarks.md] [--transports redis,nats,rabbitmq]
+        [--out docs/benchmarks.md] [--transports redis,nats,rabbitmq,kafka] [--modes log,direct]
 
 Publishers and consumers run in this process (asyncio + aiohttp) against the
 leader. Consumers are a group of four subscriptions fetching up to 200 with a
@@ -14,7 +14,13 @@ loop is bounded by a count and a time; the generator's CPU is reported.
 The nodes are stopped by PID at the end, also on Ctrl-C or SIGTERM.
 ``--transports`` runs the batched load on the embedded log and on each named
 broker (running on 127.0.0.1 at its default port: ``scripts/brokers-up.sh``)
-instead, interleaved per round.
+instead, interleaved per round. ``--modes log,direct`` measures each broker in
+each binding mode (``transports/design.md``) side by side with the embedded
+bus, publishers spread over the three nodes; consumers of a direct topic are
+spread too (each node serves them from the broker), except over Kafka, whose
+transport serves a group from one node (a partition read by hand), so all
+four sit on one node; the others' consumers talk to the leader, which serves
+them.
 """
 
 from __future__ import annotations
@@ -46,17 +52,27 @@ def _message(n: int) -> dict:
 
 
 async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int, publishers: int,
-                 seconds: float, transport: str | None = None) -> dict:
+                 seconds: float, transport: str | None = None, *, mode: str = "log",
+                 nodes: list[str] | None = None) -> dict:
+    """One measured row. ``nodes``: spread the publishers over these URLs
+    (else all on ``url``, the leader); a direct topic's consumers too."""
     topic = f"bench.{tag}"
     if transport is not None:
-        async with session.put(f"{url}/v1/topics/{topic}/binding",
-                               json={"transport": transport, "backlog_max": 1_000_000}) as r:
+        binding: dict = {"transport": transport, "backlog_max": 1_000_000}
+        if mode != "log":
+            binding["mode"] = mode
+        async with session.put(f"{url}/v1/topics/{topic}/binding", json=binding) as r:
             if r.status != 200:
                 raise RuntimeError(f"binding {topic} to {transport}: {r.status} {await r.text()}")
     subs = []
     for _ in range(CONSUMERS):
         async with session.post(f"{url}/v1/subscriptions", json={"topic": topic, "group": f"g-{tag}"}) as r:
             subs.append((await r.json())["id"])
+    publish_urls = nodes or [url]
+    consume_urls = [url]
+    if mode == "direct" and nodes:
+        consume_urls = nodes[:1] if transport == "kafka" else nodes
+        await _visible(session, consume_urls, subs)
     published = 0
     publish_latency: list[float] = []
     delivered: dict[str, float] = {}
@@ -72,7 +88,8 @@ async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int,
             base = (p * MAX_REQUESTS_PER_PUBLISHER + i) * batch
             body = _message(base) if batch == 1 else {"messages": [_message(base + k) for k in range(batch)]}
             started = time.perf_counter()
-            async with session.post(f"{url}/v1/topics/{topic}/messages", json=body) as r:
+            async with session.post(f"{publish_urls[p % len(publish_urls)]}/v1/topics/{topic}/messages",
+                                    json=body) as r:
                 await r.read()
                 if r.status != 200:
                     errors += 1
@@ -80,7 +97,7 @@ async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int,
             publish_latency.append(time.perf_counter() - started)
             published += batch
 
-    async def consumer(sub: str) -> None:
+    async def consumer(sub: str, url: str) -> None:
         nonlocal errors
         deadline = stop_at + DRAIN_S
         while time.monotonic() < deadline:
@@ -104,7 +121,7 @@ async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int,
 
     cpu = cpu_s()
     started = time.monotonic()
-    consumers = [asyncio.create_task(consumer(s)) for s in subs]
+    consumers = [asyncio.create_task(consumer(s, consume_urls[i % len(consume_urls)])) for i, s in enumerate(subs)]
     await asyncio.gather(*(publisher(p) for p in range(publishers)))
     publishing_done.set()
     await asyncio.gather(*consumers)
@@ -116,14 +133,82 @@ async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int,
         async with session.delete(f"{url}/v1/topics/{topic}/binding", json={"drop_backlog": True}) as r:
             await r.read()
     latencies = list(delivered.values())
-    return {"tag": tag, "batch": batch, "publishers": publishers, "published": published,
+    return {"tag": tag, "batch": batch, "publishers": publishers, "published": published, "mode": mode,
             "delivered": len(delivered), "msgs_s": len(delivered) / elapsed,
             "publish_p50_ms": pct_ms(publish_latency, 0.5), "p50_ms": pct_ms(latencies, 0.5),
             "p99_ms": pct_ms(latencies, 0.99), "errors": errors, "gen_cpu": (cpu_s() - cpu) / elapsed}
 
 
+async def _visible(session: aiohttp.ClientSession, urls: list[str], subs: list[str]) -> None:
+    """Wait (bounded) until every node in ``urls`` applied the subscriptions:
+    a node serves a direct topic's subscription from its own replica."""
+    deadline = time.monotonic() + 10
+    for url in urls:
+        for sub in subs:
+            while time.monotonic() < deadline:
+                async with session.get(f"{url}/v1/subscriptions/{sub}", params={"consistency": "stale"}) as r:
+                    await r.read()
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+
+
 TRANSPORT_URLS = {"redis": "redis://127.0.0.1:6379/0", "nats": "nats://127.0.0.1:4222",
-                  "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/"}
+                  "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/", "kafka": "kafka://127.0.0.1:9092"}
+
+
+async def run_modes(args: argparse.Namespace) -> str:
+    """Embedded, then every broker in every mode, interleaved per round, the
+    publishers spread over the three nodes; ratios against the embedded bus
+    of the same round."""
+    names = [n for n in args.transports.split(",") if n]
+    modes = [m for m in args.modes.split(",") if m]
+    extra: list[str] = ["--transport-namespace", f"bench{os.getpid()}"]
+    for name in names:
+        extra += ["--transport", f"{name}={TRANSPORT_URLS[name]}"]
+    cells = [("embedded", None, "log")] + [(f"{n} {m}", n, m) for n in names for m in modes]
+    rows: dict[str, list[dict]] = {label: [] for label, _, _ in cells}
+    with local_cluster("coord-bench-bus-", args.base_port, extra_args=tuple(extra)) as cluster:
+        leader = cluster.wait_leader(30)
+        url = cluster.url(leader)
+        nodes = [cluster.url(n) for n in cluster.members]
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            await _round(session, url, "warmup", 10, 4, 2.0, nodes=nodes)
+            for r in range(args.rounds):
+                for label, transport, mode in cells:
+                    tag = f"{label.replace(' ', '-')}{r}"
+                    rows[label].append(await _round(session, url, tag, args.batch, args.publishers, args.seconds,
+                                                    transport, mode=mode, nodes=nodes))
+    lines = ["| bus | round | delivered msgs/s | publish→deliver p50 ms | p99 ms | publish request p50 ms "
+             "| undelivered after 15 s drain | errors | generator CPU | vs embedded (same round) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, results in rows.items():
+        for r, row in enumerate(results):
+            ratio = row["msgs_s"] / rows["embedded"][r]["msgs_s"]
+            lines.append(f"| {label} | {r + 1} | {row['msgs_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
+                         f"| {row['publish_p50_ms']:.1f} | {row['published'] - row['delivered']} | {row['errors']} "
+                         f"| {row['gen_cpu'] * 100:.0f}% | {ratio:.2f}x |")
+    lines.append("")
+    for label, _, _ in cells[1:]:
+        ratios = [rows[label][r]["msgs_s"] / rows["embedded"][r]["msgs_s"] for r in range(args.rounds)]
+        lines.append(f"- {label} / embedded, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
+                     f"(median {statistics.median(ratios):.2f}x)")
+    lines += ["", DIRECT_NOTES]
+    return "\n".join(lines)
+
+
+DIRECT_NOTES = """Each row binds a fresh topic (log mode: messages committed first, the leader
+copies them to the broker; direct mode: the node that takes a publish sends
+it to the broker and answers once the broker confirmed, no log entry per
+message or ack), then 16 publishers (spread over the three nodes) and a group
+of four consumers run for the row's seconds, and the consumers drain what is
+left. Delivered msgs/s counts every message delivered over that whole time.
+The embedded bus and log mode are served by the leader (a follower forwards
+fetches and acks to it); a direct topic's consumers fetch from the node they
+talk to, spread over the three (over Kafka all four on one node: its
+transport reads a group's single partition by hand, one node per group).
+Nodes, brokers, the load generator and whatever else runs on the machine
+share its two cores, so rows move with that load: compare within a round."""
 
 
 async def run_transports(args: argparse.Namespace) -> str:
@@ -227,7 +312,24 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--out", help="append (or replace) the bus section of this markdown file")
     cli.add_argument("--transports", default="",
                      help="compare the embedded log with these brokers instead (e.g. redis,nats,rabbitmq)")
+    cli.add_argument("--modes", default="",
+                     help="with --transports: measure each broker in these binding modes (log,direct), "
+                          "publishers spread over the nodes")
     args = cli.parse_args(argv)
+    unknown = set(args.transports.split(",")) - set(TRANSPORT_URLS) - {""}
+    if unknown or set(args.modes.split(",")) - {"log", "direct", ""}:
+        cli.error(f"--transports takes {','.join(TRANSPORT_URLS)}; --modes takes log,direct")
+    if args.transports and args.modes:
+        with interruptible("the nodes"):
+            table = asyncio.run(run_modes(args))
+        header = (f"Three nodes, the load generator and the brokers on one machine ({machine()}), durability "
+                  f"fsync, {args.seconds:.0f} s per row, {args.rounds} rounds interleaved, {args.publishers} "
+                  f"publishers x {args.batch} 256-byte messages per request spread over the three nodes, a group "
+                  f"of {CONSUMERS} consumers, `python -m bench.bus --transports {args.transports} --modes "
+                  f"{args.modes} --seconds {args.seconds:g} --rounds {args.rounds}`, "
+                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n")
+        publish(header + table, args.out, "\n## Bus transports: direct mode\n")
+        return 0
     if args.transports:
         with interruptible("the nodes"):
             table = asyncio.run(run_transports(args))

@@ -220,6 +220,20 @@ class BusTransport(Protocol):
         broker holds them durably. Returns how many were new at the broker
         (re-sent ones it recognised are not counted)."""
 
+    async def publish_direct(self, entries: list[TransportEntry]) -> int:
+        """Direct mode: entries of one topic that never were in the log
+        (``offset`` 0, ``dedupe_key`` set), from any node, concurrently with
+        other nodes; return once the broker holds them durably. The broker
+        orders them (its own sequence, not a topic offset). Returns how many
+        were new: an entry whose ``key`` the broker still recognises (NATS
+        duplicate window, the memory transport) is not stored again; brokers
+        that cannot recognise keys (Redis, RabbitMQ, Kafka across producer
+        sessions) store it again and count it. Deliveries of these entries
+        carry ``key`` = the entry's key and ``offset`` = the broker's
+        position where it has a number (else 0). ``Unavailable`` as
+        ``publish``; some entries may then be stored (a retry with the same
+        keys dedupes where the broker can)."""
+
     async def subscribe(self, topic: str, group: str) -> None:
         """Create a consumer group reading ``topic`` from its first message (idempotent)."""
 

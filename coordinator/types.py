@@ -111,16 +111,21 @@ class TransportEntry:
     message) and ``index`` the log index of its publish; together with
     ``message["id"]`` they make republishing idempotent. ``key`` is
     ``"{topic}:{offset}"``, the id a broker deduplicates on.
+
+    A direct-mode entry (``BusTransport.publish_direct``) never was in the
+    log: ``offset`` and ``index`` are 0 and ``dedupe_key`` is the key the
+    publishing node chose (from the caller's request id or message id).
     """
 
     topic: str
     offset: int
     index: int
     message: dict[str, Any]
+    dedupe_key: str | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.topic}:{self.offset}"
+        return self.dedupe_key if self.dedupe_key is not None else f"{self.topic}:{self.offset}"
 
 
 @dataclass(frozen=True, slots=True)

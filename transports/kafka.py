@@ -154,6 +154,7 @@ class _Group:
     pending: dict[str, tuple[int, float]] = field(default_factory=dict)  # delivery id -> (kafka offset, due)
     returned: deque[int] = field(default_factory=deque)  # kafka offsets nacked or timed out
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    commit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one offset commit at a time
     seq: int = 0
 
 
@@ -243,6 +244,7 @@ class KafkaTransport:
         self._admin: AIOKafkaAdminClient | None = None
         self._reader: AIOKafkaConsumer | None = None  # no group: end offsets, committed offsets
         self._producer: AIOKafkaProducer | None = None
+        self._direct_producer: AIOKafkaProducer | None = None  # direct mode: idempotent, no transactions
         self._publish_lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
         self._last: dict[str, int] = {}  # kafka topic -> last topic offset published, while our producer is current
@@ -332,6 +334,7 @@ class KafkaTransport:
         groups, self._groups = list(self._groups.values()), {}
         admin, reader, self._admin, self._reader = self._admin, self._reader, None, None
         await self._drop_producer()
+        await self._drop_direct()
         steps = [g.consumer.stop() for g in groups]
         if admin is not None and reader is not None:
             steps += [admin.close(), reader.stop()]
@@ -452,6 +455,59 @@ class KafkaTransport:
                 raise
         self._last[name] = todo[-1].offset
         return len(todo)
+
+    async def publish_direct(self, entries: list[TransportEntry]) -> int:
+        """Send with the node's idempotent, non-transactional producer
+        (acks=all): no transaction and no fencing, so every node publishes
+        at once; concurrent calls share the producer's batches (its
+        ``linger_ms``). The idempotent producer drops its own retries of a
+        batch; Kafka cannot recognise a key, so a client retry stores the
+        message again and all are counted as new. The record value has no
+        topic offset: a delivery's offset is the Kafka offset + 1."""
+        if not entries:
+            return 0
+        topic = entries[0].topic
+        name = self._topic(topic)
+        async with self._guard(f"publish to {topic!r}"):
+            try:
+                producer = await self._direct()
+                sent = [await producer.send(name, self._direct_value(e), key=e.key.encode(), partition=0)
+                        for e in entries]
+                await asyncio.gather(*sent)
+            except (AssertionError, RuntimeError) as exc:
+                await self._drop_direct()
+                raise Unavailable(f"kafka at {self._where}: publish to {topic!r}: the producer failed "
+                                  f"({self._describe(exc)})", retry_after_s=1.0) from None
+            except UnknownTopicOrPartitionError:
+                raise Unavailable(f"kafka at {self._where}: topic {topic!r} is not bound", retry_after_s=1.0) \
+                    from None
+        return len(entries)
+
+    async def _direct(self) -> AIOKafkaProducer:
+        if self._direct_producer is None:
+            producer = AIOKafkaProducer(**self._settings(), enable_idempotence=True, acks="all", linger_ms=2,
+                                        max_batch_size=512 * 1024,
+                                        max_request_size=RECORD_BYTES_MAX)
+            try:
+                await producer.start()
+            except BaseException:
+                await self._stop_quietly(producer.stop())
+                raise
+            self._direct_producer = producer
+        return self._direct_producer
+
+    async def _drop_direct(self) -> None:
+        producer, self._direct_producer = self._direct_producer, None
+        if producer is not None:
+            await self._stop_quietly(producer.stop())
+
+    @staticmethod
+    def _direct_value(entry: TransportEntry) -> bytes:
+        try:
+            return json.dumps({"v": RECORD_VERSION, "key": entry.key, "message": entry.message},
+                              separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvariantError(f"message {entry.key} is not JSON: {exc}") from exc
 
     @staticmethod
     def _value(entry: TransportEntry) -> bytes:
@@ -691,6 +747,8 @@ class KafkaTransport:
             body = json.loads(record.value)
             if body.get("v") != RECORD_VERSION or not isinstance(body.get("message"), dict):
                 raise ValueError("not a record of this transport")
+            if "key" in body:  # published directly: no topic offset, Kafka's orders them
+                return _Held(record.offset, record.offset + 1, str(body["key"]), body["message"])
             offset = int(body["offset"])
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             log.warning("kafka topic of %r: skipping record %d: %s", topic, record.offset, exc)
@@ -717,15 +775,20 @@ class KafkaTransport:
             raise
 
     async def _commit(self, state: _Group) -> None:
-        if state.held:
-            lowest = min(state.held)
-            point, acked_through = lowest, state.held[lowest].offset - 1
-        else:
-            point, acked_through = state.read_to, state.read_offset
-        if point <= state.committed:
-            return
-        await state.consumer.commit({state.tp: OffsetAndMetadata(point, str(acked_through))})
-        state.committed = point
+        """Commit the group's offset up to the lowest record held. One commit
+        at a time: acks that come while one is in flight wait for it, and
+        the first of them commits for all (the point is read after the
+        wait), so concurrent consumers share a round trip."""
+        async with state.commit_lock:
+            if state.held:
+                lowest = min(state.held)
+                point, acked_through = lowest, state.held[lowest].offset - 1
+            else:
+                point, acked_through = state.read_to, state.read_offset
+            if point <= state.committed:
+                return
+            await state.consumer.commit({state.tp: OffsetAndMetadata(point, str(acked_through))})
+            state.committed = point
 
     async def nack(self, topic: str, group: str, delivery_ids: list[str]) -> None:
         """Hand the records out again on the next fetch (``redelivered``)."""

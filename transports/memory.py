@@ -75,6 +75,22 @@ class InMemoryTransport:
         self._changed.set()
         return new
 
+    async def publish_direct(self, entries: list[TransportEntry]) -> int:
+        """Append, deduplicating by key; a delivery's offset is the position (from 1)."""
+        self._check()
+        new = 0
+        for entry in entries:
+            if entry.topic not in self._topics:
+                raise Unavailable(f"topic {entry.topic!r} is not bound", retry_after_s=1.0)
+            if entry.key in self._keys[entry.topic]:
+                continue
+            self._keys[entry.topic].add(entry.key)
+            position = len(self._topics[entry.topic]) + 1
+            self._topics[entry.topic].append(TransportEntry(entry.topic, position, 0, entry.message, entry.key))
+            new += 1
+        self._changed.set()
+        return new
+
     async def subscribe(self, topic: str, group: str) -> None:
         self._check()
         if topic not in self._topics:

@@ -426,6 +426,12 @@ class RabbitMQTransport:
                 state.wake.set()
         return len(entries)
 
+    async def publish_direct(self, entries: list[TransportEntry]) -> int:
+        """As ``publish`` (confirms awaited; offset header 0, ``message_id`` the
+        publisher's key). RabbitMQ cannot dedupe: all are counted as new, and
+        a client retry stores them again."""
+        return await self.publish(entries)
+
     @staticmethod
     def _message(entry: TransportEntry) -> aio_pika.Message:
         return aio_pika.Message(

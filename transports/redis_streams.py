@@ -43,9 +43,15 @@ RETURNED_CONSUMER = "_returned"  # owner of nacked entries until a fetch claims 
 POLL_SLICE_S = 0.25  # a waiting fetch re-checks timed-out and nacked entries this often
 MAX_CONNECTIONS = 32  # pool bound: each waiting fetch holds one connection while it blocks
 PUBLISH_CHUNK = 500  # XADDs per pipeline round trip
+DIRECT_WAITING_MAX = 1000  # direct publishes waiting for a shared pipeline; past that, Unavailable
 IDS_CHUNK = 1000  # ids per XACK / XCLAIM
 CLAIM_SCANS = 4  # XAUTOCLAIM calls per fetch (each looks at up to 10 * count pending entries)
 _ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _offset_of(entry_id: str) -> int:
@@ -137,6 +143,9 @@ class RedisStreamsTransport:
         self._client: aioredis.Redis | None = None
         self._server = ""  # "redis 7.0.15, AOF off", learnt at start
         self._problem = f"redis at {self._where}: not started"  # health detail while not connected
+        # direct publishes waiting for the next shared pipeline, and the task sending them
+        self._direct_waiting: list[tuple[list[TransportEntry], asyncio.Future[int]]] = []
+        self._direct_sender: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"RedisStreamsTransport({self._where!r}, namespace={self.namespace!r})"
@@ -211,6 +220,10 @@ class RedisStreamsTransport:
         return f"redis {info.get('redis_version', '?')}, {aof}"
 
     async def close(self) -> None:
+        waiting, self._direct_waiting = self._direct_waiting, []
+        for _, done in waiting:
+            if not done.done():
+                done.set_exception(Unavailable(f"redis at {self._where}: closed", retry_after_s=1.0))
         client, self._client = self._client, None
         if client is None:
             return
@@ -294,6 +307,68 @@ class RedisStreamsTransport:
                                       "or lost by a Redis restart without persistence)", retry_after_s=1.0)
                 new += 1
         return new
+
+    async def publish_direct(self, entries: list[TransportEntry]) -> int:
+        """XADD each entry with an ID Redis chooses (``*``) and the publisher's
+        key as the ``key`` field. Concurrent calls share pipelines: a call
+        that comes while one is in flight waits for it and goes out with the
+        others that came meanwhile, up to ``PUBLISH_CHUNK`` entries per
+        round trip. Redis cannot recognise a key it holds: every entry is
+        new, and a client retry after a lost answer stores it again. A call
+        fails (``Unavailable``) when any of its own entries failed."""
+        if not entries:
+            return 0
+        if len(self._direct_waiting) >= DIRECT_WAITING_MAX:
+            raise Unavailable(f"redis at {self._where}: {len(self._direct_waiting)} publishes wait for a pipeline",
+                              retry_after_s=0.2)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_retrieved)  # its caller may be gone (cancelled) by the time it fails
+        self._direct_waiting.append((entries, done))
+        if self._direct_sender is None or self._direct_sender.done():
+            self._direct_sender = asyncio.get_running_loop().create_task(self._send_direct())
+        return await asyncio.shield(done)  # a cancelled caller leaves the batch it joined alone
+
+    async def _send_direct(self) -> None:
+        while self._direct_waiting:
+            batch: list[tuple[list[TransportEntry], asyncio.Future[int]]] = []
+            size = 0
+            while self._direct_waiting and (not batch or size + len(self._direct_waiting[0][0]) <= PUBLISH_CHUNK):
+                entries, done = self._direct_waiting.pop(0)
+                batch.append((entries, done))
+                size += len(entries)
+            try:
+                results = await self._xadd_direct([e for entries, _ in batch for e in entries])
+            except Exception as exc:  # every caller of the batch gets it (Unavailable from _call)
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            first = 0
+            for entries, done in batch:
+                own = results[first:first + len(entries)]
+                first += len(entries)
+                failed = next((r for r in own if isinstance(r, BaseException) or r is None), False)
+                if done.done():
+                    continue
+                if failed is None:
+                    done.set_exception(Unavailable(
+                        f"topic {entries[0].topic!r} has no stream at the broker (not bound, unbound, or lost "
+                        "by a Redis restart without persistence)", retry_after_s=1.0))
+                elif isinstance(failed, BaseException):
+                    done.set_exception(self._unavailable(f"publish to {entries[0].topic!r}", failed))
+                else:
+                    done.set_result(len(entries))
+
+    async def _xadd_direct(self, entries: list[TransportEntry]) -> list[Any]:
+        fields = [{**self._fields(entry), "key": entry.key} for entry in entries]
+
+        async def send(client: aioredis.Redis) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for entry, body in zip(entries, fields, strict=True):
+                    pipe.xadd(self._key(entry.topic), body, nomkstream=True)
+                return await pipe.execute(raise_on_error=False)
+
+        return await self._call(f"publish to {entries[0].topic!r}", send)
 
     @staticmethod
     def _fields(entry: TransportEntry) -> dict[str, str]:
@@ -399,6 +474,9 @@ class RedisStreamsTransport:
             except (ValueError, KeyError) as exc:
                 log.warning("redis stream of %r: skipping entry %s: %s", topic, entry_id, exc)
                 foreign.append(entry_id)
+                continue
+            if "key" in fields:  # published directly: Redis chose the ID, the publisher the key
+                out.append(TransportDelivery(entry_id, topic, 0, fields["key"], message, redelivered))
                 continue
             offset = _offset_of(entry_id)
             out.append(TransportDelivery(entry_id, topic, offset, f"{topic}:{offset}", message, redelivered))

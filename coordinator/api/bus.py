@@ -179,7 +179,7 @@ async def topics_publish(request: web.Request) -> web.Response:
         return {"topic": topic, **result["messages"][0]} if single else result  # a routed message: its new topic
 
     timeout = node.proposer.timeout_s + FORWARD_MARGIN_S
-    if node.bus.needs_leader(messages):
+    if node.bus.needs_leader(topic, messages):
         return await _here_or_leader(request, publish, timeout)
     return ok(await publish())
 
@@ -206,7 +206,7 @@ async def topics_request(request: web.Request) -> web.Response:
 async def bindings_bind(request: web.Request) -> web.Response:
     """Carry the topic's messages from now on through a broker transport."""
     node = node_of(request)
-    body = await s.json_body(request, {"transport", "backlog_max", "request_id"})
+    body = await s.json_body(request, {"transport", "backlog_max", "mode", "request_id"})
     transport = s.name(body.get("transport"), "transport", MAX_TRANSPORT_NAME_LEN)
     configured = sorted(node.transports.transports)
     if transport not in configured:
@@ -215,6 +215,8 @@ async def bindings_bind(request: web.Request) -> web.Response:
     args: dict[str, Any] = {"topic": _topic(request), "transport": transport}
     if body.get("backlog_max") is not None:
         args["backlog_max"] = body["backlog_max"]
+    if body.get("mode") is not None:
+        args["mode"] = body["mode"]
     return ok(await node.write_command(s.command(BusBind, args), s.origin(request, body)))
 
 

@@ -47,6 +47,8 @@ MAX_RETAINED_MESSAGES = 10_000_000  # a topic's max_messages
 MIN_RETAINED_AGE_MS = 1000  # a topic's max_age_ms
 MAX_RETAINED_AGE_MS = 365 * 86_400_000
 MAX_TRANSPORT_NAME_LEN = 64
+BINDING_MODES = ("log", "direct")  # a bound topic's messages go through the log first, or straight to the broker
+MAX_CHECKPOINT_ACKED = 2**31 - 1
 MAX_URL_LEN = 2048
 URL_HINT = "must be a URL such as redis://127.0.0.1:6379/0"
 _RANK = {g: i for i, g in enumerate(GUARANTEES)}
@@ -455,12 +457,17 @@ class BusDlqPurge(BusDlqRedrive):
 @dataclass(frozen=True, slots=True)
 class BusBind(DomainCommand):
     """Carry ``topic``'s messages from now on through a broker transport
-    (``backlog_max`` None: ``DEFAULT_BACKLOG``)."""
+    (``backlog_max`` None: ``DEFAULT_BACKLOG``). ``mode`` ``"log"`` (the
+    default; None in the record, so older entries keep their bytes): every
+    message is committed first and the leader copies it to the broker;
+    ``"direct"``: messages go from the node that took them straight to the
+    broker and never enter the log."""
 
     op: ClassVar[str] = "bus.bind"
     topic: str
     transport: str
     backlog_max: int | None = None
+    mode: str | None = None
 
     @classmethod
     def parse(cls, args: Mapping[str, Any]) -> Self:
@@ -470,10 +477,14 @@ class BusBind(DomainCommand):
         backlog_max = None
         if "backlog_max" in args:  # null too: "the default" is leaving it out
             backlog_max = check_int(args["backlog_max"], "backlog_max", 1, MAX_BACKLOG)
-        return cls(topic, transport, backlog_max)
+        mode = args.get("mode")
+        if mode is not None and mode not in BINDING_MODES:
+            raise invalid("mode", 'must be "log" (the default) or "direct"')
+        return cls(topic, transport, backlog_max, None if mode == "log" else mode)
 
     def to_args(self) -> dict[str, Any]:
-        return _with({"topic": self.topic, "transport": self.transport}, backlog_max=self.backlog_max)
+        return _with({"topic": self.topic, "transport": self.transport}, backlog_max=self.backlog_max,
+                     mode=self.mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,6 +548,30 @@ class BusTransportAck(DomainCommand):
         return {**_selected(self.sub, self.agent), "keys": list(self.keys)}
 
 
+@dataclass(frozen=True, slots=True)
+class BusTransportCheckpoint(DomainCommand):
+    """How many deliveries a direct-mode transport consumer acked at its broker
+    since the node serving it last said so (``acked``), and the broker's
+    position it acked through where the broker has one (``position``).
+    Progress for status and other nodes; correctness never depends on it
+    (the broker's consumer group is the cursor)."""
+
+    op: ClassVar[str] = "bus.transport.checkpoint"
+    sub: str | None
+    agent: str | None
+    acked: int
+    position: int | None = None
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> Self:
+        sub, agent = _selector(args)
+        acked = check_int(args.get("acked"), "acked", 0, MAX_CHECKPOINT_ACKED)
+        return cls(sub, agent, acked, _optional_int(args, "position", 0, MAX_OFFSET))
+
+    def to_args(self) -> dict[str, Any]:
+        return _with({**_selected(self.sub, self.agent), "acked": self.acked}, position=self.position)
+
+
 def check_url(value: Any) -> str:
     """A broker URL: ``scheme://...``, at most ``MAX_URL_LEN`` characters."""
     if not isinstance(value, str) or "://" not in value or len(value) > MAX_URL_LEN:
@@ -577,4 +612,5 @@ class BusTick(ArglessCommand):
 COMMAND_TYPES: tuple[type[DomainCommand], ...] = (
     BusPublish, BusTopicConfigure, BusSubscribe, BusUnsubscribe, BusGroupDelete, BusDeliver, BusAck, BusNack,
     BusDlqRedrive, BusDlqPurge, BusBind, BusUnbind, BusCursor, BusTransportAck, BusTransportConfigure, BusTick,
+    BusTransportCheckpoint,
 )

@@ -13,6 +13,11 @@ Who does what:
   change loses them, as at-most-once allows.
 - When the leader is active (caught up) and when its term ends is
   ``services.duties.LeaderDuties``'s to say; it also fires the bus's timers.
+- Topics bound in ``direct`` mode (``transports/design.md``): any node
+  publishes their messages straight to the broker, and serves fetches, acks
+  and nacks of their subscriptions straight from it, reading the binding
+  and the subscription from its own replica. No log entry per message or
+  ack; ``bus.transport.checkpoint`` reports progress about once a second.
 
 Loop thread only.
 """
@@ -33,24 +38,26 @@ from coordinator.commands.bus import (
     BusNack,
     BusPublish,
     BusTransportAck,
+    BusTransportCheckpoint,
     check_destinations,
     check_publication,
     check_publishable,
     effective_guarantee,
 )
 from coordinator.commands.messages import in_batch
-from coordinator.errors import CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
+from coordinator.errors import Conflict, CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
 from coordinator.ports import BusTransport, Clock, Rng
 from coordinator.services.applier import Applier
 from coordinator.services.duties import LeaderDuties
 from coordinator.services.proposals import Proposer, raise_for, state_error
-from coordinator.types import Command, RequestKey, Result
+from coordinator.types import Command, RequestKey, Result, TransportEntry
 
 log = logging.getLogger(__name__)
 C = TypeVar("C", bound=DomainCommand)
 
 VOLATILE_QUEUE_MAX = 10_000
 TRANSPORT_KEYS_MAX = 100_000
+CHECKPOINT_S = 1.0  # a direct consumer's acks are reported at most this often (and only when some came)
 WAKE_OPS = frozenset({"bus.publish", "bus.tick", "bus.nack", "bus.dlq.redrive", "bus.subscribe",
                       "bus.unsubscribe", "bus.group.delete"})
 
@@ -113,6 +120,12 @@ class BusService:
         self.transports: dict[str, BusTransport] = {}  # set by the node: the transports configured here
         self._transport_groups: dict[tuple[str, str, int], None] = {}  # groups made at the broker this term
         self._transport_keys: dict[str, tuple[str, str]] = {}  # broker delivery id -> (consumer key, message key)
+        # direct mode, on every node (not tied to leadership):
+        self._direct_bound: dict[tuple[str, int], None] = {}  # (topic, binding index) made at the broker here
+        self._direct_groups: dict[tuple[str, str, int], None] = {}  # groups made at the broker from here
+        self._direct_keys: dict[str, tuple[str, int]] = {}  # broker delivery id -> (consumer key, broker position)
+        self._direct_acked: dict[str, tuple[dict[str, str], int, int | None]] = {}  # consumer -> (selector, n, pos)
+        self.direct_published = 0  # messages this node published to brokers in direct mode
         applier.on_apply(self._on_apply)
         applier.on_reset(self._wake_all)
         duties.on_change(self._on_leadership)
@@ -201,8 +214,15 @@ class BusService:
         except Rejected as exc:
             raise state_error(exc.code, exc.message) from None
 
-    def needs_leader(self, messages: list[dict[str, Any]]) -> bool:
+    def needs_leader(self, topic: str, messages: list[dict[str, Any]]) -> bool:
+        if self.direct_binding(topic) is not None:
+            return False  # every node publishes a direct topic's messages itself
         return any(not m["deliveryOptions"]["persistent"] for m in messages)
+
+    def direct_binding(self, topic: str) -> Any:
+        """The topic's binding in this replica when it is in direct mode, else None."""
+        binding = self.applier.machine.bus.bindings.get(topic)
+        return binding if binding is not None and binding.mode == "direct" else None
 
     async def publish(self, topic: str, messages: list[dict[str, Any]], request: RequestKey | None = None
                       ) -> dict[str, Any]:
@@ -210,6 +230,9 @@ class BusService:
         ``BusPublish``; the others are routed by this node, which must be the
         leader (else ``NotLeader``: the HTTP layer forwards). Refused before
         either when a destination is not a registered agent."""
+        binding = self.direct_binding(topic)
+        if binding is not None:
+            return await self._publish_direct(binding, messages, request)
         agents = self.applier.machine.registry.agents
         for i, message in enumerate(messages):
             if message["destination"]:
@@ -224,12 +247,64 @@ class BusService:
         answers: dict[int, dict[str, Any]] = {}
         if persistent:
             command = BusPublish(topic, persistent)
-            result = raise_for(await self.proposer.propose(command.op, command.to_args(), request))
+            try:
+                result = raise_for(await self.proposer.propose(command.op, command.to_args(), request))
+            except Conflict:
+                # The topic was bound in direct mode after this replica last looked: the
+                # refusal was applied here too, so the replica now knows the binding.
+                binding = self.direct_binding(topic)
+                if binding is None:
+                    raise
+                return await self._publish_direct(binding, messages, request)
             for message, answer in zip(persistent, result["messages"], strict=True):
                 answers[id(message)] = answer
         for message in volatile:
             answers[id(message)] = self._publish_volatile(topic, message, agents.__contains__)
         return {"topic": topic, "messages": [answers[id(m)] for m in messages]}
+
+    async def _publish_direct(self, binding: Any, messages: list[dict[str, Any]], request: RequestKey | None
+                              ) -> dict[str, Any]:
+        """Send a direct topic's messages (checked by ``prepare``) to its
+        broker from this node, and answer once the broker holds them
+        durably. Nothing enters the log. Each message's broker key is the
+        caller's request id and its place in the batch when a request id was
+        given (so a retry of the request carries the same keys), else the
+        topic and the message id; brokers that dedupe (NATS) drop a key they
+        hold. ``Unavailable`` (503) when the broker fails or the transport is
+        not configured here: the caller retries; part of the batch may be at
+        the broker then (see ``transports/design.md``)."""
+        topic = binding.topic
+        for i, message in enumerate(messages):
+            refusal = None
+            if message["destination"]:
+                refusal = (f"destination: {topic!r} is direct: its messages go to the {binding.transport} "
+                           "broker, not to agents' inboxes")
+            elif message["deliveryOptions"]["guarantee"] == "exactly-once":
+                refusal = (f"deliveryOptions.guarantee: {topic!r} is direct: at-least-once at most "
+                           "(exactly-once needs the log: bind it in log mode)")
+            if refusal is not None:
+                text = in_batch(i, len(messages), refusal)
+                raise InvalidInput(text, field=text.partition(":")[0])
+        transport = self.transports.get(binding.transport)
+        if transport is None:
+            raise Unavailable(f"transport {binding.transport!r} is not configured on this node ({self.node_id})",
+                              retry_after_s=1.0)
+        made = (topic, binding.created_index)
+        if made not in self._direct_bound:
+            await transport.bind(topic)  # idempotent; the leader's driver makes it too
+            self._direct_bound[made] = None
+        if request is not None and request.id is not None:
+            keys = [f"r/{request.id}/{i}" for i in range(len(messages))]
+        else:
+            keys = [f"m/{topic}/{m['id']}" for m in messages]
+        try:
+            await transport.publish_direct([TransportEntry(topic, 0, 0, m, k) for m, k in zip(messages, keys,
+                                                                                             strict=True)])
+        except CoordinatorError:
+            self._direct_bound.pop(made, None)  # bind again first: the broker may have lost the topic
+            raise
+        self.direct_published += len(messages)
+        return {"topic": topic, "messages": [{"id": m["id"], "offset": None, "direct": True} for m in messages]}
 
     def _publish_volatile(self, topic: str, message: dict[str, Any], agent_exists: Any) -> dict[str, Any]:
         """Transform and route one at-most-once message. A transform that fails
@@ -286,6 +361,9 @@ class BusService:
             raise InvalidInput(f"max: must be between 1 and {MAX_FETCH}", field="max")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s  # a wait of this request, in the loop's time (not the injected clock)
+        direct = self._direct_consumer(selector)
+        if direct is not None:
+            return await self._fetch_transport(direct, selector.get("sub", ""), max_n, deadline, direct=True)
         while True:
             if not self.active:
                 raise NotLeader("fetches are served by the leader")
@@ -322,23 +400,40 @@ class BusService:
 
     # -- subscriptions served by a broker transport ------------------------------------------------
 
-    def _transport_of(self, consumer: Any) -> BusTransport:
+    def _transport_of(self, consumer: Any, where: str = "the leader") -> BusTransport:
         transport = self.transports.get(consumer.transport)
         if transport is None:
-            raise Unavailable(f"transport {consumer.transport!r} is not configured on the leader", retry_after_s=1.0)
+            raise Unavailable(f"transport {consumer.transport!r} is not configured on {where}", retry_after_s=1.0)
         return transport
 
-    async def _fetch_transport(self, consumer: Any, sub_id: str, max_n: int, deadline: float) -> dict[str, Any]:
+    def _direct_consumer(self, selector: dict[str, str]) -> Any:
+        """The consumer a selector names when it reads a direct topic from its
+        broker (served by this node), else None."""
+        if "sub" not in selector:
+            return None
+        bus = self.applier.machine.bus
+        sub = bus.subscriptions.get(selector["sub"])
+        consumer = bus.consumers.get(sub.consumer) if sub is not None else None
+        if consumer is None or consumer.transport is None:
+            return None
+        binding = self.direct_binding(consumer.pattern)
+        return consumer if binding is not None and binding.transport == consumer.transport else None
+
+    async def _fetch_transport(self, consumer: Any, sub_id: str, max_n: int, deadline: float, *,
+                               direct: bool = False) -> dict[str, Any]:
         """Deliveries from the broker; a message whose key this consumer already
         acked (a re-send RabbitMQ cannot recognise, a redelivery after a lost
-        broker ack) is acked at the broker and not handed out again."""
-        transport = self._transport_of(consumer)
+        broker ack) is acked at the broker and not handed out again. Direct
+        mode: served by this node, whoever leads; nothing is committed
+        (at-least-once: what is not acked comes back from the broker)."""
+        transport = self._transport_of(consumer, f"this node ({self.node_id})" if direct else "the leader")
         topic, group = consumer.pattern, consumer.name
         loop = asyncio.get_running_loop()
-        if (topic, group, consumer.created_index) not in self._transport_groups:
+        groups = self._direct_groups if direct else self._transport_groups
+        if (topic, group, consumer.created_index) not in groups:
             await transport.bind(topic)  # idempotent; the driver may not have published anything yet
             await transport.subscribe(topic, group)
-            self._transport_groups[(topic, group, consumer.created_index)] = None
+            groups[(topic, group, consumer.created_index)] = None
         while True:
             remaining = max(0.0, deadline - loop.time())
             got = await transport.fetch(topic, group, sub_id or group, max_n, 0.0 if self.closing else remaining)
@@ -349,25 +444,79 @@ class BusService:
             at_most_once = consumer.guarantee == "at-most-once"
             if at_most_once and fresh:
                 await transport.ack(topic, group, [d.delivery_id for d in fresh])
-            for d in fresh:
-                if not at_most_once:
-                    self._transport_keys[d.delivery_id] = (consumer.key, d.key)
-            while len(self._transport_keys) > TRANSPORT_KEYS_MAX:
-                self._transport_keys.pop(next(iter(self._transport_keys)))
+            if direct:
+                if at_most_once and fresh:
+                    self._count_direct_acks(consumer, sub_id, len(fresh), fresh[-1].offset)
+                for d in fresh if not at_most_once else ():
+                    self._direct_keys[d.delivery_id] = (consumer.key, d.offset)
+                while len(self._direct_keys) > TRANSPORT_KEYS_MAX:
+                    self._direct_keys.pop(next(iter(self._direct_keys)))
+            else:
+                for d in fresh:
+                    if not at_most_once:
+                        self._transport_keys[d.delivery_id] = (consumer.key, d.key)
+                while len(self._transport_keys) > TRANSPORT_KEYS_MAX:
+                    self._transport_keys.pop(next(iter(self._transport_keys)))
             if fresh or deadline - loop.time() <= 0 or self.closing:
                 return {"messages": [_render({"delivery_id": d.delivery_id, "attempt": 2 if d.redelivered else 1,
-                                              "topic": d.topic, "offset": d.offset,
-                                              "guarantee": effective_guarantee(
-                                                  consumer.guarantee, d.message.get("deliveryOptions", {}).get(
-                                                      "guarantee", "at-least-once")),
+                                              "topic": d.topic, "offset": (d.offset or None) if direct else d.offset,
+                                              "guarantee": _direct_guarantee(self._guarantee(consumer, d))
+                                              if direct else self._guarantee(consumer, d),
                                               "message": d.message}) for d in fresh],
                         "backlog": None}
+
+    @staticmethod
+    def _guarantee(consumer: Any, delivery: Any) -> str:
+        return effective_guarantee(consumer.guarantee, delivery.message.get("deliveryOptions", {}).get(
+            "guarantee", "at-least-once"))
+
+    def _count_direct_acks(self, consumer: Any, sub_id: str, n: int, position: int | None) -> None:
+        _, acked, top = self._direct_acked.get(consumer.key, ({}, 0, None))
+        if position:
+            top = max(top or 0, position)
+        self._direct_acked[consumer.key] = ({"sub": sub_id}, acked + n, top)
+
+    async def run_checkpoints(self) -> None:
+        """Every ``CHECKPOINT_S``: commit what each direct consumer acked
+        through this node since the last report (``bus.transport.checkpoint``),
+        for status and other nodes. Only progress: a lost report changes
+        nothing a consumer gets (the broker's group is the cursor); a failed
+        one is added to the next."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_S)
+            try:
+                await self.checkpoint_once()
+            except Exception:  # a bug here must not end the reports for good
+                log.exception("direct-mode checkpoints failed")
+
+    async def checkpoint_once(self) -> None:
+        reports, self._direct_acked = self._direct_acked, {}
+        for key, (selector, acked, position) in reports.items():
+            if key not in self.applier.machine.bus.consumers:
+                continue  # unsubscribed meanwhile
+            command = BusTransportCheckpoint(selector["sub"], None, acked, position)
+            try:
+                raise_for(await self.proposer.propose(command.op, command.to_args()))
+            except CoordinatorError as exc:
+                if exc.code in ("not_found", "invalid"):
+                    continue
+                _, later, top = self._direct_acked.get(key, (selector, 0, None))
+                self._direct_acked[key] = (selector, acked + later, max(position or 0, top or 0) or None)
 
     async def ack(self, selector: dict[str, str], delivery_ids: list[Any], request: RequestKey | None = None
                   ) -> dict[str, Any]:
         """Ack deliveries. A transport consumer's acks are served by the leader
         (it knows which message each broker delivery id carries): the keys are
         committed first, then acked at the broker."""
+        direct = self._direct_consumer(selector)
+        if direct is not None:
+            known = [d for d in delivery_ids if isinstance(d, str) and self._direct_keys.get(d, ("",))[0]
+                     == direct.key]
+            if known:
+                await self._transport_of(direct, "this node").ack(direct.pattern, direct.name, known)
+                top = max(self._direct_keys.pop(d, ("", 0))[1] for d in known)
+                self._count_direct_acks(direct, selector["sub"], len(known), top)
+            return {"acked": known, "unknown": [d for d in delivery_ids if d not in known]}
         consumer = self.applier.machine.bus.consumers.get(self.consumer_key(selector))
         if consumer is None or consumer.transport is None:
             return await self._propose(_parsed(BusAck, {**selector, "delivery_ids": delivery_ids}), request)
@@ -386,6 +535,15 @@ class BusService:
 
     async def nack(self, selector: dict[str, str], args: dict[str, Any], request: RequestKey | None = None
                    ) -> dict[str, Any]:
+        direct = self._direct_consumer(selector)
+        if direct is not None:
+            ids = args.get("delivery_ids") or []
+            known = [d for d in ids if isinstance(d, str) and self._direct_keys.get(d, ("",))[0] == direct.key]
+            if known:
+                await self._transport_of(direct, "this node").nack(direct.pattern, direct.name, known)
+                for d in known:
+                    self._direct_keys.pop(d, None)
+            return {"nacked": known, "unknown": [d for d in ids if d not in known]}
         consumer = self.applier.machine.bus.consumers.get(self.consumer_key(selector))
         if consumer is None or consumer.transport is None:
             return await self._propose(_parsed(BusNack, {**selector, **args}), request)
@@ -407,6 +565,10 @@ class BusService:
     async def request(self, topic: str, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Publish a request and wait for the response whose ``correlationId``
         is the request's id on its ``replyTo`` topic. Leader only."""
+        binding = self.direct_binding(topic)
+        if binding is not None:
+            raise Conflict(f"topic {topic!r} is direct: its messages go to the {binding.transport} broker, and "
+                           "request/reply matches responses in the log (bind it in log mode)")
         if not self.active:
             raise NotLeader("requests are served by the leader")
         key = (message["replyTo"], message["id"])
@@ -440,7 +602,7 @@ class BusService:
         return {"topics": len(bus.topics), "consumers": len(bus.consumers), "subscriptions": len(bus.subscriptions),
                 "messages_held": len(bus.bodies), "timers": len(bus.timers), "active": self.active,
                 "volatile_routed": self.volatile.routed, "volatile_dropped": self.volatile.dropped,
-                "volatile_expired": self.volatile.expired,
+                "volatile_expired": self.volatile.expired, "direct_published": self.direct_published,
                 **bus.counters}
 
 
@@ -450,6 +612,11 @@ def _parsed(command_type: type[C], args: dict[str, Any]) -> C:
         return command_type.parse(args)
     except Rejected as exc:
         raise state_error(exc.code, exc.message) from None
+
+
+def _direct_guarantee(guarantee: str) -> str:
+    """Direct mode delivers at-least-once at most: nothing dedupes at consumption."""
+    return "at-least-once" if guarantee == "exactly-once" else guarantee
 
 
 def _render(delivery: dict[str, Any]) -> dict[str, Any]:

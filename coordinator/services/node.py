@@ -134,6 +134,7 @@ class CoordinatorNode:
         self._tasks.append(asyncio.create_task(self.duties.run(), name="leader-duties"))
         await self.transports.start()
         self._tasks.append(asyncio.create_task(self.transports.run(), name="transports"))
+        self._tasks.append(asyncio.create_task(self.bus.run_checkpoints(), name="direct-checkpoints"))
         self._tasks.append(asyncio.create_task(self.sagas.run(), name="sagas"))
         self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
         self._tasks.append(asyncio.create_task(self.balancer.run(), name="balancer"))

@@ -137,6 +137,10 @@ class TransportDriver:
             task = self._tasks.get(topic)
             if (task is not None and not task.done()) or self._retry_at.get(topic, 0.0) > now:
                 continue
+            if binding.mode == "direct":  # nodes publish it themselves; the leader makes (and unmakes) it
+                if (topic, binding.created_index) not in self._bound:
+                    self._tasks[topic] = asyncio.get_running_loop().create_task(self._bind_direct(topic))
+                continue
             if binding.cursor >= bus.topics[topic].next_offset - 1:
                 continue
             self._tasks[topic] = asyncio.get_running_loop().create_task(self._publish(topic))
@@ -188,6 +192,25 @@ class TransportDriver:
             self._back_off(topic)
             return
         self.sent += len(bodies)
+        self.errors.pop(binding.transport, None)
+        self._failures.pop(topic, None)
+        self._retry_at.pop(topic, None)
+
+    async def _bind_direct(self, topic: str) -> None:
+        binding = self.applier.machine.bus.bindings.get(topic)
+        transport = self.transports.get(binding.transport) if binding is not None else None
+        if binding is None or transport is None:
+            if binding is not None:
+                self.errors[binding.transport] = "not configured on the leader"
+                self._back_off(topic)
+            return
+        try:
+            await transport.bind(topic)
+        except CoordinatorError as exc:
+            self.errors[binding.transport] = exc.message
+            self._back_off(topic)
+            return
+        self._bound[(topic, binding.created_index)] = binding.transport
         self.errors.pop(binding.transport, None)
         self._failures.pop(topic, None)
         self._retry_at.pop(topic, None)

@@ -36,6 +36,9 @@ class Brokers:
         binding = self.bindings.get(topic)
         if binding is None:
             return
+        if binding.mode == "direct":
+            raise Rejected("conflict", f"topic {topic!r} is direct: its messages go to the {binding.transport} "
+                                       "broker from the node that takes them, never through the log")
         waiting = self.topics[topic].next_offset - 1 - binding.cursor
         if waiting + adding > binding.backlog_max:
             raise Rejected("unavailable", f"{waiting} messages of {topic!r} wait for the {binding.transport} "
@@ -49,11 +52,14 @@ class Brokers:
         """Messages published on ``topic`` from now on go to a broker transport
         (the ones before stay where they are). Idempotent for the same transport."""
         name, transport = command.topic, command.transport
+        mode = command.mode or "log"
         backlog_max = DEFAULT_BACKLOG if command.backlog_max is None else command.backlog_max
         binding = self.bindings.get(name)
         if binding is not None:
             if binding.transport != transport:
                 raise Rejected("conflict", f"topic {name!r} is bound to {binding.transport!r}; unbind it first")
+            if binding.mode != mode:
+                raise Rejected("conflict", f"topic {name!r} is bound in {binding.mode} mode; unbind it first")
             binding.backlog_max = backlog_max
             return binding.describe(self.topics[name].next_offset)
         topic = self.topics.get(name)
@@ -61,7 +67,8 @@ class Brokers:
             if len(self.topics) >= self.limits.topics_max:
                 raise Rejected("unavailable", f"too many topics ({self.limits.topics_max})")
             topic = self.topics[name] = Topic(name)
-        binding = self.bindings[name] = Binding(name, transport, topic.next_offset - 1, ctx.index, backlog_max)
+        binding = self.bindings[name] = Binding(name, transport, topic.next_offset - 1, ctx.index, backlog_max,
+                                                 mode)
         return binding.describe(topic.next_offset)
 
     def unbind(self, ctx: ApplyContext, command: BusUnbind) -> dict[str, Any]:
@@ -118,6 +125,17 @@ class Brokers:
             consumer.acked_keys.pop(next(iter(consumer.acked_keys)))
         consumer.counters["acked"] += len(new)
         return {"new": len(new)}
+
+    def transport_checkpoint(self, ctx: ApplyContext, consumer: Consumer, acked: int,
+                             position: int | None) -> dict[str, Any]:
+        """A node's report of a direct-mode consumer's acks at the broker
+        (progress only: the broker's group is the cursor)."""
+        if consumer.transport is None:
+            raise invalid("sub", "this subscription is not served by a transport")
+        consumer.counters["acked"] += acked
+        if position is not None:
+            consumer.counters["position"] = max(consumer.counters.get("position", 0), position)
+        return {"acked": consumer.counters["acked"]}
 
     def configure_transport(self, ctx: ApplyContext, command: BusTransportConfigure) -> dict[str, Any]:
         """Set (``url``) or remove (``url`` null) the cluster-wide URL of a broker

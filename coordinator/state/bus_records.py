@@ -242,19 +242,27 @@ class Binding:
     """A topic whose messages a broker transport carries (issue 5). The leader
     publishes offsets after ``cursor`` to the broker and commits ``bus.cursor``
     once the broker holds them; until then each body is held by the binding
-    (holder key ``b:<topic>``, never a consumer's)."""
+    (holder key ``b:<topic>``, never a consumer's).
+
+    ``mode`` ``"direct"``: messages never enter the log (nodes publish them
+    to the broker themselves), so ``cursor`` stays where the binding began.
+    Its snapshot row has a sixth column only then: older rows load as log."""
 
     topic: str
     transport: str
     cursor: int            # the last offset the broker confirmed
     created_index: int
     backlog_max: int
+    mode: str = "log"
 
     def to_data(self) -> list[Any]:
-        return [self.topic, self.transport, self.cursor, self.created_index, self.backlog_max]
+        row = [self.topic, self.transport, self.cursor, self.created_index, self.backlog_max]
+        if self.mode != "log":
+            row.append(self.mode)
+        return row
 
     def describe(self, next_offset: int) -> dict[str, Any]:
-        return {"topic": self.topic, "transport": self.transport, "cursor": self.cursor,
+        return {"topic": self.topic, "transport": self.transport, "mode": self.mode, "cursor": self.cursor,
                 "backlog": next_offset - 1 - self.cursor, "backlog_max": self.backlog_max,
                 "created_index": self.created_index}
 

@@ -47,6 +47,7 @@ from coordinator.commands.bus import (
     BusTick,
     BusTopicConfigure,
     BusTransportAck,
+    BusTransportCheckpoint,
     BusTransportConfigure,
     BusUnbind,
     BusUnsubscribe,
@@ -734,6 +735,12 @@ def _bus_cursor(sm: StateMachine, ctx: ApplyContext, command: BusCursor) -> Any:
 @_handles(BusTransportAck)
 def _bus_transport_ack(sm: StateMachine, ctx: ApplyContext, command: BusTransportAck) -> Any:
     return sm.bus.transport_acked(ctx, sm.bus.consumer_of(command.sub, command.agent), command.keys)
+
+
+@_handles(BusTransportCheckpoint)
+def _bus_transport_checkpoint(sm: StateMachine, ctx: ApplyContext, command: BusTransportCheckpoint) -> Any:
+    return sm.bus.brokers.transport_checkpoint(ctx, sm.bus.consumer_of(command.sub, command.agent), command.acked,
+                                               command.position)
 
 
 @_handles(BusTransportConfigure)

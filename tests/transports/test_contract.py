@@ -58,6 +58,54 @@ async def test_publish_fetch_ack_in_offset_order(make_transport: TransportFactor
     assert await transport.lag(TOPIC, "g") == 0
 
 
+def direct(keys: list[str], topic: str = TOPIC) -> list[TransportEntry]:
+    return [TransportEntry(topic, 0, 0, {"id": key, "type": "event", "source": "test", "priority": 5,
+                                         "payload": {"k": key}}, key) for key in keys]
+
+
+async def test_direct_entries_from_two_publishers_are_all_delivered_with_their_keys(
+        plugin: str, make_transport: TransportFactory) -> None:
+    """Direct mode: any node publishes at once (no offsets, no fencing); the
+    broker orders them; each delivery carries the publisher's key, and a
+    re-sent key is dropped where the broker dedupes (NATS window, memory)."""
+    first = await make_transport()
+    second = first if plugin == "memory" else await make_transport()  # memory: one process, one broker
+    await first.bind(TOPIC)
+    await first.subscribe(TOPIC, "g")
+    a = [f"a.{n}" for n in range(10)]
+    b = [f"b.{n}" for n in range(10)]
+    counts = await asyncio.gather(first.publish_direct(direct(a)), second.publish_direct(direct(b)))
+    assert counts == [10, 10]
+    again = await second.publish_direct(direct(b[:3]))  # a client's retry with the same keys
+    dedupes = plugin in ("memory", "nats")
+    assert again == (0 if dedupes else 3)
+    got = await drain(first, "g", 20 if dedupes else 23, deadline_s=10)
+    keys = [d.key for d in got]
+    assert set(keys) == set(a + b)
+    if dedupes:
+        assert len(keys) == 20
+    assert [k for k in keys if k.startswith("a.")] == a  # one publisher's order holds
+    assert all(d.message["payload"] == {"k": d.key} for d in got)
+    offsets = [d.offset for d in got]
+    if plugin in ("memory", "nats", "kafka"):  # brokers with a sequence number: it orders deliveries
+        assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+    assert await first.fetch(TOPIC, "g", "c1", 10, 0.2) == []
+
+
+async def test_direct_publish_to_an_unbound_topic_or_a_dead_broker_is_unavailable(
+        plugin: str, make_transport: TransportFactory) -> None:
+    transport = await make_transport()
+    await transport.bind(TOPIC)  # the namespace exists at the broker; this topic does not
+    with pytest.raises(Unavailable):
+        await transport.publish_direct(direct(["x"], "never.bound"))
+    if plugin == "memory":
+        return
+    dead = await make_transport(url=DEAD_URLS[plugin], start=False)
+    with pytest.raises(Unavailable) as refused:
+        await dead.publish_direct(direct(["x"]))
+    assert SECRET not in refused.value.message
+
+
 async def test_republishing_after_a_leader_change_does_not_lose_and_dedupes_where_promised(
         make_transport: TransportFactory) -> None:
     transport = await make_transport()

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from coordinator.commands.bus import BusTransportAck
-from coordinator.errors import InvalidInput
+from coordinator.commands.bus import BusPublish, BusTransportAck
+from coordinator.errors import Conflict, InvalidInput
 from tests.coordinator.api.conftest import Harness, HarnessFactory
 from tests.waiting import eventually
 from transports.memory import InMemoryTransport
@@ -101,6 +101,8 @@ async def test_a_subscription_on_a_bound_topic_is_served_by_the_broker(bound: An
     assert status == 400 and body["error"]["field"] == "filter"
     for i in range(3):
         await h.call("POST", "/v1/topics/orders/messages", {"payload": {"i": i}}, expect=200)
+    # the leader may send them to the broker in more than one batch: a fetch takes what is there
+    await eventually(lambda: h.applier.machine.bus.bindings["orders"].cursor == 3, "the broker to hold all 3")
     _, got = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?max=10&wait_s=2", expect=200)
     assert [d["message"]["payload"] for d in got["messages"]] == [{"i": 0}, {"i": 1}, {"i": 2}]
     ids = [d["delivery_id"] for d in got["messages"]]
@@ -163,3 +165,110 @@ async def test_a_cluster_wide_transport_url_is_committed_used_and_never_shown(ma
     await eventually(lambda: "mem" not in h.node.transports.transports, "the transport to be dropped")
     status, _ = await h.call("DELETE", "/v1/transports/mem")
     assert status == 404
+
+
+@pytest.fixture
+async def direct(make_harness: HarnessFactory) -> tuple[Harness, InMemoryTransport]:
+    transport = InMemoryTransport(namespace="t", ack_timeout_s=30)
+    h = await make_harness(transports={"memory": transport})
+    _, binding = await h.call("PUT", "/v1/topics/orders/binding", {"transport": "memory", "mode": "direct"},
+                              expect=200)
+    assert binding["mode"] == "direct"
+    return h, transport
+
+
+async def test_a_direct_publish_goes_to_the_broker_without_a_log_entry(direct: Any) -> None:
+    h, transport = direct
+    before = h.fingerprint()
+    _, one = await h.call("POST", "/v1/topics/orders/messages", {"payload": {"i": 0}}, expect=200)
+    assert one["direct"] is True and one["offset"] is None and one["id"].startswith("msg-")
+    _, batch = await h.call("POST", "/v1/topics/orders/messages",
+                            {"messages": [{"id": "a", "payload": 1}, {"id": "b", "payload": 2}],
+                             "request_id": "r1"}, expect=200)
+    assert [m["id"] for m in batch["messages"]] == ["a", "b"]
+    assert h.fingerprint() == before  # nothing committed
+    assert [e.message["payload"] for e in transport._topics["orders"]] == [{"i": 0}, 1, 2]
+    # the same request again: the same broker keys, which this broker recognises
+    await h.call("POST", "/v1/topics/orders/messages",
+                 {"messages": [{"id": "a", "payload": 1}, {"id": "b", "payload": 2}], "request_id": "r1"},
+                 expect=200)
+    assert len(transport._topics["orders"]) == 3
+    assert [e.key for e in transport._topics["orders"]][1:] == ["r/anonymous/r1/0", "r/anonymous/r1/1"]
+
+
+async def test_a_direct_publish_refuses_what_it_cannot_carry_and_a_broker_outage_is_a_503(direct: Any) -> None:
+    h, transport = direct
+    status, body = await h.call("POST", "/v1/topics/orders/messages",
+                                {"id": "x", "payload": 1, "deliveryOptions": {"guarantee": "exactly-once"}})
+    assert status == 400 and body["error"]["field"] == "deliveryOptions.guarantee"
+    status, body = await h.call("POST", "/v1/topics/orders/messages", {"payload": 1, "priority": 99})
+    assert status == 400  # the same validation as a log publish
+    transport.down = True
+    async with h.http.post("/v1/topics/orders/messages", json={"payload": 1}) as response:
+        assert response.status == 503 and response.headers.get("Retry-After")
+    transport.down = False
+    assert transport._topics.get("orders", []) == []
+    # a log-mode entry naming the topic is refused by the state machine
+    with pytest.raises(Conflict, match="is direct"):
+        await h.node.write_command(BusPublish.parse({"topic": "orders", "messages": [
+            {"id": "m", "type": "event", "source": "s"}]}))
+    status, body = await h.call("PUT", "/v1/topics/orders/binding", {"transport": "memory"})
+    assert status == 409 and "direct mode" in body["error"]["message"]
+    status, body = await h.call("POST", "/v1/topics/orders/request", {"payload": 1, "timeout_s": 1})
+    assert status == 409 and "request/reply" in body["error"]["message"]
+
+
+async def test_a_direct_subscription_is_served_from_the_broker_and_checkpointed(direct: Any) -> None:
+    h, _transport = direct
+    _, sub = await h.call("POST", "/v1/subscriptions", {"topic": "orders", "group": "billing"}, expect=201)
+    for i in range(3):
+        await h.call("POST", "/v1/topics/orders/messages", {"payload": {"i": i}}, expect=200)
+    _, got = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?max=10&wait_s=2", expect=200)
+    assert [d["message"]["payload"] for d in got["messages"]] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert [d["offset"] for d in got["messages"]] == [1, 2, 3]  # the broker's sequence
+    assert {d["guarantee"] for d in got["messages"]} == {"at-least-once"}
+    ids = [d["delivery_id"] for d in got["messages"]]
+    before = h.fingerprint()
+    _, acked = await h.call("POST", f"/v1/subscriptions/{sub['id']}/ack", {"delivery_ids": [*ids[:2], "nope"]},
+                            expect=200)
+    assert acked == {"acked": ids[:2], "unknown": ["nope"]}
+    _, nacked = await h.call("POST", f"/v1/subscriptions/{sub['id']}/nack", {"delivery_ids": [ids[2]]}, expect=200)
+    assert nacked["nacked"] == [ids[2]]
+    assert h.fingerprint() == before  # acks and nacks are the broker's, not the log's
+    _, again = await h.call("GET", f"/v1/subscriptions/{sub['id']}/messages?wait_s=2", expect=200)
+    assert [(d["offset"], d["redelivered"]) for d in again["messages"]] == [(3, True)]
+    await h.call("POST", f"/v1/subscriptions/{sub['id']}/ack", {"delivery_ids": [again["messages"][0]["delivery_id"]]},
+                 expect=200)
+    await h.node.bus.checkpoint_once()  # what run_checkpoints does every second
+    consumer = h.applier.machine.bus.consumers["g:billing"]
+    assert consumer.counters["acked"] == 3 and consumer.counters["position"] == 3
+    await h.node.bus.checkpoint_once()
+    assert consumer.counters["acked"] == 3  # nothing new: nothing committed
+
+
+async def test_a_node_without_the_transport_answers_503_naming_it(direct: Any) -> None:
+    h, transport = direct
+    del h.node.bus.transports["memory"]  # as on a node whose config lacks it
+    try:
+        async with h.http.post("/v1/topics/orders/messages", json={"payload": 1}) as response:
+            body = await response.json()
+            assert response.status == 503 and response.headers.get("Retry-After")
+        assert "'memory' is not configured on this node" in body["error"]["message"]
+    finally:
+        h.node.bus.transports["memory"] = transport
+    assert transport._topics.get("orders", []) == []
+
+
+async def test_a_publish_that_met_the_direct_binding_in_the_log_goes_direct(direct: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node whose replica had not applied the binding yet proposes a log
+    publish; the log refuses it (409, the topic is direct), and the node,
+    now knowing the binding, sends the messages to the broker instead."""
+    h, transport = direct
+    service = h.node.bus
+    real = service.direct_binding
+    lagging = iter([None, None])  # the route's check and the service's first look: not applied yet
+    monkeypatch.setattr(service, "direct_binding", lambda topic: next(lagging, None) or real(topic))
+    _, answer = await h.call("POST", "/v1/topics/orders/messages", {"payload": "late"}, expect=200)
+    assert answer["direct"] is True
+    assert [e.message["payload"] for e in transport._topics["orders"]] == ["late"]

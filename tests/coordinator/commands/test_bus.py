@@ -35,6 +35,7 @@ from coordinator.commands.bus import (
     BusTick,
     BusTopicConfigure,
     BusTransportAck,
+    BusTransportCheckpoint,
     BusTransportConfigure,
     BusUnbind,
     BusUnsubscribe,
@@ -79,10 +80,13 @@ bus_commands = st.one_of(
                                             maybe(st.integers(0, MAX_DELAY_MS)), maybe(st.booleans()))),
     selectors.flatmap(lambda sel: st.builds(BusDlqRedrive, st.just(sel[0]), st.just(sel[1]), maybe(id_lists))),
     selectors.flatmap(lambda sel: st.builds(BusDlqPurge, st.just(sel[0]), st.just(sel[1]), maybe(id_lists))),
-    st.builds(BusBind, topics, st.text("abc", min_size=1, max_size=8), maybe(st.integers(1, MAX_BACKLOG))),
+    st.builds(BusBind, topics, st.text("abc", min_size=1, max_size=8), maybe(st.integers(1, MAX_BACKLOG)),
+              maybe(st.just("direct"))),
     st.builds(BusUnbind, topics, maybe(st.booleans())),
     st.builds(BusCursor, topics, st.integers(0, MAX_OFFSET), maybe(st.integers(0, MAX_OFFSET))),
     selectors.flatmap(lambda sel: st.builds(BusTransportAck, st.just(sel[0]), st.just(sel[1]), id_lists)),
+    selectors.flatmap(lambda sel: st.builds(BusTransportCheckpoint, st.just(sel[0]), st.just(sel[1]),
+                                            st.integers(0, 2**31 - 1), maybe(st.integers(0, MAX_OFFSET)))),
     st.builds(BusTransportConfigure, st.text("abc", min_size=1, max_size=8),
               maybe(st.text("abc:/", min_size=1, max_size=8).map(lambda t: "redis://" + t))),
     st.just(BusTick()),
@@ -118,6 +122,9 @@ def test_to_args_keeps_the_logs_keys_and_their_order() -> None:
     assert BusNack("s", None, ("1.1",)).to_args() == {"sub": "s", "delivery_ids": ["1.1"]}
     assert BusDlqRedrive(None, "a", None).to_args() == {"agent": "a"}
     assert list(BusBind("t", "redis", 5).to_args()) == ["topic", "transport", "backlog_max"]
+    assert BusBind.parse({"topic": "t", "transport": "k", "mode": "log"}).to_args() == {"topic": "t", "transport": "k"}
+    assert BusBind("t", "k", None, "direct").to_args() == {"topic": "t", "transport": "k", "mode": "direct"}
+    assert BusTransportCheckpoint("s", None, 3).to_args() == {"sub": "s", "acked": 3}
     assert BusUnbind("t").to_args() == {"topic": "t"}
     assert list(BusCursor("t", 3, 2).to_args().items()) == [("topic", "t"), ("offset", 3), ("created_index", 2)]
     assert BusTransportAck("s", None, ("k",)).to_args() == {"sub": "s", "keys": ["k"]}
@@ -215,6 +222,11 @@ BAD: list[tuple[str, dict[str, Any], str, str | None]] = [
     ("bus.bind", {"topic": "t", "transport": "redis", "backlog_max": 0},
      f"backlog_max: must be between 1 and {MAX_BACKLOG}", None),
     ("bus.bind", {"topic": "t", "transport": "redis", "backlog_max": None}, "backlog_max: must be an integer", None),
+    ("bus.bind", {"topic": "t", "transport": "redis", "mode": "fast"}, 'mode: must be "log" (the default) or '
+     '"direct"', None),
+    ("bus.transport.checkpoint", {"sub": "s", "acked": -1}, "acked: must be between 0 and 2147483647",
+     "(not_found first)"),
+    ("bus.transport.checkpoint", {"sub": "s", "acked": 1, "position": "x"}, "position: must be an integer", None),
     ("bus.unbind", {"topic": "t", "drop_backlog": "yes"}, "drop_backlog: must be true or false", None),
     ("bus.cursor", {"topic": "t", "offset": -1}, f"offset: must be between 0 and {MAX_OFFSET}", None),
     ("bus.cursor", {"topic": "t", "offset": 1, "created_index": "2"}, "created_index: must be an integer",

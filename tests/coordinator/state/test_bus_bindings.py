@@ -44,6 +44,32 @@ def test_the_cursor_releases_what_the_broker_holds_and_never_moves_back() -> Non
     bus.refused("conflict", "bus.cursor", topic="orders", offset=3, created_index=999)
 
 
+def test_a_direct_topic_refuses_log_publishes_and_keeps_its_mode() -> None:
+    bus = Driver()
+    binding = _bound(bus, mode="direct")
+    assert binding["mode"] == "direct"
+    message = bus.refused("conflict", "bus.publish", topic="orders", messages=[msg("a")])
+    assert "is direct" in message
+    assert "bound in direct mode" in bus.refused("conflict", "bus.bind", topic="orders", transport="redis")
+    assert _bound(bus, mode="direct")["mode"] == "direct"  # the same again: idempotent
+    sub = bus.sub("orders")
+    assert bus.ok("bus.transport.checkpoint", sub=sub, acked=5, position=9) == {"acked": 5}
+    assert bus.ok("bus.transport.checkpoint", sub=sub, acked=2)["acked"] == 7
+    copy = bus.restore()
+    assert copy.bus.bindings["orders"].mode == "direct"
+    assert bus.ok("bus.unbind", topic="orders")["dropped"] == 0
+    assert _bound(bus)["mode"] == "log"
+    assert "bound in log mode" in bus.refused("conflict", "bus.bind", topic="orders", transport="redis",
+                                              mode="direct")
+
+
+def test_a_log_binding_keeps_its_old_snapshot_row() -> None:
+    bus = Driver()
+    _bound(bus)
+    assert bus.sm.bus.bindings["orders"].to_data()[-1] != "log"
+    assert len(bus.sm.bus.bindings["orders"].to_data()) == 5  # rows of older snapshots load the same
+
+
 def test_the_backlog_bound_refuses_a_publish_and_stores_nothing() -> None:
     bus = Driver()
     _bound(bus, backlog_max=3)
