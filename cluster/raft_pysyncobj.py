@@ -86,7 +86,7 @@ from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
 from cluster import files
 from cluster.errors import EngineError, FrameRefused, MissingSecret
-from cluster.journal import DurableJournal, replace_durably, write_file_durably
+from cluster.journal import DurableJournal, read_entries, read_meta, replace_durably, write_file_durably
 from cluster.power_loss import PowerLossRecorder
 from cluster.read_index import REFUSED, UNAVAILABLE, LeaderView, ReadRounds, Waiter
 from coordinator import crypto
@@ -1052,6 +1052,77 @@ class PySyncObjEngine:
                    heartbeat_s=config.heartbeat_s, leader_fallback_s=config.leader_fallback_s,
                    compaction_entries=config.compaction_entries, stall_timeout_s=config.stall_timeout_s,
                    power_loss=config.unsafe_test_power_loss, compaction_bytes=config.compaction_bytes)
+
+    # -- offline: backups and new clusters (coordinator snapshot ...) ------------------------
+
+    SNAPSHOT_FILE = "raft.snapshot"
+    JOURNAL_FILE = "raft.journal"
+
+    @classmethod
+    def seed_data_dir(cls, data_dir: str, fsm_blob: bytes, index: int, members: list[str]) -> None:
+        """Write a data directory that starts a NEW cluster at ``index`` with
+        the state ``fsm_blob`` (``ReplicatedFSM.snapshot`` bytes at that index)
+        and the voting members ``members`` (Raft addresses, this node's
+        included). Offline: nothing runs on ``data_dir``; it must be empty.
+
+        It holds only a snapshot record, as log compaction writes it, whose
+        last two entries are synthetic no-ops at ``index - 1`` and ``index``
+        in term 1, the same bytes on every member seeded from the same file
+        with the same members: pysyncobj loads it at start (applied index
+        ``index``), the first election is for term 1 and the new leader's
+        entries follow at ``index + 1``, so the log's terms never go down.
+        Raises ``EngineError`` for an index below 2 or a non-empty directory."""
+        if index < 2:
+            raise EngineError(f"a snapshot at index {index} holds nothing to restore")
+        if os.path.isdir(data_dir) and os.listdir(data_dir):
+            raise EngineError(f"{data_dir} is not empty: restore writes a fresh data directory only")
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        noop = bytes([_pysyncobj._COMMAND_TYPE.NO_OP])
+        record = {
+            "v": 1,
+            "last": [noop, index, 1],
+            "prev": [noop, index - 1, 1],
+            "cluster": sorted(set(members)),
+            "fsm": fsm_blob,
+            "applied_index": index,
+        }
+        write_file_durably(os.path.join(data_dir, cls.SNAPSHOT_FILE), encode_record(record))
+
+    @classmethod
+    def read_data_dir(cls, data_dir: str) -> dict[str, Any]:
+        """What a stopped node's data directory holds, read without changing
+        it: ``fsm`` (its snapshot's state machine bytes, or None),
+        ``snapshot_index``, ``entries`` after it as (index, term, blob) for
+        the entries of ours (pysyncobj's own no-op and membership entries are
+        left out, and counted in ``skipped``), ``last_index`` and
+        ``last_term`` of its log, ``commit_index`` as last saved (about once
+        a second: it may lag) and ``members`` of its last snapshot."""
+        fsm: bytes | None = None
+        snapshot_index = 0
+        members: list[str] = []
+        path = os.path.join(data_dir, cls.SNAPSHOT_FILE)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                record = decode_record(f.read())
+            fsm, snapshot_index, members = record["fsm"], record["applied_index"], list(record["cluster"])
+        journal_path = os.path.join(data_dir, cls.JOURNAL_FILE)
+        if not os.path.exists(journal_path) and fsm is None:
+            raise EngineError(f"{data_dir} holds neither {cls.SNAPSHOT_FILE} nor {cls.JOURNAL_FILE}")
+        entries = []
+        skipped = 0
+        last_index, last_term = snapshot_index, 0
+        for command, index, term in read_entries(journal_path):
+            last_index, last_term = max(last_index, index), term
+            if index <= snapshot_index:
+                continue
+            if command[:1] == _COMMAND_OURS:
+                entries.append((index, term, bytes(command[1:])))
+            else:
+                skipped += 1
+        meta = read_meta(journal_path)
+        return {"fsm": fsm, "snapshot_index": snapshot_index, "entries": entries, "skipped": skipped,
+                "last_index": last_index, "last_term": max(last_term, int(meta.get("term", 0))),
+                "commit_index": int(meta.get("commit_index", 1)), "members": members}
 
     # -- lifecycle ---------------------------------------------------------------------
 

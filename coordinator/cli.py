@@ -137,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--force", action="store_true", help="replace a file that is there")
     show = keys_sub.add_parser("show", help="print the public key of a key file")
     show.add_argument("path")
+    from coordinator import cli_snapshot  # backups: snapshot save|status|restore
+    cli_snapshot.add_parsers(sub)
     return parser
 
 
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_status(args))
         if args.command == "agent-key":
             return _agent_key(args)
+        if args.command == "snapshot":
+            from coordinator import cli_snapshot
+            return cli_snapshot.run(args)
         return asyncio.run(_members(args))
     except CoordinatorError as exc:
         print(f"coordinator: {exc.message}", file=sys.stderr)

@@ -499,6 +499,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/events"): "any",
     ("GET", "/v1/watch/events"): "any",
     ("GET", "/v1/members"): "any",
+    ("GET", "/v1/snapshot"): "admin",  # the whole state: every key, agent and secret setting
     ("GET", "/v1/kv"): _query_prefix("kv"),
     ("GET", "/v1/watch"): _query_prefix("kv"),
     ("GET", "/v1/kv/{key}"): _param("key", "kv"),
