@@ -6,26 +6,34 @@ operator would type it:
   only), ``snapshot status``, ``snapshot restore`` of every member of a NEW
   cluster on other ports, which starts with the same state and digest and
   takes writes; then, on that cluster, replacing a dead member (members
-  remove + add, the new one started with every member as --peer) and a
-  rolling restart (one node at a time, waiting for each to catch up);
+  remove + add, the new one started with every member as --peer);
 - recovering when a majority is gone: ``snapshot save --from-data-dir`` of
   the survivor, restored as a one-node cluster that then grows again;
-- a rolling change of the cluster secret in three rolls (accept the new one,
-  send the new one, drop the old one) while writes keep succeeding.
+- a rolling change of the cluster secret in three rolling restarts (accept
+  the new one, send the new one, drop the old one: the rolling upgrade's
+  procedure, one node at a time, each caught up before the next) while
+  writes keep succeeding; a node left with the old secret is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
+import secrets
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from coordinator import cli
 from coordinator.client import CoordinatorClient
 from devcluster.cluster import LocalCluster, fetch_json
 from tests.waiting import CLUSTER_POLL_S, eventually
@@ -33,16 +41,33 @@ from tests.waiting import CLUSTER_POLL_S, eventually
 pytestmark = pytest.mark.cluster
 
 
-def coordinator_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``coordinator ARGS`` in a child process (bounded in time)."""
-    child_env = {k: v for k, v in os.environ.items() if k not in ("COORD_ADMIN_TOKEN", "COORD_CLUSTER_SECRET")}
-    child_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
-                          timeout=120, check=False, stdin=subprocess.DEVNULL, env=child_env)
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def cli_json(*args: str) -> dict[str, Any]:
-    done = coordinator_cli(*args, "--json")
+def coordinator_cli(*args: str, in_process: bool = True) -> Ran:
+    """``coordinator ARGS``: in this process by default (``coordinator.cli.main``;
+    a child interpreter costs seconds of imports on a loaded machine), or in a
+    child process (bounded in time) to prove the installed command."""
+    if not in_process:
+        env = {k: v for k, v in os.environ.items() if k not in ("COORD_ADMIN_TOKEN", "COORD_CLUSTER_SECRET")}
+        done = subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+                              timeout=120, check=False, stdin=subprocess.DEVNULL, env=env)
+        return Ran(done.returncode, done.stdout, done.stderr)
+    out, err = io.StringIO(), io.StringIO()
+    with _CLI_OUTPUT, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+_CLI_OUTPUT = threading.Lock()  # one redirected command at a time
+
+
+def cli_json(*args: str, in_process: bool = True) -> dict[str, Any]:
+    done = coordinator_cli(*args, "--json", in_process=in_process)
     assert done.returncode == 0, f"coordinator {' '.join(args)} failed ({done.returncode}): {done.stderr}"
     return json.loads(done.stdout)
 
@@ -85,7 +110,7 @@ async def test_backup_restore_replace_a_member_and_roll(make_cluster, tmp_path: 
     anonymous = await asyncio.to_thread(fetch_json, old.url(old.members[0]) + "/v1/snapshot", 5)
     assert anonymous["error"]["code"] == "unauthenticated"
     saved = await asyncio.to_thread(cli_json, "snapshot", "save", str(backup), "--endpoint", old.url(old.members[1]),
-                                    "--admin-token-file", str(old.admin_token_file))
+                                    "--admin-token-file", str(old.admin_token_file), in_process=False)
     assert saved["holds"]["keys"] == 20 and saved["holds"]["agents"] == 1
     assert saved["size_bytes"] == backup.stat().st_size
     refused = await asyncio.to_thread(coordinator_cli, "snapshot", "save", str(backup), "--endpoint",
@@ -131,7 +156,6 @@ async def test_backup_restore_replace_a_member_and_roll(make_cluster, tmp_path: 
                      interval_s=CLUSTER_POLL_S)
 
     await replace_a_dead_member(new)
-    await rolling_restart(new)
 
 
 async def replace_a_dead_member(cluster: LocalCluster) -> None:
@@ -155,26 +179,26 @@ async def replace_a_dead_member(cluster: LocalCluster) -> None:
     assert sorted(m["id"] for m in status["members"]) == sorted(cluster.members)
 
 
-async def rolling_restart(cluster: LocalCluster) -> None:
-    """docs/operations.md, "Rolling upgrade": one node at a time, each back
-    and caught up (``coordinator status``) before the next goes down."""
+async def rolling_restart(cluster: LocalCluster, prefix: str) -> None:
+    """docs/operations.md, "Rolling upgrade": one node at a time goes down and
+    comes back (with ``cluster.extra_args``, what the new version or setting
+    needs) and has caught up (``coordinator status``) before the next goes;
+    a write through the other nodes succeeds while each one is down."""
     token = cluster.admin_token
     async with CoordinatorClient([cluster.url(n) for n in cluster.members], token=token) as client:
-        for round_, node_id in enumerate(list(cluster.members)):
+        for node_id in list(cluster.members):
             cluster.stop(node_id)
-            index = await client.put(f"roll/{round_}", node_id)
+            index = await client.put(f"{prefix}/{node_id}", node_id)
             cluster.start(node_id)
             table = await asyncio.to_thread(wait_all_caught_up, cluster, index)
             assert {row["id"] for row in table["members"]} == set(cluster.members)
-        items = await client.list("roll/", limit=10)
-    assert [item["value"] for item in items] == list(cluster.members)
+        items = await client.list(f"{prefix}/", limit=10)
+    assert [item["value"] for item in items] == sorted(cluster.members)
 
 
 def wait_all_caught_up(cluster: LocalCluster, index: int, timeout_s: float = 30) -> dict[str, Any]:
     """``coordinator status --json`` until every member is reachable, healthy
     and has applied ``index`` (what the operator checks between two nodes)."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     table: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -186,3 +210,85 @@ def wait_all_caught_up(cluster: LocalCluster, index: int, timeout_s: float = 30)
                 return table
         time.sleep(CLUSTER_POLL_S)
     raise AssertionError(f"not every member caught up with index {index} in {timeout_s} s: {table}")
+
+
+async def test_recovering_when_a_majority_is_gone(make_cluster, tmp_path: Path) -> None:
+    old = make_cluster(extra_args=("--compaction-entries", "40"))
+    async with CoordinatorClient([old.url(n) for n in old.members]) as client:
+        for i in range(60):  # past a compaction: the survivor holds a snapshot and a journal tail
+            index = await client.put(f"data/{i:02d}", i)
+    for node_id in old.members:
+        await asyncio.to_thread(old.wait_caught_up, node_id, index, 30)
+    survivor, *lost = old.members
+    for node_id in lost:
+        old.kill(node_id)  # their disks are gone
+    old.stop(survivor)
+    assert (old.dir / survivor / "raft.snapshot").exists()
+
+    rescued = tmp_path / "rescued.snap"
+    saved = await asyncio.to_thread(cli_json, "snapshot", "save", str(rescued), "--from-data-dir",
+                                    str(old.dir / survivor))
+    assert saved["index"] >= index and saved["holds"]["keys"] == 60
+    assert saved["source"]["snapshot_index"] > 0 and saved["source"]["entries_replayed"] > 0
+
+    # a one-node cluster from it, then grown back to three members
+    new = make_cluster(nodes=1, start=False)
+    await restore_cluster(rescued, new)
+    new.start_all()
+    await asyncio.to_thread(new.wait_leader, 30)
+    async with CoordinatorClient(new.url("n1")) as client:
+        assert [item["value"] for item in await client.list("data/", limit=100)] == list(range(60))
+        for i in (2, 3):
+            spec = new.add_spec(i)
+            new.members.append(spec.id)
+            new.start(spec.id)  # --peer of every member
+            await client.add_member(spec.id, spec.raft, spec.http)
+        written = await client.put("after/recovery", 1)
+    same = await asyncio.to_thread(digests, new, written)
+    assert len(same) == 1
+
+
+async def test_rolling_secret_change(make_cluster, tmp_path: Path) -> None:
+    cluster = make_cluster(secure=True)
+    old_secret = cluster.secret_file.read_text().strip()
+    new_secret = secrets.token_urlsafe(32)
+    new_file = tmp_path / "secret.new"
+    new_file.write_text(new_secret + "\n")
+    accept_new, accept_old = tmp_path / "accept-new.toml", tmp_path / "accept-old.toml"
+    accept_new.write_text(f'accept_secret_file = "{new_file}"\n')
+    accept_old.write_text(f'accept_secret_file = "{cluster.secret_file}"\n')
+
+    # 1: every node also accepts the new secret (still sends the old one)
+    cluster.extra_args = ("--config", str(accept_new))
+    await rolling_restart(cluster, "roll1")
+    # 2: every node sends the new secret and still accepts the old one
+    cluster.extra_args = ("--config", str(accept_old), "--secret-file", str(new_file))
+    await rolling_restart(cluster, "roll2")
+    # 3: the old secret is dropped
+    cluster.extra_args = ("--secret-file", str(new_file))
+    await rolling_restart(cluster, "roll3")
+
+    # writes through a follower carry the principal under a key of the new secret
+    leader = await asyncio.to_thread(cluster.wait_leader, 30)
+    follower = next(n for n in cluster.members if n != leader)
+    async with CoordinatorClient(cluster.url(follower), token=cluster.admin_token) as client:
+        await client.put("after/secret", 1)
+
+    # a node that knows only the old secret is refused on the Raft port now
+    straggler = follower
+    cluster.stop(straggler)
+    cluster.extra_args = ()
+    cluster.start(straggler)
+    others = [n for n in cluster.members if n != straggler]
+    await eventually(lambda: any("does not verify with the cluster secret" in cluster.log_tail(n, 200)
+                                 for n in others),
+                     "the others to refuse the straggler's frames", 20, interval_s=CLUSTER_POLL_S)
+    cluster.stop(straggler)
+    cluster.extra_args = ("--secret-file", str(new_file))
+    cluster.start(straggler)
+    async with CoordinatorClient(cluster.url(leader), token=cluster.admin_token) as client:
+        index = await client.put("after/straggler", 1)
+    await asyncio.to_thread(wait_all_caught_up, cluster, index)
+    for node_id in cluster.members:  # never a secret in a log
+        text = (cluster.dir / f"{node_id}.log").read_text(errors="replace")
+        assert old_secret not in text and new_secret not in text
