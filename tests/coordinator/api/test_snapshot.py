@@ -32,6 +32,10 @@ async def test_the_snapshot_holds_every_write_before_it_with_its_index_and_check
     restored = Applier()
     restored.restore(snap.body)  # what restore seeds a new cluster with
     assert restored.machine.kv.get("k4").value == 4 and restored.digest.value == h.applier.digest.value
+    async with h.http.get("/metrics") as response:
+        metrics = await response.text()
+    assert "coord_backup_snapshots_total 1.0" in metrics
+    assert f"coord_backup_snapshot_last_bytes {float(len(body))}" in metrics
 
 
 async def test_one_snapshot_at_a_time_per_node(h: Harness, monkeypatch) -> None:
