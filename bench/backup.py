@@ -124,7 +124,7 @@ async def _round(args: Any, directory: Path) -> dict[str, Any]:
             "reads_during": len(during), "restore_s": restore_s, "first_write_s": first_write_s}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = parser("backup", __doc__)
     p.add_argument("--keys", type=int, default=20_000)
     p.add_argument("--value-bytes", type=int, default=1000)
@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", help="write the section into this markdown file")
     add_base_port(p, 26400)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rows = []
     with interruptible("the benchmark's clusters"), tempfile.TemporaryDirectory(prefix="coord-backup-") as tmp:
         for i in range(args.rounds):

@@ -81,13 +81,17 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "save":
             if args.from_data_dir:
                 return _print(args, _save_offline(args))
-            return _print(args, asyncio.run(_save(args)))
+            return _print(args, _save(args))
         if args.action == "status":
             return _print(args, _status(args.file))
         return _print(args, _restore(args))
     except ChecksumMismatch as exc:
         print(f"coordinator: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:  # status, restore and --from-data-dir read the state: the server's modules
+        print(f"coordinator: snapshot {args.action} needs the server extra ({exc.name} is missing): "
+              "pip install 'agentcoord[server]'", file=sys.stderr)
+        return 2
     except CoordinatorError as exc:
         print(f"coordinator: {exc.message}", file=sys.stderr)
         return 2
@@ -135,12 +139,27 @@ def _admin_token(args: argparse.Namespace) -> str | None:
     return os.environ.get("COORD_ADMIN_TOKEN") or None
 
 
-async def _save(args: argparse.Namespace) -> dict[str, Any]:
+def _save(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = _target(args.file, args.force)
+    try:
+        size, said = asyncio.run(_download(args, tmp))
+        snap = snapshot_file.read(tmp)
+        if said and said != snap.checksum:
+            raise ChecksumMismatch(f"the node said sha256 {said}, the file has {snap.checksum}: not saved")
+    except BaseException:
+        _discard(tmp)
+        raise
+    _commit(tmp, args.file)
+    return {"file": args.file, **_summary(snap, size)}
+
+
+async def _download(args: argparse.Namespace, tmp: str) -> tuple[int, str]:
+    """Stream ``GET /v1/snapshot`` into ``tmp`` (fsynced; file work off the
+    loop): the bytes written and the checksum the node announced."""
     import aiohttp  # the client's own dependency
 
     from coordinator.tls import client_context
 
-    tmp = _target(args.file, args.force)
     endpoint = args.endpoint.rstrip("/")
     scheme = "https" if args.tls_ca else "http"
     url = f"{endpoint if '://' in endpoint else f'{scheme}://{endpoint}'}/v1/snapshot"
@@ -156,31 +175,29 @@ async def _save(args: argparse.Namespace) -> dict[str, Any]:
                     raise InvalidInput(f"{endpoint} answered {response.status}: {_error_text(await response.read())}",
                                        field="endpoint")
                 said = response.headers.get("X-Coord-Snapshot-Sha256", "")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as out:
+                out = await asyncio.to_thread(_open_new, tmp)
+                try:
                     async for chunk in response.content.iter_chunked(CHUNK_BYTES):
                         size += len(chunk)
                         if size > SNAPSHOT_MAX_BYTES:
                             raise InvalidInput(f"the snapshot exceeds {SNAPSHOT_MAX_BYTES} bytes", field="endpoint")
-                        out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
+                        await asyncio.to_thread(out.write, chunk)
+                    await asyncio.to_thread(_sync, out)
+                finally:
+                    await asyncio.to_thread(out.close)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            _discard(tmp)
             raise InvalidInput(f"downloading from {endpoint} failed: {type(exc).__name__}", field="endpoint") from None
-        except BaseException:
-            _discard(tmp)
-            raise
-    try:
-        snap = snapshot_file.read(tmp)
-    except CoordinatorError:
-        _discard(tmp)
-        raise
-    if said and said != snap.checksum:
-        _discard(tmp)
-        raise ChecksumMismatch(f"the node said sha256 {said}, the file has {snap.checksum}: not saved")
-    _commit(tmp, args.file)
-    return {"file": args.file, **_summary(snap, size)}
+    return size, said
+
+
+def _open_new(path: str) -> Any:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    return os.fdopen(fd, "wb")
+
+
+def _sync(out: Any) -> None:
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def _error_text(raw: bytes) -> str:
