@@ -33,7 +33,7 @@ from bench.harness import add_base_port, interruptible, local_cluster, parser
 from bench.report import machine, pct, publish
 from devcluster.cluster import LocalCluster, free_base_port
 
-MARKER = "backup"
+MARKER = "\n## Backup and restore\n"
 
 
 def _cli(*args: str) -> tuple[float, dict[str, Any]]:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     with interruptible("the benchmark's clusters"), tempfile.TemporaryDirectory(prefix="coord-backup-") as tmp:
         for i in range(args.rounds):
             rows.append(asyncio.run(_round(args, Path(tmp) / f"r{i}")))
-    lines = [f"## Backup and restore\n\n`python -m bench.backup --keys {args.keys} --value-bytes "
+    lines = [f"`python -m bench.backup --keys {args.keys} --value-bytes "
              f"{args.value_bytes} --rounds {args.rounds}`, {time.strftime('%Y-%m-%d')}, {machine()}: a three-node "
              "cluster (fsync), `snapshot save` from a follower, `snapshot restore` of a new three-node cluster.\n",
              "| keys | file MiB | save s (command) | loop held s | stale read p50 ms before / max during | "
