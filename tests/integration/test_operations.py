@@ -85,16 +85,30 @@ async def restore_cluster(snapshot: Path, cluster: LocalCluster) -> list[dict[st
     return results
 
 
-def digests(cluster: LocalCluster, at_least: int) -> set[tuple[int, str]]:
-    """Every member's (digest index, digest value), once each applied ``at_least``."""
-    for node_id in cluster.members:
-        cluster.wait_caught_up(node_id, at_least, 30)
-    found = set()
-    for node_id in cluster.members:
-        status = cluster.status(node_id)
-        assert status is not None
-        found.add((status["digest"]["index"], status["digest"]["value"]))
-    return found
+def committed(cluster: LocalCluster) -> int:
+    """The highest commit index a running member reports: at least the log
+    index of every write acknowledged before this call (a put answers with
+    the kv revision, not the log index)."""
+    found = [st["commit_index"] for st in (cluster.status(n) for n in cluster.members) if st]
+    assert found, "no member answers"
+    return max(found)
+
+
+def digests(cluster: LocalCluster, at_least: int, timeout_s: float = 30) -> set[tuple[int, str]]:
+    """Every member's (digest index, digest value) once all of them report the
+    same index, at least ``at_least`` (a leader's own entries may still be
+    arriving: compared at one index only)."""
+    deadline = time.monotonic() + timeout_s
+    seen: list[Any] = []
+    while time.monotonic() < deadline:
+        seen = [cluster.status(n) for n in cluster.members]
+        found = {(st["digest"]["index"], st["digest"]["value"]) for st in seen if st}
+        indexes = {index for index, _ in found}
+        if all(seen) and len(indexes) == 1 and indexes.pop() >= at_least:
+            return found
+        time.sleep(CLUSTER_POLL_S)
+    raise AssertionError(f"the members did not reach one digest index >= {at_least}: "
+                         f"{[st and st['digest'] for st in seen]}")
 
 
 async def test_backup_restore_replace_a_member_and_roll(make_cluster, tmp_path: Path) -> None:
@@ -139,7 +153,8 @@ async def test_backup_restore_replace_a_member_and_roll(make_cluster, tmp_path: 
     async with CoordinatorClient([new.url(n) for n in new.members], token=new.admin_token) as client:
         assert [item["value"]["i"] for item in await client.list("cfg/", limit=100)] == list(range(20))
         assert [a["id"] for a in await client.agents()] == ["planner-1"]
-        written = await client.put("after/restore", 1)
+        await client.put("after/restore", 1)
+    written = await asyncio.to_thread(committed, new)
     same = await asyncio.to_thread(digests, new, written)
     assert len(same) == 1, f"the restored members disagree: {same}"
     # the member table inside the state still named the old addresses: every
@@ -172,7 +187,8 @@ async def replace_a_dead_member(cluster: LocalCluster) -> None:
     async with CoordinatorClient(cluster.url(leader), token=token) as client:
         spec = cluster.specs[replacement]
         await client.add_member(replacement, spec.raft, spec.http)
-        index = await client.put("after/replace", 1)
+        await client.put("after/replace", 1)
+    index = await asyncio.to_thread(committed, cluster)
     same = await asyncio.to_thread(digests, cluster, index)
     assert len(same) == 1
     status = cluster.status(leader)
@@ -188,7 +204,8 @@ async def rolling_restart(cluster: LocalCluster, prefix: str) -> None:
     async with CoordinatorClient([cluster.url(n) for n in cluster.members], token=token) as client:
         for node_id in list(cluster.members):
             cluster.stop(node_id)
-            index = await client.put(f"{prefix}/{node_id}", node_id)
+            await client.put(f"{prefix}/{node_id}", node_id)
+            index = await asyncio.to_thread(committed, cluster)  # the members still up
             cluster.start(node_id)
             table = await asyncio.to_thread(wait_all_caught_up, cluster, index)
             assert {row["id"] for row in table["members"]} == set(cluster.members)
@@ -216,14 +233,16 @@ async def test_recovering_when_a_majority_is_gone(make_cluster, tmp_path: Path) 
     old = make_cluster(extra_args=("--compaction-entries", "40"))
     async with CoordinatorClient([old.url(n) for n in old.members]) as client:
         for i in range(60):  # past a compaction: the survivor holds a snapshot and a journal tail
-            index = await client.put(f"data/{i:02d}", i)
+            await client.put(f"data/{i:02d}", i)
+    index = await asyncio.to_thread(committed, old)
     for node_id in old.members:
         await asyncio.to_thread(old.wait_caught_up, node_id, index, 30)
     survivor, *lost = old.members
+    await eventually(lambda: (old.dir / survivor / "raft.snapshot").exists(), "the survivor to compact its log",
+                     20, interval_s=CLUSTER_POLL_S)
     for node_id in lost:
         old.kill(node_id)  # their disks are gone
     old.stop(survivor)
-    assert (old.dir / survivor / "raft.snapshot").exists()
 
     rescued = tmp_path / "rescued.snap"
     saved = await asyncio.to_thread(cli_json, "snapshot", "save", str(rescued), "--from-data-dir",
@@ -243,7 +262,8 @@ async def test_recovering_when_a_majority_is_gone(make_cluster, tmp_path: Path) 
             new.members.append(spec.id)
             new.start(spec.id)  # --peer of every member
             await client.add_member(spec.id, spec.raft, spec.http)
-        written = await client.put("after/recovery", 1)
+        await client.put("after/recovery", 1)
+    written = await asyncio.to_thread(committed, new)
     same = await asyncio.to_thread(digests, new, written)
     assert len(same) == 1
 
@@ -275,16 +295,23 @@ async def test_rolling_secret_change(make_cluster, tmp_path: Path) -> None:
         await client.put("after/secret", 1)
 
     # a node that knows only the old secret is refused on the Raft port now
+    # (pysyncobj dials from the higher address to the lower, so the side that
+    # sees a frame it cannot open, and logs it, depends on the addresses)
     straggler = follower
     cluster.stop(straggler)
+    logged = {n: len((cluster.dir / f"{n}.log").read_bytes()) for n in cluster.members}
     cluster.extra_args = ()
     cluster.start(straggler)
-    others = [n for n in cluster.members if n != straggler]
-    await eventually(lambda: any("does not verify with the cluster secret" in cluster.log_tail(n, 200)
-                                 for n in others),
-                     "the others to refuse the straggler's frames", 20, interval_s=CLUSTER_POLL_S)
+
+    def refused_since() -> bool:
+        return any(b"does not verify with the cluster secret" in (cluster.dir / f"{n}.log").read_bytes()[logged[n]:]
+                   for n in cluster.members)
+    await eventually(refused_since, "a frame under the old secret to be refused", 20, interval_s=CLUSTER_POLL_S)
     async with CoordinatorClient(cluster.url(leader), token=cluster.admin_token) as client:
         await client.put("after/straggler", 1)  # the two others still make a majority
+    index = cluster.status(leader)["commit_index"]
+    status = cluster.status(straggler)
+    assert status is not None and status["applied_index"] < index and status["leader_id"] is None
     for node_id in cluster.members:  # never a secret in a log
         text = (cluster.dir / f"{node_id}.log").read_text(errors="replace")
         assert old_secret not in text and new_secret not in text
