@@ -10,7 +10,9 @@ digest at that index and the engine's current term. Checksumming and framing
 
 Cost: the synchronous part is the state machine's own ``snapshot()`` (the
 same the engine takes for log compaction), which blocks this node's loop
-for its duration (measured in docs/benchmarks.md: ``bench/bench_backup.py``).
+for its duration (measured in docs/benchmarks.md, "Backup and restore":
+``bench/backup.py``). About two thirds of it is msgpack encoding, which
+holds the GIL: done in a thread it would stall the loop all the same.
 At most one snapshot is taken per node at a time: a second request while one
 runs is refused at once with ``RateLimited`` (429, Retry-After), so backups
 cannot pile up copies of the state in memory.
