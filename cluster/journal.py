@@ -417,3 +417,43 @@ class DurableJournal:
                 f.write(data)
             files.replace(self.meta_path + ".tmp", self.meta_path)
         self._meta_dirty = False
+
+
+def read_entries(path: str) -> list[tuple[bytes, int, int]]:
+    """The entries of the journal at ``path`` as (command, index, term),
+    read without changing the file (offline tools; the node must not run).
+    A torn tail is left out, as ``open`` would cut it; damage in the middle
+    raises ``JournalCorrupt``. A missing file holds no entry."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    if data.startswith(_MAGIC):
+        payloads, _ = read_frames_v2(data, len(_MAGIC), path)
+    elif data.startswith(_MAGIC_V1):
+        payloads, _ = read_frames(data, len(_MAGIC_V1), path)
+    elif len(data) < len(_MAGIC) and _MAGIC.startswith(data):
+        return []
+    else:
+        raise JournalCorrupt(f"{path} is not a coordinator journal")
+    entries = []
+    for start, payload in payloads:
+        if len(payload) < _ENTRY.size:
+            raise JournalCorrupt(f"{path}: damaged record at byte {start}")
+        index, term = _ENTRY.unpack_from(payload)
+        entries.append((payload[_ENTRY.size:], index, term))
+    return entries
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """The journal's metadata (term, vote, commit index saved about once a
+    second), read without changing anything; defaults when there is none."""
+    try:
+        with open(path + ".meta", "rb") as f:
+            meta = decode_record(f.read())
+    except FileNotFoundError:
+        return {"term": 0, "voted_for": None, "commit_index": 1}
+    if not isinstance(meta, dict):
+        raise JournalCorrupt(f"journal metadata {path}.meta is not a map")
+    return meta

@@ -86,7 +86,7 @@ from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
 from cluster import files
 from cluster.errors import EngineError, FrameRefused, MissingSecret
-from cluster.journal import DurableJournal, replace_durably, write_file_durably
+from cluster.journal import DurableJournal, read_entries, read_meta, replace_durably, write_file_durably
 from cluster.power_loss import PowerLossRecorder
 from cluster.read_index import REFUSED, UNAVAILABLE, LeaderView, ReadRounds, Waiter
 from coordinator import crypto
@@ -246,10 +246,16 @@ class _BoundedConnection(TcpConnection):
     ``frame_max_bytes``. A frame over the cap closes the connection before it
     is buffered.
 
+    Changing the cluster secret: frames are sealed with ``box`` (the node's
+    secret) and open with it or any of ``accepted`` (the other secrets this
+    node accepts, ``--accept-secret-file``); the key that opened the last
+    frame is tried first.
+
     Tick thread only, like every pysyncobj connection."""
 
     def __init__(self, *args: Any, frame_max_bytes: int, on_refused: Callable[[str], None], box: FrameBox,
-                 on_drained: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
+                 on_drained: Callable[[], None] = lambda: None, accepted: tuple[FrameBox, ...] = (),
+                 **kwargs: Any) -> None:
         self.frame_max_bytes = frame_max_bytes
         self.authenticated = False
         self.opened_at = _pysyncobj.monotonicTime()
@@ -259,6 +265,7 @@ class _BoundedConnection(TcpConnection):
         self._on_refused = on_refused
         self._on_drained = on_drained
         self._box = box
+        self._opening = (box, *accepted)  # the first one opened the last frame
         # a frame's plaintext stays well under what the peer accepts
         self._frame_budget = max(HANDSHAKE_FRAME_MAX_BYTES // 2, frame_max_bytes // 2 - FrameBox.OVERHEAD)
         self._outbox: list[bytes] = []
@@ -390,7 +397,7 @@ class _BoundedConnection(TcpConnection):
             return False
         if frame is None:
             return False
-        plaintext = self._box.unseal(frame[_FRAME_LENGTH.size:])
+        plaintext = self._unseal(frame[_FRAME_LENGTH.size:])
         if plaintext is None:
             self._refuse("a frame that does not verify with the cluster secret" if self.authenticated
                          else "a first frame that does not verify with the cluster secret")
@@ -409,6 +416,16 @@ class _BoundedConnection(TcpConnection):
             self._reader.frame_max_bytes = self.frame_max_bytes
         self._inbox.extend(messages)
         return True
+
+
+    def _unseal(self, sealed: bytes) -> bytes | None:
+        for position, box in enumerate(self._opening):
+            plaintext = box.unseal(sealed)
+            if plaintext is not None:
+                if position:
+                    self._opening = (box, *self._opening[:position], *self._opening[position + 1:])
+                return plaintext
+        return None
 
 
 class _BoundedServer:
@@ -547,7 +564,8 @@ class _SyncingTransport(TCPTransport):
 
     def __init__(self, sync_obj: Any, self_node: Any, other_nodes: Any, journal: DurableJournal,
                  rounds: ReadRounds | None = None,
-                 on_read_message: Callable[[Any, dict[str, Any]], None] | None = None) -> None:
+                 on_read_message: Callable[[Any, dict[str, Any]], None] | None = None,
+                 accepted_secrets: tuple[str, ...] = ()) -> None:
         self._journal = journal
         self._rounds = rounds
         self._on_read_message = on_read_message
@@ -560,6 +578,7 @@ class _SyncingTransport(TCPTransport):
         # most a quarter of a batch, and a frame holds half of this of messages.
         self.frame_max_bytes = 2 * batch_bytes
         self._box = FrameBox(crypto.derived_key(sync_obj.conf.password, crypto.KEY_RAFT_WIRE))
+        self._accepted = tuple(FrameBox(crypto.derived_key(s, crypto.KEY_RAFT_WIRE)) for s in accepted_secrets)
         super().__init__(sync_obj, self_node, other_nodes)
 
     # -- the bounded port (overrides of TCPTransport) --
@@ -582,7 +601,7 @@ class _SyncingTransport(TCPTransport):
         return _BoundedConnection(poller=self._syncObj._poller, timeout=conf.connectionTimeout,
                                   sendBufferSize=conf.sendBufferSize, recvBufferSize=conf.recvBufferSize,
                                   frame_max_bytes=self.frame_max_bytes, on_refused=self._refused, box=self._box,
-                                  on_drained=self.flush_frames, **kwargs)
+                                  accepted=self._accepted, on_drained=self.flush_frames, **kwargs)
 
     def _accept_connection(self, sock: socket.socket) -> None:
         """A new incoming connection (tick thread): closed at once when
@@ -979,9 +998,12 @@ class PySyncObjEngine:
                  compaction_entries: int = 20_000, stall_timeout_s: float = 5.0, rebuilds_max: int = 2,
                  max_entry_bytes: int = 1 << 20, dial: dict[str, str] | None = None,
                  power_loss: bool = False, compaction_bytes: int = 64 << 20,
-                 snapshot_timeout_s: float = 20.0, bind: str | None = None) -> None:
+                 snapshot_timeout_s: float = 20.0, bind: str | None = None,
+                 accepted_secrets: tuple[str, ...] = ()) -> None:
         """``address`` is this node's Raft identity, the one its peers dial;
-        ``bind`` where its port listens when that differs (0.0.0.0:7101)."""
+        ``bind`` where its port listens when that differs (0.0.0.0:7101).
+        ``accepted_secrets``: other cluster secrets whose frames this node
+        also opens (it seals with ``secret`` only)."""
         if not secret or len(secret) < 16:
             raise MissingSecret("the Raft port needs a cluster secret of at least 16 characters")
         if durability not in ("fsync", "none"):
@@ -1004,6 +1026,7 @@ class PySyncObjEngine:
         self._snapshot_retry_at = 0.0  # monotonic time before which no snapshot is tried
         self._compaction_forced_at = 0.0
         self._secret = secret
+        self._accepted_secrets = tuple(s for s in accepted_secrets if s != secret)
         self._fsm = fsm
         self._tuning = dict(election_timeout_s=election_timeout_s, heartbeat_s=heartbeat_s,
                             leader_fallback_s=leader_fallback_s, queue_max=queue_max,
@@ -1051,7 +1074,79 @@ class PySyncObjEngine:
                    election_timeout_s=(config.election_timeout_min_s, config.election_timeout_max_s),
                    heartbeat_s=config.heartbeat_s, leader_fallback_s=config.leader_fallback_s,
                    compaction_entries=config.compaction_entries, stall_timeout_s=config.stall_timeout_s,
-                   power_loss=config.unsafe_test_power_loss, compaction_bytes=config.compaction_bytes)
+                   power_loss=config.unsafe_test_power_loss, compaction_bytes=config.compaction_bytes,
+                   accepted_secrets=tuple(getattr(config, "accepted_secrets", ())))
+
+    # -- offline: backups and new clusters (coordinator snapshot ...) ------------------------
+
+    SNAPSHOT_FILE = "raft.snapshot"
+    JOURNAL_FILE = "raft.journal"
+
+    @classmethod
+    def seed_data_dir(cls, data_dir: str, fsm_blob: bytes, index: int, members: list[str]) -> None:
+        """Write a data directory that starts a NEW cluster at ``index`` with
+        the state ``fsm_blob`` (``ReplicatedFSM.snapshot`` bytes at that index)
+        and the voting members ``members`` (Raft addresses, this node's
+        included). Offline: nothing runs on ``data_dir``; it must be empty.
+
+        It holds only a snapshot record, as log compaction writes it, whose
+        last two entries are synthetic no-ops at ``index - 1`` and ``index``
+        in term 1, the same bytes on every member seeded from the same file
+        with the same members: pysyncobj loads it at start (applied index
+        ``index``), the first election is for term 1 and the new leader's
+        entries follow at ``index + 1``, so the log's terms never go down.
+        Raises ``EngineError`` for an index below 2 or a non-empty directory."""
+        if index < 2:
+            raise EngineError(f"a snapshot at index {index} holds nothing to restore")
+        if os.path.isdir(data_dir) and os.listdir(data_dir):
+            raise EngineError(f"{data_dir} is not empty: restore writes a fresh data directory only")
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        noop = bytes([_pysyncobj._COMMAND_TYPE.NO_OP])
+        record = {
+            "v": 1,
+            "last": [noop, index, 1],
+            "prev": [noop, index - 1, 1],
+            "cluster": sorted(set(members)),
+            "fsm": fsm_blob,
+            "applied_index": index,
+        }
+        write_file_durably(os.path.join(data_dir, cls.SNAPSHOT_FILE), encode_record(record))
+
+    @classmethod
+    def read_data_dir(cls, data_dir: str) -> dict[str, Any]:
+        """What a stopped node's data directory holds, read without changing
+        it: ``fsm`` (its snapshot's state machine bytes, or None),
+        ``snapshot_index``, ``entries`` after it as (index, term, blob) for
+        the entries of ours (pysyncobj's own no-op and membership entries are
+        left out, and counted in ``skipped``), ``last_index`` and
+        ``last_term`` of its log, ``commit_index`` as last saved (about once
+        a second: it may lag) and ``members`` of its last snapshot."""
+        fsm: bytes | None = None
+        snapshot_index = 0
+        members: list[str] = []
+        path = os.path.join(data_dir, cls.SNAPSHOT_FILE)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                record = decode_record(f.read())
+            fsm, snapshot_index, members = record["fsm"], record["applied_index"], list(record["cluster"])
+        journal_path = os.path.join(data_dir, cls.JOURNAL_FILE)
+        if not os.path.exists(journal_path) and fsm is None:
+            raise EngineError(f"{data_dir} holds neither {cls.SNAPSHOT_FILE} nor {cls.JOURNAL_FILE}")
+        entries = []
+        skipped = 0
+        last_index, last_term = snapshot_index, 0
+        for command, index, term in read_entries(journal_path):
+            last_index, last_term = max(last_index, index), term
+            if index <= snapshot_index:
+                continue
+            if command[:1] == _COMMAND_OURS:
+                entries.append((index, term, bytes(command[1:])))
+            else:
+                skipped += 1
+        meta = read_meta(journal_path)
+        return {"fsm": fsm, "snapshot_index": snapshot_index, "entries": entries, "skipped": skipped,
+                "last_index": last_index, "last_term": max(last_term, int(meta.get("term", 0))),
+                "commit_index": int(meta.get("commit_index", 1)), "members": members}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -1087,7 +1182,7 @@ class PySyncObjEngine:
                 raise EngineError("journal was not created before the transport")
             self._journal = journal_path.journal  # before the tick thread can need it
             self._transport = _SyncingTransport(sync_obj, self_node, other_nodes, journal_path.journal,
-                                                self._rounds, self._on_read_message)
+                                                self._rounds, self._on_read_message, self._accepted_secrets)
             return self._transport
 
         stall_at = self._failpoints.get("apply_stall_at") if self.generation == 0 else None

@@ -49,6 +49,9 @@ class NodeConfig:
     http_bind: str = ""
     raft_bind: str = ""
     secret: str = field(default="", repr=False)
+    # Other cluster secrets this node also accepts (never sends): for changing the
+    # secret one node at a time (docs/operations.md). Read from accept_secret_file.
+    accepted_secrets: tuple[str, ...] = field(default=(), repr=False)
     engine: str = "raft"
     durability: str = "fsync"
     proposal_timeout_s: float = 5.0
@@ -139,6 +142,10 @@ class NodeConfig:
             raise InvalidInput(f"secret: the cluster secret is too weak: {weak} (secret_file or "
                                "COORD_CLUSTER_SECRET; make one with: python -c 'import secrets; "
                                "print(secrets.token_urlsafe(32))')", field="secret")
+        for accepted in self.accepted_secrets:
+            if weak_secret(accepted):
+                raise InvalidInput(f"accept_secret_file: the secret in it is too weak: {weak_secret(accepted)}",
+                                   field="accept_secret_file")
         for name in ("admin_token", "metrics_token"):
             if getattr(self, name) and len(getattr(self, name)) < 16:
                 raise InvalidInput(f"{name}: must have at least 16 characters", field=name)
@@ -329,7 +336,9 @@ def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
     peers = values.pop("peers", ())
     values["peers"] = tuple(p if isinstance(p, PeerConfig) else
                             parse_peer(p) if isinstance(p, str) else PeerConfig(**p) for p in peers)
-    known = {f.name for f in fields(NodeConfig)} | {"admin_token_file", "metrics_token_file"}
+    accept_secret_file = overrides.pop("accept_secret_file", None) or values.pop("accept_secret_file", None)
+    values.pop("accept_secret_file", None)
+    known = ({f.name for f in fields(NodeConfig)} | {"admin_token_file", "metrics_token_file"}) - {"accepted_secrets"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise InvalidInput(f"{unknown[0]}: unknown setting", field=unknown[0])
@@ -337,6 +346,8 @@ def load(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
     if secret_file:
         secret = _read_secret_file(secret_file, "secret_file")
     values["secret"] = secret
+    accepted = _read_secret_file(accept_secret_file, "accept_secret_file") if accept_secret_file else ""
+    values["accepted_secrets"] = (accepted,) if accepted and accepted != secret else ()
     admin_token_file = values.pop("admin_token_file", None)
     token = values.get("admin_token") or os.environ.get("COORD_ADMIN_TOKEN", "")
     if admin_token_file:

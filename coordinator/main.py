@@ -171,7 +171,8 @@ async def serve(config: NodeConfig) -> None:
                                                                                     CLOCK_OFFSET_FILE)))
     await node.start()
     app = make_app(node, AuthSettings(allow_anonymous=config.allow_anonymous, admin_token=config.admin_token or None,
-                                      cluster_secret=config.secret, metrics_token=config.metrics_token or None,
+                                      cluster_secret=config.secret, accepted_secrets=config.accepted_secrets,
+                                      metrics_token=config.metrics_token or None,
                                       hosts=config.http_names),
                    chaos_dir=Path(config.chaos_dir or os.path.join(config.data_dir, "chaos")),
                    limits=OpenLimits(long_requests_per_principal=config.long_requests_per_principal,

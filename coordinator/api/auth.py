@@ -89,6 +89,9 @@ class AuthSettings:
     allow_anonymous: bool = False
     admin_token: str | None = field(default=None, repr=False)
     cluster_secret: str | None = field(default=None, repr=False)  # keys of forwarded principals, join challenges
+    # other cluster secrets whose forwarded principals and join challenges are also
+    # accepted (never used to sign): a secret being changed one node at a time
+    accepted_secrets: tuple[str, ...] = field(default=(), repr=False)
     metrics_token: str | None = field(default=None, repr=False)  # reads /metrics only (a Prometheus scraper)
     clock_skew_s: float = 30.0
     # Host values (host[:port]) this node is also reached by, besides its own
@@ -118,6 +121,12 @@ class AuthState:
         self.challenge_key = crypto.derived_key(secret, crypto.KEY_JOIN_CHALLENGE) if secret \
             else secrets.token_bytes(32)
         self.forward_key = crypto.derived_key(secret, crypto.KEY_FORWARDED_PRINCIPAL) if secret else None
+        # What is checked: the keys above first, then those of the accepted secrets.
+        others = settings.accepted_secrets if secret else ()
+        self.challenge_keys = (self.challenge_key,
+                               *(crypto.derived_key(s, crypto.KEY_JOIN_CHALLENGE) for s in others))
+        self.forward_keys = (*((self.forward_key,) if self.forward_key else ()),
+                             *(crypto.derived_key(s, crypto.KEY_FORWARDED_PRINCIPAL) for s in others))
 
     def add_host(self, host: str) -> None:
         """Accept signatures made for ``host`` (``host:port``; a loopback one
@@ -312,15 +321,16 @@ async def _joining_key(request: web.Request, agent_id: str) -> str | None:
 
 
 async def _forwarded_principal(request: web.Request, state: AuthState, forwarded: str) -> Principal:
-    key = state.forward_key
     given = request.headers.get(FORWARD_SIG_HEADER, "")
     request_id = request.headers.get(FORWARD_REQUEST_ID_HEADER, "")
     body = await request.read()
     ts_text, _, rest = given.partition(".")
     nonce = rest.partition(".")[0]
-    if key is None or not TS_RE.match(ts_text) or not NONCE_RE.match(nonce) or not hmac.compare_digest(
-            _utf8(given), _utf8(forward_signature(key, forwarded, request.method, request.host, request.raw_path,
-                                                  body, int(ts_text), nonce, request_id))):
+    if not state.forward_keys or not TS_RE.match(ts_text) or not NONCE_RE.match(nonce) or not any(
+            hmac.compare_digest(_utf8(given), _utf8(forward_signature(key, forwarded, request.method, request.host,
+                                                                      request.raw_path, body, int(ts_text), nonce,
+                                                                      request_id)))
+            for key in state.forward_keys):
         raise Unauthenticated("a forwarded principal without a valid cluster signature")
     now = state.clock()
     if abs(now - int(ts_text) / 1000) > state.settings.clock_skew_s:
@@ -351,8 +361,8 @@ def issue_challenge(state: AuthState) -> str:
     return f"{head}.{_challenge_mac(state, head)}"
 
 
-def _challenge_mac(state: AuthState, head: str) -> str:
-    return hmac.new(state.challenge_key, head.encode(), hashlib.sha256).hexdigest()[:32]
+def _challenge_mac(state: AuthState, head: str, key: bytes | None = None) -> str:
+    return hmac.new(key or state.challenge_key, head.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def check_proof(state: AuthState, proof: Any, agent_id: str, public_key: str, difficulty: int) -> None:
@@ -370,7 +380,8 @@ def check_proof(state: AuthState, proof: Any, agent_id: str, public_key: str, di
     challenge, nonce = proof["challenge"], proof["nonce"]
     head, _, mac = challenge.rpartition(".")
     expires, _, _ = head.partition(".")
-    if not expires.isdigit() or not hmac.compare_digest(mac.encode(), _challenge_mac(state, head).encode()):
+    if not expires.isdigit() or not any(hmac.compare_digest(mac.encode(), _challenge_mac(state, head, key).encode())
+                                        for key in state.challenge_keys):
         refuse("the challenge was not issued by this cluster")
     if int(expires) / 1000 < state.clock():
         refuse("the challenge expired")
@@ -499,6 +510,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/events"): "any",
     ("GET", "/v1/watch/events"): "any",
     ("GET", "/v1/members"): "any",
+    ("GET", "/v1/snapshot"): "admin",  # the whole state: every key, agent and secret setting
     ("GET", "/v1/kv"): _query_prefix("kv"),
     ("GET", "/v1/watch"): _query_prefix("kv"),
     ("GET", "/v1/kv/{key}"): _param("key", "kv"),

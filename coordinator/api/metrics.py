@@ -62,6 +62,15 @@ class _NodeCollector(Collector):
         yield from _sagas(node)
         yield from _event_store(node)
         yield from _balancer(node)
+        snapshots = node.snapshots
+        yield CounterMetricFamily("coord_backup_snapshots", "Snapshots served by GET /v1/snapshot",
+                                  value=snapshots.taken)
+        yield CounterMetricFamily("coord_backup_snapshots_refused", "GET /v1/snapshot refused (429) while "
+                                  "another was being taken", value=snapshots.refused_busy)
+        yield GaugeMetricFamily("coord_backup_snapshot_last_seconds", "How long the last served snapshot held "
+                                "this node's event loop", value=snapshots.last_snapshot_ms / 1000)
+        yield GaugeMetricFamily("coord_backup_snapshot_last_bytes", "Size of the last served snapshot file",
+                                value=snapshots.last_bytes)
         recoveries = getattr(node.engine, "recoveries", 0)
         yield CounterMetricFamily("coord_engine_recoveries", "Rebuilds of a stalled engine", value=recoveries)
         if isinstance(node.engine, WithEventCounts):

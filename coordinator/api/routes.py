@@ -45,6 +45,7 @@ LIST_LIMIT_MAX = 10_000
 EVENT_TYPE_MAX_LEN = 128  # one name in /v1/events?types=
 SSE_KEEPALIVE_S = 15.0
 LEASES_TIMEOUT_S = 1.0
+SNAPSHOT_CHUNK_BYTES = 1 << 20
 
 
 def checked(attempt: Callable[[], Any]) -> Any:
@@ -116,6 +117,31 @@ async def members_add(request: web.Request) -> web.Response:
 async def members_remove(request: web.Request) -> web.Response:
     command = s.command(MemberRemove, {"id": request.match_info["id"]})
     return ok(await node_of(request).remove_member(command))
+
+
+@routes.get("/v1/snapshot")
+async def snapshot(request: web.Request) -> web.StreamResponse:
+    """A consistent snapshot file (``coordinator.snapshot_file``), admin only:
+    the state as of at least this request, its index, term, digest and checksum
+    also in headers. 429 while this node takes another."""
+    taken = await node_of(request).snapshots.take()
+    header = taken.header
+    response = web.StreamResponse(headers={
+        "Content-Type": "application/octet-stream",
+        "Content-Disposition": f'attachment; filename="coordinator-{header["index"]}.snap"',
+        "X-Coord-Snapshot-Index": str(header["index"]),
+        "X-Coord-Snapshot-Term": str(header["term"]),
+        "X-Coord-Snapshot-Digest": header["digest"]["value"],
+        "X-Coord-Snapshot-Sha256": taken.checksum,
+        "X-Coord-Snapshot-Took-Ms": f"{taken.snapshot_ms:.1f}",
+    })
+    response.content_length = len(taken.data)
+    await response.prepare(request)
+    view = memoryview(taken.data)
+    for start in range(0, len(view), SNAPSHOT_CHUNK_BYTES):
+        await response.write(view[start:start + SNAPSHOT_CHUNK_BYTES])
+    await response.write_eof()
+    return response
 
 
 NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a new member's id (the log takes any string it always took)

@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
+from coordinator import cli_snapshot, logs
 from coordinator import config as config_module
-from coordinator import logs
 from coordinator.cli import exits
 from coordinator.cli.commands import COMMANDS, prepare
 from coordinator.cli.holding import hold
@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="another member: ID=RAFT_HOST:PORT,HTTP_HOST:PORT (repeat)")
     serve.add_argument("--secret-file", dest="secret_file",
                        help="file holding the cluster secret (else COORD_CLUSTER_SECRET)")
+    serve.add_argument("--accept-secret-file", dest="accept_secret_file", metavar="PATH",
+                       help="file holding a second secret this node accepts but never sends, while the cluster "
+                            "changes its secret one node at a time (docs/operations.md)")
     serve.add_argument("--engine", help="consensus engine: raft (default) or pbft (3f+1 nodes, "
                                         "needs --pbft-key-file and --pbft-keyring)")
     serve.add_argument("--pbft-key-file", dest="pbft_key_file", metavar="PATH",
@@ -134,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--force", action="store_true", help="replace a file that is there")
     show = keys_sub.add_parser("show", help="print the public key of a key file", allow_abbrev=False)
     show.add_argument("path")
+    cli_snapshot.add_parsers(sub)  # backups: snapshot save|status|restore
     return parser
 
 
@@ -304,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "agent-key":
             return _agent_key(args)
+        if args.command == "snapshot":
+            return cli_snapshot.run(args)
         settings = resolve(args)
         prepare(args)
         run = hold if args.command == "lock" or (args.command == "elect" and args.action == "campaign") \
@@ -342,7 +348,8 @@ def _say(text: str) -> None:
 
 # The serve flags that are settings of the node (NodeConfig fields, or the files they are read from).
 SERVE_SETTINGS = ("node_id", "http", "raft", "http_bind", "raft_bind", "data_dir", "engine", "durability",
-                  "log_level", "log_format", "access_log", "secret_file", "compaction_entries", "compaction_bytes",
+                  "log_level", "log_format", "access_log", "secret_file", "accept_secret_file",
+                  "compaction_entries", "compaction_bytes",
                   "unsafe_stale_reads",
                   "transport_namespace", "unsafe_test_clock_control", "unsafe_test_power_loss", "tls_cert",
                   "tls_key", "tls_ca", "allow_anonymous", "admin_token_file", "pbft_key_file", "pbft_keyring",

@@ -28,6 +28,7 @@ from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, ReplicaHa
 from coordinator.ports import BusTransport, Clock, ConfirmsReads, ConsensusEngine, KnowsQuorumContact, Rng
 from coordinator.services.agent_http import EndpointGuard
 from coordinator.services.applier import Applier
+from coordinator.services.backup import SnapshotTaker
 from coordinator.services.balancer.health import HealthChecker
 from coordinator.services.balancer.service import Balancer
 from coordinator.services.bus import BusService
@@ -112,6 +113,7 @@ class CoordinatorNode:
         self.peer_ssl = peer_ssl
         self.digests = DigestWatch(applier, lambda: self.ask_members("/v1/status", {}), identity.raft,
                                    interval_s=digest_check_s)
+        self.snapshots = SnapshotTaker(applier, engine, identity.node_id, self.read_barrier, clock.now_ms)
         # Serve default reads from local state without a barrier. Wrong on purpose:
         # it exists so the chaos checker can show it catches stale reads.
         self.unsafe_stale_reads = unsafe_stale_reads
@@ -275,14 +277,26 @@ class CoordinatorNode:
         return await self.write_command(register)
 
     async def remove_member(self, remove: MemberRemove) -> dict[str, Any]:
+        """Take ``remove.id`` out of the engine's configuration (leader only),
+        then out of the member table. The voter is found by the table's Raft
+        address, or, when that is not a voter, by the id this node knows the
+        voters by: a member that died before it registered, or registered
+        other addresses (a cluster restored from a backup on new ones), is
+        still removed."""
         self._require_leader()
         member = self.applier.machine.members.members.get(remove.id)
-        if member is None:
+        voters = self.engine.status().members
+        rafts = {member.raft} & set(voters) if member is not None else set()
+        if not rafts:
+            rafts = {raft for raft in voters if self._peer_id(raft) == remove.id}
+        if member is None and not rafts:
             raise NotFound(f"member {remove.id!r} is not known")
-        if member.raft == self.identity.raft:
+        if self.identity.raft in rafts or (member is not None and member.raft == self.identity.raft):
             raise InvalidInput("id: the leader cannot remove itself; ask another member", field="id")
-        if member.raft in self.engine.status().members:
-            await self.engine.remove_member(member.raft)
+        for raft in sorted(rafts):
+            await self.engine.remove_member(raft)
+        if member is None:  # never registered: only a voter to drop
+            return {"id": remove.id, "raft": min(rafts), "http": self.http_of(min(rafts))}
         return await self.write_command(remove)
 
     def _require_leader(self) -> None:

@@ -15,8 +15,8 @@ from bench.harness import base_port
 from bench.report import pct_ms, process_cpu_s, processes_cpu_s
 from devcluster.cluster import free_base_port
 
-BENCHMARKS = ("ab", "agents", "apply", "balancer", "bus", "cluster", "compare", "engines", "eventstore", "gen_ab",
-              "load", "scale")
+BENCHMARKS = ("ab", "agents", "apply", "backup", "balancer", "bus", "cluster", "compare", "engines", "eventstore",
+              "gen_ab", "load", "scale")
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

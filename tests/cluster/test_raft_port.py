@@ -106,7 +106,8 @@ class _Link:
     """A ``_BoundedConnection`` on one end of a socket pair (as accepted by the
     port), the test's raw socket on the other, pysyncobj's poller between."""
 
-    def __init__(self, frame_max_bytes: int = 1 << 20, *, plain: bool = False) -> None:
+    def __init__(self, frame_max_bytes: int = 1 << 20, *, plain: bool = False,
+                 accepted: tuple[crypto.FrameBox, ...] = ()) -> None:
         self.poller = createPoller("auto")
         ours, self.theirs = socket.socketpair()
         ours.setblocking(False)
@@ -117,7 +118,7 @@ class _Link:
         else:
             self.conn = raft._BoundedConnection(poller=self.poller, socket=ours, timeout=30.0,
                                                 frame_max_bytes=frame_max_bytes, on_refused=self.refused.append,
-                                                box=BOX)
+                                                box=BOX, accepted=accepted)
         self.conn.setOnMessageReceivedCallback(self.received.append)
         self.seq = 0  # the next frame number the test's side sends
 
@@ -245,6 +246,26 @@ def test_a_frame_sealed_under_another_key_is_refused_even_after_authentication(l
     link.pump(lambda: link.conn.state == CONNECTION_STATE.DISCONNECTED)
     assert link.refused == ["a frame that does not verify with the cluster secret"]
     assert link.received == [b"k" * 32]
+
+
+def test_frames_under_an_accepted_secret_open_and_a_third_secret_is_still_refused() -> None:
+    """A node changing the cluster secret (``accept_secret_file``) opens
+    frames sealed under its own secret or the accepted one, in any order on
+    one connection, and still refuses any other key."""
+    accepted = crypto.FrameBox(crypto.derived_key("accepted-secret-" + "a" * 20, crypto.KEY_RAFT_WIRE))
+    third = crypto.FrameBox(crypto.derived_key("third-secret-" + "t" * 20, crypto.KEY_RAFT_WIRE))
+    made = _Link(accepted=(accepted,))
+    try:
+        made.theirs.sendall(_sealed(b"k" * 32, 0, accepted))
+        made.pump(lambda: made.conn.authenticated)
+        made.theirs.sendall(_sealed({"type": "x", "n": 1}, 1, BOX) + _sealed({"type": "x", "n": 2}, 2, accepted))
+        made.pump(lambda: len(made.received) == 3)
+        made.theirs.sendall(_sealed({"type": "x", "n": 3}, 3, third))
+        made.pump(lambda: made.conn.state == CONNECTION_STATE.DISCONNECTED)
+        assert made.refused == ["a frame that does not verify with the cluster secret"]
+        assert [m if isinstance(m, bytes) else m["n"] for m in made.received] == [b"k" * 32, 1, 2]
+    finally:
+        made.close()
 
 
 def test_a_message_of_another_connection_is_refused(link) -> None:

@@ -299,3 +299,25 @@ def test_a_secret_file_flag_wins_over_the_settings_files(tmp_path: Path) -> None
                     f'admin_token = "{TOKEN}"\n')
     assert config.load(str(toml), {}).secret == SECRET
     assert config.load(str(toml), {"secret_file": str(tmp_path / "flag-secret")}).secret == SECRET[::-1]
+
+
+def test_an_accepted_secret_is_read_from_its_file_checked_and_never_shown(tmp_path: Path) -> None:
+    """``accept_secret_file``: a second cluster secret the node accepts while the
+    secret changes (docs/operations.md); as strong as the secret, never in repr."""
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    (tmp_path / "accepted").write_text(SECRET[::-1] + "\n")
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'node_id = "n1"\nhttp = "127.0.0.1:7001"\nraft = "127.0.0.1:7101"\nallow_anonymous = true\n'
+                    f'data_dir = "{tmp_path / "n1"}"\naccept_secret_file = "{tmp_path / "accepted"}"\n')
+    loaded = config.load(str(toml), {"secret_file": str(tmp_path / "secret")})
+    assert loaded.secret == SECRET and loaded.accepted_secrets == (SECRET[::-1],)
+    assert SECRET[::-1] not in repr(loaded)
+    (tmp_path / "accepted").write_text(SECRET + "\n")  # the same secret: nothing more to accept
+    assert config.load(str(toml), {"secret_file": str(tmp_path / "secret")}).accepted_secrets == ()
+    (tmp_path / "accepted").write_text("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n")
+    with pytest.raises(InvalidInput, match="accept_secret_file: the secret in it is too weak") as refused:
+        config.load(str(toml), {"secret_file": str(tmp_path / "secret")})
+    assert refused.value.field == "accept_secret_file"
+    (tmp_path / "accepted").unlink()
+    with pytest.raises(InvalidInput, match="accept_secret_file: cannot read it"):
+        config.load(str(toml), {"secret_file": str(tmp_path / "secret")})

@@ -30,7 +30,9 @@ from coordinator.api.auth import (
     PRINCIPAL_HEADER,
     AuthSettings,
     AuthState,
+    check_proof,
     forward_signature,
+    issue_challenge,
 )
 from coordinator.client import CoordinatorClient
 from coordinator.crypto import (
@@ -457,6 +459,38 @@ async def test_a_forwarded_principal_is_good_once_for_one_node_under_a_derived_k
     assert "forwarded principal" in error["message"]
 
 
+async def test_a_node_changing_its_secret_accepts_the_other_one_and_signs_with_its_own(
+        make_harness: HarnessFactory) -> None:
+    """``accepted_secrets``: forwarded principals and join challenges made under
+    the other secret are accepted; a third secret's are not; what this node
+    signs and issues uses its own secret only."""
+    new_secret = "new-cluster-secret-" + "n" * 32
+    h = await make_harness(auth=AuthSettings(admin_token=ADMIN_TOKEN, cluster_secret=new_secret,
+                                             accepted_secrets=(CLUSTER_SECRET,)))
+    path, raw = "/v1/roles/r", encode({"permissions": []})
+    under_old = forwarded(h, "admin", "PUT", path, raw, key=FORWARD_KEY)
+    await send(h, "PUT", path, raw, {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: under_old}, expect=200)
+    under_new = forwarded(h, "admin", "PUT", path, raw, key=derived_key(new_secret, KEY_FORWARDED_PRINCIPAL))
+    await send(h, "PUT", path, raw, {PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: under_new}, expect=200)
+    other = forwarded(h, "admin", "PUT", path, raw, key=derived_key("third-secret-" + "z" * 32,
+                                                                      KEY_FORWARDED_PRINCIPAL))
+    error = await refused(h, 401, "PUT", path, raw=raw, headers={PRINCIPAL_HEADER: "admin", FORWARD_SIG_HEADER: other})
+    assert "forwarded principal" in error["message"]
+    state = h.http.app[AUTH]
+    assert state.forward_key == derived_key(new_secret, KEY_FORWARDED_PRINCIPAL)  # signs with its own
+    keys = AgentKeys.generate()
+    old_node = AuthState(AuthSettings(cluster_secret=CLUSTER_SECRET))
+    check_proof(state, {"challenge": issue_challenge(old_node), "nonce": "0"}, "a1", keys.public_key, 0)
+    third = AuthState(AuthSettings(cluster_secret="third-secret-" + "z" * 32))
+    with pytest.raises(Forbidden, match="not issued by this cluster"):
+        check_proof(state, {"challenge": issue_challenge(third), "nonce": "0"}, "a1", keys.public_key, 0)
+    issued = issue_challenge(state)  # under its own secret: a node with only the old one refuses it
+    check_proof(AuthState(AuthSettings(cluster_secret=new_secret)), {"challenge": issued, "nonce": "0"}, "a1",
+                keys.public_key, 0)
+    with pytest.raises(Forbidden, match="not issued by this cluster"):
+        check_proof(old_node, {"challenge": issued, "nonce": "0"}, "a1", keys.public_key, 0)
+
+
 async def test_a_signed_write_replayed_after_the_node_forgot_its_nonces_applies_nothing(world: World) -> None:
     """A restart empties a node's nonces: a write replayed within the clock
     window passes the signature check, but its request id is derived from its
@@ -625,6 +659,7 @@ DENIED: list[tuple[Agent, str, str, Any, str, str]] = [
     (MALLORY, "PUT", "/v1/agents/mallory/roles", {"roles": ["alice-worker"]}, "admin", "/v1/agents/mallory/roles"),
     (ALICE, "PUT", "/v1/services/billing", {"strategy": "random"}, "admin", "/v1/services/billing"),
     (ALICE, "DELETE", "/v1/services/billing", None, "admin", "/v1/services/billing"),
+    (ALICE, "GET", "/v1/snapshot", None, "admin", "/v1/snapshot"),  # the whole state: admin only
     (ALICE, "POST", "/v1/members", {"id": "n9", "raft": "127.0.0.1:9", "http": "127.0.0.1:10"}, "admin",
      "/v1/members"),
     (ALICE, "DELETE", "/v1/members/n1", None, "admin", "/v1/members/n1"),
