@@ -16,7 +16,7 @@ from bench.report import pct_ms, process_cpu_s, processes_cpu_s
 from devcluster.cluster import free_base_port
 
 BENCHMARKS = ("ab", "agents", "apply", "backup", "balancer", "bus", "cluster", "compare", "engines", "eventstore",
-              "gen_ab", "load", "scale")
+              "gen_ab", "load", "scale", "charts")
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
