@@ -129,7 +129,7 @@ async def test_a_fourth_member_joins_and_leaves_through_the_cli(make_cluster) ->
     table = await asyncio.to_thread(_cli, "status", "--endpoint", spec.http)
     assert table.returncode == 0, table.stdout + table.stderr
     lines = table.stdout.strip().splitlines()
-    assert lines[0].split()[:4] == ["id", "http", "raft", "role"]
+    assert [c.lower() for c in lines[0].split()[:4]] == ["id", "http", "raft", "role"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"n1", "n2", "n3", "n4"}
     assert [row[3] for row in rows.values()].count("leader") == 1 and rows[leader][3] == "leader"
