@@ -391,7 +391,7 @@ class StateMachine:
 
     def release_locks_of(self, ctx: ApplyContext, holder: str, reason: str) -> None:
         for lock in self.locks.held_by(holder):
-            del self.locks.locks[lock.name]
+            self.locks.remove(lock.name)
             self.events.emit(ctx, "lock.released", {"name": lock.name, "holder": holder,
                                                     "fencing_token": lock.token, "reason": reason})
 
@@ -567,7 +567,7 @@ def _lock_acquire(sm: StateMachine, ctx: ApplyContext, cmd: LockAcquire) -> Any:
     if len(sm.locks.locks) >= sm.limits.locks_max:
         raise Rejected("unavailable", f"too many locks ({sm.limits.locks_max})")
     lock = Lock(name, holder, ctx.index, cmd.ttl_ms, ctx.now_ms)
-    sm.locks.locks[name] = lock
+    sm.locks.grant(lock)
     sm.events.emit(ctx, "lock.acquired", {"name": name, "holder": holder, "fencing_token": lock.token})
     return {"fencing_token": lock.token, "refreshed": False}
 
@@ -580,7 +580,7 @@ def _lock_release(sm: StateMachine, ctx: ApplyContext, cmd: LockRelease) -> Any:
         raise Rejected("not_found", f"lock {name!r} is not held")
     if lock.holder != holder:
         raise Rejected("conflict", f"lock {name!r} is held by {lock.holder!r}")
-    del sm.locks.locks[name]
+    sm.locks.remove(name)
     sm.events.emit(ctx, "lock.released", {"name": name, "holder": holder, "fencing_token": lock.token,
                                           "reason": "released"})
     return {"released": True}
@@ -592,7 +592,7 @@ def _lock_expire(sm: StateMachine, ctx: ApplyContext, cmd: LockExpire) -> Any:
     lock = sm.locks.locks.get(name)
     if lock is None or lock.token != token:
         return {"expired": False}
-    del sm.locks.locks[name]
+    sm.locks.remove(name)
     sm.events.emit(ctx, "lock.released", {"name": name, "holder": lock.holder, "fencing_token": token,
                                           "reason": "expired"})
     return {"expired": True}
