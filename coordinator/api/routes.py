@@ -310,6 +310,7 @@ async def agents_get(request: web.Request) -> web.Response:
 
 def _agent(node: CoordinatorNode, agent: Any) -> dict[str, Any]:
     out = agent.describe()
+    out["liveness"] = agent.liveness  # the leader's committed verdict: alive or suspect
     out["lease_remaining_s"] = node.leases.remaining_s("agent", agent.id)
     return out
 

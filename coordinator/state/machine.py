@@ -25,10 +25,12 @@ from typing import Any
 from coordinator.commands import COMMANDS
 from coordinator.commands.access import AccessUnpin, RoleDelete, RoleGrant, RolePut, SecurityConfigure
 from coordinator.commands.agents import (
+    AgentAlive,
     AgentDeregister,
     AgentExpire,
     AgentHealth,
     AgentRegister,
+    AgentSuspect,
     AgentUpdate,
 )
 from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
@@ -535,6 +537,29 @@ def _agent_expire(sm: StateMachine, ctx: ApplyContext, cmd: AgentExpire) -> Any:
         return {"expired": False}
     _remove_agent(sm, ctx, agent, "expired")
     return {"expired": True}
+
+
+@_handles(AgentSuspect)
+def _agent_suspect(sm: StateMachine, ctx: ApplyContext, cmd: AgentSuspect) -> Any:
+    """The leader's detector suspects the lease ``lease_id`` (a verdict about
+    another lease, or about an agent already suspected, changes nothing)."""
+    return _set_liveness(sm, ctx, cmd.id, cmd.lease_id, "suspect", "agent.suspected")
+
+
+@_handles(AgentAlive)
+def _agent_alive(sm: StateMachine, ctx: ApplyContext, cmd: AgentAlive) -> Any:
+    """A suspected lease was heard again."""
+    return _set_liveness(sm, ctx, cmd.id, cmd.lease_id, "alive", "agent.recovered")
+
+
+def _set_liveness(sm: StateMachine, ctx: ApplyContext, agent_id: str, lease_id: int, liveness: str,
+                  event: str) -> Any:
+    agent = sm.registry.agents.get(agent_id)
+    if agent is None or agent.lease_id != lease_id or agent.liveness == liveness:
+        return {"changed": False}
+    agent.liveness = liveness
+    sm.events.emit(ctx, event, {"agentId": agent.id, "agentType": agent.type, "lease_id": agent.lease_id})
+    return {"changed": True, "liveness": liveness}
 
 
 @_handles(AgentHealth)
