@@ -148,14 +148,16 @@ class LeaseKeeper:
         heapq.heapify(self._due)
         self._suspects = []
         if self.table is not None:
-            settings, floor = self.table.settings, now + self.suspect_grace_s
+            # A full suspicion window from the takeover, as every lease gets a full
+            # TTL: heartbeats refused during the election are not held against agents.
+            settings = self.table.settings
             for name, lease in self._agents.items():
                 heard = self.table.entries.get(name)
-                if heard is not None:
-                    lease.suspect_at = max(floor, heard.detector.suspect_at(settings) + self.suspect_grace_s)
-                    if lease.suspect_at < math.inf:
-                        lease.suspect_queued = lease.suspect_at
-                        self._suspects.append((lease.suspect_at, name))
+                moment = heard.detector.suspect_at(settings) if heard is not None else math.inf
+                if heard is not None and moment < math.inf and heard.detector.last_s is not None:
+                    lease.suspect_at = max(moment, now + moment - heard.detector.last_s) + self.suspect_grace_s
+                    lease.suspect_queued = lease.suspect_at
+                    self._suspects.append((lease.suspect_at, name))
             heapq.heapify(self._suspects)
 
     def _add(self, kind: str, name: str, lease: _Lease) -> None:
