@@ -415,7 +415,8 @@ async def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
         leader = cluster.wait_leader(30)
         followers = [m for m in cluster.members if m != leader]
         url = cluster.url(leader)
-        urls = [url] if args.via == "leader" else [cluster.url(m) for m in [leader, *followers]]
+        urls = {"leader": [url], "all": [cluster.url(m) for m in [leader, *followers]],
+                "followers": [cluster.url(m) for m in followers]}[args.via]
         pids = {m: cluster.pid(m) for m in cluster.members}
         drivers = await start_drivers(urls, n, args)
         try:
@@ -437,9 +438,11 @@ async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: st
         await d.call("window")
     node_cpu = {m: processes_cpu_s([pids[m]]) for m in pids}
     own_cpu = cpu_s()
+    heard_before = await liveness_of(url)
     started = time.monotonic()
     await asyncio.sleep(args.seconds)
     elapsed = time.monotonic() - started
+    heard_after = await liveness_of(url)
     cpu = {m: (processes_cpu_s([pids[m]]) - node_cpu[m]) / elapsed for m in pids}
     own = (cpu_s() - own_cpu) / elapsed
     reports = [await d.call("report") for d in drivers]
@@ -458,9 +461,24 @@ async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: st
         # A local generator is this process (its CPU includes the parent's bookkeeping).
         "generator_cpu": own if local else sum(r["cpu_s"] for r in reports) / elapsed,
         "leader_rss_mb": rss_mb(pids[leader]), "follower_rss_mb": [rss_mb(pids[m]) for m in followers],
+        # what the leader answered itself, and the newer heard times it merged from gossip, per second
+        "leader_answered_per_s": (heard_after.get("heartbeats_answered", 0)
+                                  - heard_before.get("heartbeats_answered", 0)) / elapsed,
+        "leader_merged_per_s": (heard_after.get("heard_gossip", 0) - heard_before.get("heard_gossip", 0)) / elapsed,
+        "leader_suspected": heard_after.get("suspected", 0),
     })
     row["expiry"] = await check_expiry(n, row["registered"], args, drivers, url)
     return row
+
+
+async def liveness_of(url: str) -> dict[str, Any]:
+    """The node's heartbeat counters (``/v1/status`` ``liveness``); {} if it does not answer."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as session, \
+                session.get(f"{url}/v1/status") as response:
+            return (await response.json()).get("liveness") or {}
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return {}
 
 
 async def check_expiry(n: int, registered: int, args: argparse.Namespace, drivers: list[Any], url: str
@@ -507,8 +525,8 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = ["| agents | generators x connections | heartbeats/s intended | achieved | p50 ms | p99 ms "
              "| sent late p99 ms | errors | leader CPU | followers CPU | generator CPU | RSS leader / followers MiB "
-             "| probes expired in TTL + slack |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| leader answered / merged from gossip per s | probes expired in TTL + slack |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["expiry"]
         errors = sum(r["errors"].values())
@@ -522,7 +540,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {r['achieved_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['late_p99_ms']:.0f} "
             f"| {errors} | {r['leader_cpu']:.2f} | {' / '.join(f'{c:.2f}' for c in r['follower_cpu'])} "
             f"| {r['generator_cpu']:.2f} | {r['leader_rss_mb']:.0f} / "
-            f"{' / '.join(f'{m:.0f}' for m in r['follower_rss_mb'])} | {expiry} |")
+            f"{' / '.join(f'{m:.0f}' for m in r['follower_rss_mb'])} "
+            f"| {r.get('leader_answered_per_s', 0):.0f} / {r.get('leader_merged_per_s', 0):.0f} | {expiry} |")
     top = max(rows, key=lambda r: r["agents"])
     if top["agents"] < 100_000:
         verdict = "not measured (no run at 100,000)"
@@ -554,8 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--connections", type=int, default=256, help="connections per generator process")
     cli.add_argument("--probes", type=int, default=100, help="agents whose heartbeats stop to check expiry")
     cli.add_argument("--slack-s", type=float, default=5.0, help="how long after TTL a probe may take to expire")
-    cli.add_argument("--via", choices=("leader", "all"), default="leader",
-                     help="heartbeat the leader, or spread the connections over all nodes (followers forward)")
+    cli.add_argument("--via", choices=("leader", "all", "followers"), default="leader",
+                     help="heartbeat the leader, or spread the connections over all nodes or over the followers "
+                          "(which answer from memory and gossip to the leader)")
     cli.add_argument("--register-s", type=float, default=120.0,
                      help="stop registering after this long and measure the agents that are in")
     cli.add_argument("--seed", type=int, default=1)
@@ -589,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Three nodes and {args.procs} generator process(es) on one machine ({machine()}), durability fsync, "
               f"heartbeat every {args.interval_s:g} s (± {JITTER:.0%}), TTL {args.ttl_s:g} s, "
               f"{args.seconds:g} s measured after one interval of warm-up, heartbeats to "
-              f"{'the leader' if args.via == 'leader' else 'all nodes'}, CPU in cores (user + system from /proc), "
+              f"{ {'leader': 'the leader', 'all': 'all nodes', 'followers': 'the followers'}[args.via]}, "
+              "CPU in cores (user + system from /proc), "
               f"`{command}`, {time.strftime('%Y-%m-%d')}.\n\n")
     publish(header + table(rows, args), args.doc, MARKER)
     return 0
