@@ -326,7 +326,11 @@ async def agents_update(request: web.Request) -> web.Response:
             checked(lambda: check_weight(args["weight"]))
         _endpoint(request, args["endpoint"])
     command = s.command(AgentUpdate, args)
-    return ok(await node_of(request).write_command(command, s.origin(request, body)))
+    node = node_of(request)
+    answer = await node.write_command(command, s.origin(request, body))
+    agent = node.local_view.agent(agent_id)  # applied here: the write waited for it
+    answer["liveness"] = agent.liveness if agent is not None else "alive"
+    return ok(answer)
 
 
 @routes.post("/v1/agents/{id}/heartbeat")
