@@ -127,6 +127,7 @@ class Gossip:
         self.refused = 0
         self.dropped = 0  # by the test knob
         self._peers: dict[str, _PeerState] = {}
+        self._round_peers: list[Peer] = []  # the peers of the last round
         self._seq = int(clock.now_ms()) * 1000  # above what this node sent before a restart
         self._last_seq: dict[str, int] = {}
 
@@ -153,7 +154,7 @@ class Gossip:
         """Hand what was heard here since the last round to every peer, and
         start a send to each peer that has none in flight."""
         dirty = self.table.take_dirty()
-        peers = self.peers()
+        peers = self._round_peers = self.peers()
         for peer in peers:
             state = self._peers.setdefault(peer.id, _PeerState())
             state.pending.update(dirty)
@@ -210,13 +211,16 @@ class Gossip:
                 for agent_id, heard in taken.items():  # again with the next round (unless newer is pending)
                     state.pending.setdefault(agent_id, heard)
 
-    def leader_contact_fresh(self) -> bool:
-        """Whether the current leader answered this node's gossip, as an
-        active leader with quorum contact, within ``quorum_lease_s``."""
-        leader = self.leader_raft()
+    def leader_contact_fresh(self, leader: str | None = None) -> bool:
+        """Whether the current leader (``leader``, its Raft address; asked of
+        the engine when not given) answered this node's gossip, as an active
+        leader with quorum contact, within ``quorum_lease_s``. Per heartbeat:
+        it looks only at the peers of the last round."""
+        if leader is None:
+            leader = self.leader_raft()
         if leader is None:
             return False
-        for peer in self.peers():
+        for peer in self._round_peers:
             if peer.raft == leader:
                 state = self._peers.get(peer.id)
                 return (state is not None and state.leader_ok and state.contact_s is not None

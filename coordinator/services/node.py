@@ -394,7 +394,7 @@ class CoordinatorNode:
             raise Unavailable("forwarded heartbeat reached a follower", retry_after_s=0.3,
                               leader=self.http_of(st.leader))
         elif self.gossip.enabled and agent is not None:
-            if not self.gossip.leader_contact_fresh():
+            if not self.gossip.leader_contact_fresh(st.leader):
                 raise Unavailable("this node has not reached the leader recently; heartbeat another node",
                                   retry_after_s=max(0.1, self.gossip.quorum_lease_s), leader=self.http_of(st.leader))
             self.heard.heard_here(agent_id, agent.lease_id, self.clock.monotonic())
