@@ -58,7 +58,7 @@ class NodeConfig:
     digest_check_s: float = 5.0
     # how often each node sends the others the heartbeats it answered (0: no
     # gossip, followers forward every heartbeat to the leader); needs the secret
-    gossip_interval_s: float = 0.2
+    gossip_interval_s: float = 0.1
     log_level: str = "info"
     unsafe_stale_reads: bool = False  # chaos demonstrations only: reads skip the barrier
     # chaos tests only: the wall clock (stamped into commands) is shifted by the offset

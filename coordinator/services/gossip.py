@@ -99,7 +99,7 @@ class Gossip:
                  peers: Callable[[], list[Peer]], leader_raft: Callable[[], str | None],
                  leader_ok: Callable[[], bool], known: Callable[[str], bool],
                  session: Callable[[], aiohttp.ClientSession | None], quorum_lease_s: float,
-                 interval_s: float = 0.2, scheme: str = "http", clock_skew_s: float = 30.0,
+                 interval_s: float = 0.1, scheme: str = "http", clock_skew_s: float = 30.0,
                  loss: float = 0.0, rng: random.Random | None = None) -> None:
         """``key``: None switches gossip off (no cluster secret, or
         ``gossip_interval_s`` 0): followers then forward every heartbeat to

@@ -77,7 +77,7 @@ class CoordinatorNode:
                  forward_timeout_s: float = 3.0, unsafe_stale_reads: bool = False,
                  transports: dict[str, BusTransport] | None = None, transport_factory: Any = None,
                  peer_ssl: ssl.SSLContext | None = None, check_endpoints: bool = True,
-                 digest_check_s: float = 5.0, gossip_key: bytes | None = None, gossip_interval_s: float = 0.2,
+                 digest_check_s: float = 5.0, gossip_key: bytes | None = None, gossip_interval_s: float = 0.1,
                  unsafe_test_gossip_loss: float = 0.0) -> None:
         """``peer_ssl``: set when the nodes serve HTTPS; forwarding to the leader
         then uses ``https://`` and verifies the leader's certificate with it.
@@ -112,6 +112,7 @@ class CoordinatorNode:
                              interval_s=gossip_interval_s or 0.2, scheme="https" if peer_ssl is not None else "http",
                              loss=unsafe_test_gossip_loss)
         self.heartbeats_answered = 0  # heartbeat requests this node answered itself
+        self.heartbeats_forwarded = 0  # and those it forwarded to the leader
         applier.on_apply(self._forget_terminated)
         self.duties = LeaderDuties(applier, self.proposer, self.reads, engine, clock, node_id=identity.node_id,
                                    member_id=lambda raft: self._peer_id(raft))
@@ -279,7 +280,8 @@ class CoordinatorNode:
             "digest": {"index": digest.index, "value": digest.value.hex(), "points": digest.points(),
                        "check": self.digests.status()},
             "leases_active": self.leases.active,
-            "liveness": {"heartbeats_answered": self.heartbeats_answered, "heard_local": self.heard.heard_local,
+            "liveness": {"heartbeats_answered": self.heartbeats_answered,
+                         "heartbeats_forwarded": self.heartbeats_forwarded, "heard_local": self.heard.heard_local,
                          "heard_gossip": self.heard.heard_gossip, "table": len(self.heard.entries),
                          "suspected": self.leases.suspected, "recovered": self.leases.recovered,
                          "expired_agents": self.leases.expired_agents, "gossip": self.gossip.status()},
@@ -376,10 +378,11 @@ class CoordinatorNode:
                         sign: Signer | None = None) -> dict[str, Any]:
         """Renew an agent's lease. The leader answers from memory; with gossip
         on, so does a follower that knows the agent, while the leader answered
-        its gossip within the quorum lease (else 503 naming the leader): the
-        heartbeat reaches the leader with its next gossip round. Without
-        gossip, or for an agent this replica does not know yet, a follower
-        forwards the heartbeat to the leader."""
+        its gossip within the quorum lease: the heartbeat reaches the leader
+        with its next gossip round. Otherwise (no gossip, an agent this
+        replica does not know yet, no recent word from the leader) a follower
+        forwards the heartbeat to the leader, and answers 503 with the
+        leader's address when that fails."""
         st = self.engine.status()
         agent = self.applier.machine.registry.agents.get(agent_id)
         if st.role == "leader":
@@ -393,15 +396,15 @@ class CoordinatorNode:
         elif headers_forwarded:
             raise Unavailable("forwarded heartbeat reached a follower", retry_after_s=0.3,
                               leader=self.http_of(st.leader))
-        elif self.gossip.enabled and agent is not None:
-            if not self.gossip.leader_contact_fresh(st.leader):
-                raise Unavailable("this node has not reached the leader recently; heartbeat another node",
-                                  retry_after_s=max(0.1, self.gossip.quorum_lease_s), leader=self.http_of(st.leader))
+        elif self.gossip.enabled and agent is not None and self.gossip.leader_contact_fresh(st.leader):
             self.heard.heard_here(agent_id, agent.lease_id, self.clock.monotonic())
             self.heartbeats_answered += 1
             answer = {"id": agent_id, "lease_id": agent.lease_id, "ttl_s": agent.ttl_ms / 1000,
                       "health": agent.health}
         else:
+            # No gossip, an agent this replica does not know yet, or no fresh word from
+            # the leader: the leader answers itself (503 with its address when it cannot).
+            self.heartbeats_forwarded += 1
             answer = await self._forward_heartbeat(agent_id, st.leader, sign)
         if health is not None and health != answer.get("health"):
             await self.write_command(AgentHealth(agent_id, health, "reported by the agent"))

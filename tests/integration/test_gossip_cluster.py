@@ -1,6 +1,7 @@
 """Heartbeats answered by followers and gossiped to the leader, on a real
 three-node cluster (issue 23, part 3): the leader receives no heartbeat
-request and still keeps every lease; a silent agent is suspected within the
+request (but the few a follower forwards when the leader's word is stale)
+and still keeps every lease; a silent agent is suspected within the
 detector's bound and expired at its TTL; a leader kill expires nobody; and
 with 5 % of heartbeats and 5 % of gossip messages lost nobody is suspected.
 
@@ -26,9 +27,9 @@ pytestmark = pytest.mark.cluster
 
 INTERVAL_S = 0.5  # each agent's heartbeat period
 TTL_S = 6.0
-GOSSIP_S = 0.2  # NodeConfig.gossip_interval_s
+GOSSIP_S = 0.1  # NodeConfig.gossip_interval_s
 GRACE_S = 3 * GOSSIP_S + 0.1  # LeaseKeeper.suspect_grace_s as the node sets it
-# A silent agent is suspected this long after its last heartbeat (4.56 intervals + the grace: 2.98 s)
+# A silent agent is suspected this long after its last heartbeat (4.56 intervals + the grace: 2.68 s)
 SUSPECT_BOUND_S = PhiSettings().bound_intervals() * INTERVAL_S + GRACE_S
 SLACK_S = 1.5  # a loaded machine: the tick, the commit, our polling
 
@@ -116,11 +117,15 @@ async def test_followers_answer_heartbeats_the_leader_gets_none_and_silence_is_f
             # longer than a TTL: only gossip can have kept them
             await asyncio.sleep(TTL_S + 1.0)
             status = (await get(session, f"{cluster.url(leader)}/v1/status"))["liveness"]
-            assert status["heartbeats_answered"] == 0, status  # not one heartbeat request reached the leader
             assert status["heard_gossip"] > len(ids) * TTL_S / INTERVAL_S / 2, status
-            answered = [(await get(session, f"{cluster.url(f)}/v1/status"))["liveness"]["heartbeats_answered"]
-                        for f in followers]
-            assert min(answered) > 0, answered
+            there = [(await get(session, f"{cluster.url(f)}/v1/status"))["liveness"] for f in followers]
+            answered = [t["heartbeats_answered"] for t in there]
+            forwarded = sum(t["heartbeats_forwarded"] for t in there)
+            assert min(answered) > 0, there
+            # The leader got no heartbeat request but those a follower forwarded because the
+            # leader's last gossip answer was over 0.5 s old (none on an idle machine; a few
+            # when the test machine is loaded).
+            assert status["heartbeats_answered"] <= forwarded <= sum(answered) / 20, (status, there)
             listed = await get(session, f"{cluster.url(leader)}/v1/agents")
             assert sorted(a["id"] for a in listed["agents"]) == sorted(ids)
             assert {a["liveness"] for a in listed["agents"]} == {"alive"}
