@@ -180,6 +180,18 @@ class HeardTable:
             self.on_heard(agent_id, heard)
         return heard
 
+    def lease_started(self, agent_id: str, lease_id: int, now_s: float) -> None:
+        """This replica applied the registration of lease ``lease_id`` at
+        ``now_s``: a lease counts from its registration, as on the leader
+        (no heartbeat is recorded, and the detector starts empty)."""
+        heard = self.entries.get(agent_id)
+        if heard is not None and heard.lease_id >= lease_id:
+            return
+        if heard is None and len(self.entries) >= self.entries_max:
+            self.refused += 1
+            return
+        self.entries[agent_id] = Heard(lease_id, now_s)
+
     def take_dirty(self) -> dict[str, Heard]:
         """What this node heard itself since the last call (for the next gossip round)."""
         dirty, self._dirty = self._dirty, {}

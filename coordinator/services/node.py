@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from coordinator.commands.agents import AgentHealth
+from coordinator.commands.agents import AgentHealth, AgentRegister
 from coordinator.commands.base import MAX_TTL_MS, MIN_TTL_MS, DomainCommand
 from coordinator.commands.cluster import MemberRegister, MemberRemove
 from coordinator.config import PeerConfig
@@ -113,7 +113,7 @@ class CoordinatorNode:
                              loss=unsafe_test_gossip_loss)
         self.heartbeats_answered = 0  # heartbeat requests this node answered itself
         self.heartbeats_forwarded = 0  # and those it forwarded to the leader
-        applier.on_apply(self._forget_terminated)
+        applier.on_apply(self._follow_registry)
         self.duties = LeaderDuties(applier, self.proposer, self.reads, engine, clock, node_id=identity.node_id,
                                    member_id=lambda raft: self._peer_id(raft))
         self.bus = BusService(applier, self.proposer, self.duties, clock, rng, node_id=identity.node_id)
@@ -200,10 +200,14 @@ class CoordinatorNode:
         age_s = quorum.quorum_contact_age_s()
         return age_s is not None and age_s <= quorum.quorum_lease_s
 
-    def _forget_terminated(self, command: Any, result: Any) -> None:
+    def _follow_registry(self, command: Any, result: Any) -> None:
+        """Keep the heard table with the registry: a new lease counts from its
+        registration, a terminated agent is forgotten."""
         for event in result.events:
             if event.type == "agent.terminated":
                 self.heard.forget(event.data["agentId"])
+            elif event.type in ("agent.spawned", "agent.updated") and command.op == AgentRegister.op:
+                self.heard.lease_started(event.data["agentId"], event.data["lease_id"], self.clock.monotonic())
 
     async def _register_self(self) -> None:
         """Make sure the member table maps this node's Raft address to its HTTP
@@ -378,11 +382,12 @@ class CoordinatorNode:
                         sign: Signer | None = None) -> dict[str, Any]:
         """Renew an agent's lease. The leader answers from memory; with gossip
         on, so does a follower that knows the agent, while the leader answered
-        its gossip within the quorum lease: the heartbeat reaches the leader
-        with its next gossip round. Otherwise (no gossip, an agent this
-        replica does not know yet, no recent word from the leader) a follower
-        forwards the heartbeat to the leader, and answers 503 with the
-        leader's address when that fails."""
+        its gossip within the quorum lease and the lease was heard of well
+        within its TTL (``_may_answer``): the heartbeat reaches the leader
+        with its next gossip round. Otherwise (no gossip, an agent or a lease
+        this replica does not know yet, a lease that may have run out, no
+        recent word from the leader) a follower forwards the heartbeat to the
+        leader, and answers 503 with the leader's address when that fails."""
         st = self.engine.status()
         agent = self.applier.machine.registry.agents.get(agent_id)
         if st.role == "leader":
@@ -396,7 +401,7 @@ class CoordinatorNode:
         elif headers_forwarded:
             raise Unavailable("forwarded heartbeat reached a follower", retry_after_s=0.3,
                               leader=self.http_of(st.leader))
-        elif self.gossip.enabled and agent is not None and self.gossip.leader_contact_fresh(st.leader):
+        elif self.gossip.enabled and agent is not None and self._may_answer(agent, st.leader):
             self.heard.heard_here(agent_id, agent.lease_id, self.clock.monotonic())
             self.heartbeats_answered += 1
             answer = {"id": agent_id, "lease_id": agent.lease_id, "ttl_s": agent.ttl_ms / 1000,
@@ -410,6 +415,20 @@ class CoordinatorNode:
             await self.write_command(AgentHealth(agent_id, health, "reported by the agent"))
             answer["health"] = health
         return answer
+
+    def _may_answer(self, agent: Any, leader: str | None) -> bool:
+        """Whether this follower may renew ``agent``'s lease from memory: the
+        leader answered its gossip within the quorum lease, and the lease was
+        heard of (anywhere, by this node's merged table) well within its TTL,
+        so the leader cannot have expired it yet: an expiry this replica has
+        not applied yet, or a lease nobody heard of since its registration,
+        goes to the leader, which answers (404 for an expired agent)."""
+        heard = self.heard.entries.get(agent.id)
+        if heard is None or heard.lease_id != agent.lease_id:
+            return False
+        ttl_s = agent.ttl_ms / 1000
+        margin_s = max(1.0, ttl_s / 4, self.gossip.quorum_lease_s + 2 * self.gossip.interval_s)
+        return self.clock.monotonic() - heard.at_s < ttl_s - margin_s and self.gossip.leader_contact_fresh(leader)
 
     async def _forward_heartbeat(self, agent_id: str, leader_raft: str | None, sign: Signer | None
                                  ) -> dict[str, Any]:

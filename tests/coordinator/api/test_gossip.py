@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from coordinator.services import gossip
-from coordinator.services.gossip import REFUSED, encode, sign
+from coordinator.services.gossip import REFUSED, Peer, _PeerState, encode, sign
 from tests.coordinator.api.conftest import NODE_ID, Harness
 from tests.waiting import eventually
 
@@ -114,3 +114,27 @@ async def test_a_silent_agent_is_suspected_once_recovers_when_heard_and_expires_
     await g.advance_and_tick(1.5)  # 30 s after the last heartbeat heard
     await eventually(lambda: agent_id not in g.applier.machine.registry.agents, "the expiry")
     assert agent_id not in table.entries  # forgotten with the agent
+
+
+async def test_a_follower_renews_from_memory_only_with_fresh_word_from_the_leader_and_a_live_lease(g: Harness
+                                                                                                 ) -> None:
+    """``_may_answer`` (asked on a follower; the harness's one node stands in)."""
+    node, clock = g.node, g.clock
+    agent_id = (await g.register(ttl_s=10))["id"]
+    agent = g.applier.machine.registry.agents[agent_id]
+    leader = Peer("n9", "127.0.0.1:1", "127.0.0.1:2")
+    node.gossip._round_peers = [leader]
+    node.gossip._peers[leader.id] = state = _PeerState(contact_s=clock.monotonic(), leader_ok=True)
+    assert node._may_answer(agent, leader.raft)  # the lease counts from its registration
+    assert not node._may_answer(agent, "127.0.0.1:3")  # another leader: no word from it
+    state.leader_ok = False
+    assert not node._may_answer(agent, leader.raft)  # its answer said: not an active leader with a quorum
+    state.leader_ok = True
+    clock.advance(0.6)
+    assert not node._may_answer(agent, leader.raft)  # its word is older than the quorum lease (0.5 s)
+    state.contact_s = clock.monotonic()
+    clock.advance(7.0)
+    state.contact_s = clock.monotonic()
+    assert not node._may_answer(agent, leader.raft)  # 7.6 s of the 10 s TTL gone: the leader answers
+    node.heard.heard_here(agent_id, agent.lease_id, clock.monotonic())
+    assert node._may_answer(agent, leader.raft)

@@ -121,3 +121,18 @@ def test_table_is_bounded():
     assert table.heard_here("c", 1, 1.0) is None and not table.merge("d", 1, 0.0, 1.0)
     assert table.refused == 2 and sorted(table.entries) == ["a", "b"]
     assert table.heard_here("a", 1, 2.0) is not None  # known agents still move
+
+
+def test_a_lease_counts_from_its_registration_without_a_heartbeat():
+    table = HeardTable()
+    heard: list[str] = []
+    table.on_heard = lambda agent, _: heard.append(agent)
+    table.lease_started("a", 5, 10.0)
+    assert table.entries["a"].at_s == 10.0 and table.entries["a"].detector.last_s is None
+    assert heard == [] and table.take_dirty() == {}  # nothing was heard: nothing to gossip
+    table.lease_started("a", 4, 11.0)  # an older lease's registration changes nothing
+    assert table.entries["a"].lease_id == 5
+    table.heard_here("a", 5, 12.0)
+    assert table.entries["a"].detector.samples == 0  # the registration is not an interval
+    table.lease_started("a", 9, 13.0)  # registered again: a new lease, a new detector
+    assert (table.entries["a"].lease_id, table.entries["a"].at_s, table.entries["a"].count) == (9, 13.0, 0)
