@@ -386,12 +386,12 @@ def rss_mb(pid: int | None) -> float:
     return float("nan")
 
 
-READ_ATTEMPTS = 40  # a 503 (a busy leader's read barrier, an election) is asked again, 0.5 s apart
+READ_ATTEMPTS = 40  # a 503 or 504 (a busy leader's read barrier, an election) is asked again, 0.5 s apart
 
 
 async def agents_of(session: aiohttp.ClientSession, url: str, agent_type: str) -> set[str]:
     """The ids of the registered agents of ``agent_type`` (a linearizable
-    read; a 503 is retried, at most ``READ_ATTEMPTS`` times)."""
+    read; a 503 or 504 is retried, at most ``READ_ATTEMPTS`` times)."""
     status = 0
     for _ in range(READ_ATTEMPTS):
         async with session.get(f"{url}/v1/agents", params={"type": agent_type},
@@ -399,7 +399,7 @@ async def agents_of(session: aiohttp.ClientSession, url: str, agent_type: str) -
             status = response.status
             if status == 200:
                 return {a["id"] for a in (await response.json())["agents"]}
-        if status != 503:
+        if status not in (503, 504):
             break
         await asyncio.sleep(0.5)
     raise RuntimeError(f"GET /v1/agents?type={agent_type}: {status}")
