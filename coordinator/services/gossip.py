@@ -23,10 +23,10 @@ A batch that was not answered 200 stays pending for that peer and goes with
 the next round (merging is idempotent: only a newer heard time moves
 anything), so a lost message delays heartbeats by a round and loses none.
 The answer says whether the receiver is an active leader with quorum
-contact: a follower answers heartbeats only while such an answer from the
-current leader is younger than the engine's ``quorum_lease_s``
-(``leader_contact_fresh``), so no agent is told "renewed" by a node that
-cannot reach the leader.
+contact: a follower answers heartbeats from memory only while such an answer
+from the current leader is younger than the engine's ``quorum_lease_s``
+(``leader_contact_fresh``; else it forwards them to the leader), so no agent
+is told "renewed" by a node that cannot reach the leader.
 
 ``loss`` (tests only, set from the ``COORD_UNSAFE_TEST_GOSSIP_LOSS``
 environment variable by the composition root; never from the API) drops that
