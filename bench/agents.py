@@ -481,6 +481,15 @@ async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: st
     return row
 
 
+async def status_of(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """The node's ``/v1/status``; {} if it does not answer."""
+    try:
+        async with session.get(f"{url}/v1/status", timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as r:
+            return await r.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return {}
+
+
 async def liveness_of(url: str) -> dict[str, Any]:
     """The node's heartbeat counters (``/v1/status`` ``liveness``); {} if it does not answer."""
     try:
@@ -497,6 +506,7 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
     slack of its last acknowledged heartbeat (and not before TTL after its
     last sent one) while every other agent stays registered."""
     async with aiohttp.ClientSession() as session:
+        before = await status_of(session, url)
         for d in drivers:
             await d.call("drop")
         dropped = time.time()
@@ -512,6 +522,7 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
                 gone_at[probe] = now
             await asyncio.sleep(POLL_S)
         others = await agents_of(session, url, AGENT_TYPE)
+        after = await status_of(session, url)
     times: dict[str, dict[str, float]] = {"sent": {}, "acked": {}}
     for d in drivers:
         answer = await d.call("probes")
@@ -526,6 +537,9 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
             "after_last_ack_s": {"min": min(after_ack, default=float("nan")),
                                  "max": max(after_ack, default=float("nan"))},
             "others_registered": len(others), "others_expected": expected_others,
+            # an election while probes wait gives every lease a fresh TTL from the takeover
+            "terms": [before.get("term"), after.get("term")],
+            "leaders": [before.get("leader_id"), after.get("leader_id")],
             "correct": (len(gone_at) == len(probes) and not early and not late
                         and len(others) == expected_others)}
 
