@@ -481,6 +481,16 @@ async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: st
     return row
 
 
+async def leases_of(session: aiohttp.ClientSession, url: str, agent_type: str) -> dict[str, float | None]:
+    """``lease_remaining_s`` of every agent of ``agent_type`` as the node (the leader) keeps it; {} on failure."""
+    try:
+        async with session.get(f"{url}/v1/agents", params={"type": agent_type, "consistency": "stale"},
+                               timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as r:
+            return {a["id"]: a.get("lease_remaining_s") for a in (await r.json())["agents"]}
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
+        return {}
+
+
 async def status_of(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     """The node's ``/v1/status``; {} if it does not answer."""
     try:
@@ -510,6 +520,7 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
         for d in drivers:
             await d.call("drop")
         dropped = time.time()
+        remaining = await leases_of(session, url, PROBE_TYPE)  # the leader's lease of each probe at the drop
         gone_at: dict[str, float] = {}
         probes = {agent_id(i) for i in range(min(args.probes, n))}
         deadline = time.monotonic() + args.ttl_s + args.slack_s + 5
@@ -532,12 +543,18 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
     early = [p for p in gone_at if gone_at[p] < times["sent"].get(p, dropped) + args.ttl_s]
     late = [p for p in gone_at if gone_at[p] > times["acked"].get(p, dropped) + args.ttl_s + args.slack_s]
     expected_others = registered - len(probes)
+    # How much longer the leader's lease ran at the drop than the TTL after the probe's last
+    # acknowledged heartbeat (about 0; more means something renewed it after that heartbeat).
+    excess = [remaining[p] - (args.ttl_s - (dropped - times["acked"][p])) for p in remaining
+              if p in times["acked"] and remaining[p] is not None]
     return {"probes": len(probes), "expired": len(gone_at), "never_expired": len(probes) - len(gone_at),
             "early": len(early), "late": len(late), "polls": polls,
             "after_last_ack_s": {"min": min(after_ack, default=float("nan")),
                                  "max": max(after_ack, default=float("nan"))},
             "others_registered": len(others), "others_expected": expected_others,
             # an election while probes wait gives every lease a fresh TTL from the takeover
+            "lease_excess_at_drop_s": {"min": min(excess, default=float("nan")),
+                                       "max": max(excess, default=float("nan"))},
             "terms": [before.get("term"), after.get("term")],
             "leaders": [before.get("leader_id"), after.get("leader_id")],
             "correct": (len(gone_at) == len(probes) and not early and not late
