@@ -386,13 +386,23 @@ def rss_mb(pid: int | None) -> float:
     return float("nan")
 
 
+READ_ATTEMPTS = 40  # a 503 or 504 (a busy leader's read barrier, an election) is asked again, 0.5 s apart
+
+
 async def agents_of(session: aiohttp.ClientSession, url: str, agent_type: str) -> set[str]:
-    """The ids of the registered agents of ``agent_type`` (a linearizable read)."""
-    async with session.get(f"{url}/v1/agents", params={"type": agent_type},
-                           timeout=aiohttp.ClientTimeout(total=60)) as response:
-        if response.status != 200:
-            raise RuntimeError(f"GET /v1/agents?type={agent_type}: {response.status}")
-        return {a["id"] for a in (await response.json())["agents"]}
+    """The ids of the registered agents of ``agent_type`` (a linearizable
+    read; a 503 or 504 is retried, at most ``READ_ATTEMPTS`` times)."""
+    status = 0
+    for _ in range(READ_ATTEMPTS):
+        async with session.get(f"{url}/v1/agents", params={"type": agent_type},
+                               timeout=aiohttp.ClientTimeout(total=60)) as response:
+            status = response.status
+            if status == 200:
+                return {a["id"] for a in (await response.json())["agents"]}
+        if status not in (503, 504):
+            break
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"GET /v1/agents?type={agent_type}: {status}")
 
 
 async def start_drivers(urls: list[str], n: int, args: argparse.Namespace) -> list[Any]:
@@ -415,7 +425,8 @@ async def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
         leader = cluster.wait_leader(30)
         followers = [m for m in cluster.members if m != leader]
         url = cluster.url(leader)
-        urls = [url] if args.via == "leader" else [cluster.url(m) for m in [leader, *followers]]
+        urls = {"leader": [url], "all": [cluster.url(m) for m in [leader, *followers]],
+                "followers": [cluster.url(m) for m in followers]}[args.via]
         pids = {m: cluster.pid(m) for m in cluster.members}
         drivers = await start_drivers(urls, n, args)
         try:
@@ -437,9 +448,11 @@ async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: st
         await d.call("window")
     node_cpu = {m: processes_cpu_s([pids[m]]) for m in pids}
     own_cpu = cpu_s()
+    heard_before = await liveness_of(url)
     started = time.monotonic()
     await asyncio.sleep(args.seconds)
     elapsed = time.monotonic() - started
+    heard_after = await liveness_of(url)
     cpu = {m: (processes_cpu_s([pids[m]]) - node_cpu[m]) / elapsed for m in pids}
     own = (cpu_s() - own_cpu) / elapsed
     reports = [await d.call("report") for d in drivers]
@@ -458,9 +471,43 @@ async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: st
         # A local generator is this process (its CPU includes the parent's bookkeeping).
         "generator_cpu": own if local else sum(r["cpu_s"] for r in reports) / elapsed,
         "leader_rss_mb": rss_mb(pids[leader]), "follower_rss_mb": [rss_mb(pids[m]) for m in followers],
+        # what the leader answered itself, and the newer heard times it merged from gossip, per second
+        "leader_answered_per_s": (heard_after.get("heartbeats_answered", 0)
+                                  - heard_before.get("heartbeats_answered", 0)) / elapsed,
+        "leader_merged_per_s": (heard_after.get("heard_gossip", 0) - heard_before.get("heard_gossip", 0)) / elapsed,
+        "leader_suspected": heard_after.get("suspected", 0),
     })
     row["expiry"] = await check_expiry(n, row["registered"], args, drivers, url)
     return row
+
+
+async def leases_of(session: aiohttp.ClientSession, url: str, agent_type: str) -> dict[str, float | None]:
+    """``lease_remaining_s`` of every agent of ``agent_type`` as the node (the leader) keeps it; {} on failure."""
+    try:
+        async with session.get(f"{url}/v1/agents", params={"type": agent_type, "consistency": "stale"},
+                               timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as r:
+            return {a["id"]: a.get("lease_remaining_s") for a in (await r.json())["agents"]}
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
+        return {}
+
+
+async def status_of(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """The node's ``/v1/status``; {} if it does not answer."""
+    try:
+        async with session.get(f"{url}/v1/status", timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as r:
+            return await r.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return {}
+
+
+async def liveness_of(url: str) -> dict[str, Any]:
+    """The node's heartbeat counters (``/v1/status`` ``liveness``); {} if it does not answer."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as session, \
+                session.get(f"{url}/v1/status") as response:
+            return (await response.json()).get("liveness") or {}
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return {}
 
 
 async def check_expiry(n: int, registered: int, args: argparse.Namespace, drivers: list[Any], url: str
@@ -469,9 +516,11 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
     slack of its last acknowledged heartbeat (and not before TTL after its
     last sent one) while every other agent stays registered."""
     async with aiohttp.ClientSession() as session:
+        before = await status_of(session, url)
         for d in drivers:
             await d.call("drop")
         dropped = time.time()
+        remaining = await leases_of(session, url, PROBE_TYPE)  # the leader's lease of each probe at the drop
         gone_at: dict[str, float] = {}
         probes = {agent_id(i) for i in range(min(args.probes, n))}
         deadline = time.monotonic() + args.ttl_s + args.slack_s + 5
@@ -484,6 +533,7 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
                 gone_at[probe] = now
             await asyncio.sleep(POLL_S)
         others = await agents_of(session, url, AGENT_TYPE)
+        after = await status_of(session, url)
     times: dict[str, dict[str, float]] = {"sent": {}, "acked": {}}
     for d in drivers:
         answer = await d.call("probes")
@@ -493,11 +543,20 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
     early = [p for p in gone_at if gone_at[p] < times["sent"].get(p, dropped) + args.ttl_s]
     late = [p for p in gone_at if gone_at[p] > times["acked"].get(p, dropped) + args.ttl_s + args.slack_s]
     expected_others = registered - len(probes)
+    # How much longer the leader's lease ran at the drop than the TTL after the probe's last
+    # acknowledged heartbeat (about 0; more means something renewed it after that heartbeat).
+    excess = [remaining[p] - (args.ttl_s - (dropped - times["acked"][p])) for p in remaining
+              if p in times["acked"] and remaining[p] is not None]
     return {"probes": len(probes), "expired": len(gone_at), "never_expired": len(probes) - len(gone_at),
             "early": len(early), "late": len(late), "polls": polls,
             "after_last_ack_s": {"min": min(after_ack, default=float("nan")),
                                  "max": max(after_ack, default=float("nan"))},
             "others_registered": len(others), "others_expected": expected_others,
+            # an election while probes wait gives every lease a fresh TTL from the takeover
+            "lease_excess_at_drop_s": {"min": min(excess, default=float("nan")),
+                                       "max": max(excess, default=float("nan"))},
+            "terms": [before.get("term"), after.get("term")],
+            "leaders": [before.get("leader_id"), after.get("leader_id")],
             "correct": (len(gone_at) == len(probes) and not early and not late
                         and len(others) == expected_others)}
 
@@ -507,8 +566,8 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = ["| agents | generators x connections | heartbeats/s intended | achieved | p50 ms | p99 ms "
              "| sent late p99 ms | errors | leader CPU | followers CPU | generator CPU | RSS leader / followers MiB "
-             "| probes expired in TTL + slack |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| leader answered / merged from gossip per s | probes expired in TTL + slack |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["expiry"]
         errors = sum(r["errors"].values())
@@ -522,7 +581,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {r['achieved_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['late_p99_ms']:.0f} "
             f"| {errors} | {r['leader_cpu']:.2f} | {' / '.join(f'{c:.2f}' for c in r['follower_cpu'])} "
             f"| {r['generator_cpu']:.2f} | {r['leader_rss_mb']:.0f} / "
-            f"{' / '.join(f'{m:.0f}' for m in r['follower_rss_mb'])} | {expiry} |")
+            f"{' / '.join(f'{m:.0f}' for m in r['follower_rss_mb'])} "
+            f"| {r.get('leader_answered_per_s', 0):.0f} / {r.get('leader_merged_per_s', 0):.0f} | {expiry} |")
     top = max(rows, key=lambda r: r["agents"])
     if top["agents"] < 100_000:
         verdict = "not measured (no run at 100,000)"
@@ -554,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--connections", type=int, default=256, help="connections per generator process")
     cli.add_argument("--probes", type=int, default=100, help="agents whose heartbeats stop to check expiry")
     cli.add_argument("--slack-s", type=float, default=5.0, help="how long after TTL a probe may take to expire")
-    cli.add_argument("--via", choices=("leader", "all"), default="leader",
-                     help="heartbeat the leader, or spread the connections over all nodes (followers forward)")
+    cli.add_argument("--via", choices=("leader", "all", "followers"), default="leader",
+                     help="heartbeat the leader, or spread the connections over all nodes or over the followers "
+                          "(which answer from memory and gossip to the leader)")
     cli.add_argument("--register-s", type=float, default=120.0,
                      help="stop registering after this long and measure the agents that are in")
     cli.add_argument("--seed", type=int, default=1)
@@ -589,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Three nodes and {args.procs} generator process(es) on one machine ({machine()}), durability fsync, "
               f"heartbeat every {args.interval_s:g} s (± {JITTER:.0%}), TTL {args.ttl_s:g} s, "
               f"{args.seconds:g} s measured after one interval of warm-up, heartbeats to "
-              f"{'the leader' if args.via == 'leader' else 'all nodes'}, CPU in cores (user + system from /proc), "
+              f"{ {'leader': 'the leader', 'all': 'all nodes', 'followers': 'the followers'}[args.via]}, "
+              "CPU in cores (user + system from /proc), "
               f"`{command}`, {time.strftime('%Y-%m-%d')}.\n\n")
     publish(header + table(rows, args), args.doc, MARKER)
     return 0

@@ -19,6 +19,7 @@ import secrets
 import ssl as ssl_module
 import time
 import urllib.parse
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -179,6 +180,7 @@ class CoordinatorClient:
             raise InvalidInput("endpoints: give at least one", field="endpoints")
         self.timeout_s = timeout_s
         self.request_timeout_s = request_timeout_s
+        self._given = len(self.endpoints)  # the endpoints given (leader hints may add more)
         self._current = 0
         self._session: aiohttp.ClientSession | None = None
 
@@ -408,6 +410,14 @@ class CoordinatorClient:
         return Registration(answer["id"], answer["lease_id"], answer["ttl_s"])
 
     async def heartbeat(self, agent_id: str, *, health: str | None = None) -> dict[str, Any]:
+        """Renew ``agent_id``'s lease. Any node answers a heartbeat from memory
+        (the nodes gossip what they heard), so each agent starts at the
+        endpoint its id hashes to among those given, which spreads agents over
+        the cluster instead of putting every heartbeat through one node; a 503
+        or a failed connection moves on (to the leader when the node names
+        it), as every request does."""
+        if self._given > 1:
+            self._current = zlib.crc32(agent_id.encode("utf-8", "surrogatepass")) % self._given
         body = {"health": health} if health else {}
         return await self.request("POST", f"/v1/agents/{_seg(agent_id)}/heartbeat", body)
 

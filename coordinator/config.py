@@ -65,6 +65,9 @@ class NodeConfig:
     stall_timeout_s: float = 5.0
     # how often each node compares its state digest with the other members' (0: never)
     digest_check_s: float = 5.0
+    # how often each node sends the others the heartbeats it answered (0: no
+    # gossip, followers forward every heartbeat to the leader); needs the secret
+    gossip_interval_s: float = 0.1
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (coordinator.logs)
     access_log: bool = False  # one line per HTTP request (coordinator.api.accesslog)
@@ -169,6 +172,8 @@ class NodeConfig:
             raise InvalidInput("leader_fallback_s: must be between heartbeat_s and 60", field="leader_fallback_s")
         if not 0.1 <= self.proposal_timeout_s <= 120:
             raise InvalidInput("proposal_timeout_s: must be between 0.1 and 120", field="proposal_timeout_s")
+        if self.gossip_interval_s != 0 and not 0.05 <= self.gossip_interval_s <= 5:
+            raise InvalidInput("gossip_interval_s: must be 0 (off) or between 0.05 and 5", field="gossip_interval_s")
         if self.digest_check_s != 0 and not 0.1 <= self.digest_check_s <= 3600:
             raise InvalidInput("digest_check_s: must be 0 (off) or between 0.1 and 3600", field="digest_check_s")
         if not 2 <= self.compaction_entries <= 10_000_000:

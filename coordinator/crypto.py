@@ -535,6 +535,7 @@ HKDF_LENGTH_MAX = 255 * HKDF_HASH_BYTES
 KEY_FORWARDED_PRINCIPAL = b"coordinator/v1/forwarded-principal"
 KEY_JOIN_CHALLENGE = b"coordinator/v1/join-challenge"
 KEY_RAFT_WIRE = b"coordinator/v1/raft-wire"
+KEY_GOSSIP = b"coordinator/v1/gossip"  # heard heartbeats between nodes (services.gossip)
 
 
 class FrameBox:

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from coordinator import crypto
 from coordinator.api.accesslog import AccessLogger
 from coordinator.api.app import make_app
 from coordinator.api.auth import AuthSettings
@@ -101,6 +102,27 @@ def _listening(advertised: str, bind: str) -> str:
     return f"{bind} (advertised as {advertised})" if bind else advertised
 
 
+GOSSIP_LOSS_ENV = "COORD_UNSAFE_TEST_GOSSIP_LOSS"
+
+
+def unsafe_test_gossip_loss() -> float:
+    """Tests only: the share (0 to 0.5) of its gossip messages this node drops
+    (``COORD_UNSAFE_TEST_GOSSIP_LOSS``), a packet-loss proxy for the
+    no-flapping test. Off when unset; the API cannot set it."""
+    value = os.environ.get(GOSSIP_LOSS_ENV, "").strip()
+    if not value:
+        return 0.0
+    try:
+        loss = float(value)
+    except ValueError:
+        loss = -1.0
+    if not 0.0 <= loss <= 0.5:
+        raise InvalidInput(f"{GOSSIP_LOSS_ENV}: must be a share between 0 and 0.5", field=GOSSIP_LOSS_ENV)
+    log.warning("UNSAFE test knob: this node drops %.0f %% of its gossip messages (%s)", loss * 100,
+                GOSSIP_LOSS_ENV)
+    return loss
+
+
 def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> CoordinatorNode:
     applier = Applier(fail_apply_at=unsafe_fail_apply_at())
     engine = load_engine_class(config.engine).from_config(config, applier)
@@ -112,7 +134,10 @@ def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> Coo
                            proposal_timeout_s=config.proposal_timeout_s, inflight_max=config.inflight_max,
                            unsafe_stale_reads=config.unsafe_stale_reads, transports=load_transports(config),
                            transport_factory=transport_factory(config), peer_ssl=peer_ssl,
-                           check_endpoints=not config.allow_anonymous, digest_check_s=config.digest_check_s)
+                           check_endpoints=not config.allow_anonymous, digest_check_s=config.digest_check_s,
+                           gossip_key=crypto.derived_key(config.secret, crypto.KEY_GOSSIP) if config.secret else None,
+                           gossip_interval_s=config.gossip_interval_s,
+                           unsafe_test_gossip_loss=unsafe_test_gossip_loss())
 
 
 async def follow_clock_offset(clock: OffsetClock, path: str, every_s: float = 0.05) -> None:

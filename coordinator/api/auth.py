@@ -500,6 +500,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("PATCH", "/v1/agents/{id}"): "self",
     ("DELETE", "/v1/agents/{id}"): "self",
     ("POST", "/v1/agents/{id}/heartbeat"): "self",
+    ("POST", "/v1/internal/gossip"): "public",  # between nodes: the handler checks the cluster's signature
     ("GET", "/v1/agents/{agent}/messages"): "self",
     ("GET", "/v1/agents/{agent}/stream"): "self",
     ("POST", "/v1/agents/{agent}/ack"): "self",

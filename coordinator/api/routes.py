@@ -32,8 +32,8 @@ from coordinator.commands.kv import KvCas, KvDelete, KvPut
 from coordinator.commands.locks import ELECTION_PREFIX, MAX_ELECTION_NAME_LEN, LockAcquire, LockRelease, check_holder
 from coordinator.commands.locks import check_name as check_lock_name
 from coordinator.crypto import SCHEME_AGENT
-from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, Unauthenticated
-from coordinator.services import watch
+from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, TooLarge, Unauthenticated
+from coordinator.services import gossip, watch
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode, ttl_ms_from
 from coordinator.services.proposals import state_error
 
@@ -343,6 +343,7 @@ async def agents_get(request: web.Request) -> web.Response:
 
 def _agent(node: CoordinatorNode, agent: Any) -> dict[str, Any]:
     out = agent.describe()
+    out["liveness"] = agent.liveness  # the leader's committed verdict: alive or suspect
     out["lease_remaining_s"] = node.leases.remaining_s("agent", agent.id)
     return out
 
@@ -358,7 +359,11 @@ async def agents_update(request: web.Request) -> web.Response:
             checked(lambda: check_weight(args["weight"]))
         _endpoint(request, args["endpoint"])
     command = s.command(AgentUpdate, args)
-    return ok(await node_of(request).write_command(command, s.origin(request, body)))
+    node = node_of(request)
+    answer = await node.write_command(command, s.origin(request, body))
+    agent = node.local_view.agent(agent_id)  # applied here: the write waited for it
+    answer["liveness"] = agent.liveness if agent is not None else "alive"
+    return ok(answer)
 
 
 @routes.post("/v1/agents/{id}/heartbeat")
@@ -372,6 +377,19 @@ async def agents_heartbeat(request: web.Request) -> web.Response:
                            field="health")
     forwarded = request.headers.get(FORWARD_HEADER) == "1"
     return ok(await node.heartbeat(agent_id, health, forwarded, forward_signer(request)))
+
+
+@routes.post(gossip.PATH)
+async def gossip_receive(request: web.Request) -> web.Response:
+    """Heard heartbeats from another node (``coordinator.services.gossip``):
+    public to the router, refused (401) unless signed with the cluster's
+    gossip key; bounded before it is read (413)."""
+    if request.content_length is not None and request.content_length > gossip.BODY_MAX_BYTES:
+        raise TooLarge(f"body: at most {gossip.BODY_MAX_BYTES} bytes")
+    body = await request.content.read(gossip.BODY_MAX_BYTES + 1)
+    if len(body) > gossip.BODY_MAX_BYTES:
+        raise TooLarge(f"body: at most {gossip.BODY_MAX_BYTES} bytes")
+    return ok(node_of(request).gossip.receive(body, request.headers.get(gossip.SIG_HEADER, "")))
 
 
 @routes.delete("/v1/agents/{id}")

@@ -15,7 +15,15 @@ from types import MappingProxyType
 
 from coordinator.commands import bus
 from coordinator.commands.access import AccessUnpin, RoleDelete, RoleGrant, RolePut, SecurityConfigure
-from coordinator.commands.agents import AgentDeregister, AgentExpire, AgentHealth, AgentRegister, AgentUpdate
+from coordinator.commands.agents import (
+    AgentAlive,
+    AgentDeregister,
+    AgentExpire,
+    AgentHealth,
+    AgentRegister,
+    AgentSuspect,
+    AgentUpdate,
+)
 from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
 from coordinator.commands.base import DomainCommand
 from coordinator.commands.cluster import Barrier, MemberRegister, MemberRemove, Noop, SystemReport
@@ -31,7 +39,7 @@ _TYPES: tuple[type[DomainCommand], ...] = (
     KvPut, KvCas, KvDelete,
     LockAcquire, LockRelease, LockExpire,
     Noop, Barrier, MemberRegister, MemberRemove, SystemReport,
-    AgentRegister, AgentUpdate, AgentDeregister, AgentExpire, AgentHealth,
+    AgentRegister, AgentUpdate, AgentDeregister, AgentExpire, AgentHealth, AgentSuspect, AgentAlive,
     RolePut, RoleDelete, RoleGrant, SecurityConfigure, AccessUnpin,
     SagaStart, SagaOutcome, SagaRetry, SagaResumed, SagaCancel,
     ServiceConfigure, ServiceRemove,

@@ -1,5 +1,6 @@
 """Commands of the agent registry: ``agent.register``, ``agent.update``,
-``agent.deregister``, ``agent.expire`` and ``agent.health``, and the limits
+``agent.deregister``, ``agent.expire``, ``agent.health`` and the leader's
+liveness verdicts ``agent.suspect`` and ``agent.alive``, and the limits
 and values the API, the state and other domains' parses share.
 
 An endpoint's shape here is what the log always accepted (1 to
@@ -159,6 +160,40 @@ class AgentExpire(DomainCommand):
     expiry decided before a re-registration cannot remove the new lease."""
 
     op: ClassVar[str] = "agent.expire"
+    id: str
+    lease_id: int
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> Self:
+        return cls(check_agent_id(args.get("id")), require_int(args, "lease_id", 0, MAX_TOKEN))
+
+    def to_args(self) -> dict[str, Any]:
+        return {"id": self.id, "lease_id": self.lease_id}
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSuspect(DomainCommand):
+    """Proposed by the leader when its failure detector's phi for the agent
+    crossed the threshold (``coordinator.services.liveness``). Names the
+    lease, so a verdict about an old lease cannot touch a new one."""
+
+    op: ClassVar[str] = "agent.suspect"
+    id: str
+    lease_id: int
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any]) -> Self:
+        return cls(check_agent_id(args.get("id")), require_int(args, "lease_id", 0, MAX_TOKEN))
+
+    def to_args(self) -> dict[str, Any]:
+        return {"id": self.id, "lease_id": self.lease_id}
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAlive(DomainCommand):
+    """Proposed by the leader when a suspected agent is heard again (same lease)."""
+
+    op: ClassVar[str] = "agent.alive"
     id: str
     lease_id: int
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from coordinator.commands.agents import AgentHealth
+from coordinator.commands.agents import AgentHealth, AgentRegister
 from coordinator.commands.base import MAX_TTL_MS, MIN_TTL_MS, DomainCommand
 from coordinator.commands.cluster import MemberRegister, MemberRemove
 from coordinator.config import PeerConfig
@@ -34,7 +34,9 @@ from coordinator.services.balancer.service import Balancer
 from coordinator.services.bus import BusService
 from coordinator.services.digests import DigestWatch
 from coordinator.services.duties import LeaderDuties
+from coordinator.services.gossip import Gossip, Peer
 from coordinator.services.leases import LeaseKeeper, NotLeader
+from coordinator.services.liveness import HeardTable
 from coordinator.services.proposals import Proposer, cluster_request, raise_for
 from coordinator.services.reads import Reads
 from coordinator.services.sagas import SagaOrchestrator
@@ -76,13 +78,18 @@ class CoordinatorNode:
                  forward_timeout_s: float = 3.0, unsafe_stale_reads: bool = False,
                  transports: dict[str, BusTransport] | None = None, transport_factory: Any = None,
                  peer_ssl: ssl.SSLContext | None = None, check_endpoints: bool = True,
-                 digest_check_s: float = 5.0) -> None:
+                 digest_check_s: float = 5.0, gossip_key: bytes | None = None, gossip_interval_s: float = 0.1,
+                 unsafe_test_gossip_loss: float = 0.0) -> None:
         """``peer_ssl``: set when the nodes serve HTTPS; forwarding to the leader
         then uses ``https://`` and verifies the leader's certificate with it.
         ``check_endpoints``: call agents only where the admin's endpoint
         allow-list lets this node (``coordinator.commands.endpoints``); off for a
         node with ``--allow-anonymous``. ``digest_check_s``: how often this
-        node compares its state digest with the other members' (0: never)."""
+        node compares its state digest with the other members' (0: never).
+        ``gossip_key``: the key derived from the cluster secret for gossip
+        between nodes (``services.gossip``); None: every heartbeat a follower
+        takes is forwarded to the leader. ``unsafe_test_gossip_loss``: tests
+        only, the share of gossip messages this node drops."""
         self.identity = identity
         self.engine = engine
         self.applier = applier
@@ -93,8 +100,21 @@ class CoordinatorNode:
                                  timeout_s=proposal_timeout_s, command_max_bytes=command_max_bytes,
                                  leader_hint=self.leader_http)
         self.reads = Reads(self.proposer, applier, engine if isinstance(engine, ConfirmsReads) else None)
-        self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock,
-                                  quorum=engine if isinstance(engine, KnowsQuorumContact) else None)
+        quorum = engine if isinstance(engine, KnowsQuorumContact) else None
+        self.heard = HeardTable()
+        self.leases = LeaseKeeper(applier, self.proposer, self.reads, clock, quorum=quorum, table=self.heard,
+                                  suspect_grace_s=3 * gossip_interval_s + 0.1)
+        self.heard.on_heard = self.leases.heard
+        self.gossip = Gossip(identity.node_id, self.heard, clock, gossip_key if gossip_interval_s > 0 else None,
+                             peers=self._gossip_peers, leader_raft=lambda: engine.status().leader,
+                             leader_ok=self._leads_leases, known=lambda a: a in applier.machine.registry.agents,
+                             session=lambda: self._session,
+                             quorum_lease_s=quorum.quorum_lease_s if quorum is not None else 1.0,
+                             interval_s=gossip_interval_s or 0.2, scheme="https" if peer_ssl is not None else "http",
+                             loss=unsafe_test_gossip_loss)
+        self.heartbeats_answered = 0  # heartbeat requests this node answered itself
+        self.heartbeats_forwarded = 0  # and those it forwarded to the leader
+        applier.on_apply(self._follow_registry)
         self.duties = LeaderDuties(applier, self.proposer, self.reads, engine, clock, node_id=identity.node_id,
                                    member_id=lambda raft: self._peer_id(raft))
         self.bus = BusService(applier, self.proposer, self.duties, clock, rng, node_id=identity.node_id)
@@ -133,6 +153,7 @@ class CoordinatorNode:
                                               connector=connector)
         await self.engine.start()
         self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
+        self._tasks.append(asyncio.create_task(self.gossip.run(), name="gossip"))
         self._tasks.append(asyncio.create_task(self.duties.run(), name="leader-duties"))
         await self.transports.start()
         self._tasks.append(asyncio.create_task(self.transports.run(), name="transports"))
@@ -163,6 +184,33 @@ class CoordinatorNode:
         self.leader_changes += 1
         self.leases.on_role(role)
         self.duties.on_role(role)
+
+    def _gossip_peers(self) -> list[Peer]:
+        peers = []
+        for raft in self.engine.status().members:
+            member = self.member_of(raft)
+            if raft != self.identity.raft and member is not None and member.http:
+                peers.append(Peer(member.id, member.raft, member.http))
+        return peers
+
+    def _leads_leases(self) -> bool:
+        """An active leader with quorum contact (what gossip senders learn)."""
+        if not self.leases.active or self.engine.status().role != "leader":
+            return False
+        quorum = self.leases.quorum
+        if quorum is None:
+            return True
+        age_s = quorum.quorum_contact_age_s()
+        return age_s is not None and age_s <= quorum.quorum_lease_s
+
+    def _follow_registry(self, command: Any, result: Any) -> None:
+        """Keep the heard table with the registry: a new lease counts from its
+        registration, a terminated agent is forgotten."""
+        for event in result.events:
+            if event.type == "agent.terminated":
+                self.heard.forget(event.data["agentId"])
+            elif event.type in ("agent.spawned", "agent.updated") and command.op == AgentRegister.op:
+                self.heard.lease_started(event.data["agentId"], event.data["lease_id"], self.clock.monotonic())
 
     async def _register_self(self) -> None:
         """Make sure the member table maps this node's Raft address to its HTTP
@@ -239,6 +287,11 @@ class CoordinatorNode:
             "digest": {"index": digest.index, "value": digest.value.hex(), "points": digest.points(),
                        "check": self.digests.status()},
             "leases_active": self.leases.active,
+            "liveness": {"heartbeats_answered": self.heartbeats_answered,
+                         "heartbeats_forwarded": self.heartbeats_forwarded, "heard_local": self.heard.heard_local,
+                         "heard_gossip": self.heard.heard_gossip, "table": len(self.heard.entries),
+                         "suspected": self.leases.suspected, "recovered": self.leases.recovered,
+                         "expired_agents": self.leases.expired_agents, "gossip": self.gossip.status()},
             "bus": self.bus.status(),
             "sagas": self.sagas.status(),
             "balancer": {**self.balancer.status(), "health_checks": self.health.checks,
@@ -342,21 +395,55 @@ class CoordinatorNode:
 
     async def heartbeat(self, agent_id: str, health: str | None, headers_forwarded: bool,
                         sign: Signer | None = None) -> dict[str, Any]:
+        """Renew an agent's lease. The leader answers from memory; with gossip
+        on, so does a follower that knows the agent, while the leader answered
+        its gossip within the quorum lease and the lease was heard of well
+        within its TTL (``_may_answer``): the heartbeat reaches the leader
+        with its next gossip round. Otherwise (no gossip, an agent or a lease
+        this replica does not know yet, a lease that may have run out, no
+        recent word from the leader) a follower forwards the heartbeat to the
+        leader, and answers 503 with the leader's address when that fails."""
         st = self.engine.status()
+        agent = self.applier.machine.registry.agents.get(agent_id)
         if st.role == "leader":
             try:
                 answer = self.leases.heartbeat(agent_id)
             except NotLeader:
                 raise Unavailable("the new leader is taking over the leases", retry_after_s=0.2) from None
+            self.heartbeats_answered += 1
+            if agent is not None:
+                self.heard.heard_here(agent_id, agent.lease_id, self.clock.monotonic())
+        elif headers_forwarded:
+            raise Unavailable("forwarded heartbeat reached a follower", retry_after_s=0.3,
+                              leader=self.http_of(st.leader))
+        elif self.gossip.enabled and agent is not None and self._may_answer(agent, st.leader):
+            self.heard.heard_here(agent_id, agent.lease_id, self.clock.monotonic())
+            self.heartbeats_answered += 1
+            answer = {"id": agent_id, "lease_id": agent.lease_id, "ttl_s": agent.ttl_ms / 1000,
+                      "health": agent.health}
         else:
-            if headers_forwarded:
-                raise Unavailable("forwarded heartbeat reached a follower", retry_after_s=0.3,
-                                  leader=self.http_of(st.leader))
+            # No gossip, an agent this replica does not know yet, or no fresh word from
+            # the leader: the leader answers itself (503 with its address when it cannot).
+            self.heartbeats_forwarded += 1
             answer = await self._forward_heartbeat(agent_id, st.leader, sign)
         if health is not None and health != answer.get("health"):
             await self.write_command(AgentHealth(agent_id, health, "reported by the agent"))
             answer["health"] = health
         return answer
+
+    def _may_answer(self, agent: Any, leader: str | None) -> bool:
+        """Whether this follower may renew ``agent``'s lease from memory: the
+        leader answered its gossip within the quorum lease, and the lease was
+        heard of (anywhere, by this node's merged table) well within its TTL,
+        so the leader cannot have expired it yet: an expiry this replica has
+        not applied yet, or a lease nobody heard of since its registration,
+        goes to the leader, which answers (404 for an expired agent)."""
+        heard = self.heard.entries.get(agent.id)
+        if heard is None or heard.lease_id != agent.lease_id:
+            return False
+        ttl_s = agent.ttl_ms / 1000
+        margin_s = max(1.0, ttl_s / 4, self.gossip.quorum_lease_s + 2 * self.gossip.interval_s)
+        return self.clock.monotonic() - heard.at_s < ttl_s - margin_s and self.gossip.leader_contact_fresh(leader)
 
     async def _forward_heartbeat(self, agent_id: str, leader_raft: str | None, sign: Signer | None
                                  ) -> dict[str, Any]:

@@ -25,10 +25,12 @@ from typing import Any
 from coordinator.commands import COMMANDS
 from coordinator.commands.access import AccessUnpin, RoleDelete, RoleGrant, RolePut, SecurityConfigure
 from coordinator.commands.agents import (
+    AgentAlive,
     AgentDeregister,
     AgentExpire,
     AgentHealth,
     AgentRegister,
+    AgentSuspect,
     AgentUpdate,
 )
 from coordinator.commands.balancer import ServiceConfigure, ServiceRemove
@@ -392,7 +394,7 @@ class StateMachine:
 
     def release_locks_of(self, ctx: ApplyContext, holder: str, reason: str) -> None:
         for lock in self.locks.held_by(holder):
-            del self.locks.locks[lock.name]
+            self.locks.remove(lock.name)
             self.events.emit(ctx, "lock.released", {"name": lock.name, "holder": holder,
                                                     "fencing_token": lock.token, "reason": reason})
 
@@ -538,6 +540,29 @@ def _agent_expire(sm: StateMachine, ctx: ApplyContext, cmd: AgentExpire) -> Any:
     return {"expired": True}
 
 
+@_handles(AgentSuspect)
+def _agent_suspect(sm: StateMachine, ctx: ApplyContext, cmd: AgentSuspect) -> Any:
+    """The leader's detector suspects the lease ``lease_id`` (a verdict about
+    another lease, or about an agent already suspected, changes nothing)."""
+    return _set_liveness(sm, ctx, cmd.id, cmd.lease_id, "suspect", "agent.suspected")
+
+
+@_handles(AgentAlive)
+def _agent_alive(sm: StateMachine, ctx: ApplyContext, cmd: AgentAlive) -> Any:
+    """A suspected lease was heard again."""
+    return _set_liveness(sm, ctx, cmd.id, cmd.lease_id, "alive", "agent.recovered")
+
+
+def _set_liveness(sm: StateMachine, ctx: ApplyContext, agent_id: str, lease_id: int, liveness: str,
+                  event: str) -> Any:
+    agent = sm.registry.agents.get(agent_id)
+    if agent is None or agent.lease_id != lease_id or agent.liveness == liveness:
+        return {"changed": False}
+    agent.liveness = liveness
+    sm.events.emit(ctx, event, {"agentId": agent.id, "agentType": agent.type, "lease_id": agent.lease_id})
+    return {"changed": True, "liveness": liveness}
+
+
 @_handles(AgentHealth)
 def _agent_health(sm: StateMachine, ctx: ApplyContext, cmd: AgentHealth) -> Any:
     agent = _registered(sm, cmd.id)
@@ -568,7 +593,7 @@ def _lock_acquire(sm: StateMachine, ctx: ApplyContext, cmd: LockAcquire) -> Any:
     if len(sm.locks.locks) >= sm.limits.locks_max:
         raise Rejected("unavailable", f"too many locks ({sm.limits.locks_max})")
     lock = Lock(name, holder, ctx.index, cmd.ttl_ms, ctx.now_ms)
-    sm.locks.locks[name] = lock
+    sm.locks.grant(lock)
     sm.events.emit(ctx, "lock.acquired", {"name": name, "holder": holder, "fencing_token": lock.token})
     return {"fencing_token": lock.token, "refreshed": False}
 
@@ -581,7 +606,7 @@ def _lock_release(sm: StateMachine, ctx: ApplyContext, cmd: LockRelease) -> Any:
         raise Rejected("not_found", f"lock {name!r} is not held")
     if lock.holder != holder:
         raise Rejected("conflict", f"lock {name!r} is held by {lock.holder!r}")
-    del sm.locks.locks[name]
+    sm.locks.remove(name)
     sm.events.emit(ctx, "lock.released", {"name": name, "holder": holder, "fencing_token": lock.token,
                                           "reason": "released"})
     return {"released": True}
@@ -593,7 +618,7 @@ def _lock_expire(sm: StateMachine, ctx: ApplyContext, cmd: LockExpire) -> Any:
     lock = sm.locks.locks.get(name)
     if lock is None or lock.token != token:
         return {"expired": False}
-    del sm.locks.locks[name]
+    sm.locks.remove(name)
     sm.events.emit(ctx, "lock.released", {"name": name, "holder": lock.holder, "fencing_token": token,
                                           "reason": "expired"})
     return {"expired": True}

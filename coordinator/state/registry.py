@@ -1,7 +1,8 @@
 """The agent registry and the cluster's member table.
 
-An agent's liveness is not stored here: heartbeats never enter the log
-(DESIGN rule 5). Only registration, expiry and health changes do.
+Heartbeats are not stored here: they never enter the log (DESIGN rule 5).
+Only registration, expiry, health changes and the leader's liveness
+verdicts (``liveness``: alive or suspect) do.
 """
 
 from __future__ import annotations
@@ -24,10 +25,18 @@ class Agent:
     health: str
     registered_ms: int
     public_key: str | None = None  # Ed25519, base64: the agent signs its requests with it
+    # "alive" or "suspect": the leader's failure detector's committed verdict
+    # (agent.suspect / agent.alive), not the agent's own health
+    liveness: str = "alive"
 
     def to_data(self) -> list[Any]:
-        return [self.id, self.type, self.metadata, self.ttl_ms, self.endpoint, self.weight,
-                self.lease_id, self.health, self.registered_ms, self.public_key]
+        """A snapshot row; ``liveness`` only when not "alive", so the rows of
+        every agent that was never suspected stay what they always were."""
+        row = [self.id, self.type, self.metadata, self.ttl_ms, self.endpoint, self.weight,
+               self.lease_id, self.health, self.registered_ms, self.public_key]
+        if self.liveness != "alive":
+            row.append(self.liveness)
+        return row
 
     @classmethod
     def from_data(cls, row: list[Any]) -> Agent:

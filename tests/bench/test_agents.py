@@ -36,8 +36,12 @@ def _check(row: dict, n: int, probes: int) -> None:
 
 
 @pytest.mark.cluster
-async def test_agents_heartbeat_and_only_the_probes_expire() -> None:
-    _check(await measure(40, _args()), 40, 5)
+@pytest.mark.parametrize("via", ["leader", "followers"])
+async def test_agents_heartbeat_and_only_the_probes_expire(via: str) -> None:
+    row = await measure(40, _args(via=via))
+    _check(row, 40, 5)
+    if via == "followers":  # answered by the followers, gossiped to the leader
+        assert row["leader_answered_per_s"] == 0 and row["leader_merged_per_s"] > 0
 
 
 @pytest.mark.cluster
@@ -52,6 +56,7 @@ def test_the_table_says_whether_the_goal_is_met_at_100k() -> None:
            "achieved_per_s": 9_990,
            "p50_ms": 1.0, "p99_ms": 9.0, "late_p99_ms": 5, "errors": {}, "leader_cpu": 0.8,
            "follower_cpu": [0.1, 0.1], "generator_cpu": 1.0, "leader_rss_mb": 300, "follower_rss_mb": [200, 200],
+           "leader_answered_per_s": 0, "leader_merged_per_s": 9_990,
            "expiry": {"probes": 100, "expired": 100, "after_last_ack_s": {"min": 30.1, "max": 30.4},
                       "others_registered": 99_900, "others_expected": 99_900, "correct": True}}
     assert "**met**" in table([row], _args())

@@ -17,6 +17,7 @@ from cryptography import x509
 
 from coordinator.client import CoordinatorClient
 from coordinator.errors import Unavailable
+from tests.waiting import CLUSTER_POLL_S, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -51,6 +52,9 @@ async def test_tls_cluster_serves_the_client_with_the_ca_and_refuses_others(make
         assert [d["message"]["id"] for d in deliveries] == ["m1"]
         assert (await client.ack(sub, [d["delivery_id"] for d in deliveries]))["unknown"] == []
         assert client.endpoints == [follower_url]
+        # Gossip between the nodes runs over HTTPS too: the follower hears from the leader.
+        await eventually(lambda: _leader_contact(client), "the follower's gossip to reach the leader", 10,
+                         interval_s=CLUSTER_POLL_S)
         async with asyncio.timeout(10), aclosing(client.watch("tls/", from_revision=1)) as watch:  # SSE over TLS
             first = await anext(watch)
         assert first["key"] == "tls/n1"
@@ -102,3 +106,8 @@ def test_a_node_with_an_unreadable_certificate_exits_with_a_clear_error(make_clu
     done = subprocess.run(cluster.command("n1"), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "tls_cert: cannot load" in done.stderr
+
+
+async def _leader_contact(client: CoordinatorClient) -> bool:
+    status = await client.request("GET", "/v1/status")
+    return status["liveness"]["gossip"]["leader_contact_fresh"] is True

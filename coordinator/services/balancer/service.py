@@ -3,7 +3,8 @@ replicated registry and forwards the request to its endpoint over a pooled
 keep-alive connection.
 
 Per request: rate limits (per caller, per type) → the agents of the type
-with an endpoint that are not unhealthy → those whose circuit breaker lets a
+with an endpoint that are not unhealthy nor suspected by the leader's
+failure detector (``liveness``) → those whose circuit breaker lets a
 request through → the type's strategy picks one → forward, with the
 request's timeout → record latency and outcome (breaker, load stats) →
 maybe retry on another agent.
@@ -214,7 +215,7 @@ class Balancer:
     def _pick(self, call: Invocation, state: _Type, policy: dict[str, Any], tried: set[str]) -> Agent:
         agents = self.applier.machine.registry.agents
         usable = {a.id: a for a in agents.values()
-                  if a.type == call.agent_type and a.endpoint and a.health != "unhealthy"}
+                  if a.type == call.agent_type and a.endpoint and a.health != "unhealthy" and a.liveness == "alive"}
         if not usable:
             raise Unavailable(f"no agent of type {call.agent_type!r} with an endpoint is available",
                               retry_after_s=1.0)

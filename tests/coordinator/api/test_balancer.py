@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from coordinator.client import CoordinatorClient, InvokeAnswer
+from coordinator.commands.agents import AgentAlive, AgentSuspect
 from coordinator.commands.balancer import DEFAULT_POLICY
 from coordinator.errors import BadGateway, InvalidInput, RateLimited, RequestTimeout, Unavailable
 from tests.coordinator.api.conftest import NODE_ID, Harness
@@ -342,6 +343,17 @@ async def test_unhealthy_agents_and_agents_without_endpoint_are_skipped(h: Harne
 
     await h.call("POST", "/v1/agents/b/heartbeat", {"health": "healthy"}, expect=200)
     assert await answered_by(h, 2) == ["b", "b"]
+
+
+async def test_agents_the_leader_suspects_are_skipped_until_they_recover(h: Harness, start_agent: StartAgent) -> None:
+    agents = {name: await start_agent(name) for name in "ab"}
+    for name, agent in agents.items():
+        await add(h, name, agent)
+    lease_of = {name: h.applier.machine.registry.agents[name].lease_id for name in "ab"}
+    await h.node.write_command(AgentSuspect("a", lease_of["a"]))
+    assert sorted(await answered_by(h, 3)) == ["b", "b", "b"]
+    await h.node.write_command(AgentAlive("a", lease_of["a"]))
+    assert "a" in await answered_by(h, 6)
 
 
 async def test_a_type_without_agents_is_unavailable(h: Harness) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 from contextlib import aclosing
 from typing import Any
 
@@ -191,3 +192,26 @@ async def test_a_call_that_timed_out_on_a_hung_node_moves_the_next_call_elsewher
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_heartbeats_start_at_the_node_the_agent_id_hashes_to_and_fail_over(make_harness: HarnessFactory
+                                                                                  ) -> None:
+    """Two one-node clusters stand in for two nodes that both know every agent."""
+    a, b = await make_harness(), await make_harness()
+    nodes = [a, b]
+    ids = [f"spread-{i}" for i in range(12)]
+    for node in nodes:
+        async with CoordinatorClient([str(node.http.make_url(""))], timeout_s=3) as c:
+            for agent_id in ids:
+                await c.register("worker", agent_id=agent_id, ttl_s=30)
+    expected = [0, 0]
+    async with CoordinatorClient([str(n.http.make_url("")) for n in nodes], timeout_s=3) as c:
+        for agent_id in ids:
+            assert (await c.heartbeat(agent_id))["id"] == agent_id
+            expected[zlib.crc32(agent_id.encode()) % 2] += 1
+    assert [n.node.heartbeats_answered for n in nodes] == expected and min(expected) > 0
+    dead = "http://127.0.0.1:1"  # nothing listens: the connection is refused, the client moves on
+    async with CoordinatorClient([dead, str(a.http.make_url(""))], timeout_s=3) as c:
+        for agent_id in ids:
+            assert (await c.heartbeat(agent_id))["id"] == agent_id
+    assert a.node.heartbeats_answered == expected[0] + len(ids)

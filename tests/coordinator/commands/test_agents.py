@@ -14,10 +14,12 @@ from coordinator.commands.agents import (
     HEALTH_STATES,
     MAX_ENDPOINT_LEN,
     MAX_WEIGHT,
+    AgentAlive,
     AgentDeregister,
     AgentExpire,
     AgentHealth,
     AgentRegister,
+    AgentSuspect,
     AgentUpdate,
 )
 from coordinator.commands.base import MAX_TOKEN, MAX_TTL_MS, MIN_TTL_MS
@@ -44,6 +46,8 @@ agent_commands = st.one_of(
     st.builds(AgentUpdate, names, st.none(), st.none(), metadata),
     st.builds(AgentDeregister, names),
     st.builds(AgentExpire, names, st.integers(0, MAX_TOKEN)),
+    st.builds(AgentSuspect, names, st.integers(0, MAX_TOKEN)),
+    st.builds(AgentAlive, names, st.integers(0, MAX_TOKEN)),
     st.builds(AgentHealth, names, st.sampled_from(HEALTH_STATES), st.none() | names),
 )
 
@@ -123,6 +127,10 @@ BAD: list[tuple[str, dict[str, Any], str, str | None]] = [
     ("agent.expire", {"id": "w1"}, "lease_id: must be an integer", None),
     ("agent.expire", {"id": "w1", "lease_id": "3"}, "lease_id: must be an integer", None),
     ("agent.expire", {"id": "w1", "lease_id": -1}, f"lease_id: must be between 0 and {MAX_TOKEN}", None),
+    ("agent.suspect", {"id": "w1"}, "lease_id: must be an integer", None),
+    ("agent.suspect", {"lease_id": 1}, "id: must be a string", None),
+    ("agent.alive", {"id": "w1", "lease_id": -1}, f"lease_id: must be between 0 and {MAX_TOKEN}", None),
+    ("agent.alive", {"id": "w1", "lease_id": True}, "lease_id: must be an integer", None),
     ("agent.health", {"id": "w1", "health": "sick"}, "health: must be one of healthy, unhealthy, unknown", None),
     ("agent.health", {"id": "w1"}, "health: must be a string", None),
     ("agent.health", {"id": "w1", "health": "h" * 17}, "health: must have 1 to 16 characters", None),
@@ -146,3 +154,30 @@ def test_the_states_checks_stay_in_the_handlers() -> None:
     result = sm.apply(2, Command(op="agent.register", now_ms=1_000, args={
         "id": "w1", "type": "t", "ttl_ms": 5_000, "metadata": {"x": "y" * (sm.limits.agent_metadata_bytes_max + 1)}}))
     assert result.error is not None and result.error[0] == "too_large"
+
+
+def test_suspect_and_alive_change_only_the_lease_they_name_and_only_on_change() -> None:
+    sm = StateMachine()
+    register = {"id": "w1", "type": "t", "ttl_ms": 5_000}
+    assert sm.apply(1, Command(op="agent.register", args=register, now_ms=1_000)).error is None
+    stale = sm.apply(2, Command(op="agent.suspect", args={"id": "w1", "lease_id": 99}, now_ms=1_000))
+    assert stale.value == {"changed": False} and stale.events == ()
+    suspected = sm.apply(3, Command(op="agent.suspect", args={"id": "w1", "lease_id": 1}, now_ms=1_000))
+    assert suspected.value == {"changed": True, "liveness": "suspect"}
+    assert [e.type for e in suspected.events] == ["agent.suspected"]
+    assert sm.registry.agents["w1"].liveness == "suspect"
+    again = sm.apply(4, Command(op="agent.suspect", args={"id": "w1", "lease_id": 1}, now_ms=1_000))
+    assert again.value == {"changed": False} and again.events == ()
+    restored = StateMachine.from_snapshot_data(sm.snapshot_data())
+    assert restored.registry.agents["w1"].liveness == "suspect"
+    recovered = sm.apply(5, Command(op="agent.alive", args={"id": "w1", "lease_id": 1}, now_ms=1_000))
+    assert [e.type for e in recovered.events] == ["agent.recovered"]
+    assert sm.registry.agents["w1"].liveness == "alive"
+    assert sm.registry.agents["w1"].to_data()[-1] is None  # an alive agent's row is the row it always was
+    sm.apply(6, Command(op="agent.suspect", args={"id": "w1", "lease_id": 1}, now_ms=1_000))
+    sm.apply(7, Command(op="agent.register", args=register, now_ms=1_000))  # a new lease starts alive
+    assert sm.registry.agents["w1"].liveness == "alive"
+    late = sm.apply(8, Command(op="agent.alive", args={"id": "w1", "lease_id": 1}, now_ms=1_000))
+    assert late.value == {"changed": False}
+    gone = sm.apply(9, Command(op="agent.suspect", args={"id": "nobody", "lease_id": 1}, now_ms=1_000))
+    assert gone.value == {"changed": False}

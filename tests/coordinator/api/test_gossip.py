@@ -1,0 +1,140 @@
+"""Gossip between nodes (``coordinator.services.gossip``) at the HTTP edge, and
+what the leader makes of heard heartbeats: leases renewed from the merged
+table, suspicion and recovery committed only on change. One node over the
+simulated engine, time on a ManualClock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from coordinator.services import gossip
+from coordinator.services.gossip import REFUSED, Peer, _PeerState, encode, sign
+from tests.coordinator.api.conftest import NODE_ID, Harness
+from tests.waiting import eventually
+
+KEY = b"k" * 32
+
+
+def message(h: Harness, entries: list[list[Any]], *, seq: int, to: str = NODE_ID, sender: str = "n2",
+            ts_ms: int | None = None) -> bytes:
+    return encode(sender, to, seq, h.clock.now_ms() if ts_ms is None else ts_ms, entries)
+
+
+async def post(h: Harness, body: bytes, signature: str | None = None, key: bytes = KEY) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json",
+               gossip.SIG_HEADER: sign(key, body) if signature is None else signature}
+    return await h.call("POST", gossip.PATH, raw=body, headers=headers)
+
+
+@pytest.fixture
+async def g(h: Harness) -> Harness:
+    h.node.gossip.key = KEY  # as main.py derives it from the cluster secret
+    return h
+
+
+async def test_a_signed_message_is_merged_and_moves_the_lease(g: Harness) -> None:
+    agent = await g.register(ttl_s=10)
+    g.clock.advance(8)
+    assert g.node.leases.remaining_s("agent", agent["id"]) == pytest.approx(2)
+    before = g.fingerprint()
+    status, answer = await post(g, message(g, [[agent["id"], agent["lease_id"], 500], ["nobody", 1, 0]], seq=1))
+    assert (status, answer) == (200, {"leader": True})
+    assert g.node.leases.remaining_s("agent", agent["id"]) == pytest.approx(9.5)  # heard 0.5 s ago
+    assert "nobody" not in g.node.heard.entries  # not registered here: not merged
+    assert g.fingerprint() == before  # a heartbeat is not a log entry
+
+
+async def test_anything_but_a_fresh_signed_message_for_this_node_is_refused_alike(g: Harness) -> None:
+    agent = await g.register(ttl_s=10)
+    entries = [[agent["id"], agent["lease_id"], 0]]
+    ok_body = message(g, entries, seq=10)
+    assert (await post(g, ok_body))[0] == 200
+    refusals = [
+        await post(g, message(g, entries, seq=11), signature=""),  # unsigned
+        await post(g, message(g, entries, seq=12), key=b"x" * 32),  # another cluster's key
+        await post(g, ok_body),  # replayed
+        await post(g, message(g, entries, seq=9)),  # an older sequence number
+        await post(g, message(g, entries, seq=13, to="n3")),  # for another node
+        await post(g, message(g, entries, seq=14, ts_ms=g.clock.now_ms() - 31_000)),  # too old
+    ]
+    for status, body in refusals:
+        assert status == 401 and body["error"]["message"] == REFUSED  # one answer: a stranger learns nothing
+    assert g.node.gossip.refused == len(refusals)
+    assert (await post(g, message(g, entries, seq=15)))[0] == 200
+
+
+async def test_a_node_without_the_cluster_secret_refuses_every_message(h: Harness) -> None:
+    assert not h.node.gossip.enabled
+    status, body = await post(h, message(h, [], seq=1))
+    assert status == 401 and body["error"]["message"] == REFUSED
+
+
+async def test_bodies_are_bounded_and_a_bad_shape_names_the_field(g: Harness) -> None:
+    big = b"{" + b" " * gossip.BODY_MAX_BYTES + b"}"
+    status, body = await post(g, big)
+    assert status == 413
+    status, body = await post(g, message(g, [["a", 1]], seq=1))
+    assert status == 400 and body["error"]["field"] == "entries"
+    status, body = await post(g, message(g, [["a", -1, 0]], seq=2))
+    assert status == 400 and body["error"]["field"] == "entries"
+    status, body = await post(g, message(g, [["a", 1, 0]] * (gossip.ENTRIES_MAX + 1), seq=3))
+    assert status in (400, 413)
+
+
+async def test_a_silent_agent_is_suspected_once_recovers_when_heard_and_expires_at_its_ttl(g: Harness) -> None:
+    agent = await g.register(ttl_s=30)
+    agent_id, lease_id = agent["id"], agent["lease_id"]
+    table, leases = g.node.heard, g.node.leases
+    for _ in range(10):  # a heartbeat a second, answered by this node
+        g.clock.advance(1.0)
+        table.heard_here(agent_id, lease_id, g.clock.monotonic())
+    last = g.clock.monotonic()
+    moment = table.entries[agent_id].detector.suspect_at(table.settings) + leases.suspect_grace_s
+    assert moment - last == pytest.approx(table.settings.bound_intervals() + leases.suspect_grace_s, rel=1e-3)
+    g.clock.advance(moment - last - 0.05)
+    leases.tick()
+    assert g.applier.machine.registry.agents[agent_id].liveness == "alive"
+    g.clock.advance(0.1)
+    leases.tick()
+    await eventually(lambda: g.applier.machine.registry.agents[agent_id].liveness == "suspect", "the suspicion")
+    leases.tick()
+    await eventually(lambda: not leases._judging, "no verdict in flight")
+    assert leases.suspected == 1
+    _, listed = await g.call("GET", f"/v1/agents/{agent_id}", expect=200)
+    assert listed["liveness"] == "suspect"
+    g.clock.advance(1.0)
+    table.heard_here(agent_id, lease_id, g.clock.monotonic())  # back
+    await eventually(lambda: g.applier.machine.registry.agents[agent_id].liveness == "alive", "the recovery")
+    types = [e["type"] for e in await g.events("agent.suspected,agent.recovered")]
+    assert types == ["agent.suspected", "agent.recovered"]
+    await g.advance_and_tick(29.0)
+    assert agent_id in g.applier.machine.registry.agents
+    await g.advance_and_tick(1.5)  # 30 s after the last heartbeat heard
+    await eventually(lambda: agent_id not in g.applier.machine.registry.agents, "the expiry")
+    assert agent_id not in table.entries  # forgotten with the agent
+
+
+async def test_a_follower_renews_from_memory_only_with_fresh_word_from_the_leader_and_a_live_lease(g: Harness
+                                                                                                 ) -> None:
+    """``_may_answer`` (asked on a follower; the harness's one node stands in)."""
+    node, clock = g.node, g.clock
+    agent_id = (await g.register(ttl_s=10))["id"]
+    agent = g.applier.machine.registry.agents[agent_id]
+    leader = Peer("n9", "127.0.0.1:1", "127.0.0.1:2")
+    node.gossip._round_peers = [leader]
+    node.gossip._peers[leader.id] = state = _PeerState(contact_s=clock.monotonic(), leader_ok=True)
+    assert node._may_answer(agent, leader.raft)  # the lease counts from its registration
+    assert not node._may_answer(agent, "127.0.0.1:3")  # another leader: no word from it
+    state.leader_ok = False
+    assert not node._may_answer(agent, leader.raft)  # its answer said: not an active leader with a quorum
+    state.leader_ok = True
+    clock.advance(0.6)
+    assert not node._may_answer(agent, leader.raft)  # its word is older than the quorum lease (0.5 s)
+    state.contact_s = clock.monotonic()
+    clock.advance(7.0)
+    state.contact_s = clock.monotonic()
+    assert not node._may_answer(agent, leader.raft)  # 7.6 s of the 10 s TTL gone: the leader answers
+    node.heard.heard_here(agent_id, agent.lease_id, clock.monotonic())
+    assert node._may_answer(agent, leader.raft)
