@@ -137,6 +137,8 @@ def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> Coo
                            check_endpoints=not config.allow_anonymous, digest_check_s=config.digest_check_s,
                            gossip_key=crypto.derived_key(config.secret, crypto.KEY_GOSSIP) if config.secret else None,
                            gossip_interval_s=config.gossip_interval_s,
+                           gossip_accepted_keys=tuple(crypto.derived_key(s, crypto.KEY_GOSSIP)
+                                                      for s in config.accepted_secrets),
                            unsafe_test_gossip_loss=unsafe_test_gossip_loss())
 
 

@@ -100,8 +100,11 @@ class Gossip:
                  leader_ok: Callable[[], bool], known: Callable[[str], bool],
                  session: Callable[[], aiohttp.ClientSession | None], quorum_lease_s: float,
                  interval_s: float = 0.1, scheme: str = "http", clock_skew_s: float = 30.0,
-                 loss: float = 0.0, rng: random.Random | None = None) -> None:
-        """``key``: None switches gossip off (no cluster secret, or
+                 loss: float = 0.0, rng: random.Random | None = None,
+                 accepted_keys: tuple[bytes, ...] = ()) -> None:
+        """``accepted_keys``: keys of secrets this node also accepts while
+        the cluster changes its secret (``accept_secret_file``); it signs
+        with ``key`` only. ``key``: None switches gossip off (no cluster secret, or
         ``gossip_interval_s`` 0): followers then forward every heartbeat to
         the leader, as before. ``peers``: the other members now;
         ``leader_raft``: the engine's leader; ``leader_ok``: whether this node
@@ -112,6 +115,7 @@ class Gossip:
         self.table = table
         self.clock = clock
         self.key = key
+        self.accepted_keys = accepted_keys
         self.peers = peers
         self.leader_raft = leader_raft
         self.leader_ok = leader_ok
@@ -234,9 +238,9 @@ class Gossip:
         ``BODY_MAX_BYTES``). ``Unauthenticated`` for anything that is not a
         fresh message of this cluster for this node; ``InvalidInput`` naming
         the field for a signed message of a bad shape (a bug of the sender)."""
-        key = self.key
-        if key is None or not hmac.compare_digest(signature.encode("ascii", "replace"),
-                                                  sign(key, body).encode()):
+        given = signature.encode("ascii", "replace")
+        if self.key is None or not any(hmac.compare_digest(given, sign(key, body).encode())
+                                       for key in (self.key, *self.accepted_keys)):
             return self._refuse()
         try:
             message = json.loads(body)

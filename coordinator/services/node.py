@@ -79,6 +79,7 @@ class CoordinatorNode:
                  transports: dict[str, BusTransport] | None = None, transport_factory: Any = None,
                  peer_ssl: ssl.SSLContext | None = None, check_endpoints: bool = True,
                  digest_check_s: float = 5.0, gossip_key: bytes | None = None, gossip_interval_s: float = 0.1,
+                 gossip_accepted_keys: tuple[bytes, ...] = (),
                  unsafe_test_gossip_loss: float = 0.0) -> None:
         """``peer_ssl``: set when the nodes serve HTTPS; forwarding to the leader
         then uses ``https://`` and verifies the leader's certificate with it.
@@ -111,7 +112,7 @@ class CoordinatorNode:
                              session=lambda: self._session,
                              quorum_lease_s=quorum.quorum_lease_s if quorum is not None else 1.0,
                              interval_s=gossip_interval_s or 0.2, scheme="https" if peer_ssl is not None else "http",
-                             loss=unsafe_test_gossip_loss)
+                             loss=unsafe_test_gossip_loss, accepted_keys=gossip_accepted_keys)
         self.heartbeats_answered = 0  # heartbeat requests this node answered itself
         self.heartbeats_forwarded = 0  # and those it forwarded to the leader
         applier.on_apply(self._follow_registry)

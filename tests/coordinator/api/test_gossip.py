@@ -65,6 +65,19 @@ async def test_anything_but_a_fresh_signed_message_for_this_node_is_refused_alik
     assert (await post(g, message(g, entries, seq=15)))[0] == 200
 
 
+async def test_a_secret_being_changed_is_accepted_but_never_sent(g: Harness) -> None:
+    """While the cluster changes its secret (accept_secret_file), gossip signed
+    with the accepted secret's key is taken; another key still is not."""
+    agent = await g.register(ttl_s=10)
+    entries = [[agent["id"], agent["lease_id"], 0]]
+    old = b"o" * 32
+    assert (await post(g, message(g, entries, seq=1), key=old))[0] == 401
+    g.node.gossip.accepted_keys = (old,)
+    assert (await post(g, message(g, entries, seq=2), key=old))[0] == 200
+    assert (await post(g, message(g, entries, seq=3), key=b"x" * 32))[0] == 401
+    assert g.node.gossip.key == KEY  # what it signs with
+
+
 async def test_a_node_without_the_cluster_secret_refuses_every_message(h: Harness) -> None:
     assert not h.node.gossip.enabled
     status, body = await post(h, message(h, [], seq=1))
