@@ -34,7 +34,7 @@ Processing is recording the delivery in the history (a ``receive`` event
 with ``processed: true``). At-least-once consumers process every reception.
 Exactly-once consumers skip (and ack again) a delivery id their group has
 already processed: the group shares one set of processed delivery ids,
-which stands for a side-effect store keyed by delivery id (what the README
+which stands for a side-effect store keyed by delivery id (what docs/bus.md
 asks of an exactly-once consumer; ``consume()`` keeps such a set per
 process). While the nemesis runs, a consumer "crashes" between processing
 and ack for a small seeded fraction of deliveries (it does not ack them), so

@@ -39,6 +39,7 @@ from coordinator.errors import (
     InvalidInput,
     NotFound,
     OutcomeUnknown,
+    QuotaExceeded,
     RateLimited,
     RequestTimeout,
     TooLarge,
@@ -48,7 +49,7 @@ from coordinator.errors import (
 from coordinator.tls import client_context
 
 _ERRORS: dict[int, type[CoordinatorError]] = {401: Unauthenticated, 403: Forbidden, 404: NotFound, 409: Conflict,
-                                              410: Compacted, 413: TooLarge, 502: BadGateway}
+                                              410: Compacted, 413: TooLarge, 502: BadGateway, 507: QuotaExceeded}
 
 
 class ApiError(CoordinatorError):

@@ -195,7 +195,7 @@ async def test_a_stopped_broker_holds_a_bounded_backlog_that_drains_when_it_retu
 
             # Stopped by its PID. RabbitMQ gets SIGTERM: a 3.10 node SIGKILLed within
             # about three seconds of a stream's declaration comes back with that stream
-            # "down or inaccessible" for good (measured; README, Broker transports).
+            # "down or inaccessible" for good (measured; docs/transports.md).
             await asyncio.to_thread(broker.kill, signal.SIGTERM if plugin == "rabbitmq" else signal.SIGKILL)
             await client.publish(topic, messages=[{"payload": i} for i in range(10, 40)])
             async with CoordinatorClient(cluster.url(leader), timeout_s=1) as impatient:

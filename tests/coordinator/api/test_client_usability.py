@@ -12,7 +12,8 @@ import pytest
 
 from coordinator import client as client_module
 from coordinator.client import CoordinatorClient, RetriableOutcomeUnknown, backoff_s
-from coordinator.errors import Conflict, OutcomeUnknown
+from coordinator.errors import Conflict, OutcomeUnknown, QuotaExceeded
+from coordinator.state import Limits
 from coordinator.sync_client import SyncClient
 from tests.coordinator.api.conftest import Harness, HarnessFactory
 from tests.waiting import eventually
@@ -121,3 +122,11 @@ async def test_a_lock_that_expired_and_was_taken_is_marked_lost(h: Harness, clie
         assert await client.acquire("jobs/c", "w2", ttl_s=30) is not None
         await eventually(held.lost.is_set, "the keeper to notice the lock is gone")
     assert await client.acquire("jobs/c", "w3") is None  # leaving did not release w2's lock
+
+
+async def test_a_full_store_is_quota_exceeded_naming_the_limit(make_harness: HarnessFactory) -> None:
+    h = await make_harness(limits=Limits(kv_bytes_max=200))
+    async with CoordinatorClient([str(h.http.make_url(""))], timeout_s=3) as client:
+        with pytest.raises(QuotaExceeded) as full:
+            await client.put("big", "x" * 500)
+    assert full.value.details.get("limit") == "kv_bytes_max"
