@@ -37,6 +37,7 @@ import aiohttp
 
 from bench.harness import add_base_port, interruptible, local_cluster, parser
 from bench.report import cpu_s, machine, pct_ms, publish
+from devcluster.progress import Steps
 
 MAX_REQUESTS_PER_PUBLISHER = 100_000
 DRAIN_S = 15.0
@@ -174,11 +175,13 @@ async def run_modes(args: argparse.Namespace) -> str:
         nodes = [cluster.url(n) for n in cluster.members]
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             await _round(session, url, "warmup", 10, 4, 2.0, nodes=nodes)
-            for r in range(args.rounds):
-                for label, transport, mode in cells:
-                    tag = f"{label.replace(' ', '-')}{r}"
-                    rows[label].append(await _round(session, url, tag, args.batch, args.publishers, args.seconds,
-                                                    transport, mode=mode, nodes=nodes))
+            with Steps("bus cells", args.rounds * len(cells)) as steps:
+                for r in range(args.rounds):
+                    for label, transport, mode in cells:
+                        tag = f"{label.replace(' ', '-')}{r}"
+                        rows[label].append(await _round(session, url, tag, args.batch, args.publishers,
+                                                        args.seconds, transport, mode=mode, nodes=nodes))
+                        steps.step(f"{label}, round {r + 1}: {rows[label][-1]['msgs_s']:.0f} msgs/s")
     lines = ["| bus | round | delivered msgs/s | publish→deliver p50 ms | p99 ms | publish request p50 ms "
              "| undelivered after 15 s drain | errors | generator CPU | vs embedded (same round) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -222,11 +225,13 @@ async def run_transports(args: argparse.Namespace) -> str:
         url = cluster.url(cluster.wait_leader(30))
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             await _round(session, url, "warmup", 10, 4, 2.0)
-            for r in range(args.rounds):
-                for name in rows:
-                    transport = None if name == "embedded" else name
-                    rows[name].append(await _round(session, url, f"{name}{r}", args.batch, args.publishers,
-                                                   args.seconds, transport))
+            with Steps("bus cells", args.rounds * len(rows)) as steps:
+                for r in range(args.rounds):
+                    for name in rows:
+                        transport = None if name == "embedded" else name
+                        rows[name].append(await _round(session, url, f"{name}{r}", args.batch, args.publishers,
+                                                       args.seconds, transport))
+                        steps.step(f"{name}, round {r + 1}: {rows[name][-1]['msgs_s']:.0f} msgs/s")
     lines = ["| transport | round | delivered msgs/s | publish→deliver p50 ms | p99 ms "
              "| undelivered after 15 s drain | errors | vs embedded (same round) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -265,10 +270,13 @@ async def run(args: argparse.Namespace) -> str:
             await _round(session, url, "warmup", 10, 4, 2.0)
             light = await _round(session, url, "light", 1, 1, args.seconds)
             pairs = []
-            for r in range(args.rounds):
-                unbatched = await _round(session, url, f"u{r}", 1, args.publishers, args.seconds)
-                batched = await _round(session, url, f"b{r}", args.batch, args.publishers, args.seconds)
-                pairs.append((unbatched, batched))
+            with Steps("bus rounds", args.rounds) as steps:
+                for r in range(args.rounds):
+                    unbatched = await _round(session, url, f"u{r}", 1, args.publishers, args.seconds)
+                    batched = await _round(session, url, f"b{r}", args.batch, args.publishers, args.seconds)
+                    pairs.append((unbatched, batched))
+                    steps.step(f"round {r + 1}: unbatched {unbatched['msgs_s']:.0f}, batched "
+                               f"{batched['msgs_s']:.0f} msgs/s")
     lines = [
         "| round | mode | publishers x batch | delivered msgs/s | publish→deliver p50 ms | p99 ms "
         "| publish request p50 ms | lost | errors | generator CPU |",

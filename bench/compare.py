@@ -54,6 +54,7 @@ from bench.etcd import EtcdCluster, b64, post_json
 from bench.load import VALUE, run_generators
 from bench.report import machine, pct, processes_cpu_s, write_section
 from devcluster.cluster import LocalCluster, fetch_json, free_base_port
+from devcluster.progress import Steps
 
 SYSTEMS = ("etcd", "coord")
 LABEL = {"etcd": "etcd", "coord": "this project"}
@@ -226,6 +227,7 @@ def failover(systems: Systems, system: str) -> float:
 
 def measure(args: argparse.Namespace, systems: Systems) -> dict[str, Any]:
     cells: dict[tuple[str, int], list[dict[str, dict[str, Any]]]] = {}
+    steps = Steps("compare cells", args.rounds * len(args.kinds) * len(args.concurrency) * len(SYSTEMS))
     for r in range(args.rounds):
         for kind in args.kinds:
             for clients in args.concurrency:
@@ -234,12 +236,14 @@ def measure(args: argparse.Namespace, systems: Systems) -> dict[str, Any]:
                 for system in order:
                     pair[system] = run_cell(systems, system, kind, clients, args.seconds)
                     cell = pair[system]
+                    steps.step(f"round {r + 1} {system} {kind} c={clients}")
                     print(f"round {r + 1} {system:5s} {kind:5s} c={clients:<4d} {cell['ops_s']:7.0f} ops/s  "
                           f"p50 {cell['p50_ms']:6.2f} ms  p99 {cell['p99_ms']:7.2f} ms  errors "
                           f"{sum(cell['errors'].values())}  generator CPU {cell['gen_cpu'] * 100:.0f}% "
                           f"({cell['procs']} proc)  server CPU {cell['server_ms_per_op']:.2f} ms/op  "
                           f"term changes {cell['term_changes']}", flush=True)
                 cells.setdefault((kind, clients), []).append(pair)
+    steps.close()
     steady: dict[str, dict[str, Any]] = {}
     for system in (SYSTEMS if args.steady_s else ()):
         steady[system] = run_cell(systems, system, "write", 64, args.steady_s)

@@ -65,3 +65,43 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Steps:
+    """Progress over a known number of steps (a benchmark's cells): a bar on
+    a terminal, else one line per finished step, ``  [3/12] kafka direct,
+    round 2 (41 s, about 123 s left)``, to stdout."""
+
+    def __init__(self, description: str, total: int, *, stream: TextIO | None = None, bar: bool | None = None
+                 ) -> None:
+        self.total = total
+        self.stream = stream or sys.stdout
+        self.done = 0
+        self.started = time.monotonic()
+        tqdm = _tqdm()
+        wanted = sys.stderr.isatty() if bar is None else bar
+        self._bar = tqdm(total=total, desc=description, unit="cell", leave=True, dynamic_ncols=True,
+                         file=sys.stderr) if wanted and tqdm is not None else None
+
+    def step(self, what: str) -> None:
+        """One step finished: ``what`` it was."""
+        self.done += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(what, refresh=False)
+            self._bar.update(1)
+            return
+        elapsed = time.monotonic() - self.started
+        left = elapsed / self.done * (self.total - self.done)
+        print(f"  [{self.done}/{self.total}] {what} ({elapsed:.0f} s, about {left:.0f} s left)", file=self.stream,
+              flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Steps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from devcluster.progress import Progress
+from devcluster.progress import Progress, Steps
 
 
 def test_without_a_terminal_it_prints_a_line_at_most_every_interval() -> None:
@@ -30,3 +30,13 @@ def test_a_bar_writes_to_stderr_and_not_to_the_stream(capsys) -> None:  # type: 
     assert out.getvalue() == "" and progress.lines == 0
     err = capsys.readouterr().err
     assert "run" in err and "half" in err
+
+
+def test_steps_print_what_finished_and_how_long_is_left() -> None:
+    out = io.StringIO()
+    with Steps("cells", 3, stream=out, bar=False) as steps:
+        steps.step("embedded, round 1")
+        steps.step("kafka direct, round 1")
+    lines = out.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["  [1/3] embedded, round 1", "  [2/3] kafka direct, round 1"]
+    assert all("s left)" in line for line in lines)
