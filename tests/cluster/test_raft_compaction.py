@@ -39,7 +39,10 @@ async def test_a_journal_over_compaction_bytes_is_compacted_before_compaction_en
     again = _engine(tmp_path, replayed, compaction_entries=10_000, compaction_bytes=1 << 20)
     await again.start()
     try:
-        await until(lambda: replayed.machine.kv.get("k11") is not None, "the restart to restore everything")
+        await until(lambda: replayed.machine.kv.get("k11") is not None,
+                    lambda: f"the restart to restore everything (it has {len(replayed.machine.kv)} keys, applied "
+                            f"index {replayed.machine.applied_index}; engine {again.status()}; files "
+                            f"{sorted((p.name, p.stat().st_size) for p in tmp_path.iterdir())})")
         assert len(replayed.machine.kv.get("k0").value) == 100_000
     finally:
         await again.stop()
