@@ -19,6 +19,7 @@ from coordinator.api.eventstore import es_routes
 from coordinator.api.keys import CHAOS_DIR, METRICS, NODE
 from coordinator.api.limits import OPEN, OpenLimits, OpenRequests, take_slot
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
+from coordinator.api.openapi import add_openapi_route
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes
 from coordinator.api.streams import stream_routes
@@ -106,4 +107,5 @@ def make_app(node: CoordinatorNode, auth: AuthSettings | None = None, *,
     app.router.add_routes(ui_routes)
     app.router.add_routes(chaos_routes)
     app.router.add_get("/metrics", metrics_handler)
+    add_openapi_route(app)  # last: it describes every route above
     return app

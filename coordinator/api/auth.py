@@ -488,6 +488,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/readyz"): "public",
     ("GET", "/metrics"): "metrics",  # the admin or the metrics token (public on an anonymous node)
     ("GET", "/v1/status"): "public",
+    ("GET", "/v1/openapi.json"): "public",  # the API's description: what docs/api.md already says
     ("GET", "/v1/cluster"): "any",
     # chaos runs (GET /v1/chaos/runs...) are the operator's: the admin's (paths and ports of the host)
     ("GET", "/ui"): "public",  # the page and its static files hold no data; what they fetch needs credentials
@@ -574,11 +575,11 @@ def _route_of(request: web.Request) -> str:
     resource = request.match_info.route.resource
     if resource is None:
         return ""
-    return _route_name(resource.canonical)
+    return route_name(resource.canonical)
 
 
 @functools.lru_cache(maxsize=1024)  # a few hundred routes; asked on every request
-def _route_name(canonical: str) -> str:
+def route_name(canonical: str) -> str:
     """A route's pattern as RULES names it: ``{name:regex}`` becomes ``{name}``."""
     return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", canonical)
 

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from coordinator.api.auth import principal_of
 from coordinator.api.keys import IMPLIED_REQUEST_ID
+from coordinator.api.spec import REQUEST_ID_MAX_LEN, Op
 from coordinator.codec import check_value
 from coordinator.commands.base import MAX_KEY_LEN, MAX_NAME_LEN, DomainCommand, Rejected
 from coordinator.commands.kv import check_key
@@ -23,7 +24,7 @@ from coordinator.errors import InvalidInput
 from coordinator.services.proposals import request_key, state_error
 from coordinator.types import RequestKey
 
-MAX_REQUEST_ID_LEN = 128
+MAX_REQUEST_ID_LEN = REQUEST_ID_MAX_LEN
 MAX_DEPTH = 100  # JSON nesting; msgpack refuses ~500, json.loads ~1000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -39,7 +40,12 @@ def command(command_type: type[C], args: Mapping[str, Any]) -> C:
         raise state_error(exc.code, exc.message) from None
 
 
-async def json_body(request: web.Request, allowed: set[str], *, required: bool = True) -> dict[str, Any]:
+async def json_body(request: web.Request, allowed: Op | set[str], *, required: bool = True) -> dict[str, Any]:
+    """The request's JSON object, every field in ``allowed``: a route's
+    declaration (``api.spec.Op``: its fields, and whether a body is required)
+    or a set of field names."""
+    if isinstance(allowed, Op):
+        allowed, required = allowed.fields, allowed.body_required
     raw = await request.read()
     if not raw:
         if required:
