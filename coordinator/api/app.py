@@ -22,6 +22,7 @@ from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
 from coordinator.api.openapi import add_openapi_route
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes
+from coordinator.api.spec import Op
 from coordinator.api.streams import stream_routes
 from coordinator.api.transforms import transform_routes
 from coordinator.api.ui import ui_routes
@@ -80,6 +81,7 @@ def _failure(request: web.Request, exc: Exception) -> web.StreamResponse:
     return error_response(500, "internal", "internal error")
 
 
+@Op("Prometheus metrics (the admin or the metrics token)", tags=("cluster",), content="text/plain")
 async def metrics_handler(request: web.Request) -> web.Response:
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -22,9 +22,8 @@ DOCS = Path(__file__).resolve().parents[3] / "docs"
 UNDECLARED = {
     ("DELETE", "/v1/keys/{id}"), ("DELETE", "/v1/processors/{name}"), ("DELETE", "/v1/projections/{name}"),
     ("DELETE", "/v1/roles/{name}"), ("DELETE", "/v1/services/{type}"), ("DELETE", "/v1/streams/{stream}"),
-    ("DELETE", "/v1/transforms/{name}"), ("GET", "/metrics"), ("GET", "/ui"), ("GET", "/ui/{file}"),
+    ("DELETE", "/v1/transforms/{name}"),
     ("GET", "/v1/categories/{category}/events"), ("GET", "/v1/categories/{category}/watch"),
-    ("GET", "/v1/chaos/runs"), ("GET", "/v1/chaos/runs/{run}"), ("GET", "/v1/chaos/runs/{run}/latency.png"),
     ("GET", "/v1/eventstore"), ("GET", "/v1/join/challenge"), ("GET", "/v1/processors"),
     ("GET", "/v1/processors/{name}"), ("GET", "/v1/projections"), ("GET", "/v1/projections/{name}"),
     ("GET", "/v1/roles"), ("GET", "/v1/sagas"), ("GET", "/v1/sagas/{saga}"), ("GET", "/v1/security"),
