@@ -62,6 +62,8 @@ async def json_body(request: web.Request, allowed: Op | set[str], *, required: b
         raise InvalidInput("body: must be a JSON object", field="body")
     unknown = sorted(set(body) - allowed)
     if unknown:
+        if not unknown[0]:  # "" sorts first: a 400 must name a field, and "" names none
+            raise InvalidInput("body: a field with an empty name", field="body")
         raise InvalidInput(f"{unknown[0]}: unknown field", field=unknown[0])
     for field, value in body.items():
         check_value(value, field, MAX_DEPTH)

@@ -111,3 +111,11 @@ async def test_every_route_the_docs_name_is_in_the_document(h: Harness) -> None:
     assert len(named) > 40
     missing = sorted(n for n in named if not any(m == n[1] and p.match(n[2]) for m, p in patterns))
     assert missing == []
+
+
+async def test_a_body_field_with_an_empty_name_is_refused_naming_the_body(h: Harness) -> None:
+    """Found by tests/integration/test_openapi_fuzz.py: ``{"": 1}`` was a 400 naming the field ""."""
+    before = h.fingerprint()
+    status, data = await h.call("PUT", "/v1/kv/a", {"value": 1, "": 2})
+    assert (status, data["error"]["field"]) == (400, "body")
+    assert h.fingerprint() == before
