@@ -40,12 +40,12 @@ def command(command_type: type[C], args: Mapping[str, Any]) -> C:
         raise state_error(exc.code, exc.message) from None
 
 
-async def json_body(request: web.Request, allowed: Op | set[str], *, required: bool = True) -> dict[str, Any]:
-    """The request's JSON object, every field in ``allowed``: a route's
-    declaration (``api.spec.Op``: its fields, and whether a body is required)
-    or a set of field names."""
-    if isinstance(allowed, Op):
-        allowed, required = allowed.fields, allowed.body_required
+async def json_body(request: web.Request, op: Op) -> dict[str, Any]:
+    """The request's JSON object, every field one of ``op``'s: the route's
+    declaration (``api.spec``), which the OpenAPI document describes, is the
+    only list of the fields a handler accepts. Without a body: ``{}``, or a
+    400 naming ``body`` when ``op.body_required``."""
+    allowed, required = op.fields, op.body_required
     raw = await request.read()
     if not raw:
         if required:

@@ -3,9 +3,12 @@ handler, read by the handler itself and by ``api.openapi``.
 
 An ``Op`` names a route's JSON body fields (with JSON Schemas built from
 the same limits the parsers check), its query parameters and its main
-responses. Decorating a handler with it attaches it; the handler passes
-``OP.fields`` to ``schemas.json_body``, so the fields the code accepts and
-the fields the document describes are one set and cannot drift apart.
+responses. Decorating a handler with it attaches it; the handler passes it
+to ``schemas.json_body`` (which takes nothing else), so the fields the code
+accepts and the fields the document describes are one set and cannot drift
+apart. Where a command type lists its fields (``DEFINITION_FIELDS``,
+``POLICY_FIELDS``, ``messages.FIELDS``...), the declaration is built from
+that list.
 
 Pure data: nothing here parses a request.
 """
