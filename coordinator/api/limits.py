@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, InvalidHeader, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from coordinator.api.auth import principal_of
@@ -154,6 +155,9 @@ class BoundedRunner(web.AppRunner):
 
 
 
+# What a refusal of aiohttp's parser names: the part of the request at fault.
+_PARSER_FIELDS: dict[type, str] = {InvalidURLError: "url", BadHttpMethod: "method", InvalidHeader: "headers"}
+
 class _JsonRefusingHandler(RequestHandler):
     """aiohttp's answer to a request its parser refuses (a request line or a
     header over ``max_line_size``, a malformed request: 400, before any
@@ -168,8 +172,11 @@ class _JsonRefusingHandler(RequestHandler):
             return response
         text = str(getattr(exc, "message", None) or message or "bad request")
         reading = text.partition("when reading: ")[2]
-        field = "url" if reading.startswith(("bytearray(b'/", "b'/")) else "headers"
-        summary = text.split(":", 1)[0] if reading else text[:200]
+        if isinstance(exc, LineTooLong):  # the request line's, or a header's
+            field = "url" if reading.startswith(("bytearray(b'/", "b'/")) else "headers"
+        else:
+            field = _PARSER_FIELDS.get(type(exc), "request")
+        summary = text.split(":", 1)[0] if reading else text.strip().split("\n")[0][:200].rstrip(": ")
         body = json.dumps({"error": {"code": "invalid", "message": f"{field}: {summary}", "field": field}})
         refusal = web.Response(status=400, text=body, content_type="application/json")
         refusal.force_close()

@@ -142,5 +142,13 @@ async def test_a_request_line_over_the_parser_limit_is_a_json_400_naming_the_url
                 assert (await response.json())["error"]["field"] == "headers"
             async with session.get(f"http://127.0.0.1:{port}/v1/status") as response:
                 assert response.status == 200
+        for raw, field in ((b"GET /v1/kv/\xc3\xa9 HTTP/1.1", "url"), (b"G(T /v1/status HTTP/1.1", "method")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+            async with asyncio.timeout(5):
+                answer = await reader.read()
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == b"400" and json.loads(body)["error"]["field"] == field, answer
     finally:
         await runner.cleanup()
