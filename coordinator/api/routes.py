@@ -84,6 +84,14 @@ FENCE = obj({"lock": string(MAX_NAME_LEN), "token": integer(0, MAX_TOKEN)}, ("lo
 KV_ITEM = obj({"key": KEY, "value": ANY, "revision": integer(0), "create_revision": integer(0),
                "version": integer(0)}, ("key", "value", "revision"))
 _ADDRESS = string(MAX_NAME_LEN, pattern=r"^.+:[0-9]{1,5}$", description="host:port")
+REVISION = obj({"revision": integer(0)}, ("revision",))
+LEASE = obj({"id": string(MAX_NAME_LEN), "lease_id": integer(0), "ttl_s": number(0, MAX_TTL_MS / 1000)},
+            ("id", "lease_id", "ttl_s"))
+FENCING = obj({"fencing_token": integer(0)}, ("fencing_token",))
+EVENT = obj({"seq": integer(1), "type": string(EVENT_TYPE_MAX_LEN), "data": ANY, "time_ms": integer(0),
+             "index": integer(0)}, ("seq", "type", "data", "time_ms"))
+MEMBER = obj({"id": string(MAX_NAME_LEN), "raft": string(MAX_NAME_LEN), "http": string(MAX_NAME_LEN)},
+             ("id", "raft", "http"))
 
 MEMBERS_ADD = Op("Add a member (it joins as a voter once caught up)", tags=("cluster",), body={
     "id": p(string(MAX_NAME_LEN, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"), required=True),
@@ -95,13 +103,15 @@ KV_LIST = Op("List keys (by prefix, paged)", tags=("kv",), query=with_consistenc
     responses={200: obj({"items": array(KV_ITEM), "more": boolean(), "revision": integer(0)},
                         ("items", "more", "revision"))})
 _KV_WRITE = {"fence": p(FENCE, "a lock and its fencing token: refused unless current"), "request_id": p(REQUEST_ID)}
-KV_PUT = Op("Write a key", tags=("kv",), path={"key": KEY}, body={"value": p(ANY, required=True), **_KV_WRITE})
+KV_PUT = Op("Write a key", tags=("kv",), path={"key": KEY}, body={"value": p(ANY, required=True), **_KV_WRITE},
+            responses={200: REVISION})
 KV_CAS = Op("Compare and set a key", tags=("kv",), path={"key": KEY}, body={
     "value": p(ANY, required=True), "expected": p(ANY, "the current value (null: the key must not exist)"),
-    "expected_revision": p(integer(0, MAX_TOKEN)), **_KV_WRITE})
-KV_DELETE = Op("Delete a key", tags=("kv",), path={"key": KEY}, body=_KV_WRITE, body_required=False)
+    "expected_revision": p(integer(0, MAX_TOKEN)), **_KV_WRITE}, responses={200: REVISION})
+KV_DELETE = Op("Delete a key", tags=("kv",), path={"key": KEY}, body=_KV_WRITE, body_required=False,
+               responses={200: REVISION})
 AGENTS_REGISTER = Op("Register (join as) an agent; public: the handler checks the self-signature and proof",
-                     tags=("agents",), responses={201: None}, body={
+                     tags=("agents",), responses={201: LEASE}, body={
     "id": p(AGENT_ID, "default: a random id"), "type": p(string(MAX_NAME_LEN), required=True),
     "metadata": p(obj()), "ttl_s": p(TTL_S, f"lease, default {DEFAULT_AGENT_TTL_S}"),
     "endpoint": p(string(MAX_ENDPOINT_LEN), "a URL the leader may call"),
@@ -119,16 +129,19 @@ AGENTS_DEREGISTER = Op("Deregister an agent", tags=("agents",), path={"id": AGEN
 _HOLDER = string(MAX_NAME_LEN)
 LOCKS_ACQUIRE = Op("Acquire a lock (a fencing token)", tags=("locks",), path={"name": LOCK_NAME}, body={
     "holder": p(_HOLDER, "required of the admin; an agent's own id by default"),
-    "ttl_s": p(TTL_S, f"default {DEFAULT_LOCK_TTL_S}"), "request_id": p(REQUEST_ID)})
+    "ttl_s": p(TTL_S, f"default {DEFAULT_LOCK_TTL_S}"), "request_id": p(REQUEST_ID)}, responses={200: FENCING})
 LOCKS_RELEASE = Op("Release a lock", tags=("locks",), path={"name": LOCK_NAME},
                    body={"holder": p(_HOLDER, "required of the admin"), "request_id": p(REQUEST_ID)})
 ELECTIONS_CAMPAIGN = Op("Campaign to lead an election", tags=("locks",), path={"name": ELECTION_NAME}, body={
-    "candidate": p(_HOLDER, "required of the admin"), "ttl_s": p(TTL_S), "request_id": p(REQUEST_ID)})
+    "candidate": p(_HOLDER, "required of the admin"), "ttl_s": p(TTL_S), "request_id": p(REQUEST_ID)},
+    responses={200: obj({"elected": boolean(), "leader": _HOLDER, "fencing_token": integer(0)},
+                        ("elected", "leader", "fencing_token"))})
 ELECTIONS_RESIGN = Op("Resign an election", tags=("locks",), path={"name": ELECTION_NAME},
                       body={"candidate": p(_HOLDER, "required of the admin"), "request_id": p(REQUEST_ID)})
 _TYPES = p(string(LIST_LIMIT_MAX, 0), f"comma-separated event types (each at most {EVENT_TYPE_MAX_LEN})")
 EVENTS_LIST = Op("The event log", tags=("events",), query=with_consistency({
-    "from_seq": p(integer(1)), "limit": p(integer(1, LIST_LIMIT_MAX)), "types": _TYPES}))
+    "from_seq": p(integer(1)), "limit": p(integer(1, LIST_LIMIT_MAX)), "types": _TYPES}),
+    responses={200: obj({"events": array(EVENT), "last_seq": integer(0)}, ("events", "last_seq"))})
 EVENTS_WATCH = Op("Watch the event log (Server-Sent Events; Last-Event-ID resumes)", tags=("events",),
                   content="text/event-stream", query={"from_seq": p(integer(1)), "types": _TYPES})
 KV_WATCH = Op("Watch keys under a prefix (Server-Sent Events; Last-Event-ID resumes)", tags=("kv",),
@@ -189,7 +202,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/members")
-@Op("The members of the cluster", tags=("cluster",))
+@Op("The members of the cluster", tags=("cluster",),
+    responses={200: obj({"members": array(MEMBER)}, ("members",))})
 async def members_list(request: web.Request) -> web.Response:
     return ok({"members": node_of(request).status()["members"]})
 
@@ -553,7 +567,9 @@ async def locks_release(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/locks/{name:(?s:.+)}")
-@Op("A held lock", tags=("locks",), query=with_consistency(), path={"name": LOCK_NAME})
+@Op("A held lock", tags=("locks",), query=with_consistency(), path={"name": LOCK_NAME},
+    responses={200: obj({"name": LOCK_NAME, "holder": _HOLDER, "fencing_token": integer(0)},
+                        ("name", "holder", "fencing_token"))})
 async def locks_get(request: web.Request) -> web.Response:
     node = node_of(request)
     name = _lock_name(request)
@@ -586,7 +602,9 @@ async def elections_resign(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/elections/{name:(?s:.+)}")
-@Op("An election's leader", tags=("locks",), query=with_consistency(), path={"name": ELECTION_NAME})
+@Op("An election's leader", tags=("locks",), query=with_consistency(), path={"name": ELECTION_NAME},
+    responses={200: obj({"leader": _HOLDER, "fencing_token": integer(0), "since_ms": integer(0)},
+                        ("leader", "fencing_token", "since_ms"))})
 async def elections_leader(request: web.Request) -> web.Response:
     node = node_of(request)
     name = s.name(request.match_info["name"], "name", MAX_ELECTION_NAME_LEN)

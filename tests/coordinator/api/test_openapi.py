@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 from openapi_spec_validator import validate
 
 from coordinator.api.auth import RULES, AuthSettings, route_name
@@ -104,3 +105,28 @@ async def test_a_body_field_with_an_empty_name_is_refused_naming_the_body(h: Har
     status, data = await h.call("PUT", "/v1/kv/a", {"value": 1, "": 2})
     assert (status, data["error"]["field"]) == (400, "body")
     assert h.fingerprint() == before
+
+
+async def test_answers_conform_to_their_declared_schemas(h: Harness) -> None:
+    """A few real answers, checked against the document (the fuzz checks the rest on a cluster)."""
+    ops = _operations(await _document(h))
+    calls = [
+        ("PUT", "/v1/kv/{key}", "/v1/kv/a", {"value": 1}),
+        ("POST", "/v1/kv/{key}/cas", "/v1/kv/a/cas", {"value": 2, "expected": 1}),
+        ("GET", "/v1/kv/{key}", "/v1/kv/a", None),
+        ("GET", "/v1/kv", "/v1/kv", None),
+        ("POST", "/v1/agents", "/v1/agents", {"type": "w", "id": "x"}),
+        ("POST", "/v1/locks/{name}", "/v1/locks/l", {"holder": "x"}),
+        ("GET", "/v1/locks/{name}", "/v1/locks/l", None),
+        ("POST", "/v1/elections/{name}/campaign", "/v1/elections/e/campaign", {"candidate": "x"}),
+        ("GET", "/v1/elections/{name}", "/v1/elections/e", None),
+        ("GET", "/v1/events", "/v1/events", None),
+        ("GET", "/v1/members", "/v1/members", None),
+        ("DELETE", "/v1/kv/{key}", "/v1/kv/a", None),
+        ("GET", "/healthz", "/healthz", None),
+    ]
+    for method, template, path, body in calls:
+        status, answer = await h.call(method, path, body)
+        schema = ops[(method, template)]["responses"][str(status)]["content"]["application/json"]["schema"]
+        assert schema != {"type": "object"}, f"{method} {template}: no schema declared"
+        jsonschema.validate(answer, schema)
