@@ -3,7 +3,9 @@
 The cluster is secure and the fuzzer holds the admin token, so its requests
 reach the handlers (not the 401 in front of them). Each operation gets a
 fixed number of schema-valid (positive) and schema-invalid (negative)
-examples, sent round-robin to the three nodes (followers forward writes), all
+examples, sent round-robin to the three nodes (followers forward writes), then
+a few more with path parameters naming things that exist (a key, an agent
+with an inbox, a lock, a topic, a subscription with messages, a stream), all
 within one time budget. What must hold for every response:
 
 - no 5xx but 503 (with Retry-After) and 504, each with the error body;
@@ -57,6 +59,28 @@ EXCLUDED = {
     ("POST", "/v1/internal/gossip"),  # node to node, signed with the cluster's gossip key
 }
 CLAMPED = {"wait_s": 0.2, "timeout_s": 0.5}  # a long poll or a request/reply wait, at most this
+KNOWN_EXAMPLES = int(os.environ.get("COORD_FUZZ_KNOWN", "5"))
+
+
+def _seed_state(url: str, headers: dict[str, str]) -> dict[str, str]:
+    """Things that exist, so a third pass reaches past the 404s: a key, an
+    agent with an inbox, a lock, a topic with messages and a subscription, a
+    stream. Returns a value for each path parameter name."""
+    def call(method: str, path: str, body: Any) -> Any:
+        response = requests.request(method, url + path, json=body, headers=headers, timeout=REQUEST_TIMEOUT_S)
+        assert response.status_code in (200, 201), (method, path, response.status_code, response.text)
+        return response.json()
+
+    call("PUT", "/v1/kv/fuzzkey", {"value": {"n": 1}})
+    call("POST", "/v1/agents", {"id": "fuzz-agent", "type": "fuzztype", "ttl_s": 3600})
+    call("POST", "/v1/locks/fuzzlock", {"holder": "fuzz-agent", "ttl_s": 3600})
+    sub = call("POST", "/v1/subscriptions", {"topic": "fuzz.topic", "group": "fuzzgroup", "start": "beginning"})
+    call("POST", "/v1/topics/fuzz.topic/messages", {"messages": [{"payload": i} for i in range(20)]})
+    call("POST", "/v1/topics/fuzz.topic/messages", {"destination": ["fuzz-agent"], "payload": "hi"})
+    call("POST", "/v1/streams/fuzz-1", {"events": [{"type": "created", "data": {"n": 1}}]})
+    return {"key": "fuzzkey", "id": "fuzz-agent", "agent": "fuzz-agent", "name": "fuzzlock", "topic": "fuzz.topic",
+            "sub": sub["id"], "group": "fuzzgroup", "type": "fuzztype", "stream": "fuzz-1", "category": "fuzz",
+            "file": "index.html"}
 
 
 class Findings:
@@ -145,14 +169,15 @@ def test_fuzz_a_three_node_cluster_from_its_openapi_document(make_cluster: Any) 
     tried: list[str] = []
     statuses: Counter[int] = Counter()
 
-    def run(operation: Any, mode: GenerationMode, examples: int, share_ends: float) -> None:
+    def run(operation: Any, mode: GenerationMode, examples: int, share_ends: float,
+            path_parameters: dict[str, str] | None = None) -> None:
         """Up to ``examples`` cases of ``operation``; after ``share_ends`` only its first."""
         sent_before = sent["requests"]
 
         @seed(SEED)
         @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck), derandomize=False)
-        @given(case=operation.as_strategy(generation_mode=mode))
+        @given(case=operation.as_strategy(generation_mode=mode, path_parameters=path_parameters))
         def fuzz(case: Any) -> None:
             if sent["requests"] > sent_before and time.monotonic() > share_ends:
                 return  # this operation's share of the budget is spent
@@ -170,6 +195,7 @@ def test_fuzz_a_three_node_cluster_from_its_openapi_document(make_cluster: Any) 
                 raise
             # nothing of the operation can be made invalid (no parameters, no body)
 
+    known = _seed_state(urls[0], headers)
     operations = [result.ok() for result in schema.get_all_operations()]
     fuzzed = [op for op in operations if (op.method.upper(), op.path) not in EXCLUDED]
     for i, operation in enumerate(fuzzed):
@@ -177,8 +203,11 @@ def test_fuzz_a_three_node_cluster_from_its_openapi_document(make_cluster: Any) 
         # Every operation gets an equal share of what is left of the budget (and at least one case per mode).
         share_s = max(0.0, deadline - time.monotonic()) / (len(fuzzed) - i)
         started = time.monotonic()
-        run(operation, GenerationMode.POSITIVE, POSITIVE_EXAMPLES, started + share_s * 2 / 3)
-        run(operation, GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES, started + share_s)
+        run(operation, GenerationMode.POSITIVE, POSITIVE_EXAMPLES, started + share_s * 0.5)
+        run(operation, GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES, started + share_s * 0.8)
+        names = [p["name"] for p in operation.definition.raw.get("parameters", []) if p["in"] == "path"]
+        if names and all(n in known for n in names):  # the same operation on things that exist
+            run(operation, GenerationMode.POSITIVE, KNOWN_EXAMPLES, started + share_s, {n: known[n] for n in names})
     print(f"fuzzed {len(tried)} operations with {sent['requests']} requests (seed {SEED}): "
           f"statuses {dict(sorted(statuses.items()))}")
 
