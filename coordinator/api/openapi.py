@@ -70,6 +70,13 @@ def _security(method: str, path: str) -> tuple[list[dict[str, list[str]]], str]:
     return [{"adminToken": []}, {"agentSignature": []}], name
 
 
+def _permission(method: str, path: str) -> str | None:
+    """What a permission rule asks, in words (its first docstring line), e.g. ``kv on {key}``."""
+    rule = RULES.get((method.upper(), path))
+    doc = getattr(rule, "__doc__", None) if rule is not None and not isinstance(rule, str) else None
+    return doc.strip().split("\n")[0] if doc else None
+
+
 def _responses(op: Op | None) -> dict[str, Any]:
     declared = op.responses if op is not None else {200: None}
     out: dict[str, Any] = {}
@@ -102,6 +109,9 @@ def _operation(method: str, path: str, handler: Any, seen_ids: set[str]) -> dict
         "x-coord-declared": op is not None,
         "responses": _responses(op),
     }
+    permission = _permission(method, path)
+    if permission is not None:
+        out["x-coord-permission"] = permission
     if op is not None and op.tags:
         out["tags"] = list(op.tags)
     if doc and op is not None:

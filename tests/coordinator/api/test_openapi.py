@@ -66,6 +66,12 @@ async def test_security_follows_the_auth_table(h: Harness) -> None:
     assert ops[("PATCH", "/v1/agents/{id}")]["x-coord-auth"] == "self"
     assert ops[("PUT", "/v1/kv/{key}")]["x-coord-auth"] == "permission"
     assert {"adminToken": []} in ops[("PUT", "/v1/kv/{key}")]["security"]
+    assert ops[("PUT", "/v1/kv/{key}")]["x-coord-permission"] == "kv on {key}"
+    assert ops[("POST", "/v1/elections/{name}/campaign")]["x-coord-permission"] == "lock on election/{name}"
+    assert ops[("GET", "/v1/kv")]["x-coord-permission"] == "kv on <prefix>*"
+    assert "x-coord-permission" not in ops[("GET", "/v1/agents")]
+    missing = [k for k, op in ops.items() if op["x-coord-auth"] == "permission" and "x-coord-permission" not in op]
+    assert missing == [], "a permission rule says what it asks in its docstring"
 
 
 async def test_declared_bodies_are_what_the_handlers_accept(h: Harness) -> None:
