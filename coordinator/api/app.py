@@ -19,8 +19,10 @@ from coordinator.api.eventstore import es_routes
 from coordinator.api.keys import CHAOS_DIR, METRICS, NODE
 from coordinator.api.limits import OPEN, OpenLimits, OpenRequests, take_slot
 from coordinator.api.metrics import CONTENT_TYPE, HttpMetrics
+from coordinator.api.openapi import add_openapi_route
 from coordinator.api.routes import routes
 from coordinator.api.sagas import saga_routes
+from coordinator.api.spec import Op
 from coordinator.api.streams import stream_routes
 from coordinator.api.transforms import transform_routes
 from coordinator.api.ui import ui_routes
@@ -79,6 +81,7 @@ def _failure(request: web.Request, exc: Exception) -> web.StreamResponse:
     return error_response(500, "internal", "internal error")
 
 
+@Op("Prometheus metrics (the admin or the metrics token)", tags=("cluster",), content="text/plain")
 async def metrics_handler(request: web.Request) -> web.Response:
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
@@ -106,4 +109,5 @@ def make_app(node: CoordinatorNode, auth: AuthSettings | None = None, *,
     app.router.add_routes(ui_routes)
     app.router.add_routes(chaos_routes)
     app.router.add_get("/metrics", metrics_handler)
+    add_openapi_route(app)  # last: it describes every route above
     return app

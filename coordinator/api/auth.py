@@ -398,6 +398,7 @@ Rule = str | Resource  # "public" | "metrics" | "any" | "admin" | "self" | (requ
 def _param(name: str, action: str, prefix: str = "") -> Resource:
     async def resource(request: web.Request) -> list[tuple[str, str]]:
         return [(action, prefix + request.match_info[name])]
+    resource.__doc__ = f"{action} on {prefix}{{{name}}}"  # what api.openapi tells of the rule
     return resource
 
 
@@ -416,20 +417,23 @@ class Listing(str):
 def _query_prefix(action: str) -> Resource:
     async def resource(request: web.Request) -> list[tuple[str, str]]:
         return [(action, Listing(request.query.get("prefix", "")))]
+    resource.__doc__ = f"{action} on <prefix>*"
     return resource
 
 
 async def _stream_listing(request: web.Request) -> list[tuple[str, str]]:
-    """Listing stream ids: of one category (``<category>-*``) or of all (``*``)."""
+    """stream on <category>-*, or on * without a category (listing stream ids)."""
     category = request.query.get("category")
     return [("stream", Listing(f"{category}-" if category else ""))]
 
 
 async def _category_listing(request: web.Request) -> list[tuple[str, str]]:
+    """stream on {category}-*"""
     return [("stream", Listing(request.match_info["category"] + "-"))]
 
 
 async def _subscription_topic(request: web.Request) -> list[tuple[str, str]]:
+    """subscribe on the body's topic"""
     body = await _json(request)
     topic = body.get("topic") if isinstance(body, dict) else None
     if not isinstance(topic, str):
@@ -443,10 +447,12 @@ def _of_subscription(action: str) -> Resource:
         if sub is None or sub.pattern is None:
             return []  # unknown: the handler answers 404
         return [(action, sub.pattern)]
+    resource.__doc__ = f"{action} on the subscription's topic pattern"
     return resource
 
 
 async def _saga_start(request: web.Request) -> list[tuple[str, str]]:
+    """saga on the body's name, and send or invoke on each step's topic or agent type"""
     body = await _json(request)
     if not isinstance(body, dict):
         return []  # the handler refuses it
@@ -471,6 +477,7 @@ async def _saga_start(request: web.Request) -> list[tuple[str, str]]:
 
 
 async def _saga_cancel(request: web.Request) -> list[tuple[str, str]]:
+    """saga on the saga's name"""
     saga = request.app[NODE].local_view.saga(request.match_info["saga"])
     return [("saga", saga.definition["name"])] if saga is not None else []
 
@@ -488,6 +495,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/readyz"): "public",
     ("GET", "/metrics"): "metrics",  # the admin or the metrics token (public on an anonymous node)
     ("GET", "/v1/status"): "public",
+    ("GET", "/v1/openapi.json"): "public",  # the API's description: what docs/api.md already says
     ("GET", "/v1/cluster"): "any",
     # chaos runs (GET /v1/chaos/runs...) are the operator's: the admin's (paths and ports of the host)
     ("GET", "/ui"): "public",  # the page and its static files hold no data; what they fetch needs credentials
@@ -574,11 +582,11 @@ def _route_of(request: web.Request) -> str:
     resource = request.match_info.route.resource
     if resource is None:
         return ""
-    return _route_name(resource.canonical)
+    return route_name(resource.canonical)
 
 
 @functools.lru_cache(maxsize=1024)  # a few hundred routes; asked on every request
-def _route_name(canonical: str) -> str:
+def route_name(canonical: str) -> str:
     """A route's pattern as RULES names it: ``{name:regex}`` becomes ``{name}``."""
     return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", canonical)
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.auth import forward_signer
 from coordinator.api.routes import checked, node_of, ok
+from coordinator.api.spec import ANY, REQUEST_ID, Op, number, one_of, p, string, with_consistency
 from coordinator.commands.balancer import (
     MAX_TIMEOUT_S,
     MIN_TIMEOUT_S,
@@ -25,6 +26,7 @@ from coordinator.commands.balancer import (
     ServiceRemove,
     check_type,
 )
+from coordinator.commands.base import MAX_NAME_LEN
 from coordinator.errors import InvalidInput
 from coordinator.services.balancer.service import Invocation
 from coordinator.services.node import CoordinatorNode
@@ -37,6 +39,22 @@ TRUE = ("1", "true", "yes")
 VIEW_FIELDS = ("breaker", "inflight", "latency_ms", "requests")  # what one node's balancer knows of an agent
 CLUSTER_VIEW_TIMEOUT_S = 1.0
 
+TYPE = string(MAX_NAME_LEN)
+# A policy's fields (``commands.balancer.POLICY_FIELDS``): the command's parse checks each.
+CONFIGURE = Op("A type's balancing policy", tags=("services",), path={"type": TYPE}, body_required=False,
+               body={**{f: p(ANY) for f in POLICY_FIELDS}, "request_id": p(REQUEST_ID)})
+REMOVE = Op("Remove a type's policy (the defaults apply)", tags=("services",), path={"type": TYPE},
+            body_required=False, body={"request_id": p(REQUEST_ID)})
+DESCRIBE = Op("One agent type: its policy, agents and this node's view of them", tags=("services",),
+              path={"type": TYPE}, query=with_consistency())
+LISTING = Op("Every agent type", tags=("services",),
+             query=with_consistency({"scope": p(one_of("node", "cluster"), "cluster: every member's view too")}))
+INVOKE = Op("Call one agent of the type (any body, passed through; the agent's answer comes back)",
+            tags=("services",), path={"type": TYPE}, query={
+                "key": p(string(KEY_MAX), "a consistent-hash key"),
+                "timeout_s": p(number(MIN_TIMEOUT_S, MAX_TIMEOUT_S)),
+                "idempotent": p(one_of(*TRUE, "false"), "the call may be retried on another agent")})
+
 
 def _type(request: web.Request) -> str:
     """The path's agent type, checked as the service commands check it (before the body is read)."""
@@ -44,6 +62,7 @@ def _type(request: web.Request) -> str:
 
 
 @service_routes.post("/v1/services/{type}/invoke")
+@INVOKE
 async def invoke(request: web.Request) -> web.Response:
     node = node_of(request)
     agent_type = _type(request)
@@ -81,23 +100,26 @@ def _timeout(raw: str | None) -> float | None:
 
 
 @service_routes.put("/v1/services/{type}")
+@CONFIGURE
 async def configure(request: web.Request) -> web.Response:
     agent_type = _type(request)
-    body = await s.json_body(request, {*POLICY_FIELDS, "request_id"}, required=False)
+    body = await s.json_body(request, CONFIGURE)
     command = s.command(ServiceConfigure, {"type": agent_type,
                                            "policy": {k: v for k, v in body.items() if k in POLICY_FIELDS}})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @service_routes.delete("/v1/services/{type}")
+@REMOVE
 async def remove(request: web.Request) -> web.Response:
     agent_type = _type(request)
-    body = await s.json_body(request, {"request_id"}, required=False)
+    body = await s.json_body(request, REMOVE)
     command = s.command(ServiceRemove, {"type": agent_type})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @service_routes.get("/v1/services/{type}")
+@DESCRIBE
 async def describe(request: web.Request) -> web.Response:
     agent_type = _type(request)
     node = node_of(request)
@@ -106,6 +128,7 @@ async def describe(request: web.Request) -> web.Response:
 
 
 @service_routes.get("/v1/services")
+@LISTING
 async def listing(request: web.Request) -> web.Response:
     """Every agent type with its agents, and this node's balancer view of
     each (load, breaker, latency: every node balances its own calls). With

@@ -16,13 +16,38 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.auth import forward_signer, principal_of
 from coordinator.api.routes import node_of, ok
+from coordinator.api.spec import (
+    ANY,
+    REQUEST_ID,
+    Op,
+    Schema,
+    array,
+    boolean,
+    integer,
+    number,
+    obj,
+    one_of,
+    p,
+    string,
+    with_consistency,
+)
 from coordinator.api.visibility import visibility
+from coordinator.commands.base import MAX_KEY_LEN
 from coordinator.commands.bus import (
+    BINDING_MODES,
+    MAX_ACK_IDS,
+    MAX_ATTEMPTS,
+    MAX_BACKLOG,
+    MAX_BATCH,
     MAX_DELAY_MS,
+    MAX_DELIVERY_ID_LEN,
     MAX_FETCH,
     MAX_OFFSET,
     MAX_RETAINED_AGE_MS,
+    MAX_RETAINED_MESSAGES,
+    MAX_TRANSPORT_KEY_LEN,
     MAX_TRANSPORT_NAME_LEN,
+    MAX_URL_LEN,
     MIN_ACK_TIMEOUT_MS,
     MIN_RETAINED_AGE_MS,
     START_KINDS,
@@ -36,8 +61,10 @@ from coordinator.commands.bus import (
     BusUnbind,
     BusUnsubscribe,
 )
+from coordinator.commands.filters import MAX_FILTER_LEN
 from coordinator.commands.messages import FIELDS as MESSAGE_FIELDS
-from coordinator.commands.messages import MAX_ID_LEN
+from coordinator.commands.messages import GUARANTEES, MAX_ID_LEN
+from coordinator.commands.messages import TYPES as MESSAGE_TYPES
 from coordinator.commands.topics import MAX_TOPIC_LEN
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from coordinator.redact import redact_url
@@ -50,6 +77,78 @@ WAIT_MAX_S = 60.0
 FORWARD_MARGIN_S = 5.0
 DLQ_LIMIT_MAX = 10_000
 STREAM_WAIT_S = 10.0
+READ_LIMIT_MAX = 10_000
+REQUEST_TIMEOUT_MIN_S = 0.1
+REQUEST_TIMEOUT_MAX_S = 300.0
+
+
+# -- declarations (``api.spec``): what each route takes; the handlers read their body fields from them -----
+
+TOPIC = string(MAX_TOPIC_LEN)
+CONSUMER_ID = string(MAX_ID_LEN)
+_RID = {"request_id": p(REQUEST_ID)}
+_DELIVERY_IDS = array(string(MAX_DELIVERY_ID_LEN), 1, MAX_ACK_IDS)
+# A message's own fields (``commands.messages.FIELDS``): the bus's parse checks them (``prepare``).
+_MESSAGE_SCHEMAS: dict[str, Schema] = {"type": one_of(*MESSAGE_TYPES), "payload": ANY, "headers": obj(),
+                                       "deliveryOptions": obj(), "id": string(MAX_ID_LEN)}
+MESSAGE_BODY = {f: p(_MESSAGE_SCHEMAS.get(f, ANY)) for f in sorted(MESSAGE_FIELDS)}
+
+TOPICS_LIST = Op("Topics with messages or settings", tags=("bus",),
+                 query=with_consistency({"prefix": p(string(MAX_KEY_LEN, 0))}))
+TOPICS_GET = Op("One topic", tags=("bus",), path={"topic": TOPIC}, query=with_consistency())
+TOPICS_CONFIGURE = Op("A topic's retention", tags=("bus",), path={"topic": TOPIC}, body={
+    "max_messages": p(integer(1, MAX_RETAINED_MESSAGES)),
+    "max_age_s": p(number(MIN_RETAINED_AGE_MS // 1000, MAX_RETAINED_AGE_MS // 1000)), **_RID})
+TOPICS_READ = Op("Read retained messages from an offset (no subscription, no acks)", tags=("bus",),
+                 path={"topic": TOPIC}, query=with_consistency({
+                     "from_offset": p(integer(0, MAX_OFFSET)), "limit": p(integer(1, READ_LIMIT_MAX))}))
+TOPICS_PUBLISH = Op("Publish one message (its fields) or a batch (messages)", tags=("bus",), path={"topic": TOPIC},
+                    body={**MESSAGE_BODY, "messages": p(array(obj(), 1, MAX_BATCH)), **_RID})
+TOPICS_REQUEST = Op("Publish a request and answer with its response (504 when none comes in time)",
+                    tags=("bus",), path={"topic": TOPIC},
+                    body={**MESSAGE_BODY, "timeout_s": p(number(REQUEST_TIMEOUT_MIN_S, REQUEST_TIMEOUT_MAX_S))})
+BINDINGS_BIND = Op("Carry a topic's messages through a broker transport", tags=("bus",), path={"topic": TOPIC},
+                   body={"transport": p(string(MAX_TRANSPORT_NAME_LEN), required=True),
+                         "backlog_max": p(integer(1, MAX_BACKLOG)), "mode": p(one_of(*BINDING_MODES)), **_RID})
+BINDINGS_UNBIND = Op("Stop carrying a topic through a transport", tags=("bus",), path={"topic": TOPIC},
+                     body={"drop_backlog": p(boolean()), **_RID}, body_required=False)
+BINDINGS_LIST = Op("Bindings with their backlog and transport health", tags=("bus",), query=with_consistency())
+TRANSPORTS_CONFIGURE = Op("A broker URL for the whole cluster", tags=("bus",),
+                          path={"name": string(MAX_TRANSPORT_NAME_LEN)},
+                          body={"url": p(string(MAX_URL_LEN), required=True), **_RID})
+TRANSPORTS_REMOVE = Op("Remove a cluster transport URL", tags=("bus",), path={"name": string(MAX_TRANSPORT_NAME_LEN)},
+                       body=_RID, body_required=False)
+TRANSPORTS_LIST = Op("Transports, where their URL comes from, their health", tags=("bus",),
+                     query=with_consistency())
+SUBSCRIPTIONS_CREATE = Op("Subscribe to a topic pattern", tags=("bus",), responses={201: None}, body={
+    "topic": p(TOPIC, "a topic or a pattern (* one token, > the rest)", required=True),
+    "group": p(string(MAX_ID_LEN)), "filter": p(string(MAX_FILTER_LEN)),
+    "guarantee": p(one_of(*GUARANTEES)),
+    "ack_timeout_s": p(number(MIN_ACK_TIMEOUT_MS / 1000, MAX_DELAY_MS // 1000)),
+    "max_attempts": p(integer(1, MAX_ATTEMPTS)), "start": p(one_of("new", "beginning")),
+    "start_offset": p(integer(0, MAX_OFFSET)), "start_time_ms": p(integer(0, MAX_OFFSET)),
+    "agent": p(string(MAX_ID_LEN)), "key": p(string(MAX_TRANSPORT_KEY_LEN)), **_RID})
+SUBSCRIPTIONS_LIST = Op("Subscriptions", tags=("bus",), query=with_consistency())
+SUBSCRIPTIONS_GET = Op("One subscription", tags=("bus",), path={"sub": CONSUMER_ID}, query=with_consistency())
+SUBSCRIPTIONS_DELETE = Op("Unsubscribe", tags=("bus",), path={"sub": CONSUMER_ID}, body=_RID, body_required=False)
+GROUPS_DELETE = Op("Delete a consumer group", tags=("bus",), path={"group": CONSUMER_ID}, body=_RID,
+                   body_required=False)
+_CONSUMER = {"sub": CONSUMER_ID, "agent": CONSUMER_ID}
+FETCH = Op("Fetch deliveries (long poll up to wait_s)", tags=("bus",), path=_CONSUMER, query={
+    "max": p(integer(1, MAX_FETCH)), "wait_s": p(number(0, WAIT_MAX_S))})
+STREAM = Op("Deliveries as Server-Sent Events", tags=("bus",), path=_CONSUMER, content="text/event-stream",
+            query={"max": p(integer(1, MAX_FETCH)), "auto_ack": p(one_of("true", "false"))})
+ACK = Op("Acknowledge deliveries", tags=("bus",), path=_CONSUMER,
+         body={"delivery_ids": p(_DELIVERY_IDS, required=True), **_RID})
+NACK = Op("Give deliveries back (after delay_s), or dead-letter them", tags=("bus",), path=_CONSUMER, body={
+    "delivery_ids": p(_DELIVERY_IDS, required=True), "delay_s": p(number(0, MAX_DELAY_MS // 1000)),
+    "dead_letter": p(boolean()), **_RID})
+DLQ_LIST = Op("Dead letters", tags=("bus",), path=_CONSUMER,
+              query=with_consistency({"limit": p(integer(1, DLQ_LIMIT_MAX))}))
+DLQ_REDRIVE = Op("Deliver dead letters again (the chosen ones, or all)", tags=("bus",), path=_CONSUMER,
+                 body={"delivery_ids": p(_DELIVERY_IDS), **_RID}, body_required=False)
+DLQ_PURGE = Op("Drop dead letters (the chosen ones, or all)", tags=("bus",), path=_CONSUMER,
+               body={"delivery_ids": p(_DELIVERY_IDS), **_RID}, body_required=False)
 
 
 async def _here_or_leader(request: web.Request, call: Any, timeout_s: float) -> web.Response:
@@ -90,6 +189,7 @@ def _delivery_ids(body: dict[str, Any], required: bool = True) -> list[str] | No
 # -- topics ------------------------------------------------------------------------------
 
 @bus_routes.get("/v1/topics")
+@TOPICS_LIST
 async def topics_list(request: web.Request) -> web.Response:
     node = node_of(request)
     view = await node.view(s.consistency(request))
@@ -98,6 +198,7 @@ async def topics_list(request: web.Request) -> web.Response:
 
 
 @bus_routes.get("/v1/topics/{topic}")
+@TOPICS_GET
 async def topics_get(request: web.Request) -> web.Response:
     node = node_of(request)
     name = _topic(request)
@@ -112,8 +213,9 @@ async def topics_get(request: web.Request) -> web.Response:
 
 
 @bus_routes.put("/v1/topics/{topic}")
+@TOPICS_CONFIGURE
 async def topics_configure(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {"max_messages", "max_age_s", "request_id"})
+    body = await s.json_body(request, TOPICS_CONFIGURE)
     args: dict[str, Any] = {"topic": _topic(request)}
     if body.get("max_messages") is not None:
         args["max_messages"] = body["max_messages"]
@@ -125,12 +227,13 @@ async def topics_configure(request: web.Request) -> web.Response:
 
 
 @bus_routes.get("/v1/topics/{topic}/messages")
+@TOPICS_READ
 async def topics_read(request: web.Request) -> web.Response:
     """Read retained messages directly, from an offset (no subscription, no acks)."""
     node = node_of(request)
     name = _topic(request)
     from_offset = s.query_int(request, "from_offset", 1, 0, MAX_OFFSET)
-    limit = s.query_int(request, "limit", 100, 1, 10_000)
+    limit = s.query_int(request, "limit", 100, 1, READ_LIMIT_MAX)
     page = (await node.view(s.consistency(request))).retained(name, from_offset, limit)
     if page is None:
         return ok({"topic": name, "messages": [], "next_offset": 1, "first_offset": None})
@@ -157,10 +260,11 @@ def _sourced(request: web.Request, raw: list[Any]) -> list[Any]:
 
 
 @bus_routes.post("/v1/topics/{topic}/messages")
+@TOPICS_PUBLISH
 async def topics_publish(request: web.Request) -> web.Response:
     node = node_of(request)
     topic = _topic(request)
-    body = await s.json_body(request, MESSAGE_FIELDS | {"messages", "request_id"})
+    body = await s.json_body(request, TOPICS_PUBLISH)
     origin = s.origin(request, body)
     body.pop("request_id", None)
     if "messages" in body:
@@ -185,12 +289,13 @@ async def topics_publish(request: web.Request) -> web.Response:
 
 
 @bus_routes.post("/v1/topics/{topic}/request")
+@TOPICS_REQUEST
 async def topics_request(request: web.Request) -> web.Response:
     """Publish a request and answer with the response (504 when none comes in time)."""
     node = node_of(request)
     topic = _topic(request)
-    body = await s.json_body(request, MESSAGE_FIELDS | {"timeout_s"})
-    timeout_s = s.number(body.pop("timeout_s", 30.0), "timeout_s", 0.1, 300.0)
+    body = await s.json_body(request, TOPICS_REQUEST)
+    timeout_s = s.number(body.pop("timeout_s", 30.0), "timeout_s", REQUEST_TIMEOUT_MIN_S, REQUEST_TIMEOUT_MAX_S)
     body["type"] = body.get("type", "request")
     if body["type"] != "request":
         raise InvalidInput("type: a request has type request", field="type")
@@ -203,10 +308,11 @@ async def topics_request(request: web.Request) -> web.Response:
 # -- transport bindings ---------------------------------------------------------------------
 
 @bus_routes.put("/v1/topics/{topic}/binding")
+@BINDINGS_BIND
 async def bindings_bind(request: web.Request) -> web.Response:
     """Carry the topic's messages from now on through a broker transport."""
     node = node_of(request)
-    body = await s.json_body(request, {"transport", "backlog_max", "mode", "request_id"})
+    body = await s.json_body(request, BINDINGS_BIND)
     transport = s.name(body.get("transport"), "transport", MAX_TRANSPORT_NAME_LEN)
     configured = sorted(node.transports.transports)
     if transport not in configured:
@@ -221,8 +327,9 @@ async def bindings_bind(request: web.Request) -> web.Response:
 
 
 @bus_routes.delete("/v1/topics/{topic}/binding")
+@BINDINGS_UNBIND
 async def bindings_unbind(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {"drop_backlog", "request_id"}, required=False)
+    body = await s.json_body(request, BINDINGS_UNBIND)
     args: dict[str, Any] = {"topic": _topic(request)}
     if body.get("drop_backlog") is not None:
         args["drop_backlog"] = body["drop_backlog"]
@@ -230,6 +337,7 @@ async def bindings_unbind(request: web.Request) -> web.Response:
 
 
 @bus_routes.get("/v1/bindings")
+@BINDINGS_LIST
 async def bindings_list(request: web.Request) -> web.Response:
     """Bindings with their backlog (messages the broker has not confirmed) and
     this node's view of each transport's health (the leader's is the one that drives)."""
@@ -241,9 +349,10 @@ async def bindings_list(request: web.Request) -> web.Response:
 
 
 @bus_routes.put("/v1/transports/{name}")
+@TRANSPORTS_CONFIGURE
 async def transports_configure(request: web.Request) -> web.Response:
     """A broker URL for the whole cluster (committed); a node's own config wins."""
-    body = await s.json_body(request, {"url", "request_id"})
+    body = await s.json_body(request, TRANSPORTS_CONFIGURE)
     name = s.name(request.match_info["name"], "name", MAX_TRANSPORT_NAME_LEN)
     url = body.get("url")
     if url is None:  # a PUT sets a URL; DELETE removes it
@@ -253,14 +362,16 @@ async def transports_configure(request: web.Request) -> web.Response:
 
 
 @bus_routes.delete("/v1/transports/{name}")
+@TRANSPORTS_REMOVE
 async def transports_remove(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {"request_id"}, required=False)
+    body = await s.json_body(request, TRANSPORTS_REMOVE)
     name = s.name(request.match_info["name"], "name", MAX_TRANSPORT_NAME_LEN)
     command = s.command(BusTransportConfigure, {"name": name, "url": None})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @bus_routes.get("/v1/transports")
+@TRANSPORTS_LIST
 async def transports_list(request: web.Request) -> web.Response:
     """Transports this node has, where their URL comes from (passwords hidden), and their health."""
     node = node_of(request)
@@ -280,10 +391,10 @@ async def transports_list(request: web.Request) -> web.Response:
 # -- subscriptions -------------------------------------------------------------------------
 
 @bus_routes.post("/v1/subscriptions")
+@SUBSCRIPTIONS_CREATE
 async def subscriptions_create(request: web.Request) -> web.Response:
     node = node_of(request)
-    body = await s.json_body(request, {"topic", "group", "filter", "guarantee", "ack_timeout_s", "max_attempts",
-                                       "start", "start_offset", "start_time_ms", "agent", "key", "request_id"})
+    body = await s.json_body(request, SUBSCRIPTIONS_CREATE)
     # The API's own checks: a topic named as a string first (its tokens are the
     # parse's), the seconds of ack_timeout_s, and which of the start fields is given.
     args: dict[str, Any] = {"topic": s.name(body.get("topic"), "topic", MAX_TOPIC_LEN)}
@@ -318,6 +429,7 @@ def _start(body: dict[str, Any]) -> dict[str, Any]:
 
 
 @bus_routes.get("/v1/subscriptions")
+@SUBSCRIPTIONS_LIST
 async def subscriptions_list(request: web.Request) -> web.Response:
     node = node_of(request)
     view = await node.view(s.consistency(request))
@@ -327,6 +439,7 @@ async def subscriptions_list(request: web.Request) -> web.Response:
 
 
 @bus_routes.get("/v1/subscriptions/{sub}")
+@SUBSCRIPTIONS_GET
 async def subscriptions_get(request: web.Request) -> web.Response:
     node = node_of(request)
     sub_id = _selector(request)["sub"]
@@ -342,15 +455,17 @@ async def subscriptions_get(request: web.Request) -> web.Response:
 
 
 @bus_routes.delete("/v1/subscriptions/{sub}")
+@SUBSCRIPTIONS_DELETE
 async def subscriptions_delete(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {"request_id"}, required=False)
+    body = await s.json_body(request, SUBSCRIPTIONS_DELETE)
     command = s.command(BusUnsubscribe, _selector(request))
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @bus_routes.delete("/v1/groups/{group}")
+@GROUPS_DELETE
 async def groups_delete(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {"request_id"}, required=False)
+    body = await s.json_body(request, GROUPS_DELETE)
     group = s.name(request.match_info["group"], "group", MAX_ID_LEN)
     command = s.command(BusGroupDelete, {"group": group})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
@@ -358,6 +473,7 @@ async def groups_delete(request: web.Request) -> web.Response:
 
 # -- deliveries (a subscription's, or an agent's inbox) ------------------------------------------
 
+@FETCH
 async def fetch(request: web.Request) -> web.Response:
     node = node_of(request)
     selector = _selector(request)
@@ -366,6 +482,7 @@ async def fetch(request: web.Request) -> web.Response:
     return await _here_or_leader(request, lambda: node.bus.fetch(selector, max_n, wait_s), wait_s + FORWARD_MARGIN_S)
 
 
+@STREAM
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: one ``message`` event per delivery (its id is the
     delivery id). ``auto_ack=true`` acks each batch once written."""
@@ -446,16 +563,18 @@ async def _ack_anywhere(node: CoordinatorNode, base: str, selector: dict[str, st
             raise Unavailable(f"the leader answered {status} to an ack", retry_after_s=0.5) from None
 
 
+@ACK
 async def ack(request: web.Request) -> web.Response:
     node = node_of(request)
-    body = await s.json_body(request, {"delivery_ids", "request_id"})
+    body = await s.json_body(request, ACK)
     selector, ids, origin = _selector(request), _delivery_ids(body), s.origin(request, body)
     return await _here_or_leader(request, lambda: node.bus.ack(selector, ids or [], origin),
                                  node.proposer.timeout_s + FORWARD_MARGIN_S)
 
 
+@NACK
 async def nack(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {"delivery_ids", "delay_s", "dead_letter", "request_id"})
+    body = await s.json_body(request, NACK)
     args: dict[str, Any] = {**_selector(request), "delivery_ids": _delivery_ids(body)}
     if body.get("delay_s") is not None:
         args["delay_ms"] = int(s.number(body["delay_s"], "delay_s", 0, MAX_DELAY_MS // 1000) * 1000)
@@ -472,6 +591,7 @@ async def nack(request: web.Request) -> web.Response:
                                  node.proposer.timeout_s + FORWARD_MARGIN_S)
 
 
+@DLQ_LIST
 async def dlq_list(request: web.Request) -> web.Response:
     node = node_of(request)
     selector = _selector(request)
@@ -484,9 +604,9 @@ async def dlq_list(request: web.Request) -> web.Response:
     return ok({"dead_letters": letters, "count": count})
 
 
-async def _dlq_write(request: web.Request, command_type: type[BusDlqRedrive]) -> web.Response:
+async def _dlq_write(request: web.Request, command_type: type[BusDlqRedrive], op: Op) -> web.Response:
     """Redrive or purge dead letters: the chosen ``delivery_ids``, or all."""
-    body = await s.json_body(request, {"delivery_ids", "request_id"}, required=False)
+    body = await s.json_body(request, op)
     args: dict[str, Any] = dict(_selector(request))
     ids = _delivery_ids(body, required=False)
     if ids is not None:
@@ -494,12 +614,14 @@ async def _dlq_write(request: web.Request, command_type: type[BusDlqRedrive]) ->
     return ok(await node_of(request).write_command(s.command(command_type, args), s.origin(request, body)))
 
 
+@DLQ_REDRIVE
 async def dlq_redrive(request: web.Request) -> web.Response:
-    return await _dlq_write(request, BusDlqRedrive)
+    return await _dlq_write(request, BusDlqRedrive, DLQ_REDRIVE)
 
 
+@DLQ_PURGE
 async def dlq_purge(request: web.Request) -> web.Response:
-    return await _dlq_write(request, BusDlqPurge)
+    return await _dlq_write(request, BusDlqPurge, DLQ_PURGE)
 
 
 for _prefix in ("/v1/subscriptions/{sub}", "/v1/agents/{agent}"):

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from coordinator.api.keys import CHAOS_DIR
 from coordinator.api.routes import ok
+from coordinator.api.spec import Op
 from coordinator.errors import NotFound
 
 chaos_routes = web.RouteTableDef()
@@ -62,6 +63,7 @@ def _run_of(request: web.Request) -> Path:
 
 
 @chaos_routes.get("/v1/chaos/runs")
+@Op("Chaos runs of this host (admin)", tags=("chaos",))
 async def list_runs(request: web.Request) -> web.Response:
     directory = request.app[CHAOS_DIR]
     if directory is None:
@@ -71,6 +73,7 @@ async def list_runs(request: web.Request) -> web.Response:
 
 
 @chaos_routes.get("/v1/chaos/runs/{run}")
+@Op("One chaos run's summary (admin)", tags=("chaos",))
 async def get_run(request: web.Request) -> web.Response:
     run = _run_of(request)
 
@@ -87,6 +90,7 @@ async def get_run(request: web.Request) -> web.Response:
 
 
 @chaos_routes.get("/v1/chaos/runs/{run}/latency.png")
+@Op("One chaos run's latency plot (admin)", tags=("chaos",), content="image/png")
 async def get_plot(request: web.Request) -> web.Response:
     run = _run_of(request)
     body = await asyncio.to_thread(_read, run, "latency.png", PLOT_MAX_BYTES)

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.routes import checked, node_of, ok, sse, sse_resume
+from coordinator.api.spec import ANY, REQUEST_ID, Op, array, integer, obj, one_of, p, string, with_consistency
 from coordinator.api.visibility import visibility
 from coordinator.commands.eventstore import (
     MAX_POSITION,
@@ -35,12 +36,51 @@ from coordinator.commands.projections import (
     ProjectionRebuild,
     check_name,
 )
+from coordinator.commands.projections import MAX_NAME_LEN as PROJECTION_NAME_MAX_LEN
 from coordinator.errors import InvalidInput, NotFound
 
 es_routes = web.RouteTableDef()
 
 READ_LIMIT_MAX = 1000
 LIST_LIMIT_MAX = 1000
+
+_RID = {"request_id": p(REQUEST_ID)}
+STREAM = string(MAX_STREAM_ID_LEN)
+CATEGORY = string(MAX_STREAM_ID_LEN)
+PROJECTION = string(PROJECTION_NAME_MAX_LEN, pattern="^[^/]*$")
+_EXPECTED = p(ANY, "the stream's current version (-1: it must not exist); 409 otherwise")
+APPEND = Op("Append events to a stream", tags=("eventstore",), path={"stream": STREAM}, responses={201: None},
+            body={"events": p(array(obj(), 1), required=True), "expected_version": _EXPECTED, **_RID})
+READ = Op("Read a stream (with its snapshot)", tags=("eventstore",), path={"stream": STREAM},
+          query=with_consistency({"direction": p(one_of("forward", "backward")),
+                                  "from_version": p(integer(0, MAX_VERSION)),
+                                  "limit": p(integer(1, READ_LIMIT_MAX))}))
+DELETE = Op("Delete a stream", tags=("eventstore",), path={"stream": STREAM}, body_required=False,
+            query={"expected_version": p(string(32), "as in the body")},
+            body={"expected_version": _EXPECTED, **_RID})
+# The snapshot's fields (``commands.eventstore.SNAPSHOT_FIELDS``), the stream from the path.
+SNAPSHOT = Op("Snapshot a stream (and truncate it)", tags=("eventstore",), path={"stream": STREAM},
+              body={**{f: p(ANY, required=f in ("version", "state")) for f in SNAPSHOT_FIELDS if f != "stream"},
+                    **_RID})
+LIST = Op("Stream ids (of a category), paged", tags=("eventstore",), query=with_consistency({
+    "category": p(CATEGORY), "after": p(string(MAX_STREAM_ID_LEN, 0)), "limit": p(integer(1, LIST_LIMIT_MAX))}))
+STORE = Op("The event store's totals and limits", tags=("eventstore",), query=with_consistency())
+CATEGORY_READ = Op("A category's events in commit order", tags=("eventstore",), path={"category": CATEGORY},
+                   query=with_consistency({"from_position": p(integer(1, MAX_POSITION)),
+                                           "limit": p(integer(1, READ_LIMIT_MAX))}))
+CATEGORY_WATCH = Op("A category's events, live (Server-Sent Events; Last-Event-ID resumes)", tags=("eventstore",),
+                    path={"category": CATEGORY}, content="text/event-stream",
+                    query={"from_position": p(integer(1, MAX_POSITION))})
+# A projection's definition (``commands.projections.DEFINITION_FIELDS``): its parse checks every part.
+PROJECTION_PUT = Op("Define a projection", tags=("eventstore",), path={"name": PROJECTION},
+                    body={**{f: p(ANY) for f in DEFINITION_FIELDS}, **_RID})
+PROJECTION_GET = Op("One projection and its state", tags=("eventstore",), path={"name": PROJECTION},
+                    query=with_consistency())
+PROJECTIONS = Op("Projections", tags=("eventstore",), query=with_consistency())
+PROJECTION_REBUILD = Op("Rebuild a projection from the start", tags=("eventstore",), path={"name": PROJECTION},
+                        body=_RID, body_required=False)
+PROJECTION_DELETE = Op("Delete a projection", tags=("eventstore",), path={"name": PROJECTION}, body=_RID,
+                       body_required=False)
 
 
 def _stream_id(request: web.Request) -> str:
@@ -56,9 +96,10 @@ def _category(request: web.Request) -> str:
 
 
 @es_routes.post("/v1/streams/{stream}")
+@APPEND
 async def append(request: web.Request) -> web.Response:
     stream = _stream_id(request)
-    body = await s.json_body(request, {"expected_version", "events", "request_id"})
+    body = await s.json_body(request, APPEND)
     args: dict[str, Any] = {"stream": stream, "events": body.get("events")}
     if "expected_version" in body:
         args["expected_version"] = body["expected_version"]
@@ -71,6 +112,7 @@ async def append(request: web.Request) -> web.Response:
 
 
 @es_routes.get("/v1/streams/{stream}")
+@READ
 async def read_stream(request: web.Request) -> web.Response:
     stream = _stream_id(request)
     direction = request.query.get("direction", "forward")
@@ -88,9 +130,10 @@ async def read_stream(request: web.Request) -> web.Response:
 
 
 @es_routes.delete("/v1/streams/{stream}")
+@DELETE
 async def delete_stream(request: web.Request) -> web.Response:
     stream = _stream_id(request)
-    body = await s.json_body(request, {"expected_version", "request_id"}, required=False)
+    body = await s.json_body(request, DELETE)
     args: dict[str, Any] = {"stream": stream}
     raw = body.get("expected_version", request.query.get("expected_version"))
     if raw is not None:
@@ -102,14 +145,16 @@ async def delete_stream(request: web.Request) -> web.Response:
 
 
 @es_routes.put("/v1/streams/{stream}/snapshot")
+@SNAPSHOT
 async def put_snapshot(request: web.Request) -> web.Response:
     stream = _stream_id(request)
-    body = await s.json_body(request, {*SNAPSHOT_FIELDS, "request_id"} - {"stream"})
+    body = await s.json_body(request, SNAPSHOT)
     command = s.command(EsSnapshot, {"stream": stream, **{k: v for k, v in body.items() if k != "request_id"}})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @es_routes.get("/v1/streams")
+@LIST
 async def list_streams(request: web.Request) -> web.Response:
     category = request.query.get("category")
     if category is not None:
@@ -124,6 +169,7 @@ async def list_streams(request: web.Request) -> web.Response:
 
 
 @es_routes.get("/v1/eventstore")
+@STORE
 async def describe_store(request: web.Request) -> web.Response:
     node = node_of(request)
     view = await node.view(s.consistency(request))
@@ -134,6 +180,7 @@ async def describe_store(request: web.Request) -> web.Response:
 
 
 @es_routes.get("/v1/categories/{category}/events")
+@CATEGORY_READ
 async def read_category(request: web.Request) -> web.Response:
     category = _category(request)
     from_position = s.query_int(request, "from_position", 1, 1, MAX_POSITION) or 1
@@ -145,6 +192,7 @@ async def read_category(request: web.Request) -> web.Response:
 
 
 @es_routes.get("/v1/categories/{category}/watch")
+@CATEGORY_WATCH
 async def watch_category(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: every event appended to the category from
     ``from_position`` on (default: from now), ``id:`` its position, so a
@@ -167,15 +215,17 @@ def _projection_name(request: web.Request) -> str:
 
 
 @es_routes.put("/v1/projections/{name}")
+@PROJECTION_PUT
 async def put_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
-    body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
+    body = await s.json_body(request, PROJECTION_PUT)
     definition = {k: v for k, v in body.items() if k != "request_id"}
     command = s.command(ProjectionPut, {"name": name, "definition": definition})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @es_routes.get("/v1/projections/{name}")
+@PROJECTION_GET
 async def get_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
     node = node_of(request)
@@ -188,6 +238,7 @@ async def get_projection(request: web.Request) -> web.Response:
 
 
 @es_routes.get("/v1/projections")
+@PROJECTIONS
 async def list_projections(request: web.Request) -> web.Response:
     node = node_of(request)
     view = await node.view(s.consistency(request))
@@ -196,14 +247,16 @@ async def list_projections(request: web.Request) -> web.Response:
 
 
 @es_routes.post("/v1/projections/{name}/rebuild")
+@PROJECTION_REBUILD
 async def rebuild_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
-    body = await s.json_body(request, {"request_id"}, required=False)
+    body = await s.json_body(request, PROJECTION_REBUILD)
     return ok(await node_of(request).write_command(ProjectionRebuild(name), s.origin(request, body)))
 
 
 @es_routes.delete("/v1/projections/{name}")
+@PROJECTION_DELETE
 async def delete_projection(request: web.Request) -> web.Response:
     name = _projection_name(request)
-    body = await s.json_body(request, {"request_id"}, required=False)
+    body = await s.json_body(request, PROJECTION_DELETE)
     return ok(await node_of(request).write_command(ProjectionDelete(name), s.origin(request, body)))

@@ -23,11 +23,13 @@ counted against the same principal.
 
 from __future__ import annotations
 
+import json
 import resource
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, InvalidHeader, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from coordinator.api.auth import principal_of
@@ -134,6 +136,7 @@ class BoundedRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
+        server.__class__ = _JsonRefusingServer  # its handlers answer parser refusals as JSON (no new state)
         admit = server.connection_made
         slots = self._app[OPEN]
         cap = self.connections_max
@@ -149,3 +152,37 @@ class BoundedRunner(web.AppRunner):
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         return server
+
+
+
+# What a refusal of aiohttp's parser names: the part of the request at fault.
+_PARSER_FIELDS: dict[type, str] = {InvalidURLError: "url", BadHttpMethod: "method", InvalidHeader: "headers"}
+
+class _JsonRefusingHandler(RequestHandler):
+    """aiohttp's answer to a request its parser refuses (a request line or a
+    header over ``max_line_size``, a malformed request: 400, before any
+    handler) given as the error body every other refusal has, naming the
+    field: ``url`` for the request line, ``headers`` for the rest. Other
+    statuses stay aiohttp's (the edge middleware answers whatever a handler raises)."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)  # logs; refuses once bytes went out
+        if status != 400:
+            return response
+        text = str(getattr(exc, "message", None) or message or "bad request")
+        reading = text.partition("when reading: ")[2]
+        if isinstance(exc, LineTooLong):  # the request line's, or a header's
+            field = "url" if reading.startswith(("bytearray(b'/", "b'/")) else "headers"
+        else:
+            field = _PARSER_FIELDS.get(type(exc), "request")
+        summary = text.split(":", 1)[0] if reading else text.strip().split("\n")[0][:200].rstrip(": ")
+        body = json.dumps({"error": {"code": "invalid", "message": f"{field}: {summary}", "field": field}})
+        refusal = web.Response(status=400, text=body, content_type="application/json")
+        refusal.force_close()
+        return refusal
+
+
+class _JsonRefusingServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonRefusingHandler(self, loop=self._loop, **self._kwargs)

@@ -13,9 +13,26 @@ from aiohttp import web
 from coordinator.api import schemas as s
 from coordinator.api.auth import AUTH, check_proof, forward_signer, principal_of
 from coordinator.api.keys import NODE
+from coordinator.api.spec import (
+    ANY,
+    REQUEST_ID,
+    Op,
+    array,
+    boolean,
+    integer,
+    number,
+    obj,
+    one_of,
+    p,
+    string,
+    with_consistency,
+)
 from coordinator.api.visibility import visibility
+from coordinator.commands.access import MAX_PUBLIC_KEY_LEN
 from coordinator.commands.agents import (
     HEALTH_STATES,
+    MAX_ENDPOINT_LEN,
+    MAX_WEIGHT,
     AgentDeregister,
     AgentRegister,
     AgentUpdate,
@@ -25,7 +42,15 @@ from coordinator.commands.agents import (
     check_metadata,
     check_weight,
 )
-from coordinator.commands.base import DomainCommand, Rejected
+from coordinator.commands.base import (
+    MAX_KEY_LEN,
+    MAX_NAME_LEN,
+    MAX_TOKEN,
+    MAX_TTL_MS,
+    MIN_TTL_MS,
+    DomainCommand,
+    Rejected,
+)
 from coordinator.commands.cluster import MemberRegister, MemberRemove, check_address, check_node_id
 from coordinator.commands.endpoints import endpoint_refusal
 from coordinator.commands.kv import KvCas, KvDelete, KvPut
@@ -46,6 +71,81 @@ EVENT_TYPE_MAX_LEN = 128  # one name in /v1/events?types=
 SSE_KEEPALIVE_S = 15.0
 LEASES_TIMEOUT_S = 1.0
 SNAPSHOT_CHUNK_BYTES = 1 << 20
+
+
+# -- declarations (``api.spec``): what each route takes; the handlers read their body fields from them -----
+
+KEY = string(MAX_KEY_LEN)
+AGENT_ID = string(MAX_NAME_LEN)
+LOCK_NAME = string(MAX_NAME_LEN)
+ELECTION_NAME = string(MAX_ELECTION_NAME_LEN)
+TTL_S = number(MIN_TTL_MS / 1000, MAX_TTL_MS / 1000)
+FENCE = obj({"lock": string(MAX_NAME_LEN), "token": integer(0, MAX_TOKEN)}, ("lock", "token"), additional=False)
+KV_ITEM = obj({"key": KEY, "value": ANY, "revision": integer(0), "create_revision": integer(0),
+               "version": integer(0)}, ("key", "value", "revision"))
+_ADDRESS = string(MAX_NAME_LEN, pattern=r"^.+:[0-9]{1,5}$", description="host:port")
+REVISION = obj({"revision": integer(0)}, ("revision",))
+LEASE = obj({"id": string(MAX_NAME_LEN), "lease_id": integer(0), "ttl_s": number(0, MAX_TTL_MS / 1000)},
+            ("id", "lease_id", "ttl_s"))
+FENCING = obj({"fencing_token": integer(0)}, ("fencing_token",))
+EVENT = obj({"seq": integer(1), "type": string(EVENT_TYPE_MAX_LEN), "data": ANY, "time_ms": integer(0),
+             "index": integer(0)}, ("seq", "type", "data", "time_ms"))
+MEMBER = obj({"id": string(MAX_NAME_LEN), "raft": string(MAX_NAME_LEN), "http": string(MAX_NAME_LEN)},
+             ("id", "raft", "http"))
+
+MEMBERS_ADD = Op("Add a member (it joins as a voter once caught up)", tags=("cluster",), body={
+    "id": p(string(MAX_NAME_LEN, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"), required=True),
+    "raft": p(_ADDRESS, "its Raft address", required=True),
+    "http": p(_ADDRESS, "its HTTP address", required=True)}, responses={201: None})
+KV_LIST = Op("List keys (by prefix, paged)", tags=("kv",), query=with_consistency({
+    "prefix": p(string(MAX_KEY_LEN, 0)), "limit": p(integer(1, LIST_LIMIT_MAX)),
+    "start_after": p(string(MAX_KEY_LEN, 0))}),
+    responses={200: obj({"items": array(KV_ITEM), "more": boolean(), "revision": integer(0)},
+                        ("items", "more", "revision"))})
+_KV_WRITE = {"fence": p(FENCE, "a lock and its fencing token: refused unless current"), "request_id": p(REQUEST_ID)}
+KV_PUT = Op("Write a key", tags=("kv",), path={"key": KEY}, body={"value": p(ANY, required=True), **_KV_WRITE},
+            responses={200: REVISION})
+KV_CAS = Op("Compare and set a key", tags=("kv",), path={"key": KEY}, body={
+    "value": p(ANY, required=True), "expected": p(ANY, "the current value (null: the key must not exist)"),
+    "expected_revision": p(integer(0, MAX_TOKEN)), **_KV_WRITE}, responses={200: REVISION})
+KV_DELETE = Op("Delete a key", tags=("kv",), path={"key": KEY}, body=_KV_WRITE, body_required=False,
+               responses={200: REVISION})
+AGENTS_REGISTER = Op("Register (join as) an agent; public: the handler checks the self-signature and proof",
+                     tags=("agents",), responses={201: LEASE}, body={
+    "id": p(AGENT_ID, "default: a random id"), "type": p(string(MAX_NAME_LEN), required=True),
+    "metadata": p(obj()), "ttl_s": p(TTL_S, f"lease, default {DEFAULT_AGENT_TTL_S}"),
+    "endpoint": p(string(MAX_ENDPOINT_LEN), "a URL the leader may call"),
+    "weight": p(integer(1, MAX_WEIGHT)), "public_key": p(string(MAX_PUBLIC_KEY_LEN), "base64 Ed25519 public key"),
+    "proof": p(obj(), "a solved join challenge, when the admin set a difficulty"), "request_id": p(REQUEST_ID)})
+AGENTS_LIST = Op("Registered agents", tags=("agents",), query=with_consistency({
+    "type": p(string(MAX_NAME_LEN, 0)), "leases": p(one_of("local", "leader"))}))
+AGENTS_UPDATE = Op("Change an agent's weight, endpoint or metadata", tags=("agents",), path={"id": AGENT_ID}, body={
+    "weight": p(integer(1, MAX_WEIGHT)), "endpoint": p(string(MAX_ENDPOINT_LEN)), "metadata": p(obj()),
+    "request_id": p(REQUEST_ID)})
+AGENTS_HEARTBEAT = Op("Renew an agent's lease", tags=("agents",), path={"id": AGENT_ID}, body_required=False,
+                      body={"health": p(one_of(*HEALTH_STATES))})
+AGENTS_DEREGISTER = Op("Deregister an agent", tags=("agents",), path={"id": AGENT_ID}, body_required=False,
+                       body={"request_id": p(REQUEST_ID)})
+_HOLDER = string(MAX_NAME_LEN)
+LOCKS_ACQUIRE = Op("Acquire a lock (a fencing token)", tags=("locks",), path={"name": LOCK_NAME}, body={
+    "holder": p(_HOLDER, "required of the admin; an agent's own id by default"),
+    "ttl_s": p(TTL_S, f"default {DEFAULT_LOCK_TTL_S}"), "request_id": p(REQUEST_ID)}, responses={200: FENCING})
+LOCKS_RELEASE = Op("Release a lock", tags=("locks",), path={"name": LOCK_NAME},
+                   body={"holder": p(_HOLDER, "required of the admin"), "request_id": p(REQUEST_ID)})
+ELECTIONS_CAMPAIGN = Op("Campaign to lead an election", tags=("locks",), path={"name": ELECTION_NAME}, body={
+    "candidate": p(_HOLDER, "required of the admin"), "ttl_s": p(TTL_S), "request_id": p(REQUEST_ID)},
+    responses={200: obj({"elected": boolean(), "leader": _HOLDER, "fencing_token": integer(0)},
+                        ("elected", "leader", "fencing_token"))})
+ELECTIONS_RESIGN = Op("Resign an election", tags=("locks",), path={"name": ELECTION_NAME},
+                      body={"candidate": p(_HOLDER, "required of the admin"), "request_id": p(REQUEST_ID)})
+_TYPES = p(string(LIST_LIMIT_MAX, 0), f"comma-separated event types (each at most {EVENT_TYPE_MAX_LEN})")
+EVENTS_LIST = Op("The event log", tags=("events",), query=with_consistency({
+    "from_seq": p(integer(1)), "limit": p(integer(1, LIST_LIMIT_MAX)), "types": _TYPES}),
+    responses={200: obj({"events": array(EVENT), "last_seq": integer(0)}, ("events", "last_seq"))})
+EVENTS_WATCH = Op("Watch the event log (Server-Sent Events; Last-Event-ID resumes)", tags=("events",),
+                  content="text/event-stream", query={"from_seq": p(integer(1)), "types": _TYPES})
+KV_WATCH = Op("Watch keys under a prefix (Server-Sent Events; Last-Event-ID resumes)", tags=("kv",),
+              content="text/event-stream", query={"prefix": p(string(MAX_KEY_LEN, 0)), "from_revision": p(integer(1))})
 
 
 def checked(attempt: Callable[[], Any]) -> Any:
@@ -71,22 +171,27 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one 
 # -- cluster ---------------------------------------------------------------------
 
 @routes.get("/v1/status")
+@Op("This node's status: role, leader, members, log indexes, state digest", tags=("cluster",))
 async def status(request: web.Request) -> web.Response:
     return ok(node_of(request).status())
 
 
 @routes.get("/v1/cluster")
+@Op("Every member's status as it reports it", tags=("cluster",))
 async def cluster(request: web.Request) -> web.Response:
     """Every member's status as it reports it (the dashboard's cluster panel)."""
     return ok(await node_of(request).cluster_view())
 
 
 @routes.get("/healthz")
+@Op("Liveness: the process answers", tags=("cluster",),
+    responses={200: obj({"status": ANY, "node": ANY}, ("status", "node"))})
 async def healthz(request: web.Request) -> web.Response:
     return ok({"status": "alive", "node": node_of(request).identity.node_id})
 
 
 @routes.get("/readyz")
+@Op("Readiness: 503 (with Retry-After) until the node can serve", tags=("cluster",))
 async def readyz(request: web.Request) -> web.Response:
     ready, reason = node_of(request).readiness()
     if ready:
@@ -97,13 +202,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/members")
+@Op("The members of the cluster", tags=("cluster",),
+    responses={200: obj({"members": array(MEMBER)}, ("members",))})
 async def members_list(request: web.Request) -> web.Response:
     return ok({"members": node_of(request).status()["members"]})
 
 
 @routes.post("/v1/members")
+@MEMBERS_ADD
 async def members_add(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {"id", "raft", "http"})
+    body = await s.json_body(request, MEMBERS_ADD)
     node_id = checked(lambda: check_node_id(body.get("id")))
     if not NODE_ID.fullmatch(node_id):
         raise InvalidInput("id: a member id is letters, digits, '.', '_' or '-', starting with a letter or digit",
@@ -114,12 +222,14 @@ async def members_add(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/members/{id}")
+@Op("Remove a member", tags=("cluster",), responses={200: None})
 async def members_remove(request: web.Request) -> web.Response:
     command = s.command(MemberRemove, {"id": request.match_info["id"]})
     return ok(await node_of(request).remove_member(command))
 
 
 @routes.get("/v1/snapshot")
+@Op("Download a consistent snapshot file (admin)", tags=("cluster",), content="application/octet-stream")
 async def snapshot(request: web.Request) -> web.StreamResponse:
     """A consistent snapshot file (``coordinator.snapshot_file``), admin only:
     the state as of at least this request, its index, term, digest and checksum
@@ -165,6 +275,7 @@ def _kv_item(key: str, entry: Any) -> dict[str, Any]:
 
 
 @routes.get("/v1/kv")
+@KV_LIST
 async def kv_list(request: web.Request) -> web.Response:
     node = node_of(request)
     prefix = s.prefix(request)
@@ -179,6 +290,7 @@ async def kv_list(request: web.Request) -> web.Response:
 # Path patterns use (?s:.+): "." alone stops at a newline, and a key or name with
 # one must be answered as bad input (400) by the schema, not as an unknown route.
 @routes.get("/v1/kv/{key:(?s:.+)}")
+@Op("Read a key", tags=("kv",), query=with_consistency(), path={"key": KEY}, responses={200: KV_ITEM})
 async def kv_get(request: web.Request) -> web.Response:
     node = node_of(request)
     key = s.key(request)
@@ -188,43 +300,45 @@ async def kv_get(request: web.Request) -> web.Response:
     return ok(_kv_item(key, entry))
 
 
-async def _kv_write(request: web.Request, command_type: type[DomainCommand], fields: set[str],
-                    body_required: bool = True) -> web.Response:
+async def _kv_write(request: web.Request, command_type: type[DomainCommand], op: Op) -> web.Response:
     """The shared shape of kv writes: the key from the path, the body's
     fields (``value``, ``expected``..., an optional fence) and request id;
     the command's parse checks them all."""
     key = s.key(request)  # a bad path is answered before the body
-    body = await s.json_body(request, fields | {"fence", "request_id"}, required=body_required)
+    body = await s.json_body(request, op)
     args = {"key": key} | {f: v for f, v in body.items() if f != "request_id"}
     command = s.command(command_type, args)
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.put("/v1/kv/{key:(?s:.+)}")
+@KV_PUT
 async def kv_put(request: web.Request) -> web.Response:
-    return await _kv_write(request, KvPut, {"value"})
+    return await _kv_write(request, KvPut, KV_PUT)
 
 
 @routes.post("/v1/kv/{key:(?s:.+)}/cas")
+@KV_CAS
 async def kv_cas(request: web.Request) -> web.Response:
-    return await _kv_write(request, KvCas, {"value", "expected", "expected_revision"})
+    return await _kv_write(request, KvCas, KV_CAS)
 
 
 @routes.delete("/v1/kv/{key:(?s:.+)}")
+@KV_DELETE
 async def kv_delete(request: web.Request) -> web.Response:
-    return await _kv_write(request, KvDelete, set(), body_required=False)
+    return await _kv_write(request, KvDelete, KV_DELETE)
 
 
 # -- agents -----------------------------------------------------------------------------
 
 @routes.post("/v1/agents")
+@AGENTS_REGISTER
 async def agents_register(request: web.Request) -> web.Response:
     """The checks run in the order they always did: the auth checks (joining,
     ``serve`` on the type, the endpoint allow-list) sit between the
     command's checks of the fields before them and its parse of the rest."""
     node = node_of(request)
-    body = await s.json_body(request, {"id", "type", "metadata", "ttl_s", "endpoint", "weight", "public_key",
-                                       "proof", "request_id"})
+    body = await s.json_body(request, AGENTS_REGISTER)
     given_id = body.get("id")
     agent_id = checked(lambda: check_agent_id(given_id)) if given_id is not None else \
         f"agent-{node.rng.token_hex(8)}"
@@ -293,6 +407,7 @@ def _endpoint(request: web.Request, value: Any) -> str:
 
 
 @routes.get("/v1/agents")
+@AGENTS_LIST
 async def agents_list(request: web.Request) -> web.Response:
     """The registered agents (of ``type``). Leases live on the leader: a
     follower shows ``lease_remaining_s: null`` unless asked ``leases=leader``,
@@ -332,6 +447,7 @@ async def _leases_from_leader(request: web.Request, agents: list[dict[str, Any]]
 
 
 @routes.get("/v1/agents/{id}")
+@Op("One agent", tags=("agents",), query=with_consistency(), path={"id": AGENT_ID})
 async def agents_get(request: web.Request) -> web.Response:
     node = node_of(request)
     agent_id = s.name(request.match_info["id"], "id")
@@ -349,10 +465,11 @@ def _agent(node: CoordinatorNode, agent: Any) -> dict[str, Any]:
 
 
 @routes.patch("/v1/agents/{id}")
+@AGENTS_UPDATE
 async def agents_update(request: web.Request) -> web.Response:
     """Change an agent's weight, endpoint or metadata without a new lease."""
     agent_id = checked(lambda: check_agent_id(request.match_info["id"]))
-    body = await s.json_body(request, {"weight", "endpoint", "metadata", "request_id"})
+    body = await s.json_body(request, AGENTS_UPDATE)
     args = {"id": agent_id} | {f: body[f] for f in ("weight", "endpoint", "metadata") if body.get(f) is not None}
     if "endpoint" in args:  # the allow-list (403) after the weight and the endpoint's string, as always
         if "weight" in args:
@@ -367,10 +484,11 @@ async def agents_update(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/agents/{id}/heartbeat")
+@AGENTS_HEARTBEAT
 async def agents_heartbeat(request: web.Request) -> web.Response:
     node = node_of(request)
     agent_id = checked(lambda: check_agent_id(request.match_info["id"]))
-    body = await s.json_body(request, {"health"}, required=False)
+    body = await s.json_body(request, AGENTS_HEARTBEAT)
     health = body.get("health")
     if health is not None and health not in HEALTH_STATES:
         raise InvalidInput(f"health: must be {', '.join(HEALTH_STATES[:-1])} or {HEALTH_STATES[-1]}",
@@ -380,6 +498,7 @@ async def agents_heartbeat(request: web.Request) -> web.Response:
 
 
 @routes.post(gossip.PATH)
+@Op("Heartbeats heard by another node (node to node, signed with the cluster's gossip key)", tags=("internal",))
 async def gossip_receive(request: web.Request) -> web.Response:
     """Heard heartbeats from another node (``coordinator.services.gossip``):
     public to the router, refused (401) unless signed with the cluster's
@@ -393,9 +512,10 @@ async def gossip_receive(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/agents/{id}")
+@AGENTS_DEREGISTER
 async def agents_deregister(request: web.Request) -> web.Response:
     command = s.command(AgentDeregister, {"id": request.match_info["id"]})
-    body = await s.json_body(request, {"request_id"}, required=False)
+    body = await s.json_body(request, AGENTS_DEREGISTER)
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
@@ -428,23 +548,28 @@ def _holder(request: web.Request, body: dict[str, Any], field: str) -> str:
 
 
 @routes.post("/v1/locks/{name:(?s:.+)}")
+@LOCKS_ACQUIRE
 async def locks_acquire(request: web.Request) -> web.Response:
     name = _lock_name(request)
-    body = await s.json_body(request, {"holder", "ttl_s", "request_id"})
+    body = await s.json_body(request, LOCKS_ACQUIRE)
     command = s.command(LockAcquire, {"name": name, "holder": _holder(request, body, "holder"),
                                       "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.delete("/v1/locks/{name:(?s:.+)}")
+@LOCKS_RELEASE
 async def locks_release(request: web.Request) -> web.Response:
     name = _lock_name(request)
-    body = await s.json_body(request, {"holder", "request_id"})
+    body = await s.json_body(request, LOCKS_RELEASE)
     command = s.command(LockRelease, {"name": name, "holder": _holder(request, body, "holder")})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.get("/v1/locks/{name:(?s:.+)}")
+@Op("A held lock", tags=("locks",), query=with_consistency(), path={"name": LOCK_NAME},
+    responses={200: obj({"name": LOCK_NAME, "holder": _HOLDER, "fencing_token": integer(0)},
+                        ("name", "holder", "fencing_token"))})
 async def locks_get(request: web.Request) -> web.Response:
     node = node_of(request)
     name = _lock_name(request)
@@ -457,9 +582,10 @@ async def locks_get(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/elections/{name:(?s:.+)}/campaign")
+@ELECTIONS_CAMPAIGN
 async def elections_campaign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", MAX_ELECTION_NAME_LEN)
-    body = await s.json_body(request, {"candidate", "ttl_s", "request_id"})
+    body = await s.json_body(request, ELECTIONS_CAMPAIGN)
     command = s.command(LockAcquire, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate"),
                                       "ttl_ms": ttl_ms_from(body, "ttl_s", DEFAULT_LOCK_TTL_S)})
     result = await node_of(request).write_command(command, s.origin(request, body))
@@ -467,14 +593,18 @@ async def elections_campaign(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/elections/{name:(?s:.+)}/resign")
+@ELECTIONS_RESIGN
 async def elections_resign(request: web.Request) -> web.Response:
     name = s.name(request.match_info["name"], "name", MAX_ELECTION_NAME_LEN)
-    body = await s.json_body(request, {"candidate", "request_id"})
+    body = await s.json_body(request, ELECTIONS_RESIGN)
     command = s.command(LockRelease, {"name": ELECTION_PREFIX + name, "holder": _holder(request, body, "candidate")})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @routes.get("/v1/elections/{name:(?s:.+)}")
+@Op("An election's leader", tags=("locks",), query=with_consistency(), path={"name": ELECTION_NAME},
+    responses={200: obj({"leader": _HOLDER, "fencing_token": integer(0), "since_ms": integer(0)},
+                        ("leader", "fencing_token", "since_ms"))})
 async def elections_leader(request: web.Request) -> web.Response:
     node = node_of(request)
     name = s.name(request.match_info["name"], "name", MAX_ELECTION_NAME_LEN)
@@ -503,6 +633,7 @@ def _types(request: web.Request) -> tuple[str, ...]:
 
 
 @routes.get("/v1/events")
+@EVENTS_LIST
 async def events_list(request: web.Request) -> web.Response:
     node = node_of(request)
     from_seq = s.query_int(request, "from_seq", 1, 1, 2**63 - 1)
@@ -516,6 +647,7 @@ async def events_list(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/watch/events")
+@EVENTS_WATCH
 async def events_watch(request: web.Request) -> web.StreamResponse:
     node = node_of(request)
     from_seq = sse_resume(request, "from_seq")
@@ -527,6 +659,7 @@ async def events_watch(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/v1/watch")
+@KV_WATCH
 async def kv_watch(request: web.Request) -> web.StreamResponse:
     node = node_of(request)
     prefix = s.prefix(request)

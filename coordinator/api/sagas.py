@@ -10,14 +10,37 @@ from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.routes import checked, node_of, ok
+from coordinator.api.spec import ANY, REQUEST_ID, Op, Schema, array, integer, obj, one_of, p, string, with_consistency
 from coordinator.api.visibility import visibility
-from coordinator.commands.base import MAX_TOKEN
-from coordinator.commands.sagas import DEFINITION_FIELDS, SAGA_STATES, SagaCancel, SagaStart, check_saga_id
+from coordinator.commands.base import MAX_NAME_LEN, MAX_TOKEN
+from coordinator.commands.sagas import (
+    DEFINITION_FIELDS,
+    MAX_ERROR_LEN,
+    MAX_STEP_ID_LEN,
+    MAX_STEPS,
+    SAGA_STATES,
+    SagaCancel,
+    SagaStart,
+    check_saga_id,
+)
 from coordinator.errors import InvalidInput, NotFound
 
 saga_routes = web.RouteTableDef()
 
 LIST_LIMIT_MAX = 1000
+
+SAGA_ID = string(MAX_STEP_ID_LEN)
+# The body is the saga's definition (``commands.sagas.DEFINITION_FIELDS``): its parse checks every part.
+_DEFINITION: dict[str, Schema] = {"id": SAGA_ID, "name": string(MAX_NAME_LEN),
+                                  "steps": array(obj(), 1, MAX_STEPS), "input": ANY, "compensation_retry": obj()}
+START = Op("Start a saga", tags=("sagas",), responses={201: None}, body={
+    **{f: p(_DEFINITION[f], required=f == "steps") for f in DEFINITION_FIELDS}, "request_id": p(REQUEST_ID)})
+GET = Op("A saga with its history", tags=("sagas",), path={"saga": SAGA_ID}, query=with_consistency())
+LIST = Op("A page of sagas, with counts", tags=("sagas",), query=with_consistency({
+    "state": p(one_of(*SAGA_STATES)), "limit": p(integer(1, LIST_LIMIT_MAX)), "after": p(integer(0, MAX_TOKEN)),
+    "order": p(one_of("oldest", "newest"), "newest: the latest of every state, without state or after")}))
+CANCEL = Op("Cancel a saga (409 once it ended)", tags=("sagas",), path={"saga": SAGA_ID}, body_required=False,
+            body={"reason": p(string(MAX_ERROR_LEN)), "request_id": p(REQUEST_ID)})
 
 
 def _saga_id(request: web.Request) -> str:
@@ -26,13 +49,15 @@ def _saga_id(request: web.Request) -> str:
 
 
 @saga_routes.post("/v1/sagas")
+@START
 async def start_saga(request: web.Request) -> web.Response:
-    body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
+    body = await s.json_body(request, START)
     command = s.command(SagaStart, {"definition": {k: v for k, v in body.items() if k in DEFINITION_FIELDS}})
     return ok(await node_of(request).write_command(command, s.origin(request, body)), status=201)
 
 
 @saga_routes.get("/v1/sagas/{saga}")
+@GET
 async def get_saga(request: web.Request) -> web.Response:
     saga_id = _saga_id(request)
     node = node_of(request)
@@ -47,6 +72,7 @@ async def get_saga(request: web.Request) -> web.Response:
 
 
 @saga_routes.get("/v1/sagas")
+@LIST
 async def list_sagas(request: web.Request) -> web.Response:
     state = request.query.get("state")
     if state is not None and state not in SAGA_STATES:
@@ -71,9 +97,10 @@ async def list_sagas(request: web.Request) -> web.Response:
 
 
 @saga_routes.post("/v1/sagas/{saga}/cancel")
+@CANCEL
 async def cancel_saga(request: web.Request) -> web.Response:
     saga_id = _saga_id(request)
-    body = await s.json_body(request, {"reason", "request_id"}, required=False)
+    body = await s.json_body(request, CANCEL)
     args: dict[str, Any] = {"saga": saga_id}
     if body.get("reason") is not None:
         args["reason"] = body["reason"]

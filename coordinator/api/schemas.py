@@ -16,6 +16,7 @@ from aiohttp import web
 
 from coordinator.api.auth import principal_of
 from coordinator.api.keys import IMPLIED_REQUEST_ID
+from coordinator.api.spec import REQUEST_ID_MAX_LEN, Op
 from coordinator.codec import check_value
 from coordinator.commands.base import MAX_KEY_LEN, MAX_NAME_LEN, DomainCommand, Rejected
 from coordinator.commands.kv import check_key
@@ -23,7 +24,7 @@ from coordinator.errors import InvalidInput
 from coordinator.services.proposals import request_key, state_error
 from coordinator.types import RequestKey
 
-MAX_REQUEST_ID_LEN = 128
+MAX_REQUEST_ID_LEN = REQUEST_ID_MAX_LEN
 MAX_DEPTH = 100  # JSON nesting; msgpack refuses ~500, json.loads ~1000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -39,7 +40,12 @@ def command(command_type: type[C], args: Mapping[str, Any]) -> C:
         raise state_error(exc.code, exc.message) from None
 
 
-async def json_body(request: web.Request, allowed: set[str], *, required: bool = True) -> dict[str, Any]:
+async def json_body(request: web.Request, op: Op) -> dict[str, Any]:
+    """The request's JSON object, every field one of ``op``'s: the route's
+    declaration (``api.spec``), which the OpenAPI document describes, is the
+    only list of the fields a handler accepts. Without a body: ``{}``, or a
+    400 naming ``body`` when ``op.body_required``."""
+    allowed, required = op.fields, op.body_required
     raw = await request.read()
     if not raw:
         if required:
@@ -56,6 +62,8 @@ async def json_body(request: web.Request, allowed: set[str], *, required: bool =
         raise InvalidInput("body: must be a JSON object", field="body")
     unknown = sorted(set(body) - allowed)
     if unknown:
+        if not unknown[0]:  # "" sorts first: a 400 must name a field, and "" names none
+            raise InvalidInput("body: a field with an empty name", field="body")
         raise InvalidInput(f"{unknown[0]}: unknown field", field=unknown[0])
     for field, value in body.items():
         check_value(value, field, MAX_DEPTH)

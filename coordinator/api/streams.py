@@ -8,11 +8,21 @@ from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.routes import checked, node_of, ok
+from coordinator.api.spec import ANY, REQUEST_ID, Op, p, string, with_consistency
 from coordinator.api.visibility import visibility
-from coordinator.commands.streams import DEFINITION_FIELDS, ProcessorDelete, ProcessorPut, check_name
+from coordinator.commands.streams import DEFINITION_FIELDS, MAX_NAME_LEN, ProcessorDelete, ProcessorPut, check_name
 from coordinator.errors import NotFound
 
 stream_routes = web.RouteTableDef()
+
+NAME = string(MAX_NAME_LEN, pattern="^[^/]*$")
+# The body is the processor's definition (``commands.streams.DEFINITION_FIELDS``): its parse checks every part.
+PUT = Op("Define a stream processor (a window or a pattern)", tags=("eventstore",), path={"name": NAME},
+         body={**{f: p(ANY, required=f == "source") for f in DEFINITION_FIELDS}, "request_id": p(REQUEST_ID)})
+LIST = Op("Stream processors", tags=("eventstore",), query=with_consistency())
+GET = Op("One stream processor", tags=("eventstore",), path={"name": NAME}, query=with_consistency())
+DELETE = Op("Delete a stream processor", tags=("eventstore",), path={"name": NAME}, body_required=False,
+            body={"request_id": p(REQUEST_ID)})
 
 
 def _name(request: web.Request) -> str:
@@ -20,15 +30,17 @@ def _name(request: web.Request) -> str:
 
 
 @stream_routes.put("/v1/processors/{name}")
+@PUT
 async def put_processor(request: web.Request) -> web.Response:
     name = _name(request)
-    body = await s.json_body(request, {*DEFINITION_FIELDS, "request_id"})
+    body = await s.json_body(request, PUT)
     definition = {k: v for k, v in body.items() if k != "request_id"}
     command = s.command(ProcessorPut, {"name": name, "definition": definition})
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @stream_routes.get("/v1/processors")
+@LIST
 async def list_processors(request: web.Request) -> web.Response:
     node = node_of(request)
     view = await node.view(s.consistency(request))
@@ -37,6 +49,7 @@ async def list_processors(request: web.Request) -> web.Response:
 
 
 @stream_routes.get("/v1/processors/{name}")
+@GET
 async def get_processor(request: web.Request) -> web.Response:
     name = _name(request)
     node = node_of(request)
@@ -49,7 +62,8 @@ async def get_processor(request: web.Request) -> web.Response:
 
 
 @stream_routes.delete("/v1/processors/{name}")
+@DELETE
 async def delete_processor(request: web.Request) -> web.Response:
     name = _name(request)
-    body = await s.json_body(request, {"request_id"}, required=False)
+    body = await s.json_body(request, DELETE)
     return ok(await node_of(request).write_command(ProcessorDelete(name), s.origin(request, body)))

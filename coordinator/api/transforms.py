@@ -10,16 +10,36 @@ from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.routes import node_of, ok
+from coordinator.api.spec import REQUEST_ID, Op, obj, p, string, with_consistency
 from coordinator.api.visibility import visibility
 from coordinator.commands.base import Rejected
 from coordinator.commands.messages import normalize
-from coordinator.commands.topics import check_topic
-from coordinator.commands.transforms import RuleError, TransformDelete, TransformPut, check_name, parse
+from coordinator.commands.topics import MAX_TOPIC_LEN, check_topic
+from coordinator.commands.transforms import (
+    MAX_NAME_LEN,
+    MAX_RULE_LEN,
+    RuleError,
+    TransformDelete,
+    TransformPut,
+    check_name,
+    parse,
+)
 from coordinator.errors import InvalidInput, NotFound
 from coordinator.services.proposals import state_error
 from coordinator.services.transforms import try_rule_on
 
 transform_routes = web.RouteTableDef()
+
+NAME = string(MAX_NAME_LEN, pattern="^[^/]*$")
+RULE = string(MAX_RULE_LEN, description="the rule (docs/bus.md#transforms); a syntax error names line and column")
+PUT = Op("Define a transform rule on a topic pattern", tags=("bus",), path={"name": NAME}, body={
+    "topic": p(string(MAX_TOPIC_LEN), required=True), "rule": p(RULE, required=True), "request_id": p(REQUEST_ID)})
+LIST = Op("Transform rules", tags=("bus",), query=with_consistency())
+GET = Op("One transform rule", tags=("bus",), path={"name": NAME}, query=with_consistency())
+DELETE = Op("Delete a transform rule", tags=("bus",), path={"name": NAME}, body_required=False,
+            body={"request_id": p(REQUEST_ID)})
+TRY = Op("Run a rule on a message here (nothing is stored)", tags=("bus",), body={
+    "rule": p(RULE, required=True), "message": p(obj()), "topic": p(string(MAX_TOPIC_LEN), "default: try")})
 
 
 def _checked(attempt: Any) -> Any:
@@ -35,14 +55,16 @@ def _checked(attempt: Any) -> Any:
 
 
 @transform_routes.put("/v1/transforms/{name}")
+@PUT
 async def put_transform(request: web.Request) -> web.Response:
     name = _checked(lambda: check_name(request.match_info["name"]))
-    body = await s.json_body(request, {"topic", "rule", "request_id"})
+    body = await s.json_body(request, PUT)
     command = _checked(lambda: TransformPut.parse({"name": name, "topic": body.get("topic"), "rule": body.get("rule")}))
     return ok(await node_of(request).write_command(command, s.origin(request, body)))
 
 
 @transform_routes.get("/v1/transforms")
+@LIST
 async def list_transforms(request: web.Request) -> web.Response:
     node = node_of(request)
     view = await node.view(s.consistency(request))
@@ -51,6 +73,7 @@ async def list_transforms(request: web.Request) -> web.Response:
 
 
 @transform_routes.get("/v1/transforms/{name}")
+@GET
 async def get_transform(request: web.Request) -> web.Response:
     name = _checked(lambda: check_name(request.match_info["name"]))
     node = node_of(request)
@@ -65,16 +88,18 @@ async def get_transform(request: web.Request) -> web.Response:
 
 
 @transform_routes.delete("/v1/transforms/{name}")
+@DELETE
 async def delete_transform(request: web.Request) -> web.Response:
     name = _checked(lambda: check_name(request.match_info["name"]))
-    body = await s.json_body(request, {"request_id"}, required=False)
+    body = await s.json_body(request, DELETE)
     return ok(await node_of(request).write_command(TransformDelete(name), s.origin(request, body)))
 
 
 @transform_routes.post("/v1/transforms/try")
+@TRY
 async def try_rule(request: web.Request) -> web.Response:
     """Run ``rule`` on ``message`` here and answer what it made of it (nothing is stored)."""
-    body = await s.json_body(request, {"rule", "message", "topic"})
+    body = await s.json_body(request, TRY)
     program = _checked(lambda: parse(body.get("rule")))
     topic = _checked(lambda: check_topic(body.get("topic", "try"), "topic"))
     raw = s.obj(body.get("message", {}), "message")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from coordinator.api.spec import Op
 from coordinator.errors import NotFound
 
 ui_routes = web.RouteTableDef()
@@ -30,10 +31,12 @@ def _file(name: str) -> web.Response:
 
 
 @ui_routes.get("/ui")
+@Op("The dashboard page", tags=("dashboard",), content="text/html")
 async def index(request: web.Request) -> web.Response:
     return _file("index.html")
 
 
 @ui_routes.get("/ui/{file}")
+@Op("One of the dashboard's static files", tags=("dashboard",), content="*/*")
 async def static_file(request: web.Request) -> web.Response:
     return _file(request.match_info["file"])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import yarl
 
 from coordinator.commands.agents import AgentHealth, AgentRegister
 from coordinator.commands.base import MAX_TTL_MS, MIN_TTL_MS, DomainCommand
@@ -529,8 +530,8 @@ class CoordinatorNode:
             scheme = "https" if self.peer_ssl is not None else "http"
             # The connect phase ends well before the total: a timeout there means nothing was sent.
             timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s / 2, 2.0))
-            async with self._session.request(method, f"{scheme}://{leader}{path_qs}", data=body, headers=headers,
-                                             timeout=timeout) as response:
+            async with self._session.request(method, leader_url(scheme, leader, path_qs), data=body,
+                                             headers=headers, timeout=timeout) as response:
                 raw = await response.read()
                 passed = {k: v for k, v in response.headers.items() if k in ("Retry-After", "Content-Type")}
                 return response.status, raw, passed
@@ -541,6 +542,15 @@ class CoordinatorNode:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise OutcomeUnknown(f"forwarded to the leader, no answer: {type(exc).__name__}") from None
 
+
+def leader_url(scheme: str, leader: str, path_qs: str) -> yarl.URL:
+    """The leader's URL for a forwarded request: ``path_qs`` exactly as this
+    node received it. Parsed as usual, it would be normalized (``%7E`` to
+    ``~``, ``%3A`` to ``:``, ``/a/%2e%2e/b`` to ``/b``): the leader would
+    serve another path than the caller's, and the forwarded principal's HMAC,
+    made over the path as received, would not match (found by
+    tests/integration/test_openapi_fuzz.py)."""
+    return yarl.URL(f"{scheme}://{leader}{path_qs}", encoded=True)
 
 def _view_of(status: dict[str, Any]) -> dict[str, Any]:
     view = {key: status.get(key) for key in ("role", "term", "commit_index", "applied_index", "apply_lag", "healthy",

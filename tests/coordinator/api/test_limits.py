@@ -121,3 +121,34 @@ def test_the_connection_cap_stays_under_the_descriptor_limit(monkeypatch: Any) -
     assert connections_cap(100) == 100
     monkeypatch.setattr(limits.resource, "getrlimit", lambda _kind: (100, 100))
     assert connections_cap(8192) == 16
+
+
+async def test_a_request_line_over_the_parser_limit_is_a_json_400_naming_the_url(h: Harness) -> None:
+    """aiohttp's parser refuses it before any handler: the answer is still the
+    error body, naming the field (found by tests/integration/test_openapi_fuzz.py)."""
+    app = make_app(h.node, AuthSettings(allow_anonymous=True))
+    runner = BoundedRunner(app, connections_max=16, max_line_size=8190, max_field_size=8190)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/v1/kv", params={"prefix": "p" * 9000}) as response:
+                assert response.status == 400
+                assert (await response.json())["error"]["field"] == "url"
+            async with session.get(f"http://127.0.0.1:{port}/v1/status", headers={"X-Big": "v" * 9000}) as response:
+                assert response.status == 400
+                assert (await response.json())["error"]["field"] == "headers"
+            async with session.get(f"http://127.0.0.1:{port}/v1/status") as response:
+                assert response.status == 200
+        for raw, field in ((b"GET /v1/kv/\xc3\xa9 HTTP/1.1", "url"), (b"G(T /v1/status HTTP/1.1", "method")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+            async with asyncio.timeout(5):
+                answer = await reader.read()
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == b"400" and json.loads(body)["error"]["field"] == field, answer
+    finally:
+        await runner.cleanup()

@@ -17,7 +17,7 @@ from coordinator.config import PeerConfig
 from coordinator.errors import InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from coordinator.ports import EngineStatus
 from coordinator.services.applier import Applier
-from coordinator.services.node import CoordinatorNode, Identity, ttl_ms_from
+from coordinator.services.node import CoordinatorNode, Identity, leader_url, ttl_ms_from
 from tests.coordinator.services.conftest import Sim
 from tests.fakes import SimEngine
 
@@ -164,3 +164,11 @@ async def test_a_forward_that_cannot_connect_is_certainly_not_applied() -> None:
         assert unavailable.value.retry_after_s is not None
     finally:
         await follower.stop()
+
+
+@pytest.mark.parametrize("path_qs", ["/v1/agents/%7E/messages", "/v1/agents/%3A/messages?max=1",
+                                     "/v1/agents/%2e%2e/messages", "/v1/kv/a%2Fb", "/v1/agents/%40x/messages"])
+def test_a_forwarded_request_keeps_its_path_exactly(path_qs: str) -> None:
+    """Normalized, the leader would serve another path than the caller's and
+    refuse the forwarded principal, whose HMAC covers the path as received."""
+    assert leader_url("http", "127.0.0.1:7001", path_qs).raw_path_qs == path_qs
