@@ -248,6 +248,11 @@ class KafkaTransport:
         self._publish_lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
         self._last: dict[str, int] = {}  # kafka topic -> last topic offset published, while our producer is current
+        # kafka topic -> the last topic offset whose transaction this process saw committed (kept across
+        # producers): a broker that answers lower right after a restart may not have completed that
+        # transaction's offset commit yet (its markers are written after the restart)
+        self._confirmed: dict[str, int] = {}
+        self.stale_read_s = 10.0  # how long a lower answer is read again before it counts as a loss
         self._fenced_until = 0.0
         self._retiring: set[asyncio.Task[None]] = set()  # dropped producers being stopped
         self._groups: dict[tuple[str, str], _Group] = {}  # (topic, group), least recently used first
@@ -389,6 +394,7 @@ class KafkaTransport:
         name = self._topic(topic)
         admin, _ = self._started()
         self._last.pop(name, None)
+        self._confirmed.pop(name, None)
         closing = [self._groups.pop(key).consumer.stop() for key in list(self._groups) if key[0] == topic]
         await self._stop_quietly(*closing)
         async with self._guard(f"unbind {topic!r}"):
@@ -454,6 +460,7 @@ class KafkaTransport:
                 await self._drop_producer()  # the next publish starts anew from what Kafka holds
                 raise
         self._last[name] = todo[-1].offset
+        self._confirmed[name] = max(self._confirmed.get(name, 0), todo[-1].offset)
         return len(todo)
 
     async def publish_direct(self, entries: list[TransportEntry]) -> int:
@@ -582,6 +589,16 @@ class KafkaTransport:
         admin, reader = self._started()
         tp = TopicPartition(name, 0)
         last = await self._committed(admin, reader, f"{name}/{PUBLISHER_GROUP}", tp)
+        confirmed = self._confirmed.get(name, 0)
+        deadline = asyncio.get_running_loop().time() + self.stale_read_s
+        while last[1] < confirmed and asyncio.get_running_loop().time() < deadline:
+            # Lower than a commit this process saw succeed: right after a broker restart the
+            # transaction's offset commit may not be complete yet. Read again, for a bounded time.
+            await asyncio.sleep(0.2)
+            last = await self._committed(admin, reader, f"{name}/{PUBLISHER_GROUP}", tp)
+        if last[1] < confirmed:
+            log.warning("kafka: %r answers offset %d, below %d that it confirmed: lost by the broker", name,
+                        last[1], confirmed)
         self._last[name] = last[1]
         return last[1]
 
