@@ -155,11 +155,10 @@ class AgentDeregister(DomainCommand):
 
 
 @dataclass(frozen=True, slots=True)
-class AgentExpire(DomainCommand):
-    """Proposed by the leader when a lease ran out. Names the lease, so an
-    expiry decided before a re-registration cannot remove the new lease."""
+class LeaseVerdict(DomainCommand):
+    """A verdict of the leader about one agent's lease (``id``, ``lease_id``):
+    naming the lease, so a verdict about an old lease cannot touch a new one."""
 
-    op: ClassVar[str] = "agent.expire"
     id: str
     lease_id: int
 
@@ -172,37 +171,27 @@ class AgentExpire(DomainCommand):
 
 
 @dataclass(frozen=True, slots=True)
-class AgentSuspect(DomainCommand):
+class AgentExpire(LeaseVerdict):
+    """Proposed by the leader when a lease ran out. Names the lease, so an
+    expiry decided before a re-registration cannot remove the new lease."""
+
+    op: ClassVar[str] = "agent.expire"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSuspect(LeaseVerdict):
     """Proposed by the leader when its failure detector's phi for the agent
     crossed the threshold (``coordinator.services.liveness``). Names the
     lease, so a verdict about an old lease cannot touch a new one."""
 
     op: ClassVar[str] = "agent.suspect"
-    id: str
-    lease_id: int
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls(check_agent_id(args.get("id")), require_int(args, "lease_id", 0, MAX_TOKEN))
-
-    def to_args(self) -> dict[str, Any]:
-        return {"id": self.id, "lease_id": self.lease_id}
 
 
 @dataclass(frozen=True, slots=True)
-class AgentAlive(DomainCommand):
+class AgentAlive(LeaseVerdict):
     """Proposed by the leader when a suspected agent is heard again (same lease)."""
 
     op: ClassVar[str] = "agent.alive"
-    id: str
-    lease_id: int
-
-    @classmethod
-    def parse(cls, args: Mapping[str, Any]) -> Self:
-        return cls(check_agent_id(args.get("id")), require_int(args, "lease_id", 0, MAX_TOKEN))
-
-    def to_args(self) -> dict[str, Any]:
-        return {"id": self.id, "lease_id": self.lease_id}
 
 
 @dataclass(frozen=True, slots=True)
