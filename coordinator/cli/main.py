@@ -15,9 +15,10 @@ from typing import Any
 
 import aiohttp
 
-from coordinator import cli_snapshot, logs
 from coordinator import config as config_module
+from coordinator import logs
 from coordinator.cli import exits
+from coordinator.cli import snapshot as cli_snapshot
 from coordinator.cli.commands import COMMANDS, prepare
 from coordinator.cli.holding import hold
 from coordinator.cli.settings import global_options, resolve
