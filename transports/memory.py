@@ -62,21 +62,15 @@ class InMemoryTransport:
             del self._groups[key]
 
     async def publish(self, entries: list[TransportEntry]) -> int:
-        self._check()
-        new = 0
-        for entry in entries:
-            if entry.topic not in self._topics:
-                raise Unavailable(f"topic {entry.topic!r} is not bound", retry_after_s=1.0)
-            if entry.key in self._keys[entry.topic]:
-                continue
-            self._keys[entry.topic].add(entry.key)
-            self._topics[entry.topic].append(entry)
-            new += 1
-        self._changed.set()
-        return new
+        return self._append(entries, renumber=False)
 
     async def publish_direct(self, entries: list[TransportEntry]) -> int:
         """Append, deduplicating by key; a delivery's offset is the position (from 1)."""
+        return self._append(entries, renumber=True)
+
+    def _append(self, entries: list[TransportEntry], *, renumber: bool) -> int:
+        """Store the entries whose key the topic does not hold yet; how many
+        were new. ``renumber``: the entry's offset becomes its position."""
         self._check()
         new = 0
         for entry in entries:
@@ -85,8 +79,9 @@ class InMemoryTransport:
             if entry.key in self._keys[entry.topic]:
                 continue
             self._keys[entry.topic].add(entry.key)
-            position = len(self._topics[entry.topic]) + 1
-            self._topics[entry.topic].append(TransportEntry(entry.topic, position, 0, entry.message, entry.key))
+            stored = self._topics[entry.topic]
+            stored.append(TransportEntry(entry.topic, len(stored) + 1, 0, entry.message, entry.key)
+                          if renumber else entry)
             new += 1
         self._changed.set()
         return new
