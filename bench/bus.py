@@ -36,7 +36,7 @@ import time
 import aiohttp
 
 from bench.harness import add_base_port, interruptible, local_cluster, parser
-from bench.report import cpu_s, machine, pct_ms, publish
+from bench.report import cpu_s, machine, pct_ms, processes_cpu_s, publish
 from devcluster.progress import Steps
 
 MAX_REQUESTS_PER_PUBLISHER = 100_000
@@ -54,9 +54,10 @@ def _message(n: int) -> dict:
 
 async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int, publishers: int,
                  seconds: float, transport: str | None = None, *, mode: str = "log",
-                 nodes: list[str] | None = None) -> dict:
+                 nodes: list[str] | None = None, pids: list[int | None] | None = None) -> dict:
     """One measured row. ``nodes``: spread the publishers over these URLs
-    (else all on ``url``, the leader); a direct topic's consumers too."""
+    (else all on ``url``, the leader); a direct topic's consumers too.
+    ``pids``: the nodes' processes, whose CPU over the row is reported."""
     topic = f"bench.{tag}"
     if transport is not None:
         binding: dict = {"transport": transport, "backlog_max": 1_000_000}
@@ -121,12 +122,14 @@ async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int,
                     errors += r.status != 200
 
     cpu = cpu_s()
+    node_cpu = processes_cpu_s(pids or [])
     started = time.monotonic()
     consumers = [asyncio.create_task(consumer(s, consume_urls[i % len(consume_urls)])) for i, s in enumerate(subs)]
     await asyncio.gather(*(publisher(p) for p in range(publishers)))
     publishing_done.set()
     await asyncio.gather(*consumers)
     elapsed = time.monotonic() - started
+    node_cpu = processes_cpu_s(pids or []) - node_cpu
     for sub in subs:
         async with session.delete(f"{url}/v1/subscriptions/{sub}") as r:
             await r.read()
@@ -137,7 +140,8 @@ async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int,
     return {"tag": tag, "batch": batch, "publishers": publishers, "published": published, "mode": mode,
             "delivered": len(delivered), "msgs_s": len(delivered) / elapsed,
             "publish_p50_ms": pct_ms(publish_latency, 0.5), "p50_ms": pct_ms(latencies, 0.5),
-            "p99_ms": pct_ms(latencies, 0.99), "errors": errors, "gen_cpu": (cpu_s() - cpu) / elapsed}
+            "p99_ms": pct_ms(latencies, 0.99), "errors": errors, "gen_cpu": (cpu_s() - cpu) / elapsed,
+            "node_cpu_us": node_cpu / max(1, len(delivered)) * 1e6}
 
 
 async def _visible(session: aiohttp.ClientSession, urls: list[str], subs: list[str]) -> None:
@@ -173,6 +177,7 @@ async def run_modes(args: argparse.Namespace) -> str:
         leader = cluster.wait_leader(30)
         url = cluster.url(leader)
         nodes = [cluster.url(n) for n in cluster.members]
+        pids = [cluster.pid(n) for n in cluster.members]
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             await _round(session, url, "warmup", 10, 4, 2.0, nodes=nodes)
             with Steps("bus cells", args.rounds * len(cells)) as steps:
@@ -180,17 +185,19 @@ async def run_modes(args: argparse.Namespace) -> str:
                     for label, transport, mode in cells:
                         tag = f"{label.replace(' ', '-')}{r}"
                         rows[label].append(await _round(session, url, tag, args.batch, args.publishers,
-                                                        args.seconds, transport, mode=mode, nodes=nodes))
+                                                        args.seconds, transport, mode=mode, nodes=nodes,
+                                                        pids=pids))
                         steps.step(f"{label}, round {r + 1}: {rows[label][-1]['msgs_s']:.0f} msgs/s")
     lines = ["| bus | round | delivered msgs/s | publish→deliver p50 ms | p99 ms | publish request p50 ms "
-             "| undelivered after 15 s drain | errors | generator CPU | vs embedded (same round) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| undelivered after 15 s drain | errors | generator CPU | nodes' CPU µs per message "
+             "| vs embedded (same round) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, results in rows.items():
         for r, row in enumerate(results):
             ratio = row["msgs_s"] / rows["embedded"][r]["msgs_s"]
             lines.append(f"| {label} | {r + 1} | {row['msgs_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
                          f"| {row['publish_p50_ms']:.1f} | {row['published'] - row['delivered']} | {row['errors']} "
-                         f"| {row['gen_cpu'] * 100:.0f}% | {ratio:.2f}x |")
+                         f"| {row['gen_cpu'] * 100:.0f}% | {row['node_cpu_us']:.0f} | {ratio:.2f}x |")
     lines.append("")
     for label, _, _ in cells[1:]:
         ratios = [rows[label][r]["msgs_s"] / rows["embedded"][r]["msgs_s"] for r in range(args.rounds)]
@@ -205,7 +212,9 @@ copies them to the broker; direct mode: the node that takes a publish sends
 it to the broker and answers once the broker confirmed, no log entry per
 message or ack), then 16 publishers (spread over the three nodes) and a group
 of four consumers run for the row's seconds, and the consumers drain what is
-left. Delivered msgs/s counts every message delivered over that whole time.
+left. Delivered msgs/s counts every message delivered over that whole time;
+the nodes' CPU is the three node processes' user and system time over the
+row divided by the messages delivered (brokers and generator not counted).
 The embedded bus and log mode are served by the leader (a follower forwards
 fetches and acks to it); a direct topic's consumers fetch from the node they
 talk to, spread over the three (over Kafka all four on one node: its

@@ -134,7 +134,10 @@ class TransportDelivery:
 
     ``delivery_id`` is the broker's handle for ack and nack; ``key`` is the
     entry's ``TransportEntry.key`` (the service deduplicates on it where the
-    broker cannot); ``redelivered`` when the broker says so.
+    broker cannot); ``redelivered`` when the broker says so. ``message_json``,
+    when a transport sets it, is the JSON text (UTF-8) that ``message`` was
+    parsed from, a JSON object exactly as the broker holds it: a response may
+    copy it instead of encoding ``message`` again. Empty when there is none.
     """
 
     delivery_id: str
@@ -143,6 +146,7 @@ class TransportDelivery:
     key: str
     message: dict[str, Any]
     redelivered: bool = False
+    message_json: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -247,6 +247,7 @@ class KafkaTransport:
         self._direct_producer: AIOKafkaProducer | None = None  # direct mode: idempotent, no transactions
         self._publish_lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
+        self._direct_lock = asyncio.Lock()  # the first direct publishes at once make one producer
         self._last: dict[str, int] = {}  # kafka topic -> last topic offset published, while our producer is current
         # kafka topic -> the last topic offset whose transaction this process saw committed (kept across
         # producers): a broker that answers lower right after a restart may not have completed that
@@ -491,17 +492,23 @@ class KafkaTransport:
         return len(entries)
 
     async def _direct(self) -> AIOKafkaProducer:
-        if self._direct_producer is None:
-            producer = AIOKafkaProducer(**self._settings(), enable_idempotence=True, acks="all", linger_ms=2,
-                                        max_batch_size=512 * 1024,
-                                        max_request_size=RECORD_BYTES_MAX)
-            try:
-                await producer.start()
-            except BaseException:
-                await self._stop_quietly(producer.stop())
-                raise
-            self._direct_producer = producer
-        return self._direct_producer
+        """The direct-mode producer, made once: concurrent first publishes wait
+        for the one being started (each made its own before, and all but the
+        last were never closed)."""
+        if self._direct_producer is not None:
+            return self._direct_producer
+        async with self._direct_lock:
+            if self._direct_producer is None:
+                producer = AIOKafkaProducer(**self._settings(), enable_idempotence=True, acks="all", linger_ms=2,
+                                            max_batch_size=512 * 1024,
+                                            max_request_size=RECORD_BYTES_MAX)
+                try:
+                    await producer.start()
+                except BaseException:
+                    await self._stop_quietly(producer.stop())
+                    raise
+                self._direct_producer = producer
+            return self._direct_producer
 
     async def _drop_direct(self) -> None:
         producer, self._direct_producer = self._direct_producer, None

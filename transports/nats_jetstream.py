@@ -396,8 +396,12 @@ class NatsJetStreamTransport:
             for msg in answers:
                 if msg.headers and msg.headers.get("Status") == "503":  # no responders: no stream
                     raise Unavailable(f"nats: topic {topic!r} is not bound", retry_after_s=1.0)
+                data = msg.data
+                if data[:10] == b'{"stream":' and b'"error"' not in data and b'"duplicate"' not in data:
+                    new += 1  # {"stream":..,"seq":..}: stored, and new (read without json, most answers)
+                    continue
                 try:
-                    body = json.loads(msg.data)
+                    body = json.loads(data)
                 except ValueError:
                     body = {"error": {"description": "an answer that is not JSON"}}
                 if not isinstance(body, dict) or "error" in body:
@@ -675,14 +679,32 @@ class _Pull:
     def _delivery(self, msg: Msg) -> TransportDelivery | None:
         headers = msg.headers or {}
         try:
+            sequence, delivered = _reply_numbers(msg.reply)
             # published directly: no topic offset, the stream's sequence orders them
-            offset = int(headers[_OFFSET]) if _OFFSET in headers else int(msg.metadata.sequence.stream)
+            offset = int(headers[_OFFSET]) if _OFFSET in headers else sequence
             message = json.loads(msg.data)
-            redelivered = (msg.metadata.num_delivered or 1) > 1
+            redelivered = delivered > 1
         except (KeyError, ValueError, TypeError, nats.errors.Error):
             _log.warning("nats: dropping a message of %r that this transport did not publish", self.topic)
             return None
         if not isinstance(message, dict) or not msg.reply:
             return None
         key = headers.get(_MSG_ID) or f"{self.topic}:{offset}"
-        return TransportDelivery(msg.reply, self.topic, offset, key, message, redelivered)
+        return TransportDelivery(msg.reply, self.topic, offset, key, message, redelivered, bytes(msg.data))
+
+
+def _reply_numbers(reply: str) -> tuple[int, int]:
+    """The stream sequence and the delivery count of a JetStream delivery,
+    from its ack subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...``,
+    or the form with a domain and an account hash), read as nats-py's
+    ``Msg.metadata`` reads them without the rest it builds (a datetime, two
+    objects: a tenth of a fetch's time per message). ``ValueError`` when it
+    is not one."""
+    tokens = reply.split(".") if reply else []
+    if len(tokens) < 9 or tokens[0] != Msg.Ack.Prefix0 or tokens[1] != Msg.Ack.Prefix1:
+        raise ValueError("not a JetStream delivery")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[4])
+    if len(tokens) >= 11:
+        return int(tokens[Msg.Ack.StreamSeq]), int(tokens[Msg.Ack.NumDelivered])
+    raise ValueError("not a JetStream delivery")

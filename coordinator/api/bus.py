@@ -15,7 +15,7 @@ from aiohttp import web
 
 from coordinator.api import schemas as s
 from coordinator.api.auth import forward_signer, principal_of
-from coordinator.api.routes import node_of, ok
+from coordinator.api.routes import compact_json, node_of, ok
 from coordinator.api.spec import (
     ANY,
     REQUEST_ID,
@@ -68,7 +68,7 @@ from coordinator.commands.messages import TYPES as MESSAGE_TYPES
 from coordinator.commands.topics import MAX_TOPIC_LEN
 from coordinator.errors import CoordinatorError, Forbidden, InvalidInput, NotFound, OutcomeUnknown, Unavailable
 from coordinator.redact import redact_url
-from coordinator.services.bus import NotLeader
+from coordinator.services.bus import MESSAGE_JSON, NotLeader
 from coordinator.services.node import FORWARD_HEADER, CoordinatorNode
 
 bus_routes = web.RouteTableDef()
@@ -151,12 +151,13 @@ DLQ_PURGE = Op("Drop dead letters (the chosen ones, or all)", tags=("bus",), pat
                body={"delivery_ids": p(_DELIVERY_IDS), **_RID}, body_required=False)
 
 
-async def _here_or_leader(request: web.Request, call: Any, timeout_s: float) -> web.Response:
-    """Serve ``call()`` on this node, or forward the request to the leader
-    when the service says only the leader can serve it."""
+async def _here_or_leader(request: web.Request, call: Any, timeout_s: float, render: Any = ok) -> web.Response:
+    """Serve ``call()`` on this node (its result as ``render`` makes it a
+    response), or forward the request to the leader when the service says
+    only the leader can serve it."""
     node = node_of(request)
     try:
-        return ok(await call())
+        return render(await call())
     except NotLeader:
         if request.headers.get(FORWARD_HEADER) == "1":
             raise Unavailable("this node is not the leader", retry_after_s=0.3, leader=node.leader_http()) from None
@@ -479,7 +480,29 @@ async def fetch(request: web.Request) -> web.Response:
     selector = _selector(request)
     max_n = s.query_int(request, "max", 10, 1, MAX_FETCH)
     wait_s = s.query_float(request, "wait_s", 0.0, 0.0, WAIT_MAX_S)
-    return await _here_or_leader(request, lambda: node.bus.fetch(selector, max_n, wait_s), wait_s + FORWARD_MARGIN_S)
+    return await _here_or_leader(request, lambda: node.bus.fetch(selector, max_n, wait_s), wait_s + FORWARD_MARGIN_S,
+                                 render_fetched)
+
+
+def render_fetched(result: dict[str, Any]) -> web.Response:
+    """A fetch's response. Where the service passed a message's JSON text as
+    the broker holds it (``MESSAGE_JSON``), that text is copied into the
+    delivery instead of encoding the parsed message again (a tenth of a
+    direct-mode node's CPU per message went to that); the JSON a client reads
+    is the same."""
+    texts = result.pop(MESSAGE_JSON, None)
+    if not texts:
+        return ok(result)
+    parts = []
+    for delivery, text in zip(result["messages"], texts, strict=True):
+        if text:
+            envelope = compact_json({k: v for k, v in delivery.items() if k != "message"})
+            parts.append(b"".join((envelope[:-1].encode(), b',"message":', text, b"}")))
+        else:
+            parts.append(compact_json(delivery).encode())
+    rest = compact_json({k: v for k, v in result.items() if k != "messages"})
+    body = b"".join((b'{"messages":[', b",".join(parts), b"]", b"," if len(rest) > 2 else b"", rest[1:].encode()))
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 @STREAM

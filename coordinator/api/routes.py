@@ -162,10 +162,10 @@ def node_of(request: web.Request) -> CoordinatorNode:
 
 
 def ok(body: Any, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, dumps=_dumps)
+    return web.json_response(body, status=status, dumps=compact_json)
 
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per response
+compact_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per response
 
 
 # -- cluster ---------------------------------------------------------------------
@@ -710,7 +710,7 @@ async def sse(request: web.Request, stream: AsyncIterator[list[Any]], render: An
             chunks = []
             for item in batch:
                 event_id, event_type, data = render(item)
-                chunks.append(f"id: {event_id}\nevent: {event_type}\ndata: {_dumps(data)}\n\n")
+                chunks.append(f"id: {event_id}\nevent: {event_type}\ndata: {compact_json(data)}\n\n")
             await response.write("".join(chunks).encode())
     except ConnectionResetError:
         pass  # the client went away

@@ -57,6 +57,11 @@ C = TypeVar("C", bound=DomainCommand)
 
 VOLATILE_QUEUE_MAX = 10_000
 TRANSPORT_KEYS_MAX = 100_000
+# A fetch result may carry, under this key, each message's JSON text as the broker
+# holds it (``TransportDelivery.message_json``; b"" where there is none), for a
+# response to copy instead of encoding the message again. Not part of the result's
+# JSON: a caller that renders the result drops it (``render_fetched``).
+MESSAGE_JSON = "message_json"
 CHECKPOINT_S = 1.0  # a direct consumer's acks are reported at most this often (and only when some came)
 WAKE_OPS = frozenset({"bus.publish", "bus.tick", "bus.nack", "bus.dlq.redrive", "bus.subscribe",
                       "bus.unsubscribe", "bus.group.delete"})
@@ -458,12 +463,16 @@ class BusService:
                 while len(self._transport_keys) > TRANSPORT_KEYS_MAX:
                     self._transport_keys.pop(next(iter(self._transport_keys)))
             if fresh or deadline - loop.time() <= 0 or self.closing:
-                return {"messages": [_render({"delivery_id": d.delivery_id, "attempt": 2 if d.redelivered else 1,
-                                              "topic": d.topic, "offset": (d.offset or None) if direct else d.offset,
-                                              "guarantee": _direct_guarantee(self._guarantee(consumer, d))
-                                              if direct else self._guarantee(consumer, d),
-                                              "message": d.message}) for d in fresh],
-                        "backlog": None}
+                result: dict[str, Any] = {
+                    "messages": [_render({"delivery_id": d.delivery_id, "attempt": 2 if d.redelivered else 1,
+                                          "topic": d.topic, "offset": (d.offset or None) if direct else d.offset,
+                                          "guarantee": _direct_guarantee(self._guarantee(consumer, d))
+                                          if direct else self._guarantee(consumer, d),
+                                          "message": d.message}) for d in fresh],
+                    "backlog": None}
+                if any(d.message_json for d in fresh):
+                    result[MESSAGE_JSON] = [d.message_json for d in fresh]
+                return result
 
     @staticmethod
     def _guarantee(consumer: Any, delivery: Any) -> str:
@@ -516,7 +525,8 @@ class BusService:
                 await self._transport_of(direct, "this node").ack(direct.pattern, direct.name, known)
                 top = max(self._direct_keys.pop(d, ("", 0))[1] for d in known)
                 self._count_direct_acks(direct, selector["sub"], len(known), top)
-            return {"acked": known, "unknown": [d for d in delivery_ids if d not in known]}
+            taken = set(known)
+            return {"acked": known, "unknown": [d for d in delivery_ids if not (isinstance(d, str) and d in taken)]}
         consumer = self.applier.machine.bus.consumers.get(self.consumer_key(selector))
         if consumer is None or consumer.transport is None:
             return await self._propose(_parsed(BusAck, {**selector, "delivery_ids": delivery_ids}), request)
@@ -524,7 +534,8 @@ class BusService:
             raise NotLeader("acks of a transport subscription are served by the leader")
         known = [d for d in delivery_ids if isinstance(d, str) and self._transport_keys.get(d, ("",))[0]
                  == consumer.key]
-        unknown = [d for d in delivery_ids if d not in known]
+        taken = set(known)
+        unknown = [d for d in delivery_ids if not (isinstance(d, str) and d in taken)]
         if known:
             keys = [self._transport_keys[d][1] for d in known]
             await self._propose(_parsed(BusTransportAck, {**selector, "keys": keys}), request)
@@ -543,7 +554,8 @@ class BusService:
                 await self._transport_of(direct, "this node").nack(direct.pattern, direct.name, known)
                 for d in known:
                     self._direct_keys.pop(d, None)
-            return {"nacked": known, "unknown": [d for d in ids if d not in known]}
+            taken = set(known)
+            return {"nacked": known, "unknown": [d for d in ids if not (isinstance(d, str) and d in taken)]}
         consumer = self.applier.machine.bus.consumers.get(self.consumer_key(selector))
         if consumer is None or consumer.transport is None:
             return await self._propose(_parsed(BusNack, {**selector, **args}), request)

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from coordinator.errors import Unavailable
+from coordinator.types import TransportEntry
 from tests.transports.conftest import PLUGINS, TransportFactory
 from tests.transports.test_contract import drain, entries
 from tests.waiting import eventually, wait_until
@@ -86,6 +87,29 @@ async def test_a_retried_publish_does_not_duplicate(make_transport: TransportFac
     with pytest.raises(Unavailable, match=r"fenced"):
         await transport.publish(entries(last + 4, last + 5))
     assert await stored_keys(transport) == expected(1, last + 3)
+
+
+async def test_concurrent_first_direct_publishes_share_one_producer(make_transport: TransportFactory,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publishes that come at once to a node that has not published yet wait
+    for one producer: each started its own before, and all but one leaked."""
+    import transports.kafka as kafka_module
+
+    started: list[object] = []
+
+    class Counting(kafka_module.AIOKafkaProducer):  # type: ignore[misc]
+        async def start(self) -> None:
+            started.append(self)
+            await super().start()
+
+    monkeypatch.setattr(kafka_module, "AIOKafkaProducer", Counting)
+    transport = await make_transport()
+    await transport.bind(TOPIC)
+    batches = [[TransportEntry(TOPIC, 0, 0, {"id": f"m{p}-{i}"}, f"r/{p}/{i}") for i in range(5)] for p in range(6)]
+    assert await asyncio.gather(*(transport.publish_direct(b) for b in batches)) == [5] * 6
+    assert len(started) == 1
+    keys = await stored_keys(transport)
+    assert keys == Counter({e.key: 1 for b in batches for e in b})
 
 
 async def test_a_group_offset_moves_only_with_our_acks(make_transport: TransportFactory) -> None:

@@ -4,6 +4,8 @@ commits the cursor; an outage holds them (bounded) and they drain after."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -244,6 +246,41 @@ async def test_a_direct_subscription_is_served_from_the_broker_and_checkpointed(
     assert consumer.counters["acked"] == 3 and consumer.counters["position"] == 3
     await h.node.bus.checkpoint_once()
     assert consumer.counters["acked"] == 3  # nothing new: nothing committed
+
+
+async def test_a_direct_fetch_copies_the_brokers_json_text_of_a_message(direct: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transport that hands over the JSON text a message was parsed from
+    (``message_json``, NATS) has it copied into the response: the client
+    reads the same deliveries as when the message is encoded again."""
+    h, transport = direct
+    _, sub = await h.call("POST", "/v1/subscriptions", {"topic": "orders", "group": "billing"}, expect=201)
+    for i in range(4):
+        await h.call("POST", "/v1/topics/orders/messages", {"payload": {"i": i, "text": "größer \u2028 \"q\""}},
+                     expect=200)
+    fetch = transport.fetch
+    texts: list[bytes] = []
+
+    async def with_text(*args: Any) -> Any:  # every other one with its text, as a transport may
+        got = await fetch(*args)
+        out = []
+        for n, d in enumerate(got):
+            text = json.dumps(d.message, ensure_ascii=False, separators=(", ", ": ")).encode() if n % 2 else b""
+            texts.append(text)
+            out.append(dataclasses.replace(d, message_json=text))
+        return out
+
+    monkeypatch.setattr(transport, "fetch", with_text)
+    async with h.http.get(f"/v1/subscriptions/{sub['id']}/messages?max=10&wait_s=2") as response:
+        assert response.status == 200 and response.content_type == "application/json"
+        raw = await response.read()
+    got = json.loads(raw)
+    assert set(got) == {"messages", "backlog"} and len(got["messages"]) == 4
+    assert [d["message"]["payload"] for d in got["messages"]] == [
+        {"i": i, "text": "größer \u2028 \"q\""} for i in range(4)]
+    assert all(set(d) >= {"delivery_id", "attempt", "redelivered", "topic", "offset", "guarantee"}
+               for d in got["messages"])
+    assert texts[1] in raw and texts[3] in raw  # copied as the broker held them, spacing and all
 
 
 async def test_a_node_without_the_transport_answers_503_naming_it(direct: Any) -> None:
