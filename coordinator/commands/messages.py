@@ -66,7 +66,11 @@ def _priority(value: Any) -> int:
 
 
 def _delivery(value: Any) -> dict[str, Any]:
-    options = _object({} if value is None else value, "deliveryOptions", DELIVERY_FIELDS)
+    if value is None:  # most messages: the defaults below, without checking each (a fifth of normalize)
+        return {"guarantee": "at-least-once",
+                "retry": {"max_attempts": 5, "backoff_ms": 1000, "backoff_multiplier": 2.0, "max_backoff_ms": 60_000},
+                "timeout": 30_000, "persistent": True}
+    options = _object(value, "deliveryOptions", DELIVERY_FIELDS)
     guarantee = options.get("guarantee", "at-least-once")
     if guarantee not in GUARANTEES:
         raise invalid("deliveryOptions.guarantee", f"must be one of {', '.join(GUARANTEES)}")

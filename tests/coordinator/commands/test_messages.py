@@ -103,3 +103,14 @@ def test_valid_messages_are_accepted_and_normal_forms_are_fixed_points(raw: dict
     message = normalize(raw, NOW)
     assert normalize(message, NOW) == message
     assert message["payload"] == raw.get("payload")
+
+
+def test_a_message_without_delivery_options_gets_the_same_defaults_as_an_empty_object() -> None:
+    """The defaults are filled in without checking them one by one; they
+    must be what checking ``{}`` gives, in the same order (the log's bytes)."""
+    bare = normalize({"id": "m", "type": "event", "source": "s"}, 1)
+    empty = normalize({"id": "m", "type": "event", "source": "s", "deliveryOptions": {}}, 1)
+    assert list(bare["deliveryOptions"].items()) == list(empty["deliveryOptions"].items())
+    assert list(bare["deliveryOptions"]["retry"].items()) == list(empty["deliveryOptions"]["retry"].items())
+    assert type(bare["deliveryOptions"]["retry"]["backoff_multiplier"]) is float
+    assert bare["deliveryOptions"] is not normalize({"id": "n", "type": "event", "source": "s"}, 1)["deliveryOptions"]
