@@ -141,6 +141,7 @@ class _Held:
     offset: int  # the topic offset
     key: str
     message: dict[str, Any]
+    text: bytes = b""  # the message's JSON as the record holds it, when known (direct mode)
 
 
 @dataclass
@@ -735,7 +736,7 @@ class KafkaTransport:
         state.seq += 1
         delivery_id = f"{held.kafka_offset}.{state.seq}"
         state.pending[delivery_id] = (held.kafka_offset, now + self.ack_timeout_s)
-        return TransportDelivery(delivery_id, topic, held.offset, held.key, held.message, redelivered)
+        return TransportDelivery(delivery_id, topic, held.offset, held.key, held.message, redelivered, held.text)
 
     def _take_returned(self, topic: str, state: _Group, max_n: int, now: float) -> list[TransportDelivery]:
         for delivery_id, (kafka_offset, due) in list(state.pending.items()):
@@ -767,6 +768,10 @@ class KafkaTransport:
 
     @staticmethod
     def _decode(topic: str, record: Any) -> _Held | None:
+        direct = _read_direct(record.value)
+        if direct is not None:
+            key, message, text = direct
+            return _Held(record.offset, record.offset + 1, key, message, text)
         try:
             body = json.loads(record.value)
             if body.get("v") != RECORD_VERSION or not isinstance(body.get("message"), dict):
@@ -844,3 +849,30 @@ class KafkaTransport:
                 return len(state.held) + max(0, top - state.read_offset)
             _, acked_through = await self._committed(admin, reader, group_id, tp)
             return max(0, top - acked_through)
+
+
+_DIRECT_HEAD = f'{{"v":{RECORD_VERSION},"key":'
+_DIRECT_MESSAGE = ',"message":'
+_scan = json.JSONDecoder().raw_decode
+
+
+def _read_direct(value: bytes | None) -> tuple[str, dict[str, Any], bytes] | None:
+    """A direct record as ``_direct_value`` writes it, read in one pass: its
+    key, its message and the message's JSON text exactly as the record holds
+    it (a fetch's response copies it instead of encoding the message again).
+    None for anything else (a log-mode record, another layout): the caller
+    reads it the general way."""
+    try:
+        text = value.decode() if value else ""
+        if not text.startswith(_DIRECT_HEAD):
+            return None
+        key, at = _scan(text, len(_DIRECT_HEAD))
+        if not isinstance(key, str) or not text.startswith(_DIRECT_MESSAGE, at):
+            return None
+        start = at + len(_DIRECT_MESSAGE)
+        message, end = _scan(text, start)
+    except ValueError:  # UnicodeDecodeError too
+        return None
+    if not isinstance(message, dict) or text[end:] != "}":
+        return None
+    return key, message, text[start:end].encode()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -86,6 +87,10 @@ async def test_direct_entries_from_two_publishers_are_all_delivered_with_their_k
         assert len(keys) == 20
     assert [k for k in keys if k.startswith("a.")] == a  # one publisher's order holds
     assert all(d.message["payload"] == {"k": d.key} for d in got)
+    # a transport that hands over the message's JSON text hands over exactly the message's
+    assert all(json.loads(d.message_json) == d.message for d in got if d.message_json)
+    if plugin in ("nats", "kafka"):  # these do
+        assert all(d.message_json for d in got)
     offsets = [d.offset for d in got]
     if plugin in ("memory", "nats", "kafka"):  # brokers with a sequence number: it orders deliveries
         assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
