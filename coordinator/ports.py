@@ -254,6 +254,22 @@ class BusTransport(Protocol):
         """Messages of ``topic`` the group has not acked yet (best effort)."""
 
 
+@runtime_checkable
+class ReadsGroupsOnOneNode(Protocol):
+    """A transport whose consumer group must be read through one node (Kafka:
+    it reads a group's partition by hand, so two nodes reading one group
+    would each deliver every record). In direct mode the API sends such a
+    group's fetches, acks and nacks to one member, ranked by the consumer's
+    key (``CoordinatorNode.ranked_members``); a node that sends them
+    elsewhere calls ``release`` for the group first."""
+
+    one_reader_per_group: bool
+
+    async def release(self, topic: str, group: str) -> None:
+        """Forget the group on this node (idempotent): what it handed out and
+        was not acked comes again to whoever reads the group next."""
+
+
 class LoadView(Protocol):
     """What a balancing strategy may know of the load a node observes."""
 

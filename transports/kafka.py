@@ -226,6 +226,9 @@ class KafkaTransport:
 
     name = "kafka"
     guarantee = "exactly-once"
+    # A group's partition is read by hand (no group membership): two nodes reading one
+    # group would each deliver every record, so the service reads it through one node.
+    one_reader_per_group = True
 
     def __init__(self, url: str = "kafka://127.0.0.1:9092", *, namespace: str = "coord", timeout_s: float = 5.0,
                  ack_timeout_s: float = 30.0, inflight_max: int = 1000, groups_max: int = 64,
@@ -818,6 +821,15 @@ class KafkaTransport:
                 return
             await state.consumer.commit({state.tp: OffsetAndMetadata(point, str(acked_through))})
             state.committed = point
+
+    async def release(self, topic: str, group: str) -> None:
+        """Stop serving the group from here (another node reads it now): its
+        consumer is closed and what it held is forgotten; records handed out
+        and not acked come again from the committed offset to whoever reads
+        the group next. Idempotent."""
+        state = self._groups.pop((topic, group), None)
+        if state is not None:
+            await self._stop_quietly(state.consumer.stop())
 
     async def nack(self, topic: str, group: str, delivery_ids: list[str]) -> None:
         """Hand the records out again on the next fetch (``redelivered``)."""

@@ -474,12 +474,56 @@ async def groups_delete(request: web.Request) -> web.Response:
 
 # -- deliveries (a subscription's, or an agent's inbox) ------------------------------------------
 
+async def _at_group_reader(node: CoordinatorNode, selector: dict[str, str], method: str, path_qs: str,
+                           body: bytes | None, timeout_s: float, sign: Any
+                           ) -> tuple[int, bytes, dict[str, str]] | None:
+    """A direct group that one node must read (Kafka, ``ReadsGroupsOnOneNode``)
+    is read by the first member in the ranking of its consumer key that this
+    node reaches: the request goes there, marked as forwarded, and its answer
+    is returned (this node then forgets what it read of the group). None
+    when this node serves it: another kind of consumer, or this node ranks
+    first among the members it reaches. A member that cannot be connected
+    to (nothing sent) is skipped; one that fails after that answers 503 or
+    504 like a forward to the leader."""
+    key = node.bus.one_reader_group(selector)
+    if key is None:
+        return None
+    for _member, http, connected, me in node.ranked_members(key):
+        if me:
+            return None
+        if not connected or not http:
+            continue
+        try:
+            answer = await node.forward(method, path_qs, body, timeout_s, sign, to=http)
+        except Unavailable:
+            continue
+        await node.bus.release_group(selector)
+        return answer
+    return None
+
+
+async def _forward_to_group_reader(request: web.Request, selector: dict[str, str], timeout_s: float
+                                   ) -> web.Response | None:
+    if request.headers.get(FORWARD_HEADER) == "1":  # sent here by another node: served here
+        return None
+    body = await request.read() if request.body_exists else None
+    answer = await _at_group_reader(node_of(request), selector, request.method, request.raw_path, body, timeout_s,
+                                    forward_signer(request))
+    if answer is None:
+        return None
+    status, raw, headers = answer
+    return web.Response(status=status, body=raw, headers=headers)
+
+
 @FETCH
 async def fetch(request: web.Request) -> web.Response:
     node = node_of(request)
     selector = _selector(request)
     max_n = s.query_int(request, "max", 10, 1, MAX_FETCH)
     wait_s = s.query_float(request, "wait_s", 0.0, 0.0, WAIT_MAX_S)
+    forwarded = await _forward_to_group_reader(request, selector, wait_s + FORWARD_MARGIN_S)
+    if forwarded is not None:
+        return forwarded
     return await _here_or_leader(request, lambda: node.bus.fetch(selector, max_n, wait_s), wait_s + FORWARD_MARGIN_S,
                                  render_fetched)
 
@@ -551,13 +595,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 async def _fetch_anywhere(node: CoordinatorNode, selector: dict[str, str], base: str, max_n: int,
                           wait_s: float, sign: Any) -> list[dict[str, Any]]:
-    """A fetch served here when this node is the leader, else by the leader."""
-    try:
-        return (await node.bus.fetch(selector, max_n, wait_s))["messages"]
-    except NotLeader:
-        pass
-    status, raw, _ = await node.forward("GET", f"{base}/messages?max={max_n}&wait_s={wait_s}", None,
-                                        wait_s + FORWARD_MARGIN_S, sign)
+    """A fetch served here when this node is the leader (or serves the
+    consumer's direct group), else by the leader (or the group's reader)."""
+    path_qs = f"{base}/messages?max={max_n}&wait_s={wait_s}"
+    answer = await _at_group_reader(node, selector, "GET", path_qs, None, wait_s + FORWARD_MARGIN_S, sign)
+    if answer is None:
+        try:
+            return (await node.bus.fetch(selector, max_n, wait_s))["messages"]
+        except NotLeader:
+            pass
+        answer = await node.forward("GET", path_qs, None, wait_s + FORWARD_MARGIN_S, sign)
+    status, raw, _ = answer
     try:
         body = json.loads(raw)
     except ValueError:
@@ -575,15 +623,20 @@ async def _fetch_anywhere(node: CoordinatorNode, selector: dict[str, str], base:
 
 async def _ack_anywhere(node: CoordinatorNode, base: str, selector: dict[str, str], ids: list[str],
                         sign: Any) -> None:
+    body = json.dumps({"delivery_ids": ids}).encode()
+    timeout_s = node.proposer.timeout_s + FORWARD_MARGIN_S
+    answer = await _at_group_reader(node, selector, "POST", f"{base}/ack", body, timeout_s, sign)
     try:
-        await node.bus.ack(selector, ids)
+        if answer is None:
+            await node.bus.ack(selector, ids)
     except NotLeader:
-        status, _raw, _ = await node.forward("POST", f"{base}/ack", json.dumps({"delivery_ids": ids}).encode(),
-                                            node.proposer.timeout_s + FORWARD_MARGIN_S, sign)
+        answer = await node.forward("POST", f"{base}/ack", body, timeout_s, sign)
+    if answer is not None:
+        status = answer[0]
         if status == 504:
-            raise OutcomeUnknown("the leader answered 504 to an ack: it may have been applied") from None
+            raise OutcomeUnknown("the node serving the ack answered 504: it may have been applied") from None
         if status != 200:
-            raise Unavailable(f"the leader answered {status} to an ack", retry_after_s=0.5) from None
+            raise Unavailable(f"the node serving the ack answered {status}", retry_after_s=0.5) from None
 
 
 @ACK
@@ -591,6 +644,9 @@ async def ack(request: web.Request) -> web.Response:
     node = node_of(request)
     body = await s.json_body(request, ACK)
     selector, ids, origin = _selector(request), _delivery_ids(body), s.origin(request, body)
+    forwarded = await _forward_to_group_reader(request, selector, node.proposer.timeout_s + FORWARD_MARGIN_S)
+    if forwarded is not None:
+        return forwarded
     return await _here_or_leader(request, lambda: node.bus.ack(selector, ids or [], origin),
                                  node.proposer.timeout_s + FORWARD_MARGIN_S)
 
@@ -610,6 +666,9 @@ async def nack(request: web.Request) -> web.Response:
     selector = _selector(request)
     del args["sub" if "sub" in selector else "agent"]
     origin = s.origin(request, body)
+    forwarded = await _forward_to_group_reader(request, selector, node.proposer.timeout_s + FORWARD_MARGIN_S)
+    if forwarded is not None:
+        return forwarded
     return await _here_or_leader(request, lambda: node.bus.nack(selector, args, origin),
                                  node.proposer.timeout_s + FORWARD_MARGIN_S)
 

@@ -46,7 +46,7 @@ from coordinator.commands.bus import (
 )
 from coordinator.commands.messages import in_batch
 from coordinator.errors import Conflict, CoordinatorError, InvalidInput, NotFound, RequestTimeout, Unavailable
-from coordinator.ports import BusTransport, Clock, Rng
+from coordinator.ports import BusTransport, Clock, ReadsGroupsOnOneNode, Rng
 from coordinator.services.applier import Applier
 from coordinator.services.duties import LeaderDuties
 from coordinator.services.proposals import Proposer, raise_for, state_error
@@ -423,6 +423,31 @@ class BusService:
             return None
         binding = self.direct_binding(consumer.pattern)
         return consumer if binding is not None and binding.transport == consumer.transport else None
+
+    def one_reader_group(self, selector: dict[str, str]) -> str | None:
+        """The consumer's key when the selector names a direct consumer whose
+        transport serves a group from one node only (``one_reader_per_group``:
+        Kafka reads the group's partition by hand), else None. Such a group's
+        fetches, acks and nacks go to one member (the API ranks the members
+        by this key, ``CoordinatorNode.ranked_members``), so the group is read
+        once and its delivery ids are that member's, whichever node a
+        consumer talks to."""
+        consumer = self._direct_consumer(selector)
+        if consumer is None:
+            return None
+        transport = self.transports.get(consumer.transport)
+        one = isinstance(transport, ReadsGroupsOnOneNode) and transport.one_reader_per_group
+        return consumer.key if one else None
+
+    async def release_group(self, selector: dict[str, str]) -> None:
+        """Another member serves this one-reader group now: drop what this
+        node read of it (``transport.release``); what it handed out and was
+        not acked comes again to whoever reads the group, from its committed
+        offset."""
+        consumer = self._direct_consumer(selector)
+        transport = self.transports.get(consumer.transport) if consumer is not None else None
+        if consumer is not None and isinstance(transport, ReadsGroupsOnOneNode):
+            await transport.release(consumer.pattern, consumer.name)
 
     async def _fetch_transport(self, consumer: Any, sub_id: str, max_n: int, deadline: float, *,
                                direct: bool = False) -> dict[str, Any]:

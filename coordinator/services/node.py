@@ -9,6 +9,7 @@ Loop thread only.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -509,9 +510,10 @@ class CoordinatorNode:
         return list(await asyncio.gather(*(ask(m) for m in members)))
 
     async def forward(self, method: str, path_qs: str, body: bytes | None, timeout_s: float,
-                      sign: Signer | None = None) -> tuple[int, bytes, dict[str, str]]:
-        """Send one HTTP request to the leader, marked as forwarded (the leader
-        never forwards it again). ``sign`` gives the headers that carry the
+                      sign: Signer | None = None, *, to: str | None = None) -> tuple[int, bytes, dict[str, str]]:
+        """Send one HTTP request to the leader (or to the member whose HTTP
+        address is ``to``), marked as forwarded (it never forwards it again).
+        ``sign`` gives the headers that carry the
         caller's identity for exactly this method, leader (its Host), path and body.
         Returns status, body and the headers worth passing on. ``Unavailable``
         (certainly not applied) when no leader is known or the connection to it
@@ -519,10 +521,16 @@ class CoordinatorNode:
         the leader but no answer came back (a timeout or a dropped connection
         after connecting): the leader may have applied it, so only a retry with
         the same ``request_id`` is safe."""
-        st = self.engine.status()
-        leader = self.http_of(st.leader)
-        if leader is None or self._session is None or st.leader == st.node:
-            raise Unavailable("no leader known", retry_after_s=0.5)
+        if to is not None:
+            leader = to
+            if self._session is None:
+                raise Unavailable("this node is stopping", retry_after_s=0.5)
+        else:
+            st = self.engine.status()
+            leader = self.http_of(st.leader)
+            if leader is None or self._session is None or st.leader == st.node:
+                raise Unavailable("no leader known", retry_after_s=0.5)
+        where = "the leader" if to is None else f"member {to}"
         headers = {FORWARD_HEADER: "1", "Content-Type": "application/json"}
         if sign is not None:
             headers.update(sign(method, leader, path_qs, body or b""))
@@ -537,10 +545,26 @@ class CoordinatorNode:
                 return response.status, raw, passed
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # Nothing was sent: the connection itself failed.
-            raise Unavailable(f"forwarding to the leader failed: {type(exc).__name__}", retry_after_s=0.5,
-                              leader=leader) from None
+            raise Unavailable(f"forwarding to {where} failed: {type(exc).__name__}", retry_after_s=0.5,
+                              **({"leader": leader} if to is None else {})) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise OutcomeUnknown(f"forwarded to the leader, no answer: {type(exc).__name__}") from None
+            raise OutcomeUnknown(f"forwarded to {where}, no answer: {type(exc).__name__}") from None
+
+    def ranked_members(self, key: str) -> list[tuple[str, str | None, bool, bool]]:
+        """Every member as (id, HTTP address, connected, this node), in the order of
+        rendezvous hashing of ``key`` (the highest sha256 of ``key`` and the
+        member's id first): every node ranks them alike, and losing one
+        member moves only the keys it ranked first. ``connected``: this node
+        is itself or has a Raft connection to it (its view)."""
+        st = self.engine.status()
+        rows = []
+        for raft in st.members:
+            ident = self._peer_id(raft) or raft
+            score = hashlib.sha256(f"{key}\0{ident}".encode()).digest()
+            me = raft == st.node
+            rows.append((score, ident, self.http_of(raft), me or raft in st.connected, me))
+        rows.sort(reverse=True)
+        return [(ident, http, connected, me) for _, ident, http, connected, me in rows]
 
 
 def leader_url(scheme: str, leader: str, path_qs: str) -> yarl.URL:

@@ -8,13 +8,14 @@ two of three nodes killed, the last one still publishes, fetches and acks."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 from typing import Any
 
 import pytest
 
 from coordinator.client import CoordinatorClient
-from coordinator.errors import Unavailable
+from coordinator.errors import NotFound, Unavailable
 from tests.transports.conftest import PLUGINS, transport_class
 from tests.waiting import eventually
 
@@ -91,6 +92,96 @@ async def test_a_leader_kill_mid_stream_loses_no_acknowledged_message(make_clust
             assert len(delivered) == len(set(delivered))  # exactly once: nothing acked came back, no re-send kept
         assert set(delivered) == acknowledged  # nothing unacknowledged appeared either
     cleaner = transport_class(plugin)(url, namespace=namespace, timeout_s=5.0)
+    await cleaner.start()
+    try:
+        await cleaner.unbind(topic)
+    finally:
+        await cleaner.close()
+
+
+def _group_reader(members: list[str], consumer_key: str) -> str:
+    """The member that reads a one-reader direct group while all are up: the
+    first in the rendezvous ranking of the consumer's key
+    (``CoordinatorNode.ranked_members``)."""
+    return max(members, key=lambda m: hashlib.sha256(f"{consumer_key}\0{m}".encode()).digest())
+
+
+async def _visible(client: CoordinatorClient, sub: str) -> None:
+    async def known() -> bool:
+        try:
+            await client.request("GET", f"/v1/subscriptions/{sub}?consistency=stale")
+        except NotFound:
+            return False
+        return True
+
+    await eventually(known, f"subscription {sub} to reach the node", 10)
+
+
+async def test_a_kafka_direct_group_is_read_once_through_any_node_and_moves_on_a_kill(make_cluster: Any) -> None:
+    """Kafka's transport reads a group's partition by hand, so the group is
+    read by one member, whichever node its consumers talk to: consumers of
+    one group on two nodes get every message once while no node fails. The
+    reader killed, the next member in the ranking reads the group from its
+    committed offset: every message comes at least once."""
+    url = PLUGINS["kafka"][1]
+    namespace = f"coordit{secrets.token_hex(3)}"
+    cluster = make_cluster(extra_args=("--transport", f"kafka={url}", "--transport-namespace", namespace))
+    cluster.wait_leader()
+    reader = _group_reader(cluster.members, "g:readers")
+    other, third = [n for n in cluster.members if n != reader]
+    topic = "orders.direct"
+    async with CoordinatorClient(cluster.url(reader), timeout_s=20) as on_reader, \
+            CoordinatorClient(cluster.url(other), timeout_s=20) as on_other, \
+            CoordinatorClient(cluster.url(third), timeout_s=20) as on_third:
+        await on_other.request("PUT", f"/v1/topics/{topic}/binding", {"transport": "kafka", "mode": "direct"})
+        first = await on_reader.subscribe(topic, group="readers")
+        second = await on_other.subscribe(topic, group="readers")
+        await _visible(on_reader, second)
+        await _visible(on_other, first)
+        published: set[str] = set()
+        for b in range(5):  # through the third node: no consumer there
+            answer = await on_third.publish(topic, messages=[{"id": f"a{b}.{i}", "payload": i} for i in range(40)])
+            published.update(m["id"] for m in answer["messages"])
+        per_consumer: dict[str, list[str]] = {first: [], second: []}
+
+        async def consume(client: CoordinatorClient, sub: str) -> None:
+            async def done() -> bool:
+                got = await client.fetch(sub, max=25, wait_s=0.3)  # small batches: both consumers get some
+                if got:
+                    await client.ack(sub, [d["delivery_id"] for d in got])
+                per_consumer[sub].extend(d["message"]["id"] for d in got)
+                return published <= set(per_consumer[first]) | set(per_consumer[second])
+
+            await eventually(done, "the group to get every message", 30, interval_s=0)
+
+        await asyncio.gather(consume(on_reader, first), consume(on_other, second))
+        delivered = per_consumer[first] + per_consumer[second]
+        assert per_consumer[first] and per_consumer[second]  # both consumers were served
+        assert sorted(delivered) == sorted(published)  # every message once: one node read the group
+
+        # The reader killed: the next member reads the group from its committed offset.
+        cluster.kill(reader)
+        later: set[str] = set()
+        for b in range(3):
+            answer = await on_other.publish(topic, messages=[{"id": f"b{b}.{i}", "payload": i} for i in range(40)])
+            later.update(m["id"] for m in answer["messages"])
+        after: list[str] = []
+
+        async def all_came() -> bool:
+            for client, sub in ((on_other, second), (on_third, first)):  # the first consumer moved to the third node
+                try:
+                    got = await client.fetch(sub, max=50, wait_s=0.2)
+                    if got:
+                        await client.ack(sub, [d["delivery_id"] for d in got])
+                except Unavailable:
+                    return False
+                after.extend(d["message"]["id"] for d in got)
+            return later <= set(after)
+
+        await eventually(all_came, lambda: f"{len(later - set(after))} messages after the kill still missing", 30,
+                         interval_s=0)
+        assert set(after) <= later | published  # nothing that was not published
+    cleaner = transport_class("kafka")(url, namespace=namespace, timeout_s=5.0)
     await cleaner.start()
     try:
         await cleaner.unbind(topic)
