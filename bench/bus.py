@@ -17,10 +17,9 @@ broker (running on 127.0.0.1 at its default port: ``scripts/brokers-up.sh``)
 instead, interleaved per round. ``--modes log,direct`` measures each broker in
 each binding mode (``transports/design.md``) side by side with the embedded
 bus, publishers spread over the three nodes; consumers of a direct topic are
-spread too (each node serves them from the broker), except over Kafka, whose
-transport serves a group from one node (a partition read by hand), so all
-four sit on one node; the others' consumers talk to the leader, which serves
-them.
+spread too (each node serves them from the broker; over Kafka, the nodes send
+a group's fetches and acks to the one member that reads it); the others'
+consumers talk to the leader, which serves them.
 """
 
 from __future__ import annotations
@@ -73,7 +72,7 @@ async def _round(session: aiohttp.ClientSession, url: str, tag: str, batch: int,
     publish_urls = nodes or [url]
     consume_urls = [url]
     if mode == "direct" and nodes:
-        consume_urls = nodes[:1] if transport == "kafka" else nodes
+        consume_urls = nodes
         await _visible(session, consume_urls, subs)
     published = 0
     publish_latency: list[float] = []
@@ -217,8 +216,8 @@ the nodes' CPU is the three node processes' user and system time over the
 row divided by the messages delivered (brokers and generator not counted).
 The embedded bus and log mode are served by the leader (a follower forwards
 fetches and acks to it); a direct topic's consumers fetch from the node they
-talk to, spread over the three (over Kafka all four on one node: its
-transport reads a group's single partition by hand, one node per group).
+talk to, spread over the three (over Kafka that node forwards a group's
+fetches and acks to the one member that reads the group's partition).
 Nodes, brokers, the load generator and whatever else runs on the machine
 share its two cores, so rows move with that load: compare within a round."""
 

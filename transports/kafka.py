@@ -194,7 +194,8 @@ class KafkaTransport:
     **Consumer groups.** Each subscribed group is a Kafka consumer group used
     for its committed offset only: this transport's consumer is assigned the
     topic's partition by hand (no group membership, no rebalances: one
-    leader serves a group) and never auto-commits. Records read are held in
+    node serves a group, the leader in log mode, the member the API ranks
+    first in direct mode: ``one_reader_per_group``) and never auto-commits. Records read are held in
     memory and handed out to our consumers, one consumer each, like the
     others' competing consumers; an ack removes a record, and the group's
     offset is committed up to the lowest record still held (Kafka has no
