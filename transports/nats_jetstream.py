@@ -373,9 +373,9 @@ class NatsJetStreamTransport:
         window. No ``Nats-Expected-Last-Msg-Id`` chain: many nodes publish at
         once, and the stream's sequence is the order. Concurrent calls share
         the connection's writes (the client flushes them together) and one
-        reply inbox (``_AckInbox``: half the client's work per message of
-        ``publish_async``, which makes a future, a token and a header per
-        message)."""
+        reply inbox (``_AckInbox``: one reply subject and one future per
+        call, where ``publish_async`` makes a future, a token and a header
+        per message)."""
         if not entries:
             return 0
         topic = entries[0].topic
@@ -388,34 +388,20 @@ class NatsJetStreamTransport:
             if acks is None or acks.nc is not nc:
                 acks = self._acks = _AckInbox(nc)
                 await acks.start()
-            waiting: list[tuple[str, asyncio.Future[Msg]]] = []
+            reply, batch = acks.expect(len(entries))
             try:
                 for entry in entries:
-                    payload = _encode(entry.message).encode()
-                    reply, answer = acks.expect()
-                    waiting.append((reply, answer))
-                    await nc.publish(subject, payload, reply=reply, headers={_MSG_ID: entry.key})
-                answers = await asyncio.gather(*(answer for _, answer in waiting))
+                    await nc.publish(subject, _encode(entry.message).encode(), reply=reply,
+                                     headers={_MSG_ID: entry.key})
+                await batch.done
             finally:
-                acks.forget(reply for reply, _ in waiting)
-            new = 0
-            for msg in answers:
-                if msg.headers and msg.headers.get("Status") == "503":  # no responders: no stream
-                    raise Unavailable(f"nats: topic {topic!r} is not bound", retry_after_s=1.0)
-                data = msg.data
-                if data[:10] == b'{"stream":' and b'"error"' not in data and b'"duplicate"' not in data:
-                    new += 1  # {"stream":..,"seq":..}: stored, and new (read without json, most answers)
-                    continue
-                try:
-                    body = json.loads(data)
-                except ValueError:
-                    body = {"error": {"description": "an answer that is not JSON"}}
-                if not isinstance(body, dict) or "error" in body:
-                    error = body.get("error", {}) if isinstance(body, dict) else {}
-                    raise Unavailable(f"nats: JetStream refused a publish to {topic!r}: "
-                                      f"{error.get('description', error)}", retry_after_s=1.0)
-                new += not body.get("duplicate", False)
-            return new
+                acks.forget(reply)
+            if batch.unbound:  # no responders: no stream
+                raise Unavailable(f"nats: topic {topic!r} is not bound", retry_after_s=1.0)
+            if batch.refusal is not None:
+                raise Unavailable(f"nats: JetStream refused a publish to {topic!r}: {batch.refusal}",
+                                  retry_after_s=1.0)
+            return batch.new
 
     async def _last_stored(self, js: JetStreamContext, topic: str, stream: str) -> tuple[int, str | None]:
         """The offset and message id of the stream's last message: (0, None)
@@ -571,41 +557,80 @@ class NatsJetStreamTransport:
 
 class _AckInbox:
     """One wildcard inbox of a connection for JetStream's answers to direct
-    publishes: each publish gets a reply subject under it and a future that
-    the subscription's callback resolves."""
+    publishes: each ``publish_direct`` call gets one reply subject under it
+    for all its messages (JetStream answers each message once, there) and
+    one future, which the subscription's callback resolves when the last
+    answer came: no future, reply subject and callback per message."""
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.prefix = nc.new_inbox()
-        self.waiting: dict[str, asyncio.Future[Msg]] = {}
+        self.waiting: dict[str, _AckBatch] = {}
         self._seq = 0
 
     async def start(self) -> None:
         await self.nc.subscribe(f"{self.prefix}.*", cb=self._on_msg)
 
-    def expect(self) -> tuple[str, asyncio.Future[Msg]]:
+    def expect(self, n: int) -> tuple[str, _AckBatch]:
         self._seq += 1
         reply = f"{self.prefix}.{self._seq}"
-        answer = self.waiting[reply] = asyncio.get_running_loop().create_future()
-        return reply, answer
+        batch = self.waiting[reply] = _AckBatch(asyncio.get_running_loop().create_future(), n)
+        return reply, batch
 
-    def forget(self, replies: Any) -> None:
-        for reply in replies:
-            answer = self.waiting.pop(reply, None)
-            if answer is not None and not answer.done():
-                answer.cancel()
+    def forget(self, reply: str) -> None:
+        batch = self.waiting.pop(reply, None)
+        if batch is not None and not batch.done.done():
+            batch.done.cancel()
 
     def fail(self) -> None:
         """The connection is gone: nothing waiting will be answered."""
-        for answer in self.waiting.values():
-            if not answer.done():
-                answer.set_exception(nats.errors.ConnectionClosedError())
+        for batch in self.waiting.values():
+            if not batch.done.done():
+                batch.done.set_exception(nats.errors.ConnectionClosedError())
         self.waiting.clear()
 
     async def _on_msg(self, msg: Msg) -> None:
-        answer = self.waiting.pop(msg.subject, None)
-        if answer is not None and not answer.done():
-            answer.set_result(msg)
+        batch = self.waiting.get(msg.subject)
+        if batch is None:
+            return  # its call is over (timed out): nobody waits
+        batch.count(msg)
+        if batch.remaining <= 0:
+            del self.waiting[msg.subject]
+            if not batch.done.done():
+                batch.done.set_result(None)
+
+
+class _AckBatch:
+    """What JetStream answered to one ``publish_direct`` call so far."""
+
+    __slots__ = ("done", "new", "refusal", "remaining", "unbound")
+
+    def __init__(self, done: asyncio.Future[None], n: int) -> None:
+        self.done = done
+        self.remaining = n
+        self.new = 0  # stored and not a duplicate
+        self.unbound = False  # a 503 (no responders): the stream is missing
+        self.refusal: str | None = None  # the first error JetStream answered
+
+    def count(self, msg: Msg) -> None:
+        self.remaining -= 1
+        if msg.headers and msg.headers.get("Status") == "503":
+            self.unbound = True
+            return
+        data = msg.data
+        if data[:10] == b'{"stream":' and b'"error"' not in data and b'"duplicate"' not in data:
+            self.new += 1  # {"stream":..,"seq":..}: stored and new (read without json: most answers)
+            return
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = {"error": {"description": "an answer that is not JSON"}}
+        if not isinstance(body, dict) or "error" in body:
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            if self.refusal is None:
+                self.refusal = str(error.get("description", error) if isinstance(error, dict) else error)
+            return
+        self.new += not body.get("duplicate", False)
 
 
 class _Pull:
