@@ -361,7 +361,9 @@ class BusService:
 
     async def fetch(self, selector: dict[str, str], max_n: int, wait_s: float) -> dict[str, Any]:
         """Up to ``max_n`` deliveries, waiting up to ``wait_s`` for the first.
-        Leader only (``NotLeader`` otherwise)."""
+        Leader only (``NotLeader`` otherwise), but for a direct topic's
+        consumer, served by this node from the broker; its result may carry
+        the messages' JSON text under ``MESSAGE_JSON`` (``render_fetched``)."""
         if not 1 <= max_n <= MAX_FETCH:
             raise InvalidInput(f"max: must be between 1 and {MAX_FETCH}", field="max")
         loop = asyncio.get_running_loop()
