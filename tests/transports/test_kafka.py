@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +54,15 @@ async def stored_keys(transport: KafkaTransport, topic: str = TOPIC, bootstrap: 
         return keys
     finally:
         await reader.stop()
+
+
+async def _done(call: Awaitable[None]) -> bool:
+    """True once ``call`` succeeded, False when the broker refused it (``Unavailable``)."""
+    try:
+        await call
+    except Unavailable:
+        return False
+    return True
 
 
 async def open_transactions(bootstrap: str, topics: list[str]) -> dict[str, tuple[int, int]]:
@@ -259,10 +268,12 @@ def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnKafka]:
 async def test_a_broker_restart_mid_stream_loses_nothing(own_kafka: OwnKafka, plugin: str) -> None:
     transport = KafkaTransport(own_kafka.url, namespace="restart", timeout_s=2.0, ack_timeout_s=5.0)
     bootstrap, topic = own_kafka.url.removeprefix("kafka://"), transport._topic(TOPIC)
-    await transport.start()
     try:
-        await transport.bind(TOPIC)
-        await transport.subscribe(TOPIC, "g")
+        # A fresh broker makes its internal topics at the first group lookup: on a loaded machine
+        # that can outlast the transport's 2 s bound, so setting up is tried again until it is done.
+        for step in (transport.start, lambda: transport.bind(TOPIC), lambda: transport.subscribe(TOPIC, "g")):
+            await eventually(lambda step=step: _done(step()), "the test's broker to take the topic and the group",
+                             timeout_s=60, interval_s=0.2)
         total = 100
         acked: Counter[int] = Counter()
         failures = {"publish": 0, "fetch": 0}
