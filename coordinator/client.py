@@ -556,7 +556,7 @@ class CoordinatorClient:
             raise InvalidInput("give message or messages", field="message")
         if seal_to is not None:
             # The source names the sealing agent: ``open`` refuses an envelope whose
-            # message says it came from someone else (the node's default is "anonymous").
+            # message says it came from someone else (the node's default names the caller).
             if message is not None:
                 message = {"source": self.agent_id, **message,
                            "payload": await self.seal(message.get("payload"), seal_to)}

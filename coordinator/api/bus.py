@@ -243,9 +243,14 @@ async def topics_read(request: web.Request) -> web.Response:
 
 
 def _sourced(request: web.Request, raw: list[Any]) -> list[Any]:
-    """An agent's messages carry its own id as ``source``: the node fills it
-    in, and refuses (403) a message that claims another sender."""
+    """A message's ``source`` is its publisher's name unless it says otherwise:
+    an agent's messages carry its own id (the node fills it in, and refuses
+    (403) a message that claims another sender); the admin's say ``admin``
+    unless they name a source (the admin may speak for anyone); an anonymous
+    caller's get ``BusService.prepare``'s default, ``anonymous``."""
     principal = principal_of(request)
+    if principal is not None and principal.kind == "admin":
+        return [{"source": "admin", **m} if isinstance(m, dict) else m for m in raw]
     if principal is None or principal.kind != "agent":
         return raw
     out = []

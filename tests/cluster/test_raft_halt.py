@@ -24,8 +24,10 @@ POLL_S = 0.02
 until = functools.partial(eventually, timeout_s=WAIT_S, interval_s=POLL_S)
 
 
-def _engine(tmp_path, applier: Applier, **kwargs) -> raft.PySyncObjEngine:
-    address = f"127.0.0.1:{free_ports(1)[0]}"
+def _engine(tmp_path, applier: Applier, address: str | None = None, **kwargs) -> raft.PySyncObjEngine:
+    """A one-node engine on a fresh port, or on ``address``: a restart must reuse the address,
+    since a snapshot records the members by address (another one would be a second, absent voter)."""
+    address = address or f"127.0.0.1:{free_ports(1)[0]}"
     return raft.PySyncObjEngine(node_id="n1", address=address, peers=[], data_dir=str(tmp_path), secret=SECRET,
                                 fsm=applier, durability="none", election_timeout_s=(0.2, 0.4), heartbeat_s=0.05,
                                 **kwargs)

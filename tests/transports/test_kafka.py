@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,6 +55,33 @@ async def stored_keys(transport: KafkaTransport, topic: str = TOPIC, bootstrap: 
         return keys
     finally:
         await reader.stop()
+
+
+async def _done(call: Awaitable[None]) -> bool:
+    """True once ``call`` succeeded, False when the broker refused it (``Unavailable``)."""
+    try:
+        await call
+    except Unavailable:
+        return False
+    return True
+
+
+async def open_transactions(bootstrap: str, topics: list[str]) -> dict[str, tuple[int, int]]:
+    """Topics (partition 0) whose last stable offset is below the high
+    watermark, as (LSO, HW): a transaction still open there. One that stays
+    open hangs: read_committed readers stop at it for good."""
+    tps = [TopicPartition(topic, 0) for topic in topics]
+    stable = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+                              enable_auto_commit=False)
+    written = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await stable.start()
+    await written.start()
+    try:
+        lso, hw = await stable.end_offsets(tps), await written.end_offsets(tps)
+    finally:
+        await stable.stop()
+        await written.stop()
+    return {tp.topic: (lso[tp], hw[tp]) for tp in tps if lso[tp] < hw[tp]}
 
 
 def expected(first: int, last: int) -> Counter[str]:
@@ -158,6 +185,31 @@ async def test_a_message_as_large_as_an_http_body_goes_through(make_transport: T
     assert got.message == big[0].message
 
 
+async def test_a_publisher_offset_left_below_a_confirmed_commit_is_read_again_then_reported(
+        make_transport: TransportFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Kafka completed a transaction without its markers (a hanging one: see
+    the restart test), so the publisher offset stays below what this
+    transport saw committed. It is read again for ``stale_read_s`` in all,
+    across publishes each cut at ``timeout_s``, then reported and passed:
+    never a publisher refusing for good."""
+    transport = await make_transport()
+    assert isinstance(transport, KafkaTransport)
+    transport.timeout_s, transport.stale_read_s = 1.0, 2.5  # each publish gives up before the reads do
+    await transport.bind(TOPIC)
+    transport._confirmed[transport._topic(TOPIC)] = 50  # committed, its offset commit never applied
+    refused, deadline = 0, time.monotonic() + 30
+    while True:
+        try:
+            assert await transport.publish(entries(51, 52)) == 2
+            break
+        except Unavailable:
+            refused += 1
+            assert time.monotonic() < deadline, f"still refused after {refused} tries"
+    assert refused >= 1
+    assert "answers offset 0, below 50 whose transaction committed" in caplog.text
+    assert await stored_keys(transport) == Counter({f"{TOPIC}:51": 1, f"{TOPIC}:52": 1})
+
+
 # -- a broker of the test's own, restarted mid-stream -------------------------------------------------
 
 def _free_port() -> int:
@@ -239,19 +291,29 @@ def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnKafka]:
 
 async def test_a_broker_restart_mid_stream_loses_nothing(own_kafka: OwnKafka, plugin: str) -> None:
     transport = KafkaTransport(own_kafka.url, namespace="restart", timeout_s=2.0, ack_timeout_s=5.0)
-    await transport.start()
+    bootstrap, topic = own_kafka.url.removeprefix("kafka://"), transport._topic(TOPIC)
     try:
-        await transport.bind(TOPIC)
-        await transport.subscribe(TOPIC, "g")
+        # A fresh broker makes its internal topics at the first group lookup: on a loaded machine
+        # that can outlast the transport's 2 s bound, so setting up is tried again until it is done.
+        for step in (transport.start, lambda: transport.bind(TOPIC), lambda: transport.subscribe(TOPIC, "g")):
+            await eventually(lambda step=step: _done(step()), "the test's broker to take the topic and the group",
+                             timeout_s=60, interval_s=0.2)
         total = 100
         acked: Counter[int] = Counter()
         failures = {"publish": 0, "fetch": 0}
         published = 0
 
+        running, idle = asyncio.Event(), asyncio.Event()
+        running.set()
+
         async def publisher() -> None:
             nonlocal published
             deadline = time.monotonic() + 90
             while published < total:
+                if not running.is_set():
+                    idle.set()
+                    await running.wait()
+                    idle.clear()
                 try:  # from the confirmed cursor, as the driver does
                     await transport.publish(entries(published + 1, min(total, published + 10)))
                     published = min(total, published + 10)
@@ -264,7 +326,8 @@ async def test_a_broker_restart_mid_stream_loses_nothing(own_kafka: OwnKafka, pl
             deadline = time.monotonic() + 90
             while len(acked) < total:
                 missing = sorted(set(range(1, total + 1)) - set(acked))
-                assert time.monotonic() < deadline, f"{len(missing)} of {total} never came through: {missing}"
+                assert time.monotonic() < deadline, \
+                    f"{len(missing)} of {total} never came through (published {published}): {missing}"
                 try:
                     batch = await transport.fetch(TOPIC, "g", "c1", 10, 0.5)
                     await transport.ack(TOPIC, "g", [d.delivery_id for d in batch])
@@ -282,18 +345,42 @@ async def test_a_broker_restart_mid_stream_loses_nothing(own_kafka: OwnKafka, pl
             # the last seconds: after an unclean shutdown Kafka 4.4 truncates each partition
             # to its high-watermark checkpoint (written every 5 s), transactions included;
             # only replicas on other brokers keep it (see transports/kafka.py).
+            # Stopped between transactions, their markers written: a transaction committed while
+            # the stopping broker has handed its partitions' leadership to nobody (one replica) is
+            # completed by Kafka without its markers and hangs, its records unreadable to
+            # read_committed consumers (2 runs in 20 stopped mid-stream). That hazard is Kafka's
+            # (see transports/kafka.py); this test is about the transport across a restart.
+            running.clear()
+            async with asyncio.timeout(30):
+                await idle.wait()
+
+            async def all_closed() -> bool:
+                return not await open_transactions(bootstrap, [topic, "__consumer_offsets"])
+
+            await eventually(all_closed, "the last transaction's markers to be written", timeout_s=10,
+                             interval_s=0.1)
             await asyncio.to_thread(own_kafka.stop)
+            running.set()
             await eventually(lambda: failures["publish"] > 0, "a publish refused while the broker is down",
                              timeout_s=20, interval_s=0.05)
             assert not (await transport.health()).ok
             await asyncio.to_thread(own_kafka.start)  # the same data directory: what it acknowledged is there
-            async with asyncio.timeout(120):
-                await asyncio.gather(*tasks)
+            try:
+                async with asyncio.timeout(120):
+                    await asyncio.gather(*tasks)
+            except (AssertionError, TimeoutError):
+                # Name a hanging transaction when there is one: Kafka completed a transaction
+                # without writing its markers (see scripts/kafka/server.properties.in).
+                hanging = await open_transactions(bootstrap, [topic, "__consumer_offsets"])
+                assert not hanging, f"transactions left open at the broker (LSO, HW): {hanging}"
+                raise
         finally:
             for task in tasks:
                 task.cancel()
+        # Every transaction completed with its markers: nothing left open for a reader to stop at.
+        await eventually(all_closed, "no transaction left open at the broker", timeout_s=10, interval_s=0.2)
         assert set(acked) == set(range(1, total + 1))  # nothing lost (a redelivery may repeat one)
         assert (await transport.health()).ok
-        assert await stored_keys(transport, bootstrap=own_kafka.url.removeprefix("kafka://")) == expected(1, total)
+        assert await stored_keys(transport, bootstrap=bootstrap) == expected(1, total)
     finally:
         await transport.close()

@@ -1262,6 +1262,52 @@ async def test_an_agents_messages_carry_its_id_as_source_and_it_cannot_claim_ano
     assert sources["3"] == sources["4"] == "alice"
 
 
+async def test_the_admins_messages_carry_admin_as_source_on_every_publish_path(
+        make_harness: HarnessFactory) -> None:
+    """Published with the admin token, a message says ``admin`` (not
+    ``anonymous``): one message, a batch, a forwarded publish, a request and
+    its reply, and a direct topic's message at the broker. A source the admin
+    names is kept."""
+    from transports.memory import InMemoryTransport
+
+    transport = InMemoryTransport(namespace="t")
+    h = await make_harness(auth=AuthSettings(admin_token=ADMIN_TOKEN, cluster_secret=CLUSTER_SECRET),
+                           transports={"memory": transport})
+    sub = (await as_admin(h, "POST", "/v1/subscriptions", {"topic": "orders.eu"}, expect=201)).body["id"]
+    await as_admin(h, "POST", "/v1/topics/orders.eu/messages", {"payload": "one"}, expect=200)
+    await as_admin(h, "POST", "/v1/topics/orders.eu/messages",
+                   {"messages": [{"payload": "batch"}, {"payload": "named", "source": "billing"}]}, expect=200)
+    path, raw = "/v1/topics/orders.eu/messages", encode({"payload": "forwarded"})
+    await send(h, "POST", path, raw, {PRINCIPAL_HEADER: "admin",
+                                      FORWARD_SIG_HEADER: forwarded(h, "admin", "POST", path, raw)}, expect=200)
+    got = await as_admin(h, "GET", f"/v1/subscriptions/{sub}/messages?max=10", expect=200)
+    assert {d["message"]["payload"]: d["message"]["source"] for d in got.body["messages"]} == {
+        "one": "admin", "batch": "admin", "named": "billing", "forwarded": "admin"}
+
+    asks = (await as_admin(h, "POST", "/v1/subscriptions", {"topic": "svc.echo"}, expect=201)).body["id"]
+
+    async def responder() -> dict[str, Any]:
+        got = await as_admin(h, "GET", f"/v1/subscriptions/{asks}/messages?max=1&wait_s=5", expect=200)
+        request = got.body["messages"][0]["message"]
+        await as_admin(h, "POST", f"/v1/topics/{request['replyTo']}/messages",
+                       {"type": "response", "correlationId": request["id"], "payload": "pong"}, expect=200)
+        return request
+
+    answering = asyncio.create_task(responder())
+    try:
+        async with asyncio.timeout(10):
+            answer = await as_admin(h, "POST", "/v1/topics/svc.echo/request", {"payload": "ping", "timeout_s": 5},
+                                    expect=200)
+            request = await answering
+    finally:
+        answering.cancel()
+    assert request["source"] == "admin" and answer.body["response"]["source"] == "admin"
+
+    await as_admin(h, "PUT", "/v1/topics/jobs/binding", {"transport": "memory", "mode": "direct"}, expect=200)
+    await as_admin(h, "POST", "/v1/topics/jobs/messages", {"payload": "direct"}, expect=200)
+    assert [e.message["source"] for e in transport._topics["jobs"]] == ["admin"]
+
+
 async def test_an_agent_that_left_keeps_its_id_until_the_admin_releases_it(world: World) -> None:
     """Roles are granted by agent id: when bob leaves, his key stays bound to
     his id, so mallory cannot join as bob (and inherit his roles); bob can
