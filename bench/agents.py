@@ -27,9 +27,14 @@ by PID at the end, also on Ctrl-C or SIGTERM):
    (``coordinator.datagram``, keyed with the lease key its registration
    answer gave) from one socket to the UDP port of the node the agent's
    connection would use (the HTTP port's number, the nodes' default),
-   without waiting; an ack (verified) counts the beat, no ack within
-   ``UDP_TIMEOUT_S`` counts it lost ("udp lost"), a NOT_READY or
-   UNKNOWN_LEASE ack counts as that error. No retry: a lost beat is lost.
+   without waiting; an ack (verified) counts the beat. A beat not acked
+   within ``UDP_TIMEOUT_S`` is sent once more, with a new counter, to the
+   next node of ``--via`` (as the client moves on; "udp retried"), and
+   counted lost ("udp lost") when that is not acked either; a NOT_READY or
+   UNKNOWN_LEASE ack counts as that error. Over UDP a lost datagram or a
+   lost ack is silent, so the expiry check takes as the last sure renewal
+   the sending of the last acked datagram, and as the latest possible one
+   the last datagram sent or ack received (``sent`` and ``acked``).
 3. After one interval of warm-up, measure for ``--seconds``: the CPU (user +
    system, /proc) of the leader, of each follower and of the generators, in
    cores; RSS of every node; heartbeat latency p50/p99; errors; achieved
@@ -288,11 +293,11 @@ class Swarm:
                         continue
                     lease_id, key, address = self.udp_leases[i]
                     counter += 1
-                    if self.is_probe(i):
-                        self.sent[agent_id(i)] = time.time()
                     acks.send(key, datagram.Beat(lease_id, counter), address, i, now - when)
                     sent += 1
-                acks.expire(now)
+                for key, beat, address, i, late_s in acks.expire(now):  # once more, to the next node
+                    counter += 1
+                    acks.send(key, datagram.Beat(beat.lease_id, counter), address, i, late_s, retry=True)
                 if sent >= UDP_SEND_BATCH:
                     await asyncio.sleep(0)
                     continue
@@ -331,9 +336,11 @@ class _Acks(asyncio.DatagramProtocol):
     def __init__(self, swarm: Swarm) -> None:
         self.swarm = swarm
         self.transport: asyncio.DatagramTransport | None = None
-        # (lease, counter) -> (key, agent, perf_counter at sending, how late it was sent)
-        self.inflight: dict[tuple[int, int], tuple[bytes, int, float, float]] = {}
+        # (lease, counter) -> (key, agent, perf_counter and wall time at sending, how late it was sent,
+        # where to, whether it is the retry)
+        self.inflight: dict[tuple[int, int], tuple[bytes, int, float, float, float, tuple[str, int], bool]] = {}
         self.order: deque[tuple[float, tuple[int, int]]] = deque()  # (loop time to give up, its key), in order
+        self.addresses = [(t.host, t.port) for t in swarm.targets]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -341,20 +348,36 @@ class _Acks(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         self.swarm.window.errors[f"udp {type(exc).__name__}"] += 1
 
-    def send(self, key: bytes, beat: datagram.Beat, address: tuple[str, int], i: int, late_s: float) -> None:
+    def send(self, key: bytes, beat: datagram.Beat, address: tuple[str, int], i: int, late_s: float,
+             retry: bool = False) -> None:
         if self.transport is None:
             return
         handle = (beat.lease_id, beat.counter)
-        self.inflight[handle] = (key, i, time.perf_counter(), late_s)
+        sent_at = time.time()
+        self.inflight[handle] = (key, i, time.perf_counter(), sent_at, late_s, address, retry)
         self.order.append((asyncio.get_running_loop().time() + UDP_TIMEOUT_S, handle))
+        if self.swarm.is_probe(i):
+            self.swarm.acked[agent_id(i)] = sent_at  # the latest it can have been renewed (see the module)
         self.transport.sendto(datagram.encode_beat(key, beat), address)
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float) -> list[tuple[bytes, datagram.Beat, tuple[str, int], int, float]]:
+        """Count the beats given up on by ``now``; those to send once more (key, beat, next address, agent, late)."""
         order, inflight = self.order, self.inflight
+        again = []
         while order and order[0][0] <= now:
             _, handle = order.popleft()
-            if inflight.pop(handle, None) is not None:
+            sent = inflight.pop(handle, None)
+            if sent is None:
+                continue
+            key, i, _, _, late_s, address, retry = sent
+            if retry or (self.swarm.dropping and self.swarm.is_probe(i)):
                 self.swarm.window.errors["udp lost"] += 1
+                continue
+            self.swarm.window.errors["udp retried"] += 1
+            following = self.addresses[(self.addresses.index(address) + 1) % len(self.addresses)] \
+                if address in self.addresses else address
+            again.append((key, datagram.Beat(handle[0], handle[1]), following, i, late_s))
+        return again
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if len(data) != datagram.SIZE:
@@ -363,7 +386,7 @@ class _Acks(asyncio.DatagramProtocol):
         sent = self.inflight.get(handle)
         if sent is None:
             return
-        key, i, started, late_s = sent
+        key, i, started, sent_at, late_s, _, _ = sent
         ack = datagram.decode_ack(key, data)
         if ack is None:
             return
@@ -373,7 +396,9 @@ class _Acks(asyncio.DatagramProtocol):
             window.errors[f"udp {('ok', 'unknown lease', 'not ready')[ack.status]}"] += 1
             return
         if self.swarm.is_probe(i):
-            self.swarm.acked[agent_id(i)] = time.time()
+            probe = agent_id(i)
+            self.swarm.sent[probe] = max(self.swarm.sent.get(probe, 0.0), sent_at)  # renewed by then for sure
+            self.swarm.acked[probe] = max(self.swarm.acked.get(probe, 0.0), time.time())
         window.beats += 1
         if len(window.latencies_us) < MAX_SAMPLES:
             window.latencies_us.append(int((time.perf_counter() - started) * 1e6))
@@ -566,13 +591,14 @@ async def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
         pids = {m: cluster.pid(m) for m in cluster.members}
         drivers = await start_drivers(urls, n, args)
         try:
-            return await _measure(n, args, drivers, url, leader, followers, pids)
+            node_urls = [cluster.url(m) for m in cluster.members]
+            return await _measure(n, args, drivers, url, leader, followers, pids, node_urls)
         finally:
             await asyncio.gather(*(d.close() for d in drivers), return_exceptions=True)
 
 
 async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: str, leader: str,
-                   followers: list[str], pids: dict[str, int | None]) -> dict[str, Any]:
+                   followers: list[str], pids: dict[str, int | None], node_urls: list[str]) -> dict[str, Any]:
     local = args.procs == 1
     registered = await asyncio.gather(*(d.call(f"registered {args.register_s}") for d in drivers))
     row: dict[str, Any] = {"agents": n, "heartbeat": args.heartbeat, "procs": args.procs,
@@ -586,10 +612,12 @@ async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: st
     node_cpu = {m: processes_cpu_s([pids[m]]) for m in pids}
     own_cpu = cpu_s()
     heard_before = await liveness_of(url)
+    udp_before = [(await liveness_of(u)).get("udp") or {} for u in node_urls]
     started = time.monotonic()
     await asyncio.sleep(args.seconds)
     elapsed = time.monotonic() - started
     heard_after = await liveness_of(url)
+    udp_after = [(await liveness_of(u)).get("udp") or {} for u in node_urls]
     cpu = {m: (processes_cpu_s([pids[m]]) - node_cpu[m]) / elapsed for m in pids}
     own = (cpu_s() - own_cpu) / elapsed
     reports = [await d.call("report") for d in drivers]
@@ -614,6 +642,11 @@ async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: st
         "leader_merged_per_s": (heard_after.get("heard_gossip", 0) - heard_before.get("heard_gossip", 0)) / elapsed,
         "leader_suspected": heard_after.get("suspected", 0),
     })
+    # what the nodes' UDP listeners saw, per second, all nodes together (received: every datagram that
+    # reached the process, so the generator's sent minus this was lost in the kernel's buffers)
+    row["nodes_udp_per_s"] = {k: sum(a.get(k, 0) - b.get(k, 0) for a, b in zip(udp_after, udp_before, strict=True))
+                              / elapsed for k in ("received", "ok", "not_ready", "unknown_lease", "refused",
+                                                  "replayed", "rate_dropped")}
     # what one heartbeat costs the cluster: every node's CPU over the beats acknowledged
     row["node_cpu_us_per_beat"] = (sum(cpu.values()) / row["achieved_per_s"] * 1e6 if row["achieved_per_s"]
                                    else float("nan"))
