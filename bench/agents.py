@@ -28,10 +28,12 @@ by PID at the end, also on Ctrl-C or SIGTERM):
    answer gave) from one socket to the UDP port of the node the agent's
    connection would use (the HTTP port's number, the nodes' default),
    without waiting; an ack (verified) counts the beat. A beat not acked
-   within ``UDP_TIMEOUT_S`` is sent once more, with a new counter, to the
-   next node of ``--via`` (as the client moves on; "udp retried"), and
-   counted lost ("udp lost") when that is not acked either; a NOT_READY or
-   UNKNOWN_LEASE ack counts as that error. Over UDP a lost datagram or a
+   within ``UDP_TIMEOUT_S`` ("udp lost": the datagram or its ack), or
+   answered NOT_READY ("udp not ready"), is sent once more, with a new
+   counter, to the next node of ``--via`` ("udp retried"), and when that
+   fails too, as an HTTP heartbeat over the agent's connection ("udp fell
+   back to http"), as the client does; an UNKNOWN_LEASE ack counts as that
+   error (the agent had expired). Over UDP a lost datagram or a
    lost ack is silent, so the expiry check takes as the last sure renewal
    the sending of the last acked datagram, and as the latest possible one
    the last datagram sent or ack received (``sent`` and ``acked``).
@@ -130,7 +132,9 @@ class Swarm:
         self.heartbeat = heartbeat
         self.udp_due: list[tuple[float, int]] = []  # UDP: (when, agent) of every registered agent
         self.udp_leases: dict[int, tuple[int, bytes, tuple[str, int]]] = {}  # agent -> lease, key, address
+        self.fallback: list[deque[tuple[int, float]]] = [deque() for _ in range(max(1, min(connections, count)))]
         self._udp: _Acks | None = None
+        self.next_counter = 0  # the last datagram counter sent
         self.targets = [Target.parse(u) for u in urls]
         self.first, self.count, self.probes = first, count, probes
         self.interval_s, self.ttl_s = interval_s, ttl_s
@@ -179,7 +183,12 @@ class Swarm:
                 # Registering goes first, so N agents are in before the leader
                 # saturates on their heartbeats; a beat overdue by ``urgent_s``
                 # goes before it, so no lease runs out while the rest register.
-                if due and due[0][0] <= now and (not pending or now - due[0][0] >= self.urgent_s):
+                if self.fallback[c]:  # a beat no node acked over UDP: over HTTP (rare, so first)
+                    i, late_s = self.fallback[c].popleft()
+                    if not (self.dropping and self.is_probe(i)):
+                        connection, status = await self._exchange(
+                            connection, target, _post(target, f"/v1/agents/{agent_id(i)}/heartbeat", {}), i, late_s)
+                elif due and due[0][0] <= now and (not pending or now - due[0][0] >= self.urgent_s):
                     when, i = heapq.heappop(due)
                     if self.dropping and self.is_probe(i):
                         continue
@@ -205,8 +214,9 @@ class Swarm:
                             self.register_failed += 1
                             self._registered()
                 else:
-                    try:  # nothing due: wait for the next beat, or the stop
-                        async with asyncio.timeout(max(0.0, due[0][0] - now) if due else self.interval_s):
+                    try:  # nothing due: wait for the next beat (UDP: a fallback), or the stop
+                        wait_s = self.interval_s if self.heartbeat == "http" else 0.05
+                        async with asyncio.timeout(max(0.0, due[0][0] - now) if due else wait_s):
                             await self._stop.wait()
                     except TimeoutError:
                         pass
@@ -278,7 +288,7 @@ class Swarm:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
         self._udp = acks
-        counter = time.time_ns() // 1000  # rises per lease: one counter for the whole process
+        self.next_counter = time.time_ns() // 1000  # rises per lease: one counter for the whole process
         due = self.udp_due
         try:
             for _ in range(MAX_STEPS_PER_CONNECTION):
@@ -291,13 +301,15 @@ class Swarm:
                     heapq.heappush(due, (when + self.interval_s * (1 + self.rng.uniform(-JITTER, JITTER)), i))
                     if self.dropping and self.is_probe(i):
                         continue
+                    if i not in self.udp_leases:  # told its lease is gone
+                        continue
                     lease_id, key, address = self.udp_leases[i]
-                    counter += 1
-                    acks.send(key, datagram.Beat(lease_id, counter), address, i, now - when)
+                    self.next_counter += 1
+                    acks.send(key, datagram.Beat(lease_id, self.next_counter), address, i, now - when)
                     sent += 1
                 for key, beat, address, i, late_s in acks.expire(now):  # once more, to the next node
-                    counter += 1
-                    acks.send(key, datagram.Beat(beat.lease_id, counter), address, i, late_s, retry=True)
+                    self.next_counter += 1
+                    acks.send(key, datagram.Beat(beat.lease_id, self.next_counter), address, i, late_s, retry=True)
                 if sent >= UDP_SEND_BATCH:
                     await asyncio.sleep(0)
                     continue
@@ -370,14 +382,24 @@ class _Acks(asyncio.DatagramProtocol):
             if sent is None:
                 continue
             key, i, _, _, late_s, address, retry = sent
-            if retry or (self.swarm.dropping and self.swarm.is_probe(i)):
-                self.swarm.window.errors["udp lost"] += 1
-                continue
-            self.swarm.window.errors["udp retried"] += 1
-            following = self.addresses[(self.addresses.index(address) + 1) % len(self.addresses)] \
-                if address in self.addresses else address
-            again.append((key, datagram.Beat(handle[0], handle[1]), following, i, late_s))
+            self.swarm.window.errors["udp lost"] += 1
+            again += self._again(key, handle, i, late_s, address, retry)
         return again
+
+    def _again(self, key: bytes, handle: tuple[int, int], i: int, late_s: float, address: tuple[str, int],
+               retry: bool) -> list[tuple[bytes, datagram.Beat, tuple[str, int], int, float]]:
+        """A beat not acked OK: once more to the next node, then over HTTP (none for a dropped probe)."""
+        swarm = self.swarm
+        if swarm.dropping and swarm.is_probe(i):
+            return []
+        if retry:
+            swarm.window.errors["udp fell back to http"] += 1
+            swarm.fallback[(i - swarm.first) % len(swarm.fallback)].append((i, late_s))
+            return []
+        swarm.window.errors["udp retried"] += 1
+        following = self.addresses[(self.addresses.index(address) + 1) % len(self.addresses)] \
+            if address in self.addresses else address
+        return [(key, datagram.Beat(handle[0], handle[1]), following, i, late_s)]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if len(data) != datagram.SIZE:
@@ -386,7 +408,7 @@ class _Acks(asyncio.DatagramProtocol):
         sent = self.inflight.get(handle)
         if sent is None:
             return
-        key, i, started, sent_at, late_s, _, _ = sent
+        key, i, started, sent_at, late_s, address, retry = sent
         ack = datagram.decode_ack(key, data)
         if ack is None:
             return
@@ -394,6 +416,13 @@ class _Acks(asyncio.DatagramProtocol):
         window = self.swarm.window
         if ack.status != datagram.OK:
             window.errors[f"udp {('ok', 'unknown lease', 'not ready')[ack.status]}"] += 1
+            if ack.status == datagram.UNKNOWN_LEASE:
+                self.swarm.udp_leases.pop(i, None)  # expired: this agent's beats stop (it would register again)
+            if ack.status == datagram.NOT_READY:
+                for again in self._again(key, handle, i, late_s, address, retry):
+                    self.swarm.next_counter += 1
+                    self.send(again[0], datagram.Beat(again[1].lease_id, self.swarm.next_counter), again[2], again[3],
+                              again[4], retry=True)
             return
         if self.swarm.is_probe(i):
             probe = agent_id(i)
