@@ -25,7 +25,8 @@ by PID at the end, also on Ctrl-C or SIGTERM):
    sends at once and the lateness shows. Over UDP (``--heartbeat udp``, the
    default), each generator process sends every beat as one datagram
    (``coordinator.datagram``, keyed with the lease key its registration
-   answer gave) from one socket to the UDP port of the node the agent's
+   answer gave; while registering, only beats overdue by half of (TTL -
+   interval), as over HTTP) from one socket to the UDP port of the node the agent's
    connection would use (the HTTP port's number, the nodes' default),
    without waiting; an ack (verified) counts the beat. A beat not acked
    within ``UDP_TIMEOUT_S`` ("udp lost": the datagram or its ack), or
@@ -296,7 +297,10 @@ class Swarm:
                     return
                 now = loop.time()
                 sent = 0
-                while due and due[0][0] <= now and sent < UDP_SEND_BATCH:
+                # as over HTTP: while agents still register, only a beat overdue by ``urgent_s`` goes
+                registering = not self.all_registered.is_set() and not self.registering_closed
+                send_until = now - self.urgent_s if registering else now
+                while due and due[0][0] <= send_until and sent < UDP_SEND_BATCH:
                     when, i = heapq.heappop(due)
                     heapq.heappush(due, (when + self.interval_s * (1 + self.rng.uniform(-JITTER, JITTER)), i))
                     if self.dropping and self.is_probe(i):
@@ -314,7 +318,7 @@ class Swarm:
                     await asyncio.sleep(0)
                     continue
                 try:  # nothing due: wait for the next beat (at most 20 ms, so losses are counted), or the stop
-                    async with asyncio.timeout(min(0.02, max(0.0, due[0][0] - now)) if due else 0.02):
+                    async with asyncio.timeout(min(0.02, max(0.0, due[0][0] - send_until)) if due else 0.02):
                         await self._stop.wait()
                 except TimeoutError:
                     pass
