@@ -166,16 +166,21 @@ class CoordinatorNode:
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.udp is not None:  # first: a port taken stops the node before anything else started
+            host, _, port = self.udp_bind.rpartition(":")
+            try:
+                await self.udp.start(host.strip("[]"), int(port))
+            except OSError as exc:
+                raise InvalidInput(f"heartbeat_udp_port: cannot listen on UDP {self.udp_bind} ({exc.strerror}); "
+                                   "give another port, or 0 to take no heartbeat datagrams",
+                                   field="heartbeat_udp_port") from None
+            advertised = f"{self.identity.http.rpartition(':')[0]}:{self.udp.address.rpartition(':')[2]}" \
+                if self.udp.address else None
+            self.udp.address = self.gossip.udp = advertised
         connector = aiohttp.TCPConnector(ssl=self.peer_ssl) if self.peer_ssl is not None else None
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.forward_timeout_s),
                                               connector=connector)
         await self.engine.start()
-        if self.udp is not None:
-            host, _, port = self.udp_bind.rpartition(":")
-            await self.udp.start(host.strip("[]"), int(port))
-            advertised = f"{self.identity.http.rpartition(':')[0]}:{self.udp.address.rpartition(':')[2]}" \
-                if self.udp.address else None
-            self.udp.address = self.gossip.udp = advertised
         self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
         self._tasks.append(asyncio.create_task(self.gossip.run(), name="gossip"))
         self._tasks.append(asyncio.create_task(self.duties.run(), name="leader-duties"))
