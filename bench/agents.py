@@ -283,11 +283,15 @@ class Swarm:
     async def _datagrams(self) -> None:
         """Send every due beat as a datagram, until ``stop``; acks are counted by ``_Acks``."""
         loop = asyncio.get_running_loop()
-        transport, acks = await loop.create_datagram_endpoint(lambda: _Acks(self), local_addr=("127.0.0.1", 0))
-        sock = transport.get_extra_info("socket")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        sock.bind(("127.0.0.1", 0))
+        acks = _Acks(self, sock)
+        # Drained by a reader: asyncio's datagram transport takes one datagram per loop iteration.
+        loop.add_reader(sock.fileno(), acks.drain)
         self._udp = acks
         self.next_counter = time.time_ns() // 1000  # rises per lease: one counter for the whole process
         due = self.udp_due
@@ -323,7 +327,8 @@ class Swarm:
                 except TimeoutError:
                     pass
         finally:
-            transport.close()
+            loop.remove_reader(sock.fileno())
+            sock.close()
 
     # -- the commands ----------------------------------------------------------------------
 
@@ -344,37 +349,43 @@ class Swarm:
         return {"sent": self.sent, "acked": self.acked}
 
 
-class _Acks(asyncio.DatagramProtocol):
+class _Acks:
     """A generator process's datagram socket: sends beats, matches each
     verified ack to its beat (by lease and counter), and counts a beat not
     acked within ``UDP_TIMEOUT_S`` lost. Loop-only."""
 
-    def __init__(self, swarm: Swarm) -> None:
+    def __init__(self, swarm: Swarm, sock: socket.socket) -> None:
         self.swarm = swarm
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
         # (lease, counter) -> (key, agent, perf_counter and wall time at sending, how late it was sent,
         # where to, whether it is the retry)
         self.inflight: dict[tuple[int, int], tuple[bytes, int, float, float, float, tuple[str, int], bool]] = {}
         self.order: deque[tuple[float, tuple[int, int]]] = deque()  # (loop time to give up, its key), in order
         self.addresses = [(t.host, t.port) for t in swarm.targets]
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def error_received(self, exc: Exception) -> None:
-        self.swarm.window.errors[f"udp {type(exc).__name__}"] += 1
+    def drain(self) -> None:
+        for _ in range(UDP_SEND_BATCH):
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.swarm.window.errors[f"udp {type(exc).__name__}"] += 1
+                return
+            self.datagram_received(data, addr)
 
     def send(self, key: bytes, beat: datagram.Beat, address: tuple[str, int], i: int, late_s: float,
              retry: bool = False) -> None:
-        if self.transport is None:
-            return
         handle = (beat.lease_id, beat.counter)
         sent_at = time.time()
         self.inflight[handle] = (key, i, time.perf_counter(), sent_at, late_s, address, retry)
         self.order.append((asyncio.get_running_loop().time() + UDP_TIMEOUT_S, handle))
         if self.swarm.is_probe(i):
             self.swarm.acked[agent_id(i)] = sent_at  # the latest it can have been renewed (see the module)
-        self.transport.sendto(datagram.encode_beat(key, beat), address)
+        try:
+            self.sock.sendto(datagram.encode_beat(key, beat), address)
+        except OSError as exc:  # the send buffer is full: counted lost when its time is up
+            self.swarm.window.errors[f"udp send {type(exc).__name__}"] += 1
 
     def expire(self, now: float) -> list[tuple[bytes, datagram.Beat, tuple[str, int], int, float]]:
         """Count the beats given up on by ``now``; those to send once more (key, beat, next address, agent, late)."""

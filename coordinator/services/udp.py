@@ -24,12 +24,14 @@ on instead. A health byte that differs from the agent's recorded health
 proposes ``agent.health`` in the background (one in flight per agent, at
 most ``HEALTH_INFLIGHT_MAX`` in all; the ack does not wait for it).
 
-Loop thread only (asyncio's datagram protocol calls back on the loop).
+Loop thread only: the socket is read by a reader callback on the loop, up
+to ``DRAIN_MAX`` datagrams per wakeup (``datagram_received`` takes one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections import Counter
@@ -44,6 +46,29 @@ log = logging.getLogger(__name__)
 
 RECEIVE_BUFFER_BYTES = 4 << 20  # asked of the kernel (capped by net.core.rmem_max)
 HEALTH_INFLIGHT_MAX = 256
+# Datagrams read per wakeup of the loop. asyncio's datagram transport reads one per
+# loop iteration: on a busy loop (registrations, gossip, Raft callbacks) that capped a
+# node at about a thousand a second while the kernel dropped the rest
+# (RcvbufErrors); draining the socket takes what is there, a bounded batch at a time.
+DRAIN_MAX = 512
+DATAGRAM_READ_BYTES = 2048  # anything longer is cut to this, and then refused for its size
+
+
+class _SocketSender:
+    """Replies straight on the socket (non-blocking; a reply the kernel cannot take now is dropped)."""
+
+    def __init__(self, sock: socket.socket, counts: Counter[str]) -> None:
+        self.sock = sock
+        self.counts = counts
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except OSError:
+            self.counts["replies_dropped"] += 1
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class HeartbeatDatagrams(asyncio.DatagramProtocol):
@@ -67,7 +92,8 @@ class HeartbeatDatagrams(asyncio.DatagramProtocol):
         self.counts: Counter[str] = Counter()
         self._tokens = float(rate_max)
         self._refilled = clock.monotonic()
-        self._transport: asyncio.DatagramTransport | None = None
+        self._transport: asyncio.DatagramTransport | _SocketSender | None = None
+        self._sock: socket.socket | None = None
         self._health: dict[str, asyncio.Task[Any]] = {}
 
     def lease_key(self, lease_id: int) -> bytes:
@@ -75,18 +101,44 @@ class HeartbeatDatagrams(asyncio.DatagramProtocol):
         return datagram.lease_key(self.keys[0], lease_id)
 
     async def start(self, host: str, port: int) -> None:
+        """Bind ``host:port`` (``OSError`` when it cannot) and read it on the running loop."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
+        family, _, _, _, address = (await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM))[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
             except OSError as exc:
                 log.debug("heartbeat datagrams: receive buffer not set: %s", exc)
-        name = transport.get_extra_info("sockname")
-        self.address = f"{host}:{name[1]}" if name else f"{host}:{port}"
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._transport = _SocketSender(sock, self.counts)
+        loop.add_reader(sock.fileno(), self._drain)
+        self.address = f"{host}:{sock.getsockname()[1]}"
+
+    def _drain(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(DRAIN_MAX):
+            try:
+                data, addr = sock.recvfrom(DATAGRAM_READ_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.counts["socket_errors"] += 1
+                return
+            self.datagram_received(data, addr)
 
     def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(RuntimeError, ValueError):  # the loop may be closing
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -158,4 +210,5 @@ class HeartbeatDatagrams(asyncio.DatagramProtocol):
 
     def status(self) -> dict[str, Any]:
         return {"address": self.address, "rate_max": self.rate_max, **{k: self.counts[k] for k in (
-            "received", "ok", "unknown_lease", "not_ready", "refused", "replayed", "rate_dropped", "socket_errors")}}
+            "received", "ok", "unknown_lease", "not_ready", "refused", "replayed", "rate_dropped", "socket_errors",
+            "replies_dropped")}}
