@@ -3,7 +3,7 @@ still correct under that load (issue 23, part 3).
 
     .venv/bin/python -m bench.agents [--agents 10000,50000,100000] [--interval-s 10] [--ttl-s 30]
         [--seconds 60] [--procs 1] [--connections 256] [--probes 100] [--via leader|all] [--register-s 120]
-        [--base-port 27600] [--out agents.json] [--doc docs/benchmarks.md]
+        [--heartbeat udp|http] [--base-port 27600] [--out agents.json] [--doc docs/benchmarks.md]
 
 For each N, on a fresh three-node cluster (fsync on, 127.0.0.1 only, stopped
 by PID at the end, also on Ctrl-C or SIGTERM):
@@ -19,9 +19,25 @@ by PID at the end, also on Ctrl-C or SIGTERM):
    the last ones in.
 2. Every agent heartbeats every ``--interval-s``, its first beat at a random
    point of the interval and each next one an interval (± 10 % jitter) after
-   the previous one was due, so the load is spread evenly. Connection ``c``
-   owns agents ``c, c + connections, ...`` and has one request in flight;
-   when it falls behind it sends at once and the lateness shows.
+   the previous one was due, so the load is spread evenly. Over HTTP
+   (``--heartbeat http``), connection ``c`` owns agents ``c, c +
+   connections, ...`` and has one request in flight; when it falls behind it
+   sends at once and the lateness shows. Over UDP (``--heartbeat udp``, the
+   default), each generator process sends every beat as one datagram
+   (``coordinator.datagram``, keyed with the lease key its registration
+   answer gave; while registering, only beats overdue by half of (TTL -
+   interval), as over HTTP) from one socket to the UDP port of the node the agent's
+   connection would use (the HTTP port's number, the nodes' default),
+   without waiting; an ack (verified) counts the beat. A beat not acked
+   within ``UDP_TIMEOUT_S`` ("udp lost": the datagram or its ack), or
+   answered NOT_READY ("udp not ready"), is sent once more, with a new
+   counter, to the next node of ``--via`` ("udp retried"), and when that
+   fails too, as an HTTP heartbeat over the agent's connection ("udp fell
+   back to http"), as the client does; an UNKNOWN_LEASE ack counts as that
+   error (the agent had expired). Over UDP a lost datagram or a
+   lost ack is silent, so the expiry check takes as the last sure renewal
+   the sending of the last acked datagram, and as the latest possible one
+   the last datagram sent or ack received (``sent`` and ``acked``).
 3. After one interval of warm-up, measure for ``--seconds``: the CPU (user +
    system, /proc) of the leader, of each follower and of the generators, in
    cores; RSS of every node; heartbeat latency p50/p99; errors; achieved
@@ -43,12 +59,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import heapq
 import json
 import random
+import socket
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +76,7 @@ import aiohttp
 from bench.harness import add_base_port, interruptible, local_cluster, parser
 from bench.load import Connection, ResponseError, Target, connect
 from bench.report import cpu_s, machine, pct, processes_cpu_s, publish
+from coordinator import datagram
 
 AGENT_TYPE = "bench"
 PROBE_TYPE = "bench-probe"
@@ -70,6 +89,9 @@ COMMAND_TIMEOUT_S = 600.0
 PIPE_LIMIT_BYTES = 256 * 1024 * 1024
 POLL_S = 0.25
 MARKER = "\n## 100k agents heartbeating: leader CPU\n"
+UDP_TIMEOUT_S = 1.0  # a datagram not acked by then is lost
+UDP_SEND_BATCH = 2000  # beats sent before the generator yields to the loop (acks, commands)
+SOCKET_BUFFER_BYTES = 8 << 20
 
 
 def agent_id(i: int) -> str:
@@ -105,9 +127,15 @@ class Swarm:
     """
 
     def __init__(self, urls: list[str], first: int, count: int, probes: int, *, interval_s: float, ttl_s: float,
-                 connections: int, seed: int = 0) -> None:
-        if count < 1 or connections < 1 or interval_s <= 0 or ttl_s <= interval_s:
-            raise ValueError("count and connections >= 1, 0 < interval_s < ttl_s")
+                 connections: int, seed: int = 0, heartbeat: str = "http") -> None:
+        if count < 1 or connections < 1 or interval_s <= 0 or ttl_s <= interval_s or heartbeat not in ("http", "udp"):
+            raise ValueError("count and connections >= 1, 0 < interval_s < ttl_s, heartbeat http or udp")
+        self.heartbeat = heartbeat
+        self.udp_due: list[tuple[float, int]] = []  # UDP: (when, agent) of every registered agent
+        self.udp_leases: dict[int, tuple[int, bytes, tuple[str, int]]] = {}  # agent -> lease, key, address
+        self.fallback: list[deque[tuple[int, float]]] = [deque() for _ in range(max(1, min(connections, count)))]
+        self._udp: _Acks | None = None
+        self.next_counter = 0  # the last datagram counter sent
         self.targets = [Target.parse(u) for u in urls]
         self.first, self.count, self.probes = first, count, probes
         self.interval_s, self.ttl_s = interval_s, ttl_s
@@ -131,7 +159,10 @@ class Swarm:
 
     async def run(self) -> None:
         """Until ``stop`` (or ``MAX_STEPS_PER_CONNECTION`` steps per connection)."""
-        await asyncio.gather(*(self._connection(c) for c in range(self.connections)))
+        loops = [self._connection(c) for c in range(self.connections)]
+        if self.heartbeat == "udp":
+            loops.append(self._datagrams())
+        await asyncio.gather(*loops)
 
     def stop(self) -> None:
         self._stop.set()
@@ -153,7 +184,12 @@ class Swarm:
                 # Registering goes first, so N agents are in before the leader
                 # saturates on their heartbeats; a beat overdue by ``urgent_s``
                 # goes before it, so no lease runs out while the rest register.
-                if due and due[0][0] <= now and (not pending or now - due[0][0] >= self.urgent_s):
+                if self.fallback[c]:  # a beat no node acked over UDP: over HTTP (rare, so first)
+                    i, late_s = self.fallback[c].popleft()
+                    if not (self.dropping and self.is_probe(i)):
+                        connection, status = await self._exchange(
+                            connection, target, _post(target, f"/v1/agents/{agent_id(i)}/heartbeat", {}), i, late_s)
+                elif due and due[0][0] <= now and (not pending or now - due[0][0] >= self.urgent_s):
                     when, i = heapq.heappop(due)
                     if self.dropping and self.is_probe(i):
                         continue
@@ -165,7 +201,10 @@ class Swarm:
                             "ttl_s": self.ttl_s}
                     connection, status = await self._exchange(connection, target, _post(target, "/v1/agents", body),
                                                               i, None)
-                    if status == 201:
+                    if status == 201 and self.heartbeat == "udp":
+                        self._registered()
+                        self._lease_of(i, target, connection)
+                    elif status == 201:
                         self._registered()
                         heapq.heappush(due, (loop.time() + self.rng.uniform(0, self.interval_s), i))
                     else:
@@ -176,8 +215,9 @@ class Swarm:
                             self.register_failed += 1
                             self._registered()
                 else:
-                    try:  # nothing due: wait for the next beat, or the stop
-                        async with asyncio.timeout(max(0.0, due[0][0] - now) if due else self.interval_s):
+                    try:  # nothing due: wait for the next beat (UDP: a fallback), or the stop
+                        wait_s = self.interval_s if self.heartbeat == "http" else 0.05
+                        async with asyncio.timeout(max(0.0, due[0][0] - now) if due else wait_s):
                             await self._stop.wait()
                     except TimeoutError:
                         pass
@@ -207,7 +247,7 @@ class Swarm:
                 connection = await connect(target, deadline)
             if probe:
                 self.sent[agent_id(i)] = sent_at
-            status = await connection.exchange(request, deadline)
+            status = await connection.exchange(request, deadline, keep_body=late_s is None and self.heartbeat == "udp")
         except (OSError, ResponseError) as exc:  # TimeoutError is an OSError
             window.errors[type(exc).__name__] += 1
             if connection is not None:
@@ -226,6 +266,70 @@ class Swarm:
                 window.late_ms.append(int(late_s * 1000))
         return connection, status
 
+    # -- over UDP -----------------------------------------------------------------------------
+
+    def _lease_of(self, i: int, target: Target, connection: Connection | None) -> None:
+        """Agent ``i`` registered: its lease and datagram key from the answer; its first beat in the interval."""
+        try:
+            answer = json.loads(connection.body if connection is not None else b"")
+            grant = answer["heartbeat_udp"]
+            lease = (answer["lease_id"], bytes.fromhex(grant["key"]), (target.host, target.port))
+        except (ValueError, KeyError, TypeError):
+            self.window.errors["register: no heartbeat_udp in the answer"] += 1
+            return
+        self.udp_leases[i] = lease
+        heapq.heappush(self.udp_due, (asyncio.get_running_loop().time() + self.rng.uniform(0, self.interval_s), i))
+
+    async def _datagrams(self) -> None:
+        """Send every due beat as a datagram, until ``stop``; acks are counted by ``_Acks``."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        sock.bind(("127.0.0.1", 0))
+        acks = _Acks(self, sock)
+        # Drained by a reader: asyncio's datagram transport takes one datagram per loop iteration.
+        loop.add_reader(sock.fileno(), acks.drain)
+        self._udp = acks
+        self.next_counter = time.time_ns() // 1000  # rises per lease: one counter for the whole process
+        due = self.udp_due
+        try:
+            for _ in range(MAX_STEPS_PER_CONNECTION):
+                if self._stop.is_set():
+                    return
+                now = loop.time()
+                sent = 0
+                # as over HTTP: while agents still register, only a beat overdue by ``urgent_s`` goes
+                registering = not self.all_registered.is_set() and not self.registering_closed
+                send_until = now - self.urgent_s if registering else now
+                while due and due[0][0] <= send_until and sent < UDP_SEND_BATCH:
+                    when, i = heapq.heappop(due)
+                    heapq.heappush(due, (when + self.interval_s * (1 + self.rng.uniform(-JITTER, JITTER)), i))
+                    if self.dropping and self.is_probe(i):
+                        continue
+                    if i not in self.udp_leases:  # told its lease is gone
+                        continue
+                    lease_id, key, address = self.udp_leases[i]
+                    self.next_counter += 1
+                    acks.send(key, datagram.Beat(lease_id, self.next_counter), address, i, now - when)
+                    sent += 1
+                for key, beat, address, i, late_s in acks.expire(now):  # once more, to the next node
+                    self.next_counter += 1
+                    acks.send(key, datagram.Beat(beat.lease_id, self.next_counter), address, i, late_s, retry=True)
+                if sent >= UDP_SEND_BATCH:
+                    await asyncio.sleep(0)
+                    continue
+                try:  # nothing due: wait for the next beat (at most 20 ms, so losses are counted), or the stop
+                    async with asyncio.timeout(min(0.02, max(0.0, due[0][0] - send_until)) if due else 0.02):
+                        await self._stop.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+
     # -- the commands ----------------------------------------------------------------------
 
     def start_window(self) -> dict[str, Any]:
@@ -243,6 +347,106 @@ class Swarm:
 
     def probe_times(self) -> dict[str, Any]:
         return {"sent": self.sent, "acked": self.acked}
+
+
+class _Acks:
+    """A generator process's datagram socket: sends beats, matches each
+    verified ack to its beat (by lease and counter), and counts a beat not
+    acked within ``UDP_TIMEOUT_S`` lost. Loop-only."""
+
+    def __init__(self, swarm: Swarm, sock: socket.socket) -> None:
+        self.swarm = swarm
+        self.sock = sock
+        # (lease, counter) -> (key, agent, perf_counter and wall time at sending, how late it was sent,
+        # where to, whether it is the retry)
+        self.inflight: dict[tuple[int, int], tuple[bytes, int, float, float, float, tuple[str, int], bool]] = {}
+        self.order: deque[tuple[float, tuple[int, int]]] = deque()  # (loop time to give up, its key), in order
+        self.addresses = [(t.host, t.port) for t in swarm.targets]
+
+    def drain(self) -> None:
+        for _ in range(UDP_SEND_BATCH):
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.swarm.window.errors[f"udp {type(exc).__name__}"] += 1
+                return
+            self.datagram_received(data, addr)
+
+    def send(self, key: bytes, beat: datagram.Beat, address: tuple[str, int], i: int, late_s: float,
+             retry: bool = False) -> None:
+        handle = (beat.lease_id, beat.counter)
+        sent_at = time.time()
+        self.inflight[handle] = (key, i, time.perf_counter(), sent_at, late_s, address, retry)
+        self.order.append((asyncio.get_running_loop().time() + UDP_TIMEOUT_S, handle))
+        if self.swarm.is_probe(i):
+            self.swarm.acked[agent_id(i)] = sent_at  # the latest it can have been renewed (see the module)
+        try:
+            self.sock.sendto(datagram.encode_beat(key, beat), address)
+        except OSError as exc:  # the send buffer is full: counted lost when its time is up
+            self.swarm.window.errors[f"udp send {type(exc).__name__}"] += 1
+
+    def expire(self, now: float) -> list[tuple[bytes, datagram.Beat, tuple[str, int], int, float]]:
+        """Count the beats given up on by ``now``; those to send once more (key, beat, next address, agent, late)."""
+        order, inflight = self.order, self.inflight
+        again = []
+        while order and order[0][0] <= now:
+            _, handle = order.popleft()
+            sent = inflight.pop(handle, None)
+            if sent is None:
+                continue
+            key, i, _, _, late_s, address, retry = sent
+            self.swarm.window.errors["udp lost"] += 1
+            again += self._again(key, handle, i, late_s, address, retry)
+        return again
+
+    def _again(self, key: bytes, handle: tuple[int, int], i: int, late_s: float, address: tuple[str, int],
+               retry: bool) -> list[tuple[bytes, datagram.Beat, tuple[str, int], int, float]]:
+        """A beat not acked OK: once more to the next node, then over HTTP (none for a dropped probe)."""
+        swarm = self.swarm
+        if swarm.dropping and swarm.is_probe(i):
+            return []
+        if retry:
+            swarm.window.errors["udp fell back to http"] += 1
+            swarm.fallback[(i - swarm.first) % len(swarm.fallback)].append((i, late_s))
+            return []
+        swarm.window.errors["udp retried"] += 1
+        following = self.addresses[(self.addresses.index(address) + 1) % len(self.addresses)] \
+            if address in self.addresses else address
+        return [(key, datagram.Beat(handle[0], handle[1]), following, i, late_s)]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if len(data) != datagram.SIZE:
+            return
+        handle = (int.from_bytes(data[2:10], "big"), int.from_bytes(data[10:18], "big"))
+        sent = self.inflight.get(handle)
+        if sent is None:
+            return
+        key, i, started, sent_at, late_s, address, retry = sent
+        ack = datagram.decode_ack(key, data)
+        if ack is None:
+            return
+        del self.inflight[handle]
+        window = self.swarm.window
+        if ack.status != datagram.OK:
+            window.errors[f"udp {('ok', 'unknown lease', 'not ready')[ack.status]}"] += 1
+            if ack.status == datagram.UNKNOWN_LEASE:
+                self.swarm.udp_leases.pop(i, None)  # expired: this agent's beats stop (it would register again)
+            if ack.status == datagram.NOT_READY:
+                for again in self._again(key, handle, i, late_s, address, retry):
+                    self.swarm.next_counter += 1
+                    self.send(again[0], datagram.Beat(again[1].lease_id, self.swarm.next_counter), again[2], again[3],
+                              again[4], retry=True)
+            return
+        if self.swarm.is_probe(i):
+            probe = agent_id(i)
+            self.swarm.sent[probe] = max(self.swarm.sent.get(probe, 0.0), sent_at)  # renewed by then for sure
+            self.swarm.acked[probe] = max(self.swarm.acked.get(probe, 0.0), time.time())
+        window.beats += 1
+        if len(window.latencies_us) < MAX_SAMPLES:
+            window.latencies_us.append(int((time.perf_counter() - started) * 1e6))
+            window.late_ms.append(int(late_s * 1000))
 
 
 async def handle(swarm: Swarm, command: str) -> dict[str, Any]:
@@ -310,6 +514,7 @@ class ProcessDriver:
             sys.executable, "-m", "bench.agents", "--worker", "--urls", ",".join(urls), "--first", str(first),
             "--count", str(count), "--probes", str(args.probes), "--interval-s", str(args.interval_s),
             "--ttl-s", str(args.ttl_s), "--connections", str(args.connections), "--seed", str(args.seed),
+            "--heartbeat", args.heartbeat,
             cwd=Path(__file__).resolve().parent.parent, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, limit=PIPE_LIMIT_BYTES)
         return cls(child)
@@ -350,7 +555,7 @@ async def worker(args: argparse.Namespace) -> None:
     """The child's side of ``ProcessDriver``: commands from stdin until ``stop`` or EOF."""
     loop = asyncio.get_running_loop()
     swarm = Swarm(args.urls.split(","), args.first, args.count, args.probes, interval_s=args.interval_s,
-                  ttl_s=args.ttl_s, connections=args.connections, seed=args.seed)
+                  ttl_s=args.ttl_s, connections=args.connections, seed=args.seed, heartbeat=args.heartbeat)
     task = loop.create_task(swarm.run())
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -409,7 +614,7 @@ async def start_drivers(urls: list[str], n: int, args: argparse.Namespace) -> li
     """``args.procs`` generators sharing agents 0 .. n-1 in consecutive slices; 1: on this loop."""
     if args.procs == 1:
         return [LocalDriver(Swarm(urls, 0, n, args.probes, interval_s=args.interval_s, ttl_s=args.ttl_s,
-                                  connections=args.connections, seed=args.seed))]
+                                  connections=args.connections, seed=args.seed, heartbeat=args.heartbeat))]
     shares = [n // args.procs + (1 if i < n % args.procs else 0) for i in range(args.procs)]
     drivers: list[Any] = []
     first = 0
@@ -430,16 +635,18 @@ async def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
         pids = {m: cluster.pid(m) for m in cluster.members}
         drivers = await start_drivers(urls, n, args)
         try:
-            return await _measure(n, args, drivers, url, leader, followers, pids)
+            node_urls = [cluster.url(m) for m in cluster.members]
+            return await _measure(n, args, drivers, url, leader, followers, pids, node_urls)
         finally:
             await asyncio.gather(*(d.close() for d in drivers), return_exceptions=True)
 
 
 async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: str, leader: str,
-                   followers: list[str], pids: dict[str, int | None]) -> dict[str, Any]:
+                   followers: list[str], pids: dict[str, int | None], node_urls: list[str]) -> dict[str, Any]:
     local = args.procs == 1
     registered = await asyncio.gather(*(d.call(f"registered {args.register_s}") for d in drivers))
-    row: dict[str, Any] = {"agents": n, "procs": args.procs, "connections": args.connections * args.procs,
+    row: dict[str, Any] = {"agents": n, "heartbeat": args.heartbeat, "procs": args.procs,
+                           "connections": args.connections * args.procs,
                            "registered": sum(r["registered"] for r in registered),
                            "register_failed": sum(r["failed"] for r in registered),
                            "register_s": max(r["seconds"] or 0.0 for r in registered)}
@@ -449,10 +656,12 @@ async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: st
     node_cpu = {m: processes_cpu_s([pids[m]]) for m in pids}
     own_cpu = cpu_s()
     heard_before = await liveness_of(url)
+    udp_before = [(await liveness_of(u)).get("udp") or {} for u in node_urls]
     started = time.monotonic()
     await asyncio.sleep(args.seconds)
     elapsed = time.monotonic() - started
     heard_after = await liveness_of(url)
+    udp_after = [(await liveness_of(u)).get("udp") or {} for u in node_urls]
     cpu = {m: (processes_cpu_s([pids[m]]) - node_cpu[m]) / elapsed for m in pids}
     own = (cpu_s() - own_cpu) / elapsed
     reports = [await d.call("report") for d in drivers]
@@ -477,6 +686,14 @@ async def _measure(n: int, args: argparse.Namespace, drivers: list[Any], url: st
         "leader_merged_per_s": (heard_after.get("heard_gossip", 0) - heard_before.get("heard_gossip", 0)) / elapsed,
         "leader_suspected": heard_after.get("suspected", 0),
     })
+    # what the nodes' UDP listeners saw, per second, all nodes together (received: every datagram that
+    # reached the process, so the generator's sent minus this was lost in the kernel's buffers)
+    row["nodes_udp_per_s"] = {k: sum(a.get(k, 0) - b.get(k, 0) for a, b in zip(udp_after, udp_before, strict=True))
+                              / elapsed for k in ("received", "ok", "not_ready", "unknown_lease", "refused",
+                                                  "replayed", "rate_dropped")}
+    # what one heartbeat costs the cluster: every node's CPU over the beats acknowledged
+    row["node_cpu_us_per_beat"] = (sum(cpu.values()) / row["achieved_per_s"] * 1e6 if row["achieved_per_s"]
+                                   else float("nan"))
     row["expiry"] = await check_expiry(n, row["registered"], args, drivers, url)
     return row
 
@@ -564,10 +781,11 @@ async def check_expiry(n: int, registered: int, args: argparse.Namespace, driver
 # -- the report ---------------------------------------------------------------------------------
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = ["| agents | generators x connections | heartbeats/s intended | achieved | p50 ms | p99 ms "
-             "| sent late p99 ms | errors | leader CPU | followers CPU | generator CPU | RSS leader / followers MiB "
-             "| leader answered / merged from gossip per s | probes expired in TTL + slack |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| agents | over | generators x connections | heartbeats/s intended | achieved | p50 ms | p99 ms "
+             "| sent late p99 ms | errors | leader CPU | followers CPU | node CPU µs per heartbeat | generator CPU "
+             "| RSS leader / followers MiB | leader answered / merged from gossip per s "
+             "| probes expired in TTL + slack |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["expiry"]
         errors = sum(r["errors"].values())
@@ -576,10 +794,14 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         expiry = (f"{e['expired']}/{e['probes']}, {e['after_last_ack_s']['min']:.1f} to "
                   f"{e['after_last_ack_s']['max']:.1f} s after the last ack; others "
                   f"{e['others_registered']}/{e['others_expected']} {stayed}")
+        error_kinds = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items()))
         lines.append(
-            f"| {count} | {r['procs']} x {r['connections'] // r['procs']} | {r['intended_per_s']:.0f} "
+            f"| {count} | {r.get('heartbeat', 'http')} | {r['procs']} x {r['connections'] // r['procs']} "
+            f"| {r['intended_per_s']:.0f} "
             f"| {r['achieved_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['late_p99_ms']:.0f} "
-            f"| {errors} | {r['leader_cpu']:.2f} | {' / '.join(f'{c:.2f}' for c in r['follower_cpu'])} "
+            f"| {errors}{f' ({error_kinds})' if errors else ''} | {r['leader_cpu']:.2f} "
+            f"| {' / '.join(f'{c:.2f}' for c in r['follower_cpu'])} "
+            f"| {r.get('node_cpu_us_per_beat', float('nan')):.0f} "
             f"| {r['generator_cpu']:.2f} | {r['leader_rss_mb']:.0f} / "
             f"{' / '.join(f'{m:.0f}' for m in r['follower_rss_mb'])} "
             f"| {r.get('leader_answered_per_s', 0):.0f} / {r.get('leader_merged_per_s', 0):.0f} | {expiry} |")
@@ -619,6 +841,9 @@ def main(argv: list[str] | None = None) -> int:
                           "(which answer from memory and gossip to the leader)")
     cli.add_argument("--register-s", type=float, default=120.0,
                      help="stop registering after this long and measure the agents that are in")
+    cli.add_argument("--heartbeat", choices=("udp", "http"), default="udp",
+                     help="heartbeat with datagrams to the nodes' UDP ports (default) or HTTP requests; "
+                          "registering is HTTP either way")
     cli.add_argument("--seed", type=int, default=1)
     add_base_port(cli, 27600)
     cli.add_argument("--out", help="write the rows as JSON to this file")
@@ -648,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     command = " ".join(["python -m bench.agents", *(argv if argv is not None else sys.argv[1:])])
     header = (f"Three nodes and {args.procs} generator process(es) on one machine ({machine()}), durability fsync, "
-              f"heartbeat every {args.interval_s:g} s (± {JITTER:.0%}), TTL {args.ttl_s:g} s, "
+              f"heartbeat over {args.heartbeat.upper()} every {args.interval_s:g} s (± {JITTER:.0%}), "
+              f"TTL {args.ttl_s:g} s, "
               f"{args.seconds:g} s measured after one interval of warm-up, heartbeats to "
               f"{ {'leader': 'the leader', 'all': 'all nodes', 'followers': 'the followers'}[args.via]}, "
               "CPU in cores (user + system from /proc), "

@@ -128,10 +128,11 @@ class ResponseParser:
     a body over ``BODY_MAX_BYTES``, a 1xx status, a body framed neither by
     Content-Length nor chunked, or bytes left over after the response (one
     request is in flight at a time, so there is no next response yet). The
-    body itself is checked for framing and discarded.
+    body itself is checked for framing and discarded, unless ``keep_body``
+    is set: then ``body`` holds it once the response is complete.
     """
 
-    __slots__ = ("_body", "_buf", "_need", "_state", "keep_alive", "status")
+    __slots__ = ("_body", "_buf", "_need", "_state", "body", "keep_alive", "keep_body", "status")
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -140,6 +141,8 @@ class ResponseParser:
         self._body = 0  # body bytes so far (chunked)
         self.status = 0
         self.keep_alive = True
+        self.keep_body = False
+        self.body = bytearray()
 
     def feed(self, data: bytes) -> bool:
         buf = self._buf
@@ -157,8 +160,12 @@ class ResponseParser:
             elif state == _BODY:
                 if len(buf) < self._need:
                     self._need -= len(buf)
+                    if self.keep_body:
+                        self.body += buf
                     buf.clear()
                     return False
+                if self.keep_body:
+                    self.body += buf[:self._need]
                 del buf[:self._need]
                 return self._complete()
             elif state == _CHUNK_SIZE:
@@ -181,6 +188,8 @@ class ResponseParser:
                     return False
                 if buf[self._need - 2:self._need] != b"\r\n":
                     raise BadResponse("chunk not followed by CRLF")
+                if self.keep_body:
+                    self.body += buf[:self._need - 2]
                 del buf[:self._need]
                 self._state = _CHUNK_SIZE
             else:  # _TRAILERS: none, or header lines up to a blank line
@@ -209,6 +218,7 @@ class ResponseParser:
                 b"", b" "):
             raise BadResponse(f"bad status line {lines[0][:80]!r}")
         status = int(code)
+        self.body = bytearray()
         length: int | None = None
         chunked = False
         keep_alive = version == b"HTTP/1.1"
@@ -299,13 +309,20 @@ class Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    async def exchange(self, request: bytes, deadline: float) -> int:
+    @property
+    def body(self) -> bytes:
+        """The last response's body, when ``exchange`` was asked to keep it."""
+        return bytes(self._parser.body)
+
+    async def exchange(self, request: bytes, deadline: float, keep_body: bool = False) -> int:
         """Write ``request`` (a whole HTTP request) and wait for its response's
-        status until ``deadline`` (loop time). Raises ``TimeoutError``,
+        status until ``deadline`` (loop time); ``keep_body``: keep the
+        response's body (``body``). Raises ``TimeoutError``,
         ``ResponseError`` or the connection's ``OSError``; the connection is
         then no longer usable."""
         if self._waiter is not None or not self.usable or self._transport is None:
             raise RuntimeError("exchange on a busy or closed connection")
+        self._parser.keep_body = keep_body
         self._waiter = waiter = self._loop.create_future()
         # A timer handle rather than asyncio.timeout(): the same deadline
         # without cancelling and uncancelling the task on every request.

@@ -23,12 +23,12 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import yarl
 
-from coordinator import crypto
+from coordinator import crypto, datagram
 from coordinator.crypto import AgentKeys, authorization_header
 from coordinator.errors import (
     BadGateway,
@@ -74,9 +74,64 @@ def _base(endpoint: str, scheme: str = "http") -> str:
 
 @dataclass(frozen=True, slots=True)
 class Registration:
+    """``heartbeat_key``: the lease's heartbeat datagram key (never printed),
+    and ``heartbeat_udp`` where datagrams go, when the node takes them."""
+
     id: str
     lease_id: int
     ttl_s: float
+    heartbeat_key: bytes | None = dataclass_field(default=None, repr=False)
+    heartbeat_udp: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, answer: dict[str, Any]) -> Registration:
+        """From the answer to ``POST /v1/agents``."""
+        grant = answer.get("heartbeat_udp")
+        if not isinstance(grant, dict):
+            return cls(answer["id"], answer["lease_id"], answer["ttl_s"])
+        return cls(answer["id"], answer["lease_id"], answer["ttl_s"], bytes.fromhex(grant["key"]),
+                   tuple(grant["addresses"]))
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    """One UDP socket of a client: sends heartbeat datagrams and hands each
+    verified reply to the send waiting for it (by lease id and counter)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.waiting: dict[tuple[int, int], tuple[bytes, asyncio.Future[int]]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio's selector transport of a datagram endpoint does not subclass DatagramTransport (3.11)
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if len(data) != datagram.SIZE:
+            return
+        wanted = self.waiting.get((int.from_bytes(data[2:10], "big"), int.from_bytes(data[10:18], "big")))
+        if wanted is None:
+            return
+        key, future = wanted
+        ack = datagram.decode_ack(key, data)
+        if ack is not None and not future.done():
+            future.set_result(ack.status)
+
+    async def exchange(self, key: bytes, beat: datagram.Beat, address: str, timeout_s: float) -> int | None:
+        """Send one beat to ``address`` (host:port, an IP address); its
+        verified reply's status, or None when none came within ``timeout_s``."""
+        if self.transport is None:
+            return None
+        host, _, port = address.rpartition(":")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.waiting[(beat.lease_id, beat.counter)] = (key, future)
+        try:
+            self.transport.sendto(datagram.encode_beat(key, beat), (host.strip("[]"), int(port)))
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except (TimeoutError, OSError, ValueError):
+            return None
+        finally:
+            self.waiting.pop((beat.lease_id, beat.counter), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +215,19 @@ class CoordinatorClient:
 
     def __init__(self, endpoints: list[str] | str, *, timeout_s: float = 10.0, request_timeout_s: float = 6.0,
                  ca_file: str | None = None, ssl: ssl_module.SSLContext | None = None,
-                 token: str | None = None, agent_id: str | None = None, keys: AgentKeys | None = None) -> None:
+                 token: str | None = None, agent_id: str | None = None, keys: AgentKeys | None = None,
+                 heartbeat_over: str = "http", datagram_timeout_s: float = 0.3) -> None:
         """``token``: the admin credential. ``agent_id`` with ``keys``: sign every
-        request as that agent (its registered Ed25519 key). Neither: anonymous."""
+        request as that agent (its registered Ed25519 key). Neither: anonymous.
+        ``heartbeat_over``: "udp" makes ``agent``'s heartbeat loop send
+        datagrams (``heartbeat_udp``), falling back to HTTP when no node acks
+        one within ``datagram_timeout_s``; "http" (default) sends requests."""
+        if heartbeat_over not in ("http", "udp"):
+            raise InvalidInput("heartbeat_over: must be http or udp", field="heartbeat_over")
+        self.heartbeat_over = heartbeat_over
+        self.datagram_timeout_s = datagram_timeout_s
+        self._datagrams: _Datagrams | None = None
+        self._counter = 0  # the last datagram counter sent (milliseconds, rising)
         raw = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if (agent_id is None) != (keys is None):
             raise InvalidInput("keys: an agent signs with agent_id and keys together", field="keys")
@@ -192,6 +257,9 @@ class CoordinatorClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._datagrams is not None and self._datagrams.transport is not None:
+            self._datagrams.transport.close()
+            self._datagrams = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -386,8 +454,7 @@ class CoordinatorClient:
             body["endpoint"] = endpoint
         if weight is not None:
             body["weight"] = weight
-        answer = await self.request("POST", "/v1/agents", body)
-        return Registration(answer["id"], answer["lease_id"], answer["ttl_s"])
+        return Registration.of(await self.request("POST", "/v1/agents", body))
 
     async def join(self, agent_type: str, *, metadata: dict[str, Any] | None = None, ttl_s: float = 10.0,
                    endpoint: str | None = None, weight: int | None = None) -> Registration:
@@ -407,8 +474,7 @@ class CoordinatorClient:
             nonce = await asyncio.to_thread(crypto.solve_pow, puzzle["challenge"], self.agent_id,
                                             self.keys.public_key, puzzle["difficulty"])
             body["proof"] = {"challenge": puzzle["challenge"], "nonce": nonce}
-        answer = await self.request("POST", "/v1/agents", body)
-        return Registration(answer["id"], answer["lease_id"], answer["ttl_s"])
+        return Registration.of(await self.request("POST", "/v1/agents", body))
 
     async def heartbeat(self, agent_id: str, *, health: str | None = None) -> dict[str, Any]:
         """Renew ``agent_id``'s lease. Any node answers a heartbeat from memory
@@ -421,6 +487,33 @@ class CoordinatorClient:
             self._current = zlib.crc32(agent_id.encode("utf-8", "surrogatepass")) % self._given
         body = {"health": health} if health else {}
         return await self.request("POST", f"/v1/agents/{_seg(agent_id)}/heartbeat", body)
+
+    async def heartbeat_udp(self, registration: Registration, *, health: str | None = None) -> str:
+        """Renew the lease with one datagram (``coordinator.datagram``) to
+        the nodes the registration named, starting at the one the agent's id
+        hashes to, each waited for ``datagram_timeout_s``, a new counter per
+        send; when none acks, or the registration has no datagram key, an
+        HTTP ``heartbeat``. Returns "udp" or "http" (how it was renewed);
+        raises ``NotFound`` when a node says the lease is not the agent's
+        current one (register again), as HTTP does for an unknown agent."""
+        addresses = registration.heartbeat_udp
+        if registration.heartbeat_key is not None and addresses:
+            if self._datagrams is None:
+                _, self._datagrams = await asyncio.get_running_loop().create_datagram_endpoint(
+                    _Datagrams, local_addr=("0.0.0.0", 0))
+            start = zlib.crc32(registration.id.encode("utf-8", "surrogatepass")) % len(addresses)
+            for k in range(len(addresses)):
+                self._counter = max(self._counter + 1, time.time_ns() // 1_000_000)
+                beat = datagram.Beat(registration.lease_id, self._counter, health)
+                status = await self._datagrams.exchange(registration.heartbeat_key, beat,
+                                                        addresses[(start + k) % len(addresses)],
+                                                        self.datagram_timeout_s)
+                if status == datagram.OK:
+                    return "udp"
+                if status == datagram.UNKNOWN_LEASE:
+                    raise NotFound(f"lease {registration.lease_id} of {registration.id!r} is not current")
+        await self.heartbeat(registration.id, health=health)
+        return "http"
 
     async def deregister(self, agent_id: str) -> None:
         with contextlib.suppress(NotFound):
@@ -453,7 +546,10 @@ class CoordinatorClient:
         while True:
             await asyncio.sleep(registration.ttl_s / 3)
             with contextlib.suppress(Unavailable, OutcomeUnknown):
-                await self.heartbeat(registration.id)
+                if self.heartbeat_over == "udp":
+                    await self.heartbeat_udp(registration)
+                else:
+                    await self.heartbeat(registration.id)
 
     # -- locks and elections -------------------------------------------------------------------
 

@@ -68,6 +68,12 @@ class NodeConfig:
     # how often each node sends the others the heartbeats it answered (0: no
     # gossip, followers forward every heartbeat to the leader); needs the secret
     gossip_interval_s: float = 0.1
+    # UDP port for heartbeat datagrams (coordinator.datagram), on the host this
+    # node's HTTP listens on: None (default) is the HTTP port's number, 0 is off.
+    # Only with a cluster secret and gossip on (the per-lease keys derive from the
+    # secret; followers answer datagrams from their gossiped table).
+    heartbeat_udp_port: int | None = None
+    heartbeat_udp_rate_max: int = 30_000  # datagrams a second this node looks at, at most
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (coordinator.logs)
     access_log: bool = False  # one line per HTTP request (coordinator.api.accesslog)
@@ -174,6 +180,12 @@ class NodeConfig:
             raise InvalidInput("proposal_timeout_s: must be between 0.1 and 120", field="proposal_timeout_s")
         if self.gossip_interval_s != 0 and not 0.05 <= self.gossip_interval_s <= 5:
             raise InvalidInput("gossip_interval_s: must be 0 (off) or between 0.05 and 5", field="gossip_interval_s")
+        if self.heartbeat_udp_port is not None and (isinstance(self.heartbeat_udp_port, bool) or not isinstance(
+                self.heartbeat_udp_port, int) or not 0 <= self.heartbeat_udp_port < 65536):
+            raise InvalidInput("heartbeat_udp_port: must be a port (0: off)", field="heartbeat_udp_port")
+        if not 100 <= self.heartbeat_udp_rate_max <= 1_000_000:
+            raise InvalidInput("heartbeat_udp_rate_max: must be between 100 and 1000000",
+                               field="heartbeat_udp_rate_max")
         if self.digest_check_s != 0 and not 0.1 <= self.digest_check_s <= 3600:
             raise InvalidInput("digest_check_s: must be 0 (off) or between 0.1 and 3600", field="digest_check_s")
         if not 2 <= self.compaction_entries <= 10_000_000:
@@ -196,6 +208,17 @@ class NodeConfig:
         self._validate_tls()
         self._validate_pbft()
         return self
+
+    @property
+    def heartbeat_udp_bind(self) -> str:
+        """host:port where this node takes heartbeat datagrams: the HTTP
+        listener's host (``http_bind``'s, else ``http``'s) and
+        ``heartbeat_udp_port`` (default the HTTP port's number); "" when off
+        (port 0, no cluster secret, or no gossip)."""
+        if self.heartbeat_udp_port == 0 or not self.secret or self.gossip_interval_s == 0:
+            return ""
+        host, _, port = (self.http_bind or self.http).rpartition(":")
+        return f"{host}:{self.heartbeat_udp_port if self.heartbeat_udp_port is not None else port}"
 
     def _validate_tls(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):

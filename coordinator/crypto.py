@@ -536,6 +536,7 @@ KEY_FORWARDED_PRINCIPAL = b"coordinator/v1/forwarded-principal"
 KEY_JOIN_CHALLENGE = b"coordinator/v1/join-challenge"
 KEY_RAFT_WIRE = b"coordinator/v1/raft-wire"
 KEY_GOSSIP = b"coordinator/v1/gossip"  # heard heartbeats between nodes (services.gossip)
+KEY_HEARTBEAT = b"coordinator/v1/heartbeat"  # per-lease keys of heartbeat datagrams (coordinator.datagram)
 
 
 class FrameBox:

@@ -139,7 +139,13 @@ def make_node(config: NodeConfig, peer_ssl: ssl.SSLContext | None = None) -> Coo
                            gossip_interval_s=config.gossip_interval_s,
                            gossip_accepted_keys=tuple(crypto.derived_key(s, crypto.KEY_GOSSIP)
                                                       for s in config.accepted_secrets),
-                           unsafe_test_gossip_loss=unsafe_test_gossip_loss())
+                           unsafe_test_gossip_loss=unsafe_test_gossip_loss(),
+                           heartbeat_key=crypto.derived_key(config.secret, crypto.KEY_HEARTBEAT)
+                           if config.secret else None,
+                           heartbeat_accepted_keys=tuple(crypto.derived_key(s, crypto.KEY_HEARTBEAT)
+                                                         for s in config.accepted_secrets),
+                           heartbeat_udp_bind=config.heartbeat_udp_bind,
+                           heartbeat_udp_rate_max=config.heartbeat_udp_rate_max)
 
 
 async def follow_clock_offset(clock: OffsetClock, path: str, every_s: float = 0.05) -> None:
@@ -227,6 +233,8 @@ async def serve(config: NodeConfig) -> None:
         log.info("node %s serving %s on %s, Raft on %s (engine %s, durability %s)", config.node_id,
                  "HTTPS" if server_ssl else "HTTP", _listening(config.http, config.http_bind),
                  _listening(config.raft, config.raft_bind), config.engine, config.durability)
+        if node.udp is not None:
+            log.info("node %s takes heartbeat datagrams on UDP %s", config.node_id, node.udp.address)
         await stop.wait()
         log.info("node %s stopping", config.node_id)
     finally:

@@ -59,8 +59,9 @@ class LinkSpec:
 
 
 def free_base_port(nodes: int = 5, low: int = 20_000, high: int = 45_000) -> int:
-    """A base port whose HTTP (base+1..), proxy (base+50..60) and Raft
-    (base+101..) ports on 127.0.0.1 are all free right now. Kept below the
+    """A base port whose HTTP (base+1..; TCP and UDP, where the nodes take
+    heartbeat datagrams), proxy (base+50..60) and Raft (base+101..) ports on
+    127.0.0.1 are all free right now. Kept below the
     kernel's ephemeral range, where outgoing connections could take them
     between this check and the node's bind."""
     high = min(high, _ephemeral_low() - 200)
@@ -72,6 +73,9 @@ def free_base_port(nodes: int = 5, low: int = 20_000, high: int = 45_000) -> int
         try:
             for port in ports:
                 with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            for port in ports[:nodes]:  # each node's heartbeat datagrams: UDP on its HTTP port's number
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                     s.bind(("127.0.0.1", port))
         except OSError:
             continue

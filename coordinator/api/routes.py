@@ -85,7 +85,9 @@ KV_ITEM = obj({"key": KEY, "value": ANY, "revision": integer(0), "create_revisio
                "version": integer(0)}, ("key", "value", "revision"))
 _ADDRESS = string(MAX_NAME_LEN, pattern=r"^.+:[0-9]{1,5}$", description="host:port")
 REVISION = obj({"revision": integer(0)}, ("revision",))
-LEASE = obj({"id": string(MAX_NAME_LEN), "lease_id": integer(0), "ttl_s": number(0, MAX_TTL_MS / 1000)},
+LEASE = obj({"id": string(MAX_NAME_LEN), "lease_id": integer(0), "ttl_s": number(0, MAX_TTL_MS / 1000),
+             "heartbeat_udp": obj({"key": string(64, description="hex: this lease's heartbeat datagram key"),
+                                   "addresses": array(string(MAX_NAME_LEN))}, ("key", "addresses"))},
             ("id", "lease_id", "ttl_s"))
 FENCING = obj({"fencing_token": integer(0)}, ("fencing_token",))
 EVENT = obj({"seq": integer(1), "type": string(EVENT_TYPE_MAX_LEN), "data": ANY, "time_ms": integer(0),
@@ -354,7 +356,12 @@ async def agents_register(request: web.Request) -> web.Response:
         if body.get(field) is not None:
             args[field] = body[field]
     command = s.command(AgentRegister, args)
-    return ok(await node.write_command(command, s.origin(request, body)), status=201)
+    # a copy: the result may be the one the state keeps for a retried request_id
+    answer = dict(await node.write_command(command, s.origin(request, body)))
+    grant = node.heartbeat_grant(answer["lease_id"])  # only here: the caller just proved the agent's rights
+    if grant is not None:
+        answer["heartbeat_udp"] = grant
+    return ok(answer, status=201)
 
 
 def _may_join(request: web.Request, agent_id: str, body: dict[str, Any]) -> None:

@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-name", dest="http_names", action="append", metavar="HOST[:PORT]",
                        help="another name clients reach this node's HTTP by (repeat); agents' signatures must "
                             "name one of this node's names as Host")
+    serve.add_argument("--heartbeat-udp-port", dest="heartbeat_udp_port", type=int, metavar="PORT",
+                       help="UDP port for agents' heartbeat datagrams, on the host HTTP listens on (default: the "
+                            "HTTP port's number; 0: off; needs the cluster secret)")
     serve.add_argument("--tls-cert", dest="tls_cert", metavar="PATH",
                        help="serve HTTPS with this certificate (PEM; needs --tls-key)")
     serve.add_argument("--tls-key", dest="tls_key", metavar="PATH", help="the private key of --tls-cert (PEM)")
@@ -355,7 +358,7 @@ SERVE_SETTINGS = ("node_id", "http", "raft", "http_bind", "raft_bind", "data_dir
                   "transport_namespace", "unsafe_test_clock_control", "unsafe_test_power_loss", "tls_cert",
                   "tls_key", "tls_ca", "allow_anonymous", "admin_token_file", "pbft_key_file", "pbft_keyring",
                   "unsafe_pbft_fault", "chaos_dir", "connections_max", "long_requests_per_principal",
-                  "long_requests_max", "metrics_token_file")
+                  "long_requests_max", "metrics_token_file", "heartbeat_udp_port")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -7,7 +7,12 @@ itself since that peer last took a batch, as one signed JSON message to
 ``POST /v1/internal/gossip``:
 
     {"v": 1, "from": <node id>, "to": <peer id>, "seq": <int>, "ts_ms": <wall ms>,
-     "entries": [[<agent id>, <lease id>, <age ms>], ...]}
+     "entries": [[<agent id>, <lease id>, <age ms>(, <counter>)], ...](, "udp": "<host:port>")}
+
+(an entry's ``counter``, the highest heartbeat datagram counter the sender
+saw of that lease, only when there was one, so a datagram replayed to
+another node is refused there after a round; ``udp``, where the sender takes
+heartbeat datagrams, only when it does: ``coordinator.services.udp``)
 
 with ``X-Coord-Gossip-Sig: <hex HMAC-SHA-256 of the body>`` under a key
 derived from the cluster secret (``crypto.KEY_GOSSIP``). The receiver
@@ -89,9 +94,12 @@ def sign(key: bytes, body: bytes) -> str:
     return hmac.new(key, b"COORD-GOSSIP-V1\n" + body, hashlib.sha256).hexdigest()
 
 
-def encode(node_id: str, to: str, seq: int, ts_ms: int, entries: list[list[Any]]) -> bytes:
-    return json.dumps({"v": VERSION, "from": node_id, "to": to, "seq": seq, "ts_ms": ts_ms, "entries": entries},
-                      separators=(",", ":")).encode()
+def encode(node_id: str, to: str, seq: int, ts_ms: int, entries: list[list[Any]], udp: str | None = None) -> bytes:
+    message: dict[str, Any] = {"v": VERSION, "from": node_id, "to": to, "seq": seq, "ts_ms": ts_ms,
+                               "entries": entries}
+    if udp is not None:
+        message["udp"] = udp
+    return json.dumps(message, separators=(",", ":")).encode()
 
 
 class Gossip:
@@ -134,6 +142,8 @@ class Gossip:
         self._round_peers: list[Peer] = []  # the peers of the last round
         self._seq = int(clock.now_ms()) * 1000  # above what this node sent before a restart
         self._last_seq: dict[str, int] = {}
+        self.udp: str | None = None  # where this node takes heartbeat datagrams (told to the peers)
+        self.peer_udp: dict[str, str] = {}  # node id -> where it takes them, as it said
 
     @property
     def enabled(self) -> bool:
@@ -177,7 +187,10 @@ class Gossip:
         for agent_id, heard in state.pending.items():
             if len(entries) >= ENTRIES_MAX or size >= BATCH_BYTES:
                 break
-            entries.append([agent_id, heard.lease_id, max(0, int((now_s - heard.at_s) * 1000))])
+            entry = [agent_id, heard.lease_id, max(0, int((now_s - heard.at_s) * 1000))]
+            if heard.counter:
+                entry.append(heard.counter)
+            entries.append(entry)
             taken[agent_id] = heard
             size += len(agent_id) + 32
         for agent_id in taken:
@@ -188,7 +201,7 @@ class Gossip:
         started = self.clock.monotonic()
         entries, taken = self._batch(state, started)
         self._seq += 1
-        body = encode(self.node_id, peer.id, self._seq, int(self.clock.now_ms()), entries)
+        body = encode(self.node_id, peer.id, self._seq, int(self.clock.now_ms()), entries, self.udp)
         ok = False
         try:
             if self.loss > 0 and self.rng.random() < self.loss:
@@ -261,10 +274,15 @@ class Gossip:
         if sender not in self._last_seq and len(self._last_seq) >= SENDERS_MAX:
             self._last_seq.pop(next(iter(self._last_seq)))
         self._last_seq[sender] = seq
+        udp = message.get("udp")
+        if isinstance(udp, str) and _is_address(udp):
+            if sender not in self.peer_udp and len(self.peer_udp) >= SENDERS_MAX:
+                self.peer_udp.pop(next(iter(self.peer_udp)))
+            self.peer_udp[sender] = udp
         now_s = self.clock.monotonic()
-        for agent_id, lease_id, age_ms in parsed:
+        for agent_id, lease_id, age_ms, counter in parsed:
             if self.known(agent_id):
-                self.table.merge(agent_id, lease_id, age_ms / 1000, now_s)
+                self.table.merge(agent_id, lease_id, age_ms / 1000, now_s, counter)
         self.received += 1
         return {"leader": self.leader_ok()}
 
@@ -283,7 +301,7 @@ class Gossip:
             "leader_contact_fresh": self.leader_contact_fresh() if self.enabled else None,
             "peers": {pid: {"sent": p.sent, "failed": p.failed, "pending": len(p.pending),
                             "contact_age_s": None if p.contact_s is None else round(now - p.contact_s, 3),
-                            "leader_ok": p.leader_ok}
+                            "leader_ok": p.leader_ok, "udp": self.peer_udp.get(pid)}
                       for pid, p in sorted(self._peers.items())},
         }
 
@@ -292,10 +310,18 @@ def _is_int(value: Any) -> bool:
     return type(value) is int
 
 
-def _entry(entry: Any) -> tuple[str, int, int]:
-    if not isinstance(entry, list) or len(entry) != 3:
-        raise InvalidInput("entries: each must be [agent id, lease id, age ms]", field="entries")
-    agent_id, lease_id, age_ms = entry
+def _is_address(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return 0 < len(text) <= 300 and bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def _entry(entry: Any) -> tuple[str, int, int, int]:
+    if not isinstance(entry, list) or len(entry) not in (3, 4):
+        raise InvalidInput("entries: each must be [agent id, lease id, age ms(, counter)]", field="entries")
+    agent_id, lease_id, age_ms = entry[:3]
+    counter = entry[3] if len(entry) == 4 else 0
+    if not _is_int(counter) or not 0 <= counter < 2**64:
+        raise InvalidInput("entries: a counter must be an integer in range", field="entries")
     try:
         check_agent_id(agent_id)
     except Rejected:
@@ -303,4 +329,4 @@ def _entry(entry: Any) -> tuple[str, int, int]:
     if not _is_int(lease_id) or not 0 <= lease_id <= MAX_TOKEN or not _is_int(age_ms) \
             or not 0 <= age_ms <= AGE_MAX_MS:
         raise InvalidInput("entries: lease id and age must be integers in range", field="entries")
-    return agent_id, lease_id, age_ms
+    return agent_id, lease_id, age_ms, counter

@@ -123,6 +123,7 @@ class Heard:
     at_s: float
     count: int = 0
     detector: PhiAccrual = field(default_factory=PhiAccrual)
+    counter: int = 0  # the highest heartbeat datagram counter of this lease seen (here or by gossip)
 
 
 class HeardTable:
@@ -145,23 +146,39 @@ class HeardTable:
         self._dirty: dict[str, Heard] = {}  # heard here since the last take_dirty
         self.on_heard: Callable[[str, Heard], None] | None = None
 
-    def heard_here(self, agent_id: str, lease_id: int, now_s: float) -> Heard | None:
-        """This node answered a heartbeat of ``agent_id`` (lease ``lease_id``) at ``now_s``."""
+    def heard_here(self, agent_id: str, lease_id: int, now_s: float, counter: int = 0) -> Heard | None:
+        """This node answered a heartbeat of ``agent_id`` (lease ``lease_id``)
+        at ``now_s``; ``counter``: a datagram's (0 for HTTP)."""
         heard = self._update(agent_id, lease_id, now_s)
         if heard is not None:
             heard.count += 1
             self.heard_local += 1
             self._dirty[agent_id] = heard
+        self.note_counter(agent_id, lease_id, counter)
         return heard
 
-    def merge(self, agent_id: str, lease_id: int, age_s: float, now_s: float) -> bool:
-        """A peer heard ``agent_id`` ``age_s`` ago. True when that is newer
+    def merge(self, agent_id: str, lease_id: int, age_s: float, now_s: float, counter: int = 0) -> bool:
+        """A peer heard ``agent_id`` ``age_s`` ago (``counter``: the highest
+        datagram counter it saw of that lease). True when that is newer
         than anything this node knew (an older lease's entry never is)."""
         heard = self._update(agent_id, lease_id, now_s - max(0.0, age_s))
+        self.note_counter(agent_id, lease_id, counter)
         if heard is None:
             return False
         self.heard_gossip += 1
         return True
+
+    def counter_fresh(self, agent_id: str, lease_id: int, counter: int) -> bool:
+        """Whether a heartbeat datagram's ``counter`` is above every one seen
+        of that lease (False: a replay, or a reordered older datagram)."""
+        heard = self.entries.get(agent_id)
+        return heard is None or heard.lease_id != lease_id or counter > heard.counter
+
+    def note_counter(self, agent_id: str, lease_id: int, counter: int) -> None:
+        """Remember ``counter`` as seen for the lease (when its entry is of that lease)."""
+        heard = self.entries.get(agent_id)
+        if heard is not None and heard.lease_id == lease_id and counter > heard.counter:
+            heard.counter = counter
 
     def _update(self, agent_id: str, lease_id: int, at_s: float) -> Heard | None:
         heard = self.entries.get(agent_id)

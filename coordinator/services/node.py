@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import yarl
 
+from coordinator import datagram
 from coordinator.commands.agents import AgentHealth, AgentRegister
 from coordinator.commands.base import MAX_TTL_MS, MIN_TTL_MS, DomainCommand
 from coordinator.commands.cluster import MemberRegister, MemberRemove
@@ -43,6 +44,7 @@ from coordinator.services.proposals import Proposer, cluster_request, raise_for
 from coordinator.services.reads import Reads
 from coordinator.services.sagas import SagaOrchestrator
 from coordinator.services.transports import TransportDriver
+from coordinator.services.udp import HeartbeatDatagrams
 from coordinator.services.view import StateView
 from coordinator.types import RequestKey
 
@@ -82,7 +84,9 @@ class CoordinatorNode:
                  peer_ssl: ssl.SSLContext | None = None, check_endpoints: bool = True,
                  digest_check_s: float = 5.0, gossip_key: bytes | None = None, gossip_interval_s: float = 0.1,
                  gossip_accepted_keys: tuple[bytes, ...] = (),
-                 unsafe_test_gossip_loss: float = 0.0) -> None:
+                 unsafe_test_gossip_loss: float = 0.0, heartbeat_key: bytes | None = None,
+                 heartbeat_accepted_keys: tuple[bytes, ...] = (), heartbeat_udp_bind: str = "",
+                 heartbeat_udp_rate_max: int = 30_000) -> None:
         """``peer_ssl``: set when the nodes serve HTTPS; forwarding to the leader
         then uses ``https://`` and verifies the leader's certificate with it.
         ``check_endpoints``: call agents only where the admin's endpoint
@@ -92,7 +96,12 @@ class CoordinatorNode:
         ``gossip_key``: the key derived from the cluster secret for gossip
         between nodes (``services.gossip``); None: every heartbeat a follower
         takes is forwarded to the leader. ``unsafe_test_gossip_loss``: tests
-        only, the share of gossip messages this node drops."""
+        only, the share of gossip messages this node drops.
+        ``heartbeat_key``: the key derived from the cluster secret for
+        heartbeat datagrams (``heartbeat_accepted_keys``: of the secrets also
+        accepted); with ``heartbeat_udp_bind`` (host:port) and gossip on,
+        this node takes heartbeats over UDP too (``services.udp``), at most
+        ``heartbeat_udp_rate_max`` datagrams a second."""
         self.identity = identity
         self.engine = engine
         self.applier = applier
@@ -115,6 +124,13 @@ class CoordinatorNode:
                              quorum_lease_s=quorum.quorum_lease_s if quorum is not None else 1.0,
                              interval_s=gossip_interval_s or 0.2, scheme="https" if peer_ssl is not None else "http",
                              loss=unsafe_test_gossip_loss, accepted_keys=gossip_accepted_keys)
+        self.udp: HeartbeatDatagrams | None = None
+        self.udp_bind = heartbeat_udp_bind
+        if heartbeat_key is not None and heartbeat_udp_bind and self.gossip.enabled:
+            self.udp = HeartbeatDatagrams(heartbeat_key, clock, self.heard,
+                                          agent_by_lease=lambda lease: applier.machine.registry.by_lease(lease),
+                                          renew=self._renew_datagram, report_health=self._report_health,
+                                          accepted_keys=heartbeat_accepted_keys, rate_max=heartbeat_udp_rate_max)
         self.heartbeats_answered = 0  # heartbeat requests this node answered itself
         self.heartbeats_forwarded = 0  # and those it forwarded to the leader
         applier.on_apply(self._follow_registry)
@@ -151,6 +167,17 @@ class CoordinatorNode:
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.udp is not None:  # first: a port taken stops the node before anything else started
+            host, _, port = self.udp_bind.rpartition(":")
+            try:
+                await self.udp.start(host.strip("[]"), int(port))
+            except OSError as exc:
+                raise InvalidInput(f"heartbeat_udp_port: cannot listen on UDP {self.udp_bind} ({exc.strerror}); "
+                                   "give another port, or 0 to take no heartbeat datagrams",
+                                   field="heartbeat_udp_port") from None
+            advertised = f"{self.identity.http.rpartition(':')[0]}:{self.udp.address.rpartition(':')[2]}" \
+                if self.udp.address else None
+            self.udp.address = self.gossip.udp = advertised
         connector = aiohttp.TCPConnector(ssl=self.peer_ssl) if self.peer_ssl is not None else None
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.forward_timeout_s),
                                               connector=connector)
@@ -172,6 +199,8 @@ class CoordinatorNode:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.udp is not None:
+            self.udp.close()
         await self.leases.stop()
         await self.sagas.stop()
         await self.health.stop()
@@ -294,7 +323,8 @@ class CoordinatorNode:
                          "heartbeats_forwarded": self.heartbeats_forwarded, "heard_local": self.heard.heard_local,
                          "heard_gossip": self.heard.heard_gossip, "table": len(self.heard.entries),
                          "suspected": self.leases.suspected, "recovered": self.leases.recovered,
-                         "expired_agents": self.leases.expired_agents, "gossip": self.gossip.status()},
+                         "expired_agents": self.leases.expired_agents, "gossip": self.gossip.status(),
+                         "udp": self.udp.status() if self.udp is not None else None},
             "bus": self.bus.status(),
             "sagas": self.sagas.status(),
             "balancer": {**self.balancer.status(), "health_checks": self.health.checks,
@@ -408,31 +438,43 @@ class CoordinatorNode:
         leader, and answers 503 with the leader's address when that fails."""
         st = self.engine.status()
         agent = self.applier.machine.registry.agents.get(agent_id)
-        if st.role == "leader":
+        if st.role != "leader" and headers_forwarded:
+            raise Unavailable("forwarded heartbeat reached a follower", retry_after_s=0.3,
+                              leader=self.http_of(st.leader))
+        answer = self.renew_here(agent_id, agent, st.role == "leader", st.leader)
+        if answer is None:
+            # No gossip, an agent this replica does not know yet, or no fresh word from
+            # the leader: the leader answers itself (503 with its address when it cannot).
+            self.heartbeats_forwarded += 1
+            answer = await self._forward_heartbeat(agent_id, st.leader, sign)
+        if health is not None and health != answer.get("health"):
+            await self._report_health(agent_id, health)
+            answer["health"] = health
+        return answer
+
+    def renew_here(self, agent_id: str, agent: Any, leading: bool, leader: str | None,
+                   counter: int = 0) -> dict[str, Any] | None:
+        """A heartbeat answered from this node's memory, over HTTP or UDP
+        (``counter``: a datagram's). The leader renews the lease (raises
+        ``Unavailable`` while it takes over or lacks quorum contact,
+        ``NotFound`` for an unknown agent); a follower records it when it may
+        vouch for the lease (``_may_answer``). None when this node may not
+        answer: the leader must."""
+        if leading:
             try:
                 answer = self.leases.heartbeat(agent_id)
             except NotLeader:
                 raise Unavailable("the new leader is taking over the leases", retry_after_s=0.2) from None
             self.heartbeats_answered += 1
             if agent is not None:
-                self.heard.heard_here(agent_id, agent.lease_id, self.clock.monotonic())
-        elif headers_forwarded:
-            raise Unavailable("forwarded heartbeat reached a follower", retry_after_s=0.3,
-                              leader=self.http_of(st.leader))
-        elif self.gossip.enabled and agent is not None and self._may_answer(agent, st.leader):
-            self.heard.heard_here(agent_id, agent.lease_id, self.clock.monotonic())
+                self.heard.heard_here(agent_id, agent.lease_id, self.clock.monotonic(), counter)
+            return answer
+        if self.gossip.enabled and agent is not None and self._may_answer(agent, leader):
+            self.heard.heard_here(agent_id, agent.lease_id, self.clock.monotonic(), counter)
             self.heartbeats_answered += 1
-            answer = {"id": agent_id, "lease_id": agent.lease_id, "ttl_s": agent.ttl_ms / 1000,
-                      "health": agent.health}
-        else:
-            # No gossip, an agent this replica does not know yet, or no fresh word from
-            # the leader: the leader answers itself (503 with its address when it cannot).
-            self.heartbeats_forwarded += 1
-            answer = await self._forward_heartbeat(agent_id, st.leader, sign)
-        if health is not None and health != answer.get("health"):
-            await self.write_command(AgentHealth(agent_id, health, "reported by the agent"))
-            answer["health"] = health
-        return answer
+            return {"id": agent_id, "lease_id": agent.lease_id, "ttl_s": agent.ttl_ms / 1000,
+                    "health": agent.health}
+        return None
 
     def _may_answer(self, agent: Any, leader: str | None) -> bool:
         """Whether this follower may renew ``agent``'s lease from memory: the
@@ -447,6 +489,31 @@ class CoordinatorNode:
         ttl_s = agent.ttl_ms / 1000
         margin_s = max(1.0, ttl_s / 4, self.gossip.quorum_lease_s + 2 * self.gossip.interval_s)
         return self.clock.monotonic() - heard.at_s < ttl_s - margin_s and self.gossip.leader_contact_fresh(leader)
+
+    def _renew_datagram(self, agent: Any, counter: int) -> int:
+        """A heartbeat datagram of ``agent``'s current lease: what
+        ``renew_here`` says, as a ``datagram`` status."""
+        st = self.engine.status()
+        try:
+            answer = self.renew_here(agent.id, agent, st.role == "leader", st.leader, counter)
+        except NotFound:
+            return datagram.UNKNOWN_LEASE
+        except Unavailable:
+            return datagram.NOT_READY
+        return datagram.NOT_READY if answer is None else datagram.OK
+
+    async def _report_health(self, agent_id: str, health: str) -> None:
+        await self.write_command(AgentHealth(agent_id, health, "reported by the agent"))
+
+    def heartbeat_grant(self, lease_id: int) -> dict[str, Any] | None:
+        """For the answer to whoever registered ``lease_id`` only: its
+        heartbeat datagram key (hex) and where to send datagrams (this node
+        first, then the peers that told it by gossip); None when this node
+        takes no datagrams."""
+        if self.udp is None or self.udp.address is None:
+            return None
+        peers = [self.gossip.peer_udp[p.id] for p in self._gossip_peers() if p.id in self.gossip.peer_udp]
+        return {"key": self.udp.lease_key(lease_id).hex(), "addresses": [self.udp.address, *peers]}
 
     async def _forward_heartbeat(self, agent_id: str, leader_raft: str | None, sign: Signer | None
                                  ) -> dict[str, Any]:

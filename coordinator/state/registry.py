@@ -67,19 +67,28 @@ class Registry:
     def __init__(self) -> None:
         self.agents: dict[str, Agent] = {}
         self.bytes = 0  # agent_size of every agent
+        self._by_lease: dict[int, str] = {}  # lease id -> agent id (derived: not in snapshots)
 
     def put(self, agent: Agent) -> None:
         """Add or replace an agent (its id's previous record)."""
         old = self.agents.get(agent.id)
         if old is not None:
             self.bytes -= agent_size(old)
+            self._by_lease.pop(old.lease_id, None)
         self.agents[agent.id] = agent
+        self._by_lease[agent.lease_id] = agent.id
         self.bytes += agent_size(agent)
 
     def remove(self, agent_id: str) -> Agent:
         agent = self.agents.pop(agent_id)
         self.bytes -= agent_size(agent)
+        self._by_lease.pop(agent.lease_id, None)
         return agent
+
+    def by_lease(self, lease_id: int) -> Agent | None:
+        """The agent whose current lease is ``lease_id`` (a heartbeat datagram names only the lease)."""
+        agent_id = self._by_lease.get(lease_id)
+        return self.agents.get(agent_id) if agent_id is not None else None
 
     def by_type(self, agent_type: str | None) -> list[Agent]:
         agents = (a for a in self.agents.values() if agent_type is None or a.type == agent_type)

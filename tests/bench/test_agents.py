@@ -15,7 +15,8 @@ from bench.agents import main, measure, table
 
 def _args(**changes: object) -> argparse.Namespace:
     args = argparse.Namespace(interval_s=0.5, ttl_s=3.0, seconds=1.0, procs=1, connections=4, probes=5,
-                              slack_s=3.0, via="leader", seed=7, base_port=0, register_s=60.0)
+                              slack_s=3.0, via="leader", seed=7, base_port=0, register_s=60.0,
+                              heartbeat="http")
     for name, value in changes.items():
         setattr(args, name, value)
     return args
@@ -36,9 +37,10 @@ def _check(row: dict, n: int, probes: int) -> None:
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("via", ["leader", "followers"])
-async def test_agents_heartbeat_and_only_the_probes_expire(via: str) -> None:
-    row = await measure(40, _args(via=via))
+@pytest.mark.parametrize(("via", "heartbeat"), [("leader", "http"), ("followers", "http"), ("followers", "udp")])
+async def test_agents_heartbeat_and_only_the_probes_expire(via: str, heartbeat: str) -> None:
+    row = await measure(40, _args(via=via, heartbeat=heartbeat))
+    assert row["heartbeat"] == heartbeat and row["node_cpu_us_per_beat"] > 0
     _check(row, 40, 5)
     if via == "followers":  # answered by the followers, gossiped to the leader
         assert row["leader_answered_per_s"] == 0 and row["leader_merged_per_s"] > 0
@@ -46,7 +48,7 @@ async def test_agents_heartbeat_and_only_the_probes_expire(via: str) -> None:
 
 @pytest.mark.cluster
 async def test_generator_processes_share_the_agents_and_spread_over_every_node() -> None:
-    row = await measure(30, _args(procs=2, via="all", probes=4))
+    row = await measure(30, _args(procs=2, via="all", probes=4, heartbeat="udp"))
     assert row["procs"] == 2 and row["connections"] == 8
     _check(row, 30, 4)
 
@@ -60,6 +62,8 @@ def test_the_table_says_whether_the_goal_is_met_at_100k() -> None:
            "expiry": {"probes": 100, "expired": 100, "after_last_ack_s": {"min": 30.1, "max": 30.4},
                       "others_registered": 99_900, "others_expected": 99_900, "correct": True}}
     assert "**met**" in table([row], _args())
+    udp = table([{**row, "heartbeat": "udp", "node_cpu_us_per_beat": 41.5, "errors": {"udp lost": 3}}], _args())
+    assert "| 100,000 | udp | 2 x 256 |" in udp and "| 3 (udp lost: 3) |" in udp and "| 42 |" in udp
     assert "**not met**" in table([{**row, "leader_cpu": 1.2}], _args())
     assert "**not met**" in table([{**row, "expiry": {**row["expiry"], "correct": False}}], _args())
     assert "**not met**" in table([{**row, "registered": 40_000}], _args())

@@ -321,3 +321,18 @@ def test_an_accepted_secret_is_read_from_its_file_checked_and_never_shown(tmp_pa
     (tmp_path / "accepted").unlink()
     with pytest.raises(InvalidInput, match="accept_secret_file: cannot read it"):
         config.load(str(toml), {"secret_file": str(tmp_path / "secret")})
+
+
+def test_heartbeat_datagrams_listen_on_the_http_port_number_unless_told_otherwise(tmp_path: Path) -> None:
+    assert _load(tmp_path).heartbeat_udp_bind == "127.0.0.1:7001"
+    assert _load(tmp_path, http_bind="0.0.0.0:7001").heartbeat_udp_bind == "0.0.0.0:7001"
+    assert _load(tmp_path, heartbeat_udp_port=7201).heartbeat_udp_bind == "127.0.0.1:7201"
+    assert _load(tmp_path, heartbeat_udp_port=0).heartbeat_udp_bind == ""  # off
+    assert _load(tmp_path, gossip_interval_s=0).heartbeat_udp_bind == ""  # followers could not answer
+    for bad in (-1, 65536, True, "7001"):
+        with pytest.raises(InvalidInput) as refused:
+            _load(tmp_path, heartbeat_udp_port=bad)
+        assert refused.value.field == "heartbeat_udp_port"
+    with pytest.raises(InvalidInput) as refused:
+        _load(tmp_path, heartbeat_udp_rate_max=10)
+    assert refused.value.field == "heartbeat_udp_rate_max"

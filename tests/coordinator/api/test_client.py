@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import zlib
 from contextlib import aclosing
 from typing import Any
 
 import pytest
 
-from coordinator.client import CoordinatorClient
+from coordinator.client import CoordinatorClient, Registration
 from coordinator.errors import Compacted, InvalidInput, OutcomeUnknown, Unavailable
 from coordinator.state import Limits
 from tests.coordinator.api.conftest import Harness, HarnessFactory
@@ -215,3 +216,20 @@ async def test_heartbeats_start_at_the_node_the_agent_id_hashes_to_and_fail_over
         for agent_id in ids:
             assert (await c.heartbeat(agent_id))["id"] == agent_id
     assert a.node.heartbeats_answered == expected[0] + len(ids)
+
+
+async def test_a_udp_heartbeat_nobody_acks_falls_back_to_http(h: Harness) -> None:
+    async with CoordinatorClient([str(h.http.make_url(""))], timeout_s=3, heartbeat_over="udp",
+                                 datagram_timeout_s=0.05) as c:
+        registration = await c.register("worker", agent_id="w1", ttl_s=5)
+        assert registration.heartbeat_key is None  # this node takes no datagrams (no cluster secret)
+        assert await c.heartbeat_udp(registration) == "http"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+            silent.bind(("127.0.0.1", 0))
+            keyed = Registration("w1", registration.lease_id, 5, b"k" * 32,
+                                 (f"127.0.0.1:{silent.getsockname()[1]}",) * 2)
+            assert "k" * 8 not in repr(keyed)  # the key is never printed
+            before = h.node.heartbeats_answered
+            assert await c.heartbeat_udp(keyed) == "http"
+            assert h.node.heartbeats_answered == before + 1
+            assert len(silent.recv(100)) == 34  # the datagram went out

@@ -151,3 +151,21 @@ async def test_a_follower_renews_from_memory_only_with_fresh_word_from_the_leade
     assert not node._may_answer(agent, leader.raft)  # 7.6 s of the 10 s TTL gone: the leader answers
     node.heard.heard_here(agent_id, agent.lease_id, clock.monotonic())
     assert node._may_answer(agent, leader.raft)
+
+
+async def test_an_entry_carries_the_datagram_counter_and_the_sender_its_udp_address(g: Harness) -> None:
+    agent = await g.register(ttl_s=10)
+    body = encode("n2", NODE_ID, 1, g.clock.now_ms(), [[agent["id"], agent["lease_id"], 0, 1234]],
+                  udp="127.0.0.1:7002")
+    assert (await post(g, body))[0] == 200
+    assert g.node.heard.entries[agent["id"]].counter == 1234
+    assert not g.node.heard.counter_fresh(agent["id"], agent["lease_id"], 1234)  # a replay here too
+    assert g.node.heard.counter_fresh(agent["id"], agent["lease_id"], 1235)
+    assert g.node.gossip.peer_udp == {"n2": "127.0.0.1:7002"}
+    bad = encode("n2", NODE_ID, 2, g.clock.now_ms(), [[agent["id"], agent["lease_id"], 0, -1]])
+    assert (await post(g, bad))[0] == 400
+    # what a sender puts in: the counter only when one was seen
+    g.node.heard.heard_here(agent["id"], agent["lease_id"], g.clock.monotonic(), 2000)
+    state = _PeerState(pending={agent["id"]: g.node.heard.entries[agent["id"]]})
+    entries, _ = g.node.gossip._batch(state, g.clock.monotonic())
+    assert entries == [[agent["id"], agent["lease_id"], 0, 2000]]
