@@ -29,9 +29,10 @@ the next round (merging is idempotent: only a newer heard time moves
 anything), so a lost message delays heartbeats by a round and loses none.
 The answer says whether the receiver is an active leader with quorum
 contact: a follower answers heartbeats from memory only while such an answer
-from the current leader is younger than the engine's ``quorum_lease_s``
-(``leader_contact_fresh``; else it forwards them to the leader), so no agent
-is told "renewed" by a node that cannot reach the leader.
+from the current leader is younger than the lease's vouching window
+(``leader_contact_fresh``, ``CoordinatorNode._may_answer``; else it forwards
+them to the leader), so no agent is told "renewed" of a lease the leader
+may have let go.
 
 ``loss`` (tests only, set from the ``COORD_UNSAFE_TEST_GOSSIP_LOSS``
 environment variable by the composition root; never from the API) drops that
@@ -228,11 +229,12 @@ class Gossip:
                 for agent_id, heard in taken.items():  # again with the next round (unless newer is pending)
                     state.pending.setdefault(agent_id, heard)
 
-    def leader_contact_fresh(self, leader: str | None = None) -> bool:
+    def leader_contact_fresh(self, leader: str | None = None, within_s: float | None = None) -> bool:
         """Whether the current leader (``leader``, its Raft address; asked of
         the engine when not given) answered this node's gossip, as an active
-        leader with quorum contact, within ``quorum_lease_s``. Per heartbeat:
-        it looks only at the peers of the last round."""
+        leader with quorum contact, within ``within_s`` (default
+        ``quorum_lease_s``). Per heartbeat: it looks only at the peers of the
+        last round."""
         if leader is None:
             leader = self.leader_raft()
         if leader is None:
@@ -241,7 +243,8 @@ class Gossip:
             if peer.raft == leader:
                 state = self._peers.get(peer.id)
                 return (state is not None and state.leader_ok and state.contact_s is not None
-                        and self.clock.monotonic() - state.contact_s <= self.quorum_lease_s)
+                        and self.clock.monotonic() - state.contact_s
+                        <= (self.quorum_lease_s if within_s is None else within_s))
         return False
 
     # -- receiving ---------------------------------------------------------------------------

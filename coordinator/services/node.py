@@ -478,17 +478,30 @@ class CoordinatorNode:
 
     def _may_answer(self, agent: Any, leader: str | None) -> bool:
         """Whether this follower may renew ``agent``'s lease from memory: the
-        leader answered its gossip within the quorum lease, and the lease was
-        heard of (anywhere, by this node's merged table) well within its TTL,
-        so the leader cannot have expired it yet: an expiry this replica has
-        not applied yet, or a lease nobody heard of since its registration,
-        goes to the leader, which answers (404 for an expired agent)."""
+        lease was heard of (anywhere, by this node's merged table) at least
+        ``margin`` before its TTL ran out, and the leader answered this
+        node's gossip within ``margin - 2 gossip intervals`` (the vouching
+        window). What the leader has heard lags this node's table by at most
+        that window plus a gossip round, so the leader still holds the lease
+        when this node says "renewed": an expiry this replica has not applied
+        yet, or a lease nobody heard of since its registration, goes to the
+        leader, which answers (404 for an expired agent).
+
+        The window scales with the TTL (7.3 s of a 30 s TTL, never under the
+        quorum lease) rather than being the quorum lease alone: a leader
+        busy with registrations answers gossip late, and at 0.5 s every
+        follower stopped vouching and sent every heartbeat to that leader.
+        A follower cut off from the leader vouches for at most the window;
+        its agents then move to another node with most of their TTL left,
+        if they heartbeat at most every TTL / 2."""
         heard = self.heard.entries.get(agent.id)
         if heard is None or heard.lease_id != agent.lease_id:
             return False
         ttl_s = agent.ttl_ms / 1000
-        margin_s = max(1.0, ttl_s / 4, self.gossip.quorum_lease_s + 2 * self.gossip.interval_s)
-        return self.clock.monotonic() - heard.at_s < ttl_s - margin_s and self.gossip.leader_contact_fresh(leader)
+        interval_s = self.gossip.interval_s
+        margin_s = max(1.0, ttl_s / 4, self.gossip.quorum_lease_s + 2 * interval_s)
+        return (self.clock.monotonic() - heard.at_s < ttl_s - margin_s
+                and self.gossip.leader_contact_fresh(leader, within_s=margin_s - 2 * interval_s))
 
     def _renew_datagram(self, agent: Any, counter: int) -> int:
         """A heartbeat datagram of ``agent``'s current lease: what

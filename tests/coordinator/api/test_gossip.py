@@ -144,9 +144,11 @@ async def test_a_follower_renews_from_memory_only_with_fresh_word_from_the_leade
     assert not node._may_answer(agent, leader.raft)  # its answer said: not an active leader with a quorum
     state.leader_ok = True
     clock.advance(0.6)
-    assert not node._may_answer(agent, leader.raft)  # its word is older than the quorum lease (0.5 s)
+    assert node._may_answer(agent, leader.raft)  # older than the quorum lease, within the window (2.3 s of 10 s)
+    clock.advance(1.8)
+    assert not node._may_answer(agent, leader.raft)  # 2.4 s without word from the leader: past the window
     state.contact_s = clock.monotonic()
-    clock.advance(7.0)
+    clock.advance(5.2)
     state.contact_s = clock.monotonic()
     assert not node._may_answer(agent, leader.raft)  # 7.6 s of the 10 s TTL gone: the leader answers
     node.heard.heard_here(agent_id, agent.lease_id, clock.monotonic())
