@@ -68,6 +68,7 @@ class Registry:
         self.agents: dict[str, Agent] = {}
         self.bytes = 0  # agent_size of every agent
         self._by_lease: dict[int, str] = {}  # lease id -> agent id (derived: not in snapshots)
+        self._by_type: dict[str, set[str]] = {}  # type -> agent ids (derived: not in snapshots)
 
     def put(self, agent: Agent) -> None:
         """Add or replace an agent (its id's previous record)."""
@@ -75,15 +76,25 @@ class Registry:
         if old is not None:
             self.bytes -= agent_size(old)
             self._by_lease.pop(old.lease_id, None)
+            self._untype(old)
         self.agents[agent.id] = agent
         self._by_lease[agent.lease_id] = agent.id
+        self._by_type.setdefault(agent.type, set()).add(agent.id)
         self.bytes += agent_size(agent)
 
     def remove(self, agent_id: str) -> Agent:
         agent = self.agents.pop(agent_id)
         self.bytes -= agent_size(agent)
         self._by_lease.pop(agent.lease_id, None)
+        self._untype(agent)
         return agent
+
+    def _untype(self, agent: Agent) -> None:
+        ids = self._by_type.get(agent.type)
+        if ids is not None:
+            ids.discard(agent.id)
+            if not ids:
+                del self._by_type[agent.type]
 
     def by_lease(self, lease_id: int) -> Agent | None:
         """The agent whose current lease is ``lease_id`` (a heartbeat datagram names only the lease)."""
@@ -91,8 +102,12 @@ class Registry:
         return self.agents.get(agent_id) if agent_id is not None else None
 
     def by_type(self, agent_type: str | None) -> list[Agent]:
-        agents = (a for a in self.agents.values() if agent_type is None or a.type == agent_type)
-        return sorted(agents, key=lambda a: a.id)
+        """Sorted by id; every agent when ``agent_type`` is None."""
+        return sorted(self.agents.values() if agent_type is None else self.of_type(agent_type), key=lambda a: a.id)
+
+    def of_type(self, agent_type: str) -> list[Agent]:
+        """The agents of one type, in no order: as many steps as there are such agents, not all agents."""
+        return [self.agents[i] for i in self._by_type.get(agent_type, ())]
 
     def to_data(self) -> list[Any]:
         return [a.to_data() for a in self.agents.values()]
