@@ -12,7 +12,12 @@ itself since that peer last took a batch, as one signed JSON message to
 (an entry's ``counter``, the highest heartbeat datagram counter the sender
 saw of that lease, only when there was one, so a datagram replayed to
 another node is refused there after a round; ``udp``, where the sender takes
-heartbeat datagrams, only when it does: ``coordinator.services.udp``)
+heartbeat datagrams, only when it does: ``coordinator.services.udp``).
+A receiver answers ``{"leader": <bool>, "counters": true}``. A node from
+before UDP heartbeats answers 400 to an entry with a counter and leaves
+``counters`` out: during a rolling upgrade the sender sends it entries
+without counters (the refused batch goes again) until an answer says
+``counters``, so the old node keeps receiving what was heard.
 
 with ``X-Coord-Gossip-Sig: <hex HMAC-SHA-256 of the body>`` under a key
 derived from the cluster secret (``crypto.KEY_GOSSIP``). The receiver
@@ -87,6 +92,9 @@ class _PeerState:
     task: asyncio.Task[None] | None = None
     contact_s: float | None = None  # when the last round it answered 200 started (our monotonic clock)
     leader_ok: bool = False  # that answer said: an active leader with quorum contact
+    # it refused entries that carry a datagram counter (a node from before UDP heartbeats answers 400):
+    # send it [agent, lease, age] until an answer says it takes counters (``"counters": true``)
+    plain: bool = False
     sent: int = 0
     failed: int = 0
 
@@ -189,7 +197,7 @@ class Gossip:
             if len(entries) >= ENTRIES_MAX or size >= BATCH_BYTES:
                 break
             entry = [agent_id, heard.lease_id, max(0, int((now_s - heard.at_s) * 1000))]
-            if heard.counter:
+            if heard.counter and not state.plain:
                 entry.append(heard.counter)
             entries.append(entry)
             taken[agent_id] = heard
@@ -215,10 +223,15 @@ class Gossip:
             async with session.post(f"{self.scheme}://{peer.http}{PATH}", data=body, headers=headers,
                                     timeout=aiohttp.ClientTimeout(total=max(1.0, 2 * self.interval_s))) as response:
                 answer = await response.json() if response.status == 200 else None
+                if response.status == 400 and any(len(e) > 3 for e in entries) and not state.plain:
+                    state.plain = True
+                    log.info("gossip to %s: it refused datagram counters (an older version); sending without",
+                             peer.id)
             if isinstance(answer, dict):
                 ok = True
                 state.contact_s = started
                 state.leader_ok = answer.get("leader") is True
+                state.plain = answer.get("counters") is not True
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug("gossip to %s failed: %s", peer.id, type(exc).__name__)
         finally:
@@ -287,7 +300,7 @@ class Gossip:
             if self.known(agent_id):
                 self.table.merge(agent_id, lease_id, age_ms / 1000, now_s, counter)
         self.received += 1
-        return {"leader": self.leader_ok()}
+        return {"leader": self.leader_ok(), "counters": True}
 
     def _refuse(self) -> dict[str, Any]:
         self.refused += 1

@@ -8,9 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from aiohttp import ClientSession, web
 
+from coordinator.clock import ManualClock
 from coordinator.services import gossip
-from coordinator.services.gossip import REFUSED, Peer, _PeerState, encode, sign
+from coordinator.services.gossip import REFUSED, Gossip, Peer, _PeerState, encode, sign
+from coordinator.services.liveness import HeardTable
 from tests.coordinator.api.conftest import NODE_ID, Harness
 from tests.waiting import eventually
 
@@ -40,7 +43,7 @@ async def test_a_signed_message_is_merged_and_moves_the_lease(g: Harness) -> Non
     assert g.node.leases.remaining_s("agent", agent["id"]) == pytest.approx(2)
     before = g.fingerprint()
     status, answer = await post(g, message(g, [[agent["id"], agent["lease_id"], 500], ["nobody", 1, 0]], seq=1))
-    assert (status, answer) == (200, {"leader": True})
+    assert (status, answer) == (200, {"leader": True, "counters": True})
     assert g.node.leases.remaining_s("agent", agent["id"]) == pytest.approx(9.5)  # heard 0.5 s ago
     assert "nobody" not in g.node.heard.entries  # not registered here: not merged
     assert g.fingerprint() == before  # a heartbeat is not a log entry
@@ -171,3 +174,44 @@ async def test_an_entry_carries_the_datagram_counter_and_the_sender_its_udp_addr
     state = _PeerState(pending={agent["id"]: g.node.heard.entries[agent["id"]]})
     entries, _ = g.node.gossip._batch(state, g.clock.monotonic())
     assert entries == [[agent["id"], agent["lease_id"], 0, 2000]]
+
+
+async def test_a_peer_of_the_version_before_counters_gets_entries_without_them(aiohttp_server: Any) -> None:
+    """In a rolling upgrade, a node from before UDP heartbeats answers 400 to
+    an entry of four elements: the sender sends that peer three-element
+    entries from then on (the batch is not lost), and counters again once an
+    answer says the peer takes them."""
+    takes_counters = False
+    bodies: list[list[list[Any]]] = []
+
+    async def old_or_new(request: web.Request) -> web.Response:
+        entries = (await request.json())["entries"]
+        bodies.append(entries)
+        if not takes_counters and any(len(e) != 3 for e in entries):
+            return web.json_response({"error": {"field": "entries"}}, status=400)
+        return web.json_response({"leader": True, **({"counters": True} if takes_counters else {})})
+
+    app = web.Application()
+    app.router.add_post(gossip.PATH, old_or_new)
+    server = await aiohttp_server(app)
+    clock, table = ManualClock(), HeardTable()
+    async with ClientSession() as session:
+        peer = Peer("n2", "127.0.0.1:1", f"127.0.0.1:{server.port}")
+        sender = Gossip("n1", table, clock, b"k" * 32, peers=lambda: [peer], leader_raft=lambda: peer.raft,
+                        leader_ok=lambda: False, known=lambda _: True, session=lambda: session, quorum_lease_s=0.5)
+        state = _PeerState()
+
+        async def send(agent_id: str, counter: int) -> None:
+            table.heard_here(agent_id, 7, clock.monotonic(), counter)
+            state.pending.update(table.take_dirty())
+            await sender._send(peer, state)
+
+        await send("a1", 100)
+        assert bodies[-1] == [["a1", 7, 0, 100]] and state.plain and state.pending  # refused, kept
+        await sender._send(peer, state)
+        assert bodies[-1] == [["a1", 7, 0]] and not state.pending and state.contact_s is not None
+        takes_counters = True  # the peer was upgraded
+        await send("a2", 200)
+        assert bodies[-1] == [["a2", 7, 0]] and not state.plain  # its answer said so
+        await send("a3", 300)
+        assert bodies[-1] == [["a3", 7, 0, 300]]
