@@ -106,9 +106,8 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if len(data) != datagram.SIZE:
-            return
-        wanted = self.waiting.get((int.from_bytes(data[2:10], "big"), int.from_bytes(data[10:18], "big")))
+        request = datagram.peek_ack(data)
+        wanted = self.waiting.get(request) if request is not None else None
         if wanted is None:
             return
         key, future = wanted

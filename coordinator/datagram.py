@@ -105,6 +105,16 @@ def encode_ack(key: bytes, ack: Ack) -> bytes:
     return head + _mac(key, REPLY_LABEL, head)
 
 
+def peek_ack(data: bytes) -> tuple[int, int] | None:
+    """The lease id and counter of what may be a reply, before its MAC is
+    checked (so a client can find which request and key it answers); None
+    for anything of another size."""
+    if len(data) != SIZE:
+        return None
+    _, _, lease_id, counter = _HEAD.unpack_from(data)
+    return lease_id, counter
+
+
 def decode_ack(key: bytes, data: bytes) -> Ack | None:
     """The reply if ``data`` is one made with the lease ``key``; None otherwise."""
     if len(data) != SIZE or data[0] != VERSION or data[1] not in STATUSES:

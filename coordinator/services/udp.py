@@ -36,7 +36,7 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Protocol
 
 from coordinator import datagram
 from coordinator.ports import Clock
@@ -52,6 +52,14 @@ HEALTH_INFLIGHT_MAX = 256
 # (RcvbufErrors); draining the socket takes what is there, a bounded batch at a time.
 DRAIN_MAX = 512
 DATAGRAM_READ_BYTES = 2048  # anything longer is cut to this, and then refused for its size
+
+
+class ReplySender(Protocol):
+    """Where replies go: the socket (``_SocketSender``) or, in tests, a recorder."""
+
+    def sendto(self, data: bytes, addr: Any) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class _SocketSender:
@@ -71,7 +79,7 @@ class _SocketSender:
         self.sock.close()
 
 
-class HeartbeatDatagrams(asyncio.DatagramProtocol):
+class HeartbeatDatagrams:
     def __init__(self, heartbeat_key: bytes, clock: Clock, table: HeardTable, *,
                  agent_by_lease: Callable[[int], Any], renew: Callable[[Any, int], int],
                  report_health: Callable[[str, str], Awaitable[Any]],
@@ -92,7 +100,7 @@ class HeartbeatDatagrams(asyncio.DatagramProtocol):
         self.counts: Counter[str] = Counter()
         self._tokens = float(rate_max)
         self._refilled = clock.monotonic()
-        self._transport: asyncio.DatagramTransport | _SocketSender | None = None
+        self._sender: ReplySender | None = None
         self._sock: socket.socket | None = None
         self._health: dict[str, asyncio.Task[Any]] = {}
 
@@ -116,7 +124,7 @@ class HeartbeatDatagrams(asyncio.DatagramProtocol):
             sock.close()
             raise
         self._sock = sock
-        self._transport = _SocketSender(sock, self.counts)
+        self.attach(_SocketSender(sock, self.counts))
         loop.add_reader(sock.fileno(), self._drain)
         self.address = f"{host}:{sock.getsockname()[1]}"
 
@@ -139,18 +147,15 @@ class HeartbeatDatagrams(asyncio.DatagramProtocol):
             with contextlib.suppress(RuntimeError, ValueError):  # the loop may be closing
                 asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock = None
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
         for task in self._health.values():
             task.cancel()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # asyncio's selector transport of a datagram endpoint does not subclass DatagramTransport (3.11)
-        self._transport = cast(asyncio.DatagramTransport, transport)
-
-    def error_received(self, exc: Exception) -> None:
-        self.counts["socket_errors"] += 1
+    def attach(self, sender: ReplySender) -> None:
+        """Send replies through ``sender`` (``start`` attaches the socket)."""
+        self._sender = sender
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.counts["received"] += 1
@@ -182,8 +187,8 @@ class HeartbeatDatagrams(asyncio.DatagramProtocol):
 
     def _reply(self, key: bytes, beat: datagram.Beat, status: int, addr: Any) -> None:
         self.counts[("ok", "unknown_lease", "not_ready")[status]] += 1
-        if self._transport is not None:
-            self._transport.sendto(datagram.encode_ack(key, datagram.Ack(beat.lease_id, beat.counter, status)), addr)
+        if self._sender is not None:
+            self._sender.sendto(datagram.encode_ack(key, datagram.Ack(beat.lease_id, beat.counter, status)), addr)
 
     def _take_token(self) -> bool:
         now = self.clock.monotonic()

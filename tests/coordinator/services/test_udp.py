@@ -52,7 +52,7 @@ class Fixture:
                                       renew=self._renew, report_health=self._health, accepted_keys=(K_OLD,),
                                       rate_max=rate_max)
         self.transport = Transport()
-        self.udp.connection_made(self.transport)  # type: ignore[arg-type]
+        self.udp.attach(self.transport)
 
     def _renew(self, agent: Agent, counter: int) -> int:
         if self.status == datagram.OK:
